@@ -1,0 +1,40 @@
+# Two commands: `make demo` runs the LCSC demo, `make test` runs the tests. Each creates .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch; an unpinned torch resolves to a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export OMP_NUM_THREADS := 1
+
+.PHONY: install test test-fast test-slow lint schema clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -ra -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+schema: $(STAMP)
+	$(PY) -m schemas.generate
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

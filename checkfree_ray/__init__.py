@@ -1,0 +1,1 @@
+"""checkfree_ray package."""

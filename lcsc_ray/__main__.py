@@ -1,0 +1,6 @@
+"""`python -m lcsc_ray`."""
+
+from lcsc_ray.cli import main
+
+if __name__ == "__main__":
+    main()

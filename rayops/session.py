@@ -1,0 +1,70 @@
+"""Connect to Ray (the spec's address, $RAY_ADDRESS) or start a local instance; shut down only what we started."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ray
+
+from rayops import settings
+from schemas.common import RaySpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RaySession:
+    """What `ray_session` connected to."""
+
+    address: str
+    started_here: bool
+    local: bool
+
+
+def apply_local_ray_env() -> None:
+    """Set the loopback, auth and usage settings a local Ray needs (without overriding the user's)."""
+    for name, value in settings.LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def resolve_address(spec: RaySpec | None) -> str | None:
+    """The spec's address wins, then $RAY_ADDRESS; None means start a local instance."""
+    if spec is not None and spec.address:
+        return spec.address
+    return settings.env_str(settings.RAY_ADDRESS)
+
+
+@contextlib.contextmanager
+def ray_session(spec: RaySpec | None = None, runtime_env: dict | None = None) -> Iterator[RaySession]:
+    """Use the Ray already initialised in this process, else connect or start one, and clean up after."""
+    spec = spec or RaySpec()
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        yield RaySession(address=context.gcs_address, started_here=False, local=False)
+        return
+    address = resolve_address(spec)
+    apply_local_ray_env()
+    kwargs: dict = {"namespace": spec.namespace, "log_to_driver": True}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    if address:
+        log.info("connecting to Ray at %s", address)
+        context = ray.init(address=address, **kwargs)
+        local = False
+    else:
+        context = ray.init(
+            address="local",
+            num_cpus=spec.num_cpus,
+            object_store_memory=spec.object_store_memory,
+            include_dashboard=False,
+            **kwargs,
+        )
+        local = True
+    try:
+        yield RaySession(address=context.address_info.get("gcs_address", ""), started_here=True, local=local)
+    finally:
+        ray.shutdown()  # disconnects from a remote cluster; stops a local one we started

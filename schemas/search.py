@@ -1,0 +1,176 @@
+"""LCSC search: the spec a user writes (`SearchSpec`) and the result a search writes (`SearchResult`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from schemas.common import OutputSpec, PluginSpec, RaySpec, StrictModel
+
+Optimizer = Literal["CMA", "TwoPointsDE", "DE", "NGOpt", "PSO", "OnePlusOne"]
+Parametrization = Literal["difference", "normalized"]
+
+
+class CheckpointSetSpec(StrictModel):
+    """Which saved checkpoints are combined, and how they are read."""
+
+    uri: str = Field(
+        default="outputs/mnist-ddpm/checkpoints",
+        description="Directory or prefix holding the checkpoints: local path, file:// or s3://bucket/prefix.",
+    )
+    glob: str = Field(default="*.safetensors", description="File-name pattern under `uri` (ignored with `paths`).")
+    paths: list[str] | None = Field(
+        default=None,
+        description="Explicit checkpoint files (full URIs, or names relative to `uri`); overrides `glob`.",
+    )
+    key: str | None = Field(
+        default=None,
+        description="Select a state dict inside a dict checkpoint, e.g. 'model' or 'ema'. None: the file is one.",
+    )
+    last: int | None = Field(
+        default=None, ge=2, description="Keep only the last N checkpoints by training step. None keeps all."
+    )
+    ema_uri: str | None = Field(
+        default=None,
+        description="The training run's own EMA weights, evaluated as a baseline when given.",
+    )
+    storage_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="dtype of the flattened checkpoints in the object store; bfloat16 halves memory.",
+    )
+
+
+class SamplerSpec(PluginSpec):
+    """The sampling function `sample(model, n, seed, nfe, batch_size) -> images` and its step count."""
+
+    target: str = Field(default="lcsc_ray.recipes.mnist:ddim_sample", description="Import path of the sampler.")
+    nfe: int = Field(default=10, ge=1, description="Number of function evaluations per sample.")
+
+
+class ReferenceSpec(StrictModel):
+    """Reference statistics that FID compares against."""
+
+    stats_uri: str | None = Field(
+        default=None, description="An .npz with `mu` and `sigma` (pytorch-fid convention). Overrides `dataset`."
+    )
+    dataset: PluginSpec | None = Field(
+        default_factory=lambda: PluginSpec(target="lcsc_ray.recipes.mnist:reference_images"),
+        description="A callable returning reference images (N, C, H, W) in [-1, 1]; its statistics are "
+        "computed once and cached under the output URI.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReferenceSpec:
+        if self.stats_uri is None and self.dataset is None:
+            raise ValueError("set `reference.stats_uri` (an .npz with mu, sigma) or `reference.dataset`")
+        return self
+
+
+class EvaluatorSpec(StrictModel):
+    """The pool of FID evaluator actors."""
+
+    num_actors: int = Field(default=2, ge=1, description="Evaluator actors; also the number of concurrent trials.")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per evaluator actor.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per evaluator actor (fractions allowed).")
+    batch_size: int = Field(default=250, ge=1, description="Sampling and feature batch size.")
+    torch_threads: int = Field(default=1, ge=1, description="torch threads per actor (1 avoids oversubscription).")
+
+
+class FIDSpec(StrictModel):
+    """How each candidate is scored."""
+
+    features: PluginSpec = Field(
+        default_factory=lambda: PluginSpec(target="lcsc_ray.recipes.mnist:feature_network"),
+        description="Builder of the feature extractor: an nn.Module mapping images to (B, d).",
+    )
+    num_samples: int = Field(default=500, ge=2, description="Samples per candidate during the search.")
+    seed: int = Field(default=0, description="Noise seed of the search; every candidate sees the same noise.")
+    holdout_seeds: list[int] = Field(
+        default_factory=lambda: [1001, 1002, 1003],
+        description="Noise seeds, unseen by the search, for re-scoring the winner and the baselines.",
+    )
+    holdout_num_samples: int | None = Field(
+        default=None, ge=2, description="Samples per held-out re-score; None uses `num_samples`."
+    )
+    reference: ReferenceSpec = Field(default_factory=ReferenceSpec, description="Reference statistics.")
+
+
+class SearchAlgoSpec(StrictModel):
+    """The evolutionary search over combination coefficients."""
+
+    optimizer: Optimizer = Field(default="CMA", description="Nevergrad optimiser.")
+    parametrization: Parametrization = Field(
+        default="difference",
+        description="'difference': theta_K + sum x_i (theta_i - theta_K), K-1 free values, zero = last "
+        "checkpoint; 'normalized': K free values renormalised to sum 1.",
+    )
+    budget: int = Field(default=48, ge=1, description="Exact number of candidate evaluations (seeds included).")
+    bound: float = Field(default=3.0, gt=0, description="Each free coefficient lies in [-bound, bound].")
+    sigma: float = Field(default=0.15, gt=0, description="Initial step size of the optimiser.")
+    ema_decays: list[float] = Field(
+        default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95],
+        description="Decays of the EMA-shaped seed vectors (per saved checkpoint, not per training step).",
+    )
+    fidelity_schedule: list[int] | None = Field(
+        default=None,
+        description="Multi-fidelity sample counts, e.g. [500, 2000]: candidates are screened with the first, "
+        "the best `keep_fraction` re-scored with each next one.",
+    )
+    keep_fraction: float = Field(default=0.25, gt=0, le=1, description="Fraction kept at each fidelity rung.")
+    rescore_top_k: int = Field(default=3, ge=1, description="Best candidates re-scored on held-out seeds.")
+
+    @model_validator(mode="after")
+    def _schedule_increases(self) -> SearchAlgoSpec:
+        sched = self.fidelity_schedule
+        if sched is not None and (len(sched) < 2 or any(b <= a for a, b in zip(sched, sched[1:]))):
+            raise ValueError("`search.fidelity_schedule` must hold at least two strictly increasing sample counts")
+        return self
+
+
+class SearchSpec(StrictModel):
+    """An LCSC search: combine saved checkpoints with coefficients found by evolutionary search."""
+
+    kind: Literal["search"] = Field(default="search", description="Spec kind; 'search' for LCSC.")
+    name: str = Field(default="lcsc-search", description="Human-readable run name.")
+    seed: int = Field(default=0, description="Seed of the optimiser.")
+    ray: RaySpec = Field(default_factory=RaySpec, description="Ray connection and resources.")
+    checkpoints: CheckpointSetSpec = Field(default_factory=CheckpointSetSpec, description="Checkpoints to combine.")
+    model: PluginSpec = Field(
+        default_factory=lambda: PluginSpec(target="lcsc_ray.recipes.mnist:build_unet"),
+        description="Builder of the model skeleton the combined weights are loaded into.",
+    )
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec, description="Sampler and NFE.")
+    fid: FIDSpec = Field(default_factory=FIDSpec, description="FID scoring.")
+    evaluators: EvaluatorSpec = Field(default_factory=EvaluatorSpec, description="Evaluator actor pool.")
+    search: SearchAlgoSpec = Field(default_factory=SearchAlgoSpec, description="Search algorithm and budget.")
+    output: OutputSpec = Field(
+        default_factory=lambda: OutputSpec(uri="outputs/lcsc-search"), description="Result location."
+    )
+
+
+class CandidateScore(StrictModel):
+    """One coefficient vector and its FID."""
+
+    label: str = Field(description="What the vector is: 'lcsc', 'last', 'ema@0.9', 'uniform', 'run-ema', ...")
+    coefficients: list[float] = Field(description="Per-checkpoint weights alpha_i (sum to 1).")
+    fid: float = Field(description="FID at the search's sample count and seed.")
+    num_samples: int = Field(description="Samples behind `fid`.")
+    holdout_fids: list[float] = Field(default_factory=list, description="FID on each held-out seed.")
+
+
+class SearchResult(StrictModel):
+    """What a finished search writes to `output.uri/result.json`."""
+
+    spec: SearchSpec = Field(description="The spec that produced this result.")
+    checkpoint_names: list[str] = Field(description="Checkpoints in combination order (by step).")
+    checkpoint_steps: list[int] = Field(description="Training step of each checkpoint.")
+    best: CandidateScore = Field(description="The best candidate found by the search.")
+    baselines: list[CandidateScore] = Field(description="Last, best sparse-EMA, uniform, and the run's EMA.")
+    gain_found: bool = Field(description="False when the best candidate is one of the seed vectors.")
+    num_evaluations: int = Field(description="Candidate evaluations run (equals the budget).")
+    num_failed: int = Field(default=0, description="Trials recorded as failed.")
+    total_samples: int = Field(default=0, description="Samples generated by the search, all fidelities.")
+    wall_time_s: float = Field(description="Wall-clock seconds of the whole search.")
+    files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
+    versions: dict[str, str] = Field(default_factory=dict, description="Package versions.")

@@ -1,0 +1,169 @@
+"""CheckFree training: the spec a user writes (`TrainSpec`) and the result a run writes (`TrainResult`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from schemas.common import OutputSpec, RaySpec, StrictModel
+
+Strategy = Literal["none", "checkpoint", "redundant", "checkfree", "checkfree+"]
+
+
+class LlamaSpec(StrictModel):
+    """A small LLaMa: RMSNorm, rotary embeddings, SwiGLU, causal attention, byte-level vocabulary."""
+
+    d_model: int = Field(default=128, ge=8, description="Model width.")
+    n_layers: int = Field(default=8, ge=1, description="Transformer blocks, split equally over the stages.")
+    n_heads: int = Field(default=4, ge=1, description="Attention heads; must divide d_model.")
+    ffn_hidden: int | None = Field(default=None, ge=1, description="SwiGLU hidden width; None = 8/3 d rounded.")
+    seq_len: int = Field(default=128, ge=2, description="Tokens per sequence (bytes).")
+    rope_theta: float = Field(default=10000.0, gt=0, description="Rotary embedding base.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> LlamaSpec:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"`model.n_heads` ({self.n_heads}) must divide `model.d_model` ({self.d_model})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("`model.d_model / model.n_heads` must be even for rotary embeddings")
+        return self
+
+
+class PipelineSpec(StrictModel):
+    """How the model is split into stage actors and how micro-batches flow."""
+
+    num_stages: int = Field(default=4, ge=2, description="Transformer stages (one actor each).")
+    micro_batches: int = Field(default=4, ge=1, description="Micro-batches per step (GPipe).")
+    micro_batch_size: int = Field(default=16, ge=1, description="Sequences per micro-batch.")
+    torch_threads: int = Field(default=1, ge=1, description="torch threads per stage actor.")
+    placement: Literal["SPREAD", "PACK"] = Field(default="SPREAD", description="Placement-group strategy.")
+    num_cpus_per_stage: float = Field(default=0.5, gt=0, description="CPUs reserved per stage actor.")
+    warm_standby: bool = Field(default=True, description="Keep a pre-started spare actor for fast recovery.")
+
+
+class DataSpec(StrictModel):
+    """Byte-level text that ships with Python."""
+
+    source: Literal["python-docs", "python-stdlib"] = Field(
+        default="python-docs", description="'python-docs': pydoc_data topics prose; 'python-stdlib': .py files."
+    )
+    val_fraction: float = Field(default=0.05, gt=0, lt=0.5, description="Held-out tail of the text.")
+
+
+class OptimSpec(StrictModel):
+    """Adam per stage, with per-stage gradient clipping."""
+
+    lr: float = Field(default=1e-3, gt=0, description="Learning rate (constant, as in the paper).")
+    grad_clip: float = Field(default=1.0, gt=0, description="Per-stage gradient L2 clip.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+
+
+class RecoverySpec(StrictModel):
+    """What happens when a stage is lost."""
+
+    strategy: Strategy = Field(default="checkfree+", description="Recovery strategy.")
+    lr_scale: float = Field(default=1.1, gt=0, description="LR multiplier of a rebuilt stage (not compounding).")
+    epsilon: float = Field(default=1e-4, ge=0, description="Added to each neighbour's gradient norm.")
+    grad_norm_scope: Literal["blocks", "stage"] = Field(
+        default="blocks",
+        description="Gradient norm weighting the average: over transformer blocks only, or the whole stage.",
+    )
+    copy_every: int = Field(default=1, ge=1, description="CheckFree+: steps between (de)embedding copies.")
+    max_step_retries: int = Field(default=3, ge=0, description="Retries of one step before the run fails.")
+
+
+class CheckpointingSpec(StrictModel):
+    """Periodic full-model checkpoints (the baseline, and the fallback of every strategy)."""
+
+    every: int | None = Field(
+        default=None, ge=1, description="Steps between checkpoints; None: only the 'checkpoint' strategy uses 100."
+    )
+    uri: str | None = Field(default=None, description="Where checkpoints go; None: `output.uri`/checkpoints.")
+    keep: int = Field(default=2, ge=1, description="Complete checkpoints kept.")
+
+
+class FailureSpec(StrictModel):
+    """Injected stage failures: real process kills."""
+
+    probability_per_step: float | None = Field(
+        default=None, ge=0, le=1, description="Per-stage per-step failure probability (paper: 0.0009/0.002/0.004)."
+    )
+    hourly_rate: float | None = Field(
+        default=None, ge=0, le=1, description="Per-stage hourly failure rate; per step p = 1-(1-h)^(t_step/3600)."
+    )
+    schedule: list[tuple[int, int]] = Field(
+        default_factory=list, description="Exact failures as (step, stage_index) pairs, stage_index from 0."
+    )
+    seed: int = Field(default=0, description="Seed of the failure draws.")
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> FailureSpec:
+        if self.probability_per_step is not None and self.hourly_rate is not None:
+            raise ValueError("set `failures.probability_per_step` or `failures.hourly_rate`, not both")
+        return self
+
+
+class TrainSpec(StrictModel):
+    """A pipeline-parallel training run that survives lost stages."""
+
+    kind: Literal["train"] = Field(default="train", description="Spec kind; 'train' for CheckFree.")
+    name: str = Field(default="checkfree-train", description="Human-readable run name.")
+    seed: int = Field(default=0, description="Seed of weights and data order.")
+    steps: int = Field(default=200, ge=1, description="Optimizer steps.")
+    eval_every: int = Field(default=50, ge=1, description="Steps between validation evaluations.")
+    eval_batches: int = Field(default=4, ge=1, description="Validation micro-batches per evaluation.")
+    target_val_loss: float | None = Field(default=None, gt=0, description="Stop early at this validation loss.")
+    ray: RaySpec = Field(default_factory=RaySpec, description="Ray connection and resources.")
+    model: LlamaSpec = Field(default_factory=LlamaSpec, description="Model size.")
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec, description="Pipeline layout.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training text.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer.")
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec, description="Recovery strategy.")
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
+    failures: FailureSpec = Field(default_factory=FailureSpec, description="Injected failures.")
+    output: OutputSpec = Field(
+        default_factory=lambda: OutputSpec(uri="outputs/checkfree-train"), description="Result location."
+    )
+
+    @model_validator(mode="after")
+    def _layers_split(self) -> TrainSpec:
+        stages, layers = self.pipeline.num_stages, self.model.n_layers
+        if layers % stages:
+            raise ValueError(
+                f"`model.n_layers` ({layers}) must be a multiple of `pipeline.num_stages` ({stages})"
+            )
+        bad = [s for _, s in self.failures.schedule if not 0 <= s < stages]
+        if bad:
+            raise ValueError(f"`failures.schedule` stage {bad[0]} is outside 0..{stages - 1}")
+        return self
+
+
+class FailureRecord(StrictModel):
+    """One lost stage and how it was recovered."""
+
+    step: int = Field(description="Step during which the stage was lost.")
+    stage: int = Field(description="Index of the lost stage.")
+    strategy: str = Field(description="How it was recovered: checkfree, copy, checkpoint, redundant, ...")
+    detection_s: float = Field(description="Seconds from the kill to its detection.")
+    recovery_s: float = Field(description="Seconds from detection until the retried step started.")
+    rolled_back_to: int | None = Field(default=None, description="Checkpoint step restored, if any.")
+
+
+class TrainResult(StrictModel):
+    """What a finished training run writes to `output.uri/result.json`."""
+
+    spec: TrainSpec = Field(description="The spec that produced this result.")
+    steps: list[int] = Field(description="Step of each training-loss point.")
+    losses: list[float] = Field(description="Training loss per step.")
+    wall_times: list[float] = Field(description="Seconds since start at each step.")
+    val_steps: list[int] = Field(default_factory=list, description="Steps of the validation evaluations.")
+    val_losses: list[float] = Field(default_factory=list, description="Validation loss at each.")
+    failures: list[FailureRecord] = Field(default_factory=list, description="Every failure and its recovery.")
+    final_val_loss: float | None = Field(default=None, description="Last validation loss.")
+    final_perplexity: float | None = Field(default=None, description="exp(final_val_loss).")
+    steps_to_target: int | None = Field(default=None, description="First step at the target validation loss.")
+    tokens_per_s: float = Field(default=0.0, description="Training throughput.")
+    wall_time_s: float = Field(description="Wall-clock seconds of the run.")
+    files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
+    versions: dict[str, str] = Field(default_factory=dict, description="Package versions.")
