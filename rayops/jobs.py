@@ -1,0 +1,171 @@
+"""Submit a spec as a Ray job (`ray job submit` under the hood) and follow it through a handle.
+
+`submit_spec` writes the spec into a small working directory that Ray uploads with the job, and runs
+`python -m <module> <command> spec.yaml` on the cluster. With no address (argument, then $RAY_ADDRESS),
+a local head is started in its own process and owned by the handle (`close()` stops it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from rayops import artifacts, settings, storage
+from schemas.errors import LcscCheckfreeError
+from schemas.loader import dump_spec, parse_spec
+
+log = logging.getLogger(__name__)
+ResultT = TypeVar("ResultT", bound=BaseModel)
+RESULT_FILE = "result.json"
+# Variables forwarded to a job on a remote cluster: endpoints and knobs, never credentials.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "LCSC_CACHE_DIR",
+                 settings.STORAGE_MAX_ATTEMPTS)
+
+
+class JobError(LcscCheckfreeError):
+    """A submitted job failed or was stopped; the message carries the end of its logs."""
+
+
+class LocalHead:
+    """A Ray head running in a child process (see `rayops.local_head`)."""
+
+    def __init__(self, num_cpus: int | None = None, timeout_s: float = 90.0):
+        command = [sys.executable, "-m", "rayops.local_head"]
+        if num_cpus:
+            command += ["--num-cpus", str(num_cpus)]
+        env = {**os.environ, **settings.LOCAL_RAY_ENV}
+        env.pop(settings.RAY_ADDRESS, None)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.dashboard_url = self._read_url(timeout_s)
+
+    def _read_url(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if line.startswith("DASHBOARD "):
+                return line.split()[1]
+            if not line and self.process.poll() is not None:
+                break
+        self.close()
+        raise JobError(f"the local Ray head did not start within {timeout_s:.0f}s")
+
+    def close(self) -> None:
+        """Stop the head (it shuts down only the Ray it started)."""
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                self.process.wait(timeout=30)
+
+
+class JobHandle(Generic[ResultT]):
+    """A submitted job: `status()`, `wait()`, `result()`, `logs()`, `stop()`, `close()`."""
+
+    def __init__(self, client: JobSubmissionClient, job_id: str, output_uri: str, result_model: type[ResultT],
+                 head: LocalHead | None = None):
+        self.client, self.job_id, self.output_uri = client, job_id, output_uri
+        self.result_model, self.head = result_model, head
+
+    def status(self) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+        return str(self.client.get_job_status(self.job_id).value)
+
+    def logs(self) -> str:
+        """Everything the job printed so far."""
+        return self.client.get_job_logs(self.job_id)
+
+    def stop(self) -> None:
+        """Ask Ray to stop the job."""
+        self.client.stop_job(self.job_id)
+
+    def wait(self, timeout_s: float | None = None, poll_s: float = 1.0, echo: bool = False) -> str:
+        """Block until the job ends; raise `JobError` (with the log tail) unless it succeeded."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        printed = 0
+        while True:
+            status = self.client.get_job_status(self.job_id)
+            if echo:
+                text = self.logs()
+                sys.stderr.write(text[printed:])
+                printed = len(text)
+            if status.is_terminal():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.job_id} still {status.value} after {timeout_s}s")
+            time.sleep(poll_s)
+        if status != JobStatus.SUCCEEDED:
+            tail = "\n".join(self.logs().splitlines()[-30:])
+            raise JobError(f"job {self.job_id} ended {status.value}; last log lines:\n{tail}")
+        return str(status.value)
+
+    def result(self) -> ResultT:
+        """The job's result, read from `output_uri/result.json`."""
+        data = artifacts.read_json(storage.join(self.output_uri, RESULT_FILE))
+        return parse_spec(data, self.result_model, source=storage.join(self.output_uri, RESULT_FILE))
+
+    def close(self) -> None:
+        """Stop the local head this handle started, if any."""
+        if self.head is not None:
+            self.head.close()
+            self.head = None
+
+    def __enter__(self) -> JobHandle[ResultT]:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def absolutize_output(spec: BaseModel) -> BaseModel:
+    """A copy of `spec` whose local output path is absolute (the job's working directory differs)."""
+    uri = spec.output.uri
+    if storage.is_remote(uri):
+        return spec
+    path = Path(storage.parse_uri(uri).key).expanduser().resolve()
+    return spec.model_copy(update={"output": spec.output.model_copy(update={"uri": str(path)})})
+
+
+def submit_spec(spec: BaseModel, module: str, command: str, result_model: type[ResultT],
+                address: str | None = None, extra_args: list[str] | None = None) -> JobHandle[ResultT]:
+    """Submit `python -m module command spec.yaml` as a Ray job; return its handle."""
+    address = address or settings.env_str(settings.RAY_ADDRESS)
+    head = None
+    if address is None:
+        head = LocalHead(num_cpus=getattr(spec.ray, "num_cpus", None))
+        address = head.dashboard_url
+        python = sys.executable  # the head runs on this machine, with this interpreter
+        spec = absolutize_output(spec)
+        env_vars = {}
+    else:
+        python = "python"
+        env_vars = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    spec = spec.model_copy(update={"ray": spec.ray.model_copy(update={"address": None})})
+    workdir = Path(tempfile.mkdtemp(prefix="lcsc-job-"))
+    dump_spec(spec, workdir / "spec.yaml")
+    args = " ".join(shlex.quote(a) for a in (extra_args or []))
+    entrypoint = f"{shlex.quote(python)} -m {module} {command} spec.yaml {args}".strip()
+    try:
+        client = JobSubmissionClient(address)
+        runtime_env = {"working_dir": str(workdir)}
+        if env_vars:
+            runtime_env["env_vars"] = env_vars
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                   metadata={"spec_name": str(getattr(spec, "name", ""))})
+    except Exception:
+        if head is not None:
+            head.close()
+        raise
+    log.info("submitted job %s to %s: %s", job_id, address, entrypoint)
+    return JobHandle(client, job_id, spec.output.uri, result_model, head)
