@@ -1,14 +1,25 @@
 # Image for cluster nodes: Ray 2.60 on Python 3.11 with this project installed.
-# Build: docker build -t REGISTRY/lcsc-checkfree-ray:0.1.0 .   (see README "Docker image")
-FROM rayproject/ray:2.60.0-py311-cpu
+# CPU (default):  docker build -t REGISTRY/lcsc-checkfree-ray:0.1.0 .
+# GPU (CUDA):     docker build --build-arg RAY_IMAGE_FLAVOR=gpu --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
+#                   -t REGISTRY/lcsc-checkfree-ray:0.1.0-gpu .
+# The Ray version in the tag must equal the `ray[...]==` pin in pyproject.toml (tests/test_cluster_configs.py).
+ARG RAY_IMAGE_FLAVOR=cpu
+FROM rayproject/ray:2.60.0-py311-${RAY_IMAGE_FLAVOR}
 
+# The CPU build of torch by default; PyPI's torch is the CUDA build, which the gpu flavour wants.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
+
+# Created by the image's `ray` user (WORKDIR alone would make it root's, and pip builds in it).
+RUN mkdir -p /home/ray/lcsc-checkfree-ray
 WORKDIR /home/ray/lcsc-checkfree-ray
-# The CPU build of torch first; a GPU image swaps the base for rayproject/ray:2.60.0-py311-gpu and drops the index.
-RUN pip install --no-cache-dir "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users schemas ./schemas
 COPY --chown=ray:users rayops ./rayops
 COPY --chown=ray:users lcsc_ray ./lcsc_ray
 COPY --chown=ray:users checkfree_ray ./checkfree_ray
 COPY --chown=ray:users examples ./examples
-RUN pip install --no-cache-dir .
+# Ray 2.60 (with its default, tune and train extras) is already in the base image; the pin keeps it there.
+RUN pip install --no-cache-dir . \
+    && python -c "import ray, lcsc_ray, checkfree_ray, rayops, schemas; assert ray.__version__ == '2.60.0'"
+ENV OMP_NUM_THREADS=1
