@@ -1,1 +1,5 @@
-"""checkfree_ray package."""
+"""CheckFree / CheckFree+ pipeline training on Ray: stage actors that survive lost stages."""
+
+from checkfree_ray.train import run_training
+
+__all__ = ["run_training"]

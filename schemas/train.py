@@ -136,7 +136,18 @@ class TrainSpec(StrictModel):
         bad = [s for _, s in self.failures.schedule if not 0 <= s < stages]
         if bad:
             raise ValueError(f"`failures.schedule` stage {bad[0]} is outside 0..{stages - 1}")
+        if self.recovery.strategy == "checkfree+" and stages == 3:
+            raise ValueError(
+                "`recovery.strategy` 'checkfree+' swaps the outer stage pairs and needs `pipeline.num_stages` "
+                "2 or >= 4, not 3"
+            )
         return self
+
+    def checkpoint_every(self) -> int | None:
+        """Steps between checkpoints: `checkpointing.every`, else 100 for the 'checkpoint' strategy."""
+        if self.checkpointing.every is not None:
+            return self.checkpointing.every
+        return 100 if self.recovery.strategy == "checkpoint" else None
 
 
 class FailureRecord(StrictModel):
@@ -148,6 +159,12 @@ class FailureRecord(StrictModel):
     detection_s: float = Field(description="Seconds from the kill to its detection.")
     recovery_s: float = Field(description="Seconds from detection until the retried step started.")
     rolled_back_to: int | None = Field(default=None, description="Checkpoint step restored, if any.")
+    death_to_retry_s: float | None = Field(
+        default=None, description="Seconds from the kill until the retried step started (injected kills only)."
+    )
+    warm_standby: bool = Field(default=False, description="Whether a pre-started standby actor took the stage.")
+    phase: int = Field(default=1, description="1: lost during forward/backward (step retried); 2: during the "
+                       "optimizer step (the others had stepped; the step counts as committed).")
 
 
 class TrainResult(StrictModel):
@@ -164,6 +181,13 @@ class TrainResult(StrictModel):
     final_perplexity: float | None = Field(default=None, description="exp(final_val_loss).")
     steps_to_target: int | None = Field(default=None, description="First step at the target validation loss.")
     tokens_per_s: float = Field(default=0.0, description="Training throughput.")
+    val_perplexities: list[float] = Field(default_factory=list, description="exp(validation loss) at each.")
+    median_step_s: float | None = Field(default=None, description="Median seconds per committed step.")
+    costs: dict[str, float] = Field(
+        default_factory=dict,
+        description="Strategy costs: redundant bytes held / sent per step, checkpoint bytes and seconds, "
+        "CheckFree+ copy bytes.",
+    )
     wall_time_s: float = Field(description="Wall-clock seconds of the run.")
     files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
     versions: dict[str, str] = Field(default_factory=dict, description="Package versions.")

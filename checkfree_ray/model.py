@@ -1,0 +1,237 @@
+"""A small LLaMa (RMSNorm, rotary embeddings, SwiGLU, causal attention, byte vocabulary), split for a pipeline.
+
+The model is three kinds of parts: the embedding (`Embedding`), S transformer stages (`Stage`, each
+n_layers / S blocks) and the head (`Head`: final norm + LM projection). `build_parts` makes all of them
+from one seed, so the pipeline actors and the single-process reference start from identical weights.
+`ReferenceTrainer` trains the same parts in one process with the same per-stage clipping and Adam:
+the pipeline must match it to float tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from schemas.train import LlamaSpec
+
+VOCAB_SIZE = 256  # byte-level
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of one model; built from `LlamaSpec` plus the stage count."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int
+    seq_len: int
+    rope_theta: float
+    num_stages: int
+
+    @classmethod
+    def from_spec(cls, spec: LlamaSpec, num_stages: int) -> ModelConfig:
+        """Resolve defaults: SwiGLU width 8/3 d rounded up to a multiple of 8."""
+        hidden = spec.ffn_hidden or 8 * math.ceil(8 * spec.d_model / 3 / 8)
+        return cls(spec.d_model, spec.n_layers, spec.n_heads, hidden, spec.seq_len, spec.rope_theta, num_stages)
+
+    @property
+    def layers_per_stage(self) -> int:
+        """Blocks in each transformer stage."""
+        return self.n_layers // self.num_stages
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (T, head_dim/2)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels of x (B, nh, T, hs) by position-dependent angles."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, nh, T, hs/2)
+    T = x.shape[-2]
+    cos, sin = cos[:T], sin[:T]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs/2, 2)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary position embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B,nh,T,hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.ffn_norm, self.ffn = RMSNorm(cfg.d_model), SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Embedding(nn.Module):
+    """Byte ids (B, T) -> activations (B, T, d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB_SIZE, cfg.d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok(tokens)
+
+
+class Stage(nn.Module):
+    """`layers_per_stage` transformer blocks; the rotary tables are buffers outside the state dict."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers_per_stage))
+        cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.seq_len, cfg.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, self.cos, self.sin)
+        return x  # (B, T, d)
+
+
+class Head(nn.Module):
+    """Final RMSNorm and the LM projection to byte logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model)
+        self.lm = nn.Linear(cfg.d_model, VOCAB_SIZE, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(self.norm(x))  # (B, T, vocab)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+@dataclass
+class ModelParts:
+    """The embedding, the S stages and the head of one model."""
+
+    embedding: Embedding
+    stages: list[Stage]
+    head: Head
+
+
+def build_parts(cfg: ModelConfig, seed: int) -> ModelParts:
+    """All parts, initialised from `seed` in a fixed order (embedding, stages 0..S-1, head)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        embedding = Embedding(cfg)
+        stages = [Stage(cfg) for _ in range(cfg.num_stages)]
+        head = Head(cfg)
+        for part in (embedding, *stages, head):
+            part.apply(_init_weights)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return ModelParts(embedding, stages, head)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy; logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long())
+
+
+def stage_parameter_groups(parts: ModelParts) -> list[list[nn.Parameter]]:
+    """The parameters each stage actor owns: stage 0 also the embedding, the last stage also the head."""
+    groups = [list(stage.parameters()) for stage in parts.stages]
+    groups[0] = list(parts.embedding.parameters()) + groups[0]
+    groups[-1] = groups[-1] + list(parts.head.parameters())
+    return groups
+
+
+class ReferenceTrainer:
+    """Single-process training of the same parts: same micro-batches, per-stage clip and Adam."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, lr: float, grad_clip: float = 1.0, weight_decay: float = 0.0):
+        self.parts = build_parts(cfg, seed)
+        self.groups = stage_parameter_groups(self.parts)
+        self.grad_clip = grad_clip
+        self.optimizers = [torch.optim.AdamW(g, lr=lr, weight_decay=weight_decay) for g in self.groups]
+
+    def forward_loss(self, tokens: torch.Tensor, targets: torch.Tensor, order: list[int]) -> torch.Tensor:
+        """Loss of one micro-batch with the stages applied in `order`."""
+        x = self.parts.embedding(tokens)
+        for stage_index in order:
+            x = self.parts.stages[stage_index](x)
+        return lm_loss(self.parts.head(x), targets)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, orders: list[list[int]]) -> float:
+        """One step over micro-batches (M, B, T); returns the mean loss."""
+        M = inputs.shape[0]
+        total = 0.0
+        for mb in range(M):
+            loss = self.forward_loss(inputs[mb], targets[mb], orders[mb])
+            (loss / M).backward()
+            total += loss.item() / M
+        for group, optimizer in zip(self.groups, self.optimizers):
+            torch.nn.utils.clip_grad_norm_(group, self.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Mean loss over micro-batches in the plain order."""
+        order = list(range(len(self.parts.stages)))
+        return sum(self.forward_loss(inputs[m], targets[m], order).item() for m in range(inputs.shape[0])) / len(
+            inputs
+        )

@@ -1,0 +1,150 @@
+"""The mathematics and decisions of recovery, as pure functions (no Ray, no state).
+
+Paper: Blagoev et al., "All is Not Lost: LLM Recovery without Checkpoints" (arXiv 2506.15461);
+see shared/papers/checkfree.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+EMBED, BLOCKS, HEAD = "embed", "blocks", "head"
+
+
+def plain_order(num_stages: int) -> list[int]:
+    """E, S1, ..., Ss, E^-1 (stage indices from 0)."""
+    return list(range(num_stages))
+
+
+def swapped_order(num_stages: int) -> list[int]:
+    """CheckFree+ out-of-order pipelining: E, S2, S1, S3, ..., Ss, Ss-1, E^-1 (paper, Sec. CheckFree+).
+
+    The first two stages swap places and so do the last two. With two stages both swaps are the same
+    one (S2, S1). Three stages would need stage 2 in two places at once, so they are refused.
+    """
+    if num_stages == 3:
+        raise ValueError("CheckFree+ swaps the outer stage pairs and needs 2 or at least 4 stages, not 3")
+    order = plain_order(num_stages)
+    order[0], order[1] = order[1], order[0]
+    if num_stages >= 4:
+        order[-1], order[-2] = order[-2], order[-1]
+    return order
+
+
+def micro_batch_order(strategy: str, num_stages: int, micro_batch: int) -> list[int]:
+    """Stage order of one micro-batch: CheckFree+ runs odd micro-batches in the swapped order."""
+    if strategy == "checkfree+" and micro_batch % 2 == 1:
+        return swapped_order(num_stages)
+    return plain_order(num_stages)
+
+
+def route(order: Sequence[int], num_stages: int) -> list[tuple[int, tuple[str, ...]]]:
+    """Hops (stage actor, parts it runs) of one micro-batch.
+
+    The embedding lives on stage 0 and the head on stage S-1; each joins the neighbouring hop when that
+    hop is on its own actor, otherwise it is a hop of its own.
+    """
+    hops: list[tuple[int, list[str]]] = [(stage, [BLOCKS]) for stage in order]
+    if hops[0][0] == 0:
+        hops[0][1].insert(0, EMBED)
+    else:
+        hops.insert(0, (0, [EMBED]))
+    if hops[-1][0] == num_stages - 1:
+        hops[-1][1].append(HEAD)
+    else:
+        hops.append((num_stages - 1, [HEAD]))
+    return [(stage, tuple(parts)) for stage, parts in hops]
+
+
+def gradient_weights(norm_prev: float, norm_next: float, epsilon: float) -> tuple[float, float]:
+    """The two coefficients of the CheckFree average: w_k = (g_k + eps) / sum (paper: eps = 1e-4)."""
+    w_prev, w_next = norm_prev + epsilon, norm_next + epsilon
+    total = w_prev + w_next
+    return w_prev / total, w_next / total
+
+
+def weighted_average(
+    states: Sequence[Mapping[str, torch.Tensor]], norms: Sequence[float], epsilon: float
+) -> dict[str, torch.Tensor]:
+    """CheckFree: W_i = (g_{i-1} W_{i-1} + g_{i+1} W_{i+1}) / (g_{i-1} + g_{i+1}), g = grad norm + eps.
+
+    Every tensor of the state dicts is averaged (paper: "all tensors of the stage's state dict"),
+    streamed into one preallocated output per tensor.
+    """
+    if len(states) != 2 or len(norms) != 2:
+        raise ValueError("the CheckFree average takes exactly two neighbours")
+    keys = list(states[0])
+    if set(keys) != set(states[1]):
+        raise ValueError("neighbour stages have different state-dict keys; they are not the same architecture")
+    coefficients = gradient_weights(norms[0], norms[1], epsilon)
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for coefficient, state in zip(coefficients, states):
+            acc += coefficient * state[key].to(torch.float64)
+        out[key] = acc.to(states[0][key].dtype)
+    return out
+
+
+def recovered_lr(base_lr: float, lr_scale: float) -> float:
+    """A rebuilt stage's learning rate: base × lr_scale (paper: 1.1). Set, never multiplied again."""
+    return base_lr * lr_scale
+
+
+def failure_probability(hourly_rate: float, step_time_s: float) -> float:
+    """Per-step failure probability from an hourly rate: p = 1 - (1 - h)^(t_iter / 3600) (paper)."""
+    return 1.0 - (1.0 - hourly_rate) ** (step_time_s / 3600.0)
+
+
+@dataclass(frozen=True)
+class StageRecovery:
+    """How one lost stage is rebuilt: `method` and the stages whose state it needs."""
+
+    stage: int
+    method: str  # "checkfree" (average), "copy" (CheckFree+ swap partner), "redundant" (backup copy)
+    sources: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    """Either per-stage rebuilds, or a rollback of the whole model to the last checkpoint."""
+
+    rebuilds: list[StageRecovery] = field(default_factory=list)
+    rollback: bool = False
+    reason: str = ""
+
+
+def _rebuild(strategy: str, stage: int, num_stages: int) -> StageRecovery | None:
+    last = num_stages - 1
+    if strategy == "redundant":
+        return StageRecovery(stage, "redundant", ((stage - 1) % num_stages,))
+    if strategy in ("checkfree", "checkfree+") and 0 < stage < last:
+        return StageRecovery(stage, "checkfree", (stage - 1, stage + 1))
+    if strategy == "checkfree+":
+        partner = 1 if stage == 0 else last - 1  # the swap partner also holds the (de)embedding copy
+        return StageRecovery(stage, "copy", (partner,))
+    return None
+
+
+def plan_recovery(strategy: str, lost: set[int], num_stages: int) -> RecoveryPlan:
+    """Decide how to recover the `lost` stages; `rollback` when some stage cannot be rebuilt from live ones."""
+    if strategy == "none":
+        raise ValueError("strategy 'none' has no recovery; the caller reports the failure")
+    if strategy == "checkpoint":
+        return RecoveryPlan(rollback=True, reason="the checkpoint strategy rolls every stage back")
+    rebuilds = []
+    for stage in sorted(lost):
+        rebuild = _rebuild(strategy, stage, num_stages)
+        if rebuild is None:
+            return RecoveryPlan(rollback=True, reason=f"{strategy} cannot rebuild outer stage {stage}")
+        dead_sources = [s for s in rebuild.sources if s in lost]
+        if dead_sources:
+            return RecoveryPlan(
+                rollback=True,
+                reason=f"stage {stage} and its source stage(s) {dead_sources} were lost together",
+            )
+        rebuilds.append(rebuild)
+    return RecoveryPlan(rebuilds=rebuilds)

@@ -1,0 +1,212 @@
+"""One pipeline stage: a plain class (`StageWorker`) and its Ray actor (`StageActor`).
+
+A worker starts blank (a warm standby looks exactly like that) and becomes stage i through
+`configure`, from a flat state dict (checkpoint shard, redundant backup, CheckFree+ partner copy)
+or from the CheckFree average of its two neighbours' states. Flat state keys are
+`model/<part>/<name>`, `optim/<part>/<name>/<field>` and `meta/lr`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import ray
+import safetensors.torch
+import torch
+from torch import nn
+
+from checkfree_ray.model import Embedding, Head, ModelConfig, Stage, lm_loss
+from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, weighted_average
+
+FlatState = dict[str, torch.Tensor]
+
+
+def _as_flat(source: Mapping[str, torch.Tensor] | bytes) -> Mapping[str, torch.Tensor]:
+    return safetensors.torch.load(source) if isinstance(source, (bytes, bytearray)) else source
+
+
+def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes held by the tensors of a flat state."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class StageWorker:
+    """Holds one stage's parts and optimizer, runs its hops, and serves its state for recovery."""
+
+    def __init__(self, cfg: ModelConfig, grad_clip: float, weight_decay: float, torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.cfg, self.grad_clip, self.weight_decay = cfg, grad_clip, weight_decay
+        self.stage_index: int | None = None
+        self.parts: dict[str, nn.Module] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.cache: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.copies: FlatState = {}  # CheckFree+: (de)embedding copies of the neighbouring outer stage
+        self.backup: FlatState = {}  # redundant: the successor's full state
+
+    # ----- identity -------------------------------------------------------------------------------------
+    def ping(self) -> dict:
+        """Process id, node id and assigned stage (also a liveness check)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "stage": self.stage_index}
+
+    # ----- configuration ------------------------------------------------------------------------------
+    def configure(self, stage_index: int, lr: float | None, *sources: Mapping[str, torch.Tensor] | bytes,
+                  average: tuple[float, float, float] | None = None) -> dict:
+        """Become stage `stage_index` with a fresh optimizer at `lr` (None: the sources' `meta/lr`), load `sources`.
+
+        With `average=(norm_prev, norm_next, epsilon)` the two sources are the neighbours' blocks and
+        the blocks become their gradient-norm-weighted average (CheckFree). Optimizer tensors in a
+        source restore Adam exactly (checkpoint, redundant copy).
+        """
+        self.stage_index, last = stage_index, stage_index == self.cfg.num_stages - 1
+        self.parts = {BLOCKS: Stage(self.cfg)}
+        if stage_index == 0:
+            self.parts[EMBED] = Embedding(self.cfg)
+        if last:
+            self.parts[HEAD] = Head(self.cfg)
+        self.cache.clear()
+        self.copies, self.backup = {}, {}
+        flats = [_as_flat(source) for source in sources]
+        if average is not None:
+            norm_prev, norm_next, epsilon = average
+            blocks = [_strip(flat, f"model/{BLOCKS}/") for flat in flats[:2]]
+            merged = {f"model/{BLOCKS}/{k}": v for k, v in weighted_average(blocks, (norm_prev, norm_next),
+                                                                             epsilon).items()}
+            flats = [merged, *flats[2:]]
+        state: FlatState = {}
+        for flat in flats:
+            state.update(flat)
+        self._load_model(state)
+        self._new_optimizer(float(state["meta/lr"]) if lr is None else lr)
+        self._load_optimizer(state)
+        return self.ping()
+
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f"{part}/{name}", p) for part in (EMBED, BLOCKS, HEAD) if part in self.parts
+                for name, p in self.parts[part].named_parameters()]
+
+    def _load_model(self, state: Mapping[str, torch.Tensor]) -> None:
+        for part, module in self.parts.items():
+            part_state = _strip(state, f"model/{part}/")
+            if part_state:
+                module.load_state_dict(part_state, strict=True)
+
+    def _new_optimizer(self, lr: float) -> None:
+        params = [p for _, p in self._named_parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+
+    def _load_optimizer(self, state: Mapping[str, torch.Tensor]) -> None:
+        for name, param in self._named_parameters():
+            fields = _strip(state, f"optim/{name}/")
+            if fields:
+                self.optimizer.state[param] = {k: v.clone() for k, v in fields.items()}
+
+    # ----- state for recovery and checkpoints --------------------------------------------------------------
+    def get_state(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD), include_optim: bool = False) -> FlatState:
+        """Flat state of `parts` (those this stage has), with Adam state and lr when `include_optim`."""
+        state: FlatState = {}
+        for part in parts:
+            if part in self.parts:
+                for name, tensor in self.parts[part].state_dict().items():
+                    state[f"model/{part}/{name}"] = tensor.detach().clone()
+        if include_optim:
+            for name, param in self._named_parameters():
+                if name.split("/", 1)[0] in parts:
+                    for field, value in self.optimizer.state.get(param, {}).items():
+                        state[f"optim/{name}/{field}"] = value.detach().clone()
+            state["meta/lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"], dtype=torch.float64)
+        return state
+
+    def state_bytes(self) -> bytes:
+        """Full state (model, Adam, lr) as safetensors bytes: one checkpoint shard."""
+        return safetensors.torch.save(self.get_state(include_optim=True))
+
+    def hold_copy(self, state: FlatState) -> int:
+        """CheckFree+: keep a copy of a neighbour's embedding or head; returns bytes held."""
+        self.copies.update(state)
+        return state_nbytes(self.copies)
+
+    def get_copy(self) -> FlatState:
+        """The held (de)embedding copies."""
+        return dict(self.copies)
+
+    def hold_backup(self, state: FlatState) -> int:
+        """Redundant: keep the successor's full state; returns bytes held."""
+        self.backup = state
+        return state_nbytes(state)
+
+    def get_backup(self) -> FlatState:
+        """The successor's state held by this stage."""
+        return self.backup
+
+    def lr(self) -> float:
+        """Current learning rate."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ----- the pipeline ----------------------------------------------------------------------------------
+    def forward(self, micro_batch: int, hop: int, parts: tuple[str, ...], x: torch.Tensor,
+                targets: torch.Tensor | None = None, loss_scale: float = 1.0, train: bool = True):
+        """Run `parts` on x; returns activations (B, T, d), or the unscaled loss when the head runs."""
+        with torch.set_grad_enabled(train):
+            if EMBED in parts:
+                inp, h = None, self.parts[EMBED](x)
+            else:
+                inp = x.detach().requires_grad_(train)
+                h = inp
+            if BLOCKS in parts:
+                h = self.parts[BLOCKS](h)
+            if HEAD in parts:
+                loss = lm_loss(self.parts[HEAD](h), targets)
+                if train:
+                    self.cache[(micro_batch, hop)] = (inp, loss * loss_scale)
+                return loss.item()
+        if train:
+            self.cache[(micro_batch, hop)] = (inp, h)
+        return h.detach()
+
+    def backward(self, micro_batch: int, hop: int, grad: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Back-propagate one hop; returns the gradient of its input (None for the embedding hop)."""
+        inp, out = self.cache.pop((micro_batch, hop))
+        if grad is None:
+            out.backward()
+        else:
+            out.backward(grad)
+        return None if inp is None else inp.grad
+
+    def step(self) -> dict[str, float]:
+        """Clip the stage's gradient to `grad_clip`, record its norms (after clipping), step Adam."""
+        named = self._named_parameters()
+        params = [p for _, p in named]
+        pre_clip = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        blocks_sq = sum(float(p.grad.pow(2).sum()) for n, p in named if n.startswith(BLOCKS) and p.grad is not None)
+        stage_sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.cache.clear()
+        return {"blocks": blocks_sq**0.5, "stage": stage_sq**0.5, "pre_clip": pre_clip}
+
+    def reset_step(self) -> int:
+        """Drop the cached activations and gradients of an interrupted step; returns entries dropped."""
+        dropped = len(self.cache)
+        self.cache.clear()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        return dropped
+
+
+StageActor = ray.remote(max_restarts=0, max_task_retries=0)(StageWorker)
+
+
+def initial_stage_state(parts, stage_index: int) -> FlatState:
+    """Flat model state of stage `stage_index` from built `ModelParts` (embedding on 0, head on S-1)."""
+    modules = {BLOCKS: parts.stages[stage_index]}
+    if stage_index == 0:
+        modules[EMBED] = parts.embedding
+    if stage_index == len(parts.stages) - 1:
+        modules[HEAD] = parts.head
+    return {f"model/{part}/{name}": t.detach().clone()
+            for part, module in modules.items() for name, t in module.state_dict().items()}

@@ -1,0 +1,123 @@
+"""`run_training(spec)`: pipeline training in this driver, then result.json, metrics.parquet and a plot."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import logging
+import math
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from checkfree_ray.executor import PipelineExecutor
+from checkfree_ray.plots import loss_vs_time_png
+from rayops import storage
+from rayops.artifacts import write_artifact
+from rayops.progress import ProgressLine
+from rayops.session import ray_session
+from schemas.train import TrainResult, TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("torch", "ray", "lcsc-checkfree-ray"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def _progress_fields(executor: PipelineExecutor, tokens_per_step: int) -> dict:
+    h = executor.history
+    step_s = _median(h.step_times[-20:]) or float("nan")
+    last = h.failures[-1].recovery_s if h.failures else None
+    return {"loss": h.losses[-1] if h.losses else float("nan"), "tok/s": tokens_per_step / step_s,
+            "failures": len(h.failures), "last_recovery_s": last if last is not None else "-"}
+
+
+def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None) -> None:
+    """Steps until `spec.steps` (or the target validation loss), evaluating every `eval_every` steps."""
+    spec = executor.spec
+    pipe = spec.pipeline
+    tokens_per_step = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len
+    step, failures_seen = 1, 0
+    while step <= spec.steps:
+        step_done = step
+        step = executor.run_step(step)
+        h = executor.history
+        if progress is not None:
+            for failure in h.failures[failures_seen:]:
+                progress.emit(f"failure: stage {failure.stage} at step {failure.step} -> {failure.strategy} "
+                              f"in {failure.recovery_s:.3f}s" + (f" (rolled back to {failure.rolled_back_to})"
+                                                                 if failure.rolled_back_to is not None else ""))
+            failures_seen = len(h.failures)
+            progress.update(done=min(step - 1, spec.steps), **_progress_fields(executor, tokens_per_step))
+        if step == step_done + 1 and (step_done % spec.eval_every == 0 or step_done == spec.steps):
+            value = executor.evaluate(step_done)
+            if value is not None and spec.target_val_loss is not None and value <= spec.target_val_loss:
+                break
+
+
+def build_result(executor: PipelineExecutor, wall_time_s: float) -> TrainResult:
+    """The result of a finished run."""
+    spec, h = executor.spec, executor.history
+    pipe = spec.pipeline
+    tokens = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len * len(h.steps)
+    target = spec.target_val_loss
+    reached = [s for s, v in zip(h.val_steps, h.val_losses) if target is not None and v <= target]
+    return TrainResult(
+        spec=spec, steps=h.steps, losses=h.losses, wall_times=h.wall_times,
+        val_steps=h.val_steps, val_losses=h.val_losses,
+        val_perplexities=[math.exp(v) for v in h.val_losses], failures=h.failures,
+        final_val_loss=h.val_losses[-1] if h.val_losses else None,
+        final_perplexity=math.exp(h.val_losses[-1]) if h.val_losses else None,
+        steps_to_target=reached[0] if reached else None,
+        tokens_per_s=tokens / sum(h.step_times) if h.step_times else 0.0,
+        median_step_s=_median(h.step_times), wall_time_s=wall_time_s, costs=dict(h.costs),
+        versions=_versions(),
+    )
+
+
+def _metrics_parquet(result: TrainResult) -> bytes:
+    table = pa.table({"step": result.steps, "loss": result.losses, "wall_time_s": result.wall_times})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def write_result(result: TrainResult, uri: str) -> TrainResult:
+    """Write result.json, metrics.parquet and loss_vs_time.png under `uri` (manifest last)."""
+    names = ("result.json", "metrics.parquet", "loss_vs_time.png")
+    result.files = {name: storage.join(uri, name) for name in names}
+    files = {
+        "metrics.parquet": _metrics_parquet(result),
+        "loss_vs_time.png": loss_vs_time_png(result),
+        "result.json": result.model_dump_json(indent=2).encode(),
+    }
+    write_artifact(uri, files, metadata={"kind": "train_result", "name": result.spec.name})
+    return result
+
+
+def run_training(spec: TrainSpec, progress: bool = True) -> TrainResult:
+    """Train `spec` with stage actors on Ray (in this driver) and write the result to `spec.output.uri`."""
+    checkpoint_uri = spec.checkpointing.uri or storage.join(spec.output.uri, "checkpoints")
+    started = time.monotonic()
+    with ray_session(spec.ray):
+        executor = PipelineExecutor(spec, checkpoint_uri=checkpoint_uri)
+        try:
+            executor.start()
+            line = ProgressLine(f"train[{spec.recovery.strategy}]", total=spec.steps) if progress else None
+            train_loop(executor, line)
+        finally:
+            executor.shutdown()
+    result = build_result(executor, time.monotonic() - started)
+    return write_result(result, spec.output.uri)
