@@ -35,6 +35,11 @@ class CheckpointSetSpec(StrictModel):
         default=None,
         description="The training run's own EMA weights, evaluated as a baseline when given.",
     )
+    ema_key: str | None = Field(
+        default=None,
+        description="Select the state dict inside `ema_uri` (e.g. 'ema' when the EMA sits beside the model in one "
+        "file). None uses `key`.",
+    )
     storage_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
         description="dtype of the flattened checkpoints in the object store; bfloat16 halves memory.",

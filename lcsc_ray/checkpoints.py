@@ -1,0 +1,355 @@
+"""Checkpoint sets for LCSC: list, read (.safetensors / torch), validate, flatten once, put in the object store.
+
+Each checkpoint file is read from storage exactly once; listing reads at most the safetensors header (a
+ranged read) for the training step and the tensor sizes. Each checkpoint becomes ONE contiguous flat array
+(float32, or bfloat16 stored as uint16 bits) that is `ray.put` once; evaluators read it zero-copy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import struct
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rayops import storage
+from schemas.errors import CheckpointError, StorageError, StorageNotFoundError
+from schemas.search import CheckpointSetSpec
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+OBJECT_STORE_HEADROOM = 0.9  # keep 10% of the object store for samples, stats and Tune's own objects
+
+
+@dataclass
+class Layout:
+    """Where each tensor lives inside a flat checkpoint array (kept once per set)."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[str]  # original dtypes, e.g. 'float32'
+    offsets: list[int]
+    numel: int
+    storage_dtype: str = "float32"
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], storage_dtype: str = "float32") -> Layout:
+        """The layout of `state_dict` in its own key order."""
+        names, shapes, dtypes, offsets, total = [], [], [], [], 0
+        for name, tensor in state_dict.items():
+            names.append(name)
+            shapes.append(tuple(tensor.shape))
+            dtypes.append(str(tensor.dtype).removeprefix("torch."))
+            offsets.append(total)
+            total += tensor.numel()
+        return cls(names, shapes, dtypes, offsets, total, storage_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one flat array in the storage dtype."""
+        return self.numel * (4 if self.storage_dtype == "float32" else 2)
+
+    def mismatch(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+        """A sentence naming the first tensor of `state_dict` that differs from this layout, or None."""
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
+            if name not in state_dict:
+                return f"tensor {name!r} is missing"
+            tensor = state_dict[name]
+            if tuple(tensor.shape) != shape:
+                return f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}"
+            if str(tensor.dtype).removeprefix("torch.") != dtype:
+                return f"tensor {name!r} has dtype {tensor.dtype}, expected {dtype}"
+        extra = [name for name in state_dict if name not in set(self.names)]
+        return f"tensor {extra[0]!r} is unexpected" if extra else None
+
+    def flatten(self, state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """One contiguous array: float32, or bfloat16 bits as uint16 (see `as_tensor`)."""
+        flat = torch.empty(self.numel, dtype=STORAGE_DTYPES[self.storage_dtype])
+        for name, offset in zip(self.names, self.offsets):
+            tensor = state_dict[name]
+            flat[offset:offset + tensor.numel()].copy_(tensor.reshape(-1))
+        if self.storage_dtype == "bfloat16":
+            return flat.view(torch.uint16).numpy()
+        return flat.numpy()
+
+    def unflatten(self, flat: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Name -> tensor views into `flat` (no copies), in the storage dtype."""
+        tensor = as_tensor(flat)
+        if tensor.numel() != self.numel:
+            raise CheckpointError(f"flat array has {tensor.numel()} values, the layout expects {self.numel}")
+        return {name: tensor[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+                for name, shape, offset in zip(self.names, self.shapes, self.offsets)}
+
+
+def as_tensor(flat: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A torch view of a flat array (uint16 bits become bfloat16); read-only numpy arrays are never written."""
+    if isinstance(flat, torch.Tensor):
+        return flat
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays: we only read them
+        tensor = torch.from_numpy(flat)
+    return tensor.view(torch.bfloat16) if flat.dtype == np.uint16 else tensor
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _safetensors_header(head: bytes, uri: str) -> dict:
+    if len(head) < 8:
+        raise CheckpointError(f"checkpoint {uri} is truncated: {len(head)} bytes, not even a safetensors header")
+    (length,) = struct.unpack("<Q", head[:8])
+    if len(head) < 8 + length:
+        raise CheckpointError(f"checkpoint {uri} is truncated inside its safetensors header")
+    try:
+        return json.loads(head[8:8 + length])
+    except ValueError:
+        raise CheckpointError(f"checkpoint {uri} is not a safetensors file (unreadable header)") from None
+
+
+def _select_key(obj: object, key: str | None, uri: str) -> dict:
+    if key is not None:
+        for part in [key] if isinstance(obj, Mapping) and key in obj else key.split("."):
+            if not isinstance(obj, Mapping) or part not in obj:
+                keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+                raise CheckpointError(f"checkpoint {uri} has no key {key!r}; available keys: {keys}")
+            obj = obj[part]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {uri} holds a {type(obj).__name__}, not a state dict")
+    not_tensors = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"checkpoint {uri} is a dict of non-tensors ({not_tensors[:5]}); set `checkpoints.key` to the "
+            f"entry holding the state dict, one of {sorted(map(str, obj))[:20]}"
+        )
+    return dict(obj)
+
+
+def _load_safetensors(data: bytes, uri: str, key: str | None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    header = _safetensors_header(data, uri)
+    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    header_len = struct.unpack("<Q", data[:8])[0]
+    if len(data) < 8 + header_len + end:
+        raise CheckpointError(f"checkpoint {uri} is truncated: {len(data)} bytes, its header needs "
+                              f"{8 + header_len + end}; the file was cut short while writing or copying")
+    try:
+        state = load(data)
+    except SafetensorError as exc:
+        raise CheckpointError(f"checkpoint {uri} is not a valid safetensors file: {exc}") from None
+    if key is None:
+        return state
+    prefix = key.rstrip(".") + "."
+    selected = {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+    if not selected:
+        prefixes = sorted({name.split(".")[0] for name in state})
+        raise CheckpointError(f"checkpoint {uri} has no key {key!r}; available top-level keys: {prefixes[:20]}")
+    return selected
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], uri: str) -> None:
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"checkpoint {uri}: tensor {name!r} holds {bad} NaN/inf values; the training "
+                                  "run diverged before this checkpoint, drop it from the set")
+
+
+def parse_state_dict(data: bytes, uri: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Parse checkpoint bytes (.safetensors by name, else a torch file) into a finite state dict."""
+    if uri.endswith(".safetensors"):
+        state = _load_safetensors(data, uri, key)
+    else:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types here; each becomes an error naming the file
+            raise CheckpointError(f"checkpoint {uri} cannot be read as a torch file "
+                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+        state = _select_key(obj, key, uri)
+    _check_finite(state, uri)
+    return state
+
+
+def read_state_dict(uri: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read one checkpoint (.safetensors or torch via weights_only) from a local path, file:// or s3:// URI."""
+    try:
+        data = storage.read_bytes(uri)
+    except StorageNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} does not exist; check `checkpoints.uri` / `paths`") from None
+    except StorageError as exc:
+        raise CheckpointError(f"checkpoint {uri} cannot be read: {exc}") from exc
+    return parse_state_dict(data, uri, key)
+
+
+# ------------------------------------------------------------------------------------------ listing
+
+
+def _read_head(uri: str, nbytes: int) -> bytes:
+    loc = storage.parse_uri(uri)
+    if loc.scheme == "file":
+        with open(loc.path, "rb") as handle:
+            return handle.read(nbytes)
+    response = storage.s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes=0-{nbytes - 1}")
+    return response["Body"].read()
+
+
+@dataclass
+class _Probe:
+    step: int | None
+    numel: int | None  # from the safetensors header; None for torch files
+    file_size: int
+
+
+def _file_size(uri: str) -> int:
+    loc = storage.parse_uri(uri)
+    if loc.scheme == "file":
+        return os.path.getsize(loc.path)
+    return int(storage.s3_client().head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"])
+
+
+def _probe(uri: str, key: str | None) -> _Probe:
+    if not storage.exists(uri):
+        raise CheckpointError(f"checkpoint {uri} does not exist; check `checkpoints.uri` / `paths`")
+    size = _file_size(uri)
+    digits = re.findall(r"\d+", uri.rsplit("/", 1)[-1])
+    step = int(digits[-1]) if digits else None
+    if not uri.endswith(".safetensors"):
+        return _Probe(step, None, size)
+    head = _read_head(uri, 8)
+    length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    header = _safetensors_header(_read_head(uri, 8 + length), uri)
+    meta = header.get("__metadata__") or {}
+    if str(meta.get("step", "")).isdigit():
+        step = int(meta["step"])
+    prefix = None if key is None else key.rstrip(".") + "."
+    numel = sum(int(np.prod(e["shape"], dtype=np.int64)) for n, e in header.items()
+                if n != "__metadata__" and (prefix is None or n.startswith(prefix)))
+    return _Probe(step, numel, size)
+
+
+def _spec_uris(spec: CheckpointSetSpec) -> list[str]:
+    if spec.paths:
+        return [p if "://" in p or os.path.isabs(p) else storage.join(spec.uri, p) for p in spec.paths]
+    uris = storage.list_uris(spec.uri, spec.glob)
+    if not uris:
+        raise CheckpointError(f"no checkpoints match {spec.glob!r} under {spec.uri}; check `checkpoints.uri`")
+    return uris
+
+
+def _probe_all(spec: CheckpointSetSpec) -> list[tuple[str, _Probe]]:
+    probes = [(uri, _probe(uri, spec.key)) for uri in _spec_uris(spec)]
+    if any(p.step is None for _, p in probes):  # no step anywhere: keep the given / listed order
+        probes = [(uri, _Probe(i, p.numel, p.file_size)) for i, (uri, p) in enumerate(probes)]
+    probes.sort(key=lambda item: (item[1].step, item[0]))
+    return probes[-spec.last:] if spec.last else probes
+
+
+def list_checkpoints(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
+    """(uri, training step) of the set, ordered by step (safetensors metadata 'step', else the last digits of
+    the file name, else the listed order), with `last` applied."""
+    return [(uri, probe.step) for uri, probe in _probe_all(spec)]
+
+
+# ------------------------------------------------------------------------------------ checkpoint set
+
+
+@dataclass
+class CheckpointSet:
+    """A loaded set: one object-store ref per checkpoint (ordered by step), the layout kept once."""
+
+    uris: list[str]
+    names: list[str]
+    steps: list[int]
+    layout: Layout
+    refs: list = field(repr=False)  # list[ray.ObjectRef], each a flat array put once
+    ema_ref: object | None = field(default=None, repr=False)
+    nbytes: int = 0  # bytes in the object store, EMA included
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+def object_store_capacity() -> int:
+    """Bytes of object store the running Ray cluster offers (available, else total)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise CheckpointError("Ray is not initialised; call ray.init (or rayops.session.ray_session) first")
+    available = ray.available_resources().get("object_store_memory")
+    return int(available if available else ray.cluster_resources().get("object_store_memory", 0))
+
+
+def check_fits(need_bytes: int, capacity_bytes: int, num_checkpoints: int, storage_dtype: str) -> None:
+    """Refuse a set that will not fit the object store, naming the sizes and the ways out."""
+    if need_bytes <= OBJECT_STORE_HEADROOM * capacity_bytes:
+        return
+    gib = 1024 ** 3
+    options = ["keep fewer checkpoints with `checkpoints.last`",
+               ("start Ray with a bigger object store (`ray.object_store_memory`, or `ray start "
+                "--object-store-memory`)")]
+    if storage_dtype == "float32":
+        half = need_bytes / 2 / gib
+        options.insert(0, f"store them as bfloat16 (`checkpoints.storage_dtype: bfloat16`, {half:.2f} GiB)")
+    raise CheckpointError(
+        f"{num_checkpoints} checkpoints need {need_bytes / gib:.2f} GiB in the object store as {storage_dtype}, "
+        f"which offers {capacity_bytes / gib:.2f} GiB ({OBJECT_STORE_HEADROOM:.0%} usable); options: "
+        + "; ".join(options)
+    )
+
+
+def _estimate_bytes(probes: list[_Probe], storage_dtype: str) -> int:
+    itemsize = 4 if storage_dtype == "float32" else 2
+    # safetensors headers give exact sizes; torch files are estimated as float32 payloads of their file size
+    return sum(p.numel * itemsize if p.numel is not None else p.file_size * itemsize // 4 for p in probes)
+
+
+def _put_checked(uri: str, key: str | None, layout: Layout | None, first_uri: str | None,
+                 storage_dtype: str):
+    import ray
+
+    state = read_state_dict(uri, key)
+    if layout is None:
+        layout = Layout.from_state_dict(state, storage_dtype)
+    else:
+        problem = layout.mismatch(state)
+        if problem:
+            raise CheckpointError(f"checkpoint {uri} does not match {first_uri}: {problem}")
+    flat = layout.flatten(state)
+    del state
+    return ray.put(flat), layout
+
+
+def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
+    """List, check the object-store budget, then read each file once, validate against the first, flatten and
+    `ray.put` it once. Ray must be initialised."""
+    capacity = object_store_capacity()
+    probed = _probe_all(spec)
+    ema_probe = [_probe(spec.ema_uri, spec.ema_key or spec.key)] if spec.ema_uri else []
+    need = _estimate_bytes([p for _, p in probed] + ema_probe, spec.storage_dtype)
+    check_fits(need, capacity, len(probed) + len(ema_probe), spec.storage_dtype)
+    refs, layout = [], None
+    for uri, _ in probed:
+        ref, layout = _put_checked(uri, spec.key, layout, probed[0][0], spec.storage_dtype)
+        refs.append(ref)
+    ema_ref = None
+    if spec.ema_uri:
+        ema_ref, _ = _put_checked(spec.ema_uri, spec.ema_key or spec.key, layout, probed[0][0],
+                                  spec.storage_dtype)
+    return CheckpointSet(
+        uris=[uri for uri, _ in probed],
+        names=[uri.rsplit("/", 1)[-1] for uri, _ in probed],
+        steps=[probe.step for _, probe in probed],
+        layout=layout,
+        refs=refs,
+        ema_ref=ema_ref,
+        nbytes=layout.nbytes * (len(refs) + (ema_ref is not None)),
+    )

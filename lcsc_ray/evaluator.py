@@ -1,0 +1,264 @@
+"""FID evaluator actors: combine the checkpoints with given coefficients, sample with fixed noise, score.
+
+An evaluation of N samples is cut into chunks of `batch_size`; chunk j draws its noise from a seed derived
+from (seed, j), and chunk statistics are merged along a fixed binary tree over the chunk indices. Any
+aligned block of that tree gives the same float64 sums wherever it is computed, so an evaluation split over
+several actors merges to exactly the statistics one actor would compute.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import ray
+import torch
+
+from lcsc_ray.checkpoints import CheckpointSet, Layout, as_tensor
+from lcsc_ray.combine import check_coefficients, combine_into
+from lcsc_ray.fid import FIDStats, fid_from_stats
+from lcsc_ray.plugins import build, resolve
+from schemas.errors import CheckpointError, LcscCheckfreeError
+from schemas.search import SearchSpec
+
+
+class CandidateError(LcscCheckfreeError):
+    """A candidate's combined weights or samples are not finite (huge coefficients can blow up)."""
+
+    def __init__(self, message: str, coefficients: Sequence[float] | None = None):
+        self.coefficients = list(coefficients or [])
+        super().__init__(message)
+
+
+def chunk_seed(seed: int, chunk_index: int) -> int:
+    """The noise seed of chunk `chunk_index` of an evaluation with `seed` (independent of the split)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, chunk_index]).generate_state(1)[0])
+
+
+def chunk_sizes(num_samples: int, batch_size: int) -> list[int]:
+    """Samples per chunk: full batches, then the remainder."""
+    full, rest = divmod(num_samples, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def split_point(lo: int, hi: int) -> int:
+    """Where the canonical merge tree splits [lo, hi): after the largest power of two below its length."""
+    return lo + (1 << ((hi - lo - 1).bit_length() - 1))
+
+
+def tree_blocks(num_chunks: int, num_parts: int) -> list[tuple[int, int]]:
+    """Split [0, num_chunks) into at least `num_parts` blocks of the canonical tree (when it has that many)."""
+    blocks = [(0, num_chunks)]
+    while len(blocks) < num_parts and any(hi - lo > 1 for lo, hi in blocks):
+        lo, hi = max(blocks, key=lambda b: b[1] - b[0])
+        blocks.remove((lo, hi))
+        blocks += [(lo, split_point(lo, hi)), (split_point(lo, hi), hi)]
+    return sorted(blocks)
+
+
+def tree_merge(lo: int, hi: int, leaf) -> FIDStats:
+    """Merge statistics over [lo, hi) along the canonical tree; `leaf(lo, hi)` returns a block's stats or
+    None to recurse (single chunks must be returned)."""
+    known = leaf(lo, hi)
+    if known is not None:
+        return known
+    mid = split_point(lo, hi)
+    return tree_merge(lo, mid, leaf).merge(tree_merge(mid, hi, leaf))
+
+
+class Evaluator:
+    """Holds the checkpoints (zero-copy), model, sampler, feature network and reference stats of one actor."""
+
+    def __init__(self, spec: SearchSpec, checkpoint_refs: list | CheckpointSet, layout: Layout | None = None,
+                 reference_mu: np.ndarray | None = None, reference_sigma: np.ndarray | None = None,
+                 ema_ref=None):
+        if isinstance(checkpoint_refs, CheckpointSet):
+            layout, ema_ref = checkpoint_refs.layout, checkpoint_refs.ema_ref
+            checkpoint_refs = checkpoint_refs.refs
+        if layout is None or reference_mu is None or reference_sigma is None:
+            raise ValueError("Evaluator needs the layout and the reference mu and sigma")
+        torch.set_num_threads(spec.evaluators.torch_threads)
+        self.spec, self.layout = spec, layout
+        self.device = torch.device("cuda" if torch.cuda.is_available() and spec.evaluators.num_gpus > 0 else "cpu")
+        self.arrays = ray.get(list(checkpoint_refs))  # read-only numpy views of the object store
+        self.ema_array = ray.get(ema_ref) if ema_ref is not None else None
+        self.sources = self._device_sources(self.arrays)
+        self.reference_mu = np.asarray(reference_mu, np.float64)
+        self.reference_sigma = np.asarray(reference_sigma, np.float64)
+        self.flat = torch.empty(layout.numel, dtype=torch.float32, device=self.device)
+        self.model = self._bind_model(build(spec.model))
+        self.sampler = resolve(spec.sampler.target)
+        self.feature_net = build(spec.fid.features).to(self.device).eval()
+
+    def _device_sources(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Checkpoints as tensors on the evaluator's device (a GPU copy once; the host stays zero-copy)."""
+        tensors = [as_tensor(a) for a in arrays]
+        if self.device.type == "cuda":
+            try:
+                return [t.to(self.device) for t in tensors]
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()  # combine on the host, copying each chunk over instead
+        return tensors
+
+    def _bind_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Make the model's float32 tensors views of the combination buffer, so combining IS loading."""
+        views = self.layout.unflatten(self.flat)
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(views)), sorted(set(views) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"model {self.spec.model.target} does not match the checkpoints: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.copied = {n: v for n, v in views.items() if own[n].dtype != torch.float32}
+        bound = {n: v for n, v in views.items() if n not in self.copied}
+        model.load_state_dict(bound, strict=False, assign=True)
+        return model.to(self.device).eval()
+
+    def _load(self, coefficients: Sequence[float] | None) -> None:
+        key = None if coefficients is None else tuple(coefficients)
+        if getattr(self, "_loaded", False) and self._loaded_key == key:
+            return  # several blocks of one split evaluation: combine once
+        self._loaded = False
+        if coefficients is None:
+            self.flat.copy_(as_tensor(self.ema_array))
+        else:
+            combine_into(self.flat, self.sources, coefficients)
+        if not bool(torch.isfinite(self.flat).all()):
+            raise CandidateError(f"combined weights are not finite for coefficients {coefficients}",
+                                 coefficients)
+        if self.copied:
+            state = self.model.state_dict()
+            for name, view in self.copied.items():
+                state[name].copy_(view)
+        self._loaded, self._loaded_key = True, key
+
+    @torch.inference_mode()
+    def _chunk_stats(self, seed: int, index: int, size: int, timings: dict) -> FIDStats:
+        start = time.perf_counter()
+        images = self.sampler(self.model, size, chunk_seed(seed, index), self.spec.sampler.nfe,
+                              self.spec.evaluators.batch_size, **self.spec.sampler.kwargs)
+        mid = time.perf_counter()
+        if not bool(torch.isfinite(images).all()):
+            raise CandidateError(f"samples of chunk {index} (seed {seed}) hold NaN/inf: the combined model "
+                                 "diverges; the search should score this candidate as failed")
+        features = self.feature_net(images.to(self.device))  # (B, d)
+        stats = FIDStats.empty(features.shape[1]).update(features)
+        timings["sample_s"] += mid - start
+        timings["features_s"] += time.perf_counter() - mid
+        return stats
+
+    def _stats(self, coefficients, seed: int, lo: int, hi: int, num_samples: int, timings: dict) -> FIDStats:
+        start = time.perf_counter()
+        self._load(coefficients)
+        timings["combine_s"] += time.perf_counter() - start
+        sizes = chunk_sizes(num_samples, self.spec.evaluators.batch_size)
+        if not 0 <= lo < hi <= len(sizes):
+            raise ValueError(f"chunks [{lo}, {hi}) outside the {len(sizes)} chunks of {num_samples} samples")
+        return tree_merge(lo, hi, lambda a, b: self._chunk_stats(seed, a, sizes[a], timings) if b - a == 1
+                          else None)
+
+    def evaluate_stats(self, coefficients: Sequence[float] | None, seed: int, chunk_indices: Sequence[int],
+                       num_samples: int | None = None) -> dict:
+        """FIDStats dict of a contiguous block of chunks (pass blocks from `tree_blocks` for exact merges).
+        `num_samples` None means every chunk is a full batch; coefficients None means the run's EMA."""
+        indices = list(chunk_indices)
+        if not indices or indices != list(range(indices[0], indices[-1] + 1)):
+            raise ValueError(f"chunk_indices must be a non-empty contiguous range, got {indices[:10]}")
+        coefficients = self._checked(coefficients)
+        num_samples = num_samples or (indices[-1] + 1) * self.spec.evaluators.batch_size
+        timings = dict.fromkeys(("combine_s", "sample_s", "features_s"), 0.0)
+        return self._stats(coefficients, seed, indices[0], indices[-1] + 1, num_samples, timings).to_dict()
+
+    def _checked(self, coefficients):
+        if coefficients is None:
+            if self.ema_array is None:
+                raise CheckpointError("no EMA weights were loaded; set `checkpoints.ema_uri`")
+            return None
+        return check_coefficients(coefficients, len(self.arrays))
+
+    def evaluate(self, coefficients: Sequence[float] | None, num_samples: int, seed: int,
+                 raise_nonfinite: bool = True) -> dict:
+        """FID of the combination at `num_samples` samples with noise `seed` (coefficients None: the run's
+        EMA). Non-finite weights or samples raise CandidateError, or with raise_nonfinite=False give fid=inf
+        and nonfinite=True."""
+        coefficients = self._checked(coefficients)
+        timings = dict.fromkeys(("combine_s", "sample_s", "features_s"), 0.0)
+        start = time.perf_counter()
+        try:
+            n_chunks = len(chunk_sizes(num_samples, self.spec.evaluators.batch_size))
+            stats = self._stats(coefficients, seed, 0, n_chunks, num_samples, timings)
+        except CandidateError:
+            if raise_nonfinite:
+                raise
+            return {"fid": float("inf"), "num_samples": num_samples, "seed": seed, "stats": None,
+                    "nonfinite": True, "timings": {**timings, "total_s": time.perf_counter() - start}}
+        fid = fid_from_stats(stats, self.reference_mu, self.reference_sigma)
+        timings["total_s"] = time.perf_counter() - start
+        return {"fid": fid, "num_samples": num_samples, "seed": seed, "stats": stats.to_dict(),
+                "nonfinite": False, "timings": timings}
+
+    def combined_state_dict(self, coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
+        """The combined weights as a CPU state dict (copies), for saving the winner."""
+        self._load(check_coefficients(coefficients, len(self.arrays)))
+        return {name: view.detach().cpu().clone() for name, view in self.layout.unflatten(self.flat).items()}
+
+    def score(self, stats: dict) -> float:
+        """FID of merged statistics against this actor's reference."""
+        return fid_from_stats(FIDStats.from_dict(stats), self.reference_mu, self.reference_sigma)
+
+    def info(self) -> dict:
+        """Process facts for tests and benchmarks: pid, device, array writeability, memory (RSS/USS/PSS)."""
+        import psutil
+
+        memory = psutil.Process().memory_full_info()
+        return {"pid": os.getpid(), "device": str(self.device), "num_checkpoints": len(self.arrays),
+                "writeable": [bool(a.flags.writeable) for a in self.arrays],
+                "batch_size": self.spec.evaluators.batch_size, "rss": memory.rss, "uss": memory.uss, "pss": getattr(memory, "pss", None)}
+
+
+EvaluatorActor = ray.remote(Evaluator)
+
+
+def start_evaluators(spec: SearchSpec, checkpoint_set: CheckpointSet,
+                     reference_stats: tuple[np.ndarray, np.ndarray], wait_s: float | None = 300.0) -> list:
+    """Start `spec.evaluators.num_actors` evaluator actors (max_restarts=1, no task retries) sharing the
+    object-store checkpoints; waits until they are constructed unless wait_s is None."""
+    mu_ref, sigma_ref = ray.put(np.asarray(reference_stats[0])), ray.put(np.asarray(reference_stats[1]))
+    options = {"num_cpus": spec.evaluators.num_cpus, "num_gpus": spec.evaluators.num_gpus,
+               "max_restarts": 1, "max_task_retries": 0}
+    actors = [EvaluatorActor.options(**options).remote(spec, list(checkpoint_set.refs), checkpoint_set.layout,
+                                                       mu_ref, sigma_ref, ema_ref=checkpoint_set.ema_ref)
+              for _ in range(spec.evaluators.num_actors)]
+    if wait_s is not None:
+        try:
+            ray.get([actor.info.remote() for actor in actors], timeout=wait_s)
+        except ray.exceptions.GetTimeoutError:
+            raise LcscCheckfreeError(
+                f"{len(actors)} evaluator actors ({spec.evaluators.num_cpus} CPU, {spec.evaluators.num_gpus} "
+                f"GPU each) did not start within {wait_s:.0f} s; the cluster offers {ray.cluster_resources()}; "
+                "lower `evaluators.num_actors` or their resources") from None
+    return actors
+
+
+def evaluate_split(actors: Sequence, coefficients: Sequence[float] | None, num_samples: int, seed: int,
+                   batch_size: int | None = None,
+                   reference_stats: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """One evaluation spread over `actors`: each computes aligned blocks of the canonical merge tree, and the
+    merged statistics equal exactly those one actor computes. Returns evaluate()'s keys (fid included:
+    from `reference_stats` when given, else scored by the first actor)."""
+    start = time.perf_counter()
+    batch_size = batch_size or ray.get(actors[0].info.remote())["batch_size"]
+    blocks = tree_blocks(len(chunk_sizes(num_samples, batch_size)), len(actors))
+    pending = {block: actors[i % len(actors)].evaluate_stats.remote(coefficients, seed, range(*block),
+                                                                       num_samples)
+               for i, block in enumerate(blocks)}
+    results = dict(zip(pending, ray.get(list(pending.values()))))
+    stats = tree_merge(0, blocks[-1][1], lambda lo, hi: FIDStats.from_dict(results[(lo, hi)])
+                       if (lo, hi) in results else None)
+    if reference_stats is not None:
+        fid = fid_from_stats(stats, *reference_stats)
+    else:
+        fid = ray.get(actors[0].score.remote(stats.to_dict()))
+    return {"fid": fid, "stats": stats.to_dict(), "num_samples": num_samples, "seed": seed, "nonfinite": False,
+            "timings": {"total_s": time.perf_counter() - start}, "blocks": blocks}
