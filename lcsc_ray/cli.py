@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from rayops.cli import setup_logging, validate_command
+from rayops import storage
+from rayops.cli import load_or_exit, run_or_exit, setup_logging, validate_command
 from schemas.search import SearchSpec
 
 
@@ -16,3 +17,79 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(validate_command(SearchSpec))
+
+
+@main.command("search")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+def search_command(spec_file: str) -> None:
+    """Run (or resume) an LCSC search in this process and print the summary table."""
+    from lcsc_ray.report import format_table
+    from lcsc_ray.sdk import run_search
+
+    spec = load_or_exit(spec_file, SearchSpec)
+    result = run_or_exit(run_search, spec)
+    click.echo(format_table(result))
+    click.echo(f"results: {spec.output.uri if storage.is_remote(spec.output.uri) else result.files.get('result.json')}")
+    for name in ("fid_vs_evaluations.png", "coefficients.png", "combined.safetensors"):
+        click.echo(f"  {name}: {result.files.get(name)}")
+
+
+@main.command("submit")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a "
+              "local head.")
+@click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
+def submit_command(spec_file: str, address: str | None, wait: bool) -> None:
+    """Submit an LCSC search as a Ray job."""
+    from lcsc_ray.report import format_table
+    from lcsc_ray.sdk import submit_search
+
+    spec = load_or_exit(spec_file, SearchSpec)
+    handle = run_or_exit(submit_search, spec, address=address)
+    click.echo(f"submitted job {handle.job_id}")
+    if not wait:
+        if handle.head is not None:
+            click.echo("note: the local head lives as long as this command; waiting for the job", err=True)
+        else:
+            return
+    try:
+        run_or_exit(handle.wait, echo=True)
+        click.echo(format_table(handle.result()))
+    finally:
+        handle.close()
+
+
+@main.command("combine")
+@click.option("--coefficients", "coefficients_file", required=True,
+              help="JSON list, combined.json or result.json holding the coefficients.")
+@click.option("--checkpoints", "checkpoints_uri", help="Checkpoint directory or prefix (default: from --spec).")
+@click.option("--glob", "pattern", default="*.safetensors", show_default=True, help="Checkpoint file pattern.")
+@click.option("--last", type=int, default=None, help="Use only the last N checkpoints.")
+@click.option("--key", default=None, help="State-dict key inside the checkpoint files.")
+@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Take the checkpoint set from a spec.")
+@click.option("--out", "out_uri", required=True, help="Output .safetensors path or URI.")
+def combine_command(coefficients_file: str, checkpoints_uri: str | None, pattern: str, last: int | None,
+                    key: str | None, spec_file: str | None, out_uri: str) -> None:
+    """Apply known coefficients to a checkpoint set and export the combined weights."""
+    from lcsc_ray.export import export_combined, read_coefficients
+    from schemas.search import CheckpointSetSpec
+
+    if spec_file:
+        checkpoints = load_or_exit(spec_file, SearchSpec).checkpoints
+    elif checkpoints_uri:
+        checkpoints = CheckpointSetSpec(uri=checkpoints_uri, glob=pattern, last=last, key=key)
+    else:
+        raise click.UsageError("give --checkpoints URI or --spec FILE")
+    coefficients = run_or_exit(read_coefficients, coefficients_file)
+    sidecar = run_or_exit(export_combined, checkpoints, coefficients, out_uri)
+    click.echo(f"wrote {out_uri} from {len(sidecar['checkpoints'])} checkpoints (coefficients sum "
+               f"{sidecar['sum']:.6f})")
+
+
+@main.command("report")
+@click.argument("output_uri")
+def report_command(output_uri: str) -> None:
+    """Print the summary table of a finished search."""
+    from lcsc_ray.report import format_table, load_result
+
+    click.echo(format_table(run_or_exit(load_result, output_uri)))

@@ -1,0 +1,96 @@
+"""Write a search's outputs as one artifact (manifest last) and render its summary table."""
+
+from __future__ import annotations
+
+import io
+import json
+from importlib import metadata
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from safetensors.torch import save as save_safetensors
+
+from lcsc_ray import plots
+from rayops import artifacts, storage
+from schemas.search import SearchResult, SearchSpec
+
+RESULT_FILES = ("result.json", "trials.parquet", "combined.safetensors", "combined.json",
+                "fid_vs_evaluations.png", "coefficients.png")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape a result."""
+    out = {}
+    for name in ("lcsc-checkfree-ray", "ray", "nevergrad", "torch", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def trials_table(trials: pd.DataFrame) -> bytes:
+    """trials.parquet: one row per evaluation (coefficients as a list column)."""
+    columns = ["trial_id", "phase", "rung", "label", "fid", "num_samples", "seed", "duration_s", "eval_s",
+               "status", "reason", "alphas"]
+    frame = trials.reindex(columns=columns).rename(columns={"alphas": "coefficients"})
+    frame["coefficients"] = [list(map(float, a)) for a in frame.coefficients]
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def write_search_outputs(spec: SearchSpec, run, result: SearchResult, trials: pd.DataFrame, scores: dict) -> None:
+    """The combined checkpoint, its sidecar, trials, plots and result.json, with the manifest written last."""
+    state = ray.get(run.evaluators[0].combined_state_dict.remote(result.best.coefficients))
+    provenance = {
+        "coefficients": result.best.coefficients,
+        "checkpoints": result.checkpoint_names,
+        "steps": result.checkpoint_steps,
+        "fid": result.best.fid,
+        "num_samples": result.best.num_samples,
+        "parametrization": spec.search.parametrization,
+        "spec": spec.model_dump(mode="json"),
+        "versions": versions(),
+    }
+    out = spec.output.uri
+    result.files = {name: storage.join(out, name) for name in RESULT_FILES}
+    result.versions = versions()
+    files = {
+        "combined.safetensors": save_safetensors(state, metadata={"lcsc_coefficients": json.dumps(
+            result.best.coefficients), "checkpoints": json.dumps(result.checkpoint_names)}),
+        "combined.json": json.dumps(provenance, indent=2).encode(),
+        "trials.parquet": trials_table(trials),
+        "fid_vs_evaluations.png": plots.fid_vs_evaluations(trials, result),
+        "coefficients.png": plots.coefficients_plot(result),
+        "result.json": result.model_dump_json(indent=2).encode(),
+    }
+    artifacts.write_artifact(out, files, metadata={"kind": "lcsc-search", "name": spec.name})
+
+
+def format_table(result: SearchResult) -> str:
+    """The summary table: every reported model at the same sample count and seeds."""
+    holdout_n = len(result.best.holdout_fids)
+    header = f"{'model':<24}{'FID':>10}{'held-out FID (mean ± sd of ' + str(holdout_n) + ')':>36}"
+    title = (f"LCSC search '{result.spec.name}': {len(result.checkpoint_names)} checkpoints, "
+             f"{result.num_evaluations} evaluations ({result.num_failed} failed), "
+             f"{result.best.num_samples} samples per score, {result.wall_time_s:.0f} s")
+    lines = [title, header, "-" * len(header)]
+    for row in [result.best, *result.baselines]:
+        hold = np.asarray(row.holdout_fids, dtype=float)
+        spread = f"{hold.mean():.2f} ± {hold.std(ddof=1) if len(hold) > 1 else 0.0:.2f}" if len(hold) else "-"
+        lines.append(f"{row.label:<24}{row.fid:>10.2f}{spread:>36}")
+    verdict = "LCSC beat every baseline on held-out seeds" if result.gain_found else \
+        "no gain found: the search did not beat the best baseline on held-out seeds"
+    lines.append(verdict)
+    return "\n".join(lines)
+
+
+def load_result(output_uri: str) -> SearchResult:
+    """Read a finished search's result.json (verified against its manifest)."""
+    data = artifacts.read_artifact_file(output_uri, "result.json")
+    return SearchResult.model_validate_json(data)

@@ -1,0 +1,276 @@
+"""`run_search(spec)`: the LCSC search driver.
+
+  checkpoints -> object store -> evaluator actors
+  phase "seeds":  last, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate)
+  phase "search": Nevergrad (via Tune's NevergradSearch) started at the best seed, for the rest of the budget
+  rungs:          optional successive halving: the best fraction re-scored with more samples
+  final:          winner, top-k and baselines scored at one sample count on the search seed + held-out seeds
+  -> SearchResult, trials.parquet, combined checkpoint, plots (written as one artifact, manifest last)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import ray
+
+from lcsc_ray import coefficients as coef
+from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
+from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluator import start_evaluators
+from lcsc_ray.fid import reference_stats_for
+from lcsc_ray.trials import EvaluatorBroker, trainable
+from lcsc_ray.tuning import (
+    SearchProgress,
+    build_optimizer,
+    free_names,
+    nevergrad_searcher,
+    run_phase,
+    search_space,
+    seed_searcher,
+)
+from rayops import storage
+from rayops.jobs import absolutize_output
+from rayops.progress import ProgressLine
+from rayops.session import ray_session
+from schemas.search import CandidateScore, SearchResult, SearchSpec
+
+log = logging.getLogger(__name__)
+
+
+def seed_vectors(num_checkpoints: int, spec: SearchSpec) -> list[tuple[str, np.ndarray]]:
+    """The search's seeds: the last checkpoint, EMA-shaped vectors for each decay, the uniform soup."""
+    seeds = [("last", coef.last_checkpoint(num_checkpoints))]
+    seeds += [(f"ema@{d:g}", coef.ema_shaped(num_checkpoints, d)) for d in spec.search.ema_decays]
+    seeds.append(("uniform", coef.uniform(num_checkpoints)))
+    unique: list[tuple[str, np.ndarray]] = []
+    for label, alphas in seeds:
+        if not any(np.allclose(alphas, other) for _, other in unique):
+            unique.append((label, alphas))
+    return unique[: spec.search.budget]
+
+
+def _search_samples(spec: SearchSpec) -> int:
+    schedule = spec.search.fidelity_schedule
+    return schedule[0] if schedule else spec.fid.num_samples
+
+
+def final_samples(spec: SearchSpec) -> int:
+    """The one sample count at which every reported model is scored."""
+    if spec.fid.holdout_num_samples:
+        return spec.fid.holdout_num_samples
+    schedule = spec.search.fidelity_schedule
+    return schedule[-1] if schedule else spec.fid.num_samples
+
+
+class SearchRun:
+    """State of one search: the evaluator pool, the stored evaluations, the trials so far."""
+
+    def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet, evaluators: list,
+                 reference: tuple[np.ndarray, np.ndarray]):
+        self.spec, self.checkpoints, self.evaluators = spec, checkpoint_set, evaluators
+        self.reference = reference
+        self.num_checkpoints = len(checkpoint_set)
+        self.parametrization = spec.search.parametrization
+        self.names = free_names(coef.num_free(self.num_checkpoints, self.parametrization))
+        self.out = spec.output.uri
+        self.store = EvaluationStore(storage.join(self.out, "state", "evaluations.json"))
+        self.samples_generated = 0
+
+    # ------------------------------------------------------------------------------------ Tune phases
+    def _trainable(self, broker):
+        return trainable(self.evaluators, broker, self.names, self.parametrization, _search_samples(self.spec),
+                         self.spec.fid.seed)
+
+    def _point(self, label: str, alphas: np.ndarray) -> dict:
+        free = coef.from_alphas(alphas, self.parametrization)
+        return {**dict(zip(self.names, map(float, free))), "label": label}
+
+    def run_trials(self, seeds: list[tuple[str, np.ndarray]], progress: ProgressLine) -> pd.DataFrame:
+        """The seed phase, then the optimiser phase; resumes either from its Tune state."""
+        spec = self.spec
+        broker = EvaluatorBroker.remote(len(self.evaluators))
+        tune_path = storage.join(self.out, "tune")
+        space = search_space(self.names, spec.search.bound)
+        seed_cb = SearchProgress(progress)
+        seeds_df = run_phase("seeds", tune_path, self._trainable(broker),
+                             seed_searcher([self._point(label, a) for label, a in seeds]), space, len(seeds),
+                             [seed_cb])
+        remaining = spec.search.budget - len(seeds)
+        if remaining <= 0:
+            return self._finish_rows(seeds_df)
+        ok = seeds_df[seeds_df.status == "ok"]
+        best_alphas = ok.loc[ok.fid.idxmin(), "alphas"] if len(ok) else coef.last_checkpoint(self.num_checkpoints)
+        start = coef.from_alphas(best_alphas, self.parametrization)
+        optimizer = build_optimizer(spec, start, remaining, len(self.evaluators))
+        searcher = nevergrad_searcher(optimizer, self.names, len(self.evaluators))
+        search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best)
+        search_df = run_phase("search", tune_path, self._trainable(broker), searcher, space, remaining, [search_cb])
+        return self._finish_rows(pd.concat([seeds_df, search_df], ignore_index=True))
+
+    def _finish_rows(self, trials: pd.DataFrame) -> pd.DataFrame:
+        """Fill coefficients of failed trials from their configs; count samples; remember results."""
+        def alphas_of(row):
+            if row.alphas is not None and not (isinstance(row.alphas, float) and math.isnan(row.alphas)):
+                return list(row.alphas)
+            free = [row.config.get(name, 0.0) for name in self.names]
+            return coef.to_alphas(free, self.parametrization).tolist()
+
+        trials = trials.copy()
+        trials["alphas"] = [alphas_of(row) for row in trials.itertuples()]
+        trials["rung"] = 0
+        n0 = _search_samples(self.spec)
+        self.samples_generated += n0 * int((trials.status != "failed").sum())
+        for row in trials[trials.status == "ok"].itertuples():
+            self.store.remember(row.alphas, n0, self.spec.fid.seed, {"fid": float(row.fid)})
+        return trials.drop(columns=["config"])
+
+    # ------------------------------------------------------------------------------ driver evaluations
+    def score_many(self, jobs: list[tuple[list[float], int, int]], progress: ProgressLine | None = None) -> list[float]:
+        """FID of each (alphas, num_samples, seed), reusing stored results; new ones run on the pool in parallel."""
+        results: dict[int, float] = {}
+        todo = []
+        for index, (alphas, n, seed) in enumerate(jobs):
+            stored = self.store.get(alphas, n, seed)
+            if stored is not None:
+                results[index] = stored["fid"]
+                if progress is not None:
+                    progress.update(advance=1)
+            else:
+                todo.append(index)
+        pending: dict = {}
+        free = list(range(len(self.evaluators)))
+        while todo or pending:
+            while todo and free:
+                index, actor = todo.pop(0), free.pop(0)
+                alphas, n, seed = jobs[index]
+                ref = self.evaluators[actor].evaluate.remote(_coefficients(alphas), n, seed, raise_nonfinite=False)
+                pending[ref] = (index, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index, actor = pending.pop(done[0])
+            free.append(actor)
+            alphas, n, seed = jobs[index]
+            out = ray.get(done[0])
+            fid = float(out["fid"]) if not out.get("nonfinite") else float("inf")
+            self.samples_generated += n
+            self.store.put(alphas, n, seed, {"fid": fid})
+            results[index] = fid
+            if progress is not None:
+                progress.update(advance=1)
+        return [results[i] for i in range(len(jobs))]
+
+    def run_rungs(self, trials: pd.DataFrame) -> pd.DataFrame:
+        """Successive halving over `fidelity_schedule`: keep the best fraction, re-score with more samples."""
+        schedule = self.spec.search.fidelity_schedule or []
+        current = trials[trials.status == "ok"].copy()
+        rows = [trials]
+        for rung, n in enumerate(schedule[1:], start=1):
+            keep = max(1, math.ceil(self.spec.search.keep_fraction * len(current)))
+            current = current.nsmallest(keep, "fid").copy()
+            progress = ProgressLine(f"rung {rung} ({n} samples)", total=len(current))
+            fids = self.score_many([(a, n, self.spec.fid.seed) for a in current.alphas], progress)
+            current["fid"], current["num_samples"], current["rung"] = fids, n, rung
+            current["phase"] = f"rung{rung}"
+            rows.append(current)
+        return pd.concat(rows, ignore_index=True)
+
+
+def _coefficients(alphas):
+    return None if alphas is None else [float(a) for a in alphas]
+
+
+def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[str, np.ndarray]]) -> dict:
+    """label -> alphas (None = the run's EMA): top-k of the search, last, best sparse EMA, uniform, run EMA."""
+    top_rung = trials[(trials.status == "ok") & (trials.rung == trials.rung.max())]
+    top = top_rung.nsmallest(run.spec.search.rescore_top_k, "fid")
+    candidates = {f"top{i + 1}": list(a) for i, a in enumerate(top.alphas)}
+    seed_rows = trials[(trials.phase == "seeds") & (trials.status == "ok")]
+    by_label = dict(seeds)
+    candidates["last"] = by_label["last"].tolist()
+    ema_rows = seed_rows[seed_rows.label.str.startswith("ema@")]
+    if len(ema_rows):
+        best_ema = ema_rows.loc[ema_rows.fid.idxmin()]
+        candidates[f"best-sparse-{best_ema.label}"] = list(best_ema.alphas)
+    if "uniform" in by_label:
+        candidates["uniform"] = by_label["uniform"].tolist()
+    if run.checkpoints.ema_ref is not None:
+        candidates["run-ema"] = None
+    return candidates
+
+
+def run_search(spec: SearchSpec) -> SearchResult:
+    """Run (or resume) a whole LCSC search in this driver and write its results to `spec.output.uri`."""
+    from lcsc_ray.report import write_search_outputs
+
+    started = time.monotonic()
+    spec = absolutize_output(spec)
+    with ray_session(spec.ray):
+        checkpoint_set = load_checkpoint_set(spec.checkpoints)
+        log.info("loaded %d checkpoints (%s) into the object store: %.1f MB", len(checkpoint_set),
+                 ", ".join(checkpoint_set.names[:3]) + (" ..." if len(checkpoint_set) > 3 else ""),
+                 checkpoint_set.nbytes / 1e6)
+        reference = reference_stats_for(spec)
+        evaluators = start_evaluators(spec, checkpoint_set, reference)
+        run = SearchRun(spec, checkpoint_set, evaluators, reference)
+        seeds = seed_vectors(len(checkpoint_set), spec)
+        progress = ProgressLine("lcsc search: trials", total=spec.search.budget)
+        trials = run.run_rungs(run.run_trials(seeds, progress))
+        candidates = reported_candidates(run, trials, seeds)
+        scores = score_candidates(run, candidates)
+        result = build_result(spec, run, trials, scores, time.monotonic() - started)
+        write_search_outputs(spec, run, result, trials, scores)
+    return result
+
+
+def score_candidates(run: SearchRun, candidates: dict) -> dict[str, dict]:
+    """Every reported model at the final sample count, on the search seed and each held-out seed."""
+    n = final_samples(run.spec)
+    seeds = [run.spec.fid.seed, *run.spec.fid.holdout_seeds]
+    labels = list(candidates)
+    jobs = [(candidates[label], n, seed) for label in labels for seed in seeds]
+    progress = ProgressLine(f"final scores ({n} samples)", total=len(jobs))
+    fids = iter(run.score_many(jobs, progress))
+    scores = {}
+    for label in labels:
+        values = [next(fids) for _ in seeds]
+        alphas = candidates[label]
+        scores[label] = {"alphas": alphas, "fid": values[0], "holdout": values[1:], "num_samples": n}
+    return scores
+
+
+def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores: dict, wall_s: float) -> SearchResult:
+    """Pick the winner among the top-k by its search-seed FID; decide whether LCSC gained anything."""
+    tops = [label for label in scores if label.startswith("top")]
+    winner_label = min(tops, key=lambda label: scores[label]["fid"])
+    winner = scores[winner_label]
+    seed_alphas = [a for a in trials[trials.phase == "seeds"].alphas]
+    is_seed = any(np.allclose(winner["alphas"], a, atol=1e-9) for a in seed_alphas)
+    baseline_labels = [label for label in scores if not label.startswith("top")]
+    best_baseline = min((np.mean(scores[b]["holdout"] or [scores[b]["fid"]]) for b in baseline_labels),
+                        default=math.inf)
+    winner_holdout = np.mean(winner["holdout"] or [winner["fid"]])
+    gain = (not is_seed) and winner_holdout < best_baseline
+    k = run.num_checkpoints
+    ema_alphas = coef.last_checkpoint(k).tolist()  # placeholder coefficients for the run's own EMA row
+
+    def score(label: str, entry: dict) -> CandidateScore:
+        alphas = entry["alphas"] if entry["alphas"] is not None else ema_alphas
+        return CandidateScore(label=label if entry["alphas"] is not None else "run-ema", coefficients=alphas,
+                              fid=entry["fid"], num_samples=entry["num_samples"], holdout_fids=entry["holdout"])
+
+    return SearchResult(
+        spec=spec,
+        checkpoint_names=run.checkpoints.names,
+        checkpoint_steps=run.checkpoints.steps,
+        best=score("lcsc", winner),
+        baselines=[score(label, scores[label]) for label in baseline_labels],
+        gain_found=bool(gain),
+        num_evaluations=int((trials.rung == 0).sum()),
+        num_failed=int((trials.status == "failed").sum()),
+        total_samples=int(run.samples_generated),
+        wall_time_s=wall_s,
+    )
