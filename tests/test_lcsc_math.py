@@ -126,7 +126,7 @@ def test_tree_merge_is_split_invariant_bit_for_bit():
         blocks = tree_blocks(11, parts)
         assert len(blocks) >= parts and blocks[0][0] == 0 and blocks[-1][1] == 11
         computed = {b: tree_merge(*b, leaf) for b in blocks}
-        split = tree_merge(0, 11, lambda lo, hi: computed.get((lo, hi)))
+        split = tree_merge(0, 11, lambda lo, hi, known=computed: known.get((lo, hi)))
         assert np.array_equal(split.sum_outer, whole.sum_outer) and np.array_equal(split.sum, whole.sum)
 
 
