@@ -76,6 +76,10 @@ class SearchProgress(Callback):
         self.progress.update(done=self.offset + self.done, force=True)
 
 
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"  # the default embeds every coefficient and overflows name limits
+
+
 def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, num_samples: int,
               callbacks: list[Callback]) -> pd.DataFrame:
     """Run (or resume) one Tune experiment; return one row per trial, errored trials included."""
@@ -91,7 +95,7 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
             trainable,
             param_space=tuner_space,
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples, metric=METRIC, mode=MODE,
-                                        reuse_actors=True),
+                                        reuse_actors=True, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(storage_path=storage_path, name=name, verbose=0, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )

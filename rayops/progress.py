@@ -35,7 +35,7 @@ class ProgressLine:
     def __init__(self, desc: str, total: int | None = None, interval_s: float = 2.0,
                  stream: TextIO | None = None, logger: logging.Logger | None = None):
         self.desc, self.total, self.interval_s = desc, total, interval_s
-        self.stream = stream or sys.stderr
+        self.stream = stream  # None: sys.stderr at print time (keeps the object picklable)
         self.logger = logger
         self.done = 0
         self.fields: dict[str, Any] = {}
@@ -76,4 +76,4 @@ class ProgressLine:
         if self.logger is not None:
             self.logger.info(line)
         else:
-            print(line, file=self.stream, flush=True)
+            print(line, file=self.stream or sys.stderr, flush=True)

@@ -160,6 +160,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, loc.path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,139 @@
+"""The LCSC search end to end on tiny plug-ins: budget, outputs, baselines, retries, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lcsc_ray.report import format_table, load_result
+from lcsc_ray.search import run_search, seed_vectors
+from rayops import artifacts
+from schemas.search import SearchSpec
+from tests.lcsc_plugins import write_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(tmp_path: Path, budget: int = 10, sampler: dict | None = None, **search) -> SearchSpec:
+    """A search over 5 tiny checkpoints with 64-sample FIDs."""
+    if not (tmp_path / "ckpts").exists():
+        write_run(tmp_path / "ckpts", num=5)
+    return SearchSpec.model_validate({
+        "checkpoints": {"uri": str(tmp_path / "ckpts")},
+        "model": {"target": "tests.lcsc_plugins:build_tiny"},
+        "sampler": sampler or {"target": "tests.lcsc_plugins:toy_sample", "nfe": 2},
+        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
+                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
+                "num_samples": 64, "holdout_seeds": [11, 12]},
+        "evaluators": {"num_actors": 2, "batch_size": 64, "num_cpus": 0.5},
+        "search": {"budget": budget, "optimizer": "CMA", "ema_decays": [0.5, 0.8], **search},
+        "output": {"uri": str(tmp_path / "out")},
+    })
+
+
+def test_seed_vectors_are_distinct_and_capped():
+    """Seeds are last, EMA-shaped and uniform, deduplicated, never more than the budget."""
+    spec = SearchSpec.model_validate({"search": {"budget": 3, "ema_decays": [0.0, 0.5, 0.9]}})
+    seeds = seed_vectors(4, spec)
+    assert [label for label, _ in seeds] == ["last", "ema@0.5", "ema@0.9"]  # ema@0 equals last
+    assert all(np.isclose(a.sum(), 1.0) for _, a in seeds)
+
+
+@pytest.mark.timeout(300)
+def test_small_search_end_to_end(ray_local, tmp_path):
+    """A 10-evaluation search spends exactly its budget and writes a verified, consistent result."""
+    spec = tiny_spec(tmp_path, budget=10)
+    result = run_search(spec)
+    trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    assert len(trials[trials.rung == 0]) == 10 == result.num_evaluations
+    assert set(trials.phase) == {"seeds", "search"} and (trials.status == "ok").all()
+    labels = {b.label for b in result.baselines}
+    assert {"last", "uniform"} <= labels and any(label.startswith("best-sparse-ema@") for label in labels)
+    # the winner is the best of the search at the reported sample count and seed
+    assert result.best.fid <= min(trials[trials.status == "ok"].fid) + 1e-9
+    assert all(len(b.holdout_fids) == 2 for b in [result.best, *result.baselines])
+    # the exported checkpoint is sum_i alpha_i theta_i of the files, computed independently
+    files = sorted((tmp_path / "ckpts").glob("*.safetensors"))
+    alphas = result.best.coefficients
+    combined = load_file(tmp_path / "out" / "combined.safetensors")
+    for name, tensor in combined.items():
+        if tensor.is_floating_point():
+            expected = sum(a * load_file(f)[name].double() for a, f in zip(alphas, files))
+            torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
+    assert artifacts.is_complete(str(tmp_path / "out"))
+    assert load_result(str(tmp_path / "out")).best.coefficients == alphas
+    assert "held-out" in format_table(result)
+
+
+def _finished_trials(tune_dir: Path) -> set[str]:
+    """Trial ids whose result.json holds a reported FID."""
+    done = set()
+    for path in tune_dir.glob("*/trial_*/result.json"):
+        if path.stat().st_size > 0 and '"fid"' in path.read_text():
+            done.add(path.parent.name.removeprefix("trial_"))
+    return done
+
+
+RUNNER = "import sys; from lcsc_ray.sdk import run_search; run_search(sys.argv[1])"
+
+
+@pytest.mark.timeout(600)
+def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
+    """A driver killed mid-search resumes: finished trials are kept, none re-run, the budget is exact."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    spec = tiny_spec(tmp_path, budget=16, sampler={
+        "target": "tests.lcsc_search_plugins:counting_sample", "nfe": 2, "kwargs": {"log_dir": str(log_dir)}})
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(spec.model_dump_json())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(spec_path)], cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tune_dir = tmp_path / "out" / "tune"
+    deadline = time.monotonic() + 240
+    while len(_finished_trials(tune_dir)) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the search ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    finished_before = _finished_trials(tune_dir)
+    calls_before = len((log_dir / "calls.log").read_text().splitlines())
+    assert 8 <= len(finished_before) < 16 and not (tmp_path / "out" / "result.json").exists()
+
+    rerun = subprocess.run([sys.executable, "-c", RUNNER, str(spec_path)], cwd=ROOT, env=env, timeout=400,
+                           capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    search_rows = trials[trials.rung == 0]
+    assert len(search_rows) == 16
+    assert finished_before <= set(search_rows.trial_id)
+    # each search evaluation is one sampler call: calls during the rerun cover only unfinished trials,
+    # plus the final scores (5 reported models x 3 seeds at most)
+    calls_total = len((log_dir / "calls.log").read_text().splitlines())
+    search_calls_after = calls_total - calls_before
+    assert search_calls_after <= (16 - len(finished_before)) + 5 * 3
+
+
+@pytest.mark.timeout(300)
+def test_trial_survives_evaluator_death(ray_local, tmp_path):
+    """An evaluator process that dies mid-evaluation costs no trial: it is retried on another evaluator."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    spec = tiny_spec(tmp_path, budget=8, sampler={
+        "target": "tests.lcsc_search_plugins:crashing_sample", "nfe": 2,
+        "kwargs": {"log_dir": str(log_dir), "crash_on_call": 3}})
+    result = run_search(spec)
+    assert (log_dir / "crashed").exists(), "the evaluator process was never killed"
+    trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    assert len(trials[trials.rung == 0]) == 8
+    assert result.num_failed == 0 and (trials.status == "ok").all()
