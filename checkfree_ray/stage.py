@@ -170,7 +170,10 @@ class StageWorker:
 
     def backward(self, micro_batch: int, hop: int, grad: torch.Tensor | None = None) -> torch.Tensor | None:
         """Back-propagate one hop; returns the gradient of its input (None for the embedding hop)."""
-        inp, out = self.cache.pop((micro_batch, hop))
+        entry = self.cache.pop((micro_batch, hop), None)
+        if entry is None:  # the forward of an interrupted step never ran here; the driver sees its error
+            return None
+        inp, out = entry
         if grad is None:
             out.backward()
         else:
