@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from lcsc_ray.recipes.cli import recipe
 from rayops import storage
 from rayops.cli import load_or_exit, run_or_exit, setup_logging, validate_command
 from schemas.search import SearchSpec
@@ -17,6 +18,7 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(validate_command(SearchSpec))
+main.add_command(recipe)
 
 
 @main.command("search")
