@@ -124,7 +124,8 @@ class Evaluator:
             self.flat.copy_(as_tensor(self.ema_array))
         else:
             combine_into(self.flat, self.sources, coefficients)
-        if not bool(torch.isfinite(self.flat).all()):
+        low, high = torch.aminmax(self.flat)  # NaN propagates; no P-sized temporary, unlike isfinite(flat)
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             raise CandidateError(f"combined weights are not finite for coefficients {coefficients}",
                                  coefficients)
         if self.copied:

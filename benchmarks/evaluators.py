@@ -1,0 +1,201 @@
+"""Evaluator actors: memory per extra actor (zero-copy object-store checkpoints vs a copying baseline), and
+the Frechet distance at d=2048 against scipy's sqrtm. Run from the repository root:
+
+    .venv/bin/python benchmarks/evaluators.py [--quick]
+
+RSS counts the shared object-store pages an actor has touched, so it grows by the whole set even when
+nothing is copied; USS (private pages) and PSS (shared pages split among their users) show what each
+extra actor really costs. Growth is measured from just after construction to after one evaluation (which
+reads every checkpoint value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lcsc_ray.evaluator import Evaluator
+
+
+class BigModel(nn.Module):
+    """One big flat parameter (the checkpoint payload) and images that depend on its first values."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(numel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.w[:64].view(1, 1, 8, 8))
+
+
+def big_model(numel: int) -> nn.Module:
+    """Model plug-in."""
+    return BigModel(numel)
+
+
+def sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size: int) -> torch.Tensor:
+    """Sampler plug-in: seeded noise through the model, squashed to [-1, 1]."""
+    x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return torch.tanh(model(x))
+
+
+def features(dim: int = 16) -> nn.Module:
+    """Features plug-in: a fixed projection."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, dim))
+
+
+def _memory() -> dict:
+    import psutil
+
+    info = psutil.Process().memory_full_info()
+    return {"rss": info.rss, "uss": info.uss, "pss": info.pss}
+
+
+class MeasuredEvaluator(Evaluator):
+    """The production evaluator, with its memory recorded before construction (imports already done)."""
+
+    def __init__(self, *args, **kwargs):
+        self.memory_at_start = _memory()
+        super().__init__(*args, **kwargs)
+
+    def growth(self) -> dict:
+        """Memory now minus memory before construction."""
+        now = _memory()
+        return {f"{m}_growth": now[m] - self.memory_at_start[m] for m in now} | {f"{m}_after": now[m] for m in now}
+
+
+class CopyingEvaluator(MeasuredEvaluator):
+    """Baseline: copies every checkpoint into private memory, as a naive actor would."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arrays = [np.array(a) for a in self.arrays]
+        self.sources = self._device_sources(self.arrays)
+
+
+def machine_info() -> dict:
+    """Cores, torch threads and versions."""
+    import ray
+    import scipy
+
+    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__, "ray": ray.__version__}
+
+
+def memory_rows(k: int, numel: int) -> list[dict]:
+    """Start 2 actors per mode, evaluate once, report memory growth per actor."""
+    import ray
+
+    from lcsc_ray.checkpoints import CheckpointSet, Layout
+    from schemas.search import SearchSpec
+
+    spec = SearchSpec.model_validate({
+        "model": {"target": "benchmarks.evaluators:big_model", "kwargs": {"numel": numel}},
+        "sampler": {"target": "benchmarks.evaluators:sample", "nfe": 1},
+        "fid": {"features": {"target": "benchmarks.evaluators:features"}},
+        "evaluators": {"num_actors": 2, "num_cpus": 0.5, "batch_size": 100},
+    })
+    layout = Layout(["w"], [(numel,)], ["float32"], [0], numel)
+    rng = np.random.default_rng(0)
+    refs = [ray.put(rng.standard_normal(numel, dtype=np.float32) * 0.01) for _ in range(k)]
+    cset = CheckpointSet([f"mem{i}" for i in range(k)], [f"c{i}" for i in range(k)], list(range(k)), layout, refs,
+                         None, layout.nbytes * k)
+    reference = (np.zeros(16), np.eye(16))
+    rows = []
+    for mode, cls in (("zero-copy", MeasuredEvaluator), ("copying baseline", CopyingEvaluator)):
+        remote = ray.remote(cls).options(num_cpus=0.5)
+        actors = [remote.remote(spec, cset.refs, layout, reference[0], reference[1]) for _ in range(2)]
+        ray.get([a.evaluate.remote([1.0 / k] * k, 200, 0) for a in actors])
+        for index, growth in enumerate(ray.get([a.growth.remote() for a in actors])):
+            rows.append({"mode": mode, "actor": index + 1, "set_bytes": cset.nbytes, **growth})
+        for actor in actors:
+            ray.kill(actor)
+        time.sleep(1.0)
+    return rows
+
+
+def frechet_rows(dim: int, repeats: int) -> list[dict]:
+    """Time our eigh-based distance against scipy.linalg.sqrtm on the same covariances."""
+    import scipy.linalg
+
+    from lcsc_ray.fid import frechet_distance
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((dim * 2, dim)) @ (rng.standard_normal((dim, dim)) / np.sqrt(dim))
+    y = x[: dim * 2] * 1.05 + 0.01 * rng.standard_normal((dim * 2, dim))
+    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+
+    def scipy_fid() -> float:
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        diff = mu1 - mu2
+        return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+    rows = []
+    for name, fn in (("eigh (ours)", lambda: frechet_distance(mu1, s1, mu2, s2)), ("scipy sqrtm", scipy_fid)):
+        times, value = [], None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            value = fn()
+            times.append(time.perf_counter() - start)
+        rows.append({"method": name, "dim": dim, "seconds": min(times), "fid": value})
+    rows[0]["speedup_vs_sqrtm"] = rows[1]["seconds"] / rows[0]["seconds"]
+    rows[0]["relative_difference"] = abs(rows[0]["fid"] - rows[1]["fid"]) / abs(rows[1]["fid"])
+    return rows
+
+
+def main() -> None:
+    """Run both comparisons and write benchmarks/results/evaluators.json."""
+    import ray
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller set (4 x 5M) and d=512")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    k, numel, dim, repeats = (4, 5_000_000, 512, 2) if args.quick else (8, 12_500_000, 2048, 2)
+    for name, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                        "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(name, value)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=2 * k * numel * 4,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        memory = memory_rows(k, numel)
+    finally:
+        ray.shutdown()
+    frechet = frechet_rows(dim, repeats)
+    mib = 2 ** 20
+    print(f"checkpoint set: {k} x {numel:,} float32 = {memory[0]['set_bytes'] / mib:.0f} MiB; growth from "
+          "before construction to after one evaluation")
+    print(f"{'mode':18s} {'actor':>5s} {'RSS +MiB':>9s} {'USS +MiB':>9s} {'PSS +MiB':>9s} {'USS+/set':>9s}")
+    for r in memory:
+        print(f"{r['mode']:18s} {r['actor']:5d} {r['rss_growth'] / mib:9.0f} {r['uss_growth'] / mib:9.0f} "
+              f"{r['pss_growth'] / mib:9.0f} {r['uss_growth'] / r['set_bytes']:9.3f}")
+    print(f"\n{'method':12s} {'dim':>5s} {'seconds':>8s} {'FID':>14s}")
+    for r in frechet:
+        print(f"{r['method']:12s} {r['dim']:5d} {r['seconds']:8.3f} {r['fid']:14.6f}")
+    print(f"eigh is {frechet[0]['speedup_vs_sqrtm']:.1f}x faster; relative difference "
+          f"{frechet[0]['relative_difference']:.1e} (target < 1e-6)")
+    extra = next(r for r in memory if r["mode"] == "zero-copy" and r["actor"] == 2)
+    result = {"machine": machine_info(), "quick": args.quick, "memory": memory, "frechet": frechet,
+              "extra_actor_uss_over_set": extra["uss_growth"] / extra["set_bytes"], "target_over_set": 0.2,
+              "load_average": os.getloadavg()[0]}
+    out = ROOT / "benchmarks" / "results" / "evaluators.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"extra zero-copy actor: USS +{result['extra_actor_uss_over_set']:.3f} x set (target < 0.2) -> "
+          f"{out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
