@@ -138,10 +138,11 @@ def cached_feature_network(config: FeatureNetConfig, directory: str | None = Non
     with open(root / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not path.exists():
-            started = time.monotonic()
+            started, cpu_started = time.monotonic(), time.process_time()
             net, accuracy = train_feature_network(config)
             metadata = {"accuracy": f"{accuracy:.6f}", "config": json.dumps(asdict(config)),
                         "version": FEATURE_NET_VERSION, "train_s": f"{time.monotonic() - started:.1f}",
+                        "train_cpu_s": f"{time.process_time() - cpu_started:.1f}",
                         "torch": torch.__version__}
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=metadata)
