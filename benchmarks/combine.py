@@ -41,9 +41,15 @@ def interleaved_best(variants: dict, rounds: int) -> dict[str, float]:
 
 def machine_info() -> dict:
     """Cores, torch threads and versions."""
-    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "machine": platform.machine(),
-            "processor": platform.processor()}
+    return {
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
 
 
 def naive_stream(out: torch.Tensor, tensors: list[torch.Tensor], alphas: list[float]) -> None:
@@ -77,29 +83,55 @@ def main() -> None:
         "torch whole-buffer in place": lambda: naive_stream(torch.from_numpy(out), tensors, alphas),
     }
     for chunk in (1 << 16, 1 << 18, 1 << 20):
-        variants[f"combine_into chunk={chunk}"] = lambda c=chunk: combine_into(out, arrays, alphas, chunk_size=c)
+        variants[f"combine_into chunk={chunk}"] = lambda c=chunk: combine_into(
+            out, arrays, alphas, chunk_size=c
+        )
     best = interleaved_best(variants, rounds)
     bandwidth = 2 * k * p * 4 / best.pop("numpy copy (bandwidth reference)")
-    rows = [{"variant": name, "seconds": seconds, "gb_per_s": moved / seconds / 1e9,
-             "fraction_of_bandwidth": moved / seconds / bandwidth} for name, seconds in best.items()]
+    rows = [
+        {
+            "variant": name,
+            "seconds": seconds,
+            "gb_per_s": moved / seconds / 1e9,
+            "fraction_of_bandwidth": moved / seconds / bandwidth,
+        }
+        for name, seconds in best.items()
+    ]
     expected = sum(a * x.astype(np.float64) for a, x in zip(alphas, arrays))
     combine_into(out, arrays, alphas)
     max_err = float(np.max(np.abs(out - expected)))
-    print(f"K={k} P={p:,} torch_threads={args.threads}  numpy copy bandwidth {bandwidth / 1e9:.2f} GB/s "
-          f"(read+write)  max |err| vs float64 {max_err:.2e}")
+    print(
+        f"K={k} P={p:,} torch_threads={args.threads}  numpy copy bandwidth {bandwidth / 1e9:.2f} GB/s "
+        f"(read+write)  max |err| vs float64 {max_err:.2e}"
+    )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'variant':36s} {'seconds':>9s} {'GB/s':>7s} {'x bandwidth':>12s}")
     for row in rows:
-        print(f"{row['variant']:36s} {row['seconds']:9.4f} {row['gb_per_s']:7.2f} {row['fraction_of_bandwidth']:12.2f}")
+        print(
+            f"{row['variant']:36s} {row['seconds']:9.4f} {row['gb_per_s']:7.2f} "
+            f"{row['fraction_of_bandwidth']:12.2f}"
+        )
     default = next(r for r in rows if r["variant"] == "combine_into chunk=262144")
-    result = {"machine": machine_info(), "k": k, "p": p, "quick": args.quick, "copy_bandwidth_gb_s": bandwidth / 1e9,
-              "bytes_moved": moved, "rows": rows, "default_fraction_of_bandwidth": default["fraction_of_bandwidth"],
-              "target_fraction": 0.6, "load_average": os.getloadavg()[0], "max_abs_error_vs_float64": max_err}
+    result = {
+        "machine": machine_info(),
+        "k": k,
+        "p": p,
+        "quick": args.quick,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "bytes_moved": moved,
+        "rows": rows,
+        "default_fraction_of_bandwidth": default["fraction_of_bandwidth"],
+        "target_fraction": 0.6,
+        "load_average": os.getloadavg()[0],
+        "max_abs_error_vs_float64": max_err,
+    }
     out_path = ROOT / "benchmarks" / "results" / "combine.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2))
-    print(f"default (chunk=262144): {default['fraction_of_bandwidth']:.2f} x bandwidth (target >= 0.60) "
-          f"-> {out_path.relative_to(ROOT)}")
+    print(
+        f"default (chunk=262144): {default['fraction_of_bandwidth']:.2f} x bandwidth (target >= 0.60) "
+        f"-> {out_path.relative_to(ROOT)}"
+    )
 
 
 def _numpy_naive(out: np.ndarray, arrays: list[np.ndarray], alphas: list[float]) -> None:

@@ -74,7 +74,9 @@ class MeasuredEvaluator(Evaluator):
     def growth(self) -> dict:
         """Memory now minus memory before construction."""
         now = _memory()
-        return {f"{m}_growth": now[m] - self.memory_at_start[m] for m in now} | {f"{m}_after": now[m] for m in now}
+        return {f"{m}_growth": now[m] - self.memory_at_start[m] for m in now} | {
+            f"{m}_after": now[m] for m in now
+        }
 
 
 class CopyingEvaluator(MeasuredEvaluator):
@@ -91,8 +93,15 @@ def machine_info() -> dict:
     import ray
     import scipy
 
-    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__, "ray": ray.__version__}
+    return {
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "ray": ray.__version__,
+    }
 
 
 def memory_rows(k: int, numel: int) -> list[dict]:
@@ -102,17 +111,26 @@ def memory_rows(k: int, numel: int) -> list[dict]:
     from lcsc_ray.checkpoints import CheckpointSet, Layout
     from schemas.search import SearchSpec
 
-    spec = SearchSpec.model_validate({
-        "model": {"target": "benchmarks.evaluators:big_model", "kwargs": {"numel": numel}},
-        "sampler": {"target": "benchmarks.evaluators:sample", "nfe": 1},
-        "fid": {"features": {"target": "benchmarks.evaluators:features"}},
-        "evaluators": {"num_actors": 2, "num_cpus": 0.5, "batch_size": 100},
-    })
+    spec = SearchSpec.model_validate(
+        {
+            "model": {"target": "benchmarks.evaluators:big_model", "kwargs": {"numel": numel}},
+            "sampler": {"target": "benchmarks.evaluators:sample", "nfe": 1},
+            "fid": {"features": {"target": "benchmarks.evaluators:features"}},
+            "evaluators": {"num_actors": 2, "num_cpus": 0.5, "batch_size": 100},
+        }
+    )
     layout = Layout(["w"], [(numel,)], ["float32"], [0], numel)
     rng = np.random.default_rng(0)
     refs = [ray.put(rng.standard_normal(numel, dtype=np.float32) * 0.01) for _ in range(k)]
-    cset = CheckpointSet([f"mem{i}" for i in range(k)], [f"c{i}" for i in range(k)], list(range(k)), layout, refs,
-                         None, layout.nbytes * k)
+    cset = CheckpointSet(
+        [f"mem{i}" for i in range(k)],
+        [f"c{i}" for i in range(k)],
+        list(range(k)),
+        layout,
+        refs,
+        None,
+        layout.nbytes * k,
+    )
     reference = (np.zeros(16), np.eye(16))
     rows = []
     for mode, cls in (("zero-copy", MeasuredEvaluator), ("copying baseline", CopyingEvaluator)):
@@ -165,36 +183,58 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     k, numel, dim, repeats = (4, 5_000_000, 512, 2) if args.quick else (8, 12_500_000, 2048, 2)
-    for name, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-                        "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    for name, value in {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }.items():
         os.environ.setdefault(name, value)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=2 * k * numel * 4,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=2 * k * numel * 4,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
     try:
         memory = memory_rows(k, numel)
     finally:
         ray.shutdown()
     frechet = frechet_rows(dim, repeats)
-    mib = 2 ** 20
-    print(f"checkpoint set: {k} x {numel:,} float32 = {memory[0]['set_bytes'] / mib:.0f} MiB; growth from "
-          "before construction to after one evaluation")
+    mib = 2**20
+    print(
+        f"checkpoint set: {k} x {numel:,} float32 = {memory[0]['set_bytes'] / mib:.0f} MiB; growth from "
+        "before construction to after one evaluation"
+    )
     print(f"{'mode':18s} {'actor':>5s} {'RSS +MiB':>9s} {'USS +MiB':>9s} {'PSS +MiB':>9s} {'USS+/set':>9s}")
     for r in memory:
-        print(f"{r['mode']:18s} {r['actor']:5d} {r['rss_growth'] / mib:9.0f} {r['uss_growth'] / mib:9.0f} "
-              f"{r['pss_growth'] / mib:9.0f} {r['uss_growth'] / r['set_bytes']:9.3f}")
+        print(
+            f"{r['mode']:18s} {r['actor']:5d} {r['rss_growth'] / mib:9.0f} {r['uss_growth'] / mib:9.0f} "
+            f"{r['pss_growth'] / mib:9.0f} {r['uss_growth'] / r['set_bytes']:9.3f}"
+        )
     print(f"\n{'method':12s} {'dim':>5s} {'seconds':>8s} {'FID':>14s}")
     for r in frechet:
         print(f"{r['method']:12s} {r['dim']:5d} {r['seconds']:8.3f} {r['fid']:14.6f}")
-    print(f"eigh is {frechet[0]['speedup_vs_sqrtm']:.1f}x faster; relative difference "
-          f"{frechet[0]['relative_difference']:.1e} (target < 1e-6)")
+    print(
+        f"eigh is {frechet[0]['speedup_vs_sqrtm']:.1f}x faster; relative difference "
+        f"{frechet[0]['relative_difference']:.1e} (target < 1e-6)"
+    )
     extra = next(r for r in memory if r["mode"] == "zero-copy" and r["actor"] == 2)
-    result = {"machine": machine_info(), "quick": args.quick, "memory": memory, "frechet": frechet,
-              "extra_actor_uss_over_set": extra["uss_growth"] / extra["set_bytes"], "target_over_set": 0.2,
-              "load_average": os.getloadavg()[0]}
+    result = {
+        "machine": machine_info(),
+        "quick": args.quick,
+        "memory": memory,
+        "frechet": frechet,
+        "extra_actor_uss_over_set": extra["uss_growth"] / extra["set_bytes"],
+        "target_over_set": 0.2,
+        "load_average": os.getloadavg()[0],
+    }
     out = ROOT / "benchmarks" / "results" / "evaluators.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"extra zero-copy actor: USS +{result['extra_actor_uss_over_set']:.3f} x set (target < 0.2) -> "
-          f"{out.relative_to(ROOT)}")
+    print(
+        f"extra zero-copy actor: USS +{result['extra_actor_uss_over_set']:.3f} x set (target < 0.2) -> "
+        f"{out.relative_to(ROOT)}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Checkpoint sets for LCSC: list, read (.safetensors / torch), validate, flatten once, put in the object store.
+"""Checkpoint sets for LCSC: list, read (.safetensors / torch), validate, flatten once, put in object store.
 
 Each checkpoint file is read from storage exactly once; listing reads at most the safetensors header (a
 ranged read) for the training step and the tensor sizes. Each checkpoint becomes ONE contiguous flat array
@@ -24,8 +24,20 @@ from schemas.errors import CheckpointError, StorageError, StorageNotFoundError
 from schemas.search import CheckpointSetSpec
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 OBJECT_STORE_HEADROOM = 0.9  # keep 10% of the object store for samples, stats and Tune's own objects
 
 
@@ -41,7 +53,9 @@ class Layout:
     storage_dtype: str = "float32"
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], storage_dtype: str = "float32") -> Layout:
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], storage_dtype: str = "float32"
+    ) -> Layout:
         """The layout of `state_dict` in its own key order."""
         names, shapes, dtypes, offsets, total = [], [], [], [], 0
         for name, tensor in state_dict.items():
@@ -75,7 +89,7 @@ class Layout:
         flat = torch.empty(self.numel, dtype=STORAGE_DTYPES[self.storage_dtype])
         for name, offset in zip(self.names, self.offsets):
             tensor = state_dict[name]
-            flat[offset:offset + tensor.numel()].copy_(tensor.reshape(-1))
+            flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
         if self.storage_dtype == "bfloat16":
             return flat.view(torch.uint16).numpy()
         return flat.numpy()
@@ -85,12 +99,14 @@ class Layout:
         tensor = as_tensor(flat)
         if tensor.numel() != self.numel:
             raise CheckpointError(f"flat array has {tensor.numel()} values, the layout expects {self.numel}")
-        return {name: tensor[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
-                for name, shape, offset in zip(self.names, self.shapes, self.offsets)}
+        return {
+            name: tensor[offset : offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+            for name, shape, offset in zip(self.names, self.shapes, self.offsets)
+        }
 
 
 def as_tensor(flat: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A torch view of a flat array (uint16 bits become bfloat16); read-only numpy arrays are never written."""
+    """A torch view of a flat array (uint16 bits become bfloat16); read-only arrays are never written."""
     if isinstance(flat, torch.Tensor):
         return flat
     with warnings.catch_warnings():
@@ -104,12 +120,14 @@ def as_tensor(flat: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _safetensors_header(head: bytes, uri: str) -> dict:
     if len(head) < 8:
-        raise CheckpointError(f"checkpoint {uri} is truncated: {len(head)} bytes, not even a safetensors header")
+        raise CheckpointError(
+            f"checkpoint {uri} is truncated: {len(head)} bytes, not even a safetensors header"
+        )
     (length,) = struct.unpack("<Q", head[:8])
     if len(head) < 8 + length:
         raise CheckpointError(f"checkpoint {uri} is truncated inside its safetensors header")
     try:
-        return json.loads(head[8:8 + length])
+        return json.loads(head[8 : 8 + length])
     except ValueError:
         raise CheckpointError(f"checkpoint {uri} is not a safetensors file (unreadable header)") from None
 
@@ -137,22 +155,29 @@ def _load_safetensors(data: bytes, uri: str, key: str | None) -> dict[str, torch
     from safetensors.torch import load
 
     header = _safetensors_header(data, uri)
-    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    end = max(
+        (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
+    )
     header_len = struct.unpack("<Q", data[:8])[0]
     if len(data) < 8 + header_len + end:
-        raise CheckpointError(f"checkpoint {uri} is truncated: {len(data)} bytes, its header needs "
-                              f"{8 + header_len + end}; the file was cut short while writing or copying")
+        raise CheckpointError(
+            f"checkpoint {uri} is truncated: {len(data)} bytes, its header needs "
+            f"{8 + header_len + end}; the file was cut short while writing or copying"
+        )
     try:
         state = load(data)
     except SafetensorError as exc:
         raise CheckpointError(f"checkpoint {uri} is not a valid safetensors file: {exc}") from None
+    state = dict(sorted(state.items()))  # safetensors keeps no meaningful order: a deterministic layout
     if key is None:
         return state
     prefix = key.rstrip(".") + "."
-    selected = {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+    selected = {name[len(prefix) :]: t for name, t in state.items() if name.startswith(prefix)}
     if not selected:
         prefixes = sorted({name.split(".")[0] for name in state})
-        raise CheckpointError(f"checkpoint {uri} has no key {key!r}; available top-level keys: {prefixes[:20]}")
+        raise CheckpointError(
+            f"checkpoint {uri} has no key {key!r}; available top-level keys: {prefixes[:20]}"
+        )
     return selected
 
 
@@ -160,8 +185,10 @@ def _check_finite(state: Mapping[str, torch.Tensor], uri: str) -> None:
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"checkpoint {uri}: tensor {name!r} holds {bad} NaN/inf values; the training "
-                                  "run diverged before this checkpoint, drop it from the set")
+            raise CheckpointError(
+                f"checkpoint {uri}: tensor {name!r} holds {bad} NaN/inf values; the training "
+                "run diverged before this checkpoint, drop it from the set"
+            )
 
 
 def parse_state_dict(data: bytes, uri: str, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -172,15 +199,16 @@ def parse_state_dict(data: bytes, uri: str, key: str | None = None) -> dict[str,
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types here; each becomes an error naming the file
-            raise CheckpointError(f"checkpoint {uri} cannot be read as a torch file "
-                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+            raise CheckpointError(
+                f"checkpoint {uri} cannot be read as a torch file ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
         state = _select_key(obj, key, uri)
     _check_finite(state, uri)
     return state
 
 
 def read_state_dict(uri: str, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Read one checkpoint (.safetensors or torch via weights_only) from a local path, file:// or s3:// URI."""
+    """Read one checkpoint (.safetensors, or torch with weights_only) from a local path, file:// or s3://."""
     try:
         data = storage.read_bytes(uri)
     except StorageNotFoundError:
@@ -231,8 +259,11 @@ def _probe(uri: str, key: str | None) -> _Probe:
     if str(meta.get("step", "")).isdigit():
         step = int(meta["step"])
     prefix = None if key is None else key.rstrip(".") + "."
-    numel = sum(int(np.prod(e["shape"], dtype=np.int64)) for n, e in header.items()
-                if n != "__metadata__" and (prefix is None or n.startswith(prefix)))
+    numel = sum(
+        int(np.prod(e["shape"], dtype=np.int64))
+        for n, e in header.items()
+        if n != "__metadata__" and (prefix is None or n.startswith(prefix))
+    )
     return _Probe(step, numel, size)
 
 
@@ -250,7 +281,7 @@ def _probe_all(spec: CheckpointSetSpec) -> list[tuple[str, _Probe]]:
     if any(p.step is None for _, p in probes):  # no step anywhere: keep the given / listed order
         probes = [(uri, _Probe(i, p.numel, p.file_size)) for i, (uri, p) in enumerate(probes)]
     probes.sort(key=lambda item: (item[1].step, item[0]))
-    return probes[-spec.last:] if spec.last else probes
+    return probes[-spec.last :] if spec.last else probes
 
 
 def list_checkpoints(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
@@ -292,15 +323,19 @@ def check_fits(need_bytes: int, capacity_bytes: int, num_checkpoints: int, stora
     """Refuse a set that will not fit the object store, naming the sizes and the ways out."""
     if need_bytes <= OBJECT_STORE_HEADROOM * capacity_bytes:
         return
-    gib = 1024 ** 3
-    options = ["keep fewer checkpoints with `checkpoints.last`",
-               ("start Ray with a bigger object store (`ray.object_store_memory`, or `ray start "
-                "--object-store-memory`)")]
+    gib = 1024**3
+    options = [
+        "keep fewer checkpoints with `checkpoints.last`",
+        (
+            "start Ray with a bigger object store (`ray.object_store_memory`, or `ray start "
+            "--object-store-memory`)"
+        ),
+    ]
     if storage_dtype == "float32":
         half = need_bytes / 2 / gib
-        options.insert(0, f"store them as bfloat16 (`checkpoints.storage_dtype: bfloat16`, {half:.2f} GiB)")
+        options.insert(0, f"bfloat16 storage (`checkpoints.storage_dtype: bfloat16`, {half:.2f} GiB)")
     raise CheckpointError(
-        f"{num_checkpoints} checkpoints need {need_bytes / gib:.2f} GiB in the object store as {storage_dtype}, "
+        f"{num_checkpoints} checkpoints need {need_bytes / gib:.2f} GiB of object store as {storage_dtype}, "
         f"which offers {capacity_bytes / gib:.2f} GiB ({OBJECT_STORE_HEADROOM:.0%} usable); options: "
         + "; ".join(options)
     )
@@ -312,8 +347,7 @@ def _estimate_bytes(probes: list[_Probe], storage_dtype: str) -> int:
     return sum(p.numel * itemsize if p.numel is not None else p.file_size * itemsize // 4 for p in probes)
 
 
-def _put_checked(uri: str, key: str | None, layout: Layout | None, first_uri: str | None,
-                 storage_dtype: str):
+def _put_checked(uri: str, key: str | None, layout: Layout | None, first_uri: str | None, storage_dtype: str):
     import ray
 
     state = read_state_dict(uri, key)
@@ -342,8 +376,9 @@ def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
         refs.append(ref)
     ema_ref = None
     if spec.ema_uri:
-        ema_ref, _ = _put_checked(spec.ema_uri, spec.ema_key or spec.key, layout, probed[0][0],
-                                  spec.storage_dtype)
+        ema_ref, _ = _put_checked(
+            spec.ema_uri, spec.ema_key or spec.key, layout, probed[0][0], spec.storage_dtype
+        )
     return CheckpointSet(
         uris=[uri for uri, _ in probed],
         names=[uri.rsplit("/", 1)[-1] for uri, _ in probed],

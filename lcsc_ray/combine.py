@@ -26,15 +26,21 @@ def check_coefficients(alphas: Sequence[float] | np.ndarray, num_checkpoints: in
     """Coefficients as Python floats; wrong length or non-finite values are errors naming the counts."""
     values = [float(a) for a in np.asarray(alphas, dtype=np.float64).reshape(-1)]
     if len(values) != num_checkpoints:
-        raise CoefficientError(f"got {len(values)} coefficients for {num_checkpoints} checkpoints; "
-                               "give one coefficient per checkpoint, in step order")
+        raise CoefficientError(
+            f"got {len(values)} coefficients for {num_checkpoints} checkpoints; "
+            "give one coefficient per checkpoint, in step order"
+        )
     if not all(np.isfinite(values)):
         raise CoefficientError(f"coefficients must be finite, got {values}")
     return values
 
 
-def combine_into(out: torch.Tensor | np.ndarray, arrays: Sequence[np.ndarray | torch.Tensor],
-                 alphas: Sequence[float] | np.ndarray, chunk_size: int | None = None) -> torch.Tensor | np.ndarray:
+def combine_into(
+    out: torch.Tensor | np.ndarray,
+    arrays: Sequence[np.ndarray | torch.Tensor],
+    alphas: Sequence[float] | np.ndarray,
+    chunk_size: int | None = None,
+) -> torch.Tensor | np.ndarray:
     """Write sum_i alphas[i] * arrays[i] into `out` in one streaming pass (no K temporaries); returns `out`.
 
     `arrays` may live on the host while `out` is on a GPU: each chunk is then copied over once.
@@ -45,7 +51,9 @@ def combine_into(out: torch.Tensor | np.ndarray, arrays: Sequence[np.ndarray | t
     inputs = [as_tensor(a) for a in arrays]
     for index, tensor in enumerate(inputs):
         if tensor.numel() != target.numel():
-            raise CoefficientError(f"checkpoint {index} has {tensor.numel()} values, the output {target.numel()}")
+            raise CoefficientError(
+                f"checkpoint {index} has {tensor.numel()} values, the output {target.numel()}"
+            )
     flat = target.view(-1)
     step = chunk_size or (flat.numel() if flat.is_cuda else CPU_CHUNK)
     for start in range(0, flat.numel(), step):

@@ -49,7 +49,7 @@ def split_point(lo: int, hi: int) -> int:
 
 
 def tree_blocks(num_chunks: int, num_parts: int) -> list[tuple[int, int]]:
-    """Split [0, num_chunks) into at least `num_parts` blocks of the canonical tree (when it has that many)."""
+    """Split [0, num_chunks) into at least `num_parts` blocks of the canonical tree (if it has as many)."""
     blocks = [(0, num_chunks)]
     while len(blocks) < num_parts and any(hi - lo > 1 for lo, hi in blocks):
         lo, hi = max(blocks, key=lambda b: b[1] - b[0])
@@ -71,9 +71,15 @@ def tree_merge(lo: int, hi: int, leaf) -> FIDStats:
 class Evaluator:
     """Holds the checkpoints (zero-copy), model, sampler, feature network and reference stats of one actor."""
 
-    def __init__(self, spec: SearchSpec, checkpoint_refs: list | CheckpointSet, layout: Layout | None = None,
-                 reference_mu: np.ndarray | None = None, reference_sigma: np.ndarray | None = None,
-                 ema_ref=None):
+    def __init__(
+        self,
+        spec: SearchSpec,
+        checkpoint_refs: list | CheckpointSet,
+        layout: Layout | None = None,
+        reference_mu: np.ndarray | None = None,
+        reference_sigma: np.ndarray | None = None,
+        ema_ref=None,
+    ):
         if isinstance(checkpoint_refs, CheckpointSet):
             layout, ema_ref = checkpoint_refs.layout, checkpoint_refs.ema_ref
             checkpoint_refs = checkpoint_refs.refs
@@ -81,7 +87,9 @@ class Evaluator:
             raise ValueError("Evaluator needs the layout and the reference mu and sigma")
         torch.set_num_threads(spec.evaluators.torch_threads)
         self.spec, self.layout = spec, layout
-        self.device = torch.device("cuda" if torch.cuda.is_available() and spec.evaluators.num_gpus > 0 else "cpu")
+        self.device = torch.device(
+            "cuda" if torch.cuda.is_available() and spec.evaluators.num_gpus > 0 else "cpu"
+        )
         self.arrays = ray.get(list(checkpoint_refs))  # read-only numpy views of the object store
         self.ema_array = ray.get(ema_ref) if ema_ref is not None else None
         self.sources = self._device_sources(self.arrays)
@@ -108,8 +116,10 @@ class Evaluator:
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(views)), sorted(set(views) - set(own))
         if missing or unexpected:
-            raise CheckpointError(f"model {self.spec.model.target} does not match the checkpoints: "
-                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(
+                f"model {self.spec.model.target} does not match the checkpoints: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         self.copied = {n: v for n, v in views.items() if own[n].dtype != torch.float32}
         bound = {n: v for n, v in views.items() if n not in self.copied}
         model.load_state_dict(bound, strict=False, assign=True)
@@ -126,8 +136,9 @@ class Evaluator:
             combine_into(self.flat, self.sources, coefficients)
         low, high = torch.aminmax(self.flat)  # NaN propagates; no P-sized temporary, unlike isfinite(flat)
         if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-            raise CandidateError(f"combined weights are not finite for coefficients {coefficients}",
-                                 coefficients)
+            raise CandidateError(
+                f"combined weights are not finite for coefficients {coefficients}", coefficients
+            )
         if self.copied:
             state = self.model.state_dict()
             for name, view in self.copied.items():
@@ -137,12 +148,20 @@ class Evaluator:
     @torch.inference_mode()
     def _chunk_stats(self, seed: int, index: int, size: int, timings: dict) -> FIDStats:
         start = time.perf_counter()
-        images = self.sampler(self.model, size, chunk_seed(seed, index), self.spec.sampler.nfe,
-                              self.spec.evaluators.batch_size, **self.spec.sampler.kwargs)
+        images = self.sampler(
+            self.model,
+            size,
+            chunk_seed(seed, index),
+            self.spec.sampler.nfe,
+            self.spec.evaluators.batch_size,
+            **self.spec.sampler.kwargs,
+        )
         mid = time.perf_counter()
         if not bool(torch.isfinite(images).all()):
-            raise CandidateError(f"samples of chunk {index} (seed {seed}) hold NaN/inf: the combined model "
-                                 "diverges; the search should score this candidate as failed")
+            raise CandidateError(
+                f"samples of chunk {index} (seed {seed}) hold NaN/inf: the combined model "
+                "diverges; the search should score this candidate as failed"
+            )
         features = self.feature_net(images.to(self.device))  # (B, d)
         stats = FIDStats.empty(features.shape[1]).update(features)
         timings["sample_s"] += mid - start
@@ -156,11 +175,17 @@ class Evaluator:
         sizes = chunk_sizes(num_samples, self.spec.evaluators.batch_size)
         if not 0 <= lo < hi <= len(sizes):
             raise ValueError(f"chunks [{lo}, {hi}) outside the {len(sizes)} chunks of {num_samples} samples")
-        return tree_merge(lo, hi, lambda a, b: self._chunk_stats(seed, a, sizes[a], timings) if b - a == 1
-                          else None)
+        return tree_merge(
+            lo, hi, lambda a, b: self._chunk_stats(seed, a, sizes[a], timings) if b - a == 1 else None
+        )
 
-    def evaluate_stats(self, coefficients: Sequence[float] | None, seed: int, chunk_indices: Sequence[int],
-                       num_samples: int | None = None) -> dict:
+    def evaluate_stats(
+        self,
+        coefficients: Sequence[float] | None,
+        seed: int,
+        chunk_indices: Sequence[int],
+        num_samples: int | None = None,
+    ) -> dict:
         """FIDStats dict of a contiguous block of chunks (pass blocks from `tree_blocks` for exact merges).
         `num_samples` None means every chunk is a full batch; coefficients None means the run's EMA."""
         indices = list(chunk_indices)
@@ -178,8 +203,9 @@ class Evaluator:
             return None
         return check_coefficients(coefficients, len(self.arrays))
 
-    def evaluate(self, coefficients: Sequence[float] | None, num_samples: int, seed: int,
-                 raise_nonfinite: bool = True) -> dict:
+    def evaluate(
+        self, coefficients: Sequence[float] | None, num_samples: int, seed: int, raise_nonfinite: bool = True
+    ) -> dict:
         """FID of the combination at `num_samples` samples with noise `seed` (coefficients None: the run's
         EMA). Non-finite weights or samples raise CandidateError, or with raise_nonfinite=False give fid=inf
         and nonfinite=True."""
@@ -192,12 +218,24 @@ class Evaluator:
         except CandidateError:
             if raise_nonfinite:
                 raise
-            return {"fid": float("inf"), "num_samples": num_samples, "seed": seed, "stats": None,
-                    "nonfinite": True, "timings": {**timings, "total_s": time.perf_counter() - start}}
+            return {
+                "fid": float("inf"),
+                "num_samples": num_samples,
+                "seed": seed,
+                "stats": None,
+                "nonfinite": True,
+                "timings": {**timings, "total_s": time.perf_counter() - start},
+            }
         fid = fid_from_stats(stats, self.reference_mu, self.reference_sigma)
         timings["total_s"] = time.perf_counter() - start
-        return {"fid": fid, "num_samples": num_samples, "seed": seed, "stats": stats.to_dict(),
-                "nonfinite": False, "timings": timings}
+        return {
+            "fid": fid,
+            "num_samples": num_samples,
+            "seed": seed,
+            "stats": stats.to_dict(),
+            "nonfinite": False,
+            "timings": timings,
+        }
 
     def combined_state_dict(self, coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
         """The combined weights as a CPU state dict (copies), for saving the winner."""
@@ -213,53 +251,93 @@ class Evaluator:
         import psutil
 
         memory = psutil.Process().memory_full_info()
-        return {"pid": os.getpid(), "device": str(self.device), "num_checkpoints": len(self.arrays),
-                "writeable": [bool(a.flags.writeable) for a in self.arrays],
-                "batch_size": self.spec.evaluators.batch_size, "rss": memory.rss, "uss": memory.uss, "pss": getattr(memory, "pss", None)}
+        return {
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "num_checkpoints": len(self.arrays),
+            "writeable": [bool(a.flags.writeable) for a in self.arrays],
+            "batch_size": self.spec.evaluators.batch_size,
+            "rss": memory.rss,
+            "uss": memory.uss,
+            "pss": getattr(memory, "pss", None),
+        }
 
 
 EvaluatorActor = ray.remote(Evaluator)
 
 
-def start_evaluators(spec: SearchSpec, checkpoint_set: CheckpointSet,
-                     reference_stats: tuple[np.ndarray, np.ndarray], wait_s: float | None = 300.0) -> list:
+def start_evaluators(
+    spec: SearchSpec,
+    checkpoint_set: CheckpointSet,
+    reference_stats: tuple[np.ndarray, np.ndarray],
+    wait_s: float | None = 300.0,
+) -> list:
     """Start `spec.evaluators.num_actors` evaluator actors (max_restarts=1, no task retries) sharing the
     object-store checkpoints; waits until they are constructed unless wait_s is None."""
     mu_ref, sigma_ref = ray.put(np.asarray(reference_stats[0])), ray.put(np.asarray(reference_stats[1]))
-    options = {"num_cpus": spec.evaluators.num_cpus, "num_gpus": spec.evaluators.num_gpus,
-               "max_restarts": 1, "max_task_retries": 0}
-    actors = [EvaluatorActor.options(**options).remote(spec, list(checkpoint_set.refs), checkpoint_set.layout,
-                                                       mu_ref, sigma_ref, ema_ref=checkpoint_set.ema_ref)
-              for _ in range(spec.evaluators.num_actors)]
+    options = {
+        "num_cpus": spec.evaluators.num_cpus,
+        "num_gpus": spec.evaluators.num_gpus,
+        "max_restarts": 1,
+        "max_task_retries": 0,
+    }
+    actors = [
+        EvaluatorActor.options(**options).remote(
+            spec,
+            list(checkpoint_set.refs),
+            checkpoint_set.layout,
+            mu_ref,
+            sigma_ref,
+            ema_ref=checkpoint_set.ema_ref,
+        )
+        for _ in range(spec.evaluators.num_actors)
+    ]
     if wait_s is not None:
         try:
             ray.get([actor.info.remote() for actor in actors], timeout=wait_s)
         except ray.exceptions.GetTimeoutError:
             raise LcscCheckfreeError(
                 f"{len(actors)} evaluator actors ({spec.evaluators.num_cpus} CPU, {spec.evaluators.num_gpus} "
-                f"GPU each) did not start within {wait_s:.0f} s; the cluster offers {ray.cluster_resources()}; "
-                "lower `evaluators.num_actors` or their resources") from None
+                f"GPU each) did not start in {wait_s:.0f} s; cluster resources: {ray.cluster_resources()}; "
+                "lower `evaluators.num_actors` or their resources"
+            ) from None
     return actors
 
 
-def evaluate_split(actors: Sequence, coefficients: Sequence[float] | None, num_samples: int, seed: int,
-                   batch_size: int | None = None,
-                   reference_stats: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+def evaluate_split(
+    actors: Sequence,
+    coefficients: Sequence[float] | None,
+    num_samples: int,
+    seed: int,
+    batch_size: int | None = None,
+    reference_stats: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict:
     """One evaluation spread over `actors`: each computes aligned blocks of the canonical merge tree, and the
     merged statistics equal exactly those one actor computes. Returns evaluate()'s keys (fid included:
     from `reference_stats` when given, else scored by the first actor)."""
     start = time.perf_counter()
     batch_size = batch_size or ray.get(actors[0].info.remote())["batch_size"]
     blocks = tree_blocks(len(chunk_sizes(num_samples, batch_size)), len(actors))
-    pending = {block: actors[i % len(actors)].evaluate_stats.remote(coefficients, seed, range(*block),
-                                                                       num_samples)
-               for i, block in enumerate(blocks)}
+    pending = {
+        block: actors[i % len(actors)].evaluate_stats.remote(coefficients, seed, range(*block), num_samples)
+        for i, block in enumerate(blocks)
+    }
     results = dict(zip(pending, ray.get(list(pending.values()))))
-    stats = tree_merge(0, blocks[-1][1], lambda lo, hi: FIDStats.from_dict(results[(lo, hi)])
-                       if (lo, hi) in results else None)
+    stats = tree_merge(
+        0,
+        blocks[-1][1],
+        lambda lo, hi: FIDStats.from_dict(results[(lo, hi)]) if (lo, hi) in results else None,
+    )
     if reference_stats is not None:
         fid = fid_from_stats(stats, *reference_stats)
     else:
         fid = ray.get(actors[0].score.remote(stats.to_dict()))
-    return {"fid": fid, "stats": stats.to_dict(), "num_samples": num_samples, "seed": seed, "nonfinite": False,
-            "timings": {"total_s": time.perf_counter() - start}, "blocks": blocks}
+    return {
+        "fid": fid,
+        "stats": stats.to_dict(),
+        "num_samples": num_samples,
+        "seed": seed,
+        "nonfinite": False,
+        "timings": {"total_s": time.perf_counter() - start},
+        "blocks": blocks,
+    }

@@ -54,7 +54,9 @@ class FIDStats:
     def merge(self, other: FIDStats) -> FIDStats:
         """The statistics of both sets together (a new object)."""
         if other.sum.shape != self.sum.shape:
-            raise FIDError(f"cannot merge statistics of {self.sum.shape[0]} and {other.sum.shape[0]} dimensions")
+            raise FIDError(
+                f"cannot merge statistics of {self.sum.shape[0]} and {other.sum.shape[0]} dimensions"
+            )
         return FIDStats(self.count + other.count, self.sum + other.sum, self.sum_outer + other.sum_outer)
 
     @property
@@ -79,8 +81,9 @@ class FIDStats:
     @classmethod
     def from_dict(cls, data: dict) -> FIDStats:
         """Inverse of `to_dict`."""
-        return cls(int(data["count"]), np.asarray(data["sum"], np.float64),
-                   np.asarray(data["sum_outer"], np.float64))
+        return cls(
+            int(data["count"]), np.asarray(data["sum"], np.float64), np.asarray(data["sum_outer"], np.float64)
+        )
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -94,7 +97,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise FIDError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+        raise FIDError(
+            f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+        )
     for name, value in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
         if not np.all(np.isfinite(value)):
             raise FIDError(f"{name} holds NaN/inf values")
@@ -137,12 +142,13 @@ def load_reference_stats(uri: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.inference_mode()
-def feature_stats(feature_net: torch.nn.Module, images: torch.Tensor, batch_size: int,
-                  device: str | torch.device = "cpu") -> FIDStats:
+def feature_stats(
+    feature_net: torch.nn.Module, images: torch.Tensor, batch_size: int, device: str | torch.device = "cpu"
+) -> FIDStats:
     """Statistics of `feature_net` features over `images` (N, C, H, W), in batches."""
     stats = None
     for start in range(0, len(images), batch_size):
-        features = feature_net(images[start:start + batch_size].to(device))  # (B, d)
+        features = feature_net(images[start : start + batch_size].to(device))  # (B, d)
         stats = stats or FIDStats.empty(features.shape[1])
         stats.update(features)
     if stats is None:
@@ -152,8 +158,10 @@ def feature_stats(feature_net: torch.nn.Module, images: torch.Tensor, batch_size
 
 def reference_cache_key(spec: SearchSpec) -> str:
     """A hash of the feature and dataset plug-in specs: the statistics change when either does."""
-    payload = {"features": spec.fid.features.model_dump(mode="json"),
-               "dataset": spec.fid.reference.dataset.model_dump(mode="json")}
+    payload = {
+        "features": spec.fid.features.model_dump(mode="json"),
+        "dataset": spec.fid.reference.dataset.model_dump(mode="json"),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

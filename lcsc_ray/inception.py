@@ -51,8 +51,9 @@ class InceptionA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)), dbl,
-                          self.branch_pool(_avg3(x))], 1)
+        return torch.cat(
+            [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)), dbl, self.branch_pool(_avg3(x))], 1
+        )
 
 
 class InceptionB(nn.Module):
@@ -109,7 +110,9 @@ class InceptionD(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+        return torch.cat(
+            [self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1
+        )
 
 
 class InceptionE(nn.Module):
@@ -147,7 +150,11 @@ class FIDInceptionV3(nn.Module):
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (
+            InceptionA(192, 32),
+            InceptionA(256, 64),
+            InceptionA(288, 64),
+        )
         self.Mixed_6a = InceptionB(288)
         self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
@@ -164,8 +171,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)  # ends (B, 2048, 8, 8)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 2048)
 
@@ -177,13 +195,16 @@ def load_weights(model: FIDInceptionV3, weights_uri: str) -> FIDInceptionV3:
     except StorageNotFoundError:
         raise LcscCheckfreeError(
             f"FID Inception weights {weights_uri} not found; nothing is downloaded here: fetch "
-            f"{FID_WEIGHTS_NAME} (pytorch-fid's release) yourself and pass its path as `weights_uri`") from None
+            f"{FID_WEIGHTS_NAME} (pytorch-fid's release) yourself and pass its path as `weights_uri`"
+        ) from None
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise LcscCheckfreeError(f"{weights_uri} is not an FID Inception state dict: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
+        raise LcscCheckfreeError(
+            f"{weights_uri} is not an FID Inception state dict: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     return model
 
 

@@ -41,5 +41,5 @@ def resolve(target: str) -> Callable:
 
 
 def build(plugin: PluginSpec, **extra: Any) -> Any:
-    """Resolve `plugin.target` and call it with `plugin.kwargs` (plus `extra`, which the spec's kwargs override)."""
+    """Resolve `plugin.target` and call it with `plugin.kwargs` (plus `extra`, overridden by the spec)."""
     return resolve(plugin.target)(**{**extra, **plugin.kwargs})

@@ -30,7 +30,9 @@ def build_tiny(channels: int = 4, seed: int = 0) -> nn.Module:
     return TinyNet(channels)
 
 
-def toy_sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size: int, scale: float = 0.5) -> torch.Tensor:
+def toy_sample(
+    model: nn.Module, n: int, seed: int, nfe: int, batch_size: int, scale: float = 0.5
+) -> torch.Tensor:
     """Deterministic 'sampler': noise from `seed`, `nfe` residual steps, squashed to [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, IMAGE, IMAGE, generator=generator)

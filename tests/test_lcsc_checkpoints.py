@@ -115,7 +115,10 @@ def test_set_mismatch_names_file_and_tensor(tmp_path, ray_local):
     write_run(tmp_path, num=2)
     state = trajectory(1, channels=5)[0]
     save_file(state, str(tmp_path / "ckpt-000900.safetensors"), metadata={"step": "900"})
-    with pytest.raises(CheckpointError, match=r"ckpt-000900\.safetensors does not match .*ckpt-000100.*: tensor '[\w.]+' has shape \(5"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"ckpt-000900\.safetensors does not match .*ckpt-000100.*'conv1.bias' has shape \(5,\)",
+    ):
         load_checkpoint_set(CheckpointSetSpec(uri=str(tmp_path)))
 
 
@@ -124,7 +127,9 @@ def test_set_too_big_fails_before_reading(tmp_path, ray_local, monkeypatch):
     save_file({"w": torch.zeros(16_000_000)}, str(tmp_path / "big.safetensors"))  # 64 MB
     monkeypatch.setattr(storage, "read_bytes", lambda uri: pytest.fail(f"read {uri}"))
     spec = CheckpointSetSpec(uri=str(tmp_path), paths=["big.safetensors"] * 20)
-    with pytest.raises(CheckpointError, match=r"20 checkpoints need 1\.19 GiB.*bfloat16.*last.*object store"):
+    with pytest.raises(
+        CheckpointError, match=r"20 checkpoints need 1\.19 GiB of object store.*bfloat16.*last.*bigger"
+    ):
         load_checkpoint_set(spec)
 
 

@@ -20,15 +20,19 @@ def setup(tmp_path_factory, ray_local):
     """Four tiny checkpoints in the object store and two evaluator actors (1 CPU each)."""
     root = tmp_path_factory.mktemp("lcsc-eval")
     lcsc_plugins.write_run(root / "run", num=4)
-    spec = SearchSpec.model_validate({
-        "checkpoints": {"uri": str(root / "run")},
-        "model": {"target": "tests.lcsc_plugins:build_tiny"},
-        "sampler": {"target": "tests.lcsc_plugins:toy_sample", "nfe": 3},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
-                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images"}}},
-        "evaluators": {"num_actors": 2, "num_cpus": 1, "batch_size": BATCH},
-        "output": {"uri": str(root / "out")},
-    })
+    spec = SearchSpec.model_validate(
+        {
+            "checkpoints": {"uri": str(root / "run")},
+            "model": {"target": "tests.lcsc_plugins:build_tiny"},
+            "sampler": {"target": "tests.lcsc_plugins:toy_sample", "nfe": 3},
+            "fid": {
+                "features": {"target": "tests.lcsc_plugins:tiny_features"},
+                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images"}},
+            },
+            "evaluators": {"num_actors": 2, "num_cpus": 1, "batch_size": BATCH},
+            "output": {"uri": str(root / "out")},
+        }
+    )
     cset = load_checkpoint_set(spec.checkpoints)
     reference = reference_stats_for(spec)
     actors = start_evaluators(spec, cset, reference, wait_s=120)

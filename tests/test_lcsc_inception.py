@@ -10,12 +10,14 @@ from schemas.errors import LcscCheckfreeError
 
 
 def test_inception_state_dict_roundtrip_and_pool3_shape(tmp_path):
-    """Saved weights load back through the plug-in; features are (B, 2048) and the key set is pytorch-fid's."""
+    """Saved weights load back through the plug-in; features are (B, 2048); keys are pytorch-fid's."""
     torch.manual_seed(0)
     model = FIDInceptionV3().eval()
     keys = list(model.state_dict())
     assert "Mixed_7c.branch3x3dbl_3b.bn.running_var" in keys and "fc.weight" in keys
-    assert sum(p.numel() for p in model.parameters()) == 23_834_568 + 8 * 2049  # torchvision Inception3 without aux (1000 classes) + 8 classes
+    assert (
+        sum(p.numel() for p in model.parameters()) == 23_834_568 + 8 * 2049
+    )  # torchvision Inception3 without aux (1000 classes) + 8 classes
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "w.pth")
     loaded = fid_inception_v3(weights_uri=str(tmp_path / "w.pth"))

@@ -81,7 +81,8 @@ def test_frechet_rank_deficient_and_same_set():
     mu, s = x.mean(0), np.cov(x, rowvar=False)
     y = rng.standard_normal((10, 40)) + 0.1
     assert frechet_distance(mu, s, y.mean(0), np.cov(y, rowvar=False)) == pytest.approx(
-        _scipy_fid(mu, s, y.mean(0), np.cov(y, rowvar=False)), rel=1e-6)
+        _scipy_fid(mu, s, y.mean(0), np.cov(y, rowvar=False)), rel=1e-6
+    )
     assert frechet_distance(mu, s, mu, s) == 0.0
 
 
@@ -142,11 +143,17 @@ def test_reference_stats_roundtrip_and_cache(tmp_path, monkeypatch):
     save_reference_stats(str(tmp_path / "ref.npz"), np.arange(3.0), np.eye(3))
     mu, sigma = load_reference_stats(str(tmp_path / "ref.npz"))
     assert mu.tolist() == [0.0, 1.0, 2.0] and sigma.shape == (3, 3)
-    spec = SearchSpec.model_validate({
-        "output": {"uri": str(tmp_path / "out")},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
-                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 64}}}},
-    })
+    spec = SearchSpec.model_validate(
+        {
+            "output": {"uri": str(tmp_path / "out")},
+            "fid": {
+                "features": {"target": "tests.lcsc_plugins:tiny_features"},
+                "reference": {
+                    "dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 64}}
+                },
+            },
+        }
+    )
     mu1, sigma1 = reference_stats_for(spec)
     from tests import lcsc_plugins
 
