@@ -32,6 +32,9 @@ def test_holdout_split_is_disjoint_from_training_split():
     expected = torch.tensor([[float(v) for v in row[:-1]] for row in rows]).view(3, 1, 28, 28) / 127.5 - 1
     torch.testing.assert_close(images[:3], expected)
     assert [int(float(row[-1])) for row in rows] == labels[:3].tolist()
+    label_of = {image.numpy().tobytes(): int(label) for image, label in zip(images, labels)}
+    subset = reference_images(limit=200)
+    assert len(subset) == 200 and len({label_of[image.numpy().tobytes()] for image in subset}) == 10
     with pytest.raises(ValueError, match="unknown MNIST split"):
         reference_images("test")
 

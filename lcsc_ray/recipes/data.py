@@ -57,6 +57,10 @@ def mnist_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 
 def reference_images(split: str = "holdout", limit: int | None = None) -> torch.Tensor:
     """Real MNIST images in [-1, 1], shape (N, 1, 28, 28), from `split` (default: the 1,000 held-out
-    digits that no model here trains on); `limit` keeps the first N."""
+    digits that no model here trains on). The splits are stored by class, so `limit` keeps a fixed
+    seeded random subset of N (all classes present), not the first N."""
     images, _ = mnist_split(split)
-    return images if limit is None else images[:limit]
+    if limit is None or limit >= len(images):
+        return images
+    order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(images))[:limit]
+    return images[torch.from_numpy(np.sort(order))]
