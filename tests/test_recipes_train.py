@@ -143,3 +143,16 @@ def test_resume_after_sigkill_of_the_training_process(tmp_path):
     resumed, unbroken = _weights(str(out / "checkpoints" / final)), _weights(
         str(tmp_path / "unbroken" / "checkpoints" / final))
     assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
+
+
+def test_training_writes_and_resumes_on_s3(s3_bucket):
+    """Checkpoints, EMA and the training state go to an s3:// URI, and an interrupted run resumes from there."""
+    out = f"{s3_bucket}/runs/ddpm"
+    config = {**TINY, "steps": 4, "grid_samples": 0, "out": out}
+    with pytest.raises(TrainingInterrupted):
+        train_ddpm(config, stop_after=3)
+    assert [s for s, _ in ckpt.list_checkpoints(f"{out}/checkpoints")] == [2]
+    summary = train_ddpm(config)
+    assert summary["resumed_from"] == 2 and summary["steps"] == 4
+    assert [s for s, _ in ckpt.list_checkpoints(f"{out}/checkpoints")] == [2, 4]
+    assert ckpt.load_weights(f"{out}/ema.safetensors")[1]["step"] == "4"
