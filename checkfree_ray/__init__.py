@@ -1,5 +1,5 @@
 """CheckFree / CheckFree+ pipeline training on Ray: stage actors that survive lost stages."""
 
-from checkfree_ray.train import run_training
+from checkfree_ray.sdk import run_training, submit_training
 
-__all__ = ["run_training"]
+__all__ = ["run_training", "submit_training"]

@@ -26,5 +26,45 @@ def train(spec_file: str) -> None:
 
     spec = load_or_exit(spec_file, TrainSpec)
     result = run_or_exit(run_training, spec)
-    click.echo(f"final validation loss {result.final_val_loss}, {len(result.failures)} failure(s); "
-               f"result: {result.files.get('result.json')}")
+    click.echo(_summary(result))
+
+
+def _summary(result) -> str:
+    return (f"final validation loss {result.final_val_loss}, {len(result.failures)} failure(s); "
+            f"result: {result.files.get('result.json')}")
+
+
+@main.command("submit")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a "
+              "local head.")
+@click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
+def submit_command(spec_file: str, address: str | None, wait: bool) -> None:
+    """Submit the training SPEC_FILE as a Ray job."""
+    from checkfree_ray.sdk import submit_training
+
+    spec = load_or_exit(spec_file, TrainSpec)
+    handle = run_or_exit(submit_training, spec, address=address)
+    click.echo(f"submitted job {handle.job_id}")
+    if not wait:
+        if handle.head is not None:
+            click.echo("note: the local head lives as long as this command; waiting for the job", err=True)
+        else:
+            return
+    try:
+        run_or_exit(handle.wait, echo=True)
+        click.echo(_summary(handle.result()))
+    finally:
+        handle.close()
+
+
+@main.command("demo")
+@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), default=None,
+              help="Demo spec (default: examples/train_demo.yaml, else the built-in one).")
+@click.option("--out", "out_dir", default=None, help="Output directory (default: the spec's output.uri).")
+@click.option("--reference/--no-reference", default=True, help="Also run the same spec without failures.")
+def demo_command(spec_file: str | None, out_dir: str | None, reference: bool) -> None:
+    """A few minutes of CheckFree+ on the local Ray with stages killed on a schedule; prints a summary."""
+    from checkfree_ray.demo import run_demo
+
+    run_or_exit(run_demo, spec_file, out_dir, reference)

@@ -32,7 +32,10 @@ from checkfree_ray.recovery import (
     plain_order,
     plan_recovery,
     recovered_lr,
+    reinit_seed,
+    reinitialised_blocks,
     route,
+    rule_average,
 )
 from checkfree_ray.stage import initial_stage_state
 from schemas.errors import RecoveryError
@@ -83,6 +86,7 @@ class PipelineExecutor:
         self.after_recovery: list[Callable[[PipelineExecutor, int, list[int]], None]] = []
         self.pool: StagePool | None = None
         self.actors: list = []
+        self._pending_copies: list | None = None
         self.start_time = time.monotonic()
 
     # ----- lifecycle ------------------------------------------------------------------------------------
@@ -112,10 +116,10 @@ class PipelineExecutor:
         for mb in range(M):
             order = micro_batch_order(self.strategy, self.S, mb) if train else plain_order(self.S)
             hops = route(order, self.S)
-            x, target_ref = ray.put(inputs[mb]), ray.put(targets[mb])
+            x, target = inputs[mb].numpy(), targets[mb].numpy()  # small: inlined into the call, no ray.put
             for hop, (stage, parts) in enumerate(hops):
                 last = hop == len(hops) - 1
-                x = self.actors[stage].forward.remote(mb, hop, parts, x, target_ref if last else None, 1.0 / M, train)
+                x = self.actors[stage].forward.remote(mb, hop, parts, x, target if last else None, 1.0 / M, train)
             loss_refs.append(x)
             routes.append(hops)
         if train:  # GPipe: every backward after every forward
@@ -138,10 +142,18 @@ class PipelineExecutor:
         return lost
 
     def _attempt(self, step: int) -> tuple[float, list[dict]]:
-        """Phase 1 and phase 2 of one step; raises `StageLost`."""
+        """Phase 1 and phase 2 of one step; raises `StageLost`.
+
+        The whole step is submitted at once: every hop, then each stage's optimizer step (which takes
+        the micro-batches' last backward results as arguments, so Ray runs it only after all of them and
+        skips it when any failed: no stage steps unless phase 1 completed everywhere), then the
+        CheckFree+ copies. The driver waits once per phase, never per micro-batch.
+        """
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
         loss_refs, done_refs = self._launch(inputs, targets)
+        step_refs = [a.step.remote(*done_refs) for a in self.actors]
+        self._pending_copies = self._submit_copies(step)
         try:
             losses = ray.get(loss_refs)
             ray.get(done_refs)
@@ -151,7 +163,6 @@ class PipelineExecutor:
                 raise
             raise StageLost(lost, phase=1) from None
         loss = sum(losses) / len(losses)
-        step_refs = [a.step.remote() for a in self.actors]
         norms: list[dict | None] = []
         for ref in step_refs:
             try:
@@ -201,17 +212,33 @@ class PipelineExecutor:
         h.wall_times.append(now - self.start_time)
         h.step_times.append(now - started)
         try:
-            self._sync_extras(step)
+            self._sync_extras(step, pending=self._pending_copies)
             if self.checkpoints is not None and step % self.spec.checkpoint_every() == 0:
                 self._save_checkpoint(step)
         except ray.exceptions.RayActorError as exc:
             log.warning("a stage died while syncing after step %d (%s); the next step recovers it", step, exc)
 
     # ----- what each strategy keeps in step -----------------------------------------------------------
-    def _sync_extras(self, step: int) -> None:
-        """CheckFree+: copy the embedding and head to their neighbours; redundant: back up each successor."""
+    def _submit_copies(self, step: int) -> list | None:
+        """CheckFree+: submit the (de)embedding copies (after the stage steps, in each actor's call order)."""
+        if self.strategy != "checkfree+" or step % self.spec.recovery.copy_every != 0:
+            return None
         S, a = self.S, self.actors
-        if self.strategy == "checkfree+" and step % self.spec.recovery.copy_every == 0:
+        return [a[1].hold_copy.remote(a[0].get_state.remote((EMBED,))),
+                a[S - 2].hold_copy.remote(a[S - 1].get_state.remote((HEAD,)))]
+
+    def _sync_extras(self, step: int, pending: list | None = None) -> None:
+        """CheckFree+: copy the embedding and head to their neighbours (or collect the copies submitted with
+        the step, `pending`); redundant: back up each successor."""
+        S, a = self.S, self.actors
+        copied = False
+        if pending is not None:
+            try:
+                self.history.costs["copy_bytes_held"] = float(sum(ray.get(pending)))
+                copied = True
+            except ray.exceptions.RayError:  # a stage died after stepping; copy again from the rebuilt ones
+                pass
+        if not copied and self.strategy == "checkfree+" and step % self.spec.recovery.copy_every == 0:
             held = ray.get([a[1].hold_copy.remote(a[0].get_state.remote((EMBED,))),
                             a[S - 2].hold_copy.remote(a[S - 1].get_state.remote((HEAD,)))])
             self.history.costs["copy_bytes_held"] = float(sum(held))
@@ -256,8 +283,10 @@ class PipelineExecutor:
             src = [self.actors[s] for s in rebuild.sources]
             if rebuild.method == "checkfree":
                 norms = tuple(self.grad_norms[s][scope] for s in rebuild.sources)
-                ref = actor.configure.remote(rebuild.stage, lr, *[n.get_state.remote((BLOCKS,)) for n in src],
-                                             average=(norms[0], norms[1], eps))
+                average = rule_average(self.spec.recovery.rule, norms, eps)  # None: random re-initialisation
+                blocks = [n.get_state.remote((BLOCKS,)) for n in src] if average is not None else \
+                    [reinitialised_blocks(self.cfg, rebuild.stage, reinit_seed(self.spec.seed, step, rebuild.stage))]
+                ref = actor.configure.remote(rebuild.stage, lr, *blocks, average=average)
             elif rebuild.method == "copy":  # CheckFree+: the swap partner's blocks + the (de)embedding copy
                 ref = actor.configure.remote(rebuild.stage, lr, src[0].get_state.remote((BLOCKS,)),
                                              src[0].get_copy.remote())

@@ -89,6 +89,38 @@ def weighted_average(
     return out
 
 
+def rule_average(rule: str, norms: Sequence[float], epsilon: float) -> tuple[float, float, float] | None:
+    """The (norm_prev, norm_next, epsilon) that make `weighted_average` implement a middle-stage `rule`.
+
+    The paper's ablation (Figure 2) compares, best to worst: "weighted" (CheckFree, gradient norms + eps),
+    "average" (equal weights), "copy" (the previous neighbour's weights: coefficients 1 and 0) and
+    "random" (a freshly initialised stage; None, as nothing is averaged).
+    """
+    if rule == "weighted":
+        return float(norms[0]), float(norms[1]), epsilon
+    if rule == "average":
+        return 1.0, 1.0, 0.0
+    if rule == "copy":
+        return 1.0, 0.0, 0.0
+    if rule == "random":
+        return None
+    raise ValueError(f"unknown recovery rule {rule!r}; use 'weighted', 'average', 'copy' or 'random'")
+
+
+def reinitialised_blocks(cfg, stage_index: int, seed: int) -> dict[str, torch.Tensor]:
+    """The "random" rule: stage `stage_index`'s blocks freshly initialised from `seed`, as flat
+    `model/blocks/...` state (the model's own initialisation, not the run's initial weights)."""
+    from checkfree_ray.model import build_parts
+
+    stage = build_parts(cfg, seed).stages[stage_index]
+    return {f"model/{BLOCKS}/{name}": tensor.detach().clone() for name, tensor in stage.state_dict().items()}
+
+
+def reinit_seed(run_seed: int, step: int, stage_index: int) -> int:
+    """Seed of a "random"-rule re-initialisation: differs from the run's seed, by step and stage."""
+    return run_seed * 1_000_003 + 7919 * step + stage_index + 1
+
+
 def recovered_lr(base_lr: float, lr_scale: float) -> float:
     """A rebuilt stage's learning rate: base × lr_scale (paper: 1.1). Set, never multiplied again."""
     return base_lr * lr_scale

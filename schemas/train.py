@@ -40,6 +40,11 @@ class PipelineSpec(StrictModel):
     placement: Literal["SPREAD", "PACK"] = Field(default="SPREAD", description="Placement-group strategy.")
     num_cpus_per_stage: float = Field(default=0.5, gt=0, description="CPUs reserved per stage actor.")
     warm_standby: bool = Field(default=True, description="Keep a pre-started spare actor for fast recovery.")
+    standby_actors: int = Field(
+        default=1, ge=1,
+        description="Warm standby actors kept started (with `warm_standby`); each holds a placement-group bundle. "
+        "More than one lets failures that come faster than an actor starts still find one ready.",
+    )
 
 
 class DataSpec(StrictModel):
@@ -68,6 +73,12 @@ class RecoverySpec(StrictModel):
     grad_norm_scope: Literal["blocks", "stage"] = Field(
         default="blocks",
         description="Gradient norm weighting the average: over transformer blocks only, or the whole stage.",
+    )
+    rule: Literal["weighted", "average", "copy", "random"] = Field(
+        default="weighted",
+        description="How checkfree/checkfree+ rebuild a middle stage: gradient-weighted average of the neighbours "
+        "(the paper), plain average, copy of the previous neighbour, or random re-initialisation (the paper's "
+        "ablation, Figure 2).",
     )
     copy_every: int = Field(default=1, ge=1, description="CheckFree+: steps between (de)embedding copies.")
     max_step_retries: int = Field(default=3, ge=0, description="Retries of one step before the run fails.")
