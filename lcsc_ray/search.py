@@ -78,13 +78,13 @@ class SearchRun:
         self.parametrization = spec.search.parametrization
         self.names = free_names(coef.num_free(self.num_checkpoints, self.parametrization))
         self.out = spec.output.uri
-        self.store = EvaluationStore(storage.join(self.out, "state", "evaluations.json"))
+        self.store = EvaluationStore(storage.join(self.out, "state", "evaluations"))
         self.samples_generated = 0
 
     # ------------------------------------------------------------------------------------ Tune phases
     def _trainable(self, broker):
         return trainable(self.evaluators, broker, self.names, self.parametrization, _search_samples(self.spec),
-                         self.spec.fid.seed)
+                         self.spec.fid.seed, self.store.uri)
 
     def _point(self, label: str, alphas: np.ndarray) -> dict:
         free = coef.from_alphas(alphas, self.parametrization)
@@ -125,8 +125,6 @@ class SearchRun:
         trials["rung"] = 0
         n0 = _search_samples(self.spec)
         self.samples_generated += n0 * int((trials.status != "failed").sum())
-        for row in trials[trials.status == "ok"].itertuples():
-            self.store.remember(row.alphas, n0, self.spec.fid.seed, {"fid": float(row.fid)})
         return trials.drop(columns=["config"])
 
     # ------------------------------------------------------------------------------ driver evaluations
@@ -215,14 +213,20 @@ def run_search(spec: SearchSpec) -> SearchResult:
                  checkpoint_set.nbytes / 1e6)
         reference = reference_stats_for(spec)
         evaluators = start_evaluators(spec, checkpoint_set, reference)
-        run = SearchRun(spec, checkpoint_set, evaluators, reference)
-        seeds = seed_vectors(len(checkpoint_set), spec)
-        progress = ProgressLine("lcsc search: trials", total=spec.search.budget)
-        trials = run.run_rungs(run.run_trials(seeds, progress))
-        candidates = reported_candidates(run, trials, seeds)
-        scores = score_candidates(run, candidates)
-        result = build_result(spec, run, trials, scores, time.monotonic() - started)
-        write_search_outputs(spec, run, result, trials, scores)
+        try:
+            run = SearchRun(spec, checkpoint_set, evaluators, reference)
+            seeds = seed_vectors(len(checkpoint_set), spec)
+            progress = ProgressLine("lcsc search: trials", total=spec.search.budget)
+            trials = run.run_rungs(run.run_trials(seeds, progress))
+            candidates = reported_candidates(run, trials, seeds)
+            scores = score_candidates(run, candidates)
+            result = build_result(spec, run, trials, scores, time.monotonic() - started)
+            write_search_outputs(spec, run, result, trials, scores)
+        finally:
+            # Tune's with_parameters keeps the actor handles alive in the object store: without this, the
+            # evaluators would hold their CPUs and a second search in the same Ray session could not start.
+            for actor in evaluators:
+                ray.kill(actor)
     return result
 
 

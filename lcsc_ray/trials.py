@@ -16,6 +16,7 @@ from ray import tune
 from ray.exceptions import RayActorError
 
 from lcsc_ray.coefficients import to_alphas
+from lcsc_ray.evaluations import EvaluationStore
 from schemas.errors import LcscCheckfreeError
 
 # Reported for a candidate whose samples are NaN/inf (it diverged): a legitimate, very bad score, so the
@@ -60,10 +61,16 @@ class EvaluatorBroker:
 
 
 def evaluate_candidate(config: dict, *, evaluators: list, broker, names: list[str], parametrization: str,
-                       num_samples: int, seed: int) -> None:
-    """Tune trainable: evaluate one coefficient vector; retry once on another evaluator if one dies."""
+                       num_samples: int, seed: int, record_uri: str) -> None:
+    """Tune trainable: evaluate one coefficient vector (unless the record already holds it, as after a
+    resumed search); retry once on another evaluator if one dies."""
     start = time.monotonic()
     alphas = to_alphas([config[name] for name in names], parametrization)
+    record = EvaluationStore(record_uri)
+    known = record.get(alphas, num_samples, seed)
+    if known is not None and "metrics" in known:
+        tune.report({**known["metrics"], "trial_s": time.monotonic() - start, "replayed": True})
+        return
     tried: list[int] = []
     reasons: list[str] = []
     for _attempt in range(2):
@@ -82,9 +89,11 @@ def evaluate_candidate(config: dict, *, evaluators: list, broker, names: list[st
             broker.release.remote(index)
         fid = float(out["fid"])
         finite = math.isfinite(fid) and not out.get("nonfinite")
-        tune.report(_metrics(config, alphas, fid if finite else NONFINITE_FID, num_samples, seed, start, index,
-                             "ok" if finite else "nonfinite", float(out["timings"]["total_s"]),
-                             "" if finite else "combined weights or samples hold NaN/inf"))
+        metrics = _metrics(config, alphas, fid if finite else NONFINITE_FID, num_samples, seed, start, index,
+                           "ok" if finite else "nonfinite", float(out["timings"]["total_s"]),
+                           "" if finite else "combined weights or samples hold NaN/inf")
+        record.put(alphas, num_samples, seed, {"fid": metrics["fid"], "metrics": metrics})
+        tune.report(metrics)
         return
     raise TrialFailedError(f"candidate failed on evaluators {tried}: {'; '.join(reasons)}")
 
@@ -105,10 +114,11 @@ def _metrics(config: dict, alphas: np.ndarray, fid: float, num_samples: int, see
     }
 
 
-def trainable(evaluators: list, broker, names: list[str], parametrization: str, num_samples: int, seed: int):
+def trainable(evaluators: list, broker, names: list[str], parametrization: str, num_samples: int, seed: int,
+              record_uri: str):
     """The Tune trainable with its resources and bound parameters."""
     bound = tune.with_parameters(
         evaluate_candidate, evaluators=evaluators, broker=broker, names=names,
-        parametrization=parametrization, num_samples=num_samples, seed=seed,
+        parametrization=parametrization, num_samples=num_samples, seed=seed, record_uri=record_uri,
     )
     return tune.with_resources(bound, TRIAL_RESOURCES)

@@ -137,6 +137,19 @@ def absolutize_output(spec: BaseModel) -> BaseModel:
     return spec.model_copy(update={"output": spec.output.model_copy(update={"uri": str(path)})})
 
 
+def _submit_with_retry(client: JobSubmissionClient, entrypoint: str, runtime_env: dict, name: str,
+                       timeout_s: float = 60.0) -> str:
+    """Submit, retrying while a freshly started head's job agent is not up yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"spec_name": name})
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def submit_spec(spec: BaseModel, module: str, command: str, result_model: type[ResultT],
                 address: str | None = None, extra_args: list[str] | None = None) -> JobHandle[ResultT]:
     """Submit `python -m module command spec.yaml` as a Ray job; return its handle."""
@@ -161,8 +174,7 @@ def submit_spec(spec: BaseModel, module: str, command: str, result_model: type[R
         runtime_env = {"working_dir": str(workdir)}
         if env_vars:
             runtime_env["env_vars"] = env_vars
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                   metadata={"spec_name": str(getattr(spec, "name", ""))})
+        job_id = _submit_with_retry(client, entrypoint, runtime_env, str(getattr(spec, "name", "")))
     except Exception:
         if head is not None:
             head.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lcsc_ray.evaluations import evaluation_key
 from lcsc_ray.report import format_table, load_result
 from lcsc_ray.search import run_search, seed_vectors
 from rayops import artifacts
@@ -75,13 +77,9 @@ def test_small_search_end_to_end(ray_local, tmp_path):
     assert "held-out" in format_table(result)
 
 
-def _finished_trials(tune_dir: Path) -> set[str]:
-    """Trial ids whose result.json holds a reported FID."""
-    done = set()
-    for path in tune_dir.glob("*/trial_*/result.json"):
-        if path.stat().st_size > 0 and '"fid"' in path.read_text():
-            done.add(path.parent.name.removeprefix("trial_"))
-    return done
+def recorded_evaluations(out: Path) -> dict[str, float]:
+    """Evaluations the search has recorded as finished: key -> FID."""
+    return {p.stem: json.loads(p.read_text())["fid"] for p in (out / "state" / "evaluations").glob("*.json")}
 
 
 RUNNER = "import sys; from lcsc_ray.sdk import run_search; run_search(sys.argv[1])"
@@ -99,16 +97,16 @@ def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(spec_path)], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tune_dir = tmp_path / "out" / "tune"
+    out = tmp_path / "out"
     deadline = time.monotonic() + 240
-    while len(_finished_trials(tune_dir)) < 8 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while len(recorded_evaluations(out)) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert proc.poll() is None, "the search ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
-    finished_before = _finished_trials(tune_dir)
+    finished_before = recorded_evaluations(out)
     calls_before = len((log_dir / "calls.log").read_text().splitlines())
-    assert 8 <= len(finished_before) < 16 and not (tmp_path / "out" / "result.json").exists()
+    assert 8 <= len(finished_before) < 16 and not (out / "result.json").exists()
 
     rerun = subprocess.run([sys.executable, "-c", RUNNER, str(spec_path)], cwd=ROOT, env=env, timeout=400,
                            capture_output=True, text=True, check=False)
@@ -116,7 +114,10 @@ def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
     trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
     search_rows = trials[trials.rung == 0]
     assert len(search_rows) == 16
-    assert finished_before <= set(search_rows.trial_id)
+    keys = {evaluation_key(a, 64, 0) for a in search_rows.alphas}
+    assert set(finished_before) <= keys  # every evaluation finished before the kill is in the result
+    for key, fid in finished_before.items():
+        assert recorded_evaluations(out)[key] == fid
     # each search evaluation is one sampler call: calls during the rerun cover only unfinished trials,
     # plus the final scores (5 reported models x 3 seeds at most)
     calls_total = len((log_dir / "calls.log").read_text().splitlines())

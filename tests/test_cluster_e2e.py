@@ -1,0 +1,60 @@
+"""Jobs on a real multi-node Ray on loopback: `ray job submit` a search, lose a worker node mid-run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from schemas.loader import dump_spec
+from tests.multinode import local_cluster
+from tests.test_lcsc_search import tiny_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _finished(out: Path) -> int:
+    return len(list((out / "state" / "evaluations").glob("*.json")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_submit_search_survives_lost_worker_node(tmp_path):
+    """`ray job submit --working-dir . -- python -m lcsc_ray search` on 3 nodes; a worker node is removed
+    mid-search; no completed trial is lost and the budget is finished."""
+    spec = tiny_spec(tmp_path, budget=14)
+    spec = spec.model_copy(update={"evaluators": spec.evaluators.model_copy(update={"num_cpus": 1.0})})
+    spec_path = tmp_path / "spec.yaml"
+    dump_spec(spec, spec_path)
+    with local_cluster(worker_cpus=[1, 1], head_cpus=1, log_dir=tmp_path) as cluster:
+        address = cluster.dashboard_url
+        command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--no-wait",
+                   "--working-dir", ".", "--", "python", "-m", "lcsc_ray", "search", str(spec_path)]
+        for _attempt in range(30):  # the head's job agent takes a few seconds to come up
+            submit = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stderr[-2000:]
+        job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
+        client = JobSubmissionClient(address)
+        tune_dir = tmp_path / "out"
+        deadline = time.monotonic() + 300
+        while _finished(tune_dir) < 6 and time.monotonic() < deadline:
+            assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)[-3000:]
+            time.sleep(0.5)
+        done_before = _finished(tune_dir)
+        cluster.kill_node(cluster.nodes[1])  # a worker node disappears at once, like a spot preemption
+        while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline + 200:
+            time.sleep(1)
+        status, logs = client.get_job_status(job_id), client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert 6 <= done_before < 14
+    trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    assert len(trials[trials.rung == 0]) == 14
+    assert (trials.status == "ok").sum() >= 13  # at most the in-flight trial on the lost node may fail
