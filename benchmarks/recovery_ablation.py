@@ -1,0 +1,115 @@
+"""The paper's recovery ablation (Figure 2) in shape: how a lost middle stage is rebuilt.
+
+`python benchmarks/recovery_ablation.py [--quick] [--seeds 0 1]` trains the Table 2 benchmark model
+(benchmarks/paper_table2.py) and kills a middle stage at the same step with the same seed, rebuilding it
+by each `recovery.rule`: gradient-weighted average (CheckFree), plain average, copy of the previous
+neighbour, random re-initialisation; plus a run without the failure. It measures the validation loss
+N steps after the failure, prints a table, writes benchmarks/results/recovery_ablation.json and
+recovery_ablation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import ray
+from paper_table2 import RESULTS, bench_spec, machine_info, run_one
+
+RULES = ["weighted", "average", "copy", "random"]
+
+
+def _loss_at(run: dict, step: int) -> float | None:
+    by_step = dict(zip(run["val_steps"], run["val_losses"]))
+    return by_step.get(step)
+
+
+def plot(runs: dict, fail_step: int, path: Path) -> None:
+    """Validation loss against step per rule (first seed), the failure marked."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, run in runs.items():
+        ax.plot(run["val_steps"], run["val_losses"], "--" if name == "no failure" else "-", lw=1.2, label=name)
+    ax.axvline(fail_step, color="red", alpha=0.5, lw=1, label="stage 1 killed")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("Recovery of a lost middle stage (cf. paper Figure 2)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="One seed, shorter runs.")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1; quick: 0).")
+    parser.add_argument("--fail-step", type=int, default=None, help="Step at which stage 1 is killed.")
+    parser.add_argument("--after", type=int, default=None, help="Steps after the failure to measure at.")
+    args = parser.parse_args()
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    fail_step = args.fail_step or (50 if args.quick else 60)
+    after = args.after or (30 if args.quick else 60)
+    stage = 1
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = time.monotonic()
+    runs: dict[int, dict[str, dict]] = {}
+    try:
+        for seed in seeds:
+            names = ["no failure", *RULES]
+            for name in names:
+                extra = {"eval_every": 5}
+                if name != "no failure":
+                    extra.update(recovery={"strategy": "checkfree", "rule": name},
+                                 failures={"schedule": [[fail_step, stage]]})
+                spec = bench_spec("none" if name == "no failure" else "checkfree", seed, fail_step + after, None,
+                                  **extra)
+                run = run_one(spec)
+                runs.setdefault(seed, {})[name] = run
+                print(f"seed {seed} {name}: loss at +{after} = {_loss_at(run, fail_step + after)} "
+                      f"{run['error'] or ''}", flush=True)
+    finally:
+        ray.shutdown()
+    table = {}
+    for name in ["no failure", *RULES]:
+        before = [_loss_at(runs[s][name], fail_step) for s in seeds]
+        just_after = [_loss_at(runs[s][name], fail_step + 5) for s in seeds]
+        end = [_loss_at(runs[s][name], fail_step + after) for s in seeds]
+        table[name] = {"val_loss_at_failure": statistics.mean(before),
+                       "val_loss_5_after": statistics.mean(just_after),
+                       f"val_loss_{after}_after": statistics.mean(end),
+                       "perplexity_end": math.exp(statistics.mean(end)),
+                       "excess_over_no_failure": None}
+    base = table["no failure"][f"val_loss_{after}_after"]
+    for row in table.values():
+        row["excess_over_no_failure"] = row[f"val_loss_{after}_after"] - base
+    head = f"{'rule':<11} {'loss@fail':>9} {'loss@+5':>8} {f'loss@+{after}':>9} {'ppl':>6} {'excess':>7}"
+    lines = [head, "-" * len(head)]
+    for name, row in table.items():
+        lines.append(f"{name:<11} {row['val_loss_at_failure']:>9.3f} {row['val_loss_5_after']:>8.3f} "
+                     f"{row[f'val_loss_{after}_after']:>9.3f} {row['perplexity_end']:>6.2f} "
+                     f"{row['excess_over_no_failure']:>+7.3f}")
+    text = "\n".join(lines)
+    print(text)
+    out = {"fail_step": fail_step, "stage": stage, "after": after, "seeds": seeds, "table": table,
+           "table_text": text, "runs": {str(s): r for s, r in runs.items()},
+           "total_wall_s": time.monotonic() - started, "machine": machine_info(quick=args.quick), "notes": NOTES}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "recovery_ablation.json").write_text(json.dumps(out, indent=2))
+    plot(runs[seeds[0]], fail_step, RESULTS / "recovery_ablation.png")
+    print(f"wrote {RESULTS / 'recovery_ablation.json'} and recovery_ablation.png in "
+          f"{out['total_wall_s'] / 60:.1f} min")
+
+
+NOTES: list[str] = []
+
+
+if __name__ == "__main__":
+    main()
