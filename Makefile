@@ -10,7 +10,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export OMP_NUM_THREADS := 1
 
-.PHONY: install test test-fast test-slow lint schema clean
+.PHONY: install demo test test-fast test-slow lint schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m lcsc_ray demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

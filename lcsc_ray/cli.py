@@ -95,3 +95,16 @@ def report_command(output_uri: str) -> None:
     from lcsc_ray.report import format_table, load_result
 
     click.echo(format_table(run_or_exit(load_result, output_uri)))
+
+
+@main.command("demo")
+@click.option("--spec", "spec_file", default=None, help="Search spec (default: examples/search_mnist.yaml).")
+@click.option("--budget", type=int, default=None, help="Override the number of search evaluations.")
+@click.option("--train-steps", type=int, default=None, help="Override the DDPM's training steps.")
+def demo_command(spec_file: str | None, budget: int | None, train_steps: int | None) -> None:
+    """Train (or reuse) the MNIST DDPM and run an LCSC search over its checkpoints on the local Ray."""
+    from lcsc_ray.demo import describe, load_demo_spec, run_demo
+
+    spec = run_or_exit(load_demo_spec, spec_file, budget)
+    result = run_or_exit(run_demo, spec, train_steps)
+    click.echo(describe(result, spec))
