@@ -58,3 +58,49 @@ def test_ray_job_submit_search_survives_lost_worker_node(tmp_path):
     trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
     assert len(trials[trials.rung == 0]) == 14
     assert (trials.status == "ok").sum() >= 13  # at most the in-flight trial on the lost node may fail
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_training_job_recovers_stages_of_a_lost_worker_node(tmp_path):
+    """A CheckFree training job spread over 3 nodes loses a worker node mid-run, rebuilds the lost stages
+    (or rolls back to its checkpoint when neighbours died together) and finishes every step."""
+    import json
+    import re
+
+    from schemas.train import TrainSpec
+
+    spec = TrainSpec.model_validate({
+        "steps": 24, "eval_every": 12, "eval_batches": 1,
+        "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 32},
+        "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 4, "num_cpus_per_stage": 0.25},
+        "recovery": {"strategy": "checkfree"}, "checkpointing": {"every": 4},
+        "output": {"uri": str(tmp_path / "train-out")},
+    })
+    spec_path = tmp_path / "train.yaml"
+    dump_spec(spec, spec_path)
+    with local_cluster(worker_cpus=[1, 1], head_cpus=1, log_dir=tmp_path) as cluster:
+        client = JobSubmissionClient(cluster.dashboard_url)
+        for _attempt in range(30):
+            try:
+                job_id = client.submit_job(entrypoint=f"python -m checkfree_ray train {spec_path}")
+                break
+            except RuntimeError as exc:  # the head's job agent is still starting
+                assert "No available agent" in str(exc)
+                time.sleep(2)
+        deadline = time.monotonic() + 300
+        step = 0
+        while step < 6 and time.monotonic() < deadline:
+            status = client.get_job_status(job_id)
+            assert not status.is_terminal(), client.get_job_logs(job_id)[-3000:]
+            steps = re.findall(r"train\[checkfree\] (\d+)/24", client.get_job_logs(job_id))
+            step = int(steps[-1]) if steps else 0
+            time.sleep(0.5)
+        cluster.kill_node(cluster.nodes[1])  # a worker node (and the stages on it) disappears
+        while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline + 200:
+            time.sleep(1)
+        status, logs = client.get_job_status(job_id), client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    result = json.loads((tmp_path / "train-out" / "result.json").read_text())
+    assert result["steps"][-1] == 24
+    assert len(result["failures"]) >= 1, "the lost node's stages were never reported as failures"
