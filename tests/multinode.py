@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from rayops.s3_server import free_port
 from rayops.session import apply_local_ray_env
 
