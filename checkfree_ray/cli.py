@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from rayops.cli import load_or_exit, run_or_exit, setup_logging, validate_command
+from rayops.cli import load_or_exit, run_or_exit, setup_logging, submit_command, validate_command
 from schemas.train import TrainSpec
 
 
@@ -34,28 +34,13 @@ def _summary(result) -> str:
             f"result: {result.files.get('result.json')}")
 
 
-@main.command("submit")
-@click.argument("spec_file", type=click.Path(dir_okay=False))
-@click.option("--address", default=None, help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a "
-              "local head.")
-@click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
-def submit_command(spec_file: str, address: str | None, wait: bool) -> None:
-    """Submit the training SPEC_FILE as a Ray job."""
+def _submit_training():
     from checkfree_ray.sdk import submit_training
 
-    spec = load_or_exit(spec_file, TrainSpec)
-    handle = run_or_exit(submit_training, spec, address=address)
-    click.echo(f"submitted job {handle.job_id}")
-    if not wait:
-        if handle.head is not None:
-            click.echo("note: the local head lives as long as this command; waiting for the job", err=True)
-        else:
-            return
-    try:
-        run_or_exit(handle.wait, echo=True)
-        click.echo(_summary(handle.result()))
-    finally:
-        handle.close()
+    return submit_training
+
+
+main.add_command(submit_command(TrainSpec, _submit_training, _summary, "training"))
 
 
 @main.command("demo")

@@ -6,7 +6,7 @@ import click
 
 from lcsc_ray.recipes.cli import recipe
 from rayops import storage
-from rayops.cli import load_or_exit, run_or_exit, setup_logging, validate_command
+from rayops.cli import load_or_exit, run_or_exit, setup_logging, submit_command, validate_command
 from schemas.search import SearchSpec
 
 
@@ -36,29 +36,19 @@ def search_command(spec_file: str) -> None:
         click.echo(f"  {name}: {result.files.get(name)}")
 
 
-@main.command("submit")
-@click.argument("spec_file", type=click.Path(dir_okay=False))
-@click.option("--address", default=None, help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a "
-              "local head.")
-@click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
-def submit_command(spec_file: str, address: str | None, wait: bool) -> None:
-    """Submit an LCSC search as a Ray job."""
-    from lcsc_ray.report import format_table
+def _submit_search():
     from lcsc_ray.sdk import submit_search
 
-    spec = load_or_exit(spec_file, SearchSpec)
-    handle = run_or_exit(submit_search, spec, address=address)
-    click.echo(f"submitted job {handle.job_id}")
-    if not wait:
-        if handle.head is not None:
-            click.echo("note: the local head lives as long as this command; waiting for the job", err=True)
-        else:
-            return
-    try:
-        run_or_exit(handle.wait, echo=True)
-        click.echo(format_table(handle.result()))
-    finally:
-        handle.close()
+    return submit_search
+
+
+def _search_table(result) -> str:
+    from lcsc_ray.report import format_table
+
+    return format_table(result)
+
+
+main.add_command(submit_command(SearchSpec, _submit_search, _search_table, "search"))
 
 
 @main.command("combine")

@@ -57,3 +57,35 @@ def run_or_exit(fn, *args, **kwargs):
     except LcscCheckfreeError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_RUN_ERROR)
+
+
+def follow_job(handle, wait: bool, summarise) -> None:
+    """Print the job id, then (with `wait`, or when the handle owns a local head) follow its logs and print
+    `summarise(result)`; the local head is closed at the end."""
+    click.echo(f"submitted job {handle.job_id}")
+    if not wait:
+        if handle.head is None:
+            return
+        click.echo("note: the local head lives as long as this command; waiting for the job", err=True)
+    try:
+        run_or_exit(handle.wait, echo=True)
+        click.echo(summarise(handle.result()))
+    finally:
+        handle.close()
+
+
+def submit_command(model: type[BaseModel], load_submit, summarise, noun: str) -> click.Command:
+    """A `submit SPEC_FILE [--address] [--wait/--no-wait]` command; `load_submit()` returns the SDK's
+    submit function (imported lazily), `summarise(result)` the line printed at the end."""
+
+    @click.command("submit")
+    @click.argument("spec_file", type=click.Path(dir_okay=False))
+    @click.option("--address", default=None,
+                  help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a local head.")
+    @click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
+    def submit(spec_file: str, address: str | None, wait: bool) -> None:
+        spec = load_or_exit(spec_file, model)
+        follow_job(run_or_exit(load_submit(), spec, address=address), wait, summarise)
+
+    submit.help = f"Submit the {noun} SPEC_FILE as a Ray job."
+    return submit
