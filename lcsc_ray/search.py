@@ -258,12 +258,10 @@ def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores:
                         default=math.inf)
     winner_holdout = np.mean(winner["holdout"] or [winner["fid"]])
     gain = (not is_seed) and winner_holdout < best_baseline
-    k = run.num_checkpoints
-    ema_alphas = coef.last_checkpoint(k).tolist()  # placeholder coefficients for the run's own EMA row
 
     def score(label: str, entry: dict) -> CandidateScore:
-        alphas = entry["alphas"] if entry["alphas"] is not None else ema_alphas
-        return CandidateScore(label=label if entry["alphas"] is not None else "run-ema", coefficients=alphas,
+        alphas = entry["alphas"] if entry["alphas"] is not None else []  # the run's EMA is no combination
+        return CandidateScore(label=label, coefficients=alphas,
                               fid=entry["fid"], num_samples=entry["num_samples"], holdout_fids=entry["holdout"])
 
     return SearchResult(

@@ -158,7 +158,9 @@ class CandidateScore(StrictModel):
     """One coefficient vector and its FID."""
 
     label: str = Field(description="What the vector is: 'lcsc', 'last', 'ema@0.9', 'uniform', 'run-ema', ...")
-    coefficients: list[float] = Field(description="Per-checkpoint weights alpha_i (sum to 1).")
+    coefficients: list[float] = Field(
+        description="Per-checkpoint weights alpha_i (sum to 1); empty for the run's own EMA weights."
+    )
     fid: float = Field(description="FID at the search's sample count and seed.")
     num_samples: int = Field(description="Samples behind `fid`.")
     holdout_fids: list[float] = Field(default_factory=list, description="FID on each held-out seed.")
