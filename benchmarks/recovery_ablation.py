@@ -33,14 +33,22 @@ def _loss_at(run: dict, step: int) -> float | None:
 
 
 def plot(runs: dict, fail_step: int, path: Path) -> None:
-    """Validation loss against step per rule (first seed), the failure marked."""
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    """Validation loss against step per rule (first seed), and its excess over the run without the failure."""
+    fig, (ax, ax_delta) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    base = dict(zip(runs["no failure"]["val_steps"], runs["no failure"]["val_losses"]))
     for name, run in runs.items():
-        ax.plot(run["val_steps"], run["val_losses"], "--" if name == "no failure" else "-", lw=1.2, label=name)
-    ax.axvline(fail_step, color="red", alpha=0.5, lw=1, label="stage 1 killed")
-    ax.set_xlabel("step")
+        style = "--" if name == "no failure" else "-"
+        ax.plot(run["val_steps"], run["val_losses"], style, lw=1.2, label=name)
+        steps = [s for s in run["val_steps"] if s >= fail_step - 10 and s in base]
+        by_step = dict(zip(run["val_steps"], run["val_losses"]))
+        ax_delta.plot(steps, [by_step[s] - base[s] for s in steps], style, lw=1.2, label=name)
+    for axis in (ax, ax_delta):
+        axis.axvline(fail_step, color="red", alpha=0.5, lw=1, label="stage 1 killed" if axis is ax else None)
+        axis.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/byte)")
+    ax_delta.set_ylabel("minus the run without the failure")
     ax.set_title("Recovery of a lost middle stage (cf. paper Figure 2)")
+    ax_delta.set_title("Excess validation loss after the failure")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -108,7 +116,13 @@ def main() -> None:
           f"{out['total_wall_s'] / 60:.1f} min")
 
 
-NOTES: list[str] = []
+NOTES = [
+    "Setting: the Table 2 benchmark model (4 stages of one d=64 block each, byte-level), stage 1 killed at step 60 under strategy 'checkfree' with each recovery.rule, same seed and failure step; validation loss every 5 steps. 'val_loss_at_failure' is the evaluation right after the failure step was retried, so it already includes the damage of the rebuild.",
+    "Differs from the paper's Figure 2 (weighted average > plain average > copy > random, perplexity 22.6 vs 29.2 vs 121 after 10k iterations): here all four rules end within about 0.03 nats of each other and of the run without a failure 60 steps later, and random re-initialisation is not worse; in seed 1 it is the least damaging right after the failure (weighted and copy cost ~0.04-0.05 nats at the failure step, random ~0).",
+    "Why we think so: the failure comes at step 60 of a tiny model, when each block is still a small perturbation of the residual stream. A block freshly initialised with std 0.02 is then close to the identity (it removes one block's contribution), whereas an average or copy of a neighbour inserts a block trained for another depth. The paper's failures hit 500M-parameter models deep into training, where a missing block costs far more and neighbours are more alike. Testing that would need a later failure step (e.g. --fail-step 300 --after 200) and more seeds; there was no time for it on the shared 2 cores.",
+    'Differences between rules are of the same order as the seed-to-seed spread and the evaluation noise (2 fixed validation micro-batches), so this ablation does not rank the rules at this scale.',
+    'Recovery times (17 min for 10 runs, load average 35-70 on 2 cores) are not meaningful here; only losses are.',
+]
 
 
 if __name__ == "__main__":
