@@ -91,7 +91,9 @@ class Evaluator:
             "cuda" if torch.cuda.is_available() and spec.evaluators.num_gpus > 0 else "cpu"
         )
         self.arrays = ray.get(list(checkpoint_refs))  # read-only numpy views of the object store
-        self.ema_array = ray.get(ema_ref) if ema_ref is not None else None
+        # An ObjectRef passed as a top-level actor argument arrives already resolved (an ndarray); a direct
+        # construction from a CheckpointSet hands over the ref itself.
+        self.ema_array = ray.get(ema_ref) if isinstance(ema_ref, ray.ObjectRef) else ema_ref
         self.sources = self._device_sources(self.arrays)
         self.reference_mu = np.asarray(reference_mu, np.float64)
         self.reference_sigma = np.asarray(reference_sigma, np.float64)
