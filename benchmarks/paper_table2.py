@@ -151,7 +151,7 @@ def format_table(table: dict, reference: dict) -> str:
                  f"{fmt(reference['wall_s'], '.1f'):>7} {'':>6} {reference['s_per_step']:>7.3f} {'':>6} "
                  f"{fmt(reference['modelled_h'], '.1f'):>8}")
     for rate, rows in table.items():
-        ckpt = rows["checkpoint"]
+        ckpt = rows.get("checkpoint", {"wall_s": None, "modelled_h": None})
         for strategy, row in rows.items():
             lines.append(
                 f"{rate:<5} {strategy:<11} {row['reached']:>5} {row['failures']:>5.1f} {fmt(row['steps'], '.0f'):>6} "
@@ -181,17 +181,8 @@ def plot(results: dict, seed: int, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="One seed and an easier target (~5 minutes).")
-    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1; quick: 0).")
-    parser.add_argument("--target", type=float, default=None, help="Target validation loss.")
-    args = parser.parse_args()
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
-    target = args.target or (2.7 if args.quick else 2.5)
-    max_steps = 200 if args.quick else 300  # about 3x the steps the no-failure run needs
-    every = round(PAPER_CHECKPOINT_EVERY / FAILURE_SCALE)
-
+def collect(seeds: list[int], target: float, max_steps: int, every: int, quick: bool) -> dict:
+    """Every run, side by side in one Ray, with checkpoints on a SeaweedFS server started (and stopped) here."""
     from rayops.s3_server import start_seaweedfs
 
     server = start_seaweedfs(Path(tempfile.mkdtemp(prefix="table2-s3-")))
@@ -200,7 +191,8 @@ def main() -> None:
     server.create_bucket(bucket)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     started = time.monotonic()
-    out: dict = {"target_val_loss": target, "seeds": seeds, "quick": args.quick, "reference": [], "runs": {}}
+    out: dict = {"target_val_loss": target, "seeds": seeds, "quick": quick, "max_steps": max_steps,
+                 "reference": [], "runs": {}}
     try:
         for seed in seeds:
             print(f"seed {seed}: none (no failures)", flush=True)
@@ -212,6 +204,7 @@ def main() -> None:
                                       failures={"probability_per_step": p * FAILURE_SCALE, "seed": seed})
                     run = run_one(spec, checkpoint_uri=f"s3://{bucket}/{rate}/{strategy}/{seed}")
                     out["runs"].setdefault(rate, []).append(run)
+                    out["total_wall_s"] = time.monotonic() - started
                     Path(tempfile.gettempdir(), "paper_table2_runs.json").write_text(json.dumps(out, default=str))
                     print(f"seed {seed} {rate} {strategy}: reached={run['reached']} steps={run['executed_steps']} "
                           f"wall={run['wall_s']:.1f}s failures={len(run['failures'])} {run['error'] or ''}",
@@ -219,10 +212,15 @@ def main() -> None:
     finally:
         ray.shutdown()
         server.stop()
+    return out
+
+
+def report(out: dict, every: int) -> None:
+    """Summarise the runs, print the table, write the JSON and the plot."""
     reference = summarise(out["reference"])
-    table = {rate: {s: summarise([r for r in runs if r["strategy"] == s]) for s in STRATEGIES}
-             for rate, runs in out["runs"].items()}
-    out.update(table=table, reference_summary=reference, total_wall_s=time.monotonic() - started)
+    table = {rate: {s: summarise([r for r in runs if r["strategy"] == s]) for s in STRATEGIES
+                    if any(r["strategy"] == s for r in runs)} for rate, runs in out["runs"].items()}
+    out.update(table=table, reference_summary=reference)
     out["scaling"] = {
         "paper_probability_per_step": PAPER_P, "failure_scale": FAILURE_SCALE,
         "probability_per_step": {r: p * FAILURE_SCALE for r, p in PAPER_P.items()},
@@ -231,16 +229,34 @@ def main() -> None:
                     "for losses they cannot rebuild (checkfree: outer stages; all: adjacent stages together)",
         "modelled": f"executed steps x paper s/iteration {PAPER_ITER_S} + {PAPER_RECOVERY_S:g} s per recovery",
     }
-    out["machine"] = machine_info(max_steps=max_steps, model=BENCH_MODEL, pipeline=BENCH_PIPELINE)
+    out["machine"] = machine_info(max_steps=out.get("max_steps"), model=BENCH_MODEL, pipeline=BENCH_PIPELINE)
     out["notes"] = NOTES + auto_notes(table, reference)
     text = format_table(table, reference)
     print(text)
     out["table_text"] = text
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "paper_table2.json").write_text(json.dumps(out, indent=2, default=_json_default))
-    plot(out, seeds[0], RESULTS / "paper_table2_loss_vs_time.png")
+    plot(out, out["seeds"][0], RESULTS / "paper_table2_loss_vs_time.png")
     print(f"wrote {RESULTS / 'paper_table2.json'} and paper_table2_loss_vs_time.png "
-          f"in {out['total_wall_s'] / 60:.1f} min")
+          f"({out.get('total_wall_s', 0.0) / 60:.1f} min of runs)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="One seed and an easier target (~5 minutes).")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1; quick: 0).")
+    parser.add_argument("--target", type=float, default=None, help="Target validation loss.")
+    parser.add_argument("--from-runs", default=None, help="Rebuild the table from a saved runs file "
+                        "(the temp dir's paper_table2_runs.json, written after every run) without training.")
+    args = parser.parse_args()
+    every = round(PAPER_CHECKPOINT_EVERY / FAILURE_SCALE)
+    if args.from_runs:
+        report(json.loads(Path(args.from_runs).read_text()), every)
+        return
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    target = args.target or (2.7 if args.quick else 2.5)
+    max_steps = 200 if args.quick else 300  # about 3x the steps the no-failure run needs
+    report(collect(seeds, target, max_steps, every, args.quick), every)
 
 
 def _json_default(value):
@@ -272,6 +288,8 @@ def auto_notes(table: dict, reference: dict) -> list[str]:
     """Where this run's ranking agrees or disagrees with the paper's Table 2."""
     notes = []
     for rate, rows in table.items():
+        if not {"checkpoint", "checkfree+", "redundant", "checkfree"} <= set(rows):
+            continue
         ckpt, plus = rows["checkpoint"]["wall_s"], rows["checkfree+"]["wall_s"]
         measured = _ratio(ckpt, plus)
         modelled = _ratio(rows["checkpoint"]["modelled_h"], rows["checkfree+"]["modelled_h"])
