@@ -87,6 +87,7 @@ class PipelineExecutor:
         self.pool: StagePool | None = None
         self.actors: list = []
         self._pending_copies: list | None = None
+        self._abandoned: list = []  # calls of an interrupted attempt
         self.start_time = time.monotonic()
 
     # ----- lifecycle ------------------------------------------------------------------------------------
@@ -141,6 +142,15 @@ class PipelineExecutor:
                 lost.append(stage)
         return lost
 
+    def _drain_abandoned(self) -> None:
+        """Read the errors of an interrupted attempt's calls (expected) so Ray does not report them as unhandled."""
+        for ref in self._abandoned:
+            try:
+                ray.get(ref, timeout=0)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pass
+        self._abandoned = []
+
     def _attempt(self, step: int) -> tuple[float, list[dict]]:
         """Phase 1 and phase 2 of one step; raises `StageLost`.
 
@@ -149,6 +159,7 @@ class PipelineExecutor:
         skips it when any failed: no stage steps unless phase 1 completed everywhere), then the
         CheckFree+ copies. The driver waits once per phase, never per micro-batch.
         """
+        self._drain_abandoned()
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
         loss_refs, done_refs = self._launch(inputs, targets)
@@ -161,6 +172,7 @@ class PipelineExecutor:
             lost = self._find_lost()
             if not lost:
                 raise
+            self._abandoned = [*loss_refs, *done_refs, *step_refs, *(self._pending_copies or [])]
             raise StageLost(lost, phase=1) from None
         loss = sum(losses) / len(losses)
         norms: list[dict | None] = []

@@ -3,6 +3,9 @@
 Draws are deterministic: stage s fails at step t when u(seed, t)[s] < p, where p is the spec's per-step
 probability or comes from the hourly rate and the measured step time. A schedule gives exact failures.
 Each (step, stage) fires at most once, so the retried step is not killed again.
+
+A kill is realistic: the stage's process is SIGKILLed and the step goes on at once; the failure is
+detected when one of the step's calls fails, as it would be when a node is lost.
 """
 
 from __future__ import annotations
@@ -41,13 +44,17 @@ class FailureInjector:
             stages |= {int(i) for i in np.flatnonzero(draws < p)}
         return sorted(s for s in stages if (step, s) not in self.fired)
 
-    def kill(self, step: int, stage: int, actor, wait_s: float = 10.0) -> float:
-        """Kill the stage's process and wait until calls to it fail; returns the kill time (monotonic)."""
+    def kill(self, step: int, stage: int, actor) -> float:
+        """SIGKILL the stage's process and return at once; returns the kill time (monotonic).
+
+        The kill is an actor call, so it runs before any call the driver submits to that actor later:
+        the process is gone before the step's first call to it (`ray.kill` from outside is asynchronous
+        and a call right after it can still reach the old process).
+        """
         self.fired.add((step, stage))
         killed_at = time.monotonic()
         self.kill_times[(step, stage)] = killed_at
-        ray.kill(actor, no_restart=True)
-        wait_until_dead(actor, wait_s)
+        actor.terminate.remote()
         return killed_at
 
 

@@ -1,8 +1,14 @@
-"""Stage actors in a placement group, plus a warm standby actor for fast replacement.
+"""Stage actors in a placement group, plus warm standby actors for fast replacement.
 
-The group has one bundle per stage (and one for the standby), SPREAD across nodes when there are
-several. A replacement or new standby takes any bundle with room (`bundle_index=-1`); when a node is
-gone Ray reschedules its bundles on the nodes left.
+The group has one bundle per stage and one per standby (`pipeline.standby_actors` when
+`pipeline.warm_standby`), SPREAD across nodes when there are several. A replacement or new standby
+takes any bundle with room (`bundle_index=-1`); when a node is gone Ray reschedules its bundles on the
+nodes left.
+
+Standbys are started without waiting: each is created with a ping already submitted, and `take`
+hands out the first one whose warm-up step has finished (its process is up, torch imported and
+exercised). The pool is refilled asynchronously right after each recovery, so a recovery never waits
+for a process to start unless every standby is still starting.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ class StagePool:
     def __init__(self, spec: TrainSpec, cfg: ModelConfig):
         self.spec, self.cfg = spec, cfg
         pipe = spec.pipeline
-        bundles = [{"CPU": pipe.num_cpus_per_stage} for _ in range(pipe.num_stages + int(pipe.warm_standby))]
+        self.num_standbys = pipe.standby_actors if pipe.warm_standby else 0
+        bundles = [{"CPU": pipe.num_cpus_per_stage} for _ in range(pipe.num_stages + self.num_standbys)]
         self.group = placement_group(bundles, strategy=pipe.placement)
         try:
             ray.get(self.group.ready(), timeout=READY_TIMEOUT_S)
@@ -38,14 +45,14 @@ class StagePool:
             need = sum(b["CPU"] for b in bundles)
             raise RecoveryError(
                 f"the placement group of {len(bundles)} bundles ({need} CPUs in all) was not placed within "
-                f"{READY_TIMEOUT_S:.0f}s; lower `pipeline.num_cpus_per_stage`, turn off `pipeline.warm_standby` "
-                "or add nodes"
+                f"{READY_TIMEOUT_S:.0f}s; lower `pipeline.num_cpus_per_stage` or `pipeline.standby_actors`, turn "
+                "off `pipeline.warm_standby` or add nodes"
             ) from None
         self.created: list = []
-        self.standby = None
+        self.standbys: list[tuple[object, ray.ObjectRef]] = []  # (actor, its first ping)
 
     def new_actor(self, bundle_index: int = -1):
-        """Start a stage actor process (cold)."""
+        """Start a stage actor process (cold); returns at once, the process starts in the background."""
         actor = StageActor.options(
             num_cpus=self.spec.pipeline.num_cpus_per_stage,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -56,27 +63,57 @@ class StagePool:
         return actor
 
     def start_stages(self) -> list:
-        """One actor per stage in its own bundle, waited for; then the standby (not waited for)."""
-        actors = [self.new_actor(i) for i in range(self.spec.pipeline.num_stages)]
+        """One actor per stage in its own bundle, waited for; then the standbys (not waited for)."""
+        stages = self.spec.pipeline.num_stages
+        actors = [self.new_actor(i) for i in range(stages)]
         ray.get([a.ping.remote() for a in actors], timeout=READY_TIMEOUT_S)
-        self.refill_standby(bundle_index=self.spec.pipeline.num_stages)
+        for k in range(self.num_standbys):
+            self._add_standby(bundle_index=stages + k)
         return actors
 
-    def refill_standby(self, bundle_index: int = -1) -> None:
-        """Start a new standby if warm standby is on and there is none."""
-        if self.spec.pipeline.warm_standby and self.standby is None:
-            self.standby = self.new_actor(bundle_index)
+    def _add_standby(self, bundle_index: int = -1) -> None:
+        actor = self.new_actor(bundle_index)
+        self.standbys.append((actor, actor.warm_up.remote()))  # ready once its first step has run
+
+    def refill_standby(self) -> None:
+        """Start standbys (without waiting) until there are `pipeline.standby_actors` of them."""
+        while len(self.standbys) < self.num_standbys:
+            self._add_standby()
+
+    def wait_standbys(self, timeout_s: float = READY_TIMEOUT_S) -> int:
+        """Block until every standby is up (or `timeout_s` passes); returns how many are up."""
+        pings = [ping for _, ping in self.standbys]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s) if pings else ([], [])
+        return len(ready)
 
     def take(self) -> tuple[object, bool]:
-        """An actor for a lost stage: the standby when it is alive (warm=True), else a new one."""
-        actor, self.standby = self.standby, None
-        if actor is not None:
+        """An actor for a lost stage and whether it is a standby (warm).
+
+        The caller refills the pool (`refill_standby`) once the recovery is done, so that new processes
+        starting do not compete for the cores with the recovery itself.
+
+        The first standby that is up; when none is up yet, the first to come up (a standby that is
+        starting is never slower than a new process); with no standby, a new actor.
+        """
+        actor, warm = None, False
+        while self.standbys and actor is None:
+            pings = [ping for _, ping in self.standbys]
+            ready, _ = ray.wait(pings, num_returns=1, timeout=0)
+            if not ready:
+                log.info("no standby is up yet; waiting for the first of %d to start", len(pings))
+                ready, _ = ray.wait(pings, num_returns=1, timeout=READY_TIMEOUT_S)
+            if not ready:
+                break
+            index = pings.index(ready[0])
+            candidate, ping = self.standbys.pop(index)
             try:
-                ray.get(actor.ping.remote(), timeout=READY_TIMEOUT_S)
-                return actor, True
+                ray.get(ping)
+                actor, warm = candidate, True
             except ray.exceptions.RayActorError:
-                log.warning("the warm standby died too; starting a cold actor")
-        return self.new_actor(), False
+                log.warning("a warm standby died too; trying the next")
+        if actor is None:
+            actor, warm = self.new_actor(), False
+        return actor, warm
 
     def shutdown(self) -> None:
         """Kill every actor this pool started and remove the placement group."""

@@ -9,8 +9,11 @@ or from the CheckFree average of its two neighbours' states. Flat state keys are
 from __future__ import annotations
 
 import os
+import signal
+import warnings
 from collections.abc import Mapping
 
+import numpy as np
 import ray
 import safetensors.torch
 import torch
@@ -30,6 +33,12 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
+def _tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor over `value`'s memory: activations and gradients travel as numpy arrays, which Ray's object
+    store hands over zero-copy (read-only: an incoming gradient is cloned before autograd may add into it)."""
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     """Bytes held by the tensors of a flat state."""
     return sum(t.numel() * t.element_size() for t in state.values())
@@ -40,6 +49,11 @@ class StageWorker:
 
     def __init__(self, cfg: ModelConfig, grad_clip: float, weight_decay: float, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set in this process
+            pass
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.cfg, self.grad_clip, self.weight_decay = cfg, grad_clip, weight_decay
         self.stage_index: int | None = None
         self.parts: dict[str, nn.Module] = {}
@@ -51,7 +65,27 @@ class StageWorker:
     # ----- identity -------------------------------------------------------------------------------------
     def ping(self) -> dict:
         """Process id, node id and assigned stage (also a liveness check)."""
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "stage": self.stage_index}
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "stage": self.stage_index,
+                "torch_threads": torch.get_num_threads()}
+
+    def warm_up(self) -> dict:
+        """Standby: one throwaway training step of a whole model on one sequence, so that lazy imports and
+        first-call costs (kernels, autograd, Adam) are paid before this actor is needed; leaves it blank."""
+        parts = [Embedding(self.cfg), Stage(self.cfg), Head(self.cfg)]
+        params = [p for part in parts for p in part.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=self.weight_decay)
+        tokens = torch.zeros(1, self.cfg.seq_len, dtype=torch.long)
+        inp = parts[0](tokens).detach().requires_grad_(True)
+        loss = lm_loss(parts[2](parts[1](inp)), tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        optimizer.step()
+        safetensors.torch.load(safetensors.torch.save({"x": inp.grad}))
+        return self.ping()
+
+    def terminate(self) -> None:
+        """Failure injection: SIGKILL this process (no cleanup), as a lost node would end it."""
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # ----- configuration ------------------------------------------------------------------------------
     def configure(self, stage_index: int, lr: float | None, *sources: Mapping[str, torch.Tensor] | bytes,
@@ -148,9 +182,10 @@ class StageWorker:
         return self.optimizer.param_groups[0]["lr"]
 
     # ----- the pipeline ----------------------------------------------------------------------------------
-    def forward(self, micro_batch: int, hop: int, parts: tuple[str, ...], x: torch.Tensor,
-                targets: torch.Tensor | None = None, loss_scale: float = 1.0, train: bool = True):
-        """Run `parts` on x; returns activations (B, T, d), or the unscaled loss when the head runs."""
+    def forward(self, micro_batch: int, hop: int, parts: tuple[str, ...], x: np.ndarray | torch.Tensor,
+                targets: np.ndarray | torch.Tensor | None = None, loss_scale: float = 1.0, train: bool = True):
+        """Run `parts` on x; returns activations (B, T, d) as numpy, or the unscaled loss when the head runs."""
+        x = _tensor(x)
         with torch.set_grad_enabled(train):
             if EMBED in parts:
                 inp, h = None, self.parts[EMBED](x)
@@ -160,16 +195,16 @@ class StageWorker:
             if BLOCKS in parts:
                 h = self.parts[BLOCKS](h)
             if HEAD in parts:
-                loss = lm_loss(self.parts[HEAD](h), targets)
+                loss = lm_loss(self.parts[HEAD](h), _tensor(targets))
                 if train:
                     self.cache[(micro_batch, hop)] = (inp, loss * loss_scale)
                 return loss.item()
         if train:
             self.cache[(micro_batch, hop)] = (inp, h)
-        return h.detach()
+        return h.detach().numpy()
 
-    def backward(self, micro_batch: int, hop: int, grad: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Back-propagate one hop; returns the gradient of its input (None for the embedding hop)."""
+    def backward(self, micro_batch: int, hop: int, grad: np.ndarray | torch.Tensor | None = None) -> np.ndarray | None:
+        """Back-propagate one hop; returns the gradient of its input as numpy (None for the embedding hop)."""
         entry = self.cache.pop((micro_batch, hop), None)
         if entry is None:  # the forward of an interrupted step never ran here; the driver sees its error
             return None
@@ -177,11 +212,15 @@ class StageWorker:
         if grad is None:
             out.backward()
         else:
-            out.backward(grad)
-        return None if inp is None else inp.grad
+            out.backward(_tensor(grad).clone())  # autograd may accumulate into it; the received one is read-only
+        return None if inp is None else inp.grad.numpy()
 
-    def step(self) -> dict[str, float]:
-        """Clip the stage's gradient to `grad_clip`, record its norms (after clipping), step Adam."""
+    def step(self, *backward_done) -> dict[str, float]:
+        """Clip the stage's gradient to `grad_clip`, record its norms (after clipping), step Adam.
+
+        `backward_done` are the results of every micro-batch's last backward hop, passed only so that Ray
+        runs this call after all of them and skips it (with their error) when any of them failed.
+        """
         named = self._named_parameters()
         params = [p for _, p in named]
         pre_clip = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
