@@ -76,15 +76,16 @@ def format_summary(result: TrainResult, reference: TrainResult | None = None) ->
     return "\n".join(lines)
 
 
-def _quiet_local_ray(spec: TrainSpec) -> None:
-    """The stage kills are intended: keep Ray's reports of dead workers out of the demo's output
-    (a local Ray started here without worker logs; `ray_session` then uses it and shuts it down)."""
+def _quiet_local_ray(spec: TrainSpec) -> bool:
+    """The stage kills are intended: keep Ray's reports of dead workers out of the demo's output (a local
+    Ray started here without worker logs, which `ray_session` then uses). Returns whether it started one."""
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if ray.is_initialized() or resolve_address(spec.ray) is not None:
-        return
+        return False
     apply_local_ray_env()
     ray.init(address="local", num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_memory,
              include_dashboard=False, namespace=spec.ray.namespace, log_to_driver=False)
+    return True
 
 
 def run_demo(spec_file: str | None = None, out_dir: str | None = None, reference: bool = True) -> TrainResult:
@@ -94,19 +95,23 @@ def run_demo(spec_file: str | None = None, out_dir: str | None = None, reference
     spec = demo_spec(spec_file, out_dir)
     click.echo(f"demo: {spec.recovery.strategy}, {spec.pipeline.num_stages} stages, {spec.steps} steps, "
                f"kills at (step, stage) {list(spec.failures.schedule)}", err=True)
-    _quiet_local_ray(spec)
-    with ray_session(spec.ray):  # one Ray for both runs
-        result = run_training(spec, progress=True)
-        baseline = None
-        if reference:
-            ref_spec = spec.model_copy(update={
-                "name": f"{spec.name}-reference",
-                "failures": spec.failures.model_copy(update={"schedule": [], "probability_per_step": None,
-                                                             "hourly_rate": None}),
-                "output": spec.output.model_copy(update={"uri": storage.join(spec.output.uri, "reference")}),
-            })
-            click.echo("demo: the same run without failures, for reference", err=True)
-            baseline = run_training(ref_spec, progress=True)
+    started_here = _quiet_local_ray(spec)
+    try:
+        with ray_session(spec.ray):  # one Ray for both runs
+            result = run_training(spec, progress=True)
+            baseline = None
+            if reference:
+                ref_spec = spec.model_copy(update={
+                    "name": f"{spec.name}-reference",
+                    "failures": spec.failures.model_copy(update={"schedule": [], "probability_per_step": None,
+                                                                 "hourly_rate": None}),
+                    "output": spec.output.model_copy(update={"uri": storage.join(spec.output.uri, "reference")}),
+                })
+                click.echo("demo: the same run without failures, for reference", err=True)
+                baseline = run_training(ref_spec, progress=True)
+    finally:
+        if started_here:
+            ray.shutdown()
     click.echo(format_summary(result, baseline))
     click.echo(f"plot: {result.files.get('loss_vs_time.png')}")
     return result
