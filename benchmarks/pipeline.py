@@ -26,7 +26,7 @@ from checkfree_ray.data import ByteCorpus
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.model import ModelConfig, ReferenceTrainer
 from checkfree_ray.recovery import gradient_weights
-from schemas.train import TrainSpec
+from schemas.train import PipelineSpec, TrainSpec
 
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 
@@ -39,25 +39,17 @@ def make_spec(size: dict, strategy: str, **extra) -> TrainSpec:
     return TrainSpec.model_validate(data)
 
 
-def single_process_tokens_per_s(spec: TrainSpec, steps: int) -> float:
-    torch.set_num_threads(1)
-    trainer = ReferenceTrainer(ModelConfig.from_spec(spec.model, spec.pipeline.num_stages), spec.seed, spec.optim.lr)
-    corpus = ByteCorpus(spec.data, spec.model.seq_len, spec.seed)
-    order = list(range(spec.pipeline.num_stages))
+def tokens_per_step(spec: TrainSpec) -> int:
     pipe = spec.pipeline
-    trainer.train_step(*corpus.train_batch(0, pipe.micro_batches, pipe.micro_batch_size), [order] * pipe.micro_batches)
-    times = []
-    for step in range(1, steps + 1):
-        batch = corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
-        start = time.perf_counter()
-        trainer.train_step(*batch, [order] * pipe.micro_batches)
-        times.append(time.perf_counter() - start)
-    return pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len / statistics.median(times)
+    return pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len
 
 
-def run_executor(spec: TrainSpec, steps: int, checkpoint_uri: str | None = None) -> PipelineExecutor:
+def run_executor(spec: TrainSpec, steps: int, checkpoint_uri: str | None = None,
+                 ready_standbys: bool = False) -> PipelineExecutor:
     executor = PipelineExecutor(spec, checkpoint_uri=checkpoint_uri)
     executor.start()
+    if ready_standbys and hasattr(executor.pool, "wait_standbys"):
+        executor.pool.wait_standbys()  # a failure long after start finds them up
     try:
         step = 1
         while step <= steps:
@@ -67,56 +59,166 @@ def run_executor(spec: TrainSpec, steps: int, checkpoint_uri: str | None = None)
     return executor
 
 
-def pipeline_tokens_per_s(executor: PipelineExecutor) -> float:
-    pipe, spec = executor.spec.pipeline, executor.spec
-    step_s = statistics.median(executor.history.step_times[1:])
-    return pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len / step_s
+class SingleProcess:
+    """Single-process training of the same model (one torch thread), stepped in blocks."""
+
+    def __init__(self, spec: TrainSpec):
+        torch.set_num_threads(1)
+        self.spec, pipe = spec, spec.pipeline
+        self.trainer = ReferenceTrainer(ModelConfig.from_spec(spec.model, pipe.num_stages), spec.seed, spec.optim.lr)
+        self.corpus = ByteCorpus(spec.data, spec.model.seq_len, spec.seed)
+        self.orders = [list(range(pipe.num_stages))] * pipe.micro_batches
+        self.step = 0
+
+    def block(self, steps: int) -> list[float]:
+        times, pipe = [], self.spec.pipeline
+        for _ in range(steps):
+            self.step += 1
+            batch = self.corpus.train_batch(self.step, pipe.micro_batches, pipe.micro_batch_size)
+            start = time.perf_counter()
+            self.trainer.train_step(*batch, self.orders)
+            times.append(time.perf_counter() - start)
+        return times
+
+
+class Pipeline:
+    """A started executor, stepped in blocks."""
+
+    def __init__(self, spec: TrainSpec):
+        self.executor = PipelineExecutor(spec)
+        self.executor.start()
+        self.step = 1
+
+    def block(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.step = self.executor.run_step(self.step)
+            times.append(time.perf_counter() - start)
+        return times
+
+
+def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
+    """Single process and the three pipelines, alternated in blocks; ratios per round, then their medians.
+
+    Each round runs one block of each system (the order reverses every round), so load from other work
+    on the machine hits both sides of each ratio about equally.
+    """
+    standby_off = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1}}
+    systems = {"single": SingleProcess(make_spec(size, "none")),
+               **{s: Pipeline(make_spec(size, s, **standby_off)) for s in ("none", "checkfree", "checkfree+")}}
+    for system in systems.values():
+        system.block(2)  # warm-up
+    names = list(systems)
+    per_round = {name: [] for name in names}
+    try:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                per_round[name].append(statistics.median(systems[name].block(block_steps)))
+    finally:
+        for name in names[1:]:
+            systems[name].executor.shutdown()
+    step_s = {name: statistics.median(v) for name, v in per_round.items()}
+    ratios = [single / none for single, none in zip(per_round["single"], per_round["none"])]
+    overhead = {s: [t / none - 1.0 for t, none in zip(per_round[s], per_round["none"])]
+                for s in ("checkfree", "checkfree+")}
+    tokens = tokens_per_step(make_spec(size, "none"))
+    return {"rounds": rounds, "block_steps": block_steps, "step_s_per_round": per_round,
+            "tokens_per_s": {name: tokens / t for name, t in step_s.items()},
+            "pipeline_over_single_per_round": ratios,
+            "pipeline_over_single_median": statistics.median(ratios),
+            "overhead_vs_none_per_round": overhead,
+            "overhead_vs_none_median": {s: statistics.median(v) for s, v in overhead.items()}}
+
+
+def recovery_times(size: dict, tmp: Path) -> dict:
+    """CheckFree recoveries (middle-stage kills) and a checkpoint restore (an adjacent pair), warm and cold."""
+    recover_steps = 12
+    schedule = [[3, 1], [5, 2], [7, 1], [9, 1], [9, 2]]
+    standbys = 3
+    recoveries = {}
+    for warm in (True, False):
+        pipeline = {"warm_standby": warm, "num_cpus_per_stage": 0.25}
+        if warm and "standby_actors" in PipelineSpec.model_fields:
+            pipeline["standby_actors"] = standbys
+        spec = make_spec(size, "checkfree", pipeline=pipeline, checkpointing={"every": 4},
+                         failures={"schedule": schedule})
+        executor = run_executor(spec, recover_steps, checkpoint_uri=str(tmp / f"ckpt-{warm}"), ready_standbys=warm)
+        fails = executor.history.failures
+        cf = [f.death_to_retry_s for f in fails if f.strategy == "checkfree"]
+        ck = [f.death_to_retry_s for f in fails if f.strategy == "checkpoint"]
+        recoveries["warm" if warm else "cold"] = {
+            "standby_actors": pipeline.get("standby_actors", int(warm)),
+            "checkfree_death_to_retry_s": cf, "checkpoint_death_to_retry_s": ck,
+            "detection_s": [f.detection_s for f in fails], "from_standby": [f.warm_standby for f in fails],
+            "checkfree_median_s": statistics.median(cf), "checkpoint_median_s": statistics.median(ck)}
+    return recoveries
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="A smaller model and fewer steps.")
+    parser.add_argument("--sections", default="throughput,recovery,scope",
+                        help="Comma-separated parts to run: throughput, recovery, scope.")
+    parser.add_argument("--rounds", type=int, default=None, help="Paired rounds of the throughput comparison.")
+    parser.add_argument("--out", type=Path, default=None, help="Where to write the JSON results.")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     if args.quick:
         size = {"model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64},
                 "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 8}}
-        steps = 12
+        rounds, block_steps = args.rounds or 7, 6
     else:
         size = {"model": {"d_model": 128, "n_layers": 8, "n_heads": 4, "seq_len": 128},
                 "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 16}}
-        steps = 20
+        rounds, block_steps = args.rounds or 5, 3
     ray.init(address="local", num_cpus=2, include_dashboard=False)
-    rows, out = [], {"size": size, "steps": steps}
+    rows, out = [], {"size": size}
 
-    single = single_process_tokens_per_s(make_spec(size, "none"), steps)
-    runs = {s: run_executor(make_spec(size, s), steps) for s in ("none", "checkfree", "checkfree+")}
-    tps = {s: pipeline_tokens_per_s(e) for s, e in runs.items()}
-    out["throughput"] = {"single_process_tokens_per_s": single, **{f"{s}_tokens_per_s": v for s, v in tps.items()}}
-    rows.append(("pipeline(none) / single process tokens/s", tps["none"] / single))
-    for s in ("checkfree", "checkfree+"):
-        rows.append((f"step-time overhead {s} vs none", tps["none"] / tps[s] - 1.0))
+    if "throughput" in sections:
+        tp = paired_throughput(size, rounds, block_steps)
+        out["throughput"] = tp
+        rows.append(("pipeline(none) / single process tokens/s (median of paired rounds)",
+                     tp["pipeline_over_single_median"]))
+        for s in ("checkfree", "checkfree+"):
+            rows.append((f"step-time overhead {s} vs none (median of paired rounds)", tp["overhead_vs_none_median"][s]))
 
-    # Recovery vs checkpoint restore in one run: middle-stage kills (CheckFree), then an adjacent pair (rollback).
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"cf-bench-{os.getpid()}"
-    recover_steps = 12
-    schedule = [[3, 1], [5, 2], [7, 1], [9, 1], [9, 2]]
-    recoveries = {}
-    for warm in (True, False):
-        spec = make_spec(size, "checkfree", pipeline={"warm_standby": warm}, checkpointing={"every": 4},
-                         failures={"schedule": schedule})
-        executor = run_executor(spec, recover_steps, checkpoint_uri=str(tmp / f"ckpt-{warm}"))
-        fails = executor.history.failures
-        cf = [f.death_to_retry_s for f in fails if f.strategy == "checkfree"]
-        ck = [f.death_to_retry_s for f in fails if f.strategy == "checkpoint"]
-        label = "warm" if warm else "cold"
-        recoveries[label] = {"checkfree_death_to_retry_s": cf, "checkpoint_death_to_retry_s": ck,
-                             "detection_s": [f.detection_s for f in fails]}
-        rows.append((f"median CheckFree recovery s ({label} standby)", statistics.median(cf)))
-        rows.append((f"checkpoint restore s ({label} standby)", statistics.median(ck)))
-    rows.append(("median detection s", statistics.median(recoveries["warm"]["detection_s"])))
-    out["recovery"] = recoveries
+    if "recovery" in sections:
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"cf-bench-{os.getpid()}"
+        recoveries = recovery_times(size, tmp)
+        for label in ("warm", "cold"):
+            rows.append((f"median CheckFree death-to-retry s ({label})", recoveries[label]["checkfree_median_s"]))
+            rows.append((f"median checkpoint restore death-to-retry s ({label})",
+                         recoveries[label]["checkpoint_median_s"]))
+        rows.append(("median detection s", statistics.median(recoveries["warm"]["detection_s"])))
+        out["recovery"] = recoveries
 
-    # Gradient-norm scope: weight of the last stage when stage S-2 is rebuilt, and the loss just after.
+    if "scope" in sections:
+        rows.extend(norm_scope(size, out))
+    ray.shutdown()
+
+    out["machine"] = machine(args.quick)
+    out["table"] = {name: value for name, value in rows}
+    width = max(len(name) for name, _ in rows)
+    print(f"{'measure':<{width}}  value")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:.4g}")
+    path = args.out or (RESULTS.with_name("pipeline_quick.json") if args.quick else RESULTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+
+
+def machine(quick: bool) -> dict:
+    load = os.getloadavg()
+    return {"cpus": os.cpu_count(), "torch_threads_per_actor": 1, "single_process_torch_threads": 1,
+            "python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
+            "platform": platform.platform(), "quick": quick, "loadavg_at_end": load,
+            "note": "2 shared cores; other work ran concurrently (see loadavg)"}
+
+
+def norm_scope(size: dict, out: dict) -> list:
+    """Gradient-norm scope: weight of the last stage when stage S-2 is rebuilt, and the loss just after."""
+    rows = []
     S = size["pipeline"]["num_stages"]
     base = run_executor(make_spec(size, "none"), 10).history.losses
     scope_rows = {}
@@ -142,18 +244,7 @@ def main() -> None:
         rows.append((f"scope={scope}: weight on last stage", weights[0][1]))
         rows.append((f"scope={scope}: loss excess at retried step 8", delta[0]))
     out["grad_norm_scope"] = scope_rows
-    ray.shutdown()
-
-    out["machine"] = {"cpus": os.cpu_count(), "torch_threads_per_actor": 1, "python": sys.version.split()[0],
-                      "torch": torch.__version__, "ray": ray.__version__, "platform": platform.platform(),
-                      "quick": args.quick, "note": "2 shared cores; other work ran concurrently"}
-    out["table"] = {name: value for name, value in rows}
-    width = max(len(name) for name, _ in rows)
-    print(f"{'measure':<{width}}  value")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value:.4g}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2))
+    return rows
 
 
 if __name__ == "__main__":
