@@ -48,6 +48,7 @@ PAPER_P = {"5%": 0.0009, "10%": 0.002, "16%": 0.004}  # per stage per iteration 
 FAILURE_SCALE = 5.0
 PAPER_CHECKPOINT_EVERY = 100
 STRATEGIES = ["checkpoint", "redundant", "checkfree", "checkfree+"]
+COLORS = {"checkpoint": "tab:green", "redundant": "tab:red", "checkfree": "tab:blue", "checkfree+": "tab:orange"}
 # The paper's setting (500M LLaMa, 6 stages): seconds per iteration and per recovery.
 PAPER_ITER_S = {"none": 91.5, "checkpoint": 91.5, "redundant": 151.0, "checkfree": 91.5, "checkfree+": 91.5}
 PAPER_RECOVERY_S = 30.0
@@ -170,7 +171,8 @@ def plot(results: dict, seed: int, path: Path) -> None:
         ax.plot(ref["val_wall_s"], ref["val_losses"], "k--", lw=1, label="none (no failures)")
         for run in results["runs"][rate]:
             if run["seed"] == seed:
-                ax.plot(run["val_wall_s"], run["val_losses"], "-", lw=1.2, label=run["strategy"])
+                ax.plot(run["val_wall_s"], run["val_losses"], "-", lw=1.2, label=run["strategy"],
+                        color=COLORS[run["strategy"]])
         ax.axhline(results["target_val_loss"], color="grey", lw=0.8, ls=":")
         ax.set_title(f"failure rate {rate} (p x{FAILURE_SCALE:g}), seed {seed}")
         ax.set_xlabel("wall time (s)")
@@ -286,7 +288,9 @@ NOTES = [
 
 def auto_notes(table: dict, reference: dict) -> list[str]:
     """Where this run's ranking agrees or disagrees with the paper's Table 2."""
-    notes = []
+    seeds = sorted({seed for rows in table.values() for row in rows.values() for seed in row["seeds"]})
+    notes = [f"Rows average over the seeds in table[rate][strategy]['seeds'] (all seeds run: {seeds}); "
+             "the 'reach' column counts the seeds that reached the target within max_steps."]
     for rate, rows in table.items():
         if not {"checkpoint", "checkfree+", "redundant", "checkfree"} <= set(rows):
             continue
