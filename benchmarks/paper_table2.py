@@ -289,8 +289,8 @@ NOTES = [
 def auto_notes(table: dict, reference: dict) -> list[str]:
     """Where this run's ranking agrees or disagrees with the paper's Table 2."""
     seeds = sorted({seed for rows in table.values() for row in rows.values() for seed in row["seeds"]})
-    notes = [f"Rows average over the seeds in table[rate][strategy]['seeds'] (all seeds run: {seeds}); "
-             "the 'reach' column counts the seeds that reached the target within max_steps."]
+    notes = [(f"Rows average over the seeds in table[rate][strategy]['seeds'] (all seeds run: {seeds}); "
+             "the 'reach' column counts the seeds that reached the target within max_steps.")]
     for rate, rows in table.items():
         if not {"checkpoint", "checkfree+", "redundant", "checkfree"} <= set(rows):
             continue
