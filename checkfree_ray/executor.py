@@ -65,6 +65,7 @@ class History:
     val_steps: list[int] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     failures: list[FailureRecord] = field(default_factory=list)
+    recovery_phases: list[dict[str, float]] = field(default_factory=list)  # seconds from detection, per recovery
     costs: dict[str, float] = field(default_factory=dict)
 
 
@@ -284,7 +285,9 @@ class PipelineExecutor:
             )
         plan = plan_recovery(self.strategy, set(stages), self.S)
         survivors = [i for i in range(self.S) if i not in stages]
-        ray.get([self.actors[i].reset_step.remote() for i in survivors])  # drop the failed step's activations
+        # Drop the failed step's activations and gradients; not waited for: each survivor runs it before
+        # any later call (a survivor found dead meanwhile fails the retry, which recovers it).
+        self._abandoned += [self.actors[i].reset_step.remote() for i in survivors]
         if plan.rollback:
             return self._rollback(step, lost, plan.reason)
         scope, eps = self.spec.recovery.grad_norm_scope, self.spec.recovery.epsilon
@@ -307,9 +310,14 @@ class PipelineExecutor:
             configured.append(ref)
             warm.append(was_warm)
             self.actors[rebuild.stage] = actor
+        taken = time.monotonic()
         ray.get(configured)
+        configured_at = time.monotonic()
         self._sync_extras(0)
-        self.pool.refill_standby()
+        self.pool.refill_standby()  # new standbys start in the background, after the rebuild
+        self.history.recovery_phases.append({
+            "step": step, "take_s": taken - lost.detected_at, "configure_s": configured_at - taken,
+            "sync_s": time.monotonic() - configured_at})
         for hook in self.after_recovery:
             hook(self, step, stages)
         for rebuild, was_warm in zip(plan.rebuilds, warm):
