@@ -151,6 +151,7 @@ def recovery_times(size: dict, tmp: Path) -> dict:
             "standby_actors": pipeline.get("standby_actors", int(warm)),
             "checkfree_death_to_retry_s": cf, "checkpoint_death_to_retry_s": ck,
             "detection_s": [f.detection_s for f in fails], "from_standby": [f.warm_standby for f in fails],
+            "phases_after_detection_s": getattr(executor.history, "recovery_phases", []),
             "checkfree_median_s": statistics.median(cf), "checkpoint_median_s": statistics.median(ck)}
     return recoveries
 
