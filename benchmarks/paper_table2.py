@@ -232,7 +232,7 @@ def report(out: dict, every: int) -> None:
         "modelled": f"executed steps x paper s/iteration {PAPER_ITER_S} + {PAPER_RECOVERY_S:g} s per recovery",
     }
     out["machine"] = machine_info(max_steps=out.get("max_steps"), model=BENCH_MODEL, pipeline=BENCH_PIPELINE)
-    out["notes"] = NOTES + auto_notes(table, reference)
+    out["notes"] = [out["seeds_note"]] * ("seeds_note" in out) + NOTES + auto_notes(table, reference)
     text = format_table(table, reference)
     print(text)
     out["table_text"] = text
