@@ -68,6 +68,7 @@ def _llama():
     return LlamaSpec(d_model=32, n_layers=4, n_heads=2, seq_len=16)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_copy_rule_is_used_by_the_executor(ray_local):
     """A middle stage killed under checkfree with rule 'copy' comes back equal to its previous neighbour."""
