@@ -138,7 +138,7 @@ def absolutize_output(spec: BaseModel) -> BaseModel:
 
 
 def _submit_with_retry(client: JobSubmissionClient, entrypoint: str, runtime_env: dict, name: str,
-                       timeout_s: float = 60.0) -> str:
+                       timeout_s: float = 180.0) -> str:
     """Submit, retrying while a freshly started head's job agent is not up yet."""
     deadline = time.monotonic() + timeout_s
     while True:
