@@ -114,7 +114,7 @@ def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
     trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
     search_rows = trials[trials.rung == 0]
     assert len(search_rows) == 16
-    keys = {evaluation_key(a, 64, 0) for a in search_rows.alphas}
+    keys = {evaluation_key(a, 64, 0) for a in search_rows.coefficients}
     assert set(finished_before) <= keys  # every evaluation finished before the kill is in the result
     for key, fid in finished_before.items():
         assert recorded_evaluations(out)[key] == fid
