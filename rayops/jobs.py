@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pydantic import BaseModel
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from rayops import artifacts, settings, storage
+from rayops.local_head import start_head, stop_process_group, wait_for_dashboard
 from schemas.errors import LcscCheckfreeError
 from schemas.loader import dump_spec, parse_spec
 
@@ -37,37 +37,19 @@ class JobError(LcscCheckfreeError):
 
 
 class LocalHead:
-    """A Ray head running in a child process (see `rayops.local_head`)."""
+    """A Ray head on this machine (`ray start --head --block`), stopped by `close()`."""
 
-    def __init__(self, num_cpus: int | None = None, timeout_s: float = 90.0):
-        command = [sys.executable, "-m", "rayops.local_head"]
-        if num_cpus:
-            command += ["--num-cpus", str(num_cpus)]
-        env = {**os.environ, **settings.LOCAL_RAY_ENV}
-        env.pop(settings.RAY_ADDRESS, None)
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.dashboard_url = self._read_url(timeout_s)
-
-    def _read_url(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if line.startswith("DASHBOARD "):
-                return line.split()[1]
-            if not line and self.process.poll() is not None:
-                break
-        self.close()
-        raise JobError(f"the local Ray head did not start within {timeout_s:.0f}s")
+    def __init__(self, num_cpus: int | None = None, timeout_s: float = 120.0):
+        self.process, self.gcs_address, self.dashboard_url = start_head(num_cpus)
+        try:
+            wait_for_dashboard(self.dashboard_url, self.process, timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            self.close()
+            raise JobError(f"the local Ray head did not start: {exc}") from None
 
     def close(self) -> None:
-        """Stop the head (it shuts down only the Ray it started)."""
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.terminate()
-                self.process.wait(timeout=30)
+        """Stop the head (only the processes of its own `ray start`)."""
+        stop_process_group(self.process)
 
 
 class JobHandle(Generic[ResultT]):

@@ -6,6 +6,7 @@ A plain line (not a redrawn bar) reads correctly in `ray job logs`, CI logs and 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -13,9 +14,9 @@ from typing import Any, TextIO
 
 def format_duration(seconds: float | None) -> str:
     """'1h02m', '3m05s', '12s', or '?' for unknown."""
-    if seconds is None or seconds != seconds or seconds < 0:
+    if seconds is None or math.isnan(seconds) or seconds < 0:
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     if seconds >= 60:
