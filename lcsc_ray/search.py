@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -37,6 +38,7 @@ from rayops import storage
 from rayops.jobs import absolutize_output
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
+from schemas.errors import SpecError
 from schemas.search import CandidateScore, SearchResult, SearchSpec
 
 log = logging.getLogger(__name__)
@@ -200,12 +202,31 @@ def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[
     return candidates
 
 
+def check_resumable(spec: SearchSpec) -> None:
+    """Record the spec beside the search's state; refuse to resume a different search in the same place."""
+    uri = storage.join(spec.output.uri, "state", "spec.json")
+    # where Ray runs does not change the search; everything else does
+    current = spec.model_dump(mode="json", exclude={"ray"})
+    if storage.exists(uri):
+        stored = json.loads(storage.read_bytes(uri))
+        if stored != current:
+            changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            raise SpecError(
+                f"{spec.output.uri} holds a search with a different spec (changed: {', '.join(changed)}); "
+                "resume it with its original spec, or give this search a new `output.uri`",
+                source=uri,
+            )
+        return
+    storage.write_bytes(uri, json.dumps(current, indent=2).encode())
+
+
 def run_search(spec: SearchSpec) -> SearchResult:
     """Run (or resume) a whole LCSC search in this driver and write its results to `spec.output.uri`."""
     from lcsc_ray.report import write_search_outputs
 
     started = time.monotonic()
     spec = absolutize_output(spec)
+    check_resumable(spec)
     with ray_session(spec.ray):
         checkpoint_set = load_checkpoint_set(spec.checkpoints)
         log.info("loaded %d checkpoints (%s) into the object store: %.1f MB", len(checkpoint_set),

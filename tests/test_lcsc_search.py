@@ -138,3 +138,14 @@ def test_trial_survives_evaluator_death(ray_local, tmp_path):
     trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
     assert len(trials[trials.rung == 0]) == 8
     assert result.num_failed == 0 and (trials.status == "ok").all()
+
+
+def test_resuming_with_a_different_spec_is_refused(tmp_path):
+    """A second search with another budget in the same output is a SpecError naming the changed field."""
+    from lcsc_ray.search import check_resumable
+    from schemas.errors import SpecError
+
+    check_resumable(tiny_spec(tmp_path, budget=10))
+    check_resumable(tiny_spec(tmp_path, budget=10))  # the same spec resumes
+    with pytest.raises(SpecError, match=r"different spec \(changed: search\).*new `output.uri`"):
+        check_resumable(tiny_spec(tmp_path, budget=12))
