@@ -18,13 +18,14 @@ import time
 import numpy as np
 import pandas as pd
 import ray
+from ray.exceptions import RayActorError
 
 from lcsc_ray import coefficients as coef
 from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import start_evaluators
 from lcsc_ray.fid import reference_stats_for
-from lcsc_ray.trials import EvaluatorBroker, trainable
+from lcsc_ray.trials import EvaluatorBroker, TrialFailedError, trainable
 from lcsc_ray.tuning import (
     SearchProgress,
     build_optimizer,
@@ -150,11 +151,18 @@ class SearchRun:
                 alphas, n, seed = jobs[index]
                 ref = self.evaluators[actor].evaluate.remote(_coefficients(alphas), n, seed, raise_nonfinite=False)
                 pending[ref] = (index, actor)
+            if not pending:
+                raise TrialFailedError(f"every evaluator died; {len(todo)} final evaluations could not run")
             done, _ = ray.wait(list(pending), num_returns=1)
             index, actor = pending.pop(done[0])
-            free.append(actor)
             alphas, n, seed = jobs[index]
-            out = ray.get(done[0])
+            try:
+                out = ray.get(done[0])
+            except RayActorError:  # that evaluator is gone: run the evaluation on the others
+                log.warning("evaluator %d died; rescheduling its evaluation on the others", actor)
+                todo.insert(0, index)
+                continue
+            free.append(actor)
             fid = float(out["fid"]) if not out.get("nonfinite") else float("inf")
             self.samples_generated += n
             self.store.put(alphas, n, seed, {"fid": fid})
