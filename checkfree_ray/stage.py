@@ -15,8 +15,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import ray
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from checkfree_ray.model import Embedding, Head, ModelConfig, Stage, lm_loss
@@ -26,7 +27,7 @@ FlatState = dict[str, torch.Tensor]
 
 
 def _as_flat(source: Mapping[str, torch.Tensor] | bytes) -> Mapping[str, torch.Tensor]:
-    return safetensors.torch.load(source) if isinstance(source, (bytes, bytearray)) else source
+    return load_safetensors(source) if isinstance(source, (bytes, bytearray)) else source
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -80,7 +81,7 @@ class StageWorker:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         optimizer.step()
-        safetensors.torch.load(safetensors.torch.save({"x": inp.grad}))
+        load_safetensors(save_safetensors({"x": inp.grad}))
         return self.ping()
 
     def terminate(self) -> None:
@@ -157,7 +158,7 @@ class StageWorker:
 
     def state_bytes(self) -> bytes:
         """Full state (model, Adam, lr) as safetensors bytes: one checkpoint shard."""
-        return safetensors.torch.save(self.get_state(include_optim=True))
+        return save_safetensors(self.get_state(include_optim=True))
 
     def hold_copy(self, state: FlatState) -> int:
         """CheckFree+: keep a copy of a neighbour's embedding or head; returns bytes held."""
