@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,6 +28,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+# SeaweedFS derives a service's gRPC port as its HTTP port + 10000 and refuses an HTTP port that
+# equals another service's derived gRPC port, so ports come from a range where every port + 10000
+# stays valid, and each gRPC port is passed explicitly.
+_WEED_GRPC_OFFSET = 10000
+_WEED_PORT_RANGE = (20000, 30000)
+
+
+def weed_ports(count: int = 4, attempts: int = 200) -> list[tuple[int, int]]:
+    """`count` (http, grpc) port pairs, all free now, with grpc = http + 10000 and no overlaps."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(_WEED_PORT_RANGE[0], _WEED_PORT_RANGE[1] - count)
+        pairs = [(base + i, base + i + _WEED_GRPC_OFFSET) for i in range(count)]
+        if all(_port_is_free(port) for pair in pairs for port in pair):
+            return pairs
+    raise RuntimeError(f"no {count} free SeaweedFS port pairs in {_WEED_PORT_RANGE} after {attempts} tries")
 
 
 @dataclass
@@ -137,18 +165,27 @@ def start_seaweedfs(data_dir: str | Path | None = None, access_key: str = "lcsc-
     }
     config_path = data_dir / "s3.json"
     config_path.write_text(json.dumps(config))
-    ports = [free_port() for _ in range(4)]
-    command = [
-        weed_binary(), "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-master.telemetry=false", f"-master.port={ports[0]}", f"-volume.port={ports[1]}",
-        f"-filer.port={ports[2]}", f"-s3.port={ports[3]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-webdav=false", "-admin.ui=false", f"-s3.config={config_path}",
-    ]
     (data_dir / "data").mkdir(exist_ok=True)
-    server = S3Server(f"http://127.0.0.1:{ports[3]}", access_key, secret_key, _spawn(command, data_dir),
-                      data_dir, "seaweedfs", command)
-    _wait_ready(server)
-    return server
+    last_error: RuntimeError | None = None
+    for _ in range(3):  # another process may take a port between the check and the bind
+        (master, master_grpc), (volume, volume_grpc), (filer, filer_grpc), (s3, s3_grpc) = weed_ports()
+        command = [
+            weed_binary(), "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-webdav=false", "-admin.ui=false", f"-s3.config={config_path}",
+        ]
+        server = S3Server(f"http://127.0.0.1:{s3}", access_key, secret_key, _spawn(command, data_dir),
+                          data_dir, "seaweedfs", command)
+        try:
+            _wait_ready(server)
+            return server
+        except RuntimeError as exc:
+            last_error = exc
+            server.stop()
+    raise RuntimeError(f"SeaweedFS did not start after 3 tries: {last_error}")
 
 
 def start_moto(data_dir: str | Path | None = None) -> S3Server:

@@ -172,3 +172,15 @@ def test_data_survives_seaweedfs_restart(s3_bucket, seaweedfs):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def test_seaweedfs_ports_leave_room_for_derived_grpc_ports():
+    """SeaweedFS refuses an HTTP port that equals another service's HTTP port + 10000."""
+    from rayops.s3_server import weed_ports
+
+    pairs = weed_ports()
+    http = [h for h, _ in pairs]
+    grpc = [g for _, g in pairs]
+    assert all(g == h + 10000 and g < 65536 for h, g in pairs)
+    assert not set(http) & set(grpc)
+    assert len(set(http + grpc)) == 8
