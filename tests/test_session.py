@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 
-from rayops.session import resolve_address, ray_session
+from rayops.session import ray_session, resolve_address
 from schemas.common import RaySpec
 
 
