@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -128,7 +129,7 @@ class SearchAlgoSpec(StrictModel):
     @model_validator(mode="after")
     def _schedule_increases(self) -> SearchAlgoSpec:
         sched = self.fidelity_schedule
-        if sched is not None and (len(sched) < 2 or any(b <= a for a, b in zip(sched, sched[1:]))):
+        if sched is not None and (len(sched) < 2 or any(b <= a for a, b in pairwise(sched))):
             raise ValueError("`search.fidelity_schedule` must hold at least two strictly increasing sample counts")
         return self
 
