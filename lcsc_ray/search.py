@@ -25,7 +25,7 @@ from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import start_evaluators
 from lcsc_ray.fid import reference_stats_for
-from lcsc_ray.trials import EvaluatorBroker, TrialFailedError, trainable
+from lcsc_ray.trials import TrialFailedError, start_broker, trainable
 from lcsc_ray.tuning import (
     SearchProgress,
     build_optimizer,
@@ -82,7 +82,6 @@ class SearchRun:
         self.names = free_names(coef.num_free(self.num_checkpoints, self.parametrization))
         self.out = spec.output.uri
         self.store = EvaluationStore(storage.join(self.out, "state", "evaluations"))
-        self.samples_generated = 0
 
     # ------------------------------------------------------------------------------------ Tune phases
     def _trainable(self, broker):
@@ -96,7 +95,7 @@ class SearchRun:
     def run_trials(self, seeds: list[tuple[str, np.ndarray]], progress: ProgressLine) -> pd.DataFrame:
         """The seed phase, then the optimiser phase; resumes either from its Tune state."""
         spec = self.spec
-        broker = EvaluatorBroker.remote(len(self.evaluators))
+        broker = start_broker(len(self.evaluators))
         tune_path = storage.join(self.out, "tune")
         space = search_space(self.names, spec.search.bound)
         seed_cb = SearchProgress(progress)
@@ -126,8 +125,6 @@ class SearchRun:
         trials = trials.copy()
         trials["alphas"] = [alphas_of(row) for row in trials.itertuples()]
         trials["rung"] = 0
-        n0 = _search_samples(self.spec)
-        self.samples_generated += n0 * int((trials.status != "failed").sum())
         return trials.drop(columns=["config"])
 
     # ------------------------------------------------------------------------------ driver evaluations
@@ -164,7 +161,6 @@ class SearchRun:
                 continue
             free.append(actor)
             fid = float(out["fid"]) if not out.get("nonfinite") else float("inf")
-            self.samples_generated += n
             self.store.put(alphas, n, seed, {"fid": fid})
             results[index] = fid
             if progress is not None:
@@ -191,10 +187,20 @@ def _coefficients(alphas):
     return None if alphas is None else [float(a) for a in alphas]
 
 
+def rescore_count(spec: SearchSpec, top_rung: pd.DataFrame) -> int:
+    """How many of the best candidates to re-score. The winner is picked by its search-seed FID at the final
+    sample count; when the top rung was already ranked at exactly that count and seed, re-scoring cannot change
+    the pick, so only the best one is scored on the held-out seeds."""
+    ranked_at = set(top_rung.num_samples.astype(int)) if "num_samples" in top_rung else set()
+    if ranked_at == {final_samples(spec)}:
+        return 1
+    return spec.search.rescore_top_k
+
+
 def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[str, np.ndarray]]) -> dict:
     """label -> alphas (None = the run's EMA): top-k of the search, last, best sparse EMA, uniform, run EMA."""
     top_rung = trials[(trials.status == "ok") & (trials.rung == trials.rung.max())]
-    top = top_rung.nsmallest(run.spec.search.rescore_top_k, "fid")
+    top = top_rung.nsmallest(rescore_count(run.spec, top_rung), "fid")
     candidates = {f"top{i + 1}": list(a) for i, a in enumerate(top.alphas)}
     seed_rows = trials[(trials.phase == "seeds") & (trials.status == "ok")]
     by_label = dict(seeds)
@@ -302,6 +308,6 @@ def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores:
         gain_found=bool(gain),
         num_evaluations=int((trials.rung == 0).sum()),
         num_failed=int((trials.status == "failed").sum()),
-        total_samples=int(run.samples_generated),
+        total_samples=run.store.total_samples(),
         wall_time_s=wall_s,
     )

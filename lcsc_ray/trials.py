@@ -14,6 +14,7 @@ import numpy as np
 import ray
 from ray import tune
 from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lcsc_ray.coefficients import to_alphas
 from lcsc_ray.evaluations import EvaluationStore
@@ -58,6 +59,13 @@ class EvaluatorBroker:
             if index not in self.free:
                 self.free.append(index)
             self.condition.notify_all()
+
+
+def start_broker(num_evaluators: int):
+    """The broker, pinned to the driver's node: a trial can survive losing an evaluator, not its broker."""
+    node = ray.get_runtime_context().get_node_id()
+    strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    return EvaluatorBroker.options(scheduling_strategy=strategy).remote(num_evaluators)
 
 
 def evaluate_candidate(config: dict, *, evaluators: list, broker, names: list[str], parametrization: str,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lcsc_ray.evaluations import evaluation_key
 from lcsc_ray.report import format_table, load_result
-from lcsc_ray.search import run_search, seed_vectors
+from lcsc_ray.search import rescore_count, run_search, seed_vectors
 from rayops import artifacts
 from schemas.search import SearchSpec
 from tests.lcsc_plugins import write_run
@@ -41,6 +41,16 @@ def tiny_spec(tmp_path: Path, budget: int = 10, sampler: dict | None = None, **s
         "search": {"budget": budget, "optimizer": "CMA", "ema_decays": [0.5, 0.8], **search},
         "output": {"uri": str(tmp_path / "out")},
     })
+
+
+def test_rescore_top_k_only_when_it_can_change_the_pick():
+    """Re-scoring the top k helps only when the final sample count differs from the one that ranked them."""
+    rows = pd.DataFrame({"num_samples": [64, 64, 64], "fid": [3.0, 1.0, 2.0]})
+    same = SearchSpec.model_validate({"fid": {"num_samples": 64}, "search": {"rescore_top_k": 3}})
+    more = SearchSpec.model_validate({"fid": {"num_samples": 64, "holdout_num_samples": 256},
+                                      "search": {"rescore_top_k": 3}})
+    assert rescore_count(same, rows) == 1
+    assert rescore_count(more, rows) == 3
 
 
 def test_seed_vectors_are_distinct_and_capped():
@@ -75,6 +85,11 @@ def test_small_search_end_to_end(ray_local, tmp_path):
     assert artifacts.is_complete(str(tmp_path / "out"))
     assert load_result(str(tmp_path / "out")).best.coefficients == alphas
     assert "held-out" in format_table(result)
+    # every recorded evaluation counted once: 64 samples each (search, final and held-out scores alike)
+    assert result.total_samples == 64 * len(recorded_evaluations(tmp_path / "out"))
+    # final n equals the search's n on the same seed: only the winner is re-scored on the held-out seeds
+    held_out = [k for k in recorded_evaluations(tmp_path / "out") if k.endswith(("-s11", "-s12"))]
+    assert len(held_out) <= 2 * (1 + len(result.baselines))
 
 
 def recorded_evaluations(out: Path) -> dict[str, float]:
@@ -118,6 +133,8 @@ def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
     assert set(finished_before) <= keys  # every evaluation finished before the kill is in the result
     for key, fid in finished_before.items():
         assert recorded_evaluations(out)[key] == fid
+    # the resumed result counts each evaluation once, whichever run computed it
+    assert json.loads((out / "result.json").read_text())["total_samples"] == 64 * len(recorded_evaluations(out))
     # each search evaluation is one sampler call: calls during the rerun cover only unfinished trials,
     # plus the final scores (5 reported models x 3 seeds at most)
     calls_total = len((log_dir / "calls.log").read_text().splitlines())
