@@ -9,9 +9,7 @@ with a large numpy copy (read + write). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import machine_info, write_json
 
 from lcsc_ray.checkpoints import as_tensor
 from lcsc_ray.combine import combine_into
@@ -39,17 +40,6 @@ def interleaved_best(variants: dict, rounds: int) -> dict[str, float]:
     return best
 
 
-def machine_info() -> dict:
-    """Cores, torch threads and versions."""
-    return {
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-    }
 
 
 def naive_stream(out: torch.Tensor, tensors: list[torch.Tensor], alphas: list[float]) -> None:
@@ -125,9 +115,7 @@ def main() -> None:
         "load_average": os.getloadavg()[0],
         "max_abs_error_vs_float64": max_err,
     }
-    out_path = ROOT / "benchmarks" / "results" / "combine.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
+    out_path = write_json(ROOT / "benchmarks" / "results" / "combine.json", result)
     print(
         f"default (chunk=262144): {default['fraction_of_bandwidth']:.2f} x bandwidth (target >= 0.60) "
         f"-> {out_path.relative_to(ROOT)}"

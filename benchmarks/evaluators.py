@@ -12,9 +12,7 @@ reads every checkpoint value).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import machine_info, write_json
 
 from lcsc_ray.evaluator import Evaluator
 
@@ -88,20 +89,6 @@ class CopyingEvaluator(MeasuredEvaluator):
         self.sources = self._device_sources(self.arrays)
 
 
-def machine_info() -> dict:
-    """Cores, torch threads and versions."""
-    import ray
-    import scipy
-
-    return {
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "ray": ray.__version__,
-    }
 
 
 def memory_rows(k: int, numel: int) -> list[dict]:
@@ -230,7 +217,7 @@ def main() -> None:
         "load_average": os.getloadavg()[0],
     }
     out = ROOT / "benchmarks" / "results" / "evaluators.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(
         f"extra zero-copy actor: USS +{result['extra_actor_uss_over_set']:.3f} x set (target < 0.2) -> "
         f"{out.relative_to(ROOT)}"

@@ -15,13 +15,9 @@ it, which keeps the 5:10:16 ratios and the expected lost work per failure relati
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -36,7 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import ray
-import torch
+from _common import machine_info, write_json
 
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.train import train_loop
@@ -57,12 +53,6 @@ BENCH_PIPELINE = {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 8, "n
                   "warm_standby": True}
 
 
-def machine_info(**extra) -> dict:
-    """Cores, torch threads and versions of this machine."""
-    return {"cpus": os.cpu_count(), "torch_threads_per_stage": 1, "python": sys.version.split()[0],
-            "torch": torch.__version__, "ray": ray.__version__, "platform": platform.platform(),
-            "lcsc-checkfree-ray": importlib.metadata.version("lcsc-checkfree-ray"),
-            "note": "2 cores shared with other engineers' work; absolute times are noisy, ratios less so", **extra}
 
 
 def bench_spec(strategy: str, seed: int, steps: int, target: float | None, **extra) -> TrainSpec:
@@ -231,13 +221,13 @@ def report(out: dict, every: int) -> None:
                     "for losses they cannot rebuild (checkfree: outer stages; all: adjacent stages together)",
         "modelled": f"executed steps x paper s/iteration {PAPER_ITER_S} + {PAPER_RECOVERY_S:g} s per recovery",
     }
-    out["machine"] = machine_info(max_steps=out.get("max_steps"), model=BENCH_MODEL, pipeline=BENCH_PIPELINE)
+    out["machine"] = machine_info(torch_threads_per_stage=1, max_steps=out.get("max_steps"), model=BENCH_MODEL, pipeline=BENCH_PIPELINE)
     out["notes"] = [out["seeds_note"]] * ("seeds_note" in out) + NOTES + auto_notes(table, reference)
     text = format_table(table, reference)
     print(text)
     out["table_text"] = text
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "paper_table2.json").write_text(json.dumps(out, indent=2, default=_json_default))
+    write_json(RESULTS / "paper_table2.json", out)
     plot(out, out["seeds"][0], RESULTS / "paper_table2_loss_vs_time.png")
     print(f"wrote {RESULTS / 'paper_table2.json'} and paper_table2_loss_vs_time.png "
           f"({out.get('total_wall_s', 0.0) / 60:.1f} min of runs)")
@@ -261,8 +251,6 @@ def main() -> None:
     report(collect(seeds, target, max_steps, every, args.quick), every)
 
 
-def _json_default(value):
-    return None if isinstance(value, float) and math.isnan(value) else str(value)
 
 
 PAPER_SPEEDUP_CHECKFREE_PLUS = {"5%": 1.57, "10%": 1.69, "16%": 1.38}  # hours, CheckFree+ vs checkpointing

@@ -7,11 +7,8 @@ with the machine's description. Ratios, not absolute times, are what to quote.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disab
 
 import ray
 import torch
+from _common import machine_info, write_json
 
 from checkfree_ray.data import ByteCorpus
 from checkfree_ray.executor import PipelineExecutor
@@ -198,23 +196,17 @@ def main() -> None:
         rows.extend(norm_scope(size, out))
     ray.shutdown()
 
-    out["machine"] = machine(args.quick)
+    out["machine"] = machine_info(torch_threads_per_actor=1, single_process_torch_threads=1, quick=args.quick,
+                                  note="2 shared cores; compare ratios measured in one run")
     out["table"] = {name: value for name, value in rows}
     width = max(len(name) for name, _ in rows)
     print(f"{'measure':<{width}}  value")
     for name, value in rows:
         print(f"{name:<{width}}  {value:.4g}")
     path = args.out or (RESULTS.with_name("pipeline_quick.json") if args.quick else RESULTS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    write_json(path, out)
 
 
-def machine(quick: bool) -> dict:
-    load = os.getloadavg()
-    return {"cpus": os.cpu_count(), "torch_threads_per_actor": 1, "single_process_torch_threads": 1,
-            "python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
-            "platform": platform.platform(), "quick": quick, "loadavg_at_end": load,
-            "note": "2 shared cores; other work ran concurrently (see loadavg)"}
 
 
 def norm_scope(size: dict, out: dict) -> list:

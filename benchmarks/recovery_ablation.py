@@ -11,7 +11,6 @@ recovery_ablation.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -22,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import ray
-from paper_table2 import RESULTS, bench_spec, machine_info, run_one
+from _common import machine_info, write_json
+from paper_table2 import RESULTS, bench_spec, run_one
 
 RULES = ["weighted", "average", "copy", "random"]
 
@@ -110,7 +110,7 @@ def main() -> None:
            "table_text": text, "runs": {str(s): r for s, r in runs.items()},
            "total_wall_s": time.monotonic() - started, "machine": machine_info(quick=args.quick), "notes": NOTES}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recovery_ablation.json").write_text(json.dumps(out, indent=2))
+    write_json(RESULTS / "recovery_ablation.json", out)
     plot(runs[seeds[0]], fail_step, RESULTS / "recovery_ablation.png")
     print(f"wrote {RESULTS / 'recovery_ablation.json'} and recovery_ablation.png in "
           f"{out['total_wall_s'] / 60:.1f} min")

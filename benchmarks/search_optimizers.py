@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -30,6 +29,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _common
+
 os.chdir(ROOT)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,24 +43,8 @@ HOLDOUT_SEEDS = [1001, 1002, 1003]
 
 # ----------------------------------------------------------------------------------------------- helpers
 def machine_info() -> dict:
-    """Cores, torch threads and versions."""
-    import nevergrad
-    import ray
-    import torch
-
-    return {
-        "cores": os.cpu_count(),
-        "torch_threads_driver": torch.get_num_threads(),
-        "torch_threads_per_evaluator": 1,
-        "evaluator_actors": 2,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "nevergrad": nevergrad.__version__,
-        "numpy": np.__version__,
-        "machine": platform.machine(),
-        "load_average_at_start": os.getloadavg(),
-    }
+    """The shared machine description plus this family's actor layout."""
+    return _common.machine_info(torch_threads_per_evaluator=1, evaluator_actors=2)
 
 
 def ensure_trained(cm: bool = False) -> None:
@@ -245,9 +231,7 @@ def write_json(name: str, payload: dict, quick: bool = False) -> Path:
     """benchmarks/results/NAME.json; a --quick run writes under outputs/bench/quick/ instead."""
     directory = BENCH_OUT / "quick" if quick else RESULTS
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    return path
+    return _common.write_json(directory / f"{name}.json", payload)
 
 
 def start_ray(num_cpus: int = 2) -> None:
