@@ -58,10 +58,10 @@ def run_executor(spec: TrainSpec, steps: int, checkpoint_uri: str | None = None,
 
 
 class SingleProcess:
-    """Single-process training of the same model (one torch thread), stepped in blocks."""
+    """Single-process training of the same model with `threads` torch threads, stepped in blocks."""
 
-    def __init__(self, spec: TrainSpec):
-        torch.set_num_threads(1)
+    def __init__(self, spec: TrainSpec, threads: int = 1):
+        self.threads = threads
         self.spec, pipe = spec, spec.pipeline
         self.trainer = ReferenceTrainer(ModelConfig.from_spec(spec.model, pipe.num_stages), spec.seed, spec.optim.lr)
         self.corpus = ByteCorpus(spec.data, spec.model.seq_len, spec.seed)
@@ -70,6 +70,7 @@ class SingleProcess:
 
     def block(self, steps: int) -> list[float]:
         times, pipe = [], self.spec.pipeline
+        torch.set_num_threads(self.threads)
         for _ in range(steps):
             self.step += 1
             batch = self.corpus.train_batch(self.step, pipe.micro_batches, pipe.micro_batch_size)
@@ -103,7 +104,9 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
     on the machine hits both sides of each ratio about equally.
     """
     standby_off = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1}}
+    # "single" runs one torch thread, as each stage does; "single-2t" may use both cores, the stricter baseline
     systems = {"single": SingleProcess(make_spec(size, "none")),
+               "single-2t": SingleProcess(make_spec(size, "none"), threads=2),
                **{s: Pipeline(make_spec(size, s, **standby_off)) for s in ("none", "checkfree", "checkfree+")}}
     for system in systems.values():
         system.block(2)  # warm-up
@@ -114,10 +117,12 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
             for name in names if r % 2 == 0 else names[::-1]:
                 per_round[name].append(statistics.median(systems[name].block(block_steps)))
     finally:
-        for name in names[1:]:
-            systems[name].executor.shutdown()
+        for system in systems.values():
+            if isinstance(system, Pipeline):
+                system.executor.shutdown()
     step_s = {name: statistics.median(v) for name, v in per_round.items()}
     ratios = [single / none for single, none in zip(per_round["single"], per_round["none"])]
+    ratios_2t = [single / none for single, none in zip(per_round["single-2t"], per_round["none"])]
     overhead = {s: [t / none - 1.0 for t, none in zip(per_round[s], per_round["none"])]
                 for s in ("checkfree", "checkfree+")}
     tokens = tokens_per_step(make_spec(size, "none"))
@@ -125,6 +130,8 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
             "tokens_per_s": {name: tokens / t for name, t in step_s.items()},
             "pipeline_over_single_per_round": ratios,
             "pipeline_over_single_median": statistics.median(ratios),
+            "pipeline_over_single_2threads_per_round": ratios_2t,
+            "pipeline_over_single_2threads_median": statistics.median(ratios_2t),
             "overhead_vs_none_per_round": overhead,
             "overhead_vs_none_median": {s: statistics.median(v) for s, v in overhead.items()}}
 
@@ -177,8 +184,10 @@ def main() -> None:
     if "throughput" in sections:
         tp = paired_throughput(size, rounds, block_steps)
         out["throughput"] = tp
-        rows.append(("pipeline(none) / single process tokens/s (median of paired rounds)",
+        rows.append(("pipeline(none) / single process tokens/s (1 thread; median of paired rounds)",
                      tp["pipeline_over_single_median"]))
+        rows.append(("pipeline(none) / single process tokens/s (2 threads; median of paired rounds)",
+                     tp["pipeline_over_single_2threads_median"]))
         for s in ("checkfree", "checkfree+"):
             rows.append((f"step-time overhead {s} vs none (median of paired rounds)", tp["overhead_vs_none_median"][s]))
 
@@ -196,7 +205,7 @@ def main() -> None:
         rows.extend(norm_scope(size, out))
     ray.shutdown()
 
-    out["machine"] = machine_info(torch_threads_per_actor=1, single_process_torch_threads=1, quick=args.quick,
+    out["machine"] = machine_info(torch_threads_per_actor=1, single_process_torch_threads=[1, 2], quick=args.quick,
                                   note="2 shared cores; compare ratios measured in one run")
     out["table"] = {name: value for name, value in rows}
     width = max(len(name) for name, _ in rows)
