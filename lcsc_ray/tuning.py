@@ -103,6 +103,12 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
     return _grid_rows(grid, name)
 
 
+def error_summary(error: BaseException, limit: int = 500) -> str:
+    """One line naming a failed trial's root cause (a Ray task error's cause, not its traceback)."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:limit]
+
+
 def _grid_rows(grid, phase: str) -> pd.DataFrame:
     rows = []
     for result in grid:
@@ -119,7 +125,7 @@ def _grid_rows(grid, phase: str) -> pd.DataFrame:
             "duration_s": metrics.get("trial_s", float("nan")),
             "eval_s": metrics.get("eval_s", float("nan")),
             "status": "failed" if result.error else metrics.get("status", "ok"),
-            "reason": str(result.error)[:500] if result.error else metrics.get("reason", ""),
+            "reason": error_summary(result.error) if result.error else metrics.get("reason", ""),
             "config": {k: v for k, v in config.items() if k != "label"},
         }
         rows.append(row)

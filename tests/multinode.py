@@ -62,6 +62,30 @@ class LocalCluster:
             time.sleep(1)
         raise TimeoutError(f"the cluster did not reach {count} nodes in {timeout_s}s")
 
+    def _probe(self, code: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
+                             check=True, timeout=120)
+        return out.stdout.strip().splitlines()[-1]
+
+    def node_ids(self) -> dict[str, str]:
+        """Custom resource of each alive worker node (`worker<i>`) -> its Ray node id."""
+        code = (f"import json, ray; ray.init(address='{self.gcs_address}', logging_level='ERROR'); "
+                "print(json.dumps({r: n['NodeID'] for n in ray.nodes() if n['Alive'] "
+                "for r in n['Resources'] if r.startswith('worker')}))")
+        return json.loads(self._probe(code))
+
+    def actors(self) -> list[dict]:
+        """Every actor the state API on the dashboard knows: class name, state and node id."""
+        code = ("import json; from ray.util.state import list_actors; "
+                f"actors = list_actors(address='{self.dashboard_url}', limit=10000, detail=True); "
+                "print(json.dumps([{'class_name': a.class_name, 'state': a.state, 'node_id': a.node_id} "
+                "for a in actors]))")
+        return json.loads(self._probe(code))
+
+    def actor_nodes(self, class_name: str) -> list[str]:
+        """Node ids of the alive actors of one class."""
+        return [a["node_id"] for a in self.actors() if a["class_name"] == class_name and a["state"] == "ALIVE"]
+
     def kill_node(self, node: subprocess.Popen) -> None:
         """Kill a node abruptly (every process of it at once), as a spot preemption would."""
         import os
