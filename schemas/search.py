@@ -124,7 +124,11 @@ class SearchAlgoSpec(StrictModel):
         "the best `keep_fraction` re-scored with each next one.",
     )
     keep_fraction: float = Field(default=0.25, gt=0, le=1, description="Fraction kept at each fidelity rung.")
-    rescore_top_k: int = Field(default=3, ge=1, description="Best candidates re-scored on held-out seeds.")
+    rescore_top_k: int = Field(
+        default=3, ge=1,
+        description="Best candidates re-scored at the final sample count; the winner is the best of them on the "
+        "search seed. When the search already ranked them at that count, only the best one is re-scored.",
+    )
 
     @model_validator(mode="after")
     def _schedule_increases(self) -> SearchAlgoSpec:
