@@ -11,6 +11,7 @@ with `RecoveryError` when there is none.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -200,7 +201,7 @@ class PipelineExecutor:
             try:
                 loss, norms = self._attempt(step)
             except StageLost as lost:
-                rolled_back_to = self._recover(step, lost)
+                rolled_back_to = self._recover_until_stable(step, lost)
                 if rolled_back_to is not None:
                     return rolled_back_to + 1
                 if lost.phase == 2:
@@ -275,6 +276,35 @@ class PipelineExecutor:
         costs["checkpoint_save_s_total"] = costs.get("checkpoint_save_s_total", 0.0) + seconds
 
     # ----- recovery ---------------------------------------------------------------------------------------
+    def _recover_until_stable(self, step: int, lost: StageLost) -> int | None:
+        """`_recover`, repeated over the union of lost stages while more stages die during the recovery itself.
+
+        A whole node going down is seen one actor at a time: the step fails on the first stage found dead,
+        and a neighbour used as a source, or a replacement placed on the node before Ray marked it dead,
+        may die while the stage is being rebuilt. Each retry plans again from everything lost so far (two
+        adjacent stages then roll back to the checkpoint).
+        """
+        for _attempt in range(self.spec.recovery.max_step_retries + 1):
+            try:
+                return self._recover(step, lost)
+            except ray.exceptions.RayError as exc:
+                more = self._find_lost()
+                if not more:
+                    raise
+                stages = sorted(set(lost.stages) | set(more))
+                log.warning("step %d: stage(s) %s died while recovering %s (%s); recovering %s", step, more,
+                            lost.stages, type(exc).__name__, stages)
+                for stage in lost.stages:  # replacements that may be up but never received their state
+                    with contextlib.suppress(Exception):
+                        ray.kill(self.actors[stage], no_restart=True)
+                again = StageLost(stages, phase=lost.phase, norms=lost.norms, loss=lost.loss)
+                again.detected_at = lost.detected_at
+                lost = again
+        raise RecoveryError(
+            f"step {step}: stages kept dying while stage(s) {lost.stages} were being recovered; check the "
+            "cluster's health or raise `recovery.max_step_retries`"
+        )
+
     def _recover(self, step: int, lost: StageLost) -> int | None:
         """Rebuild the lost stages; returns the checkpoint step when the model was rolled back."""
         stages = lost.stages

@@ -159,6 +159,34 @@ def test_adjacent_losses_roll_back_to_s3_checkpoint_exactly(executor_for, s3_buc
     assert executor.checkpoints.steps() == [2, 4]  # keep=2 pruned checkpoint 0
 
 
+@pytest.mark.parametrize("victim", ["replacement", "source"])
+def test_stage_dying_during_recovery_is_recovered_too(executor_for, tmp_path, victim):
+    """A node going down is seen one actor at a time: the replacement for stage 1 (placed before the node was
+    marked dead), or stage 2 (a source of the rebuild), dies while stage 1 is being rebuilt. The recovery
+    plans again from everything lost: a second rebuild, or a rollback when the lost stages are adjacent."""
+    spec = tiny_spec("checkfree", schedule=[(3, 1)], checkpointing={"every": 2})
+    executor = executor_for(spec, checkpoint_uri=str(tmp_path / "ckpt"))
+    take, taken = executor.pool.take, []
+
+    def take_then_lose_one():
+        actor, warm = take()
+        taken.append(actor)
+        if len(taken) == 1:
+            ray.kill(actor if victim == "replacement" else executor.actors[2], no_restart=True)
+        return actor, warm
+
+    executor.pool.take = take_then_lose_one
+    run_steps(executor, 5)
+    failures = {(f.step, f.stage, f.strategy) for f in executor.history.failures}
+    if victim == "replacement":
+        assert failures == {(3, 1, "checkfree")} and len(taken) == 2
+    else:
+        assert failures == {(3, 1, "checkpoint"), (3, 2, "checkpoint")}
+        assert {f.rolled_back_to for f in executor.history.failures} == {2}
+    assert executor.history.steps == [1, 2, 3, 4, 5]  # the failed step 3 committed once, after the recovery
+    assert all(torch.isfinite(torch.tensor(executor.history.losses)))
+
+
 @pytest.mark.slow
 def test_adjacent_losses_without_checkpoint_stop_with_clear_error(executor_for):
     """Two adjacent stages lost and no checkpoint: RecoveryError naming the fix, never silent training."""
