@@ -65,7 +65,7 @@ def test_ray_job_submit_search_survives_lost_worker_node(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_training_job_recovers_stages_of_a_lost_worker_node(tmp_path):
-    STEPS = 150  # long enough that the node is killed while the job runs
+    STEPS = 400  # long enough (tens of seconds) that the node is killed while the job runs
     """A CheckFree training job spread over 3 nodes loses a worker node mid-run and still finishes every step
     (lost stages rebuilt, or rolled back to the checkpoint when neighbours died together)."""
     import json
@@ -74,7 +74,7 @@ def test_training_job_recovers_stages_of_a_lost_worker_node(tmp_path):
     from schemas.train import TrainSpec
 
     spec = TrainSpec.model_validate({
-        "steps": STEPS, "eval_every": 50, "eval_batches": 1,
+        "steps": STEPS, "eval_every": 100, "eval_batches": 1,
         "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 32},
         "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 4, "num_cpus_per_stage": 0.25,
                      "warm_standby": False},  # every StageWorker actor is then a pipeline stage
