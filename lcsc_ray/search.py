@@ -97,11 +97,11 @@ class SearchRun:
         spec = self.spec
         broker = start_broker(len(self.evaluators))
         tune_path = storage.join(self.out, "tune")
-        space = search_space(self.names, spec.search.bound)
+        space = search_space(self.names, spec.search.bound, labels=[label for label, _ in seeds])
         seed_cb = SearchProgress(progress)
         seeds_df = run_phase("seeds", tune_path, self._trainable(broker),
-                             seed_searcher([self._point(label, a) for label, a in seeds]), space, len(seeds),
-                             [seed_cb])
+                             seed_searcher([self._point(label, a) for label, a in seeds], len(self.evaluators)),
+                             space, len(seeds), [seed_cb])
         remaining = spec.search.budget - len(seeds)
         if remaining <= 0:
             return self._finish_rows(seeds_df)

@@ -28,9 +28,11 @@ def free_names(dimension: int) -> list[str]:
     return [f"x{i:03d}" for i in range(dimension)]
 
 
-def search_space(names: list[str], bound: float) -> dict:
-    """Tune's space over the free values, plus the candidate's label (seeds override it)."""
-    return {**{name: tune.uniform(-bound, bound) for name in names}, "label": "search"}
+def search_space(names: list[str], bound: float, labels: list[str] | None = None) -> dict:
+    """Tune's space over the free values, plus the candidate's label: one of `labels` (the seeds' own), or
+    "search" for the optimiser's proposals."""
+    label = tune.choice(labels) if labels else "search"
+    return {**{name: tune.uniform(-bound, bound) for name in names}, "label": label}
 
 
 def build_optimizer(spec: SearchSpec, start: np.ndarray, budget: int, num_workers: int) -> ng.optimizers.base.Optimizer:
@@ -43,9 +45,10 @@ def build_optimizer(spec: SearchSpec, start: np.ndarray, budget: int, num_worker
     return optimizer_class(parametrization=parametrization, budget=max(budget, 1), num_workers=num_workers)
 
 
-def seed_searcher(points: list[dict]) -> BasicVariantGenerator:
-    """Evaluates exactly the given points (the search's seed vectors)."""
-    return BasicVariantGenerator(points_to_evaluate=points)
+def seed_searcher(points: list[dict], max_concurrent: int) -> BasicVariantGenerator:
+    """Evaluates exactly the given points (the search's seed vectors), `max_concurrent` at a time: one trial
+    per evaluator, so Tune reuses that many trial actors instead of starting a process for every seed."""
+    return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent)
 
 
 def nevergrad_searcher(optimizer, names: list[str], max_concurrent: int) -> ConcurrencyLimiter:
