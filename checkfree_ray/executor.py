@@ -90,6 +90,7 @@ class PipelineExecutor:
         self.actors: list = []
         self._pending_copies: list | None = None
         self._abandoned: list = []  # calls of an interrupted attempt
+        self._hop_refs: list = []  # every hop of the attempt in flight
         self.start_time = time.monotonic()
 
     # ----- lifecycle ------------------------------------------------------------------------------------
@@ -107,6 +108,9 @@ class PipelineExecutor:
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group."""
+        if self._abandoned:  # let an interrupted attempt's last calls fail and read their errors
+            ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=1.0)
+            self._drain_abandoned()
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
@@ -115,7 +119,7 @@ class PipelineExecutor:
     def _launch(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool = True):
         """Submit every hop of every micro-batch; returns the loss refs and the backward-done refs."""
         M = inputs.shape[0]
-        loss_refs, done_refs, routes = [], [], []
+        loss_refs, done_refs, routes, hop_refs = [], [], [], []
         for mb in range(M):
             order = micro_batch_order(self.strategy, self.S, mb) if train else plain_order(self.S)
             hops = route(order, self.S)
@@ -123,6 +127,7 @@ class PipelineExecutor:
             for hop, (stage, parts) in enumerate(hops):
                 last = hop == len(hops) - 1
                 x = self.actors[stage].forward.remote(mb, hop, parts, x, target if last else None, 1.0 / M, train)
+                hop_refs.append(x)
             loss_refs.append(x)
             routes.append(hops)
         if train:  # GPipe: every backward after every forward
@@ -130,7 +135,11 @@ class PipelineExecutor:
                 grad = None
                 for hop in reversed(range(len(hops))):
                     grad = self.actors[hops[hop][0]].backward.remote(mb, hop, grad)
+                    hop_refs.append(grad)
                 done_refs.append(grad)
+        # every hop's result, kept only until the attempt's outcome is known: when a stage dies, their errors
+        # are read (drained) rather than dropped unread, which Ray would log as unhandled errors
+        self._hop_refs = hop_refs
         return loss_refs, done_refs
 
     def _find_lost(self) -> list[int]:
@@ -145,13 +154,15 @@ class PipelineExecutor:
         return lost
 
     def _drain_abandoned(self) -> None:
-        """Read the errors of an interrupted attempt's calls (expected) so Ray does not report them as unhandled."""
-        for ref in self._abandoned:
-            try:
-                ray.get(ref, timeout=0)
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                pass
-        self._abandoned = []
+        """Read the errors of an interrupted attempt's calls (expected) so Ray does not report them as unhandled;
+        calls still running are kept for the next drain."""
+        if not self._abandoned:
+            return
+        ready, pending = ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=0)
+        for ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get(ref)
+        self._abandoned = pending
 
     def _attempt(self, step: int) -> tuple[float, list[dict]]:
         """Phase 1 and phase 2 of one step; raises `StageLost`.
@@ -174,8 +185,10 @@ class PipelineExecutor:
             lost = self._find_lost()
             if not lost:
                 raise
-            self._abandoned = [*loss_refs, *done_refs, *step_refs, *(self._pending_copies or [])]
+            self._abandoned += [*self._hop_refs, *step_refs, *(self._pending_copies or [])]
+            self._hop_refs = []
             raise StageLost(lost, phase=1) from None
+        self._hop_refs = []
         loss = sum(losses) / len(losses)
         norms: list[dict | None] = []
         for ref in step_refs:
@@ -407,7 +420,10 @@ class PipelineExecutor:
         try:
             value = sum(ray.get(loss_refs)) / len(loss_refs)
         except ray.exceptions.RayActorError:
+            self._abandoned += self._hop_refs
             return None
+        finally:
+            self._hop_refs = []
         self.history.val_steps.append(step)
         self.history.val_losses.append(value)
         return value
