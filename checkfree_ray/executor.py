@@ -49,9 +49,10 @@ PING_TIMEOUT_S = 30.0
 class StageLost(Exception):
     """Stages found dead during a step; `phase` 1 (forward/backward) or 2 (optimizer step)."""
 
-    def __init__(self, stages: list[int], phase: int, norms: list[dict | None] | None = None, loss: float = 0.0):
+    def __init__(self, stages: list[int], phase: int, norms: list[dict | None] | None = None, loss: float = 0.0,
+                 detected_at: float | None = None):
         self.stages, self.phase, self.norms, self.loss = stages, phase, norms, loss
-        self.detected_at = time.monotonic()
+        self.detected_at = time.monotonic() if detected_at is None else detected_at
         super().__init__(f"stages {stages} lost in phase {phase}")
 
 
@@ -90,7 +91,6 @@ class PipelineExecutor:
         self.actors: list = []
         self._pending_copies: list | None = None
         self._abandoned: list = []  # calls of an interrupted attempt
-        self._hop_refs: list = []  # every hop of the attempt in flight
         self.start_time = time.monotonic()
 
     # ----- lifecycle ------------------------------------------------------------------------------------
@@ -117,7 +117,8 @@ class PipelineExecutor:
 
     # ----- one step ---------------------------------------------------------------------------------------
     def _launch(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool = True):
-        """Submit every hop of every micro-batch; returns the loss refs and the backward-done refs."""
+        """Submit every hop of every micro-batch; returns the loss refs, the backward-done refs and every hop's
+        ref (read when a stage dies, so Ray does not log their errors as unhandled)."""
         M = inputs.shape[0]
         loss_refs, done_refs, routes, hop_refs = [], [], [], []
         for mb in range(M):
@@ -137,10 +138,7 @@ class PipelineExecutor:
                     grad = self.actors[hops[hop][0]].backward.remote(mb, hop, grad)
                     hop_refs.append(grad)
                 done_refs.append(grad)
-        # every hop's result, kept only until the attempt's outcome is known: when a stage dies, their errors
-        # are read (drained) rather than dropped unread, which Ray would log as unhandled errors
-        self._hop_refs = hop_refs
-        return loss_refs, done_refs
+        return loss_refs, done_refs, hop_refs
 
     def _find_lost(self) -> list[int]:
         """Stages whose actor no longer answers."""
@@ -175,7 +173,7 @@ class PipelineExecutor:
         self._drain_abandoned()
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
-        loss_refs, done_refs = self._launch(inputs, targets)
+        loss_refs, done_refs, hop_refs = self._launch(inputs, targets)
         step_refs = [a.step.remote(*done_refs) for a in self.actors]
         self._pending_copies = self._submit_copies(step)
         try:
@@ -185,10 +183,8 @@ class PipelineExecutor:
             lost = self._find_lost()
             if not lost:
                 raise
-            self._abandoned += [*self._hop_refs, *step_refs, *(self._pending_copies or [])]
-            self._hop_refs = []
+            self._abandoned += [*hop_refs, *step_refs, *(self._pending_copies or [])]
             raise StageLost(lost, phase=1) from None
-        self._hop_refs = []
         loss = sum(losses) / len(losses)
         norms: list[dict | None] = []
         for ref in step_refs:
@@ -310,9 +306,8 @@ class PipelineExecutor:
                 for stage in lost.stages:  # replacements that may be up but never received their state
                     with contextlib.suppress(Exception):
                         ray.kill(self.actors[stage], no_restart=True)
-                again = StageLost(stages, phase=lost.phase, norms=lost.norms, loss=lost.loss)
-                again.detected_at = lost.detected_at
-                lost = again
+                lost = StageLost(stages, phase=lost.phase, norms=lost.norms, loss=lost.loss,
+                                 detected_at=lost.detected_at)
         raise RecoveryError(
             f"step {step}: stages kept dying while stage(s) {lost.stages} were being recovered; check the "
             "cluster's health or raise `recovery.max_step_retries`"
@@ -416,14 +411,12 @@ class PipelineExecutor:
     def evaluate(self, step: int) -> float | None:
         """Validation loss over the fixed validation micro-batches (None if a stage died meanwhile)."""
         inputs, targets = self.corpus.val_batches(self.spec.eval_batches, self.spec.pipeline.micro_batch_size)
-        loss_refs, _ = self._launch(inputs, targets, train=False)
+        loss_refs, _, hop_refs = self._launch(inputs, targets, train=False)
         try:
             value = sum(ray.get(loss_refs)) / len(loss_refs)
         except ray.exceptions.RayActorError:
-            self._abandoned += self._hop_refs
+            self._abandoned += hop_refs
             return None
-        finally:
-            self._hop_refs = []
         self.history.val_steps.append(step)
         self.history.val_losses.append(value)
         return value
