@@ -282,3 +282,33 @@ def delete(uri: str, recursive: bool = False) -> None:
         batch = [{"Key": k} for k in keys[start:start + 1000] if k]
         if batch:
             _s3_call(loc, "delete", client.delete_objects, Bucket=loc.bucket, Delete={"Objects": batch})
+
+
+def stat(uri: str) -> tuple[int, str | None]:
+    """(size in bytes, ETag or None) of the object at `uri`; local files have no ETag."""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            return loc.path.stat().st_size, None
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"stat {uri}: no such file", uri=uri) from None
+    head = _s3_call(loc, "stat", s3_client().head_object, Bucket=loc.bucket, Key=loc.key)
+    return int(head["ContentLength"]), str(head.get("ETag", "")).strip('"') or None
+
+
+def sha256_of(uri: str) -> str:
+    """Hex sha256 of the object at `uri`, streamed in 1 MiB blocks (local files are not read whole)."""
+    import hashlib
+
+    loc = parse_uri(uri)
+    digest = hashlib.sha256()
+    if loc.scheme == "file":
+        try:
+            with open(loc.path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"read {uri}: no such file", uri=uri) from None
+        return digest.hexdigest()
+    digest.update(read_bytes(uri))
+    return digest.hexdigest()
