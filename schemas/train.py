@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -60,7 +61,13 @@ class OptimSpec(StrictModel):
     """Adam per stage, with per-stage gradient clipping."""
 
     lr: float = Field(default=1e-3, gt=0, description="Learning rate (constant, as in the paper).")
-    grad_clip: float = Field(default=1.0, gt=0, description="Per-stage gradient L2 clip.")
+    grad_clip: float = Field(default=1.0, gt=0, description="Gradient L2 clip (paper: 1.0).")
+    clip: Literal["per_stage", "global"] = Field(
+        default="per_stage",
+        description="'per_stage': each stage clips its own gradient (every parameter it holds, embedding or head "
+        "included) to `grad_clip`; 'global': one norm over all stages, as DeepSpeed and torchtitan clip (each "
+        "stage receives every stage's squared norm between backward and its optimizer step).",
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
 
 
@@ -69,10 +76,22 @@ class RecoverySpec(StrictModel):
 
     strategy: Strategy = Field(default="checkfree+", description="Recovery strategy.")
     lr_scale: float = Field(default=1.1, gt=0, description="LR multiplier of a rebuilt stage (not compounding).")
-    epsilon: float = Field(default=1e-4, ge=0, description="Added to each neighbour's gradient norm.")
-    grad_norm_scope: Literal["blocks", "stage"] = Field(
-        default="blocks",
-        description="Gradient norm weighting the average: over transformer blocks only, or the whole stage.",
+    epsilon: float = Field(default=1e-4, gt=0, description="Added to each neighbour's gradient norm (paper: 1e-4).")
+    grad_norm: Literal["post_clip", "pre_clip"] = Field(
+        default="post_clip",
+        description="Which gradient L2 norm of a neighbour's last committed step weighs the CheckFree average: "
+        "after clipping (the paper's authors) or before it.",
+    )
+    grad_norm_scope: Literal["stage", "blocks"] = Field(
+        default="stage",
+        description="Parameters the weighing norm covers: 'stage', everything the stage clips (its blocks, plus "
+        "the embedding on the first stage and the head on the last); 'blocks', the transformer blocks only.",
+    )
+    step_timeout_s: float | None = Field(
+        default=None, gt=0,
+        description="Seconds a step may take before the stages that do not answer are treated as lost (killed, "
+        "rebuilt, recorded with reason 'timeout'). None: max(30 s, 10x the median step), 300 s until a step "
+        "has been measured.",
     )
     rule: Literal["weighted", "average", "copy", "random"] = Field(
         default="weighted",
@@ -112,6 +131,13 @@ class FailureSpec(StrictModel):
     def _one_rate(self) -> FailureSpec:
         if self.probability_per_step is not None and self.hourly_rate is not None:
             raise ValueError("set `failures.probability_per_step` or `failures.hourly_rate`, not both")
+        if self.probability_per_step is not None and self.probability_per_step >= 0.5:
+            warnings.warn(
+                f"`failures.probability_per_step` is {self.probability_per_step}: at >= 0.5 most steps lose a stage "
+                "and each loss runs its step again, so the work replayed grows quadratically with the run; "
+                "paper rates are 0.0009-0.004",
+                UserWarning, stacklevel=2,
+            )
         return self
 
 
@@ -147,11 +173,21 @@ class TrainSpec(StrictModel):
         bad = [s for _, s in self.failures.schedule if not 0 <= s < stages]
         if bad:
             raise ValueError(f"`failures.schedule` stage {bad[0]} is outside 0..{stages - 1}")
-        if self.recovery.strategy == "checkfree+" and stages == 3:
-            raise ValueError(
-                "`recovery.strategy` 'checkfree+' swaps the outer stage pairs and needs `pipeline.num_stages` "
-                "2 or >= 4, not 3"
-            )
+        late = [s for s, _ in self.failures.schedule if not 1 <= s <= self.steps]
+        if late:
+            raise ValueError(f"`failures.schedule` step {late[0]} is outside 1..`steps` ({self.steps})")
+        if self.recovery.strategy == "checkfree+":
+            if stages == 3:
+                raise ValueError(
+                    "`recovery.strategy` 'checkfree+' swaps the outer stage pairs and needs `pipeline.num_stages` "
+                    "2 or >= 4, not 3"
+                )
+            micro = self.pipeline.micro_batches
+            if micro < 2 or micro % 2:
+                raise ValueError(
+                    f"`pipeline.micro_batches` ({micro}) must be even and >= 2 with `recovery.strategy` 'checkfree+': "
+                    "half of the micro-batches run the swapped order, so that outer stages learn their partner's place"
+                )
         return self
 
     def checkpoint_every(self) -> int | None:
