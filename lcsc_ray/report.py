@@ -73,20 +73,30 @@ def write_search_outputs(spec: SearchSpec, run, result: SearchResult, trials: pd
 
 
 def format_table(result: SearchResult) -> str:
-    """The summary table: every reported model at the same sample count and seeds."""
+    """The summary table: every reported model at the same sample count and seeds, and for each baseline the
+    mean paired difference LCSC - baseline over the held-out seeds with its 95% interval and verdict."""
     holdout_n = len(result.best.holdout_fids)
-    header = f"{'model':<24}{'FID':>10}{'held-out FID (mean ± sd of ' + str(holdout_n) + ')':>36}"
+    header = (f"{'model':<24}{'FID':>10}{'held-out FID (mean ± sd of ' + str(holdout_n) + ')':>36}"
+              f"{'LCSC - model [95% CI]':>30}  verdict")
     title = (f"LCSC search '{result.spec.name}': {len(result.checkpoint_names)} checkpoints, "
              f"{result.num_evaluations} evaluations ({result.num_failed} failed), "
              f"{result.best.num_samples} samples per score, {result.wall_time_s:.0f} s")
     lines = [title, header, "-" * len(header)]
+    comparisons = {c.baseline: c for c in result.comparisons}
     for row in [result.best, *result.baselines]:
         hold = np.asarray(row.holdout_fids, dtype=float)
         spread = f"{hold.mean():.2f} ± {hold.std(ddof=1) if len(hold) > 1 else 0.0:.2f}" if len(hold) else "-"
-        lines.append(f"{row.label:<24}{row.fid:>10.2f}{spread:>36}")
-    verdict = "LCSC beat every baseline on held-out seeds" if result.gain_found else \
-        "no gain found: the search did not beat the best baseline on held-out seeds"
-    lines.append(verdict)
+        paired, verdict = "", ""
+        if row.label in comparisons:
+            c = comparisons[row.label]
+            interval = f"[{c.low:+.2f}, {c.high:+.2f}]" if c.low is not None else "[no interval]"
+            paired, verdict = f"{c.mean_difference:+.2f} {interval}", c.verdict
+        lines.append(f"{row.label:<24}{row.fid:>10.2f}{spread:>36}{paired:>30}  {verdict}".rstrip())
+    if result.gain_found:
+        lines.append("LCSC beat every baseline on held-out seeds (each paired 95% interval below 0)")
+    else:
+        lines.append("no gain found: the search did not beat every baseline beyond the seed noise on held-out "
+                     "seeds (a paired 95% interval that includes 0 is a tie)")
     return "\n".join(lines)
 
 

@@ -37,10 +37,11 @@ from lcsc_ray.tuning import (
 )
 from rayops import storage
 from rayops.jobs import absolutize_output
+from rayops.paired import paired_difference
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
 from schemas.errors import SpecError
-from schemas.search import CandidateScore, SearchResult, SearchSpec
+from schemas.search import CandidateScore, PairedComparison, SearchResult, SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,23 @@ def score_candidates(run: SearchRun, candidates: dict) -> dict[str, dict]:
     return scores
 
 
+def compare_with_baselines(winner_holdout: list[float], baselines: dict[str, list[float]]) -> list[PairedComparison]:
+    """The winner against each baseline on the shared held-out seeds: mean paired FID difference, its 95%
+    interval, and a verdict that claims a win only when the interval excludes 0."""
+    comparisons = []
+    for label, holdout in baselines.items():
+        diff = paired_difference(winner_holdout, holdout)
+        if not diff.excludes_zero:
+            verdict = "tie"
+        else:
+            verdict = f"LCSC beat {label}" if diff.high < 0 else f"{label} beat LCSC"
+        finite = diff.num_seeds >= 2
+        comparisons.append(PairedComparison(
+            baseline=label, mean_difference=diff.mean, low=diff.low if finite else None,
+            high=diff.high if finite else None, num_seeds=diff.num_seeds, verdict=verdict))
+    return comparisons
+
+
 def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores: dict, wall_s: float) -> SearchResult:
     """Pick the winner among the top-k by its search-seed FID; decide whether LCSC gained anything."""
     tops = [label for label in scores if label.startswith("top")]
@@ -289,10 +307,9 @@ def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores:
     seed_alphas = [a for a in trials[trials.phase == "seeds"].alphas]
     is_seed = any(np.allclose(winner["alphas"], a, atol=1e-9) for a in seed_alphas)
     baseline_labels = [label for label in scores if not label.startswith("top")]
-    best_baseline = min((np.mean(scores[b]["holdout"] or [scores[b]["fid"]]) for b in baseline_labels),
-                        default=math.inf)
-    winner_holdout = np.mean(winner["holdout"] or [winner["fid"]])
-    gain = (not is_seed) and winner_holdout < best_baseline
+    comparisons = compare_with_baselines(winner["holdout"], {b: scores[b]["holdout"] for b in baseline_labels})
+    # a gain is claimed only when the winner beat every baseline beyond the seed-to-seed noise
+    gain = (not is_seed) and all(c.verdict.startswith("LCSC beat") for c in comparisons)
 
     def score(label: str, entry: dict) -> CandidateScore:
         alphas = entry["alphas"] if entry["alphas"] is not None else []  # the run's EMA is no combination
@@ -306,6 +323,7 @@ def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores:
         best=score("lcsc", winner),
         baselines=[score(label, scores[label]) for label in baseline_labels],
         gain_found=bool(gain),
+        comparisons=comparisons,
         num_evaluations=int((trials.rung == 0).sum()),
         num_failed=int((trials.status == "failed").sum()),
         total_samples=run.store.total_samples(),

@@ -55,9 +55,9 @@ def test_rescore_top_k_only_when_it_can_change_the_pick():
 
 def test_seed_vectors_are_distinct_and_capped():
     """Seeds are last, EMA-shaped and uniform, deduplicated, never more than the budget."""
-    spec = SearchSpec.model_validate({"search": {"budget": 3, "ema_decays": [0.0, 0.5, 0.9]}})
+    spec = SearchSpec.model_validate({"search": {"budget": 3, "ema_decays": [1e-9, 0.5, 0.9]}})
     seeds = seed_vectors(4, spec)
-    assert [label for label, _ in seeds] == ["last", "ema@0.5", "ema@0.9"]  # ema@0 equals last
+    assert [label for label, _ in seeds] == ["last", "ema@0.5", "ema@0.9"]  # ema@1e-9 equals last
     assert all(np.isclose(a.sum(), 1.0) for _, a in seeds)
 
 

@@ -1,0 +1,48 @@
+"""Paired comparisons over shared seeds: the mean difference with a 95% Student-t interval.
+
+Two models scored on the same noise seeds (LCSC's held-out seeds, CheckFree's benchmark seeds) differ far less
+from each other than each varies with the seed, so the honest question is about the per-seed differences
+d_i = a_i - b_i: their mean, and the interval mean ± t_{0.975, n-1} · sd(d) / sqrt(n). A verdict "a beat b"
+is only claimed when that interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of a - b over shared seeds and its confidence interval (NaN bounds with fewer than 2 seeds)."""
+
+    mean: float
+    low: float
+    high: float
+    num_seeds: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when the whole interval lies on one side of 0 (a real difference at this confidence)."""
+        return self.low > 0 or self.high < 0
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> PairedDifference:
+    """Mean of `a[i] - b[i]` with a two-sided Student-t interval at `confidence` (pairs share seed i)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need one value per seed on both sides, got {len(a)} and {len(b)}")
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(diffs)
+    if n == 0:
+        return PairedDifference(math.nan, math.nan, math.nan, 0)
+    mean = math.fsum(diffs) / n
+    if n < 2:
+        return PairedDifference(mean, math.nan, math.nan, n)
+    sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return PairedDifference(mean, mean - half, mean + half, n)
