@@ -7,11 +7,8 @@ ranged read) for the training step and the tensor sizes. Each checkpoint becomes
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import re
-import struct
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,25 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lcsc_ray import checkpoint_formats
 from rayops import storage
 from schemas.errors import CheckpointError, StorageError, StorageNotFoundError
 from schemas.search import CheckpointSetSpec
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_SAFETENSORS_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 OBJECT_STORE_HEADROOM = 0.9  # keep 10% of the object store for samples, stats and Tune's own objects
 
 
@@ -118,20 +102,6 @@ def as_tensor(flat: np.ndarray | torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _safetensors_header(head: bytes, uri: str) -> dict:
-    if len(head) < 8:
-        raise CheckpointError(
-            f"checkpoint {uri} is truncated: {len(head)} bytes, not even a safetensors header"
-        )
-    (length,) = struct.unpack("<Q", head[:8])
-    if len(head) < 8 + length:
-        raise CheckpointError(f"checkpoint {uri} is truncated inside its safetensors header")
-    try:
-        return json.loads(head[8 : 8 + length])
-    except ValueError:
-        raise CheckpointError(f"checkpoint {uri} is not a safetensors file (unreadable header)") from None
-
-
 def _select_key(obj: object, key: str | None, uri: str) -> dict:
     if key is not None:
         for part in [key] if isinstance(obj, Mapping) and key in obj else key.split("."):
@@ -150,25 +120,8 @@ def _select_key(obj: object, key: str | None, uri: str) -> dict:
     return dict(obj)
 
 
-def _load_safetensors(data: bytes, uri: str, key: str | None) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    header = _safetensors_header(data, uri)
-    end = max(
-        (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
-    )
-    header_len = struct.unpack("<Q", data[:8])[0]
-    if len(data) < 8 + header_len + end:
-        raise CheckpointError(
-            f"checkpoint {uri} is truncated: {len(data)} bytes, its header needs "
-            f"{8 + header_len + end}; the file was cut short while writing or copying"
-        )
-    try:
-        state = load(data)
-    except SafetensorError as exc:
-        raise CheckpointError(f"checkpoint {uri} is not a valid safetensors file: {exc}") from None
-    state = dict(sorted(state.items()))  # safetensors keeps no meaningful order: a deterministic layout
+def _load_safetensors(data: bytes, uri: str, key: str | None, field: str) -> dict[str, torch.Tensor]:
+    state = checkpoint_formats.load_safetensors(data, uri, field)
     if key is None:
         return state
     prefix = key.rstrip(".") + "."
@@ -191,43 +144,31 @@ def _check_finite(state: Mapping[str, torch.Tensor], uri: str) -> None:
             )
 
 
-def parse_state_dict(data: bytes, uri: str, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Parse checkpoint bytes (.safetensors by name, else a torch file) into a finite state dict."""
+def parse_state_dict(
+    data: bytes, uri: str, key: str | None = None, field: str = "checkpoints.uri"
+) -> dict[str, torch.Tensor]:
+    """Parse checkpoint bytes (.safetensors by name, else a torch file) into a finite state dict; `field` is
+    the spec field that names the file (quoted in errors)."""
     if uri.endswith(".safetensors"):
-        state = _load_safetensors(data, uri, key)
+        state = _load_safetensors(data, uri, key, field)
     else:
-        try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types here; each becomes an error naming the file
-            raise CheckpointError(
-                f"checkpoint {uri} cannot be read as a torch file ({type(exc).__name__}: {str(exc)[:200]})"
-            ) from exc
-        state = _select_key(obj, key, uri)
+        state = _select_key(checkpoint_formats.load_torch(data, uri, field), key, uri)
     _check_finite(state, uri)
     return state
 
 
-def read_state_dict(uri: str, key: str | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(uri: str, key: str | None = None, field: str = "checkpoints.uri") -> dict[str, torch.Tensor]:
     """Read one checkpoint (.safetensors, or torch with weights_only) from a local path, file:// or s3://."""
     try:
         data = storage.read_bytes(uri)
     except StorageNotFoundError:
-        raise CheckpointError(f"checkpoint {uri} does not exist; check `checkpoints.uri` / `paths`") from None
+        raise CheckpointError(f"checkpoint {uri} does not exist; check `{field}`") from None
     except StorageError as exc:
         raise CheckpointError(f"checkpoint {uri} cannot be read: {exc}") from exc
-    return parse_state_dict(data, uri, key)
+    return parse_state_dict(data, uri, key, field)
 
 
 # ------------------------------------------------------------------------------------------ listing
-
-
-def _read_head(uri: str, nbytes: int) -> bytes:
-    loc = storage.parse_uri(uri)
-    if loc.scheme == "file":
-        with open(loc.path, "rb") as handle:
-            return handle.read(nbytes)
-    response = storage.s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes=0-{nbytes - 1}")
-    return response["Body"].read()
 
 
 @dataclass
@@ -237,56 +178,75 @@ class _Probe:
     file_size: int
 
 
-def _file_size(uri: str) -> int:
-    loc = storage.parse_uri(uri)
-    if loc.scheme == "file":
-        return os.path.getsize(loc.path)
-    return int(storage.s3_client().head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"])
-
-
-def _probe(uri: str, key: str | None) -> _Probe:
-    if not storage.exists(uri):
-        raise CheckpointError(f"checkpoint {uri} does not exist; check `checkpoints.uri` / `paths`")
-    size = _file_size(uri)
+def _name_step(uri: str) -> int | None:
     digits = re.findall(r"\d+", uri.rsplit("/", 1)[-1])
-    step = int(digits[-1]) if digits else None
+    return int(digits[-1]) if digits else None
+
+
+def _probe(uri: str, key: str | None, field: str = "checkpoints.uri") -> _Probe:
+    """Size, step and value count of one checkpoint, reading at most its safetensors header (bounded by the
+    file's size and the format's header limit)."""
+    try:
+        size, _ = storage.stat(uri)
+    except StorageNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} does not exist; check `{field}`") from None
+    except StorageError as exc:
+        raise CheckpointError(f"checkpoint {uri} cannot be read: {exc}") from exc
+    step = _name_step(uri)
     if not uri.endswith(".safetensors"):
         return _Probe(step, None, size)
-    head = _read_head(uri, 8)
-    length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-    header = _safetensors_header(_read_head(uri, 8 + length), uri)
+    try:
+        length = checkpoint_formats.header_length(storage.read_range(uri, 0, 8), size, uri, field)
+        raw = storage.read_range(uri, 8, length)
+    except StorageError as exc:
+        raise CheckpointError(f"checkpoint {uri} cannot be read: {exc}") from exc
+    header = checkpoint_formats.parse_header(raw, size - 8 - length, uri, field)
     meta = header.get("__metadata__") or {}
     if str(meta.get("step", "")).isdigit():
         step = int(meta["step"])
     prefix = None if key is None else key.rstrip(".") + "."
-    numel = sum(
-        int(np.prod(e["shape"], dtype=np.int64))
-        for n, e in header.items()
-        if n != "__metadata__" and (prefix is None or n.startswith(prefix))
-    )
-    return _Probe(step, numel, size)
+    return _Probe(step, checkpoint_formats.numel_of(header, prefix), size)
 
 
 def _spec_uris(spec: CheckpointSetSpec) -> list[str]:
     if spec.paths:
         return [p if "://" in p or os.path.isabs(p) else storage.join(spec.uri, p) for p in spec.paths]
-    uris = storage.list_uris(spec.uri, spec.glob)
+    try:
+        uris = storage.list_uris(spec.uri, spec.glob, recursive=False)  # the folder itself, not subfolders
+    except StorageError as exc:
+        raise CheckpointError(f"cannot list `checkpoints.uri` {spec.uri}: {exc}") from exc
     if not uris:
-        raise CheckpointError(f"no checkpoints match {spec.glob!r} under {spec.uri}; check `checkpoints.uri`")
+        raise CheckpointError(
+            f"no checkpoints match {spec.glob!r} in {spec.uri} (subfolders are not searched); check "
+            "`checkpoints.uri` and `checkpoints.glob`"
+        )
     return uris
 
 
 def _probe_all(spec: CheckpointSetSpec) -> list[tuple[str, _Probe]]:
-    probes = [(uri, _probe(uri, spec.key)) for uri in _spec_uris(spec)]
-    if any(p.step is None for _, p in probes):  # no step anywhere: keep the given / listed order
-        probes = [(uri, _Probe(i, p.numel, p.file_size)) for i, (uri, p) in enumerate(probes)]
-    probes.sort(key=lambda item: (item[1].step, item[0]))
+    """The set in training order: explicit `paths` keep the order given; listed files are sorted by step,
+    and a listed file without a step is refused (the order is never guessed)."""
+    field = "checkpoints.paths" if spec.paths else "checkpoints.uri"
+    probes = [(uri, _probe(uri, spec.key, field)) for uri in _spec_uris(spec)]
+    if spec.paths:
+        probes = [(uri, p if p.step is not None else _Probe(i, p.numel, p.file_size))
+                  for i, (uri, p) in enumerate(probes)]
+    else:
+        unordered = [uri.rsplit("/", 1)[-1] for uri, p in probes if p.step is None]
+        if unordered:
+            raise CheckpointError(
+                f"cannot order the checkpoints in {spec.uri}: {len(unordered)} file(s) have no training step "
+                f"(no `step` in the safetensors metadata, no digits in the name): {unordered[:10]}; rename "
+                "them with their step, narrow `checkpoints.glob`, or list the files in training order with "
+                "`checkpoints.paths`"
+            )
+        probes.sort(key=lambda item: (item[1].step, item[0]))
     return probes[-spec.last :] if spec.last else probes
 
 
 def list_checkpoints(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
     """(uri, training step) of the set, ordered by step (safetensors metadata 'step', else the last digits of
-    the file name, else the listed order), with `last` applied."""
+    the file name; explicit `paths` keep their order), with `last` applied."""
     return [(uri, probe.step) for uri, probe in _probe_all(spec)]
 
 
@@ -347,10 +307,11 @@ def _estimate_bytes(probes: list[_Probe], storage_dtype: str) -> int:
     return sum(p.numel * itemsize if p.numel is not None else p.file_size * itemsize // 4 for p in probes)
 
 
-def _put_checked(uri: str, key: str | None, layout: Layout | None, first_uri: str | None, storage_dtype: str):
+def _put_checked(uri: str, key: str | None, layout: Layout | None, first_uri: str | None, storage_dtype: str,
+                 field: str = "checkpoints.uri"):
     import ray
 
-    state = read_state_dict(uri, key)
+    state = read_state_dict(uri, key, field)
     if layout is None:
         layout = Layout.from_state_dict(state, storage_dtype)
     else:
@@ -367,17 +328,19 @@ def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
     `ray.put` it once. Ray must be initialised."""
     capacity = object_store_capacity()
     probed = _probe_all(spec)
-    ema_probe = [_probe(spec.ema_uri, spec.ema_key or spec.key)] if spec.ema_uri else []
+    ema_probe = [_probe(spec.ema_uri, spec.ema_key or spec.key, "checkpoints.ema_uri")] if spec.ema_uri else []
     need = _estimate_bytes([p for _, p in probed] + ema_probe, spec.storage_dtype)
     check_fits(need, capacity, len(probed) + len(ema_probe), spec.storage_dtype)
     refs, layout = [], None
+    field = "checkpoints.paths" if spec.paths else "checkpoints.uri"
     for uri, _ in probed:
-        ref, layout = _put_checked(uri, spec.key, layout, probed[0][0], spec.storage_dtype)
+        ref, layout = _put_checked(uri, spec.key, layout, probed[0][0], spec.storage_dtype, field)
         refs.append(ref)
     ema_ref = None
     if spec.ema_uri:
         ema_ref, _ = _put_checked(
-            spec.ema_uri, spec.ema_key or spec.key, layout, probed[0][0], spec.storage_dtype
+            spec.ema_uri, spec.ema_key or spec.key, layout, probed[0][0], spec.storage_dtype,
+            "checkpoints.ema_uri",
         )
     return CheckpointSet(
         uris=[uri for uri, _ in probed],
