@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -137,9 +138,10 @@ def _translate(exc: Exception, loc: Location, action: str) -> StorageError:
 
 
 def _s3_call(loc: Location, action: str, fn, *args, **kwargs):
+    """Call boto3 (which retries transient errors itself); what is left becomes a `StorageError`."""
     try:
         return fn(*args, **kwargs)
-    except (ClientError, BotoCoreError) as exc:
+    except (ClientError, BotoCoreError, Boto3Error) as exc:
         raise _translate(exc, loc, action) from None
 
 
@@ -195,6 +197,35 @@ def read_bytes(uri: str) -> bytes:
         except IsADirectoryError:
             raise StorageError(f"read {uri}: is a directory, expected a file", uri=uri) from None
     response = _s3_call(loc, "read", s3_client().get_object, Bucket=loc.bucket, Key=loc.key)
+    try:
+        return response["Body"].read()
+    except (BotoCoreError, OSError) as exc:
+        raise StorageUnavailableError(f"read {uri}: connection lost while reading ({exc})", uri=uri) from None
+
+
+def read_range(uri: str, start: int, length: int) -> bytes:
+    """Read at most `length` bytes of the object at `uri` from byte `start` (fewer at its end)."""
+    if length <= 0:
+        return b""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            with open(loc.path, "rb") as handle:
+                handle.seek(start)
+                return handle.read(length)
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"read {uri}: no such file", uri=uri) from None
+        except IsADirectoryError:
+            raise StorageError(f"read {uri}: is a directory, expected a file", uri=uri) from None
+    byte_range = f"bytes={start}-{start + length - 1}"
+    try:
+        response = s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=byte_range)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # starts past the end of the object
+            return b""
+        raise _translate(exc, loc, "read") from None
+    except BotoCoreError as exc:
+        raise _translate(exc, loc, "read") from None
     try:
         return response["Body"].read()
     except (BotoCoreError, OSError) as exc:
@@ -281,7 +312,24 @@ def delete(uri: str, recursive: bool = False) -> None:
     for start in range(0, len(keys), 1000):
         batch = [{"Key": k} for k in keys[start:start + 1000] if k]
         if batch:
-            _s3_call(loc, "delete", client.delete_objects, Bucket=loc.bucket, Delete={"Objects": batch})
+            response = _s3_call(loc, "delete", client.delete_objects, Bucket=loc.bucket,
+                                Delete={"Objects": batch, "Quiet": True})
+            check_delete_response(loc, response)
+
+
+def check_delete_response(loc: Location, response: dict) -> None:
+    """Raise naming every key a DeleteObjects response reports as not deleted (S3 answers 200 even then);
+    a key that was already gone is fine."""
+    failed = [e for e in response.get("Errors", []) if e.get("Code") not in _NOT_FOUND_CODES]
+    if not failed:
+        return
+    keys = ", ".join(f"s3://{loc.bucket}/{e.get('Key')} ({e.get('Code')}: {e.get('Message', '')})"
+                     for e in failed[:10])
+    more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+    codes = {str(e.get("Code")) for e in failed}
+    cls = StoragePermissionError if codes & _PERMISSION_CODES else StorageError
+    raise cls(f"delete {loc.uri()}: {len(failed)} object(s) were not deleted: {keys}{more}; check the "
+              "bucket's policy (s3:DeleteObject) and object locks, then delete them or run again", uri=loc.uri())
 
 
 def stat(uri: str) -> tuple[int, str | None]:
