@@ -8,6 +8,7 @@ several actors merges to exactly the statistics one actor would compute.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -17,10 +18,10 @@ import ray
 import torch
 
 from lcsc_ray.checkpoints import CheckpointSet, Layout, as_tensor
-from lcsc_ray.combine import check_coefficients, combine_into
+from lcsc_ray.combine import check_coefficients, combine_flat
 from lcsc_ray.fid import FIDStats, fid_from_stats
 from lcsc_ray.plugins import build, resolve
-from schemas.errors import CheckpointError, LcscCheckfreeError
+from schemas.errors import CheckpointError, LcscCheckfreeError, SpecError
 from schemas.search import SearchSpec
 
 
@@ -135,7 +136,7 @@ class Evaluator:
         if coefficients is None:
             self.flat.copy_(as_tensor(self.ema_array))
         else:
-            combine_into(self.flat, self.sources, coefficients)
+            combine_flat(self.flat, self.sources, coefficients, self.layout)
         low, high = torch.aminmax(self.flat)  # NaN propagates; no P-sized temporary, unlike isfinite(flat)
         if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             raise CandidateError(
@@ -165,12 +166,42 @@ class Evaluator:
                 "diverges; the search should score this candidate as failed"
             )
         features = self.feature_net(images.to(self.device))  # (B, d)
+        self._check_features(features)
         stats = FIDStats.empty(features.shape[1]).update(features)
         timings["sample_s"] += mid - start
         timings["features_s"] += time.perf_counter() - mid
         return stats
 
+    def _check_sampler(self) -> None:
+        """The sampler must accept sampler(model, n, seed, nfe, batch_size, **sampler.kwargs)."""
+        if getattr(self, "_sampler_checked", False):
+            return
+        sampler = self.spec.sampler
+        try:
+            inspect.signature(self.sampler).bind(self.model, 1, 0, sampler.nfe, self.spec.evaluators.batch_size,
+                                                 **sampler.kwargs)
+        except TypeError as exc:
+            raise SpecError(
+                f"sampler {sampler.target} cannot be called as sampler(model, n, seed, nfe, batch_size, "
+                f"**sampler.kwargs) with kwargs {sorted(sampler.kwargs)}: {exc}; fix `sampler.target` or "
+                "`sampler.kwargs`"
+            ) from None
+        except ValueError:
+            pass  # no signature to inspect (a builtin): the first call will tell
+        self._sampler_checked = True
+
+    def _check_features(self, features: torch.Tensor) -> None:
+        """Features must be (B, d) with d the reference statistics' dimension."""
+        dim = self.reference_mu.shape[0]
+        if features.ndim != 2 or features.shape[1] != dim:
+            raise SpecError(
+                f"feature network {self.spec.fid.features.target} gives features of shape "
+                f"{tuple(features.shape)}, but the reference statistics have dimension {dim}; the reference must "
+                "come from the same feature network (`fid.reference`, `fid.features`)"
+            )
+
     def _stats(self, coefficients, seed: int, lo: int, hi: int, num_samples: int, timings: dict) -> FIDStats:
+        self._check_sampler()
         start = time.perf_counter()
         self._load(coefficients)
         timings["combine_s"] += time.perf_counter() - start
@@ -238,11 +269,6 @@ class Evaluator:
             "nonfinite": False,
             "timings": timings,
         }
-
-    def combined_state_dict(self, coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
-        """The combined weights as a CPU state dict (copies), for saving the winner."""
-        self._load(check_coefficients(coefficients, len(self.arrays)))
-        return {name: view.detach().cpu().clone() for name, view in self.layout.unflatten(self.flat).items()}
 
     def score(self, stats: dict) -> float:
         """FID of merged statistics against this actor's reference."""

@@ -1,8 +1,13 @@
-"""Apply known coefficients to a checkpoint set without Ray, streaming one checkpoint at a time."""
+"""Apply known coefficients to a checkpoint set without Ray, streaming one checkpoint at a time.
+
+This is the only route to a combined checkpoint file: a search's `combined.safetensors` and `lcsc-ray combine`
+both call `combined_safetensors`, so the same coefficients over the same files give byte-identical files.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +15,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from lcsc_ray.checkpoints import list_checkpoints, read_state_dict
-from lcsc_ray.combine import check_coefficients
+from lcsc_ray.combine import check_coefficients, combine_states
 from rayops import artifacts, storage
 from schemas.errors import SpecError
 from schemas.search import CheckpointSetSpec
@@ -30,31 +35,37 @@ def read_coefficients(uri: str) -> list[float]:
     return [float(x) for x in data]
 
 
+def _states(uris: list[str], key: str | None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    for uri in uris:
+        yield uri, read_state_dict(uri, key)
+
+
 def combine_checkpoints(checkpoints: CheckpointSetSpec, coefficients: list[float]) -> dict[str, torch.Tensor]:
-    """theta = sum_i alpha_i theta_i over the set in step order, holding one input checkpoint at a time."""
+    """theta = sum_i alpha_i theta_i over the set in step order, holding one input checkpoint at a time
+    (floating tensors in float32, integer and bool tensors copied from the last checkpoint)."""
+    uris = [uri for uri, _step in list_checkpoints(checkpoints)]
+    alphas = check_coefficients(coefficients, len(uris))
+    return combine_states(_states(uris, checkpoints.key), alphas)
+
+
+def combined_safetensors(checkpoints: CheckpointSetSpec, coefficients: list[float]) -> tuple[bytes, dict]:
+    """The combined weights as .safetensors bytes (coefficients and checkpoint names in its metadata), and a
+    sidecar dict of coefficients and provenance."""
     listed = list_checkpoints(checkpoints)
-    alphas = check_coefficients(coefficients, len(listed))
-    combined: dict[str, torch.Tensor] | None = None
-    for alpha, (uri, _step) in zip(alphas, listed):
-        state = read_state_dict(uri, checkpoints.key)
-        if combined is None:
-            combined = {name: tensor.to(torch.float32) * alpha for name, tensor in state.items()}
-            dtypes = {name: tensor.dtype for name, tensor in state.items()}
-            continue
-        for name, tensor in state.items():
-            combined[name].add_(tensor.to(torch.float32), alpha=alpha)  # LCSC: sum_i alpha_i theta_i
-    assert combined is not None  # check_coefficients guarantees at least one checkpoint
-    return {name: tensor.to(dtypes[name]) if not dtypes[name].is_floating_point else tensor
-            for name, tensor in combined.items()}
+    state = combine_checkpoints(checkpoints, coefficients)
+    names = [uri.rsplit("/", 1)[-1] for uri, _ in listed]
+    # One metadata key: safetensors writes several in hash order, which would change the bytes from run to run.
+    metadata = {"lcsc": json.dumps({"coefficients": [float(c) for c in coefficients], "checkpoints": names},
+                                   sort_keys=True)}
+    sidecar = {"coefficients": [float(c) for c in coefficients], "checkpoints": [u for u, _ in listed],
+               "steps": [s for _, s in listed], "sum": float(np.sum(coefficients))}
+    return save_safetensors(state, metadata=metadata), sidecar
 
 
 def export_combined(checkpoints: CheckpointSetSpec, coefficients: list[float], out_uri: str) -> dict:
     """Write the combination as .safetensors plus a JSON sidecar of coefficients and provenance."""
-    listed = list_checkpoints(checkpoints)
-    state = combine_checkpoints(checkpoints, coefficients)
-    sidecar = {"coefficients": coefficients, "checkpoints": [u for u, _ in listed],
-               "steps": [s for _, s in listed], "sum": float(np.sum(coefficients))}
-    storage.write_bytes(out_uri, save_safetensors(state, metadata={"lcsc_coefficients": json.dumps(coefficients)}))
+    data, sidecar = combined_safetensors(checkpoints, coefficients)
+    storage.write_bytes(out_uri, data)
     artifacts.write_json(str(Path(out_uri).with_suffix(".json")) if not storage.is_remote(out_uri)
                          else out_uri.rsplit(".", 1)[0] + ".json", sidecar)
     return sidecar

@@ -10,8 +10,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-from safetensors.torch import save as save_safetensors
 
 from lcsc_ray import plots
 from rayops import artifacts, storage
@@ -44,9 +42,9 @@ def trials_table(trials: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def write_search_outputs(spec: SearchSpec, run, result: SearchResult, trials: pd.DataFrame, scores: dict) -> None:
-    """The combined checkpoint, its sidecar, trials, plots and result.json, with the manifest written last."""
-    state = ray.get(run.evaluators[0].combined_state_dict.remote(result.best.coefficients))
+def write_search_outputs(spec: SearchSpec, result: SearchResult, trials: pd.DataFrame, combined: bytes) -> None:
+    """The combined checkpoint (`combined`: the .safetensors bytes of the winner, from
+    `export.combined_safetensors`), its sidecar, trials, plots and result.json, with the manifest written last."""
     provenance = {
         "coefficients": result.best.coefficients,
         "checkpoints": result.checkpoint_names,
@@ -61,8 +59,7 @@ def write_search_outputs(spec: SearchSpec, run, result: SearchResult, trials: pd
     result.files = {name: storage.join(out, name) for name in RESULT_FILES}
     result.versions = versions()
     files = {
-        "combined.safetensors": save_safetensors(state, metadata={"lcsc_coefficients": json.dumps(
-            result.best.coefficients), "checkpoints": json.dumps(result.checkpoint_names)}),
+        "combined.safetensors": combined,
         "combined.json": json.dumps(provenance, indent=2).encode(),
         "trials.parquet": trials_table(trials),
         "fid_vs_evaluations.png": plots.fid_vs_evaluations(trials, result),

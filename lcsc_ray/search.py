@@ -24,6 +24,7 @@ from lcsc_ray import coefficients as coef
 from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import start_evaluators
+from lcsc_ray.export import combined_safetensors
 from lcsc_ray.fid import reference_stats_for
 from lcsc_ray.trials import TrialFailedError, start_broker, trainable
 from lcsc_ray.tuning import (
@@ -257,7 +258,8 @@ def run_search(spec: SearchSpec) -> SearchResult:
             candidates = reported_candidates(run, trials, seeds)
             scores = score_candidates(run, candidates)
             result = build_result(spec, run, trials, scores, time.monotonic() - started)
-            write_search_outputs(spec, run, result, trials, scores)
+            combined, _ = combined_safetensors(spec.checkpoints, result.best.coefficients)
+            write_search_outputs(spec, result, trials, combined)
         finally:
             # Tune's with_parameters keeps the actor handles alive in the object store: without this, the
             # evaluators would hold their CPUs and a second search in the same Ray session could not start.

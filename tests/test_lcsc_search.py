@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from lcsc_ray.cli import main
 from lcsc_ray.evaluations import evaluation_key
 from lcsc_ray.report import format_table, load_result
 from lcsc_ray.search import rescore_count, run_search, seed_vectors
@@ -82,6 +84,11 @@ def test_small_search_end_to_end(ray_local, tmp_path):
         if tensor.is_floating_point():
             expected = sum(a * load_file(f)[name].double() for a, f in zip(alphas, files))
             torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
+    # `lcsc-ray combine` with the result's coefficients writes the very same bytes (one combination path)
+    cli = CliRunner().invoke(main, ["combine", "--coefficients", str(tmp_path / "out" / "result.json"),
+                                    "--checkpoints", str(tmp_path / "ckpts"), "--out", str(tmp_path / "cli.safetensors")])
+    assert cli.exit_code == 0, cli.output
+    assert (tmp_path / "cli.safetensors").read_bytes() == (tmp_path / "out" / "combined.safetensors").read_bytes()
     assert artifacts.is_complete(str(tmp_path / "out"))
     assert load_result(str(tmp_path / "out")).best.coefficients == alphas
     assert "held-out" in format_table(result)
