@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from itertools import pairwise
 from typing import Annotated, Literal
 
@@ -169,6 +170,24 @@ class SearchSpec(StrictModel):
     output: OutputSpec = Field(
         default_factory=lambda: OutputSpec(uri="outputs/lcsc-search"), description="Result location."
     )
+
+    @model_validator(mode="after")
+    def _output_outside_checkpoints(self) -> SearchSpec:
+        # the search writes combined.safetensors and state there: inside the set they would be read back
+        output, folder = _comparable(self.output.uri), _comparable(self.checkpoints.uri)
+        if output == folder or output.startswith(folder.rstrip("/") + "/"):
+            raise ValueError(
+                f"`output.uri` ({self.output.uri}) lies inside `checkpoints.uri` ({self.checkpoints.uri}): the "
+                "search's own files would mix with the checkpoints; choose an `output.uri` outside that folder"
+            )
+        return self
+
+
+def _comparable(uri: str) -> str:
+    """A URI in a form where one folder's URI prefixes its contents' (local paths made absolute)."""
+    if uri.startswith("s3://"):
+        return uri.rstrip("/")
+    return os.path.abspath(uri.removeprefix("file://"))
 
 
 class CandidateScore(StrictModel):
