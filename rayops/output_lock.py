@@ -1,0 +1,236 @@
+"""One run per output: a lock object with an owner and a lease, taken with a conditional write.
+
+The lock is `OUTPUT/run.lock`, a small JSON object: who holds it (host, pid, a random token), when it was taken
+and until when its lease runs. It is created only if absent (S3 `PutObject` with `If-None-Match: *`; locally
+a hard link, which fails when the name exists), so of two runs starting together exactly one wins. The holder
+renews the lease from a background thread; a run that is killed stops renewing, and once its lease has expired
+the next run takes the lock over (S3: a put conditional on the stale lock's ETag; locally: the stale file is
+renamed away first, which only one taker can do). A second run into a running one's output is refused with an
+error that names the owner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Self
+
+from botocore.exceptions import ClientError
+
+from rayops import storage
+from schemas.errors import LcscCheckfreeError, StorageNotFoundError
+
+log = logging.getLogger(__name__)
+LOCK_NAME = "run.lock"
+DEFAULT_LEASE_S = 120.0  # a killed run blocks its output for at most this long; renewed every third of it
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+class OutputLockedError(LcscCheckfreeError):
+    """Another run holds the output's lock (or took it over from this one)."""
+
+
+def _local_create(path: str, data: bytes) -> bool:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{LOCK_NAME}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(tmp, path)  # atomic, and fails if the lock exists: the holder's content is complete
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def _is_conflict(exc: ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code in _CONFLICT_CODES or status in _CONFLICT_CODES
+
+
+class OutputLock:
+    """The lock of one output URI. Use as a context manager: acquire, renew in the background, release."""
+
+    def __init__(self, output_uri: str, lease_s: float = DEFAULT_LEASE_S, clock: Callable[[], float] = time.time,
+                 what: str = "run"):
+        self.uri = storage.join(output_uri, LOCK_NAME)
+        self.output_uri, self.lease_s, self.clock, self.what = output_uri, float(lease_s), clock, what
+        self.token = uuid.uuid4().hex
+        self.version: str | None = None  # the ETag (S3) or content (local) of the lock as this holder wrote it
+        self.taken_over: dict | None = None  # the stale lock this holder replaced, if any
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------- content
+    def _payload(self) -> bytes:
+        now = self.clock()
+        return json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "host": socket.gethostname(),
+                           "pid": os.getpid(), "token": self.token, "what": self.what, "renewed_at": now,
+                           "expires_at": now + self.lease_s, "lease_s": self.lease_s}).encode()
+
+    def _read(self) -> tuple[dict, str] | None:
+        """(lock content, version) or None when there is no lock."""
+        loc = storage.parse_uri(self.uri)
+        if loc.scheme == "file":
+            try:
+                data = loc.path.read_bytes()
+            except FileNotFoundError:
+                return None
+            return self._parse(data), data.decode(errors="replace")
+        try:
+            response = storage.s3_client().get_object(Bucket=loc.bucket, Key=loc.key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise storage._translate(exc, loc, "read lock") from None
+        return self._parse(response["Body"].read()), response["ETag"]
+
+    def _parse(self, data: bytes) -> dict:
+        try:
+            info = json.loads(data)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict) or "expires_at" not in info:
+            # not ours to judge: treat as held until its file is fixed or removed by hand
+            return {"owner": f"an unreadable lock object ({len(data)} bytes)", "expires_at": float("inf")}
+        return info
+
+    # --------------------------------------------------------------------------- conditional writes
+    def _create(self, data: bytes) -> bool:
+        loc = storage.parse_uri(self.uri)
+        if loc.scheme == "file":
+            created = _local_create(str(loc.path), data)
+            self.version = data.decode() if created else None
+            return created
+        try:
+            response = storage.s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if _is_conflict(exc):
+                return False
+            raise storage._translate(exc, loc, "create lock") from None
+        self.version = response["ETag"]
+        return True
+
+    def _replace(self, data: bytes, expected: str) -> bool:
+        """Overwrite the lock only if it is still the version `expected`; True when this call won."""
+        loc = storage.parse_uri(self.uri)
+        if loc.scheme == "file":
+            return self._local_replace(str(loc.path), data, expected)
+        try:
+            response = storage.s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfMatch=expected)
+        except ClientError as exc:
+            if _is_conflict(exc) or exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return False
+            raise storage._translate(exc, loc, "replace lock") from None
+        self.version = response["ETag"]
+        return True
+
+    def _local_replace(self, path: str, data: bytes, expected: str) -> bool:
+        aside = f"{path}.{uuid.uuid4().hex}.old"
+        try:
+            os.rename(path, aside)  # only one taker can move a given file away
+        except FileNotFoundError:
+            return False
+        with open(aside, "rb") as handle:
+            moved = handle.read().decode(errors="replace")
+        if moved != expected:  # someone else replaced it in between: put theirs back
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+            os.unlink(aside)
+            return False
+        os.unlink(aside)
+        return self._create(data)
+
+    # ------------------------------------------------------------------------------------- public
+    def acquire(self) -> None:
+        """Take the lock, or take over a lock whose lease has expired; else raise naming the owner."""
+        for _attempt in range(3):  # a lock released or replaced between our read and write: look again
+            if self._create(self._payload()):
+                return
+            current = self._read()
+            if current is None:
+                continue
+            info, version = current
+            if info.get("token") == self.token:
+                return
+            if float(info["expires_at"]) > self.clock():
+                raise OutputLockedError(self._held_message(info))
+            if self._replace(self._payload(), version):
+                self.taken_over = info
+                log.warning("took over the stale lock of %s on %s (its lease expired at %s)",
+                            info.get("owner"), self.output_uri, _when(info["expires_at"]))
+                return
+        raise OutputLockedError(f"{self.output_uri}: could not take its lock {self.uri}: other runs keep "
+                                "taking it; make sure only one run writes this output")
+
+    def _held_message(self, info: dict) -> str:
+        left = float(info["expires_at"]) - self.clock()
+        return (f"{self.output_uri} is in use by another {info.get('what', 'run')} ({info.get('owner')}; its lease "
+                f"runs until {_when(info['expires_at'])}, {left:.0f} s from now, and is renewed while it runs); "
+                "wait for it to finish, give this run another `output.uri`, or, if that run is gone, delete "
+                f"{self.uri} (or wait until its lease expires)")
+
+    def renew(self) -> None:
+        """Extend the lease; raises OutputLockedError when another run took the lock over."""
+        current = self._read()
+        if current is None or current[0].get("token") != self.token:
+            owner = "nobody" if current is None else current[0].get("owner")
+            self.lost = f"the lock {self.uri} of this {self.what} is now held by {owner}"
+            raise OutputLockedError(self.lost)
+        if not self._replace(self._payload(), current[1]):
+            self.lost = f"the lock {self.uri} was replaced while this {self.what} renewed it"
+            raise OutputLockedError(self.lost)
+
+    def release(self) -> None:
+        """Remove the lock if this holder still owns it."""
+        current = self._read()
+        if current is not None and current[0].get("token") == self.token:
+            try:
+                storage.delete(self.uri)
+            except StorageNotFoundError:
+                pass
+
+    def check(self) -> None:
+        """Raise if the lock was lost (checked before results are written)."""
+        if self.lost:
+            raise OutputLockedError(f"{self.output_uri}: {self.lost}; this {self.what} stops without writing")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self.renew()
+            except OutputLockedError as exc:
+                log.error("%s", exc)
+                return
+            except LcscCheckfreeError as exc:  # storage hiccup: the next beat retries; the lease covers two
+                log.warning("could not renew the lock %s: %s", self.uri, exc)
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        self._thread = threading.Thread(target=self._heartbeat, name="output-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.release()
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch))) if epoch != float("inf") else "never"
