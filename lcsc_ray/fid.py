@@ -10,13 +10,16 @@ import hashlib
 import io
 import json
 import logging
+import math
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from rayops import storage
-from schemas.errors import LcscCheckfreeError
+from schemas.errors import LcscCheckfreeError, ReferenceStatsError, StorageNotFoundError
 from schemas.search import SearchSpec
 
 log = logging.getLogger(__name__)
@@ -127,18 +130,81 @@ def save_reference_stats(uri: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     storage.write_bytes(uri, buffer.getvalue())
 
 
-def load_reference_stats(uri: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read (mu, sigma) from an .npz holding `mu` and `sigma`."""
+NPZ_EXPANSION_CAP = 64  # a compressed .npz member may expand at most this much over the whole file
+
+
+def _npy_member(archive: zipfile.ZipFile, name: str, size: int, where: str) -> np.ndarray:
+    """One array of an .npz, after checking that its header's shape and dtype fit the member's bytes."""
+    info = archive.getinfo(name)
+    limit = size if info.compress_type == zipfile.ZIP_STORED else NPZ_EXPANSION_CAP * size
+    if info.file_size > limit:
+        raise ReferenceStatsError(
+            f"{where}: member {name!r} claims {info.file_size} bytes in a {size}-byte file")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ReferenceStatsError(f"{where}: {name!r} has .npy format version {version}; expected 1.0 or 2.0")
+        shape, _, dtype = read_header(member, max_header_size=10_000)
+        if dtype.kind not in "fiu":
+            raise ReferenceStatsError(f"{where}: {name!r} holds {dtype}, expected floating-point numbers")
+        if math.prod(shape) * dtype.itemsize > info.file_size:
+            raise ReferenceStatsError(
+                f"{where}: {name!r} claims shape {shape}, more than its {info.file_size} bytes")
+    with archive.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False).astype(np.float64)
+
+
+def check_reference_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
+    """Refuse statistics that cannot be a feature mean (d,) and covariance (d, d): wrong shapes, NaN/inf, or
+    a sigma that is not symmetric."""
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ReferenceStatsError(f"{where}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (d,) and "
+                                  "(d, d)")
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        if not np.all(np.isfinite(value)):
+            raise ReferenceStatsError(f"{where}: {name} holds {int((~np.isfinite(value)).sum())} NaN/inf values")
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * scale):
+        raise ReferenceStatsError(f"{where}: sigma is not symmetric (largest |sigma - sigma^T| "
+                                  f"{float(np.abs(sigma - sigma.T).max()):.3g}); it is not a covariance")
+
+
+def parse_reference_stats(
+    data: bytes, uri: str, field: str = "fid.reference.stats_uri"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from .npz bytes holding `mu` and `sigma`, every length bounded by the file's size."""
+    where = f"reference statistics {uri} (given by `{field}`)"
     try:
-        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as data:
-            missing = {"mu", "sigma"} - set(data.files)
-            if missing:
-                raise FIDError(f"reference statistics {uri} lack {sorted(missing)}; it has {data.files}")
-            return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, FIDError):
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise ReferenceStatsError(f"{where} are not a readable .npz ({exc}); write them with "
+                                  "`numpy.savez(path, mu=..., sigma=...)`") from None
+    with archive:
+        names = archive.namelist()
+        missing = [k for k in ("mu", "sigma") if f"{k}.npy" not in names]
+        if missing:
+            present = [n.removesuffix(".npy") for n in names][:10]
+            raise ReferenceStatsError(f"{where} lack {missing}; the file has {present}")
+        try:
+            mu, sigma = (_npy_member(archive, f"{k}.npy", len(data), where) for k in ("mu", "sigma"))
+        except ReferenceStatsError:
             raise
-        raise FIDError(f"reference statistics {uri} are not a readable .npz: {exc}") from exc
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError,
+                zlib.error, TypeError, SyntaxError) as exc:
+            raise ReferenceStatsError(f"{where} are corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+    check_reference_stats(mu, sigma, where)
+    return mu, sigma
+
+
+def load_reference_stats(uri: str, field: str = "fid.reference.stats_uri") -> tuple[np.ndarray, np.ndarray]:
+    """Read (mu, sigma) from an .npz holding `mu` and `sigma`; a bad file is a `ReferenceStatsError` naming it
+    and `field`, the spec field that points at it."""
+    try:
+        return parse_reference_stats(storage.read_bytes(uri), uri, field)
+    except StorageNotFoundError:
+        raise ReferenceStatsError(f"reference statistics {uri} do not exist; check `{field}`") from None
 
 
 @torch.inference_mode()
@@ -176,7 +242,7 @@ def reference_stats_for(spec: SearchSpec) -> tuple[np.ndarray, np.ndarray]:
     cache_uri = storage.join(spec.output.uri, "reference_stats", f"{reference_cache_key(spec)}.npz")
     if storage.exists(cache_uri):
         log.info("reusing reference statistics %s", cache_uri)
-        return load_reference_stats(cache_uri)
+        return load_reference_stats(cache_uri, "output.uri; delete this cached file to recompute it")
     images = torch.as_tensor(build(reference.dataset), dtype=torch.float32)
     feature_net = build(spec.fid.features).eval()
     stats = feature_stats(feature_net, images, spec.evaluators.batch_size)

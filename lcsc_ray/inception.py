@@ -7,14 +7,13 @@ the weights file (local path, file:// or s3://). Output: 2048-d pool3 features o
 
 from __future__ import annotations
 
-import io
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lcsc_ray import checkpoint_formats
 from rayops import storage
-from schemas.errors import LcscCheckfreeError, StorageNotFoundError
+from schemas.errors import CheckpointError, LcscCheckfreeError, StorageNotFoundError
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -197,8 +196,17 @@ def load_weights(model: FIDInceptionV3, weights_uri: str) -> FIDInceptionV3:
             f"FID Inception weights {weights_uri} not found; nothing is downloaded here: fetch "
             f"{FID_WEIGHTS_NAME} (pytorch-fid's release) yourself and pass its path as `weights_uri`"
         ) from None
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    field = "fid.features.kwargs.weights_uri"
+    state = checkpoint_formats.load_torch(data, weights_uri, field)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{weights_uri} holds a {type(state).__name__}, not an FID Inception state dict "
+                              f"(listed by `{field}`)")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # wrong shapes or non-tensor values
+        problem = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{weights_uri} is not an FID Inception state dict ({problem}) "
+                              f"(listed by `{field}`)") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise LcscCheckfreeError(

@@ -50,3 +50,15 @@ class CheckpointError(LcscCheckfreeError):
 
 class RecoveryError(LcscCheckfreeError):
     """A training run cannot be recovered correctly (e.g. two adjacent stages lost and no checkpoint)."""
+
+
+class ReferenceStatsError(LcscCheckfreeError, ValueError):
+    """Reference FID statistics (`.npz`) are unreadable or unusable; the message names the file and the field."""
+
+
+class StateFileError(LcscCheckfreeError):
+    """A state or result file read on resume is corrupt; the message names it and how to start over."""
+
+
+class RunConflictError(LcscCheckfreeError):
+    """The output already holds another run (different spec); the message names that run and the fix."""

@@ -14,6 +14,7 @@ import struct
 import tracemalloc
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -23,7 +24,8 @@ from safetensors.torch import save
 from lcsc_ray import checkpoints
 from lcsc_ray.checkpoint_formats import SAFETENSORS_HEADER_CAP
 from lcsc_ray.checkpoints import list_checkpoints, parse_state_dict
-from schemas.errors import CheckpointError
+from lcsc_ray.fid import parse_reference_stats
+from schemas.errors import CheckpointError, ReferenceStatsError
 from schemas.search import CheckpointSetSpec
 from tests.lcsc_plugins import write_run
 
@@ -199,3 +201,94 @@ def test_pickle_protocol_bytes_are_refused():
     """A bare pickle (no torch zip) is refused by weights_only with a named error."""
     data = pickle.dumps({"w": [1.0, 2.0]})
     assert "p.pt cannot be read" in _refused(parse_state_dict, data, "/runs/p.pt")
+
+
+# ------------------------------------------------------------------------------------- reference .npz
+
+
+def _npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+GOOD_NPZ = _npz(mu=np.arange(3.0), sigma=np.eye(3))
+
+
+def test_good_reference_stats_parse():
+    """A proper mu/sigma .npz parses to float64 arrays."""
+    mu, sigma = parse_reference_stats(GOOD_NPZ, "/ref.npz")
+    assert mu.tolist() == [0.0, 1.0, 2.0] and sigma.dtype == np.float64
+
+
+_NPZ_CASES = {
+    "wrong keys": (_npz(mean=np.zeros(3), cov=np.eye(3)), "lack ['mu', 'sigma']"),
+    "wrong shapes": (_npz(mu=np.zeros(3), sigma=np.eye(4)), "expected (d,) and (d, d)"),
+    "mu not a vector": (_npz(mu=np.zeros((3, 1)), sigma=np.eye(3)), "expected (d,) and (d, d)"),
+    "nan": (_npz(mu=np.array([0.0, np.nan, 1.0]), sigma=np.eye(3)), "mu holds 1 NaN/inf"),
+    "inf": (_npz(mu=np.zeros(3), sigma=np.diag([1.0, np.inf, 1.0])), "sigma holds 1 NaN/inf"),
+    "not symmetric": (_npz(mu=np.zeros(2), sigma=np.array([[1.0, 0.5], [0.0, 1.0]])), "not symmetric"),
+    "strings": (_npz(mu=np.array(["a", "b"]), sigma=np.eye(2)), "expected floating-point"),
+    "not a zip": (b"mu,sigma\n1,2\n", "not a readable .npz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NPZ_CASES))
+def test_bad_reference_stats_are_named(case):
+    """Wrong keys, shapes, non-finite values or an asymmetric sigma give a ReferenceStatsError naming the file."""
+    data, expected = _NPZ_CASES[case]
+    message = _refused_stats(data)
+    assert "/ref.npz" in message and "fid.reference.stats_uri" in message and expected in message
+
+
+def test_npy_header_claiming_a_huge_shape_is_refused():
+    """An .npz whose sigma header claims 10^10 values (with 72 bytes of data) is refused before allocating."""
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": "<f8", "fortran_order": False, "shape": (10**5, 10**5)})
+    npy.write(np.eye(3).tobytes())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("mu.npy", _npz_member(np.zeros(3)))
+        archive.writestr("sigma.npy", npy.getvalue())
+    message = _refused_stats(buffer.getvalue())
+    assert "'sigma.npy' claims shape (100000, 100000)" in message
+
+
+def _npz_member(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+@FUZZ
+@given(st.data())
+def test_reference_stats_truncated_or_flipped(data):
+    """A valid .npz cut at any offset, or with a byte changed, parses to valid stats or is refused by name."""
+    blob = bytearray(GOOD_NPZ)
+    if data.draw(st.booleans()):
+        blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    tracemalloc.start()
+    try:
+        try:
+            mu, sigma = parse_reference_stats(bytes(blob), "/ref.npz")
+            assert sigma.shape == (len(mu), len(mu))
+        except ReferenceStatsError as exc:
+            assert "/ref.npz" in str(exc)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < PEAK_LIMIT
+
+
+def _refused_stats(data: bytes) -> str:
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReferenceStatsError) as info:
+            parse_reference_stats(data, "/ref.npz")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < PEAK_LIMIT
+    return str(info.value)
