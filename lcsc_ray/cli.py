@@ -6,7 +6,7 @@ import click
 
 from lcsc_ray.recipes.cli import recipe
 from rayops import storage
-from rayops.cli import load_or_exit, run_or_exit, setup_logging, submit_command, validate_command
+from rayops.cli import follow_job, load_or_exit, run_or_exit, setup_logging, validate_command
 from schemas.search import SearchSpec
 
 
@@ -21,25 +21,26 @@ main.add_command(validate_command(SearchSpec))
 main.add_command(recipe)
 
 
+RESTART_HELP = "Clear the output's stored search state and start over (needed when the inputs changed)."
+FORCE_HELP = "Run a finished search again instead of printing its stored result."
+
+
 @main.command("search")
 @click.argument("spec_file", type=click.Path(dir_okay=False))
-def search_command(spec_file: str) -> None:
-    """Run (or resume) an LCSC search in this process and print the summary table."""
+@click.option("--restart", is_flag=True, help=RESTART_HELP)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def search_command(spec_file: str, restart: bool, force: bool) -> None:
+    """Run (or resume) an LCSC search in this process and print the summary table; a finished search's
+    stored result is printed without running it again."""
     from lcsc_ray.report import format_table
     from lcsc_ray.sdk import run_search
 
     spec = load_or_exit(spec_file, SearchSpec)
-    result = run_or_exit(run_search, spec)
+    result = run_or_exit(run_search, spec, restart=restart, force=force)
     click.echo(format_table(result))
     click.echo(f"results: {spec.output.uri if storage.is_remote(spec.output.uri) else result.files.get('result.json')}")
     for name in ("fid_vs_evaluations.png", "coefficients.png", "combined.safetensors"):
         click.echo(f"  {name}: {result.files.get(name)}")
-
-
-def _submit_search():
-    from lcsc_ray.sdk import submit_search
-
-    return submit_search
 
 
 def _search_table(result) -> str:
@@ -48,7 +49,20 @@ def _search_table(result) -> str:
     return format_table(result)
 
 
-main.add_command(submit_command(SearchSpec, _submit_search, _search_table, "search"))
+@main.command("submit")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--address", default=None,
+              help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a local head.")
+@click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
+@click.option("--restart", is_flag=True, help=RESTART_HELP)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def submit_search_command(spec_file: str, address: str | None, wait: bool, restart: bool, force: bool) -> None:
+    """Submit the search SPEC_FILE as a Ray job."""
+    from lcsc_ray.sdk import submit_search
+
+    spec = load_or_exit(spec_file, SearchSpec)
+    handle = run_or_exit(submit_search, spec, address=address, restart=restart, force=force)
+    follow_job(handle, wait, _search_table)
 
 
 @main.command("combine")

@@ -40,6 +40,22 @@ def to_alphas(free: np.ndarray | list[float], parametrization: str) -> np.ndarra
     return x / total
 
 
+# Below this sum, renormalising free values blows them up (a sum near 0 sends every alpha towards +-inf): such a
+# proposal is scored as failed, with its reason, rather than evaluated.
+MIN_NORMALIZED_SUM = 0.05
+
+
+def normalized_sum_problem(free: np.ndarray | list[float], parametrization: str) -> str | None:
+    """Why the free values cannot be renormalised ('normalized' only, sum below MIN_NORMALIZED_SUM), else None."""
+    if parametrization != "normalized":
+        return None
+    total = float(np.sum(np.asarray(free, dtype=np.float64)))
+    if total < MIN_NORMALIZED_SUM:
+        return (f"normalized coefficients sum to {total:.4g}, below {MIN_NORMALIZED_SUM}: renormalising them "
+                "to sum 1 would blow them up")
+    return None
+
+
 def from_alphas(alphas: np.ndarray | list[float], parametrization: str) -> np.ndarray:
     """Inverse of `to_alphas`: the free values that give `alphas` (which must sum to 1)."""
     _check_parametrization(parametrization)

@@ -66,7 +66,9 @@ def write_search_outputs(spec: SearchSpec, result: SearchResult, trials: pd.Data
         "coefficients.png": plots.coefficients_plot(result),
         "result.json": result.model_dump_json(indent=2).encode(),
     }
-    artifacts.write_artifact(out, files, metadata={"kind": "lcsc-search", "name": spec.name})
+    # a finished result stays complete until its replacement is (a rerun with --force or --restart)
+    artifacts.write_artifact(out, files, metadata={"kind": "lcsc-search", "name": spec.name},
+                             keep_old_manifest=True)
 
 
 def format_table(result: SearchResult) -> str:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -26,6 +25,7 @@ from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import start_evaluators
 from lcsc_ray.export import combined_safetensors
 from lcsc_ray.fid import reference_stats_for
+from lcsc_ray.run_identity import prepare_state, recorded_identity
 from lcsc_ray.trials import TrialFailedError, start_broker, trainable
 from lcsc_ray.tuning import (
     SearchProgress,
@@ -36,12 +36,11 @@ from lcsc_ray.tuning import (
     search_space,
     seed_searcher,
 )
-from rayops import storage
+from rayops import artifacts, storage
 from rayops.jobs import absolutize_output
 from rayops.paired import paired_difference
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
-from schemas.errors import SpecError
 from schemas.search import CandidateScore, PairedComparison, SearchResult, SearchSpec
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class SearchRun:
         self.parametrization = spec.search.parametrization
         self.names = free_names(coef.num_free(self.num_checkpoints, self.parametrization))
         self.out = spec.output.uri
-        self.store = EvaluationStore(storage.join(self.out, "state", "evaluations"))
+        self.store = EvaluationStore(storage.join(self.out, "state", "evaluations"), identity=recorded_identity(spec))
 
     # ------------------------------------------------------------------------------------ Tune phases
     def _trainable(self, broker):
@@ -218,31 +217,32 @@ def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[
     return candidates
 
 
-def check_resumable(spec: SearchSpec) -> None:
-    """Record the spec beside the search's state; refuse to resume a different search in the same place."""
-    uri = storage.join(spec.output.uri, "state", "spec.json")
-    # where Ray runs does not change the search; everything else does
-    current = spec.model_dump(mode="json", exclude={"ray"})
-    if storage.exists(uri):
-        stored = json.loads(storage.read_bytes(uri))
-        if stored != current:
-            changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-            raise SpecError(
-                f"{spec.output.uri} holds a search with a different spec (changed: {', '.join(changed)}); "
-                "resume it with its original spec, or give this search a new `output.uri`",
-                source=uri,
-            )
-        return
-    storage.write_bytes(uri, json.dumps(current, indent=2).encode())
+def check_resumable(spec: SearchSpec, restart: bool = False, force: bool = False) -> SearchResult | None:
+    """Check the spec and its inputs against the search's stored state (see `run_identity.prepare_state`):
+    refuse a resume over a different spec or different inputs. Returns the stored result of a search that
+    already finished (unless `force`, or `restart`, which clears the state first)."""
+    prepare_state(spec, restart=restart)
+    if not (force or restart) and artifacts.is_complete(spec.output.uri):
+        from lcsc_ray.report import load_result
+
+        log.info("%s holds a finished search: its stored result follows (pass --force to run it again, "
+                 "--restart to start over)", spec.output.uri)
+        return load_result(spec.output.uri)
+    return None
 
 
-def run_search(spec: SearchSpec) -> SearchResult:
-    """Run (or resume) a whole LCSC search in this driver and write its results to `spec.output.uri`."""
+def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> SearchResult:
+    """Run (or resume) a whole LCSC search in this driver and write its results to `spec.output.uri`.
+
+    A finished search is not redone: its stored result is returned unless `force`. `restart` clears the
+    stored state (evaluations, Tune experiments, cached reference statistics) and starts over."""
     from lcsc_ray.report import write_search_outputs
 
     started = time.monotonic()
     spec = absolutize_output(spec)
-    check_resumable(spec)
+    finished = check_resumable(spec, restart=restart, force=force)
+    if finished is not None:
+        return finished
     with ray_session(spec.ray):
         checkpoint_set = load_checkpoint_set(spec.checkpoints)
         log.info("loaded %d checkpoints (%s) into the object store: %.1f MB", len(checkpoint_set),

@@ -16,7 +16,7 @@ from ray import tune
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lcsc_ray.coefficients import to_alphas
+from lcsc_ray.coefficients import normalized_sum_problem, to_alphas
 from lcsc_ray.evaluations import EvaluationStore
 from schemas.errors import LcscCheckfreeError
 
@@ -73,7 +73,11 @@ def evaluate_candidate(config: dict, *, evaluators: list, broker, names: list[st
     """Tune trainable: evaluate one coefficient vector (unless the record already holds it, as after a
     resumed search); retry once on another evaluator if one dies."""
     start = time.monotonic()
-    alphas = to_alphas([config[name] for name in names], parametrization)
+    free = [config[name] for name in names]
+    problem = normalized_sum_problem(free, parametrization)
+    if problem:  # scored as failed, with its reason, instead of evaluating blown-up coefficients
+        raise TrialFailedError(f"candidate {[round(float(x), 6) for x in free]}: {problem}")
+    alphas = to_alphas(free, parametrization)
     record = EvaluationStore(record_uri)
     known = record.get(alphas, num_samples, seed)
     if known is not None and "metrics" in known:

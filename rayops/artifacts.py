@@ -34,10 +34,16 @@ def _file_sha256(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def write_artifact(uri: str, files: dict[str, bytes | Path], metadata: dict[str, Any] | None = None) -> dict:
-    """Write `files` (name -> bytes or local path) under `uri`, then the manifest. Returns the manifest."""
+def write_artifact(uri: str, files: dict[str, bytes | Path], metadata: dict[str, Any] | None = None,
+                   keep_old_manifest: bool = False) -> dict:
+    """Write `files` (name -> bytes or local path) under `uri`, then the manifest. Returns the manifest.
+
+    With `keep_old_manifest` (a result that must stay complete), the old manifest is replaced only by the new
+    one: until then readers see the old artifact, and a file already rewritten fails its checksum instead of
+    mixing versions silently."""
     manifest_uri = storage.join(uri, MANIFEST_NAME)
-    storage.delete(manifest_uri)  # the old version stops being complete before any file changes
+    if not keep_old_manifest:
+        storage.delete(manifest_uri)  # the old version stops being complete before any file changes
     entries = {}
     for name, content in files.items():
         if name == MANIFEST_NAME:

@@ -5,9 +5,27 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, field_serializer, field_validator
 
 PLUGIN_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+# Plug-in kwargs whose names look like credentials are written as REDACTED in every JSON dump (result.json,
+# combined.json, the search's state); only `dump_spec` (a spec handed to a job) keeps them.
+SECRET_NAME = re.compile(r"(^|[_\-])(token|key|password|passwd|secret|credentials?)($|[_\-])", re.IGNORECASE)
+REDACTED = "<redacted>"
+KEEP_SECRETS = "keep_secrets"  # serialization context flag: {"keep_secrets": True} disables the redaction
+
+
+def redact_secrets(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A copy of plug-in kwargs with secret-looking names' values replaced by REDACTED (nested dicts too)."""
+    out: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if SECRET_NAME.search(str(name)) and value is not None:
+            out[name] = REDACTED
+        elif isinstance(value, dict):
+            out[name] = redact_secrets(value)
+        else:
+            out[name] = value
+    return out
 
 
 class StrictModel(BaseModel):
@@ -63,3 +81,9 @@ class PluginSpec(StrictModel):
         if not PLUGIN_PATTERN.match(value):
             raise ValueError(f"must look like 'package.module:callable', got {value!r}")
         return value
+
+    @field_serializer("kwargs", when_used="json")
+    def _redact(self, kwargs: dict[str, Any], info: SerializationInfo) -> dict[str, Any]:
+        if isinstance(info.context, dict) and info.context.get(KEEP_SECRETS):
+            return kwargs
+        return redact_secrets(kwargs)

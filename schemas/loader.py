@@ -9,6 +9,7 @@ from typing import Any, TypeVar, overload
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from schemas.common import KEEP_SECRETS
 from schemas.errors import SpecError
 from schemas.search import SearchSpec
 from schemas.train import TrainSpec
@@ -105,6 +106,6 @@ def load_spec(path: str | Path, model: type[ModelT] | None = None) -> BaseModel:
 def dump_spec(spec: BaseModel, path: str | Path) -> None:
     """Write a spec as YAML (or JSON by suffix) such that `load_spec` gives an equal model back."""
     path = Path(path)
-    data = spec.model_dump(mode="json")
+    data = spec.model_dump(mode="json", context={KEEP_SECRETS: True})  # the reader needs the real values
     text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
     path.write_text(text, encoding="utf-8")

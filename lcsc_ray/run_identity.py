@@ -1,0 +1,193 @@
+"""What an LCSC search depends on, checked before anything is written or reused.
+
+`prepare_state(spec)` runs every check a spec can fail before any work (plug-ins import, at least two
+checkpoints found, seed vectors inside the bound), then compares the search's inputs with the fingerprint
+stored in `output.uri/state/` by an earlier run: the spec (minus where Ray runs), each checkpoint's URI, size,
+step and content hash, the EMA file, the reference statistics, the feature network's weights file and every
+plug-in with its kwargs. Any difference is refused with the list of what changed and how to start over.
+Only when everything passed are `state/fingerprint.json` and `state/spec.json` written, so a spec that
+fails a check leaves nothing behind and its corrected version runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from lcsc_ray import coefficients as coef
+from lcsc_ray.checkpoints import list_checkpoints
+from lcsc_ray.plugins import PluginError, resolve
+from rayops import identity, storage
+from schemas.common import PluginSpec, redact_secrets
+from schemas.errors import CheckpointError, SpecError
+from schemas.search import SearchSpec
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+SPEC_FILE = "spec.json"
+FINGERPRINT_FILE = "fingerprint.json"
+# What a search writes besides its result files; `--restart` removes all of it.
+RUN_STATE = (STATE_DIR, "tune", "reference_stats")
+START_OVER = "start over with `--restart` (clears the stored state), or give this search another `output.uri`"
+
+
+def state_uri(spec: SearchSpec, name: str = "") -> str:
+    """A file (or the folder) of the search's state under `output.uri/state/`."""
+    return storage.join(spec.output.uri, STATE_DIR, name) if name else storage.join(spec.output.uri, STATE_DIR)
+
+
+def clear_state(spec: SearchSpec) -> None:
+    """Remove the stored state, Tune experiments and cached reference statistics of `output.uri`."""
+    for name in RUN_STATE:
+        storage.delete(storage.join(spec.output.uri, name), recursive=True)
+
+
+def plugins(spec: SearchSpec) -> dict[str, PluginSpec]:
+    """The spec's plug-ins by field name (the dataset only when it is the reference's source)."""
+    found = {"model": spec.model, "sampler": spec.sampler, "fid.features": spec.fid.features}
+    reference = spec.fid.reference
+    if reference.stats_uri is None and reference.dataset is not None:
+        found["fid.reference.dataset"] = reference.dataset
+    return found
+
+
+def _check_plugins(spec: SearchSpec) -> None:
+    for field, plugin in plugins(spec).items():
+        try:
+            resolve(plugin.target)
+        except PluginError as exc:
+            raise SpecError(f"`{field}.target`: {exc}", source=field) from None
+
+
+def _check_files(spec: SearchSpec) -> None:
+    for field, uri in (("checkpoints.ema_uri", spec.checkpoints.ema_uri),
+                       ("fid.reference.stats_uri", spec.fid.reference.stats_uri)):
+        if uri is not None and not storage.exists(uri):
+            raise SpecError(f"`{field}`: {uri} does not exist; fix the path or remove the field", source=field)
+
+
+def _list_checked(spec: SearchSpec) -> list[tuple[str, int]]:
+    where = "`checkpoints.paths`" if spec.checkpoints.paths else \
+        f"`checkpoints.uri` ({spec.checkpoints.uri}) and `checkpoints.glob` ({spec.checkpoints.glob!r})"
+    try:
+        found = list_checkpoints(spec.checkpoints)
+    except CheckpointError as exc:
+        raise SpecError(f"{exc} (checked {where})", source="checkpoints") from None
+    if len(found) < 2:
+        raise SpecError(f"{where} matched {len(found)} checkpoint(s); a combination needs at least 2: "
+                        f"{[uri for uri, _ in found]}", source="checkpoints")
+    return found
+
+
+def check_seed_vectors(spec: SearchSpec, num_checkpoints: int) -> None:
+    """Every seed vector's free values must lie in [-bound, bound]; refuse, naming the bound that fits."""
+    from lcsc_ray.search import seed_vectors
+
+    bound = spec.search.bound
+    for label, alphas in seed_vectors(num_checkpoints, spec):
+        free = coef.from_alphas(alphas, spec.search.parametrization)
+        largest = float(np.max(np.abs(free))) if len(free) else 0.0
+        if largest > bound + 1e-12:
+            raise SpecError(
+                f"`search.bound` ({bound:g}) is too small for the seed vector {label!r}: its free values reach "
+                f"{largest:.4g}; set `search.bound` to at least {largest:.4g}", source="search.bound")
+
+
+def preflight(spec: SearchSpec) -> list[tuple[str, int]]:
+    """Every check a spec can fail before any work: plug-ins import, files exist, at least 2 checkpoints,
+    seed vectors within the bound. Returns the checkpoints as (uri, step), in combination order."""
+    _check_plugins(spec)
+    _check_files(spec)
+    checkpoints = _list_checked(spec)
+    check_seed_vectors(spec, len(checkpoints))
+    return checkpoints
+
+
+def _plugin(plugin: PluginSpec) -> dict[str, Any]:
+    return identity.plugin_entry(plugin.target, redact_secrets(plugin.kwargs))
+
+
+def statistics_digest(mu: np.ndarray, sigma: np.ndarray) -> str:
+    """sha256 of reference statistics as float64 (what a dataset plug-in produced)."""
+    digest = hashlib.sha256(np.ascontiguousarray(mu, np.float64).tobytes())
+    digest.update(np.ascontiguousarray(sigma, np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(spec: SearchSpec, checkpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    """The identity of every input: checkpoint files (with step), EMA, reference, feature weights, plug-ins."""
+    from lcsc_ray.fid import reference_stats_for
+
+    entries: dict[str, Any] = {
+        f"checkpoints[{i}]": identity.file_entry(uri, step=step) for i, (uri, step) in enumerate(checkpoints)
+    }
+    if spec.checkpoints.ema_uri:
+        entries["checkpoints.ema_uri"] = identity.file_entry(spec.checkpoints.ema_uri)
+    for field, plugin in plugins(spec).items():
+        entries[field] = _plugin(plugin)
+    for name, value in spec.fid.features.kwargs.items():
+        if "weights" in name and isinstance(value, str) and storage.exists(value):
+            entries[f"fid.features.kwargs.{name}"] = identity.file_entry(value)
+    if spec.fid.reference.stats_uri:
+        entries["fid.reference.stats_uri"] = identity.file_entry(spec.fid.reference.stats_uri)
+    else:  # the statistics the dataset plug-in produced (computed once, cached under output.uri)
+        entries["fid.reference.statistics"] = {"sha256": statistics_digest(*reference_stats_for(spec))}
+    return entries
+
+
+def _spec_record(spec: SearchSpec) -> dict[str, Any]:
+    # where Ray runs does not change the search; everything else does
+    return spec.model_dump(mode="json", exclude={"ray"})
+
+
+def _check_spec(spec: SearchSpec) -> bool:
+    """Refuse a stored spec that differs; True when one is stored (this is a resume)."""
+    uri = state_uri(spec, SPEC_FILE)
+    if not storage.exists(uri):
+        return False
+    stored, current = json.loads(storage.read_bytes(uri)), _spec_record(spec)
+    if stored != current:
+        changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        raise SpecError(
+            f"{spec.output.uri} holds a search with a different spec (changed: {', '.join(changed)}); "
+            f"resume it with its original spec, or {START_OVER.replace('another', 'a new')}",
+            source=uri,
+        )
+    return True
+
+
+def prepare_state(spec: SearchSpec, restart: bool = False) -> str:
+    """Check the spec and the search's inputs, then record (or verify against) the stored identity.
+
+    With `restart`, the stored state is removed first. Returns the digest of the inputs' fingerprint, which
+    keys the stored evaluations."""
+    checkpoints = preflight(spec)
+    if restart:
+        log.info("--restart: removing the stored state of %s", spec.output.uri)
+        clear_state(spec)
+    resumed = _check_spec(spec)
+    current = fingerprint(spec, checkpoints)
+    fingerprint_uri = state_uri(spec, FINGERPRINT_FILE)
+    stored = json.loads(storage.read_bytes(fingerprint_uri)) if storage.exists(fingerprint_uri) else None
+    if stored is None and resumed:
+        raise SpecError(f"{spec.output.uri} holds a search state without a fingerprint of its inputs, so it "
+                        f"cannot be checked; {START_OVER}", source=fingerprint_uri)
+    if stored is not None and stored != current:
+        changes = "\n  ".join(identity.describe_changes(stored, current))
+        raise SpecError(f"{spec.output.uri} holds a search over different inputs; changed since it started:\n  "
+                        f"{changes}\n{START_OVER}", source=fingerprint_uri)
+    if stored is None:
+        storage.write_bytes(fingerprint_uri, json.dumps(current, indent=2, sort_keys=True).encode())
+    if not resumed:  # the spec last: its presence means every check passed and the fingerprint is recorded
+        storage.write_bytes(state_uri(spec, SPEC_FILE), json.dumps(_spec_record(spec), indent=2).encode())
+    return identity.digest(current)
+
+
+def recorded_identity(spec: SearchSpec) -> str:
+    """The digest of the fingerprint recorded by `prepare_state` (which keys the stored evaluations)."""
+    return identity.digest(json.loads(storage.read_bytes(state_uri(spec, FINGERPRINT_FILE))))
