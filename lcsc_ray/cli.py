@@ -17,7 +17,15 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-main.add_command(validate_command(SearchSpec))
+def _check_plugins(spec: SearchSpec) -> None:
+    """Import every plug-in of the spec (a typo in a `target` fails validation, naming the field)."""
+    from lcsc_ray.plugins import check_importable
+    from lcsc_ray.run_identity import plugins
+
+    check_importable(plugins(spec))
+
+
+main.add_command(validate_command(SearchSpec, _check_plugins))
 main.add_command(recipe)
 
 

@@ -243,8 +243,8 @@ def reference_stats_for(spec: SearchSpec) -> tuple[np.ndarray, np.ndarray]:
     if storage.exists(cache_uri):
         log.info("reusing reference statistics %s", cache_uri)
         return load_reference_stats(cache_uri, "output.uri; delete this cached file to recompute it")
-    images = torch.as_tensor(build(reference.dataset), dtype=torch.float32)
-    feature_net = build(spec.fid.features).eval()
+    images = torch.as_tensor(build(reference.dataset, "fid.reference.dataset"), dtype=torch.float32)
+    feature_net = build(spec.fid.features, "fid.features").eval()
     stats = feature_stats(feature_net, images, spec.evaluators.batch_size)
     mu, sigma = stats.mean, stats.cov
     save_reference_stats(cache_uri, mu, sigma)

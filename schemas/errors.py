@@ -62,3 +62,7 @@ class StateFileError(LcscCheckfreeError):
 
 class RunConflictError(LcscCheckfreeError):
     """The output already holds another run (different spec); the message names that run and the fix."""
+
+
+class PluginError(LcscCheckfreeError, ImportError):
+    """A plug-in cannot be imported or built; the message names the plug-in, the spec field and its own error."""
