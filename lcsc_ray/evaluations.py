@@ -17,8 +17,8 @@ import re
 
 import numpy as np
 
-from rayops import storage
-from schemas.errors import StorageNotFoundError
+from rayops import artifacts, storage
+from schemas.errors import StateFileError, StorageNotFoundError
 
 _KEY_SAMPLES = re.compile(r"-n(\d+)-s-?\d+\.json$")
 IDENTITY_FILE = "_identity.txt"  # not *.json: never taken for a record
@@ -62,9 +62,12 @@ class EvaluationStore:
         key = evaluation_key(alphas, num_samples, seed)
         if key not in self.cache:
             try:
-                record = json.loads(storage.read_bytes(self._file(key)))
+                record = artifacts.read_state_json(self._file(key))
             except StorageNotFoundError:
                 return None
+            if not isinstance(record, dict):
+                raise StateFileError(f"{self._file(key)} holds a JSON {type(record).__name__}, not an evaluation "
+                                     f"record; {artifacts.RESTART_HINT}")
             if record.get("identity", "") != self.identity:
                 return None
             self.cache[key] = record

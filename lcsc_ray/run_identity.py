@@ -21,7 +21,7 @@ import numpy as np
 from lcsc_ray import coefficients as coef
 from lcsc_ray.checkpoints import list_checkpoints
 from lcsc_ray.plugins import PluginError, resolve
-from rayops import identity, storage
+from rayops import artifacts, identity, storage
 from schemas.common import PluginSpec, redact_secrets
 from schemas.errors import CheckpointError, SpecError
 from schemas.search import SearchSpec
@@ -150,7 +150,7 @@ def _check_spec(spec: SearchSpec) -> bool:
     uri = state_uri(spec, SPEC_FILE)
     if not storage.exists(uri):
         return False
-    stored, current = json.loads(storage.read_bytes(uri)), _spec_record(spec)
+    stored, current = artifacts.read_state_json(uri), _spec_record(spec)
     if stored != current:
         changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise SpecError(
@@ -173,7 +173,7 @@ def prepare_state(spec: SearchSpec, restart: bool = False) -> str:
     resumed = _check_spec(spec)
     current = fingerprint(spec, checkpoints)
     fingerprint_uri = state_uri(spec, FINGERPRINT_FILE)
-    stored = json.loads(storage.read_bytes(fingerprint_uri)) if storage.exists(fingerprint_uri) else None
+    stored = artifacts.read_state_json(fingerprint_uri) if storage.exists(fingerprint_uri) else None
     if stored is None and resumed:
         raise SpecError(f"{spec.output.uri} holds a search state without a fingerprint of its inputs, so it "
                         f"cannot be checked; {START_OVER}", source=fingerprint_uri)
@@ -190,4 +190,4 @@ def prepare_state(spec: SearchSpec, restart: bool = False) -> str:
 
 def recorded_identity(spec: SearchSpec) -> str:
     """The digest of the fingerprint recorded by `prepare_state` (which keys the stored evaluations)."""
-    return identity.digest(json.loads(storage.read_bytes(state_uri(spec, FINGERPRINT_FILE))))
+    return identity.digest(artifacts.read_state_json(state_uri(spec, FINGERPRINT_FILE)))

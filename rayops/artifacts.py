@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from rayops import storage
-from schemas.errors import ChecksumError, IncompleteArtifactError, StorageNotFoundError
+from schemas.errors import ChecksumError, IncompleteArtifactError, StateFileError, StorageNotFoundError
 
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_VERSION = 1
+MANIFEST_MAX_BYTES = 64 * 1024 * 1024  # a manifest lists names, sizes and hashes: megabytes at most
+STATE_JSON_MAX_BYTES = 256 * 1024 * 1024
+RESTART_HINT = "start over with `--restart`, or give the run another `output.uri`"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -68,10 +71,13 @@ def write_artifact(uri: str, files: dict[str, bytes | Path], metadata: dict[str,
 
 
 def read_manifest(uri: str) -> dict:
-    """The manifest of a complete artifact; `IncompleteArtifactError` when files exist without one."""
+    """The manifest of a complete artifact; `IncompleteArtifactError` when files exist without one or it is
+    corrupt (checked before anything it lists is read)."""
     manifest_uri = storage.join(uri, MANIFEST_NAME)
     try:
-        raw = storage.read_bytes(manifest_uri)
+        raw = _read_bounded(manifest_uri, MANIFEST_MAX_BYTES)
+    except StateFileError as exc:
+        raise IncompleteArtifactError(f"artifact {uri}: {MANIFEST_NAME} is corrupt ({exc})", uri=uri) from None
     except StorageNotFoundError:
         if storage.list_uris(uri):
             raise IncompleteArtifactError(
@@ -80,12 +86,40 @@ def read_manifest(uri: str) -> dict:
                 uri=uri,
             ) from None
         raise StorageNotFoundError(f"no artifact at {uri}", uri=uri) from None
+    problem = None
     try:
         manifest = json.loads(raw)
-        manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        raise IncompleteArtifactError(f"artifact {uri}: {MANIFEST_NAME} is corrupt", uri=uri) from None
+        problem = _manifest_problem(manifest)
+    except (ValueError, RecursionError) as exc:
+        problem = f"not JSON ({exc})"
+    if problem:
+        raise IncompleteArtifactError(
+            f"artifact {uri}: {MANIFEST_NAME} is corrupt ({problem}); re-run the step that writes it", uri=uri
+        )
     return manifest
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return "no `files` object"
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict):
+            return f"entry {name!r} is not an object"
+        size, digest = entry.get("size"), entry.get("sha256")
+        if type(size) is not int or size < 0:
+            return f"entry {name!r} has size {size!r}"
+        if not isinstance(digest, str) or len(digest) != 64:
+            return f"entry {name!r} has no sha256"
+    return None
+
+
+def _read_bounded(uri: str, max_bytes: int) -> bytes:
+    """The whole object at `uri`, refused (before reading) when it is larger than `max_bytes`."""
+    size, _ = storage.stat(uri)
+    if size > max_bytes:
+        raise StateFileError(f"{uri} is {size} bytes, over the {max_bytes}-byte limit for this kind of file; "
+                             "it is not a file this project wrote")
+    return storage.read_bytes(uri)
 
 
 def is_complete(uri: str) -> bool:
@@ -101,6 +135,10 @@ def read_artifact_file(uri: str, name: str, manifest: dict | None = None) -> byt
         raise StorageNotFoundError(f"artifact {uri} has no file {name!r}; it has {sorted(manifest['files'])}",
                                    uri=uri)
     file_uri = storage.join(uri, name)
+    size, _ = storage.stat(file_uri)
+    if size != entry["size"]:  # checked before reading: a manifest never makes us read more than it lists
+        raise ChecksumError(f"{file_uri}: {size} bytes, the manifest lists {entry['size']}; the file is corrupt "
+                            "or was changed after the artifact was written", uri=file_uri)
     data = storage.read_bytes(file_uri)
     if len(data) != entry["size"] or sha256_hex(data) != entry["sha256"]:
         raise ChecksumError(
@@ -133,6 +171,16 @@ def write_json(uri: str, payload: Any) -> None:
     storage.write_bytes(uri, json.dumps(payload, indent=2, sort_keys=False, default=str).encode())
 
 
-def read_json(uri: str) -> Any:
-    """Read a JSON document."""
-    return json.loads(storage.read_bytes(uri))
+def read_json(uri: str, hint: str = "the file is corrupt", max_bytes: int = STATE_JSON_MAX_BYTES) -> Any:
+    """Read a JSON document; a corrupt or oversized one is a `StateFileError` naming the file and `hint`."""
+    data = _read_bounded(uri, max_bytes)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise StateFileError(f"{uri} is not valid JSON ({exc}); {hint}") from None
+
+
+def read_state_json(uri: str) -> Any:
+    """Read a JSON state or result file of a run being resumed; a corrupt one names the file and how to
+    start over."""
+    return read_json(uri, RESTART_HINT)
