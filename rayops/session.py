@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from rayops import settings
 from schemas.common import RaySpec
 
 log = logging.getLogger(__name__)
+RAY_COLOR_PREFIX = "RAY_COLOR_PREFIX"  # Ray 2.60: "0" prints worker-log prefixes without colour codes
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,29 @@ class RaySession:
     local: bool
 
 
+def apply_log_colours(stdout_is_tty: bool | None = None, stderr_is_tty: bool | None = None) -> None:
+    """Turn off the ANSI colours Ray puts around forwarded worker-log prefixes (`\x1b[36m(Actor pid=..)`)
+    when stdout or stderr is a file or pipe; Ray reads `RAY_COLOR_PREFIX` each time it prints, so this holds
+    for a Ray already running. A value the user set is kept."""
+    stdout_is_tty = _isatty(sys.stdout) if stdout_is_tty is None else stdout_is_tty
+    stderr_is_tty = _isatty(sys.stderr) if stderr_is_tty is None else stderr_is_tty
+    if not (stdout_is_tty and stderr_is_tty):
+        os.environ.setdefault(RAY_COLOR_PREFIX, "0")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return False
+
+
 def apply_local_ray_env() -> None:
-    """Set the loopback, auth and usage settings a local Ray needs (without overriding the user's)."""
+    """Set the loopback, auth and usage settings a local Ray needs (without overriding the user's), and plain
+    worker-log prefixes when the output is not a terminal."""
     for name, value in settings.LOCAL_RAY_ENV.items():
         os.environ.setdefault(name, value)
+    apply_log_colours()
 
 
 def resolve_address(spec: RaySpec | None) -> str | None:
@@ -42,6 +63,7 @@ def resolve_address(spec: RaySpec | None) -> str | None:
 def ray_session(spec: RaySpec | None = None, runtime_env: dict | None = None) -> Iterator[RaySession]:
     """Use the Ray already initialised in this process, else connect or start one, and clean up after."""
     spec = spec or RaySpec()
+    apply_log_colours()
     if ray.is_initialized():
         context = ray.get_runtime_context()
         yield RaySession(address=context.gcs_address, started_here=False, local=False)
