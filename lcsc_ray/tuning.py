@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections import deque
 
 import nevergrad as ng
 import numpy as np
 import pandas as pd
 from ray import tune
 from ray.tune import Callback
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
-from ray.tune.search.nevergrad import NevergradSearch
 
+from rayops import storage
 from rayops.progress import ProgressLine
 from schemas.search import SearchSpec
 
@@ -51,11 +53,137 @@ def seed_searcher(points: list[dict], max_concurrent: int) -> BasicVariantGenera
     return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent)
 
 
-def nevergrad_searcher(optimizer, names: list[str], max_concurrent: int) -> ConcurrencyLimiter:
-    """Ray's NevergradSearch over our optimiser. It flips the metric's sign in one place
-    (`_metric_op`, +1 for mode='min'): FID is minimised, as Nevergrad does natively."""
-    searcher = NevergradSearch(optimizer=optimizer, space=names, metric=METRIC, mode=MODE)
-    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+class ProposalRecord:
+    """The optimiser phase's proposals, in order, one small JSON file each (written atomically) under `uri`:
+    {index, free, trial_id, done, value}. None keeps them in memory only."""
+
+    def __init__(self, uri: str | None):
+        self.uri = uri
+
+    def load(self) -> list[dict]:
+        """Every recorded proposal, by index."""
+        if self.uri is None:
+            return []
+        entries = [json.loads(storage.read_bytes(u)) for u in storage.list_uris(self.uri, "*.json")]
+        return sorted(entries, key=lambda entry: entry["index"])
+
+    def write(self, entry: dict) -> None:
+        """Record (or update) one proposal."""
+        if self.uri is not None:
+            storage.write_bytes(storage.join(self.uri, f"{entry['index']:06d}.json"), json.dumps(entry).encode())
+
+
+class ReplaySearcher(Searcher):
+    """Nevergrad ask/tell in one fixed order, so that a search resumed from its record is exact.
+
+    With W workers the optimiser sees A0 .. A(W-1), then T0, AW, T1, A(W+1), ...: proposal k is asked only once
+    the results of proposals 0 .. k-W were told, and result j is told (in proposal order) only once proposals
+    0 .. j+W-1 were asked. Which trial finishes first therefore never changes what the optimiser sees. Each
+    proposal is recorded before Tune evaluates it, and its result when the trial ends. On resume the optimiser
+    (rebuilt with the same seed and start) replays the same asks and tells from the record; every recorded
+    proposal is handed to Tune again (finished ones are replayed from the evaluation store, not recomputed),
+    then the search continues with new proposals."""
+
+    def __init__(self, optimizer, names: list[str], num_workers: int, record_uri: str | None = None):
+        super().__init__(metric=METRIC, mode=MODE)
+        self.optimizer, self.names, self.workers = optimizer, names, max(1, num_workers)
+        self.budget = int(optimizer.budget)
+        self.record = ProposalRecord(record_uri)
+        self.entries: list[dict] = []
+        self.candidates: list = []
+        self.told = 0
+        self.by_trial: dict[str, int] = {}
+        self.reissue: deque[int] = deque()
+        self._replay(self.record.load())
+
+    def _may_ask(self) -> bool:
+        k = len(self.entries)
+        return k < self.budget and (k < self.workers or self.told == k - self.workers + 1)
+
+    def _may_tell(self) -> bool:
+        j = self.told
+        return (j < len(self.entries) and self.entries[j]["done"]
+                and len(self.entries) >= min(j + self.workers, self.budget))
+
+    def _ask(self) -> list[float]:
+        candidate = self.optimizer.ask()
+        self.candidates.append(candidate)
+        return [float(x) for x in np.asarray(candidate.value).ravel()]
+
+    def _tell_ready(self) -> None:
+        while self._may_tell():
+            value = self.entries[self.told]["value"]
+            if value is not None:  # a failed trial teaches the optimiser nothing (as Ray's NevergradSearch)
+                # the one sign convention: FID is minimised (mode "min") and Nevergrad minimises, so it is told as is
+                self.optimizer.tell(self.candidates[self.told], float(value))
+            self.told += 1
+
+    def _replay(self, recorded: list[dict]) -> None:
+        for entry in recorded:
+            self._tell_ready()
+            if entry["index"] != len(self.entries) or not self._may_ask():
+                raise RuntimeError(f"the proposal record {self.record.uri} is out of order at {entry['index']}; "
+                                   "start over with `--restart`")
+            free = self._ask()
+            if not np.allclose(free, entry["free"], rtol=0, atol=1e-12):
+                raise RuntimeError(f"the optimiser did not propose recorded proposal {entry['index']} again "
+                                   f"({self.record.uri}): it is not deterministic; start over with `--restart`")
+            self.entries.append(entry)
+            self.reissue.append(entry["index"])
+        self._tell_ready()
+        if recorded:
+            log.info("replayed %d recorded proposals (%d finished) into the optimiser", len(recorded),
+                     sum(entry["done"] for entry in recorded))
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        """The space is the optimiser's own; Tune's config holds only constants (the label)."""
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """A recorded proposal to re-issue, else a new one when the fixed order allows, else None (wait)."""
+        if len(self.by_trial) >= self.workers:
+            return None
+        if self.reissue:
+            index = self.reissue.popleft()
+        elif self._may_ask():
+            index = len(self.entries)
+            self.entries.append({"index": index, "free": self._ask(), "done": False, "value": None})
+        elif len(self.entries) >= self.budget:
+            return Searcher.FINISHED
+        else:
+            return None
+        entry = self.entries[index]
+        entry["trial_id"] = trial_id
+        self.record.write(entry)  # recorded before Tune starts the trial
+        self.by_trial[trial_id] = index
+        return dict(zip(self.names, entry["free"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Record the trial's FID (None when it failed), then tell whatever the fixed order allows."""
+        index = self.by_trial.pop(trial_id, None)
+        if index is None:
+            return
+        entry = self.entries[index]
+        if not entry["done"]:
+            ok = result is not None and not error and METRIC in result
+            entry.update(done=True, value=float(result[METRIC]) if ok else None)
+            self.record.write(entry)
+        self._tell_ready()
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's snapshot holds only where the record is: the record itself is the state."""
+        with open(checkpoint_path, "w") as handle:
+            json.dump({"record": self.record.uri}, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to restore: a resumed search builds a new searcher that replays the record."""
+
+
+def nevergrad_searcher(optimizer, names: list[str], max_concurrent: int,
+                       record_uri: str | None = None) -> ReplaySearcher:
+    """The optimiser phase's searcher: Nevergrad's ask/tell in a fixed order, every proposal recorded under
+    `record_uri` before it is evaluated, and replayed from there when the search resumes (see ReplaySearcher)."""
+    return ReplaySearcher(optimizer, names, max_concurrent, record_uri)
 
 
 class SearchProgress(Callback):
@@ -89,6 +217,10 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
     path = f"{storage_path.rstrip('/')}/{name}"
     # A searcher with its own space (Nevergrad) takes only the constant label from Tune's param_space.
     tuner_space = space if isinstance(searcher, BasicVariantGenerator) else {"label": "search"}
+    if isinstance(searcher, ReplaySearcher):
+        # The optimiser phase resumes from its own proposal record, never from Tune's searcher snapshot (taken
+        # every ~10 s, it forgets later proposals): a fresh experiment re-issues every recorded proposal.
+        storage.delete(path, recursive=True)
     if tune.Tuner.can_restore(path):
         log.info("resuming Tune experiment %s (finished trials are kept)", path)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
