@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from checkfree_ray.model import ModelConfig
 from checkfree_ray.stage import StageActor
+from rayops.resources import check_placeable
 from schemas.errors import RecoveryError
 from schemas.train import TrainSpec
 
@@ -37,6 +38,8 @@ class StagePool:
         pipe = spec.pipeline
         self.num_standbys = pipe.standby_actors if pipe.warm_standby else 0
         bundles = [{"CPU": pipe.num_cpus_per_stage} for _ in range(pipe.num_stages + self.num_standbys)]
+        check_placeable(bundles, "the pipeline's placement group (stages and standbys)",
+                        "`pipeline.num_cpus_per_stage` or `pipeline.standby_actors`", pipe.placement)
         self.group = placement_group(bundles, strategy=pipe.placement)
         try:
             ray.get(self.group.ready(), timeout=READY_TIMEOUT_S)

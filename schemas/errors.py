@@ -66,3 +66,7 @@ class RunConflictError(LcscCheckfreeError):
 
 class PluginError(LcscCheckfreeError, ImportError):
     """A plug-in cannot be imported or built; the message names the plug-in, the spec field and its own error."""
+
+
+class InfeasibleResourcesError(SpecError):
+    """A fixed-size cluster can never place what the spec asks for; the message names both and the fields."""
