@@ -5,8 +5,8 @@ and until when its lease runs. It is created only if absent (S3 `PutObject` with
 a hard link, which fails when the name exists), so of two runs starting together exactly one wins. The holder
 renews the lease from a background thread; a run that is killed stops renewing, and once its lease has expired
 the next run takes the lock over (S3: a put conditional on the stale lock's ETag; locally: the stale file is
-renamed away first, which only one taker can do). A second run into a running one's output is refused with an
-error that names the owner.
+renamed away first, which only one taker can do). A lock whose holder ran on this host and no longer runs is
+stale at once. A second run into a running one's output is refused with an error that names the owner.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Self
 
 from botocore.exceptions import ClientError
@@ -77,7 +78,7 @@ class OutputLock:
     def _payload(self) -> bytes:
         now = self.clock()
         return json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "host": socket.gethostname(),
-                           "pid": os.getpid(), "token": self.token, "what": self.what, "renewed_at": now,
+                           "pid": os.getpid(), "pid_start": _start_time(os.getpid()), "token": self.token, "what": self.what, "renewed_at": now,
                            "expires_at": now + self.lease_s, "lease_s": self.lease_s}).encode()
 
     def _read(self) -> tuple[dict, str] | None:
@@ -167,7 +168,7 @@ class OutputLock:
             info, version = current
             if info.get("token") == self.token:
                 return
-            if float(info["expires_at"]) > self.clock():
+            if float(info["expires_at"]) > self.clock() and not _holder_gone(info):
                 raise OutputLockedError(self._held_message(info))
             if self._replace(self._payload(), version):
                 self.taken_over = info
@@ -230,6 +231,30 @@ class OutputLock:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.release()
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from its holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_gone(info: dict) -> bool:
+    """True when the lock was taken on this host by a process that no longer runs (killed, crashed): its lock
+    is stale at once, without waiting for the lease (a holder on another host is judged by its lease only)."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    pid = info["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a process of another user runs under that pid
+    start = _start_time(pid)
+    return start is not None and info.get("pid_start") is not None and start != info["pid_start"]
 
 
 def _when(epoch: float) -> str:
