@@ -88,14 +88,3 @@ def ema_shaped(num_checkpoints: int, decay: float) -> np.ndarray:
     alphas[0] = powers[0]  # the initial value theta_1 keeps decay^(K-1)
     return alphas / alphas.sum()
 
-
-def check_alphas(alphas: np.ndarray | list[float], num_checkpoints: int) -> np.ndarray:
-    """Validate coefficients: right length, finite, sum 1. Returns them as float64."""
-    a = np.asarray(alphas, dtype=np.float64).reshape(-1)
-    if a.shape[0] != num_checkpoints:
-        raise ValueError(f"got {a.shape[0]} coefficients for {num_checkpoints} checkpoints; give one per checkpoint")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"coefficients must be finite, got {a.tolist()}")
-    if not np.isclose(a.sum(), 1.0, atol=1e-4):
-        raise ValueError(f"coefficients must sum to 1, they sum to {a.sum():.6g}")
-    return a

@@ -294,6 +294,13 @@ class Evaluator:
 EvaluatorActor = ray.remote(Evaluator)
 
 
+def evaluator_options(spec: SearchSpec) -> dict:
+    """Ray options of an evaluator actor: its resources, one restart by Ray, no task retries (the pool
+    decides where a lost evaluation runs again)."""
+    return {"num_cpus": spec.evaluators.num_cpus, "num_gpus": spec.evaluators.num_gpus, "max_restarts": 1,
+            "max_task_retries": 0}
+
+
 def start_evaluators(
     spec: SearchSpec,
     checkpoint_set: CheckpointSet,
@@ -303,14 +310,8 @@ def start_evaluators(
     """Start `spec.evaluators.num_actors` evaluator actors (max_restarts=1, no task retries) sharing the
     object-store checkpoints; waits until they are constructed unless wait_s is None."""
     mu_ref, sigma_ref = ray.put(np.asarray(reference_stats[0])), ray.put(np.asarray(reference_stats[1]))
-    options = {
-        "num_cpus": spec.evaluators.num_cpus,
-        "num_gpus": spec.evaluators.num_gpus,
-        "max_restarts": 1,
-        "max_task_retries": 0,
-    }
     actors = [
-        EvaluatorActor.options(**options).remote(
+        EvaluatorActor.options(**evaluator_options(spec)).remote(
             spec,
             list(checkpoint_set.refs),
             checkpoint_set.layout,

@@ -16,17 +16,15 @@ import time
 
 import numpy as np
 import pandas as pd
-import ray
-from ray.exceptions import RayActorError
 
 from lcsc_ray import coefficients as coef
 from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
 from lcsc_ray.evaluations import EvaluationStore
-from lcsc_ray.evaluator import start_evaluators
 from lcsc_ray.export import combined_safetensors
 from lcsc_ray.fid import reference_stats_for
+from lcsc_ray.pool import EvaluatorPool, EvaluatorPoolError, Job
 from lcsc_ray.run_identity import prepare_state, recorded_identity
-from lcsc_ray.trials import TrialFailedError, start_broker, trainable
+from lcsc_ray.trials import TrialFailedError, trainable
 from lcsc_ray.tuning import (
     SearchProgress,
     build_optimizer,
@@ -38,6 +36,7 @@ from lcsc_ray.tuning import (
 )
 from rayops import artifacts, storage
 from rayops.jobs import absolutize_output
+from rayops.output_lock import OutputLock
 from rayops.paired import paired_difference
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
@@ -74,20 +73,33 @@ def final_samples(spec: SearchSpec) -> int:
 class SearchRun:
     """State of one search: the evaluator pool, the stored evaluations, the trials so far."""
 
-    def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet, evaluators: list,
-                 reference: tuple[np.ndarray, np.ndarray]):
-        self.spec, self.checkpoints, self.evaluators = spec, checkpoint_set, evaluators
-        self.reference = reference
+    def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet):
+        self.spec, self.checkpoints = spec, checkpoint_set
+        self.pool: EvaluatorPool | None = None
+        self.num_evaluators = spec.evaluators.num_actors
         self.num_checkpoints = len(checkpoint_set)
         self.parametrization = spec.search.parametrization
         self.names = free_names(coef.num_free(self.num_checkpoints, self.parametrization))
         self.out = spec.output.uri
         self.store = EvaluationStore(storage.join(self.out, "state", "evaluations"), identity=recorded_identity(spec))
 
+    def start_pool(self, reference: tuple[np.ndarray, np.ndarray]) -> EvaluatorPool:
+        """Start the evaluator pool and probe it with the last checkpoint before any trial runs."""
+        self.pool = EvaluatorPool(self.spec, self.checkpoints, reference, self.store)
+        self.pool.probe(_search_samples(self.spec), self.spec.fid.seed)
+        return self.pool
+
+    def check_pool(self) -> None:
+        """Stop the search with the pool's root cause when the pool stopped (trials only saw failures)."""
+        stopped = self.pool.state()["stopped"]
+        if stopped:
+            raise EvaluatorPoolError(stopped)
+
     # ------------------------------------------------------------------------------------ Tune phases
-    def _trainable(self, broker):
-        return trainable(self.evaluators, broker, self.names, self.parametrization, _search_samples(self.spec),
-                         self.spec.fid.seed, self.store.uri)
+    def _trainable(self):
+        n = _search_samples(self.spec)
+        return trainable(self.pool.service, self.names, self.parametrization, n, self.spec.fid.seed,
+                         self.pool.wait_s(n))
 
     def _point(self, label: str, alphas: np.ndarray) -> dict:
         free = coef.from_alphas(alphas, self.parametrization)
@@ -96,24 +108,24 @@ class SearchRun:
     def run_trials(self, seeds: list[tuple[str, np.ndarray]], progress: ProgressLine) -> pd.DataFrame:
         """The seed phase, then the optimiser phase; resumes either from its Tune state."""
         spec = self.spec
-        broker = start_broker(len(self.evaluators))
         tune_path = storage.join(self.out, "tune")
         space = search_space(self.names, spec.search.bound, labels=[label for label, _ in seeds])
         seed_cb = SearchProgress(progress)
-        seeds_df = run_phase("seeds", tune_path, self._trainable(broker),
-                             seed_searcher([self._point(label, a) for label, a in seeds], len(self.evaluators)),
+        seeds_df = run_phase("seeds", tune_path, self._trainable(),
+                             seed_searcher([self._point(label, a) for label, a in seeds], self.num_evaluators),
                              space, len(seeds), [seed_cb])
+        self.check_pool()
         remaining = spec.search.budget - len(seeds)
         if remaining <= 0:
             return self._finish_rows(seeds_df)
         ok = seeds_df[seeds_df.status == "ok"]
         best_alphas = ok.loc[ok.fid.idxmin(), "alphas"] if len(ok) else coef.last_checkpoint(self.num_checkpoints)
         start = coef.from_alphas(best_alphas, self.parametrization)
-        optimizer = build_optimizer(spec, start, remaining, len(self.evaluators))
-        searcher = nevergrad_searcher(optimizer, self.names, len(self.evaluators),
-                                      storage.join(self.out, "state", "proposals"))
+        optimizer = build_optimizer(spec, start, remaining, self.num_evaluators)
+        searcher = nevergrad_searcher(optimizer, self.names, self.num_evaluators)
         search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best)
-        search_df = run_phase("search", tune_path, self._trainable(broker), searcher, space, remaining, [search_cb])
+        search_df = run_phase("search", tune_path, self._trainable(), searcher, space, remaining, [search_cb])
+        self.check_pool()
         return self._finish_rows(pd.concat([seeds_df, search_df], ignore_index=True))
 
     def _finish_rows(self, trials: pd.DataFrame) -> pd.DataFrame:
@@ -129,46 +141,6 @@ class SearchRun:
         trials["rung"] = 0
         return trials.drop(columns=["config"])
 
-    # ------------------------------------------------------------------------------ driver evaluations
-    def score_many(self, jobs: list[tuple[list[float], int, int]], progress: ProgressLine | None = None) -> list[float]:
-        """FID of each (alphas, num_samples, seed), reusing stored results; new ones run on the pool in parallel."""
-        results: dict[int, float] = {}
-        todo = []
-        for index, (alphas, n, seed) in enumerate(jobs):
-            stored = self.store.get(alphas, n, seed)
-            if stored is not None:
-                results[index] = stored["fid"]
-                if progress is not None:
-                    progress.update(advance=1)
-            else:
-                todo.append(index)
-        pending: dict = {}
-        free = list(range(len(self.evaluators)))
-        while todo or pending:
-            while todo and free:
-                index, actor = todo.pop(0), free.pop(0)
-                alphas, n, seed = jobs[index]
-                ref = self.evaluators[actor].evaluate.remote(_coefficients(alphas), n, seed, raise_nonfinite=False)
-                pending[ref] = (index, actor)
-            if not pending:
-                raise TrialFailedError(f"every evaluator died; {len(todo)} final evaluations could not run")
-            done, _ = ray.wait(list(pending), num_returns=1)
-            index, actor = pending.pop(done[0])
-            alphas, n, seed = jobs[index]
-            try:
-                out = ray.get(done[0])
-            except RayActorError:  # that evaluator is gone: run the evaluation on the others
-                log.warning("evaluator %d died; rescheduling its evaluation on the others", actor)
-                todo.insert(0, index)
-                continue
-            free.append(actor)
-            fid = float(out["fid"]) if not out.get("nonfinite") else float("inf")
-            self.store.put(alphas, n, seed, {"fid": fid})
-            results[index] = fid
-            if progress is not None:
-                progress.update(advance=1)
-        return [results[i] for i in range(len(jobs))]
-
     def run_rungs(self, trials: pd.DataFrame) -> pd.DataFrame:
         """Successive halving over `fidelity_schedule`: keep the best fraction, re-score with more samples."""
         schedule = self.spec.search.fidelity_schedule or []
@@ -178,7 +150,8 @@ class SearchRun:
             keep = max(1, math.ceil(self.spec.search.keep_fraction * len(current)))
             current = current.nsmallest(keep, "fid").copy()
             progress = ProgressLine(f"rung {rung} ({n} samples)", total=len(current))
-            fids = self.score_many([(a, n, self.spec.fid.seed) for a in current.alphas], progress)
+            records = self.pool.score([Job.of(a, n, self.spec.fid.seed) for a in current.alphas], progress)
+            fids = [record["fid"] for record in records]
             current["fid"], current["num_samples"], current["rung"] = fids, n, rung
             current["phase"] = f"rung{rung}"
             rows.append(current)
@@ -244,29 +217,38 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
     finished = check_resumable(spec, restart=restart, force=force)
     if finished is not None:
         return finished
-    with ray_session(spec.ray):
+    with OutputLock(spec.output.uri, what="search") as lock, ray_session(spec.ray):
         checkpoint_set = load_checkpoint_set(spec.checkpoints)
         log.info("loaded %d checkpoints (%s) into the object store: %.1f MB", len(checkpoint_set),
                  ", ".join(checkpoint_set.names[:3]) + (" ..." if len(checkpoint_set) > 3 else ""),
                  checkpoint_set.nbytes / 1e6)
-        reference = reference_stats_for(spec)
-        evaluators = start_evaluators(spec, checkpoint_set, reference)
+        run = SearchRun(spec, checkpoint_set)
         try:
-            run = SearchRun(spec, checkpoint_set, evaluators, reference)
+            run.start_pool(reference_stats_for(spec))
             seeds = seed_vectors(len(checkpoint_set), spec)
             progress = ProgressLine("lcsc search: trials", total=spec.search.budget)
             trials = run.run_rungs(run.run_trials(seeds, progress))
+            require_successes(trials)
             candidates = reported_candidates(run, trials, seeds)
             scores = score_candidates(run, candidates)
             result = build_result(spec, run, trials, scores, time.monotonic() - started)
             combined, _ = combined_safetensors(spec.checkpoints, result.best.coefficients)
+            lock.check()
             write_search_outputs(spec, result, trials, combined)
         finally:
-            # Tune's with_parameters keeps the actor handles alive in the object store: without this, the
-            # evaluators would hold their CPUs and a second search in the same Ray session could not start.
-            for actor in evaluators:
-                ray.kill(actor)
+            # every actor the search started (the pool's service and its evaluators) ends with it: on success,
+            # on an error and on Ctrl-C
+            if run.pool is not None:
+                run.pool.close()
     return result
+
+
+def require_successes(trials: pd.DataFrame) -> None:
+    """At least one trial must have scored; else the error lists the trials' distinct reasons."""
+    if (trials.status == "ok").any():
+        return
+    reasons = list(dict.fromkeys(str(r) for r in trials.reason if r))[:3]
+    raise TrialFailedError(f"all {len(trials)} trials failed, none scored; reasons: {'; '.join(reasons) or 'none given'}")
 
 
 def score_candidates(run: SearchRun, candidates: dict) -> dict[str, dict]:
@@ -276,7 +258,7 @@ def score_candidates(run: SearchRun, candidates: dict) -> dict[str, dict]:
     labels = list(candidates)
     jobs = [(candidates[label], n, seed) for label in labels for seed in seeds]
     progress = ProgressLine(f"final scores ({n} samples)", total=len(jobs))
-    fids = iter(run.score_many(jobs, progress))
+    fids = iter(record["fid"] for record in run.pool.score([Job.of(*job) for job in jobs], progress))
     scores = {}
     for label in labels:
         values = [next(fids) for _ in seeds]

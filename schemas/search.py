@@ -84,6 +84,21 @@ class EvaluatorSpec(StrictModel):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per evaluator actor (fractions allowed).")
     batch_size: int = Field(default=250, ge=1, description="Sampling and feature batch size.")
     torch_threads: int = Field(default=1, ge=1, description="torch threads per actor (1 avoids oversubscription).")
+    evaluation_timeout_s: float | None = Field(
+        default=None, gt=0,
+        description="Seconds one evaluation may take before its evaluator is killed and replaced and the candidate "
+        "retried once elsewhere. Default: 5x the first timed evaluation (scaled by sample count), at least 60 s.",
+    )
+    max_replacements: int = Field(
+        default=4, ge=0,
+        description="Evaluators the pool may replace (dead past Ray's restart, or hung) before the search stops "
+        "naming the cause.",
+    )
+    max_failed_evaluations: int = Field(
+        default=3, ge=1,
+        description="Evaluations that fail with an error (not a lost evaluator; such errors are not retried) "
+        "before the search stops with that error.",
+    )
 
 
 class FIDSpec(StrictModel):

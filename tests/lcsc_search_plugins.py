@@ -1,8 +1,10 @@
-"""Samplers for the search tests: one that logs every call, one that kills its own process once."""
+"""Samplers for the search tests: one that logs every call, one that kills its own process once, one that hangs
+once, one that fails deterministically, one with the wrong signature."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -27,3 +29,29 @@ def crashing_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir
         (Path(log_dir) / "crashed").write_text(str(os.getpid()))
         os._exit(1)
     return toy_sample(model, n, seed, nfe, batch_size)
+
+
+def hanging_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, hang_on_call: int = 2):
+    """toy_sample, but the `hang_on_call`-th call overall never returns (its pid is written to log_dir/hung)."""
+    marker = Path(log_dir) / "calls.log"
+    with open(marker, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    if len(marker.read_text().splitlines()) == hang_on_call:
+        (Path(log_dir) / "hung").write_text(str(os.getpid()))
+        threading.Event().wait(3600)
+    return toy_sample(model, n, seed, nfe, batch_size)
+
+
+def failing_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, fail_after: int = 1):
+    """toy_sample for the first `fail_after` calls, then a ValueError on every call (a deterministic bug)."""
+    marker = Path(log_dir) / "calls.log"
+    with open(marker, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    if len(marker.read_text().splitlines()) > fail_after:
+        raise ValueError("broken sampler: this candidate cannot be sampled")
+    return toy_sample(model, n, seed, nfe, batch_size)
+
+
+def two_argument_sample(model, n):
+    """A sampler with the wrong signature (no seed, nfe or batch size)."""
+    return toy_sample(model, n, 0, 1, n)

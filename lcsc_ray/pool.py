@@ -1,0 +1,356 @@
+"""The evaluator pool as one room: start it, heal it, dispatch every evaluation through it, close it.
+
+  EvaluatorPool (the driver)  ─ starts ─►  PoolService (an async actor pinned to the driver's node)
+                                              ─ owns ─►  evaluator actors (checkpoint refs, reference stats)
+  Tune trials (own processes) ─┐
+  rungs, final scores ─────────┴─►  PoolService.evaluate(job) ─► a free evaluator ─► one evaluation record
+
+Every evaluation of a search goes through `PoolService.evaluate`, so one set of rules holds everywhere:
+- The evaluation store is consulted first and written right after (a resumed search never repeats work).
+- Every evaluation has a timeout (`evaluators.evaluation_timeout_s`, by default 5x the first timed
+  evaluation scaled by its sample count, at least 60 s). A hung evaluator is killed and replaced.
+- An evaluator that died is given back to Ray's restart once; if it stays dead, the pool replaces it with a
+  new actor over the same object refs. A candidate whose evaluator hung or died is retried once elsewhere.
+  After `evaluators.max_replacements` replacements the pool stops, naming the cause.
+- An evaluation that raises (not a lost evaluator) is deterministic: it is not retried, its record says why,
+  and after `evaluators.max_failed_evaluations` of them the pool stops with that root cause.
+- Callers never hold an evaluator: the service does, so a trial process that dies mid-evaluation leaks
+  nothing (its evaluation finishes, is recorded, and the evaluator goes back to the pool).
+Closing the pool kills the evaluators and the service; evaluators are owned by the service, so even a
+service that dies takes them with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from lcsc_ray.checkpoints import CheckpointSet
+from lcsc_ray.combine import check_non_float_equal
+from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluator import EvaluatorActor, evaluator_options
+from rayops.progress import ProgressLine
+from rayops.resources import check_placeable
+from schemas.errors import LcscCheckfreeError
+from schemas.search import SearchSpec
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, model, sampler) within this
+FIRST_TIMEOUT_S = 900.0  # the first evaluation, before any is timed (its time sets the default timeout)
+TIMEOUT_FACTOR, TIMEOUT_FLOOR_S = 5.0, 60.0
+ATTEMPTS = 2  # a candidate whose evaluator hung or died is retried once elsewhere
+
+
+class EvaluatorPoolError(LcscCheckfreeError):
+    """The evaluator pool stopped: evaluators kept dying or hanging, or evaluations kept failing."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One evaluation: coefficients (None: the run's EMA weights), sample count, noise seed."""
+
+    alphas: tuple[float, ...] | None
+    num_samples: int
+    seed: int
+
+    @classmethod
+    def of(cls, alphas: Sequence[float] | None, num_samples: int, seed: int) -> Job:
+        """A job with coefficients as plain floats."""
+        return cls(None if alphas is None else tuple(float(a) for a in alphas), int(num_samples), int(seed))
+
+
+def evaluation_timeout(num_samples: int, configured_s: float | None, first: tuple[float, int] | None) -> float:
+    """Seconds one evaluation of `num_samples` may take: the spec's value, else 5x the first timed evaluation
+    (`first` = (seconds, its sample count)) scaled by sample count, at least 60 s; before any is timed, 900 s."""
+    if configured_s is not None:
+        return float(configured_s)
+    if first is None:
+        return FIRST_TIMEOUT_S
+    seconds, samples = first
+    return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * seconds * max(1.0, num_samples / max(samples, 1)))
+
+
+def evaluation_record(job: Job, fid: float, status: str, reason: str = "", evaluator: int = -1,
+                      eval_s: float = math.nan, attempts: int = 0, replayed: bool = False) -> dict:
+    """The one shape of an evaluation's result, for trials, rungs, final scores and the store.
+    status: 'ok', 'nonfinite' (the combination diverged; fid is inf) or 'failed' (reason says why)."""
+    return {"fid": float(fid), "status": status, "reason": reason,
+            "alphas": None if job.alphas is None else list(job.alphas), "num_samples": job.num_samples,
+            "seed": job.seed, "evaluator": evaluator, "eval_s": float(eval_s), "attempts": attempts,
+            "replayed": replayed}
+
+
+def _stored_record(job: Job, stored: dict) -> dict:
+    """A stored result as an evaluation record (records written before the record shape had a status too)."""
+    if "status" in stored:
+        status, reason = stored["status"], stored.get("reason", "")
+    else:
+        status = "ok" if math.isfinite(float(stored["fid"])) else "nonfinite"
+        reason = ""
+    return evaluation_record(job, float(stored["fid"]) if status == "ok" else math.inf, status, reason,
+                             int(stored.get("evaluator", -1)), float(stored.get("eval_s", math.nan)),
+                             int(stored.get("attempts", 0)), replayed=True)
+
+
+def _root_cause(exc: RayTaskError) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:800]
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class PoolService:
+    """Holds the evaluator actors and the free list; every evaluation of the search passes through here."""
+
+    def __init__(self, spec: SearchSpec, shared: dict, store: EvaluationStore | None):
+        self.spec, self.shared, self.store = spec, shared, store
+        self.actors: list = []
+        self.pids: list[int | None] = []
+        self.free: list[int] = []
+        self.condition = asyncio.Condition()
+        self.first_timed: tuple[float, int] | None = None
+        self.replacements, self.failed = 0, 0
+        self.stopped: str | None = None
+
+    def _new_actor(self):
+        shared = self.shared
+        return EvaluatorActor.options(**evaluator_options(self.spec)).remote(
+            self.spec, list(shared["refs"]), shared["layout"], shared["mu"], shared["sigma"], ema_ref=shared["ema"])
+
+    async def _ready(self, actor) -> int:
+        info = await asyncio.wait_for(actor.info.remote(), READY_TIMEOUT_S)
+        return int(info["pid"])
+
+    async def start(self) -> list[int]:
+        """Start `evaluators.num_actors` evaluators and wait until each is constructed; returns their pids."""
+        self.actors = [self._new_actor() for _ in range(self.spec.evaluators.num_actors)]
+        try:
+            self.pids = list(await asyncio.gather(*(self._ready(actor) for actor in self.actors)))
+        except (asyncio.TimeoutError, RayActorError) as exc:
+            evaluators = self.spec.evaluators
+            raise EvaluatorPoolError(
+                f"{len(self.actors)} evaluator actors ({evaluators.num_cpus} CPU, {evaluators.num_gpus} GPU each) "
+                f"did not start within {READY_TIMEOUT_S:.0f} s ({type(exc).__name__}); cluster resources: "
+                f"{ray.cluster_resources()}; lower `evaluators.num_actors` or their resources"
+            ) from None
+        self.free = list(range(len(self.actors)))
+        return self.pids
+
+    # ---------------------------------------------------------------------------------- the free list
+    def _check_stopped(self) -> None:
+        if self.stopped:
+            raise EvaluatorPoolError(self.stopped)
+
+    async def _acquire(self, avoid: set[int]) -> int:
+        """A free evaluator, preferring one not in `avoid` (those that already failed this candidate)."""
+        async with self.condition:
+            while True:
+                self._check_stopped()
+                choices = [i for i in self.free if i not in avoid]
+                if not choices and len(avoid) >= len(self.actors):
+                    choices = list(self.free)
+                if choices:
+                    self.free.remove(choices[0])
+                    return choices[0]
+                await self.condition.wait()
+
+    async def _release(self, index: int) -> None:
+        async with self.condition:
+            if index not in self.free:
+                self.free.append(index)
+            self.condition.notify_all()
+
+    async def _stop(self, cause: str) -> None:
+        if not self.stopped:
+            self.stopped = cause
+            log.error("evaluator pool stopped: %s", cause)
+        async with self.condition:
+            self.condition.notify_all()
+
+    # ----------------------------------------------------------------------------------------- healing
+    async def _heal(self, index: int, cause: str, hung: bool) -> None:
+        """After a death: keep the evaluator if Ray restarted it; else (or when it hung) replace it with a new
+        actor over the same object refs, up to `evaluators.max_replacements` in all."""
+        if not hung:
+            try:
+                self.pids[index] = await self._ready(self.actors[index])
+                await self._release(index)
+                return
+            except (asyncio.TimeoutError, RayActorError):
+                pass  # dead past Ray's restarts
+        while True:
+            limit = self.spec.evaluators.max_replacements
+            if self.replacements >= limit:
+                await self._stop(f"evaluators were lost {self.replacements + 1} times, more than "
+                                 f"`evaluators.max_replacements` = {limit} allows; last: evaluator {index} {cause}")
+                return
+            self.replacements += 1
+            ray.kill(self.actors[index], no_restart=True)
+            log.warning("replacing evaluator %d (%s); replacement %d of at most %d", index, cause,
+                        self.replacements, limit)
+            self.actors[index] = self._new_actor()
+            try:
+                self.pids[index] = await self._ready(self.actors[index])
+                await self._release(index)
+                return
+            except (asyncio.TimeoutError, RayActorError) as exc:
+                cause = f"could not be replaced ({type(exc).__name__})"
+
+    # -------------------------------------------------------------------------------------- evaluation
+    async def evaluate(self, job: Job) -> dict:
+        """The evaluation record of `job`: from the store, or evaluated on a free evaluator (see module doc)."""
+        self._check_stopped()
+        if self.store is not None:
+            stored = await asyncio.to_thread(self.store.get, job.alphas, job.num_samples, job.seed)
+            if stored is not None and "fid" in stored:
+                return _stored_record(job, stored)
+        avoid: set[int] = set()
+        reasons: list[str] = []
+        for attempt in range(1, ATTEMPTS + 1):
+            index = await self._acquire(avoid)
+            timeout = evaluation_timeout(job.num_samples, self.spec.evaluators.evaluation_timeout_s, self.first_timed)
+            alphas = None if job.alphas is None else list(job.alphas)
+            ref = self.actors[index].evaluate.remote(alphas, job.num_samples, job.seed, raise_nonfinite=False)
+            try:
+                out = await asyncio.wait_for(ref, timeout)
+            except asyncio.TimeoutError:
+                reasons.append(f"evaluator {index} did not finish within {timeout:.0f} s")
+                avoid.add(index)
+                await self._heal(index, f"hung for {timeout:.0f} s", hung=True)
+                continue
+            except RayActorError as exc:
+                reasons.append(f"evaluator {index} died ({type(exc).__name__})")
+                avoid.add(index)
+                await self._heal(index, f"died ({type(exc).__name__})", hung=False)
+                continue
+            except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
+                await self._release(index)
+                return await self._failed(job, _root_cause(exc), index, attempt)
+            await self._release(index)
+            return await self._finished(job, out, index, attempt)
+        return evaluation_record(job, math.inf, "failed", "; ".join(reasons), attempts=ATTEMPTS)
+
+    async def _finished(self, job: Job, out: dict, index: int, attempt: int) -> dict:
+        eval_s = float(out["timings"]["total_s"])
+        if self.first_timed is None:
+            self.first_timed = (eval_s, job.num_samples)
+        if out.get("nonfinite") or not math.isfinite(float(out["fid"])):
+            record = evaluation_record(job, math.inf, "nonfinite", "combined weights or samples hold NaN/inf",
+                                       index, eval_s, attempt)
+        else:
+            record = evaluation_record(job, float(out["fid"]), "ok", "", index, eval_s, attempt)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.put, job.alphas, job.num_samples, job.seed, record)
+        return record
+
+    async def _failed(self, job: Job, reason: str, index: int, attempt: int) -> dict:
+        self.failed += 1
+        limit = self.spec.evaluators.max_failed_evaluations
+        if self.failed >= limit:
+            await self._stop(f"{self.failed} evaluations failed with an error (`evaluators.max_failed_evaluations`"
+                             f" = {limit}); the last: {reason}")
+        return evaluation_record(job, math.inf, "failed", reason, index, attempts=attempt)
+
+    # ------------------------------------------------------------------------------------------ facts
+    async def state(self) -> dict:
+        """Replacements, failures, the stop cause, evaluator pids and the current timeout rule."""
+        return {"replacements": self.replacements, "failed": self.failed, "stopped": self.stopped,
+                "pids": list(self.pids), "first_timed": self.first_timed, "num_evaluators": len(self.actors)}
+
+    async def evaluators(self) -> list:
+        """The current evaluator handles (for tests and fault injection)."""
+        return list(self.actors)
+
+    async def close(self) -> None:
+        """Kill every evaluator this pool started."""
+        await self._stop(self.stopped or "the pool was closed")
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+class EvaluatorPool:
+    """The driver's side of the pool: starts the service and its evaluators, probes, scores, closes."""
+
+    def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet, reference: tuple[np.ndarray, np.ndarray],
+                 store: EvaluationStore | None = None):
+        check_non_float_equal(checkpoint_set.layout, ray.get(list(checkpoint_set.refs)), checkpoint_set.names)
+        self.spec, self.checkpoints = spec, checkpoint_set
+        shared = {"refs": list(checkpoint_set.refs), "layout": checkpoint_set.layout, "ema": checkpoint_set.ema_ref,
+                  "mu": ray.put(np.asarray(reference[0])), "sigma": ray.put(np.asarray(reference[1]))}
+        evaluators = spec.evaluators
+        check_placeable([{"CPU": evaluators.num_cpus, "GPU": evaluators.num_gpus}] * evaluators.num_actors,
+                        "the evaluator actors", "`evaluators.num_actors`, `evaluators.num_cpus` or `evaluators.num_gpus`")
+        node = ray.get_runtime_context().get_node_id()
+        # pinned to the driver's node: the search can survive losing an evaluator's node, not the service's
+        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+        self.service = PoolService.options(scheduling_strategy=strategy).remote(spec, shared, store)
+        self.closed = False
+        try:
+            self.pids = ray.get(self.service.start.remote(), timeout=READY_TIMEOUT_S + 60)
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_s(self, num_samples: int) -> float:
+        """How long a caller waits for one job: both attempts, each with a replacement, and a queue turn."""
+        state = self.state()
+        timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, state["first_timed"])
+        return 2 * ATTEMPTS * (timeout + READY_TIMEOUT_S)
+
+    def state(self) -> dict:
+        """PoolService.state()."""
+        return ray.get(self.service.state.remote(), timeout=60)
+
+    def score(self, jobs: Sequence[Job], progress: ProgressLine | None = None) -> list[dict]:
+        """The evaluation record of each job (identical jobs evaluated once), in order; the pool spreads
+        them over its evaluators. Raises EvaluatorPoolError when the pool stopped."""
+        unique = list(dict.fromkeys(jobs))
+        pending = {self.service.evaluate.remote(job): job for job in unique}
+        records: dict[Job, dict] = {}
+        bound = self.wait_s(max(job.num_samples for job in unique)) if unique else 0.0
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=bound)
+            if not done:
+                raise EvaluatorPoolError(f"no evaluation finished within {bound:.0f} s; "
+                                         f"pool state: {self.state()}")
+            job = pending.pop(done[0])
+            try:
+                records[job] = ray.get(done[0])
+            except RayTaskError as exc:
+                raise EvaluatorPoolError(_root_cause(exc).removeprefix("EvaluatorPoolError: ")) from None
+            if progress is not None:
+                progress.update(advance=sum(1 for j in jobs if j == job))
+        return [records[job] for job in jobs]
+
+    def probe(self, num_samples: int, seed: int) -> dict:
+        """Score the last checkpoint once before the search starts: the sampler's signature, the feature
+        dimension against the reference's and a finite FID are checked, and its time sets the default timeout."""
+        job = Job.of(np.eye(len(self.checkpoints))[-1], num_samples, seed)
+        record = self.score([job])[0]
+        last = self.checkpoints.names[-1]
+        if record["status"] == "failed":
+            raise EvaluatorPoolError(f"the probe evaluation of the last checkpoint ({last}) failed before the "
+                                     f"search started: {record['reason']}")
+        if record["status"] != "ok":
+            raise EvaluatorPoolError(f"the last checkpoint ({last}) scores a non-finite FID ({record['reason']}); "
+                                     "check the sampler (`sampler.target`, `sampler.nfe`) and the checkpoints")
+        return record
+
+    def close(self) -> None:
+        """Kill the evaluators and the service (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            ray.get(self.service.close.remote(), timeout=60)
+        except (RayActorError, GetTimeoutError) as exc:
+            log.warning("evaluator pool did not close cleanly (%s); killing its service", type(exc).__name__)
+        ray.kill(self.service, no_restart=True)
+
