@@ -91,6 +91,7 @@ def run_one(spec: TrainSpec, checkpoint_uri: str | None = None) -> dict:
         "checkpoint_save_s_total": h.costs.get("checkpoint_save_s_total", 0.0),
         "val_steps": h.val_steps, "val_losses": h.val_losses,
         "val_wall_s": _val_times(h), "final_val_loss": h.val_losses[-1] if h.val_losses else None,
+        "costs": dict(h.costs),
     }
 
 

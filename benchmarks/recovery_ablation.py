@@ -32,6 +32,14 @@ def _loss_at(run: dict, step: int) -> float | None:
     return by_step.get(step)
 
 
+def _clip_counts(runs: dict[int, dict[str, dict]]) -> dict[str, float]:
+    """Over every run: CheckFree rebuilds, and those whose two neighbours' gradients were both clipped (then their
+    post-clip norms are equal and the gradient-weighted rule is the plain average)."""
+    costs = [run.get("costs", {}) for by_rule in runs.values() for run in by_rule.values()]
+    return {"rebuilds": sum(c.get("checkfree_rebuilds", 0.0) for c in costs),
+            "both_at_clip": sum(c.get("rebuilds_both_neighbours_at_clip", 0.0) for c in costs)}
+
+
 def plot(runs: dict, fail_step: int, path: Path) -> None:
     """Validation loss against step per rule (first seed), and its excess over the run without the failure."""
     fig, (ax, ax_delta) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
@@ -104,9 +112,12 @@ def main() -> None:
         lines.append(f"{name:<11} {row['val_loss_at_failure']:>9.3f} {row['val_loss_5_after']:>8.3f} "
                      f"{row[f'val_loss_{after}_after']:>9.3f} {row['perplexity_end']:>6.2f} "
                      f"{row['excess_over_no_failure']:>+7.3f}")
+    clip = _clip_counts(runs)
+    lines.append(f"CheckFree rebuilds with both neighbours at the clip (weighted = plain average): "
+                 f"{clip['both_at_clip']:.0f} of {clip['rebuilds']:.0f}")
     text = "\n".join(lines)
     print(text)
-    out = {"fail_step": fail_step, "stage": stage, "after": after, "seeds": seeds, "table": table,
+    out = {"fail_step": fail_step, "stage": stage, "after": after, "seeds": seeds, "table": table, "clip": clip,
            "table_text": text, "runs": {str(s): r for s, r in runs.items()},
            "total_wall_s": time.monotonic() - started, "machine": machine_info(quick=args.quick), "notes": NOTES}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
-"""The coordinator: drives S stage actors through GPipe steps and recovers lost stages.
+"""The coordinator: drives S stage actors through GPipe steps; recovery lives beside it (`recovering.py`).
 
-Per-step protocol (after torchft's quorum/commit): phase 1 runs every micro-batch forward and back
-(activations pass as ObjectRefs from actor to actor, never through the driver); phase 2 clips and
-steps each stage's Adam. A stage lost in phase 1 is rebuilt and the step is run again (capped by
-`recovery.max_step_retries`); a stage lost in phase 2, after the others stepped, is rebuilt from
-their new weights and the step counts as committed. A stage's gradient norm is recorded only when
-its step commits. Anything the strategy cannot rebuild rolls back to the last checkpoint, or stops
-with `RecoveryError` when there is none.
+Per-step protocol (after torchft's quorum/commit, "a step commits on every stage or is run again"): the
+whole step is submitted at once, every forward and backward hop, then each stage's optimizer step (which
+waits on the backward results, so no stage steps unless every micro-batch's backward completed), then the
+CheckFree+ copies. A stage lost before its optimizer step ('before_step', 'forward', 'backward') is rebuilt
+and the step is run again (capped by `recovery.max_step_retries`). A stage lost in the 'optimizer' phase,
+after others stepped, is rolled forward: CheckFree rebuilds it from the same step's neighbours (weights and
+gradient norms both of that step) and the step commits on every stage; the redundant strategy, whose backups
+are from before the step, undoes the survivors' step and runs it again. Every wait is bounded by the step
+timeout; a stage that does not answer in time is killed and recovered like a dead one (reason 'timeout').
 """
 
 from __future__ import annotations
@@ -20,40 +22,31 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from checkfree_ray.checkpointing import CheckpointStore
+from checkfree_ray import recovering
+from checkfree_ray.checkpointing import (
+    Checkpoint,
+    CheckpointStore,
+    PendingSave,
+    RunIdentity,
+    restore_history,
+    save_history,
+    storage_env,
+)
 from checkfree_ray.data import ByteCorpus
 from checkfree_ray.failures import FailureInjector
 from checkfree_ray.model import ModelConfig, build_parts
 from checkfree_ray.pool import StagePool
-from checkfree_ray.recovery import (
-    BLOCKS,
-    EMBED,
-    HEAD,
-    micro_batch_order,
-    plain_order,
-    plan_recovery,
-    recovered_lr,
-    reinit_seed,
-    reinitialised_blocks,
-    route,
-    rule_average,
-)
+from checkfree_ray.recovering import StageLost, phase_of, unanswering
+from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
 from checkfree_ray.stage import initial_stage_state
-from schemas.errors import RecoveryError
+from schemas.errors import RecoveryError, StorageError
 from schemas.train import FailureRecord, TrainSpec
 
 log = logging.getLogger(__name__)
-PING_TIMEOUT_S = 30.0
-
-
-class StageLost(Exception):
-    """Stages found dead during a step; `phase` 1 (forward/backward) or 2 (optimizer step)."""
-
-    def __init__(self, stages: list[int], phase: int, norms: list[dict | None] | None = None, loss: float = 0.0,
-                 detected_at: float | None = None):
-        self.stages, self.phase, self.norms, self.loss = stages, phase, norms, loss
-        self.detected_at = time.monotonic() if detected_at is None else detected_at
-        super().__init__(f"stages {stages} lost in phase {phase}")
+# Step timeout when `recovery.step_timeout_s` is unset: max(floor, factor x the median step); before any
+# step is measured (the first step also pays lazy imports), a generous fixed bound.
+STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR, FIRST_STEP_TIMEOUT_S = 30.0, 10.0, 300.0
+SAVE_TIMEOUT_S = 120.0  # bound on waiting for a checkpoint's shards to be written
 
 
 @dataclass
@@ -67,6 +60,7 @@ class History:
     val_steps: list[int] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     failures: list[FailureRecord] = field(default_factory=list)
+    rolled_back: list[bool] = field(default_factory=list)  # per entry of `steps`: discarded by a later rollback
     recovery_phases: list[dict[str, float]] = field(default_factory=list)  # seconds from detection, per recovery
     costs: dict[str, float] = field(default_factory=dict)
 
@@ -74,7 +68,7 @@ class History:
 class PipelineExecutor:
     """One executor for every strategy: none, checkpoint, redundant, checkfree, checkfree+."""
 
-    def __init__(self, spec: TrainSpec, checkpoint_uri: str | None = None):
+    def __init__(self, spec: TrainSpec, checkpoint_uri: str | None = None, run: RunIdentity | None = None):
         self.spec, self.S = spec, spec.pipeline.num_stages
         self.strategy = spec.recovery.strategy
         self.cfg = ModelConfig.from_spec(spec.model, self.S)
@@ -82,7 +76,9 @@ class PipelineExecutor:
         self.injector = FailureInjector(spec.failures, self.S)
         every = spec.checkpoint_every()
         uri = checkpoint_uri or spec.checkpointing.uri
-        self.checkpoints = CheckpointStore(uri, spec.checkpointing.keep) if every and uri else None
+        self.checkpoints = CheckpointStore(uri, spec.checkpointing.keep, run) if every and uri else None
+        self._pending_save: PendingSave | None = None  # a checkpoint whose shards the stages are still writing
+        self.resumed_from: list[int] = []  # checkpoint steps this run resumed from (driver restarts)
         self.grad_norms: list[dict[str, float]] = [{"blocks": 0.0, "stage": 0.0} for _ in range(self.S)]
         self.history = History()
         self.before_step: list[Callable[[PipelineExecutor, int], None]] = []
@@ -94,17 +90,24 @@ class PipelineExecutor:
         self.start_time = time.monotonic()
 
     # ----- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the stage actors with the seed's initial weights; write checkpoint 0 when checkpointing."""
+    def start(self, resume: Checkpoint | None = None) -> None:
+        """Start the stage actors with the seed's initial weights (or `resume`'s state: weights, Adam, norms,
+        failures fired, history); write checkpoint 0 when checkpointing a new run."""
         self.pool = StagePool(self.spec, self.cfg)
         self.actors = self.pool.start_stages()
-        parts = build_parts(self.cfg, self.spec.seed)
-        ray.get([a.configure.remote(i, self.spec.optim.lr, initial_stage_state(parts, i))
-                 for i, a in enumerate(self.actors)])
-        self._sync_extras(0)
-        if self.checkpoints is not None:
+        if resume is None:
+            parts = build_parts(self.cfg, self.spec.seed)
+            ray.get([a.configure.remote(i, self.spec.optim.lr, initial_stage_state(parts, i))
+                     for i, a in enumerate(self.actors)])
+        else:
+            self._load_checkpoint(resume)
+            restore_history(self.history, resume.history or {})
+            self.injector.fired |= {tuple(item) for item in resume.metadata.get("failures_fired", [])}
+            self.resumed_from = [*resume.metadata.get("resumed_from", []), resume.step]
+        self._sync_extras()
+        if self.checkpoints is not None and resume is None:
             self._save_checkpoint(0)
-        self.start_time = time.monotonic()
+        self.start_time = time.monotonic() - (self.history.wall_times[-1] if self.history.wall_times else 0.0)
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group."""
@@ -116,40 +119,55 @@ class PipelineExecutor:
             self.pool = None
 
     # ----- one step ---------------------------------------------------------------------------------------
+    def step_timeout(self) -> float:
+        """Seconds a step (or a recovery's wait) may take: the spec's, else max(30 s, 10x the median step)."""
+        if self.spec.recovery.step_timeout_s is not None:
+            return self.spec.recovery.step_timeout_s
+        times = self.history.step_times
+        if not times:
+            return FIRST_STEP_TIMEOUT_S
+        return max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR * sorted(times)[len(times) // 2])
+
     def _launch(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool = True):
-        """Submit every hop of every micro-batch; returns the loss refs, the backward-done refs and every hop's
-        ref (read when a stage dies, so Ray does not log their errors as unhandled)."""
+        """Submit every hop of every micro-batch; returns the loss refs, the backward-done refs and each stage's
+        calls in submission order as (kind, ref, upstream refs) (read when a stage is lost: which phase, which
+        stage is stuck, and their errors)."""
         M = inputs.shape[0]
-        loss_refs, done_refs, routes, hop_refs = [], [], [], []
+        loss_refs, done_refs, routes = [], [], []
+        calls: list[list[tuple[str, ray.ObjectRef]]] = [[] for _ in range(self.S)]
         for mb in range(M):
             order = micro_batch_order(self.strategy, self.S, mb) if train else plain_order(self.S)
             hops = route(order, self.S)
             x, target = inputs[mb].numpy(), targets[mb].numpy()  # small: inlined into the call, no ray.put
             for hop, (stage, parts) in enumerate(hops):
                 last = hop == len(hops) - 1
+                upstream = (x,) if hop else ()
                 x = self.actors[stage].forward.remote(mb, hop, parts, x, target if last else None, 1.0 / M, train)
-                hop_refs.append(x)
+                calls[stage].append(("forward", x, upstream))
             loss_refs.append(x)
             routes.append(hops)
         if train:  # GPipe: every backward after every forward
             for mb, hops in enumerate(routes):
                 grad = None
                 for hop in reversed(range(len(hops))):
+                    upstream = (grad,) if grad is not None else ()
                     grad = self.actors[hops[hop][0]].backward.remote(mb, hop, grad)
-                    hop_refs.append(grad)
+                    calls[hops[hop][0]].append(("backward", grad, upstream))
                 done_refs.append(grad)
-        return loss_refs, done_refs, hop_refs
+        return loss_refs, done_refs, calls
 
-    def _find_lost(self) -> list[int]:
-        """Stages whose actor no longer answers."""
-        pings = [a.ping.remote() for a in self.actors]
-        lost = []
-        for stage, ref in enumerate(pings):
-            try:
-                ray.get(ref, timeout=PING_TIMEOUT_S)
-            except ray.exceptions.RayActorError:
-                lost.append(stage)
-        return lost
+    def _submit_optimizer_steps(self, done_refs: list) -> list:
+        """Each stage's clip and optimizer step, after every backward (global clip: after every stage's norm)."""
+        clip, undo = self.spec.optim.clip, self.strategy == "redundant"
+        if clip == "global":
+            upstream = [a.grad_sq_norm.remote(*done_refs) for a in self.actors]
+        else:
+            upstream = done_refs
+        return [a.step.remote(*upstream, clip=clip, keep_undo=undo) for a in self.actors]
+
+    def abandon(self, refs: list) -> None:
+        """Calls of an interrupted attempt: read later (`_drain_abandoned`) so Ray does not report their errors."""
+        self._abandoned += refs
 
     def _drain_abandoned(self) -> None:
         """Read the errors of an interrupted attempt's calls (expected) so Ray does not report them as unhandled;
@@ -159,43 +177,84 @@ class PipelineExecutor:
         ready, pending = ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=0)
         for ref in ready:
             with contextlib.suppress(ray.exceptions.RayError):
-                ray.get(ref)
+                ray.get(ref, timeout=0)
         self._abandoned = pending
 
-    def _attempt(self, step: int) -> tuple[float, list[dict]]:
-        """Phase 1 and phase 2 of one step; raises `StageLost`.
+    def _lost_stages(self, calls: list[list], refs: list, timed_out: bool) -> StageLost | None:
+        """After a failed or timed-out wait: which stages are lost and where each was in the step.
 
-        The whole step is submitted at once: every hop, then each stage's optimizer step (which takes
-        the micro-batches' last backward results as arguments, so Ray runs it only after all of them and
-        skips it when any failed: no stage steps unless phase 1 completed everywhere), then the
-        CheckFree+ copies. The driver waits once per phase, never per micro-batch.
+        On a timeout the stuck stages (`stuck_stages`) are killed first: the survivors' calls waiting on them
+        then fail at once and the survivors answer. (Cancelling an ordered actor's queued calls with `ray.cancel`
+        instead leaves a gap in its call sequence that stalls it for Ray's 30 s reorder wait.) Stages that still
+        do not answer a ping within the bound are killed too.
         """
+        detected_at = time.monotonic()
+        stuck = recovering.stuck_stages(calls) if timed_out else []
+        for stage in stuck:
+            log.warning("stage %d did not finish its call within %.1fs; killing it", stage, self.step_timeout())
+            ray.kill(self.actors[stage], no_restart=True)
+        self.abandon(refs)
+        dead, silent = unanswering(self.actors, min(recovering.PING_TIMEOUT_S, self.step_timeout()))
+        for stage in silent:
+            log.warning("stage %d did not answer a ping; killing it", stage)
+            ray.kill(self.actors[stage], no_restart=True)
+        lost = sorted(set(dead) | set(silent) | set(stuck))
+        if not lost:
+            return None
+        phases = {s: phase_of(calls[s]) for s in lost}
+        reasons = {s: "timeout" if s in stuck or s in silent else "died" for s in lost}
+        return StageLost(lost, phases, detected_at=detected_at, reasons=reasons)
+
+    def _attempt(self, step: int) -> tuple[float, list[dict]]:
+        """One step, submitted at once; the driver waits once per phase (bounded), never per micro-batch.
+        Raises `StageLost`."""
         self._drain_abandoned()
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
-        loss_refs, done_refs, hop_refs = self._launch(inputs, targets)
-        step_refs = [a.step.remote(*done_refs) for a in self.actors]
-        self._pending_copies = self._submit_copies(step)
+        loss_refs, done_refs, calls = self._launch(inputs, targets)
+        step_refs = self._submit_optimizer_steps(done_refs)
+        for stage, ref in enumerate(step_refs):
+            calls[stage].append(("optimizer", ref, tuple(done_refs)))
+        self._pending_copies = self._copy_refs(step)
+        every = [call[1] for stage_calls in calls for call in stage_calls] + list(self._pending_copies or [])
+        deadline = time.monotonic() + self.step_timeout()
         try:
-            losses = ray.get(loss_refs)
-            ray.get(done_refs)
-        except ray.exceptions.RayError:
-            lost = self._find_lost()
-            if not lost:
+            losses = ray.get(loss_refs, timeout=self.step_timeout())
+            ray.get(done_refs, timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.RayError as exc:
+            lost = self._lost_stages(calls, every, isinstance(exc, ray.exceptions.GetTimeoutError))
+            if lost is None:
+                if isinstance(exc, ray.exceptions.GetTimeoutError):
+                    raise RecoveryError(
+                        f"step {step} did not finish within {self.step_timeout():.1f}s although every stage "
+                        "answers; raise `recovery.step_timeout_s`"
+                    ) from None
                 raise
-            self._abandoned += [*hop_refs, *step_refs, *(self._pending_copies or [])]
-            raise StageLost(lost, phase=1) from None
+            raise lost from None
         loss = sum(losses) / len(losses)
+        norms, silent = self._step_norms(step_refs, deadline)
+        lost = [i for i, n in enumerate(norms) if n is None]
+        if lost:  # the others stepped: the optimizer phase
+            self.abandon(list(self._pending_copies or []))
+            raise StageLost(lost, "optimizer", norms=norms, loss=loss, reasons=dict.fromkeys(silent, "timeout"))
+        return loss, norms
+
+    def _step_norms(self, step_refs: list, deadline: float) -> tuple[list[dict | None], list[int]]:
+        """Each stage's reported norms, None for a stage lost at its optimizer step (died, or did not answer by
+        the deadline: then killed); and the stages that timed out."""
         norms: list[dict | None] = []
-        for ref in step_refs:
+        silent = []
+        for stage, ref in enumerate(step_refs):
             try:
-                norms.append(ray.get(ref))
+                norms.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except ray.exceptions.GetTimeoutError:
+                log.warning("stage %d did not finish its optimizer step in time; killing it", stage)
+                ray.kill(self.actors[stage], no_restart=True)
+                silent.append(stage)
+                norms.append(None)
             except ray.exceptions.RayActorError:
                 norms.append(None)
-        lost = [i for i, n in enumerate(norms) if n is None]
-        if lost:
-            raise StageLost(lost, phase=2, norms=norms, loss=loss)
-        return loss, norms
+        return norms, silent
 
     def run_step(self, step: int) -> int:
         """Run `step` until it commits (retrying after recoveries); returns the next step to run."""
@@ -203,17 +262,25 @@ class PipelineExecutor:
             hook(self, step)
         step_time = sorted(self.history.step_times)[len(self.history.step_times) // 2] if self.history.step_times \
             else None
-        for stage in self.injector.draw(step, step_time):
+        kills = self.injector.draw(step, step_time)
+        if kills and self._pending_save is not None:  # injected kills land after a save in flight (deterministic)
+            self._finish_save(wait_s=SAVE_TIMEOUT_S)
+        for stage in kills:
             self.injector.kill(step, stage, self.actors[stage])
         for _attempt in range(self.spec.recovery.max_step_retries + 1):
             started = time.monotonic()
             try:
                 loss, norms = self._attempt(step)
             except StageLost as lost:
-                rolled_back_to = self._recover_until_stable(step, lost)
+                stepped = lost.norms is not None  # the survivors stepped their optimizer
+                roll_forward = stepped and self.strategy in ("checkfree", "checkfree+")
+                if roll_forward:  # rebuild from the neighbours' weights AND gradient norms of this same step
+                    self._keep_norms(lost.norms)
+                    self._pending_copies = None  # the recovery copies again from the rebuilt stages
+                rolled_back_to = recovering.recover_until_stable(self, step, lost)
                 if rolled_back_to is not None:
                     return rolled_back_to + 1
-                if lost.phase == 2:
+                if roll_forward:
                     self._commit(step, lost.loss, lost.norms, started)
                     return step + 1
                 continue
@@ -224,10 +291,14 @@ class PipelineExecutor:
             "Raise `recovery.max_step_retries` or check the cluster's health"
         )
 
-    def _commit(self, step: int, loss: float, norms: list[dict | None], started: float) -> None:
-        for stage, norm in enumerate(norms):
-            if norm is not None:  # only a stage whose step succeeded records its norm
+    def _keep_norms(self, norms: list[dict | None] | None) -> None:
+        """Record the norms of the stages whose step succeeded (a lost stage keeps its last committed ones)."""
+        for stage, norm in enumerate(norms or []):
+            if norm is not None:
                 self.grad_norms[stage] = norm
+
+    def _commit(self, step: int, loss: float, norms: list[dict | None], started: float) -> None:
+        self._keep_norms(norms)
         now = time.monotonic()
         h = self.history
         h.steps.append(step)
@@ -235,187 +306,209 @@ class PipelineExecutor:
         h.wall_times.append(now - self.start_time)
         h.step_times.append(now - started)
         try:
-            self._sync_extras(step, pending=self._pending_copies)
-            if self.checkpoints is not None and step % self.spec.checkpoint_every() == 0:
+            self._sync_extras(pending=self._pending_copies)
+            if self.checkpoints is not None:
                 self._save_checkpoint(step)
-        except ray.exceptions.RayActorError as exc:
-            log.warning("a stage died while syncing after step %d (%s); the next step recovers it", step, exc)
+        except ray.exceptions.RayError as exc:
+            log.warning("a stage failed while syncing after step %d (%s); the next step recovers it", step, exc)
+        self._pending_copies = None
 
     # ----- what each strategy keeps in step -----------------------------------------------------------
-    def _submit_copies(self, step: int) -> list | None:
-        """CheckFree+: submit the (de)embedding copies (after the stage steps, in each actor's call order)."""
-        if self.strategy != "checkfree+" or step % self.spec.recovery.copy_every != 0:
+    def _copy_refs(self, step: int | None = None) -> list | None:
+        """CheckFree+: the (de)embedding copies to the swap partners, submitted after the stages' calls so far
+        (the one copy path: with each step's submission, and after a recovery). None when nothing is due."""
+        if self.strategy != "checkfree+" or (step is not None and step % self.spec.recovery.copy_every != 0):
             return None
         S, a = self.S, self.actors
         return [a[1].hold_copy.remote(a[0].get_state.remote((EMBED,))),
                 a[S - 2].hold_copy.remote(a[S - 1].get_state.remote((HEAD,)))]
 
-    def _sync_extras(self, step: int, pending: list | None = None) -> None:
-        """CheckFree+: copy the embedding and head to their neighbours (or collect the copies submitted with
-        the step, `pending`); redundant: back up each successor."""
+    def _sync_extras(self, pending: list | None = None) -> None:
+        """CheckFree+: collect the copies submitted with the step (`pending`), or copy now (after a recovery or
+        at start); redundant: back up each successor. Bounded by the step timeout."""
         S, a = self.S, self.actors
-        copied = False
-        if pending is not None:
-            try:
-                self.history.costs["copy_bytes_held"] = float(sum(ray.get(pending)))
-                copied = True
-            except ray.exceptions.RayError:  # a stage died after stepping; copy again from the rebuilt ones
-                pass
-        if not copied and self.strategy == "checkfree+" and step % self.spec.recovery.copy_every == 0:
-            held = ray.get([a[1].hold_copy.remote(a[0].get_state.remote((EMBED,))),
-                            a[S - 2].hold_copy.remote(a[S - 1].get_state.remote((HEAD,)))])
-            self.history.costs["copy_bytes_held"] = float(sum(held))
+        copies = pending if pending is not None else self._copy_refs()
+        if copies is not None:
+            self.history.costs["copy_bytes_held"] = float(sum(ray.get(copies, timeout=self.step_timeout())))
         if self.strategy == "redundant":
             start = time.perf_counter()
             held = ray.get([a[i].hold_backup.remote(a[(i + 1) % S].get_state.remote(include_optim=True))
-                            for i in range(S)])
+                            for i in range(S)], timeout=self.step_timeout())
             costs = self.history.costs
             costs["redundant_bytes_held"] = float(sum(held))
             costs["redundant_bytes_sent_per_step"] = float(sum(held))
             costs["redundant_sync_s_total"] = costs.get("redundant_sync_s_total", 0.0) + time.perf_counter() - start
 
     def _save_checkpoint(self, step: int) -> None:
-        shards = ray.get([a.state_bytes.remote() for a in self.actors])
-        metadata = {"grad_norms": self.grad_norms, "spec": self.spec.model_dump(mode="json"),
-                    "torch": torch.__version__, "ray": ray.__version__}
-        _, seconds, nbytes = self.checkpoints.save(step, shards, metadata)
-        costs = self.history.costs
-        costs["checkpoint_bytes"] = float(nbytes)
-        costs["checkpoint_saves"] = costs.get("checkpoint_saves", 0.0) + 1
-        costs["checkpoint_save_s_total"] = costs.get("checkpoint_save_s_total", 0.0) + seconds
+        """After each commit: write the manifest of a save whose shards are all written; every
+        `checkpoint_every()` steps start a new save (after the previous one is done: one at a time).
 
-    # ----- recovery ---------------------------------------------------------------------------------------
-    def _recover_until_stable(self, step: int, lost: StageLost) -> int | None:
-        """`_recover`, repeated over the union of lost stages while more stages die during the recovery itself.
-
-        A whole node going down is seen one actor at a time: the step fails on the first stage found dead,
-        and a neighbour used as a source, or a replacement placed on the node before Ray marked it dead,
-        may die while the stage is being rebuilt. Each retry plans again from everything lost so far (two
-        adjacent stages then roll back to the checkpoint).
+        Each stage copies its state in memory in call order (between this step and the next), then writes its
+        own shard to storage from a background thread while the next steps run; the manifest is written here once
+        every shard's size and sha256 came back. A failed save (storage outage, a stage lost while writing)
+        logs a warning and leaves the previous checkpoint as the latest; the next save tries again.
         """
-        for _attempt in range(self.spec.recovery.max_step_retries + 1):
+        self._finish_save(wait_s=0.0)
+        if step % self.spec.checkpoint_every():
+            return
+        if self._pending_save is not None:
+            self._finish_save(wait_s=SAVE_TIMEOUT_S)
+        started = time.perf_counter()
+        try:
+            self.checkpoints.begin(step)
+        except StorageError as exc:
+            self._save_failed(step, f"storage: {exc}")
+            return
+        env = storage_env()
+        saves = [a.save_shard.remote(self.checkpoints.shard_uri(step, i), step, env, SAVE_TIMEOUT_S)
+                 for i, a in enumerate(self.actors)]
+        metadata = {"grad_norms": [dict(n) for n in self.grad_norms], "spec": self.spec.model_dump(mode="json"),
+                    "failures_fired": sorted(self.injector.fired), "resumed_from": self.resumed_from,
+                    "torch": torch.__version__, "ray": ray.__version__}
+        self._pending_save = PendingSave(step, list(self.actors), saves, metadata, save_history(self.history), started)
+
+    def finish_checkpoints(self, wait_s: float = SAVE_TIMEOUT_S) -> int | None:
+        """Wait (bounded) for the save in flight and write its manifest; returns the newest complete step."""
+        self._finish_save(wait_s=wait_s)
+        return self.checkpoints.latest() if self.checkpoints is not None else None
+
+    def _finish_save(self, wait_s: float) -> None:
+        """Write the manifest of the save in flight once every shard is written. With `wait_s` 0 this only asks
+        the stages (the answers are read at the next call); otherwise it waits up to `wait_s` for the writes."""
+        pending = self._pending_save
+        if pending is None:
+            return
+        errors = self._collect_shards(pending, wait_s)
+        if not errors and len(pending.entries) < len(pending.actors):
+            if wait_s == 0:
+                return  # still writing: ask again after the next step
+            errors.append(f"shards not written within {wait_s:.0f}s")
+        self._pending_save = None
+        for ref in pending.saves:  # read (expected) errors so Ray does not report them as unhandled
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get(ref, timeout=0)
+        if errors:
+            self._save_failed(pending.step, "; ".join(errors))
+            return
+        entries = [pending.entries[i] for i in range(len(pending.actors))]
+        try:
+            self.checkpoints.commit(pending.step, entries, pending.metadata, pending.history)
+        except StorageError as exc:
+            self._save_failed(pending.step, f"storage: {exc}")
+            return
+        costs = self.history.costs
+        costs["checkpoint_bytes"] = float(sum(e["size"] for e in entries))
+        costs["checkpoint_saves"] = costs.get("checkpoint_saves", 0.0) + 1
+        costs["checkpoint_save_s_total"] = costs.get("checkpoint_save_s_total", 0.0) + \
+            time.perf_counter() - pending.started
+
+    def _collect_shards(self, pending: PendingSave, wait_s: float) -> list[str]:
+        """Read the stages' answers about their shards into `pending.entries`, and ask those still writing again
+        (with `wait_s` > 0, a question that waits in the stage). Returns the errors (the save failed)."""
+        errors = self._read_shard_answers(pending, timeout=0)
+        for _round in range(2 if wait_s > 0 else 1):
+            for stage, actor in enumerate(pending.actors):
+                if stage not in pending.entries and stage not in pending.polls:
+                    pending.polls[stage] = actor.shard_written.remote(pending.step, wait_s)
+            if wait_s > 0:
+                errors += self._read_shard_answers(pending, timeout=wait_s + 30.0)
+        return errors
+
+    def _read_shard_answers(self, pending: PendingSave, timeout: float) -> list[str]:
+        """Read the answers that arrive within `timeout`; a stage lost after writing its shard is read back from
+        storage. Returns the errors."""
+        errors, refs = [], list(pending.polls.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        for stage, ref in list(pending.polls.items()):
+            if ref not in ready:
+                continue
+            del pending.polls[stage]
             try:
-                return self._recover(step, lost)
+                entry = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                try:
+                    entry = self.checkpoints.written_shard(pending.step, stage)
+                except StorageError as exc:
+                    errors.append(f"stage {stage}: {exc}")
+                    continue
+                if entry is None:
+                    errors.append(f"stage {stage} was lost before its shard was written")
             except ray.exceptions.RayError as exc:
-                more = self._find_lost()
-                if not more:
-                    raise
-                stages = sorted(set(lost.stages) | set(more))
-                log.warning("step %d: stage(s) %s died while recovering %s (%s); recovering %s", step, more,
-                            lost.stages, type(exc).__name__, stages)
-                for stage in lost.stages:  # replacements that may be up but never received their state
-                    with contextlib.suppress(Exception):
-                        ray.kill(self.actors[stage], no_restart=True)
-                lost = StageLost(stages, phase=lost.phase, norms=lost.norms, loss=lost.loss,
-                                 detected_at=lost.detected_at)
-        raise RecoveryError(
-            f"step {step}: stages kept dying while stage(s) {lost.stages} were being recovered; check the "
-            "cluster's health or raise `recovery.max_step_retries`"
-        )
+                errors.append(f"stage {stage}: {str(exc).strip().splitlines()[-1]}")
+                continue
+            if entry is not None:
+                pending.entries[stage] = entry
+        return errors
 
-    def _recover(self, step: int, lost: StageLost) -> int | None:
-        """Rebuild the lost stages; returns the checkpoint step when the model was rolled back."""
-        stages = lost.stages
-        if self.strategy == "none":
-            raise RecoveryError(
-                f"stage(s) {stages} died at step {step} and `recovery.strategy` is 'none'; choose "
-                "'checkfree', 'checkfree+', 'checkpoint' or 'redundant' to survive failures"
-            )
-        plan = plan_recovery(self.strategy, set(stages), self.S)
-        survivors = [i for i in range(self.S) if i not in stages]
-        # Drop the failed step's activations and gradients; not waited for: each survivor runs it before
-        # any later call (a survivor found dead meanwhile fails the retry, which recovers it).
-        self._abandoned += [self.actors[i].reset_step.remote() for i in survivors]
-        if plan.rollback:
-            return self._rollback(step, lost, plan.reason)
-        scope, eps = self.spec.recovery.grad_norm_scope, self.spec.recovery.epsilon
-        lr = recovered_lr(self.spec.optim.lr, self.spec.recovery.lr_scale)
-        configured, warm = [], []
-        for rebuild in plan.rebuilds:
-            actor, was_warm = self.pool.take()
-            src = [self.actors[s] for s in rebuild.sources]
-            if rebuild.method == "checkfree":
-                norms = tuple(self.grad_norms[s][scope] for s in rebuild.sources)
-                average = rule_average(self.spec.recovery.rule, norms, eps)  # None: random re-initialisation
-                blocks = [n.get_state.remote((BLOCKS,)) for n in src] if average is not None else \
-                    [reinitialised_blocks(self.cfg, rebuild.stage, reinit_seed(self.spec.seed, step, rebuild.stage))]
-                ref = actor.configure.remote(rebuild.stage, lr, *blocks, average=average)
-            elif rebuild.method == "copy":  # CheckFree+: the swap partner's blocks + the (de)embedding copy
-                ref = actor.configure.remote(rebuild.stage, lr, src[0].get_state.remote((BLOCKS,)),
-                                             src[0].get_copy.remote())
-            else:  # redundant: the predecessor's exact backup, Adam and lr included
-                ref = actor.configure.remote(rebuild.stage, None, src[0].get_backup.remote())
-            configured.append(ref)
-            warm.append(was_warm)
-            self.actors[rebuild.stage] = actor
-        taken = time.monotonic()
-        ray.get(configured)
-        configured_at = time.monotonic()
-        self._sync_extras(0)
-        self.pool.refill_standby()  # new standbys start in the background, after the rebuild
-        self.history.recovery_phases.append({
-            "step": step, "take_s": taken - lost.detected_at, "configure_s": configured_at - taken,
-            "sync_s": time.monotonic() - configured_at})
-        for hook in self.after_recovery:
-            hook(self, step, stages)
-        for rebuild, was_warm in zip(plan.rebuilds, warm):
-            self._record(step, rebuild.stage, rebuild.method, lost, None, was_warm)
-        return None
+    def _phase_with_save(self, stage: int, phase: str) -> str:
+        """'checkpoint_save' for a stage lost between steps while its shard of the save in flight was not yet
+        confirmed written; else `phase` unchanged."""
+        pending = self._pending_save
+        if phase == "before_step" and pending is not None and stage not in pending.entries:
+            return "checkpoint_save"
+        return phase
 
+    def _save_failed(self, step: int, why: str) -> None:
+        costs = self.history.costs
+        costs["checkpoint_failed_saves"] = costs.get("checkpoint_failed_saves", 0.0) + 1
+        log.warning("checkpoint %d was not saved (%s); training goes on and the next save tries again", step, why)
+
+    # ----- recovery (planned and carried out in recovering.py) -------------------------------------------
     def _rollback(self, step: int, lost: StageLost, reason: str) -> int:
-        latest = self.checkpoints.latest() if self.checkpoints is not None else None
-        if latest is None:
+        """Restore every stage from this run's newest complete checkpoint (an earlier one when it is corrupt)."""
+        if self.checkpoints is None:
             raise RecoveryError(
                 f"step {step}: {reason}, and there is no checkpoint to fall back to; set `checkpointing.every` "
                 "so every strategy has one"
             )
-        shards = self.checkpoints.load(latest, self.S)
+        self._finish_save(wait_s=SAVE_TIMEOUT_S)  # a save whose shards were all written before the loss counts
+        checkpoint = self.checkpoints.load_latest(self.S, context=f"step {step}: {reason}")
         warm = False
         for stage in lost.stages:
             self.actors[stage], was_warm = self.pool.take()
             warm = warm or was_warm
-        ray.get([a.configure.remote(i, None, shard) for i, (a, shard) in enumerate(zip(self.actors, shards))])
-        manifest_norms = self._checkpoint_norms(latest)
-        if manifest_norms:
-            self.grad_norms = manifest_norms
-        self._sync_extras(0)
+        self._load_checkpoint(checkpoint)
+        h = self.history
+        h.rolled_back += [False] * (len(h.steps) - len(h.rolled_back))
+        h.rolled_back = [gone or s > checkpoint.step for s, gone in zip(h.steps, h.rolled_back)]
+        self._sync_extras()
         self.pool.refill_standby()
         for hook in self.after_recovery:
             hook(self, step, lost.stages)
         for stage in lost.stages:
-            self._record(step, stage, "checkpoint", lost, latest, warm)
-        log.warning("step %d: %s; rolled back to checkpoint %d", step, reason, latest)
-        return latest
+            self._record(step, stage, "checkpoint", lost, checkpoint.step, warm)
+        log.warning("step %d: %s; rolled back to checkpoint %d", step, reason, checkpoint.step)
+        return checkpoint.step
 
-    def _checkpoint_norms(self, step: int) -> list[dict] | None:
-        from checkfree_ray.checkpointing import checkpoint_dir_name
-        from rayops import storage
-        from rayops.artifacts import read_manifest
-
-        manifest = read_manifest(storage.join(self.checkpoints.uri, checkpoint_dir_name(step)))
-        return manifest["metadata"].get("grad_norms")
+    def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Every stage takes its shard (weights, Adam, lr); the recovery norms come back with them."""
+        ray.get([a.configure.remote(i, None, shard) for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))])
+        if checkpoint.metadata.get("grad_norms"):
+            self.grad_norms = [dict(n) for n in checkpoint.metadata["grad_norms"]]
 
     def _record(self, step: int, stage: int, method: str, lost: StageLost, rolled_back_to: int | None,
                 warm: bool) -> None:
         done = time.monotonic()
         killed_at = self.injector.kill_times.get((step, stage))
         self.history.failures.append(FailureRecord(
-            step=step, stage=stage, strategy=method,
+            step=step, stage=stage, method=method,
             detection_s=lost.detected_at - killed_at if killed_at is not None else 0.0,
             recovery_s=done - lost.detected_at,
             death_to_retry_s=done - killed_at if killed_at is not None else None,
-            rolled_back_to=rolled_back_to, warm_standby=warm, phase=lost.phase,
+            rolled_back_to=rolled_back_to, warm_standby=warm,
+            phase=self._phase_with_save(stage, lost.phases.get(stage, "recovery")),
+            reason=lost.reasons.get(stage, "died"),
         ))
 
     # ----- evaluation and inspection ------------------------------------------------------------------------
     def evaluate(self, step: int) -> float | None:
         """Validation loss over the fixed validation micro-batches (None if a stage died meanwhile)."""
         inputs, targets = self.corpus.val_batches(self.spec.eval_batches, self.spec.pipeline.micro_batch_size)
-        loss_refs, _, hop_refs = self._launch(inputs, targets, train=False)
+        loss_refs, _, calls = self._launch(inputs, targets, train=False)
         try:
-            value = sum(ray.get(loss_refs)) / len(loss_refs)
-        except ray.exceptions.RayActorError:
-            self._abandoned += hop_refs
+            value = sum(ray.get(loss_refs, timeout=self.step_timeout())) / len(loss_refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # the next step recovers it
+            self.abandon([call[1] for stage_calls in calls for call in stage_calls])
             return None
         self.history.val_steps.append(step)
         self.history.val_losses.append(value)

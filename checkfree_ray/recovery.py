@@ -66,20 +66,17 @@ def gradient_weights(norm_prev: float, norm_next: float, epsilon: float) -> tupl
     return w_prev / total, w_next / total
 
 
-def weighted_average(
-    states: Sequence[Mapping[str, torch.Tensor]], norms: Sequence[float], epsilon: float
-) -> dict[str, torch.Tensor]:
-    """CheckFree: W_i = (g_{i-1} W_{i-1} + g_{i+1} W_{i+1}) / (g_{i-1} + g_{i+1}), g = grad norm + eps.
+def weighted_sum(states: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
+    """sum_k c_k W_k over every tensor of the state dicts, streamed into one preallocated float64 output per tensor.
 
-    Every tensor of the state dicts is averaged (paper: "all tensors of the stage's state dict"),
-    streamed into one preallocated output per tensor.
+    The one place where recovery sums weights: the coefficients come from `rule_weights` (the recipe), the
+    stage actor that rebuilds itself only calls this.
     """
-    if len(states) != 2 or len(norms) != 2:
-        raise ValueError("the CheckFree average takes exactly two neighbours")
+    if len(states) != len(coefficients) or not states:
+        raise ValueError(f"{len(states)} states for {len(coefficients)} coefficients; give one coefficient per state")
     keys = list(states[0])
-    if set(keys) != set(states[1]):
+    if any(set(keys) != set(state) for state in states[1:]):
         raise ValueError("neighbour stages have different state-dict keys; they are not the same architecture")
-    coefficients = gradient_weights(norms[0], norms[1], epsilon)
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         acc = torch.zeros_like(states[0][key], dtype=torch.float64)
@@ -89,22 +86,51 @@ def weighted_average(
     return out
 
 
-def rule_average(rule: str, norms: Sequence[float], epsilon: float) -> tuple[float, float, float] | None:
-    """The (norm_prev, norm_next, epsilon) that make `weighted_average` implement a middle-stage `rule`.
+def weighted_average(
+    states: Sequence[Mapping[str, torch.Tensor]], norms: Sequence[float], epsilon: float
+) -> dict[str, torch.Tensor]:
+    """CheckFree: W_i = (g_{i-1} W_{i-1} + g_{i+1} W_{i+1}) / (g_{i-1} + g_{i+1}), g = grad norm + eps.
 
-    The paper's ablation (Figure 2) compares, best to worst: "weighted" (CheckFree, gradient norms + eps),
-    "average" (equal weights), "copy" (the previous neighbour's weights: coefficients 1 and 0) and
-    "random" (a freshly initialised stage; None, as nothing is averaged).
+    Every tensor of the state dicts is averaged (paper: "all tensors of the stage's state dict").
+    """
+    if len(states) != 2 or len(norms) != 2:
+        raise ValueError("the CheckFree average takes exactly two neighbours")
+    return weighted_sum(states, gradient_weights(norms[0], norms[1], epsilon))
+
+
+def rule_weights(rule: str, norms: Sequence[float], epsilon: float) -> tuple[float, float] | None:
+    """Coefficients of the (previous, next) neighbours with which a middle-stage `rule` rebuilds a stage.
+
+    The paper's ablation (Figure 2) compares, best to worst: "weighted" (CheckFree: gradient norms + eps,
+    shared/papers/checkfree.md), "average" (equal weights), "copy" (the previous neighbour: 1 and 0) and
+    "random" (a freshly initialised stage; None, as nothing is summed).
     """
     if rule == "weighted":
-        return float(norms[0]), float(norms[1]), epsilon
+        return gradient_weights(float(norms[0]), float(norms[1]), epsilon)
     if rule == "average":
-        return 1.0, 1.0, 0.0
+        return 0.5, 0.5
     if rule == "copy":
-        return 1.0, 0.0, 0.0
+        return 1.0, 0.0
     if rule == "random":
         return None
     raise ValueError(f"unknown recovery rule {rule!r}; use 'weighted', 'average', 'copy' or 'random'")
+
+
+def weighing_norm(norms: Mapping[str, float], scope: str = "stage", grad_norm: str = "post_clip") -> float:
+    """The gradient L2 norm of a stage's last committed step that weighs it in a CheckFree average.
+
+    `norms` is what the stage's optimizer step reported: `stage`/`blocks` after clipping and
+    `stage_pre_clip`/`blocks_pre_clip` before. The paper's authors use the norm after clipping at 1.0;
+    "stage" covers exactly the parameters the stage clips (its embedding or head included).
+    """
+    key = scope if grad_norm == "post_clip" else f"{scope}_pre_clip"
+    return float(norms.get(key, 0.0))
+
+
+def at_clip(norms: Mapping[str, float], grad_clip: float) -> bool:
+    """Whether the stage's gradient was clipped: then its post-clip norm equals the clip, and two such
+    neighbours weigh equally (the weighted rule is the plain average)."""
+    return float(norms.get("stage_pre_clip", 0.0)) >= grad_clip
 
 
 def reinitialised_blocks(cfg, stage_index: int, seed: int) -> dict[str, torch.Tensor]:
@@ -136,8 +162,9 @@ class StageRecovery:
     """How one lost stage is rebuilt: `method` and the stages whose state it needs."""
 
     stage: int
-    method: str  # "checkfree" (average), "copy" (CheckFree+ swap partner), "redundant" (backup copy)
+    method: str  # "checkfree" (middle-stage rule), "copy" (CheckFree+ swap partner), "redundant" (backup copy)
     sources: tuple[int, ...]
+    weights: tuple[float, ...] = ()  # checkfree: the coefficient of each source's blocks; () for "random"
 
 
 @dataclass(frozen=True)
@@ -149,30 +176,40 @@ class RecoveryPlan:
     reason: str = ""
 
 
-def _rebuild(strategy: str, stage: int, num_stages: int) -> StageRecovery | None:
+def _rebuild(strategy: str, stage: int, num_stages: int, rule: str, norms: Sequence[float] | None,
+             epsilon: float) -> StageRecovery | None:
     last = num_stages - 1
     if strategy == "redundant":
         return StageRecovery(stage, "redundant", ((stage - 1) % num_stages,))
     if strategy in ("checkfree", "checkfree+") and 0 < stage < last:
-        return StageRecovery(stage, "checkfree", (stage - 1, stage + 1))
+        neighbours = (stage - 1, stage + 1)
+        weights = rule_weights(rule, [norms[s] if norms else 0.0 for s in neighbours], epsilon)
+        if weights is None:  # "random": nothing to sum
+            return StageRecovery(stage, "checkfree", ())
+        kept = [(s, w) for s, w in zip(neighbours, weights) if w != 0.0]  # "copy" never fetches the other side
+        return StageRecovery(stage, "checkfree", tuple(s for s, _ in kept), tuple(w for _, w in kept))
     if strategy == "checkfree+":
         partner = 1 if stage == 0 else last - 1  # the swap partner also holds the (de)embedding copy
         return StageRecovery(stage, "copy", (partner,))
     return None
 
 
-def plan_recovery(strategy: str, lost: set[int], num_stages: int) -> RecoveryPlan:
-    """Decide how to recover the `lost` stages; `rollback` when some stage cannot be rebuilt from live ones."""
+def plan_recovery(strategy: str, lost: set[int], num_stages: int, rule: str = "weighted",
+                  norms: Sequence[float] | None = None, epsilon: float = 1e-4) -> RecoveryPlan:
+    """Decide how to recover the `lost` stages: the recipe of each rebuild (source stages and their weights,
+    from `rule` and each stage's weighing `norms`), or `rollback` when some stage cannot be rebuilt from live
+    ones. Two adjacent middle stages are a rollback even under the "copy" rule, which needs one of them."""
     if strategy == "none":
         raise ValueError("strategy 'none' has no recovery; the caller reports the failure")
     if strategy == "checkpoint":
         return RecoveryPlan(rollback=True, reason="the checkpoint strategy rolls every stage back")
     rebuilds = []
     for stage in sorted(lost):
-        rebuild = _rebuild(strategy, stage, num_stages)
+        rebuild = _rebuild(strategy, stage, num_stages, rule, norms, epsilon)
         if rebuild is None:
             return RecoveryPlan(rollback=True, reason=f"{strategy} cannot rebuild outer stage {stage}")
-        dead_sources = [s for s in rebuild.sources if s in lost]
+        needed = (stage - 1, stage + 1) if rebuild.method == "checkfree" else rebuild.sources
+        dead_sources = [s for s in needed if s in lost]
         if dead_sources:
             return RecoveryPlan(
                 rollback=True,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -21,7 +23,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from checkfree_ray.model import Embedding, Head, ModelConfig, Stage, lm_loss
-from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, weighted_average
+from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, weighted_sum
+from schemas.errors import StorageError
 
 FlatState = dict[str, torch.Tensor]
 
@@ -62,6 +65,10 @@ class StageWorker:
         self.cache: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.copies: FlatState = {}  # CheckFree+: (de)embedding copies of the neighbouring outer stage
         self.backup: FlatState = {}  # redundant: the successor's full state
+        self.undo: FlatState = {}  # redundant: this stage's state before its last optimizer step
+        self.faults: dict[str, tuple[str, float, int]] = {}  # test harness only: call -> (action, seconds, skip)
+        self._writer: threading.Thread | None = None  # writes the last checkpoint shard in the background
+        self._written: tuple[int | None, dict | None, Exception | None] = (None, None, None)  # (step, entry, error)
 
     # ----- identity -------------------------------------------------------------------------------------
     def ping(self) -> dict:
@@ -88,15 +95,36 @@ class StageWorker:
         """Failure injection: SIGKILL this process (no cleanup), as a lost node would end it."""
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def arm_fault(self, call: str, action: str = "kill", seconds: float = 0.0, skip: int = 0) -> None:
+        """Failure-injection harness (tests only; a run never arms one): the (`skip`+1)-th next call of `call`
+        ('forward', 'backward', 'step', 'get_state', 'configure') dies ('kill', SIGKILL) or hangs ('hang',
+        `seconds`) as it starts, so that a stage can be lost at an exact point of a step."""
+        if action not in ("kill", "hang"):
+            raise ValueError(f"unknown fault action {action!r}; use 'kill' or 'hang'")
+        self.faults[call] = (action, seconds, skip)
+
+    def _fault(self, call: str) -> None:
+        if call not in self.faults:
+            return
+        action, seconds, skip = self.faults[call]
+        if skip > 0:
+            self.faults[call] = (action, seconds, skip - 1)
+            return
+        del self.faults[call]
+        if action == "kill":
+            self.terminate()
+        time.sleep(seconds)
+
     # ----- configuration ------------------------------------------------------------------------------
     def configure(self, stage_index: int, lr: float | None, *sources: Mapping[str, torch.Tensor] | bytes,
-                  average: tuple[float, float, float] | None = None) -> dict:
+                  weights: tuple[float, ...] = ()) -> dict:
         """Become stage `stage_index` with a fresh optimizer at `lr` (None: the sources' `meta/lr`), load `sources`.
 
-        With `average=(norm_prev, norm_next, epsilon)` the two sources are the neighbours' blocks and
-        the blocks become their gradient-norm-weighted average (CheckFree). Optimizer tensors in a
-        source restore Adam exactly (checkpoint, redundant copy).
+        With `weights` the first len(weights) sources are blocks, summed with those coefficients (the CheckFree
+        recipe that `recovery.plan_recovery` decided; this only sums). Optimizer tensors in a source restore
+        Adam exactly (checkpoint, redundant copy).
         """
+        self._fault("configure")
         self.stage_index, last = stage_index, stage_index == self.cfg.num_stages - 1
         self.parts = {BLOCKS: Stage(self.cfg)}
         if stage_index == 0:
@@ -104,14 +132,12 @@ class StageWorker:
         if last:
             self.parts[HEAD] = Head(self.cfg)
         self.cache.clear()
-        self.copies, self.backup = {}, {}
+        self.copies, self.backup, self.undo = {}, {}, {}
         flats = [_as_flat(source) for source in sources]
-        if average is not None:
-            norm_prev, norm_next, epsilon = average
-            blocks = [_strip(flat, f"model/{BLOCKS}/") for flat in flats[:2]]
-            merged = {f"model/{BLOCKS}/{k}": v for k, v in weighted_average(blocks, (norm_prev, norm_next),
-                                                                             epsilon).items()}
-            flats = [merged, *flats[2:]]
+        if weights:
+            blocks = [_strip(flat, f"model/{BLOCKS}/") for flat in flats[:len(weights)]]
+            summed = {f"model/{BLOCKS}/{k}": v for k, v in weighted_sum(blocks, weights).items()}
+            flats = [summed, *flats[len(weights):]]
         state: FlatState = {}
         for flat in flats:
             state.update(flat)
@@ -135,6 +161,7 @@ class StageWorker:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
 
     def _load_optimizer(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.optimizer.state.clear()
         for name, param in self._named_parameters():
             fields = _strip(state, f"optim/{name}/")
             if fields:
@@ -143,6 +170,7 @@ class StageWorker:
     # ----- state for recovery and checkpoints --------------------------------------------------------------
     def get_state(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD), include_optim: bool = False) -> FlatState:
         """Flat state of `parts` (those this stage has), with Adam state and lr when `include_optim`."""
+        self._fault("get_state")
         state: FlatState = {}
         for part in parts:
             if part in self.parts:
@@ -159,6 +187,49 @@ class StageWorker:
     def state_bytes(self) -> bytes:
         """Full state (model, Adam, lr) as safetensors bytes: one checkpoint shard."""
         return save_safetensors(self.get_state(include_optim=True))
+
+    def save_shard(self, uri: str, step: int, storage_env: dict[str, str], wait_s: float = 600.0) -> int:
+        """Checkpoint `step` of this stage: copy the full state in memory now (between two steps, in call order),
+        then serialise and write it to `uri` from a background thread while the next steps run.
+
+        One save at a time: a previous write still running is waited for first (up to `wait_s`). `storage_env`
+        holds the driver's storage settings (endpoint, keys), so the stage writes where the driver reads.
+        Returns the bytes copied; `shard_written(step)` reports the outcome.
+        """
+        if self._writer is not None:
+            self._writer.join(timeout=wait_s)
+        state = self.get_state(include_optim=True)
+        os.environ.update(storage_env)
+        self._written = (step, None, None)
+        self._writer = threading.Thread(target=self._write_shard, args=(uri, step, state), daemon=True,
+                                        name=f"checkpoint-{step}")
+        self._writer.start()
+        return state_nbytes(state)
+
+    def _write_shard(self, uri: str, step: int, state: FlatState) -> None:
+        import hashlib
+
+        from rayops import storage
+
+        try:
+            data = save_safetensors(state)
+            del state  # bounded memory: the copy is freed once serialised
+            storage.write_bytes(uri, data)
+            self._written = (step, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, None)
+        except (StorageError, OSError, RuntimeError, ValueError) as exc:  # reported by `shard_written`
+            self._written = (step, None, exc)
+
+    def shard_written(self, step: int, wait_s: float = 0.0) -> dict | None:
+        """The manifest entry `{"size", "sha256"}` of this stage's shard of `step`, None while it is still being
+        written (after waiting up to `wait_s`); re-raises the write's error (e.g. storage unreachable)."""
+        if self._writer is not None:
+            self._writer.join(timeout=wait_s)
+        done, entry, error = self._written
+        if done != step:
+            raise RuntimeError(f"stage {self.stage_index} has no save of step {step} (its last was {done})")
+        if error is not None:
+            raise error
+        return entry
 
     def hold_copy(self, state: FlatState) -> int:
         """CheckFree+: keep a copy of a neighbour's embedding or head; returns bytes held."""
@@ -186,6 +257,7 @@ class StageWorker:
     def forward(self, micro_batch: int, hop: int, parts: tuple[str, ...], x: np.ndarray | torch.Tensor,
                 targets: np.ndarray | torch.Tensor | None = None, loss_scale: float = 1.0, train: bool = True):
         """Run `parts` on x; returns activations (B, T, d) as numpy, or the unscaled loss when the head runs."""
+        self._fault("forward")
         x = _tensor(x)
         with torch.set_grad_enabled(train):
             if EMBED in parts:
@@ -206,6 +278,7 @@ class StageWorker:
 
     def backward(self, micro_batch: int, hop: int, grad: np.ndarray | torch.Tensor | None = None) -> np.ndarray | None:
         """Back-propagate one hop; returns the gradient of its input as numpy (None for the embedding hop)."""
+        self._fault("backward")
         entry = self.cache.pop((micro_batch, hop), None)
         if entry is None:  # the forward of an interrupted step never ran here; the driver sees its error
             return None
@@ -216,21 +289,47 @@ class StageWorker:
             out.backward(_tensor(grad).clone())  # autograd may accumulate into it; the received one is read-only
         return None if inp is None else inp.grad.numpy()
 
-    def step(self, *backward_done) -> dict[str, float]:
-        """Clip the stage's gradient to `grad_clip`, record its norms (after clipping), step Adam.
+    def grad_sq_norm(self, *backward_done) -> float:
+        """Squared L2 norm of this stage's gradient (global clipping sums these over the stages); runs after
+        every micro-batch's last backward hop, passed as `backward_done` only to order it."""
+        return sum(float(p.grad.pow(2).sum()) for _, p in self._named_parameters() if p.grad is not None)
 
-        `backward_done` are the results of every micro-batch's last backward hop, passed only so that Ray
-        runs this call after all of them and skips it (with their error) when any of them failed.
+    def step(self, *upstream, clip: str = "per_stage", keep_undo: bool = False) -> dict[str, float]:
+        """Clip the gradient, step Adam, and report the gradient L2 norms before and after clipping.
+
+        Clipping and the reported norms cover the same parameters: everything this stage holds (`stage`,
+        embedding or head included; `blocks` is the transformer blocks alone). `clip` 'per_stage': this stage's
+        norm is clipped to `grad_clip`; 'global': `upstream` are every stage's squared norms (`grad_sq_norm`),
+        and all stages scale by the one coefficient of their total, as DeepSpeed and torchtitan clip. With
+        'per_stage', `upstream` are the micro-batches' last backward results, passed only so that Ray runs
+        this call after all of them and skips it (with their error) when any of them failed. `keep_undo`
+        keeps the state before the step (`revert_step`).
         """
-        named = self._named_parameters()
-        params = [p for _, p in named]
-        pre_clip = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
-        blocks_sq = sum(float(p.grad.pow(2).sum()) for n, p in named if n.startswith(BLOCKS) and p.grad is not None)
-        stage_sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
+        self._fault("step")
+        named = [(n, p) for n, p in self._named_parameters() if p.grad is not None]
+        blocks_sq = sum(float(p.grad.pow(2).sum()) for n, p in named if n.startswith(BLOCKS))
+        stage_sq = sum(float(p.grad.pow(2).sum()) for _, p in named)
+        total = sum(float(x) for x in upstream) ** 0.5 if clip == "global" else stage_sq**0.5
+        coefficient = min(1.0, self.grad_clip / (total + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+        if coefficient < 1.0:
+            for _, p in named:
+                p.grad.mul_(coefficient)
+        if keep_undo:
+            self.undo = self.get_state(include_optim=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.cache.clear()
-        return {"blocks": blocks_sq**0.5, "stage": stage_sq**0.5, "pre_clip": pre_clip}
+        return {"stage": stage_sq**0.5 * coefficient, "blocks": blocks_sq**0.5 * coefficient,
+                "stage_pre_clip": stage_sq**0.5, "blocks_pre_clip": blocks_sq**0.5, "clip_coefficient": coefficient}
+
+    def revert_step(self) -> bool:
+        """Undo the last optimizer step (weights and Adam) from the state kept with `keep_undo`; False if none."""
+        if not self.undo:
+            return False
+        self._load_model(self.undo)
+        self._load_optimizer(self.undo)
+        self.undo = {}
+        return True
 
     def reset_step(self) -> int:
         """Drop the cached activations and gradients of an interrupted step; returns entries dropped."""

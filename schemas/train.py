@@ -10,6 +10,11 @@ from pydantic import Field, model_validator
 from schemas.common import OutputSpec, RaySpec, StrictModel
 
 Strategy = Literal["none", "checkpoint", "redundant", "checkfree", "checkfree+"]
+# How one lost stage came back: gradient-weighted average of its neighbours, copy of its CheckFree+ swap
+# partner, the predecessor's redundant backup, or a rollback of the whole model to a checkpoint.
+RecoveryMethod = Literal["checkfree", "copy", "redundant", "checkpoint"]
+# Where a step was when a stage was lost (FailureRecord.phase).
+FailurePhase = Literal["before_step", "forward", "backward", "optimizer", "checkpoint_save", "recovery"]
 
 
 class LlamaSpec(StrictModel):
@@ -202,7 +207,10 @@ class FailureRecord(StrictModel):
 
     step: int = Field(description="Step during which the stage was lost.")
     stage: int = Field(description="Index of the lost stage.")
-    strategy: str = Field(description="How it was recovered: checkfree, copy, checkpoint, redundant, ...")
+    method: RecoveryMethod = Field(
+        description="How it was recovered: 'checkfree' (neighbours' average), 'copy' (CheckFree+ swap partner), "
+        "'redundant' (predecessor's backup) or 'checkpoint' (rollback)."
+    )
     detection_s: float = Field(description="Seconds from the kill to its detection.")
     recovery_s: float = Field(description="Seconds from detection until the retried step started.")
     rolled_back_to: int | None = Field(default=None, description="Checkpoint step restored, if any.")
@@ -210,8 +218,17 @@ class FailureRecord(StrictModel):
         default=None, description="Seconds from the kill until the retried step started (injected kills only)."
     )
     warm_standby: bool = Field(default=False, description="Whether a pre-started standby actor took the stage.")
-    phase: int = Field(default=1, description="1: lost during forward/backward (step retried); 2: during the "
-                       "optimizer step (the others had stepped; the step counts as committed).")
+    phase: FailurePhase = Field(
+        default="before_step",
+        description="Where the step was when the stage was lost (its first call that did not finish): "
+        "'before_step' (no call of the step ran), 'forward', 'backward' (the step is run again), 'optimizer' (some "
+        "stages had stepped: the step commits, the lost stage rebuilt from the same step's neighbours), "
+        "'checkpoint_save', or 'recovery' (while another stage was being rebuilt).",
+    )
+    reason: Literal["died", "timeout"] = Field(
+        default="died", description="'died': its process was gone; 'timeout': it did not answer within the step "
+        "timeout (`recovery.step_timeout_s`) and was killed."
+    )
 
 
 class TrainResult(StrictModel):
@@ -221,13 +238,21 @@ class TrainResult(StrictModel):
     steps: list[int] = Field(description="Step of each training-loss point.")
     losses: list[float] = Field(description="Training loss per step.")
     wall_times: list[float] = Field(description="Seconds since start at each step.")
+    rolled_back: list[bool] = Field(
+        default_factory=list,
+        description="Per entry of `steps`: True when a later rollback to a checkpoint discarded that step's work "
+        "(the step then appears again); empty in results written before this field existed.",
+    )
     val_steps: list[int] = Field(default_factory=list, description="Steps of the validation evaluations.")
     val_losses: list[float] = Field(default_factory=list, description="Validation loss at each.")
     failures: list[FailureRecord] = Field(default_factory=list, description="Every failure and its recovery.")
     final_val_loss: float | None = Field(default=None, description="Last validation loss.")
     final_perplexity: float | None = Field(default=None, description="exp(final_val_loss).")
     steps_to_target: int | None = Field(default=None, description="First step at the target validation loss.")
-    tokens_per_s: float = Field(default=0.0, description="Training throughput.")
+    tokens_per_s: float = Field(
+        default=0.0, description="Training throughput: tokens of the kept steps over the time of every step run "
+        "(rolled-back work costs time and adds no tokens)."
+    )
     val_perplexities: list[float] = Field(default_factory=list, description="exp(validation loss) at each.")
     median_step_s: float | None = Field(default=None, description="Median seconds per committed step.")
     costs: dict[str, float] = Field(
@@ -237,4 +262,8 @@ class TrainResult(StrictModel):
     )
     wall_time_s: float = Field(description="Wall-clock seconds of the run.")
     files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
+    run_id: str | None = Field(default=None, description="Identity of the run (kept across resumes).")
+    resumed_from: list[int] = Field(
+        default_factory=list, description="Checkpoint step each resume of this run started from, in order."
+    )
     versions: dict[str, str] = Field(default_factory=dict, description="Package versions.")

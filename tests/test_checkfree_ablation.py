@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkfree_ray.model import ModelConfig, build_parts
-from checkfree_ray.recovery import reinit_seed, reinitialised_blocks, rule_average, weighted_average
+from checkfree_ray.recovery import reinit_seed, reinitialised_blocks, rule_weights, weighted_sum
 from schemas.train import RecoverySpec
 
 STATES = [{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[4.0]])},
@@ -14,8 +14,7 @@ STATES = [{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[4.0]])},
 
 
 def _apply(rule: str, norms=(0.3, 0.1), eps=1e-4):
-    args = rule_average(rule, norms, eps)
-    return weighted_average(STATES, args[:2], args[2])
+    return weighted_sum(STATES, rule_weights(rule, norms, eps))
 
 
 def test_weighted_rule_is_the_paper_formula():
@@ -42,7 +41,7 @@ def test_copy_rule_takes_the_previous_neighbour_exactly():
 
 def test_random_rule_reinitialises_from_a_new_seed():
     """'random': no average; fresh blocks with the model's init (std 0.02), unlike the run's initial stage."""
-    assert rule_average("random", (0.3, 0.1), 1e-4) is None
+    assert rule_weights("random", (0.3, 0.1), 1e-4) is None
     cfg = ModelConfig.from_spec(_llama(), 4)
     blocks = reinitialised_blocks(cfg, 1, reinit_seed(0, 10, 1))
     initial = build_parts(cfg, 0).stages[1].state_dict()
@@ -57,7 +56,7 @@ def test_random_rule_reinitialises_from_a_new_seed():
 def test_unknown_rule_is_refused():
     """A rule outside the four raises, naming the choices; the spec refuses it too."""
     with pytest.raises(ValueError, match="'weighted', 'average', 'copy' or 'random'"):
-        rule_average("median", (1.0, 1.0), 0.0)
+        rule_weights("median", (1.0, 1.0), 0.0)
     with pytest.raises(ValueError):
         RecoverySpec(rule="median")
 
@@ -86,7 +85,7 @@ def test_copy_rule_is_used_by_the_executor(ray_local):
             step = executor.run_step(step)
     finally:
         executor.shutdown()
-    assert [(f.step, f.stage, f.strategy) for f in executor.history.failures] == [(3, 2, "checkfree")]
+    assert [(f.step, f.stage, f.method) for f in executor.history.failures] == [(3, 2, "checkfree")]
     states = captured["states"]
     for key, value in states[2].items():
         assert torch.equal(value, states[1][key]), key

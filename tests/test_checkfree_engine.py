@@ -95,14 +95,14 @@ def test_checkfree_rebuilds_middle_stage_as_gradient_weighted_average(executor_f
     executor.before_step.append(before)
     executor.after_recovery.append(after)
     run_steps(executor, 6)
-    assert [(f.step, f.stage, f.strategy) for f in executor.history.failures] == [(3, 1, "checkfree"),
+    assert [(f.step, f.stage, f.method) for f in executor.history.failures] == [(3, 1, "checkfree"),
                                                                                   (5, 1, "checkfree")]
     assert executor.history.steps == [1, 2, 3, 4, 5, 6]  # each interrupted step ran again and committed once
     for step in (3, 5):
         assert seen[(step, "pid")] != seen[step]["pid"]  # a new process
         states, norms = seen[step]["states"], seen[step]["norms"]
-        g0, g2 = norms[0]["blocks"] + 1e-4, norms[2]["blocks"] + 1e-4
-        assert norms[0]["blocks"] > 0 and norms[0]["blocks"] != norms[2]["blocks"]
+        g0, g2 = norms[0]["stage"] + 1e-4, norms[2]["stage"] + 1e-4  # what each stage clips, after clipping
+        assert norms[0]["stage"] > 0 and norms[0]["stage"] != norms[2]["stage"]
         for key, value in seen[(step, "new")].items():
             expected = (g0 * states[0][key].double() + g2 * states[2][key].double()) / (g0 + g2)
             torch.testing.assert_close(value.double(), expected, atol=1e-6, rtol=0)
@@ -126,7 +126,7 @@ def test_checkfree_plus_rebuilds_outer_stages_from_swap_partner(executor_for):
     executor.before_step.append(before)
     executor.after_recovery.append(after)
     run_steps(executor, 4)
-    assert [(f.stage, f.strategy) for f in executor.history.failures] == [(0, "copy"), (3, "copy")]
+    assert [(f.stage, f.method) for f in executor.history.failures] == [(0, "copy"), (3, "copy")]
     old, new = seen[3], seen[(3, "new")]
     for key, value in new[0].items():
         if key.startswith("model/blocks/"):
@@ -143,19 +143,22 @@ def test_adjacent_losses_roll_back_to_s3_checkpoint_exactly(executor_for, s3_buc
     spec = tiny_spec("checkfree", schedule=[(4, 1), (4, 2)], checkpointing={"every": 2})
     uri = f"{s3_bucket}/ckpt"
     executor = executor_for(spec, checkpoint_uri=uri)
+    executor.before_step.append(lambda ex, step: ex.finish_checkpoints())  # checkpoint 2 complete before the kill
     seen: dict = {}
     executor.before_step.append(lambda ex, step: seen.setdefault(step, ex.stage_states()) if step == 3 else None)
     executor.after_recovery.append(lambda ex, step, stages: seen.setdefault("restored", ex.stage_states()))
     run_steps(executor, 5)
     failures = executor.history.failures
-    assert {(f.stage, f.strategy, f.rolled_back_to) for f in failures} == {(1, "checkpoint", 2),
+    assert {(f.stage, f.method, f.rolled_back_to) for f in failures} == {(1, "checkpoint", 2),
                                                                             (2, "checkpoint", 2)}
     for saved, restored in zip(seen[3], seen["restored"]):  # state after step 2 == state restored
         assert saved.keys() == restored.keys()
         assert all(torch.equal(saved[k], restored[k]) for k in saved)
     assert executor.history.steps == [1, 2, 3, 3, 4, 5]  # step 4 never committed; 3 ran again
-    manifest = json.loads(storage.read_bytes(f"{uri}/checkpoint_000004/MANIFEST.json"))
-    assert manifest["metadata"]["step"] == 4 and len(manifest["files"]) == 4
+    assert executor.finish_checkpoints() == 4  # the save of step 4 (written by the stages) is complete
+    manifest = json.loads(storage.read_bytes(f"{executor.checkpoints.checkpoint_uri(4)}/MANIFEST.json"))
+    assert manifest["metadata"]["step"] == 4 and manifest["metadata"]["run_id"] == executor.checkpoints.run.run_id
+    assert sorted(manifest["files"]) == ["history.json", *(f"stage_{i:03d}.safetensors" for i in range(4))]
     assert executor.checkpoints.steps() == [2, 4]  # keep=2 pruned checkpoint 0
 
 
@@ -166,6 +169,7 @@ def test_stage_dying_during_recovery_is_recovered_too(executor_for, tmp_path, vi
     plans again from everything lost: a second rebuild, or a rollback when the lost stages are adjacent."""
     spec = tiny_spec("checkfree", schedule=[(3, 1)], checkpointing={"every": 2})
     executor = executor_for(spec, checkpoint_uri=str(tmp_path / "ckpt"))
+    executor.before_step.append(lambda ex, step: ex.finish_checkpoints())  # checkpoint 2 complete before the kill
     take, taken = executor.pool.take, []
 
     def take_then_lose_one():
@@ -177,7 +181,7 @@ def test_stage_dying_during_recovery_is_recovered_too(executor_for, tmp_path, vi
 
     executor.pool.take = take_then_lose_one
     run_steps(executor, 5)
-    failures = {(f.step, f.stage, f.strategy) for f in executor.history.failures}
+    failures = {(f.step, f.stage, f.method) for f in executor.history.failures}
     if victim == "replacement":
         assert failures == {(3, 1, "checkfree")} and len(taken) == 2
     else:
@@ -205,11 +209,11 @@ def test_redundant_recovery_is_exact_and_checkpoint_strategy_rolls_back(executor
     reference = ReferenceTrainer(ModelConfig.from_spec(spec.model, 4), spec.seed, spec.optim.lr)
     expected = [reference.train_step(*executor.corpus.train_batch(s, 2, 2), [[0, 1, 2, 3]] * 2) for s in range(1, 6)]
     assert executor.history.losses == pytest.approx(expected, abs=1e-6)
-    assert [f.strategy for f in executor.history.failures] == ["redundant", "redundant"]
+    assert [f.method for f in executor.history.failures] == ["redundant", "redundant"]
     assert executor.history.costs["redundant_bytes_held"] > 0
     executor.shutdown()
     executor = executor_for(tiny_spec("checkpoint", schedule=[(3, 1)], checkpointing={"every": 2}),
                             checkpoint_uri=str(tmp_path / "ckpt"))
     run_steps(executor, 4)
     assert executor.history.steps == [1, 2, 3, 4]  # the lost step 3 ran again from checkpoint 2
-    assert [(f.step, f.strategy, f.rolled_back_to) for f in executor.history.failures] == [(3, "checkpoint", 2)]
+    assert [(f.step, f.method, f.rolled_back_to) for f in executor.history.failures] == [(3, "checkpoint", 2)]

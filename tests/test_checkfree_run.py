@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -29,7 +30,7 @@ def test_run_training_writes_result_plot_and_metrics(ray_local, tmp_path):
     })
     result = run_training(spec, progress=False)
     assert result.steps == [1, 2, 3, 4] and len(result.losses) == 4
-    assert [(f.step, f.stage, f.strategy) for f in result.failures] == [(2, 3, "copy")]
+    assert [(f.step, f.stage, f.method) for f in result.failures] == [(2, 3, "copy")]
     assert result.val_steps == [2, 4] and result.final_perplexity == pytest.approx(2.718281828 ** result.val_losses[-1])
     stored = TrainResult.model_validate_json(storage.read_bytes(str(tmp_path / "run" / "result.json")))
     assert stored.failures == result.failures
@@ -50,7 +51,7 @@ def test_cli_train_reports_bad_spec(tmp_path):
 def test_survives_node_removed_from_multi_node_cluster(tmp_path):
     """A worker node is removed mid-run (its stage processes die with it); all 6 steps still commit."""
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.run([sys.executable, "-m", "checkfree_ray.node_loss_demo", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "tests.node_loss_demo", str(tmp_path)], cwd=Path(__file__).parent.parent,
                           check=False, capture_output=True, text=True, timeout=280, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]

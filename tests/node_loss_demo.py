@@ -1,6 +1,6 @@
 """Survive a node removed from a multi-node `ray.cluster_utils.Cluster` (run as a script; prints JSON).
 
-`python -m checkfree_ray.node_loss_demo OUT_DIR` starts a 3-node local cluster, trains a tiny model over 4
+`python -m tests.node_loss_demo OUT_DIR` (from the repository root) starts a 3-node local cluster, trains a tiny model over 4
 stage actors spread across the nodes, removes the worker node that hosts a middle stage at step 3, and
 prints the run's steps and failure records. It starts and stops its own cluster, so run it in a fresh
 process (the tests do), never next to another Ray in the same process.

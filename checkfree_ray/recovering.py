@@ -1,0 +1,226 @@
+"""Recovery of lost stages, beside the executor that drives the steps.
+
+`recovery.py` decides (pure functions: which stages, which sources, which weights); this module carries the
+decision out on Ray: it takes a replacement actor from the pool, hands it its sources and their weights
+(the actor only sums), re-syncs what the strategy keeps in step and records each failure. It also tells
+where a step was when a stage was lost (`phase_of`), and which stages a timed-out step lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import ray
+
+from checkfree_ray.recovery import (
+    BLOCKS,
+    at_clip,
+    plan_recovery,
+    recovered_lr,
+    reinit_seed,
+    reinitialised_blocks,
+    weighing_norm,
+)
+from schemas.errors import RecoveryError
+
+if TYPE_CHECKING:
+    from checkfree_ray.executor import PipelineExecutor
+
+log = logging.getLogger(__name__)
+PING_TIMEOUT_S = 30.0
+
+
+class StageLost(Exception):
+    """Stages found dead (or not answering) during a step.
+
+    `phases` maps each lost stage to where the step was (see `FailureRecord.phase`), `reasons` to 'died' or
+    'timeout'; `norms` and `loss` are the step's when the loss came in its optimizer phase.
+    """
+
+    def __init__(self, stages: list[int], phases: dict[int, str] | str = "before_step",
+                 norms: list[dict | None] | None = None, loss: float = 0.0, detected_at: float | None = None,
+                 reasons: dict[int, str] | None = None):
+        self.stages = sorted(stages)
+        self.phases = phases if isinstance(phases, dict) else dict.fromkeys(self.stages, phases)
+        self.reasons = reasons or {}
+        self.norms, self.loss = norms, loss
+        self.detected_at = time.monotonic() if detected_at is None else detected_at
+        super().__init__(f"stages {self.stages} lost ({self.phases})")
+
+    @property
+    def optimizer_phase(self) -> bool:
+        """Whether some stages had stepped their optimizer when the stages were lost."""
+        return any(phase == "optimizer" for phase in self.phases.values())
+
+
+def _finished(ref) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayError:
+        return False
+    return True
+
+
+def phase_of(calls: list[tuple]) -> str:
+    """Where a lost stage was in its step: the kind of its first call (in submission order) that did not finish;
+    'before_step' when none of them did. `calls` are (kind, ref, upstream refs)."""
+    for index, (kind, ref, *_upstream) in enumerate(calls):
+        if not _finished(ref):
+            return "before_step" if index == 0 else kind
+    return "optimizer"
+
+
+def stuck_stages(calls: list[list[tuple]]) -> list[int]:
+    """Stages stuck in a call: their first unfinished call has every input ready, so it is running (a stage
+    whose first unfinished call still waits on another stage's output is only waiting)."""
+    stuck = []
+    for stage, stage_calls in enumerate(calls):
+        for _kind, ref, upstream in stage_calls:
+            if ray.wait([ref], timeout=0)[0]:
+                continue
+            inputs = list(upstream)
+            if not inputs or len(ray.wait(inputs, num_returns=len(inputs), timeout=0)[0]) == len(inputs):
+                stuck.append(stage)
+            break
+    return stuck
+
+
+def unanswering(actors: list, timeout_s: float) -> tuple[list[int], list[int]]:
+    """(stages whose actor is dead, stages whose actor did not answer a ping within `timeout_s`)."""
+    pings = [a.ping.remote() for a in actors]
+    deadline = time.monotonic() + timeout_s
+    dead, silent = [], []
+    for stage, ref in enumerate(pings):
+        try:
+            ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            silent.append(stage)
+        except ray.exceptions.RayActorError:
+            dead.append(stage)
+    return dead, silent
+
+
+def recover_until_stable(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
+    """`recover`, repeated over the union of lost stages while more stages die during the recovery itself.
+
+    A whole node going down is seen one actor at a time: the step fails on the first stage found dead,
+    and a neighbour used as a source, or a replacement placed on the node before Ray marked it dead,
+    may die while the stage is being rebuilt. Each retry plans again from everything lost so far (two
+    adjacent stages then roll back to the checkpoint); stages lost this way are recorded in phase 'recovery'.
+    """
+    for _attempt in range(ex.spec.recovery.max_step_retries + 1):
+        try:
+            return recover(ex, step, lost)
+        except ray.exceptions.RayError as exc:
+            dead, silent = unanswering(ex.actors, min(PING_TIMEOUT_S, ex.step_timeout()))
+            for stage in silent:
+                ray.kill(ex.actors[stage], no_restart=True)
+            more = sorted(set(dead) | set(silent))
+            if not more:
+                raise
+            stages = sorted(set(lost.stages) | set(more))
+            log.warning("step %d: stage(s) %s died while recovering %s (%s); recovering %s", step, more,
+                        lost.stages, type(exc).__name__, stages)
+            for stage in lost.stages:  # replacements that may be up but never received their state
+                with contextlib.suppress(Exception):
+                    ray.kill(ex.actors[stage], no_restart=True)
+            phases = {s: lost.phases.get(s, "recovery") for s in stages}
+            reasons = {**lost.reasons, **{s: "timeout" for s in silent if s not in lost.stages}}
+            lost = StageLost(stages, phases, norms=lost.norms, loss=lost.loss, detected_at=lost.detected_at,
+                             reasons=reasons)
+    raise RecoveryError(
+        f"step {step}: stages kept dying while stage(s) {lost.stages} were being recovered; check the "
+        "cluster's health or raise `recovery.max_step_retries`"
+    )
+
+
+def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
+    """Rebuild the lost stages from the plan's recipe; returns the checkpoint step when the model was rolled back."""
+    spec, stages = ex.spec, lost.stages
+    if ex.strategy == "none":
+        raise RecoveryError(
+            f"stage(s) {stages} died at step {step} and `recovery.strategy` is 'none'; choose "
+            "'checkfree', 'checkfree+', 'checkpoint' or 'redundant' to survive failures"
+        )
+    rec = spec.recovery
+    norms = [weighing_norm(n, rec.grad_norm_scope, rec.grad_norm) for n in ex.grad_norms]
+    plan = plan_recovery(ex.strategy, set(stages), ex.S, rec.rule, norms, rec.epsilon)
+    survivors = [i for i in range(ex.S) if i not in stages]
+    # Drop the failed step's activations and gradients; not waited for: each survivor runs it before
+    # any later call (a survivor found dead meanwhile fails the retry, which recovers it).
+    ex.abandon([ex.actors[i].reset_step.remote() for i in survivors])
+    if plan.rollback:
+        return ex._rollback(step, lost, plan.reason)
+    if ex.strategy == "redundant" and lost.norms is not None:
+        # The backups are from before this step: the survivors undo their step, so that no stage holds a
+        # step the others do not (a step commits on every stage or is run again).
+        ray.get([ex.actors[i].revert_step.remote() for i in survivors], timeout=ex.step_timeout())
+    lr = recovered_lr(spec.optim.lr, rec.lr_scale)
+    configured, warm, pings = [], [], []
+    for rebuild in plan.rebuilds:
+        actor, was_warm = ex.pool.take()
+        pings.append(actor.ping.remote())  # ahead of `configure`, which waits for its sources
+        src = [ex.actors[s] for s in rebuild.sources]
+        if rebuild.method == "checkfree" and not rebuild.sources:  # the "random" rule
+            blocks = reinitialised_blocks(ex.cfg, rebuild.stage, reinit_seed(spec.seed, step, rebuild.stage))
+            ref = actor.configure.remote(rebuild.stage, lr, blocks)
+        elif rebuild.method == "checkfree":  # the recipe's neighbours and weights; the actor only sums
+            _count_clip(ex, rebuild.stage)
+            ref = actor.configure.remote(rebuild.stage, lr, *[n.get_state.remote((BLOCKS,)) for n in src],
+                                         weights=rebuild.weights)
+        elif rebuild.method == "copy":  # CheckFree+: the swap partner's blocks + the (de)embedding copy
+            ref = actor.configure.remote(rebuild.stage, lr, src[0].get_state.remote((BLOCKS,)),
+                                         src[0].get_copy.remote())
+        else:  # redundant: the predecessor's exact backup, Adam and lr included
+            ref = actor.configure.remote(rebuild.stage, None, src[0].get_backup.remote())
+        configured.append(ref)
+        warm.append(was_warm)
+        ex.actors[rebuild.stage] = actor
+    taken = time.monotonic()
+    wait_scheduled(ex, pings, [r.stage for r in plan.rebuilds])
+    ray.get(configured, timeout=ex.step_timeout())
+    configured_at = time.monotonic()
+    ex._sync_extras()
+    ex.pool.refill_standby()  # new standbys start in the background, after the rebuild
+    ex.history.recovery_phases.append({
+        "step": step, "take_s": taken - lost.detected_at, "configure_s": configured_at - taken,
+        "sync_s": time.monotonic() - configured_at})
+    for hook in ex.after_recovery:
+        hook(ex, step, stages)
+    for rebuild, was_warm in zip(plan.rebuilds, warm):
+        ex._record(step, rebuild.stage, rebuild.method, lost, None, was_warm)
+    return None
+
+
+def _count_clip(ex: PipelineExecutor, stage: int) -> None:
+    """Count CheckFree rebuilds, and those whose two neighbours both sat at the clip (then the weighted rule
+    equals the plain average)."""
+    costs = ex.history.costs
+    costs["checkfree_rebuilds"] = costs.get("checkfree_rebuilds", 0.0) + 1
+    both = all(at_clip(ex.grad_norms[s], ex.spec.optim.grad_clip) for s in (stage - 1, stage + 1))
+    costs["rebuilds_both_neighbours_at_clip"] = costs.get("rebuilds_both_neighbours_at_clip", 0.0) + both
+
+
+def wait_scheduled(ex: PipelineExecutor, pings: list, stages: list[int]) -> None:
+    """Wait (bounded) until the replacements answer their first ping; a clear error naming the missing resources
+    if they were not scheduled in time."""
+    from checkfree_ray import pool
+
+    timeout = pool.READY_TIMEOUT_S
+    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout)
+    if len(ready) == len(pings):
+        return
+    pipe = ex.spec.pipeline
+    free = ray.available_resources().get("CPU", 0.0)
+    raise RecoveryError(
+        f"the replacement for stage(s) {stages} was not scheduled within {timeout:.0f}s: it needs "
+        f"{pipe.num_cpus_per_stage} CPU (`pipeline.num_cpus_per_stage`) in a bundle of the run's placement group, "
+        f"and the cluster has {free:g} CPU free; add nodes, turn on `pipeline.warm_standby` or lower "
+        "`pipeline.num_cpus_per_stage`"
+    )

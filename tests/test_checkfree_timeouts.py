@@ -1,0 +1,78 @@
+"""Every wait is bounded: a stage that hangs is lost by timeout, rebuilt and recorded; never a raw traceback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from checkfree_ray import pool as pool_module
+from checkfree_ray.executor import FIRST_STEP_TIMEOUT_S, PipelineExecutor
+from checkfree_ray.stage import StageActor
+from schemas.errors import RecoveryError
+from tests.test_checkfree_engine import run_steps, tiny_spec
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_default_step_timeout_is_a_multiple_of_the_median_step_with_a_floor():
+    """Unset: 300 s before any step, then max(30 s, 10x the median step); a spec value wins."""
+    executor = PipelineExecutor(tiny_spec("checkfree"))
+    assert executor.step_timeout() == FIRST_STEP_TIMEOUT_S
+    executor.history.step_times = [0.5, 0.2, 9.0]
+    assert executor.step_timeout() == 30.0  # 10 x 0.5 s is under the floor
+    executor.history.step_times = [4.0, 5.0, 6.0]
+    assert executor.step_timeout() == 50.0
+    assert PipelineExecutor(tiny_spec("checkfree", recovery={"step_timeout_s": 7.5})).step_timeout() == 7.5
+
+
+def test_hung_stage_is_killed_rebuilt_and_recorded_as_timeout(ray_local):
+    """Stage 2 hangs in its second forward of step 3: after the step timeout it is killed (a new process takes
+    its place), the failure says reason 'timeout' in phase 'forward', survivors answer at once and the run ends."""
+    spec = tiny_spec("checkfree", warm_standby=True, recovery={"step_timeout_s": 8.0})
+    executor = PipelineExecutor(spec)
+    pids: dict = {}
+
+    def hang(ex, step):
+        if step == 3 and "before" not in pids:
+            pids["before"] = ray.get(ex.actors[2].ping.remote(), timeout=60)["pid"]
+            ray.get(ex.actors[2].arm_fault.remote("forward", "hang", 3600.0, 1), timeout=60)
+            pids["armed_at"] = time.monotonic()
+
+    executor.before_step.append(hang)
+    executor.after_recovery.append(lambda ex, step, stages: pids.update(
+        after=ray.get(ex.actors[2].ping.remote(), timeout=60)["pid"], recovered_at=time.monotonic()))
+    try:
+        executor.start()
+        run_steps(executor, 4)
+    finally:
+        executor.shutdown()
+    assert [(f.step, f.stage, f.reason, f.phase) for f in executor.history.failures] == [(3, 2, "timeout", "forward")]
+    assert executor.history.steps == [1, 2, 3, 4]
+    assert pids["after"] != pids["before"]
+    # the timeout, then the rebuild: no 30 s wait for survivors held behind stale calls
+    assert pids["recovered_at"] - pids["armed_at"] < 8.0 + 20.0
+
+
+def test_replacement_that_cannot_be_scheduled_names_the_missing_resources(ray_local, monkeypatch):
+    """A replacement that never gets its CPUs fails the run with RecoveryError naming num_cpus_per_stage."""
+    executor = PipelineExecutor(tiny_spec("checkfree", schedule=[(2, 1)]))
+    impossible = []
+
+    def take():
+        actor = StageActor.options(num_cpus=512).remote(executor.cfg, 1.0, 0.0, 1)
+        impossible.append(actor)
+        return actor, False
+
+    monkeypatch.setattr(pool_module, "READY_TIMEOUT_S", 3.0)
+    try:
+        executor.start()
+        executor.pool.take = take
+        executor.run_step(1)
+        with pytest.raises(RecoveryError, match=r"stage\(s\) \[1\] was not scheduled within 3s.*num_cpus_per_stage"):
+            executor.run_step(2)
+    finally:
+        for actor in impossible:
+            ray.kill(actor, no_restart=True)
+        executor.shutdown()
