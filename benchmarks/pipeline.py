@@ -150,8 +150,8 @@ def recovery_times(size: dict, tmp: Path) -> dict:
                          failures={"schedule": schedule})
         executor = run_executor(spec, recover_steps, checkpoint_uri=str(tmp / f"ckpt-{warm}"), ready_standbys=warm)
         fails = executor.history.failures
-        cf = [f.death_to_retry_s for f in fails if f.strategy == "checkfree"]
-        ck = [f.death_to_retry_s for f in fails if f.strategy == "checkpoint"]
+        cf = [f.death_to_retry_s for f in fails if f.method == "checkfree"]
+        ck = [f.death_to_retry_s for f in fails if f.method == "checkpoint"]
         recoveries["warm" if warm else "cold"] = {
             "standby_actors": pipeline.get("standby_actors", int(warm)),
             "checkfree_death_to_retry_s": cf, "checkpoint_death_to_retry_s": ck,

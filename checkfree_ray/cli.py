@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from rayops.cli import load_or_exit, run_or_exit, setup_logging, submit_command, validate_command
+from rayops.cli import follow_job, load_or_exit, run_or_exit, setup_logging, validate_command
 from schemas.train import TrainSpec
 
 
@@ -18,14 +18,19 @@ def main(verbose: bool) -> None:
 main.add_command(validate_command(TrainSpec))
 
 
+RESTART_HELP = ("Start a new run even if `output.uri` holds another run (of a different spec); without it a "
+                "rerun of the same spec resumes, and a different spec is refused.")
+
+
 @main.command("train")
 @click.argument("spec_file", type=click.Path(dir_okay=False))
-def train(spec_file: str) -> None:
-    """Run the training SPEC_FILE in this process and write its result."""
+@click.option("--restart", is_flag=True, help=RESTART_HELP)
+def train(spec_file: str, restart: bool) -> None:
+    """Run the training SPEC_FILE in this process and write its result (resuming the same spec's run)."""
     from checkfree_ray.train import run_training
 
     spec = load_or_exit(spec_file, TrainSpec)
-    result = run_or_exit(run_training, spec)
+    result = run_or_exit(run_training, spec, restart=restart)
     click.echo(_summary(result))
 
 
@@ -34,13 +39,18 @@ def _summary(result) -> str:
             f"result: {result.files.get('result.json')}")
 
 
-def _submit_training():
+@main.command("submit")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--address", default=None,
+              help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a local head.")
+@click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
+@click.option("--restart", is_flag=True, help=RESTART_HELP)
+def submit(spec_file: str, address: str | None, wait: bool, restart: bool) -> None:
+    """Submit the training SPEC_FILE as a Ray job (resuming the same spec's run)."""
     from checkfree_ray.sdk import submit_training
 
-    return submit_training
-
-
-main.add_command(submit_command(TrainSpec, _submit_training, _summary, "training"))
+    spec = load_or_exit(spec_file, TrainSpec)
+    follow_job(run_or_exit(submit_training, spec, address=address, restart=restart), wait, _summary)
 
 
 @main.command("demo")

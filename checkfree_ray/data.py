@@ -1,4 +1,9 @@
-"""Byte-level text that ships with Python, split into train and a held-out validation tail; batches by seed."""
+"""Byte-level text that ships with Python, split into train and a held-out validation tail; batches by seed.
+
+Every random draw of a run comes from its own stream of `np.random.SeedSequence(seed)`: data order,
+validation windows and failure draws never correlate, and each step's draw is a pure function of
+(seed, stream, step), so a resumed run draws exactly what an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,16 @@ import numpy as np
 import torch
 
 from schemas.train import DataSpec
+
+DATA_STREAM, VALIDATION_STREAM, FAILURE_STREAM = 0, 1, 2
+
+
+def step_rng(seed: int, stream: int, step: int) -> np.random.Generator:
+    """The generator of `step` in `stream`: child `step` of child `stream` of `SeedSequence(seed)`.
+
+    Equal to `SeedSequence(seed).spawn(stream + 1)[stream].spawn(step + 1)[step]`, without spawning the others.
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, step)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -44,12 +59,12 @@ class ByteCorpus:
 
     def train_batch(self, step: int, micro_batches: int, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (M, B, T) of one step; the same (seed, step) always gives the same batch."""
-        rng = np.random.default_rng([self.seed, step])
+        rng = step_rng(self.seed, DATA_STREAM, step)
         starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=micro_batches * micro_batch_size)
         return self._windows(self.train, starts, (micro_batches, micro_batch_size))
 
     def val_batches(self, count: int, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed validation set of `count` micro-batches (M, B, T), the same at every evaluation."""
-        rng = np.random.default_rng([self.seed, 2**31 - 1])
+        rng = step_rng(self.seed, VALIDATION_STREAM, 0)
         starts = rng.integers(0, len(self.val) - self.seq_len - 1, size=count * micro_batch_size)
         return self._windows(self.val, starts, (count, micro_batch_size))

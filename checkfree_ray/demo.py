@@ -44,13 +44,13 @@ def demo_spec(spec_file: str | Path | None = None, out_dir: str | None = None) -
 def how_recovered(failure: FailureRecord, num_stages: int) -> str:
     """The rebuild of one failure in words."""
     i = failure.stage
-    if failure.strategy == "checkfree":
+    if failure.method == "checkfree":
         return f"weighted avg of S{i - 1},S{i + 1}"
-    if failure.strategy == "copy":
+    if failure.method == "copy":
         return f"copy of swap partner S{1 if i == 0 else num_stages - 2}"
-    if failure.strategy == "checkpoint":
+    if failure.method == "checkpoint":
         return f"rollback to step {failure.rolled_back_to}"
-    return failure.strategy
+    return failure.method
 
 
 def format_summary(result: TrainResult, reference: TrainResult | None = None) -> str:

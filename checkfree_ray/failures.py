@@ -1,6 +1,7 @@
 """Failure injection: which stages die at which step, and killing their processes for real.
 
-Draws are deterministic: stage s fails at step t when u(seed, t)[s] < p, where p is the spec's per-step
+Draws are deterministic: stage s fails at step t when u(seed, t)[s] < p (u from the failure stream, apart
+from the data order's), where p is the spec's per-step
 probability or comes from the hourly rate and the measured step time. A schedule gives exact failures.
 Each (step, stage) fires at most once, so the retried step is not killed again.
 
@@ -15,6 +16,7 @@ import time
 import numpy as np
 import ray
 
+from checkfree_ray.data import FAILURE_STREAM, step_rng
 from checkfree_ray.recovery import failure_probability
 from schemas.train import FailureSpec
 
@@ -40,7 +42,7 @@ class FailureInjector:
         stages = {stage for s, stage in self.spec.schedule if s == step}
         p = self.probability(step_time_s)
         if p > 0:
-            draws = np.random.default_rng([self.spec.seed, step]).random(self.num_stages)
+            draws = step_rng(self.spec.seed, FAILURE_STREAM, step).random(self.num_stages)
             stages |= {int(i) for i in np.flatnonzero(draws < p)}
         return sorted(s for s in stages if (step, s) not in self.fired)
 

@@ -1,4 +1,9 @@
-"""`run_training(spec)`: pipeline training in this driver, then result.json, metrics.parquet and a plot."""
+"""`run_training(spec)`: pipeline training in this driver, then result.json, metrics.parquet and a plot.
+
+A rerun of the same spec into the same output resumes the run recorded there (`run.json`) from its newest
+complete checkpoint: weights, Adam state, step, data position and failure draws (both functions of the step),
+recovery norms and the history so far. A different spec is refused unless `restart` is set.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from checkfree_ray.checkpointing import RunIdentity, open_run, write_run_record
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.plots import loss_vs_time_png
 from rayops import storage
 from rayops.artifacts import write_artifact
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
+from schemas.errors import StorageError
 from schemas.train import TrainResult, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -44,19 +51,19 @@ def _progress_fields(executor: PipelineExecutor, tokens_per_step: int) -> dict:
             "failures": len(h.failures), "last_recovery_s": last if last is not None else "-"}
 
 
-def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None) -> None:
-    """Steps until `spec.steps` (or the target validation loss), evaluating every `eval_every` steps."""
+def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None, first_step: int = 1) -> None:
+    """Steps `first_step`..`spec.steps` (or until the target validation loss), evaluating every `eval_every` steps."""
     spec = executor.spec
     pipe = spec.pipeline
     tokens_per_step = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len
-    step, failures_seen = 1, 0
+    step, failures_seen = first_step, len(executor.history.failures)
     while step <= spec.steps:
         step_done = step
         step = executor.run_step(step)
         h = executor.history
         if progress is not None:
             for failure in h.failures[failures_seen:]:
-                progress.emit(f"failure: stage {failure.stage} at step {failure.step} -> {failure.strategy} "
+                progress.emit(f"failure: stage {failure.stage} at step {failure.step} -> {failure.method} "
                               f"in {failure.recovery_s:.3f}s" + (f" (rolled back to {failure.rolled_back_to})"
                                                                  if failure.rolled_back_to is not None else ""))
             failures_seen = len(h.failures)
@@ -68,14 +75,16 @@ def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None)
 
 
 def build_result(executor: PipelineExecutor, wall_time_s: float) -> TrainResult:
-    """The result of a finished run."""
+    """The result of a finished run; throughput counts the kept steps' tokens over the time of every step run."""
     spec, h = executor.spec, executor.history
     pipe = spec.pipeline
-    tokens = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len * len(h.steps)
+    rolled_back = h.rolled_back + [False] * (len(h.steps) - len(h.rolled_back))
+    kept = len(h.steps) - sum(rolled_back)
+    tokens = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len * kept
     target = spec.target_val_loss
     reached = [s for s, v in zip(h.val_steps, h.val_losses) if target is not None and v <= target]
     return TrainResult(
-        spec=spec, steps=h.steps, losses=h.losses, wall_times=h.wall_times,
+        spec=spec, steps=h.steps, losses=h.losses, wall_times=h.wall_times, rolled_back=rolled_back,
         val_steps=h.val_steps, val_losses=h.val_losses,
         val_perplexities=[math.exp(v) for v in h.val_losses], failures=h.failures,
         final_val_loss=h.val_losses[-1] if h.val_losses else None,
@@ -83,12 +92,15 @@ def build_result(executor: PipelineExecutor, wall_time_s: float) -> TrainResult:
         steps_to_target=reached[0] if reached else None,
         tokens_per_s=tokens / sum(h.step_times) if h.step_times else 0.0,
         median_step_s=_median(h.step_times), wall_time_s=wall_time_s, costs=dict(h.costs),
-        versions=_versions(),
+        versions=_versions(), resumed_from=list(executor.resumed_from),
+        run_id=executor.checkpoints.run.run_id if executor.checkpoints is not None else None,
     )
 
 
 def _metrics_parquet(result: TrainResult) -> bytes:
-    table = pa.table({"step": result.steps, "loss": result.losses, "wall_time_s": result.wall_times})
+    rolled_back = result.rolled_back or [False] * len(result.steps)
+    table = pa.table({"step": result.steps, "loss": result.losses, "wall_time_s": result.wall_times,
+                      "rolled_back": rolled_back})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
@@ -107,17 +119,51 @@ def write_result(result: TrainResult, uri: str) -> TrainResult:
     return result
 
 
-def run_training(spec: TrainSpec, progress: bool = True) -> TrainResult:
-    """Train `spec` with stage actors on Ray (in this driver) and write the result to `spec.output.uri`."""
+def _finished_result(spec: TrainSpec, run: RunIdentity) -> TrainResult | None:
+    """The stored result of `run` when it already finished (a resubmitted job), else None."""
+    try:
+        stored = TrainResult.model_validate_json(storage.read_bytes(storage.join(spec.output.uri, "result.json")))
+    except (StorageError, ValueError):
+        return None
+    return stored if stored.run_id == run.run_id else None
+
+
+def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) -> TrainResult:
+    """Train `spec` with stage actors on Ray (in this driver) and write the result to `spec.output.uri`.
+
+    A rerun into an output holding the same spec's run resumes it from its newest complete checkpoint (or
+    returns its result when it had finished); a different spec raises `RunConflictError` unless `restart`.
+    """
+    run = open_run(spec, restart=restart)
+    if run.finished and (done := _finished_result(spec, run)) is not None:
+        log.info("run %s in %s already finished; returning its result", run.run_id, spec.output.uri)
+        return done
     checkpoint_uri = spec.checkpointing.uri or storage.join(spec.output.uri, "checkpoints")
     started = time.monotonic()
     with ray_session(spec.ray):
-        executor = PipelineExecutor(spec, checkpoint_uri=checkpoint_uri)
+        executor = PipelineExecutor(spec, checkpoint_uri=checkpoint_uri, run=run)
+        resume = _resume_point(executor) if run.resumed else None
         try:
-            executor.start()
+            executor.start(resume)
             line = ProgressLine(f"train[{spec.recovery.strategy}]", total=spec.steps) if progress else None
-            train_loop(executor, line)
+            train_loop(executor, line, first_step=resume.step + 1 if resume is not None else 1)
+            executor.finish_checkpoints()
         finally:
             executor.shutdown()
-    result = build_result(executor, time.monotonic() - started)
-    return write_result(result, spec.output.uri)
+    before_resume = ((resume.history or {}).get("wall_times") or [0.0])[-1] if resume is not None else 0.0
+    result = build_result(executor, time.monotonic() - started + before_resume)
+    result = write_result(result, spec.output.uri)
+    write_run_record(spec, run, status="finished")
+    return result
+
+
+def _resume_point(executor: PipelineExecutor):
+    """The newest complete checkpoint of the resumed run (None: it has none yet, so it starts over)."""
+    store = executor.checkpoints
+    if store is None or not store.steps():
+        log.warning("resuming run %s: it has no complete checkpoint yet; starting it from step 1",
+                    executor.checkpoints.run.run_id if store is not None else "?")
+        return None
+    checkpoint = store.load_latest(executor.S, context="resume")
+    log.info("resuming run %s from checkpoint %d", store.run.run_id, checkpoint.step)
+    return checkpoint

@@ -50,7 +50,7 @@ def test_submit_training_to_local_head(tmp_path, monkeypatch):
         result = job.result()
     assert isinstance(result, TrainResult)
     assert result.steps == [1, 2, 3, 4] and result.spec.name == "sdk-tiny"
-    assert [(f.step, f.stage, f.strategy) for f in result.failures] == [(2, 1, "checkfree")]
+    assert [(f.step, f.stage, f.method) for f in result.failures] == [(2, 1, "checkfree")]
     assert (tmp_path / "run" / "result.json").exists()
 
 
@@ -62,8 +62,8 @@ def test_demo_spec_hits_middle_first_and_last_stages_and_summary_names_each_rebu
     spec = demo_spec()
     stages = {stage for _, stage in spec.failures.schedule}
     assert spec.recovery.strategy == "checkfree+" and {0, 1, spec.pipeline.num_stages - 1} <= stages
-    failures = [FailureRecord(step=50, stage=1, strategy="checkfree", detection_s=0.1, recovery_s=0.25),
-                FailureRecord(step=100, stage=0, strategy="copy", detection_s=0.1, recovery_s=0.5,
+    failures = [FailureRecord(step=50, stage=1, method="checkfree", detection_s=0.1, recovery_s=0.25),
+                FailureRecord(step=100, stage=0, method="copy", detection_s=0.1, recovery_s=0.5,
                               death_to_retry_s=0.7, warm_standby=True)]
     result = TrainResult(spec=spec, steps=[1, 2], losses=[3.0, 2.9], wall_times=[0.1, 0.2], failures=failures,
                          final_val_loss=2.0, final_perplexity=7.389056, wall_time_s=10.0)

@@ -116,4 +116,4 @@ def test_training_job_recovers_stages_of_a_lost_worker_node(tmp_path):
     assert result["steps"][-1] == STEPS
     # every stage on the lost node is recorded as a failure with its recovery
     assert len(result["failures"]) >= hosted[victim], result["failures"]
-    assert all(f["strategy"] and f["recovery_s"] >= 0 for f in result["failures"])
+    assert all(f["method"] and f["recovery_s"] >= 0 for f in result["failures"])
