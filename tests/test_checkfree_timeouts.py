@@ -65,9 +65,9 @@ def test_replacement_that_cannot_be_scheduled_names_the_missing_resources(ray_lo
         impossible.append(actor)
         return actor, False
 
-    monkeypatch.setattr(pool_module, "READY_TIMEOUT_S", 3.0)
     try:
         executor.start()
+        monkeypatch.setattr(pool_module, "READY_TIMEOUT_S", 3.0)  # after the stages started
         executor.pool.take = take
         executor.run_step(1)
         with pytest.raises(RecoveryError, match=r"stage\(s\) \[1\] was not scheduled within 3s.*num_cpus_per_stage"):
