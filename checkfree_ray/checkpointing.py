@@ -206,6 +206,10 @@ class CheckpointStore:
         storage.delete(storage.join(self.checkpoint_uri(step), MANIFEST_NAME))
         storage.delete(self.checkpoint_uri(step), recursive=True)
 
+    def has_shard(self, step: int, stage_index: int) -> bool:
+        """Whether the shard of `stage_index` in checkpoint `step` has been written (writes are atomic)."""
+        return storage.exists(self.shard_uri(step, stage_index))
+
     def written_shard(self, step: int, stage_index: int) -> dict | None:
         """The manifest entry of a shard already written (writes are atomic), read back from storage; None when
         it is not there. For a stage lost after writing its shard, before it could report it."""

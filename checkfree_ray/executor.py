@@ -441,12 +441,16 @@ class PipelineExecutor:
         return errors
 
     def _phase_with_save(self, stage: int, phase: str) -> str:
-        """'checkpoint_save' for a stage lost between steps while its shard of the save in flight was not yet
-        confirmed written; else `phase` unchanged."""
+        """'checkpoint_save' for a stage lost between steps before its shard of the save in flight was written;
+        else `phase` unchanged."""
         pending = self._pending_save
-        if phase == "before_step" and pending is not None and stage not in pending.entries:
-            return "checkpoint_save"
-        return phase
+        if phase != "before_step" or pending is None or stage in pending.entries:
+            return phase
+        try:
+            written = self.checkpoints.has_shard(pending.step, stage)
+        except StorageError:
+            written = False
+        return phase if written else "checkpoint_save"
 
     def _save_failed(self, step: int, why: str) -> None:
         costs = self.history.costs

@@ -92,12 +92,18 @@ class StageWorker:
         return self.ping()
 
     def terminate(self) -> None:
-        """Failure injection: SIGKILL this process (no cleanup), as a lost node would end it."""
+        """Failure injection: SIGKILL this process (no cleanup), as a lost node would end it.
+
+        A checkpoint shard this stage is still writing is finished first (bounded), so a kill scheduled between
+        two steps lands between them; `arm_fault("write_shard")` kills a stage in the middle of its save."""
+        writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout=60.0)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def arm_fault(self, call: str, action: str = "kill", seconds: float = 0.0, skip: int = 0) -> None:
         """Failure-injection harness (tests only; a run never arms one): the (`skip`+1)-th next call of `call`
-        ('forward', 'backward', 'step', 'get_state', 'configure') dies ('kill', SIGKILL) or hangs ('hang',
+        ('forward', 'backward', 'step', 'get_state', 'configure', 'write_shard') dies ('kill', SIGKILL) or hangs ('hang',
         `seconds`) as it starts, so that a stage can be lost at an exact point of a step."""
         if action not in ("kill", "hang"):
             raise ValueError(f"unknown fault action {action!r}; use 'kill' or 'hang'")
@@ -212,6 +218,7 @@ class StageWorker:
         from rayops import storage
 
         try:
+            self._fault("write_shard")
             data = save_safetensors(state)
             del state  # bounded memory: the copy is freed once serialised
             storage.write_bytes(uri, data)
