@@ -1,4 +1,6 @@
-"""Pipeline benchmark: stage-actor throughput vs single process, strategy overheads, recovery times, norm scope.
+"""Pipeline benchmark: stage-actor throughput vs single process, strategy overheads, recovery times, norm scope,
+and the step-time stall of saving a checkpoint every 20 steps (stages write their shards in the background, vs
+every shard through the driver while the step waits).
 
 `python benchmarks/pipeline.py [--quick]` prints a table and writes benchmarks/results/pipeline.json
 with the machine's description. Ratios, not absolute times, are what to quote.
@@ -81,12 +83,22 @@ class SingleProcess:
 
 
 class Pipeline:
-    """A started executor, stepped in blocks."""
+    """A started executor, stepped in blocks (`blocking`: checkpoints saved through the driver while it waits)."""
 
-    def __init__(self, spec: TrainSpec):
-        self.executor = PipelineExecutor(spec)
+    def __init__(self, spec: TrainSpec, checkpoint_uri: str | None = None, blocking: bool = False):
+        self.executor = PipelineExecutor(spec, checkpoint_uri=checkpoint_uri)
+        if blocking:
+            self.executor._save_checkpoint = self._blocking_save
         self.executor.start()
         self.step = 1
+
+    def _blocking_save(self, step: int) -> None:
+        """The previous design: every stage's shard comes to the driver, which writes them all, then the manifest."""
+        ex = self.executor
+        if step % ex.spec.checkpoint_every():
+            return
+        shards = ray.get([a.state_bytes.remote() for a in ex.actors], timeout=600)
+        ex.checkpoints.save(step, shards, {"grad_norms": ex.grad_norms})
 
     def block(self, steps: int) -> list[float]:
         times = []
@@ -136,6 +148,42 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
             "overhead_vs_none_median": {s: statistics.median(v) for s, v in overhead.items()}}
 
 
+def save_stall(size: dict, tmp: Path, rounds: int, every: int = 20) -> dict:
+    """Mean step time over blocks of `every` steps (one save each) with background saves, with blocking saves, and
+    without checkpoints; alternated in paired rounds like the throughput comparison. Stall = time / none - 1."""
+    off = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1}}
+    saving = make_spec(size, "checkfree", checkpointing={"every": every, "keep": 1}, **off)
+    systems = {"none": Pipeline(make_spec(size, "checkfree", **off)),
+               "background": Pipeline(saving, checkpoint_uri=str(tmp / "background")),
+               "blocking": Pipeline(saving, checkpoint_uri=str(tmp / "blocking"), blocking=True)}
+    names = list(systems)
+    per_round = {name: [] for name in names}
+    # within a block: (sum of step times - every x the block's median step) / (every x median); the median step
+    # has no save, so this is the save's share per step, measured against the same minute's load ("none": noise)
+    within = {name: [] for name in names}
+    try:
+        for system in systems.values():
+            system.block(2)  # warm-up; each later block of `every` steps holds exactly one save
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                times = systems[name].block(every)
+                per_round[name].append(statistics.mean(times))
+                median = statistics.median(times)
+                within[name].append((sum(times) - every * median) / (every * median))
+        saves = systems["background"].executor.history.costs.get("checkpoint_saves", 0.0)
+        bytes_saved = systems["background"].executor.history.costs.get("checkpoint_bytes", 0.0)
+    finally:
+        for system in systems.values():
+            system.executor.shutdown()
+    stall = {name: [t / none - 1.0 for t, none in zip(per_round[name], per_round["none"])]
+             for name in ("background", "blocking")}
+    return {"every": every, "rounds": rounds, "mean_step_s_per_round": per_round,
+            "stall_per_step_per_round": stall, "stall_per_step_median": {k: statistics.median(v) for k, v in stall.items()},
+            "within_block_excess_per_round": within,
+            "within_block_excess_median": {k: statistics.median(v) for k, v in within.items()},
+            "background_saves_completed": saves, "checkpoint_bytes": bytes_saved}
+
+
 def recovery_times(size: dict, tmp: Path) -> dict:
     """CheckFree recoveries (middle-stage kills) and a checkpoint restore (an adjacent pair), warm and cold."""
     recover_steps = 12
@@ -164,8 +212,8 @@ def recovery_times(size: dict, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="A smaller model and fewer steps.")
-    parser.add_argument("--sections", default="throughput,recovery,scope",
-                        help="Comma-separated parts to run: throughput, recovery, scope.")
+    parser.add_argument("--sections", default="throughput,recovery,scope,save",
+                        help="Comma-separated parts to run: throughput, recovery, scope, save.")
     parser.add_argument("--rounds", type=int, default=None, help="Paired rounds of the throughput comparison.")
     parser.add_argument("--out", type=Path, default=None, help="Where to write the JSON results.")
     args = parser.parse_args()
@@ -203,6 +251,17 @@ def main() -> None:
 
     if "scope" in sections:
         rows.extend(norm_scope(size, out))
+
+    if "save" in sections:
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"cf-bench-save-{os.getpid()}"
+        stall = save_stall(size, tmp, rounds=max(3, rounds // 2))
+        out["save_stall"] = stall
+        for name in ("background", "blocking"):
+            rows.append((f"checkpoint every 20 steps: step-time stall, {name} save (median of paired rounds)",
+                         stall["stall_per_step_median"][name]))
+        for name in ("none", "background", "blocking"):
+            rows.append((f"checkpoint every 20 steps: block time over its median step - 1, {name} save",
+                         stall["within_block_excess_median"][name]))
     ray.shutdown()
 
     out["machine"] = machine_info(torch_threads_per_actor=1, single_process_torch_threads=[1, 2], quick=args.quick,
