@@ -227,6 +227,14 @@ def _probe_all(spec: CheckpointSetSpec) -> list[tuple[str, _Probe]]:
     """The set in training order: explicit `paths` keep the order given; listed files are sorted by step,
     and a listed file without a step is refused (the order is never guessed)."""
     field = "checkpoints.paths" if spec.paths else "checkpoints.uri"
+    if spec.format == "diffusers":  # an adapter lists the files and their steps; the rest is the same
+        from lcsc_ray.diffusers_checkpoints import list_checkpoint_files
+
+        probes = []
+        for uri, step in list_checkpoint_files(spec):
+            probe = _probe(uri, spec.key, field)
+            probes.append((uri, _Probe(step, probe.numel, probe.file_size)))
+        return probes[-spec.last :] if spec.last else probes
     probes = [(uri, _probe(uri, spec.key, field)) for uri in _spec_uris(spec)]
     if spec.paths:
         probes = [(uri, p if p.step is not None else _Probe(i, p.numel, p.file_size))
@@ -242,6 +250,22 @@ def _probe_all(spec: CheckpointSetSpec) -> list[tuple[str, _Probe]]:
             )
         probes.sort(key=lambda item: (item[1].step, item[0]))
     return probes[-spec.last :] if spec.last else probes
+
+
+def checkpoint_name(uri: str) -> str:
+    """How results name a checkpoint: its file name ('checkpoint-500/unet' for a diffusers folder)."""
+    from lcsc_ray.diffusers_checkpoints import checkpoint_name as diffusers_name
+
+    return diffusers_name(uri)
+
+
+def ema_file(spec: CheckpointSetSpec) -> str | None:
+    """The file of `ema_uri` (with format 'diffusers' it may name a model folder such as `unet_ema`)."""
+    if spec.ema_uri is None or spec.format != "diffusers":
+        return spec.ema_uri
+    from lcsc_ray.diffusers_checkpoints import weights_file
+
+    return weights_file(spec.ema_uri)
 
 
 def list_checkpoints(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
@@ -328,7 +352,8 @@ def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
     `ray.put` it once. Ray must be initialised."""
     capacity = object_store_capacity()
     probed = _probe_all(spec)
-    ema_probe = [_probe(spec.ema_uri, spec.ema_key or spec.key, "checkpoints.ema_uri")] if spec.ema_uri else []
+    ema_uri = ema_file(spec)
+    ema_probe = [_probe(ema_uri, spec.ema_key or spec.key, "checkpoints.ema_uri")] if ema_uri else []
     need = _estimate_bytes([p for _, p in probed] + ema_probe, spec.storage_dtype)
     check_fits(need, capacity, len(probed) + len(ema_probe), spec.storage_dtype)
     refs, layout = [], None
@@ -337,14 +362,14 @@ def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
         ref, layout = _put_checked(uri, spec.key, layout, probed[0][0], spec.storage_dtype, field)
         refs.append(ref)
     ema_ref = None
-    if spec.ema_uri:
+    if ema_uri:
         ema_ref, _ = _put_checked(
-            spec.ema_uri, spec.ema_key or spec.key, layout, probed[0][0], spec.storage_dtype,
+            ema_uri, spec.ema_key or spec.key, layout, probed[0][0], spec.storage_dtype,
             "checkpoints.ema_uri",
         )
     return CheckpointSet(
         uris=[uri for uri, _ in probed],
-        names=[uri.rsplit("/", 1)[-1] for uri, _ in probed],
+        names=[checkpoint_name(uri) for uri, _ in probed],
         steps=[probe.step for _, probe in probed],
         layout=layout,
         refs=refs,

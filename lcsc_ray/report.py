@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lcsc_ray import plots
+from lcsc_ray.export import search_diffusers_folder
 from rayops import artifacts, storage
 from schemas.search import SearchResult, SearchSpec
 
@@ -56,7 +57,8 @@ def write_search_outputs(spec: SearchSpec, result: SearchResult, trials: pd.Data
         "versions": versions(),
     }
     out = spec.output.uri
-    result.files = {name: storage.join(out, name) for name in RESULT_FILES}
+    diffusers_files = search_diffusers_folder(spec, combined)  # {} unless the checkpoints are diffusers folders
+    result.files = {name: storage.join(out, name) for name in (*RESULT_FILES, *diffusers_files)}
     result.versions = versions()
     files = {
         "combined.safetensors": combined,
@@ -65,6 +67,7 @@ def write_search_outputs(spec: SearchSpec, result: SearchResult, trials: pd.Data
         "fid_vs_evaluations.png": plots.fid_vs_evaluations(trials, result),
         "coefficients.png": plots.coefficients_plot(result),
         "result.json": result.model_dump_json(indent=2).encode(),
+        **diffusers_files,
     }
     # a finished result stays complete until its replacement is (a rerun with --force or --restart)
     artifacts.write_artifact(out, files, metadata={"kind": "lcsc-search", "name": spec.name},

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lcsc_ray import coefficients as coef
-from lcsc_ray.checkpoints import list_checkpoints
+from lcsc_ray.checkpoints import ema_file, list_checkpoints
 from lcsc_ray.plugins import PluginError, resolve
 from rayops import artifacts, identity, storage
 from schemas.common import PluginSpec, redact_secrets
@@ -65,7 +65,7 @@ def _check_plugins(spec: SearchSpec) -> None:
 
 
 def _check_files(spec: SearchSpec) -> None:
-    for field, uri in (("checkpoints.ema_uri", spec.checkpoints.ema_uri),
+    for field, uri in (("checkpoints.ema_uri", ema_file(spec.checkpoints)),
                        ("fid.reference.stats_uri", spec.fid.reference.stats_uri)):
         if uri is not None and not storage.exists(uri):
             raise SpecError(f"`{field}`: {uri} does not exist; fix the path or remove the field", source=field)
@@ -127,7 +127,7 @@ def fingerprint(spec: SearchSpec, checkpoints: list[tuple[str, int]]) -> dict[st
         f"checkpoints[{i}]": identity.file_entry(uri, step=step) for i, (uri, step) in enumerate(checkpoints)
     }
     if spec.checkpoints.ema_uri:
-        entries["checkpoints.ema_uri"] = identity.file_entry(spec.checkpoints.ema_uri)
+        entries["checkpoints.ema_uri"] = identity.file_entry(ema_file(spec.checkpoints))
     for field, plugin in plugins(spec).items():
         entries[field] = _plugin(plugin)
     for name, value in spec.fid.features.kwargs.items():

@@ -48,6 +48,18 @@ class CheckpointSetSpec(StrictModel):
         default="float32",
         description="dtype of the flattened checkpoints in the object store; bfloat16 halves memory.",
     )
+    format: Literal["files", "diffusers"] = Field(
+        default="files",
+        description="'files': checkpoint files matched by `glob` (or `paths`) under `uri`. 'diffusers': the "
+        "`checkpoint-N/` folders a diffusers training script saves under `uri` (weights in "
+        "`checkpoint-N/<subfolder>/diffusion_pytorch_model.safetensors`, else an accelerate "
+        "`checkpoint-N/model.safetensors`), step N from the folder name; `paths` then names folders.",
+    )
+    subfolder: str = Field(
+        default="unet",
+        description="With format 'diffusers': the model folder inside each checkpoint ('unet', or 'unet_ema' "
+        "to combine the EMA snapshots). `ema_uri` may then name a `unet_ema` folder.",
+    )
 
 
 class SamplerSpec(PluginSpec):
@@ -185,6 +197,24 @@ class SearchSpec(StrictModel):
     output: OutputSpec = Field(
         default_factory=lambda: OutputSpec(uri="outputs/lcsc-search"), description="Result location."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _diffusers_defaults(cls, data: object) -> object:
+        # diffusers checkpoints bring their own model config and scheduler: default to the built-ins that read
+        # them, instead of the MNIST recipe's U-Net and sampler (only where the spec leaves them unset)
+        if not isinstance(data, dict):
+            return data
+        checkpoints = data.get("checkpoints")
+        get = checkpoints.get if isinstance(checkpoints, dict) else lambda name, default=None: getattr(
+            checkpoints, name, default)
+        if checkpoints is None or get("format") != "diffusers":
+            return data
+        data = dict(data)
+        data.setdefault("model", {"target": "lcsc_ray.diffusers_checkpoints:build_model", "kwargs": {
+            "config_uri": get("uri", CheckpointSetSpec().uri), "subfolder": get("subfolder") or "unet"}})
+        data.setdefault("sampler", {"target": "lcsc_ray.diffusers_sampling:sample", "kwargs": {"scheduler": "DDIM"}})
+        return data
 
     @model_validator(mode="after")
     def _output_outside_checkpoints(self) -> SearchSpec:
