@@ -1,11 +1,19 @@
-"""Standard FID InceptionV3 (the pytorch-fid network), built without torchvision and loaded from a local file.
+"""Standard FID features: pytorch-fid's InceptionV3 (pool3, 2048-d), built without torchvision.
 
-The architecture and parameter names match torchvision's Inception3 with pytorch-fid's FID blocks, so the
-state dict of `pt_inception-2015-12-05-6726825d.pth` loads as is. Nothing is downloaded: the user gives
-the weights file (local path, file:// or s3://). Output: 2048-d pool3 features of images in [-1, 1].
+The built-in feature network for standard FID (`fid.features.target: lcsc_ray.inception:fid_inception_v3`).
+The architecture and parameter names match torchvision's Inception3 with pytorch-fid's FID blocks (average
+pools that ignore padding in Mixed_5*, Mixed_6b-e and Mixed_7b, a max pool in Mixed_7c), so the state dict of
+`pt_inception-2015-12-05-6726825d.pth` loads as is. Nothing is downloaded: the user gives the weights file
+(local path, file:// or s3://); its sha256 is printed, and checked against `sha256` when given.
+
+Input handling follows pytorch-fid on image files: images in [-1, 1] are mapped to [0, 1], quantised to uint8
+levels as a saved PNG is (`quantize`, on by default, as pytorch-fid and clean-fid see them), grayscale is
+repeated to 3 channels, then resized bilinearly to 299x299 and scaled to [-1, 1].
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +150,9 @@ class InceptionE(nn.Module):
 class FIDInceptionV3(nn.Module):
     """InceptionV3 up to pool3: images (B, C, H, W) in [-1, 1] -> features (B, 2048)."""
 
-    def __init__(self):
+    def __init__(self, quantize: bool = True):
         super().__init__()
+        self.quantize = quantize
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -161,12 +170,18 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(2048, 1008)  # the 2015 TF graph's 1008 classes; unused for pool3 features
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the network's input (B, 3, 299, 299) in [-1, 1], as pytorch-fid prepares files."""
+        x = (images.float().clamp(-1, 1) + 1) / 2  # (B, C, H, W) in [0, 1], what a PNG reader gives
+        if self.quantize:
+            x = torch.round(x * 255) / 255  # uint8 levels (pytorch-fid and clean-fid read uint8 images)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)  # grayscale -> RGB
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        return 2 * x - 1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(self.prepare(images))))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
@@ -187,8 +202,12 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 2048)
 
 
-def load_weights(model: FIDInceptionV3, weights_uri: str) -> FIDInceptionV3:
-    """Load a pytorch-fid state dict (weights_only) into `model`; only BatchNorm counters may be missing."""
+WEIGHTS_FIELD = "fid.features.kwargs.weights_uri"
+SHA256_FIELD = "fid.features.kwargs.sha256"
+
+
+def read_weights(weights_uri: str, sha256: str | None = None) -> bytes:
+    """The weights file's bytes; its sha256 is printed and, when `sha256` is given, must match."""
     try:
         data = storage.read_bytes(weights_uri)
     except StorageNotFoundError:
@@ -196,8 +215,20 @@ def load_weights(model: FIDInceptionV3, weights_uri: str) -> FIDInceptionV3:
             f"FID Inception weights {weights_uri} not found; nothing is downloaded here: fetch "
             f"{FID_WEIGHTS_NAME} (pytorch-fid's release) yourself and pass its path as `weights_uri`"
         ) from None
-    field = "fid.features.kwargs.weights_uri"
-    state = checkpoint_formats.load_torch(data, weights_uri, field)
+    digest = hashlib.sha256(data).hexdigest()
+    print(f"FID Inception weights {weights_uri}: sha256 {digest}", flush=True)
+    if sha256 is not None and digest != sha256.strip().lower():
+        raise CheckpointError(
+            f"FID Inception weights {weights_uri} have sha256 {digest}, but `{SHA256_FIELD}` expects {sha256}; "
+            f"the file is not the one the spec names: replace it, or fix `{SHA256_FIELD}`"
+        )
+    return data
+
+
+def load_weights(model: FIDInceptionV3, weights_uri: str, sha256: str | None = None) -> FIDInceptionV3:
+    """Load a pytorch-fid state dict (weights_only) into `model`; only BatchNorm counters may be missing."""
+    field = WEIGHTS_FIELD
+    state = checkpoint_formats.load_torch(read_weights(weights_uri, sha256), weights_uri, field)
     if not isinstance(state, dict):
         raise CheckpointError(f"{weights_uri} holds a {type(state).__name__}, not an FID Inception state dict "
                               f"(listed by `{field}`)")
@@ -216,6 +247,8 @@ def load_weights(model: FIDInceptionV3, weights_uri: str) -> FIDInceptionV3:
     return model
 
 
-def fid_inception_v3(weights_uri: str) -> nn.Module:
-    """Features plug-in: the standard FID InceptionV3 from a weights file the user provides."""
-    return load_weights(FIDInceptionV3(), weights_uri).eval()
+def fid_inception_v3(weights_uri: str, sha256: str | None = None, quantize: bool = True) -> nn.Module:
+    """Features plug-in for standard FID: pytorch-fid's InceptionV3 (pool3, 2048-d) from the weights file the
+    user provides (`pt_inception-2015-12-05-6726825d.pth`; local, file:// or s3://), its sha256 checked when
+    given; `quantize` rounds inputs to uint8 levels as pytorch-fid and clean-fid see image files."""
+    return load_weights(FIDInceptionV3(quantize=quantize), weights_uri, sha256).eval()

@@ -118,7 +118,10 @@ class FIDSpec(StrictModel):
 
     features: PluginSpec = Field(
         default_factory=lambda: PluginSpec(target="lcsc_ray.recipes.mnist:feature_network"),
-        description="Builder of the feature extractor: an nn.Module mapping images to (B, d).",
+        description="Builder of the feature extractor: an nn.Module mapping images in [-1, 1] to (B, d). For "
+        "standard FID use `lcsc_ray.inception:fid_inception_v3` (pytorch-fid's InceptionV3, pool3, 2048-d) with "
+        "kwargs `weights_uri` (pt_inception-2015-12-05-6726825d.pth, which you supply), optional `sha256`, and "
+        "`quantize` (uint8 levels, default true). The default is the MNIST recipe's classifier.",
     )
     num_samples: int = Field(default=500, ge=2, description="Samples per candidate during the search.")
     seed: int = Field(default=0, description="Noise seed of the search; every candidate sees the same noise.")
