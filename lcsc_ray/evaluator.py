@@ -237,11 +237,13 @@ class Evaluator:
         return check_coefficients(coefficients, len(self.arrays))
 
     def evaluate(
-        self, coefficients: Sequence[float] | None, num_samples: int, seed: int, raise_nonfinite: bool = True
+        self, coefficients: Sequence[float] | None, num_samples: int, seed: int, raise_nonfinite: bool = True,
+        return_stats: bool = False,
     ) -> dict:
         """FID of the combination at `num_samples` samples with noise `seed` (coefficients None: the run's
         EMA). Non-finite weights or samples raise CandidateError, or with raise_nonfinite=False give fid=inf
-        and nonfinite=True."""
+        and nonfinite=True. The payload is small: `stats` holds the count and feature sum; the (d, d)
+        `sum_outer` (32 MB at d=2048) is returned only with `return_stats`."""
         coefficients = self._checked(coefficients)
         timings = dict.fromkeys(("combine_s", "sample_s", "features_s"), 0.0)
         start = time.perf_counter()
@@ -265,7 +267,7 @@ class Evaluator:
             "fid": fid,
             "num_samples": num_samples,
             "seed": seed,
-            "stats": stats.to_dict(),
+            "stats": stats.to_dict() if return_stats else {"count": stats.count, "sum": stats.sum},
             "nonfinite": False,
             "timings": timings,
         }

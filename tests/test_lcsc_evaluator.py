@@ -62,6 +62,7 @@ def test_same_coefficients_same_fid(setup, ray_local):
     a, b = ray_local.get([actor.evaluate.remote(alphas, NUM_SAMPLES, 5) for actor in actors])
     assert a["fid"] == b["fid"] and a["fid"] > 0
     assert a["num_samples"] == NUM_SAMPLES and a["stats"]["count"] == NUM_SAMPLES
+    assert "sum_outer" not in a["stats"]  # the (d, d) sums stay in the evaluator unless asked for
     assert set(a["timings"]) == {"combine_s", "sample_s", "features_s", "total_s"}
     other = ray_local.get(actors[0].evaluate.remote(alphas, NUM_SAMPLES, 6))
     assert other["fid"] != a["fid"]
@@ -71,7 +72,7 @@ def test_split_across_actors_equals_one_actor(setup, ray_local):
     """An evaluation split over 2 actors merges to bit-identical statistics and FID."""
     _, _, reference, actors = setup
     alphas = [0.25, 0.25, 0.25, 0.25]
-    whole = ray_local.get(actors[0].evaluate.remote(alphas, NUM_SAMPLES, 5))
+    whole = ray_local.get(actors[0].evaluate.remote(alphas, NUM_SAMPLES, 5, return_stats=True))
     split = evaluate_split(actors, alphas, NUM_SAMPLES, 5)
     assert len(split["blocks"]) >= 2
     assert np.array_equal(split["stats"]["sum_outer"], whole["stats"]["sum_outer"])
