@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# pytorch-fid's InceptionV3 source checks our FID network in a test; its torchvision dependency cannot
+	# be imported beside the CPU torch (and would pull a CUDA build), so it is installed without dependencies.
+	$(PY) -m pip install --quiet --no-deps "pytorch-fid==0.3.0"
 	touch $(STAMP)
 
 install: $(STAMP)
