@@ -21,6 +21,9 @@ from schemas.search import SearchSpec
 
 log = logging.getLogger(__name__)
 METRIC, MODE = "fid", "min"
+# A trial whose process dies (killed, OOM) is run again once: its evaluation goes on in the pool, so the retry
+# joins it or reads its stored result. A deterministic error fails the retry at once (the pool remembers it).
+TRIAL_RETRIES = 1
 # Tune's own console tables would interleave with our progress line; its CSV and JSON logs are kept.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
@@ -232,7 +235,7 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples, metric=METRIC, mode=MODE,
                                         reuse_actors=True, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(storage_path=storage_path, name=name, verbose=0, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
         )
     grid = tuner.fit()
     return _grid_rows(grid, name)

@@ -55,3 +55,33 @@ def failing_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir:
 def two_argument_sample(model, n):
     """A sampler with the wrong signature (no seed, nfe or batch size)."""
     return toy_sample(model, n, 0, 1, n)
+
+
+def gated_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, wait_s: float = 120.0):
+    """toy_sample, after logging the call and waiting (at most `wait_s`) for the file log_dir/open to exist."""
+    with open(Path(log_dir) / "calls.log", "a") as handle:
+        handle.write(f"{os.getpid()} {seed} {n}\n")
+    gate = Path(log_dir) / "open"
+    for _ in range(int(wait_s * 20)):
+        if gate.exists():
+            break
+        threading.Event().wait(0.05)
+    return toy_sample(model, n, seed, nfe, batch_size)
+
+
+def trial_killing_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, kill_on_call: int = 3):
+    """toy_sample, but the `kill_on_call`-th call overall first SIGKILLs every live Ray Tune trial process (the
+    trials waiting on this evaluation among them); the pids killed go to log_dir/killed_trials."""
+    import signal
+
+    import ray
+
+    with open(Path(log_dir) / "calls.log", "a") as handle:
+        handle.write(f"{os.getpid()} {seed} {n}\n")
+    if len((Path(log_dir) / "calls.log").read_text().splitlines()) == kill_on_call:
+        trials = [info["Pid"] for info in ray._private.state.actors().values()
+                  if info["State"] == "ALIVE" and "ImplicitFunc" in info["ActorClassName"] and info["Pid"]]
+        for pid in trials:
+            os.kill(pid, signal.SIGKILL)
+        (Path(log_dir) / "killed_trials").write_text(" ".join(map(str, trials)))
+    return toy_sample(model, n, seed, nfe, batch_size)
