@@ -122,7 +122,8 @@ class SearchRun:
         best_alphas = ok.loc[ok.fid.idxmin(), "alphas"] if len(ok) else coef.last_checkpoint(self.num_checkpoints)
         start = coef.from_alphas(best_alphas, self.parametrization)
         optimizer = build_optimizer(spec, start, remaining, self.num_evaluators)
-        searcher = nevergrad_searcher(optimizer, self.names, self.num_evaluators)
+        searcher = nevergrad_searcher(optimizer, self.names, self.num_evaluators,
+                                      storage.join(self.out, "state", "proposals"))
         search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best)
         search_df = run_phase("search", tune_path, self._trainable(), searcher, space, remaining, [search_cb])
         self.check_pool()

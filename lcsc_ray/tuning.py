@@ -238,7 +238,12 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
                                       failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
         )
     grid = tuner.fit()
-    return _grid_rows(grid, name)
+    rows = _grid_rows(grid, name)
+    if isinstance(searcher, BasicVariantGenerator) and len(rows):
+        # the seeds in the order given (a restored experiment lists its trials in another order)
+        order = {label: i for i, label in enumerate(space["label"].categories)}
+        rows = rows.sort_values("label", key=lambda labels: labels.map(order), kind="stable").reset_index(drop=True)
+    return rows
 
 
 def error_summary(error: BaseException, limit: int = 500) -> str:

@@ -130,6 +130,8 @@ def _run_driver(spec_path: Path, env: dict, kill_at_proposals: int | None, out: 
     assert proc.poll() is None, "the search ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.communicate(timeout=60)
+    # the killed driver is known to be gone: free its output lock now instead of waiting out its lease
+    (out / "run.lock").unlink(missing_ok=True)
 
 
 @pytest.mark.slow
