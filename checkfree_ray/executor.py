@@ -486,7 +486,8 @@ class PipelineExecutor:
 
     def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Every stage takes its shard (weights, Adam, lr); the recovery norms come back with them."""
-        ray.get([a.configure.remote(i, None, shard) for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))])
+        ray.get([a.configure.remote(i, None, shard) for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))],
+                timeout=SAVE_TIMEOUT_S)
         if checkpoint.metadata.get("grad_norms"):
             self.grad_norms = [dict(n) for n in checkpoint.metadata["grad_norms"]]
 

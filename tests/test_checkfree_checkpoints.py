@@ -77,17 +77,27 @@ def test_stages_write_their_own_shards_and_the_manifest_comes_last(started, s3_b
     assert checkpoint.history["steps"] == [1, 2] and checkpoint.metadata["run_id"] == executor.checkpoints.run.run_id
 
 
-def test_storage_outage_during_a_save_warns_and_the_next_save_retries(started, s3_bucket, monkeypatch, caplog):
-    """With the S3 endpoint dead at step 4's save, training goes on (a warning, no error) and step 6's save,
-    after the endpoint is back, is complete; checkpoint 4 never became complete."""
+@pytest.mark.parametrize("side", ["driver", "stages"])
+def test_storage_outage_during_a_save_warns_and_the_next_save_retries(started, s3_bucket, monkeypatch, caplog, side):
+    """With the S3 endpoint dead during step 4's save (for the driver, or only once the stages write their
+    shards), training goes on (a warning, no error) and step 6's save, with the endpoint back, is complete."""
     endpoint = storage.settings.s3_endpoint()
     spec = tiny_spec("checkfree", checkpointing={"every": 2, "keep": 3})
     executor = started(spec, f"{s3_bucket}/ckpt")
+    begin = executor.checkpoints.begin
+
+    def begin_then_outage(step):
+        begin(step)
+        if step == 4:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the stages get it with their save
 
     def outage(ex, step):
         if step == 4:
             ex.finish_checkpoints()
-            monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+            if side == "driver":
+                monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+            else:
+                ex.checkpoints.begin = begin_then_outage
         if step == 5:
             monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
 
@@ -95,7 +105,7 @@ def test_storage_outage_during_a_save_warns_and_the_next_save_retries(started, s
     with caplog.at_level(logging.WARNING):
         run_steps(executor, 6)
     assert executor.history.steps == [1, 2, 3, 4, 5, 6]
-    assert "checkpoint 4 was not saved" in caplog.text
+    assert "checkpoint 4 was not saved" in caplog.text and "127.0.0.1:9" in caplog.text
     assert executor.finish_checkpoints() == 6
     assert executor.checkpoints.steps() == [0, 2, 6]
     assert executor.history.costs["checkpoint_failed_saves"] == 1

@@ -152,3 +152,20 @@ def test_driver_killed_mid_run_resumes_with_the_losses_of_an_uninterrupted_twin(
     assert resumed["val_losses"] == pytest.approx(twin.val_losses, abs=1e-6)
     assert [(f["step"], f["stage"], f["method"]) for f in resumed["failures"]] == \
         [(f.step, f.stage, f.method) for f in twin.failures] == [(3, 2, "checkfree"), (18, 1, "checkfree")]
+
+
+def test_rerun_of_a_finished_run_returns_its_result_without_training(ray_local, tmp_path, monkeypatch):
+    """A resubmitted job whose run already finished gets the stored result back; no stage actor is started."""
+    from checkfree_ray import run_training
+    from checkfree_ray.executor import PipelineExecutor
+
+    spec = tiny_spec(str(tmp_path / "run"), steps=2, every=2)
+    first = run_training(spec, progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+
+    def refuse(self, resume=None):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(PipelineExecutor, "start", refuse)
+    again = run_training(spec, progress=False)
+    assert again.run_id == first.run_id and again.losses == first.losses and again.wall_time_s == first.wall_time_s
