@@ -97,8 +97,8 @@ def run_demo(spec_file: str | None = None, out_dir: str | None = None, reference
                f"kills at (step, stage) {list(spec.failures.schedule)}", err=True)
     started_here = _quiet_local_ray(spec)
     try:
-        with ray_session(spec.ray):  # one Ray for both runs
-            result = run_training(spec, progress=True)
+        with ray_session(spec.ray):  # one Ray for both runs; each demo is a new run (never resumes an earlier one)
+            result = run_training(spec, progress=True, restart=True)
             baseline = None
             if reference:
                 ref_spec = spec.model_copy(update={
@@ -108,7 +108,7 @@ def run_demo(spec_file: str | None = None, out_dir: str | None = None, reference
                     "output": spec.output.model_copy(update={"uri": storage.join(spec.output.uri, "reference")}),
                 })
                 click.echo("demo: the same run without failures, for reference", err=True)
-                baseline = run_training(ref_spec, progress=True)
+                baseline = run_training(ref_spec, progress=True, restart=True)
     finally:
         if started_here:
             ray.shutdown()
