@@ -1,7 +1,12 @@
-"""Evaluator actors: memory per extra actor (zero-copy object-store checkpoints vs a copying baseline), and
-the Frechet distance at d=2048 against scipy's sqrtm. Run from the repository root:
+"""Evaluator actors: evaluations per second against the number of evaluators, memory per extra actor
+(zero-copy object-store checkpoints vs a copying baseline), and the Frechet distance at d=2048 against scipy's
+sqrtm. Run from the repository root:
 
-    .venv/bin/python benchmarks/evaluators.py [--quick]
+    .venv/bin/python benchmarks/evaluators.py [--quick] [--throughput-only] [--counts 1 2] [--gpu]
+
+Throughput runs the production path: a small diffusers UNet2DModel (about the MNIST recipe's size) saved as
+diffusers checkpoints, DDIM sampling, evaluations dispatched by the evaluator pool; with --gpu the evaluators
+share one GPU (1/n of it each).
 
 RSS counts the shared object-store pages an actor has touched, so it grows by the whole set even when
 nothing is copied; USS (private pages) and PSS (shared pages split among their users) show what each
@@ -52,10 +57,10 @@ def sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size: int) -> to
     return torch.tanh(model(x))
 
 
-def features(dim: int = 16) -> nn.Module:
-    """Features plug-in: a fixed projection."""
+def features(dim: int = 16, image: int = 8) -> nn.Module:
+    """Features plug-in: a fixed projection of (B, 1, image, image) images."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, dim))
+    return nn.Sequential(nn.Flatten(), nn.Linear(image * image, dim))
 
 
 def _memory() -> dict:
@@ -89,6 +94,57 @@ class CopyingEvaluator(MeasuredEvaluator):
         self.sources = self._device_sources(self.arrays)
 
 
+
+
+def write_diffusers_run(root: Path, num: int = 4) -> Path:
+    """`num` checkpoint-N/unet folders of a small random UNet2DModel (28x28, 1 channel), nearby weights."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    for step in range(1, num + 1):
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        unet.save_pretrained(root / f"checkpoint-{step}" / "unet")
+    return root
+
+
+def throughput_rows(counts: list[int], gpu: bool, jobs: int, samples: int, root: Path) -> list[dict]:
+    """Evaluations per second of the evaluator pool with each count of evaluators (1 CPU, or 1/n GPU, each)."""
+    from lcsc_ray.checkpoints import load_checkpoint_set
+    from lcsc_ray.pool import EvaluatorPool, Job
+    from schemas.search import SearchSpec
+
+    run = write_diffusers_run(root / "run")
+    rows = []
+    for count in counts:
+        spec = SearchSpec.model_validate({
+            "checkpoints": {"uri": str(run), "format": "diffusers"},
+            "sampler": {"target": "lcsc_ray.diffusers_sampling:sample", "nfe": 10, "kwargs": {"scheduler": "DDIM"}},
+            "fid": {"features": {"target": "benchmarks.evaluators:features", "kwargs": {"image": 28}}},
+            "evaluators": {"num_actors": count, "num_cpus": 1, "num_gpus": 1 / count if gpu else 0,
+                           "batch_size": samples, "split_min_samples": None},
+            "output": {"uri": str(root / "out")},
+        })
+        checkpoint_set = load_checkpoint_set(spec.checkpoints)
+        pool = EvaluatorPool(spec, checkpoint_set, (np.zeros(16), np.eye(16)))
+        try:
+            pool.probe(samples, 0)  # warm-up: every evaluator's first call is not timed below
+            pool.score([Job.of([0.25] * 4, samples, seed) for seed in range(1, count)])
+            start = time.perf_counter()
+            records = pool.score([Job.of([0.25] * 4, samples, 100 + i) for i in range(jobs)])
+            seconds = time.perf_counter() - start
+        finally:
+            pool.close()
+        assert all(r["status"] == "ok" for r in records), records
+        rows.append({"evaluators": count, "device": "gpu" if gpu else "cpu", "jobs": jobs, "samples": samples,
+                     "seconds": seconds, "evaluations_per_s": jobs / seconds})
+    for row in rows:
+        row["speedup_vs_1"] = row["evaluations_per_s"] / rows[0]["evaluations_per_s"]
+    return rows
 
 
 def memory_rows(k: int, numel: int) -> list[dict]:
@@ -161,15 +217,32 @@ def frechet_rows(dim: int, repeats: int) -> list[dict]:
     return rows
 
 
+def print_throughput(rows: list[dict]) -> None:
+    """The evaluations/s table."""
+    print(f"{'evaluators':>10s} {'device':>6s} {'jobs':>5s} {'samples':>7s} {'eval/s':>8s} {'x vs 1':>7s}")
+    for r in rows:
+        print(f"{r['evaluators']:10d} {r['device']:>6s} {r['jobs']:5d} {r['samples']:7d} "
+              f"{r['evaluations_per_s']:8.3f} {r['speedup_vs_1']:7.2f}")
+
+
 def main() -> None:
-    """Run both comparisons and write benchmarks/results/evaluators.json."""
+    """Run the comparisons and write benchmarks/results/evaluators.json (or --out)."""
+    import tempfile
+
     import ray
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller set (4 x 5M) and d=512")
+    parser.add_argument("--quick", action="store_true", help="smaller set (4 x 5M) and d=512, fewer jobs")
+    parser.add_argument("--throughput-only", action="store_true", help="only evaluations/s against evaluators")
+    parser.add_argument("--counts", type=int, nargs="+", default=None, help="evaluator counts (default 1..cores)")
+    parser.add_argument("--gpu", action="store_true", help="evaluators share one GPU (1/n each)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default results/evaluators.json, or evaluators_throughput.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     k, numel, dim, repeats = (4, 5_000_000, 512, 2) if args.quick else (8, 12_500_000, 2048, 2)
+    cores = os.cpu_count() or 1
+    counts = args.counts or list(range(1, min(cores, 4) + 1))
     for name, value in {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "disabled",
@@ -178,19 +251,33 @@ def main() -> None:
         os.environ.setdefault(name, value)
     ray.init(
         address="local",
-        num_cpus=2,
+        num_cpus=max(cores, max(counts)),
         include_dashboard=False,
         object_store_memory=2 * k * numel * 4,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}},
     )
     try:
-        memory = memory_rows(k, numel)
+        with tempfile.TemporaryDirectory() as tmp:
+            throughput = throughput_rows(counts, args.gpu, 6 if args.quick else 16, 100, Path(tmp))
+        memory = [] if args.throughput_only else memory_rows(k, numel)
     finally:
         ray.shutdown()
-    frechet = frechet_rows(dim, repeats)
+    print_throughput(throughput)
+    result = {"machine": machine_info(), "quick": args.quick, "throughput": throughput,
+              "load_average": os.getloadavg()[0]}
+    if not args.throughput_only:
+        result |= memory_report(memory, frechet_rows(dim, repeats))
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "evaluators_throughput.json" if args.throughput_only else "evaluators.json")
+    write_json(out, result)
+    print(f"-> {out}")
+
+
+def memory_report(memory: list[dict], frechet: list[dict]) -> dict:
+    """Print the memory and Frechet tables; their part of the JSON result."""
     mib = 2**20
     print(
-        f"checkpoint set: {k} x {numel:,} float32 = {memory[0]['set_bytes'] / mib:.0f} MiB; growth from "
+        f"checkpoint set: {memory[0]['set_bytes'] / mib:.0f} MiB; growth from "
         "before construction to after one evaluation"
     )
     print(f"{'mode':18s} {'actor':>5s} {'RSS +MiB':>9s} {'USS +MiB':>9s} {'PSS +MiB':>9s} {'USS+/set':>9s}")
@@ -207,21 +294,9 @@ def main() -> None:
         f"{frechet[0]['relative_difference']:.1e} (target < 1e-6)"
     )
     extra = next(r for r in memory if r["mode"] == "zero-copy" and r["actor"] == 2)
-    result = {
-        "machine": machine_info(),
-        "quick": args.quick,
-        "memory": memory,
-        "frechet": frechet,
-        "extra_actor_uss_over_set": extra["uss_growth"] / extra["set_bytes"],
-        "target_over_set": 0.2,
-        "load_average": os.getloadavg()[0],
-    }
-    out = ROOT / "benchmarks" / "results" / "evaluators.json"
-    write_json(out, result)
-    print(
-        f"extra zero-copy actor: USS +{result['extra_actor_uss_over_set']:.3f} x set (target < 0.2) -> "
-        f"{out.relative_to(ROOT)}"
-    )
+    ratio = extra["uss_growth"] / extra["set_bytes"]
+    print(f"extra zero-copy actor: USS +{ratio:.3f} x set (target < 0.2)")
+    return {"memory": memory, "frechet": frechet, "extra_actor_uss_over_set": ratio, "target_over_set": 0.2}
 
 
 if __name__ == "__main__":

@@ -3,15 +3,22 @@
 An evaluation of N samples is cut into chunks of `batch_size`; chunk j draws its noise from a seed derived
 from (seed, j), and chunk statistics are merged along a fixed binary tree over the chunk indices. Any
 aligned block of that tree gives the same float64 sums wherever it is computed, so an evaluation split over
-several actors merges to exactly the statistics one actor would compute.
+several actors merges to exactly the statistics one actor would compute (the pool splits large
+evaluations this way, `lcsc_ray.pool`).
+
+Device and precision: with `evaluators.num_gpus` > 0 the evaluator runs on the GPU Ray gave it
+(`select_device`); the checkpoints are copied there once, combined there and sampled there. Sampling may run
+under float16/bfloat16 autocast (`evaluators.dtype`, `sampling_precision`); the combination and the features
+stay float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import ray
@@ -69,6 +76,41 @@ def tree_merge(lo: int, hi: int, leaf) -> FIDStats:
     return tree_merge(lo, mid, leaf).merge(tree_merge(mid, hi, leaf))
 
 
+def merge_blocks(num_chunks: int, block_stats: Mapping[tuple[int, int], FIDStats]) -> FIDStats:
+    """Merge the statistics of `tree_blocks(num_chunks, ...)` blocks along the canonical tree: the result equals
+    exactly what one evaluator computes over all chunks."""
+    return tree_merge(0, num_chunks, lambda lo, hi: block_stats.get((lo, hi)))
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def select_device(num_gpus: float, gpu_ids: Sequence, cuda_available: bool, visible_devices: str | None) -> torch.device:
+    """The evaluator's device: the CPU without GPUs; with `num_gpus` > 0 the GPU Ray assigned (`gpu_ids` from
+    `ray.get_gpu_ids()`). Ray sets CUDA_VISIBLE_DEVICES to those GPUs, so the first visible one is cuda:0; when
+    it does not (`visible_devices` None), the assigned id itself. Asking for a GPU without CUDA is an error."""
+    if num_gpus <= 0:
+        return torch.device("cpu")
+    if not cuda_available:
+        raise SpecError(
+            f"`evaluators.num_gpus` is {num_gpus}, but torch {torch.__version__} in the evaluator sees no CUDA GPU; "
+            "install a CUDA build of torch on the GPU nodes, or set `evaluators.num_gpus: 0` to evaluate on CPUs",
+            source="evaluators.num_gpus",
+        )
+    if visible_devices is None and gpu_ids:
+        return torch.device("cuda", int(gpu_ids[0]))
+    return torch.device("cuda", 0)
+
+
+def sampling_precision(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """The context sampling runs in: torch.autocast to float16/bfloat16 on `device`, or nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype not in DTYPES:
+        raise SpecError(f"`evaluators.dtype` is {dtype!r}; choose one of {sorted(DTYPES)}", source="evaluators.dtype")
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
 class Evaluator:
     """Holds the checkpoints (zero-copy), model, sampler, feature network and reference stats of one actor."""
 
@@ -88,9 +130,10 @@ class Evaluator:
             raise ValueError("Evaluator needs the layout and the reference mu and sigma")
         torch.set_num_threads(spec.evaluators.torch_threads)
         self.spec, self.layout = spec, layout
-        self.device = torch.device(
-            "cuda" if torch.cuda.is_available() and spec.evaluators.num_gpus > 0 else "cpu"
-        )
+        self.device = select_device(spec.evaluators.num_gpus, ray.get_gpu_ids() if ray.is_initialized() else [],
+                                    torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.arrays = ray.get(list(checkpoint_refs))  # read-only numpy views of the object store
         # An ObjectRef passed as a top-level actor argument arrives already resolved (an ndarray); a direct
         # construction from a CheckpointSet hands over the ref itself.
@@ -151,14 +194,16 @@ class Evaluator:
     @torch.inference_mode()
     def _chunk_stats(self, seed: int, index: int, size: int, timings: dict) -> FIDStats:
         start = time.perf_counter()
-        images = self.sampler(
-            self.model,
-            size,
-            chunk_seed(seed, index),
-            self.spec.sampler.nfe,
-            self.spec.evaluators.batch_size,
-            **self.spec.sampler.kwargs,
-        )
+        with sampling_precision(self.device, self.spec.evaluators.dtype):
+            images = self.sampler(
+                self.model,
+                size,
+                chunk_seed(seed, index),
+                self.spec.sampler.nfe,
+                self.spec.evaluators.batch_size,
+                **self.spec.sampler.kwargs,
+            )
+        images = images.float()  # features in float32 whatever precision sampled
         mid = time.perf_counter()
         if not bool(torch.isfinite(images).all()):
             raise CandidateError(
@@ -218,16 +263,24 @@ class Evaluator:
         seed: int,
         chunk_indices: Sequence[int],
         num_samples: int | None = None,
+        raise_nonfinite: bool = True,
     ) -> dict:
         """FIDStats dict of a contiguous block of chunks (pass blocks from `tree_blocks` for exact merges).
-        `num_samples` None means every chunk is a full batch; coefficients None means the run's EMA."""
+        `num_samples` None means every chunk is a full batch; coefficients None means the run's EMA. Non-finite
+        weights or samples raise CandidateError, or with raise_nonfinite=False return {'nonfinite': True}."""
         indices = list(chunk_indices)
         if not indices or indices != list(range(indices[0], indices[-1] + 1)):
             raise ValueError(f"chunk_indices must be a non-empty contiguous range, got {indices[:10]}")
         coefficients = self._checked(coefficients)
         num_samples = num_samples or (indices[-1] + 1) * self.spec.evaluators.batch_size
         timings = dict.fromkeys(("combine_s", "sample_s", "features_s"), 0.0)
-        return self._stats(coefficients, seed, indices[0], indices[-1] + 1, num_samples, timings).to_dict()
+        try:
+            stats = self._stats(coefficients, seed, indices[0], indices[-1] + 1, num_samples, timings)
+        except CandidateError:
+            if raise_nonfinite:
+                raise
+            return {"nonfinite": True}
+        return stats.to_dict()
 
     def _checked(self, coefficients):
         if coefficients is None:
@@ -333,42 +386,3 @@ def start_evaluators(
                 "lower `evaluators.num_actors` or their resources"
             ) from None
     return actors
-
-
-def evaluate_split(
-    actors: Sequence,
-    coefficients: Sequence[float] | None,
-    num_samples: int,
-    seed: int,
-    batch_size: int | None = None,
-    reference_stats: tuple[np.ndarray, np.ndarray] | None = None,
-) -> dict:
-    """One evaluation spread over `actors`: each computes aligned blocks of the canonical merge tree, and the
-    merged statistics equal exactly those one actor computes. Returns evaluate()'s keys (fid included:
-    from `reference_stats` when given, else scored by the first actor)."""
-    start = time.perf_counter()
-    batch_size = batch_size or ray.get(actors[0].info.remote())["batch_size"]
-    blocks = tree_blocks(len(chunk_sizes(num_samples, batch_size)), len(actors))
-    pending = {
-        block: actors[i % len(actors)].evaluate_stats.remote(coefficients, seed, range(*block), num_samples)
-        for i, block in enumerate(blocks)
-    }
-    results = dict(zip(pending, ray.get(list(pending.values()))))
-    stats = tree_merge(
-        0,
-        blocks[-1][1],
-        lambda lo, hi: FIDStats.from_dict(results[(lo, hi)]) if (lo, hi) in results else None,
-    )
-    if reference_stats is not None:
-        fid = fid_from_stats(stats, *reference_stats)
-    else:
-        fid = ray.get(actors[0].score.remote(stats.to_dict()))
-    return {
-        "fid": fid,
-        "stats": stats.to_dict(),
-        "num_samples": num_samples,
-        "seed": seed,
-        "nonfinite": False,
-        "timings": {"total_s": time.perf_counter() - start},
-        "blocks": blocks,
-    }

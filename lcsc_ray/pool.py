@@ -14,6 +14,9 @@ Every evaluation of a search goes through `PoolService.evaluate`, so one set of 
   After `evaluators.max_replacements` replacements the pool stops, naming the cause.
 - An evaluation that raises (not a lost evaluator) is deterministic: it is not retried, its record says why,
   and after `evaluators.max_failed_evaluations` of them the pool stops with that root cause.
+- A job of at least `evaluators.split_min_samples` samples is split across every evaluator: each block of
+  chunks (`evaluator.tree_blocks`) runs as its own sub-evaluation under the same timeout, healing and retry
+  rules, and the blocks' FID statistics merge to exactly those one evaluator computes (`merge_blocks`).
 - Callers never hold an evaluator: the service does, so a trial process that dies mid-evaluation leaks
   nothing (its evaluation finishes, is recorded, and the evaluator goes back to the pool).
 - A job asked for again while it is being evaluated (a Tune trial retried after its process died) joins that
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +43,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lcsc_ray.checkpoints import CheckpointSet
 from lcsc_ray.combine import check_non_float_equal
 from lcsc_ray.evaluations import EvaluationStore
-from lcsc_ray.evaluator import EvaluatorActor, evaluator_options
+from lcsc_ray.evaluator import EvaluatorActor, chunk_sizes, evaluator_options, merge_blocks, tree_blocks
+from lcsc_ray.fid import FIDStats, fid_from_stats
 from rayops.progress import ProgressLine
 from rayops.resources import check_placeable
 from schemas.errors import LcscCheckfreeError
@@ -119,7 +124,7 @@ class PoolService:
         self.free: list[int] = []
         self.condition = asyncio.Condition()
         self.first_timed: tuple[float, int] | None = None
-        self.replacements, self.failed = 0, 0
+        self.replacements, self.failed, self.split_jobs = 0, 0, 0
         self.stopped: str | None = None
         self.in_flight: dict[Job, asyncio.Task] = {}
         self.failures: dict[Job, dict] = {}  # deterministic failures of this search, by job
@@ -225,15 +230,30 @@ class PoolService:
         return await asyncio.shield(self.in_flight[job])
 
     async def _evaluate(self, job: Job) -> dict:
+        blocks = self._split_blocks(job)
+        if blocks:
+            return await self._evaluate_split(job, blocks)
+        alphas = None if job.alphas is None else list(job.alphas)
+        outcome, value, index, attempt = await self._on_evaluator(
+            lambda actor: actor.evaluate.remote(alphas, job.num_samples, job.seed, raise_nonfinite=False),
+            job.num_samples)
+        if outcome == "error":
+            return await self._failed(job, value, index, attempt)
+        if outcome == "lost":
+            return evaluation_record(job, math.inf, "failed", value, attempts=ATTEMPTS)
+        return await self._finished(job, value, index, attempt)
+
+    async def _on_evaluator(self, submit, num_samples: int) -> tuple[str, object, int, int]:
+        """Run `submit(actor)` on a free evaluator, retried once elsewhere when that evaluator hangs or dies.
+        Returns ('done', output, index, attempt), ('error', root cause, index, attempt) when the call raised,
+        or ('lost', reasons, -1, ATTEMPTS) when both attempts lost their evaluator."""
         avoid: set[int] = set()
         reasons: list[str] = []
         for attempt in range(1, ATTEMPTS + 1):
             index = await self._acquire(avoid)
-            timeout = evaluation_timeout(job.num_samples, self.spec.evaluators.evaluation_timeout_s, self.first_timed)
-            alphas = None if job.alphas is None else list(job.alphas)
-            ref = self.actors[index].evaluate.remote(alphas, job.num_samples, job.seed, raise_nonfinite=False)
+            timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, self.first_timed)
             try:
-                out = await asyncio.wait_for(ref, timeout)
+                out = await asyncio.wait_for(submit(self.actors[index]), timeout)
             except asyncio.TimeoutError:
                 reasons.append(f"evaluator {index} did not finish within {timeout:.0f} s")
                 avoid.add(index)
@@ -246,14 +266,58 @@ class PoolService:
                 continue
             except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
                 await self._release(index)
-                return await self._failed(job, _root_cause(exc), index, attempt)
+                return "error", _root_cause(exc), index, attempt
             await self._release(index)
-            return await self._finished(job, out, index, attempt)
-        return evaluation_record(job, math.inf, "failed", "; ".join(reasons), attempts=ATTEMPTS)
+            return "done", out, index, attempt
+        return "lost", "; ".join(reasons), -1, ATTEMPTS
 
-    async def _finished(self, job: Job, out: dict, index: int, attempt: int) -> dict:
+    def _split_blocks(self, job: Job) -> list[tuple[int, int]]:
+        """The chunk blocks a job is split into across the evaluators, or [] when it runs on one."""
+        evaluators = self.spec.evaluators
+        if evaluators.split_min_samples is None or job.num_samples < evaluators.split_min_samples:
+            return []
+        blocks = tree_blocks(len(chunk_sizes(job.num_samples, evaluators.batch_size)), len(self.actors))
+        return blocks if len(blocks) > 1 else []
+
+    async def _evaluate_split(self, job: Job, blocks: list[tuple[int, int]]) -> dict:
+        """One job as blocks of chunks on several evaluators at once; their statistics merged exactly."""
+        self.split_jobs += 1
+        start = time.perf_counter()
+        sizes = chunk_sizes(job.num_samples, self.spec.evaluators.batch_size)
+        alphas = None if job.alphas is None else list(job.alphas)
+
+        def submit(lo: int, hi: int):
+            return lambda actor: actor.evaluate_stats.remote(alphas, job.seed, list(range(lo, hi)), job.num_samples,
+                                                             raise_nonfinite=False)
+
+        outcomes = await asyncio.gather(*(self._on_evaluator(submit(lo, hi), sum(sizes[lo:hi])) for lo, hi in blocks))
+        for outcome, value, index, attempt in outcomes:
+            if outcome == "error":
+                return await self._failed(job, value, index, attempt)
+        lost = [value for outcome, value, _, _ in outcomes if outcome == "lost"]
+        if lost:
+            return evaluation_record(job, math.inf, "failed", "; ".join(lost), attempts=ATTEMPTS)
+        attempt = max(outcome[3] for outcome in outcomes)
+        if any(outcome[1].get("nonfinite") for outcome in outcomes):
+            out = {"fid": math.inf, "nonfinite": True}
+        else:
+            stats = merge_blocks(len(sizes), {block: FIDStats.from_dict(outcome[1])
+                                              for block, outcome in zip(blocks, outcomes)})
+            mu, sigma = await self._reference()
+            out = {"fid": fid_from_stats(stats, mu, sigma), "nonfinite": False}
+        out["timings"] = {"total_s": time.perf_counter() - start}
+        return await self._finished(job, out, -1, attempt, timed=False)
+
+    async def _reference(self) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(self, "reference"):
+            mu, sigma = self.shared["mu"], self.shared["sigma"]
+            self.reference = (await mu if isinstance(mu, ray.ObjectRef) else mu,
+                              await sigma if isinstance(sigma, ray.ObjectRef) else sigma)
+        return self.reference
+
+    async def _finished(self, job: Job, out: dict, index: int, attempt: int, timed: bool = True) -> dict:
         eval_s = float(out["timings"]["total_s"])
-        if self.first_timed is None:
+        if self.first_timed is None and timed:  # a split job's wall time is no single evaluator's
             self.first_timed = (eval_s, job.num_samples)
         if out.get("nonfinite") or not math.isfinite(float(out["fid"])):
             record = evaluation_record(job, math.inf, "nonfinite", "combined weights or samples hold NaN/inf",
@@ -277,6 +341,7 @@ class PoolService:
     async def state(self) -> dict:
         """Replacements, failures, the stop cause, evaluator pids and the current timeout rule."""
         return {"replacements": self.replacements, "failed": self.failed, "stopped": self.stopped,
+                "split_jobs": self.split_jobs,
                 "pids": list(self.pids), "first_timed": self.first_timed, "num_evaluators": len(self.actors)}
 
     async def evaluators(self) -> list:

@@ -96,6 +96,17 @@ class EvaluatorSpec(StrictModel):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per evaluator actor (fractions allowed).")
     batch_size: int = Field(default=250, ge=1, description="Sampling and feature batch size.")
     torch_threads: int = Field(default=1, ge=1, description="torch threads per actor (1 avoids oversubscription).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32",
+        description="Precision of sampling: 'float16' or 'bfloat16' run the sampler under torch.autocast on the "
+        "evaluator's device (a GPU with `num_gpus` > 0); combination and features stay float32.",
+    )
+    split_min_samples: int | None = Field(
+        default=10000, ge=2,
+        description="Evaluations of at least this many samples are split across every evaluator: each computes "
+        "a share of the chunks (the same noise as one evaluator would draw) and the FID statistics are merged. "
+        "None never splits.",
+    )
     evaluation_timeout_s: float | None = Field(
         default=None, gt=0,
         description="Seconds one evaluation may take before its evaluator is killed and replaced and the candidate "

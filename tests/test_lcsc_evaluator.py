@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from lcsc_ray.checkpoints import load_checkpoint_set, read_state_dict
-from lcsc_ray.evaluator import CandidateError, chunk_seed, chunk_sizes, evaluate_split, start_evaluators
-from lcsc_ray.fid import FIDStats, frechet_distance, reference_stats_for
+from lcsc_ray.evaluator import (
+    CandidateError,
+    chunk_seed,
+    chunk_sizes,
+    merge_blocks,
+    start_evaluators,
+    tree_blocks,
+)
+from lcsc_ray.fid import FIDStats, fid_from_stats, frechet_distance, reference_stats_for
 from schemas.search import SearchSpec
 from tests import lcsc_plugins
 
@@ -69,15 +76,17 @@ def test_same_coefficients_same_fid(setup, ray_local):
 
 
 def test_split_across_actors_equals_one_actor(setup, ray_local):
-    """An evaluation split over 2 actors merges to bit-identical statistics and FID."""
+    """Blocks of the merge tree computed on 2 actors merge to bit-identical statistics and FID."""
     _, _, reference, actors = setup
     alphas = [0.25, 0.25, 0.25, 0.25]
     whole = ray_local.get(actors[0].evaluate.remote(alphas, NUM_SAMPLES, 5, return_stats=True))
-    split = evaluate_split(actors, alphas, NUM_SAMPLES, 5)
-    assert len(split["blocks"]) >= 2
-    assert np.array_equal(split["stats"]["sum_outer"], whole["stats"]["sum_outer"])
-    assert split["fid"] == whole["fid"]
-    assert evaluate_split(actors, alphas, NUM_SAMPLES, 5, reference_stats=reference)["fid"] == whole["fid"]
+    num_chunks = len(chunk_sizes(NUM_SAMPLES, BATCH))
+    blocks = tree_blocks(num_chunks, len(actors))
+    assert len(blocks) >= 2
+    refs = [actors[i % 2].evaluate_stats.remote(alphas, 5, range(*block), NUM_SAMPLES) for i, block in enumerate(blocks)]
+    merged = merge_blocks(num_chunks, {b: FIDStats.from_dict(r) for b, r in zip(blocks, ray_local.get(refs))})
+    assert np.array_equal(merged.sum_outer, whole["stats"]["sum_outer"])
+    assert fid_from_stats(merged, *reference) == whole["fid"]
 
 
 def test_one_hot_reproduces_checkpoint_fid(setup, ray_local):
