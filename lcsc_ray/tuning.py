@@ -181,6 +181,13 @@ class ReplaySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         """Nothing to restore: a resumed search builds a new searcher that replays the record."""
 
+    def in_proposal_order(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The phase's trial rows in proposal order (Tune lists a trial it ran again, after its process died,
+        out of turn), so the trials table does not depend on which process was lost."""
+        index = {entry.get("trial_id"): entry["index"] for entry in self.entries}
+        order = rows.trial_id.map(lambda trial_id: index.get(str(trial_id).removeprefix("trial_"), len(index)))
+        return rows.iloc[order.argsort(kind="stable")].reset_index(drop=True)
+
 
 def nevergrad_searcher(optimizer, names: list[str], max_concurrent: int,
                        record_uri: str | None = None) -> ReplaySearcher:
@@ -243,6 +250,8 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
         # the seeds in the order given (a restored experiment lists its trials in another order)
         order = {label: i for i, label in enumerate(space["label"].categories)}
         rows = rows.sort_values("label", key=lambda labels: labels.map(order), kind="stable").reset_index(drop=True)
+    if isinstance(searcher, ReplaySearcher) and len(rows):
+        rows = searcher.in_proposal_order(rows)
     return rows
 
 

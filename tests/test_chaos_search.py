@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from lcsc_ray.coefficients import to_alphas
 from lcsc_ray.search import run_search
 from tests.test_lcsc_pool import calls, jobs, pool_spec, start_pool, wait_until
 from tests.test_lcsc_search import tiny_spec
@@ -63,22 +66,28 @@ def test_a_failed_job_asked_again_is_neither_rerun_nor_counted_twice(ray_local, 
 
 @pytest.mark.timeout(300)
 def test_a_killed_trial_process_costs_no_candidate(ray_local, tmp_path):
-    """Trial processes SIGKILLed while they wait on an evaluation are run again by Tune: every candidate scores,
-    the budget is exact, and each candidate is sampled once."""
+    """Trial processes SIGKILLed while they wait on an evaluation of the optimiser phase are run again by Tune:
+    every candidate scores, the budget is exact, each candidate is sampled once, rows stay in proposal order."""
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    spec = tiny_spec(tmp_path, budget=6, sampler={
+    spec = tiny_spec(tmp_path, budget=8, sampler={
         "target": "tests.lcsc_search_plugins:trial_killing_sample", "nfe": 2,
-        "kwargs": {"log_dir": str(log_dir), "kill_on_call": 3}})
+        "kwargs": {"log_dir": str(log_dir), "kill_on_call": 6}})  # calls 1-4: probe and seeds; 5-8: the optimiser's
     run_search(spec)
     killed = (log_dir / "killed_trials").read_text().split()
     assert killed, "no trial process was killed"
     trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
     search = trials[trials.rung == 0]
-    assert len(search) == 6 and (search.status == "ok").all(), search[["label", "status", "reason"]]
+    assert len(search) == 8 and (search.status == "ok").all(), search[["label", "status", "reason"]]
     noise_seeds = [line.split()[1] for line in (log_dir / "calls.log").read_text().splitlines()]
     # calls on the search's noise (the probe's): one per distinct candidate (the probe is the 'last' seed's)
-    assert noise_seeds.count(noise_seeds[0]) == 6
+    assert noise_seeds.count(noise_seeds[0]) == 8
+    proposals = sorted((json.loads(p.read_text()) for p in (tmp_path / "out" / "state" / "proposals").glob("*.json")),
+                       key=lambda entry: entry["index"])
+    expected = [to_alphas(entry["free"], "difference") for entry in proposals]
+    optimiser_rows = list(search[search.phase == "search"].coefficients)
+    assert len(optimiser_rows) == len(expected) == 4
+    assert all(np.allclose(row, alphas, atol=1e-9) for row, alphas in zip(optimiser_rows, expected))
 
 
 @pytest.mark.slow
