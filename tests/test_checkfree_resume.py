@@ -99,6 +99,18 @@ def test_a_rerun_never_prunes_or_loads_an_earlier_runs_checkpoints(where, tmp_pa
     assert earlier.load(200, 4).metadata["run_id"] == earlier.run.run_id
 
 
+def test_cli_train_into_another_specs_output_exits_1_naming_the_run(tmp_path):
+    """`checkfree-ray train` of a changed spec into an occupied output exits 1 before starting Ray, naming the run
+    there, what changed and --restart."""
+    first = open_run(tiny_spec(str(tmp_path / "out")))
+    changed = tiny_spec(str(tmp_path / "out"), steps=9)
+    dump_spec(changed, tmp_path / "changed.yaml")
+    outcome = CliRunner().invoke(main, ["train", str(tmp_path / "changed.yaml")])
+    assert outcome.exit_code == 1, outcome.output
+    assert first.run_id in outcome.output and "spec.steps: changed" in outcome.output
+    assert "--restart" in outcome.output
+
+
 def test_train_and_submit_offer_restart():
     """`checkfree-ray train --help` and `submit --help` list --restart."""
     for command in ("train", "submit"):
