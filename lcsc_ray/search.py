@@ -23,7 +23,7 @@ from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.export import combined_safetensors
 from lcsc_ray.fid import reference_stats_for
 from lcsc_ray.pool import EvaluatorPool, EvaluatorPoolError, Job
-from lcsc_ray.run_identity import prepare_state, recorded_identity
+from lcsc_ray.run_identity import preflight, prepare_state, recorded_identity
 from lcsc_ray.trials import TrialFailedError, trainable
 from lcsc_ray.tuning import (
     SearchProgress,
@@ -215,32 +215,35 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
 
     started = time.monotonic()
     spec = absolutize_output(spec)
-    finished = check_resumable(spec, restart=restart, force=force)
-    if finished is not None:
-        return finished
-    with OutputLock(spec.output.uri, what="search") as lock, ray_session(spec.ray):
-        checkpoint_set = load_checkpoint_set(spec.checkpoints)
-        log.info("loaded %d checkpoints (%s) into the object store: %.1f MB", len(checkpoint_set),
-                 ", ".join(checkpoint_set.names[:3]) + (" ..." if len(checkpoint_set) > 3 else ""),
-                 checkpoint_set.nbytes / 1e6)
-        run = SearchRun(spec, checkpoint_set)
-        try:
-            run.start_pool(reference_stats_for(spec))
-            seeds = seed_vectors(len(checkpoint_set), spec)
-            progress = ProgressLine("lcsc search: trials", total=spec.search.budget)
-            trials = run.run_rungs(run.run_trials(seeds, progress))
-            require_successes(trials)
-            candidates = reported_candidates(run, trials, seeds)
-            scores = score_candidates(run, candidates)
-            result = build_result(spec, run, trials, scores, time.monotonic() - started)
-            combined, _ = combined_safetensors(spec.checkpoints, result.best.coefficients)
-            lock.check()
-            write_search_outputs(spec, result, trials, combined)
-        finally:
-            # every actor the search started (the pool's service and its evaluators) ends with it: on success,
-            # on an error and on Ctrl-C
-            if run.pool is not None:
-                run.pool.close()
+    preflight(spec)  # read-only checks first: bad input fails before the output is touched
+    # the lock comes before the state is read or cleared: a --restart never clears a running search's state
+    with OutputLock(spec.output.uri, what="search") as lock:
+        finished = check_resumable(spec, restart=restart, force=force)
+        if finished is not None:
+            return finished
+        with ray_session(spec.ray):
+            checkpoint_set = load_checkpoint_set(spec.checkpoints)
+            log.info("loaded %d checkpoints (%s) into the object store: %.1f MB", len(checkpoint_set),
+                     ", ".join(checkpoint_set.names[:3]) + (" ..." if len(checkpoint_set) > 3 else ""),
+                     checkpoint_set.nbytes / 1e6)
+            run = SearchRun(spec, checkpoint_set)
+            try:
+                run.start_pool(reference_stats_for(spec))
+                seeds = seed_vectors(len(checkpoint_set), spec)
+                progress = ProgressLine("lcsc search: trials", total=spec.search.budget)
+                trials = run.run_rungs(run.run_trials(seeds, progress))
+                require_successes(trials)
+                candidates = reported_candidates(run, trials, seeds)
+                scores = score_candidates(run, candidates)
+                result = build_result(spec, run, trials, scores, time.monotonic() - started)
+                combined, _ = combined_safetensors(spec.checkpoints, result.best.coefficients)
+                lock.check()
+                write_search_outputs(spec, result, trials, combined)
+            finally:
+                # every actor the search started (the pool's service and its evaluators) ends with it: on success,
+                # on an error and on Ctrl-C
+                if run.pool is not None:
+                    run.pool.close()
     return result
 
 

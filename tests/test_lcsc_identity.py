@@ -159,3 +159,19 @@ def test_explicit_paths_keep_two_or_more(tmp_path):
             from schemas.loader import parse_spec
 
             parse_spec({"checkpoints": {"paths": paths}}, SearchSpec)
+
+
+def test_restart_into_a_running_searchs_output_is_refused_and_keeps_its_state(tmp_path):
+    """A second search with --restart meets the running one's lock before it can clear that search's state."""
+    from lcsc_ray.search import run_search
+    from rayops.output_lock import OutputLock, OutputLockedError
+
+    spec = tiny_spec(tmp_path)
+    prepare_state(spec)
+    spec_file = tmp_path / "out" / "state" / "spec.json"
+    before = spec_file.read_bytes()
+    with OutputLock(spec.output.uri, what="search"):  # the running search
+        with pytest.raises(OutputLockedError):
+            run_search(spec, restart=True)
+    assert spec_file.read_bytes() == before
+    assert (tmp_path / "out" / "state" / FINGERPRINT_FILE).exists()
