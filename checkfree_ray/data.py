@@ -68,3 +68,8 @@ class ByteCorpus:
         rng = step_rng(self.seed, VALIDATION_STREAM, 0)
         starts = rng.integers(0, len(self.val) - self.seq_len - 1, size=count * micro_batch_size)
         return self._windows(self.val, starts, (count, micro_batch_size))
+
+
+def tokenizer_vocab_size(spec: DataSpec) -> int | None:
+    """Vocabulary size of the spec's tokenizer (None: byte-level, 256)."""
+    return None

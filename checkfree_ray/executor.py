@@ -34,11 +34,11 @@ from checkfree_ray.checkpointing import (
 )
 from checkfree_ray.data import ByteCorpus
 from checkfree_ray.failures import FailureInjector
-from checkfree_ray.model import ModelConfig, build_parts
+from checkfree_ray.model import ModelConfig
 from checkfree_ray.pool import StagePool
 from checkfree_ray.recovering import StageLost, phase_of, unanswering
 from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
-from checkfree_ray.stage import initial_stage_state
+from checkfree_ray.stage import initial_states
 from schemas.errors import RecoveryError, StorageError
 from schemas.train import FailureRecord, TrainSpec
 
@@ -71,7 +71,7 @@ class PipelineExecutor:
     def __init__(self, spec: TrainSpec, checkpoint_uri: str | None = None, run: RunIdentity | None = None):
         self.spec, self.S = spec, spec.pipeline.num_stages
         self.strategy = spec.recovery.strategy
-        self.cfg = ModelConfig.from_spec(spec.model, self.S)
+        self.cfg = ModelConfig.from_train_spec(spec)
         self.corpus = ByteCorpus(spec.data, spec.model.seq_len, spec.seed)
         self.injector = FailureInjector(spec.failures, self.S)
         every = spec.checkpoint_every()
@@ -96,9 +96,8 @@ class PipelineExecutor:
         self.pool = StagePool(self.spec, self.cfg)
         self.actors = self.pool.start_stages()
         if resume is None:
-            parts = build_parts(self.cfg, self.spec.seed)
-            ray.get([a.configure.remote(i, self.spec.optim.lr, initial_stage_state(parts, i))
-                     for i, a in enumerate(self.actors)])
+            states = initial_states(self.spec, self.cfg)  # the seed's weights, or model.hf_path's
+            ray.get([a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)])
         else:
             self._load_checkpoint(resume)
             restore_history(self.history, resume.history or {})

@@ -1,6 +1,7 @@
-"""A small LLaMa (RMSNorm, rotary embeddings, SwiGLU, causal attention, byte vocabulary), split for a pipeline.
+"""A LLaMa (RMSNorm, rotary embeddings, SwiGLU, causal grouped-query attention), split for a pipeline.
 
-The model is three kinds of parts: the embedding (`Embedding`), S transformer stages (`Stage`, each
+The vocabulary is bytes by default, or a tokenizer's; a Hugging Face Llama config (`checkfree_ray.hf_llama`)
+fills the same `ModelConfig` (GQA, RMSNorm eps, rope theta and scaling). The model is three kinds of parts: the embedding (`Embedding`), S transformer stages (`Stage`, each
 n_layers / S blocks) and the head (`Head`: final norm + LM projection). `build_parts` makes all of them
 from one seed, so the pipeline actors and the single-process reference start from identical weights.
 `ReferenceTrainer` trains the same parts in one process with the same per-stage clipping and Adam:
@@ -23,7 +24,7 @@ VOCAB_SIZE = 256  # byte-level
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Sizes of one model; built from `LlamaSpec` plus the stage count."""
+    """Sizes of one model; built from `LlamaSpec` (or its `hf_path` config) plus the stage count."""
 
     d_model: int
     n_layers: int
@@ -32,17 +33,61 @@ class ModelConfig:
     seq_len: int
     rope_theta: float
     num_stages: int
+    vocab_size: int = VOCAB_SIZE
+    n_kv_heads: int | None = None  # None: n_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: d_model / n_heads
+    norm_eps: float = 1e-6
+    rope_scaling: tuple[tuple[str, float | str], ...] | None = None  # sorted items of HF `rope_parameters`
 
     @classmethod
-    def from_spec(cls, spec: LlamaSpec, num_stages: int) -> ModelConfig:
-        """Resolve defaults: SwiGLU width 8/3 d rounded up to a multiple of 8."""
+    def from_spec(cls, spec: LlamaSpec, num_stages: int, vocab_size: int | None = None) -> ModelConfig:
+        """Resolve defaults: SwiGLU width 8/3 d rounded up to a multiple of 8; `model.hf_path` reads its config."""
+        if spec.hf_path is not None:
+            from checkfree_ray.hf_llama import config_from_hf
+
+            return config_from_hf(spec, num_stages, vocab_size)
         hidden = spec.ffn_hidden or 8 * math.ceil(8 * spec.d_model / 3 / 8)
-        return cls(spec.d_model, spec.n_layers, spec.n_heads, hidden, spec.seq_len, spec.rope_theta, num_stages)
+        return cls(spec.d_model, spec.n_layers, spec.n_heads, hidden, spec.seq_len, spec.rope_theta, num_stages,
+                   vocab_size=spec.vocab_size or vocab_size or VOCAB_SIZE, n_kv_heads=spec.n_kv_heads,
+                   norm_eps=spec.norm_eps)
+
+    @classmethod
+    def from_train_spec(cls, spec) -> ModelConfig:
+        """The model of a `TrainSpec`: its `model` section, with the vocabulary of its tokenizer when it names one."""
+        from checkfree_ray.data import tokenizer_vocab_size
+        from schemas.errors import SpecError
+
+        data_vocab = tokenizer_vocab_size(spec.data)
+        cfg = cls.from_spec(spec.model, spec.pipeline.num_stages, data_vocab)
+        if cfg.vocab_size < (data_vocab or VOCAB_SIZE):
+            where = f"`model.hf_path` ({spec.model.hf_path})" if spec.model.hf_path else "`model.vocab_size`"
+            raise SpecError(
+                f"the data's token ids reach {(data_vocab or VOCAB_SIZE) - 1} but {where} has vocab_size "
+                f"{cfg.vocab_size}; use a tokenizer within it (`data.tokenizer`) or a larger vocabulary"
+            )
+        return cfg
 
     @property
     def layers_per_stage(self) -> int:
         """Blocks in each transformer stage."""
         return self.n_layers // self.num_stages
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (grouped-query attention when fewer than `n_heads`)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        """Channels per attention head."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    def parameter_count(self) -> int:
+        """Parameters of the whole model (embedding, blocks, head), the N of 6·N FLOPs per token."""
+        hd, d = self.dim_per_head, self.d_model
+        attn = d * hd * (self.n_heads + 2 * self.kv_heads) + self.n_heads * hd * d
+        block = attn + 3 * d * self.ffn_hidden + 2 * d
+        return 2 * self.vocab_size * d + self.n_layers * block + d
 
 
 class RMSNorm(nn.Module):
@@ -57,9 +102,28 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), scaled as Hugging Face's 'linear' and 'llama3' rope types do."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        return freqs / float(scaling["factor"])
+    if kind == "llama3":  # Llama 3.1: low frequencies divided by `factor`, a smooth ramp between the bands
+        factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        context = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / freqs
+        scaled = torch.where(wavelen > context / low, freqs / factor, freqs)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+        return torch.where(medium, smoothed, scaled)
+    return freqs
+
+
+def rotary_tables(head_dim: int, seq_len: int, theta: float, scaling: dict | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (T, head_dim/2)."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
 
@@ -74,21 +138,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with rotary position embeddings."""
+    """Causal grouped-query self-attention (n_kv_heads key/value heads) with rotary position embeddings."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
+        self.proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B,nh,T,hs)
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=2)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv, self.hd).transpose(1, 2) for t in (k, v))  # (B, n_kv, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv != self.n_heads:
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
 class SwiGLU(nn.Module):
@@ -109,8 +176,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
-        self.ffn_norm, self.ffn = RMSNorm(cfg.d_model), SwiGLU(cfg)
+        self.attn_norm, self.attn = RMSNorm(cfg.d_model, cfg.norm_eps), Attention(cfg)
+        self.ffn_norm, self.ffn = RMSNorm(cfg.d_model, cfg.norm_eps), SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -118,11 +185,11 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Byte ids (B, T) -> activations (B, T, d)."""
+    """Token ids (B, T) -> activations (B, T, d)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.tok = nn.Embedding(VOCAB_SIZE, cfg.d_model)
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok(tokens)
@@ -134,7 +201,8 @@ class Stage(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers_per_stage))
-        cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.seq_len, cfg.rope_theta)
+        scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+        cos, sin = rotary_tables(cfg.dim_per_head, cfg.seq_len, cfg.rope_theta, scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -145,12 +213,12 @@ class Stage(nn.Module):
 
 
 class Head(nn.Module):
-    """Final RMSNorm and the LM projection to byte logits."""
+    """Final RMSNorm and the LM projection to vocabulary logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = RMSNorm(cfg.d_model)
-        self.lm = nn.Linear(cfg.d_model, VOCAB_SIZE, bias=False)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm(self.norm(x))  # (B, T, vocab)

@@ -359,3 +359,15 @@ def initial_stage_state(parts, stage_index: int) -> FlatState:
         modules[HEAD] = parts.head
     return {f"model/{part}/{name}": t.detach().clone()
             for part, module in modules.items() for name, t in module.state_dict().items()}
+
+
+def initial_states(spec, cfg: ModelConfig) -> list[FlatState]:
+    """Each stage's starting model state: `model.hf_path`'s weights when it has some, else the seed's."""
+    from checkfree_ray.hf_llama import initial_stage_states
+    from checkfree_ray.model import build_parts
+
+    loaded = initial_stage_states(spec.model, cfg)
+    if loaded is not None:
+        return loaded
+    parts = build_parts(cfg, spec.seed)
+    return [initial_stage_state(parts, i) for i in range(cfg.num_stages)]

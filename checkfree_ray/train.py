@@ -110,6 +110,7 @@ def write_result(result: TrainResult, uri: str) -> TrainResult:
     """Write result.json, metrics.parquet and loss_vs_time.png under `uri` (manifest last)."""
     names = ("result.json", "metrics.parquet", "loss_vs_time.png")
     result.files = {name: storage.join(uri, name) for name in names}
+    result.files["hf"] = storage.join(uri, "hf")  # the trained model, written by `export_model`
     files = {
         "metrics.parquet": _metrics_parquet(result),
         "loss_vs_time.png": loss_vs_time_png(result),
@@ -148,6 +149,7 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
             line = ProgressLine(f"train[{spec.recovery.strategy}]", total=spec.steps) if progress else None
             train_loop(executor, line, first_step=resume.step + 1 if resume is not None else 1)
             executor.finish_checkpoints()
+            export_model(executor, storage.join(spec.output.uri, "hf"))
         finally:
             executor.shutdown()
     before_resume = ((resume.history or {}).get("wall_times") or [0.0])[-1] if resume is not None else 0.0
@@ -155,6 +157,19 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
     result = write_result(result, spec.output.uri)
     write_run_record(spec, run, status="finished")
     return result
+
+
+def export_model(executor: PipelineExecutor, uri: str) -> None:
+    """Write the trained model as a Hugging Face Llama folder (`LlamaForCausalLM.from_pretrained` loads it)."""
+    import ray
+
+    from checkfree_ray.hf_llama import export_hf, read_hf_config
+
+    spec = executor.spec
+    states = ray.get([a.get_state.remote() for a in executor.actors], timeout=executor.step_timeout())
+    base = read_hf_config(spec.model.hf_path) if spec.model.hf_path is not None else None
+    export_hf(states, executor.cfg, uri, base_config=base, metadata={"name": spec.name, "step": (executor.history.steps or [0])[-1]})
+    log.info("exported the model as a Hugging Face Llama folder to %s", uri)
 
 
 def _resume_point(executor: PipelineExecutor):

@@ -18,7 +18,16 @@ FailurePhase = Literal["before_step", "forward", "backward", "optimizer", "check
 
 
 class LlamaSpec(StrictModel):
-    """A small LLaMa: RMSNorm, rotary embeddings, SwiGLU, causal attention, byte-level vocabulary."""
+    """A LLaMa (RMSNorm, rotary embeddings, SwiGLU, causal attention): its size here, or a Hugging Face Llama
+    folder (`hf_path`)."""
+
+    hf_path: str | None = Field(
+        default=None,
+        description="A Hugging Face Llama folder, local or s3://, holding config.json and optionally *.safetensors "
+        "weights (one file, or shards with model.safetensors.index.json). The stages are built from its config "
+        "(GQA, RMSNorm eps, rope theta and scaling) and loaded from its weights (none: initialised from `seed`); "
+        "the size fields below (all but `seq_len`) are then ignored.",
+    )
 
     d_model: int = Field(default=128, ge=8, description="Model width.")
     n_layers: int = Field(default=8, ge=1, description="Transformer blocks, split equally over the stages.")
@@ -26,9 +35,18 @@ class LlamaSpec(StrictModel):
     ffn_hidden: int | None = Field(default=None, ge=1, description="SwiGLU hidden width; None = 8/3 d rounded.")
     seq_len: int = Field(default=128, ge=2, description="Tokens per sequence (bytes).")
     rope_theta: float = Field(default=10000.0, gt=0, description="Rotary embedding base.")
+    n_kv_heads: int | None = Field(
+        default=None, ge=1, description="Key/value heads (grouped-query attention); must divide n_heads. None: n_heads."
+    )
+    norm_eps: float = Field(default=1e-6, gt=0, description="RMSNorm epsilon.")
+    vocab_size: int | None = Field(
+        default=None, ge=2, description="Vocabulary size; None: the tokenizer's (`data.tokenizer`), else 256 bytes."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> LlamaSpec:
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"`model.n_kv_heads` ({self.n_kv_heads}) must divide `model.n_heads` ({self.n_heads})")
         if self.d_model % self.n_heads:
             raise ValueError(f"`model.n_heads` ({self.n_heads}) must divide `model.d_model` ({self.d_model})")
         if (self.d_model // self.n_heads) % 2:
@@ -171,7 +189,7 @@ class TrainSpec(StrictModel):
     @model_validator(mode="after")
     def _layers_split(self) -> TrainSpec:
         stages, layers = self.pipeline.num_stages, self.model.n_layers
-        if layers % stages:
+        if layers % stages and self.model.hf_path is None:  # an hf_path's layers are checked when its config is read
             raise ValueError(
                 f"`model.n_layers` ({layers}) must be a multiple of `pipeline.num_stages` ({stages})"
             )

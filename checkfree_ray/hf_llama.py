@@ -1,0 +1,235 @@
+"""Hugging Face Llama in and out: our stage modules keep their own code, weights are mapped by name.
+
+`model.hf_path` names a folder (local or s3://) with `config.json` and optionally `*.safetensors` weights
+(one `model.safetensors`, or shards listed by `model.safetensors.index.json`). `config_from_hf` turns the
+config into a `ModelConfig` (GQA, RMSNorm eps, rope theta and 'linear'/'llama3' scaling), refusing what
+the stages do not implement by field name. `hf_to_stage_states` splits HF weights into the stages' flat
+states; `stage_states_to_hf` and `export_hf` go back, so that `LlamaForCausalLM.from_pretrained` loads a run.
+
+Rotary layout: our stages rotate interleaved channel pairs (0,1), (2,3)...; Hugging Face rotates the two
+halves of each head. The q and k projections are permuted on the way in and out (the permutation of
+transformers' convert_llama_weights_to_hf.py), so the two compute the same logits.
+No import of transformers happens here: a run needs only torch and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from checkfree_ray.model import ModelConfig
+from lcsc_ray.checkpoint_formats import load_safetensors
+from rayops import storage
+from rayops.artifacts import write_artifact
+from schemas.errors import CheckpointError, SpecError
+from schemas.train import LlamaSpec
+
+FIELD = "model.hf_path"
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+ROPE_KEYS = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+CONFIG_MAX_BYTES = 1_000_000
+
+
+def read_hf_config(path: str) -> dict:
+    """The parsed `config.json` of an HF folder; a missing or malformed one is a `SpecError` naming it."""
+    uri = storage.join(path, "config.json")
+    data = storage.read_bytes(uri)
+    if len(data) > CONFIG_MAX_BYTES:
+        raise SpecError(f"{uri} is {len(data)} bytes, not a model config (`{FIELD}`)")
+    try:
+        config = json.loads(data)
+    except ValueError as exc:
+        raise SpecError(f"{uri} is not valid JSON ({exc}); fix the file named by `{FIELD}`") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"{uri} holds no JSON object; fix the file named by `{FIELD}`")
+    return config
+
+
+def rope_parameters(config: Mapping, uri: str) -> dict:
+    """HF rope settings as one dict {rope_type, rope_theta, ...}, from transformers 5's `rope_parameters` or
+    the older `rope_theta` + `rope_scaling`; a type the stages do not implement is refused by field."""
+    params = dict(config.get("rope_parameters") or {})
+    legacy = config.get("rope_scaling") or {}
+    params = {**legacy, **params}
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    params["rope_type"] = kind
+    params.pop("type", None)
+    if kind not in SUPPORTED_ROPE:
+        raise SpecError(f"{uri}: rope_parameters.rope_type (rope_scaling.rope_type) {kind!r} is not supported by "
+                        f"the stages; use one of {list(SUPPORTED_ROPE)} (`{FIELD}`)")
+    missing = [k for k in ROPE_KEYS.get(kind, ()) if k not in params]
+    if missing:
+        raise SpecError(f"{uri}: rope type {kind!r} needs rope_parameters.{missing[0]} (`{FIELD}`)")
+    return params
+
+
+def _refuse(config: Mapping, uri: str) -> None:
+    checks = [
+        ("model_type", config.get("model_type", "llama") == "llama", "must be 'llama'"),
+        ("tie_word_embeddings", not config.get("tie_word_embeddings", False),
+         ("must be false: the embedding lives on the first stage and the LM head on the last, so they cannot "
+          "share one tensor; untie them (save with tie_word_embeddings=false) first")),
+        ("attention_bias", not config.get("attention_bias", False), "must be false (the stages have no biases)"),
+        ("mlp_bias", not config.get("mlp_bias", False), "must be false (the stages have no biases)"),
+        ("hidden_act", config.get("hidden_act", "silu") == "silu", "must be 'silu' (SwiGLU)"),
+    ]
+    for field, ok, why in checks:
+        if not ok:
+            raise SpecError(f"{uri}: {field} = {config.get(field)!r} {why} (`{FIELD}`)")
+
+
+def config_from_hf(spec: LlamaSpec, num_stages: int, vocab_size: int | None = None) -> ModelConfig:
+    """The `ModelConfig` of `spec.hf_path`'s config.json with `spec.seq_len` tokens and `num_stages` stages."""
+    uri = storage.join(spec.hf_path, "config.json")
+    config = read_hf_config(spec.hf_path)
+    _refuse(config, uri)
+    try:
+        d, layers, heads = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        vocab, hidden = int(config["vocab_size"]), int(config["intermediate_size"])
+    except KeyError as exc:
+        raise SpecError(f"{uri} has no {exc.args[0]} (`{FIELD}`)") from None
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or d // heads)
+    if layers % num_stages:
+        raise SpecError(f"{uri}: num_hidden_layers ({layers}) must be a multiple of `pipeline.num_stages` "
+                        f"({num_stages})")
+    if heads % kv or head_dim % 2:
+        raise SpecError(f"{uri}: num_key_value_heads ({kv}) must divide num_attention_heads ({heads}) and head_dim "
+                        f"({head_dim}) be even (`{FIELD}`)")
+    if vocab_size is not None and vocab_size > vocab:
+        raise SpecError(f"the tokenizer has {vocab_size} tokens but {uri} has vocab_size {vocab}; use a model with "
+                        "at least as many, or a smaller tokenizer (`data.tokenizer`)")
+    rope = rope_parameters(config, uri)
+    theta = float(rope.pop("rope_theta"))
+    scaling = tuple(sorted(rope.items())) if rope["rope_type"] != "default" else None
+    return ModelConfig(d, layers, heads, hidden, spec.seq_len, theta, num_stages, vocab_size=vocab, n_kv_heads=kv,
+                       head_dim=head_dim, norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_scaling=scaling)
+
+
+def hf_config_dict(cfg: ModelConfig, base: Mapping | None = None) -> dict:
+    """An HF `config.json` for `cfg` (keys of `base`, the run's input config, kept where they do not conflict)."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
+    out = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "rope_theta", "torch_dtype", "dtype")}
+    out.update({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
+        "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope, "hidden_act": "silu", "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "dtype": "float32",
+    })
+    out.setdefault("max_position_embeddings", cfg.seq_len)
+    return out
+
+
+# ----- weights -------------------------------------------------------------------------------------------------
+def _hf_rotary_order(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from interleaved pairs to HF's rotate-half layout (per head)."""
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _our_rotary_order(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `_hf_rotary_order`."""
+    rows, cols = w.shape
+    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+BLOCK_NAMES = {  # our block parameter -> HF layer parameter
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.proj.weight": "self_attn.o_proj.weight", "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight", "ffn.w2.weight": "mlp.down_proj.weight",
+}
+
+
+def hf_to_stage_states(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, uri: str = FIELD
+                       ) -> list[dict[str, torch.Tensor]]:
+    """Flat model states (`model/<part>/<name>`) of each stage from HF Llama tensors."""
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise CheckpointError(f"{uri} has no tensor {name!r}; is it a LlamaForCausalLM checkpoint? (`{FIELD}`)")
+        return hf[name].float()
+
+    L = cfg.layers_per_stage
+    states: list[dict[str, torch.Tensor]] = []
+    for stage in range(cfg.num_stages):
+        state = {}
+        for j in range(L):
+            pre, ours = f"model.layers.{stage * L + j}.", f"model/blocks/blocks.{j}."
+            q = _our_rotary_order(take(pre + "self_attn.q_proj.weight"), cfg.n_heads)
+            k = _our_rotary_order(take(pre + "self_attn.k_proj.weight"), cfg.kv_heads)
+            state[ours + "attn.qkv.weight"] = torch.cat([q, k, take(pre + "self_attn.v_proj.weight")]).contiguous()
+            for mine, theirs in BLOCK_NAMES.items():
+                state[ours + mine] = take(pre + theirs).contiguous()
+        states.append(state)
+    states[0]["model/embed/tok.weight"] = take("model.embed_tokens.weight").contiguous()
+    states[-1]["model/head/norm.weight"] = take("model.norm.weight").contiguous()
+    states[-1]["model/head/lm.weight"] = take("lm_head.weight").contiguous()
+    return states
+
+
+def stage_states_to_hf(states: list[Mapping[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF Llama tensors from the stages' flat states (in stage order)."""
+    hf: dict[str, torch.Tensor] = {}
+    L, hd = cfg.layers_per_stage, cfg.dim_per_head
+    for stage, state in enumerate(states):
+        for j in range(L):
+            pre, ours = f"model.layers.{stage * L + j}.", f"model/blocks/blocks.{j}."
+            q, k, v = state[ours + "attn.qkv.weight"].split(
+                [cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
+            hf[pre + "self_attn.q_proj.weight"] = _hf_rotary_order(q, cfg.n_heads).contiguous()
+            hf[pre + "self_attn.k_proj.weight"] = _hf_rotary_order(k, cfg.kv_heads).contiguous()
+            hf[pre + "self_attn.v_proj.weight"] = v.contiguous()
+            for mine, theirs in BLOCK_NAMES.items():
+                hf[pre + theirs] = state[ours + mine].contiguous()
+    hf["model.embed_tokens.weight"] = states[0]["model/embed/tok.weight"].contiguous()
+    hf["model.norm.weight"] = states[-1]["model/head/norm.weight"].contiguous()
+    hf["lm_head.weight"] = states[-1]["model/head/lm.weight"].contiguous()
+    return {k: v.detach().float().cpu().contiguous() for k, v in hf.items()}
+
+
+def read_hf_weights(path: str) -> dict[str, torch.Tensor] | None:
+    """Every tensor of the folder's safetensors weights (sharded or not); None when it holds no weights."""
+    index_uri, single_uri = storage.join(path, "model.safetensors.index.json"), storage.join(path, "model.safetensors")
+    if storage.exists(index_uri):
+        try:
+            weight_map = json.loads(storage.read_bytes(index_uri))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index_uri} is not a safetensors index ({type(exc).__name__}: {exc}); "
+                                  f"fix or remove it (`{FIELD}`)") from None
+    elif storage.exists(single_uri):
+        shards = ["model.safetensors"]
+    else:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if "/" in shard or shard.startswith("."):
+            raise CheckpointError(f"{index_uri} names shard {shard!r} outside its folder (`{FIELD}`)")
+        uri = storage.join(path, shard)
+        tensors.update(load_safetensors(storage.read_bytes(uri), uri, field=FIELD))
+    return tensors
+
+
+def initial_stage_states(spec: LlamaSpec, cfg: ModelConfig) -> list[dict[str, torch.Tensor]] | None:
+    """The stages' starting weights from `spec.hf_path` (None: no hf_path, or a config without weights)."""
+    if spec.hf_path is None:
+        return None
+    hf = read_hf_weights(spec.hf_path)
+    return None if hf is None else hf_to_stage_states(hf, cfg, spec.hf_path)
+
+
+def export_hf(states: list[Mapping[str, torch.Tensor]], cfg: ModelConfig, uri: str,
+              base_config: Mapping | None = None, metadata: Mapping | None = None) -> dict:
+    """Write `uri` as an HF Llama folder (config.json, model.safetensors; manifest last) from the stages'
+    states; `LlamaForCausalLM.from_pretrained(uri)` loads it (local folders; copy an s3:// one down first)."""
+    tensors = stage_states_to_hf(states, cfg)
+    files = {
+        "model.safetensors": save_safetensors(tensors, metadata={"format": "pt"}),
+        "config.json": json.dumps(hf_config_dict(cfg, base_config), indent=2, sort_keys=True).encode(),
+    }
+    return write_artifact(uri, files, metadata={"kind": "hf_llama", **dict(metadata or {})})
