@@ -1,4 +1,5 @@
-"""The coordinator: drives S stage actors through GPipe steps; recovery lives beside it (`recovering.py`).
+"""The coordinator: drives S stage actors through GPipe steps; recovery (`recovering.py`) and asynchronous
+checkpoint saves (`saving.py`) live beside it.
 
 Per-step protocol (after torchft's quorum/commit, "a step commits on every stage or is run again"): the
 whole step is submitted at once, every forward and backward hop, then each stage's optimizer step (which
@@ -26,27 +27,25 @@ from checkfree_ray import recovering
 from checkfree_ray.checkpointing import (
     Checkpoint,
     CheckpointStore,
-    PendingSave,
     RunIdentity,
     restore_history,
     save_history,
-    storage_env,
 )
-from checkfree_ray.data import ByteCorpus
+from checkfree_ray.data import make_corpus
 from checkfree_ray.failures import FailureInjector
 from checkfree_ray.model import ModelConfig
 from checkfree_ray.pool import StagePool
 from checkfree_ray.recovering import StageLost, phase_of, unanswering
 from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
+from checkfree_ray.saving import SAVE_TIMEOUT_S, CheckpointSaver
 from checkfree_ray.stage import initial_states
-from schemas.errors import RecoveryError, StorageError
+from schemas.errors import RecoveryError
 from schemas.train import FailureRecord, TrainSpec
 
 log = logging.getLogger(__name__)
 # Step timeout when `recovery.step_timeout_s` is unset: max(floor, factor x the median step); before any
 # step is measured (the first step also pays lazy imports), a generous fixed bound.
 STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR, FIRST_STEP_TIMEOUT_S = 30.0, 10.0, 300.0
-SAVE_TIMEOUT_S = 120.0  # bound on waiting for a checkpoint's shards to be written
 
 
 @dataclass
@@ -72,15 +71,15 @@ class PipelineExecutor:
         self.spec, self.S = spec, spec.pipeline.num_stages
         self.strategy = spec.recovery.strategy
         self.cfg = ModelConfig.from_train_spec(spec)
-        self.corpus = ByteCorpus(spec.data, spec.model.seq_len, spec.seed)
+        self.corpus = make_corpus(spec.data, spec.model.seq_len, spec.seed)
         self.injector = FailureInjector(spec.failures, self.S)
         every = spec.checkpoint_every()
         uri = checkpoint_uri or spec.checkpointing.uri
         self.checkpoints = CheckpointStore(uri, spec.checkpointing.keep, run) if every and uri else None
-        self._pending_save: PendingSave | None = None  # a checkpoint whose shards the stages are still writing
+        self.history = History()
+        self.saver = CheckpointSaver(self.checkpoints, self.history) if self.checkpoints is not None else None
         self.resumed_from: list[int] = []  # checkpoint steps this run resumed from (driver restarts)
         self.grad_norms: list[dict[str, float]] = [{"blocks": 0.0, "stage": 0.0} for _ in range(self.S)]
-        self.history = History()
         self.before_step: list[Callable[[PipelineExecutor, int], None]] = []
         self.after_recovery: list[Callable[[PipelineExecutor, int, list[int]], None]] = []
         self.pool: StagePool | None = None
@@ -262,8 +261,8 @@ class PipelineExecutor:
         step_time = sorted(self.history.step_times)[len(self.history.step_times) // 2] if self.history.step_times \
             else None
         kills = self.injector.draw(step, step_time)
-        if kills and self._pending_save is not None:  # injected kills land after a save in flight (deterministic)
-            self._finish_save(wait_s=SAVE_TIMEOUT_S)
+        if kills and self.saver is not None and self.saver.pending is not None:
+            self.saver.finish(wait_s=SAVE_TIMEOUT_S)  # injected kills land after a save in flight (deterministic)
         for stage in kills:
             self.injector.kill(step, stage, self.actors[stage])
         for _attempt in range(self.spec.recovery.max_step_retries + 1):
@@ -339,150 +338,24 @@ class PipelineExecutor:
             costs["redundant_sync_s_total"] = costs.get("redundant_sync_s_total", 0.0) + time.perf_counter() - start
 
     def _save_checkpoint(self, step: int) -> None:
-        """After each commit: write the manifest of a save whose shards are all written; every
-        `checkpoint_every()` steps start a new save (after the previous one is done: one at a time).
-
-        Each stage copies its state in memory in call order (between this step and the next), then writes its
-        own shard to storage from a background thread while the next steps run; the manifest is written here once
-        every shard's size and sha256 came back. A failed save (storage outage, a stage lost while writing)
-        logs a warning and leaves the previous checkpoint as the latest; the next save tries again.
-        """
-        self._finish_save(wait_s=0.0)
+        """After each commit: write the manifest of a save whose shards are all written (`saving.py`); every
+        `checkpoint_every()` steps start a new save (the stages write their own shards while the next steps run)."""
+        self.saver.finish(wait_s=0.0)
         if step % self.spec.checkpoint_every():
             return
-        if self._pending_save is not None:
-            self._finish_save(wait_s=SAVE_TIMEOUT_S)
-        started = time.perf_counter()
-        try:
-            self.checkpoints.begin(step)
-        except StorageError as exc:
-            self._save_failed(step, f"storage: {exc}")
-            return
-        env = storage_env()
-        saves = [a.save_shard.remote(self.checkpoints.shard_uri(step, i), step, env, SAVE_TIMEOUT_S)
-                 for i, a in enumerate(self.actors)]
         metadata = {"grad_norms": [dict(n) for n in self.grad_norms], "spec": self.spec.model_dump(mode="json"),
                     "failures_fired": sorted(self.injector.fired), "resumed_from": self.resumed_from,
                     "torch": torch.__version__, "ray": ray.__version__}
-        self._pending_save = PendingSave(step, list(self.actors), saves, metadata, save_history(self.history), started)
+        self.saver.start(step, self.actors, metadata, save_history(self.history))
 
     def finish_checkpoints(self, wait_s: float = SAVE_TIMEOUT_S) -> int | None:
         """Wait (bounded) for the save in flight and write its manifest; returns the newest complete step."""
-        self._finish_save(wait_s=wait_s)
-        return self.checkpoints.latest() if self.checkpoints is not None else None
-
-    def _finish_save(self, wait_s: float) -> None:
-        """Write the manifest of the save in flight once every shard is written. With `wait_s` 0 this only asks
-        the stages (the answers are read at the next call); otherwise it waits up to `wait_s` for the writes."""
-        pending = self._pending_save
-        if pending is None:
-            return
-        errors = self._collect_shards(pending, wait_s)
-        if not errors and len(pending.entries) < len(pending.actors):
-            if wait_s == 0:
-                return  # still writing: ask again after the next step
-            errors.append(f"shards not written within {wait_s:.0f}s")
-        self._pending_save = None
-        for ref in pending.saves:  # read (expected) errors so Ray does not report them as unhandled
-            with contextlib.suppress(ray.exceptions.RayError):
-                ray.get(ref, timeout=0)
-        if errors:
-            self._save_failed(pending.step, "; ".join(errors))
-            return
-        entries = [pending.entries[i] for i in range(len(pending.actors))]
-        try:
-            self.checkpoints.commit(pending.step, entries, pending.metadata, pending.history)
-        except StorageError as exc:
-            self._save_failed(pending.step, f"storage: {exc}")
-            return
-        costs = self.history.costs
-        costs["checkpoint_bytes"] = float(sum(e["size"] for e in entries))
-        costs["checkpoint_saves"] = costs.get("checkpoint_saves", 0.0) + 1
-        costs["checkpoint_save_s_total"] = costs.get("checkpoint_save_s_total", 0.0) + \
-            time.perf_counter() - pending.started
-
-    def _collect_shards(self, pending: PendingSave, wait_s: float) -> list[str]:
-        """Read the stages' answers about their shards into `pending.entries`, and ask those still writing again
-        (with `wait_s` > 0, a question that waits in the stage). Returns the errors (the save failed)."""
-        errors = self._read_shard_answers(pending, timeout=0)
-        for _round in range(2 if wait_s > 0 else 1):
-            for stage, actor in enumerate(pending.actors):
-                if stage not in pending.entries and stage not in pending.polls:
-                    pending.polls[stage] = actor.shard_written.remote(pending.step, wait_s)
-            if wait_s > 0:
-                errors += self._read_shard_answers(pending, timeout=wait_s + 30.0)
-        return errors
-
-    def _read_shard_answers(self, pending: PendingSave, timeout: float) -> list[str]:
-        """Read the answers that arrive within `timeout`; a stage lost after writing its shard is read back from
-        storage. Returns the errors."""
-        errors, refs = [], list(pending.polls.values())
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
-        for stage, ref in list(pending.polls.items()):
-            if ref not in ready:
-                continue
-            del pending.polls[stage]
-            try:
-                entry = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                try:
-                    entry = self.checkpoints.written_shard(pending.step, stage)
-                except StorageError as exc:
-                    errors.append(f"stage {stage}: {exc}")
-                    continue
-                if entry is None:
-                    errors.append(f"stage {stage} was lost before its shard was written")
-            except ray.exceptions.RayError as exc:
-                errors.append(f"stage {stage}: {str(exc).strip().splitlines()[-1]}")
-                continue
-            if entry is not None:
-                pending.entries[stage] = entry
-        return errors
-
-    def _phase_with_save(self, stage: int, phase: str) -> str:
-        """'checkpoint_save' for a stage lost between steps before its shard of the save in flight was written;
-        else `phase` unchanged."""
-        pending = self._pending_save
-        if phase != "before_step" or pending is None or stage in pending.entries:
-            return phase
-        try:
-            written = self.checkpoints.has_shard(pending.step, stage)
-        except StorageError:
-            written = False
-        return phase if written else "checkpoint_save"
-
-    def _save_failed(self, step: int, why: str) -> None:
-        costs = self.history.costs
-        costs["checkpoint_failed_saves"] = costs.get("checkpoint_failed_saves", 0.0) + 1
-        log.warning("checkpoint %d was not saved (%s); training goes on and the next save tries again", step, why)
+        if self.saver is None:
+            return None
+        self.saver.finish(wait_s=wait_s)
+        return self.checkpoints.latest()
 
     # ----- recovery (planned and carried out in recovering.py) -------------------------------------------
-    def _rollback(self, step: int, lost: StageLost, reason: str) -> int:
-        """Restore every stage from this run's newest complete checkpoint (an earlier one when it is corrupt)."""
-        if self.checkpoints is None:
-            raise RecoveryError(
-                f"step {step}: {reason}, and there is no checkpoint to fall back to; set `checkpointing.every` "
-                "so every strategy has one"
-            )
-        self._finish_save(wait_s=SAVE_TIMEOUT_S)  # a save whose shards were all written before the loss counts
-        checkpoint = self.checkpoints.load_latest(self.S, context=f"step {step}: {reason}")
-        warm = False
-        for stage in lost.stages:
-            self.actors[stage], was_warm = self.pool.take()
-            warm = warm or was_warm
-        self._load_checkpoint(checkpoint)
-        h = self.history
-        h.rolled_back += [False] * (len(h.steps) - len(h.rolled_back))
-        h.rolled_back = [gone or s > checkpoint.step for s, gone in zip(h.steps, h.rolled_back)]
-        self._sync_extras()
-        self.pool.refill_standby()
-        for hook in self.after_recovery:
-            hook(self, step, lost.stages)
-        for stage in lost.stages:
-            self._record(step, stage, "checkpoint", lost, checkpoint.step, warm)
-        log.warning("step %d: %s; rolled back to checkpoint %d", step, reason, checkpoint.step)
-        return checkpoint.step
-
     def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Every stage takes its shard (weights, Adam, lr); the recovery norms come back with them."""
         ray.get([a.configure.remote(i, None, shard) for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))],
@@ -490,19 +363,10 @@ class PipelineExecutor:
         if checkpoint.metadata.get("grad_norms"):
             self.grad_norms = [dict(n) for n in checkpoint.metadata["grad_norms"]]
 
-    def _record(self, step: int, stage: int, method: str, lost: StageLost, rolled_back_to: int | None,
-                warm: bool) -> None:
-        done = time.monotonic()
-        killed_at = self.injector.kill_times.get((step, stage))
-        self.history.failures.append(FailureRecord(
-            step=step, stage=stage, method=method,
-            detection_s=lost.detected_at - killed_at if killed_at is not None else 0.0,
-            recovery_s=done - lost.detected_at,
-            death_to_retry_s=done - killed_at if killed_at is not None else None,
-            rolled_back_to=rolled_back_to, warm_standby=warm,
-            phase=self._phase_with_save(stage, lost.phases.get(stage, "recovery")),
-            reason=lost.reasons.get(stage, "died"),
-        ))
+    def _phase_of_lost(self, stage: int, phase: str) -> str:
+        """`phase`, or 'checkpoint_save' for a stage lost between steps before its shard of the save in flight
+        was written."""
+        return self.saver.phase_of_lost(stage, phase) if self.saver is not None else phase
 
     # ----- evaluation and inspection ------------------------------------------------------------------------
     def evaluate(self, step: int) -> float | None:
