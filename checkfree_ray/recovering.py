@@ -24,7 +24,9 @@ from checkfree_ray.recovery import (
     reinitialised_blocks,
     weighing_norm,
 )
+from checkfree_ray.saving import SAVE_TIMEOUT_S
 from schemas.errors import RecoveryError
+from schemas.train import FailureRecord
 
 if TYPE_CHECKING:
     from checkfree_ray.executor import PipelineExecutor
@@ -37,15 +39,17 @@ class StageLost(Exception):
     """Stages found dead (or not answering) during a step.
 
     `phases` maps each lost stage to where the step was (see `FailureRecord.phase`), `reasons` to 'died' or
-    'timeout'; `norms` and `loss` are the step's when the loss came in its optimizer phase.
+    'timeout'; `norms` and `loss` are the step's when the loss came in its optimizer phase. `relost` lists the
+    stages whose replacement was lost during their own recovery (each is one more failure, phase 'recovery').
     """
 
     def __init__(self, stages: list[int], phases: dict[int, str] | str = "before_step",
                  norms: list[dict | None] | None = None, loss: float = 0.0, detected_at: float | None = None,
-                 reasons: dict[int, str] | None = None):
+                 reasons: dict[int, str] | None = None, relost: list[tuple[int, str]] | None = None):
         self.stages = sorted(stages)
         self.phases = phases if isinstance(phases, dict) else dict.fromkeys(self.stages, phases)
         self.reasons = reasons or {}
+        self.relost = relost or []  # (stage, reason) of replacements lost while their stage was being recovered
         self.norms, self.loss = norms, loss
         self.detected_at = time.monotonic() if detected_at is None else detected_at
         super().__init__(f"stages {self.stages} lost ({self.phases})")
@@ -132,8 +136,9 @@ def recover_until_stable(ex: PipelineExecutor, step: int, lost: StageLost) -> in
                     ray.kill(ex.actors[stage], no_restart=True)
             phases = {s: lost.phases.get(s, "recovery") for s in stages}
             reasons = {**lost.reasons, **{s: "timeout" for s in silent if s not in lost.stages}}
+            relost = [(s, "timeout" if s in silent else "died") for s in more if s in lost.stages]
             lost = StageLost(stages, phases, norms=lost.norms, loss=lost.loss, detected_at=lost.detected_at,
-                             reasons=reasons)
+                             reasons=reasons, relost=[*lost.relost, *relost])
     raise RecoveryError(
         f"step {step}: stages kept dying while stage(s) {lost.stages} were being recovered; check the "
         "cluster's health or raise `recovery.max_step_retries`"
@@ -156,7 +161,7 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
     # any later call (a survivor found dead meanwhile fails the retry, which recovers it).
     ex.abandon([ex.actors[i].reset_step.remote() for i in survivors])
     if plan.rollback:
-        return ex._rollback(step, lost, plan.reason)
+        return rollback(ex, step, lost, plan.reason)
     if ex.strategy == "redundant" and lost.norms is not None:
         # The backups are from before this step: the survivors undo their step, so that no stage holds a
         # step the others do not (a step commits on every stage or is run again).
@@ -194,8 +199,57 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
     for hook in ex.after_recovery:
         hook(ex, step, stages)
     for rebuild, was_warm in zip(plan.rebuilds, warm):
-        ex._record(step, rebuild.stage, rebuild.method, lost, None, was_warm)
+        record_failure(ex, step, rebuild.stage, rebuild.method, lost, None, was_warm)
+    methods = {rebuild.stage: rebuild.method for rebuild in plan.rebuilds}
+    for stage, reason in lost.relost:
+        record_failure(ex, step, stage, methods[stage], lost, None, False, relost_reason=reason)
     return None
+
+
+def rollback(ex: PipelineExecutor, step: int, lost: StageLost, reason: str) -> int:
+    """Restore every stage from this run's newest complete checkpoint (an earlier one when it is corrupt)."""
+    if ex.checkpoints is None:
+        raise RecoveryError(
+            f"step {step}: {reason}, and there is no checkpoint to fall back to; set `checkpointing.every` "
+            "so every strategy has one"
+        )
+    ex.saver.finish(wait_s=SAVE_TIMEOUT_S)  # a save whose shards were all written before the loss counts
+    checkpoint = ex.checkpoints.load_latest(ex.S, context=f"step {step}: {reason}")
+    warm = False
+    for stage in lost.stages:
+        ex.actors[stage], was_warm = ex.pool.take()
+        warm = warm or was_warm
+    ex._load_checkpoint(checkpoint)
+    h = ex.history
+    h.rolled_back += [False] * (len(h.steps) - len(h.rolled_back))
+    h.rolled_back = [gone or s > checkpoint.step for s, gone in zip(h.steps, h.rolled_back)]
+    ex._sync_extras()
+    ex.pool.refill_standby()
+    for hook in ex.after_recovery:
+        hook(ex, step, lost.stages)
+    for stage in lost.stages:
+        record_failure(ex, step, stage, "checkpoint", lost, checkpoint.step, warm)
+    for stage, why in lost.relost:
+        record_failure(ex, step, stage, "checkpoint", lost, checkpoint.step, False, relost_reason=why)
+    log.warning("step %d: %s; rolled back to checkpoint %d", step, reason, checkpoint.step)
+    return checkpoint.step
+
+
+def record_failure(ex: PipelineExecutor, step: int, stage: int, method: str, lost: StageLost,
+                   rolled_back_to: int | None, warm: bool, relost_reason: str | None = None) -> None:
+    """Append the failure of `stage` at `step` to the history, with its phase, reason and timings; with
+    `relost_reason`, the loss of its replacement during the recovery (phase 'recovery')."""
+    done = time.monotonic()
+    killed_at = ex.injector.kill_times.get((step, stage)) if relost_reason is None else None
+    ex.history.failures.append(FailureRecord(
+        step=step, stage=stage, method=method,
+        detection_s=lost.detected_at - killed_at if killed_at is not None else 0.0,
+        recovery_s=done - lost.detected_at,
+        death_to_retry_s=done - killed_at if killed_at is not None else None,
+        rolled_back_to=rolled_back_to, warm_standby=warm,
+        phase="recovery" if relost_reason else ex._phase_of_lost(stage, lost.phases.get(stage, "recovery")),
+        reason=relost_reason or lost.reasons.get(stage, "died"),
+    ))
 
 
 def _count_clip(ex: PipelineExecutor, stage: int) -> None:
