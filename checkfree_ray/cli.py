@@ -63,3 +63,49 @@ def demo_command(spec_file: str | None, out_dir: str | None, reference: bool) ->
     from checkfree_ray.demo import run_demo
 
     run_or_exit(run_demo, spec_file, out_dir, reference)
+
+
+FORMAT_HELP = "Input format (default: by extension: .jsonl/.json jsonl, .parquet parquet, else text)."
+FIELD_HELP = "jsonl field or parquet column holding the text."
+
+
+@main.group("tokenizer")
+def tokenizer_group() -> None:
+    """Tokenizers for your corpus."""
+
+
+@tokenizer_group.command("train")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_uri", required=True, help="Where tokenizer.json goes (local or s3://).")
+@click.option("--vocab-size", default=4096, show_default=True, type=click.IntRange(260, 1 << 20),
+              help="Tokens in the vocabulary (256 bytes, <|endoftext|> and the merges).")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "parquet"]), default=None, help=FORMAT_HELP)
+@click.option("--field", default="text", show_default=True, help=FIELD_HELP)
+def tokenizer_train(inputs: tuple[str, ...], out_uri: str, vocab_size: int, fmt: str | None, field: str) -> None:
+    """Train a byte-level BPE tokenizer on INPUTS (files or folders, local or s3://)."""
+    from checkfree_ray.tokenizing import train_tokenizer
+
+    info = run_or_exit(train_tokenizer, list(inputs), out_uri, vocab_size=vocab_size, fmt=fmt, field=field)
+    click.echo(f"tokenizer with {info['vocab_size']} tokens written to {info['uri']} (sha256 {info['sha256'][:12]})")
+
+
+@main.command("tokenize")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_uri", required=True, help="Token artifact folder (local or s3://): data.tokens_uri.")
+@click.option("--tokenizer", "tokenizer_uri", default=None, help="tokenizer.json (default: byte-level).")
+@click.option("--val-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 0.5, min_open=True),
+              help="Last fraction of the tokens held out for validation (without --val).")
+@click.option("--val", "val_inputs", multiple=True, help="Validation files or folders (repeatable); replaces "
+              "--val-fraction.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "parquet"]), default=None, help=FORMAT_HELP)
+@click.option("--field", default="text", show_default=True, help=FIELD_HELP)
+def tokenize_command(inputs: tuple[str, ...], out_uri: str, tokenizer_uri: str | None, val_fraction: float,
+                     val_inputs: tuple[str, ...], fmt: str | None, field: str) -> None:
+    """Tokenize INPUTS (text, jsonl or parquet files or folders, local or s3://) into one token artifact."""
+    from checkfree_ray.tokenizing import tokenize
+
+    index = run_or_exit(tokenize, list(inputs), out_uri, tokenizer_uri=tokenizer_uri, val_fraction=val_fraction,
+                        val_inputs=list(val_inputs) or None, fmt=fmt, field=field)
+    train, val = index["splits"]["train"], index["splits"]["val"]
+    click.echo(f"{train[1] - train[0]} training and {val[1] - val[0]} validation tokens ({index['dtype']}, vocabulary "
+               f"{index['vocab_size']}) in {out_uri}; set data.tokens_uri: {out_uri}")

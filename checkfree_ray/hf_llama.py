@@ -224,11 +224,14 @@ def initial_stage_states(spec: LlamaSpec, cfg: ModelConfig) -> list[dict[str, to
 
 
 def export_hf(states: list[Mapping[str, torch.Tensor]], cfg: ModelConfig, uri: str,
-              base_config: Mapping | None = None, metadata: Mapping | None = None) -> dict:
-    """Write `uri` as an HF Llama folder (config.json, model.safetensors; manifest last) from the stages'
-    states; `LlamaForCausalLM.from_pretrained(uri)` loads it (local folders; copy an s3:// one down first)."""
+              base_config: Mapping | None = None, metadata: Mapping | None = None,
+              tokenizer_json: bytes | None = None) -> dict:
+    """Write `uri` as an HF Llama folder (config.json, model.safetensors, the run's tokenizer.json when it has
+    one; manifest last) from the stages' states; `LlamaForCausalLM.from_pretrained(uri)` loads it (local
+    folders; copy an s3:// one down first)."""
     tensors = stage_states_to_hf(states, cfg)
-    files = {
+    files = {} if tokenizer_json is None else {"tokenizer.json": tokenizer_json}
+    files |= {
         "model.safetensors": save_safetensors(tensors, metadata={"format": "pt"}),
         "config.json": json.dumps(hf_config_dict(cfg, base_config), indent=2, sort_keys=True).encode(),
     }

@@ -163,12 +163,16 @@ def export_model(executor: PipelineExecutor, uri: str) -> None:
     """Write the trained model as a Hugging Face Llama folder (`LlamaForCausalLM.from_pretrained` loads it)."""
     import ray
 
+    from checkfree_ray.data import tokenizer_uri
     from checkfree_ray.hf_llama import export_hf, read_hf_config
 
     spec = executor.spec
     states = ray.get([a.get_state.remote() for a in executor.actors], timeout=executor.step_timeout())
     base = read_hf_config(spec.model.hf_path) if spec.model.hf_path is not None else None
-    export_hf(states, executor.cfg, uri, base_config=base, metadata={"name": spec.name, "step": (executor.history.steps or [0])[-1]})
+    tokenizer = tokenizer_uri(spec.data)
+    step = (executor.history.steps or [0])[-1]
+    export_hf(states, executor.cfg, uri, base_config=base, metadata={"name": spec.name, "step": step},
+              tokenizer_json=storage.read_bytes(tokenizer) if tokenizer is not None else None)
     log.info("exported the model as a Hugging Face Llama folder to %s", uri)
 
 

@@ -72,12 +72,24 @@ class PipelineSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
-    """Byte-level text that ships with Python."""
+    """Training tokens: a token artifact from `checkfree-ray tokenize`, or byte-level text that ships with Python."""
 
     source: Literal["python-docs", "python-stdlib"] = Field(
-        default="python-docs", description="'python-docs': pydoc_data topics prose; 'python-stdlib': .py files."
+        default="python-docs", description="'python-docs': pydoc_data topics prose; 'python-stdlib': .py files "
+        "(used when `tokens_uri` is not set)."
     )
-    val_fraction: float = Field(default=0.05, gt=0, lt=0.5, description="Held-out tail of the text.")
+    val_fraction: float = Field(default=0.05, gt=0, lt=0.5, description="Held-out tail of the built-in text.")
+    tokens_uri: str | None = Field(
+        default=None,
+        description="A token artifact (local or s3:// folder) written by `checkfree-ray tokenize`: tokens.bin "
+        "(nanoGPT uint16/uint32) and index.json with its train and validation splits. None: the built-in text.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="The tokenizers tokenizer.json the tokens were made with (local or s3://); it sets the "
+        "vocabulary when `tokens_uri` is not set, is checked against the token index's sha256 and is copied "
+        "into the exported model folder. None: the one the token index names, or byte-level.",
+    )
 
 
 class OptimSpec(StrictModel):
