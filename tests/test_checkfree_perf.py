@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import ray
 import torch
@@ -32,29 +30,18 @@ def test_back_to_back_failures_each_take_a_ready_standby_and_the_pool_refills(ra
     executor.start()
     try:
         assert executor.pool.wait_standbys() == 2
-        standby_pids = {ray.get(actor.ping.remote())["pid"] for actor, _ in executor.pool.standbys}
-        kill_returned: list[float] = []
-        original_kill = executor.injector.kill
-
-        def timed_kill(step, stage, actor):
-            start = time.monotonic()
-            killed_at = original_kill(step, stage, actor)
-            kill_returned.append(time.monotonic() - start)
-            return killed_at
-
-        executor.injector.kill = timed_kill
+        standby_pids = {ray.get(actor.ping.remote(), timeout=60)["pid"] for actor, _ in executor.pool.standbys}
         step = 1
         while step <= 5:
             step = executor.run_step(step)
         failures = executor.history.failures
         assert [(f.step, f.stage, f.warm_standby) for f in failures] == [(3, 1, True), (4, 2, True)]
         assert executor.history.steps == [1, 2, 3, 4, 5]
-        pings = ray.get([a.ping.remote() for a in executor.actors])
+        pings = ray.get([a.ping.remote() for a in executor.actors], timeout=60)
         assert {pings[1]["pid"], pings[2]["pid"]} == standby_pids  # the pre-started processes took the stages
         assert all(p["torch_threads"] == 1 for p in pings)
         assert len(executor.pool.standbys) == 2  # refilled in the background
         assert executor.pool.wait_standbys() == 2
-        assert max(kill_returned) < 0.5  # the injector does not wait for the death; the step's calls find it
         assert all(f.detection_s > 0 for f in failures)
         assert len(executor.history.recovery_phases) == 2
     finally:
@@ -77,3 +64,24 @@ def test_interrupted_step_leaves_no_stage_stepped(ray_local):
                 assert torch.equal(seen["after"][stage][key], value)
     finally:
         executor.shutdown()
+
+
+def test_injected_kill_is_submitted_and_never_waited_for():
+    """The injector only submits the stage's `terminate` (ordered before the step's calls) and returns: it never
+    waits for the death (the step's calls find it), so a kill costs the driver no time."""
+    from checkfree_ray.failures import FailureInjector
+
+    submitted = []
+
+    class Never:  # a call whose result never comes: waiting for it would hang this test
+        def remote(self):
+            submitted.append("terminate")
+            return object()
+
+    class Stage:
+        terminate = Never()
+
+    injector = FailureInjector(spec_with([(3, 1)]).failures, 4)
+    killed_at = injector.kill(3, 1, Stage())
+    assert submitted == ["terminate"] and injector.kill_times == {(3, 1): killed_at}
+    assert injector.draw(3) == []  # fired once: the retried step is not killed again
