@@ -60,3 +60,4 @@ def test_survives_node_removed_from_multi_node_cluster(tmp_path):
     lost = sorted(f["stage"] for f in report["failures"])
     assert report["removed"]["stage"] in lost and all(f["step"] == 3 for f in report["failures"])
     assert report["removed"]["node"] not in report["nodes_after"]
+    assert (report["leaked_actors"], report["leaked_placement_groups"]) == (0, 0)  # nothing outlives the run

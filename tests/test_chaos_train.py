@@ -1,0 +1,31 @@
+"""Chaos for CheckFree training (`benchmarks/chaos_train.py`): stage, driver and node losses, every step once."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.chaos_train import chaos, passed, step_accounting
+
+
+def test_step_accounting_counts_rolled_back_steps_out_and_finds_lost_and_repeated_ones():
+    """Steps discarded by a rollback are not counted; a step kept twice or never kept is named."""
+    clean = step_accounting([1, 2, 3, 2, 3, 4], [False, True, True, False, False, False], 4)
+    assert clean == {"kept_steps": 4, "lost_steps": [], "counted_twice": [], "extra_steps": []}
+    broken = step_accounting([1, 2, 2, 4, 5], None, 4)
+    assert broken["lost_steps"] == [3] and broken["counted_twice"] == [2] and broken["extra_steps"] == [5]
+    row = {"finished": True, **clean, "leaked_actors": 0, "leaked_placement_groups": 1}
+    assert not passed(row) and passed({**row, "leaked_placement_groups": 0})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_chaos_runs_finish_with_every_step_once_and_leak_nothing():
+    """One seed of each kind (random stage kills, a SIGKILLed driver then resumed, a removed worker node): each
+    run finishes with steps 1..N kept exactly once and leaves no actor or placement group alive."""
+    rows = chaos(1)
+    assert [row["kind"] for row in rows] == ["stages", "driver", "node"]
+    for row in rows:
+        assert passed(row), row
+    driver = rows[1]
+    assert driver["driver_killed_after_checkpoint"] is not None and driver["resumed_from"]
+    assert rows[2]["failures"] >= 1
