@@ -11,6 +11,7 @@ import ray
 
 from checkfree_ray.checkpointing import CheckpointStore, new_identity
 from checkfree_ray.executor import PipelineExecutor
+from checkfree_ray.failures import wait_until_dead
 from checkfree_ray.train import build_result, write_result
 from rayops import storage
 from schemas.errors import RecoveryError
@@ -118,6 +119,9 @@ def test_stage_killed_while_writing_its_shard_is_recovered_and_named(started, tm
     executor = started(spec, str(tmp_path / "ckpt"))
     executor.before_step.append(lambda ex, step: ray.get(ex.actors[2].arm_fault.remote("write_shard"), timeout=60)
                                 if step == 2 else None)
+    # The shard is written in a background thread: wait (bounded) for the death before step 3 is submitted, so
+    # step 3's first forward can never finish on the dying stage first (the phase would then read 'forward').
+    executor.before_step.append(lambda ex, step: wait_until_dead(ex.actors[2], wait_s=120) if step == 3 else None)
     run_steps(executor, 5)
     assert [(f.step, f.stage, f.method, f.phase) for f in executor.history.failures] == [
         (3, 2, "checkfree", "checkpoint_save")]
