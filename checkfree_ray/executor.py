@@ -38,6 +38,7 @@ from checkfree_ray.pool import StagePool
 from checkfree_ray.recovering import StageLost, phase_of, unanswering
 from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
 from checkfree_ray.saving import SAVE_TIMEOUT_S, CheckpointSaver
+from checkfree_ray.schedule import lr_factor
 from checkfree_ray.stage import initial_states
 from schemas.errors import RecoveryError
 from schemas.train import FailureRecord, TrainSpec
@@ -154,14 +155,15 @@ class PipelineExecutor:
                 done_refs.append(grad)
         return loss_refs, done_refs, calls
 
-    def _submit_optimizer_steps(self, done_refs: list) -> list:
+    def _submit_optimizer_steps(self, done_refs: list, step: int) -> list:
         """Each stage's clip and optimizer step, after every backward (global clip: after every stage's norm)."""
         clip, undo = self.spec.optim.clip, self.strategy == "redundant"
         if clip == "global":
             upstream = [a.grad_sq_norm.remote(*done_refs) for a in self.actors]
         else:
             upstream = done_refs
-        return [a.step.remote(*upstream, clip=clip, keep_undo=undo) for a in self.actors]
+        factor = lr_factor(self.spec, step)  # the learning-rate schedule
+        return [a.step.remote(*upstream, clip=clip, keep_undo=undo, lr_factor=factor) for a in self.actors]
 
     def abandon(self, refs: list) -> None:
         """Calls of an interrupted attempt: read later (`_drain_abandoned`) so Ray does not report their errors."""
@@ -210,7 +212,7 @@ class PipelineExecutor:
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
         loss_refs, done_refs, calls = self._launch(inputs, targets)
-        step_refs = self._submit_optimizer_steps(done_refs)
+        step_refs = self._submit_optimizer_steps(done_refs, step)
         for stage, ref in enumerate(step_refs):
             calls[stage].append(("optimizer", ref, tuple(done_refs)))
         self._pending_copies = self._copy_refs(step)

@@ -258,6 +258,25 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long())
 
 
+def optimizer_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups of `<part>/<name>` parameters: matrices decay by `weight_decay`; norms (vectors) and the
+    embedding ('embed/...') never do, the GPT-2/nanoGPT rule."""
+    def exempt(name: str, p: nn.Parameter) -> bool:
+        return p.ndim < 2 or name.startswith("embed/")
+
+    return [{"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0}]
+
+
+def stage_named_parameters(parts: ModelParts) -> list[list[tuple[str, nn.Parameter]]]:
+    """`<part>/<name>` parameters each stage actor owns, named as the stage actors name them."""
+    S = len(parts.stages)
+    return [[(f"{part}/{n}", p) for part, module in (("embed", parts.embedding if i == 0 else None),
+                                                      ("blocks", parts.stages[i]),
+                                                      ("head", parts.head if i == S - 1 else None))
+             if module is not None for n, p in module.named_parameters()] for i in range(S)]
+
+
 def stage_parameter_groups(parts: ModelParts) -> list[list[nn.Parameter]]:
     """The parameters each stage actor owns: stage 0 also the embedding, the last stage also the head."""
     groups = [list(stage.parameters()) for stage in parts.stages]
@@ -273,7 +292,9 @@ class ReferenceTrainer:
         self.parts = build_parts(cfg, seed)
         self.groups = stage_parameter_groups(self.parts)
         self.grad_clip = grad_clip
-        self.optimizers = [torch.optim.AdamW(g, lr=lr, weight_decay=weight_decay) for g in self.groups]
+        self.lr = lr
+        self.optimizers = [torch.optim.AdamW(optimizer_groups(named, weight_decay), lr=lr)
+                           for named in stage_named_parameters(self.parts)]
 
     def forward_loss(self, tokens: torch.Tensor, targets: torch.Tensor, order: list[int]) -> torch.Tensor:
         """Loss of one micro-batch with the stages applied in `order`."""
@@ -282,8 +303,9 @@ class ReferenceTrainer:
             x = self.parts.stages[stage_index](x)
         return lm_loss(self.parts.head(x), targets)
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, orders: list[list[int]]) -> float:
-        """One step over micro-batches (M, B, T); returns the mean loss."""
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, orders: list[list[int]],
+                   lr_factor: float = 1.0) -> float:
+        """One step over micro-batches (M, B, T) at `lr * lr_factor`; returns the mean loss."""
         M = inputs.shape[0]
         total = 0.0
         for mb in range(M):
@@ -292,6 +314,8 @@ class ReferenceTrainer:
             total += loss.item() / M
         for group, optimizer in zip(self.groups, self.optimizers):
             torch.nn.utils.clip_grad_norm_(group, self.grad_clip)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = self.lr * lr_factor
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return total

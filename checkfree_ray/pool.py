@@ -37,7 +37,8 @@ class StagePool:
         self.spec, self.cfg = spec, cfg
         pipe = spec.pipeline
         self.num_standbys = pipe.standby_actors if pipe.warm_standby else 0
-        bundles = [{"CPU": pipe.num_cpus_per_stage} for _ in range(pipe.num_stages + self.num_standbys)]
+        gpus = {"GPU": pipe.num_gpus_per_stage} if pipe.num_gpus_per_stage > 0 else {}
+        bundles = [{"CPU": pipe.num_cpus_per_stage, **gpus} for _ in range(pipe.num_stages + self.num_standbys)]
         check_placeable(bundles, "the pipeline's placement group (stages and standbys)",
                         "`pipeline.num_cpus_per_stage` or `pipeline.standby_actors`", pipe.placement)
         self.group = placement_group(bundles, strategy=pipe.placement)
@@ -57,11 +58,12 @@ class StagePool:
     def new_actor(self, bundle_index: int = -1):
         """Start a stage actor process (cold); returns at once, the process starts in the background."""
         actor = StageActor.options(
-            num_cpus=self.spec.pipeline.num_cpus_per_stage,
+            num_cpus=self.spec.pipeline.num_cpus_per_stage, num_gpus=self.spec.pipeline.num_gpus_per_stage,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.group, placement_group_bundle_index=bundle_index
             ),
-        ).remote(self.cfg, self.spec.optim.grad_clip, self.spec.optim.weight_decay, self.spec.pipeline.torch_threads)
+        ).remote(self.cfg, self.spec.optim.grad_clip, self.spec.optim.weight_decay, self.spec.pipeline.torch_threads,
+                 num_gpus=self.spec.pipeline.num_gpus_per_stage, precision=self.spec.pipeline.precision)
         self.created.append(actor)
         return actor
 

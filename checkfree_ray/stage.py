@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from checkfree_ray.model import Embedding, Head, ModelConfig, Stage, lm_loss
+from checkfree_ray.model import Embedding, Head, ModelConfig, Stage, lm_loss, optimizer_groups
 from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, weighted_sum
 from schemas.errors import StorageError
 
@@ -43,6 +43,16 @@ def _tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
+def stage_device(num_gpus: float) -> torch.device:
+    """cuda:0 (the GPU Ray assigned, under its CUDA_VISIBLE_DEVICES) when the stage reserves GPUs, else CPU."""
+    if num_gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"`pipeline.num_gpus_per_stage` is {num_gpus} but torch sees no CUDA device in this stage "
+                           "process; set it to 0 for CPU stages or run on GPU nodes")
+    return torch.device("cuda", 0)
+
+
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     """Bytes held by the tensors of a flat state."""
     return sum(t.numel() * t.element_size() for t in state.values())
@@ -51,7 +61,8 @@ def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
 class StageWorker:
     """Holds one stage's parts and optimizer, runs its hops, and serves its state for recovery."""
 
-    def __init__(self, cfg: ModelConfig, grad_clip: float, weight_decay: float, torch_threads: int = 1):
+    def __init__(self, cfg: ModelConfig, grad_clip: float, weight_decay: float, torch_threads: int = 1,
+                 num_gpus: float = 0.0, precision: str = "fp32"):
         torch.set_num_threads(torch_threads)
         try:
             torch.set_num_interop_threads(1)
@@ -59,6 +70,9 @@ class StageWorker:
             pass
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.cfg, self.grad_clip, self.weight_decay = cfg, grad_clip, weight_decay
+        self.device = stage_device(num_gpus)
+        self.autocast = precision == "bf16" and self.device.type == "cuda"  # CPU stages compute in float32
+        self.base_lr = 0.0  # this stage's rate before the schedule's factor (`step(lr_factor=...)`)
         self.stage_index: int | None = None
         self.parts: dict[str, nn.Module] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -74,7 +88,8 @@ class StageWorker:
     def ping(self) -> dict:
         """Process id, node id and assigned stage (also a liveness check)."""
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "stage": self.stage_index,
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "device": str(self.device),
+                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
 
     def warm_up(self) -> dict:
         """Standby: one throwaway training step of a whole model on one sequence, so that lazy imports and
@@ -147,6 +162,8 @@ class StageWorker:
         state: FlatState = {}
         for flat in flats:
             state.update(flat)
+        for module in self.parts.values():
+            module.to(self.device)
         self._load_model(state)
         self._new_optimizer(float(state["meta/lr"]) if lr is None else lr)
         self._load_optimizer(state)
@@ -163,15 +180,16 @@ class StageWorker:
                 module.load_state_dict(part_state, strict=True)
 
     def _new_optimizer(self, lr: float) -> None:
-        params = [p for _, p in self._named_parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        self.base_lr = lr
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self._named_parameters(), self.weight_decay), lr=lr)
 
     def _load_optimizer(self, state: Mapping[str, torch.Tensor]) -> None:
         self.optimizer.state.clear()
         for name, param in self._named_parameters():
             fields = _strip(state, f"optim/{name}/")
             if fields:
-                self.optimizer.state[param] = {k: v.clone() for k, v in fields.items()}
+                self.optimizer.state[param] = {k: v.to(param.device, copy=True) if k != "step" else v.clone()
+                                               for k, v in fields.items()}
 
     # ----- state for recovery and checkpoints --------------------------------------------------------------
     def get_state(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD), include_optim: bool = False) -> FlatState:
@@ -181,13 +199,13 @@ class StageWorker:
         for part in parts:
             if part in self.parts:
                 for name, tensor in self.parts[part].state_dict().items():
-                    state[f"model/{part}/{name}"] = tensor.detach().clone()
+                    state[f"model/{part}/{name}"] = tensor.detach().to("cpu", copy=True)
         if include_optim:
             for name, param in self._named_parameters():
                 if name.split("/", 1)[0] in parts:
                     for field, value in self.optimizer.state.get(param, {}).items():
-                        state[f"optim/{name}/{field}"] = value.detach().clone()
-            state["meta/lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"], dtype=torch.float64)
+                        state[f"optim/{name}/{field}"] = value.detach().to("cpu", copy=True)
+            state["meta/lr"] = torch.tensor(self.base_lr, dtype=torch.float64)
         return state
 
     def state_bytes(self) -> bytes:
@@ -257,16 +275,16 @@ class StageWorker:
         return self.backup
 
     def lr(self) -> float:
-        """Current learning rate."""
-        return self.optimizer.param_groups[0]["lr"]
+        """This stage's base learning rate (the schedule multiplies it at each step)."""
+        return self.base_lr
 
     # ----- the pipeline ----------------------------------------------------------------------------------
     def forward(self, micro_batch: int, hop: int, parts: tuple[str, ...], x: np.ndarray | torch.Tensor,
                 targets: np.ndarray | torch.Tensor | None = None, loss_scale: float = 1.0, train: bool = True):
         """Run `parts` on x; returns activations (B, T, d) as numpy, or the unscaled loss when the head runs."""
         self._fault("forward")
-        x = _tensor(x)
-        with torch.set_grad_enabled(train):
+        x = _tensor(x).to(self.device)
+        with torch.set_grad_enabled(train), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
             if EMBED in parts:
                 inp, h = None, self.parts[EMBED](x)
             else:
@@ -275,13 +293,13 @@ class StageWorker:
             if BLOCKS in parts:
                 h = self.parts[BLOCKS](h)
             if HEAD in parts:
-                loss = lm_loss(self.parts[HEAD](h), _tensor(targets))
+                loss = lm_loss(self.parts[HEAD](h), _tensor(targets).to(self.device))
                 if train:
                     self.cache[(micro_batch, hop)] = (inp, loss * loss_scale)
                 return loss.item()
         if train:
             self.cache[(micro_batch, hop)] = (inp, h)
-        return h.detach().numpy()
+        return h.detach().float().cpu().numpy()
 
     def backward(self, micro_batch: int, hop: int, grad: np.ndarray | torch.Tensor | None = None) -> np.ndarray | None:
         """Back-propagate one hop; returns the gradient of its input as numpy (None for the embedding hop)."""
@@ -293,15 +311,16 @@ class StageWorker:
         if grad is None:
             out.backward()
         else:
-            out.backward(_tensor(grad).clone())  # autograd may accumulate into it; the received one is read-only
-        return None if inp is None else inp.grad.numpy()
+            out.backward(_tensor(grad).to(self.device, out.dtype, copy=True))  # the received one is read-only
+        return None if inp is None else inp.grad.float().cpu().numpy()
 
     def grad_sq_norm(self, *backward_done) -> float:
         """Squared L2 norm of this stage's gradient (global clipping sums these over the stages); runs after
         every micro-batch's last backward hop, passed as `backward_done` only to order it."""
         return sum(float(p.grad.pow(2).sum()) for _, p in self._named_parameters() if p.grad is not None)
 
-    def step(self, *upstream, clip: str = "per_stage", keep_undo: bool = False) -> dict[str, float]:
+    def step(self, *upstream, clip: str = "per_stage", keep_undo: bool = False, lr_factor: float = 1.0
+             ) -> dict[str, float]:
         """Clip the gradient, step Adam, and report the gradient L2 norms before and after clipping.
 
         Clipping and the reported norms cover the same parameters: everything this stage holds (`stage`,
@@ -310,7 +329,7 @@ class StageWorker:
         and all stages scale by the one coefficient of their total, as DeepSpeed and torchtitan clip. With
         'per_stage', `upstream` are the micro-batches' last backward results, passed only so that Ray runs
         this call after all of them and skips it (with their error) when any of them failed. `keep_undo`
-        keeps the state before the step (`revert_step`).
+        keeps the state before the step (`revert_step`). The step runs at `base_lr * lr_factor` (the schedule).
         """
         self._fault("step")
         named = [(n, p) for n, p in self._named_parameters() if p.grad is not None]
@@ -323,6 +342,8 @@ class StageWorker:
                 p.grad.mul_(coefficient)
         if keep_undo:
             self.undo = self.get_state(include_optim=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * lr_factor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.cache.clear()

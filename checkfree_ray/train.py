@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from checkfree_ray.checkpointing import RunIdentity, open_run, write_run_record
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.plots import loss_vs_time_png
+from checkfree_ray.schedule import device_peak_flops, mfu, scheduled_lr
 from rayops import storage
 from rayops.artifacts import write_artifact
 from rayops.progress import ProgressLine
@@ -43,15 +44,34 @@ def _median(values: list[float]) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
 
 
-def _progress_fields(executor: PipelineExecutor, tokens_per_step: int) -> dict:
+def _progress_fields(executor: PipelineExecutor, tokens_per_step: int, peak_flops: float | None) -> dict:
     h = executor.history
     step_s = _median(h.step_times[-20:]) or float("nan")
     last = h.failures[-1].recovery_s if h.failures else None
-    return {"loss": h.losses[-1] if h.losses else float("nan"), "tok/s": tokens_per_step / step_s,
-            "failures": len(h.failures), "last_recovery_s": last if last is not None else "-"}
+    tokens_per_s = tokens_per_step / step_s
+    fields = {"loss": h.losses[-1] if h.losses else float("nan"),
+              "lr": scheduled_lr(executor.spec.optim, max(1, (h.steps or [1])[-1]), executor.spec.steps),
+              "tok/s": tokens_per_s}
+    utilisation = mfu(tokens_per_s, executor.cfg.parameter_count(), peak_flops, executor.S)
+    if utilisation is not None:
+        fields["mfu"] = utilisation
+    if h.val_losses:
+        fields |= {"val_loss": h.val_losses[-1], "val_ppl": math.exp(h.val_losses[-1])}
+    return fields | {"failures": len(h.failures), "last_recovery_s": last if last is not None else "-"}
 
 
-def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None, first_step: int = 1) -> None:
+def peak_flops_of(executor: PipelineExecutor) -> float | None:
+    """Peak FLOP/s of one stage's device: the spec's, or a known GPU's (asked of stage 0); None on CPU."""
+    import ray
+
+    name = None
+    if executor.spec.pipeline.num_gpus_per_stage > 0 and executor.actors:
+        name = ray.get(executor.actors[0].ping.remote(), timeout=executor.step_timeout()).get("device_name")
+    return device_peak_flops(executor.spec, name)
+
+
+def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None, first_step: int = 1,
+               peak_flops: float | None = None) -> None:
     """Steps `first_step`..`spec.steps` (or until the target validation loss), evaluating every `eval_every` steps."""
     spec = executor.spec
     pipe = spec.pipeline
@@ -67,14 +87,14 @@ def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None,
                               f"in {failure.recovery_s:.3f}s" + (f" (rolled back to {failure.rolled_back_to})"
                                                                  if failure.rolled_back_to is not None else ""))
             failures_seen = len(h.failures)
-            progress.update(done=min(step - 1, spec.steps), **_progress_fields(executor, tokens_per_step))
+            progress.update(done=min(step - 1, spec.steps), **_progress_fields(executor, tokens_per_step, peak_flops))
         if step == step_done + 1 and (step_done % spec.eval_every == 0 or step_done == spec.steps):
             value = executor.evaluate(step_done)
             if value is not None and spec.target_val_loss is not None and value <= spec.target_val_loss:
                 break
 
 
-def build_result(executor: PipelineExecutor, wall_time_s: float) -> TrainResult:
+def build_result(executor: PipelineExecutor, wall_time_s: float, peak_flops: float | None = None) -> TrainResult:
     """The result of a finished run; throughput counts the kept steps' tokens over the time of every step run."""
     spec, h = executor.spec, executor.history
     pipe = spec.pipeline
@@ -83,6 +103,7 @@ def build_result(executor: PipelineExecutor, wall_time_s: float) -> TrainResult:
     tokens = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len * kept
     target = spec.target_val_loss
     reached = [s for s, v in zip(h.val_steps, h.val_losses) if target is not None and v <= target]
+    tokens_per_s = tokens / sum(h.step_times) if h.step_times else 0.0
     return TrainResult(
         spec=spec, steps=h.steps, losses=h.losses, wall_times=h.wall_times, rolled_back=rolled_back,
         val_steps=h.val_steps, val_losses=h.val_losses,
@@ -90,7 +111,8 @@ def build_result(executor: PipelineExecutor, wall_time_s: float) -> TrainResult:
         final_val_loss=h.val_losses[-1] if h.val_losses else None,
         final_perplexity=math.exp(h.val_losses[-1]) if h.val_losses else None,
         steps_to_target=reached[0] if reached else None,
-        tokens_per_s=tokens / sum(h.step_times) if h.step_times else 0.0,
+        tokens_per_s=tokens_per_s, model_parameters=executor.cfg.parameter_count(),
+        mfu=mfu(tokens_per_s, executor.cfg.parameter_count(), peak_flops, executor.S),
         median_step_s=_median(h.step_times), wall_time_s=wall_time_s, costs=dict(h.costs),
         versions=_versions(), resumed_from=list(executor.resumed_from),
         run_id=executor.checkpoints.run.run_id if executor.checkpoints is not None else None,
@@ -147,13 +169,14 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
         try:
             executor.start(resume)
             line = ProgressLine(f"train[{spec.recovery.strategy}]", total=spec.steps) if progress else None
-            train_loop(executor, line, first_step=resume.step + 1 if resume is not None else 1)
+            peak_flops = peak_flops_of(executor)
+            train_loop(executor, line, first_step=resume.step + 1 if resume is not None else 1, peak_flops=peak_flops)
             executor.finish_checkpoints()
             export_model(executor, storage.join(spec.output.uri, "hf"))
         finally:
             executor.shutdown()
     before_resume = ((resume.history or {}).get("wall_times") or [0.0])[-1] if resume is not None else 0.0
-    result = build_result(executor, time.monotonic() - started + before_resume)
+    result = build_result(executor, time.monotonic() - started + before_resume, peak_flops)
     result = write_result(result, spec.output.uri)
     write_run_record(spec, run, status="finished")
     return result

@@ -64,6 +64,19 @@ class PipelineSpec(StrictModel):
     placement: Literal["SPREAD", "PACK"] = Field(default="SPREAD", description="Placement-group strategy.")
     num_cpus_per_stage: float = Field(default=0.5, gt=0, description="CPUs reserved per stage actor.")
     warm_standby: bool = Field(default=True, description="Keep a pre-started spare actor for fast recovery.")
+    num_gpus_per_stage: float = Field(
+        default=0.0, ge=0,
+        description="GPUs reserved per stage actor; > 0 runs each stage on the GPU Ray assigns it (cuda:0 under "
+        "Ray's CUDA_VISIBLE_DEVICES). 0: CPU (the default).",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        default="bf16", description="'bf16': forward and backward under bfloat16 autocast on GPU stages (weights, "
+        "Adam and the loss stay float32); CPU stages always compute in float32."
+    )
+    peak_flops: float | None = Field(
+        default=None, gt=0, description="Peak FLOP/s of one stage's device, for MFU; None: known GPUs by name "
+        "(H100/H200/A100/L40S/A10G/L4/V100/T4 dense bf16), no MFU on CPU."
+    )
     standby_actors: int = Field(
         default=1, ge=1,
         description="Warm standby actors kept started (with `warm_standby`); each holds a placement-group bundle. "
@@ -95,7 +108,17 @@ class DataSpec(StrictModel):
 class OptimSpec(StrictModel):
     """Adam per stage, with per-stage gradient clipping."""
 
-    lr: float = Field(default=1e-3, gt=0, description="Learning rate (constant, as in the paper).")
+    lr: float = Field(default=1e-3, gt=0, description="Peak learning rate (constant by default, as in the paper).")
+    schedule: Literal["constant", "cosine"] = Field(
+        default="constant",
+        description="'constant': `lr` throughout; 'cosine': linear warmup over `warmup_steps`, then a cosine from "
+        "`lr` to `min_lr` at `decay_steps`.",
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps of the 'cosine' schedule.")
+    min_lr: float = Field(default=0.0, ge=0, description="Learning rate at the end of the cosine decay.")
+    decay_steps: int | None = Field(
+        default=None, ge=1, description="Step at which the cosine reaches `min_lr`; None: the run's `steps`."
+    )
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient L2 clip (paper: 1.0).")
     clip: Literal["per_stage", "global"] = Field(
         default="per_stage",
@@ -103,7 +126,18 @@ class OptimSpec(StrictModel):
         "included) to `grad_clip`; 'global': one norm over all stages, as DeepSpeed and torchtitan clip (each "
         "stage receives every stage's squared norm between backward and its optimizer step).",
     )
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="AdamW weight decay of the matrices (never of norms and embeddings)."
+    )
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> OptimSpec:
+        if self.min_lr > self.lr:
+            raise ValueError(f"`optim.min_lr` ({self.min_lr}) must not exceed `optim.lr` ({self.lr})")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"`optim.decay_steps` ({self.decay_steps}) must be after `optim.warmup_steps` "
+                             f"({self.warmup_steps})")
+        return self
 
 
 class RecoverySpec(StrictModel):
@@ -284,6 +318,11 @@ class TrainResult(StrictModel):
         "(rolled-back work costs time and adds no tokens)."
     )
     val_perplexities: list[float] = Field(default_factory=list, description="exp(validation loss) at each.")
+    model_parameters: int | None = Field(default=None, description="Parameters N of the model (embedding included).")
+    mfu: float | None = Field(
+        default=None, description="Model FLOPs utilisation: tokens_per_s x 6N over the stages' summed peak FLOP/s "
+        "(`pipeline.peak_flops` or a known GPU's); None on CPU."
+    )
     median_step_s: float | None = Field(default=None, description="Median seconds per committed step.")
     costs: dict[str, float] = Field(
         default_factory=dict,
