@@ -10,7 +10,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export OMP_NUM_THREADS := 1
 
-.PHONY: install demo test test-fast test-slow lint schema clean
+.PHONY: install demo test test-fast test-slow lint schema clean hf-example
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lcsc_ray demo
+
+# Train your own model: built-in text -> BPE tokenizer -> token file -> random HF Llama config -> CheckFree run
+# with a stage killed -> outputs/hf-example/run/hf (examples/train_hf_llama.yaml).
+HF_EXAMPLE := outputs/hf-example
+hf-example: $(STAMP)
+	mkdir -p $(HF_EXAMPLE)/texts
+	$(PY) -c "from checkfree_ray.data import load_text_bytes; open('$(HF_EXAMPLE)/texts/python-docs.txt', 'wb').write(load_text_bytes('python-docs'))"
+	$(VENV)/bin/checkfree-ray tokenizer train $(HF_EXAMPLE)/texts --out $(HF_EXAMPLE)/tokenizer.json --vocab-size 2048
+	$(VENV)/bin/checkfree-ray tokenize $(HF_EXAMPLE)/texts --tokenizer $(HF_EXAMPLE)/tokenizer.json --val-fraction 0.05 --out $(HF_EXAMPLE)/tokens
+	$(VENV)/bin/checkfree-ray hf-config $(HF_EXAMPLE)/model --hidden-size 128 --layers 4 --heads 4 --kv-heads 2 --tokenizer $(HF_EXAMPLE)/tokenizer.json
+	$(VENV)/bin/checkfree-ray train examples/train_hf_llama.yaml --restart
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -109,3 +109,31 @@ def tokenize_command(inputs: tuple[str, ...], out_uri: str, tokenizer_uri: str |
     train, val = index["splits"]["train"], index["splits"]["val"]
     click.echo(f"{train[1] - train[0]} training and {val[1] - val[0]} validation tokens ({index['dtype']}, vocabulary "
                f"{index['vocab_size']}) in {out_uri}; set data.tokens_uri: {out_uri}")
+
+
+@main.command("hf-config")
+@click.argument("out_uri")
+@click.option("--hidden-size", default=128, show_default=True, type=click.IntRange(8))
+@click.option("--layers", default=4, show_default=True, type=click.IntRange(1), help="num_hidden_layers.")
+@click.option("--heads", default=4, show_default=True, type=click.IntRange(1), help="num_attention_heads.")
+@click.option("--kv-heads", default=None, type=click.IntRange(1), help="num_key_value_heads (default: --heads).")
+@click.option("--intermediate-size", default=None, type=click.IntRange(1), help="Default: 8/3 hidden, rounded.")
+@click.option("--vocab-size", default=None, type=click.IntRange(2),
+              help="Default: the --tokenizer's, else 256 (bytes).")
+@click.option("--tokenizer", "tokenizer_uri", default=None, help="tokenizer.json whose vocabulary to size for.")
+@click.option("--rope-theta", default=10000.0, show_default=True, type=float)
+def hf_config(out_uri: str, hidden_size: int, layers: int, heads: int, kv_heads: int | None,
+              intermediate_size: int | None, vocab_size: int | None, tokenizer_uri: str | None,
+              rope_theta: float) -> None:
+    """Write a Hugging Face Llama config.json (no weights: a run starts it from its seed) into folder OUT_URI."""
+    from checkfree_ray.data import tokenizer_size
+    from checkfree_ray.hf_llama import write_config
+    from checkfree_ray.model import ModelConfig
+    from schemas.train import LlamaSpec
+
+    vocab = vocab_size or (run_or_exit(tokenizer_size, tokenizer_uri) if tokenizer_uri else None)
+    spec = run_or_exit(LlamaSpec, d_model=hidden_size, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
+                       ffn_hidden=intermediate_size, rope_theta=rope_theta, vocab_size=vocab)
+    cfg = ModelConfig.from_spec(spec, num_stages=1)
+    uri = run_or_exit(write_config, out_uri, cfg)
+    click.echo(f"wrote {uri} ({cfg.parameter_count() / 1e6:.2f}M parameters); set model.hf_path: {out_uri}")

@@ -236,3 +236,10 @@ def export_hf(states: list[Mapping[str, torch.Tensor]], cfg: ModelConfig, uri: s
         "config.json": json.dumps(hf_config_dict(cfg, base_config), indent=2, sort_keys=True).encode(),
     }
     return write_artifact(uri, files, metadata={"kind": "hf_llama", **dict(metadata or {})})
+
+
+def write_config(uri: str, cfg: ModelConfig) -> str:
+    """Write `cfg` as `uri`/config.json (a config without weights: a run initialises it from its seed)."""
+    target = storage.join(uri, "config.json")
+    storage.write_bytes(target, json.dumps(hf_config_dict(cfg), indent=2, sort_keys=True).encode())
+    return target
