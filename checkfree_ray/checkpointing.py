@@ -43,7 +43,7 @@ RUN_FILE = "run.json"
 HISTORY_FILE = "history.json"
 # Spec fields that say where and how Ray runs the stages, not what is computed: a resume may change them.
 PLACEMENT_FIELDS = {"ray": None, "output": None, "checkpointing": ("uri",),
-                    "pipeline": ("placement", "num_cpus_per_stage", "warm_standby", "standby_actors")}
+                    "pipeline": ("placement", "num_cpus_per_stage", "warm_standby", "standby_actors", "peak_flops")}
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -73,7 +73,10 @@ def spec_inputs(spec) -> dict[str, Any]:
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in dropped}
         entries[f"spec.{section}"] = value
-    return entries
+    from checkfree_ray.data import data_input_entries
+    from checkfree_ray.hf_llama import model_input_entries
+
+    return entries | model_input_entries(spec.model) | data_input_entries(spec.data)  # the files' contents too
 
 
 @dataclass(frozen=True)

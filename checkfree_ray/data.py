@@ -204,3 +204,16 @@ def tokenizer_uri(spec: DataSpec) -> str | None:
         return spec.tokenizer
     named = read_index(spec.tokens_uri)["tokenizer"]
     return named.get("uri") if isinstance(named, dict) else None
+
+
+def data_input_entries(spec: DataSpec) -> dict:
+    """Run-identity entries of the token artifact (its manifest's sizes and sha256s) and the tokenizer file."""
+    from rayops.artifacts import read_manifest
+    from rayops.identity import file_entry
+
+    entries = {}
+    if spec.tokens_uri is not None:
+        entries["data.tokens_uri"] = {"uri": spec.tokens_uri, "files": read_manifest(spec.tokens_uri)["files"]}
+    if spec.tokenizer is not None:
+        entries["data.tokenizer"] = file_entry(spec.tokenizer)
+    return entries

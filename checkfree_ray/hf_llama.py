@@ -243,3 +243,19 @@ def write_config(uri: str, cfg: ModelConfig) -> str:
     target = storage.join(uri, "config.json")
     storage.write_bytes(target, json.dumps(hf_config_dict(cfg), indent=2, sort_keys=True).encode())
     return target
+
+
+def model_input_entries(spec: LlamaSpec) -> dict:
+    """Run-identity entries of `model.hf_path`: its config and weight files (size and sha256 or ETag)."""
+    from rayops.identity import file_entry
+
+    if spec.hf_path is None:
+        return {}
+    names = ["config.json"]
+    index_uri = storage.join(spec.hf_path, "model.safetensors.index.json")
+    if storage.exists(index_uri):
+        names.append("model.safetensors.index.json")
+        names += sorted(set(json.loads(storage.read_bytes(index_uri)).get("weight_map", {}).values()))
+    elif storage.exists(storage.join(spec.hf_path, "model.safetensors")):
+        names.append("model.safetensors")
+    return {f"model.hf_path/{name}": file_entry(storage.join(spec.hf_path, name)) for name in names}

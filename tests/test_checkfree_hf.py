@@ -185,3 +185,25 @@ def test_byte_data_into_a_smaller_vocabulary_is_refused(tmp_path):
                                      "pipeline": {"num_stages": 2}})
     with pytest.raises(SpecError, match="vocab_size"):
         ModelConfig.from_train_spec(spec)
+
+
+def test_run_identity_covers_the_model_and_token_files(tmp_path):
+    """Rewriting config.json/weights or the token file under the same paths changes the run fingerprint."""
+    from checkfree_ray.checkpointing import new_identity
+    from checkfree_ray.tokenizing import tokenize
+    from schemas.train import TrainSpec
+
+    tiny_hf_model(vocab_size=256).save_pretrained(tmp_path / "hf")
+    (tmp_path / "a.txt").write_text("some text to tokenize " * 50)
+    tokenize([str(tmp_path / "a.txt")], str(tmp_path / "tokens"), progress=False)
+    spec = TrainSpec.model_validate({"model": {"hf_path": str(tmp_path / "hf"), "seq_len": 16},
+                                     "data": {"tokens_uri": str(tmp_path / "tokens")},
+                                     "pipeline": {"num_stages": 2}})
+    first = new_identity(spec)
+    assert "model.hf_path/model.safetensors" in first.inputs and "data.tokens_uri" in first.inputs
+    tiny_hf_model(vocab_size=256, seed=1).save_pretrained(tmp_path / "hf")
+    second = new_identity(spec)
+    assert second.fingerprint != first.fingerprint
+    (tmp_path / "a.txt").write_text("other text to tokenize " * 50)
+    tokenize([str(tmp_path / "a.txt")], str(tmp_path / "tokens"), progress=False)
+    assert new_identity(spec).fingerprint != second.fingerprint
