@@ -132,8 +132,11 @@ def hf_config(out_uri: str, hidden_size: int, layers: int, heads: int, kv_heads:
     from schemas.train import LlamaSpec
 
     vocab = vocab_size or (run_or_exit(tokenizer_size, tokenizer_uri) if tokenizer_uri else None)
-    spec = run_or_exit(LlamaSpec, d_model=hidden_size, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-                       ffn_hidden=intermediate_size, rope_theta=rope_theta, vocab_size=vocab)
+    try:
+        spec = LlamaSpec(d_model=hidden_size, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
+                         ffn_hidden=intermediate_size, rope_theta=rope_theta, vocab_size=vocab)
+    except ValueError as exc:  # pydantic's message names the field (model.n_kv_heads ...)
+        raise click.UsageError(str(exc)) from None
     cfg = ModelConfig.from_spec(spec, num_stages=1)
     uri = run_or_exit(write_config, out_uri, cfg)
     click.echo(f"wrote {uri} ({cfg.parameter_count() / 1e6:.2f}M parameters); set model.hf_path: {out_uri}")
