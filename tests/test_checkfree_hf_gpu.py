@@ -11,8 +11,8 @@ from checkfree_ray.model import ReferenceTrainer
 from checkfree_ray.recovery import micro_batch_order
 from schemas.train import TrainSpec
 
-pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def gpu_spec(precision: str, **extra) -> TrainSpec:
@@ -26,6 +26,7 @@ def gpu_spec(precision: str, **extra) -> TrainSpec:
     })
 
 
+@needs_gpu
 def test_fp32_gpu_stages_match_cpu_training(ray_local):
     """float32 stages on the GPU give the single-process CPU losses to 1e-4 and report a CUDA device."""
     import ray
@@ -47,6 +48,7 @@ def test_fp32_gpu_stages_match_cpu_training(ray_local):
         executor.shutdown()
 
 
+@needs_gpu
 def test_bf16_gpu_run_with_a_kill_recovers(ray_local, tmp_path):
     """A bf16 run on GPU stages with a stage killed recovers it and keeps finite losses near the fp32 ones."""
     from checkfree_ray import run_training
@@ -57,3 +59,21 @@ def test_bf16_gpu_run_with_a_kill_recovers(ray_local, tmp_path):
     assert [(f.step, f.stage) for f in result.failures] == [(3, 1)]
     assert all(math.isfinite(v) for v in result.losses) and result.mfu is not None and result.mfu > 0
     assert abs(result.losses[0] - math.log(256)) < 0.5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is")
+def test_gpu_stages_without_a_gpu_are_refused_by_field(ray_local):
+    """Without GPUs in Ray the pipeline is refused before it starts, naming the GPUs asked; a stage process
+    whose torch has no CUDA names pipeline.num_gpus_per_stage."""
+    from checkfree_ray.executor import PipelineExecutor
+    from checkfree_ray.model import ModelConfig
+    from checkfree_ray.stage import StageWorker
+    from schemas.errors import InfeasibleResourcesError
+
+    spec = gpu_spec("bf16")
+    executor = PipelineExecutor(spec)
+    with pytest.raises(InfeasibleResourcesError, match="GPU"):
+        executor.start()
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match="pipeline.num_gpus_per_stage"):
+        StageWorker(ModelConfig.from_train_spec(spec), 1.0, 0.0, num_gpus=0.5)
