@@ -51,8 +51,13 @@ def build(layers: int, d: int, heads: int, seq_len: int) -> tuple[torch.nn.Modul
     config._attn_implementation = "sdpa"
     theirs = HFStage(config, layers)
     hf = stage_states_to_hf([initial_stage_state(parts, 0), initial_stage_state(parts, 1)], cfg)
-    theirs.layers.load_state_dict({k[len("model.layers."):]: v for k, v in hf.items()
-                                   if k.startswith("model.layers.") and int(k.split(".")[2]) < layers})
+    theirs.layers.load_state_dict(
+        {
+            k[len("model.layers.") :]: v
+            for k, v in hf.items()
+            if k.startswith("model.layers.") and int(k.split(".")[2]) < layers
+        }
+    )
     return parts.stages[0], theirs
 
 
@@ -91,9 +96,15 @@ def main() -> None:
     print(f"median transformers / ours: {ratio:.3f}")
     import transformers
 
-    write_json(args.out, {"machine": machine_info(transformers=transformers.__version__),
-                          "shape": {"d_model": 128, "blocks": 2, "batch": 16, "seq_len": 128},
-                          "rounds": pairs, "median_ratio_transformers_over_ours": ratio})
+    write_json(
+        args.out,
+        {
+            "machine": machine_info(transformers=transformers.__version__),
+            "shape": {"d_model": 128, "blocks": 2, "batch": 16, "seq_len": 128},
+            "rounds": pairs,
+            "median_ratio_transformers_over_ours": ratio,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from schemas.train import LlamaSpec
 
 FIELD = "model.hf_path"
 SUPPORTED_ROPE = ("default", "linear", "llama3")
-ROPE_KEYS = {"linear": ("factor",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 CONFIG_MAX_BYTES = 1_000_000
 
 
@@ -60,8 +62,10 @@ def rope_parameters(config: Mapping, uri: str) -> dict:
     params["rope_type"] = kind
     params.pop("type", None)
     if kind not in SUPPORTED_ROPE:
-        raise SpecError(f"{uri}: rope_parameters.rope_type (rope_scaling.rope_type) {kind!r} is not supported by "
-                        f"the stages; use one of {list(SUPPORTED_ROPE)} (`{FIELD}`)")
+        raise SpecError(
+            f"{uri}: rope_parameters.rope_type (rope_scaling.rope_type) {kind!r} is not supported by "
+            f"the stages; use one of {list(SUPPORTED_ROPE)} (`{FIELD}`)"
+        )
     missing = [k for k in ROPE_KEYS.get(kind, ()) if k not in params]
     if missing:
         raise SpecError(f"{uri}: rope type {kind!r} needs rope_parameters.{missing[0]} (`{FIELD}`)")
@@ -71,10 +75,19 @@ def rope_parameters(config: Mapping, uri: str) -> dict:
 def _refuse(config: Mapping, uri: str) -> None:
     checks = [
         ("model_type", config.get("model_type", "llama") == "llama", "must be 'llama'"),
-        ("tie_word_embeddings", not config.get("tie_word_embeddings", False),
-         ("must be false: the embedding lives on the first stage and the LM head on the last, so they cannot "
-          "share one tensor; untie them (save with tie_word_embeddings=false) first")),
-        ("attention_bias", not config.get("attention_bias", False), "must be false (the stages have no biases)"),
+        (
+            "tie_word_embeddings",
+            not config.get("tie_word_embeddings", False),
+            (
+                "must be false: the embedding lives on the first stage and the LM head on the last, so they cannot "
+                "share one tensor; untie them (save with tie_word_embeddings=false) first"
+            ),
+        ),
+        (
+            "attention_bias",
+            not config.get("attention_bias", False),
+            "must be false (the stages have no biases)",
+        ),
         ("mlp_bias", not config.get("mlp_bias", False), "must be false (the stages have no biases)"),
         ("hidden_act", config.get("hidden_act", "silu") == "silu", "must be 'silu' (SwiGLU)"),
     ]
@@ -89,39 +102,77 @@ def config_from_hf(spec: LlamaSpec, num_stages: int, vocab_size: int | None = No
     config = read_hf_config(spec.hf_path)
     _refuse(config, uri)
     try:
-        d, layers, heads = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        d, layers, heads = (
+            int(config["hidden_size"]),
+            int(config["num_hidden_layers"]),
+            int(config["num_attention_heads"]),
+        )
         vocab, hidden = int(config["vocab_size"]), int(config["intermediate_size"])
     except KeyError as exc:
         raise SpecError(f"{uri} has no {exc.args[0]} (`{FIELD}`)") from None
     kv = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or d // heads)
     if layers % num_stages:
-        raise SpecError(f"{uri}: num_hidden_layers ({layers}) must be a multiple of `pipeline.num_stages` "
-                        f"({num_stages})")
+        raise SpecError(
+            f"{uri}: num_hidden_layers ({layers}) must be a multiple of `pipeline.num_stages` ({num_stages})"
+        )
     if heads % kv or head_dim % 2:
-        raise SpecError(f"{uri}: num_key_value_heads ({kv}) must divide num_attention_heads ({heads}) and head_dim "
-                        f"({head_dim}) be even (`{FIELD}`)")
+        raise SpecError(
+            f"{uri}: num_key_value_heads ({kv}) must divide num_attention_heads ({heads}) and head_dim "
+            f"({head_dim}) be even (`{FIELD}`)"
+        )
     if vocab_size is not None and vocab_size > vocab:
-        raise SpecError(f"the tokenizer has {vocab_size} tokens but {uri} has vocab_size {vocab}; use a model with "
-                        "at least as many, or a smaller tokenizer (`data.tokenizer`)")
+        raise SpecError(
+            f"the tokenizer has {vocab_size} tokens but {uri} has vocab_size {vocab}; use a model with "
+            "at least as many, or a smaller tokenizer (`data.tokenizer`)"
+        )
     rope = rope_parameters(config, uri)
     theta = float(rope.pop("rope_theta"))
     scaling = tuple(sorted(rope.items())) if rope["rope_type"] != "default" else None
-    return ModelConfig(d, layers, heads, hidden, spec.seq_len, theta, num_stages, vocab_size=vocab, n_kv_heads=kv,
-                       head_dim=head_dim, norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_scaling=scaling)
+    return ModelConfig(
+        d,
+        layers,
+        heads,
+        hidden,
+        spec.seq_len,
+        theta,
+        num_stages,
+        vocab_size=vocab,
+        n_kv_heads=kv,
+        head_dim=head_dim,
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_scaling=scaling,
+    )
 
 
 def hf_config_dict(cfg: ModelConfig, base: Mapping | None = None) -> dict:
     """An HF `config.json` for `cfg` (keys of `base`, the run's input config, kept where they do not conflict)."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
-    out = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "rope_theta", "torch_dtype", "dtype")}
-    out.update({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
-        "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope, "hidden_act": "silu", "tie_word_embeddings": False,
-        "attention_bias": False, "mlp_bias": False, "dtype": "float32",
-    })
+    out = {
+        k: v
+        for k, v in (base or {}).items()
+        if k not in ("rope_scaling", "rope_theta", "torch_dtype", "dtype")
+    }
+    out.update(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.ffn_hidden,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.dim_per_head,
+            "rms_norm_eps": cfg.norm_eps,
+            "rope_parameters": rope,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "dtype": "float32",
+        }
+    )
     out.setdefault("max_position_embeddings", cfg.seq_len)
     return out
 
@@ -140,18 +191,25 @@ def _our_rotary_order(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 BLOCK_NAMES = {  # our block parameter -> HF layer parameter
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn.proj.weight": "self_attn.o_proj.weight", "ffn.w1.weight": "mlp.gate_proj.weight",
-    "ffn.w3.weight": "mlp.up_proj.weight", "ffn.w2.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.proj.weight": "self_attn.o_proj.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
 }
 
 
-def hf_to_stage_states(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, uri: str = FIELD
-                       ) -> list[dict[str, torch.Tensor]]:
+def hf_to_stage_states(
+    hf: Mapping[str, torch.Tensor], cfg: ModelConfig, uri: str = FIELD
+) -> list[dict[str, torch.Tensor]]:
     """Flat model states (`model/<part>/<name>`) of each stage from HF Llama tensors."""
+
     def take(name: str) -> torch.Tensor:
         if name not in hf:
-            raise CheckpointError(f"{uri} has no tensor {name!r}; is it a LlamaForCausalLM checkpoint? (`{FIELD}`)")
+            raise CheckpointError(
+                f"{uri} has no tensor {name!r}; is it a LlamaForCausalLM checkpoint? (`{FIELD}`)"
+            )
         return hf[name].float()
 
     L = cfg.layers_per_stage
@@ -162,7 +220,9 @@ def hf_to_stage_states(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, uri: st
             pre, ours = f"model.layers.{stage * L + j}.", f"model/blocks/blocks.{j}."
             q = _our_rotary_order(take(pre + "self_attn.q_proj.weight"), cfg.n_heads)
             k = _our_rotary_order(take(pre + "self_attn.k_proj.weight"), cfg.kv_heads)
-            state[ours + "attn.qkv.weight"] = torch.cat([q, k, take(pre + "self_attn.v_proj.weight")]).contiguous()
+            state[ours + "attn.qkv.weight"] = torch.cat(
+                [q, k, take(pre + "self_attn.v_proj.weight")]
+            ).contiguous()
             for mine, theirs in BLOCK_NAMES.items():
                 state[ours + mine] = take(pre + theirs).contiguous()
         states.append(state)
@@ -180,7 +240,8 @@ def stage_states_to_hf(states: list[Mapping[str, torch.Tensor]], cfg: ModelConfi
         for j in range(L):
             pre, ours = f"model.layers.{stage * L + j}.", f"model/blocks/blocks.{j}."
             q, k, v = state[ours + "attn.qkv.weight"].split(
-                [cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
+                [cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd]
+            )
             hf[pre + "self_attn.q_proj.weight"] = _hf_rotary_order(q, cfg.n_heads).contiguous()
             hf[pre + "self_attn.k_proj.weight"] = _hf_rotary_order(k, cfg.kv_heads).contiguous()
             hf[pre + "self_attn.v_proj.weight"] = v.contiguous()
@@ -194,14 +255,19 @@ def stage_states_to_hf(states: list[Mapping[str, torch.Tensor]], cfg: ModelConfi
 
 def read_hf_weights(path: str) -> dict[str, torch.Tensor] | None:
     """Every tensor of the folder's safetensors weights (sharded or not); None when it holds no weights."""
-    index_uri, single_uri = storage.join(path, "model.safetensors.index.json"), storage.join(path, "model.safetensors")
+    index_uri, single_uri = (
+        storage.join(path, "model.safetensors.index.json"),
+        storage.join(path, "model.safetensors"),
+    )
     if storage.exists(index_uri):
         try:
             weight_map = json.loads(storage.read_bytes(index_uri))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index_uri} is not a safetensors index ({type(exc).__name__}: {exc}); "
-                                  f"fix or remove it (`{FIELD}`)") from None
+            raise CheckpointError(
+                f"{index_uri} is not a safetensors index ({type(exc).__name__}: {exc}); "
+                f"fix or remove it (`{FIELD}`)"
+            ) from None
     elif storage.exists(single_uri):
         shards = ["model.safetensors"]
     else:
@@ -223,9 +289,14 @@ def initial_stage_states(spec: LlamaSpec, cfg: ModelConfig) -> list[dict[str, to
     return None if hf is None else hf_to_stage_states(hf, cfg, spec.hf_path)
 
 
-def export_hf(states: list[Mapping[str, torch.Tensor]], cfg: ModelConfig, uri: str,
-              base_config: Mapping | None = None, metadata: Mapping | None = None,
-              tokenizer_json: bytes | None = None) -> dict:
+def export_hf(
+    states: list[Mapping[str, torch.Tensor]],
+    cfg: ModelConfig,
+    uri: str,
+    base_config: Mapping | None = None,
+    metadata: Mapping | None = None,
+    tokenizer_json: bytes | None = None,
+) -> dict:
     """Write `uri` as an HF Llama folder (config.json, model.safetensors, the run's tokenizer.json when it has
     one; manifest last) from the stages' states; `LlamaForCausalLM.from_pretrained(uri)` loads it (local
     folders; copy an s3:// one down first)."""

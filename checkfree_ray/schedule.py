@@ -13,8 +13,16 @@ import math
 from schemas.train import OptimSpec, TrainSpec
 
 # Peak dense bf16 FLOP/s per device by torch.cuda.get_device_name() substring (no sparsity); CPUs: none.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-              "V100": 125e12, "T4": 65e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 
 
 def scheduled_lr(optim: OptimSpec, step: int, total_steps: int) -> float:

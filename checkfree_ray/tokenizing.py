@@ -57,7 +57,9 @@ def file_format(uri: str, fmt: str | None) -> str:
             raise SpecError(f"--format {fmt!r} is not one of {list(FORMATS)}")
         return fmt
     name = uri.lower()
-    return "jsonl" if name.endswith((".jsonl", ".json")) else "parquet" if name.endswith(".parquet") else "text"
+    return (
+        "jsonl" if name.endswith((".jsonl", ".json")) else "parquet" if name.endswith(".parquet") else "text"
+    )
 
 
 def _byte_chunks(uri: str) -> Iterator[bytes]:
@@ -101,8 +103,10 @@ def iter_documents(uri: str, fmt: str | None = None, field: str = "text") -> Ite
             try:
                 value = json.loads(line)[field]
             except (ValueError, KeyError, TypeError) as exc:
-                raise SpecError(f"{uri} line {number}: no string field {field!r} ({type(exc).__name__}: {exc}); "
-                                "name the field with --field") from None
+                raise SpecError(
+                    f"{uri} line {number}: no string field {field!r} ({type(exc).__name__}: {exc}); "
+                    "name the field with --field"
+                ) from None
             yield str(value)
         return
     yield from _parquet_documents(uri, field)
@@ -112,12 +116,18 @@ def _parquet_documents(uri: str, column: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = storage.parse_uri(uri).path if storage.parse_uri(uri).scheme == "file" else Path(tmp) / "in.parquet"
+        local = (
+            storage.parse_uri(uri).path
+            if storage.parse_uri(uri).scheme == "file"
+            else Path(tmp) / "in.parquet"
+        )
         if storage.parse_uri(uri).scheme != "file":
             storage.download_file(uri, local)
         handle = pq.ParquetFile(local)
         if column not in handle.schema_arrow.names:
-            raise SpecError(f"{uri} has no column {column!r} (it has {handle.schema_arrow.names}); name it with --field")
+            raise SpecError(
+                f"{uri} has no column {column!r} (it has {handle.schema_arrow.names}); name it with --field"
+            )
         for batch in handle.iter_batches(columns=[column], batch_size=1024):
             yield from (str(value) for value in batch.column(0).to_pylist() if value is not None)
 
@@ -127,16 +137,21 @@ def _documents(inputs: list[str], fmt: str | None, field: str) -> Iterator[str]:
         yield from iter_documents(uri, fmt, field)
 
 
-def train_tokenizer(inputs: list[str], out_uri: str, vocab_size: int = 4096, fmt: str | None = None,
-                    field: str = "text") -> dict:
+def train_tokenizer(
+    inputs: list[str], out_uri: str, vocab_size: int = 4096, fmt: str | None = None, field: str = "text"
+) -> dict:
     """Train a byte-level BPE (`tokenizers`) on the inputs and write its tokenizer.json to `out_uri`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(_documents(inputs, fmt, field), trainer=trainer)
     data = tokenizer.to_str().encode()
     storage.write_bytes(out_uri, data)
@@ -163,9 +178,16 @@ class _Encoder:
         return ids + [self.eot] if last_piece and self.eot is not None else ids
 
 
-def tokenize(inputs: list[str], out_uri: str, tokenizer_uri: str | None = None, val_fraction: float = 0.05,
-             val_inputs: list[str] | None = None, fmt: str | None = None, field: str = "text",
-             progress: bool = True) -> dict:
+def tokenize(
+    inputs: list[str],
+    out_uri: str,
+    tokenizer_uri: str | None = None,
+    val_fraction: float = 0.05,
+    val_inputs: list[str] | None = None,
+    fmt: str | None = None,
+    field: str = "text",
+    progress: bool = True,
+) -> dict:
     """Tokenize the inputs into the token artifact at `out_uri`; returns its index.
 
     The validation split is `val_inputs` when given, else the last `val_fraction` of the training tokens
@@ -182,22 +204,34 @@ def tokenize(inputs: list[str], out_uri: str, tokenizer_uri: str | None = None, 
             n_val = round(n_train * val_fraction)
             n_train -= n_val
         index = {
-            "version": INDEX_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": encoder.vocab_size,
-            "tokens": n_train + n_val, "splits": {"train": [0, n_train], "val": [n_train, n_train + n_val]},
+            "version": INDEX_VERSION,
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": encoder.vocab_size,
+            "tokens": n_train + n_val,
+            "splits": {"train": [0, n_train], "val": [n_train, n_train + n_val]},
             "tokenizer": {"uri": encoder.uri, "sha256": encoder.sha256} if encoder.uri else "bytes",
-            "eot_id": encoder.eot, "inputs": list(inputs), "val_inputs": list(val_inputs or []),
+            "eot_id": encoder.eot,
+            "inputs": list(inputs),
+            "val_inputs": list(val_inputs or []),
         }
         if min(n_train, n_val) <= 0:
-            raise SpecError(f"tokenizing {inputs} gives {n_train} training and {n_val} validation tokens; give more "
-                            "text, a larger --val-fraction or --val files")
-        write_artifact(out_uri, {"tokens.bin": path, "index.json": json.dumps(index, indent=2).encode()},
-                       metadata={"kind": "tokens"})
+            raise SpecError(
+                f"tokenizing {inputs} gives {n_train} training and {n_val} validation tokens; give more "
+                "text, a larger --val-fraction or --val files"
+            )
+        write_artifact(
+            out_uri,
+            {"tokens.bin": path, "index.json": json.dumps(index, indent=2).encode()},
+            metadata={"kind": "tokens"},
+        )
     if line is not None:
         line.emit(f"tokenize: wrote {n_train} training and {n_val} validation tokens to {out_uri}")
     return index
 
 
-def _append(handle, inputs: list[str], encoder: _Encoder, dtype, fmt, field, line: ProgressLine | None) -> int:
+def _append(
+    handle, inputs: list[str], encoder: _Encoder, dtype, fmt, field, line: ProgressLine | None
+) -> int:
     """Append the inputs' tokens to `handle`; returns how many."""
     count = 0
     for uri in expand_inputs(inputs):

@@ -17,17 +17,32 @@ transformers = pytest.importorskip("transformers")
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 500.0},
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
 }
 
 
 def tiny_hf_model(rope: str = "llama3", seed: int = 0, **overrides):
     """A random LlamaForCausalLM with GQA (4 heads, 2 kv heads), 4 layers, a 97-token vocabulary."""
     torch.manual_seed(seed)
-    kwargs = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": False, "rope_parameters": ROPES[rope]}
+    kwargs = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_parameters": ROPES[rope],
+    }
     kwargs.update(overrides)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
     with torch.no_grad():  # norms away from 1, so that a norm mapped to the wrong place shows
@@ -83,7 +98,9 @@ def test_sharded_folder_loads_the_same_weights(tmp_path):
 
 def test_export_loads_in_transformers_with_pipeline_logits(tmp_path):
     """An exported folder loads with LlamaForCausalLM.from_pretrained and gives the pipeline's logits to 1e-4."""
-    spec = LlamaSpec(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=16, vocab_size=50, norm_eps=1e-5)
+    spec = LlamaSpec(
+        d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=16, vocab_size=50, norm_eps=1e-5
+    )
     from checkfree_ray.model import ModelConfig
     from checkfree_ray.stage import initial_stage_state
 
@@ -109,17 +126,22 @@ def test_round_trip_through_hf_names_is_exact(tmp_path):
     spec = LlamaSpec(hf_path=str(tmp_path / "in"), seq_len=16)
     cfg = config_from_hf(spec, 2)
     states = initial_stage_states(spec, cfg)
-    export_hf(states, cfg, str(tmp_path / "out"), base_config=json.loads((tmp_path / "in/config.json").read_text()))
+    export_hf(
+        states, cfg, str(tmp_path / "out"), base_config=json.loads((tmp_path / "in/config.json").read_text())
+    )
     again = initial_stage_states(LlamaSpec(hf_path=str(tmp_path / "out"), seq_len=16), cfg)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(states, again) for k in a)
     assert config_from_hf(LlamaSpec(hf_path=str(tmp_path / "out"), seq_len=16), 2) == cfg
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("tie_word_embeddings", True, "tie_word_embeddings"),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "'yarn'"),
-    ("num_hidden_layers", 3, "num_hidden_layers (3)"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("tie_word_embeddings", True, "tie_word_embeddings"),
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "'yarn'"),
+        ("num_hidden_layers", 3, "num_hidden_layers (3)"),
+    ],
+)
 def test_unsupported_configs_are_refused_by_field(tmp_path, field, value, words):
     """Tied embeddings, an unsupported rope type and layers not splitting over the stages name the field."""
     config = tiny_hf_model().config.to_dict()
@@ -158,13 +180,24 @@ def test_run_from_s3_hf_folder_exports_what_transformers_loads(ray_local, moto_b
     model = tiny_hf_model("llama3", vocab_size=256)
     model.save_pretrained(tmp_path / "hf", max_shard_size="30KB")
     _upload_folder(tmp_path / "hf", f"{moto_bucket}/base")
-    spec = TrainSpec.model_validate({
-        "steps": 2, "eval_every": 2, "eval_batches": 1, "model": {"hf_path": f"{moto_bucket}/base", "seq_len": 16},
-        "pipeline": {"num_stages": 2, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.2,
-                     "warm_standby": False},
-        "optim": {"lr": 1e-9}, "recovery": {"strategy": "checkfree+"},
-        "output": {"uri": str(tmp_path / "run")},
-    })
+    spec = TrainSpec.model_validate(
+        {
+            "steps": 2,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "model": {"hf_path": f"{moto_bucket}/base", "seq_len": 16},
+            "pipeline": {
+                "num_stages": 2,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.2,
+                "warm_standby": False,
+            },
+            "optim": {"lr": 1e-9},
+            "recovery": {"strategy": "checkfree+"},
+            "output": {"uri": str(tmp_path / "run")},
+        }
+    )
     result = run_training(spec, progress=False)
     assert result.files["hf"] == str(tmp_path / "run" / "hf")
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "hf").eval()
@@ -181,8 +214,9 @@ def test_byte_data_into_a_smaller_vocabulary_is_refused(tmp_path):
     from schemas.train import TrainSpec
 
     tiny_hf_model().save_pretrained(tmp_path)
-    spec = TrainSpec.model_validate({"model": {"hf_path": str(tmp_path), "seq_len": 16},
-                                     "pipeline": {"num_stages": 2}})
+    spec = TrainSpec.model_validate(
+        {"model": {"hf_path": str(tmp_path), "seq_len": 16}, "pipeline": {"num_stages": 2}}
+    )
     with pytest.raises(SpecError, match="vocab_size"):
         ModelConfig.from_train_spec(spec)
 
@@ -196,9 +230,13 @@ def test_run_identity_covers_the_model_and_token_files(tmp_path):
     tiny_hf_model(vocab_size=256).save_pretrained(tmp_path / "hf")
     (tmp_path / "a.txt").write_text("some text to tokenize " * 50)
     tokenize([str(tmp_path / "a.txt")], str(tmp_path / "tokens"), progress=False)
-    spec = TrainSpec.model_validate({"model": {"hf_path": str(tmp_path / "hf"), "seq_len": 16},
-                                     "data": {"tokens_uri": str(tmp_path / "tokens")},
-                                     "pipeline": {"num_stages": 2}})
+    spec = TrainSpec.model_validate(
+        {
+            "model": {"hf_path": str(tmp_path / "hf"), "seq_len": 16},
+            "data": {"tokens_uri": str(tmp_path / "tokens")},
+            "pipeline": {"num_stages": 2},
+        }
+    )
     first = new_identity(spec)
     assert "model.hf_path/model.safetensors" in first.inputs and "data.tokens_uri" in first.inputs
     tiny_hf_model(vocab_size=256, seed=1).save_pretrained(tmp_path / "hf")

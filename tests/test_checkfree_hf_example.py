@@ -36,8 +36,20 @@ def test_text_folder_to_hf_checkpoint_with_a_stage_killed(ray_local, tmp_path):
         (texts / f"{i:02d}.txt").write_text(topics[key])
     _cli("tokenizer", "train", str(texts), "--out", str(tmp_path / "tok.json"), "--vocab-size", "400")
     _cli("tokenize", str(texts), "--tokenizer", str(tmp_path / "tok.json"), "--out", str(tmp_path / "tokens"))
-    _cli("hf-config", str(tmp_path / "model"), "--hidden-size", "32", "--layers", "4", "--heads", "4",
-         "--kv-heads", "2", "--tokenizer", str(tmp_path / "tok.json"))
+    _cli(
+        "hf-config",
+        str(tmp_path / "model"),
+        "--hidden-size",
+        "32",
+        "--layers",
+        "4",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--tokenizer",
+        str(tmp_path / "tok.json"),
+    )
     raw = yaml.safe_load(EXAMPLE.read_text())
     raw.update(steps=6, eval_every=3, eval_batches=2)
     raw["model"] = {"hf_path": str(tmp_path / "model"), "seq_len": 32}
@@ -53,11 +65,15 @@ def test_text_folder_to_hf_checkpoint_with_a_stage_killed(ray_local, tmp_path):
     assert [(f.step, f.stage, f.method) for f in result.failures] == [(4, 2, "checkfree")]
     assert result.model_parameters and result.mfu is None and result.tokens_per_s > 0
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "hf").eval()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "run" / "hf" / "tokenizer.json"))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "run" / "hf" / "tokenizer.json")
+    )
     assert hf.config.vocab_size == tokenizer.vocab_size <= 400
     spec = TrainSpec.model_validate(raw)
     inputs, targets = TokenCorpus(spec.data, 32, spec.seed).val_batches(2, 2)
     with torch.no_grad():
-        losses = [torch.nn.functional.cross_entropy(hf(inputs[m]).logits.flatten(0, 1), targets[m].flatten())
-                  for m in range(2)]
+        losses = [
+            torch.nn.functional.cross_entropy(hf(inputs[m]).logits.flatten(0, 1), targets[m].flatten())
+            for m in range(2)
+        ]
     assert float(sum(losses) / 2) == pytest.approx(result.final_val_loss, abs=1e-4)

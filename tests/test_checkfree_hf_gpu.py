@@ -17,13 +17,25 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 def gpu_spec(precision: str, **extra) -> TrainSpec:
     """Two stages sharing one GPU (0.5 each), a d=64 model, 2 micro-batches of 2x32 bytes."""
-    return TrainSpec.model_validate({
-        "steps": 4, "eval_every": 4, "eval_batches": 1,
-        "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "seq_len": 32},
-        "pipeline": {"num_stages": 2, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.5,
-                     "num_gpus_per_stage": 0.5, "precision": precision, "warm_standby": False},
-        "optim": {"lr": 3e-3}, **extra,
-    })
+    return TrainSpec.model_validate(
+        {
+            "steps": 4,
+            "eval_every": 4,
+            "eval_batches": 1,
+            "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "seq_len": 32},
+            "pipeline": {
+                "num_stages": 2,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.5,
+                "num_gpus_per_stage": 0.5,
+                "precision": precision,
+                "warm_standby": False,
+            },
+            "optim": {"lr": 3e-3},
+            **extra,
+        }
+    )
 
 
 @needs_gpu
@@ -53,8 +65,12 @@ def test_bf16_gpu_run_with_a_kill_recovers(ray_local, tmp_path):
     """A bf16 run on GPU stages with a stage killed recovers it and keeps finite losses near the fp32 ones."""
     from checkfree_ray import run_training
 
-    spec = gpu_spec("bf16", recovery={"strategy": "checkfree+"}, failures={"schedule": [[3, 1]]},
-                    output={"uri": str(tmp_path / "run")})
+    spec = gpu_spec(
+        "bf16",
+        recovery={"strategy": "checkfree+"},
+        failures={"schedule": [[3, 1]]},
+        output={"uri": str(tmp_path / "run")},
+    )
     result = run_training(spec, progress=False)
     assert [(f.step, f.stage) for f in result.failures] == [(3, 1)]
     assert all(math.isfinite(v) for v in result.losses) and result.mfu is not None and result.mfu > 0

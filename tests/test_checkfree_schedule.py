@@ -64,14 +64,29 @@ def test_pipeline_follows_the_schedule_like_one_process(ray_local):
     """Under warmup + cosine with weight decay the pipeline's losses equal single-process training's."""
     from checkfree_ray.executor import PipelineExecutor
 
-    spec = TrainSpec.model_validate({
-        "steps": 4, "eval_every": 4, "eval_batches": 1,
-        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "seq_len": 16},
-        "pipeline": {"num_stages": 2, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.2,
-                     "warm_standby": False},
-        "optim": {"lr": 3e-2, "schedule": "cosine", "warmup_steps": 2, "min_lr": 3e-3, "weight_decay": 0.1},
-        "recovery": {"strategy": "none"},
-    })
+    spec = TrainSpec.model_validate(
+        {
+            "steps": 4,
+            "eval_every": 4,
+            "eval_batches": 1,
+            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "seq_len": 16},
+            "pipeline": {
+                "num_stages": 2,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.2,
+                "warm_standby": False,
+            },
+            "optim": {
+                "lr": 3e-2,
+                "schedule": "cosine",
+                "warmup_steps": 2,
+                "min_lr": 3e-3,
+                "weight_decay": 0.1,
+            },
+            "recovery": {"strategy": "none"},
+        }
+    )
     executor = PipelineExecutor(spec)
     executor.start()
     try:

@@ -19,8 +19,10 @@ from rayops.artifacts import write_artifact
 from schemas.errors import SpecError
 from schemas.train import DataSpec
 
-DOCS = [f"Document {i}: the pipeline stage {i % 4} trains on tokens, and the quick brown fox jumps {i} times."
-        for i in range(60)]
+DOCS = [
+    f"Document {i}: the pipeline stage {i % 4} trains on tokens, and the quick brown fox jumps {i} times."
+    for i in range(60)
+]
 
 
 @pytest.fixture
@@ -30,7 +32,9 @@ def corpus(tmp_path):
     folder.mkdir()
     (folder / "a.txt").write_text("\n".join(DOCS[:30]) + "\n")
     (folder / "b.txt").write_text("\n".join(DOCS[30:]) + "\n")
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS))
+    )
     pq.write_table(pa.table({"content": DOCS}), tmp_path / "docs.parquet", row_group_size=7)
     return tmp_path
 
@@ -38,8 +42,9 @@ def corpus(tmp_path):
 def test_cli_trains_a_bpe_tokenizer_on_a_folder(corpus):
     """`checkfree-ray tokenizer train` writes a tokenizer.json that round-trips the text and merges words."""
     out = corpus / "tok.json"
-    res = CliRunner().invoke(main, ["tokenizer", "train", str(corpus / "texts"), "--out", str(out),
-                                    "--vocab-size", "300"])
+    res = CliRunner().invoke(
+        main, ["tokenizer", "train", str(corpus / "texts"), "--out", str(out), "--vocab-size", "300"]
+    )
     assert res.exit_code == 0, res.output
     tok = Tokenizer.from_file(str(out))
     assert 260 < tok.get_vocab_size() <= 300 and tok.token_to_id("<|endoftext|>") == 0
@@ -53,14 +58,23 @@ def test_jsonl_and_parquet_on_s3_give_the_tokenizers_ids(corpus, moto_bucket, so
     train_tokenizer([str(corpus / "texts")], str(corpus / "tok.json"), vocab_size=300)
     storage.write_bytes(f"{moto_bucket}/in/{source}", (corpus / source).read_bytes())
     out = f"{moto_bucket}/tokens"
-    index = tokenize([f"{moto_bucket}/in/{source}"], out, tokenizer_uri=str(corpus / "tok.json"), val_fraction=0.1,
-                     field=fmt_field, progress=False)
+    index = tokenize(
+        [f"{moto_bucket}/in/{source}"],
+        out,
+        tokenizer_uri=str(corpus / "tok.json"),
+        val_fraction=0.1,
+        field=fmt_field,
+        progress=False,
+    )
     tok = Tokenizer.from_file(str(corpus / "tok.json"))
     expected = np.array([i for d in DOCS for i in [*tok.encode(d).ids, 0]], dtype=np.uint16)
     got = np.frombuffer(storage.read_bytes(f"{out}/tokens.bin"), dtype=np.uint16)
     assert np.array_equal(got, expected)
     n_val = round(len(expected) * 0.1)
-    assert index["splits"] == {"train": [0, len(expected) - n_val], "val": [len(expected) - n_val, len(expected)]}
+    assert index["splits"] == {
+        "train": [0, len(expected) - n_val],
+        "val": [len(expected) - n_val, len(expected)],
+    }
     assert read_index(out)["dtype"] == "uint16" and tokenizer_vocab_size(DataSpec(tokens_uri=out)) == 300
 
 
@@ -68,12 +82,17 @@ def test_cli_byte_level_with_separate_validation_files(corpus):
     """Without a tokenizer the tokens are the UTF-8 bytes; --val files fill the validation range after training."""
     (corpus / "val.txt").write_text("held out text\n")
     out = corpus / "bytes"
-    res = CliRunner().invoke(main, ["tokenize", str(corpus / "texts" / "a.txt"), "--val", str(corpus / "val.txt"),
-                                    "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        ["tokenize", str(corpus / "texts" / "a.txt"), "--val", str(corpus / "val.txt"), "--out", str(out)],
+    )
     assert res.exit_code == 0, res.output
     tokens = np.fromfile(out / "tokens.bin", dtype=np.uint16)
     train_bytes = (corpus / "texts" / "a.txt").read_bytes() + b"\n\n"
-    assert tokens.tobytes() == np.frombuffer(train_bytes + b"held out text\n\n\n", np.uint8).astype(np.uint16).tobytes()
+    assert (
+        tokens.tobytes()
+        == np.frombuffer(train_bytes + b"held out text\n\n\n", np.uint8).astype(np.uint16).tobytes()
+    )
     index = read_index(str(out))
     assert index["splits"]["val"] == (len(train_bytes), len(tokens)) and index["vocab_size"] == 256
 
@@ -90,15 +109,19 @@ def test_loader_batches_are_a_pure_function_of_seed_and_step(corpus):
     tokens = np.fromfile(corpus / "tokens" / "tokens.bin", dtype=np.uint16).astype(np.int64)
     n_train = read_index(out)["splits"]["train"][1]
     starts = step_rng(5, DATA_STREAM, 7).integers(0, n_train - 17, size=6)
-    windows = np.stack([tokens[s:s + 17] for s in starts]).reshape(2, 3, 17)
+    windows = np.stack([tokens[s : s + 17] for s in starts]).reshape(2, 3, 17)
     assert np.array_equal(x1.numpy(), windows[..., :-1]) and np.array_equal(y1.numpy(), windows[..., 1:])
     assert x1.max() < 256
 
 
 def _rewrite(folder, tokens: np.ndarray | None = None, index: dict | None = None):
     """Rewrite a token artifact (consistent manifest) with changed tokens or index."""
-    files = {"tokens.bin": (tokens if tokens is not None else np.fromfile(folder / "tokens.bin", np.uint16)).tobytes(),
-             "index.json": json.dumps(index or json.loads((folder / "index.json").read_text())).encode()}
+    files = {
+        "tokens.bin": (
+            tokens if tokens is not None else np.fromfile(folder / "tokens.bin", np.uint16)
+        ).tobytes(),
+        "index.json": json.dumps(index or json.loads((folder / "index.json").read_text())).encode(),
+    }
     write_artifact(str(folder), files, metadata={"kind": "tokens"})
     read_index.cache_clear()
 
@@ -128,6 +151,8 @@ def test_wrong_tokenizer_for_the_tokens_is_refused(corpus):
     """`data.tokenizer` other than the one the tokens were made with is refused naming both."""
     train_tokenizer([str(corpus / "texts")], str(corpus / "t1.json"), vocab_size=300)
     train_tokenizer([str(corpus / "texts")], str(corpus / "t2.json"), vocab_size=280)
-    tokenize([str(corpus / "texts")], str(corpus / "tok"), tokenizer_uri=str(corpus / "t1.json"), progress=False)
+    tokenize(
+        [str(corpus / "texts")], str(corpus / "tok"), tokenizer_uri=str(corpus / "t1.json"), progress=False
+    )
     with pytest.raises(SpecError, match="t2.json is not the tokenizer"):
         TokenCorpus(DataSpec(tokens_uri=str(corpus / "tok"), tokenizer=str(corpus / "t2.json")), 8, 0)
