@@ -170,8 +170,7 @@ def test_restart_into_a_running_searchs_output_is_refused_and_keeps_its_state(tm
     prepare_state(spec)
     spec_file = tmp_path / "out" / "state" / "spec.json"
     before = spec_file.read_bytes()
-    with OutputLock(spec.output.uri, what="search"):  # the running search
-        with pytest.raises(OutputLockedError):
-            run_search(spec, restart=True)
+    with OutputLock(spec.output.uri, what="search"), pytest.raises(OutputLockedError):  # a search is running
+        run_search(spec, restart=True)
     assert spec_file.read_bytes() == before
     assert (tmp_path / "out" / "state" / FINGERPRINT_FILE).exists()
