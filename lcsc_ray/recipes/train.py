@@ -68,7 +68,7 @@ def train_ddpm(config: DDPMTrainConfig | dict, stop_after: int | None = None) ->
 
 
 class ConsistencyTrainConfig(TrainConfig):
-    """Consistency distillation from a trained DDPM (the DDPM recipe's diffusers EMA by default)."""
+    """Consistency distillation from a trained DDPM (defaults: about 4 minutes on one CPU core)."""
 
     out: str = Field(default="outputs/mnist-cm", description="Output directory: local path or s3:// URI.")
     teacher_uri: str = Field(default="outputs/mnist-ddpm/unet_ema",
