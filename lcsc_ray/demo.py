@@ -46,8 +46,7 @@ def run_demo(spec: SearchSpec, train_steps: int | None = None) -> SearchResult:
 
         # training uses every core of the local Ray (torch threads = the CPUs the task was given)
         summary = train_on_ray("ddpm", config, num_cpus=max(1.0, ray.cluster_resources().get("CPU", 1.0)))
-        log.info("training done: %s steps, %s checkpoints, %.0f s", summary["steps"], summary["num_checkpoints"],
-                 summary["wall_s"])
+        log.info("training done at step %s", summary.get("step", summary))
         log.info("step 2/2: LCSC search, %d evaluations on %d evaluator actors", spec.search.budget,
                  spec.evaluators.num_actors)
         result = run_search(spec)
@@ -62,8 +61,6 @@ def describe(result: SearchResult, spec: SearchSpec) -> str:
     for name in ("result.json", "trials.parquet", "combined.safetensors", "fid_vs_evaluations.png",
                  "coefficients.png"):
         lines.append(f"  {storage.join(out, name)}")
-    if spec.checkpoints.format == "diffusers":
-        lines.append(f"  {storage.join(out, 'diffusers', 'unet')} (the winner; UNet2DModel.from_pretrained loads it)")
     lines.append(f"  sample grids: {storage.join(training_output(spec), 'samples.png')} (EMA), "
                  f"{storage.join(training_output(spec), 'samples_last.png')} (last checkpoint)")
     return "\n".join(lines)
