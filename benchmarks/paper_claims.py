@@ -45,7 +45,7 @@ def searches(
     early: tuple[int, list[int]] | None = None,
 ) -> dict[str, list[dict]]:
     """Run (or load) the searches behind the rows; name -> one summary row per optimiser seed."""
-    early_paths = [f"checkpoint-{step}" for step in range(100, 800, 100)]  # diffusers folders of the DDPM
+    early_paths = [f"ckpt_{step:06d}.safetensors" for step in range(100, 800, 100)]
     setups = {
         "cm_nfe1": {"run_dir": CM_DIR, "cm": True, "nfe": 1},
         "ddpm_nfe6": {"nfe": 6},

@@ -52,16 +52,17 @@ def ensure_trained(cm: bool = False) -> None:
     recipes resume an interrupted run and leave a finished one alone."""
     from lcsc_ray.recipes.train import train_consistency, train_ddpm
 
-    def complete(directory: Path, ema: str, pattern: str) -> bool:
-        return (directory / ema).exists() and len(list(directory.glob(pattern))) >= 25
+    def complete(directory: Path) -> bool:
+        return (directory / "ema.safetensors").exists() and len(
+            list((directory / "checkpoints").glob("ckpt_*"))
+        ) >= 25
 
-    # the DDPM saves diffusers checkpoint-N/ folders and unet_ema/; the consistency model, recipe files
-    if not complete(DDPM_DIR, "unet_ema", "checkpoint-*"):
+    if not complete(DDPM_DIR):
         print("training the MNIST DDPM (outputs/mnist-ddpm missing) ...", flush=True)
         train_ddpm({"out": str(DDPM_DIR)})
-    if cm and not complete(CM_DIR, "ema.safetensors", "checkpoints/ckpt_*"):
+    if cm and not complete(CM_DIR):
         print("distilling the MNIST consistency model (outputs/mnist-cm missing) ...", flush=True)
-        train_consistency({"out": str(CM_DIR), "teacher_uri": str(DDPM_DIR / "unet_ema")})
+        train_consistency({"out": str(CM_DIR), "teacher_uri": str(DDPM_DIR / "ema.safetensors")})
 
 
 def make_spec(
@@ -78,23 +79,14 @@ def make_spec(
     seed: int = 0,
     **search,
 ) -> dict:
-    """A SearchSpec dict for the MNIST recipes; `search` overrides SearchAlgoSpec fields. The DDPM's diffusers
-    checkpoints use the built-in diffusers model and DDIM sampler (filled in by the spec loader; `paths` then
-    names checkpoint-N folders); the consistency model's recipe files use the recipe's plug-ins."""
-    if cm:
-        checkpoints = {
-            "uri": str(run_dir / "checkpoints"),
-            "glob": "ckpt_*.safetensors",
-            "ema_uri": str(run_dir / "ema.safetensors"),
-        }
-        plugins = {
-            "model": {"target": "lcsc_ray.recipes.mnist:build_consistency_model"},
-            "sampler": {"target": "lcsc_ray.recipes.mnist:consistency_sample", "nfe": nfe},
-        }
-    else:
-        checkpoints = {"uri": str(run_dir), "format": "diffusers", "ema_uri": str(run_dir / "unet_ema")}
-        plugins = {"sampler": {"target": "lcsc_ray.diffusers_sampling:sample", "nfe": nfe,
-                               "kwargs": {"scheduler": "DDIM"}}}
+    """A SearchSpec dict for the MNIST recipes; `search` overrides SearchAlgoSpec fields."""
+    model = "lcsc_ray.recipes.mnist:build_consistency_model" if cm else "lcsc_ray.recipes.mnist:build_unet"
+    sampler = "lcsc_ray.recipes.mnist:consistency_sample" if cm else "lcsc_ray.recipes.mnist:ddim_sample"
+    checkpoints = {
+        "uri": str(run_dir / "checkpoints"),
+        "glob": "ckpt_*.safetensors",
+        "ema_uri": str(run_dir / "ema.safetensors"),
+    }
     if paths is not None:
         checkpoints["paths"] = paths
     else:
@@ -104,7 +96,8 @@ def make_spec(
         "name": Path(out).name,
         "seed": seed,
         "checkpoints": checkpoints,
-        **plugins,
+        "model": {"target": model},
+        "sampler": {"target": sampler, "nfe": nfe},
         "fid": {
             "num_samples": num_samples,
             "seed": 0,
@@ -119,7 +112,7 @@ def make_spec(
 
 def setting_key(spec: dict) -> str:
     """What an FID depends on besides (coefficients, samples, noise seed): checkpoints, model, sampler, NFE."""
-    keyed = {k: spec.get(k) for k in ("checkpoints", "model", "sampler")}
+    keyed = {k: spec[k] for k in ("checkpoints", "model", "sampler")}
     keyed["features"] = spec["fid"].get("features")
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -402,7 +395,7 @@ def main() -> None:
         "setup": {
             "recipe": "MNIST DDPM (v-pred, cosine), outputs/mnist-ddpm",
             "checkpoints": "last 12 of 25",
-            "sampler": "diffusers DDIMScheduler",
+            "sampler": "ddim_sample",
             "nfe": 10,
             "search_num_samples": rows[0]["search_num_samples"],
             "holdout_seeds": holdout,
