@@ -204,12 +204,7 @@ def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, gene
         raise CheckpointError(
             f"{state_uri} was written with model={saved_model}, but this run asks for model={config.model}; "
             "use the same model settings to resume, or a new `out` to start afresh")
-    try:  # the same settings can still mean another network when the recipe's default model changed
-        ckpt.load_into(recipe.model, state["model"], state_uri)
-    except CheckpointError as error:
-        raise CheckpointError(
-            f"{error}. {state_uri} was trained with another network than this recipe builds now (its default "
-            f"model changed); delete {config.out} to train afresh, or give a new `out`") from None
+    recipe.model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
