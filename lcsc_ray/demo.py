@@ -26,21 +26,11 @@ def training_output(spec: SearchSpec) -> str:
     return uri if spec.checkpoints.format == "diffusers" else uri.rsplit("/", 1)[0]
 
 
-def demo_train_config(spec: SearchSpec, train_steps: int | None = None) -> DDPMTrainConfig:
-    """The demo's training settings: the recipe's defaults, or `train_steps` with checkpoints kept as many as
-    by default (a shorter run saves proportionally more often, so the spec's `last` checkpoints exist)."""
-    config = DDPMTrainConfig(out=training_output(spec))
-    if not train_steps:
-        return config
-    every = max(1, train_steps * config.checkpoint_every // config.steps)
-    return config.model_copy(update={"steps": train_steps, "checkpoint_every": every})
-
-
 def run_demo(spec: SearchSpec, train_steps: int | None = None) -> SearchResult:
     """Train or reuse the checkpoints the spec points at, then search; one local Ray serves both."""
     started = time.monotonic()
     with ray_session(spec.ray):
-        config = demo_train_config(spec, train_steps)
+        config = DDPMTrainConfig(out=training_output(spec), **({"steps": train_steps} if train_steps else {}))
         log.info("step 1/2: DDPM checkpoints in %s (reused if already trained; resumed if interrupted)", config.out)
         import ray
 
