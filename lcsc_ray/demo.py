@@ -20,10 +20,8 @@ DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "search_mnist.
 
 
 def training_output(spec: SearchSpec) -> str:
-    """The recipe's output directory: the spec's checkpoint folder (diffusers checkpoint-N/ folders sit in the run
-    itself), else the parent of its checkpoint directory."""
-    uri = spec.checkpoints.uri.rstrip("/")
-    return uri if spec.checkpoints.format == "diffusers" else uri.rsplit("/", 1)[0]
+    """The recipe's output directory: the parent of the spec's checkpoint directory."""
+    return spec.checkpoints.uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def run_demo(spec: SearchSpec, train_steps: int | None = None) -> SearchResult:
@@ -32,10 +30,7 @@ def run_demo(spec: SearchSpec, train_steps: int | None = None) -> SearchResult:
     with ray_session(spec.ray):
         config = DDPMTrainConfig(out=training_output(spec), **({"steps": train_steps} if train_steps else {}))
         log.info("step 1/2: DDPM checkpoints in %s (reused if already trained; resumed if interrupted)", config.out)
-        import ray
-
-        # training uses every core of the local Ray (torch threads = the CPUs the task was given)
-        summary = train_on_ray("ddpm", config, num_cpus=max(1.0, ray.cluster_resources().get("CPU", 1.0)))
+        summary = train_on_ray("ddpm", config)
         log.info("training done at step %s", summary.get("step", summary))
         log.info("step 2/2: LCSC search, %d evaluations on %d evaluator actors", spec.search.budget,
                  spec.evaluators.num_actors)

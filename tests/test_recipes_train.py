@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from lcsc_ray.recipes import checkpoints as ckpt
-from lcsc_ray.recipes.mnist import build_consistency_model, train_consistency, train_ddpm
+from lcsc_ray.recipes.mnist import build_consistency_model, build_unet, train_consistency, train_ddpm
 from lcsc_ray.recipes.training import TrainingInterrupted
-from lcsc_ray.recipes.unet import build_diffusers_unet
 from schemas.errors import CheckpointError
 
-TINY_MODEL = {"block_out_channels": [8, 16], "norm_num_groups": 4, "attention_head_dim": 8}
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+TINY_MODEL = {"channels": [8, 16], "emb_dim": 16, "groups": 4, "attention": False}
 TINY = {"steps": 6, "batch_size": 8, "checkpoint_every": 2, "warmup_steps": 2, "model": TINY_MODEL,
         "grid_samples": 4, "grid_nfe": 2, "progress_interval_s": 60}
 
@@ -35,30 +32,22 @@ def _weights(uri: str) -> dict[str, torch.Tensor]:
 
 
 def test_checkpoints_have_step_metadata_and_identical_keys(tiny_ddpm):
-    """Every checkpoint_every steps a diffusers checkpoint-N/unet (and unet_ema) appears with its step and the
-    UNet2DModel's keys; the final EMA and the DDPMScheduler config sit beside them, as diffusers scripts save."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    found = ckpt.list_run_checkpoints(tiny_ddpm)
+    """Every checkpoint_every steps a ckpt file appears with its step in the metadata and the skeleton's keys."""
+    found = ckpt.list_checkpoints(f"{tiny_ddpm}/checkpoints")
     assert [step for step, _ in found] == [2, 4, 6]
-    skeleton = build_diffusers_unet(**TINY_MODEL).state_dict()
+    skeleton = build_unet(**TINY_MODEL).state_dict()
     for step, uri in found:
-        assert uri.endswith(f"checkpoint-{step}/unet/{WEIGHTS}")
         tensors, metadata = ckpt.load_weights(uri)
         assert metadata["step"] == str(step) and metadata["kind"] == "ddpm"
+        assert json.loads(metadata["model_kwargs"])["channels"] == [8, 16]
         assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in skeleton.items()}
-        assert ckpt.load_weights(f"{tiny_ddpm}/checkpoint-{step}/unet_ema/{WEIGHTS}")[1]["step"] == str(step)
-    loaded = UNet2DModel.from_pretrained(f"{tiny_ddpm}/unet_ema")
-    ema, ema_meta = ckpt.load_weights(f"{tiny_ddpm}/unet_ema/{WEIGHTS}")
-    assert ema_meta["step"] == "6" and list(loaded.config.block_out_channels) == [8, 16]
+    ema, ema_meta = ckpt.load_weights(f"{tiny_ddpm}/ema.safetensors")
+    assert ema.keys() == skeleton.keys() and ema_meta["step"] == "6"
     assert not torch.equal(ema["conv_in.weight"], _weights(found[-1][1])["conv_in.weight"])
-    scheduler = DDPMScheduler.from_pretrained(f"{tiny_ddpm}/scheduler")
-    assert scheduler.config.prediction_type == "v_prediction"
     with open(f"{tiny_ddpm}/samples.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(Path(f"{tiny_ddpm}/summary.json").read_text())
     assert summary["steps"] == 6 and summary["num_checkpoints"] == 3
-    assert summary["torch_threads"] == len(os.sched_getaffinity(0))  # every core this process may use
 
 
 def test_resume_after_interruption_matches_unbroken_run(tiny_ddpm, tmp_path):
@@ -66,11 +55,11 @@ def test_resume_after_interruption_matches_unbroken_run(tiny_ddpm, tmp_path):
     out = str(tmp_path / "broken")
     with pytest.raises(TrainingInterrupted):
         train_ddpm({**TINY, "out": out}, stop_after=3)
-    assert [s for s, _ in ckpt.list_run_checkpoints(out)] == [2]
+    assert [s for s, _ in ckpt.list_checkpoints(f"{out}/checkpoints")] == [2]
     summary = train_ddpm({**TINY, "out": out})
     assert summary["resumed_from"] == 2 and summary["steps"] == 6
-    assert [s for s, _ in ckpt.list_run_checkpoints(out)] == [2, 4, 6]
-    for name in (f"checkpoint-6/unet/{WEIGHTS}", f"unet_ema/{WEIGHTS}"):
+    assert [s for s, _ in ckpt.list_checkpoints(f"{out}/checkpoints")] == [2, 4, 6]
+    for name in ("checkpoints/ckpt_000006.safetensors", "ema.safetensors"):
         resumed, unbroken = _weights(f"{out}/{name}"), _weights(f"{tiny_ddpm}/{name}")
         assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken), name
 
@@ -81,23 +70,23 @@ def test_resume_refuses_a_different_model(tmp_path):
     with pytest.raises(TrainingInterrupted):
         train_ddpm({**TINY, "out": out}, stop_after=2)
     with pytest.raises(CheckpointError, match="train_state.pt"):
-        train_ddpm({**TINY, "out": out, "model": {**TINY_MODEL, "block_out_channels": [8, 24]}})
+        train_ddpm({**TINY, "out": out, "model": {**TINY_MODEL, "channels": [8, 24]}})
 
 
 def test_consistency_distillation_checkpoints_and_resume(tiny_ddpm, tmp_path):
     """CD from the tiny DDPM saves CM checkpoints with the skeleton's keys and resumes to the same weights."""
-    config = {**TINY, "teacher_uri": f"{tiny_ddpm}/unet_ema", "steps": 4, "grid_nfe": 1}
+    config = {**TINY, "teacher_uri": f"{tiny_ddpm}/ema.safetensors", "steps": 4, "grid_nfe": 1}
     unbroken = train_consistency({**config, "out": str(tmp_path / "a")})
     assert unbroken["steps"] == 4
     with pytest.raises(TrainingInterrupted):
         train_consistency({**config, "out": str(tmp_path / "b")}, stop_after=3)
     assert train_consistency({**config, "out": str(tmp_path / "b")})["resumed_from"] == 2
-    skeleton = build_consistency_model(diffusers=TINY_MODEL).state_dict()
+    skeleton = build_consistency_model(**TINY_MODEL).state_dict()
     a = _weights(str(tmp_path / "a/checkpoints/ckpt_000004.safetensors"))
     b = _weights(str(tmp_path / "b/checkpoints/ckpt_000004.safetensors"))
     assert a.keys() == skeleton.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    teacher = _weights(f"{tiny_ddpm}/unet_ema/{WEIGHTS}")
-    assert not torch.equal(a["unet.unet.conv_in.weight"], teacher["conv_in.weight"])  # the student moved
+    teacher = _weights(f"{tiny_ddpm}/ema.safetensors")
+    assert not torch.equal(a["unet.conv_in.weight"], teacher["conv_in.weight"])  # the student moved
 
 
 def test_train_on_ray_runs_as_a_task(ray_local, tmp_path):
@@ -106,8 +95,7 @@ def test_train_on_ray_runs_as_a_task(ray_local, tmp_path):
 
     summary = train_on_ray("ddpm", {**TINY, "steps": 2, "grid_samples": 0, "out": str(tmp_path / "ray")})
     assert summary["steps"] == 2
-    assert [s for s, _ in ckpt.list_run_checkpoints(str(tmp_path / "ray"))] == [2]
-    assert summary["torch_threads"] == 1  # the CPUs Ray gave the task (num_cpus=1)
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "ray/checkpoints"))] == [2]
 
 
 def test_cli_train_ddpm_local(tmp_path):
@@ -120,7 +108,7 @@ def test_cli_train_ddpm_local(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2
-    assert [s for s, _ in ckpt.list_run_checkpoints(out)] == [1, 2]
+    assert [s for s, _ in ckpt.list_checkpoints(f"{out}/checkpoints")] == [1, 2]
 
 
 def test_resume_after_sigkill_of_the_training_process(tmp_path):
@@ -145,14 +133,15 @@ def test_resume_after_sigkill_of_the_training_process(tmp_path):
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
-    killed_at = ckpt.list_run_checkpoints(str(out))[-1][0]
+    killed_at = ckpt.list_checkpoints(str(out / "checkpoints"))[-1][0]
     config = {"steps": killed_at + 3, "batch_size": 8, "checkpoint_every": 5, "model": TINY_MODEL,
               "grid_samples": 0}  # what the command line set; the rest are defaults on both sides
     summary = train_ddpm({**config, "out": str(out)})
     assert summary["resumed_from"] >= killed_at - 5 and summary["steps"] == killed_at + 3
     train_ddpm({**config, "out": str(tmp_path / "unbroken")})
-    final = f"checkpoint-{killed_at + 3}/unet/{WEIGHTS}"
-    resumed, unbroken = _weights(str(out / final)), _weights(str(tmp_path / "unbroken" / final))
+    final = ckpt.checkpoint_name(killed_at + 3)
+    resumed, unbroken = _weights(str(out / "checkpoints" / final)), _weights(
+        str(tmp_path / "unbroken" / "checkpoints" / final))
     assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
 
 
@@ -162,8 +151,8 @@ def test_training_writes_and_resumes_on_s3(s3_bucket):
     config = {**TINY, "steps": 4, "grid_samples": 0, "out": out}
     with pytest.raises(TrainingInterrupted):
         train_ddpm(config, stop_after=3)
-    assert [s for s, _ in ckpt.list_run_checkpoints(out)] == [2]
+    assert [s for s, _ in ckpt.list_checkpoints(f"{out}/checkpoints")] == [2]
     summary = train_ddpm(config)
     assert summary["resumed_from"] == 2 and summary["steps"] == 4
-    assert [s for s, _ in ckpt.list_run_checkpoints(out)] == [2, 4]
-    assert ckpt.load_weights(f"{out}/unet_ema/{WEIGHTS}")[1]["step"] == "4"
+    assert [s for s, _ in ckpt.list_checkpoints(f"{out}/checkpoints")] == [2, 4]
+    assert ckpt.load_weights(f"{out}/ema.safetensors")[1]["step"] == "4"

@@ -68,17 +68,6 @@ def list_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-DIFFUSERS_PATTERN = re.compile(r"checkpoint-(\d+)/unet/diffusion_pytorch_model\.safetensors$")
-
-
-def list_run_checkpoints(out: str) -> list[tuple[int, str]]:
-    """(step, weights uri) of a recipe run's checkpoints, by step: its `checkpoint-N/unet/` folders (diffusers
-    layout), else its `checkpoints/ckpt_*.safetensors` files."""
-    found = [(int(m.group(1)), uri) for uri in storage.list_uris(out, pattern="checkpoint-*/unet/*.safetensors")
-             if (m := DIFFUSERS_PATTERN.search(uri))]
-    return sorted(found) or list_checkpoints(storage.join(out, "checkpoints"))
-
-
 def save_training_state(uri: str, state: dict) -> None:
     """Write the resumable training state (modules' state dicts, optimizer, step, RNG) atomically."""
     buffer = io.BytesIO()

@@ -8,11 +8,6 @@ with c_skip(t) = sigma_d^2 / ((10 t)^2 + sigma_d^2), c_out(t) = 10 t / sqrt((10 
 f(x, 0) = x exactly (the boundary condition). The student starts from the teacher's weights; the target
 network is an EMA of the student (decay mu, Song et al. Alg. 2); the distance is pseudo-Huber (Song &
 Dhariwal 2023, "Improved techniques", Sec. 3.3) with c = 0.00054 sqrt(d).
-
-diffusers has no consistency-distillation training piece for this setting (its CMStochasticIterativeScheduler
-samples Karras-sigma consistency models; its LCM training script is latent and text-conditional), so the
-distillation loss, the boundary parametrisation and the multistep sampler here are our own. The teacher and the
-student's network may be the DDPM recipe's diffusers UNet2DModel (`DiffusersDenoiser`).
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ from lcsc_ray.recipes.diffusion import (
     initial_noise,
     predict_x0_eps,
 )
-from lcsc_ray.recipes.unet import UNet, UNetConfig, build_unet
+from lcsc_ray.recipes.unet import UNet, build_unet
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
@@ -41,20 +36,6 @@ def boundary_coefs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
     c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
     return c_skip, c_out
-
-
-class DiffusersDenoiser(nn.Module):
-    """A diffusers UNet2DModel as the recipes' denoiser: forward(x, t) -> v-prediction, with the UNetConfig of
-    the DDPM recipe's DDPMScheduler (cosine alpha-bar, v-prediction, 1000 steps). State-dict keys 'unet.*'."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-        self.config = UNetConfig(prediction="v", schedule="cosine",
-                                 num_timesteps=int(getattr(unet, "lcsc_num_timesteps", 1000)))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
 
 
 class ConsistencyModel(nn.Module):
@@ -73,13 +54,8 @@ class ConsistencyModel(nn.Module):
         return c_skip * x_t + c_out * x0  # (B, 1, 28, 28)
 
 
-def build_consistency_model(diffusers: dict | None = None, **kwargs) -> ConsistencyModel:
-    """The consistency-model skeleton: around the DDPM recipe's diffusers UNet2DModel when `diffusers` gives its
-    kwargs (what CD from a diffusers teacher records), else `ConsistencyModel(build_unet(**kwargs))`."""
-    if diffusers is not None:
-        from lcsc_ray.recipes.unet import build_diffusers_unet
-
-        return ConsistencyModel(DiffusersDenoiser(build_diffusers_unet(**diffusers)))
+def build_consistency_model(**kwargs) -> ConsistencyModel:
+    """The consistency-model skeleton: `ConsistencyModel(build_unet(**kwargs))` (kwargs: UNetConfig fields)."""
     return ConsistencyModel(build_unet(**kwargs))
 
 

@@ -106,30 +106,3 @@ def ddim_sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size: int =
             x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
         out[start:start + batch_size] = x.clamp(-1, 1).float().cpu()
     return out
-
-
-def ddpm_scheduler(num_train_timesteps: int = 1000):
-    """diffusers DDPMScheduler of the recipe: cosine schedule ('squaredcos_cap_v2', the same alpha-bar as
-    `alpha_bar_schedule('cosine')`), v-prediction."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="v_prediction", clip_sample=True, timestep_spacing="trailing")
-
-
-def diffusers_loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator, scheduler) -> torch.Tensor:
-    """Mean squared error of a UNet2DModel's v-prediction at uniformly drawn timesteps (as diffusers'
-    train_unconditional.py with prediction_type 'v_prediction')."""
-    b = x0.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    x_t = scheduler.add_noise(x0, eps, t)
-    target = scheduler.get_velocity(x0, eps, t)
-    return (model(x_t, t).sample - target).square().mean()
-
-
-def diffusers_ddim_sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size: int = 250) -> torch.Tensor:
-    """Images (n, 1, 28, 28) from a recipe UNet2DModel by diffusers' DDIMScheduler (eta 0, trailing spacing)."""
-    from lcsc_ray.diffusers_sampling import sample
-
-    return sample(model, n, seed, nfe, batch_size, scheduler="DDIM")

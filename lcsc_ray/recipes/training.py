@@ -1,14 +1,9 @@
 """The training loop both recipes share: data batches, AdamW with warmup, online EMA, checkpoints every
 `checkpoint_every` steps, a resumable state file, progress lines and sample grids.
 
-Files under `out` (a local path or s3:// URI), for a recipe saving diffusers checkpoints (the DDPM):
-  checkpoint-{step}/unet/                  config.json + diffusion_pytorch_model.safetensors (raw weights),
-  checkpoint-{step}/unet_ema/              the online EMA at that step, as diffusers' training scripts save
-  unet_ema/, scheduler/                    the EMA at the last checkpoint, the DDPMScheduler's config
-and for a recipe saving files (the consistency model):
+Files under `out` (a local path or s3:// URI):
   checkpoints/ckpt_{step:06d}.safetensors  raw weights, metadata {"step", "kind", "model_kwargs", ...}
   ema.safetensors                          the online EMA at the last checkpoint (same keys)
-and for both:
   train_state.pt                           model, EMA, optimizer, step and RNG states (resume point)
   samples.png, samples_last.png            sample grids of the EMA and of the last weights
   summary.json                             steps, wall time, steps/s, final loss, files
@@ -23,7 +18,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,9 +57,7 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(default=0.999, ge=0, lt=1, description="Online EMA decay (warmed up as (1+n)/(10+n)).")
     seed: int = Field(default=0, description="Seed of the initial weights, data order, noise and timesteps.")
     model: dict = Field(default_factory=dict, description="U-Net keyword arguments (see UNetConfig).")
-    torch_threads: int | None = Field(
-        default=None, ge=1,
-        description="torch threads. None: every CPU the run was given (a Ray task's CPUs, else this process's cores).")
+    torch_threads: int = Field(default=1, ge=1, description="torch threads (1: cores are shared).")
     grid_samples: int = Field(default=64, ge=0, description="Samples in each PNG grid (0: no grids).")
     grid_nfe: int = Field(default=20, ge=1, description="Sampler steps for the PNG grids.")
     progress_interval_s: float = Field(default=5.0, gt=0, description="Seconds between progress lines.")
@@ -87,25 +79,6 @@ class Recipe:
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)  # saved in the training state
     after_step: Callable[[nn.Module, int], None] | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
-    checkpoint_format: Literal["files", "diffusers"] = "files"
-    scheduler_config: dict | None = None  # written to out/scheduler/ with diffusers checkpoints
-
-
-def training_threads(configured: int | None) -> int:
-    """torch threads of a training run: the configured number, else the CPUs Ray assigned to this task, else the
-    cores this process may run on."""
-    if configured is not None:
-        return configured
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-            if cpus >= 1:
-                return int(cpus)
-    except (ImportError, AttributeError):
-        pass
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -156,42 +129,17 @@ def _metadata(recipe: Recipe, config: TrainConfig, step: int, weights: str) -> d
             "torch": torch.__version__, **recipe.extra_metadata}
 
 
-def _write_unet(folder: str, module: nn.Module, metadata: dict[str, str]) -> None:
-    """A diffusers model folder: config.json and diffusion_pytorch_model.safetensors (what save_pretrained
-    writes), through `rayops.storage` so that s3:// works too."""
-    storage.write_bytes(storage.join(folder, "config.json"), module.to_json_string().encode())
-    ckpt.save_weights(storage.join(folder, "diffusion_pytorch_model.safetensors"), module.state_dict(), metadata)
-
-
-def _save_diffusers(recipe: Recipe, config: TrainConfig, step: int, ema: nn.Module) -> None:
-    out, ema_meta = config.out, _metadata(recipe, config, step, f"ema@{config.ema_decay}")
-    if recipe.scheduler_config is not None:
-        storage.write_bytes(storage.join(out, "scheduler", "scheduler_config.json"),
-                            json.dumps(recipe.scheduler_config, indent=2, sort_keys=True).encode())
-    _write_unet(storage.join(out, f"checkpoint-{step}", "unet"), recipe.model, _metadata(recipe, config, step, "model"))
-    _write_unet(storage.join(out, f"checkpoint-{step}", "unet_ema"), ema, ema_meta)
-    _write_unet(storage.join(out, "unet_ema"), ema, ema_meta)
-
-
 def _save(recipe: Recipe, config: TrainConfig, step: int, ema: nn.Module, optimizer, generator) -> None:
-    out = config.out
-    if recipe.checkpoint_format == "diffusers":
-        _save_diffusers(recipe, config, step, ema)
-    else:
-        _save_files(recipe, config, step, ema)
-    state = {"step": step, "model": recipe.model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "config": config.model_dump_json(),
-             "extra": {name: module.state_dict() for name, module in recipe.extra_modules.items()}}
-    ckpt.save_training_state(storage.join(out, "train_state.pt"), state)  # last: the commit point
-
-
-def _save_files(recipe: Recipe, config: TrainConfig, step: int, ema: nn.Module) -> None:
     out = config.out
     ckpt.save_weights(storage.join(out, "checkpoints", ckpt.checkpoint_name(step)),
                       recipe.model.state_dict(), _metadata(recipe, config, step, "model"))
     ckpt.save_weights(storage.join(out, "ema.safetensors"), ema.state_dict(),
                       _metadata(recipe, config, step, f"ema@{config.ema_decay}"))
+    state = {"step": step, "model": recipe.model.state_dict(), "ema": ema.state_dict(),
+             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+             "torch_rng": torch.get_rng_state(), "config": config.model_dump_json(),
+             "extra": {name: module.state_dict() for name, module in recipe.extra_modules.items()}}
+    ckpt.save_training_state(storage.join(out, "train_state.pt"), state)  # last: the commit point
 
 
 def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, generator) -> int:
@@ -218,7 +166,7 @@ def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, gene
 def run_training(recipe: Recipe, config: TrainConfig, stop_after: int | None = None) -> dict:
     """Train `recipe.model` to `config.steps`, resuming from `out/train_state.pt` when it exists.
     `stop_after` raises TrainingInterrupted after that step (a simulated kill). Returns the summary."""
-    torch.set_num_threads(training_threads(config.torch_threads))
+    torch.set_num_threads(config.torch_threads)
     images, _ = mnist_split("train")  # (4000, 1, 28, 28) in [-1, 1]
     model = recipe.model.train()
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -254,8 +202,8 @@ def run_training(recipe: Recipe, config: TrainConfig, stop_after: int | None = N
     summary = {"kind": recipe.kind, "steps": step, "resumed_from": start_step, "wall_s": round(wall_s, 2),
                "cpu_s": round(cpu_s, 2),
                "steps_per_s": round((step - start_step) / max(wall_s, 1e-9), 3), "final_loss": loss_avg,
-               "out": config.out, "num_checkpoints": len(ckpt.list_run_checkpoints(config.out)),
-               "torch_threads": torch.get_num_threads(),
+               "out": config.out, "num_checkpoints": len(ckpt.list_checkpoints(storage.join(config.out,
+                                                                                            "checkpoints"))),
                "files": files}
     write_json(storage.join(config.out, "summary.json"), summary)
     progress.emit(f"train-{recipe.kind} done: {json.dumps(summary)}")

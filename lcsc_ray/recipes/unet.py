@@ -163,21 +163,3 @@ def build_unet(**kwargs) -> UNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return UNet(config)
-
-
-# The DDPM recipe's network is diffusers' UNet2DModel (the U-Net above stays the consistency recipe's): two
-# levels (28x28, 14x14 with attention), about 0.46M parameters, so FIDs stay comparable with the earlier U-Net.
-DIFFUSERS_UNET = {
-    "sample_size": 28, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 48], "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 8,
-}
-
-
-def build_diffusers_unet(seed: int = 0, **kwargs):
-    """diffusers UNet2DModel of the DDPM recipe (`DIFFUSERS_UNET` with `kwargs` on top), initialised from `seed`."""
-    from diffusers import UNet2DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet2DModel(**{**DIFFUSERS_UNET, **kwargs})
