@@ -60,12 +60,19 @@ class StageLost(Exception):
         return any(phase == "optimizer" for phase in self.phases.values())
 
 
+FETCH_TIMEOUT_S = 10.0
+
+
 def _finished(ref) -> bool:
     ready, _ = ray.wait([ref], timeout=0)
     if not ready:
         return False
     try:
-        ray.get(ref, timeout=0)
+        # ready per its owner; fetching a large activation from the object store can still take a moment on a
+        # loaded node, so a zero timeout would call a finished call unfinished
+        ray.get(ref, timeout=FETCH_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        return True  # ready, its value just slow to fetch: an error would have been there at once
     except ray.exceptions.RayError:
         return False
     return True
