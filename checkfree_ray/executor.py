@@ -97,7 +97,8 @@ class PipelineExecutor:
         self.actors = self.pool.start_stages()
         if resume is None:
             states = initial_states(self.spec, self.cfg)  # the seed's weights, or model.hf_path's
-            ray.get([a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)])
+            ray.get([a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)],
+                    timeout=SAVE_TIMEOUT_S)
         else:
             self._load_checkpoint(resume)
             restore_history(self.history, resume.history or {})
@@ -386,4 +387,4 @@ class PipelineExecutor:
 
     def stage_states(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD)) -> list[dict[str, torch.Tensor]]:
         """Every stage's current model state (for tests and inspection)."""
-        return ray.get([a.get_state.remote(parts) for a in self.actors])
+        return ray.get([a.get_state.remote(parts) for a in self.actors], timeout=self.step_timeout())

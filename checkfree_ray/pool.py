@@ -112,7 +112,7 @@ class StagePool:
             index = pings.index(ready[0])
             candidate, ping = self.standbys.pop(index)
             try:
-                ray.get(ping)
+                ray.get(ping, timeout=READY_TIMEOUT_S)  # already answered: ray.wait returned it
                 actor, warm = candidate, True
             except ray.exceptions.RayActorError:
                 log.warning("a warm standby died too; trying the next")
