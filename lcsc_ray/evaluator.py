@@ -82,6 +82,8 @@ def merge_blocks(num_chunks: int, block_stats: Mapping[tuple[int, int], FIDStats
     return tree_merge(0, num_chunks, lambda lo, hi: block_stats.get((lo, hi)))
 
 
+# Bound on fetching the checkpoints from the object store (a node holding them may be gone with a spot node)
+FETCH_TIMEOUT_S = 600.0
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -134,10 +136,10 @@ class Evaluator:
                                     torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.arrays = ray.get(list(checkpoint_refs))  # read-only numpy views of the object store
+        self.arrays = ray.get(list(checkpoint_refs), timeout=FETCH_TIMEOUT_S)  # read-only numpy views of the object store
         # An ObjectRef passed as a top-level actor argument arrives already resolved (an ndarray); a direct
         # construction from a CheckpointSet hands over the ref itself.
-        self.ema_array = ray.get(ema_ref) if isinstance(ema_ref, ray.ObjectRef) else ema_ref
+        self.ema_array = ray.get(ema_ref, timeout=FETCH_TIMEOUT_S) if isinstance(ema_ref, ray.ObjectRef) else ema_ref
         self.sources = self._device_sources(self.arrays)
         self.reference_mu = np.asarray(reference_mu, np.float64)
         self.reference_sigma = np.asarray(reference_sigma, np.float64)
