@@ -24,14 +24,22 @@ def training_output(spec: SearchSpec) -> str:
     return spec.checkpoints.uri.rstrip("/").rsplit("/", 1)[0]
 
 
+def training_cpus() -> float:
+    """Every CPU of the connected Ray (the search starts after training, so training may use them all)."""
+    import ray
+
+    return max(1.0, float(ray.cluster_resources().get("CPU", 1.0)))
+
+
 def run_demo(spec: SearchSpec, train_steps: int | None = None) -> SearchResult:
     """Train or reuse the checkpoints the spec points at, then search; one local Ray serves both."""
     started = time.monotonic()
     with ray_session(spec.ray):
         config = DDPMTrainConfig(out=training_output(spec), **({"steps": train_steps} if train_steps else {}))
         log.info("step 1/2: DDPM checkpoints in %s (reused if already trained; resumed if interrupted)", config.out)
-        summary = train_on_ray("ddpm", config)
-        log.info("training done at step %s", summary.get("step", summary))
+        summary = train_on_ray("ddpm", config, num_cpus=training_cpus())
+        log.info("training done: %s steps, %s checkpoints, %s s on %s torch threads", summary.get("steps"),
+                 summary.get("num_checkpoints"), summary.get("wall_s"), summary.get("torch_threads"))
         log.info("step 2/2: LCSC search, %d evaluations on %d evaluator actors", spec.search.budget,
                  spec.evaluators.num_actors)
         result = run_search(spec)

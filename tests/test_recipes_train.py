@@ -90,11 +90,14 @@ def test_consistency_distillation_checkpoints_and_resume(tiny_ddpm, tmp_path):
 
 
 def test_train_on_ray_runs_as_a_task(ray_local, tmp_path):
-    """train_on_ray trains in a Ray worker process and returns the summary; the files land in `out`."""
+    """train_on_ray trains in a Ray worker process with one torch thread per CPU it was given (not the
+    driver's OMP_NUM_THREADS=1) and returns the summary; the files land in `out`."""
     from lcsc_ray.recipes.train import train_on_ray
 
-    summary = train_on_ray("ddpm", {**TINY, "steps": 2, "grid_samples": 0, "out": str(tmp_path / "ray")})
+    summary = train_on_ray("ddpm", {**TINY, "steps": 2, "grid_samples": 0, "out": str(tmp_path / "ray")},
+                           num_cpus=2)
     assert summary["steps"] == 2
+    assert summary["torch_threads"] == 2
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "ray/checkpoints"))] == [2]
 
 

@@ -57,7 +57,10 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(default=0.999, ge=0, lt=1, description="Online EMA decay (warmed up as (1+n)/(10+n)).")
     seed: int = Field(default=0, description="Seed of the initial weights, data order, noise and timesteps.")
     model: dict = Field(default_factory=dict, description="U-Net keyword arguments (see UNetConfig).")
-    torch_threads: int = Field(default=1, ge=1, description="torch threads (1: cores are shared).")
+    torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="torch threads. None: the CPUs Ray assigned to this task (e.g. `train_on_ray(num_cpus=2)`), "
+                    "or outside a Ray task this process's torch setting (OMP_NUM_THREADS).")
     grid_samples: int = Field(default=64, ge=0, description="Samples in each PNG grid (0: no grids).")
     grid_nfe: int = Field(default=20, ge=1, description="Sampler steps for the PNG grids.")
     progress_interval_s: float = Field(default=5.0, gt=0, description="Seconds between progress lines.")
@@ -79,6 +82,30 @@ class Recipe:
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)  # saved in the training state
     after_step: Callable[[nn.Module, int], None] | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
+
+
+def ray_task_cpus() -> float | None:
+    """The CPUs Ray assigned to the task or actor running this code, or None outside a Ray worker."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None  # the driver: nothing was assigned to it
+    return float(context.get_assigned_resources().get("CPU", 0.0))
+
+
+def training_threads(configured: int | None, assigned_cpus: float | None, process_threads: int) -> int:
+    """torch threads of a training run: the configured number; else the whole CPUs Ray assigned to the task
+    (at least 1); else the process's own setting (`process_threads`, what OMP_NUM_THREADS gave torch)."""
+    if configured is not None:
+        return configured
+    if assigned_cpus is not None:
+        return max(1, int(assigned_cpus))
+    return max(1, process_threads)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -166,7 +193,8 @@ def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, gene
 def run_training(recipe: Recipe, config: TrainConfig, stop_after: int | None = None) -> dict:
     """Train `recipe.model` to `config.steps`, resuming from `out/train_state.pt` when it exists.
     `stop_after` raises TrainingInterrupted after that step (a simulated kill). Returns the summary."""
-    torch.set_num_threads(config.torch_threads)
+    threads = training_threads(config.torch_threads, ray_task_cpus(), torch.get_num_threads())
+    torch.set_num_threads(threads)
     images, _ = mnist_split("train")  # (4000, 1, 28, 28) in [-1, 1]
     model = recipe.model.train()
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -200,7 +228,7 @@ def run_training(recipe: Recipe, config: TrainConfig, stop_after: int | None = N
     files = _write_grids(recipe, config, ema)
     cpu_s = time.process_time() - cpu_started  # the cores are shared: CPU time says what the run cost
     summary = {"kind": recipe.kind, "steps": step, "resumed_from": start_step, "wall_s": round(wall_s, 2),
-               "cpu_s": round(cpu_s, 2),
+               "cpu_s": round(cpu_s, 2), "torch_threads": threads,
                "steps_per_s": round((step - start_step) / max(wall_s, 1e-9), 3), "final_loss": loss_avg,
                "out": config.out, "num_checkpoints": len(ckpt.list_checkpoints(storage.join(config.out,
                                                                                             "checkpoints"))),
