@@ -4,6 +4,8 @@ Bytes moved by a combination = (K reads + 1 write) x P x 4. Memory bandwidth is 
 with a large numpy copy (read + write). Run from the repository root:
 
     .venv/bin/python benchmarks/combine.py [--quick]
+
+Runtime: see `wall_time_s` in the result JSON; --quick (K=8, P=4M) writes under outputs/bench/quick/.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (evaluators use 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    started = time.monotonic()
     k, p, rounds = (8, 4_000_000, 3) if args.quick else (20, 25_000_000, 7)
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(p, dtype=np.float32) for _ in range(k)]
@@ -114,8 +117,10 @@ def main() -> None:
         "target_fraction": 0.6,
         "load_average": os.getloadavg()[0],
         "max_abs_error_vs_float64": max_err,
+        "wall_time_s": round(time.monotonic() - started, 1),
     }
-    out_path = write_json(ROOT / "benchmarks" / "results" / "combine.json", result)
+    results = ROOT / "outputs" / "bench" / "quick" if args.quick else ROOT / "benchmarks" / "results"
+    out_path = write_json(results / "combine.json", result)
     print(
         f"default (chunk=262144): {default['fraction_of_bandwidth']:.2f} x bandwidth (target >= 0.60) "
         f"-> {out_path.relative_to(ROOT)}"

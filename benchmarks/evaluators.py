@@ -12,6 +12,9 @@ RSS counts the shared object-store pages an actor has touched, so it grows by th
 nothing is copied; USS (private pages) and PSS (shared pages split among their users) show what each
 extra actor really costs. Growth is measured from just after construction to after one evaluation (which
 reads every checkpoint value).
+
+Runtime: see `wall_time_s` in the result JSON (the full run uses an 8 x 12.5M-parameter set and d=2048;
+--quick a 4 x 5M set and d=512).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import machine_info, write_json
 
 from lcsc_ray.evaluator import Evaluator
+from rayops.session import ray_session
+from schemas.common import RaySpec
 
 
 class BigModel(nn.Module):
@@ -229,7 +234,6 @@ def main() -> None:
     """Run the comparisons and write benchmarks/results/evaluators.json (or --out)."""
     import tempfile
 
-    import ray
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller set (4 x 5M) and d=512, fewer jobs")
@@ -237,37 +241,26 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=None, help="evaluator counts (default 1..cores)")
     parser.add_argument("--gpu", action="store_true", help="evaluators share one GPU (1/n each)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="result file (default results/evaluators.json, or evaluators_throughput.json)")
+                        help="result file (default results/evaluators.json, or evaluators_throughput.json; "
+                        "--quick: under outputs/bench/quick/)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    started = time.monotonic()
     k, numel, dim, repeats = (4, 5_000_000, 512, 2) if args.quick else (8, 12_500_000, 2048, 2)
     cores = os.cpu_count() or 1
     counts = args.counts or list(range(1, min(cores, 4) + 1))
-    for name, value in {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }.items():
-        os.environ.setdefault(name, value)
-    ray.init(
-        address="local",
-        num_cpus=max(cores, max(counts)),
-        include_dashboard=False,
-        object_store_memory=2 * k * numel * 4,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}},
-    )
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            throughput = throughput_rows(counts, args.gpu, 6 if args.quick else 16, 100, Path(tmp))
+    ray_spec = RaySpec(num_cpus=max(cores, max(counts)), object_store_memory=2 * k * numel * 4)
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}}
+    with ray_session(ray_spec, runtime_env=runtime_env), tempfile.TemporaryDirectory() as tmp:
+        throughput = throughput_rows(counts, args.gpu, 6 if args.quick else 16, 100, Path(tmp))
         memory = [] if args.throughput_only else memory_rows(k, numel)
-    finally:
-        ray.shutdown()
     print_throughput(throughput)
     result = {"machine": machine_info(), "quick": args.quick, "throughput": throughput,
-              "load_average": os.getloadavg()[0]}
+              "load_average": os.getloadavg()[0], "wall_time_s": round(time.monotonic() - started, 1)}
     if not args.throughput_only:
         result |= memory_report(memory, frechet_rows(dim, repeats))
-    out = args.out or ROOT / "benchmarks" / "results" / (
+    results = ROOT / "outputs" / "bench" / "quick" if args.quick else ROOT / "benchmarks" / "results"
+    out = args.out or results / (
         "evaluators_throughput.json" if args.throughput_only else "evaluators.json")
     write_json(out, result)
     print(f"-> {out}")

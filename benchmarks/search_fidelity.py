@@ -1,173 +1,185 @@
-"""Multi-fidelity LCSC search: best final FID against samples generated, with and without successive halving.
+"""Multi-fidelity LCSC search: held-out FID of the winner against the samples the search generated.
 
 Same evaluation budget (candidates screened) for each configuration, same final sample count for every
-reported model (`fid.holdout_num_samples`), held-out noise seeds unseen by the search. Configurations:
-- flat 500:   every candidate scored once with 500 samples;
-- SH 250→1000: candidates screened with 250 samples, the best 25% re-scored with 1000
-  (`search.fidelity_schedule: [250, 1000]`, `keep_fraction: 0.25`).
-Run from the repository root:
+reported model (`fid.holdout_num_samples`), held-out noise seeds unseen by the search, several optimiser seeds:
+- flat 500:                   every candidate scored once with 500 samples;
+- SH 250->1000 keep 0.25:     screened with 250 samples, the best 25% re-scored with 1000;
+- SH 125->250->1000 keep 0.25: screened with 125, the best 25% at 250, the best 25% of those at 1000.
+Each schedule's winners are compared with flat 500's by paired differences: over the optimiser seeds (each
+seed's winner's mean held-out FID) and over every (optimiser seed, held-out seed) pair. The goal: the same
+held-out FID within the interval with at most half the sample generations of flat 500.
 
     .venv/bin/python benchmarks/search_fidelity.py [--quick]
+
+Runtime: --quick (budget 12, 1 seed, 2 held-out seeds, two configs) about 4 minutes on two quiet cores; the
+full run (budget 96, 3 configs x 3 optimiser seeds, 3 held-out seeds of 1000 samples) about 30 minutes quiet,
+2-5x that on shared cores. Searches are cached under outputs/bench/fidelity-*/. Writes
+benchmarks/results/search_fidelity.json and .md (--quick: outputs/bench/quick/).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lcsc_setup as setup
 
-import search_optimizers as common
-from search_optimizers import BENCH_OUT, ROOT, mean_sd
-
+FLAT = "flat 500"
 CONFIGS = {
-    "flat 500": {"num_samples": 500, "search": {}},
-    "SH 250->1000 keep 0.25": {
+    FLAT: {"num_samples": 500, "search": {}},
+    "SH 250->1000 keep 0.25": {"num_samples": 500, "search": {"fidelity_schedule": [250, 1000], "keep_fraction": 0.25}},
+    "SH 125->250->1000 keep 0.25": {
         "num_samples": 500,
-        "search": {"fidelity_schedule": [250, 1000], "keep_fraction": 0.25},
+        "search": {"fidelity_schedule": [125, 250, 1000], "keep_fraction": 0.25},
     },
-    "flat 1000": {"num_samples": 1000, "search": {}},
 }
 WHY_OWN_LOOP = (
     "Successive halving runs in the search's own driver loop (SearchRun.run_rungs), not as Tune's ASHA "
-    "scheduler: ASHA stops iterative trials early at milestones of a training-like loop, but an LCSC "
-    "candidate is one evaluation, and 'more fidelity' is a fresh re-evaluation of the same coefficients "
-    "with more samples (not a continuation of the cheap one). The optimiser must be told the cheap score "
-    "at once so its ask/tell loop keeps moving, and the rungs then re-score only the best fraction, "
-    "keyed and resumable in the evaluation record."
+    "scheduler: an LCSC candidate is one evaluation, and 'more fidelity' is a fresh re-evaluation of the same "
+    "coefficients with more samples, not the continuation of a training-like loop."
 )
 
 
-def conclusion(table: list[dict]) -> str:
-    """One sentence from the table: final held-out FID per search sample spent."""
-    parts = [
-        f"{t['config']}: {t['holdout_fid_mean']:.2f} held-out FID for {t['search_samples_mean']:,.0f} search "
-        f"samples ({t['total_samples_mean']:,.0f} with final scores)"
-        for t in table
+def config_row(name: str, mine: list[dict], flat: list[dict]) -> dict:
+    """A configuration's held-out FID, samples generated, and its paired difference with flat 500."""
+    m, sd = setup.mean_sd([r["winner_holdout_fid"] for r in mine])
+    flat_by_seed = {r["seed"]: r for r in flat}
+    shared = [r for r in mine if r["seed"] in flat_by_seed]
+    over_seeds = setup.paired([r["winner_holdout_fid"] for r in shared],
+                              [flat_by_seed[r["seed"]]["winner_holdout_fid"] for r in shared])
+    over_pairs = setup.paired([f for r in shared for f in r["winner_holdout_fids"]],
+                              [f for r in shared for f in flat_by_seed[r["seed"]]["winner_holdout_fids"]])
+    samples = sum(r["search_samples"] for r in mine) / len(mine)
+    flat_samples = sum(r["search_samples"] for r in flat) / len(flat) if flat else float("nan")
+    return {
+        "config": name,
+        "runs": len(mine),
+        "holdout_fid_mean": m,
+        "holdout_fid_sd": sd,
+        "search_samples_mean": samples,
+        "sample_ratio_to_flat": samples / flat_samples,
+        "total_samples_mean": sum(r["total_samples"] for r in mine) / len(mine),
+        "vs_flat_over_optimizer_seeds": over_seeds,
+        "vs_flat_over_seed_pairs": over_pairs,
+        "gain_found": sum(r["gain_found"] for r in mine),
+        "wall_s_mean": sum(r["wall_s"] for r in mine) / len(mine),
+    }
+
+
+def goal_met(t: dict) -> bool:
+    """At most half of flat 500's sample generations, and no interval that says it is worse than flat."""
+    return (t["sample_ratio_to_flat"] <= 0.5 and t["vs_flat_over_optimizer_seeds"]["verdict"] != "loss"
+            and t["vs_flat_over_seed_pairs"]["verdict"] != "loss")
+
+
+def notes(table: list[dict]) -> list[str]:
+    """Observations computed from the table."""
+    out = []
+    for t in table:
+        if t["config"] == FLAT:
+            continue
+        out.append(
+            f"{t['config']}: {t['sample_ratio_to_flat']:.2f}x flat 500's sample generations; held-out FID minus "
+            f"flat's {setup.fmt_paired(t['vs_flat_over_optimizer_seeds'])} over optimiser seeds, "
+            f"{setup.fmt_paired(t['vs_flat_over_seed_pairs'])} over (optimiser, held-out) seed pairs; goal "
+            f"{'met' if goal_met(t) else 'not met'}."
+        )
+        over = t["vs_flat_over_seed_pairs"]
+        if over["num_seeds"] > 1 and over["verdict"].startswith("tie"):
+            out.append(f"{t['config']}: 'same FID' rests on an interval {over['high'] - over['low']:.2f} FID wide; a "
+                       "difference smaller than that is not resolved by these seeds.")
+    if not any(goal_met(t) for t in table if t["config"] != FLAT):
+        out.append("No schedule met the goal. What would: screening at a lower first rung (fewer samples per "
+                   "candidate) with a smaller keep fraction, or asynchronous rungs (ASHA-style promotion while "
+                   "the optimiser keeps proposing) so that the re-scores do not add up to the flat search's cost.")
+    out.append(WHY_OWN_LOOP)
+    out.append("search samples = samples of the candidates' screening and rung re-scores (trials.parquet), counted "
+               "even where an earlier run's identical evaluation was replayed; the final held-out scores are the "
+               "same for every configuration and are not counted.")
+    return out
+
+
+def markdown(payload: dict) -> str:
+    """The results page, generated from the measured values."""
+    s, m = payload["setup"], payload["machine"]
+    lines = [
+        "# Multi-fidelity LCSC search", "",
+        (f"MNIST DDPM, last 12 checkpoints, DDIM 10 steps, CMA bound 3 sigma 0.15, budget {s['budget']} candidates; "
+         f"winners re-scored at {s['final_num_samples']} samples on held-out seeds {s['holdout_seeds']}; optimiser "
+         f"seeds {s['optimizer_seeds']}. Commit {m.get('git_commit')}; load average {m['load_average']} at the "
+         f"start, {payload['load_average_end']} at the end."), "",
+        ("| config | runs | held-out FID mean ± sd | search samples | x flat | minus flat, over seeds | "
+        "minus flat, over seed pairs | wall s |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
-    best = min(table, key=lambda t: t["holdout_fid_mean"])
-    return "Measured: " + "; ".join(parts) + f". Lowest final FID: {best['config']}."
+    for t in payload["table"]:
+        lines.append(
+            f"| {t['config']} | {t['runs']} | {t['holdout_fid_mean']:.2f} ± {t['holdout_fid_sd']:.2f} | "
+            f"{t['search_samples_mean']:,.0f} | {t['sample_ratio_to_flat']:.2f} | "
+            f"{setup.fmt_paired(t['vs_flat_over_optimizer_seeds'])} | {setup.fmt_paired(t['vs_flat_over_seed_pairs'])} | "
+            f"{t['wall_s_mean']:.0f} |")
+    lines += ["", "## Reading", ""] + [f"- {n}" for n in payload["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write(args, rows: list[dict], machine: dict, wall: float) -> None:
+    """Tabulate the finished runs and write the JSON and markdown (a cut-short run records what ran)."""
+    flat = [r for r in rows if r["config"] == FLAT]
+    table = [config_row(n, [r for r in rows if r["config"] == n], flat)
+             for n in args.configs if any(r["config"] == n for r in rows)]
+    payload = {
+        "benchmark": "search_fidelity", "quick": args.quick, "machine": machine,
+        "load_average_end": list(os.getloadavg()), "wall_time_s_this_invocation": round(wall, 1),
+        "complete": len(rows) == len(args.configs) * len(args.seeds),
+        "setup": {"setting": "MNIST DDPM, last 12 ckpts, DDIM 10 steps, CMA bound 3 sigma 0.15",
+                  "budget": args.budget, "final_num_samples": args.final_samples, "holdout_seeds": args.holdout_seeds,
+                  "optimizer_seeds": args.seeds, "configs": {n: CONFIGS[n] for n in args.configs},
+                  "rescore_top_k": 1},
+        "table": table, "baselines_holdout_fid": rows[0]["baselines_holdout_fid"], "runs": rows,
+        "notes": notes(table) if flat else [],
+    }
+    text = markdown(payload)
+    path = setup.write_result("search_fidelity", payload, args.quick, text)
+    print(text, flush=True)
+    print(f"wrote {setup.display_path(path)} and .md ({wall:.0f} s)", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="budget 12, 1 held-out seed, two configs")
-    parser.add_argument("--budget", type=int, default=24)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--configs", nargs="+", default=["flat 500", "SH 250->1000 keep 0.25"])
+    parser.add_argument("--quick", action="store_true", help="budget 12, 1 seed, 2 held-out seeds, two configs")
+    parser.add_argument("--budget", type=int, default=96)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--final-samples", type=int, default=1000)
-    parser.add_argument("--holdout-seeds", type=int, nargs="+", default=[1001, 1002])
+    parser.add_argument("--holdout-seeds", type=int, nargs="+", default=[1001, 1002, 1003])
     args = parser.parse_args()
-    tag = "quick" if args.quick else "full"
-    budget = 12 if args.quick else args.budget
-    holdout = [1001] if args.quick else args.holdout_seeds
-    final = args.final_samples
-    common.ensure_trained()
+    if args.quick:
+        args.budget, args.seeds, args.holdout_seeds = 12, [0], [1001, 1002]
+        args.configs, args.final_samples = [FLAT, "SH 250->1000 keep 0.25"], 500
+    tag = "quick" if args.quick else f"b{args.budget}-h{len(args.holdout_seeds)}x{args.final_samples}"
+    setup.ensure_trained()
     started = time.monotonic()
     rows = []
-    with common.ray_context():
-        machine = common.machine_info()
-        for seed in args.seeds:
+    with setup.LocalRay() as local_ray:
+        machine = setup.machine_info()
+        for seed in args.seeds:  # seed-major: a cut-short run still compares every config on the same seeds
             for name in args.configs:
                 config = CONFIGS[name]
-                slug = name.replace(" ", "_").replace("->", "-").replace(".", "")
-                out = str(BENCH_OUT / f"fidelity-{tag}-b{budget}" / f"{slug}-seed{seed}")
-                spec = common.make_spec(
-                    out,
-                    seed=seed,
-                    holdout_seeds=holdout,
-                    holdout_num_samples=final,
-                    num_samples=config["num_samples"],
-                    budget=budget,
-                    rescore_top_k=1,
-                    optimizer="CMA",
-                    bound=3.0,
-                    sigma=0.15,
-                    **config["search"],
+                out = setup.BENCH_OUT / f"fidelity-{tag}" / f"{setup.slug(name)}-seed{seed}"
+                spec = setup.make_spec(
+                    str(out), seed=seed, holdout_seeds=args.holdout_seeds, holdout_num_samples=args.final_samples,
+                    num_samples=config["num_samples"], budget=args.budget, rescore_top_k=1, optimizer="CMA",
+                    bound=3.0, sigma=0.15, **config["search"],
                 )
-                row = common.run_cached_search(spec) | {"config": name}
+                row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 rows.append(row)
-                print(
-                    f"{name:24s} seed {seed}: winner held-out {row['winner_holdout_fid']:.2f} at {final} samples; "
-                    f"search samples {row['search_samples']:,}; result.total_samples {row['total_samples']:,}; "
-                    f"{row['wall_s']:.0f} s",
-                    flush=True,
-                )
-    wall = time.monotonic() - started
-    table = []
-    for name in args.configs:
-        mine = [r for r in rows if r["config"] == name]
-        m, sd = mean_sd([r["winner_holdout_fid"] for r in mine])
-        table.append(
-            {
-                "config": name,
-                "runs": len(mine),
-                "holdout_fid_mean": m,
-                "holdout_fid_sd": sd,
-                "search_samples_mean": sum(r["search_samples"] for r in mine) / len(mine),
-                "total_samples_mean": sum(r["total_samples"] for r in mine) / len(mine),
-                "gain_found": sum(r["gain_found"] for r in mine),
-                "wall_s_mean": sum(r["wall_s"] for r in mine) / len(mine),
-            }
-        )
-    base = rows[0]["baselines_holdout_fid"]
-    print()
-    print(
-        f"MNIST DDPM, last 12 ckpts, nfe 10, budget {budget} candidates, final {final} samples on held-out seeds "
-        f"{holdout}, optimiser seeds {args.seeds}"
-    )
-    print(
-        f"{'config':24s} {'held-out FID':>15s} {'search samples':>15s} {'total samples':>14s} {'gain':>5s} "
-        f"{'wall s':>7s}"
-    )
-    for t in table:
-        print(
-            f"{t['config']:24s} {t['holdout_fid_mean']:8.2f} ± {t['holdout_fid_sd']:4.2f} "
-            f"{t['search_samples_mean']:15,.0f} {t['total_samples_mean']:14,.0f} {t['gain_found']:3d}/{t['runs']} "
-            f"{t['wall_s_mean']:7.0f}"
-        )
-    print(
-        "baselines at the final sample count (held-out):", ", ".join(f"{k} {v:.2f}" for k, v in base.items())
-    )
-    payload = {
-        "benchmark": "search_fidelity",
-        "quick": args.quick,
-        "machine": machine,
-        "wall_time_s": round(wall, 1),
-        "setup": {
-            "setting": "MNIST DDPM, last 12 ckpts, DDIM 10 steps, CMA bound 3 sigma 0.15",
-            "budget": budget,
-            "final_num_samples": final,
-            "holdout_seeds": holdout,
-            "optimizer_seeds": args.seeds,
-            "rescore_top_k": 1,
-        },
-        "table": table,
-        "baselines_holdout_fid": base,
-        "runs": rows,
-        "notes": [
-            WHY_OWN_LOOP,
-            conclusion(table),
-            (
-                "Run of 2026-11-28 on heavily shared cores (load average 40-110 on 2 cores, one 500-sample "
-                "evaluation 30-70 s): the budget was cut to 12 candidates (7 of them the seed vectors), one "
-                "optimiser seed and one held-out seed at 1000 samples, so the comparison is indicative only. At "
-                "budget 12, [250, 1000] with keep 0.25 screens 12 x 250 and re-scores 3 x 1000 = 6,000 samples, "
-                "exactly the flat-500 search's 6,000: the schedule pays off only when it screens more candidates "
-                "than a flat search could afford (larger budgets), or when the final choice among near-equal "
-                "candidates needs the higher-fidelity score."
-            ),
-            (
-                "search_samples = samples of the candidates' screening and rung re-scores (from trials.parquet); "
-                "result.total_samples also counts the final scores the search computed itself (baselines' held-out "
-                "scores computed by an earlier run of the same setting are reused, so compare search_samples)."
-            ),
-        ],
-    }
-    path = common.write_json("search_fidelity", payload, args.quick)
-    print(f"wrote {path.relative_to(ROOT)} ({wall:.0f} s)")
+                print(f"{name:28s} seed {seed}: winner held-out {row['winner_holdout_fid']:.2f}; search samples "
+                      f"{row['search_samples']:,}; {row['wall_s']:.0f} s", flush=True)
+                write(args, rows, machine, time.monotonic() - started)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ last 12 checkpoints, DDIM 10 steps, 500 samples, 2 evaluators). Run from the rep
 
     .venv/bin/python benchmarks/search_overhead.py [--quick]
 
+Runtime: the full run (16 evaluations, 2 rounds) took 216 s at load average 1.5 on 2 cores; --quick (8
+evaluations, 1 round) about a quarter of that. Writes benchmarks/results/search_overhead.json
+(--quick: outputs/bench/quick/).
+
 (a) Tune: `SearchRun.run_trials` (seed phase + Nevergrad phase, as run_search runs them) for N trials.
 (b) direct: the very same N coefficient vectors, `evaluator.evaluate.remote` with 2 in flight, `ray.wait`.
 Both use one evaluator pool, in alternating order. Measures:
@@ -25,8 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import search_optimizers as common
-from search_optimizers import BENCH_OUT, ROOT
+import lcsc_setup as setup
+from lcsc_setup import BENCH_OUT
+
+WAIT_S = 1800.0  # bound on one evaluation's wait (a loaded core can take minutes; a lost actor raises)
 
 
 def direct(
@@ -43,9 +49,11 @@ def direct(
             pending[
                 evaluators[actor].evaluate.remote(todo.pop(0), num_samples, seed, raise_nonfinite=False)
             ] = actor
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
+        if not done:
+            raise TimeoutError(f"no evaluation finished within {WAIT_S:.0f} s; is the evaluator pool alive?")
         free.append(pending.pop(done[0]))
-        busy.append(float(ray.get(done[0])["timings"]["total_s"]))
+        busy.append(float(ray.get(done[0], timeout=WAIT_S)["timings"]["total_s"]))
     return time.monotonic() - started, busy
 
 
@@ -104,17 +112,18 @@ def main() -> None:
     n = 8 if args.quick else args.evaluations
     rounds = 1 if args.quick else args.rounds
     tag = "quick" if args.quick else "full"
-    common.ensure_trained()
+    setup.ensure_trained()
     started = time.monotonic()
     measurements = []
-    with common.ray_context(eager=True):
-        machine = common.machine_info()
+    with setup.LocalRay() as local_ray:
+        local_ray.ensure()
+        machine = setup.machine_info()
         base = BENCH_OUT / f"overhead-{tag}"
         if base.exists():
             import shutil
 
             shutil.rmtree(base)
-        spec0 = SearchSpec.model_validate(common.make_spec(str(base / "pool"), budget=n))
+        spec0 = SearchSpec.model_validate(setup.make_spec(str(base / "pool"), budget=n))
         ref_cache = BENCH_OUT / "cache" / "reference_stats"
         if ref_cache.exists():
             import shutil
@@ -123,10 +132,10 @@ def main() -> None:
         checkpoint_set = load_checkpoint_set(spec0.checkpoints)
         reference = reference_stats_for(spec0)
         evaluators = start_evaluators(spec0, checkpoint_set, reference)
-        ray.get([e.evaluate.remote(None, 250, 7) for e in evaluators])  # warm both actors
+        ray.get([e.evaluate.remote(None, 250, 7) for e in evaluators], timeout=WAIT_S)  # warm both actors
         try:
             for r in range(rounds):
-                spec = SearchSpec.model_validate(common.make_spec(str(base / f"tune-{r}"), budget=n, seed=r))
+                spec = SearchSpec.model_validate(setup.make_spec(str(base / f"tune-{r}"), budget=n, seed=r))
                 order = ["tune", "direct"] if r % 2 == 0 else ["direct", "tune"]
                 if order[0] == "direct":  # the direct run needs the candidates: take the previous round's
                     jobs = [list(a) for a in measurements[-1]["trials"].alphas]
@@ -244,8 +253,8 @@ def main() -> None:
             ),
         ],
     }
-    path = common.write_json("search_overhead", payload, args.quick)
-    print(f"wrote {path.relative_to(ROOT)} ({wall_total:.0f} s)")
+    path = setup.write_result("search_overhead", payload, args.quick)
+    print(f"wrote {setup.display_path(path)} ({wall_total:.0f} s)")
 
 
 if __name__ == "__main__":

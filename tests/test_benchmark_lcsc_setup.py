@@ -1,0 +1,129 @@
+"""The LCSC benchmark harness: importing it changes nothing, specs are absolute and valid, verdicts come from
+paired intervals, and the claims and fidelity tables pair the right scores."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def load(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def setup():
+    """benchmarks/lcsc_setup.py."""
+    return load("lcsc_setup")
+
+
+def summary_row(winner: list[float], baselines: dict[str, list[float]], seed: int = 0, samples: int = 1000,
+                output: str = "outputs/bench/x") -> dict:
+    """A summary row as lcsc_setup.summarize makes it, with only what the tables read."""
+    return {
+        "seed": seed, "output": output, "budget": 150, "nfe": 10, "search_num_samples": 500,
+        "holdout_seeds": list(range(1001, 1001 + len(winner))), "holdout_num_samples": 1000,
+        "num_evaluations": 150, "search_samples": samples, "total_samples": samples, "wall_s": 1.0,
+        "gain_found": False, "winner_coefficients": [], "checkpoints": [], "winner_search_fid": 50.0,
+        "best_seed_trial_fid": 52.0, "winner_holdout_fids": winner, "winner_holdout_fid": float(np.mean(winner)),
+        "baselines_holdout_fids": baselines,
+        "baselines_holdout_fid": {k: float(np.mean(v)) for k, v in baselines.items()},
+    }
+
+
+def test_importing_the_benchmarks_leaves_the_working_directory(tmp_path, monkeypatch):
+    """The LCSC benchmarks import as libraries without changing the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("lcsc_setup", "search_optimizers", "paper_claims", "search_fidelity", "search_overhead"):
+        load(name)
+        assert Path(os.getcwd()) == tmp_path, name
+
+
+def test_specs_use_absolute_paths_and_validate(setup, tmp_path, monkeypatch):
+    """make_spec from another directory names the repository's runs by absolute path and is a valid SearchSpec."""
+    from schemas.search import SearchSpec
+
+    monkeypatch.chdir(tmp_path)
+    spec = SearchSpec.model_validate(setup.make_spec(str(tmp_path / "out"), cm=True, nfe=1, budget=20))
+    assert spec.checkpoints.uri == str(ROOT / "outputs" / "mnist-cm" / "checkpoints")
+    assert spec.sampler.target.endswith(":consistency_sample") and spec.sampler.nfe == 1
+    assert spec.search.budget == 20
+
+
+def test_setting_key_separates_what_changes_an_fid(setup, tmp_path):
+    """Searches share cached evaluations only when checkpoints, model and sampler agree."""
+    base = setup.make_spec(str(tmp_path / "a"), seed=0, budget=10)
+    same = setup.make_spec(str(tmp_path / "b"), seed=3, budget=96, holdout_seeds=[2001])
+    assert setup.setting_key(base) == setup.setting_key(same)
+    assert setup.setting_key(base) != setup.setting_key(setup.make_spec(str(tmp_path / "c"), nfe=6))
+    assert setup.setting_key(base) != setup.setting_key(setup.make_spec(str(tmp_path / "d"), last=8))
+
+
+def test_early_checkpoints_are_the_first_third(setup):
+    """The short-run claim searches the checkpoints saved by a third of the run's last step."""
+    steps = list(range(100, 2600, 100))
+    paths = setup.early_checkpoint_paths(steps, 1 / 3)
+    assert paths == [f"ckpt_{s:06d}.safetensors" for s in range(100, 900, 100)]
+    with pytest.raises(ValueError, match="ckpt_"):
+        setup.early_checkpoint_paths([], 1 / 3)
+
+
+def test_paired_interval_matches_scipy_and_verdicts(setup):
+    """The interval is scipy's t interval of the differences; only an interval below 0 is a win."""
+    a, b = [60.0, 62.5, 58.0, 61.0, 59.5], [63.0, 64.0, 61.5, 62.0, 63.5]
+    d = np.subtract(a, b)
+    low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    p = setup.paired(a, b)
+    assert p["low"] == pytest.approx(low) and p["high"] == pytest.approx(high)
+    assert p["verdict"] == "win"
+    assert setup.paired(b, a)["verdict"] == "loss"
+    assert setup.paired([60.0, 65.0, 58.0], [61.0, 62.0, 59.0])["verdict"] == "tie"
+    assert setup.paired([60.0], [70.0])["verdict"] == "tie (no interval)"
+
+
+def test_claims_pair_each_model_on_the_same_seeds():
+    """The short-run claim compares the early search's winner with the full run's EMA it scored; the NFE claim
+    with the CM's base at 2 steps; verdicts follow the paired interval."""
+    claims = load("paper_claims")
+    early = summary_row([70.0, 72.0, 69.0], {"last": [90.0, 91.0, 92.0], "run-ema": [71.0, 72.5, 70.0],
+                                            "uniform": [80.0, 80.0, 80.0], "best-sparse-ema@0.9": [85.0, 84, 86]})
+    cm = summary_row([40.0, 41.0, 42.0], {"last": [50.0, 52.0, 51.0], "run-ema": [45.0, 46.0, 47.0],
+                                         "uniform": [44.0, 45.0, 46.0], "best-sparse-ema@0.9": [43.0, 44, 45]})
+    cm_base = {"holdout_fids": {"run-ema": [30.0, 31.0, 32.5], "last": [35.0, 36.0, 37.0]}}
+    out = {c["claim"].split(" ")[0]: c for c in claims.build_claims({"early": early, "cm": cm}, cm_base)}
+    short = out["short"]
+    assert short["target"] == "full-run EMA"
+    assert short["compared_holdout_fids"]["full-run EMA"] == [71.0, 72.5, 70.0]
+    assert short["paired"]["early last"]["verdict"] == "win"
+    assert short["verdict"] == "win"  # differences -1.0, -0.5, -1.0: an interval below 0
+    assert out["NFE"]["verdict"] == "loss" and out["NFE"]["paired"]["run-ema @2"]["mean"] == pytest.approx(10.0 - 0.5 / 3)
+    assert out["quality"]["paired"]["run-ema"]["mean"] == pytest.approx(-5.0)
+    assert "reproduces" in claims.notes([short], {"early": early}, None)[0]
+
+
+def test_fidelity_goal_needs_half_the_samples_and_no_loss():
+    """A schedule meets the goal with at most half of flat's samples and an interval that is no loss."""
+    fidelity = load("search_fidelity")
+    flat = [summary_row([60.0, 61.0, 62.0], {}, seed=s, samples=48000) | {"config": fidelity.FLAT} for s in (0, 1)]
+    cheap = [summary_row([60.5, 60.0, 62.5], {}, seed=0, samples=24000),
+             summary_row([61.0, 60.5, 61.5], {}, seed=1, samples=24000)]
+    row = fidelity.config_row("SH", cheap, flat)
+    assert row["sample_ratio_to_flat"] == 0.5
+    assert row["vs_flat_over_seed_pairs"]["num_seeds"] == 6
+    assert fidelity.goal_met(row)
+    worse = [summary_row([f + 5 for f in r["winner_holdout_fids"]], {}, seed=r["seed"], samples=24000) for r in cheap]
+    assert not fidelity.goal_met(fidelity.config_row("SH", worse, flat))
