@@ -3,6 +3,12 @@
 `submit_spec` writes the spec into a small working directory that Ray uploads with the job, and runs
 `python -m <module> <command> spec.yaml` on the cluster. With no address (argument, then $RAY_ADDRESS),
 a local head is started in its own process and owned by the handle (`close()` stops it).
+
+Clusters with Ray token authentication (`RAY_AUTH_MODE=token`, as both configs in `cluster/` run) refuse
+the Jobs API without the cluster's token. The token is found as Ray itself looks for it ($RAY_AUTH_TOKEN,
+then the file $RAY_AUTH_TOKEN_PATH, then `~/.ray/auth_token` when $RAY_AUTH_MODE is `token`) and sent as
+an `Authorization: Bearer` header on every request; it is never logged, never put in an error message and
+never forwarded to the job (the cluster's nodes hold their own copy).
 """
 
 from __future__ import annotations
@@ -32,8 +38,62 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
                  settings.STORAGE_MAX_ATTEMPTS)
 
 
+AUTH_MODE = "RAY_AUTH_MODE"
+AUTH_TOKEN = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+
+
 class JobError(LcscCheckfreeError):
     """A submitted job failed or was stopped; the message carries the end of its logs."""
+
+
+class JobAuthError(JobError):
+    """The cluster refused the Jobs API request: token authentication is on and no or a wrong token was sent."""
+
+
+def resolve_auth_token() -> str | None:
+    """The cluster's token, as Ray looks for it: $RAY_AUTH_TOKEN, the file named by $RAY_AUTH_TOKEN_PATH,
+    then `~/.ray/auth_token` (only when $RAY_AUTH_MODE is `token`). None when there is none."""
+    token = settings.env_str(AUTH_TOKEN)
+    if token is not None:
+        return token
+    path_name = settings.env_str(AUTH_TOKEN_PATH)
+    if path_name is not None:
+        path = Path(path_name).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise JobAuthError(f"cannot read the Ray auth token file {path} (from ${AUTH_TOKEN_PATH}): "
+                               f"{exc.strerror}; point ${AUTH_TOKEN_PATH} at the file holding the cluster's "
+                               "token") from None
+        if not token:
+            raise JobAuthError(f"the Ray auth token file {path} (from ${AUTH_TOKEN_PATH}) is empty; write the "
+                               "cluster's token into it")
+        return token
+    default = DEFAULT_TOKEN_FILE.expanduser()
+    if (settings.env_str(AUTH_MODE) or "").lower() == "token" and default.is_file():
+        return default.read_text().strip() or None
+    return None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The HTTP headers that carry `token` to the Ray dashboard (none without a token)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _connect(address: str, token: str | None) -> JobSubmissionClient:
+    """A Jobs API client that sends `token`; a refusal becomes a `JobAuthError` that names the fix."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers(token))
+    except AuthenticationError:
+        given = "the token given was refused" if token else "no token was given"
+        raise JobAuthError(
+            f"the Ray cluster at {address} requires token authentication and {given}; set ${AUTH_TOKEN} to "
+            f"the cluster's token or ${AUTH_TOKEN_PATH} to a file holding it (see cluster/README.md)"
+        ) from None
 
 
 class LocalHead:
@@ -152,7 +212,7 @@ def submit_spec(spec: BaseModel, module: str, command: str, result_model: type[R
     args = " ".join(shlex.quote(a) for a in (extra_args or []))
     entrypoint = f"{shlex.quote(python)} -m {module} {command} spec.yaml {args}".strip()
     try:
-        client = JobSubmissionClient(address)
+        client = _connect(address, resolve_auth_token())
         runtime_env = {"working_dir": str(workdir)}
         if env_vars:
             runtime_env["env_vars"] = env_vars
