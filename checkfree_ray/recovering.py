@@ -179,8 +179,9 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
         actor, was_warm = ex.pool.take()
         pings.append(actor.ping.remote())  # ahead of `configure`, which waits for its sources
         src = [ex.actors[s] for s in rebuild.sources]
-        if rebuild.method == "checkfree" and not rebuild.sources:  # the "random" rule
-            blocks = reinitialised_blocks(ex.cfg, rebuild.stage, reinit_seed(spec.seed, step, rebuild.stage))
+        if rebuild.method == "checkfree" and not rebuild.sources:  # the "random" and "identity" rules
+            blocks = reinitialised_blocks(ex.cfg, rebuild.stage, reinit_seed(spec.seed, step, rebuild.stage),
+                                          rebuild.rule)
             ref = actor.configure.remote(rebuild.stage, lr, blocks)
         elif rebuild.method == "checkfree":  # the recipe's neighbours and weights; the actor only sums
             _count_clip(ex, rebuild.stage)

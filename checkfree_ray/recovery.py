@@ -98,12 +98,17 @@ def weighted_average(
     return weighted_sum(states, gradient_weights(norms[0], norms[1], epsilon))
 
 
+RULES = ("weighted", "average", "copy", "random", "identity")  # `recovery.rule`; "exact" is the benchmark's bound
+FRESH_RULES = ("random", "identity")  # rules that sum nothing: the blocks are built afresh
+
+
 def rule_weights(rule: str, norms: Sequence[float], epsilon: float) -> tuple[float, float] | None:
     """Coefficients of the (previous, next) neighbours with which a middle-stage `rule` rebuilds a stage.
 
     The paper's ablation (Figure 2) compares, best to worst: "weighted" (CheckFree: gradient norms + eps,
     shared/papers/checkfree.md), "average" (equal weights), "copy" (the previous neighbour: 1 and 0) and
-    "random" (a freshly initialised stage; None, as nothing is summed).
+    "random" (a freshly initialised stage; None, as nothing is summed). "identity" is a control: the stage
+    becomes a skip (`reinitialised_blocks`); None as well.
     """
     if rule == "weighted":
         return gradient_weights(float(norms[0]), float(norms[1]), epsilon)
@@ -111,9 +116,12 @@ def rule_weights(rule: str, norms: Sequence[float], epsilon: float) -> tuple[flo
         return 0.5, 0.5
     if rule == "copy":
         return 1.0, 0.0
-    if rule == "random":
+    if rule in FRESH_RULES:
         return None
-    raise ValueError(f"unknown recovery rule {rule!r}; use 'weighted', 'average', 'copy' or 'random'")
+    if rule == "exact":
+        raise ValueError("rule 'exact' (a same-step copy of the lost stage) exists only in the recovery ablation "
+                         "benchmark; a run that needs exact recovery uses `recovery.strategy` 'redundant'")
+    raise ValueError(f"unknown recovery rule {rule!r}; use 'weighted', 'average', 'copy', 'random' or 'identity'")
 
 
 def weighing_norm(norms: Mapping[str, float], scope: str = "stage", grad_norm: str = "post_clip") -> float:
@@ -133,13 +141,26 @@ def at_clip(norms: Mapping[str, float], grad_clip: float) -> bool:
     return float(norms.get("stage_pre_clip", 0.0)) >= grad_clip
 
 
-def reinitialised_blocks(cfg, stage_index: int, seed: int) -> dict[str, torch.Tensor]:
-    """The "random" rule: stage `stage_index`'s blocks freshly initialised from `seed`, as flat
-    `model/blocks/...` state (the model's own initialisation, not the run's initial weights)."""
+def reinitialised_blocks(cfg, stage_index: int, seed: int, rule: str = "random") -> dict[str, torch.Tensor]:
+    """Stage `stage_index`'s blocks built afresh from `seed`, as flat `model/blocks/...` state.
+
+    "random": the model's own initialisation (std 0.02), not the run's initial weights. "identity": the same,
+    with every block's output projections (`attn.proj`, `ffn.w2`) zeroed. A pre-norm block computes
+    x + proj(attn(norm(x))) then x + w2(...); with both projections zero (no biases) it returns x bit for bit, so
+    the stage is an exact skip, yet it keeps its shape and trains: the projections get gradients at once, the
+    rest from the next step on (the zero-initialised residual branch of ReZero / Fixup).
+    """
     from checkfree_ray.model import build_parts
 
+    if rule not in FRESH_RULES:
+        raise ValueError(f"rule {rule!r} sums neighbours; only {FRESH_RULES} build blocks afresh")
     stage = build_parts(cfg, seed).stages[stage_index]
-    return {f"model/{BLOCKS}/{name}": tensor.detach().clone() for name, tensor in stage.state_dict().items()}
+    blocks = {f"model/{BLOCKS}/{name}": tensor.detach().clone() for name, tensor in stage.state_dict().items()}
+    if rule == "identity":
+        for key, tensor in blocks.items():
+            if key.endswith((".attn.proj.weight", ".ffn.w2.weight")):
+                tensor.zero_()
+    return blocks
 
 
 def reinit_seed(run_seed: int, step: int, stage_index: int) -> int:
@@ -165,6 +186,7 @@ class StageRecovery:
     method: str  # "checkfree" (middle-stage rule), "copy" (CheckFree+ swap partner), "redundant" (backup copy)
     sources: tuple[int, ...]
     weights: tuple[float, ...] = ()  # checkfree: the coefficient of each source's blocks; () for "random"
+    rule: str = ""  # checkfree: the `recovery.rule` (a "random" or "identity" rebuild has no sources)
 
 
 @dataclass(frozen=True)
@@ -184,10 +206,10 @@ def _rebuild(strategy: str, stage: int, num_stages: int, rule: str, norms: Seque
     if strategy in ("checkfree", "checkfree+") and 0 < stage < last:
         neighbours = (stage - 1, stage + 1)
         weights = rule_weights(rule, [norms[s] if norms else 0.0 for s in neighbours], epsilon)
-        if weights is None:  # "random": nothing to sum
-            return StageRecovery(stage, "checkfree", ())
+        if weights is None:  # "random", "identity": nothing to sum
+            return StageRecovery(stage, "checkfree", (), rule=rule)
         kept = [(s, w) for s, w in zip(neighbours, weights) if w != 0.0]  # "copy" never fetches the other side
-        return StageRecovery(stage, "checkfree", tuple(s for s, _ in kept), tuple(w for _, w in kept))
+        return StageRecovery(stage, "checkfree", tuple(s for s, _ in kept), tuple(w for _, w in kept), rule)
     if strategy == "checkfree+":
         partner = 1 if stage == 0 else last - 1  # the swap partner also holds the (de)embedding copy
         return StageRecovery(stage, "copy", (partner,))

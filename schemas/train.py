@@ -82,6 +82,19 @@ class PipelineSpec(StrictModel):
         description="Warm standby actors kept started (with `warm_standby`); each holds a placement-group bundle. "
         "More than one lets failures that come faster than an actor starts still find one ready.",
     )
+    schedule: Literal["gpipe", "1f1b"] = Field(
+        default="gpipe",
+        description="'gpipe': every forward of a step, then every backward (a stage holds all `micro_batches` "
+        "activations at once); '1f1b': warm-up forwards, then one forward and one backward in turn, so stage s holds "
+        "at most num_stages - s micro-batches' activations. Both give the same losses and gradients.",
+    )
+    activation_transport: Literal["auto", "object_store", "nccl", "gloo"] = Field(
+        default="auto",
+        description="How activations, gradients and recovery weights travel between stages: 'object_store' (Ray's "
+        "object store); 'nccl' (Ray Direct Transport between GPU stages, experimental in Ray 2.60); 'gloo' (Ray "
+        "Direct Transport between CPU stages, mainly to exercise the direct path without GPUs); 'auto': 'nccl' "
+        "when every stage has a GPU and NCCL is available, else 'object_store'.",
+    )
 
 
 class DataSpec(StrictModel):
@@ -162,11 +175,12 @@ class RecoverySpec(StrictModel):
         "rebuilt, recorded with reason 'timeout'). None: max(30 s, 10x the median step), 300 s until a step "
         "has been measured.",
     )
-    rule: Literal["weighted", "average", "copy", "random"] = Field(
+    rule: Literal["weighted", "average", "copy", "random", "identity"] = Field(
         default="weighted",
         description="How checkfree/checkfree+ rebuild a middle stage: gradient-weighted average of the neighbours "
         "(the paper), plain average, copy of the previous neighbour, or random re-initialisation (the paper's "
-        "ablation, Figure 2).",
+        "ablation, Figure 2); 'identity' (a control) rebuilds the stage as an exact skip: fresh blocks whose "
+        "output projections are zero.",
     )
     copy_every: int = Field(default=1, ge=1, description="CheckFree+: steps between (de)embedding copies.")
     max_step_retries: int = Field(default=3, ge=0, description="Retries of one step before the run fails.")
@@ -245,6 +259,11 @@ class TrainSpec(StrictModel):
         late = [s for s, _ in self.failures.schedule if not 1 <= s <= self.steps]
         if late:
             raise ValueError(f"`failures.schedule` step {late[0]} is outside 1..`steps` ({self.steps})")
+        if self.pipeline.activation_transport == "nccl" and self.pipeline.num_gpus_per_stage <= 0:
+            raise ValueError(
+                "`pipeline.activation_transport` 'nccl' moves tensors between GPUs but `pipeline.num_gpus_per_stage` "
+                "is 0; give each stage a GPU, or use 'auto' or 'object_store'"
+            )
         if self.recovery.strategy == "checkfree+":
             if stages == 3:
                 raise ValueError(
