@@ -1,0 +1,146 @@
+"""Post-hoc EMA (EDM2: Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
+Sec. 3 and Appendix C; equation numbers as in the arXiv version and NVIDIA's `phema.py`).
+
+Training keeps power-function EMAs: the EMA at step t weighs the weights of step tau with the profile
+p_gamma,t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on 0 < tau <= t, and its width relative to t is
+sigma_rel = sqrt(gamma + 1) / ((gamma + 2) sqrt(gamma + 3))           (Eq. 123).
+Snapshots (gamma_i, t_i) of two such EMAs are saved during training; afterwards an EMA of any
+(sigma_rel, t) is rebuilt as sum_i x_i snapshot_i, x the least-squares fit of its profile by the snapshots'
+profiles: A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p_target>, inner products in closed form (Eq. 151,
+Algorithm 3).
+
+Here the solve is our own (about 100 lines, float64 numpy) rather than `ema-pytorch`'s `PostHocEMA`: that class
+owns training-time EMA copies, its own file naming and its own torch combination, while the search needs only the
+coefficients, which go through `lcsc_ray.combine` and the evaluator pool like every other candidate; and it would
+add a dependency. The training side is `PowerEMA` below (used by the built-in recipes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_SIGMA_RELS = (0.05, 0.10)  # EDM2's two tracked EMAs
+MAX_SIGMA_REL = 1.0 / (2.0 * np.sqrt(3.0))  # sigma_rel at gamma = 0 (a uniform average); wider needs gamma < 0
+
+
+def gamma_to_sigma_rel(gamma: float | np.ndarray) -> float | np.ndarray:
+    """Relative standard deviation of the power-function profile with exponent `gamma` (EDM2 Eq. 123)."""
+    g = np.float64(gamma)
+    return np.sqrt(g + 1) / ((g + 2) * np.sqrt(g + 3))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma > 0 whose profile has `sigma_rel` (EDM2 Eq. 126, Algorithm 2): the largest real root
+    of gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) = 0."""
+    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+        raise ValueError(f"sigma_rel must lie in (0, {MAX_SIGMA_REL:.4f}) (exclusive), got {sigma_rel}")
+    t = float(sigma_rel) ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+def power_beta(step: int, gamma: float) -> float:
+    """The power-EMA decay of update number `step` (1-based): beta_t = (1 - 1/t)^(gamma + 1) (EDM2 Eq. 127 with
+    t_delta = 1). beta_1 = 0, so the EMA starts at the first step's weights."""
+    if step < 1:
+        raise ValueError(f"power-EMA steps count from 1, got {step}")
+    return (1.0 - 1.0 / step) ** (gamma + 1.0)
+
+
+def profile_inner_products(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray, gamma_b: np.ndarray) -> np.ndarray:
+    """<p_a, p_b> = integral of p_gamma_a,t_a(tau) p_gamma_b,t_b(tau) over tau (EDM2 Eq. 151); broadcasts.
+    For t_a <= t_b: (g_a + 1)(g_b + 1) / (g_a + g_b + 1) * (t_a / t_b)^g_b / t_b, and symmetrically."""
+    t_a, g_a, t_b, g_b = (np.asarray(x, dtype=np.float64) for x in (t_a, gamma_a, t_b, gamma_b))
+    ratio_exponent = np.where(t_a < t_b, g_b, -g_a)
+    return (g_a + 1) * (g_b + 1) * (t_a / t_b) ** ratio_exponent / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
+
+
+def solve_coefficients(snapshot_steps: Sequence[float], snapshot_gammas: Sequence[float], target_step: float,
+                       target_gamma: float) -> np.ndarray:
+    """Coefficients x (one per snapshot, summing to 1) with sum_i x_i p_i closest to the target profile in L2:
+    A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p_target> (EDM2 Algorithm 3), then normalised to sum 1 as
+    Algorithm 3 does. Solved by least squares, so duplicate snapshots (a singular A) still get a solution."""
+    steps = np.asarray(snapshot_steps, dtype=np.float64).reshape(-1)
+    gammas = np.broadcast_to(np.asarray(snapshot_gammas, dtype=np.float64), steps.shape)
+    if steps.size == 0 or np.any(steps <= 0):
+        raise ValueError(f"snapshot steps must be positive and at least one is needed, got {steps.tolist()}")
+    a = profile_inner_products(steps[:, None], gammas[:, None], steps[None, :], gammas[None, :])
+    b = profile_inner_products(steps, gammas, np.float64(target_step), np.float64(target_gamma))
+    # scale rows and columns by 1/sqrt(diag): the same solution, a far better conditioned system
+    scale = 1.0 / np.sqrt(np.diag(a))
+    y, *_ = np.linalg.lstsq(a * scale[:, None] * scale[None, :], b * scale, rcond=1e-13)
+    x = y * scale
+    return x / x.sum()
+
+
+def profile_mass(gamma: float, step: float, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Of the power profile (gamma, step) over each interval [lo, hi]: its mass and its first moment in units
+    of `step` (integrals of p and of p * tau / step), in closed form, stable for any gamma."""
+    u_lo = np.clip(np.asarray(lo, np.float64) / step, 0.0, 1.0)
+    u_hi = np.clip(np.asarray(hi, np.float64) / step, 0.0, 1.0)
+    mass = u_hi ** (gamma + 1) - u_lo ** (gamma + 1)
+    moment = (gamma + 1) / (gamma + 2) * (u_hi ** (gamma + 2) - u_lo ** (gamma + 2))
+    return mass, moment
+
+
+def checkpoint_coefficients(gamma: float, step: float, checkpoint_steps: Sequence[int]) -> np.ndarray:
+    """The power-EMA profile (gamma, step) projected on checkpoints saved at `checkpoint_steps`: alpha_i is the
+    profile's integral against the hat function of checkpoint i (1 at its step, falling linearly to 0 at its
+    neighbours'; the first checkpoint takes everything before it, the last everything after). This is exact when
+    the weights move linearly between checkpoints, and the alphas sum to 1."""
+    s = np.asarray(checkpoint_steps, dtype=np.float64)
+    alphas = np.zeros(len(s))
+    before, _ = profile_mass(gamma, step, np.array([0.0]), s[:1])
+    after, _ = profile_mass(gamma, step, s[-1:], np.array([np.inf]))
+    alphas[0] += before[0]
+    alphas[-1] += after[0]
+    lo, hi = s[:-1], s[1:]
+    mass, moment = profile_mass(gamma, step, lo, hi)
+    # on [s_i, s_i+1]: the rising hat of checkpoint i+1 is (tau - s_i) / (s_i+1 - s_i), the falling one of i is 1 - it
+    rising = (step * moment - lo * mass) / (hi - lo)
+    alphas[1:] += rising
+    alphas[:-1] += mass - rising
+    return alphas / alphas.sum()
+
+
+class PowerEMA:
+    """Power-function EMAs of a model's floating-point weights, one per sigma_rel, updated after each step
+    (EDM2 Sec. 3.1): ema <- beta_t ema + (1 - beta_t) theta_t with beta_t = (1 - 1/t)^(gamma + 1)."""
+
+    def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS):
+        self.sigma_rels = [float(s) for s in sigma_rels]
+        self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
+        state = model.state_dict()
+        self.emas = [{k: v.detach().clone() for k, v in state.items()} for _ in self.sigma_rels]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in the weights after optimizer step `step` (1-based); non-float buffers are copied."""
+        state = model.state_dict()
+        for gamma, ema in zip(self.gammas, self.emas):
+            weight = 1.0 - power_beta(step, gamma)
+            for key, value in state.items():
+                if value.is_floating_point():
+                    ema[key].lerp_(value.detach(), weight)
+                else:
+                    ema[key].copy_(value)
+
+    def state_dict(self) -> dict:
+        """The EMAs and their sigma_rels, for a resumable training state."""
+        return {"sigma_rels": list(self.sigma_rels), "emas": [dict(ema) for ema in self.emas]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (the sigma_rels must match)."""
+        if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
+            raise ValueError(f"stored power EMAs have sigma_rels {state['sigma_rels']}, this run {self.sigma_rels}")
+        for ema, stored in zip(self.emas, state["emas"]):
+            for key in ema:
+                ema[key].copy_(stored[key])
+
+    def snapshots(self) -> list[tuple[float, float, dict[str, torch.Tensor]]]:
+        """(sigma_rel, gamma, state dict) of each EMA, to save beside a checkpoint."""
+        return list(zip(self.sigma_rels, self.gammas, self.emas))
