@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 DEFAULT_SIGMA_RELS = (0.05, 0.10)  # EDM2's two tracked EMAs
+SNAPSHOT_FOLDER = "posthoc_ema"  # beside a recipe's checkpoints/ folder, so the checkpoints' glob never matches them
 MAX_SIGMA_REL = 1.0 / (2.0 * np.sqrt(3.0))  # sigma_rel at gamma = 0 (a uniform average); wider needs gamma < 0
 
 
@@ -144,3 +145,14 @@ class PowerEMA:
     def snapshots(self) -> list[tuple[float, float, dict[str, torch.Tensor]]]:
         """(sigma_rel, gamma, state dict) of each EMA, to save beside a checkpoint."""
         return list(zip(self.sigma_rels, self.gammas, self.emas))
+
+
+def snapshot_name(sigma_rel: float, step: int) -> str:
+    """File name of the power-EMA snapshot of `sigma_rel` at `step`: phema-0.050-000100.safetensors."""
+    return f"phema-{sigma_rel:.3f}-{step:06d}.safetensors"
+
+
+def snapshot_metadata(sigma_rel: float, gamma: float, step: int) -> dict[str, str]:
+    """The safetensors metadata that makes a snapshot usable by a search: its step, gamma and sigma_rel."""
+    return {"step": str(int(step)), "gamma": repr(float(gamma)), "sigma_rel": repr(float(sigma_rel)),
+            "weights": f"power-ema@{sigma_rel:g}"}

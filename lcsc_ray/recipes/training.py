@@ -4,6 +4,8 @@
 Files under `out` (a local path or s3:// URI):
   checkpoints/ckpt_{step:06d}.safetensors  raw weights, metadata {"step", "kind", "model_kwargs", ...}
   ema.safetensors                          the online EMA at the last checkpoint (same keys)
+  posthoc_ema/phema-{sigma_rel}-{step}.safetensors   power-function EMA snapshots (EDM2) at each checkpoint,
+                                           metadata {"step", "gamma", "sigma_rel"}: a search rebuilds any EMA from them
   train_state.pt                           model, EMA, optimizer, step and RNG states (resume point)
   samples.png, samples_last.png            sample grids of the EMA and of the last weights
   summary.json                             steps, wall time, steps/s, final loss, files
@@ -28,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from lcsc_ray import posthoc_ema
 from lcsc_ray.recipes import checkpoints as ckpt
 from lcsc_ray.recipes.data import mnist_split
 from rayops import storage
@@ -55,6 +58,10 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     checkpoint_every: int = Field(default=100, ge=1, description="Save a checkpoint every this many steps.")
     ema_decay: float = Field(default=0.999, ge=0, lt=1, description="Online EMA decay (warmed up as (1+n)/(10+n)).")
+    posthoc_ema_sigma_rels: list[float] = Field(
+        default_factory=lambda: list(posthoc_ema.DEFAULT_SIGMA_RELS),
+        description="sigma_rel of each power-function EMA (EDM2) whose snapshot is saved beside every checkpoint "
+                    "under `posthoc_ema/`; a search's `posthoc_ema` block rebuilds any EMA from them. [] saves none.")
     seed: int = Field(default=0, description="Seed of the initial weights, data order, noise and timesteps.")
     model: dict = Field(default_factory=dict, description="U-Net keyword arguments (see UNetConfig).")
     torch_threads: int | None = Field(
@@ -156,8 +163,13 @@ def _metadata(recipe: Recipe, config: TrainConfig, step: int, weights: str) -> d
             "torch": torch.__version__, **recipe.extra_metadata}
 
 
-def _save(recipe: Recipe, config: TrainConfig, step: int, ema: nn.Module, optimizer, generator) -> None:
+def _save(recipe: Recipe, config: TrainConfig, step: int, ema: nn.Module, optimizer, generator,
+          power_ema: posthoc_ema.PowerEMA | None = None) -> None:
     out = config.out
+    for sigma_rel, gamma, state_dict in power_ema.snapshots() if power_ema else []:
+        ckpt.save_weights(storage.join(out, posthoc_ema.SNAPSHOT_FOLDER, posthoc_ema.snapshot_name(sigma_rel, step)),
+                          state_dict, {**_metadata(recipe, config, step, "power-ema"),
+                                       **posthoc_ema.snapshot_metadata(sigma_rel, gamma, step)})
     ckpt.save_weights(storage.join(out, "checkpoints", ckpt.checkpoint_name(step)),
                       recipe.model.state_dict(), _metadata(recipe, config, step, "model"))
     ckpt.save_weights(storage.join(out, "ema.safetensors"), ema.state_dict(),
@@ -165,11 +177,13 @@ def _save(recipe: Recipe, config: TrainConfig, step: int, ema: nn.Module, optimi
     state = {"step": step, "model": recipe.model.state_dict(), "ema": ema.state_dict(),
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
              "torch_rng": torch.get_rng_state(), "config": config.model_dump_json(),
-             "extra": {name: module.state_dict() for name, module in recipe.extra_modules.items()}}
+             "extra": {name: module.state_dict() for name, module in recipe.extra_modules.items()},
+             "power_ema": power_ema.state_dict() if power_ema else None}
     ckpt.save_training_state(storage.join(out, "train_state.pt"), state)  # last: the commit point
 
 
-def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, generator) -> int:
+def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, generator,
+            power_ema: posthoc_ema.PowerEMA | None = None) -> int:
     state_uri = storage.join(config.out, "train_state.pt")
     if not storage.exists(state_uri):
         return 0
@@ -186,6 +200,8 @@ def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, gene
     torch.set_rng_state(state["torch_rng"])
     for name, module in recipe.extra_modules.items():
         module.load_state_dict(state["extra"][name])
+    if power_ema is not None and state.get("power_ema"):
+        power_ema.load_state_dict(state["power_ema"])
     log.info("resuming %s from step %d (%s)", recipe.kind, state["step"], state_uri)
     return int(state["step"])
 
@@ -200,7 +216,8 @@ def run_training(recipe: Recipe, config: TrainConfig, stop_after: int | None = N
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    start_step = step = _resume(recipe, config, ema, optimizer, generator)
+    power_ema = posthoc_ema.PowerEMA(model, config.posthoc_ema_sigma_rels) if config.posthoc_ema_sigma_rels else None
+    start_step = step = _resume(recipe, config, ema, optimizer, generator, power_ema)
     progress = ProgressLine(f"train-{recipe.kind}", total=config.steps, interval_s=config.progress_interval_s)
     progress.update(done=step, force=True, resumed_from=step)
     started, cpu_started, loss_avg = time.monotonic(), time.process_time(), None
@@ -215,11 +232,13 @@ def run_training(recipe: Recipe, config: TrainConfig, stop_after: int | None = N
         optimizer.step()
         step += 1
         update_ema(ema, model, ema_decay_at(step, config.ema_decay))
+        if power_ema is not None:
+            power_ema.update(model, step)  # EDM2 power-function EMAs, snapshot at each checkpoint
         if recipe.after_step is not None:
             recipe.after_step(model, step)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save(recipe, config, step, ema, optimizer, generator)
+            _save(recipe, config, step, ema, optimizer, generator, power_ema)
         rate = (step - start_step) / max(1e-9, time.monotonic() - started)
         progress.update(done=step, loss=loss_avg, steps_per_s=rate)
         if stop_after is not None and step >= stop_after and step < config.steps:
