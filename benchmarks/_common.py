@@ -1,15 +1,19 @@
-"""What every benchmark shares: the machine's description and writing its JSON result atomically."""
+"""What every benchmark shares: paths, the machine's description, a local Ray, and writing results atomically
+(JSON, and Markdown notes generated from the measured values)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+BENCHMARKS = ROOT / "benchmarks"
+RESULTS = BENCHMARKS / "results"
 
 _PACKAGES = ("torch", "numpy", "scipy", "ray", "nevergrad", "lcsc-checkfree-ray")
 
@@ -43,6 +47,49 @@ def write_json(path: Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2) -> Iterator[None]:
+    """A local Ray with `num_cpus` CPUs for a benchmark, through `rayops.session` (the CLIs' settings: loopback,
+    no auth, no usage stats), stopped after. Always a fresh local instance: $RAY_ADDRESS is ignored while it
+    starts, so a benchmark never measures (or counts the actors of) someone else's cluster. Every benchmark uses
+    this instead of its own `ray.init`."""
+    from rayops.session import ray_session
+    from schemas.common import RaySpec
+
+    address = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        with ray_session(RaySpec(num_cpus=num_cpus)):
+            if address is not None:
+                os.environ["RAY_ADDRESS"] = address
+                address = None
+            yield
+    finally:
+        if address is not None:
+            os.environ["RAY_ADDRESS"] = address
+
+
+def write_markdown(path: Path, title: str, sections: list[tuple[str, str | list[str]]]) -> Path:
+    """Write a results note atomically: `# title`, then per section `## heading` and its text (a list of
+    strings becomes bullet points). Notes are generated from measured values, never fixed prose."""
+    lines = [f"# {title}", ""]
+    for heading, body in sections:
+        lines += [f"## {heading}", ""]
+        lines += [f"- {item}" for item in body] if isinstance(body, list) else [body.rstrip()]
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A GitHub-flavoured Markdown table of `rows` under `header` (cells as str)."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(out)
 
 
 def _json_default(value):

@@ -1,0 +1,197 @@
+"""Table 2's report: measured costs per seed, modelled times, the tables, and notes generated from the values."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from _common import markdown_table, write_markdown
+from checkfree_setup import recovery_kind
+from table2_model import (
+    PAPER_BASE_ITER_S,
+    StrategyCosts,
+    format_interval,
+    modelled_seconds,
+    recovery_seconds,
+    seed_interval,
+    speedups,
+    step_seconds,
+)
+
+PAPER_SPEEDUP_CHECKFREE_PLUS = {"5%": 1.57, "10%": 1.69, "16%": 1.38}  # hours, CheckFree+ vs checkpointing
+
+
+def costs_by_seed(costs: dict) -> dict[int, dict[str, StrategyCosts]]:
+    """Each cost round's StrategyCosts per seed and strategy (rows that failed are left out)."""
+    window = tuple(costs["layout"]["window"])
+    out: dict[int, dict[str, StrategyCosts]] = {}
+    for row in costs["rows"]:
+        if row["error"]:
+            continue
+        step_s = step_seconds(row["steps"], row["wall_times"], window)
+        by_method: dict[str, list[float]] = {}
+        for failure in row["failures"]:
+            offset = row["kill_offsets"].get(f"{failure['step']}:{failure['stage']}")
+            if offset is None:
+                continue
+            by_method.setdefault(recovery_kind(failure), []).append(recovery_seconds(row["wall_times"], offset, step_s))
+        out.setdefault(row["seed"], {})[row["strategy"]] = StrategyCosts(
+            step_s, {m: statistics.mean(v) for m, v in by_method.items()})
+    return out
+
+
+def costs_for(per_seed: dict[int, dict[str, StrategyCosts]], seed: int, strategy: str) -> StrategyCosts | None:
+    """The seed's own cost round (paired), else the mean over the measured seeds; None if never measured."""
+    if strategy in per_seed.get(seed, {}):
+        return per_seed[seed][strategy]
+    measured = [by[strategy] for by in per_seed.values() if strategy in by]
+    if not measured:
+        return None
+    methods = {m for c in measured for m in c.recovery_s}
+    return StrategyCosts(statistics.mean(c.step_s for c in measured),
+                         {m: statistics.mean(c.recovery_s[m] for c in measured if m in c.recovery_s) for m in methods})
+
+
+def modelled_hours(run: dict, per_seed: dict) -> float | None:
+    """The run's modelled hours to target (None when it did not reach it or a cost is missing)."""
+    costs = costs_for(per_seed, run["seed"], run["strategy"])
+    ckpt = costs_for(per_seed, run["seed"], "checkpoint")
+    if not run["reached"] or costs is None or ckpt is None:
+        return None
+    lost = run["executed_steps"] - run["steps_to_target"]
+    return modelled_seconds(run["steps_to_target"], lost, run["recovery_methods"], costs, ckpt.step_s) / 3600
+
+
+def _cost_rows(per_seed: dict) -> tuple[list[str], list[list[str]], dict]:
+    strategies = list(dict.fromkeys(s for by in per_seed.values() for s in by))
+    seeds = sorted(per_seed)
+    summary, rows = {}, []
+    for strategy in strategies:
+        pairs = [(per_seed[s][strategy], per_seed[s].get("checkpoint"), per_seed[s].get("none")) for s in seeds
+                 if strategy in per_seed[s]]
+        rel = seed_interval([c.step_s / k.step_s for c, k, _ in pairs if k])
+        over_none = seed_interval([c.step_s / n.step_s for c, _, n in pairs if n])
+        methods = sorted({m for c, _, _ in pairs for m in c.recovery_s})
+        rec = {m: seed_interval([c.recovery_s[m] / k.step_s for c, k, _ in pairs if k and m in c.recovery_s])
+               for m in methods}
+        summary[strategy] = {"step_ms": [c.step_s * 1e3 for c, _, _ in pairs], "step_vs_checkpoint": rel.__dict__,
+                             "step_vs_none": over_none.__dict__,
+                             "recovery_in_checkpoint_steps": {m: i.__dict__ for m, i in rec.items()},
+                             "recovery_s": {m: [c.recovery_s[m] for c, _, _ in pairs if m in c.recovery_s]
+                                            for m in methods}}
+        rows.append([strategy, f"{statistics.mean(c.step_s for c, _, _ in pairs) * 1e3:.1f}", format_interval(rel, ".3f"),
+                     format_interval(over_none, ".3f"),
+                     "; ".join(f"{m} {format_interval(i, '.1f')}" for m, i in rec.items()) or "-"])
+    header = ["strategy", "ms/step", "x checkpoint's step", "x no-failure step", "recovery (checkpoint steps)"]
+    return header, rows, summary
+
+
+def _table_rows(runs: dict, per_seed: dict) -> tuple[list[str], list[list[str]], dict]:
+    for run in runs["reference"] + [r for rs in runs["runs"].values() for r in rs]:
+        run["modelled_h"] = modelled_hours(run, per_seed)
+    header = ["rate", "strategy", "reached", "steps to target", "lost steps", "recoveries", "wall s",
+              "measured x ckpt", "modelled h", "modelled x ckpt"]
+    rows, summary = [], {}
+    groups = [("0%", runs["reference"])] + [(rate, rs) for rate, rs in runs["runs"].items()]
+    for rate, rate_runs in groups:
+        by_strategy: dict[str, list[dict]] = {}
+        for run in rate_runs:
+            by_strategy.setdefault(run["strategy"], []).append(run)
+        ckpt = {r["seed"]: r for r in by_strategy.get("checkpoint", [])}
+        for strategy, group in by_strategy.items():
+            ok = [r for r in group if r["reached"]]
+            ref = [ckpt.get(r["seed"]) for r in group]
+            wall = speedups([c["wall_s"] if c and c["reached"] else None for c in ref],
+                            [r["wall_s"] if r["reached"] else None for r in group])
+            model = speedups([c["modelled_h"] if c else None for c in ref], [r["modelled_h"] for r in group])
+            row = {"reached": f"{len(ok)}/{len(group)}", "seeds": [r["seed"] for r in group],
+                   "steps_to_target": _mean([r["steps_to_target"] for r in ok]),
+                   "lost_steps": _mean([r["executed_steps"] - r["steps_to_target"] for r in ok]),
+                   "recoveries": _mean([r["recoveries"] for r in group]), "wall_s": _mean([r["wall_s"] for r in ok]),
+                   "measured_speedup": seed_interval(wall).__dict__, "modelled_h": _mean([r["modelled_h"] for r in ok]),
+                   "modelled_speedup": seed_interval(model).__dict__}
+            summary.setdefault(rate, {})[strategy] = row
+            rows.append([rate, strategy, row["reached"], _fmt(row["steps_to_target"], ".0f"),
+                         _fmt(row["lost_steps"], ".0f"), _fmt(row["recoveries"], ".1f"), _fmt(row["wall_s"], ".1f"),
+                         format_interval(seed_interval(wall)) if ckpt else "-", _fmt(row["modelled_h"], ".2f"),
+                         format_interval(seed_interval(model)) if ckpt else "-"])
+    return header, rows, summary
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _text(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(header), "-" * (sum(widths) + 2 * len(widths)), *map(line, rows)])
+
+
+def report_tables(per_seed: dict, runs: dict) -> dict:
+    """The cost summary and Table 2 (measured and modelled speed-ups with intervals), as data and as text."""
+    cost_header, cost_rows, cost_summary = _cost_rows(per_seed)
+    header, rows, table = _table_rows(runs, per_seed)
+    return {"costs": cost_summary, "table": table, "costs_text": _text(cost_header, cost_rows),
+            "table_text": _text(header, rows), "costs_markdown": markdown_table(cost_header, cost_rows),
+            "table_markdown": markdown_table(header, rows)}
+
+
+def _verdict(interval: dict) -> str:
+    if interval["num_seeds"] < 2 or math.isnan(interval["low"]):
+        return "no interval (fewer than 2 seeds reached the target)"
+    if interval["low"] > 1:
+        return "faster than checkpointing (interval above 1)"
+    if interval["high"] < 1:
+        return "slower than checkpointing (interval below 1)"
+    return "not distinguishable from checkpointing (interval includes 1)"
+
+
+def generated_notes(out: dict) -> list[str]:
+    """Notes read off the measured values: per-step costs, recoveries, speed-ups against the paper's."""
+    notes = []
+    for strategy, row in out["costs"].items():
+        rel = row["step_vs_checkpoint"]
+        if strategy != "checkpoint" and rel["num_seeds"]:
+            notes.append(f"Per step without failures, {strategy} costs {rel['mean']:.3f}x checkpointing's step "
+                         f"(95% interval [{rel['low']:.3f}, {rel['high']:.3f}], {rel['num_seeds']} paired rounds).")
+    for strategy, row in out["costs"].items():
+        for method, rec in row["recovery_in_checkpoint_steps"].items():
+            notes.append(f"A {method} recovery under {strategy} costs {rec['mean']:.1f} checkpointing steps of wall "
+                         f"time here, so {rec['mean'] * PAPER_BASE_ITER_S:.0f} s modelled.")
+    for rate, rows in out["table"].items():
+        plus = rows.get("checkfree+")
+        if plus is None or rate not in PAPER_SPEEDUP_CHECKFREE_PLUS:
+            continue
+        m, w = plus["modelled_speedup"], plus["measured_speedup"]
+        notes.append(f"{rate}: CheckFree+ modelled {m['mean']:.2f}x checkpointing ({_verdict(m)}), measured wall "
+                     f"clock {w['mean']:.2f}x ({_verdict(w)}); paper {PAPER_SPEEDUP_CHECKFREE_PLUS[rate]:.2f}x.")
+    return notes
+
+
+def write_notes(path: Path, out: dict) -> Path:
+    """paper_table2.md: the failure model, the cost model, both tables and the generated notes."""
+    fm, costs, runs = out["failure_model"], out["cost_measurement"], out["runs"]
+    header = (f"Failure model: per stage per step p = {fm['probability_per_step']} (the paper's "
+              f"{fm['paper_probability_per_step']} for {', '.join(fm['paper_hourly_rate_per_stage'])} per hour at "
+              f"{fm['paper_step_time_assumed_s']} s per iteration, x{fm['failure_scale']:g}); the same per-step p for "
+              f"every strategy. Checkpoint every {fm['checkpoint_every']} steps (paper {fm['paper_checkpoint_every']},"
+              f" /{fm['failure_scale']:g}). Seed streams: {fm['seed_streams']}. Target {runs['target_val_loss']}, "
+              f"checked every {runs['eval_every']} steps; seeds {runs['seeds']}.")
+    machine = (f"Costs measured at niceness {costs['machine']['niceness']}, load average {costs['load_before']} before "
+               f"and {costs['load_after']} after, on {costs['machine']['cores']} cores; runs at niceness "
+               f"{runs['machine']['niceness']}, load {runs['load_before']} before and {runs['load_after']} after.")
+    model = (f"{out['model']['formula']}. Per-step cost c_s: mean wall time between commits over a failure-free "
+             "window (copies, replication and save stalls included); recovery: extra wall time around a scheduled "
+             "kill (detection + rebuild + retried step), in checkpointing steps.")
+    return write_markdown(path, "CheckFree Table 2 with a measured cost model", [
+        ("Setup", header), ("Cost model", model),
+        ("Measured costs (paired rounds, mean [95% interval])", out["costs_markdown"]),
+        ("Time to target (speed-ups over checkpointing, mean [95% interval] over seeds)", out["table_markdown"]),
+        ("Notes generated from these measurements", generated_notes(out)), ("Machine", machine)])

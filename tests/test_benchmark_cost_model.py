@@ -1,0 +1,98 @@
+"""Table 2's cost model (benchmarks/table2_model.py): measured costs and the modelled time on hand-made inputs."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from table2_model import (
+    StrategyCosts,
+    modelled_seconds,
+    recovery_seconds,
+    seed_interval,
+    speedups,
+    step_seconds,
+)
+
+
+def test_modelled_time_charges_each_strategy_its_measured_relative_step_cost():
+    """A strategy 20% slower per step than checkpointing pays 1.2 x 91.5 s per step, lost steps included."""
+    costs = StrategyCosts(step_s=0.12, recovery_s={"copy": 0.5})
+    modelled = modelled_seconds(80, 5, [], costs, checkpoint_step_s=0.10)
+    assert modelled == pytest.approx(85 * 91.5 * 1.2)
+
+
+def test_recoveries_are_scaled_in_checkpointing_steps_the_same_way():
+    """A 0.5 s recovery with checkpointing's step at 0.1 s costs 5 x 91.5 s, whatever the strategy."""
+    costs = StrategyCosts(step_s=0.1, recovery_s={"copy": 0.5, "checkpoint": 1.0})
+    modelled = modelled_seconds(10, 0, ["copy", "checkpoint", "copy"], costs, checkpoint_step_s=0.1)
+    assert modelled == pytest.approx(10 * 91.5 + (0.5 + 1.0 + 0.5) / 0.1 * 91.5)
+
+
+def test_unmeasured_recovery_method_falls_back_to_the_mean_and_missing_costs_are_named():
+    """An unmeasured method costs the mean of the measured ones; with none measured the error names the fix."""
+    costs = StrategyCosts(step_s=0.1, recovery_s={"copy": 0.2, "checkfree": 0.4})
+    assert costs.recovery("checkpoint") == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="paper_table2.py costs"):
+        StrategyCosts(step_s=0.1).recovery("checkpoint")
+    with pytest.raises(ValueError, match="positive"):
+        modelled_seconds(10, 0, [], StrategyCosts(step_s=0.1), checkpoint_step_s=0.0)
+
+
+def test_step_seconds_spans_the_window_including_a_save_stall():
+    """The mean per step over the window counts a stall inside it (steps 1..5, a 0.5 s stall at step 4)."""
+    steps = [1, 2, 3, 4, 5, 6]
+    wall = [0.1, 0.2, 0.3, 0.9, 1.0, 1.1]
+    assert step_seconds(steps, wall, (2, 5)) == pytest.approx((1.0 - 0.1) / 4)
+    assert step_seconds(steps, wall, (1, 3)) == pytest.approx(0.3 / 3)
+
+
+def test_step_seconds_refuses_a_window_with_a_rollback():
+    """A window that saw a rollback (a repeated step) is refused, naming the fix."""
+    with pytest.raises(ValueError, match="move the scheduled kills"):
+        step_seconds([1, 2, 3, 2, 3, 4], [0.1, 0.2, 0.3, 0.8, 0.9, 1.0], (2, 4))
+
+
+def test_recovery_seconds_is_the_gap_around_the_kill_less_one_step():
+    """Commits at 1.0 and 3.5 around a kill at 1.2 with 0.1 s steps: the recovery cost 2.4 s."""
+    assert recovery_seconds([0.9, 1.0, 3.5, 3.6], 1.2, 0.1) == pytest.approx(2.4)
+    with pytest.raises(ValueError, match="lengthen"):
+        recovery_seconds([0.9, 1.0], 1.2, 0.1)
+
+
+def test_seed_interval_matches_scipy_one_sample_t_interval():
+    """The mean and bounds over seeds equal scipy's one-sample t interval; one seed has no bounds."""
+    values = [1.31, 1.52, 1.40]
+    interval = seed_interval(values)
+    low, high = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    assert (interval.mean, interval.low, interval.high) == pytest.approx((sum(values) / 3, low, high))
+    assert math.isnan(seed_interval([1.2]).low)
+
+
+def test_speedups_pair_seeds_and_skip_runs_that_missed_the_target():
+    """Speed-ups divide the reference by each seed's value and skip seeds missing on either side."""
+    assert speedups([2.0, None, 3.0, 4.0], [1.0, 1.0, None, 2.0]) == [2.0, 2.0]
+
+
+def test_recovery_kind_falls_back_to_the_same_method_then_to_every_measured_kind():
+    """A cold copy not measured costs the measured warm copy; an unmeasured method the mean of every kind."""
+    costs = StrategyCosts(step_s=0.1, recovery_s={"copy/warm": 0.2, "checkfree/warm": 0.4, "checkfree/cold": 3.0})
+    assert costs.recovery("copy/cold") == pytest.approx(0.2)
+    assert costs.recovery("checkfree/warm") == pytest.approx(0.4)
+    assert costs.recovery("checkpoint/warm") == pytest.approx((0.2 + 0.4 + 3.0) / 3)
+
+
+def test_stages_lost_together_are_one_recovery_and_cold_when_any_stage_was():
+    """Two stages lost at one step with one rollback count once, cold if either took no warm standby."""
+    from checkfree_setup import recovery_methods
+
+    failures = [{"step": 30, "stage": 1, "method": "checkfree", "rolled_back_to": 20, "warm_standby": True},
+                {"step": 30, "stage": 2, "method": "checkfree", "rolled_back_to": 20, "warm_standby": False},
+                {"step": 41, "stage": 0, "method": "copy", "rolled_back_to": None, "warm_standby": True}]
+    assert recovery_methods(failures) == ["checkpoint/cold", "copy/warm"]
