@@ -72,9 +72,13 @@ def resolve_auth_token() -> str | None:
                                "cluster's token into it")
         return token
     default = DEFAULT_TOKEN_FILE.expanduser()
-    if (settings.env_str(AUTH_MODE) or "").lower() == "token" and default.is_file():
+    if (settings.env_str(AUTH_MODE) or "").lower() != "token" or not default.is_file():
+        return None
+    try:
         return default.read_text().strip() or None
-    return None
+    except OSError as exc:
+        raise JobAuthError(f"cannot read the Ray auth token file {default}: {exc.strerror}; fix its permissions "
+                           f"or set ${AUTH_TOKEN_PATH} to the file holding the cluster's token") from None
 
 
 def auth_headers(token: str | None) -> dict[str, str]:

@@ -74,12 +74,13 @@ class _Dashboard(BaseHTTPRequestHandler):
 
     token = ""
     seen: ClassVar[list[tuple[str, str, str | None]]] = []
+    bodies: ClassVar[list[bytes]] = []
 
     def _handle(self) -> None:
         auth = self.headers.get("Authorization")
         self.seen.append((self.command, self.path, auth))
         length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
+        self.bodies.append(self.rfile.read(length))
         if auth is None:
             return self._reply(401, "Unauthorized: Missing authentication token")
         if auth != f"Bearer {self.token}":
@@ -108,7 +109,7 @@ class _Dashboard(BaseHTTPRequestHandler):
 @pytest.fixture
 def dashboard():
     """A stand-in dashboard on loopback that requires a fresh random token."""
-    _Dashboard.token, _Dashboard.seen = secrets.token_hex(16), []
+    _Dashboard.token, _Dashboard.seen, _Dashboard.bodies = secrets.token_hex(16), [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Dashboard)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -124,7 +125,8 @@ def _spec(tmp_path: Path) -> SearchSpec:
 
 def test_submit_sends_the_token_on_every_request_and_never_logs_it(
         clean_auth_env, dashboard, monkeypatch, tmp_path, caplog, capfd):
-    """Every Jobs API request carries the bearer token from $RAY_AUTH_TOKEN_PATH; no log line holds it."""
+    """Every Jobs API request carries the bearer token from $RAY_AUTH_TOKEN_PATH; no log line holds it, and
+    it is not forwarded to the job (its runtime env, its uploaded working directory)."""
     address, server = dashboard
     token_file = tmp_path / "token"
     token_file.write_text(server.token + "\n")
@@ -136,6 +138,8 @@ def test_submit_sends_the_token_on_every_request_and_never_logs_it(
     assert {auth for *_, auth in server.seen} == {f"Bearer {server.token}"}
     captured = capfd.readouterr()
     assert server.token not in caplog.text + captured.out + captured.err
+    assert not any(server.token.encode() in body for body in server.bodies)
+    assert any(b'"entrypoint"' in body for body in server.bodies)  # the job request itself was inspected
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-3f9a"], ids=["no-token", "wrong-token"])
