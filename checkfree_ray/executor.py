@@ -1,4 +1,5 @@
-"""The coordinator: drives S stage actors through GPipe steps; recovery (`recovering.py`) and asynchronous
+"""The coordinator: drives S stage actors through GPipe or 1F1B steps (`schedules.py`; tensors between stages
+through the object store or Ray Direct Transport, `transport.py`); recovery (`recovering.py`) and asynchronous
 checkpoint saves (`saving.py`) live beside it.
 
 Per-step protocol (after torchft's quorum/commit, "a step commits on every stage or is run again"): the
@@ -39,7 +40,9 @@ from checkfree_ray.recovering import StageLost, phase_of, unanswering
 from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
 from checkfree_ray.saving import SAVE_TIMEOUT_S, CheckpointSaver
 from checkfree_ray.schedule import lr_factor
+from checkfree_ray.schedules import gpipe_order, step_order
 from checkfree_ray.stage import initial_states
+from checkfree_ray.transport import Transport, may_be_direct, open_transport
 from schemas.errors import RecoveryError
 from schemas.train import FailureRecord, TrainSpec
 
@@ -84,6 +87,7 @@ class PipelineExecutor:
         self.before_step: list[Callable[[PipelineExecutor, int], None]] = []
         self.after_recovery: list[Callable[[PipelineExecutor, int, list[int]], None]] = []
         self.pool: StagePool | None = None
+        self.transport = Transport()  # the object store until `start` picks `pipeline.activation_transport`
         self.actors: list = []
         self._pending_copies: list | None = None
         self._abandoned: list = []  # calls of an interrupted attempt
@@ -93,8 +97,9 @@ class PipelineExecutor:
     def start(self, resume: Checkpoint | None = None) -> None:
         """Start the stage actors with the seed's initial weights (or `resume`'s state: weights, Adam, norms,
         failures fired, history); write checkpoint 0 when checkpointing a new run."""
-        self.pool = StagePool(self.spec, self.cfg)
+        self.pool = StagePool(self.spec, self.cfg, direct_transport=may_be_direct(self.spec))
         self.actors = self.pool.start_stages()
+        self.transport = open_transport(self.spec, self.actors, timeout_s=SAVE_TIMEOUT_S)
         if resume is None:
             states = initial_states(self.spec, self.cfg)  # the seed's weights, or model.hf_path's
             ray.get([a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)],
@@ -129,31 +134,35 @@ class PipelineExecutor:
         return max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR * sorted(times)[len(times) // 2])
 
     def _launch(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool = True):
-        """Submit every hop of every micro-batch; returns the loss refs, the backward-done refs and each stage's
-        calls in submission order as (kind, ref, upstream refs) (read when a stage is lost: which phase, which
-        stage is stuck, and their errors)."""
+        """Submit every hop of every micro-batch in the order of `pipeline.schedule` (`schedules.py`: Ray runs
+        each stage's calls in that order); returns the loss refs, the backward-done refs and each stage's calls
+        in submission order as (kind, ref, upstream refs) (read when a stage is lost: which phase, which stage is
+        stuck, and their errors)."""
         M = inputs.shape[0]
-        loss_refs, done_refs, routes = [], [], []
+        routes = [route(micro_batch_order(self.strategy, self.S, mb) if train else plain_order(self.S), self.S)
+                  for mb in range(M)]
+        order = step_order(self.spec.pipeline.schedule, routes, self.S) if train else [
+            op for op in gpipe_order(routes) if op[0] == "forward"]  # evaluation: the forwards only
+        outputs: dict[tuple[str, int, int], ray.ObjectRef] = {}
         calls: list[list[tuple[str, ray.ObjectRef]]] = [[] for _ in range(self.S)]
-        for mb in range(M):
-            order = micro_batch_order(self.strategy, self.S, mb) if train else plain_order(self.S)
-            hops = route(order, self.S)
-            x, target = inputs[mb].numpy(), targets[mb].numpy()  # small: inlined into the call, no ray.put
-            for hop, (stage, parts) in enumerate(hops):
-                last = hop == len(hops) - 1
+        for kind, mb, hop in order:
+            stage, parts = routes[mb][hop]
+            last = hop == len(routes[mb]) - 1
+            if kind == "forward":
+                x = outputs[("forward", mb, hop - 1)] if hop else inputs[mb].numpy()  # small: inlined, no ray.put
                 upstream = (x,) if hop else ()
-                x = self.actors[stage].forward.remote(mb, hop, parts, x, target if last else None, 1.0 / M, train)
-                calls[stage].append(("forward", x, upstream))
-            loss_refs.append(x)
-            routes.append(hops)
-        if train:  # GPipe: every backward after every forward
-            for mb, hops in enumerate(routes):
-                grad = None
-                for hop in reversed(range(len(hops))):
-                    upstream = (grad,) if grad is not None else ()
-                    grad = self.actors[hops[hop][0]].backward.remote(mb, hop, grad)
-                    calls[hops[hop][0]].append(("backward", grad, upstream))
-                done_refs.append(grad)
+                target = targets[mb].numpy() if last else None
+                # the loss goes to the driver: never by direct transport (nor the last backward's None)
+                ref = self.transport.submit(self.actors[stage], "forward", not last, mb, hop, parts, x, target,
+                                            1.0 / M, train)
+            else:
+                grad = None if last else outputs[("backward", mb, hop + 1)]
+                upstream = (grad,) if grad is not None else ()
+                ref = self.transport.submit(self.actors[stage], "backward", hop > 0, mb, hop, grad)
+            outputs[(kind, mb, hop)] = ref
+            calls[stage].append((kind, ref, upstream))
+        loss_refs = [outputs[("forward", mb, len(hops) - 1)] for mb, hops in enumerate(routes)]
+        done_refs = [outputs[("backward", mb, 0)] for mb in range(M)] if train else []
         return loss_refs, done_refs, calls
 
     def _submit_optimizer_steps(self, done_refs: list, step: int) -> list:
@@ -177,7 +186,7 @@ class PipelineExecutor:
             return
         ready, pending = ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=0)
         for ref in ready:
-            with contextlib.suppress(ray.exceptions.RayError):
+            with contextlib.suppress(ray.exceptions.RayError, ValueError):  # ValueError: a direct-transport value
                 ray.get(ref, timeout=0)
         self._abandoned = pending
 
@@ -210,6 +219,7 @@ class PipelineExecutor:
         """One step, submitted at once; the driver waits once per phase (bounded), never per micro-batch.
         Raises `StageLost`."""
         self._drain_abandoned()
+        self.transport.connect(self.actors)  # a new group after a recovery replaced a stage (no-op otherwise)
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
         loss_refs, done_refs, calls = self._launch(inputs, targets)

@@ -21,7 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from checkfree_ray.model import ModelConfig
-from checkfree_ray.stage import StageActor
+from checkfree_ray.stage import DirectStageActor, StageActor
 from rayops.resources import check_placeable
 from schemas.errors import RecoveryError
 from schemas.train import TrainSpec
@@ -33,8 +33,11 @@ READY_TIMEOUT_S = 120.0
 class StagePool:
     """Creates stage actors (cold, or from the warm standby) and tears them all down at the end."""
 
-    def __init__(self, spec: TrainSpec, cfg: ModelConfig):
+    def __init__(self, spec: TrainSpec, cfg: ModelConfig, direct_transport: bool = False):
         self.spec, self.cfg = spec, cfg
+        # Ray Direct Transport needs actors created with it enabled (which also runs their calls on a
+        # background thread), so only a run that may use it gets such actors.
+        self.actor_class = DirectStageActor if direct_transport else StageActor
         pipe = spec.pipeline
         self.num_standbys = pipe.standby_actors if pipe.warm_standby else 0
         gpus = {"GPU": pipe.num_gpus_per_stage} if pipe.num_gpus_per_stage > 0 else {}
@@ -57,7 +60,7 @@ class StagePool:
 
     def new_actor(self, bundle_index: int = -1):
         """Start a stage actor process (cold); returns at once, the process starts in the background."""
-        actor = StageActor.options(
+        actor = self.actor_class.options(
             num_cpus=self.spec.pipeline.num_cpus_per_stage, num_gpus=self.spec.pipeline.num_gpus_per_stage,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.group, placement_group_bundle_index=bundle_index

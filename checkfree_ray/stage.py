@@ -77,6 +77,7 @@ class StageWorker:
         self.parts: dict[str, nn.Module] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.cache: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.peak_cached = 0  # most micro-batches whose activations `cache` held at once (`cache_peak`)
         self.copies: FlatState = {}  # CheckFree+: (de)embedding copies of the neighbouring outer stage
         self.backup: FlatState = {}  # redundant: the successor's full state
         self.undo: FlatState = {}  # redundant: this stage's state before its last optimizer step
@@ -89,7 +90,9 @@ class StageWorker:
         """Process id, node id and assigned stage (also a liveness check)."""
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "stage": self.stage_index,
                 "torch_threads": torch.get_num_threads(), "device": str(self.device),
-                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                "nccl": self.device.type == "cuda" and torch.distributed.is_available()
+                and torch.distributed.is_nccl_available()}
 
     def warm_up(self) -> dict:
         """Standby: one throwaway training step of a whole model on one sequence, so that lazy imports and
@@ -280,8 +283,11 @@ class StageWorker:
 
     # ----- the pipeline ----------------------------------------------------------------------------------
     def forward(self, micro_batch: int, hop: int, parts: tuple[str, ...], x: np.ndarray | torch.Tensor,
-                targets: np.ndarray | torch.Tensor | None = None, loss_scale: float = 1.0, train: bool = True):
-        """Run `parts` on x; returns activations (B, T, d) as numpy, or the unscaled loss when the head runs."""
+                targets: np.ndarray | torch.Tensor | None = None, loss_scale: float = 1.0, train: bool = True,
+                as_tensor: bool = False):
+        """Run `parts` on x; returns activations (B, T, d) as numpy (the object store's zero-copy form), or as a
+        tensor on this stage's device with `as_tensor` (Ray Direct Transport), or the unscaled loss when the head
+        runs."""
         self._fault("forward")
         x = _tensor(x).to(self.device)
         with torch.set_grad_enabled(train), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
@@ -296,13 +302,17 @@ class StageWorker:
                 loss = lm_loss(self.parts[HEAD](h), _tensor(targets).to(self.device))
                 if train:
                     self.cache[(micro_batch, hop)] = (inp, loss * loss_scale)
+                    self.peak_cached = max(self.peak_cached, len({mb for mb, _hop in self.cache}))
                 return loss.item()
         if train:
             self.cache[(micro_batch, hop)] = (inp, h)
-        return h.detach().float().cpu().numpy()
+            self.peak_cached = max(self.peak_cached, len({mb for mb, _hop in self.cache}))
+        return h.detach().contiguous() if as_tensor else h.detach().float().cpu().numpy()
 
-    def backward(self, micro_batch: int, hop: int, grad: np.ndarray | torch.Tensor | None = None) -> np.ndarray | None:
-        """Back-propagate one hop; returns the gradient of its input as numpy (None for the embedding hop)."""
+    def backward(self, micro_batch: int, hop: int, grad: np.ndarray | torch.Tensor | None = None,
+                 as_tensor: bool = False) -> np.ndarray | torch.Tensor | None:
+        """Back-propagate one hop; returns the gradient of its input as numpy, or as a tensor on this stage's
+        device with `as_tensor` (None for the embedding hop)."""
         self._fault("backward")
         entry = self.cache.pop((micro_batch, hop), None)
         if entry is None:  # the forward of an interrupted step never ran here; the driver sees its error
@@ -312,7 +322,17 @@ class StageWorker:
             out.backward()
         else:
             out.backward(_tensor(grad).to(self.device, out.dtype, copy=True))  # the received one is read-only
-        return None if inp is None else inp.grad.float().cpu().numpy()
+        if inp is None:
+            return None
+        return inp.grad.contiguous() if as_tensor else inp.grad.float().cpu().numpy()
+
+    def cache_peak(self, reset: bool = True) -> int:
+        """The most micro-batches whose activations this stage held at once since the last reset (the schedule's
+        memory bound: all of them under GPipe, at most num_stages - stage under 1F1B)."""
+        peak = self.peak_cached
+        if reset:
+            self.peak_cached = 0
+        return peak
 
     def grad_sq_norm(self, *backward_done) -> float:
         """Squared L2 norm of this stage's gradient (global clipping sums these over the stages); runs after
@@ -369,6 +389,14 @@ class StageWorker:
 
 
 StageActor = ray.remote(max_restarts=0, max_task_retries=0)(StageWorker)
+
+
+class DirectStageWorker(StageWorker):
+    """A stage whose `forward`/`backward`/`get_state` may be called with `.options(tensor_transport=...)`
+    (`transport.py`). Ray then runs its calls on a background thread, so plain runs keep `StageActor`."""
+
+
+DirectStageActor = ray.remote(max_restarts=0, max_task_retries=0, enable_tensor_transport=True)(DirectStageWorker)
 
 
 def initial_stage_state(parts, stage_index: int) -> FlatState:

@@ -93,7 +93,9 @@ class PipelineSpec(StrictModel):
         description="How activations, gradients and recovery weights travel between stages: 'object_store' (Ray's "
         "object store); 'nccl' (Ray Direct Transport between GPU stages, experimental in Ray 2.60); 'gloo' (Ray "
         "Direct Transport between CPU stages, mainly to exercise the direct path without GPUs); 'auto': 'nccl' "
-        "when every stage has a GPU and NCCL is available, else 'object_store'.",
+        "when every stage has a GPU with NCCL and `recovery.strategy` is 'none' or 'checkpoint', else "
+        "'object_store' (in Ray 2.60 a stage lost during a direct transfer takes its neighbour with it, which "
+        "would turn one CheckFree loss into two).",
     )
 
 
