@@ -27,3 +27,15 @@ def test_outside_ray_training_keeps_the_process_setting(tmp_path):
                           "model": {"channels": [8, 16], "emb_dim": 16, "groups": 4, "attention": False},
                           "out": str(tmp_path / "run"), "progress_interval_s": 60})
     assert summary["torch_threads"] == before == torch.get_num_threads()
+
+
+def test_multi_thread_training_task_sleeps_at_openmp_barriers(monkeypatch):
+    """A training task on >=2 CPUs gets OMP_WAIT_POLICY=PASSIVE (spinning threads stall on shared cores),
+    unless the environment sets a policy; a 1-CPU task gets no extra environment."""
+    from lcsc_ray.recipes.train import training_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert training_env(1.0) == {}
+    assert training_env(2.0) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert training_env(2.0) == {"OMP_WAIT_POLICY": "ACTIVE"}
