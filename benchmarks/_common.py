@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 
+RAYLET_START_WAIT = "RAY_raylet_start_wait_time_s"  # Ray's config, read from the environment at start
 _PACKAGES = ("torch", "numpy", "scipy", "ray", "nevergrad", "lcsc-checkfree-ray")
 
 
@@ -58,6 +59,8 @@ def local_ray(num_cpus: int = 2) -> Iterator[None]:
     from rayops.session import ray_session
     from schemas.common import RaySpec
 
+    # a niced benchmark on a loaded machine can take longer than Ray's default wait for its raylet to register
+    os.environ.setdefault(RAYLET_START_WAIT, "120")
     address = os.environ.pop("RAY_ADDRESS", None)
     try:
         with ray_session(RaySpec(num_cpus=num_cpus)):

@@ -79,7 +79,7 @@ def run_one(spec: TrainSpec, checkpoint_uri: str | None = None) -> dict:
     return {
         "strategy": spec.recovery.strategy, "seed": spec.seed, "reached": reached_at is not None, "error": error,
         "steps_to_target": reached_at, "executed_steps": len(h.steps), "last_step": h.steps[-1] if h.steps else 0,
-        "wall_s": elapsed, "median_step_s": statistics.median(h.step_times) if h.step_times else None,
+        "wall_s": elapsed, "train_wall_s": elapsed - _startup_s(h), "median_step_s": statistics.median(h.step_times) if h.step_times else None,
         "failures": [f.model_dump() for f in h.failures], "recoveries": len(recoveries),
         "recovery_methods": recoveries,
         "recovery_s_total": sum(f.recovery_s for f in h.failures),
@@ -120,6 +120,11 @@ def cost_run(strategy: str, seed: int, window: tuple[int, int], kills: list[tupl
     return {"strategy": strategy, "seed": seed, "error": error, "wall_s": elapsed, "window": list(window),
             "steps": list(h.steps), "wall_times": list(h.wall_times), "kill_offsets": kill_offsets,
             "failures": [f.model_dump() for f in h.failures], "costs": dict(h.costs)}
+
+
+def _startup_s(h) -> float:
+    """Seconds before step 1 started (the stage processes starting, slow and variable on a loaded machine)."""
+    return h.wall_times[0] - h.step_times[0] if h.wall_times else 0.0
 
 
 def _lost_steps(failure) -> int:

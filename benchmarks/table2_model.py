@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from rayops.paired import PairedDifference, paired_difference
 
 PAPER_BASE_ITER_S = 91.5  # the paper's seconds per checkpointing iteration (500M LLaMa, Table 2's setting)
+PAPER_RECOVERY_S = 30.0  # the paper's seconds per recovery (used only for the sensitivity column)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,17 @@ def recovery_seconds(wall_times: Sequence[float], kill_offset: float, step_s: fl
 
 
 def modelled_seconds(steps_to_target: int, lost_steps: int, recovery_methods: Sequence[str], costs: StrategyCosts,
-                     checkpoint_step_s: float, base_s: float = PAPER_BASE_ITER_S) -> float:
-    """The modelled time to target (module docstring): measured costs relative to checkpointing's step, x base_s."""
+                     checkpoint_step_s: float, base_s: float = PAPER_BASE_ITER_S,
+                     fixed_recovery_s: float | None = None) -> float:
+    """The modelled time to target (module docstring): measured costs relative to checkpointing's step, x base_s.
+    `fixed_recovery_s` charges every recovery that many modelled seconds instead (the paper's 30 s: a sensitivity
+    check of how much the verdict rests on the measured recovery times)."""
     if checkpoint_step_s <= 0 or costs.step_s <= 0:
         raise ValueError(f"per-step costs must be positive, got {costs.step_s} and checkpoint {checkpoint_step_s}")
     scale = base_s / checkpoint_step_s
     work = (steps_to_target + lost_steps) * costs.step_s * scale
+    if fixed_recovery_s is not None:
+        return work + fixed_recovery_s * len(recovery_methods)
     return work + math.fsum(costs.recovery(m) for m in recovery_methods) * scale
 
 

@@ -96,3 +96,10 @@ def test_stages_lost_together_are_one_recovery_and_cold_when_any_stage_was():
                 {"step": 30, "stage": 2, "method": "checkfree", "rolled_back_to": 20, "warm_standby": False},
                 {"step": 41, "stage": 0, "method": "copy", "rolled_back_to": None, "warm_standby": True}]
     assert recovery_methods(failures) == ["checkpoint/cold", "copy/warm"]
+
+
+def test_fixed_recovery_charges_the_given_modelled_seconds_unscaled():
+    """With the paper's 30 s per recovery, recoveries add 30 s each whatever their measured time."""
+    costs = StrategyCosts(step_s=0.2, recovery_s={"copy/warm": 5.0})
+    modelled = modelled_seconds(10, 2, ["copy/warm", "copy/warm"], costs, checkpoint_step_s=0.1, fixed_recovery_s=30.0)
+    assert modelled == pytest.approx(12 * 91.5 * 2.0 + 60.0)
