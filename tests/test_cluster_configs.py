@@ -620,3 +620,16 @@ def test_readme_documents_digest_pinning_auth_and_head_loss():
         assert needle in text, needle
     for path in IAM.glob("*.json"):
         assert path.name in text, f"cluster/README.md does not say what {path.name} is for"
+
+
+def test_aws_spot_workers_start_the_notice_watcher_from_the_image():
+    """Every worker (not the on-demand head) starts cluster/spot_drain.py from where the image puts it,
+    detached from the setup shell, and Ray's config preparation keeps the command."""
+    config = _aws()
+    workdir = re.search(r"^WORKDIR (\S+)", DOCKERFILE.read_text(), re.MULTILINE).group(1)
+    (command,) = [c for c in config["worker_setup_commands"] if "spot_drain.py" in c]
+    assert f"python {workdir}/cluster/spot_drain.py" in command
+    assert command.startswith("setsid nohup ") and command.rstrip().endswith("&")
+    assert not any("spot_drain" in c for c in config["head_setup_commands"])
+    prepared = _prepared_aws(config)
+    assert command in prepared["worker_setup_commands"] and command not in prepared["head_setup_commands"]

@@ -123,3 +123,15 @@ def test_watcher_retries_a_refused_drain_until_ray_accepts(imds, tmp_path):
     fake_ray.chmod(0o755)
     assert spot_drain.main(["--imds-url", imds, "--poll-s", "0", "--ray-cli", str(fake_ray)]) == 0
     assert counter.read_text().count("x") == 2
+
+
+def test_watcher_needs_only_the_standard_library():
+    """The watcher imports nothing outside Python's standard library, so it runs on any node image."""
+    import ast
+
+    tree = ast.parse((ROOT / "cluster" / "spot_drain.py").read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert modules - {"__future__"} <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)
