@@ -1,0 +1,167 @@
+"""Statistics, table, figure and generated notes of the recovery ablation (benchmarks/recovery_ablation.py).
+
+Every number and every sentence of the notes comes from the measurements passed in: the verdicts are read off
+95% paired intervals over seeds (`rayops.paired`), never written in advance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from rayops.paired import PairedDifference, paired_difference
+
+PAPER_ORDER = ["weighted", "average", "copy", "random"]
+
+
+def _interval(d: PairedDifference) -> dict:
+    return {"mean": d.mean, "low": d.low, "high": d.high, "n": d.num_seeds}
+
+
+def _groups(scale_result: dict) -> dict[tuple, list[tuple[dict, list[float], list[int]]]]:
+    """(lr_scale, stage, name) -> per seed: (run, twin losses, offsets)."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for seed in scale_result["seeds"]:
+        for run in seed["runs"]:
+            groups[(run["lr_scale"], run["stage"], run["name"])].append((run, seed["twin"], seed["offsets"]))
+    return groups
+
+
+def summarise(scale_result: dict) -> list[dict]:
+    """One row per (lr_scale, stage, rule): (a) loss right after the rebuild, (b) steps back within 1%, (c) the
+    loss at the end, as paired differences against the twin; and (a), (c) of weighted minus this rule."""
+    after = scale_result["after"]
+    groups = _groups(scale_result)
+    rows = []
+    for (lr_scale, stage, name), items in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        a = [run["losses"][0] for run, _, _ in items]
+        c = [run["losses"][-1] for run, _, _ in items]
+        twin_a, twin_c = [t[0] for _, t, _ in items], [t[-1] for _, t, _ in items]
+        steps = [run["recovered_after"] for run, _, _ in items]
+        censored = sum(s is None for s in steps)
+        steps_filled = [float(after if s is None else s) for s in steps]
+        row = {"strategy": scale_result["strategy"], "lr_scale": lr_scale, "stage": stage, "rule": name,
+               "a_excess": _interval(paired_difference(a, twin_a)),
+               "a_relative": sum(x / y - 1 for x, y in zip(a, twin_a)) / len(a),
+               "b_steps": _interval(paired_difference(steps_filled, [0.0] * len(steps))), "b_censored": censored,
+               "c_excess": _interval(paired_difference(c, twin_c)), "a_values": a, "c_values": c, "b_values": steps}
+        weighted = groups.get((lr_scale, stage, "weighted"))
+        if weighted and name != "weighted" and len(weighted) == len(items):
+            row["weighted_minus_a"] = _interval(paired_difference([r["losses"][0] for r, _, _ in weighted], a))
+            row["weighted_minus_c"] = _interval(paired_difference([r["losses"][-1] for r, _, _ in weighted], c))
+        rows.append(row)
+    return rows
+
+
+def clip_stats(scale_result: dict) -> dict:
+    """Weighted rebuilds: the previous neighbour's mean weight, and how many had equal weighing norms (both
+    neighbours at the clip: the weighted rule is then the plain average)."""
+    weights, equal = [], 0
+    for seed in scale_result["seeds"]:
+        for run in seed["runs"]:
+            if run["rule"] == "weighted" and run["recipe"].get("weights"):
+                weights.append(run["recipe"]["weights"][0])
+                equal += abs(run["recipe"]["weights"][0] - 0.5) < 1e-6
+    return {"rebuilds": len(weights), "equal_weights": equal,
+            "mean_previous_weight": sum(weights) / len(weights) if weights else None}
+
+
+def _fmt(d: dict, digits: int = 3) -> str:
+    if d["n"] < 2 or math.isnan(d["low"]):
+        return f"{d['mean']:+.{digits}f}"
+    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+
+
+def table_text(scale_result: dict, rows: list[dict]) -> str:
+    """The printed table of one scale and strategy."""
+    model = scale_result["model"]
+    head = (f"{scale_result['scale']} (d={model['d_model']}, {model['n_layers']} layers, "
+            f"{scale_result['parameters'] / 1e6:.2f}M parameters), {scale_result['strategy']}, "
+            f"{len(scale_result['seeds'])} seeds, measured {scale_result['after']} steps after the rebuild")
+    cols = f"{'lr':>4} {'stage':>5} {'rule':<18} {'(a) after rebuild - twin':>28} {'(b) steps to 1%':>22} " \
+           f"{'(c) end - twin':>28}"
+    lines = [head, cols, "-" * len(cols)]
+    for r in rows:
+        censored = f" ({r['b_censored']} >{scale_result['after']})" if r["b_censored"] else ""
+        lines.append(f"{r['lr_scale']:>4} {r['stage']:>5} {r['rule']:<18} {_fmt(r['a_excess']):>28} "
+                     f"{_fmt(r['b_steps'], 1) + censored:>22} {_fmt(r['c_excess']):>28}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Mean excess validation loss over the twin against steps after the rebuild, per scale and stage (lr x1.1)."""
+    panels = [(res, stage) for res in results for stage in sorted({r["stage"] for s in res["seeds"]
+                                                                   for r in s["runs"]})]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=100, squeeze=False)
+    for ax, (res, stage) in zip(axes[0], panels):
+        offsets = res["seeds"][0]["offsets"]
+        for (lr_scale, s, name), items in _groups(res).items():
+            if s != stage or lr_scale != 1.1:
+                continue
+            excess = [sum(r["losses"][i] - t[i] for r, t, _ in items) / len(items) for i in range(len(offsets))]
+            ax.plot([o + 1 for o in offsets], excess, lw=1.2, label=name)
+        ax.set_xscale("log")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(f"{res['scale']} {res['strategy']} stage {stage}", fontsize=9)
+        ax.set_xlabel("steps after the rebuild + 1")
+        ax.set_ylabel("val loss - no-failure twin (nats)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _verdict(d: dict, better: str, worse: str, tie: str) -> str:
+    if d["n"] < 2 or math.isnan(d["low"]):
+        return f"{tie} (one seed: no interval)"
+    if d["high"] < 0:
+        return better
+    if d["low"] > 0:
+        return worse
+    return tie
+
+
+def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -> list[str]:
+    """Markdown lines stating what the measurements show (each sentence filled from the values)."""
+    out = []
+    for res, rows in zip(results, summaries):
+        m = res["model"]
+        plateau = res["plateau"]
+        tail = ""
+        if len(plateau["val_losses"]) >= 3:
+            tail = (f"; its validation loss moved {plateau['val_losses'][-1] - plateau['val_losses'][-3]:+.4f} over "
+                    f"the last {plateau['val_steps'][-1] - plateau['val_steps'][-3]} steps")
+        out.append(f"### {res['scale']}, {res['strategy']}: d={m['d_model']}, {m['n_layers']} layers "
+                   f"({m['n_layers'] // res['pipeline']['num_stages']} per stage), "
+                   f"{res['parameters'] / 1e6:.2f}M parameters")
+        out.append(f"- Plateau model: {res['plateau_steps']} steps, validation loss "
+                   f"{plateau['val_losses'][-1]:.4f}{tail}. Seeds {[s['seed'] for s in res['seeds']]}, failure "
+                   f"steps {[s['fail_step'] for s in res['seeds']]}, measured for {res['after']} steps.")
+        by = {(r["lr_scale"], r["stage"], r["rule"]): r for r in rows}
+        for lr_scale, stage in sorted({(r["lr_scale"], r["stage"]) for r in rows}, key=lambda k: (-k[0], k[1])):
+            here = {rule: r for (lr, s, rule), r in by.items() if (lr, s) == (lr_scale, stage)}
+            ranked = sorted(here, key=lambda rule: here[rule]["a_excess"]["mean"])
+            line = (f"- lr x{lr_scale}, stage {stage}: by (a), best to worst: "
+                    + ", ".join(f"{rule} {here[rule]['a_excess']['mean']:+.3f}" for rule in ranked) + ".")
+            order = [rule for rule in ranked if rule in PAPER_ORDER]
+            line += f" The paper's order {' < '.join(PAPER_ORDER)} " + (
+                "holds in the means." if order == PAPER_ORDER else f"does not hold: here {' < '.join(order)}.")
+            for other in ("random", "identity", "average", "copy"):
+                if other in here and "weighted_minus_a" in here[other]:
+                    d = here[other]["weighted_minus_a"]
+                    line += (f" Weighted - {other} on (a): {_fmt(d)}, "
+                             + _verdict(d, "weighted better", "weighted worse", "not distinguishable") + ".")
+            out.append(line)
+        clip = clip_stats(res)
+        if clip["rebuilds"]:
+            out.append(f"- Weighted rebuilds: {clip['equal_weights']} of {clip['rebuilds']} had equal weighing norms "
+                       f"(then weighted = average); mean weight of the previous neighbour "
+                       f"{clip['mean_previous_weight']:.3f}.")
+    out.append(f"Load average while measuring: {', '.join(f'{x:.1f}' for x in load)} (2 shared cores).")
+    return out

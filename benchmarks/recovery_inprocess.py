@@ -1,0 +1,187 @@
+"""The CheckFree engine's stages driven in one process, for the recovery ablation (many short runs).
+
+The ablation is about the quality of a rebuilt stage, not the transport, so the stages here are the engine's own
+`StageWorker` objects (the class the Ray actors run: same model, AdamW groups, per-stage clipping and reported
+gradient norms) called directly in GPipe order, with the micro-batch routes of `recovery.route` (CheckFree+'s swap
+included). A lost stage is rebuilt through `recovery.plan_recovery`, `weighing_norm` and `reinitialised_blocks`,
+exactly as `checkfree_ray/recovering.py` does, and the stage only sums (`StageWorker.configure`).
+
+The trained model is the engine's own checkpoint (`CheckpointStore`, run identity from `open_run`) under
+`outputs/bench-cache/recovery/<fingerprint>/`: a spec that changes gets another folder and retrains; an
+interrupted training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from checkfree_ray.checkpointing import CheckpointStore, open_run, restore_history, save_history, spec_inputs
+from checkfree_ray.data import make_corpus
+from checkfree_ray.executor import History
+from checkfree_ray.model import ModelConfig
+from checkfree_ray.recovery import (
+    BLOCKS,
+    EMBED,
+    HEAD,
+    micro_batch_order,
+    plain_order,
+    plan_recovery,
+    recovered_lr,
+    reinit_seed,
+    reinitialised_blocks,
+    route,
+    weighing_norm,
+)
+from checkfree_ray.schedule import lr_factor
+from checkfree_ray.stage import StageWorker, initial_states
+from rayops.identity import digest
+from schemas.train import TrainSpec
+
+CACHE = Path(__file__).resolve().parents[1] / "outputs" / "bench-cache" / "recovery"
+Snapshot = tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]
+
+
+class LocalStage(StageWorker):
+    """A `StageWorker` outside Ray: only its identity call differs (no runtime context to ask)."""
+
+    def ping(self) -> dict:
+        """Process id and assigned stage."""
+        return {"pid": os.getpid(), "stage": self.stage_index}
+
+
+class LocalPipeline:
+    """S stage workers of one spec, stepped in GPipe order in this process."""
+
+    def __init__(self, spec: TrainSpec):
+        self.spec, self.S = spec, spec.pipeline.num_stages
+        self.cfg = ModelConfig.from_train_spec(spec)
+        opt = spec.optim
+        self.workers = [LocalStage(self.cfg, opt.grad_clip, opt.weight_decay) for _ in range(self.S)]
+        for i, state in enumerate(initial_states(spec, self.cfg)):
+            self.workers[i].configure(i, opt.lr, state)
+        self.grad_norms: list[dict[str, float]] = [{"blocks": 0.0, "stage": 0.0} for _ in range(self.S)]
+
+    def train_step(self, step: int, corpus) -> float:
+        """One step on `corpus`'s batch of `step` (every forward, then every backward, then each stage's clip and
+        AdamW step, as the executor submits them); returns the mean training loss."""
+        pipe = self.spec.pipeline
+        inputs, targets = corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
+        M = inputs.shape[0]
+        routes, losses = [], []
+        for mb in range(M):
+            hops = route(micro_batch_order(self.spec.recovery.strategy, self.S, mb), self.S)
+            x = inputs[mb]
+            for hop, (stage, parts) in enumerate(hops):
+                last = hop == len(hops) - 1
+                x = self.workers[stage].forward(mb, hop, parts, x, targets[mb] if last else None, 1.0 / M, True)
+            losses.append(x)
+            routes.append(hops)
+        for mb, hops in enumerate(routes):
+            grad = None
+            for hop in reversed(range(len(hops))):
+                grad = self.workers[hops[hop][0]].backward(mb, hop, grad)
+        factor = lr_factor(self.spec, step)
+        self.grad_norms = [w.step(clip="per_stage", lr_factor=factor) for w in self.workers]
+        return sum(losses) / M
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Mean validation loss over micro-batches (M, B, T) in the plain order."""
+        hops = route(plain_order(self.S), self.S)
+        total = 0.0
+        for mb in range(inputs.shape[0]):
+            x = inputs[mb]
+            for hop, (stage, parts) in enumerate(hops):
+                last = hop == len(hops) - 1
+                x = self.workers[stage].forward(mb, hop, parts, x, targets[mb] if last else None, 1.0, False)
+            total += x
+        return total / inputs.shape[0]
+
+    def snapshot(self) -> Snapshot:
+        """Every stage's full state (weights, Adam, lr) and the last step's gradient norms."""
+        return [w.get_state(include_optim=True) for w in self.workers], [dict(n) for n in self.grad_norms]
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Back to a `snapshot` exactly (each stage configured from its own state, Adam included)."""
+        states, norms = snapshot
+        for i, (worker, state) in enumerate(zip(self.workers, states)):
+            worker.configure(i, None, state)
+        self.grad_norms = [dict(n) for n in norms]
+
+    def rebuild(self, stage: int, rule: str, step: int, run_seed: int) -> dict:
+        """Lose `stage` after step `step - 1` and rebuild it by `rule` as the engine would (the engine's rules),
+        or by 'exact' (its own same-step weights, the upper bound that only this benchmark can take). The rebuilt
+        stage gets a fresh AdamW at lr x `recovery.lr_scale`, as every CheckFree rebuild does."""
+        rec = self.spec.recovery
+        lr = recovered_lr(self.spec.optim.lr, rec.lr_scale)
+        lost = self.workers[stage]
+        if rule == "exact":
+            self.workers[stage] = self._fresh(stage, lr, lost.get_state())
+            return {"method": "exact", "sources": [stage], "weights": [1.0]}
+        norms = [weighing_norm(n, rec.grad_norm_scope, rec.grad_norm) for n in self.grad_norms]
+        plan = plan_recovery(rec.strategy, {stage}, self.S, rule, norms, rec.epsilon)
+        (recipe,) = plan.rebuilds
+        src = [self.workers[s] for s in recipe.sources]
+        if recipe.method == "checkfree" and not recipe.sources:
+            blocks = reinitialised_blocks(self.cfg, stage, reinit_seed(run_seed, step, stage), rule)
+            self.workers[stage] = self._fresh(stage, lr, blocks)
+        elif recipe.method == "checkfree":
+            self.workers[stage] = self._fresh(stage, lr, *[n.get_state((BLOCKS,)) for n in src],
+                                              weights=recipe.weights)
+        else:  # CheckFree+ outer stage: the partner's blocks + the (de)embedding copy it holds (copy_every 1)
+            copy = lost.get_state((EMBED, HEAD))
+            self.workers[stage] = self._fresh(stage, lr, src[0].get_state((BLOCKS,)), copy)
+        return {"method": recipe.method, "sources": list(recipe.sources), "weights": list(recipe.weights),
+                "norms": norms}
+
+    def _fresh(self, stage: int, lr: float, *sources, weights: tuple[float, ...] = ()) -> LocalStage:
+        opt = self.spec.optim
+        worker = LocalStage(self.cfg, opt.grad_clip, opt.weight_decay)
+        worker.configure(stage, lr, *sources, weights=weights)
+        return worker
+
+
+def cache_uri(spec: TrainSpec) -> str:
+    """The trained artifact's folder: keyed by the fingerprint of every input of the spec (a changed spec retrains)."""
+    return str(CACHE / digest(spec_inputs(spec))[:16])
+
+
+def trained_pipeline(spec: TrainSpec, val: tuple[torch.Tensor, torch.Tensor], every: int = 250,
+                     log: Callable[[str], None] = print) -> tuple[LocalPipeline, History]:
+    """`spec` trained for `spec.steps` steps, from the cached engine checkpoint when there is one.
+
+    Trains (resuming from the newest checkpoint of an interrupted run) with a validation loss every `every` steps,
+    saving an engine checkpoint (one shard per stage, the gradient norms and spec in the metadata, the history)
+    at each. Returns the pipeline at step `spec.steps` and its training history.
+    """
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": cache_uri(spec)})})
+    run = open_run(spec)
+    store = CheckpointStore(f"{spec.output.uri}/checkpoints", keep=1, run=run)
+    pipeline, history, start = LocalPipeline(spec), History(), 0
+    latest = store.latest()
+    if latest is not None:
+        checkpoint = store.load(latest, pipeline.S)
+        pipeline.restore(([load_safetensors(s) for s in checkpoint.shards], checkpoint.metadata["grad_norms"]))
+        restore_history(history, checkpoint.history or {})
+        start = latest
+        log(f"  trained model: step {latest} from {store.checkpoint_uri(latest)}")
+    corpus = make_corpus(spec.data, spec.model.seq_len, spec.seed)
+    began = time.monotonic()
+    for step in range(start + 1, spec.steps + 1):
+        history.steps.append(step)
+        history.losses.append(pipeline.train_step(step, corpus))
+        if step % every == 0 or step == spec.steps:
+            history.val_steps.append(step)
+            history.val_losses.append(pipeline.evaluate(*val))
+            metadata = {"grad_norms": pipeline.grad_norms, "spec": spec.model_dump(mode="json"),
+                        "torch": torch.__version__}
+            store.save(step, [w.state_bytes() for w in pipeline.workers], metadata, save_history(history))
+            log(f"  training: step {step} val {history.val_losses[-1]:.4f} "
+                f"({(time.monotonic() - began) / (step - start):.3f} s/step)")
+    return pipeline, history
