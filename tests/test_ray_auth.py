@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -20,6 +23,7 @@ from rayops.local_head import ray_env, start_head, stop_process_group
 from schemas import SearchSpec
 from tests.test_lcsc_search import tiny_spec
 
+ROOT = Path(__file__).resolve().parents[1]
 AUTH_VARS = (jobs.AUTH_MODE, jobs.AUTH_TOKEN, jobs.AUTH_TOKEN_PATH)
 
 
@@ -198,3 +202,32 @@ def test_real_token_auth_head_refuses_without_token_and_runs_with_it(clean_auth_
         assert "authorised" in client.get_job_logs(job_id)
     finally:
         stop_process_group(process)
+
+
+# --- both CLIs' `submit` -----------------------------------------------------------------------------------
+
+
+def _cli_submit(module: str, spec: str, address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m <module> submit <spec> --address <address> --no-wait` with the auth variables in `env`."""
+    base = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
+    return subprocess.run([sys.executable, "-m", module, "submit", str(ROOT / "examples" / spec),
+                           "--address", address, "--no-wait"], cwd=ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_both_cli_submits_send_the_token_and_never_print_it(dashboard, tmp_path):
+    """`lcsc-ray submit` sends $RAY_AUTH_TOKEN; `checkfree-ray submit` with a wrong one exits 1 naming the
+    fix; neither prints a token."""
+    address, server = dashboard
+    accepted = _cli_submit("lcsc_ray", "search_mnist.yaml", address,
+                           {"RAY_AUTH_TOKEN": server.token, "HOME": str(tmp_path)})
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    assert "submitted job raysubmit_1" in accepted.stdout
+    assert {auth for *_, auth in server.seen} == {f"Bearer {server.token}"}
+    wrong = "wrong-" + secrets.token_hex(8)
+    refused = _cli_submit("checkfree_ray", "train_small.yaml", address, {"RAY_AUTH_TOKEN": wrong, "HOME": str(tmp_path)})
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert f"error: the Ray cluster at {address} requires token authentication and the token given was refused" \
+        in refused.stderr
+    for run in (accepted, refused):
+        assert server.token not in run.stdout + run.stderr and wrong not in run.stdout + run.stderr
