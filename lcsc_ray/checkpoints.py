@@ -288,6 +288,10 @@ class CheckpointSet:
     refs: list = field(repr=False)  # list[ray.ObjectRef], each a flat array put once
     ema_ref: object | None = field(default=None, repr=False)
     nbytes: int = 0  # bytes in the object store, EMA included
+    # further weights of the same layout that only some evaluations combine (post-hoc EMA snapshots): a job
+    # with len(refs) + len(extra_refs) coefficients combines them all, a job with len(refs) only the checkpoints
+    extra_refs: list = field(default_factory=list, repr=False)
+    extra_names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.refs)

@@ -124,9 +124,11 @@ class Evaluator:
         reference_mu: np.ndarray | None = None,
         reference_sigma: np.ndarray | None = None,
         ema_ref=None,
+        extra_refs: list | None = None,
     ):
         if isinstance(checkpoint_refs, CheckpointSet):
             layout, ema_ref = checkpoint_refs.layout, checkpoint_refs.ema_ref
+            extra_refs = checkpoint_refs.extra_refs
             checkpoint_refs = checkpoint_refs.refs
         if layout is None or reference_mu is None or reference_sigma is None:
             raise ValueError("Evaluator needs the layout and the reference mu and sigma")
@@ -140,7 +142,9 @@ class Evaluator:
         # An ObjectRef passed as a top-level actor argument arrives already resolved (an ndarray); a direct
         # construction from a CheckpointSet hands over the ref itself.
         self.ema_array = ray.get(ema_ref, timeout=FETCH_TIMEOUT_S) if isinstance(ema_ref, ray.ObjectRef) else ema_ref
-        self.sources = self._device_sources(self.arrays)
+        # weights only some jobs combine (CheckpointSet.extra_refs: post-hoc EMA snapshots), after the checkpoints
+        self.extra_arrays = ray.get(list(extra_refs), timeout=FETCH_TIMEOUT_S) if extra_refs else []
+        self.sources = self._device_sources([*self.arrays, *self.extra_arrays])
         self.reference_mu = np.asarray(reference_mu, np.float64)
         self.reference_sigma = np.asarray(reference_sigma, np.float64)
         self.flat = torch.empty(layout.numel, dtype=torch.float32, device=self.device)
@@ -181,7 +185,8 @@ class Evaluator:
         if coefficients is None:
             self.flat.copy_(as_tensor(self.ema_array))
         else:
-            combine_flat(self.flat, self.sources, coefficients, self.layout)
+            sources = self.sources if len(coefficients) == len(self.sources) else self.sources[:len(self.arrays)]
+            combine_flat(self.flat, sources, coefficients, self.layout)
         low, high = torch.aminmax(self.flat)  # NaN propagates; no P-sized temporary, unlike isfinite(flat)
         if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             raise CandidateError(
@@ -289,6 +294,8 @@ class Evaluator:
             if self.ema_array is None:
                 raise CheckpointError("no EMA weights were loaded; set `checkpoints.ema_uri`")
             return None
+        if self.extra_arrays and len(coefficients) == len(self.arrays) + len(self.extra_arrays):
+            return check_coefficients(coefficients, len(coefficients))  # checkpoints, then the extra weights
         return check_coefficients(coefficients, len(self.arrays))
 
     def evaluate(

@@ -132,7 +132,8 @@ class PoolService:
     def _new_actor(self):
         shared = self.shared
         return EvaluatorActor.options(**evaluator_options(self.spec)).remote(
-            self.spec, list(shared["refs"]), shared["layout"], shared["mu"], shared["sigma"], ema_ref=shared["ema"])
+            self.spec, list(shared["refs"]), shared["layout"], shared["mu"], shared["sigma"], ema_ref=shared["ema"],
+            extra_refs=list(shared["extra"]))
 
     async def _ready(self, actor) -> int:
         info = await asyncio.wait_for(actor.info.remote(), READY_TIMEOUT_S)
@@ -360,9 +361,11 @@ class EvaluatorPool:
 
     def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet, reference: tuple[np.ndarray, np.ndarray],
                  store: EvaluationStore | None = None):
-        check_non_float_equal(checkpoint_set.layout, ray.get(list(checkpoint_set.refs)), checkpoint_set.names)
+        check_non_float_equal(checkpoint_set.layout, ray.get([*checkpoint_set.refs, *checkpoint_set.extra_refs]),
+                              [*checkpoint_set.names, *checkpoint_set.extra_names])
         self.spec, self.checkpoints = spec, checkpoint_set
         shared = {"refs": list(checkpoint_set.refs), "layout": checkpoint_set.layout, "ema": checkpoint_set.ema_ref,
+                  "extra": list(checkpoint_set.extra_refs),
                   "mu": ray.put(np.asarray(reference[0])), "sigma": ray.put(np.asarray(reference[1]))}
         evaluators = spec.evaluators
         check_placeable([{"CPU": evaluators.num_cpus, "GPU": evaluators.num_gpus}] * evaluators.num_actors,

@@ -18,6 +18,7 @@ add a dependency. The training side is `PowerEMA` below (used by the built-in re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -156,3 +157,143 @@ def snapshot_metadata(sigma_rel: float, gamma: float, step: int) -> dict[str, st
     """The safetensors metadata that makes a snapshot usable by a search: its step, gamma and sigma_rel."""
     return {"step": str(int(step)), "gamma": repr(float(gamma)), "sigma_rel": repr(float(sigma_rel)),
             "weights": f"power-ema@{sigma_rel:g}"}
+
+
+# ------------------------------------------------------------------------------------- the search's side
+
+
+@dataclass
+class Snapshot:
+    """One saved power-EMA snapshot: where it is, its training step and exponent."""
+
+    uri: str
+    step: int
+    gamma: float
+
+
+def _snapshot_header(uri: str) -> dict[str, str]:
+    """The metadata of a snapshot's safetensors header (a ranged read, bounded by the file's size)."""
+    from lcsc_ray import checkpoint_formats
+    from rayops import storage
+
+    field = "posthoc_ema.uri"
+    size, _ = storage.stat(uri)
+    length = checkpoint_formats.header_length(storage.read_range(uri, 0, 8), size, uri, field)
+    header = checkpoint_formats.parse_header(storage.read_range(uri, 8, length), size - 8 - length, uri, field)
+    return header.get("__metadata__") or {}
+
+
+def read_snapshot(uri: str) -> Snapshot:
+    """A snapshot's step and gamma from its metadata (`gamma`, else `sigma_rel`); the error names the fix."""
+    from schemas.errors import CheckpointError
+
+    meta = _snapshot_header(uri)
+    try:
+        step = int(meta["step"])
+        gamma = float(meta["gamma"]) if "gamma" in meta else sigma_rel_to_gamma(float(meta["sigma_rel"]))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"post-hoc EMA snapshot {uri} has no usable `step` and `gamma` (or `sigma_rel`) in its safetensors "
+            f"metadata ({type(exc).__name__}: {exc}); save snapshots with `posthoc_ema.snapshot_metadata`, or "
+            "narrow `posthoc_ema.glob` to the snapshot files") from None
+    if step < 1 or not gamma > 0:
+        raise CheckpointError(f"post-hoc EMA snapshot {uri} has step {step} and gamma {gamma}; both must be positive")
+    return Snapshot(uri, step, gamma)
+
+
+def list_snapshots(uri: str, glob: str, target_step: int) -> list[Snapshot]:
+    """The snapshots under `uri` matching `glob` with step <= `target_step`, by (step, gamma)."""
+    from rayops import storage
+    from schemas.errors import CheckpointError, StorageError
+
+    try:
+        uris = storage.list_uris(uri, glob, recursive=False)
+    except StorageError as exc:
+        raise CheckpointError(f"cannot list `posthoc_ema.uri` {uri}: {exc}") from exc
+    snapshots = sorted((read_snapshot(u) for u in uris), key=lambda s: (s.step, s.gamma, s.uri))
+    usable = [s for s in snapshots if s.step <= target_step]
+    if not usable:
+        raise CheckpointError(
+            f"no post-hoc EMA snapshots at or before step {target_step} match {glob!r} in {uri} (found "
+            f"{len(snapshots)} in all); check `posthoc_ema.uri`, `posthoc_ema.glob` and `posthoc_ema.step`")
+    return usable
+
+
+def grid_coefficients(snapshots: Sequence[Snapshot], sigma_rels: Sequence[float],
+                      target_step: int) -> dict[float, np.ndarray]:
+    """sigma_rel -> snapshot coefficients of the post-hoc EMA rebuilt at `target_step` (Algorithm 3)."""
+    steps, gammas = [s.step for s in snapshots], [s.gamma for s in snapshots]
+    return {float(sigma): solve_coefficients(steps, gammas, target_step, sigma_rel_to_gamma(sigma))
+            for sigma in sigma_rels}
+
+
+def posthoc_label(sigma_rel: float) -> str:
+    """How results name the best post-hoc EMA baseline: best-posthoc-ema-0.100."""
+    return f"best-posthoc-ema-{sigma_rel:.3f}"
+
+
+def seed_label(sigma_rel: float) -> str:
+    """How the trials table names the post-hoc EMA's seed vector over the checkpoints: phema@0.100."""
+    return f"phema@{sigma_rel:.3f}"
+
+
+@dataclass
+class PosthocPlan:
+    """The snapshots a search combines (loaded after its checkpoints) and each grid value's coefficients."""
+
+    snapshots: list[Snapshot]
+    target_step: int
+    coefficients: dict[float, np.ndarray]  # sigma_rel -> one weight per snapshot
+
+    def job_alphas(self, sigma_rel: float, num_checkpoints: int) -> list[float]:
+        """The evaluator's coefficient vector: zero on every checkpoint, then the snapshots' weights."""
+        return [0.0] * num_checkpoints + [float(x) for x in self.coefficients[sigma_rel]]
+
+
+def load_snapshots(spec, checkpoint_set) -> PosthocPlan:
+    """List the spec's snapshots (`posthoc_ema`), solve the grid, and put each snapshot in the object store
+    beside the checkpoints (`checkpoint_set.extra_refs`), checked against the checkpoints' layout."""
+    from lcsc_ray.checkpoints import _put_checked, check_fits, checkpoint_name, object_store_capacity
+
+    block = spec.posthoc_ema
+    target = block.step or checkpoint_set.steps[-1]
+    snapshots = list_snapshots(block.uri, block.glob, target)
+    layout = checkpoint_set.layout
+    check_fits(layout.nbytes * len(snapshots), object_store_capacity(), len(snapshots), layout.storage_dtype)
+    for snapshot in snapshots:
+        ref, _ = _put_checked(snapshot.uri, None, layout, checkpoint_set.uris[0], layout.storage_dtype,
+                              "posthoc_ema.uri")
+        checkpoint_set.extra_refs.append(ref)
+        checkpoint_set.extra_names.append(checkpoint_name(snapshot.uri))
+    checkpoint_set.nbytes += layout.nbytes * len(snapshots)
+    return PosthocPlan(snapshots, target, grid_coefficients(snapshots, block.sigma_rels, target))
+
+
+def score_grid(pool, plan: PosthocPlan, num_checkpoints: int, num_samples: int, seed: int) -> list[dict]:
+    """Each grid value's post-hoc EMA scored through the evaluator pool (a combination of the snapshots):
+    [{sigma_rel, gamma, step, fid, snapshot_coefficients}], fid inf where the evaluation failed."""
+    from lcsc_ray.pool import Job
+    from rayops.progress import ProgressLine
+
+    sigmas = list(plan.coefficients)
+    jobs = [Job.of(plan.job_alphas(sigma, num_checkpoints), num_samples, seed) for sigma in sigmas]
+    records = pool.score(jobs, ProgressLine(f"post-hoc EMA grid ({num_samples} samples)", total=len(jobs)))
+    return [{"sigma_rel": sigma, "gamma": sigma_rel_to_gamma(sigma), "step": plan.target_step,
+             "fid": record["fid"] if record["status"] == "ok" else float("inf"),
+             "snapshot_coefficients": [float(x) for x in plan.coefficients[sigma]]}
+            for sigma, record in zip(sigmas, records)]
+
+
+def best_of_grid(scores: Sequence[dict]) -> dict | None:
+    """The grid entry with the lowest finite FID, or None when none scored."""
+    finite = [s for s in scores if np.isfinite(s["fid"])]
+    return min(finite, key=lambda s: s["fid"]) if finite else None
+
+
+def seed_vector(best: dict, checkpoint_steps: Sequence[int]) -> np.ndarray | None:
+    """The best post-hoc EMA as a seed over the checkpoints: its target profile projected on them
+    (`checkpoint_coefficients`); None when the checkpoints carry no increasing positive steps."""
+    steps = np.asarray(checkpoint_steps, dtype=np.float64)
+    if len(steps) < 2 or steps[0] < 1 or np.any(np.diff(steps) <= 0):
+        return None
+    return checkpoint_coefficients(best["gamma"], best["step"], steps)

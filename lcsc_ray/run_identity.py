@@ -128,6 +128,12 @@ def fingerprint(spec: SearchSpec, checkpoints: list[tuple[str, int]]) -> dict[st
     }
     if spec.checkpoints.ema_uri:
         entries["checkpoints.ema_uri"] = identity.file_entry(ema_file(spec.checkpoints))
+    if spec.posthoc_ema is not None:  # the power-EMA snapshots a post-hoc EMA baseline combines
+        from lcsc_ray.posthoc_ema import list_snapshots
+
+        block = spec.posthoc_ema
+        for i, snapshot in enumerate(list_snapshots(block.uri, block.glob, block.step or checkpoints[-1][1])):
+            entries[f"posthoc_ema[{i}]"] = identity.file_entry(snapshot.uri, step=snapshot.step, gamma=snapshot.gamma)
     for field, plugin in plugins(spec).items():
         entries[field] = _plugin(plugin)
     for name, value in spec.fid.features.kwargs.items():

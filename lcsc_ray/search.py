@@ -1,7 +1,10 @@
 """`run_search(spec)`: the LCSC search driver.
 
   checkpoints -> object store -> evaluator actors
-  phase "seeds":  last, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate)
+  post-hoc EMA:   (with `posthoc_ema`) power-EMA snapshots join the object store; each sigma_rel of the grid is
+                  rebuilt from them (EDM2) and scored; the best is a baseline and, projected on the checkpoints,
+                  a seed
+  phase "seeds":  last, post-hoc EMA, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate)
   phase "search": Nevergrad (via Tune's NevergradSearch) started at the best seed, for the rest of the budget
   rungs:          optional successive halving: the best fraction re-scored with more samples
   final:          winner, top-k and baselines scored at one sample count on the search seed + held-out seeds
@@ -18,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lcsc_ray import coefficients as coef
+from lcsc_ray import posthoc_ema
 from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.export import combined_safetensors
@@ -40,14 +44,16 @@ from rayops.output_lock import OutputLock
 from rayops.paired import paired_difference
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
-from schemas.search import CandidateScore, PairedComparison, SearchResult, SearchSpec
+from schemas.search import CandidateScore, PairedComparison, PosthocEmaScore, SearchResult, SearchSpec
 
 log = logging.getLogger(__name__)
 
 
-def seed_vectors(num_checkpoints: int, spec: SearchSpec) -> list[tuple[str, np.ndarray]]:
-    """The search's seeds: the last checkpoint, EMA-shaped vectors for each decay, the uniform soup."""
-    seeds = [("last", coef.last_checkpoint(num_checkpoints))]
+def seed_vectors(num_checkpoints: int, spec: SearchSpec,
+                 extra: list[tuple[str, np.ndarray]] | None = None) -> list[tuple[str, np.ndarray]]:
+    """The search's seeds: the last checkpoint, any `extra` (the best post-hoc EMA), EMA-shaped vectors for each
+    decay, the uniform soup."""
+    seeds = [("last", coef.last_checkpoint(num_checkpoints)), *(extra or [])]
     seeds += [(f"ema@{d:g}", coef.ema_shaped(num_checkpoints, d)) for d in spec.search.ema_decays]
     seeds.append(("uniform", coef.uniform(num_checkpoints)))
     unique: list[tuple[str, np.ndarray]] = []
@@ -173,8 +179,10 @@ def rescore_count(spec: SearchSpec, top_rung: pd.DataFrame) -> int:
     return spec.search.rescore_top_k
 
 
-def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[str, np.ndarray]]) -> dict:
-    """label -> alphas (None = the run's EMA): top-k of the search, last, best sparse EMA, uniform, run EMA."""
+def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[str, np.ndarray]],
+                        posthoc: dict[str, list[float]] | None = None) -> dict:
+    """label -> alphas (None = the run's EMA): top-k of the search, last, best sparse EMA, uniform, run EMA,
+    and `posthoc` (the best post-hoc EMA: zero on the checkpoints, then its snapshot weights)."""
     top_rung = trials[(trials.status == "ok") & (trials.rung == trials.rung.max())]
     top = top_rung.nsmallest(rescore_count(run.spec, top_rung), "fid")
     candidates = {f"top{i + 1}": list(a) for i, a in enumerate(top.alphas)}
@@ -189,6 +197,7 @@ def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[
         candidates["uniform"] = by_label["uniform"].tolist()
     if run.checkpoints.ema_ref is not None:
         candidates["run-ema"] = None
+    candidates.update(posthoc or {})
     return candidates
 
 
@@ -226,16 +235,20 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
             log.info("loaded %d checkpoints (%s) into the object store: %.1f MB", len(checkpoint_set),
                      ", ".join(checkpoint_set.names[:3]) + (" ..." if len(checkpoint_set) > 3 else ""),
                      checkpoint_set.nbytes / 1e6)
+            plan = posthoc_ema.load_snapshots(spec, checkpoint_set) if spec.posthoc_ema else None
             run = SearchRun(spec, checkpoint_set)
             try:
                 run.start_pool(reference_stats_for(spec))
-                seeds = seed_vectors(len(checkpoint_set), spec)
+                grid, posthoc_seed, posthoc_baseline = run_posthoc(run, plan)
+                seeds = seed_vectors(len(checkpoint_set), spec, extra=posthoc_seed)
                 progress = ProgressLine("lcsc search: trials", total=spec.search.budget)
                 trials = run.run_rungs(run.run_trials(seeds, progress))
                 require_successes(trials)
-                candidates = reported_candidates(run, trials, seeds)
+                candidates = reported_candidates(run, trials, seeds, posthoc_baseline)
                 scores = score_candidates(run, candidates)
                 result = build_result(spec, run, trials, scores, time.monotonic() - started)
+                result.posthoc_ema = [PosthocEmaScore(**entry) for entry in grid]
+                result.posthoc_snapshots = list(checkpoint_set.extra_names)
                 combined, _ = combined_safetensors(spec.checkpoints, result.best.coefficients)
                 lock.check()
                 write_search_outputs(spec, result, trials, combined)
@@ -245,6 +258,28 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
                 if run.pool is not None:
                     run.pool.close()
     return result
+
+
+def run_posthoc(run: SearchRun, plan: posthoc_ema.PosthocPlan | None) -> tuple[list[dict], list, dict]:
+    """Score the post-hoc EMA grid on the search seed at the final sample count (the baseline's own search-seed
+    score, so the pick is the one reported); returns (grid scores, [seed vector], {baseline label: alphas}).
+    The seed is the best profile projected on the checkpoints (`posthoc_ema.checkpoint_coefficients`); it is
+    left out when it does not fit `search.bound` or the checkpoints have no training steps."""
+    if plan is None:
+        return [], [], {}
+    spec, k = run.spec, run.num_checkpoints
+    grid = posthoc_ema.score_grid(run.pool, plan, k, final_samples(spec), spec.fid.seed)
+    best = posthoc_ema.best_of_grid(grid)
+    if best is None:
+        log.warning("no post-hoc EMA of the grid scored a finite FID: no post-hoc baseline or seed")
+        return grid, [], {}
+    baseline = {posthoc_ema.posthoc_label(best["sigma_rel"]): plan.job_alphas(best["sigma_rel"], k)}
+    alphas = posthoc_ema.seed_vector(best, run.checkpoints.steps)
+    if alphas is None or np.abs(coef.from_alphas(alphas, run.parametrization)).max() > spec.search.bound:
+        log.warning("the best post-hoc EMA (sigma_rel %g) is no seed: the checkpoints have no increasing steps, "
+                    "or its coefficients exceed `search.bound`", best["sigma_rel"])
+        return grid, [], baseline
+    return grid, [(posthoc_ema.seed_label(best["sigma_rel"]), alphas)], baseline
 
 
 def require_successes(trials: pd.DataFrame) -> None:
@@ -301,7 +336,10 @@ def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores:
     gain = (not is_seed) and all(c.verdict.startswith("LCSC beat") for c in comparisons)
 
     def score(label: str, entry: dict) -> CandidateScore:
-        alphas = entry["alphas"] if entry["alphas"] is not None else []  # the run's EMA is no combination
+        # the run's EMA and a post-hoc EMA (a combination of snapshots, see `posthoc_ema`) are no combination of
+        # the checkpoints: their coefficients are left empty
+        alphas = entry["alphas"] if entry["alphas"] is not None and len(entry["alphas"]) == run.num_checkpoints \
+            else []
         return CandidateScore(label=label, coefficients=alphas,
                               fid=entry["fid"], num_samples=entry["num_samples"], holdout_fids=entry["holdout"])
 

@@ -157,3 +157,108 @@ def test_recipe_saves_power_ema_snapshots_that_resume_exactly(tmp_path):
         assert float(meta["sigma_rel"]) == sigma_rel
         for key, value in expected.items():
             torch.testing.assert_close(snapshot[key].double(), value, rtol=1e-5, atol=1e-6)
+
+
+def write_snapshots(folder, states: list[dict], steps: list[int], sigma_rels=(0.05, 0.10)) -> None:
+    """Power-EMA snapshots of a run whose weights move linearly between the checkpoint states, saved at each
+    checkpoint step with the recipe's names and metadata."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gammas = [ph.sigma_rel_to_gamma(s) for s in sigma_rels]
+    emas = [{k: v.double().clone() for k, v in states[0].items()} for _ in gammas]
+    anchors = [0, *steps]
+    path = [states[0], *states]
+    for t in range(1, steps[-1] + 1):
+        i = next(j for j in range(1, len(anchors)) if t <= anchors[j])  # t lies in (anchors[i-1], anchors[i]]
+        w = (t - anchors[i - 1]) / (anchors[i] - anchors[i - 1])
+        for gamma, ema in zip(gammas, emas):
+            beta = ph.power_beta(t, gamma)
+            for k in ema:
+                if ema[k].is_floating_point():
+                    current = (1 - w) * path[i - 1][k].double() + w * path[i][k].double()
+                    ema[k] = beta * ema[k] + (1 - beta) * current
+        if t in steps:
+            for sigma, gamma, ema in zip(sigma_rels, gammas, emas):
+                tensors = {k: v.to(states[0][k].dtype).contiguous() for k, v in ema.items()}
+                save_file(tensors, str(folder / ph.snapshot_name(sigma, t)), metadata=ph.snapshot_metadata(sigma, gamma, t))
+
+
+def test_snapshot_without_metadata_is_refused_naming_the_fix(tmp_path):
+    """A .safetensors file in the snapshot folder without step/gamma metadata is an error naming the glob."""
+    from safetensors.torch import save_file
+
+    from schemas.errors import CheckpointError
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"step": "10"})
+    with pytest.raises(CheckpointError, match="posthoc_ema.glob"):
+        ph.list_snapshots(str(tmp_path), "*.safetensors", 100)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_search_reports_best_posthoc_ema_and_seeds_with_it(ray_local, tmp_path):
+    """With `posthoc_ema`, the search scores the sigma_rel grid from the snapshots, reports the best of it on the
+    search seed as `best-posthoc-ema-<sigma>` with a paired comparison, and seeds the search with its projection."""
+    import pandas as pd
+
+    from lcsc_ray.search import run_search
+    from tests.lcsc_plugins import trajectory, write_run
+    from tests.test_lcsc_search import tiny_spec
+
+    steps = [100, 200, 300, 400, 500]
+    write_run(tmp_path / "ckpts", num=5, steps=steps)
+    write_snapshots(tmp_path / "phema", trajectory(5), steps)
+    spec = tiny_spec(tmp_path, budget=5)  # the seeds only: last, the post-hoc EMA, ema@0.5, ema@0.8, uniform
+    grid = [0.05, 0.10, 0.20]
+    spec = spec.model_validate({**spec.model_dump(), "posthoc_ema": {"uri": str(tmp_path / "phema"),
+                                                                      "sigma_rels": grid}})
+    result = run_search(spec)
+
+    assert [entry.sigma_rel for entry in result.posthoc_ema] == grid
+    assert len(result.posthoc_snapshots) == 10 and all(np.isfinite(e.fid) for e in result.posthoc_ema)
+    best = min(result.posthoc_ema, key=lambda entry: entry.fid)
+    baseline = next(b for b in result.baselines if b.label.startswith("best-posthoc-ema-"))
+    assert baseline.label == ph.posthoc_label(best.sigma_rel)
+    assert baseline.fid == best.fid and baseline.coefficients == [] and len(baseline.holdout_fids) == 2
+    assert any(c.baseline == baseline.label for c in result.comparisons)
+    # the reconstruction is EDM2's solve over the snapshots at the last checkpoint's step
+    snapshot_steps = [s for s in steps for _ in range(2)]
+    gammas = [ph.sigma_rel_to_gamma(s) for _ in steps for s in (0.10, 0.05)]  # by step, then gamma
+    expected = ph.solve_coefficients(snapshot_steps, gammas, 500, ph.sigma_rel_to_gamma(best.sigma_rel))
+    np.testing.assert_allclose(best.snapshot_coefficients, expected, atol=1e-9)
+    # the seed phase evaluated its projection on the checkpoints
+    trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    seed_rows = trials[(trials.phase == "seeds") & (trials.label == ph.seed_label(best.sigma_rel))]
+    assert len(seed_rows) == 1
+    projected = ph.checkpoint_coefficients(ph.sigma_rel_to_gamma(best.sigma_rel), 500, steps)
+    np.testing.assert_allclose(seed_rows.coefficients.iloc[0], projected, atol=1e-9)
+
+
+def test_run_posthoc_picks_the_best_of_the_grid_as_baseline_and_seed():
+    """The grid entry with the lowest search-seed FID becomes the baseline (zero on the checkpoints, then its
+    snapshot weights) and, projected on the checkpoint steps, the seed; a failed entry never wins."""
+    from types import SimpleNamespace
+
+    from lcsc_ray.search import run_posthoc, seed_vectors
+    from schemas.search import SearchSpec
+
+    spec = SearchSpec.model_validate({"posthoc_ema": {"uri": "unused", "sigma_rels": [0.05, 0.10, 0.20]}})
+    snapshots = [ph.Snapshot(f"s{i}", step, g) for i, (step, g) in enumerate(
+        (s, ph.sigma_rel_to_gamma(r)) for s in (100, 200, 300) for r in (0.10, 0.05))]
+    plan = ph.PosthocPlan(snapshots, 300, ph.grid_coefficients(snapshots, [0.05, 0.10, 0.20], 300))
+    fids = iter([3.0, 1.0, 0.5])
+    statuses = iter(["ok", "ok", "failed"])
+    pool = SimpleNamespace(score=lambda jobs, progress: [
+        {"fid": next(fids), "status": next(statuses), "alphas": list(job.alphas)} for job in jobs])
+    run = SimpleNamespace(spec=spec, num_checkpoints=3, pool=pool, parametrization="difference",
+                          checkpoints=SimpleNamespace(steps=[100, 200, 300]))
+    grid, seed, baseline = run_posthoc(run, plan)
+    assert [entry["fid"] for entry in grid] == [3.0, 1.0, float("inf")]
+    assert list(baseline) == ["best-posthoc-ema-0.100"]
+    assert baseline["best-posthoc-ema-0.100"][:3] == [0.0, 0.0, 0.0]
+    np.testing.assert_allclose(baseline["best-posthoc-ema-0.100"][3:], plan.coefficients[0.10])
+    (label, alphas), = seed
+    assert label == "phema@0.100"
+    np.testing.assert_allclose(alphas, ph.checkpoint_coefficients(ph.sigma_rel_to_gamma(0.10), 300, [100, 200, 300]))
+    assert [name for name, _ in seed_vectors(3, spec, extra=seed)][:2] == ["last", "phema@0.100"]
