@@ -10,7 +10,7 @@ paired interval over the optimiser seeds (each seed's winner's mean held-out FID
     .venv/bin/python benchmarks/search_optimizers.py [--quick]
 
 Runtime: --quick (2 configs, 1 seed, budget 12, 1 held-out seed) about 3 minutes on two quiet cores; the full
-run (3 configs x 3 seeds x budget 96, 5 held-out seeds) about 30 minutes quiet, 2-5x that on shared cores.
+run (3 configs x 3 seeds x budget 96, 5 held-out seeds of 1000 samples) about 30 minutes quiet, 2-5x that on shared cores.
 Searches are cached under outputs/bench/optimizers-*/, so a rerun only does what is missing. Writes
 benchmarks/results/search_optimizers.json and .md (--quick: outputs/bench/quick/).
 """
@@ -74,7 +74,8 @@ def markdown(payload: dict) -> str:
         "# LCSC search: optimiser configurations",
         "",
         (f"MNIST DDPM, last 12 checkpoints, DDIM {s['nfe']} steps, budget {s['budget']} (7 seed vectors "
-        f"included), {s['search_num_samples']}-sample search FIDs, held-out seeds {s['holdout_seeds']}; "
+        f"included), {s['search_num_samples']}-sample search FIDs, held-out seeds {s['holdout_seeds']} at "
+        f"{s['holdout_num_samples']} samples; "
         f"optimiser seeds {s['optimizer_seeds']}. Commit {payload['machine'].get('git_commit')}, load average "
         f"{payload['machine']['load_average']} at the start."),
         "",
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=96)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--holdout-seeds", type=int, nargs="+", default=HOLDOUT_SEEDS)
+    parser.add_argument("--holdout-samples", type=int, default=1000, help="samples per held-out score")
     parser.add_argument("--skip-missing", action="store_true", help="tabulate finished runs only; run nothing")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS)[:3], help="names from CONFIGS")
     args = parser.parse_args()
@@ -132,7 +134,8 @@ def main() -> None:
     seeds = [0] if args.quick else args.seeds
     budget = 12 if args.quick else args.budget
     holdout = [1001] if args.quick else args.holdout_seeds
-    tag = "quick" if args.quick else f"b{budget}"
+    holdout_samples = 500 if args.quick else args.holdout_samples
+    tag = "quick" if args.quick else f"b{budget}-h{len(holdout)}x{holdout_samples}"
     setup.ensure_trained()
     started = time.monotonic()
     rows = []
@@ -144,7 +147,8 @@ def main() -> None:
                 if args.skip_missing and not (out / "result.json").exists():
                     continue
                 spec = setup.make_spec(
-                    str(out), seed=seed, holdout_seeds=holdout, budget=budget, rescore_top_k=1, **CONFIGS[name]
+                    str(out), seed=seed, holdout_seeds=holdout, holdout_num_samples=holdout_samples, budget=budget,
+                    rescore_top_k=1, **CONFIGS[name],
                 )
                 row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 rows.append(row)
@@ -175,6 +179,7 @@ def write(args, rows, configs, seeds, budget, holdout, machine, wall) -> None:
             "nfe": 10,
             "search_num_samples": rows[0]["search_num_samples"],
             "holdout_seeds": holdout,
+            "holdout_num_samples": rows[0]["holdout_num_samples"],
             "budget": budget,
             "optimizer_seeds": seeds,
             "configs": configs,
