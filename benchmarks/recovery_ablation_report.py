@@ -127,6 +127,24 @@ def _verdict(d: dict, better: str, worse: str, tie: str) -> str:
     return tie
 
 
+def lr_lines(scale_result: dict) -> list[str]:
+    """Per stage: each rule's (a) and (c) with the rebuilt stage at lr x1.1 minus at x1.0, paired by seed."""
+    groups = _groups(scale_result)
+    lines = []
+    for stage in sorted({s for _, s, _ in groups}):
+        parts = []
+        for name in ("weighted", "average", "copy", "random", "identity", "exact"):
+            hi, lo = groups.get((1.1, stage, name)), groups.get((1.0, stage, name))
+            if not hi or not lo or len(hi) != len(lo):
+                continue
+            d = paired_difference([r["losses"][-1] for r, _, _ in hi], [r["losses"][-1] for r, _, _ in lo])
+            parts.append(f"{name} {_fmt(_interval(d))}")
+        if parts:
+            lines.append(f"- Stage {stage}, (c) at lr x1.1 minus at x1.0 (negative: x1.1 ends lower): "
+                         + "; ".join(parts) + ".")
+    return lines
+
+
 def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -> list[str]:
     """Markdown lines stating what the measurements show (each sentence filled from the values)."""
     out = []
@@ -152,12 +170,13 @@ def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -
             order = [rule for rule in ranked if rule in PAPER_ORDER]
             line += f" The paper's order {' < '.join(PAPER_ORDER)} " + (
                 "holds in the means." if order == PAPER_ORDER else f"does not hold: here {' < '.join(order)}.")
-            for other in ("random", "identity", "average", "copy"):
+            for other in ("random", "identity", "average", "copy", "weighted/pre_clip", "weighted/blocks"):
                 if other in here and "weighted_minus_a" in here[other]:
                     d = here[other]["weighted_minus_a"]
                     line += (f" Weighted - {other} on (a): {_fmt(d)}, "
                              + _verdict(d, "weighted better", "weighted worse", "not distinguishable") + ".")
             out.append(line)
+        out.extend(lr_lines(res))
         clip = clip_stats(res)
         if clip["rebuilds"]:
             out.append(f"- Weighted rebuilds: {clip['equal_weights']} of {clip['rebuilds']} had equal weighing norms "

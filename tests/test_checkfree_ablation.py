@@ -221,3 +221,33 @@ def test_recovered_after_needs_the_loss_to_stay_within_one_percent():
     delays = {ablation.failure_delay(seed) for seed in range(20)}
     assert delays <= set(range(1, 21)) and len(delays) > 3
     assert ablation.failure_delay(7) == ablation.failure_delay(7)
+
+
+def test_ablation_report_pairs_each_rule_with_the_twin_and_with_weighted():
+    """The report's (a)/(b)/(c) are paired differences per seed; verdicts follow the interval, censoring is counted."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from recovery_ablation_report import notes, summarise
+
+    def run(rule, seed, first, last, back, lr=1.1):
+        return {"name": rule, "rule": rule, "stage": 1, "lr_scale": lr, "losses": [first, last],
+                "recovered_after": back, "recipe": {"weights": [0.5, 0.5]} if rule == "weighted" else {}}
+
+    seeds = [{"seed": s, "fail_step": 10 + s, "offsets": [0, 5], "twin": [1.0 + s, 0.9 + s],
+              "runs": [run("weighted", s, 1.1 + s + 0.01 * s, 0.91 + s, 5),
+                       run("random", s, 1.5 + s, 0.95 + s, None),
+                       run("random", s, 1.4 + s, 0.93 + s, None, lr=1.0)]} for s in range(3)]
+    result = {"scale": "small", "strategy": "checkfree", "after": 5, "seeds": seeds, "model": {"d_model": 8,
+              "n_layers": 4}, "pipeline": {"num_stages": 4}, "parameters": 1000, "plateau_steps": 10,
+              "plateau": {"val_steps": [10], "val_losses": [1.0]}}
+    rows = {(r["lr_scale"], r["rule"]): r for r in summarise(result)}
+    assert rows[(1.1, "weighted")]["a_excess"]["mean"] == pytest.approx(0.11)
+    assert rows[(1.1, "random")]["b_censored"] == 3 and rows[(1.1, "random")]["b_steps"]["mean"] == 5
+    assert rows[(1.1, "random")]["weighted_minus_a"]["mean"] == pytest.approx(-0.39)
+    assert rows[(1.1, "random")]["weighted_minus_a"]["high"] < 0
+    text = "\n".join(notes([result], [list(rows.values())], [1.0, 1.0, 1.0]))
+    assert "Weighted - random on (a): -0.390" in text and "weighted better" in text
+    assert "3 of 3 had equal weighing norms" in text
+    assert "random +0.020" in text  # (c) at lr x1.1 minus x1.0: 0.95 - 0.93 on every seed
