@@ -6,7 +6,8 @@ Three parts, each its own command (so that only the timing measurement runs at n
     nice -n 10 python benchmarks/paper_table2.py runs [--quick] # time to target under drawn stage kills
     python benchmarks/paper_table2.py report                    # table, JSON, PNG and Markdown from both
 
-(`all` runs the three in a row.) Runtime on 2 shared cores: costs ~2 min per seed (quick: ~1 min, one seed);
+(`all` runs the three in a row; `runs --seeds 1 --work DIR` in separate processes, merged by
+`report --runs-files DIR1/runs.json DIR2/runs.json`, use more of a machine's cores.) Runtime on 2 shared cores: costs ~2 min per seed (quick: ~1 min, one seed);
 runs ~6-10 min per seed (quick: ~3 min, one seed, an easier target); report seconds. Default seeds 0 1 2.
 
 **costs** trains each strategy (none, checkpoint, redundant, checkfree, checkfree+; `--strategies` adds more)
@@ -186,6 +187,26 @@ def report(costs: dict, runs: dict) -> dict:
     return out
 
 
+def merge_runs(parts: list[dict]) -> dict:
+    """Runs files of separate processes (e.g. one per seed) as one; for each (rate, strategy, seed) the first file
+    that has the run wins. Each part's seeds, loads and niceness are kept under `parts`."""
+    merged = {**parts[0], "reference": [], "runs": {}, "parts": []}
+    seen: set[tuple] = set()
+    for part in parts:
+        merged["parts"].append({k: part.get(k) for k in ("seeds", "load_before", "load_after", "total_wall_s")}
+                               | {"niceness": part.get("machine", {}).get("niceness")})
+        for rate, runs in [("0%", part["reference"]), *part["runs"].items()]:
+            for run in runs:
+                key = (rate, run["strategy"], run["seed"])
+                if key not in seen:
+                    seen.add(key)
+                    (merged["reference"] if rate == "0%" else merged["runs"].setdefault(rate, [])).append(run)
+    merged["seeds"] = sorted({run["seed"] for run in merged["reference"]})
+    merged["load_before"] = [p["load_before"] for p in merged["parts"]]
+    merged["load_after"] = [p["load_after"] for p in merged["parts"]]
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["costs", "runs", "report", "all"], nargs="?", default="all")
@@ -194,6 +215,8 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="*", default=STRATEGIES, help="Strategies besides none.")
     parser.add_argument("--target", type=float, default=None, help="Target validation loss (2.5; quick 2.7).")
     parser.add_argument("--work", type=Path, default=WORK, help="Where costs.json and runs.json are kept.")
+    parser.add_argument("--runs-files", type=Path, nargs="*", default=None,
+                        help="report: runs.json files of separate processes to merge (default: the work dir's).")
     args = parser.parse_args()
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     target = args.target or (2.7 if args.quick else 2.5)
@@ -203,7 +226,9 @@ def main() -> None:
     if args.part in ("runs", "all"):
         measure_runs(seeds, args.strategies, target, max_steps, args.quick, args.work)
     if args.part in ("report", "all"):
-        report(json.loads((args.work / "costs.json").read_text()), json.loads((args.work / "runs.json").read_text()))
+        files = args.runs_files or [args.work / "runs.json"]
+        report(json.loads((args.work / "costs.json").read_text()),
+               merge_runs([json.loads(path.read_text()) for path in files]))
 
 
 if __name__ == "__main__":

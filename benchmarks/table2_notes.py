@@ -194,6 +194,10 @@ def generated_notes(out: dict) -> list[str]:
     return notes
 
 
+def _loads(values: list[float] | None) -> str:
+    return "-" if not values else "/".join(f"{v:.1f}" for v in values)
+
+
 def write_notes(path: Path, out: dict) -> Path:
     """paper_table2.md: the failure model, the cost model, both tables and the generated notes."""
     fm, costs, runs = out["failure_model"], out["cost_measurement"], out["runs"]
@@ -203,9 +207,11 @@ def write_notes(path: Path, out: dict) -> Path:
               f"every strategy. Checkpoint every {fm['checkpoint_every']} steps (paper {fm['paper_checkpoint_every']},"
               f" /{fm['failure_scale']:g}). Seed streams: {fm['seed_streams']}. Target {runs['target_val_loss']}, "
               f"checked every {runs['eval_every']} steps; seeds {runs['seeds']}.")
-    machine = (f"Costs measured at niceness {costs['machine']['niceness']}, load average {costs['load_before']} before "
-               f"and {costs['load_after']} after, on {costs['machine']['cores']} cores; runs at niceness "
-               f"{runs['machine']['niceness']}, load {runs['load_before']} before and {runs['load_after']} after.")
+    parts = "; ".join(f"seeds {p['seeds']} at niceness {p['niceness']}, load average {_loads(p['load_before'])} "
+                      f"before and {_loads(p['load_after'])} after" for p in runs.get("parts", []))
+    machine = (f"Costs measured at niceness {costs['machine']['niceness']}, load average (1, 5, 15 min) "
+               f"{_loads(costs['load_before'])} before and {_loads(costs['load_after'])} after, on "
+               f"{costs['machine']['cores']} cores. Runs (not a timing measurement; their wall clock is): {parts}.")
     model = (f"{out['model']['formula']}. Per-step cost c_s: mean wall time between commits over a failure-free "
              "window (copies, replication and save stalls included); recovery: extra wall time around a scheduled "
              "kill (detection + rebuild + retried step), in checkpointing steps.")

@@ -103,3 +103,18 @@ def test_fixed_recovery_charges_the_given_modelled_seconds_unscaled():
     costs = StrategyCosts(step_s=0.2, recovery_s={"copy/warm": 5.0})
     modelled = modelled_seconds(10, 2, ["copy/warm", "copy/warm"], costs, checkpoint_step_s=0.1, fixed_recovery_s=30.0)
     assert modelled == pytest.approx(12 * 91.5 * 2.0 + 60.0)
+
+
+def test_runs_of_separate_processes_merge_with_the_first_file_winning_per_run():
+    """Seed 1 from its own file wins over the partial seed 1 of the all-seeds file; seed 0 comes from the latter."""
+    from paper_table2 import merge_runs
+
+    def part(seeds, tag):
+        runs = [{"strategy": "checkpoint", "seed": s, "tag": tag} for s in seeds]
+        return {"seeds": seeds, "reference": [{"strategy": "none", "seed": s, "tag": tag} for s in seeds],
+                "runs": {"5%": runs}, "load_before": [1.0], "load_after": [2.0], "machine": {"niceness": 10}}
+
+    merged = merge_runs([part([1], "own"), part([0, 1], "all")])
+    assert merged["seeds"] == [0, 1]
+    assert {(r["seed"], r["tag"]) for r in merged["runs"]["5%"]} == {(1, "own"), (0, "all")}
+    assert [p["seeds"] for p in merged["parts"]] == [[1], [0, 1]]
