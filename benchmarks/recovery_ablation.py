@@ -41,12 +41,14 @@ from checkfree_ray.data import FAILURE_STREAM, make_corpus, step_rng
 from schemas.train import TrainSpec
 
 RULES = ["weighted", "average", "copy", "random", "identity", "exact"]
-SCALES = {  # model and pipeline of each scale; steps to the plateau; steps measured after the failure
-    "small": {"model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64}, "steps": 3000, "after": 40},
-    # 2 blocks per stage: what trained to a plateau in about 30 min on the shared cores (load 15-20)
-    "deep": {"model": {"d_model": 64, "n_layers": 8, "n_heads": 4, "seq_len": 64}, "steps": 1500, "after": 40},
+SCALES = {  # model and pipeline of each scale; steps to the plateau (CheckFree, CheckFree+); steps measured after
+    "small": {"model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64}, "steps": 3000, "steps_plus": 1000,
+              "after": 30, "stages": [1, 2]},
+    # 2 blocks per stage at the same width: what fitted beside the small scale on the shared cores (load 15-40)
+    "deep": {"model": {"d_model": 64, "n_layers": 8, "n_heads": 4, "seq_len": 64}, "steps": 800, "after": 30,
+             "stages": [1]},
 }
-QUICK = {"small": {"model": SCALES["small"]["model"], "steps": 300, "after": 20}}
+QUICK = {"small": {"model": SCALES["small"]["model"], "steps": 300, "after": 20, "stages": [1]}}
 PIPELINE = {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 8}
 EVAL_BATCHES = 8  # validation micro-batches of 8 sequences, the same set at every evaluation
 WITHIN = 0.01  # "recovered": validation loss within 1% of the twin's
@@ -56,7 +58,7 @@ def plateau_spec(scale: dict, strategy: str, lr_scale: float = 1.1) -> TrainSpec
     """The training spec of one scale's plateau model (and of the runs continued from it)."""
     return TrainSpec.model_validate({
         "name": f"recovery-ablation-{scale['model']['d_model']}x{scale['model']['n_layers']}-{strategy}", "seed": 0,
-        "steps": scale["steps"], "model": scale["model"], "pipeline": PIPELINE, "optim": {"lr": 3e-3},
+        "steps": scale["steps_plus" if strategy == "checkfree+" else "steps"], "model": scale["model"], "pipeline": PIPELINE, "optim": {"lr": 3e-3},
         "recovery": {"strategy": strategy, "lr_scale": lr_scale}})
 
 
@@ -184,9 +186,10 @@ def plan(args) -> list[tuple[str, dict, str, list[int], list[float], bool]]:
         return [("small", QUICK["small"], "checkfree", [1], [1.1], False)]
     out = []
     for name in args.scales:
-        lr_scales = [1.1, 1.0] if name == "small" else [1.1]
+        lr_scales = [lr for lr in ([1.1, 1.0] if name == "small" else [1.1]) if lr in args.lr_scales]
         if "checkfree" in args.strategies:
-            out.append((name, SCALES[name], "checkfree", [1, 2], lr_scales, name == "small"))
+            out.append((name, SCALES[name], "checkfree", SCALES[name]["stages"], lr_scales,
+                        name == "small" and 1.1 in lr_scales))
         if "checkfree+" in args.strategies and name == "small":
             out.append((name, SCALES[name], "checkfree+", [0, 3], [1.1], False))
     return out
@@ -229,6 +232,8 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="*", default=["checkfree", "checkfree+"],
                         choices=["checkfree", "checkfree+"])
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0 1).")
+    parser.add_argument("--lr-scales", type=float, nargs="*", default=[1.1, 1.0],
+                        help="Learning-rate scales of the rebuilt stage to measure (1.0 only at the small scale).")
     parser.add_argument("--report-only", action="store_true", help="Only write the report of what was measured.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -238,7 +243,8 @@ def main() -> None:
             result = measure_scale(name, scale, strategy, [seed], stages, lr_scales, variants,
                                    log=lambda m: print(m, flush=True))
             result["machine"] = machine_info()
-            write_json(Path(measured_path(name, strategy, args.quick, seed)), result)
+            lr_tag = "" if len(lr_scales) > 1 else f"-lr{lr_scales[0]}"
+            write_json(Path(measured_path(name, strategy, args.quick, f"{seed}{lr_tag}")), result)
     names = ["small"] if args.quick else list(SCALES)
     report([measured_path(n, s, args.quick) for n in names for s in ("checkfree", "checkfree+")], args.quick)
 

@@ -83,7 +83,7 @@ def table_text(scale_result: dict, rows: list[dict]) -> str:
     model = scale_result["model"]
     head = (f"{scale_result['scale']} (d={model['d_model']}, {model['n_layers']} layers, "
             f"{scale_result['parameters'] / 1e6:.2f}M parameters), {scale_result['strategy']}, "
-            f"{len(scale_result['seeds'])} seeds, measured {scale_result['after']} steps after the rebuild")
+            f"{len({s['seed'] for s in scale_result['seeds']})} seeds, measured {scale_result['after']} steps after the rebuild")
     cols = f"{'lr':>4} {'stage':>5} {'rule':<18} {'(a) after rebuild - twin':>28} {'(b) steps to 1%':>22} " \
            f"{'(c) end - twin':>28}"
     lines = [head, cols, "-" * len(cols)]
@@ -159,8 +159,8 @@ def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -
                    f"({m['n_layers'] // res['pipeline']['num_stages']} per stage), "
                    f"{res['parameters'] / 1e6:.2f}M parameters")
         out.append(f"- Plateau model: {res['plateau_steps']} steps, validation loss "
-                   f"{plateau['val_losses'][-1]:.4f}{tail}. Seeds {[s['seed'] for s in res['seeds']]}, failure "
-                   f"steps {[s['fail_step'] for s in res['seeds']]}, measured for {res['after']} steps.")
+                   f"{plateau['val_losses'][-1]:.4f}{tail}. Seeds {sorted({s['seed'] for s in res['seeds']})}, failure "
+                   f"steps {sorted({s['fail_step'] for s in res['seeds']})}, measured for {res['after']} steps.")
         by = {(r["lr_scale"], r["stage"], r["rule"]): r for r in rows}
         for lr_scale, stage in sorted({(r["lr_scale"], r["stage"]) for r in rows}, key=lambda k: (-k[0], k[1])):
             here = {rule: r for (lr, s, rule), r in by.items() if (lr, s) == (lr_scale, stage)}
