@@ -182,8 +182,8 @@ def _wait_auth_mode(url: str, process, timeout_s: float = 120.0) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_real_token_auth_head_refuses_without_token_and_runs_with_it(clean_auth_env, monkeypatch, tmp_path):
-    """A Ray head started with RAY_AUTH_MODE=token refuses the Jobs API without the token and runs a job with it."""
+def test_real_token_auth_head_refuses_without_token_and_accepts_with_it(clean_auth_env, monkeypatch, tmp_path):
+    """A Ray head started with RAY_AUTH_MODE=token refuses the Jobs API without the token and accepts a job with it."""
     token = secrets.token_hex(16)
     env = {**ray_env(), jobs.AUTH_MODE: "token", jobs.AUTH_TOKEN: token, "HOME": str(clean_auth_env)}
     process, _, url = start_head(num_cpus=1, log_path=tmp_path / "head.log", env=env)
@@ -194,12 +194,9 @@ def test_real_token_auth_head_refuses_without_token_and_runs_with_it(clean_auth_
         monkeypatch.setenv(jobs.AUTH_TOKEN, token)
         client = jobs._connect(url, jobs.resolve_auth_token())
         job_id = jobs._submit_with_retry(client, "python -c \"print('authorised')\"", {}, "auth-check")
-        deadline = time.monotonic() + 120
-        while not client.get_job_status(job_id).is_terminal():
-            assert time.monotonic() < deadline, "the job did not finish in 120 s"
-            time.sleep(0.5)
-        assert client.get_job_status(job_id).value == "SUCCEEDED"
-        assert "authorised" in client.get_job_logs(job_id)
+        # Accepted: the job exists on the cluster (running it to the end adds nothing about auth, only time).
+        assert client.get_job_info(job_id).entrypoint == "python -c \"print('authorised')\""
+        assert client.get_job_status(job_id).value in {"PENDING", "RUNNING", "SUCCEEDED"}
     finally:
         stop_process_group(process)
 
