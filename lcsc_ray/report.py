@@ -94,6 +94,10 @@ def format_table(result: SearchResult) -> str:
             interval = f"[{c.low:+.2f}, {c.high:+.2f}]" if c.low is not None else "[no interval]"
             paired, verdict = f"{c.mean_difference:+.2f} {interval}", c.verdict
         lines.append(f"{row.label:<24}{row.fid:>10.2f}{spread:>36}{paired:>30}  {verdict}".rstrip())
+    if result.posthoc_ema:
+        grid = ", ".join(f"{e.sigma_rel:g}: {e.fid:.2f}" for e in result.posthoc_ema)
+        lines.append(f"post-hoc EMA (EDM2) at step {result.posthoc_ema[0].step}, FID on the search seed by sigma_rel: "
+                     f"{grid}")
     if result.gain_found:
         lines.append("LCSC beat every baseline on held-out seeds (each paired 95% interval below 0)")
     else:

@@ -338,8 +338,8 @@ def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores:
     def score(label: str, entry: dict) -> CandidateScore:
         # the run's EMA and a post-hoc EMA (a combination of snapshots, see `posthoc_ema`) are no combination of
         # the checkpoints: their coefficients are left empty
-        alphas = entry["alphas"] if entry["alphas"] is not None and len(entry["alphas"]) == run.num_checkpoints \
-            else []
+        alphas = entry["alphas"] if entry["alphas"] is not None and len(entry["alphas"]) == len(
+            run.checkpoints.names) else []
         return CandidateScore(label=label, coefficients=alphas,
                               fid=entry["fid"], num_samples=entry["num_samples"], holdout_fids=entry["holdout"])
 

@@ -202,6 +202,7 @@ def test_search_reports_best_posthoc_ema_and_seeds_with_it(ray_local, tmp_path):
     search seed as `best-posthoc-ema-<sigma>` with a paired comparison, and seeds the search with its projection."""
     import pandas as pd
 
+    from lcsc_ray.report import format_table
     from lcsc_ray.search import run_search
     from tests.lcsc_plugins import trajectory, write_run
     from tests.test_lcsc_search import tiny_spec
@@ -222,6 +223,7 @@ def test_search_reports_best_posthoc_ema_and_seeds_with_it(ray_local, tmp_path):
     assert baseline.label == ph.posthoc_label(best.sigma_rel)
     assert baseline.fid == best.fid and baseline.coefficients == [] and len(baseline.holdout_fids) == 2
     assert any(c.baseline == baseline.label for c in result.comparisons)
+    assert f"{baseline.label}" in format_table(result) and "post-hoc EMA (EDM2) at step 500" in format_table(result)
     # the reconstruction is EDM2's solve over the snapshots at the last checkpoint's step
     snapshot_steps = [s for s in steps for _ in range(2)]
     gammas = [ph.sigma_rel_to_gamma(s) for _ in steps for s in (0.10, 0.05)]  # by step, then gamma
