@@ -278,8 +278,9 @@ def fmt_paired(p: dict) -> str:
 
 # --------------------------------------------------------------------------------------------------- Ray
 class LocalRay:
-    """A local Ray through `rayops.session.ray_session`, started on first `ensure()` (so a benchmark whose
-    searches are all finished only reads their results) and shut down when the context exits."""
+    """The benchmarks' local Ray (`_common.local_ray`, through `rayops.session`), started on first `ensure()`
+    (so a benchmark whose searches are all finished only reads their results) and stopped when the context
+    exits."""
 
     def __init__(self, num_cpus: int = 2):
         self.num_cpus = num_cpus
@@ -289,22 +290,18 @@ class LocalRay:
         """Start (or reuse) Ray; retried a few times, since a local start can time out on crowded cores."""
         import ray
 
-        from rayops.session import ray_session
-        from schemas.common import RaySpec
-
         if ray.is_initialized():
             return
-        os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # crowded cores: the raylet starts slowly
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
             try:
-                self._stack.enter_context(ray_session(RaySpec(num_cpus=self.num_cpus)))
+                self._stack.enter_context(_common.local_ray(self.num_cpus))
                 return
             except (RuntimeError, TimeoutError, ConnectionError) as exc:
                 print(f"local Ray start attempt {attempt}/{RAY_START_ATTEMPTS} failed: {exc!r}", flush=True)
                 ray.shutdown()
         raise RuntimeError(
-            f"could not start a local Ray in {RAY_START_ATTEMPTS} attempts; check `ray status` and the load "
-            "average, or set RAY_ADDRESS to use a running cluster"
+            f"could not start a local Ray in {RAY_START_ATTEMPTS} attempts; check the load average and free "
+            "memory (a niced benchmark on a loaded machine starts slowly), then run the benchmark again"
         )
 
     def __enter__(self) -> Self:
