@@ -11,7 +11,8 @@ held-out FID within the interval with at most half the sample generations of fla
 
     .venv/bin/python benchmarks/search_fidelity.py [--quick]
 
-Runtime: --quick (budget 12, 1 seed, 2 held-out seeds, two configs) about 4 minutes on two quiet cores; the
+Runtime: --quick (budget 10, 1 seed, 2 held-out seeds, two configs, every sample count divided by 5) about 4
+minutes on two quiet cores; the
 full run (budget 96, 3 configs x 3 optimiser seeds, 3 held-out seeds of 1000 samples) about 30 minutes quiet,
 2-5x that on shared cores. Searches are cached under outputs/bench/fidelity-*/. Writes
 benchmarks/results/search_fidelity.json and .md (--quick: outputs/bench/quick/).
@@ -37,11 +38,20 @@ CONFIGS = {
         "search": {"fidelity_schedule": [125, 250, 1000], "keep_fraction": 0.25},
     },
 }
+QUICK_DIVISOR = 5  # --quick divides every sample count by this (a smoke test of the harness, not a measurement)
 WHY_OWN_LOOP = (
     "Successive halving runs in the search's own driver loop (SearchRun.run_rungs), not as Tune's ASHA "
     "scheduler: an LCSC candidate is one evaluation, and 'more fidelity' is a fresh re-evaluation of the same "
     "coefficients with more samples, not the continuation of a training-like loop."
 )
+
+
+def scaled(config: dict, divisor: int) -> dict:
+    """`config` with its screening sample count and fidelity schedule divided by `divisor`."""
+    search = dict(config["search"])
+    if search.get("fidelity_schedule"):
+        search["fidelity_schedule"] = [n // divisor for n in search["fidelity_schedule"]]
+    return {"num_samples": config["num_samples"] // divisor, "search": search}
 
 
 def config_row(name: str, mine: list[dict], flat: list[dict]) -> dict:
@@ -150,7 +160,8 @@ def write(args, rows: list[dict], machine: dict, wall: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="budget 12, 1 seed, 2 held-out seeds, two configs")
+    parser.add_argument("--quick", action="store_true",
+                        help="budget 10, 1 seed, 2 held-out seeds, two configs, sample counts / 5")
     parser.add_argument("--budget", type=int, default=96)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -158,8 +169,8 @@ def main() -> None:
     parser.add_argument("--holdout-seeds", type=int, nargs="+", default=[1001, 1002, 1003])
     args = parser.parse_args()
     if args.quick:
-        args.budget, args.seeds, args.holdout_seeds = 12, [0], [1001, 1002]
-        args.configs, args.final_samples = [FLAT, "SH 250->1000 keep 0.25"], 500
+        args.budget, args.seeds, args.holdout_seeds = 10, [0], [1001, 1002]
+        args.configs, args.final_samples = [FLAT, "SH 250->1000 keep 0.25"], 1000 // QUICK_DIVISOR
     tag = "quick" if args.quick else f"b{args.budget}-h{len(args.holdout_seeds)}x{args.final_samples}"
     setup.ensure_trained()
     started = time.monotonic()
@@ -168,7 +179,7 @@ def main() -> None:
         machine = setup.machine_info()
         for seed in args.seeds:  # seed-major: a cut-short run still compares every config on the same seeds
             for name in args.configs:
-                config = CONFIGS[name]
+                config = scaled(CONFIGS[name], QUICK_DIVISOR) if args.quick else CONFIGS[name]
                 out = setup.BENCH_OUT / f"fidelity-{tag}" / f"{setup.slug(name)}-seed{seed}"
                 spec = setup.make_spec(
                     str(out), seed=seed, holdout_seeds=args.holdout_seeds, holdout_num_samples=args.final_samples,

@@ -9,7 +9,7 @@ paired interval over the optimiser seeds (each seed's winner's mean held-out FID
 
     .venv/bin/python benchmarks/search_optimizers.py [--quick]
 
-Runtime: --quick (2 configs, 1 seed, budget 12, 1 held-out seed) about 3 minutes on two quiet cores; the full
+Runtime: --quick (2 configs, 1 seed, budget 10, 100-sample FIDs, 2 held-out seeds) about 3 minutes on two quiet cores; the full
 run (3 configs x 3 seeds x budget 96, 5 held-out seeds of 1000 samples) about 30 minutes quiet, 2-5x that on shared cores.
 Searches are cached under outputs/bench/optimizers-*/, so a rerun only does what is missing. Writes
 benchmarks/results/search_optimizers.json and .md (--quick: outputs/bench/quick/).
@@ -122,7 +122,8 @@ def notes(payload: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 configs, 1 seed, budget 12, 1 held-out seed")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 configs, 1 seed, budget 10, 100-sample FIDs, 2 held-out seeds of 200")
     parser.add_argument("--budget", type=int, default=96)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--holdout-seeds", type=int, nargs="+", default=HOLDOUT_SEEDS)
@@ -132,9 +133,10 @@ def main() -> None:
     args = parser.parse_args()
     configs = [DEFAULT_CONFIG, "TwoPointsDE b2"] if args.quick else args.configs
     seeds = [0] if args.quick else args.seeds
-    budget = 12 if args.quick else args.budget
-    holdout = [1001] if args.quick else args.holdout_seeds
-    holdout_samples = 500 if args.quick else args.holdout_samples
+    budget = 10 if args.quick else args.budget
+    holdout = [1001, 1002] if args.quick else args.holdout_seeds
+    holdout_samples = 200 if args.quick else args.holdout_samples
+    search_samples = 100 if args.quick else 500
     tag = "quick" if args.quick else f"b{budget}-h{len(holdout)}x{holdout_samples}"
     setup.ensure_trained()
     started = time.monotonic()
@@ -147,8 +149,8 @@ def main() -> None:
                 if args.skip_missing and not (out / "result.json").exists():
                     continue
                 spec = setup.make_spec(
-                    str(out), seed=seed, holdout_seeds=holdout, holdout_num_samples=holdout_samples, budget=budget,
-                    rescore_top_k=1, **CONFIGS[name],
+                    str(out), seed=seed, num_samples=search_samples, holdout_seeds=holdout,
+                    holdout_num_samples=holdout_samples, budget=budget, rescore_top_k=1, **CONFIGS[name],
                 )
                 row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 rows.append(row)
