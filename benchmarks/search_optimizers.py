@@ -9,8 +9,11 @@ paired interval over the optimiser seeds (each seed's winner's mean held-out FID
 
     .venv/bin/python benchmarks/search_optimizers.py [--quick]
 
-Runtime: --quick (2 configs, 1 seed, budget 10, 100-sample FIDs, 2 held-out seeds) about 3 minutes on two quiet cores; the full
-run (3 configs x 3 seeds x budget 96, 5 held-out seeds of 1000 samples) about 30 minutes quiet, 2-5x that on shared cores.
+Runtime: the full run is about 950 evaluations counted in 500-sample units (9 searches of 96 plus the held-out
+1000-sample scores; the CMA searches replay search_fidelity's flat-500 trials when those ran first), about 32
+minutes on two evaluators on quiet cores; --quick (2 configs, 1 seed, budget 10, 100-sample FIDs) a small
+fraction of it. One 500-sample DDIM-10 evaluation takes about 4 s on a quiet core (shared/ENVIRONMENT.md), but took 75-155 s
+at load average 40-95 on these 2 cores (2026-11-29), so a full run needs quiet cores or more of them.
 Searches are cached under outputs/bench/optimizers-*/, so a rerun only does what is missing. Writes
 benchmarks/results/search_optimizers.json and .md (--quick: outputs/bench/quick/).
 """
