@@ -14,8 +14,8 @@ held-out FID within the interval with at most half the sample generations of fla
 Runtime: the full run is about 800 evaluations counted in 500-sample units (per optimiser seed: flat 96, SH
 250->1000 96, SH 125->250->1000 48, plus the held-out scores), about 27 minutes on two evaluators on quiet
 cores; --quick (budget 10, 1 seed, two configs, every sample count divided by 5) about a hundredth of it.
-One 500-sample DDIM-10 evaluation takes about 4 s on a quiet core (shared/ENVIRONMENT.md), but took 75-155 s
-at load average 40-95 on these 2 cores (2026-11-29), so a full run needs quiet cores or more of them.
+One 500-sample DDIM-10 evaluation takes about 4 s on a quiet core (shared/ENVIRONMENT.md), but took 155 s (250
+samples: 75-117 s) at load average 40-95 on these 2 cores (2026-11-29), so a full run needs quiet cores or more of them.
 Searches are cached under outputs/bench/fidelity-*/. Writes
 benchmarks/results/search_fidelity.json and .md (--quick: outputs/bench/quick/).
 """

@@ -12,8 +12,8 @@ paired interval over the optimiser seeds (each seed's winner's mean held-out FID
 Runtime: the full run is about 950 evaluations counted in 500-sample units (9 searches of 96 plus the held-out
 1000-sample scores; the CMA searches replay search_fidelity's flat-500 trials when those ran first), about 32
 minutes on two evaluators on quiet cores; --quick (2 configs, 1 seed, budget 10, 100-sample FIDs) a small
-fraction of it. One 500-sample DDIM-10 evaluation takes about 4 s on a quiet core (shared/ENVIRONMENT.md), but took 75-155 s
-at load average 40-95 on these 2 cores (2026-11-29), so a full run needs quiet cores or more of them.
+fraction of it. One 500-sample DDIM-10 evaluation takes about 4 s on a quiet core (shared/ENVIRONMENT.md), but took 155 s (250
+samples: 75-117 s) at load average 40-95 on these 2 cores (2026-11-29), so a full run needs quiet cores or more of them.
 Searches are cached under outputs/bench/optimizers-*/, so a rerun only does what is missing. Writes
 benchmarks/results/search_optimizers.json and .md (--quick: outputs/bench/quick/).
 """
