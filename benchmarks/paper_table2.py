@@ -63,6 +63,7 @@ COLORS = {"checkpoint": "tab:green", "redundant": "tab:red", "checkfree": "tab:b
 COST_LAYOUT = {"full": {"window": (3, 42), "kills": [(45, 1), (48, 0), (75, 0), (78, 1)], "steps": 90},
                "quick": {"window": (3, 22), "kills": [(25, 1), (27, 0), (45, 0), (47, 1)], "steps": 50}}
 WORK = Path(tempfile.gettempdir()) / "paper_table2"
+START_RETRIES = 2
 
 
 def checkpoint_every() -> int:
@@ -98,22 +99,36 @@ def measure_costs(seeds: list[int], strategies: list[str], quick: bool, work: Pa
     return out
 
 
+def run_started(spec, checkpoint_uri: str | None) -> dict:
+    """`run_one`, started again (up to START_RETRIES times, into a fresh checkpoint prefix) when its stages did
+    not start in time on a loaded machine: a run that never stepped measures the machine, not the strategy."""
+    for attempt in range(START_RETRIES + 1):
+        uri = checkpoint_uri if checkpoint_uri is None or attempt == 0 else f"{checkpoint_uri}/start-{attempt}"
+        run = run_one(spec, checkpoint_uri=uri)
+        if run["executed_steps"] > 0 or not run["error"]:
+            break
+        print(f"{spec.recovery.strategy} seed {spec.seed}: did not start ({run['error']}); starting again", flush=True)
+    run["start_retries"] = attempt
+    return run
+
+
 def measure_runs(seeds: list[int], strategies: list[str], target: float, max_steps: int, quick: bool,
-                 work: Path) -> dict:
+                 work: Path, rates: list[str] | None = None) -> dict:
     """Every run, side by side in one Ray: the no-failure reference, then every strategy at every rate."""
     every = checkpoint_every()
+    rates = rates or list(PAPER_P)
     out: dict = {"target_val_loss": target, "seeds": seeds, "quick": quick, "max_steps": max_steps,
                  "eval_every": EVAL_EVERY, "reference": [], "runs": {}, "load_before": machine_info()["load_average"]}
     started = time.monotonic()
     with s3_bucket("table2") as base, local_ray(num_cpus=2):
         for seed in seeds:
             print(f"seed {seed}: none (no failures)", flush=True)
-            out["reference"].append(run_one(bench_spec("none", seed, max_steps, target)))
-            for index, (rate, p) in enumerate(PAPER_P.items()):
+            out["reference"].append(run_started(bench_spec("none", seed, max_steps, target), None))
+            for index, (rate, p) in enumerate((r, PAPER_P[r]) for r in rates):
                 for strategy in _rotated(strategies, index):
                     spec = bench_spec(strategy, seed, max_steps, target, checkpointing={"every": every},
                                       failures={"probability_per_step": p * FAILURE_SCALE, "seed": seed})
-                    run = run_one(spec, checkpoint_uri=f"{base}/{rate}/{strategy}/{seed}")
+                    run = run_started(spec, f"{base}/{rate}/{strategy}/{seed}")
                     out["runs"].setdefault(rate, []).append(run)
                     out["total_wall_s"] = time.monotonic() - started
                     write_json(work / "runs.json", out)
@@ -171,7 +186,7 @@ def plot(runs: dict, seed: int, path: Path) -> None:
 def report(costs: dict, runs: dict) -> dict:
     """Combine the cost rounds and the runs: print the tables, write the JSON, the PNG and the Markdown."""
     per_seed = costs_by_seed(costs)
-    tables = report_tables(per_seed, runs)
+    tables = report_tables(per_seed, runs, costs["median_step_s"])
     out = {"benchmark": "paper_table2", "failure_model": failure_model(checkpoint_every()),
            "model": {"base_iteration_s": 91.5, "formula": "modelled_s = B*(c_s/c_ckpt)*(steps_to_target+lost_steps)"
                      " + B*sum(recovery_s)/c_ckpt, B = 91.5 s (paper's checkpointing iteration)"},
@@ -189,18 +204,20 @@ def report(costs: dict, runs: dict) -> dict:
 
 def merge_runs(parts: list[dict]) -> dict:
     """Runs files of separate processes (e.g. one per seed) as one; for each (rate, strategy, seed) the first file
-    that has the run wins. Each part's seeds, loads and niceness are kept under `parts`."""
+    that has the run wins, unless that run never started (its stages timed out) and a later one did. Each part's seeds, loads and niceness are kept under `parts`."""
     merged = {**parts[0], "reference": [], "runs": {}, "parts": []}
-    seen: set[tuple] = set()
+    chosen: dict[tuple, dict] = {}
     for part in parts:
         merged["parts"].append({k: part.get(k) for k in ("seeds", "load_before", "load_after", "total_wall_s")}
                                | {"niceness": part.get("machine", {}).get("niceness")})
         for rate, runs in [("0%", part["reference"]), *part["runs"].items()]:
             for run in runs:
                 key = (rate, run["strategy"], run["seed"])
-                if key not in seen:
-                    seen.add(key)
-                    (merged["reference"] if rate == "0%" else merged["runs"].setdefault(rate, [])).append(run)
+                never_started = key in chosen and chosen[key]["executed_steps"] == 0 and chosen[key]["error"]
+                if key not in chosen or (never_started and run["executed_steps"] > 0):
+                    chosen[key] = run
+    for (rate, _, _), run in chosen.items():
+        (merged["reference"] if rate == "0%" else merged["runs"].setdefault(rate, [])).append(run)
     merged["seeds"] = sorted({run["seed"] for run in merged["reference"]})
     merged["load_before"] = [p["load_before"] for p in merged["parts"]]
     merged["load_after"] = [p["load_after"] for p in merged["parts"]]
@@ -213,6 +230,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="One seed, shorter cost runs and an easier target.")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0).")
     parser.add_argument("--strategies", nargs="*", default=STRATEGIES, help="Strategies besides none.")
+    parser.add_argument("--rates", nargs="*", default=list(PAPER_P), choices=list(PAPER_P),
+                        help="runs: failure rates, in this order.")
     parser.add_argument("--target", type=float, default=None, help="Target validation loss (2.5; quick 2.7).")
     parser.add_argument("--work", type=Path, default=WORK, help="Where costs.json and runs.json are kept.")
     parser.add_argument("--runs-files", type=Path, nargs="*", default=None,
@@ -224,7 +243,7 @@ def main() -> None:
     if args.part in ("costs", "all"):
         measure_costs(seeds, args.strategies, args.quick, args.work)
     if args.part in ("runs", "all"):
-        measure_runs(seeds, args.strategies, target, max_steps, args.quick, args.work)
+        measure_runs(seeds, args.strategies, target, max_steps, args.quick, args.work, args.rates)
     if args.part in ("report", "all"):
         files = args.runs_files or [args.work / "runs.json"]
         report(json.loads((args.work / "costs.json").read_text()),

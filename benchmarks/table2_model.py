@@ -17,6 +17,7 @@ checkpointing steps costs 3 x 91.5 s.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,13 @@ class StrategyCosts:
 def step_seconds(steps: Sequence[int], wall_times: Sequence[float], window: tuple[int, int]) -> float:
     """Mean seconds per committed step over steps window[0]..window[1], from the commit before the window's first
     step to the window's last (so a save stall inside the window is included); the window must be failure-free."""
+    diffs = step_intervals(steps, wall_times, window)
+    return math.fsum(diffs) / len(diffs)
+
+
+def step_intervals(steps: Sequence[int], wall_times: Sequence[float], window: tuple[int, int]) -> list[float]:
+    """Seconds between consecutive commits for each step of the window (see `step_seconds`); their median is a
+    load-robust check of the mean, blind to save stalls."""
     first, last = window
     try:
         i0 = list(steps).index(first - 1) if first > 1 else -1
@@ -60,8 +68,8 @@ def step_seconds(steps: Sequence[int], wall_times: Sequence[float], window: tupl
         raise ValueError(f"steps {first - 1}..{last} were not all committed; lengthen the cost run") from None
     if list(steps[i0 + 1: i1 + 1]) != list(range(first, last + 1)):
         raise ValueError(f"the window {first}..{last} saw a failure or rollback; move the scheduled kills after it")
-    start = wall_times[i0] if i0 >= 0 else 0.0
-    return (wall_times[i1] - start) / (i1 - i0)
+    times = [wall_times[i0] if i0 >= 0 else 0.0, *wall_times[i0 + 1: i1 + 1]]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def recovery_seconds(wall_times: Sequence[float], kill_offset: float, step_s: float) -> float:

@@ -17,6 +17,7 @@ from table2_model import (
     recovery_seconds,
     seed_interval,
     speedups,
+    step_intervals,
     step_seconds,
 )
 
@@ -29,6 +30,7 @@ def costs_by_seed(costs: dict) -> dict[int, dict[str, StrategyCosts]]:
     """Each cost round's StrategyCosts per seed and strategy (rows that failed are left out)."""
     window = tuple(costs["layout"]["window"])
     out: dict[int, dict[str, StrategyCosts]] = {}
+    medians: dict[int, dict[str, float]] = {}
     for row in costs["rows"]:
         if row["error"]:
             continue
@@ -41,6 +43,9 @@ def costs_by_seed(costs: dict) -> dict[int, dict[str, StrategyCosts]]:
             by_method.setdefault(recovery_kind(failure), []).append(recovery_seconds(row["wall_times"], offset, step_s))
         out.setdefault(row["seed"], {})[row["strategy"]] = StrategyCosts(
             step_s, {m: statistics.mean(v) for m, v in by_method.items()})
+        medians.setdefault(row["seed"], {})[row["strategy"]] = statistics.median(
+            step_intervals(row["steps"], row["wall_times"], window))
+    costs["median_step_s"] = medians  # a load-robust check of the means, kept beside them
     return out
 
 
@@ -68,7 +73,7 @@ def modelled_hours(run: dict, per_seed: dict, fixed_recovery_s: float | None = N
                             fixed_recovery_s=fixed_recovery_s) / 3600
 
 
-def _cost_rows(per_seed: dict) -> tuple[list[str], list[list[str]], dict]:
+def _cost_rows(per_seed: dict, medians: dict) -> tuple[list[str], list[list[str]], dict]:
     strategies = list(dict.fromkeys(s for by in per_seed.values() for s in by))
     seeds = sorted(per_seed)
     summary, rows = {}, []
@@ -77,18 +82,21 @@ def _cost_rows(per_seed: dict) -> tuple[list[str], list[list[str]], dict]:
                  if strategy in per_seed[s]]
         rel = seed_interval([c.step_s / k.step_s for c, k, _ in pairs if k])
         over_none = seed_interval([c.step_s / n.step_s for c, _, n in pairs if n])
+        median_rel = seed_interval([medians[s][strategy] / medians[s]["checkpoint"] for s in seeds
+                                    if strategy in medians.get(s, {}) and "checkpoint" in medians.get(s, {})])
         methods = sorted({m for c, _, _ in pairs for m in c.recovery_s})
         rec = {m: seed_interval([c.recovery_s[m] / k.step_s for c, k, _ in pairs if k and m in c.recovery_s])
                for m in methods}
         summary[strategy] = {"step_ms": [c.step_s * 1e3 for c, _, _ in pairs], "step_vs_checkpoint": rel.__dict__,
-                             "step_vs_none": over_none.__dict__,
+                             "step_vs_none": over_none.__dict__, "median_step_vs_checkpoint": median_rel.__dict__,
                              "recovery_in_checkpoint_steps": {m: i.__dict__ for m, i in rec.items()},
                              "recovery_s": {m: [c.recovery_s[m] for c, _, _ in pairs if m in c.recovery_s]
                                             for m in methods}}
         rows.append([strategy, f"{statistics.mean(c.step_s for c, _, _ in pairs) * 1e3:.1f}", format_interval(rel, ".3f"),
-                     format_interval(over_none, ".3f"),
+                     format_interval(over_none, ".3f"), format_interval(median_rel, ".3f"),
                      "; ".join(f"{m} {format_interval(i, '.1f')}" for m, i in rec.items()) or "-"])
-    header = ["strategy", "ms/step", "x checkpoint's step", "x no-failure step", "recovery (checkpoint steps)"]
+    header = ["strategy", "ms/step", "x checkpoint's step", "x no-failure step", "median x checkpoint's",
+              "recovery (checkpoint steps)"]
     return header, rows, summary
 
 
@@ -144,9 +152,9 @@ def _text(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "-" * (sum(widths) + 2 * len(widths)), *map(line, rows)])
 
 
-def report_tables(per_seed: dict, runs: dict) -> dict:
+def report_tables(per_seed: dict, runs: dict, medians: dict) -> dict:
     """The cost summary and Table 2 (measured and modelled speed-ups with intervals), as data and as text."""
-    cost_header, cost_rows, cost_summary = _cost_rows(per_seed)
+    cost_header, cost_rows, cost_summary = _cost_rows(per_seed, medians)
     header, rows, table = _table_rows(runs, per_seed)
     return {"costs": cost_summary, "table": table, "costs_text": _text(cost_header, cost_rows),
             "table_text": _text(header, rows), "costs_markdown": markdown_table(cost_header, cost_rows),
@@ -209,9 +217,10 @@ def write_notes(path: Path, out: dict) -> Path:
               f"checked every {runs['eval_every']} steps; seeds {runs['seeds']}.")
     parts = "; ".join(f"seeds {p['seeds']} at niceness {p['niceness']}, load average {_loads(p['load_before'])} "
                       f"before and {_loads(p['load_after'])} after" for p in runs.get("parts", []))
-    machine = (f"Costs measured at niceness {costs['machine']['niceness']}, load average (1, 5, 15 min) "
-               f"{_loads(costs['load_before'])} before and {_loads(costs['load_after'])} after, on "
-               f"{costs['machine']['cores']} cores. Runs (not a timing measurement; their wall clock is): {parts}.")
+    cost_machine = costs.get("machine", {})
+    machine = (f"Costs measured at niceness {cost_machine.get('niceness')}, load average (1, 5, 15 min) "
+               f"{_loads(costs['load_before'])} before and {_loads(costs.get('load_after'))} after, on "
+               f"{cost_machine.get('cores')} cores. Runs (not a timing measurement; their wall clock is): {parts}.")
     model = (f"{out['model']['formula']}. Per-step cost c_s: mean wall time between commits over a failure-free "
              "window (copies, replication and save stalls included); recovery: extra wall time around a scheduled "
              "kill (detection + rebuild + retried step), in checkpointing steps.")

@@ -110,11 +110,32 @@ def test_runs_of_separate_processes_merge_with_the_first_file_winning_per_run():
     from paper_table2 import merge_runs
 
     def part(seeds, tag):
-        runs = [{"strategy": "checkpoint", "seed": s, "tag": tag} for s in seeds]
-        return {"seeds": seeds, "reference": [{"strategy": "none", "seed": s, "tag": tag} for s in seeds],
+        runs = [{"strategy": "checkpoint", "seed": s, "tag": tag, "executed_steps": 80, "error": None} for s in seeds]
+        reference = [{"strategy": "none", "seed": s, "tag": tag, "executed_steps": 75, "error": None} for s in seeds]
+        return {"seeds": seeds, "reference": reference,
                 "runs": {"5%": runs}, "load_before": [1.0], "load_after": [2.0], "machine": {"niceness": 10}}
 
     merged = merge_runs([part([1], "own"), part([0, 1], "all")])
     assert merged["seeds"] == [0, 1]
     assert {(r["seed"], r["tag"]) for r in merged["runs"]["5%"]} == {(1, "own"), (0, "all")}
     assert [p["seeds"] for p in merged["parts"]] == [[1], [0, 1]]
+
+
+def test_step_intervals_give_each_step_its_commit_gap():
+    """The gaps between commits per step of the window; their median ignores the one stalled step."""
+    from table2_model import step_intervals
+
+    gaps = step_intervals([1, 2, 3, 4, 5, 6], [0.1, 0.2, 0.3, 0.9, 1.0, 1.1], (2, 5))
+    assert gaps == pytest.approx([0.1, 0.1, 0.6, 0.1])
+
+
+def test_a_run_that_never_started_gives_way_to_a_later_one_that_did():
+    """A run whose stages timed out at start (0 steps, an error) is replaced by the same run from a later file."""
+    from paper_table2 import merge_runs
+
+    def part(executed, error):
+        run = {"strategy": "checkfree", "seed": 0, "executed_steps": executed, "error": error}
+        return {"seeds": [0], "reference": [], "runs": {"5%": [run]}, "load_before": [1.0], "load_after": [1.0]}
+
+    merged = merge_runs([part(0, "GetTimeoutError"), part(90, None)])
+    assert merged["runs"]["5%"] == [{"strategy": "checkfree", "seed": 0, "executed_steps": 90, "error": None}]
