@@ -33,7 +33,9 @@ from checkfree_ray.checkpointing import (
     save_history,
 )
 from checkfree_ray.data import make_corpus
+from checkfree_ray.draining import DrainHandler
 from checkfree_ray.failures import FailureInjector
+from checkfree_ray.hybrid import HybridPolicy, rebuild_strategy
 from checkfree_ray.model import ModelConfig
 from checkfree_ray.pool import StagePool
 from checkfree_ray.recovering import StageLost, phase_of, unanswering
@@ -42,7 +44,7 @@ from checkfree_ray.saving import SAVE_TIMEOUT_S, CheckpointSaver
 from checkfree_ray.schedule import lr_factor
 from checkfree_ray.schedules import gpipe_order, step_order
 from checkfree_ray.stage import initial_states
-from checkfree_ray.transport import Transport, may_be_direct, open_transport
+from checkfree_ray.transport import Transport, connect_or_lose, may_be_direct, open_transport
 from schemas.errors import RecoveryError
 from schemas.train import FailureRecord, TrainSpec
 
@@ -66,14 +68,17 @@ class History:
     rolled_back: list[bool] = field(default_factory=list)  # per entry of `steps`: discarded by a later rollback
     recovery_phases: list[dict[str, float]] = field(default_factory=list)  # seconds from detection, per recovery
     costs: dict[str, float] = field(default_factory=dict)
+    checkpoint_intervals: list[dict] = field(default_factory=list)  # hybrid: each interval chosen, and why
 
 
 class PipelineExecutor:
-    """One executor for every strategy: none, checkpoint, redundant, checkfree, checkfree+."""
+    """One executor for every strategy: none, checkpoint, redundant, checkfree, checkfree+, hybrid (CheckFree+'s
+    rebuilds with checkpoints at the interval of `hybrid.HybridPolicy`)."""
 
     def __init__(self, spec: TrainSpec, checkpoint_uri: str | None = None, run: RunIdentity | None = None):
         self.spec, self.S = spec, spec.pipeline.num_stages
-        self.strategy = spec.recovery.strategy
+        self.strategy = rebuild_strategy(spec.recovery.strategy)  # how lost stages are rebuilt
+        self.hybrid = HybridPolicy.from_spec(spec) if spec.recovery.strategy == "hybrid" else None
         self.cfg = ModelConfig.from_train_spec(spec)
         self.corpus = make_corpus(spec.data, spec.model.seq_len, spec.seed)
         self.injector = FailureInjector(spec.failures, self.S)
@@ -86,6 +91,9 @@ class PipelineExecutor:
         self.grad_norms: list[dict[str, float]] = [{"blocks": 0.0, "stage": 0.0} for _ in range(self.S)]
         self.before_step: list[Callable[[PipelineExecutor, int], None]] = []
         self.after_recovery: list[Callable[[PipelineExecutor, int, list[int]], None]] = []
+        self.drain = DrainHandler.for_spec(spec)  # preemption notices: hand-offs between steps (draining.py)
+        if self.drain is not None:
+            self.before_step.append(self.drain)
         self.pool: StagePool | None = None
         self.transport = Transport()  # the object store until `start` picks `pipeline.activation_transport`
         self.actors: list = []
@@ -219,7 +227,7 @@ class PipelineExecutor:
         """One step, submitted at once; the driver waits once per phase (bounded), never per micro-batch.
         Raises `StageLost`."""
         self._drain_abandoned()
-        self.transport.connect(self.actors)  # a new group after a recovery replaced a stage (no-op otherwise)
+        connect_or_lose(self.transport, self.actors, self.step_timeout())  # new group after a recovery, else no-op
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
         loss_refs, done_refs, calls = self._launch(inputs, targets)
@@ -352,9 +360,11 @@ class PipelineExecutor:
 
     def _save_checkpoint(self, step: int) -> None:
         """After each commit: write the manifest of a save whose shards are all written (`saving.py`); every
-        `checkpoint_every()` steps start a new save (the stages write their own shards while the next steps run)."""
+        `checkpoint_every()` steps (hybrid: when its policy says) start a new save (the stages write their own
+        shards while the next steps run)."""
         self.saver.finish(wait_s=0.0)
-        if step % self.spec.checkpoint_every():
+        due = self.hybrid.due(step, self.history) if self.hybrid is not None else step % self.spec.checkpoint_every() == 0
+        if not due:
             return
         metadata = {"grad_norms": [dict(n) for n in self.grad_norms], "spec": self.spec.model_dump(mode="json"),
                     "failures_fired": sorted(self.injector.fired), "resumed_from": self.resumed_from,

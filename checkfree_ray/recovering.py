@@ -75,6 +75,8 @@ def _finished(ref) -> bool:
         return True  # ready, its value just slow to fetch: an error would have been there at once
     except ray.exceptions.RayError:
         return False
+    except ValueError:  # a Ray Direct Transport value, which the driver may not fetch: it exists, so it finished
+        return True
     return True
 
 
@@ -174,10 +176,17 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
         # step the others do not (a step commits on every stage or is run again).
         ray.get([ex.actors[i].revert_step.remote() for i in survivors], timeout=ex.step_timeout())
     lr = recovered_lr(spec.optim.lr, rec.lr_scale)
-    configured, warm, pings = [], [], []
-    for rebuild in plan.rebuilds:
-        actor, was_warm = ex.pool.take()
-        pings.append(actor.ping.remote())  # ahead of `configure`, which waits for its sources
+    avoid = ex.drain.avoid_nodes() if ex.drain is not None else frozenset()  # never onto a draining node
+    takes = [ex.pool.take(avoid_nodes=avoid) for _ in plan.rebuilds]
+    pings = [actor.ping.remote() for actor, _ in takes]  # ahead of `configure`, which waits for its sources
+    if ex.transport.direct:  # device to device: the replacements join the group before their sources send to them
+        wait_scheduled(ex, pings, [r.stage for r in plan.rebuilds])
+        members = list(ex.actors)
+        for rebuild, (actor, _) in zip(plan.rebuilds, takes):
+            members[rebuild.stage] = actor
+        ex.transport.connect(members)
+    configured, warm = [], []
+    for rebuild, (actor, was_warm) in zip(plan.rebuilds, takes):
         src = [ex.actors[s] for s in rebuild.sources]
         if rebuild.method == "checkfree" and not rebuild.sources:  # the "random" and "identity" rules
             blocks = reinitialised_blocks(ex.cfg, rebuild.stage, reinit_seed(spec.seed, step, rebuild.stage),
@@ -185,11 +194,10 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
             ref = actor.configure.remote(rebuild.stage, lr, blocks)
         elif rebuild.method == "checkfree":  # the recipe's neighbours and weights; the actor only sums
             _count_clip(ex, rebuild.stage)
-            ref = actor.configure.remote(rebuild.stage, lr, *[n.get_state.remote((BLOCKS,)) for n in src],
+            ref = actor.configure.remote(rebuild.stage, lr, *[_blocks_of(ex, n) for n in src],
                                          weights=rebuild.weights)
         elif rebuild.method == "copy":  # CheckFree+: the swap partner's blocks + the (de)embedding copy
-            ref = actor.configure.remote(rebuild.stage, lr, src[0].get_state.remote((BLOCKS,)),
-                                         src[0].get_copy.remote())
+            ref = actor.configure.remote(rebuild.stage, lr, _blocks_of(ex, src[0]), src[0].get_copy.remote())
         else:  # redundant: the predecessor's exact backup, Adam and lr included
             ref = actor.configure.remote(rebuild.stage, None, src[0].get_backup.remote())
         configured.append(ref)
@@ -256,8 +264,20 @@ def record_failure(ex: PipelineExecutor, step: int, stage: int, method: str, los
         death_to_retry_s=done - killed_at if killed_at is not None else None,
         rolled_back_to=rolled_back_to, warm_standby=warm,
         phase="recovery" if relost_reason else ex._phase_of_lost(stage, lost.phases.get(stage, "recovery")),
-        reason=relost_reason or lost.reasons.get(stage, "died"),
+        reason=relost_reason or _reason(ex, stage, lost.reasons.get(stage, "died")),
     ))
+
+
+def _reason(ex: PipelineExecutor, stage: int, reason: str) -> str:
+    """`reason`, or why a stage that died had not been handed off although its node had a notice (draining.py)."""
+    noticed = ex.drain.reason_for_loss(stage) if ex.drain is not None and reason == "died" else None
+    return noticed or reason
+
+
+def _blocks_of(ex: PipelineExecutor, source) -> ray.ObjectRef:
+    """A source stage's blocks for a rebuild: device to device by the run's direct transport when it has one
+    (`transport.py`), else through the object store."""
+    return ex.transport.submit(source, "get_state", True, (BLOCKS,))
 
 
 def _count_clip(ex: PipelineExecutor, stage: int) -> None:

@@ -53,6 +53,13 @@ def stage_device(num_gpus: float) -> torch.device:
     return torch.device("cuda", 0)
 
 
+def _ray_nccl_available() -> bool:
+    """Whether Ray's NCCL collective backend loaded in this process (it needs cupy beside CUDA)."""
+    from ray.util.collective import collective
+
+    return collective.nccl_available()
+
+
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     """Bytes held by the tensors of a flat state."""
     return sum(t.numel() * t.element_size() for t in state.values())
@@ -91,8 +98,7 @@ class StageWorker:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "stage": self.stage_index,
                 "torch_threads": torch.get_num_threads(), "device": str(self.device),
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-                "nccl": self.device.type == "cuda" and torch.distributed.is_available()
-                and torch.distributed.is_nccl_available()}
+                "nccl": self.device.type == "cuda" and _ray_nccl_available()}
 
     def warm_up(self) -> dict:
         """Standby: one throwaway training step of a whole model on one sequence, so that lazy imports and
@@ -195,14 +201,17 @@ class StageWorker:
                                                for k, v in fields.items()}
 
     # ----- state for recovery and checkpoints --------------------------------------------------------------
-    def get_state(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD), include_optim: bool = False) -> FlatState:
-        """Flat state of `parts` (those this stage has), with Adam state and lr when `include_optim`."""
+    def get_state(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD), include_optim: bool = False,
+                  as_tensor: bool = False) -> FlatState:
+        """Flat state of `parts` (those this stage has), with Adam state and lr when `include_optim`; copied to
+        the CPU, or kept on this stage's device with `as_tensor` (Ray Direct Transport: device to device)."""
         self._fault("get_state")
+        device = self.device if as_tensor else torch.device("cpu")
         state: FlatState = {}
         for part in parts:
             if part in self.parts:
                 for name, tensor in self.parts[part].state_dict().items():
-                    state[f"model/{part}/{name}"] = tensor.detach().to("cpu", copy=True)
+                    state[f"model/{part}/{name}"] = tensor.detach().to(device, copy=True)
         if include_optim:
             for name, param in self._named_parameters():
                 if name.split("/", 1)[0] in parts:

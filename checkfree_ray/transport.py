@@ -6,7 +6,10 @@ CPU processes. The object store stays the default and the fallback.
 
 What Ray 2.60's RDT does that shapes this module (measured with gloo on CPU):
 - the actors must first join one collective group (`ray.experimental.collective.create_collective_group`);
-  a replacement actor means a new group, so the group is rebuilt after every recovery (`connect`);
+  a replacement actor means a new group, so the group is formed again after every recovery (`connect`). Ray's
+  gloo backend cannot do that (it makes torch's default process group once per process and builds every group
+  inside it), so a gloo run falls back to the object store at its first recovery; NCCL groups (Ray's NCCLGroup,
+  which needs cupy) are made per group and are formed again, untested here for lack of a GPU;
 - the driver cannot `ray.get` an RDT value of a two-sided transport (ValueError), so a hop whose value the
   driver reads (the loss, the last backward, which returns None) always goes through the object store;
 - when a transfer fails because its producer died, Ray kills the consumer too and destroys the group: under
@@ -27,7 +30,7 @@ OBJECT_STORE, NCCL, GLOO = "object_store", "nccl", "gloo"
 DIRECT = (NCCL, GLOO)
 # 'auto' uses NCCL only where a lost stage costs the whole model anyway (see the module docstring).
 NCCL_AUTO_STRATEGIES = ("none", "checkpoint")
-GROUP_TIMEOUT_S = 120.0
+GROUP_TIMEOUT_S = 60.0
 
 
 def select_transport(requested: str, num_gpus_per_stage: float, stages_have_nccl: Sequence[bool],
@@ -99,11 +102,19 @@ class Transport:
 
     def connect(self, actors: Sequence, timeout_s: float = GROUP_TIMEOUT_S) -> None:
         """Make `actors` (in stage order) the collective group, unless they already are (bounded; a group that
-        cannot be made within `timeout_s` means falling back to the object store)."""
+        cannot be made within `timeout_s` means falling back to the object store).
+
+        Every member must answer a ping first: a dead one raises its `RayActorError` (the caller recovers it), since
+        the live members would otherwise wait in the group's rendezvous for a rank that never comes."""
         if not self.direct or self.connected(actors):
             return
         from ray.experimental.collective import create_collective_group, destroy_collective_group
 
+        if self.group is not None and self.name == GLOO:
+            self.fall_back("Ray 2.60's gloo backend cannot put the surviving stages in a new group with a "
+                           "replacement (torch's default process group is made once per process)")
+            return
+        ray.get([a.ping.remote() for a in actors], timeout=timeout_s)
         if self.group is not None:  # the old group names an actor that is gone (Ray may have destroyed it)
             _bounded(lambda: destroy_collective_group(self.group), timeout_s, swallow=(ValueError, ray.exceptions.RayError))
         self.group, self.members = None, []
@@ -147,3 +158,19 @@ def _bounded(call, timeout_s: float, swallow: tuple[type[BaseException], ...] = 
     if thread.is_alive():
         return TimeoutError(f"no answer within {timeout_s:.0f}s")
     return box.get("value")
+
+
+def connect_or_lose(transport: Transport, actors: Sequence, timeout_s: float) -> None:
+    """`transport.connect(actors)` before a step; a stage found dead or silent meanwhile (Ray Direct Transport
+    kills both ends of a failed transfer) raises `StageLost` in phase 'before_step', so that it is recovered."""
+    from checkfree_ray.recovering import PING_TIMEOUT_S, StageLost, unanswering
+
+    try:
+        transport.connect(actors, timeout_s=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        dead, silent = unanswering(list(actors), min(PING_TIMEOUT_S, timeout_s))
+        for stage in silent:
+            ray.kill(actors[stage], no_restart=True)
+        if not dead + silent:
+            raise
+        raise StageLost(dead + silent, "before_step", reasons=dict.fromkeys(silent, "timeout")) from None
