@@ -127,3 +127,28 @@ def test_fidelity_goal_needs_half_the_samples_and_no_loss():
     assert fidelity.goal_met(row)
     worse = [summary_row([f + 5 for f in r["winner_holdout_fids"]], {}, seed=r["seed"], samples=24000) for r in cheap]
     assert not fidelity.goal_met(fidelity.config_row("SH", worse, flat))
+
+
+def test_claims_that_do_not_reproduce_say_why_in_numbers():
+    """A claim short of a win names the measured gap behind it (NFE: what one more step buys the base)."""
+    claims = load("paper_claims")
+    cm = summary_row([40.0, 41.0, 42.0], {"last": [50.0, 52.0, 51.0], "run-ema": [45.0, 46.0, 47.0],
+                                         "uniform": [44.0, 45.0, 46.0], "best-sparse-ema@0.9": [43.0, 44, 45]})
+    cm_base = {"holdout_fids": {"run-ema": [30.0, 31.0, 32.5], "last": [35.0, 36.0, 37.0]}}
+    nfe = next(c for c in claims.build_claims({"cm": cm}, cm_base) if c["claim"].startswith("NFE"))
+    line = claims.notes([nfe], {"cm": cm}, cm_base)[0]
+    assert "does not reproduce" in line
+    assert "-14.83" in line  # a second step: base at 2 minus base at 1 = (-15, -15, -14.5) on average
+    assert "-5.00" in line  # LCSC at 1 step minus the base at 1 step
+
+
+def test_optimiser_configs_are_paired_with_the_default_by_seed():
+    """Each configuration is compared with the default CMA on the optimiser seeds both ran."""
+    optimizers = load("search_optimizers")
+    default = [summary_row([60.0 + s, 61.0 + s], {}, seed=s) for s in (0, 1, 2)]
+    other = [summary_row([63.0 + s + 0.1 * s, 64.0 + s], {}, seed=s) for s in (0, 1)]
+    for r in default + other:
+        r["comparisons"], r["winner_search_fid"] = {}, 50.0
+    row = optimizers.config_row("NGOpt b3 s0.15", other, default)
+    assert row["vs_default"]["num_seeds"] == 2
+    assert row["vs_default"]["mean"] == pytest.approx(3.025)  # seed 0: 63.5 - 60.5; seed 1: 64.55 - 61.5
