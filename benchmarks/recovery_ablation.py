@@ -43,7 +43,7 @@ from schemas.train import TrainSpec
 RULES = ["weighted", "average", "copy", "random", "identity", "exact"]
 SCALES = {  # model and pipeline of each scale; steps to the plateau (CheckFree, CheckFree+); steps measured after
     "small": {"model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64}, "steps": 3000, "steps_plus": 1000,
-              "after": 30, "stages": [1, 2]},
+              "start": 2000, "after": 30, "stages": [1, 2]},
     # 2 blocks per stage at the same width: what fitted beside the small scale on the shared cores (load 15-40)
     "deep": {"model": {"d_model": 64, "n_layers": 8, "n_heads": 4, "seq_len": 64}, "steps": 800, "after": 30,
              "stages": [1]},
@@ -104,15 +104,15 @@ def with_recovery(spec: TrainSpec, **changes) -> TrainSpec:
     return spec.model_copy(update={"recovery": spec.recovery.model_copy(update=changes)})
 
 
-def measure_seed(pipeline: LocalPipeline, plateau, spec: TrainSpec, seed: int, cases: list[dict], after: int,
-                 val, log) -> dict:
+def measure_seed(pipeline: LocalPipeline, plateau, spec: TrainSpec, start: int, seed: int, cases: list[dict],
+                 after: int, val, log) -> dict:
     """One seed: continue the plateau on the seed's data, lose a stage after the seed's delay, and measure the
     twin and every case ({stage, rule, lr_scale, variant}) from the same snapshot."""
     corpus = make_corpus(spec.data, spec.model.seq_len, seed)
     pipeline.spec = spec
     pipeline.restore(plateau)
-    fail_step = spec.steps + failure_delay(seed)
-    for step in range(spec.steps + 1, fail_step):
+    fail_step = start + failure_delay(seed)
+    for step in range(start + 1, fail_step):
         pipeline.train_step(step, corpus)
     before = pipeline.snapshot()
     offsets = eval_offsets(after)
@@ -152,14 +152,15 @@ def measure_scale(name: str, scale: dict, strategy: str, seeds: list[int], stage
     """Every seed of one scale and strategy, from its cached plateau model."""
     spec = plateau_spec(scale, strategy)
     val = validation_set(spec)
-    log(f"{name} / {strategy}: plateau model ({spec.steps} steps)")
-    pipeline, history = trained_pipeline(spec, val, log=log)
+    start = scale.get("start", spec.steps) if strategy == "checkfree" else spec.steps
+    log(f"{name} / {strategy}: trained model at step {start} of its run's {spec.steps}")
+    pipeline, history = trained_pipeline(spec, val, until=start, log=log)
     plateau = pipeline.snapshot()
     cases = cases_for(strategy, stages, lr_scales, variants)
     started = time.monotonic()
-    per_seed = [measure_seed(pipeline, plateau, spec, seed, cases, scale["after"], val, log) for seed in seeds]
+    per_seed = [measure_seed(pipeline, plateau, spec, start, seed, cases, scale["after"], val, log) for seed in seeds]
     return {"scale": name, "strategy": strategy, "model": scale["model"], "pipeline": PIPELINE,
-            "plateau_steps": spec.steps, "after": scale["after"], "parameters": pipeline.cfg.parameter_count(),
+            "plateau_steps": start, "run_steps": spec.steps, "after": scale["after"], "parameters": pipeline.cfg.parameter_count(),
             "plateau": {"val_steps": history.val_steps, "val_losses": history.val_losses},
             "seeds": per_seed, "measure_wall_s": time.monotonic() - started}
 

@@ -158,7 +158,8 @@ def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -
         out.append(f"### {res['scale']}, {res['strategy']}: d={m['d_model']}, {m['n_layers']} layers "
                    f"({m['n_layers'] // res['pipeline']['num_stages']} per stage), "
                    f"{res['parameters'] / 1e6:.2f}M parameters")
-        out.append(f"- Plateau model: {res['plateau_steps']} steps, validation loss "
+        out.append(f"- Trained model: step {res['plateau_steps']} of a {res.get('run_steps', res['plateau_steps'])}-step "
+                   f"run at a constant learning rate, validation loss "
                    f"{plateau['val_losses'][-1]:.4f}{tail}. Seeds {sorted({s['seed'] for s in res['seeds']})}, failure "
                    f"steps {sorted({s['fail_step'] for s in res['seeds']})}, measured for {res['after']} steps.")
         by = {(r["lr_scale"], r["stage"], r["rule"]): r for r in rows}

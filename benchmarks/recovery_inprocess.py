@@ -152,19 +152,24 @@ def cache_uri(spec: TrainSpec) -> str:
     return str(CACHE / digest(spec_inputs(spec))[:16])
 
 
-def trained_pipeline(spec: TrainSpec, val: tuple[torch.Tensor, torch.Tensor], every: int = 250,
-                     log: Callable[[str], None] = print) -> tuple[LocalPipeline, History]:
-    """`spec` trained for `spec.steps` steps, from the cached engine checkpoint when there is one.
+def trained_pipeline(spec: TrainSpec, val: tuple[torch.Tensor, torch.Tensor], until: int | None = None,
+                     every: int = 250, log: Callable[[str], None] = print) -> tuple[LocalPipeline, History]:
+    """`spec`'s run trained up to step `until` (default `spec.steps`), from its cached engine checkpoint.
 
     Trains (resuming from the newest checkpoint of an interrupted run) with a validation loss every `every` steps,
     saving an engine checkpoint (one shard per stage, the gradient norms and spec in the metadata, the history)
-    at each. Returns the pipeline at step `spec.steps` and its training history.
+    at each. Returns the pipeline at step `until` and its training history. The run keeps one checkpoint, so a
+    cache already past `until` is refused.
     """
+    until = spec.steps if until is None else until
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": cache_uri(spec)})})
     run = open_run(spec)
     store = CheckpointStore(f"{spec.output.uri}/checkpoints", keep=1, run=run)
     pipeline, history, start = LocalPipeline(spec), History(), 0
     latest = store.latest()
+    if latest is not None and latest > until:
+        raise ValueError(f"the cached run {store.uri} is at step {latest}, past the requested {until}; ask for "
+                         f"step {latest} or delete {spec.output.uri} to retrain")
     if latest is not None:
         checkpoint = store.load(latest, pipeline.S)
         pipeline.restore(([load_safetensors(s) for s in checkpoint.shards], checkpoint.metadata["grad_norms"]))
@@ -173,10 +178,10 @@ def trained_pipeline(spec: TrainSpec, val: tuple[torch.Tensor, torch.Tensor], ev
         log(f"  trained model: step {latest} from {store.checkpoint_uri(latest)}")
     corpus = make_corpus(spec.data, spec.model.seq_len, spec.seed)
     began = time.monotonic()
-    for step in range(start + 1, spec.steps + 1):
+    for step in range(start + 1, until + 1):
         history.steps.append(step)
         history.losses.append(pipeline.train_step(step, corpus))
-        if step % every == 0 or step == spec.steps:
+        if step % every == 0 or step == until:
             history.val_steps.append(step)
             history.val_losses.append(pipeline.evaluate(*val))
             metadata = {"grad_norms": pipeline.grad_norms, "spec": spec.model_dump(mode="json"),
