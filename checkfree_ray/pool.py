@@ -94,14 +94,20 @@ class StagePool:
         ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s) if pings else ([], [])
         return len(ready)
 
-    def take(self) -> tuple[object, bool]:
+    def has_ready_standby(self) -> bool:
+        """Whether a standby has finished its warm-up (a hand-off or recovery would then not wait for a process)."""
+        pings = [ping for _, ping in self.standbys]
+        return bool(pings) and bool(ray.wait(pings, num_returns=1, timeout=0)[0])
+
+    def take(self, avoid_nodes: frozenset[str] = frozenset()) -> tuple[object, bool]:
         """An actor for a lost stage and whether it is a standby (warm).
 
         The caller refills the pool (`refill_standby`) once the recovery is done, so that new processes
         starting do not compete for the cores with the recovery itself.
 
         The first standby that is up; when none is up yet, the first to come up (a standby that is
-        starting is never slower than a new process); with no standby, a new actor.
+        starting is never slower than a new process); with no standby, a new actor. Standbys on `avoid_nodes`
+        (draining nodes) are killed, never handed out.
         """
         actor, warm = None, False
         while self.standbys and actor is None:
@@ -115,7 +121,10 @@ class StagePool:
             index = pings.index(ready[0])
             candidate, ping = self.standbys.pop(index)
             try:
-                ray.get(ping, timeout=READY_TIMEOUT_S)  # already answered: ray.wait returned it
+                info = ray.get(ping, timeout=READY_TIMEOUT_S)  # already answered: ray.wait returned it
+                if info["node_id"] in avoid_nodes:
+                    ray.kill(candidate, no_restart=True)
+                    continue
                 actor, warm = candidate, True
             except ray.exceptions.RayActorError:
                 log.warning("a warm standby died too; trying the next")

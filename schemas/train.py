@@ -12,7 +12,7 @@ from schemas.common import OutputSpec, RaySpec, StrictModel
 Strategy = Literal["none", "checkpoint", "redundant", "checkfree", "checkfree+"]
 # How one lost stage came back: gradient-weighted average of its neighbours, copy of its CheckFree+ swap
 # partner, the predecessor's redundant backup, or a rollback of the whole model to a checkpoint.
-RecoveryMethod = Literal["checkfree", "copy", "redundant", "checkpoint"]
+RecoveryMethod = Literal["checkfree", "copy", "redundant", "checkpoint", "handoff"]
 # Where a step was when a stage was lost (FailureRecord.phase).
 FailurePhase = Literal["before_step", "forward", "backward", "optimizer", "checkpoint_save", "recovery"]
 
@@ -186,6 +186,13 @@ class RecoverySpec(StrictModel):
     )
     copy_every: int = Field(default=1, ge=1, description="CheckFree+: steps between (de)embedding copies.")
     max_step_retries: int = Field(default=3, ge=0, description="Retries of one step before the run fails.")
+    drain_poll_s: float | None = Field(
+        default=2.0, gt=0,
+        description="Seconds between the coordinator's looks (between two steps) at Ray's draining nodes; a stage "
+        "whose node is draining (a preemption notice) is handed off exactly, weights and Adam, to a standby on "
+        "another node before the deadline, or left to this strategy's recovery when the deadline is too short for "
+        "the copy. None: draining nodes are not watched.",
+    )
 
 
 class CheckpointingSpec(StrictModel):
@@ -294,7 +301,8 @@ class FailureRecord(StrictModel):
     stage: int = Field(description="Index of the lost stage.")
     method: RecoveryMethod = Field(
         description="How it was recovered: 'checkfree' (neighbours' average), 'copy' (CheckFree+ swap partner), "
-        "'redundant' (predecessor's backup) or 'checkpoint' (rollback)."
+        "'redundant' (predecessor's backup), 'checkpoint' (rollback) or 'handoff' (its node was draining: its "
+        "exact state, weights and Adam, moved to a standby on another node between two steps; nothing lost)."
     )
     detection_s: float = Field(description="Seconds from the kill to its detection.")
     recovery_s: float = Field(description="Seconds from detection until the retried step started.")
@@ -310,9 +318,12 @@ class FailureRecord(StrictModel):
         "stages had stepped: the step commits, the lost stage rebuilt from the same step's neighbours), "
         "'checkpoint_save', or 'recovery' (while another stage was being rebuilt).",
     )
-    reason: Literal["died", "timeout"] = Field(
+    reason: Literal["died", "timeout", "drain", "drain_deadline_short", "drain_handoff_failed"] = Field(
         default="died", description="'died': its process was gone; 'timeout': it did not answer within the step "
-        "timeout (`recovery.step_timeout_s`) and was killed."
+        "timeout (`recovery.step_timeout_s`) and was killed; 'drain': its node was draining and it was handed off; "
+        "'drain_deadline_short': its node was draining but the deadline left less time than the copy needed, so it "
+        "was recovered once lost; 'drain_handoff_failed': its hand-off failed (a stage or node died during it, or no "
+        "standby off the draining nodes), so it was recovered once lost."
     )
 
 

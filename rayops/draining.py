@@ -1,0 +1,52 @@
+"""Ray's draining nodes (preemption notices), read by both engines between units of work.
+
+A node drains, with a deadline, on `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
+--deadline-remaining-seconds N` (what `cluster/spot_drain.py` runs on an AWS spot notice and KubeRay's preStop hook
+on an eviction). Ray 2.60 reports draining nodes as `{node_id_hex: deadline_ms}` (0: no deadline); Ray Train V2
+polls the same call (`ray.train.PreemptionError`). CheckFree hands stages off (`checkfree_ray/draining.py`); LCSC
+replaces evaluators (`lcsc_ray/draining.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import ray
+
+log = logging.getLogger(__name__)
+GCS_TIMEOUT_S = 5.0  # one look at the draining nodes; a GCS that does not answer means "no news" this time
+
+
+DrainSource = Callable[[], dict[str, int]]  # {node_id_hex: deadline in ms since the epoch; 0 = none}
+
+
+def gcs_draining_nodes() -> dict[str, int]:
+    """Ray's draining nodes and their deadlines, `{node_id_hex: deadline_ms}` (0: no deadline); bounded call."""
+    return dict(ray._private.worker.global_worker.gcs_client.get_draining_nodes(timeout=GCS_TIMEOUT_S))
+
+
+class DrainWatcher:
+    """Draining nodes, asked of `source` at most once every `poll_every_s` (in between, the last answer)."""
+
+    def __init__(self, source: DrainSource | None = None, poll_every_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.source = source or gcs_draining_nodes
+        self.poll_every_s, self.clock = poll_every_s, clock
+        self.last: dict[str, int] = {}
+        self.polls = 0
+        self._next_at = float("-inf")
+
+    def poll(self, force: bool = False) -> dict[str, int]:
+        """`{node_id_hex: deadline_ms}` of the draining nodes (a failed look keeps the last answer)."""
+        now = self.clock()
+        if not force and now < self._next_at:
+            return self.last
+        self._next_at = now + self.poll_every_s
+        self.polls += 1
+        try:
+            self.last = dict(self.source())
+        except (ray.exceptions.RayError, TimeoutError, ConnectionError, OSError) as exc:
+            log.warning("could not read Ray's draining nodes (%s); looking again in %.1fs", exc, self.poll_every_s)
+        return self.last
