@@ -10,7 +10,7 @@ Three parts, each its own command (so that only the timing measurement runs at n
 `report --runs-files DIR1/runs.json DIR2/runs.json`, use more of a machine's cores.) Runtime on 2 shared cores: costs ~2 min per seed (quick: ~1 min, one seed);
 runs ~6-10 min per seed (quick: ~3 min, one seed, an easier target); report seconds. Default seeds 0 1 2.
 
-**costs** trains each strategy (none, checkpoint, redundant, checkfree, checkfree+; `--strategies` adds more)
+**costs** trains each strategy (none, checkpoint, redundant, checkfree, checkfree+, hybrid; `--strategies` picks)
 side by side in paired rounds, one round per seed in a rotated order, without drawn failures: the mean wall
 time per committed step over a fixed window (CheckFree+'s swap and (de)embedding copies, redundant
 computation's replication and checkpointing's save stall are all in it), then four scheduled kills (a middle
@@ -55,7 +55,7 @@ __all__ = ["RESULTS", "bench_spec", "run_one"]  # recovery_ablation.py imports t
 PAPER_P = {"5%": 0.0009, "10%": 0.002, "16%": 0.004}  # per stage per iteration (paper, Table 2 setting)
 FAILURE_SCALE = 5.0
 PAPER_CHECKPOINT_EVERY = 100
-STRATEGIES = ["checkpoint", "redundant", "checkfree", "checkfree+"]
+STRATEGIES = ["checkpoint", "redundant", "checkfree", "checkfree+", "hybrid"]
 COLORS = {"checkpoint": "tab:green", "redundant": "tab:red", "checkfree": "tab:blue", "checkfree+": "tab:orange",
           "hybrid": "tab:purple"}
 # Cost runs: the per-step window, then a middle-stage and an outer-stage kill, then a few steps to recover.

@@ -57,6 +57,8 @@ def _progress_fields(executor: PipelineExecutor, tokens_per_step: int, peak_flop
         fields["mfu"] = utilisation
     if h.val_losses:
         fields |= {"val_loss": h.val_losses[-1], "val_ppl": math.exp(h.val_losses[-1])}
+    if h.checkpoint_intervals:  # hybrid: the checkpoint interval now (its reasons are in the log and the result)
+        fields["ckpt_every"] = h.checkpoint_intervals[-1]["every"]
     return fields | {"failures": len(h.failures), "last_recovery_s": last if last is not None else "-"}
 
 
@@ -77,6 +79,7 @@ def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None,
     pipe = spec.pipeline
     tokens_per_step = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len
     step, failures_seen = first_step, len(executor.history.failures)
+    intervals_seen = len(executor.history.checkpoint_intervals)
     while step <= spec.steps:
         step_done = step
         step = executor.run_step(step)
@@ -87,6 +90,9 @@ def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None,
                               f"in {failure.recovery_s:.3f}s" + (f" (rolled back to {failure.rolled_back_to})"
                                                                  if failure.rolled_back_to is not None else ""))
             failures_seen = len(h.failures)
+            for chosen in h.checkpoint_intervals[intervals_seen:]:  # hybrid: each new interval and why
+                progress.emit(f"checkpoint every {chosen['every']} steps from step {chosen['step']}: {chosen['reason']}")
+            intervals_seen = len(h.checkpoint_intervals)
             progress.update(done=min(step - 1, spec.steps), **_progress_fields(executor, tokens_per_step, peak_flops))
         if step == step_done + 1 and (step_done % spec.eval_every == 0 or step_done == spec.steps):
             value = executor.evaluate(step_done)
@@ -114,6 +120,7 @@ def build_result(executor: PipelineExecutor, wall_time_s: float, peak_flops: flo
         tokens_per_s=tokens_per_s, model_parameters=executor.cfg.parameter_count(),
         mfu=mfu(tokens_per_s, executor.cfg.parameter_count(), peak_flops, executor.S),
         median_step_s=_median(h.step_times), wall_time_s=wall_time_s, costs=dict(h.costs),
+        checkpoint_intervals=h.checkpoint_intervals,
         versions=_versions(), resumed_from=list(executor.resumed_from),
         run_id=executor.checkpoints.run.run_id if executor.checkpoints is not None else None,
     )

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from schemas.common import OutputSpec, RaySpec, StrictModel
 
-Strategy = Literal["none", "checkpoint", "redundant", "checkfree", "checkfree+"]
+Strategy = Literal["none", "checkpoint", "redundant", "checkfree", "checkfree+", "hybrid"]
 # How one lost stage came back: gradient-weighted average of its neighbours, copy of its CheckFree+ swap
 # partner, the predecessor's redundant backup, or a rollback of the whole model to a checkpoint.
 RecoveryMethod = Literal["checkfree", "copy", "redundant", "checkpoint", "handoff"]
@@ -158,7 +158,12 @@ class OptimSpec(StrictModel):
 class RecoverySpec(StrictModel):
     """What happens when a stage is lost."""
 
-    strategy: Strategy = Field(default="checkfree+", description="Recovery strategy.")
+    strategy: Strategy = Field(
+        default="checkfree+",
+        description="Recovery strategy. 'hybrid': CheckFree+ rebuilds a single lost stage, and asynchronous "
+        "checkpoints, every Young/Daly interval sqrt(2 x save cost x MTBF) re-tuned as failures are seen "
+        "(`recovery.expected_mtbf_s`), catch two adjacent stages lost together (rolled back to the latest one).",
+    )
     lr_scale: float = Field(default=1.1, gt=0, description="LR multiplier of a rebuilt stage (not compounding).")
     epsilon: float = Field(default=1e-4, gt=0, description="Added to each neighbour's gradient norm (paper: 1e-4).")
     grad_norm: Literal["post_clip", "pre_clip"] = Field(
@@ -176,6 +181,12 @@ class RecoverySpec(StrictModel):
         description="Seconds a step may take before the stages that do not answer are treated as lost (killed, "
         "rebuilt, recorded with reason 'timeout'). None: max(30 s, 10x the median step), 300 s until a step "
         "has been measured.",
+    )
+    expected_mtbf_s: float | None = Field(
+        default=None, gt=0,
+        description="Hybrid: the prior mean seconds between losses of one stage (its node), worth one failure in "
+        "the estimate that the failures seen then update. None: from `failures.hourly_rate` or "
+        "`failures.probability_per_step`, else 5% per stage per hour (the paper's lowest rate).",
     )
     rule: Literal["weighted", "average", "copy", "random", "identity"] = Field(
         default="weighted",
@@ -199,7 +210,8 @@ class CheckpointingSpec(StrictModel):
     """Periodic full-model checkpoints (the baseline, and the fallback of every strategy)."""
 
     every: int | None = Field(
-        default=None, ge=1, description="Steps between checkpoints; None: only the 'checkpoint' strategy uses 100."
+        default=None, ge=1, description="Steps between checkpoints; None: only the 'checkpoint' strategy uses 100. "
+        "'hybrid': the most steps between its checkpoints (Young/Daly chooses within; None: 1000)."
     )
     uri: str | None = Field(default=None, description="Where checkpoints go; None: `output.uri`/checkpoints.")
     keep: int = Field(default=2, ge=1, description="Complete checkpoints kept.")
@@ -231,6 +243,23 @@ class FailureSpec(StrictModel):
                 UserWarning, stacklevel=2,
             )
         return self
+
+
+class CheckpointInterval(StrictModel):
+    """Hybrid: the checkpoint interval chosen at a step, and why (Young/Daly, `checkfree_ray/hybrid.py`)."""
+
+    step: int = Field(description="Step after which this interval was chosen.")
+    every: int = Field(description="Steps between checkpoint saves from then on.")
+    interval_s: float | None = Field(description="Young/Daly seconds sqrt(2 x save_cost_s x mtbf_s); None: no rollback "
+                                     "expected (the upper bound applies).")
+    save_cost_s: float = Field(description="Mean measured seconds per save (start to manifest).")
+    mtbf_s: float | None = Field(description="Estimated mean seconds between losses CheckFree+ cannot rebuild (two "
+                                 "adjacent stages in one step).")
+    stage_mtbf_s: float = Field(description="Estimated mean seconds between losses of one stage.")
+    failures_seen: int = Field(description="Stage losses seen when it was chosen.")
+    rollbacks_seen: int = Field(description="Rollbacks seen when it was chosen.")
+    prior: str = Field(description="Where the prior failure rate came from.")
+    reason: str = Field(description="The whole computation, in words.")
 
 
 class TrainSpec(StrictModel):
@@ -273,25 +302,27 @@ class TrainSpec(StrictModel):
                 "`pipeline.activation_transport` 'nccl' moves tensors between GPUs but `pipeline.num_gpus_per_stage` "
                 "is 0; give each stage a GPU, or use 'auto' or 'object_store'"
             )
-        if self.recovery.strategy == "checkfree+":
+        strategy = self.recovery.strategy
+        if strategy in ("checkfree+", "hybrid"):  # hybrid rebuilds single losses by CheckFree+
             if stages == 3:
                 raise ValueError(
-                    "`recovery.strategy` 'checkfree+' swaps the outer stage pairs and needs `pipeline.num_stages` "
+                    f"`recovery.strategy` '{strategy}' swaps the outer stage pairs and needs `pipeline.num_stages` "
                     "2 or >= 4, not 3"
                 )
             micro = self.pipeline.micro_batches
             if micro < 2 or micro % 2:
                 raise ValueError(
-                    f"`pipeline.micro_batches` ({micro}) must be even and >= 2 with `recovery.strategy` 'checkfree+': "
+                    f"`pipeline.micro_batches` ({micro}) must be even and >= 2 with `recovery.strategy` '{strategy}': "
                     "half of the micro-batches run the swapped order, so that outer stages learn their partner's place"
                 )
         return self
 
     def checkpoint_every(self) -> int | None:
-        """Steps between checkpoints: `checkpointing.every`, else 100 for the 'checkpoint' strategy."""
+        """Steps between checkpoints: `checkpointing.every`, else 100 for the 'checkpoint' strategy (for 'hybrid', a
+        bound: Young/Daly sets its interval, `checkfree_ray/hybrid.py`)."""
         if self.checkpointing.every is not None:
             return self.checkpointing.every
-        return 100 if self.recovery.strategy == "checkpoint" else None
+        return 100 if self.recovery.strategy in ("checkpoint", "hybrid") else None
 
 
 class FailureRecord(StrictModel):
@@ -361,6 +392,8 @@ class TrainResult(StrictModel):
         description="Strategy costs: redundant bytes held / sent per step, checkpoint bytes and seconds, "
         "CheckFree+ copy bytes.",
     )
+    checkpoint_intervals: list[CheckpointInterval] = Field(
+        default_factory=list, description="Hybrid: each change of the checkpoint interval, with its reasons.")
     wall_time_s: float = Field(description="Wall-clock seconds of the run.")
     files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
     run_id: str | None = Field(default=None, description="Identity of the run (kept across resumes).")
