@@ -7,8 +7,11 @@ Three parts, each its own command (so that only the timing measurement runs at n
     python benchmarks/paper_table2.py report                    # table, JSON, PNG and Markdown from both
 
 (`all` runs the three in a row; `runs --seeds 1 --work DIR` in separate processes, merged by
-`report --runs-files DIR1/runs.json DIR2/runs.json`, use more of a machine's cores.) Runtime on 2 shared cores: costs ~2 min per seed (quick: ~1 min, one seed);
-runs ~6-10 min per seed (quick: ~3 min, one seed, an easier target); report seconds. Default seeds 0 1 2.
+`report --runs-files DIR1/runs.json DIR2/runs.json`, use more of a machine's cores.)
+
+Runtime, measured on 2 shared cores: `costs --quick` (one seed, 5 runs) 4 min at load 6-23; a full cost round ~7 min per seed at load 3-6 (estimated from the quick one) and 12-20 min at load 80-100;
+`runs` 1-2 min per run at load 3 (2 seeds x 13 runs took 14 min) and 3-7 min per run at load 80-100, where stage
+start-up alone can take minutes; report seconds. Default seeds 0 1 2.
 
 **costs** trains each strategy (none, checkpoint, redundant, checkfree, checkfree+, hybrid; `--strategies` picks)
 side by side in paired rounds, one round per seed in a rotated order, without drawn failures: the mean wall
