@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,9 +86,13 @@ def base_scores(args, local_ray: setup.LocalRay, nfe: int = 2) -> dict:
     from schemas.search import SearchSpec
 
     local_ray.ensure()
+    out = cache.with_suffix("")
     spec = SearchSpec.model_validate(setup.make_spec(
-        str(cache.with_suffix("")), run_dir=setup.CM_DIR, cm=True, nfe=nfe, holdout_seeds=args.holdout_seeds
+        str(out), run_dir=setup.CM_DIR, cm=True, nfe=nfe, holdout_seeds=args.holdout_seeds
     ))
+    ref_cache = setup.BENCH_OUT / "cache" / "reference_stats"  # the searches' cached reference statistics
+    if ref_cache.exists():
+        shutil.copytree(ref_cache, out / "reference_stats", dirs_exist_ok=True)
     started = time.monotonic()
     checkpoint_set = load_checkpoint_set(spec.checkpoints)
     evaluators = start_evaluators(spec, checkpoint_set, reference_stats_for(spec))
