@@ -43,7 +43,7 @@ from schemas.train import TrainSpec
 RULES = ["weighted", "average", "copy", "random", "identity", "exact"]
 SCALES = {  # model and pipeline of each scale; steps to the plateau (CheckFree, CheckFree+); steps measured after
     "small": {"model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64}, "steps": 3000, "steps_plus": 1000,
-              "start": 2000, "after": 30, "stages": [1, 2]},
+              "start": 2000, "start_plus": 750, "after": 30, "stages": [1, 2]},
     # 2 blocks per stage at the same width: what fitted beside the small scale on the shared cores (load 15-40)
     "deep": {"model": {"d_model": 64, "n_layers": 8, "n_heads": 4, "seq_len": 64}, "steps": 800, "after": 30,
              "stages": [1]},
@@ -105,9 +105,10 @@ def with_recovery(spec: TrainSpec, **changes) -> TrainSpec:
 
 
 def measure_seed(pipeline: LocalPipeline, plateau, spec: TrainSpec, start: int, seed: int, cases: list[dict],
-                 after: int, val, log) -> dict:
+                 after: int, val, log, on_run=None) -> dict:
     """One seed: continue the plateau on the seed's data, lose a stage after the seed's delay, and measure the
-    twin and every case ({stage, rule, lr_scale, variant}) from the same snapshot."""
+    twin and every case ({stage, rule, lr_scale, variant}) from the same snapshot; `on_run` sees what is measured
+    so far before each case (a long run keeps its partial results)."""
     corpus = make_corpus(spec.data, spec.model.seq_len, seed)
     pipeline.spec = spec
     pipeline.restore(plateau)
@@ -119,6 +120,8 @@ def measure_seed(pipeline: LocalPipeline, plateau, spec: TrainSpec, start: int, 
     twin = continue_run(pipeline, corpus, fail_step - 1, offsets, val)
     runs = []
     for case in cases:
+        if on_run is not None:
+            on_run({"seed": seed, "fail_step": fail_step, "offsets": offsets, "twin": twin, "runs": runs})
         pipeline.restore(before)
         variant = {k: v for k, v in case.get("variant", {}).items()}
         pipeline.spec = with_recovery(spec, lr_scale=case["lr_scale"], **variant)
@@ -148,21 +151,29 @@ def cases_for(strategy: str, stages: list[int], lr_scales: list[float], variants
 
 
 def measure_scale(name: str, scale: dict, strategy: str, seeds: list[int], stages: list[int],
-                  lr_scales: list[float], variants: bool, log) -> dict:
-    """Every seed of one scale and strategy, from its cached plateau model."""
+                  lr_scales: list[float], variants: bool, log, save=None) -> dict:
+    """Every seed of one scale and strategy, from its cached trained model; `save` receives partial results."""
     spec = plateau_spec(scale, strategy)
     val = validation_set(spec)
-    start = scale.get("start", spec.steps) if strategy == "checkfree" else spec.steps
+    start = scale.get("start" if strategy == "checkfree" else "start_plus", spec.steps)
     log(f"{name} / {strategy}: trained model at step {start} of its run's {spec.steps}")
     pipeline, history = trained_pipeline(spec, val, until=start, log=log)
     plateau = pipeline.snapshot()
     cases = cases_for(strategy, stages, lr_scales, variants)
     started = time.monotonic()
-    per_seed = [measure_seed(pipeline, plateau, spec, start, seed, cases, scale["after"], val, log) for seed in seeds]
-    return {"scale": name, "strategy": strategy, "model": scale["model"], "pipeline": PIPELINE,
-            "plateau_steps": start, "run_steps": spec.steps, "after": scale["after"], "parameters": pipeline.cfg.parameter_count(),
-            "plateau": {"val_steps": history.val_steps, "val_losses": history.val_losses},
-            "seeds": per_seed, "measure_wall_s": time.monotonic() - started}
+
+    def result(per_seed: list[dict]) -> dict:
+        return {"scale": name, "strategy": strategy, "model": scale["model"], "pipeline": PIPELINE,
+                "plateau_steps": start, "run_steps": spec.steps, "after": scale["after"],
+                "parameters": pipeline.cfg.parameter_count(), "seeds": per_seed,
+                "plateau": {"val_steps": history.val_steps, "val_losses": history.val_losses},
+                "measure_wall_s": time.monotonic() - started}
+
+    done: list[dict] = []
+    for seed in seeds:
+        partial = (lambda seed_so_far: save(result([*done, seed_so_far]))) if save else None
+        done.append(measure_seed(pipeline, plateau, spec, start, seed, cases, scale["after"], val, log, partial))
+    return result(done)
 
 
 def measured_path(name: str, strategy: str, quick: bool, seed: int | str = "*") -> str:
@@ -189,7 +200,7 @@ def plan(args) -> list[tuple[str, dict, str, list[int], list[float], bool]]:
     for name in args.scales:
         lr_scales = [lr for lr in ([1.1, 1.0] if name == "small" else [1.1]) if lr in args.lr_scales]
         if "checkfree" in args.strategies:
-            out.append((name, SCALES[name], "checkfree", SCALES[name]["stages"], lr_scales,
+            out.append((name, SCALES[name], "checkfree", args.stages or SCALES[name]["stages"], lr_scales,
                         name == "small" and 1.1 in lr_scales))
         if "checkfree+" in args.strategies and name == "small":
             out.append((name, SCALES[name], "checkfree+", [0, 3], [1.1], False))
@@ -235,17 +246,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0 1).")
     parser.add_argument("--lr-scales", type=float, nargs="*", default=[1.1, 1.0],
                         help="Learning-rate scales of the rebuilt stage to measure (1.0 only at the small scale).")
+    parser.add_argument("--stages", type=int, nargs="*", default=None, help="Middle stages (default: the scale's).")
     parser.add_argument("--report-only", action="store_true", help="Only write the report of what was measured.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     for name, scale, strategy, stages, lr_scales, variants in ([] if args.report_only else plan(args)):
         for seed in seeds:
-            result = measure_scale(name, scale, strategy, [seed], stages, lr_scales, variants,
-                                   log=lambda m: print(m, flush=True))
-            result["machine"] = machine_info()
-            lr_tag = "" if len(lr_scales) > 1 else f"-lr{lr_scales[0]}"
-            write_json(Path(measured_path(name, strategy, args.quick, f"{seed}{lr_tag}")), result)
+            tag = (f"{seed}" + ("" if len(lr_scales) > 1 else f"-lr{lr_scales[0]}")
+                   + ("" if args.stages is None else "-stage" + "-".join(map(str, stages))))
+            path = Path(measured_path(name, strategy, args.quick, tag))
+
+            def save(result: dict, path: Path = path) -> None:
+                write_json(path, {**result, "machine": machine_info()})
+
+            save(measure_scale(name, scale, strategy, [seed], stages, lr_scales, variants,
+                               log=lambda m: print(m, flush=True), save=save))
     names = ["small"] if args.quick else list(SCALES)
     report([measured_path(n, s, args.quick) for n in names for s in ("checkfree", "checkfree+")], args.quick)
 

@@ -25,12 +25,26 @@ def _interval(d: PairedDifference) -> dict:
 
 
 def _groups(scale_result: dict) -> dict[tuple, list[tuple[dict, list[float], list[int]]]]:
-    """(lr_scale, stage, name) -> per seed: (run, twin losses, offsets)."""
-    groups: dict[tuple, list] = defaultdict(list)
+    """(lr_scale, stage, name) -> per seed, in seed order: (run, twin losses, offsets)."""
+    groups: dict[tuple, dict] = defaultdict(dict)
     for seed in scale_result["seeds"]:
         for run in seed["runs"]:
-            groups[(run["lr_scale"], run["stage"], run["name"])].append((run, seed["twin"], seed["offsets"]))
-    return groups
+            groups[(run["lr_scale"], run["stage"], run["name"])][seed["seed"]] = (run, seed["twin"], seed["offsets"])
+    return {key: [by_seed[s] for s in sorted(by_seed)] for key, by_seed in groups.items()}
+
+
+def _seeds(scale_result: dict, key: tuple) -> dict[int, dict]:
+    return {seed["seed"]: run for seed in scale_result["seeds"] for run in seed["runs"]
+            if (run["lr_scale"], run["stage"], run["name"]) == key}
+
+
+def _paired_runs(scale_result: dict, key_a: tuple, key_b: tuple, index: int) -> PairedDifference | None:
+    """Loss at offset `index` of runs `key_a` minus runs `key_b`, over the seeds both have."""
+    a, b = _seeds(scale_result, key_a), _seeds(scale_result, key_b)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    return paired_difference([a[s]["losses"][index] for s in common], [b[s]["losses"][index] for s in common])
 
 
 def summarise(scale_result: dict) -> list[dict]:
@@ -51,10 +65,10 @@ def summarise(scale_result: dict) -> list[dict]:
                "a_relative": sum(x / y - 1 for x, y in zip(a, twin_a)) / len(a),
                "b_steps": _interval(paired_difference(steps_filled, [0.0] * len(steps))), "b_censored": censored,
                "c_excess": _interval(paired_difference(c, twin_c)), "a_values": a, "c_values": c, "b_values": steps}
-        weighted = groups.get((lr_scale, stage, "weighted"))
-        if weighted and name != "weighted" and len(weighted) == len(items):
-            row["weighted_minus_a"] = _interval(paired_difference([r["losses"][0] for r, _, _ in weighted], a))
-            row["weighted_minus_c"] = _interval(paired_difference([r["losses"][-1] for r, _, _ in weighted], c))
+        if name != "weighted" and (lr_scale, stage, "weighted") in groups:
+            for tag, index in (("a", 0), ("c", -1)):
+                d = _paired_runs(scale_result, (lr_scale, stage, "weighted"), (lr_scale, stage, name), index)
+                row[f"weighted_minus_{tag}"] = _interval(d)
         rows.append(row)
     return rows
 
@@ -134,11 +148,9 @@ def lr_lines(scale_result: dict) -> list[str]:
     for stage in sorted({s for _, s, _ in groups}):
         parts = []
         for name in ("weighted", "average", "copy", "random", "identity", "exact"):
-            hi, lo = groups.get((1.1, stage, name)), groups.get((1.0, stage, name))
-            if not hi or not lo or len(hi) != len(lo):
-                continue
-            d = paired_difference([r["losses"][-1] for r, _, _ in hi], [r["losses"][-1] for r, _, _ in lo])
-            parts.append(f"{name} {_fmt(_interval(d))}")
+            d = _paired_runs(scale_result, (1.1, stage, name), (1.0, stage, name), -1)
+            if d is not None:
+                parts.append(f"{name} {_fmt(_interval(d))}")
         if parts:
             lines.append(f"- Stage {stage}, (c) at lr x1.1 minus at x1.0 (negative: x1.1 ends lower): "
                          + "; ".join(parts) + ".")
