@@ -204,14 +204,16 @@ def notes(claims: list[dict], rows: dict[str, dict], cm_base: dict | None) -> li
     out = []
     for c in claims:
         target = c["paired"][c["target"]]
-        status = "reproduces" if c["verdict"] == "win" else "does not reproduce at this scale"
+        status = {"win": "reproduces", "loss": "reversed at this scale"}.get(
+            c["verdict"], "not separable from its target at this scale")
         line = f"{c['claim']}: {status}: LCSC - {c['target']} = {setup.fmt_paired(target)}"
         if c["verdict"] != "win":
             line += f"; {evidence(c, rows, cm_base)}"
         out.append(line + ".")
-    out.append("FIDs use the MNIST recipe's classifier features, not Inception, with 1000-sample held-out scores "
-               "where the paper uses 50k samples on CIFAR-10 / ImageNet-64; only directions and paired differences "
-               "are comparable, not absolute values.")
+    samples = "/".join(str(n) for n in sorted({c["search"]["holdout_num_samples"] for c in claims}))
+    out.append(f"FIDs use the MNIST recipe's classifier features, not Inception, with {samples}-sample held-out "
+               "scores where the paper uses 50k samples on CIFAR-10 / ImageNet-64; only directions and paired "
+               "differences are comparable, not absolute values.")
     return out
 
 

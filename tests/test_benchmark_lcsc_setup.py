@@ -137,7 +137,7 @@ def test_claims_that_do_not_reproduce_say_why_in_numbers():
     cm_base = {"holdout_fids": {"run-ema": [30.0, 31.0, 32.5], "last": [35.0, 36.0, 37.0]}}
     nfe = next(c for c in claims.build_claims({"cm": cm}, cm_base) if c["claim"].startswith("NFE"))
     line = claims.notes([nfe], {"cm": cm}, cm_base)[0]
-    assert "does not reproduce" in line
+    assert "reversed at this scale" in line
     assert "-14.83" in line  # a second step: base at 2 minus base at 1 = (-15, -15, -14.5) on average
     assert "-5.00" in line  # LCSC at 1 step minus the base at 1 step
 
