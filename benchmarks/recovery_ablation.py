@@ -15,9 +15,13 @@
 4. Writes benchmarks/results/recovery_ablation.json, .png and .md (the .md is generated from the measured values).
 
 The stages are the engine's `StageWorker`s driven in one process (the same model, optimizer, clipping, norms and
-`recovery.py` rules; no Ray transport): see recovery_inprocess.py. Runtime on 2 shared cores at load 3-6: the full
-run about 60 min (training the plateaus about 25 of them, once; the cache makes reruns about 35 min); --quick
-(small scale, short horizon, no cache of its own beyond a 600-step model) about 4 min.
+`recovery.py` rules; no Ray transport): see recovery_inprocess.py. Each (seed, lr_scale, stage) can run in its own
+process (`--seeds 0 --lr-scales 1.1 --stages 1`); `--report-only` merges what was measured.
+
+Runtime measured here (2 shared cores, load average 10-110): training the small model to step 2000 took about
+35 min (once; cached); the small CheckFree ablation (3 seeds, 2 stages, 2 lr scales, 14 processes) about 10 min.
+The "deep" scale and the rest of the CheckFree+ run were not timed. --quick trains a 300-step model and runs one
+stage, 2 seeds: a few minutes on an idle machine (not timed under this load).
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ SCALES = {  # model and pipeline of each scale; steps to the plateau (CheckFree,
     "small": {"model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64}, "steps": 3000, "steps_plus": 1000,
               "start": 2000, "start_plus": 750, "after": 30, "stages": [1, 2]},
     # 2 blocks per stage at the same width: what fitted beside the small scale on the shared cores (load 15-40)
-    "deep": {"model": {"d_model": 64, "n_layers": 8, "n_heads": 4, "seq_len": 64}, "steps": 800, "after": 30,
-             "stages": [1]},
+    "deep": {"model": {"d_model": 64, "n_layers": 8, "n_heads": 4, "seq_len": 64}, "steps": 800, "start": 750,
+             "after": 30, "stages": [1]},
 }
 QUICK = {"small": {"model": SCALES["small"]["model"], "steps": 300, "after": 20, "stages": [1]}}
 PIPELINE = {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 8}
