@@ -1,6 +1,10 @@
-"""Pipeline benchmark: stage-actor throughput vs single process, strategy overheads, recovery times, norm scope,
-and the step-time stall of saving a checkpoint every 20 steps (stages write their shards in the background, vs
-every shard through the driver while the step waits).
+"""Pipeline benchmark: stage-actor throughput vs single process (GPipe and 1F1B), strategy overheads, recovery
+times, norm scope, and the step-time stall of saving a checkpoint every 20 steps (stages write their shards in
+the background, vs every shard through the driver while the step waits).
+
+Every system trains on the path users run: a token file written by `checkfree_ray.tokenizing.tokenize` (the
+built-in text, byte-level) read by the token-file loader, under the cosine learning-rate schedule; the
+single-process baseline reads the same batches and follows the same schedule.
 
 `python benchmarks/pipeline.py [--quick]` prints a table and writes benchmarks/results/pipeline.json
 with the machine's description. Ratios, not absolute times, are what to quote.
@@ -22,17 +26,20 @@ import ray
 import torch
 from _common import machine_info, write_json
 
-from checkfree_ray.data import ByteCorpus
+from checkfree_ray.data import load_text_bytes, make_corpus
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.model import ModelConfig, ReferenceTrainer
 from checkfree_ray.recovery import gradient_weights
+from checkfree_ray.schedule import lr_factor
+from checkfree_ray.tokenizing import tokenize
+from rayops.paired import paired_difference
 from schemas.train import PipelineSpec, TrainSpec
 
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 
 
 def make_spec(size: dict, strategy: str, **extra) -> TrainSpec:
-    data = {"model": size["model"], "optim": {"lr": 1e-3},
+    data = {"model": size["model"], "optim": {"lr": 1e-3, **size.get("optim", {})}, "data": size.get("data", {}),
             "pipeline": {**size["pipeline"], "num_cpus_per_stage": 0.4}, "recovery": {"strategy": strategy}}
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value}
@@ -65,8 +72,8 @@ class SingleProcess:
     def __init__(self, spec: TrainSpec, threads: int = 1):
         self.threads = threads
         self.spec, pipe = spec, spec.pipeline
-        self.trainer = ReferenceTrainer(ModelConfig.from_spec(spec.model, pipe.num_stages), spec.seed, spec.optim.lr)
-        self.corpus = ByteCorpus(spec.data, spec.model.seq_len, spec.seed)
+        self.trainer = ReferenceTrainer(ModelConfig.from_train_spec(spec), spec.seed, spec.optim.lr)
+        self.corpus = make_corpus(spec.data, spec.model.seq_len, spec.seed)  # the executor's loader
         self.orders = [list(range(pipe.num_stages))] * pipe.micro_batches
         self.step = 0
 
@@ -77,7 +84,7 @@ class SingleProcess:
             self.step += 1
             batch = self.corpus.train_batch(self.step, pipe.micro_batches, pipe.micro_batch_size)
             start = time.perf_counter()
-            self.trainer.train_step(*batch, self.orders)
+            self.trainer.train_step(*batch, self.orders, lr_factor=lr_factor(self.spec, self.step))
             times.append(time.perf_counter() - start)
         return times
 
@@ -110,15 +117,17 @@ class Pipeline:
 
 
 def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
-    """Single process and the three pipelines, alternated in blocks; ratios per round, then their medians.
+    """Single process and the pipelines, alternated in blocks; ratios per round, their medians and a 95% interval.
 
-    Each round runs one block of each system (the order reverses every round), so load from other work
-    on the machine hits both sides of each ratio about equally.
+    Each round runs one block of each system (the order reverses every round), so load from other work on the
+    machine hits both sides of each ratio about equally. "none" is GPipe, "none-1f1b" the same under 1F1B.
     """
     standby_off = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1}}
+    one_f_one_b = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1, "schedule": "1f1b"}}
     # "single" runs one torch thread, as each stage does; "single-2t" may use both cores, the stricter baseline
     systems = {"single": SingleProcess(make_spec(size, "none")),
                "single-2t": SingleProcess(make_spec(size, "none"), threads=2),
+               "none-1f1b": Pipeline(make_spec(size, "none", **one_f_one_b)),
                **{s: Pipeline(make_spec(size, s, **standby_off)) for s in ("none", "checkfree", "checkfree+")}}
     for system in systems.values():
         system.block(2)  # warm-up
@@ -133,19 +142,38 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
             if isinstance(system, Pipeline):
                 system.executor.shutdown()
     step_s = {name: statistics.median(v) for name, v in per_round.items()}
-    ratios = [single / none for single, none in zip(per_round["single"], per_round["none"])]
-    ratios_2t = [single / none for single, none in zip(per_round["single-2t"], per_round["none"])]
+    # tokens/s ratio pipeline / single = single step time / pipeline step time, per round (same tokens per step)
+    ratios = {f"{pipe}_over_{single}": [a / b for a, b in zip(per_round[single], per_round[pipe])]
+              for pipe in ("none", "none-1f1b") for single in ("single", "single-2t")}
+    ratios["none-1f1b_over_none"] = [a / b for a, b in zip(per_round["none"], per_round["none-1f1b"])]
     overhead = {s: [t / none - 1.0 for t, none in zip(per_round[s], per_round["none"])]
                 for s in ("checkfree", "checkfree+")}
     tokens = tokens_per_step(make_spec(size, "none"))
     return {"rounds": rounds, "block_steps": block_steps, "step_s_per_round": per_round,
             "tokens_per_s": {name: tokens / t for name, t in step_s.items()},
-            "pipeline_over_single_per_round": ratios,
-            "pipeline_over_single_median": statistics.median(ratios),
-            "pipeline_over_single_2threads_per_round": ratios_2t,
-            "pipeline_over_single_2threads_median": statistics.median(ratios_2t),
+            "ratios_per_round": ratios,
+            "ratios_median": {k: statistics.median(v) for k, v in ratios.items()},
+            "ratios_mean_ci95": {k: _interval(v) for k, v in ratios.items()},
+            "pipeline_over_single_median": statistics.median(ratios["none_over_single"]),
+            "pipeline_over_single_2threads_median": statistics.median(ratios["none_over_single-2t"]),
             "overhead_vs_none_per_round": overhead,
             "overhead_vs_none_median": {s: statistics.median(v) for s, v in overhead.items()}}
+
+
+def _interval(ratios: list[float]) -> list[float]:
+    """[mean, low, high] of per-round ratios: the paired interval of ratio - 1 over rounds (`rayops.paired`)."""
+    diff = paired_difference(ratios, [1.0] * len(ratios))
+    return [1.0 + diff.mean, 1.0 + diff.low, 1.0 + diff.high]
+
+
+def token_file(tmp: Path, source: str = "python-docs") -> str:
+    """The built-in text written once as a byte-level token artifact (what `checkfree-ray tokenize` writes)."""
+    text = tmp / f"{source}.txt"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_bytes(load_text_bytes(source))
+    out = tmp / "tokens"
+    tokenize([str(text)], str(out), val_fraction=0.05, progress=False)
+    return str(out)
 
 
 def save_stall(size: dict, tmp: Path, rounds: int, every: int = 20) -> dict:
@@ -226,16 +254,21 @@ def main() -> None:
         size = {"model": {"d_model": 128, "n_layers": 8, "n_heads": 4, "seq_len": 128},
                 "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 16}}
         rounds, block_steps = args.rounds or 5, 3
+    size["data"] = {"tokens_uri": token_file(Path(os.environ.get("TMPDIR", "/tmp")) / f"cf-bench-tok-{os.getpid()}")}
+    size["optim"] = {"schedule": "cosine", "warmup_steps": 5, "decay_steps": 500, "min_lr": 1e-4}
     ray.init(address="local", num_cpus=2, include_dashboard=False)
-    rows, out = [], {"size": size}
+    rows, out = [], {"size": size, "load_average_at_start": list(os.getloadavg())}
 
     if "throughput" in sections:
         tp = paired_throughput(size, rounds, block_steps)
         out["throughput"] = tp
-        rows.append(("pipeline(none) / single process tokens/s (1 thread; median of paired rounds)",
-                     tp["pipeline_over_single_median"]))
-        rows.append(("pipeline(none) / single process tokens/s (2 threads; median of paired rounds)",
-                     tp["pipeline_over_single_2threads_median"]))
+        for pipe, label in (("none", "GPipe"), ("none-1f1b", "1F1B")):
+            for single, threads in (("single", 1), ("single-2t", 2)):
+                mean, low, high = tp["ratios_mean_ci95"][f"{pipe}_over_{single}"]
+                rows.append((f"pipeline {label} / single process tokens/s ({threads} thread(s); paired median)",
+                             tp["ratios_median"][f"{pipe}_over_{single}"]))
+                rows.append((f"  same, mean of rounds [95% interval {low:.3f}, {high:.3f}]", mean))
+        rows.append(("1F1B / GPipe tokens/s (paired median)", tp["ratios_median"]["none-1f1b_over_none"]))
         for s in ("checkfree", "checkfree+"):
             rows.append((f"step-time overhead {s} vs none (median of paired rounds)", tp["overhead_vs_none_median"][s]))
 
