@@ -16,6 +16,7 @@ the run's strategy (CheckFree, CheckFree+, checkpoint) as any lost stage, and it
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -69,6 +70,7 @@ def decide(deadline_ms: int, now_ms: float, state_bytes: int, rate_bytes_s: floa
     return Decision(fits, "drain" if fits else "drain_deadline_short", remaining, estimate)
 
 
+@functools.lru_cache(maxsize=64)
 def stage_state_bytes(cfg: ModelConfig, stage_index: int) -> int:
     """Bytes of one stage's state as a hand-off copies it: fp32 weights plus Adam's two moments (3x the
     parameters); built on the meta device, so nothing is allocated."""
@@ -109,6 +111,7 @@ def hand_off(ex: PipelineExecutor, stage: int, avoid_nodes: frozenset[str]) -> t
     except (ray.exceptions.RayError, HandoffFailed) as exc:
         ex.actors[stage] = old
         ray.kill(actor, no_restart=True)
+        ex.pool.refill_standby()  # the recovery that follows the stage's loss finds a standby again
         raise HandoffFailed(str(exc)) from None
     ray.kill(old, no_restart=True)
     ex.pool.refill_standby()
