@@ -181,8 +181,17 @@ def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -
             line = (f"- lr x{lr_scale}, stage {stage}: by (a), best to worst: "
                     + ", ".join(f"{rule} {here[rule]['a_excess']['mean']:+.3f}" for rule in ranked) + ".")
             order = [rule for rule in ranked if rule in PAPER_ORDER]
-            line += f" The paper's order {' < '.join(PAPER_ORDER)} " + (
-                "holds in the means." if order == PAPER_ORDER else f"does not hold: here {' < '.join(order)}.")
+            if len(order) > 1:
+                line += f" The paper's order {' < '.join(PAPER_ORDER)} " + (
+                    "holds in the means." if order == PAPER_ORDER else f"does not hold: here {' < '.join(order)}.")
+            rebuilt = [here[rule]["a_excess"]["mean"] for rule in here if rule != "exact"]
+            if len(rebuilt) > 1:
+                line += (f" Spread between the rebuilding rules {max(rebuilt) - min(rebuilt):.3f} nats, "
+                         f"{(max(rebuilt) - min(rebuilt)) / min(rebuilt):.0%} of the smallest damage "
+                         f"({min(rebuilt):.3f}).")
+            if "random" in here and "identity" in here:
+                d = _paired_runs(res, (lr_scale, stage, "random"), (lr_scale, stage, "identity"), 0)
+                line += f" Random - identity on (a): {_fmt(_interval(d), 4)}."
             for other in ("random", "identity", "average", "copy", "weighted/pre_clip", "weighted/blocks"):
                 if other in here and "weighted_minus_a" in here[other]:
                     d = here[other]["weighted_minus_a"]
