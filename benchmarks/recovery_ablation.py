@@ -220,7 +220,8 @@ def report(patterns: list[str], quick: bool) -> None:
     summaries = [summarise(res) for res in results]
     tables = [table_text(res, rows) for res, rows in zip(results, summaries)]
     print("\n\n".join(tables))
-    load = list(os.getloadavg())
+    loads = [m["load_average"][0] for r in results for m in r["machine"] if m]  # 1-min load when each part was saved
+    load = [min(loads), max(loads)] if loads else list(os.getloadavg())
     stem = "recovery_ablation_quick" if quick else "recovery_ablation"
     payload = {"summaries": [{"scale": r["scale"], "strategy": r["strategy"], "rows": rows}
                              for r, rows in zip(results, summaries)],

@@ -204,5 +204,6 @@ def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -
             out.append(f"- Weighted rebuilds: {clip['equal_weights']} of {clip['rebuilds']} had equal weighing norms "
                        f"(then weighted = average); mean weight of the previous neighbour "
                        f"{clip['mean_previous_weight']:.3f}.")
-    out.append(f"Load average while measuring: {', '.join(f'{x:.1f}' for x in load)} (2 shared cores).")
+    out.append(f"1-minute load average when the measurements were saved: {min(load):.0f} to {max(load):.0f} "
+               f"(2 shared cores; timings are not comparable, losses are).")
     return out
