@@ -12,6 +12,8 @@ Every evaluation of a search goes through `PoolService.evaluate`, so one set of 
 - An evaluator that died is given back to Ray's restart once; if it stays dead, the pool replaces it with a
   new actor over the same object refs. A candidate whose evaluator hung or died is retried once elsewhere.
   After `evaluators.max_replacements` replacements the pool stops, naming the cause.
+- An evaluator on a draining node (a preemption notice) is replaced before the node goes, and its candidate in
+  flight retried elsewhere (`draining.py`); such planned replacements are not counted as failures.
 - An evaluation that raises (not a lost evaluator) is deterministic: it is not retried, its record says why,
   and after `evaluators.max_failed_evaluations` of them the pool stops with that root cause.
 - A job of at least `evaluators.split_min_samples` samples is split across every evaluator: each block of
@@ -42,6 +44,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lcsc_ray.checkpoints import CheckpointSet
 from lcsc_ray.combine import check_non_float_equal
+from lcsc_ray.draining import replace_draining, watch_drains
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import EvaluatorActor, chunk_sizes, evaluator_options, merge_blocks, tree_blocks
 from lcsc_ray.fid import FIDStats, fid_from_stats
@@ -128,6 +131,7 @@ class PoolService:
         self.stopped: str | None = None
         self.in_flight: dict[Job, asyncio.Task] = {}
         self.failures: dict[Job, dict] = {}  # deterministic failures of this search, by job
+        self.drained, self.drain_tries = 0, {}  # evaluators replaced off draining nodes (draining.py)
 
     def _new_actor(self):
         shared = self.shared
@@ -152,7 +156,12 @@ class PoolService:
                 f"{ray.cluster_resources()}; lower `evaluators.num_actors` or their resources"
             ) from None
         self.free = list(range(len(self.actors)))
+        self.drain_watch = asyncio.get_running_loop().create_task(watch_drains(self))  # preemption notices
         return self.pids
+
+    async def replace_draining(self, draining: dict[str, int], nodes: list[str | None] | None = None) -> list[int]:
+        """Replace the evaluators on `draining` nodes now (`draining.replace_draining`); the watcher calls it."""
+        return await replace_draining(self, draining, nodes)
 
     # ---------------------------------------------------------------------------------- the free list
     def _check_stopped(self) -> None:
@@ -342,7 +351,7 @@ class PoolService:
     async def state(self) -> dict:
         """Replacements, failures, the stop cause, evaluator pids and the current timeout rule."""
         return {"replacements": self.replacements, "failed": self.failed, "stopped": self.stopped,
-                "split_jobs": self.split_jobs,
+                "split_jobs": self.split_jobs, "drained": self.drained,
                 "pids": list(self.pids), "first_timed": self.first_timed, "num_evaluators": len(self.actors)}
 
     async def evaluators(self) -> list:

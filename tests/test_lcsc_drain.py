@@ -1,0 +1,51 @@
+"""LCSC evaluators on a draining node are replaced before the node goes; their candidate in flight is retried."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_lcsc_pool import SAMPLES, jobs, pool_spec, process_alive, start_pool, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+DOOMED = "draining-node"
+
+
+def test_evaluator_on_draining_node_is_replaced_and_its_candidate_retried(ray_local, tmp_path):
+    """The evaluator stuck on a candidate sits on a draining node: a new evaluator takes its slot, the old process
+    ends, the candidate is scored on a second attempt (well before its timeout), and it is no failure."""
+    spec = pool_spec(tmp_path, "tests.lcsc_search_plugins:hanging_sample", log=True, evaluation_timeout_s=200)
+    spec.sampler.kwargs["hang_on_call"] = 2
+    pool = start_pool(spec)
+    try:
+        pool.probe(SAMPLES, 0)  # call 1
+        before = ray_local.get(pool.service.evaluators.remote())
+        pending = pool.service.evaluate.remote(jobs(1)[0])  # call 2 hangs on one evaluator
+        wait_until(lambda: (tmp_path / "log" / "hung").exists(), what="the candidate to start")
+        hung = int((tmp_path / "log" / "hung").read_text())
+        index = pool.state()["pids"].index(hung)
+        nodes = ["alive"] * len(before)
+        nodes[index] = DOOMED
+        replaced = ray_local.get(pool.service.replace_draining.remote({DOOMED: 0}, nodes), timeout=120)
+        record = ray_local.get(pending, timeout=120)
+        assert replaced == [index]
+        assert record["status"] == "ok" and record["attempts"] == 2 and np.isfinite(record["fid"])
+        state = pool.state()
+        assert (state["drained"], state["replacements"], state["stopped"]) == (1, 0, None)
+        after = ray_local.get(pool.service.evaluators.remote())
+        assert after[index] != before[index] and after[1 - index] == before[1 - index]
+        wait_until(lambda: not process_alive(hung), what="the drained evaluator's process to end")
+        assert [r["status"] for r in pool.score(jobs(3))] == ["ok"] * 3  # the pool goes on with the new one
+    finally:
+        pool.close()
+
+
+def test_no_draining_node_replaces_nothing(ray_local, tmp_path):
+    """Drains elsewhere (nodes the evaluators are not on) leave every evaluator in place."""
+    pool = start_pool(pool_spec(tmp_path))
+    try:
+        before = ray_local.get(pool.service.evaluators.remote())
+        assert ray_local.get(pool.service.replace_draining.remote({DOOMED: 0}), timeout=60) == []
+        assert ray_local.get(pool.service.evaluators.remote()) == before and pool.state()["drained"] == 0
+    finally:
+        pool.close()
