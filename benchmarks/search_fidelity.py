@@ -104,7 +104,8 @@ def notes(table: list[dict]) -> list[str]:
         if over["num_seeds"] > 1 and over["verdict"].startswith("tie"):
             out.append(f"{t['config']}: 'same FID' rests on an interval {over['high'] - over['low']:.2f} FID wide; a "
                        "difference smaller than that is not resolved by these seeds.")
-    if not any(goal_met(t) for t in table if t["config"] != FLAT):
+    schedules = [t for t in table if t["config"] != FLAT]
+    if schedules and not any(goal_met(t) for t in schedules):
         out.append("No schedule met the goal. What would: screening at a lower first rung (fewer samples per "
                    "candidate) with a smaller keep fraction, or asynchronous rungs (ASHA-style promotion while "
                    "the optimiser keeps proposing) so that the re-scores do not add up to the flat search's cost.")
@@ -118,11 +119,12 @@ def notes(table: list[dict]) -> list[str]:
 def markdown(payload: dict) -> str:
     """The results page, generated from the measured values."""
     s, m = payload["setup"], payload["machine"]
+    quick_note = f" (--quick: every sample count divided by {QUICK_DIVISOR})" if payload["quick"] else ""
     lines = [
         "# Multi-fidelity LCSC search", "",
         (f"MNIST DDPM, last 12 checkpoints, DDIM 10 steps, CMA bound 3 sigma 0.15, budget {s['budget']} candidates; "
          f"winners re-scored at {s['final_num_samples']} samples on held-out seeds {s['holdout_seeds']}; optimiser "
-         f"seeds {s['optimizer_seeds']}. Commit {m.get('git_commit')}; load average {m['load_average']} at the "
+         f"seeds {s['optimizer_seeds']}{quick_note}. Commit {m.get('git_commit')}; load average {m['load_average']} at the "
          f"start, {payload['load_average_end']} at the end."), "",
         ("| config | runs | held-out FID mean ± sd | search samples | x flat | minus flat, over seeds | "
         "minus flat, over seed pairs | wall s |"),

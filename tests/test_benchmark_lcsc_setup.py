@@ -152,3 +152,14 @@ def test_optimiser_configs_are_paired_with_the_default_by_seed():
     row = optimizers.config_row("NGOpt b3 s0.15", other, default)
     assert row["vs_default"]["num_seeds"] == 2
     assert row["vs_default"]["mean"] == pytest.approx(3.025)  # seed 0: 63.5 - 60.5; seed 1: 64.55 - 61.5
+
+
+def test_fidelity_notes_judge_the_goal_only_when_a_schedule_ran():
+    """With only the flat search finished, the notes do not claim that no schedule met the goal."""
+    fidelity = load("search_fidelity")
+    flat = [summary_row([60.0, 61.0], {}, seed=0, samples=48000)]
+    only_flat = fidelity.notes([fidelity.config_row(fidelity.FLAT, flat, flat)])
+    assert not any("No schedule" in n for n in only_flat)
+    worse = [summary_row([70.0, 72.0], {}, seed=0, samples=48000)]
+    both = fidelity.notes([fidelity.config_row(fidelity.FLAT, flat, flat), fidelity.config_row("SH", worse, flat)])
+    assert any("No schedule" in n for n in both)
