@@ -84,7 +84,8 @@ def measure_costs(seeds: list[int], strategies: list[str], quick: bool, work: Pa
     """Paired cost rounds (one per seed) of none and every strategy; saved to work/costs.json after each run."""
     layout = COST_LAYOUT["quick" if quick else "full"]
     out = {"layout": {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()},
-           "checkpoint_every": checkpoint_every(), "load_before": machine_info()["load_average"], "rows": []}
+           "checkpoint_every": checkpoint_every(), "load_before": machine_info()["load_average"], "rows": [],
+           "machine": machine_info(torch_threads_per_stage=1, niceness=_niceness())}  # replaced at the end
     started = time.monotonic()
     with s3_bucket("costs") as base, local_ray(num_cpus=2):
         for index, seed in enumerate(seeds):
@@ -121,7 +122,8 @@ def measure_runs(seeds: list[int], strategies: list[str], target: float, max_ste
     every = checkpoint_every()
     rates = rates or list(PAPER_P)
     out: dict = {"target_val_loss": target, "seeds": seeds, "quick": quick, "max_steps": max_steps,
-                 "eval_every": EVAL_EVERY, "reference": [], "runs": {}, "load_before": machine_info()["load_average"]}
+                 "eval_every": EVAL_EVERY, "reference": [], "runs": {}, "load_before": machine_info()["load_average"],
+                 "machine": machine_info(torch_threads_per_stage=1, niceness=_niceness())}  # replaced at the end
     started = time.monotonic()
     with s3_bucket("table2") as base, local_ray(num_cpus=2):
         for seed in seeds:
@@ -219,8 +221,10 @@ def merge_runs(parts: list[dict]) -> dict:
                 never_started = key in chosen and chosen[key]["executed_steps"] == 0 and chosen[key]["error"]
                 if key not in chosen or (never_started and run["executed_steps"] > 0):
                     chosen[key] = run
-    for (rate, _, _), run in chosen.items():
-        (merged["reference"] if rate == "0%" else merged["runs"].setdefault(rate, [])).append(run)
+    for rate in ["0%", *PAPER_P]:  # the paper's order of rates, whatever order the files ran them in
+        for (run_rate, _, _), run in chosen.items():
+            if run_rate == rate:
+                (merged["reference"] if rate == "0%" else merged["runs"].setdefault(rate, [])).append(run)
     merged["seeds"] = sorted({run["seed"] for run in merged["reference"]})
     merged["load_before"] = [p["load_before"] for p in merged["parts"]]
     merged["load_after"] = [p["load_after"] for p in merged["parts"]]

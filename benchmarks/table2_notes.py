@@ -124,7 +124,8 @@ def _table_rows(runs: dict, per_seed: dict) -> tuple[list[str], list[list[str]],
             row = {"reached": f"{len(ok)}/{len(group)}", "seeds": [r["seed"] for r in group],
                    "steps_to_target": _mean([r["steps_to_target"] for r in ok]),
                    "lost_steps": _mean([r["executed_steps"] - r["steps_to_target"] for r in ok]),
-                   "recoveries": _mean([r["recoveries"] for r in group]), "train_wall_s": _mean([r["train_wall_s"] for r in ok]),
+                   "recoveries": _mean([r["recoveries"] for r in group]),
+                   "timeouts": sum(f.get("reason") == "timeout" for r in group for f in r["failures"]), "train_wall_s": _mean([r["train_wall_s"] for r in ok]),
                    "measured_speedup": seed_interval(wall).__dict__, "modelled_h": _mean([r["modelled_h"] for r in ok]),
                    "modelled_speedup": seed_interval(model).__dict__,
                    "modelled_speedup_paper_recovery": seed_interval(fixed).__dict__}
@@ -185,6 +186,20 @@ def generated_notes(out: dict) -> list[str]:
             notes.append(f"A {kind} recovery under {strategy} costs {format_interval(PairedDifference(**rec), '.1f')} "
                          f"checkpointing steps of wall time here, so {rec['mean'] * PAPER_BASE_ITER_S:.0f} s modelled "
                          "(the paper charges 30 s per recovery).")
+    timeouts = {f"{rate} {strategy}": row["timeouts"] for rate, rows in out["table"].items()
+                for strategy, row in rows.items() if row["timeouts"]}
+    if timeouts:
+        notes.append(f"Stages killed for not answering within the step timeout (the machine's load, not the failure "
+                     f"model) add recoveries to these runs: {timeouts}.")
+    failed = [f"{rate} {r['strategy']} seed {r['seed']}" for rate, rs in out["runs"]["runs"].items() for r in rs
+              if r["error"]]
+    if failed:
+        notes.append(f"Runs that ended in an error (not reached): {failed}.")
+    present = {(rate, r["strategy"]) for rate, rs in out["runs"]["runs"].items() for r in rs}
+    strategies = sorted({s for _, s in present} | set(out["costs"]) - {"none"})
+    missing = [f"{rate} {s}" for rate in PAPER_SPEEDUP_CHECKFREE_PLUS for s in strategies if (rate, s) not in present]
+    if missing:
+        notes.append(f"Not run (the measurement was stopped before them): {missing}.")
     for rate, rows in out["table"].items():
         plus = rows.get("checkfree+")
         if plus is None or rate not in PAPER_SPEEDUP_CHECKFREE_PLUS:
