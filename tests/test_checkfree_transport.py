@@ -67,7 +67,7 @@ class _Call:
 
 class _FakeActor:
     def __init__(self, index: int, log: list):
-        self._actor_id, self.forward = f"actor-{index}", _Call(log, "forward")
+        self._actor_id, self.forward, self.ping = f"actor-{index}", _Call(log, "forward"), _Call([], "ping")
 
 
 def test_a_group_that_cannot_be_formed_falls_back_to_the_object_store_said_once(monkeypatch, caplog):
@@ -83,6 +83,7 @@ def test_a_group_that_cannot_be_formed_falls_back_to_the_object_store_said_once(
         raise RuntimeError("gloo rendezvous failed")
 
     monkeypatch.setattr("ray.experimental.collective.create_collective_group", broken)
+    monkeypatch.setattr(transport_module.ray, "get", lambda refs, timeout=None: [{}] * len(refs))  # every ping answers
     with caplog.at_level(logging.WARNING, logger=transport_module.__name__):
         transport.connect(actors, timeout_s=5.0)
         transport.connect(actors, timeout_s=5.0)
