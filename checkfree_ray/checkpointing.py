@@ -43,7 +43,8 @@ RUN_FILE = "run.json"
 HISTORY_FILE = "history.json"
 # Spec fields that say where and how Ray runs the stages, not what is computed: a resume may change them.
 PLACEMENT_FIELDS = {"ray": None, "output": None, "checkpointing": ("uri",),
-                    "pipeline": ("placement", "num_cpus_per_stage", "warm_standby", "standby_actors", "peak_flops")}
+                    "pipeline": ("placement", "num_cpus_per_stage", "warm_standby", "standby_actors", "peak_flops"),
+                    "recovery": ("drain_poll_s",)}  # a hand-off on a notice is exact: how often to look changes nothing
 
 
 def checkpoint_dir_name(step: int) -> str:
