@@ -11,7 +11,9 @@ Measured: one training step's forward + backward (MSE on batch 64) and one sampl
 inference mode), each model in turn within a round, by wall clock and by process CPU time; the ratio per round, its median and a 95% t-interval
 over rounds. Writes benchmarks/results/mnist_unet_cost.json.
 
-    .venv/bin/python benchmarks/mnist_unet_cost.py [--rounds 8] [--steps 4]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/mnist_unet_cost.py [--rounds 8] [--steps 4]
+
+(PASSIVE as the recipe's training task runs: on shared cores spinning OpenMP threads stall the 2-thread rows.)
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     train_x, train_t = torch.randn(64, 1, 28, 28, generator=generator), torch.randint(0, 1000, (64,))
     sample_x, sample_t = torch.randn(250, 1, 28, 28, generator=generator), torch.full((250,), 500)
-    result = machine_info(rounds=args.rounds, steps_per_round=args.steps, parameters=params)
+    result = machine_info(rounds=args.rounds, steps_per_round=args.steps, parameters=params,
+                          omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset (spins)"))
     result["train_step"] = [paired(models, _train_step_s, train_x, train_t, args.rounds, args.steps, threads)
                             for threads in args.threads]
     result["sample_forward"] = [paired(models, _sample_forward_s, sample_x, sample_t, args.rounds,
