@@ -18,10 +18,11 @@ The stages are the engine's `StageWorker`s driven in one process (the same model
 `recovery.py` rules; no Ray transport): see recovery_inprocess.py. Each (seed, lr_scale, stage) can run in its own
 process (`--seeds 0 --lr-scales 1.1 --stages 1`); `--report-only` merges what was measured.
 
-Runtime measured here (2 shared cores, load average 10-110): training the small model to step 2000 took about
-35 min (once; cached); the small CheckFree ablation (3 seeds, 2 stages, 2 lr scales, 14 processes) about 10 min.
-The "deep" scale and the rest of the CheckFree+ run were not timed. --quick trains a 300-step model and runs one
-stage, 2 seeds: a few minutes on an idle machine (not timed under this load).
+Runtime measured here (2 shared cores, load average 50-110): training the small model to step 2000 took about
+35 min, the deep one to step 750 about 13 min, the CheckFree+ one to step 750 about 25 min (each once; cached);
+the ablation itself, one process per (seed, lr scale, stage), about 6 min for the small scale (12 processes),
+7 min for the deep one (3). --quick trains a 300-step model and measures one stage with 2 seeds (not timed under
+this load).
 """
 
 from __future__ import annotations
