@@ -245,6 +245,7 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
                                       failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
         )
     grid = tuner.fit()
+    check_finished(grid, name)
     rows = _grid_rows(grid, name)
     if isinstance(searcher, BasicVariantGenerator) and len(rows):
         # the seeds in the order given (a restored experiment lists its trials in another order)
@@ -253,6 +254,20 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
     if isinstance(searcher, ReplaySearcher) and len(rows):
         rows = searcher.in_proposal_order(rows)
     return rows
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) reached the search while Tune ran: Tune saved its state and returned early."""
+
+
+def check_finished(grid, phase: str) -> None:
+    """Raise `SearchInterrupted` when some trial of `grid` neither finished nor failed: Tune catches the first
+    Ctrl-C, saves its state and returns normally, and a search must not go on to its next phase with a partial
+    grid. Rerunning the same command resumes (finished evaluations are kept)."""
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished > 0:
+        raise SearchInterrupted(f"the search was interrupted during its {phase} phase ({unfinished} trial(s) "
+                                "unfinished); rerun the same command to resume")
 
 
 def error_summary(error: BaseException, limit: int = 500) -> str:

@@ -24,6 +24,7 @@ from schemas.loader import load_spec
 
 EXIT_SPEC_ERROR = 2  # bad input: a spec, a plug-in, a checkpoint, statistics or a state file
 EXIT_RUN_ERROR = 1
+EXIT_INTERRUPTED = 130  # Ctrl-C: state is kept, the same command resumes
 INPUT_ERRORS = (SpecError, PluginError, CheckpointError, ReferenceStatsError, StateFileError)
 _ACTOR_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+Error): (.+)$")
 _verbose = False
@@ -96,6 +97,10 @@ def run_or_exit(fn, *args, **kwargs):
     message, without a traceback unless `--verbose`: exit code 2 for bad input, 1 otherwise."""
     try:
         return fn(*args, **kwargs)
+    except KeyboardInterrupt as exc:
+        message = str(exc) or "interrupted; rerun the same command to resume"
+        click.echo(f"interrupted: {message}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
         found = root_error(exc)
         if found is None:
