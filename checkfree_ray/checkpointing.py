@@ -64,8 +64,10 @@ def absolute_uri(uri: str) -> str:
 
 # ----- run identity --------------------------------------------------------------------------------------------
 def spec_inputs(spec) -> dict[str, Any]:
-    """The fingerprint entries of a training spec: each section of the spec minus where-Ray-runs fields."""
-    dumped = spec.model_dump(mode="json")
+    """The fingerprint entries of a training spec: each section of the spec minus where-Ray-runs fields. Fields
+    at their default are left out, so a field added in a later release (at its default) does not make a run
+    recorded before it look like another run; setting it, or changing any set field, does."""
+    dumped = spec.model_dump(mode="json", exclude_defaults=True)
     entries = {}
     for section, value in dumped.items():
         dropped = PLACEMENT_FIELDS.get(section, ())

@@ -147,8 +147,9 @@ def fingerprint(spec: SearchSpec, checkpoints: list[tuple[str, int]]) -> dict[st
 
 
 def _spec_record(spec: SearchSpec) -> dict[str, Any]:
-    # where Ray runs does not change the search; everything else does
-    return spec.model_dump(mode="json", exclude={"ray"})
+    # where Ray runs does not change the search; everything else does. Fields at their default are left out, so a
+    # field added in a later release (at its default) does not make an earlier search look like another one.
+    return spec.model_dump(mode="json", exclude={"ray"}, exclude_defaults=True)
 
 
 def _check_spec(spec: SearchSpec) -> bool:
