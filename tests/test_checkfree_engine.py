@@ -173,8 +173,8 @@ def test_stage_dying_during_recovery_is_recovered_too(executor_for, tmp_path, vi
     executor.before_step.append(lambda ex, step: ex.finish_checkpoints())  # checkpoint 2 complete before the kill
     take, taken = executor.pool.take, []
 
-    def take_then_lose_one():
-        actor, warm = take()
+    def take_then_lose_one(**kwargs):
+        actor, warm = take(**kwargs)
         taken.append(actor)
         if len(taken) == 1:  # an armed fault, ordered before the recovery's calls (`ray.kill` is asynchronous)
             doomed, call = (actor, "configure") if victim == "replacement" else (executor.actors[2], "get_state")
