@@ -61,7 +61,7 @@ def test_replacement_that_cannot_be_scheduled_names_the_missing_resources(ray_lo
     executor = PipelineExecutor(tiny_spec("checkfree", schedule=[(2, 1)]))
     impossible = []
 
-    def take():
+    def take(**kwargs):
         actor = StageActor.options(num_cpus=512).remote(executor.cfg, 1.0, 0.0, 1)
         impossible.append(actor)
         return actor, False
