@@ -131,7 +131,8 @@ class SearchRun:
         searcher = nevergrad_searcher(optimizer, self.names, self.num_evaluators,
                                       storage.join(self.out, "state", "proposals"))
         search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best)
-        search_df = run_phase("search", tune_path, self._trainable(), searcher, space, remaining, [search_cb])
+        # room for each proposal's second attempt; the searcher says when the phase is finished
+        search_df = run_phase("search", tune_path, self._trainable(), searcher, space, 2 * remaining, [search_cb])
         self.check_pool()
         return self._finish_rows(pd.concat([seeds_df, search_df], ignore_index=True))
 

@@ -24,6 +24,9 @@ METRIC, MODE = "fid", "min"
 # A trial whose process dies (killed, OOM) is run again once: its evaluation goes on in the pool, so the retry
 # joins it or reads its stored result. A deterministic error fails the retry at once (the pool remembers it).
 TRIAL_RETRIES = 1
+# A proposal whose trial errored is proposed again once, in a new trial: Tune's own retry does not cover a trial
+# whose process died with two of its tasks in flight (Tune counts the one death twice and gives up on the trial).
+PROPOSAL_ATTEMPTS = 2
 # Tune's own console tables would interleave with our progress line; its CSV and JSON logs are kept.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
@@ -85,7 +88,9 @@ class ReplaySearcher(Searcher):
     proposal is recorded before Tune evaluates it, and its result when the trial ends. On resume the optimiser
     (rebuilt with the same seed and start) replays the same asks and tells from the record; every recorded
     proposal is handed to Tune again (finished ones are replayed from the evaluation store, not recomputed),
-    then the search continues with new proposals."""
+    then the search continues with new proposals. A proposal whose trial errored is handed to a new trial once more
+    (`PROPOSAL_ATTEMPTS`), in the same run or after a resume; its result is told only when that attempt ends, so a
+    lost trial process changes nothing the optimiser sees."""
 
     def __init__(self, optimizer, names: list[str], num_workers: int, record_uri: str | None = None):
         super().__init__(metric=METRIC, mode=MODE)
@@ -123,6 +128,9 @@ class ReplaySearcher(Searcher):
 
     def _replay(self, recorded: list[dict]) -> None:
         for entry in recorded:
+            if entry["done"] and entry["value"] is None and entry.get("attempts", 1) < PROPOSAL_ATTEMPTS:
+                # its trial errored: attempted once more, told once that attempt ends
+                entry = {**entry, "done": False, "attempts": entry.get("attempts", 1) + 1}
             self._tell_ready()
             if entry["index"] != len(self.entries) or not self._may_ask():
                 raise RuntimeError(f"the proposal record {self.record.uri} is out of order at {entry['index']}; "
@@ -152,7 +160,8 @@ class ReplaySearcher(Searcher):
             index = len(self.entries)
             self.entries.append({"index": index, "free": self._ask(), "done": False, "value": None})
         elif len(self.entries) >= self.budget:
-            return Searcher.FINISHED
+            # finished once every proposal is done: one still running may error and be proposed again
+            return Searcher.FINISHED if all(entry["done"] for entry in self.entries) else None
         else:
             return None
         entry = self.entries[index]
@@ -169,7 +178,12 @@ class ReplaySearcher(Searcher):
         entry = self.entries[index]
         if not entry["done"]:
             ok = result is not None and not error and METRIC in result
-            entry.update(done=True, value=float(result[METRIC]) if ok else None)
+            attempts = entry.get("attempts", 1)
+            if not ok and attempts < PROPOSAL_ATTEMPTS:
+                entry["attempts"] = attempts + 1  # proposed again in a new trial; a deterministic failure fails
+                self.reissue.appendleft(index)    # again at once (the evaluation store remembers it)
+            else:
+                entry.update(done=True, value=float(result[METRIC]) if ok else None)
             self.record.write(entry)
         self._tell_ready()
 
@@ -186,6 +200,10 @@ class ReplaySearcher(Searcher):
         out of turn), so the trials table does not depend on which process was lost."""
         index = {entry.get("trial_id"): entry["index"] for entry in self.entries}
         order = rows.trial_id.map(lambda trial_id: index.get(str(trial_id).removeprefix("trial_"), len(index)))
+        # a trial whose proposal was attempted again in a later trial is superseded by it: not a row of its own
+        current = order < len(index)
+        if current.sum() == len(self.entries):
+            rows, order = rows[current], order[current]
         return rows.iloc[order.argsort(kind="stable")].reset_index(drop=True)
 
 
