@@ -39,7 +39,7 @@ hf-example: $(STAMP)
 	$(VENV)/bin/checkfree-ray train examples/train_hf_llama.yaml --restart
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"

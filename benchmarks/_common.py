@@ -11,12 +11,17 @@ import platform
 from collections.abc import Iterator
 from pathlib import Path
 
+from rayops.cpu_steal import read_cpu_times, steal_fraction
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 
 RAYLET_START_WAIT = "RAY_raylet_start_wait_time_s"  # Ray's config, read from the environment at start
 _PACKAGES = ("torch", "numpy", "scipy", "ray", "nevergrad", "lcsc-checkfree-ray")
+
+
+_CPU_AT_IMPORT = read_cpu_times()  # a benchmark imports this first: its share of CPU the host took since
 
 
 def machine_info(**extra) -> dict:
@@ -32,6 +37,7 @@ def machine_info(**extra) -> dict:
     return {
         "cores": os.cpu_count(),
         "load_average": list(os.getloadavg()),
+        "cpu_steal_fraction_since_import": steal_fraction(_CPU_AT_IMPORT, read_cpu_times()),
         "torch_threads_driver": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -74,6 +74,13 @@ def checkpoint_every() -> int:
     return round(PAPER_CHECKPOINT_EVERY / FAILURE_SCALE)
 
 
+def strategy_every(strategy: str) -> int | None:
+    """`checkpointing.every` of a strategy's runs: the scaled interval, except for hybrid, whose interval
+    Young/Daly sets from its measured save cost and the failure rate (`checkfree_ray/hybrid.py`; the spec's
+    `failures.probability_per_step` is its prior), bounded only by the default 1000 steps."""
+    return None if strategy == "hybrid" else checkpoint_every()
+
+
 def _rotated(names: list[str], index: int) -> list[str]:
     """`names` rotated by `index`, so each strategy runs first once in a while (spreads the machine's drift)."""
     k = index % len(names)
@@ -93,7 +100,8 @@ def measure_costs(seeds: list[int], strategies: list[str], quick: bool, work: Pa
                 none = strategy == "none"
                 row = cost_run(strategy, seed, layout["window"], [] if none else layout["kills"],
                                layout["window"][1] if none else layout["steps"],
-                               None if none else checkpoint_every(), None if none else f"{base}/{strategy}/{seed}")
+                               None if none else strategy_every(strategy),
+                               None if none else f"{base}/{strategy}/{seed}")
                 out["rows"].append(row)
                 print(f"costs seed {seed} {strategy}: {row['wall_s']:.1f}s {row['error'] or ''}", flush=True)
                 write_json(work / "costs.json", out)
@@ -119,7 +127,6 @@ def run_started(spec, checkpoint_uri: str | None) -> dict:
 def measure_runs(seeds: list[int], strategies: list[str], target: float, max_steps: int, quick: bool,
                  work: Path, rates: list[str] | None = None) -> dict:
     """Every run, side by side in one Ray: the no-failure reference, then every strategy at every rate."""
-    every = checkpoint_every()
     rates = rates or list(PAPER_P)
     out: dict = {"target_val_loss": target, "seeds": seeds, "quick": quick, "max_steps": max_steps,
                  "eval_every": EVAL_EVERY, "reference": [], "runs": {}, "load_before": machine_info()["load_average"],
@@ -131,7 +138,8 @@ def measure_runs(seeds: list[int], strategies: list[str], target: float, max_ste
             out["reference"].append(run_started(bench_spec("none", seed, max_steps, target), None))
             for index, (rate, p) in enumerate((r, PAPER_P[r]) for r in rates):
                 for strategy in _rotated(strategies, index):
-                    spec = bench_spec(strategy, seed, max_steps, target, checkpointing={"every": every},
+                    spec = bench_spec(strategy, seed, max_steps, target,
+                                      checkpointing={"every": strategy_every(strategy)},
                                       failures={"probability_per_step": p * FAILURE_SCALE, "seed": seed})
                     run = run_started(spec, f"{base}/{rate}/{strategy}/{seed}")
                     out["runs"].setdefault(rate, []).append(run)
@@ -162,7 +170,8 @@ def failure_model(every: int) -> dict:
         "seed_streams": "weights and data order from the run seed's streams; failure draws "
                         "u(failures.seed = run seed, step) from its own failure stream (checkfree_ray/data.py)",
         "fallback": f"redundant, checkfree and checkfree+ also checkpoint every {every} steps, for losses they cannot "
-                    "rebuild (checkfree: outer stages; all: adjacent stages lost together)",
+                    "rebuild (checkfree: outer stages; all: adjacent stages lost together); hybrid checkpoints at its own "
+                    "Young/Daly interval (at most 1000 steps), from its measured save cost and the failure rate",
     }
 
 
