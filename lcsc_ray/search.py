@@ -4,7 +4,8 @@
   post-hoc EMA:   (with `posthoc_ema`) power-EMA snapshots join the object store; each sigma_rel of the grid is
                   rebuilt from them (EDM2) and scored; the best is a baseline and, projected on the checkpoints,
                   a seed
-  phase "seeds":  last, post-hoc EMA, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate)
+  phase "seeds":  last, post-hoc EMA, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate);
+                  a seed whose trial errored is evaluated once more ("seeds-retry") and that attempt kept
   phase "search": Nevergrad (via Tune's NevergradSearch) started at the best seed, for the rest of the budget
   rungs:          optional successive halving: the best fraction re-scored with more samples
   final:          winner, top-k and baselines scored at one sample count on the search seed + held-out seeds
@@ -121,6 +122,15 @@ class SearchRun:
                              seed_searcher([self._point(label, a) for label, a in seeds], self.num_evaluators),
                              space, len(seeds), [seed_cb])
         self.check_pool()
+        again = seeds_to_retry(seeds_df, seeds)
+        if again:
+            # a seed whose trial errored (its process died) is evaluated once more, as the optimiser's proposals are
+            log.info("evaluating %d seed(s) again whose trial errored: %s", len(again), [label for label, _ in again])
+            retry_df = run_phase("seeds-retry", tune_path, self._trainable(),
+                                 seed_searcher([self._point(label, a) for label, a in again], self.num_evaluators),
+                                 space, len(again), [seed_cb])
+            self.check_pool()
+            seeds_df = merge_seed_retries(seeds_df, retry_df)
         remaining = spec.search.budget - len(seeds)
         if remaining <= 0:
             return self._finish_rows(seeds_df)
@@ -164,6 +174,22 @@ class SearchRun:
             current["phase"] = f"rung{rung}"
             rows.append(current)
         return pd.concat(rows, ignore_index=True)
+
+
+def seeds_to_retry(seeds_df: pd.DataFrame, seeds: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """The seeds (label, coefficients) whose trial in the seeds phase failed, in the seeds' order."""
+    failed = set(seeds_df.loc[seeds_df.status == "failed", "label"]) if len(seeds_df) else set()
+    return [(label, alphas) for label, alphas in seeds if label in failed]
+
+
+def merge_seed_retries(seeds_df: pd.DataFrame, retry_df: pd.DataFrame) -> pd.DataFrame:
+    """The seeds phase's rows with each retried seed's failed row replaced by its second attempt (in place, so
+    the seeds keep their order, and in phase "seeds", where the baselines are read); a second failure stays a
+    failed row."""
+    retried = {row.label: {**row._asdict(), "phase": "seeds"} for row in retry_df.itertuples(index=False)}
+    rows = [retried[row.label] if row.label in retried and row.status == "failed" else row._asdict()
+            for row in seeds_df.itertuples(index=False)]
+    return pd.DataFrame(rows, columns=seeds_df.columns)
 
 
 def _coefficients(alphas):
