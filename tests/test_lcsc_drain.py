@@ -49,3 +49,26 @@ def test_no_draining_node_replaces_nothing(ray_local, tmp_path):
         assert ray_local.get(pool.service.evaluators.remote()) == before and pool.state()["drained"] == 0
     finally:
         pool.close()
+
+
+def test_the_watch_loop_hands_each_look_to_the_replacer_until_the_pool_stops(monkeypatch):
+    """`watch_drains` asks the watcher every poll interval, passes what it saw to `replace_draining`, and ends
+    once the pool service has stopped (no Ray needed: the service and the node source are stand-ins)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lcsc_ray import draining
+    from rayops.draining import DrainWatcher
+
+    looks = iter([{}, {DOOMED: 123}, {DOOMED: 123}])
+    watcher = DrainWatcher(source=lambda: next(looks), poll_every_s=0.01)
+    service = SimpleNamespace(stopped=False)
+    seen = []
+
+    async def replacer(svc, nodes):
+        seen.append(dict(nodes))
+        svc.stopped = len(seen) == 3
+
+    monkeypatch.setattr(draining, "replace_draining", replacer)
+    asyncio.run(asyncio.wait_for(draining.watch_drains(service, watcher), timeout=10))
+    assert seen == [{}, {DOOMED: 123}, {DOOMED: 123}] and watcher.polls == 3
