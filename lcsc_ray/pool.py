@@ -35,7 +35,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -45,6 +44,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lcsc_ray.checkpoints import CheckpointSet
 from lcsc_ray.combine import check_non_float_equal
 from lcsc_ray.draining import replace_draining, watch_drains
+from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout, stored_record
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import EvaluatorActor, chunk_sizes, evaluator_options, merge_blocks, tree_blocks
 from lcsc_ray.fid import FIDStats, fid_from_stats
@@ -55,60 +55,11 @@ from schemas.search import SearchSpec
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, model, sampler) within this
-FIRST_TIMEOUT_S = 900.0  # the first evaluation, before any is timed (its time sets the default timeout)
-TIMEOUT_FACTOR, TIMEOUT_FLOOR_S = 5.0, 60.0
 ATTEMPTS = 2  # a candidate whose evaluator hung or died is retried once elsewhere
 
 
 class EvaluatorPoolError(LcscCheckfreeError):
     """The evaluator pool stopped: evaluators kept dying or hanging, or evaluations kept failing."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """One evaluation: coefficients (None: the run's EMA weights), sample count, noise seed."""
-
-    alphas: tuple[float, ...] | None
-    num_samples: int
-    seed: int
-
-    @classmethod
-    def of(cls, alphas: Sequence[float] | None, num_samples: int, seed: int) -> Job:
-        """A job with coefficients as plain floats."""
-        return cls(None if alphas is None else tuple(float(a) for a in alphas), int(num_samples), int(seed))
-
-
-def evaluation_timeout(num_samples: int, configured_s: float | None, first: tuple[float, int] | None) -> float:
-    """Seconds one evaluation of `num_samples` may take: the spec's value, else 5x the first timed evaluation
-    (`first` = (seconds, its sample count)) scaled by sample count, at least 60 s; before any is timed, 900 s."""
-    if configured_s is not None:
-        return float(configured_s)
-    if first is None:
-        return FIRST_TIMEOUT_S
-    seconds, samples = first
-    return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * seconds * max(1.0, num_samples / max(samples, 1)))
-
-
-def evaluation_record(job: Job, fid: float, status: str, reason: str = "", evaluator: int = -1,
-                      eval_s: float = math.nan, attempts: int = 0, replayed: bool = False) -> dict:
-    """The one shape of an evaluation's result, for trials, rungs, final scores and the store.
-    status: 'ok', 'nonfinite' (the combination diverged; fid is inf) or 'failed' (reason says why)."""
-    return {"fid": float(fid), "status": status, "reason": reason,
-            "alphas": None if job.alphas is None else list(job.alphas), "num_samples": job.num_samples,
-            "seed": job.seed, "evaluator": evaluator, "eval_s": float(eval_s), "attempts": attempts,
-            "replayed": replayed}
-
-
-def _stored_record(job: Job, stored: dict) -> dict:
-    """A stored result as an evaluation record (records written before the record shape had a status too)."""
-    if "status" in stored:
-        status, reason = stored["status"], stored.get("reason", "")
-    else:
-        status = "ok" if math.isfinite(float(stored["fid"])) else "nonfinite"
-        reason = ""
-    return evaluation_record(job, float(stored["fid"]) if status == "ok" else math.inf, status, reason,
-                             int(stored.get("evaluator", -1)), float(stored.get("eval_s", math.nan)),
-                             int(stored.get("attempts", 0)), replayed=True)
 
 
 def _root_cause(exc: RayTaskError) -> str:
@@ -230,7 +181,7 @@ class PoolService:
         if self.store is not None:
             stored = await asyncio.to_thread(self.store.get, job.alphas, job.num_samples, job.seed)
             if stored is not None and "fid" in stored:
-                return _stored_record(job, stored)
+                return stored_record(job, stored)
         if job in self.failures:
             return self.failures[job]
         if job not in self.in_flight:

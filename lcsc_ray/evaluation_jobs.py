@@ -1,0 +1,58 @@
+"""What the evaluator pool evaluates and returns: a job (coefficients, sample count, noise seed), the one shape
+of an evaluation's record, and how long one evaluation may take."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+FIRST_TIMEOUT_S = 900.0  # the first evaluation, before any is timed (its time sets the default timeout)
+TIMEOUT_FACTOR, TIMEOUT_FLOOR_S = 5.0, 60.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One evaluation: coefficients (None: the run's EMA weights), sample count, noise seed."""
+
+    alphas: tuple[float, ...] | None
+    num_samples: int
+    seed: int
+
+    @classmethod
+    def of(cls, alphas: Sequence[float] | None, num_samples: int, seed: int) -> Job:
+        """A job with coefficients as plain floats."""
+        return cls(None if alphas is None else tuple(float(a) for a in alphas), int(num_samples), int(seed))
+
+
+def evaluation_timeout(num_samples: int, configured_s: float | None, first: tuple[float, int] | None) -> float:
+    """Seconds one evaluation of `num_samples` may take: the spec's value, else 5x the first timed evaluation
+    (`first` = (seconds, its sample count)) scaled by sample count, at least 60 s; before any is timed, 900 s."""
+    if configured_s is not None:
+        return float(configured_s)
+    if first is None:
+        return FIRST_TIMEOUT_S
+    seconds, samples = first
+    return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * seconds * max(1.0, num_samples / max(samples, 1)))
+
+
+def evaluation_record(job: Job, fid: float, status: str, reason: str = "", evaluator: int = -1,
+                      eval_s: float = math.nan, attempts: int = 0, replayed: bool = False) -> dict:
+    """The one shape of an evaluation's result, for trials, rungs, final scores and the store.
+    status: 'ok', 'nonfinite' (the combination diverged; fid is inf) or 'failed' (reason says why)."""
+    return {"fid": float(fid), "status": status, "reason": reason,
+            "alphas": None if job.alphas is None else list(job.alphas), "num_samples": job.num_samples,
+            "seed": job.seed, "evaluator": evaluator, "eval_s": float(eval_s), "attempts": attempts,
+            "replayed": replayed}
+
+
+def stored_record(job: Job, stored: dict) -> dict:
+    """A stored result as an evaluation record (records written before the record shape had a status too)."""
+    if "status" in stored:
+        status, reason = stored["status"], stored.get("reason", "")
+    else:
+        status = "ok" if math.isfinite(float(stored["fid"])) else "nonfinite"
+        reason = ""
+    return evaluation_record(job, float(stored["fid"]) if status == "ok" else math.inf, status, reason,
+                             int(stored.get("evaluator", -1)), float(stored.get("eval_s", math.nan)),
+                             int(stored.get("attempts", 0)), replayed=True)
