@@ -214,6 +214,54 @@ def generated_notes(out: dict) -> list[str]:
             notes.append(f"{rate}: modelled speed-up over checkpointing: CheckFree {format_interval(PairedDifference(**cf))}"
                          f", redundant {format_interval(PairedDifference(**red))} (paper: CheckFree >= 12% faster than "
                          "redundant at 5-10%, redundant faster at 16%).")
+    return notes + drift_notes(out["cost_measurement"]) + hybrid_notes(out["runs"])
+
+
+def drift_notes(costs: dict) -> list[str]:
+    """How far one strategy's per-step time moved between its cost rounds: the floor under any per-step gap
+    these rounds can resolve (the rounds run one after another, so the machine's drift lands between them)."""
+    per_seed = costs_by_seed(costs)
+    spans = {}
+    for strategy in sorted({s for rounds in per_seed.values() for s in rounds}):
+        steps = [rounds[strategy].step_s * 1000 for rounds in per_seed.values() if strategy in rounds]
+        if len(steps) >= 2:
+            spans[strategy] = f"{min(steps):.0f}-{max(steps):.0f} ms"
+    if not spans:
+        return []
+    note = (f"Per-step time of the same strategy across its cost rounds: {spans}. A per-step gap smaller than that "
+            "spread between strategies cannot be resolved by these rounds; blocks of steps interleaved across "
+            "strategies in one round (as benchmarks/pipeline.py measures throughput) would resolve it.")
+    return [note]
+
+
+HYBRID_GOALS = {"redundant": "16%", "checkfree+": "5%"}  # the spot-cluster goal: beat redundant at 16%, match CF+ at 5%
+
+
+def hybrid_notes(runs: dict) -> list[str]:
+    """Hybrid against redundant computation and CheckFree+ at each rate: the per-seed ratio of modelled hours
+    (other / hybrid, so > 1 means hybrid is faster), paired by seed, with its 95% interval and verdict."""
+    notes = []
+    for rate, rate_runs in runs["runs"].items():
+        by = {(r["strategy"], r["seed"]): r for r in rate_runs}
+        hybrid_seeds = sorted(seed for strategy, seed in by if strategy == "hybrid")
+        for other, goal_rate in HYBRID_GOALS.items():
+            seeds = [seed for seed in hybrid_seeds if (other, seed) in by]
+            ratios = speedups([by[(other, s)].get("modelled_h") for s in seeds],
+                              [by[("hybrid", s)].get("modelled_h") for s in seeds])
+            if not ratios:
+                continue
+            interval = seed_interval(ratios)
+            if len(ratios) < 2 or math.isnan(interval.low):
+                verdict = "no interval"
+            elif interval.low > 1:
+                verdict = "hybrid faster"
+            elif interval.high < 1:
+                verdict = "hybrid slower"
+            else:
+                verdict = "not distinguishable"
+            goal = " (the goal's rate)" if rate == goal_rate else ""
+            notes.append(f"{rate}{goal}: {other}'s modelled hours over hybrid's, paired by seed: "
+                         f"{format_interval(interval)} ({verdict}; > 1 means hybrid reaches the target sooner).")
     return notes
 
 

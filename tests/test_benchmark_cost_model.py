@@ -139,3 +139,19 @@ def test_a_run_that_never_started_gives_way_to_a_later_one_that_did():
 
     merged = merge_runs([part(0, "GetTimeoutError"), part(90, None)])
     assert merged["runs"]["5%"] == [{"strategy": "checkfree", "seed": 0, "executed_steps": 90, "error": None}]
+
+
+def test_hybrid_notes_pair_its_modelled_hours_with_each_rival_by_seed():
+    """Ratio rival/hybrid per seed (> 1: hybrid sooner), its interval and verdict; the goal's rate is marked."""
+    from table2_notes import hybrid_notes
+
+    def run(strategy, seed, hours):
+        return {"strategy": strategy, "seed": seed, "modelled_h": hours}
+
+    runs = {"runs": {"16%": [run("hybrid", 0, 1.0), run("hybrid", 1, 2.0), run("hybrid", 2, 3.0),
+                             run("redundant", 0, 1.5), run("redundant", 1, 3.1), run("redundant", 2, 4.4),
+                             run("checkfree+", 0, 1.0)]}}
+    notes = hybrid_notes(runs)
+    assert len(notes) == 2
+    assert notes[0].startswith("16% (the goal's rate): redundant's modelled hours over hybrid's") and "hybrid faster" in notes[0]
+    assert notes[1].startswith("16%: checkfree+'s") and "no interval" in notes[1]  # one paired seed
