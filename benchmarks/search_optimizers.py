@@ -178,7 +178,7 @@ def write(args, rows, configs, seeds, budget, holdout, machine, wall) -> None:
         "quick": args.quick,
         "complete": len(rows) == len(configs) * len(seeds),
         "setup": {
-            "recipe": "MNIST DDPM (v-pred, cosine), outputs/mnist-ddpm",
+            "recipe": "MNIST DDPM (v-pred, cosine), outputs/bench/mnist-ddpm",
             "checkpoints": "last 12",
             "sampler": "ddim_sample",
             "nfe": 10,

@@ -59,7 +59,7 @@ def test_specs_use_absolute_paths_and_validate(setup, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     spec = SearchSpec.model_validate(setup.make_spec(str(tmp_path / "out"), cm=True, nfe=1, budget=20))
-    assert spec.checkpoints.uri == str(ROOT / "outputs" / "mnist-cm" / "checkpoints")
+    assert spec.checkpoints.uri == str(ROOT / "outputs" / "bench" / "mnist-cm" / "checkpoints")
     assert spec.sampler.target.endswith(":consistency_sample") and spec.sampler.nfe == 1
     assert spec.search.budget == 20
 
