@@ -251,6 +251,12 @@ def check_run(out: Path, twin: Path, budget: int, num_seeds: int, drivers: list[
     }
 
 
+def sampler_calls(workdir: Path) -> int:
+    """Sampler calls the run's evaluators logged (0 when none was made: a driver that failed before any)."""
+    log = workdir / "calls" / "calls.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
 # ----------------------------------------------------------------------------------------- one run
 def chaos_run(index: int, seed: int, optimizer: str, budget: int, base: Path) -> dict:
     """The twin (no kills), then the same search with one kill of each kind; their comparison."""
@@ -270,8 +276,8 @@ def chaos_run(index: int, seed: int, optimizer: str, budget: int, base: Path) ->
     row["leaked"] = sum(len(d.leaked) for d in drivers + twin_drivers)
     row["leaked_titles"] = sorted({t[:60] for d in drivers + twin_drivers for t in d.leaked.values()})
     row["exit_s"] = [round(d.exit_s, 1) for d in drivers]
-    row["sampler_calls"] = len((chaos_dir / "calls" / "calls.log").read_text().splitlines())
-    row["twin_sampler_calls"] = len((twin_dir / "calls" / "calls.log").read_text().splitlines())
+    row["sampler_calls"] = sampler_calls(chaos_dir)
+    row["twin_sampler_calls"] = sampler_calls(twin_dir)
     row["wall_s"], row["twin_wall_s"] = wall_s, twin_s
     if twin_drivers[-1].returncode != 0:
         row.update(evaluations=None, same_winner=False, error="twin failed: " + twin_drivers[-1].log_tail[-600:])

@@ -32,7 +32,6 @@ BENCH_OUT = ROOT / "outputs" / "bench"
 DDPM_DIR = BENCH_OUT / "mnist-ddpm"
 CM_DIR = BENCH_OUT / "mnist-cm"
 HOLDOUT_SEEDS = [1001, 1002, 1003]
-RAY_START_ATTEMPTS = 4  # a local Ray start can time out on crowded cores; each attempt is bounded by Ray
 RAYLET_START_WAIT_S = 300
 
 
@@ -295,19 +294,10 @@ class LocalRay:
 
         if ray.is_initialized():
             return
-        # niced searches beside a load average of 50-100 on 2 cores: the raylet took longer than 120 s to register
+        # niced searches beside a load average of 50-100 on 2 cores: the raylet took longer than 120 s to register;
+        # `rayops.session` starts a local Ray that timed out again (LOCAL_START_ATTEMPTS)
         os.environ.setdefault(_common.RAYLET_START_WAIT, str(RAYLET_START_WAIT_S))
-        for attempt in range(1, RAY_START_ATTEMPTS + 1):
-            try:
-                self._stack.enter_context(_common.local_ray(self.num_cpus))
-                return
-            except Exception as exc:  # noqa: BLE001 - Ray's node start raises a bare Exception on its timeout
-                print(f"local Ray start attempt {attempt}/{RAY_START_ATTEMPTS} failed: {exc!r}", flush=True)
-                ray.shutdown()
-        raise RuntimeError(
-            f"could not start a local Ray in {RAY_START_ATTEMPTS} attempts; check the load average and free "
-            "memory (a niced benchmark on a loaded machine starts slowly), then run the benchmark again"
-        )
+        self._stack.enter_context(_common.local_ray(self.num_cpus))
 
     def __enter__(self) -> Self:
         return self

@@ -15,6 +15,9 @@ from rayops import settings
 from schemas.common import RaySpec
 
 log = logging.getLogger(__name__)
+LOCAL_START_ATTEMPTS = 3  # a local Ray start on crowded cores can time out while its raylet registers
+RAYLET_START_WAIT = "RAY_raylet_start_wait_time_s"  # Ray's wait for the raylet, read from the environment
+LOCAL_RAYLET_START_WAIT_S = "120"  # Ray's default (60 s) was too short at load 10 on 2 cores
 RAY_COLOR_PREFIX = "RAY_COLOR_PREFIX"  # Ray 2.60: "0" prints worker-log prefixes without colour codes
 
 
@@ -59,6 +62,22 @@ def resolve_address(spec: RaySpec | None) -> str | None:
     return settings.env_str(settings.RAY_ADDRESS)
 
 
+def start_local_ray(attempts: int = LOCAL_START_ATTEMPTS, **init_kwargs):
+    """`ray.init(address="local", ...)`, started again (up to `attempts` times in all) when the node timed out
+    during start-up, as it can on crowded cores; any other error is raised at once. Returns Ray's context."""
+    os.environ.setdefault(RAYLET_START_WAIT, LOCAL_RAYLET_START_WAIT_S)
+    for attempt in range(1, attempts + 1):
+        try:
+            return ray.init(address="local", **init_kwargs)
+        except Exception as exc:  # Ray's node start raises a bare Exception when it times out
+            if "timed out" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("the local Ray did not start in time (attempt %d of %d: %s); starting it again",
+                        attempt, attempts, " ".join(str(exc).split())[:200])
+            ray.shutdown()
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def ray_session(spec: RaySpec | None = None, runtime_env: dict | None = None) -> Iterator[RaySession]:
     """Use the Ray already initialised in this process, else connect or start one, and clean up after."""
@@ -78,13 +97,8 @@ def ray_session(spec: RaySpec | None = None, runtime_env: dict | None = None) ->
         context = ray.init(address=address, **kwargs)
         local = False
     else:
-        context = ray.init(
-            address="local",
-            num_cpus=spec.num_cpus,
-            object_store_memory=spec.object_store_memory,
-            include_dashboard=False,
-            **kwargs,
-        )
+        context = start_local_ray(num_cpus=spec.num_cpus, object_store_memory=spec.object_store_memory,
+                                  include_dashboard=False, **kwargs)
         local = True
     try:
         yield RaySession(address=context.address_info.get("gcs_address", ""), started_here=True, local=local)
