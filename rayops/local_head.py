@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rayops import settings
 from rayops.s3_server import free_port
+from rayops.session import LOCAL_RAYLET_START_WAIT_S, RAYLET_START_WAIT
 
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 
@@ -31,6 +32,7 @@ def node_port_flags() -> list[str]:
 def ray_env(multi_node: bool = False) -> dict[str, str]:
     """Environment for `ray start` and job entrypoints: loopback settings and this interpreter's bin on PATH."""
     env = {**os.environ, **settings.LOCAL_RAY_ENV}
+    env.setdefault(RAYLET_START_WAIT, LOCAL_RAYLET_START_WAIT_S)  # crowded cores: a raylet can register late
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop(settings.RAY_ADDRESS, None)
     if multi_node:

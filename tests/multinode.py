@@ -22,6 +22,12 @@ from rayops.local_head import (
     wait_for_dashboard,
 )
 
+NODE_START_ATTEMPTS = 2
+
+
+class NodeExited(RuntimeError):
+    """A worker node's `ray start` process ended before the cluster counted the node."""
+
 
 @dataclass
 class LocalCluster:
@@ -44,17 +50,27 @@ class LocalCluster:
         if resources:
             command.append(f"--resources={json.dumps(resources)}")
         log = open(self.log_dir / f"node{len(self.nodes)}.log", "ab")  # noqa: SIM115 - owned by the child
-        node = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.nodes.append(node)
-        self.wait_for_nodes(len(self.nodes))
-        return node
+        for attempt in range(NODE_START_ATTEMPTS):
+            node = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            self.nodes.append(node)
+            try:
+                self.wait_for_nodes(len(self.nodes), gone=node)
+                return node
+            except NodeExited:  # its raylet timed out during start-up on crowded cores: start it again
+                self.nodes.remove(node)
+                if attempt == NODE_START_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
-        """Block until `count` nodes are alive."""
+    def wait_for_nodes(self, count: int, timeout_s: float = 120, gone: subprocess.Popen | None = None) -> None:
+        """Block until `count` nodes are alive; `NodeExited` if the process `gone` ends first."""
         deadline = time.monotonic() + timeout_s
         probe = (f"import ray; ray.init(address='{self.gcs_address}', logging_level='ERROR'); "
                  "print(sum(n['Alive'] for n in ray.nodes()))")
         while time.monotonic() < deadline:
+            if gone is not None and gone.poll() is not None:
+                raise NodeExited(f"the node's `ray start` exited with {gone.returncode} before it joined")
             out = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True,
                                  check=False, timeout=60)
             if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
