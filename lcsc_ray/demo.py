@@ -21,6 +21,7 @@ from schemas.search import PluginSpec, SearchResult, SearchSpec
 log = logging.getLogger(__name__)
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "search_mnist.yaml"
 DEMO_TRAIN_STEPS = 1250  # fewer steps cost the margin: at 1,000 the last checkpoint is still at FID ~150 (README)
+WARM_TIMEOUT_S = 600.0  # the background feature-network build; past this the search builds the network itself
 DEMO_CHECKPOINTS = 25  # one every 50 steps; the spec searches the last 12 of them
 
 
@@ -63,7 +64,7 @@ def wait_warmed(ref) -> str | None:
     import ray
 
     try:
-        return ray.get(ref)
+        return ray.get(ref, timeout=WARM_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - the search builds (and reports on) the network itself
         log.warning("building the feature network ahead of the search failed (%s: %s); the search builds it",
                     type(exc).__name__, exc)
