@@ -6,6 +6,9 @@ Three parts, each its own command (so that only the timing measurement runs at n
     nice -n 10 python benchmarks/paper_table2.py runs [--quick] # time to target under drawn stage kills
     python benchmarks/paper_table2.py report                    # table, JSON, PNG and Markdown from both
 
+and, for per-step costs the machine's drift cannot bias, `interleaved` (`table2_interleaved.py`): blocks of steps
+of every strategy interleaved in one round; when its file is in the work dir, `report` takes per-step costs from it.
+
 (`all` runs the three in a row; `runs --seeds 1 --work DIR` in separate processes, merged by
 `report --runs-files DIR1/runs.json DIR2/runs.json`, use more of a machine's cores.)
 
@@ -51,6 +54,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from _common import RESULTS, local_ray, machine_info, write_json
 from checkfree_setup import BENCH_MODEL, BENCH_PIPELINE, EVAL_EVERY, bench_spec, cost_run, run_one, s3_bucket
+from table2_interleaved import measure_interleaved
 from table2_notes import costs_by_seed, report_tables, write_notes
 
 __all__ = ["RESULTS", "bench_spec", "run_one"]  # recovery_ablation.py imports these from here
@@ -242,7 +246,7 @@ def merge_runs(parts: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["costs", "runs", "report", "all"], nargs="?", default="all")
+    parser.add_argument("part", choices=["costs", "interleaved", "runs", "report", "all"], nargs="?", default="all")
     parser.add_argument("--quick", action="store_true", help="One seed, shorter cost runs and an easier target.")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0).")
     parser.add_argument("--strategies", nargs="*", default=STRATEGIES, help="Strategies besides none.")
@@ -258,11 +262,16 @@ def main() -> None:
     max_steps = 200 if args.quick else 300  # about 3x the steps the no-failure run needs
     if args.part in ("costs", "all"):
         measure_costs(seeds, args.strategies, args.quick, args.work)
+    if args.part in ("interleaved", "all"):
+        measure_interleaved(seeds, args.strategies, strategy_every, checkpoint_every(), args.work)
     if args.part in ("runs", "all"):
         measure_runs(seeds, args.strategies, target, max_steps, args.quick, args.work, args.rates)
     if args.part in ("report", "all"):
         files = args.runs_files or [args.work / "runs.json"]
-        report(json.loads((args.work / "costs.json").read_text()),
+        costs = json.loads((args.work / "costs.json").read_text())
+        if (args.work / "interleaved.json").exists():
+            costs["interleaved"] = json.loads((args.work / "interleaved.json").read_text())
+        report(costs,
                merge_runs([json.loads(path.read_text()) for path in files]))
 
 

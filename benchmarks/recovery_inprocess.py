@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from checkfree_ray.checkpointing import CheckpointStore, open_run, restore_history, save_history, spec_inputs
+from checkfree_ray.checkpointing import CheckpointStore, open_run, spec_inputs
 from checkfree_ray.data import make_corpus
-from checkfree_ray.executor import History
+from checkfree_ray.history import History, restore_history, save_history
 from checkfree_ray.model import ModelConfig
 from checkfree_ray.recovery import (
     BLOCKS,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from _common import markdown_table, write_markdown
 from checkfree_setup import recovery_kind
+from table2_interleaved import interleaved_step_s, round_ratios
 from table2_model import (
     PAPER_BASE_ITER_S,
     PAPER_RECOVERY_S,
@@ -46,6 +47,13 @@ def costs_by_seed(costs: dict) -> dict[int, dict[str, StrategyCosts]]:
         medians.setdefault(row["seed"], {})[row["strategy"]] = statistics.median(
             step_intervals(row["steps"], row["wall_times"], window))
     costs["median_step_s"] = medians  # a load-robust check of the means, kept beside them
+    if costs.get("interleaved"):  # per-step costs from interleaved blocks replace the sequential rounds' means
+        for seed, by_strategy in interleaved_step_s(costs["interleaved"]).items():
+            for strategy, step_s in by_strategy.items():
+                kept = out.setdefault(seed, {}).get(strategy)
+                out[seed][strategy] = StrategyCosts(step_s, kept.recovery_s if kept else {})
+                medians.setdefault(seed, {})[strategy] = statistics.median(
+                    costs["interleaved"]["seeds"][str(seed)]["block_step_s"][strategy])
     return out
 
 
@@ -219,7 +227,10 @@ def generated_notes(out: dict) -> list[str]:
 
 def drift_notes(costs: dict) -> list[str]:
     """How far one strategy's per-step time moved between its cost rounds: the floor under any per-step gap
-    these rounds can resolve (the rounds run one after another, so the machine's drift lands between them)."""
+    these rounds can resolve (the rounds run one after another, so the machine's drift lands between them).
+    With interleaved blocks, how far the per-round ratio to checkpointing moved instead."""
+    if costs.get("interleaved"):
+        return interleaved_notes(costs["interleaved"])
     per_seed = costs_by_seed(costs)
     spans = {}
     for strategy in sorted({s for rounds in per_seed.values() for s in rounds}):
@@ -232,6 +243,27 @@ def drift_notes(costs: dict) -> list[str]:
             "spread between strategies cannot be resolved by these rounds; blocks of steps interleaved across "
             "strategies in one round (as benchmarks/pipeline.py measures throughput) would resolve it.")
     return [note]
+
+
+def interleaved_notes(interleaved: dict) -> list[str]:
+    """Where the per-step costs came from, and each strategy's block-by-block ratio to checkpointing (paired by
+    round, pooled over seeds) with its interval and spread."""
+    seeds, rounds = len(interleaved["seeds"]), interleaved["rounds"]
+    notes = [(f"Per-step costs come from blocks of {interleaved['block_steps']} steps interleaved across strategies "
+             f"({rounds} rounds per seed, {seeds} seeds, every strategy's pipeline alive at once; each block of "
+             "checkpointing holds one save), so the machine's drift lands on every strategy alike. Recovery costs "
+             "come from the sequential cost rounds.")]
+    strategies = [s for s in next(iter(interleaved["seeds"].values()))["block_step_s"] if s != "checkpoint"]
+    parts = []
+    for strategy in strategies:
+        ratios = round_ratios(interleaved, strategy)
+        if len(ratios) >= 2:
+            parts.append(f"{strategy} {format_interval(seed_interval(ratios), '.3f')} (blocks {min(ratios):.2f}-"
+                         f"{max(ratios):.2f}, n={len(ratios)})")
+    if parts:
+        notes.append("Block-by-block ratio of per-step time to checkpointing's block of the same round: "
+                     + "; ".join(parts) + ".")
+    return notes
 
 
 HYBRID_GOALS = {"redundant": "16%", "checkfree+": "5%"}  # the spot-cluster goal: beat redundant at 16%, match CF+ at 5%

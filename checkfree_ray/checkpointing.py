@@ -16,7 +16,6 @@ found in `run.json`; a different spec is refused unless the caller restarts (new
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -140,29 +139,6 @@ def storage_env() -> dict[str, str]:
     """The driver's storage settings (AWS endpoint, region, keys; our retry knobs), passed to the stage actors
     that write shards so they write where the driver reads (a cluster's nodes may carry their own)."""
     return {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "LCSC_STORAGE_"))}
-
-
-def save_history(history) -> dict[str, Any]:
-    """A JSON-able copy of the executor's `History` (failure records as dicts)."""
-    out = {}
-    for item in dataclasses.fields(history):
-        value = getattr(history, item.name)
-        if item.name == "failures":
-            value = [record.model_dump(mode="json") for record in value]
-        out[item.name] = json.loads(json.dumps(value))
-    return out
-
-
-def restore_history(history, state: dict[str, Any]) -> None:
-    """Load `save_history`'s output into a `History` (fields it lacks keep their defaults)."""
-    from schemas.train import FailureRecord
-
-    for item in dataclasses.fields(history):
-        if item.name in state:
-            value = state[item.name]
-            if item.name == "failures":
-                value = [FailureRecord.model_validate(record) for record in value]
-            setattr(history, item.name, value)
 
 
 @dataclass

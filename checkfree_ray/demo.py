@@ -18,7 +18,8 @@ import ray
 from rayops import storage
 from rayops.session import apply_local_ray_env, ray_session, resolve_address
 from schemas.loader import load_spec
-from schemas.train import FailureRecord, TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import FailureRecord, TrainResult
 
 DEMO_SPEC_PATH = Path(__file__).resolve().parents[1] / "examples" / "train_demo.yaml"
 DEFAULT_SPEC = {

@@ -28,7 +28,7 @@ import torch
 
 from checkfree_ray.model import Embedding, Head, ModelConfig, Stage
 from rayops.draining import GCS_TIMEOUT_S, DrainWatcher
-from schemas.train import FailureRecord
+from schemas.train_result import FailureRecord
 
 if TYPE_CHECKING:
     from checkfree_ray.executor import PipelineExecutor

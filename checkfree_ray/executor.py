@@ -19,22 +19,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import ray
 import torch
 
 from checkfree_ray import recovering
-from checkfree_ray.checkpointing import (
-    Checkpoint,
-    CheckpointStore,
-    RunIdentity,
-    restore_history,
-    save_history,
-)
+from checkfree_ray.checkpointing import Checkpoint, CheckpointStore, RunIdentity
 from checkfree_ray.data import make_corpus
 from checkfree_ray.draining import DrainHandler
 from checkfree_ray.failures import FailureInjector
+from checkfree_ray.history import History, restore_history, save_history
 from checkfree_ray.hybrid import HybridPolicy, rebuild_strategy
 from checkfree_ray.model import ModelConfig
 from checkfree_ray.pool import StagePool
@@ -46,29 +40,12 @@ from checkfree_ray.schedules import gpipe_order, step_order
 from checkfree_ray.stage import initial_states
 from checkfree_ray.transport import Transport, connect_or_lose, may_be_direct, open_transport
 from schemas.errors import RecoveryError
-from schemas.train import FailureRecord, TrainSpec
+from schemas.train import TrainSpec
 
 log = logging.getLogger(__name__)
 # Step timeout when `recovery.step_timeout_s` is unset: max(floor, factor x the median step); before any
 # step is measured (the first step also pays lazy imports), a generous fixed bound.
 STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR, FIRST_STEP_TIMEOUT_S = 30.0, 10.0, 300.0
-
-
-@dataclass
-class History:
-    """What the run measured, step by step."""
-
-    steps: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    wall_times: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
-    val_steps: list[int] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    failures: list[FailureRecord] = field(default_factory=list)
-    rolled_back: list[bool] = field(default_factory=list)  # per entry of `steps`: discarded by a later rollback
-    recovery_phases: list[dict[str, float]] = field(default_factory=list)  # seconds from detection, per recovery
-    costs: dict[str, float] = field(default_factory=dict)
-    checkpoint_intervals: list[dict] = field(default_factory=list)  # hybrid: each interval chosen, and why
 
 
 class PipelineExecutor:

@@ -95,7 +95,7 @@ class Observed:
 
 def decide(observed: Observed, num_stages: int, prior: tuple[float, str], low: int = MIN_EVERY,
            high: int = MAX_EVERY) -> dict[str, Any]:
-    """The checkpoint interval for what was `observed` and the reasons, as a record (`schemas.train.CheckpointInterval`
+    """The checkpoint interval for what was `observed` and the reasons, as a record (`schemas.train_result.CheckpointInterval`
     fields but `step`)."""
     prior_rate, source = prior
     stage_rate = gamma_rate(prior_rate, observed.failures, num_stages * observed.elapsed_s)  # S stages exposed

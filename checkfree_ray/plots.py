@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from schemas.train import TrainResult
+from schemas.train_result import TrainResult
 
 
 def loss_vs_time_png(result: TrainResult) -> bytes:

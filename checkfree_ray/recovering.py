@@ -26,7 +26,7 @@ from checkfree_ray.recovery import (
 )
 from checkfree_ray.saving import SAVE_TIMEOUT_S
 from schemas.errors import RecoveryError
-from schemas.train import FailureRecord
+from schemas.train_result import FailureRecord
 
 if TYPE_CHECKING:
     from checkfree_ray.executor import PipelineExecutor

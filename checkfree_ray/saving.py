@@ -20,7 +20,7 @@ from checkfree_ray.checkpointing import CheckpointStore, PendingSave, storage_en
 from schemas.errors import StorageError
 
 if TYPE_CHECKING:
-    from checkfree_ray.executor import History
+    from checkfree_ray.history import History
 
 log = logging.getLogger(__name__)
 SAVE_TIMEOUT_S = 120.0  # bound on waiting for a checkpoint's shards to be written

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from rayops.jobs import JobHandle, submit_spec
 from schemas.loader import load_spec
-from schemas.train import TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import TrainResult
 
 
 def _as_spec(spec: TrainSpec | str | Path) -> TrainSpec:

@@ -9,9 +9,7 @@ or from the CheckFree average of its two neighbours' states. Flat state keys are
 from __future__ import annotations
 
 import os
-import signal
 import threading
-import time
 import warnings
 from collections.abc import Mapping
 
@@ -24,7 +22,8 @@ from torch import nn
 
 from checkfree_ray.model import Embedding, Head, ModelConfig, Stage, lm_loss, optimizer_groups
 from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, weighted_sum
-from schemas.errors import StorageError
+from checkfree_ray.stage_faults import FaultInjection
+from checkfree_ray.stage_shards import ShardWriter, state_nbytes
 
 FlatState = dict[str, torch.Tensor]
 
@@ -60,12 +59,7 @@ def _ray_nccl_available() -> bool:
     return collective.nccl_available()
 
 
-def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes held by the tensors of a flat state."""
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-class StageWorker:
+class StageWorker(FaultInjection, ShardWriter):
     """Holds one stage's parts and optimizer, runs its hops, and serves its state for recovery."""
 
     def __init__(self, cfg: ModelConfig, grad_clip: float, weight_decay: float, torch_threads: int = 1,
@@ -114,36 +108,6 @@ class StageWorker:
         optimizer.step()
         load_safetensors(save_safetensors({"x": inp.grad}))
         return self.ping()
-
-    def terminate(self) -> None:
-        """Failure injection: SIGKILL this process (no cleanup), as a lost node would end it.
-
-        A checkpoint shard this stage is still writing is finished first (bounded), so a kill scheduled between
-        two steps lands between them; `arm_fault("write_shard")` kills a stage in the middle of its save."""
-        writer = self._writer
-        if writer is not None and writer is not threading.current_thread():
-            writer.join(timeout=60.0)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def arm_fault(self, call: str, action: str = "kill", seconds: float = 0.0, skip: int = 0) -> None:
-        """Failure-injection harness (tests only; a run never arms one): the (`skip`+1)-th next call of `call`
-        ('forward', 'backward', 'step', 'get_state', 'configure', 'write_shard') dies ('kill', SIGKILL) or hangs ('hang',
-        `seconds`) as it starts, so that a stage can be lost at an exact point of a step."""
-        if action not in ("kill", "hang"):
-            raise ValueError(f"unknown fault action {action!r}; use 'kill' or 'hang'")
-        self.faults[call] = (action, seconds, skip)
-
-    def _fault(self, call: str) -> None:
-        if call not in self.faults:
-            return
-        action, seconds, skip = self.faults[call]
-        if skip > 0:
-            self.faults[call] = (action, seconds, skip - 1)
-            return
-        del self.faults[call]
-        if action == "kill":
-            self.terminate()
-        time.sleep(seconds)
 
     # ----- configuration ------------------------------------------------------------------------------
     def configure(self, stage_index: int, lr: float | None, *sources: Mapping[str, torch.Tensor] | bytes,
@@ -223,50 +187,6 @@ class StageWorker:
     def state_bytes(self) -> bytes:
         """Full state (model, Adam, lr) as safetensors bytes: one checkpoint shard."""
         return save_safetensors(self.get_state(include_optim=True))
-
-    def save_shard(self, uri: str, step: int, storage_env: dict[str, str], wait_s: float = 600.0) -> int:
-        """Checkpoint `step` of this stage: copy the full state in memory now (between two steps, in call order),
-        then serialise and write it to `uri` from a background thread while the next steps run.
-
-        One save at a time: a previous write still running is waited for first (up to `wait_s`). `storage_env`
-        holds the driver's storage settings (endpoint, keys), so the stage writes where the driver reads.
-        Returns the bytes copied; `shard_written(step)` reports the outcome.
-        """
-        if self._writer is not None:
-            self._writer.join(timeout=wait_s)
-        state = self.get_state(include_optim=True)
-        os.environ.update(storage_env)
-        self._written = (step, None, None)
-        self._writer = threading.Thread(target=self._write_shard, args=(uri, step, state), daemon=True,
-                                        name=f"checkpoint-{step}")
-        self._writer.start()
-        return state_nbytes(state)
-
-    def _write_shard(self, uri: str, step: int, state: FlatState) -> None:
-        import hashlib
-
-        from rayops import storage
-
-        try:
-            self._fault("write_shard")
-            data = save_safetensors(state)
-            del state  # bounded memory: the copy is freed once serialised
-            storage.write_bytes(uri, data)
-            self._written = (step, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, None)
-        except (StorageError, OSError, RuntimeError, ValueError) as exc:  # reported by `shard_written`
-            self._written = (step, None, exc)
-
-    def shard_written(self, step: int, wait_s: float = 0.0) -> dict | None:
-        """The manifest entry `{"size", "sha256"}` of this stage's shard of `step`, None while it is still being
-        written (after waiting up to `wait_s`); re-raises the write's error (e.g. storage unreachable)."""
-        if self._writer is not None:
-            self._writer.join(timeout=wait_s)
-        done, entry, error = self._written
-        if done != step:
-            raise RuntimeError(f"stage {self.stage_index} has no save of step {step} (its last was {done})")
-        if error is not None:
-            raise error
-        return entry
 
     def hold_copy(self, state: FlatState) -> int:
         """CheckFree+: keep a copy of a neighbour's embedding or head; returns bytes held."""

@@ -25,7 +25,8 @@ from rayops.artifacts import write_artifact
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
 from schemas.errors import StorageError
-from schemas.train import TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import TrainResult
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from schemas.errors import (
 )
 from schemas.loader import dump_spec, load_spec, parse_spec
 from schemas.search import CandidateScore, SearchResult, SearchSpec
-from schemas.train import FailureRecord, TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import FailureRecord, TrainResult
 
 __all__ = [
     "CandidateScore", "CheckpointError", "FailureRecord", "LcscCheckfreeError", "OutputSpec", "PluginSpec",

@@ -8,7 +8,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.search import SearchResult, SearchSpec
-from schemas.train import TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import TrainResult
 
 SCHEMA_DIR = Path(__file__).parent / "json"
 MODELS: dict[str, type[BaseModel]] = {

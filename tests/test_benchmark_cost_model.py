@@ -155,3 +155,27 @@ def test_hybrid_notes_pair_its_modelled_hours_with_each_rival_by_seed():
     assert len(notes) == 2
     assert notes[0].startswith("16% (the goal's rate): redundant's modelled hours over hybrid's") and "hybrid faster" in notes[0]
     assert notes[1].startswith("16%: checkfree+'s") and "no interval" in notes[1]  # one paired seed
+
+
+def test_interleaved_blocks_replace_the_sequential_per_step_costs_and_keep_the_recoveries():
+    """With interleaved blocks, a seed's per-step cost is the mean of its block means (the sequential round's
+    recovery costs kept); the notes pair each block with checkpointing's block of the same round."""
+    from table2_interleaved import round_ratios
+    from table2_notes import costs_by_seed, drift_notes
+
+    def row(strategy, step_s):
+        steps = list(range(1, 11))
+        return {"strategy": strategy, "seed": 0, "error": None, "steps": steps,
+                "wall_times": [step_s * s for s in steps], "kill_offsets": {}, "failures": []}
+
+    costs = {"layout": {"window": [2, 9]}, "rows": [row("checkpoint", 0.30), row("checkfree+", 0.10)],
+             "interleaved": {"rounds": 2, "block_steps": 20, "seeds": {"0": {"block_step_s": {
+                 "checkpoint": [0.10, 0.20], "checkfree+": [0.11, 0.22], "none": [0.09, 0.18]}}}}}
+    per_seed = costs_by_seed(costs)
+    assert per_seed[0]["checkpoint"].step_s == pytest.approx(0.15)
+    assert per_seed[0]["checkfree+"].step_s == pytest.approx(0.165)
+    assert per_seed[0]["none"].step_s == pytest.approx(0.135)
+    assert round_ratios(costs["interleaved"], "checkfree+") == pytest.approx([1.1, 1.1])
+    notes = drift_notes(costs)
+    assert "interleaved across strategies" in notes[0]
+    assert "checkfree+ 1.100" in notes[1] and "none 0.900" in notes[1]

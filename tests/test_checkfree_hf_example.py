@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from checkfree_ray.cli import main
 from checkfree_ray.data import TokenCorpus
-from schemas.train import TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import TrainResult
 
 transformers = pytest.importorskip("transformers")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_hf_llama.yaml"

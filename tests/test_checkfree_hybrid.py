@@ -10,7 +10,8 @@ import pytest
 
 from checkfree_ray import hybrid
 from checkfree_ray.hybrid import HybridPolicy, Observed, decide
-from schemas.train import FailureRecord, TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import FailureRecord, TrainResult
 from tests.test_checkfree_engine import run_steps, tiny_spec
 
 

@@ -13,6 +13,8 @@ from tests.test_checkfree_engine import run_steps, tiny_spec
 pytestmark = pytest.mark.timeout(240)
 
 # Where the armed fault fires: (actor call, calls of that kind to let through first).
+# a kill waits this long, so the replies of the stage's earlier calls reach the driver before it dies
+REPLY_FLUSH_S = 0.5
 PHASES = {"forward": ("forward", 1), "backward": ("backward", 0), "optimizer": ("step", 0)}
 
 
@@ -29,7 +31,7 @@ def fail_at(executor: PipelineExecutor, stage: int, step: int, phase: str) -> No
             ex.actors[stage].terminate.remote()
         else:
             call, skip = PHASES[phase]
-            ray.get(ex.actors[stage].arm_fault.remote(call, "kill", 0.0, skip), timeout=60)
+            ray.get(ex.actors[stage].arm_fault.remote(call, "kill", REPLY_FLUSH_S, skip), timeout=60)
 
     armed: set = set()
     executor.before_step.append(arm)

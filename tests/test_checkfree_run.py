@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from checkfree_ray import run_training
 from checkfree_ray.cli import main
 from rayops import storage
-from schemas.train import TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import TrainResult
 
 
 @pytest.mark.timeout(240)

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from checkfree_ray import submit_training
 from checkfree_ray.cli import main
-from schemas.train import TrainResult, TrainSpec
+from schemas.train import TrainSpec
+from schemas.train_result import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def test_submit_training_to_local_head(tmp_path, monkeypatch):
 def test_demo_spec_hits_middle_first_and_last_stages_and_summary_names_each_rebuild():
     """The demo spec kills middle, first and last stages under checkfree+; the summary says how each came back."""
     from checkfree_ray.demo import demo_spec, format_summary
-    from schemas.train import FailureRecord
+    from schemas.train_result import FailureRecord
 
     spec = demo_spec()
     stages = {stage for _, stage in spec.failures.schedule}
