@@ -115,6 +115,19 @@ def test_claims_pair_each_model_on_the_same_seeds():
     assert "reproduces" in claims.notes([short], {"early": early}, None)[0]
 
 
+def test_posthoc_claim_targets_the_best_posthoc_ema_its_search_scored():
+    """The post-hoc part's claim pairs LCSC with the best post-hoc EMA (whatever sigma_rel won), the run's EMA
+    and the last checkpoint, and its spec reads the DDPM run's power-EMA snapshots."""
+    claims = load("paper_claims")
+    row = summary_row([60.0, 61.0, 62.0], {"last": [90.0, 91.0, 92.0], "run-ema": [64.0, 65.5, 66.0],
+                                          "best-posthoc-ema-0.050": [63.0, 63.5, 65.0], "uniform": [70.0, 70, 70]})
+    (posthoc,) = claims.build_claims({"posthoc": row}, None)
+    assert posthoc["target"] == "best-posthoc-ema-0.050"
+    assert set(posthoc["paired"]) == {"best-posthoc-ema-0.050", "run-ema", "last"}
+    assert posthoc["paired"]["best-posthoc-ema-0.050"]["mean"] == pytest.approx(-8.5 / 3)
+    assert claims.posthoc_block("posthoc")["uri"].endswith("posthoc_ema") and claims.posthoc_block("ddpm") is None
+
+
 def test_fidelity_goal_needs_half_the_samples_and_no_loss():
     """A schedule meets the goal with at most half of flat's samples and an interval that is no loss."""
     fidelity = load("search_fidelity")
