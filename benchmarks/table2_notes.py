@@ -51,7 +51,11 @@ def costs_by_seed(costs: dict) -> dict[int, dict[str, StrategyCosts]]:
         for seed, by_strategy in interleaved_step_s(costs["interleaved"]).items():
             for strategy, step_s in by_strategy.items():
                 kept = out.setdefault(seed, {}).get(strategy)
-                out[seed][strategy] = StrategyCosts(step_s, kept.recovery_s if kept else {})
+                # a recovery keeps its length in its own run's steps (both measured in that run, so the drift
+                # between sequential rounds cancels), converted to seconds at the interleaved step time
+                scale = step_s / kept.step_s if kept else 1.0
+                out[seed][strategy] = StrategyCosts(
+                    step_s, {m: r * scale for m, r in kept.recovery_s.items()} if kept else {})
                 medians.setdefault(seed, {})[strategy] = statistics.median(
                     costs["interleaved"]["seeds"][str(seed)]["block_step_s"][strategy])
     return out
@@ -252,7 +256,7 @@ def interleaved_notes(interleaved: dict) -> list[str]:
     notes = [(f"Per-step costs come from blocks of {interleaved['block_steps']} steps interleaved across strategies "
              f"({rounds} rounds per seed, {seeds} seeds, every strategy's pipeline alive at once; each block of "
              "checkpointing holds one save), so the machine's drift lands on every strategy alike. Recovery costs "
-             "come from the sequential cost rounds.")]
+             "come from the sequential cost rounds, each kept as a number of its own run's steps.")]
     strategies = [s for s in next(iter(interleaved["seeds"].values()))["block_step_s"] if s != "checkpoint"]
     parts = []
     for strategy in strategies:
@@ -263,6 +267,15 @@ def interleaved_notes(interleaved: dict) -> list[str]:
     if parts:
         notes.append("Block-by-block ratio of per-step time to checkpointing's block of the same round: "
                      + "; ".join(parts) + ".")
+    rivals = []
+    for rival in HYBRID_GOALS:
+        ratios = round_ratios(interleaved, rival, reference="hybrid")
+        if len(ratios) >= 2:
+            rivals.append(f"{rival} {format_interval(seed_interval(ratios), '.3f')}")
+    if rivals:
+        notes.append("Per-step time of hybrid's rivals over hybrid's, block by block: " + "; ".join(rivals)
+                     + " (hybrid saves at its own Young/Daly interval, the rivals every "
+                     f"{interleaved['checkpoint_every']} steps as their fallback).")
     return notes
 
 
@@ -316,6 +329,10 @@ def write_notes(path: Path, out: dict) -> Path:
     machine = (f"Costs measured at niceness {cost_machine.get('niceness')}, load average (1, 5, 15 min) "
                f"{_loads(costs['load_before'])} before and {_loads(costs.get('load_after'))} after, on "
                f"{cost_machine.get('cores')} cores. Runs (not a timing measurement; their wall clock is): {parts}.")
+    if costs.get("interleaved"):
+        inter = costs["interleaved"]
+        machine = (f"Per-step costs (interleaved blocks) measured at load average {_loads(inter['load_before'])} "
+                   f"before and {_loads(inter.get('load_after'))} after. Recovery costs: " + machine)
     model = (f"{out['model']['formula']}. Per-step cost c_s: mean wall time between commits over a failure-free "
              "window (copies, replication and save stalls included); recovery: extra wall time around a scheduled "
              "kill (detection + rebuild + retried step), in checkpointing steps.")

@@ -168,12 +168,19 @@ def test_interleaved_blocks_replace_the_sequential_per_step_costs_and_keep_the_r
         return {"strategy": strategy, "seed": 0, "error": None, "steps": steps,
                 "wall_times": [step_s * s for s in steps], "kill_offsets": {}, "failures": []}
 
-    costs = {"layout": {"window": [2, 9]}, "rows": [row("checkpoint", 0.30), row("checkfree+", 0.10)],
+    plus = row("checkfree+", 0.10)  # one warm copy recovery after step 10: the next commit 0.5 s + a step later
+    plus["steps"], plus["wall_times"] = [*plus["steps"], 10], [*plus["wall_times"], 1.0 + 0.5 + 0.1]
+    plus["kill_offsets"] = {"10:0": 1.0}
+    plus["failures"] = [{"step": 10, "stage": 0, "method": "copy", "rolled_back_to": None, "warm_standby": True}]
+
+    costs = {"layout": {"window": [2, 9]}, "rows": [row("checkpoint", 0.30), plus],
              "interleaved": {"rounds": 2, "block_steps": 20, "seeds": {"0": {"block_step_s": {
                  "checkpoint": [0.10, 0.20], "checkfree+": [0.11, 0.22], "none": [0.09, 0.18]}}}}}
     per_seed = costs_by_seed(costs)
     assert per_seed[0]["checkpoint"].step_s == pytest.approx(0.15)
     assert per_seed[0]["checkfree+"].step_s == pytest.approx(0.165)
+    # a recovery of 0.5 s in a run stepping at 0.10 s is 5 of its steps, so 5 x 0.165 s at the interleaved cost
+    assert per_seed[0]["checkfree+"].recovery_s == {"copy/warm": pytest.approx(0.825)}
     assert per_seed[0]["none"].step_s == pytest.approx(0.135)
     assert round_ratios(costs["interleaved"], "checkfree+") == pytest.approx([1.1, 1.1])
     notes = drift_notes(costs)
