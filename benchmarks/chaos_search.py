@@ -51,6 +51,9 @@ DRIVER_TIMEOUT_S = 900.0  # one driver run, from start to exit
 # trying to report that to the (dead) GCS before exiting (ray/_private/utils.py publish_error_to_driver).
 GONE_TIMEOUT_S = 150.0
 WATCHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="leak-watch")
+# Each tiny evaluation takes at least this long: at milliseconds each, a search recorded its whole budget between
+# two polls of a harness that scans /proc on crowded cores, and the planned kills never fired.
+SAMPLE_S = 1.0
 BUSY_WAIT_S = 20.0  # how long to wait for a busy target before killing an idle one
 
 
@@ -67,7 +70,7 @@ def chaos_spec(workdir: Path, seed: int, optimizer: str, budget: int) -> dict:
         "checkpoints": {"uri": str(workdir / "ckpts")},
         "model": {"target": "tests.lcsc_plugins:build_tiny"},
         "sampler": {"target": "tests.lcsc_search_plugins:counting_sample", "nfe": 2,
-                    "kwargs": {"log_dir": str(workdir / "calls")}},
+                    "kwargs": {"log_dir": str(workdir / "calls"), "seconds": SAMPLE_S}},
         "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
                 "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
                 "num_samples": 64, "holdout_seeds": [11, 12]},

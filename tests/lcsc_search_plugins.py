@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -12,10 +13,14 @@ import torch
 from tests.lcsc_plugins import toy_sample
 
 
-def counting_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str) -> torch.Tensor:
-    """toy_sample, appending one line per call to log_dir/calls.log (pid, seed, n)."""
+def counting_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str,
+                    seconds: float = 0.0) -> torch.Tensor:
+    """toy_sample, appending one line per call to log_dir/calls.log (pid, seed, n); with `seconds`, each call
+    takes at least that long, as a real sampler does (a harness that kills at moments of the search can then
+    catch each one, even polling on crowded cores)."""
     with open(Path(log_dir) / "calls.log", "a") as handle:
         handle.write(f"{os.getpid()} {seed} {n}\n")
+    time.sleep(seconds)
     return toy_sample(model, n, seed, nfe, batch_size)
 
 
