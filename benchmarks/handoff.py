@@ -8,7 +8,10 @@ the "other node" is the same node, so the rate is the object store's, not a netw
 taken, state serialised, loaded, CheckFree+ copies re-synced) are what this measures. Prints a table and writes
 `benchmarks/results/handoff.json` with the load average.
 
-    nice -n 10 .venv/bin/python benchmarks/handoff.py [--widths 64 128 256 512] [--repeats 3]
+    nice -n 10 .venv/bin/python benchmarks/handoff.py [--widths 64 128 256 512] [--repeats 3] [--quick]
+
+Runtime: a few minutes on 2 cores (most of it starting the pipelines); --quick (width 64, one repeat; written to
+outputs/bench/quick/) about a minute.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import RESULTS, local_ray, machine_info, write_json
+from _common import QUICK_RESULTS, RESULTS, local_ray, machine_info, write_json
 
 from checkfree_ray.draining import decide, hand_off, stage_state_bytes
 from checkfree_ray.executor import PipelineExecutor
@@ -66,8 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS / "handoff.json")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/handoff.json")
+    parser.add_argument("--quick", action="store_true", help="width 64, one repeat, a smoke run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.widths, args.repeats = [64], 1
+    out = args.out or (QUICK_RESULTS if args.quick else RESULTS) / "handoff.json"
     with local_ray(num_cpus=2):
         rows = [measure(width, args.repeats) for width in args.widths]
     print(f"{'width':>6} {'state MB':>9} {'hand-off s':>11} {'copy s':>8} {'MB/s':>8} {'min deadline s':>15}")
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['width']:>6} {row['state_bytes'] / 1e6:>9.2f} {row['median_handoff_s']:>11.3f} "
               f"{row['median_copy_s']:>8.3f} {row['copy_rate_bytes_s'] / 1e6:>8.1f} {row['min_deadline_s']:>15}")
     payload = {"rows": rows, "machine": machine_info(repeats=args.repeats, layers=8, stages=4)}
-    write_json(args.out, payload)
+    write_json(out, payload)
     return payload
 
 

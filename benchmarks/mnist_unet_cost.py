@@ -11,7 +11,10 @@ Measured: one training step's forward + backward (MSE on batch 64) and one sampl
 inference mode), each model in turn within a round, by wall clock and by process CPU time; the ratio per round, its median and a 95% t-interval
 over rounds. Writes benchmarks/results/mnist_unet_cost.json.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/mnist_unet_cost.py [--rounds 8] [--steps 4]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/mnist_unet_cost.py [--rounds 8] [--steps 4] [--quick]
+
+Runtime: about 6 minutes on 2 quiet cores; --quick (3 rounds of 1 step, one thread count; written to
+outputs/bench/quick/) well under a minute.
 
 (PASSIVE as the recipe's training task runs: on shared cores spinning OpenMP threads stall the 2-thread rows.)
 """
@@ -32,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, machine_info, write_json
+from _common import QUICK_RESULTS, RESULTS, machine_info, write_json
 
 from lcsc_ray.recipes.unet import build_unet
 
@@ -133,7 +136,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to compare at")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 1 step at 1 thread, a smoke run")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.threads = 3, 1, [1]
     models = {"ours": build_unet(), "unet2d_scale_shift": matched_unet2d(True),
               "unet2d_default": matched_unet2d(False)}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
@@ -157,7 +163,7 @@ def main() -> None:
                 print(f"{kind:15s} threads={row['threads']} {clock} s/call={row[f'{clock}_s']} ratio={ratios}")
     print(f"ours, 2 vs 1 threads: {result.get('ours_thread_speedup')}")
     print(f"load average start {result['load_average']} end {result['load_average_end']}")
-    write_json(RESULTS / "mnist_unet_cost.json", result)
+    write_json((QUICK_RESULTS if args.quick else RESULTS) / "mnist_unet_cost.json", result)
 
 
 if __name__ == "__main__":
