@@ -87,8 +87,8 @@ class PipelineExecutor:
         self.transport = open_transport(self.spec, self.actors, timeout_s=SAVE_TIMEOUT_S)
         if resume is None:
             states = initial_states(self.spec, self.cfg)  # the seed's weights, or model.hf_path's
-            ray.get([a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)],
-                    timeout=SAVE_TIMEOUT_S)
+            configured = [a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)]
+            ray.get(configured, timeout=SAVE_TIMEOUT_S)
         else:
             self._load_checkpoint(resume)
             restore_history(self.history, resume.history or {})
@@ -328,8 +328,8 @@ class PipelineExecutor:
             self.history.costs["copy_bytes_held"] = float(sum(ray.get(copies, timeout=self.step_timeout())))
         if self.strategy == "redundant":
             start = time.perf_counter()
-            held = ray.get([a[i].hold_backup.remote(a[(i + 1) % S].get_state.remote(include_optim=True))
-                            for i in range(S)], timeout=self.step_timeout())
+            backups = [a[i].hold_backup.remote(a[(i + 1) % S].get_state.remote(include_optim=True)) for i in range(S)]
+            held = ray.get(backups, timeout=self.step_timeout())
             costs = self.history.costs
             costs["redundant_bytes_held"] = float(sum(held))
             costs["redundant_bytes_sent_per_step"] = float(sum(held))
@@ -358,8 +358,8 @@ class PipelineExecutor:
     # ----- recovery (planned and carried out in recovering.py) -------------------------------------------
     def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Every stage takes its shard (weights, Adam, lr); the recovery norms come back with them."""
-        ray.get([a.configure.remote(i, None, shard) for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))],
-                timeout=SAVE_TIMEOUT_S)
+        configured = [a.configure.remote(i, None, shard) for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))]
+        ray.get(configured, timeout=SAVE_TIMEOUT_S)
         if checkpoint.metadata.get("grad_norms"):
             self.grad_norms = [dict(n) for n in checkpoint.metadata["grad_norms"]]
 

@@ -321,8 +321,8 @@ class EvaluatorPool:
 
     def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet, reference: tuple[np.ndarray, np.ndarray],
                  store: EvaluationStore | None = None):
-        check_non_float_equal(checkpoint_set.layout, ray.get([*checkpoint_set.refs, *checkpoint_set.extra_refs]),
-                              [*checkpoint_set.names, *checkpoint_set.extra_names])
+        weights = ray.get([*checkpoint_set.refs, *checkpoint_set.extra_refs], timeout=READY_TIMEOUT_S)
+        check_non_float_equal(checkpoint_set.layout, weights, [*checkpoint_set.names, *checkpoint_set.extra_names])
         self.spec, self.checkpoints = spec, checkpoint_set
         shared = {"refs": list(checkpoint_set.refs), "layout": checkpoint_set.layout, "ema": checkpoint_set.ema_ref,
                   "extra": list(checkpoint_set.extra_refs),
@@ -365,7 +365,7 @@ class EvaluatorPool:
                                          f"pool state: {self.state()}")
             job = pending.pop(done[0])
             try:
-                records[job] = ray.get(done[0])
+                records[job] = ray.get(done[0], timeout=max(bound, 60.0))  # ready: only its fetch is left
             except RayTaskError as exc:
                 raise EvaluatorPoolError(_root_cause(exc).removeprefix("EvaluatorPoolError: ")) from None
             if progress is not None:

@@ -145,4 +145,6 @@ def train_on_ray(kind: str, config: TrainConfig | dict, ray_spec=None, num_cpus:
         if env := training_env(num_cpus):
             options["runtime_env"] = {"env_vars": env}
         task = ray.remote(**options)(train_fn)
-        return ray.get(task.remote(config.model_dump()))
+        # unbounded on purpose: a training run has no natural bound, and a task whose worker or node is lost is
+        # retried by Ray (max_retries) and resumes from its last checkpoint
+        return ray.get(task.remote(config.model_dump()), timeout=None)
