@@ -9,7 +9,6 @@ or from the CheckFree average of its two neighbours' states. Flat state keys are
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from collections.abc import Mapping
 
@@ -23,9 +22,7 @@ from torch import nn
 from checkfree_ray.model import Embedding, Head, ModelConfig, Stage, lm_loss, optimizer_groups
 from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, weighted_sum
 from checkfree_ray.stage_faults import FaultInjection
-from checkfree_ray.stage_shards import ShardWriter, state_nbytes
-
-FlatState = dict[str, torch.Tensor]
+from checkfree_ray.stage_shards import FlatState, ShardWriter, state_nbytes
 
 
 def _as_flat(source: Mapping[str, torch.Tensor] | bytes) -> Mapping[str, torch.Tensor]:
@@ -83,8 +80,6 @@ class StageWorker(FaultInjection, ShardWriter):
         self.backup: FlatState = {}  # redundant: the successor's full state
         self.undo: FlatState = {}  # redundant: this stage's state before its last optimizer step
         self.faults: dict[str, tuple[str, float, int]] = {}  # test harness only: call -> (action, seconds, skip)
-        self._writer: threading.Thread | None = None  # writes the last checkpoint shard in the background
-        self._written: tuple[int | None, dict | None, Exception | None] = (None, None, None)  # (step, entry, error)
 
     # ----- identity -------------------------------------------------------------------------------------
     def ping(self) -> dict:
