@@ -10,8 +10,9 @@ Every evaluation of a search goes through `PoolService.evaluate`, so one set of 
 - Every evaluation has a timeout (`evaluators.evaluation_timeout_s`, by default 5x the first timed
   evaluation scaled by its sample count, at least 60 s). A hung evaluator is killed and replaced.
 - An evaluator that died is given back to Ray's restart once; if it stays dead, the pool replaces it with a
-  new actor over the same object refs. A candidate whose evaluator hung or died is retried once elsewhere.
-  After `evaluators.max_replacements` replacements the pool stops, naming the cause.
+  new actor over the same object refs. A candidate whose evaluator hung or died is retried once elsewhere,
+  as soon as another evaluator is free: the healing runs beside it (constructing an actor on crowded cores
+  can take minutes). After `evaluators.max_replacements` replacements the pool stops, naming the cause.
 - An evaluator on a draining node (a preemption notice) is replaced before the node goes, and its candidate in
   flight retried elsewhere (`draining.py`); such planned replacements are not counted as failures.
 - An evaluation that raises (not a lost evaluator) is deterministic: it is not retried, its record says why,
@@ -83,6 +84,7 @@ class PoolService:
         self.in_flight: dict[Job, asyncio.Task] = {}
         self.failures: dict[Job, dict] = {}  # deterministic failures of this search, by job
         self.drained, self.drain_tries = 0, {}  # evaluators replaced off draining nodes (draining.py)
+        self.healing: set[asyncio.Task] = set()  # heals running beside the evaluations (kept until done)
 
     def _new_actor(self):
         shared = self.shared
@@ -119,12 +121,13 @@ class PoolService:
         if self.stopped:
             raise EvaluatorPoolError(self.stopped)
 
-    async def _acquire(self, avoid: set[int]) -> int:
-        """A free evaluator, preferring one not in `avoid` (those that already failed this candidate)."""
+    async def _acquire(self, avoid: dict[int, object]) -> int:
+        """A free evaluator, preferring one that has not failed this candidate (`avoid`: index -> the actor
+        that failed it; a replacement at that index is a new actor and welcome)."""
         async with self.condition:
             while True:
                 self._check_stopped()
-                choices = [i for i in self.free if i not in avoid]
+                choices = [i for i in self.free if avoid.get(i) is not self.actors[i]]
                 if not choices and len(avoid) >= len(self.actors):
                     choices = list(self.free)
                 if choices:
@@ -146,6 +149,17 @@ class PoolService:
             self.condition.notify_all()
 
     # ----------------------------------------------------------------------------------------- healing
+    def _heal_beside(self, index: int, cause: str, hung: bool) -> None:
+        """Heal evaluator `index` in a task of its own, so the candidate it lost is retried elsewhere now."""
+        task = asyncio.get_running_loop().create_task(self._heal(index, cause, hung))
+        self.healing.add(task)
+        task.add_done_callback(self._healed)
+
+    def _healed(self, task: asyncio.Task) -> None:
+        self.healing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("healing an evaluator failed: %r", task.exception())
+
     async def _heal(self, index: int, cause: str, hung: bool) -> None:
         """After a death: keep the evaluator if Ray restarted it; else (or when it hung) replace it with a new
         actor over the same object refs, up to `evaluators.max_replacements` in all."""
@@ -156,7 +170,7 @@ class PoolService:
                 return
             except (asyncio.TimeoutError, RayActorError):
                 pass  # dead past Ray's restarts
-        while True:
+        while not self.stopped:  # a closed or stopped pool starts no new actor
             limit = self.spec.evaluators.max_replacements
             if self.replacements >= limit:
                 await self._stop(f"evaluators were lost {self.replacements + 1} times, more than "
@@ -208,7 +222,7 @@ class PoolService:
         """Run `submit(actor)` on a free evaluator, retried once elsewhere when that evaluator hangs or dies.
         Returns ('done', output, index, attempt), ('error', root cause, index, attempt) when the call raised,
         or ('lost', reasons, -1, ATTEMPTS) when both attempts lost their evaluator."""
-        avoid: set[int] = set()
+        avoid: dict[int, object] = {}
         reasons: list[str] = []
         for attempt in range(1, ATTEMPTS + 1):
             index = await self._acquire(avoid)
@@ -217,13 +231,13 @@ class PoolService:
                 out = await asyncio.wait_for(submit(self.actors[index]), timeout)
             except asyncio.TimeoutError:
                 reasons.append(f"evaluator {index} did not finish within {timeout:.0f} s")
-                avoid.add(index)
-                await self._heal(index, f"hung for {timeout:.0f} s", hung=True)
+                avoid[index] = self.actors[index]
+                self._heal_beside(index, f"hung for {timeout:.0f} s", hung=True)
                 continue
             except RayActorError as exc:
                 reasons.append(f"evaluator {index} died ({type(exc).__name__})")
-                avoid.add(index)
-                await self._heal(index, f"died ({type(exc).__name__})", hung=False)
+                avoid[index] = self.actors[index]
+                self._heal_beside(index, f"died ({type(exc).__name__})", hung=False)
                 continue
             except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
                 await self._release(index)
@@ -312,6 +326,8 @@ class PoolService:
     async def close(self) -> None:
         """Kill every evaluator this pool started."""
         await self._stop(self.stopped or "the pool was closed")
+        for task in list(self.healing):
+            task.cancel()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 
