@@ -1,8 +1,13 @@
-"""Shared fixtures: one local Ray per test session, a real SeaweedFS S3 server, a moto server."""
+"""Shared fixtures: one local Ray per test session, a real SeaweedFS S3 server, a moto server; and two guards
+against a hung test: a Ray cut by pytest-timeout is started afresh for the next test, and a test that
+pytest-timeout could not stop (stuck in native code) dumps every thread's stack and ends the session, so a
+hang is reported with its cause instead of holding the run until an outer limit."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 import uuid
 
 import pytest
@@ -14,16 +19,67 @@ for _name, _value in settings.LOCAL_RAY_ENV.items():
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance (2 CPUs, loopback only) shared by every test that needs Ray."""
+HARD_TIMEOUT_GRACE_S = 180  # past pytest-timeout's limit, a test still running is stuck where signals cannot reach
+_guard: dict = {"ray_cut": False}
+
+
+def pytest_configure(config):
+    _guard["stderr"] = os.dup(sys.stderr.fileno())  # not captured: the dump must reach the run's log
+
+
+def _timeout_of(item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    return float(item.config.getini("timeout") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    limit = _timeout_of(item)
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit + HARD_TIMEOUT_GRACE_S, exit=True, file=_guard["stderr"])
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed and "ray_local" in item.fixturenames and "Timeout" in str(report.longrepr):
+        _guard["ray_cut"] = True  # a Ray call interrupted by the timeout signal can leave the client unusable
+
+
+def _start_ray():
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="tests",
-                 object_store_memory=1_000_000_000)
-    yield ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="tests",
+             object_store_memory=1_000_000_000)
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts the tests' Ray down at the end (it is started by `ray_local`, so that a start cut by a test's
+    timeout is not cached as every later test's error)."""
+    import ray
+
+    yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """One local Ray instance (2 CPUs, loopback only) shared by every test that needs Ray; started afresh
+    after a test that used it was cut by pytest-timeout."""
+    import ray
+
+    if _guard["ray_cut"] or not ray.is_initialized():
+        _guard["ray_cut"] = False
+        ray.shutdown()
+        _start_ray()
+    return ray
 
 
 @pytest.fixture(scope="session")
