@@ -69,6 +69,16 @@ def _ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_module(_ray_session):
+    """The tests' Ray for module-scoped fixtures (actors shared by a module's tests)."""
+    import ray
+
+    if not ray.is_initialized():
+        _start_ray()
+    return ray
+
+
 @pytest.fixture
 def ray_local(_ray_session):
     """One local Ray instance (2 CPUs, loopback only) shared by every test that needs Ray; started afresh

@@ -23,7 +23,7 @@ NUM_SAMPLES, BATCH = 96, 20  # 5 chunks, the last one short
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, ray_local):
+def setup(tmp_path_factory, ray_module):
     """Four tiny checkpoints in the object store and two evaluator actors (1 CPU each)."""
     root = tmp_path_factory.mktemp("lcsc-eval")
     lcsc_plugins.write_run(root / "run", num=4)
@@ -45,7 +45,7 @@ def setup(tmp_path_factory, ray_local):
     actors = start_evaluators(spec, cset, reference, wait_s=120)
     yield spec, cset, reference, actors
     for actor in actors:
-        ray_local.kill(actor)
+        ray_module.kill(actor)
 
 
 def _direct_fid(spec, state, reference) -> float:
