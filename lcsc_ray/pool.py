@@ -9,10 +9,9 @@ Every evaluation of a search goes through `PoolService.evaluate`, so one set of 
 - The evaluation store is consulted first and written right after (a resumed search never repeats work).
 - Every evaluation has a timeout (`evaluators.evaluation_timeout_s`, by default 5x the first timed
   evaluation scaled by its sample count, at least 60 s). A hung evaluator is killed and replaced.
-- An evaluator that died is given back to Ray's restart once; if it stays dead, the pool replaces it with a
-  new actor over the same object refs. A candidate whose evaluator hung or died is retried once elsewhere,
-  as soon as another evaluator is free: the healing runs beside it (constructing an actor on crowded cores
-  can take minutes). After `evaluators.max_replacements` replacements the pool stops, naming the cause.
+- A candidate whose evaluator hung or died is retried once elsewhere, as soon as another evaluator is free;
+  the lost evaluator is healed beside it (`healing.py`: Ray's restart, else a new actor over the same refs,
+  at most `evaluators.max_replacements` times, after which the pool stops naming the cause).
 - An evaluator on a draining node (a preemption notice) is replaced before the node goes, and its candidate in
   flight retried elsewhere (`draining.py`); such planned replacements are not counted as failures.
 - An evaluation that raises (not a lost evaluator) is deterministic: it is not retried, its record says why,
@@ -49,6 +48,7 @@ from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout,
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import EvaluatorActor, chunk_sizes, evaluator_options, merge_blocks, tree_blocks
 from lcsc_ray.fid import FIDStats, fid_from_stats
+from lcsc_ray.healing import heal_beside
 from rayops.progress import ProgressLine
 from rayops.resources import check_placeable
 from schemas.errors import LcscCheckfreeError
@@ -150,43 +150,8 @@ class PoolService:
 
     # ----------------------------------------------------------------------------------------- healing
     def _heal_beside(self, index: int, cause: str, hung: bool) -> None:
-        """Heal evaluator `index` in a task of its own, so the candidate it lost is retried elsewhere now."""
-        task = asyncio.get_running_loop().create_task(self._heal(index, cause, hung))
-        self.healing.add(task)
-        task.add_done_callback(self._healed)
-
-    def _healed(self, task: asyncio.Task) -> None:
-        self.healing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("healing an evaluator failed: %r", task.exception())
-
-    async def _heal(self, index: int, cause: str, hung: bool) -> None:
-        """After a death: keep the evaluator if Ray restarted it; else (or when it hung) replace it with a new
-        actor over the same object refs, up to `evaluators.max_replacements` in all."""
-        if not hung:
-            try:
-                self.pids[index] = await self._ready(self.actors[index])
-                await self._release(index)
-                return
-            except (asyncio.TimeoutError, RayActorError):
-                pass  # dead past Ray's restarts
-        while not self.stopped:  # a closed or stopped pool starts no new actor
-            limit = self.spec.evaluators.max_replacements
-            if self.replacements >= limit:
-                await self._stop(f"evaluators were lost {self.replacements + 1} times, more than "
-                                 f"`evaluators.max_replacements` = {limit} allows; last: evaluator {index} {cause}")
-                return
-            self.replacements += 1
-            ray.kill(self.actors[index], no_restart=True)
-            log.warning("replacing evaluator %d (%s); replacement %d of at most %d", index, cause,
-                        self.replacements, limit)
-            self.actors[index] = self._new_actor()
-            try:
-                self.pids[index] = await self._ready(self.actors[index])
-                await self._release(index)
-                return
-            except (asyncio.TimeoutError, RayActorError) as exc:
-                cause = f"could not be replaced ({type(exc).__name__})"
+        """Heal evaluator `index` in a task of its own (`healing.heal_beside`); its candidate is retried now."""
+        heal_beside(self, index, cause, hung)
 
     # -------------------------------------------------------------------------------------- evaluation
     async def evaluate(self, job: Job) -> dict:
