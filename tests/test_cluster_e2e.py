@@ -27,7 +27,11 @@ def _finished(out: Path) -> int:
 def test_ray_job_submit_search_survives_lost_worker_node(tmp_path):
     """`ray job submit --working-dir . -- python -m lcsc_ray search` on 3 nodes; a worker node is removed
     mid-search; no completed trial is lost and the budget is finished."""
-    spec = tiny_spec(tmp_path, budget=14)
+    # each sampler call takes at least 1 s, as a real one does: 14 trials on 2 evaluators then last over 7 s, so
+    # the harness (polling every 0.5 s, on crowded cores too) kills the node with trials still to run
+    sampler = {"target": "tests.lcsc_search_plugins:counting_sample", "nfe": 2,
+               "kwargs": {"log_dir": str(tmp_path), "seconds": 1.0}}
+    spec = tiny_spec(tmp_path, budget=14, sampler=sampler)
     spec = spec.model_copy(update={"evaluators": spec.evaluators.model_copy(update={"num_cpus": 1.0})})
     spec_path = tmp_path / "spec.yaml"
     dump_spec(spec, spec_path)
