@@ -119,8 +119,13 @@ def make_spec(
 # ----------------------------------------------------------------------------------- cached searches
 def setting_key(spec: dict) -> str:
     """What an FID depends on besides (coefficients, samples, noise seed): checkpoints, model, sampler, NFE."""
+    from lcsc_ray.run_identity import plugin_revision
+
     keyed = {k: spec[k] for k in ("checkpoints", "model", "sampler")}
     keyed["features"] = spec["fid"].get("features")
+    revision = plugin_revision(spec["sampler"]["target"])  # a sampler that now gives other images: new key
+    if revision is not None:
+        keyed["sampler_revision"] = revision
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 

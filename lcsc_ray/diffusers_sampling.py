@@ -94,12 +94,14 @@ def _context(model: torch.nn.Module) -> torch.Tensor | None:
 def sample(model: torch.nn.Module, n: int, seed: int, nfe: int, batch_size: int, scheduler: str = "DDIM",
            scheduler_config: str | None = None, scheduler_kwargs: dict | None = None,
            class_labels: int | list[int] | None = None, guidance_scale: float = 1.0,
-           null_class_label: int | None = None, dtype: str = "float32") -> torch.Tensor:
+           null_class_label: int | None = None, dtype: str = "float32",
+           step_kwargs: dict | None = None) -> torch.Tensor:
     """`n` images (n, C, H, W) in [-1, 1] from a diffusers UNet with `nfe` steps of the named scheduler.
 
     `scheduler_kwargs` override config entries (e.g. {'timestep_spacing': 'trailing'}); `class_labels` (one or
     a list, cycled) feed class-conditional models; `dtype` 'float16'/'bfloat16' runs the model in that
-    precision under autocast (on a GPU)."""
+    precision under autocast (on a GPU); `step_kwargs` go to every `scheduler.step` (e.g. DDIM's
+    {'use_clipped_model_output': True})."""
     from lcsc_ray.diffusers_checkpoints import scheduler_config as read_config
 
     config = read_config(scheduler_config) if scheduler_config else getattr(model, "lcsc_scheduler_config", None)
@@ -120,7 +122,7 @@ def sample(model: torch.nn.Module, n: int, seed: int, nfe: int, batch_size: int,
         with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32"):
             for t in sched.timesteps:
                 model_out = denoise(sched.scale_model_input(x, t), t)
-                x = sched.step(model_out.float(), t, x, generator=generator).prev_sample
+                x = sched.step(model_out.float(), t, x, generator=generator, **(step_kwargs or {})).prev_sample
         out.append(x.float().clamp(-1, 1))
     return torch.cat(out)
 

@@ -108,8 +108,14 @@ def preflight(spec: SearchSpec) -> list[tuple[str, int]]:
     return checkpoints
 
 
+def plugin_revision(target: str) -> str | None:
+    """The `lcsc_revision` a plug-in declares (the built-in recipes do; see `lcsc_ray.recipes.mnist`), else None."""
+    revision = getattr(resolve(target), "lcsc_revision", None)
+    return None if revision is None else str(revision)
+
+
 def _plugin(plugin: PluginSpec) -> dict[str, Any]:
-    return identity.plugin_entry(plugin.target, redact_secrets(plugin.kwargs))
+    return identity.plugin_entry(plugin.target, redact_secrets(plugin.kwargs), plugin_revision(plugin.target))
 
 
 def statistics_digest(mu: np.ndarray, sigma: np.ndarray) -> str:

@@ -46,6 +46,22 @@ def test_checkpoints_changed_under_an_unchanged_spec_are_refused(tmp_path):
         prepare_state(spec)
 
 
+def test_a_sampler_that_declares_a_new_revision_is_refused(tmp_path, monkeypatch):
+    """A plug-in whose `lcsc_revision` changed (the same call now gives other images, as the recipe's DDIM did
+    on its move to diffusers) is a changed input: the stored search is not resumed with it."""
+    import tests.lcsc_plugins as plugins
+
+    spec = tiny_spec(tmp_path)
+    monkeypatch.setattr(plugins.toy_sample, "lcsc_revision", "1", raising=False)
+    prepare_state(spec)
+    stored = json.loads((tmp_path / "out" / "state" / FINGERPRINT_FILE).read_text())
+    assert stored["sampler"]["revision"] == "1"
+    prepare_state(spec)  # same revision: resumes
+    monkeypatch.setattr(plugins.toy_sample, "lcsc_revision", "2")
+    with pytest.raises(SpecError, match=r"sampler: revision changed"):
+        prepare_state(spec)
+
+
 def test_restart_clears_the_state_and_records_the_new_inputs(tmp_path):
     """--restart removes stored evaluations and the old fingerprint; the changed inputs are then accepted."""
     spec = tiny_spec(tmp_path)

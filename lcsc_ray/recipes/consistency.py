@@ -120,3 +120,8 @@ def consistency_sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size
             x = model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=device)).clamp(-1, 1)
         out[start:start + batch_size] = x.float().cpu()
     return out
+
+
+# The run identity records this; revision 1 read alpha_bar from the float64 cosine written out, this one from
+# DDPMScheduler's float32 `alphas_cumprod` (the recipe's forward process since the move to diffusers).
+consistency_sample.lcsc_revision = "ddpm-scheduler-1"

@@ -1,4 +1,5 @@
-"""DDPM forward process, training loss and the DDIM sampler (pure functions over a U-Net).
+"""DDPM forward process, training loss and the DDIM sampler over a U-Net, on diffusers' DDPMScheduler and
+DDIMScheduler.
 
 Notation: x_t = a_t x0 + s_t eps with a_t = sqrt(alpha_bar_t), s_t = sqrt(1 - alpha_bar_t).
 v-prediction (Salimans & Ho 2022, "Progressive distillation", Eq. 9): v = a_t eps - s_t x0, hence
@@ -7,7 +8,7 @@ x0 = a_t x_t - s_t v and eps = s_t x_t + a_t v.
 
 from __future__ import annotations
 
-import math
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -15,20 +16,26 @@ from torch import nn
 from lcsc_ray.recipes.unet import UNetConfig
 
 
+PREDICTION_TYPES = {"v": "v_prediction", "eps": "epsilon", "x0": "sample"}  # ours -> diffusers' prediction_type
+BETA_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}  # ours -> diffusers' beta_schedule
+
+
+def noise_scheduler(schedule: str, num_timesteps: int, prediction: str = "v"):
+    """The forward process as diffusers' DDPMScheduler: 'cosine' is `squaredcos_cap_v2` (Nichol & Dhariwal 2021,
+    Eq. 17, s=0.008, betas clipped at 0.999), 'linear' Ho et al. 2020's betas 1e-4..0.02 (scaled by 1000/T)."""
+    from diffusers import DDPMScheduler
+
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {sorted(BETA_SCHEDULES)}")
+    scale = 1000 / num_timesteps
+    return DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule=BETA_SCHEDULES[schedule],
+                         beta_start=1e-4 * scale, beta_end=0.02 * scale,
+                         prediction_type=PREDICTION_TYPES[prediction], clip_sample=True, clip_sample_range=1.0)
+
+
 def alpha_bar_schedule(schedule: str, num_timesteps: int) -> torch.Tensor:
-    """alpha_bar_t for t = 0..T-1 (float64): 'cosine' (Nichol & Dhariwal 2021, Eq. 17, s=0.008, betas
-    clipped at 0.999) or 'linear' (Ho et al. 2020: betas 1e-4..0.02)."""
-    steps = num_timesteps
-    if schedule == "cosine":
-        s = 0.008
-        grid = torch.arange(steps + 1, dtype=torch.float64) / steps
-        f = torch.cos((grid + s) / (1 + s) * math.pi / 2) ** 2
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    elif schedule == "linear":
-        betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float64) * (1000 / steps)
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}; use 'cosine' or 'linear'")
-    return torch.cumprod(1 - betas, dim=0)
+    """alpha_bar_t for t = 0..T-1 (float64 of DDPMScheduler's `alphas_cumprod`; see `noise_scheduler`)."""
+    return noise_scheduler(schedule, num_timesteps).alphas_cumprod.double()
 
 
 def model_config(model: nn.Module) -> UNetConfig:
@@ -54,24 +61,36 @@ def predict_x0_eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, alpha_b
     return out, (x_t - a * out) / s.clamp(min=1e-8)
 
 
-def diffusion_loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator,
-                   alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
-    """Mean squared error of the network's target (v, eps or x0) at uniformly drawn timesteps."""
+def diffusion_loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator, scheduler) -> torch.Tensor:
+    """Mean squared error of the network's target (v, eps or x0, as the DDPMScheduler's `prediction_type`
+    says) at uniformly drawn timesteps; x_t by `scheduler.add_noise`, v by `scheduler.get_velocity`."""
     b = x0.shape[0]
-    t = torch.randint(0, alpha_bar.numel(), (b,), generator=generator).to(x0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-    a, s = _coefs(alpha_bar, t)
-    x_t = a * x0 + s * eps
-    target = {"v": a * eps - s * x0, "eps": eps, "x0": x0}[prediction]
+    x_t = scheduler.add_noise(x0, eps, t)
+    prediction = scheduler.config.prediction_type
+    target = {"v_prediction": lambda: scheduler.get_velocity(x0, eps, t), "epsilon": lambda: eps,
+              "sample": lambda: x0}[prediction]()
     return (model(x_t, t) - target).square().mean()
 
 
+def ddim_scheduler(config: UNetConfig):
+    """diffusers' DDIMScheduler over the model's forward process: "trailing" spacing (the first step is at T-1;
+    Lin et al. 2024, Table 2), x0 clipped to [-1, 1] and the last step to alpha_bar = 1 (eta 0)."""
+    from diffusers import DDIMScheduler
+
+    ddpm = noise_scheduler(config.schedule, config.num_timesteps, config.prediction)
+    return DDIMScheduler.from_config(ddpm.config, timestep_spacing="trailing", clip_sample=True,
+                                     set_alpha_to_one=True)
+
+
 def ddim_timesteps(nfe: int, num_timesteps: int) -> list[int]:
-    """The `nfe` timesteps DDIM visits, evenly spaced from T-1 downwards ("trailing" spacing, which
-    starts at the last timestep; Lin et al. 2024, Table 2)."""
+    """The `nfe` timesteps DDIM visits, from T-1 downwards (DDIMScheduler's "trailing" spacing)."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
-    return [round((num_timesteps - 1) * (1 - i / nfe)) for i in range(nfe)]
+    scheduler = ddim_scheduler(UNetConfig(num_timesteps=num_timesteps))
+    scheduler.set_timesteps(nfe)
+    return [int(t) for t in scheduler.timesteps]
 
 
 def initial_noise(n: int, seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
@@ -80,29 +99,32 @@ def initial_noise(n: int, seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> to
     return torch.randn((n, *shape), generator=generator)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+class DiffusersView(nn.Module):
+    """The recipe's U-Net as diffusers pipelines call a UNet2DModel: `view(x, t).sample`, with `config.in_channels`
+    and `config.sample_size`; the DDIM config rides along as `lcsc_scheduler_config`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = SimpleNamespace(in_channels=1, sample_size=28)
+        self.lcsc_scheduler_config = dict(ddim_scheduler(model_config(model)).config)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, **_unused) -> SimpleNamespace:
+        t_batch = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
+        return SimpleNamespace(sample=self.model(x, t_batch))
 
 
-@torch.inference_mode()
 def ddim_sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size: int = 250) -> torch.Tensor:
     """Images (n, 1, 28, 28) in [-1, 1] by deterministic DDIM (eta=0; Song et al. 2021, Eq. 12) in `nfe`
-    steps; the starting noise is fixed by `seed`, so the same model and seed give the same images."""
-    config = model_config(model)
-    alpha_bar = alpha_bar_schedule(config.schedule, config.num_timesteps)
-    steps = ddim_timesteps(nfe, config.num_timesteps)
-    device = _device(model)
-    noise = initial_noise(n, seed)
-    out = torch.empty(n, 1, 28, 28)
-    for start in range(0, n, batch_size):
-        x = noise[start:start + batch_size].to(device)  # (b, 1, 28, 28)
-        for i, t in enumerate(steps):
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-            x0, _ = predict_x0_eps(model, x, t_batch, alpha_bar, config.prediction)
-            x0 = x0.clamp(-1, 1)
-            a_t, s_t = alpha_bar[t].sqrt().item(), (1 - alpha_bar[t]).sqrt().item()
-            eps = (x - a_t * x0) / s_t
-            ab_prev = alpha_bar[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
-            x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
-        out[start:start + batch_size] = x.clamp(-1, 1).float().cpu()
-    return out
+    steps of diffusers' DDIMScheduler (`ddim_scheduler`), run by the built-in diffusers sampler; the noise of
+    x0 clipped to [-1, 1] is recomputed from it (`use_clipped_model_output`). The starting noise is fixed by
+    `seed`, so the same model and seed give the same images, whatever the batch size."""
+    from lcsc_ray.diffusers_sampling import sample
+
+    return sample(DiffusersView(model), n, seed, nfe, batch_size, scheduler="DDIM",
+                  step_kwargs={"use_clipped_model_output": True})
+
+
+# The run identity records this: a search stored with the recipe's earlier DDIM (own float64 schedule, timesteps
+# ending at 100) is not resumed with this one (benchmarks/results/recipe_ddim_diffusers.md: up to 0.3 FID apart).
+ddim_sample.lcsc_revision = "diffusers-ddim-1"

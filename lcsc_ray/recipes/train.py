@@ -19,7 +19,7 @@ from lcsc_ray.recipes.consistency import (
     distillation_loss,
     timestep_grid,
 )
-from lcsc_ray.recipes.diffusion import alpha_bar_schedule, ddim_sample, diffusion_loss
+from lcsc_ray.recipes.diffusion import ddim_sample, diffusion_loss, noise_scheduler
 from lcsc_ray.recipes.training import Recipe, TrainConfig, run_training, update_ema
 from lcsc_ray.recipes.unet import UNet, UNetConfig, build_unet
 from rayops import storage
@@ -46,11 +46,11 @@ def train_ddpm(config: DDPMTrainConfig | dict, stop_after: int | None = None) ->
     config = DDPMTrainConfig.model_validate(config)
     model = make_unet(config.model, config.seed)
     unet_config = model.config
-    alpha_bar = alpha_bar_schedule(unet_config.schedule, unet_config.num_timesteps)
+    scheduler = noise_scheduler(unet_config.schedule, unet_config.num_timesteps, unet_config.prediction)
     recipe = Recipe(
         kind="ddpm",
         model=model,
-        loss=functools.partial(diffusion_loss, alpha_bar=alpha_bar, prediction=unet_config.prediction),
+        loss=functools.partial(diffusion_loss, scheduler=scheduler),
         sample=ddim_sample,
         model_kwargs=unet_config.to_kwargs(),
     )
