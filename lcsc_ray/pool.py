@@ -148,11 +148,6 @@ class PoolService:
         async with self.condition:
             self.condition.notify_all()
 
-    # ----------------------------------------------------------------------------------------- healing
-    def _heal_beside(self, index: int, cause: str, hung: bool) -> None:
-        """Heal evaluator `index` in a task of its own (`healing.heal_beside`); its candidate is retried now."""
-        heal_beside(self, index, cause, hung)
-
     # -------------------------------------------------------------------------------------- evaluation
     async def evaluate(self, job: Job) -> dict:
         """The evaluation record of `job`: from the store, or evaluated on a free evaluator (see module doc)."""
@@ -197,12 +192,12 @@ class PoolService:
             except asyncio.TimeoutError:
                 reasons.append(f"evaluator {index} did not finish within {timeout:.0f} s")
                 avoid[index] = self.actors[index]
-                self._heal_beside(index, f"hung for {timeout:.0f} s", hung=True)
+                heal_beside(self, index, f"hung for {timeout:.0f} s", hung=True)
                 continue
             except RayActorError as exc:
                 reasons.append(f"evaluator {index} died ({type(exc).__name__})")
                 avoid[index] = self.actors[index]
-                self._heal_beside(index, f"died ({type(exc).__name__})", hung=False)
+                heal_beside(self, index, f"died ({type(exc).__name__})", hung=False)
                 continue
             except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
                 await self._release(index)
