@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     markdown = "\n".join([
         "# The recipe's DDIM on diffusers' DDIMScheduler against its own DDIM before",
         "",
-        f"FID of {samples} samples, {len(seeds)} noise seeds shared by both sides, on the benchmarks' default "
+        (f"FID of {samples} samples, {len(seeds)} noise seeds shared by both sides, on the benchmarks' default "
         "DDPM run and its distilled consistency model (`benchmarks/recipe_ddim_diffusers.py`). Before: the "
         "recipe's own DDIM (float64 cosine written out, timesteps ending at 100); after: diffusers' DDIMScheduler "
         "over DDPMScheduler's schedule (timesteps ending at 99). 'win'/'loss' mean the paired 95% interval "
-        "excludes zero; the seed-to-seed spread (±, SD) is the scale to read the shift against.",
+        "excludes zero; the seed-to-seed spread (±, SD) is the scale to read the shift against."),
         "",
         *table,
         "",

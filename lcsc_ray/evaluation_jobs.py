@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-FIRST_TIMEOUT_S = 900.0  # the first evaluation, before any is timed (its time sets the default timeout)
+FIRST_TIMEOUT_S = 900.0  # the first evaluation, before any is timed (the timed ones set the default timeout)
 TIMEOUT_FACTOR, TIMEOUT_FLOOR_S = 5.0, 60.0
 
 
@@ -25,15 +25,23 @@ class Job:
         return cls(None if alphas is None else tuple(float(a) for a in alphas), int(num_samples), int(seed))
 
 
-def evaluation_timeout(num_samples: int, configured_s: float | None, first: tuple[float, int] | None) -> float:
-    """Seconds one evaluation of `num_samples` may take: the spec's value, else 5x the first timed evaluation
-    (`first` = (seconds, its sample count)) scaled by sample count, at least 60 s; before any is timed, 900 s."""
+def evaluation_timeout(num_samples: int, configured_s: float | None, slowest: tuple[float, int] | None) -> float:
+    """Seconds one evaluation of `num_samples` may take: the spec's value, else 5x the slowest timed evaluation so
+    far per sample (`slowest` = (seconds, its sample count)) scaled up to `num_samples`, at least 60 s; before any
+    is timed, 900 s. Following the slowest, not the first, lets the limit rise with the load of shared cores."""
     if configured_s is not None:
         return float(configured_s)
-    if first is None:
+    if slowest is None:
         return FIRST_TIMEOUT_S
-    seconds, samples = first
+    seconds, samples = slowest
     return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * seconds * max(1.0, num_samples / max(samples, 1)))
+
+
+def slowest_timing(slowest: tuple[float, int] | None, seconds: float, num_samples: int) -> tuple[float, int]:
+    """The slower per sample of the slowest timing so far, (seconds, sample count), and a new one."""
+    if slowest is None or seconds * slowest[1] > slowest[0] * num_samples:
+        return (seconds, num_samples)
+    return slowest
 
 
 def evaluation_record(job: Job, fid: float, status: str, reason: str = "", evaluator: int = -1,

@@ -7,8 +7,8 @@
 
 Every evaluation of a search goes through `PoolService.evaluate`, so one set of rules holds everywhere:
 - The evaluation store is consulted first and written right after (a resumed search never repeats work).
-- Every evaluation has a timeout (`evaluators.evaluation_timeout_s`, by default 5x the first timed
-  evaluation scaled by its sample count, at least 60 s). A hung evaluator is killed and replaced.
+- Every evaluation has a timeout (`evaluators.evaluation_timeout_s`, by default 5x the slowest timed
+  evaluation so far, per sample, scaled by sample count, at least 60 s). A hung evaluator is killed and replaced.
 - A candidate whose evaluator hung or died is retried once elsewhere, as soon as another evaluator is free;
   the lost evaluator is healed beside it (`healing.py`: Ray's restart, else a new actor over the same refs,
   at most `evaluators.max_replacements` times, after which the pool stops naming the cause).
@@ -44,7 +44,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lcsc_ray.checkpoints import CheckpointSet
 from lcsc_ray.combine import check_non_float_equal
 from lcsc_ray.draining import replace_draining, watch_drains
-from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout, stored_record
+from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout, slowest_timing, stored_record
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import EvaluatorActor, chunk_sizes, evaluator_options, merge_blocks, tree_blocks
 from lcsc_ray.fid import FIDStats, fid_from_stats
@@ -78,7 +78,7 @@ class PoolService:
         self.pids: list[int | None] = []
         self.free: list[int] = []
         self.condition = asyncio.Condition()
-        self.first_timed: tuple[float, int] | None = None
+        self.slowest_timed: tuple[float, int] | None = None
         self.replacements, self.failed, self.split_jobs = 0, 0, 0
         self.stopped: str | None = None
         self.in_flight: dict[Job, asyncio.Task] = {}
@@ -186,7 +186,7 @@ class PoolService:
         reasons: list[str] = []
         for attempt in range(1, ATTEMPTS + 1):
             index = await self._acquire(avoid)
-            timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, self.first_timed)
+            timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, self.slowest_timed)
             try:
                 out = await asyncio.wait_for(submit(self.actors[index]), timeout)
             except asyncio.TimeoutError:
@@ -252,8 +252,8 @@ class PoolService:
 
     async def _finished(self, job: Job, out: dict, index: int, attempt: int, timed: bool = True) -> dict:
         eval_s = float(out["timings"]["total_s"])
-        if self.first_timed is None and timed:  # a split job's wall time is no single evaluator's
-            self.first_timed = (eval_s, job.num_samples)
+        if timed:  # a split job's wall time is no single evaluator's
+            self.slowest_timed = slowest_timing(self.slowest_timed, eval_s, job.num_samples)
         if out.get("nonfinite") or not math.isfinite(float(out["fid"])):
             record = evaluation_record(job, math.inf, "nonfinite", "combined weights or samples hold NaN/inf",
                                        index, eval_s, attempt)
@@ -277,7 +277,7 @@ class PoolService:
         """Replacements, failures, the stop cause, evaluator pids and the current timeout rule."""
         return {"replacements": self.replacements, "failed": self.failed, "stopped": self.stopped,
                 "split_jobs": self.split_jobs, "drained": self.drained,
-                "pids": list(self.pids), "first_timed": self.first_timed, "num_evaluators": len(self.actors)}
+                "pids": list(self.pids), "slowest_timed": self.slowest_timed, "num_evaluators": len(self.actors)}
 
     async def evaluators(self) -> list:
         """The current evaluator handles (for tests and fault injection)."""
@@ -320,7 +320,7 @@ class EvaluatorPool:
     def wait_s(self, num_samples: int) -> float:
         """How long a caller waits for one job: both attempts, each with a replacement, and a queue turn."""
         state = self.state()
-        timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, state["first_timed"])
+        timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, state["slowest_timed"])
         return 2 * ATTEMPTS * (timeout + READY_TIMEOUT_S)
 
     def state(self) -> dict:

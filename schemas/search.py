@@ -110,7 +110,7 @@ class EvaluatorSpec(StrictModel):
     evaluation_timeout_s: float | None = Field(
         default=None, gt=0,
         description="Seconds one evaluation may take before its evaluator is killed and replaced and the candidate "
-        "retried once elsewhere. Default: 5x the first timed evaluation (scaled by sample count), at least 60 s.",
+        "retried once elsewhere. Default: 5x the slowest timed evaluation so far (per sample, scaled by sample count), at least 60 s.",
     )
     max_replacements: int = Field(
         default=4, ge=0,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lcsc_ray.checkpoints import load_checkpoint_set
+from lcsc_ray.evaluation_jobs import slowest_timing
 from lcsc_ray.fid import reference_stats_for
 from lcsc_ray.pool import EvaluatorPool, EvaluatorPoolError, Job, evaluation_timeout
 from schemas.search import SearchSpec
@@ -69,12 +70,18 @@ def wait_until(condition, timeout_s: float = 60.0, what: str = "condition") -> N
         time.sleep(0.05)
 
 
-def test_default_timeout_follows_the_first_evaluation():
-    """5x the first timed evaluation scaled by samples, floored at 60 s; the spec's value wins."""
+def test_default_timeout_follows_the_slowest_evaluation():
+    """5x the slowest timed evaluation (per sample) scaled by samples, floored at 60 s; the spec's value wins. An
+    evaluation slowed by load raises the limit for those after it; a faster one does not lower it."""
     assert evaluation_timeout(500, None, None) == 900.0
     assert evaluation_timeout(500, None, (2.0, 500)) == 60.0
     assert evaluation_timeout(2000, None, (20.0, 500)) == 400.0
     assert evaluation_timeout(2000, 7.5, (20.0, 500)) == 7.5
+    slowest = slowest_timing(None, 4.0, 500)
+    slowest = slowest_timing(slowest, 30.0, 500)  # the cores got crowded
+    assert slowest_timing(slowest, 2.0, 500) == (30.0, 500) == slowest
+    assert slowest_timing(slowest, 50.0, 1000) == (30.0, 500)  # 0.05 s per sample: faster per sample
+    assert evaluation_timeout(500, None, slowest) == 150.0
 
 
 @pytest.mark.timeout(480)

@@ -15,7 +15,6 @@ from torch import nn
 
 from lcsc_ray.recipes.unet import UNetConfig
 
-
 PREDICTION_TYPES = {"v": "v_prediction", "eps": "epsilon", "x0": "sample"}  # ours -> diffusers' prediction_type
 BETA_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}  # ours -> diffusers' beta_schedule
 
