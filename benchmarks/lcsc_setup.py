@@ -142,6 +142,29 @@ def copy_records(source: Path, target: Path) -> int:
     return copied
 
 
+def set_aside_stale(out: Path, sampler_target: str, verbose: bool = True) -> None:
+    """A search in `out` made with another revision of its sampler (the recipe's DDIM before diffusers) is
+    renamed to `out.revision-OLD`: kept as it was, never loaded as this revision's result nor resumed."""
+    from lcsc_ray.run_identity import plugin_revision
+
+    fingerprint = out / "state" / "fingerprint.json"
+    if not fingerprint.exists():
+        return
+    stored = json.loads(fingerprint.read_text()).get("sampler", {}).get("revision")
+    current = plugin_revision(sampler_target)
+    if stored == current:
+        return
+    aside = out.with_name(f"{out.name}.revision-{stored or 'none'}")
+    copy = 1
+    while aside.exists():
+        copy += 1
+        aside = out.with_name(f"{out.name}.revision-{stored or 'none'}-{copy}")
+    out.rename(aside)
+    if verbose:
+        print(f"--- {display_path(out)} was made with sampler revision {stored!r}, not {current!r}: set aside to "
+              f"{display_path(aside)}", flush=True)
+
+
 def run_cached_search(spec_dict: dict, ray_handle: LocalRay | None = None, verbose: bool = True) -> dict:
     """Run one search (or load it when its result already exists; resume it when it was interrupted) and
     return its summary row.
@@ -157,6 +180,7 @@ def run_cached_search(spec_dict: dict, ray_handle: LocalRay | None = None, verbo
     cache = BENCH_OUT / "cache" / setting_key(spec_dict) / "evaluations"
     records = out / "state" / "evaluations"
     ref_cache = BENCH_OUT / "cache" / "reference_stats"
+    set_aside_stale(out, spec_dict["sampler"]["target"], verbose)
     if not (out / "result.json").exists():
         reused = copy_records(cache, records)
         if ref_cache.exists():

@@ -84,8 +84,11 @@ def run_part_search(part: str, args, local_ray: setup.LocalRay) -> dict:
 
 def base_scores(args, local_ray: setup.LocalRay, nfe: int = 2) -> dict:
     """Held-out FIDs of the CM's EMA and last checkpoint at `nfe` steps, on the evaluator API (cached)."""
+    from lcsc_ray.run_identity import plugin_revision
+
+    revision = plugin_revision("lcsc_ray.recipes.mnist:consistency_sample")
     cache = setup.BENCH_OUT / f"claims-{args.tag}" / f"cm_base_nfe{nfe}.json"
-    if cache.exists():
+    if cache.exists() and json.loads(cache.read_text()).get("sampler_revision") == revision:
         return json.loads(cache.read_text())
     import ray
 
@@ -119,7 +122,7 @@ def base_scores(args, local_ray: setup.LocalRay, nfe: int = 2) -> dict:
     scores: dict[str, list[float]] = {}
     for (label, _, _), fid in zip(jobs, fids):
         scores.setdefault(label, []).append(fid)
-    payload = {"nfe": nfe, "num_samples": args.holdout_samples, "holdout_seeds": args.holdout_seeds,
+    payload = {"nfe": nfe, "sampler_revision": revision, "num_samples": args.holdout_samples, "holdout_seeds": args.holdout_seeds,
                "holdout_fids": scores, "evaluations": len(jobs), "wall_s": round(time.monotonic() - started, 1)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(payload, indent=2))
