@@ -73,6 +73,28 @@ def test_setting_key_separates_what_changes_an_fid(setup, tmp_path):
     assert setup.setting_key(base) != setup.setting_key(setup.make_spec(str(tmp_path / "d"), last=8))
 
 
+def test_a_new_sampler_revision_gets_its_own_cache_and_sets_old_searches_aside(setup, tmp_path, monkeypatch):
+    """The recipe's samplers declare a revision: evaluations cached under another revision are not shared, and a
+    finished search made with another revision is renamed aside (kept), never loaded as the current one's."""
+    import json
+
+    from lcsc_ray.recipes import diffusion
+
+    spec = setup.make_spec(str(tmp_path / "search"))
+    key = setup.setting_key(spec)
+    monkeypatch.setattr(diffusion.ddim_sample, "lcsc_revision", "next", raising=False)
+    assert setup.setting_key(spec) != key
+    out = tmp_path / "search"
+    (out / "state").mkdir(parents=True)
+    (out / "result.json").write_text("{}")
+    (out / "state" / "fingerprint.json").write_text(json.dumps({"sampler": {"target": "x", "revision": "next"}}))
+    setup.set_aside_stale(out, spec["sampler"]["target"], verbose=False)
+    assert (out / "result.json").exists()  # same revision: kept in place
+    monkeypatch.setattr(diffusion.ddim_sample, "lcsc_revision", "after-next")
+    setup.set_aside_stale(out, spec["sampler"]["target"], verbose=False)
+    assert not out.exists() and (tmp_path / "search.revision-next" / "result.json").exists()
+
+
 def test_early_checkpoints_are_the_first_third(setup):
     """The short-run claim searches the checkpoints saved by a third of the run's last step."""
     steps = list(range(100, 2600, 100))
