@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sysconfig
 import tempfile
@@ -21,6 +22,7 @@ from rayops import storage
 from schemas.errors import SpecError
 from schemas.train import DataSpec
 
+log = logging.getLogger(__name__)
 DATA_STREAM, VALIDATION_STREAM, FAILURE_STREAM = 0, 1, 2
 
 
@@ -99,29 +101,43 @@ def _bad_tokens(uri: str, problem: str) -> SpecError:
     return SpecError(f"token file {uri} {problem} (`data.tokens_uri`); write it again with `checkfree-ray tokenize`")
 
 
-@functools.lru_cache(maxsize=8)
 def read_index(tokens_uri: str) -> dict:
-    """The checked `index.json` of a token artifact: dtype, vocabulary, splits within `tokens.bin`'s size."""
-    from rayops.artifacts import read_artifact_file, read_manifest
+    """The checked `index.json` of a token artifact: dtype, vocabulary, splits within `tokens.bin`'s size.
+
+    The manifest is read on every call; the parsed index is cached by index.json's sha256 in it, so an artifact
+    written again at the same URI (in a notebook, an SDK session) is read again instead of served stale."""
+    from rayops.artifacts import read_manifest
 
     manifest = read_manifest(tokens_uri)
-    index_uri = storage.join(tokens_uri, "index.json")
-    entry = manifest["files"].get("index.json")
-    if entry is None or entry["size"] > INDEX_MAX_BYTES or "tokens.bin" not in manifest["files"]:
+    files = manifest["files"]
+    entry = files.get("index.json")
+    if entry is None or entry["size"] > INDEX_MAX_BYTES or "tokens.bin" not in files:
         raise _bad_tokens(tokens_uri, "has no index.json and tokens.bin of an artifact `checkfree-ray tokenize` wrote")
-    try:
-        index = json.loads(read_artifact_file(tokens_uri, "index.json", manifest))
+    return _parse_index(tokens_uri, entry["size"], entry["sha256"], files["tokens.bin"]["size"])
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_index(tokens_uri: str, index_size: int, index_sha256: str, tokens_size: int) -> dict:
+    """The index of `tokens_uri` whose manifest lists this index.json (cached by its sha256, not by the URI)."""
+    from rayops.artifacts import read_artifact_file
+
+    index_uri = storage.join(tokens_uri, "index.json")
+    listed = {"files": {"index.json": {"size": index_size, "sha256": index_sha256}}}
+    try:  # verified against the listed sha256: an index rewritten since the manifest was read is refused
+        index = json.loads(read_artifact_file(tokens_uri, "index.json", listed))
         dtype, vocab, total = TOKEN_DTYPES[index["dtype"]], int(index["vocab_size"]), int(index["tokens"])
         splits = {name: (int(a), int(b)) for name, (a, b) in index["splits"].items()}
     except (ValueError, KeyError, TypeError) as exc:
         raise _bad_tokens(index_uri, f"is malformed ({type(exc).__name__}: {exc})") from None
-    size = manifest["files"]["tokens.bin"]["size"]
-    if total * np.dtype(dtype).itemsize != size:
-        raise _bad_tokens(index_uri, f"lists {total} {index['dtype']} tokens but tokens.bin has {size} bytes")
+    if total * np.dtype(dtype).itemsize != tokens_size:
+        raise _bad_tokens(index_uri, f"lists {total} {index['dtype']} tokens but tokens.bin has {tokens_size} bytes")
     bad = [n for n, (a, b) in splits.items() if not 0 <= a <= b <= total]
     if bad or not {"train", "val"} <= splits.keys() or not 2 <= vocab <= 1 << 32:
         raise _bad_tokens(index_uri, f"has splits {splits} / vocab_size {vocab} outside its {total} tokens")
     return {**index, "splits": splits}
+
+
+read_index.cache_clear = _parse_index.cache_clear  # type: ignore[attr-defined]  # tests drop the cache
 
 
 def load_tokenizer(uri: str, field: str = "data.tokenizer"):
@@ -144,15 +160,38 @@ def tokenizer_size(uri: str) -> int:
 
 
 def _local_tokens(tokens_uri: str, manifest_entry: dict) -> Path:
-    """A local path of the artifact's tokens.bin (an s3:// one is copied once into the cache, by sha256)."""
+    """A local path of the artifact's tokens.bin (an s3:// one is copied once into the cache, named by sha256).
+
+    A cached copy is used only when its size and sha256 match the manifest's; any other is downloaded again
+    (a copy cut short, changed on disk, or left by another artifact under the same name)."""
     uri = storage.join(tokens_uri, "tokens.bin")
     if storage.parse_uri(uri).scheme == "file":
         return Path(storage.parse_uri(uri).path)
     cache = Path(os.environ.get(TOKEN_CACHE_ENV) or Path(tempfile.gettempdir()) / "checkfree-tokens")
     local = cache / f"{manifest_entry['sha256']}.bin"
-    if not local.exists() or local.stat().st_size != manifest_entry["size"]:
-        storage.download_file(uri, local)
+    if local.exists():
+        problem = _cached_copy_problem(local, manifest_entry)
+        if problem is None:
+            return local
+        log.warning("cached token file %s %s; downloading %s again (set $%s to move the cache)",
+                    local, problem, uri, TOKEN_CACHE_ENV)
+    storage.download_file(uri, local)
+    problem = _cached_copy_problem(local, manifest_entry)
+    if problem is not None:
+        local.unlink(missing_ok=True)
+        raise _bad_tokens(uri, f"was downloaded to {local}, which {problem}")
     return local
+
+
+def _cached_copy_problem(local: Path, manifest_entry: dict) -> str | None:
+    """What is wrong with a local copy of tokens.bin against its manifest entry (None: size and sha256 match)."""
+    size = local.stat().st_size
+    if size != manifest_entry["size"]:
+        return f"has {size} bytes, the manifest lists {manifest_entry['size']}"
+    digest = storage.sha256_of(str(local))  # streamed: the file may be larger than memory
+    if digest != manifest_entry["sha256"]:
+        return f"has sha256 {digest[:12]}..., the manifest lists {manifest_entry['sha256'][:12]}..."
+    return None
 
 
 class TokenCorpus(WindowCorpus):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkfree_ray.checkpointing import absolute_uri
 from rayops import storage
 from rayops.artifacts import sha256_hex, write_artifact
 from rayops.progress import ProgressLine
@@ -33,14 +34,22 @@ END_OF_TEXT = "<|endoftext|>"
 FORMATS = ("text", "jsonl", "parquet")
 
 
+def is_hidden(relative: str) -> bool:
+    """Whether a path relative to an input folder is hidden: any of its parts starts with '.' (`.git/`,
+    `.ipynb_checkpoints/`, `.DS_Store`)."""
+    return any(part.startswith(".") for part in relative.split("/") if part)
+
+
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Input URIs with folders replaced by their files (sorted); a missing input is an error naming it."""
+    """Input URIs with folders replaced by their visible files (sorted; hidden files and everything in hidden
+    folders below the input are skipped); a missing input is an error naming it."""
     files: list[str] = []
     for uri in inputs:
         if storage.parse_uri(uri).scheme == "file" and Path(storage.parse_uri(uri).path).is_file():
             files.append(uri)
             continue
-        listed = [u for u in storage.list_uris(uri) if not Path(u).name.startswith(".")]
+        base = uri.rstrip("/")
+        listed = [u for u in storage.list_uris(uri) if not is_hidden(u[len(base):])]
         if listed:
             files += listed
         elif storage.exists(uri):
@@ -209,7 +218,8 @@ def tokenize(
             "vocab_size": encoder.vocab_size,
             "tokens": n_train + n_val,
             "splits": {"train": [0, n_train], "val": [n_train, n_train + n_val]},
-            "tokenizer": {"uri": encoder.uri, "sha256": encoder.sha256} if encoder.uri else "bytes",
+            # resolved: a run started from another working directory must find it
+            "tokenizer": {"uri": absolute_uri(encoder.uri), "sha256": encoder.sha256} if encoder.uri else "bytes",
             "eot_id": encoder.eot,
             "inputs": list(inputs),
             "val_inputs": list(val_inputs or []),
