@@ -146,13 +146,19 @@ def config_from_hf(spec: LlamaSpec, num_stages: int, vocab_size: int | None = No
 
 
 def hf_config_dict(cfg: ModelConfig, base: Mapping | None = None) -> dict:
-    """An HF `config.json` for `cfg` (keys of `base`, the run's input config, kept where they do not conflict)."""
+    """An HF `config.json` for `cfg` (keys of `base`, the run's input config, kept where they do not conflict).
+
+    Rotary settings are written for both config generations: `rope_parameters` (transformers 5) and the older
+    top-level `rope_theta` plus `rope_scaling` (transformers 4.x, vLLM), which would otherwise fall back to theta
+    10000 without a word."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
     out = {
         k: v
         for k, v in (base or {}).items()
-        if k not in ("rope_scaling", "rope_theta", "torch_dtype", "dtype")
+        if k not in ("rope_scaling", "rope_theta", "rope_parameters", "torch_dtype", "dtype")
     }
+    if rope["rope_type"] != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     out.update(
         {
             "architectures": ["LlamaForCausalLM"],
@@ -166,6 +172,7 @@ def hf_config_dict(cfg: ModelConfig, base: Mapping | None = None) -> dict:
             "head_dim": cfg.dim_per_head,
             "rms_norm_eps": cfg.norm_eps,
             "rope_parameters": rope,
+            "rope_theta": cfg.rope_theta,
             "hidden_act": "silu",
             "tie_word_embeddings": False,
             "attention_bias": False,
@@ -289,6 +296,9 @@ def initial_stage_states(spec: LlamaSpec, cfg: ModelConfig) -> list[dict[str, to
     return None if hf is None else hf_to_stage_states(hf, cfg, spec.hf_path)
 
 
+GENERATION_CONFIG = "generation_config.json"  # sampling defaults (eos ids, temperature); copied as it is
+
+
 def export_hf(
     states: list[Mapping[str, torch.Tensor]],
     cfg: ModelConfig,
@@ -296,17 +306,44 @@ def export_hf(
     base_config: Mapping | None = None,
     metadata: Mapping | None = None,
     tokenizer_json: bytes | None = None,
+    source_path: str | None = None,
 ) -> dict:
     """Write `uri` as an HF Llama folder (config.json, model.safetensors, the run's tokenizer.json when it has
     one; manifest last) from the stages' states; `LlamaForCausalLM.from_pretrained(uri)` loads it (local
-    folders; copy an s3:// one down first)."""
+    folders; copy an s3:// one down first).
+
+    `source_path` is the run's input folder (`model.hf_path`): its generation_config.json is copied when it has
+    one, and its config.json is the base when `base_config` is not given."""
+    if base_config is None and source_path is not None:
+        base_config = read_hf_config(source_path)
     tensors = stage_states_to_hf(states, cfg)
     files = {} if tokenizer_json is None else {"tokenizer.json": tokenizer_json}
+    generation = _generation_config(source_path)
+    if generation is not None:
+        files[GENERATION_CONFIG] = generation
     files |= {
         "model.safetensors": save_safetensors(tensors, metadata={"format": "pt"}),
         "config.json": json.dumps(hf_config_dict(cfg, base_config), indent=2, sort_keys=True).encode(),
     }
     return write_artifact(uri, files, metadata={"kind": "hf_llama", **dict(metadata or {})})
+
+
+def _generation_config(source_path: str | None) -> bytes | None:
+    """The bytes of `source_path`'s generation_config.json (checked to be a JSON object); None without one."""
+    if source_path is None:
+        return None
+    uri = storage.join(source_path, GENERATION_CONFIG)
+    if not storage.exists(uri):
+        return None
+    data = storage.read_bytes(uri)
+    try:
+        ok = len(data) <= CONFIG_MAX_BYTES and isinstance(json.loads(data), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SpecError(f"{uri} is not a generation config (a JSON object under {CONFIG_MAX_BYTES} bytes); fix or "
+                        f"remove it from the folder named by `{FIELD}`")
+    return data
 
 
 def write_config(uri: str, cfg: ModelConfig) -> str:

@@ -203,7 +203,7 @@ def export_model(executor: PipelineExecutor, uri: str) -> None:
     tokenizer = tokenizer_uri(spec.data)
     step = (executor.history.steps or [0])[-1]
     export_hf(states, executor.cfg, uri, base_config=base, metadata={"name": spec.name, "step": step},
-              tokenizer_json=storage.read_bytes(tokenizer) if tokenizer is not None else None)
+              source_path=spec.model.hf_path, tokenizer_json=storage.read_bytes(tokenizer) if tokenizer is not None else None)
     log.info("exported the model as a Hugging Face Llama folder to %s", uri)
 
 
