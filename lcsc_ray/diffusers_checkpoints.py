@@ -36,6 +36,7 @@ CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 _STEP_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+_EMA_NAME = re.compile(r"(^|[_\-.])ema($|[_\-.])", re.IGNORECASE)
 
 
 def _rel_files(uri: str) -> list[str]:
@@ -45,13 +46,48 @@ def _rel_files(uri: str) -> list[str]:
         raise CheckpointError(f"cannot list `checkpoints.uri` {uri}: {exc}") from exc
 
 
+def is_ema_subfolder(subfolder: str) -> bool:
+    """True for an EMA model folder ('unet_ema', 'ema_unet', 'transformer-ema', ...)."""
+    return _EMA_NAME.search(subfolder) is not None
+
+
+def _candidates(folder: str, subfolder: str) -> list[str]:
+    """Where one checkpoint folder's weights may lie, in order: the model's subfolder, then accelerate's
+    `model.safetensors`. accelerate saves the trained (non-EMA) model there, so an EMA subfolder has no fallback."""
+    names = [f"{folder}/{subfolder}/{WEIGHTS_NAME}"]
+    if not is_ema_subfolder(subfolder):
+        names.append(f"{folder}/{ACCELERATE_NAME}")
+    return names
+
+
 def _weights_in(folder: str, files: set[str], subfolder: str) -> str | None:
-    """The weights file of one checkpoint folder (relative names in `files`): the model's subfolder first,
-    then accelerate's `model.safetensors`."""
-    for name in (f"{folder}/{subfolder}/{WEIGHTS_NAME}", f"{folder}/{ACCELERATE_NAME}"):
+    """The weights file of one checkpoint folder (relative names in `files`), see `_candidates`."""
+    for name in _candidates(folder, subfolder):
         if name.lstrip("/") in files:
             return name.lstrip("/")
     return None
+
+
+def _missing_weights(folder_uri: str, subfolders: list[str], subfolder: str, field: str) -> CheckpointError:
+    """The refusal of a checkpoint folder without the weights `subfolder` names, listing what it does hold."""
+    held = f"its subfolders: {', '.join(subfolders)}" if subfolders else "it has no subfolders"
+    fix = "fix the path in `checkpoints.paths`" if field == "checkpoints.paths" else "remove the folder"
+    if is_ema_subfolder(subfolder):
+        return CheckpointError(
+            f"checkpoint folder {folder_uri} holds no {subfolder}/{WEIGHTS_NAME} ({held}); its {ACCELERATE_NAME}, "
+            "if any, is the non-EMA model and is not read in place of the EMA. Was the run saved without "
+            f"--use_ema? Set `checkpoints.subfolder` to a subfolder every checkpoint holds, or {fix}")
+    return CheckpointError(
+        f"checkpoint folder {folder_uri} holds neither {subfolder}/{WEIGHTS_NAME} nor {ACCELERATE_NAME} ({held}; "
+        f"an interrupted save?); {fix}, or set `checkpoints.subfolder`")
+
+
+def _subfolders_in(folder: str, files: set[str]) -> list[str]:
+    """Names of the subfolders of `folder` that hold files (`files`: names relative to the set's root; with
+    folder '', `files` are relative to the folder itself)."""
+    prefix = f"{folder}/" if folder else ""
+    inside = (f[len(prefix):] for f in files if f.startswith(prefix))
+    return sorted({rest.split("/", 1)[0] for rest in inside if "/" in rest})
 
 
 def list_checkpoint_files(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
@@ -71,9 +107,8 @@ def list_checkpoint_files(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
     for folder in folders:
         weights = _weights_in(folder, files, spec.subfolder)
         if weights is None:
-            raise CheckpointError(
-                f"checkpoint folder {storage.join(spec.uri, folder)} holds neither {spec.subfolder}/{WEIGHTS_NAME} "
-                f"nor {ACCELERATE_NAME} (an interrupted save?); remove the folder, or set `checkpoints.subfolder`")
+            raise _missing_weights(storage.join(spec.uri, folder), _subfolders_in(folder, files), spec.subfolder,
+                                   "checkpoints.uri")
         found.append((storage.join(spec.uri, weights), int(_STEP_FOLDER.match(folder).group(1))))
     return found
 
@@ -81,12 +116,11 @@ def list_checkpoint_files(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
 def _explicit(path: str, index: int, spec: CheckpointSetSpec) -> tuple[str, int]:
     folder = path if "://" in path or Path(path).is_absolute() else storage.join(spec.uri, path)
     folder = folder.rstrip("/")
-    for candidate in (f"{folder}/{spec.subfolder}/{WEIGHTS_NAME}", f"{folder}/{ACCELERATE_NAME}"):
+    for candidate in _candidates(folder, spec.subfolder):
         if storage.exists(candidate):
             match = _STEP_FOLDER.match(folder.rsplit("/", 1)[-1])
             return candidate, int(match.group(1)) if match else index
-    raise CheckpointError(f"checkpoint folder {folder} (listed by `checkpoints.paths`) holds neither "
-                          f"{spec.subfolder}/{WEIGHTS_NAME} nor {ACCELERATE_NAME}; fix the path")
+    raise _missing_weights(folder, _subfolders_in("", set(_rel_files(folder))), spec.subfolder, "checkpoints.paths")
 
 
 def weights_file(uri: str) -> str:

@@ -17,6 +17,7 @@ eta 0, DPM-Solver, Euler) the initial noise alone decides it, whatever the batch
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -30,12 +31,20 @@ SCHEDULERS = {
     "EulerDiscrete": "EulerDiscreteScheduler",
     "CMStochasticIterative": "CMStochasticIterativeScheduler",
 }
+NAMED_PARAMETERS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def accepted_keys(scheduler_class: type) -> list[str]:
+    """The config keys a diffusers scheduler class accepts: its `__init__`'s named parameters."""
+    parameters = inspect.signature(scheduler_class.__init__).parameters.values()
+    return sorted(p.name for p in parameters if p.name != "self" and p.kind in NAMED_PARAMETERS)
 
 
 def make_scheduler(name: str, config: dict | None = None, overrides: dict | None = None):
     """A diffusers scheduler by short name ('DDIM', 'DPMSolverMultistep', 'Euler', 'CMStochasticIterative') or
-    class name, from `config` (e.g. the run's DDPMScheduler config) with `overrides` on top."""
+    class name, from `config` (e.g. the run's DDPMScheduler config) with `overrides` on top. An override the
+    scheduler does not accept is refused, naming the keys it does."""
     import diffusers
 
     class_name = SCHEDULERS.get(name.removesuffix("Scheduler"), name)
@@ -43,8 +52,13 @@ def make_scheduler(name: str, config: dict | None = None, overrides: dict | None
         raise SpecError(f"`sampler.kwargs.scheduler` is {name!r}; choose one of {sorted(SCHEDULERS)}",
                         source="sampler.kwargs.scheduler")
     cls = getattr(diffusers, class_name)
+    known = set(accepted_keys(cls))
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise SpecError(f"`sampler.kwargs.scheduler_kwargs` has {', '.join(map(repr, unknown))}, which "
+                        f"{class_name} does not take; {class_name} accepts {sorted(known)}: fix or remove the key",
+                        source="sampler.kwargs.scheduler_kwargs")
     # a training config (DDPMScheduler's) carries keys another scheduler does not know: keep the shared ones
-    known = set(cls.from_config({}).config) if config or overrides else set()
     merged = {k: v for k, v in {**(config or {}), **(overrides or {})}.items() if k in known}
     return cls.from_config(merged)
 
