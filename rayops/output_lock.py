@@ -5,12 +5,21 @@ and until when its lease runs. It is created only if absent (S3 `PutObject` with
 a hard link, which fails when the name exists), so of two runs starting together exactly one wins. The holder
 renews the lease from a background thread; a run that is killed stops renewing, and once its lease has expired
 the next run takes the lock over (S3: a put conditional on the stale lock's ETag; locally: the stale file is
-renamed away first, which only one taker can do). A lock whose holder ran on this host and no longer runs is
-stale at once. A second run into a running one's output is refused with an error that names the owner.
+replaced under an exclusive `flock` of the output directory, so only one taker wins). A lock whose holder ran on
+this host and no longer runs is stale at once. A second run into a running one's output is refused with an error
+that names the owner.
+
+A local renewal replaces the file atomically (`os.replace` under the directory's `flock`): there is no moment
+without a lock file. Every storage error met while renewing (S3 unreachable, a read timeout, a local I/O error) is
+retried until the lease runs out. The holder trusts its lock only until `_SAFETY` of its last written lease is
+left, by its own clock and whatever its heartbeat thread is doing: past that, `check()` raises, so a run that
+could not renew stops writing before another run may take the output over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,33 +27,42 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from rayops import storage
-from schemas.errors import LcscCheckfreeError, StorageNotFoundError
+from schemas.errors import LcscCheckfreeError, StorageError, StorageNotFoundError, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 DEFAULT_LEASE_S = 120.0  # a killed run blocks its output for at most this long; renewed every third of it
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+_SAFETY = 0.1  # the part of its lease a holder gives up, so a write that passed check() lands before a takeover
+_RETRY_FRACTION = 1 / 12  # after a failed renewal the heartbeat tries again this part of a lease later
+_DIR_LOCK_TIMEOUT_S = 10.0  # a local replace holds the directory's flock for microseconds
 
 
 class OutputLockedError(LcscCheckfreeError):
     """Another run holds the output's lock (or took it over from this one)."""
 
 
-def _local_create(path: str, data: bytes) -> bool:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
+def _write_tmp(directory: str, data: bytes) -> str:
+    """A complete, synced temporary file beside the lock; the caller links or renames it into place."""
     tmp = os.path.join(directory, f".{LOCK_NAME}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    return tmp
+
+
+def _local_create(path: str, data: bytes) -> bool:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = _write_tmp(directory, data)
     try:
         os.link(tmp, path)  # atomic, and fails if the lock exists: the holder's content is complete
         return True
@@ -52,6 +70,28 @@ def _local_create(path: str, data: bytes) -> bool:
         return False
     finally:
         os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _directory_locked(directory: str, timeout_s: float = _DIR_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive flock on the output directory: local replaces and removals of the lock take turns."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StorageUnavailableError(
+                        f"{directory}: its lock {LOCK_NAME} stayed busy (flock held by another process) for "
+                        f"{timeout_s:.0f} s; find the process that holds it (`lsof {directory}`)",
+                        uri=directory) from None
+                time.sleep(0.001)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _is_conflict(exc: ClientError) -> bool:
@@ -71,12 +111,13 @@ class OutputLock:
         self.version: str | None = None  # the ETag (S3) or content (local) of the lock as this holder wrote it
         self.taken_over: dict | None = None  # the stale lock this holder replaced, if any
         self.lost: str | None = None
+        self._valid_until: float | None = None  # by self.clock: the lease this holder last wrote, less _SAFETY
+        self._last_error: str | None = None  # the last storage error that kept the heartbeat from renewing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------- content
-    def _payload(self) -> bytes:
-        now = self.clock()
+    def _payload(self, now: float) -> bytes:
         return json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "host": socket.gethostname(),
                            "pid": os.getpid(), "pid_start": _start_time(os.getpid()), "token": self.token, "what": self.what, "renewed_at": now,
                            "expires_at": now + self.lease_s, "lease_s": self.lease_s}).encode()
@@ -92,11 +133,14 @@ class OutputLock:
             return self._parse(data), data.decode(errors="replace")
         try:
             response = storage.s3_client().get_object(Bucket=loc.bucket, Key=loc.key)
+            data = response["Body"].read()
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise storage._translate(exc, loc, "read lock") from None
-        return self._parse(response["Body"].read()), response["ETag"]
+        except (BotoCoreError, OSError) as exc:  # endpoint unreachable, timed out, or the body broke
+            raise storage._translate(exc, loc, "read lock") from None
+        return self._parse(data), response["ETag"]
 
     def _parse(self, data: bytes) -> dict:
         try:
@@ -121,6 +165,8 @@ class OutputLock:
             if _is_conflict(exc):
                 return False
             raise storage._translate(exc, loc, "create lock") from None
+        except BotoCoreError as exc:
+            raise storage._translate(exc, loc, "create lock") from None
         self.version = response["ETag"]
         return True
 
@@ -135,42 +181,68 @@ class OutputLock:
             if _is_conflict(exc) or exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return False
             raise storage._translate(exc, loc, "replace lock") from None
+        except BotoCoreError as exc:
+            raise storage._translate(exc, loc, "replace lock") from None
         self.version = response["ETag"]
         return True
 
     def _local_replace(self, path: str, data: bytes, expected: str) -> bool:
-        aside = f"{path}.{uuid.uuid4().hex}.old"
+        """Compare and swap under the directory's flock; `os.replace` leaves no moment without a lock file."""
+        directory = os.path.dirname(path)
+        tmp = _write_tmp(directory, data)
         try:
-            os.rename(path, aside)  # only one taker can move a given file away
-        except FileNotFoundError:
-            return False
-        with open(aside, "rb") as handle:
-            moved = handle.read().decode(errors="replace")
-        if moved != expected:  # someone else replaced it in between: put theirs back
-            try:
-                os.link(aside, path)
-            except FileExistsError:
-                pass
-            os.unlink(aside)
-            return False
-        os.unlink(aside)
-        return self._create(data)
+            with _directory_locked(directory):
+                try:
+                    current = Path(path).read_bytes().decode(errors="replace")
+                except FileNotFoundError:
+                    return False
+                if current != expected:  # someone else replaced it since we read it
+                    return False
+                os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.version = data.decode()
+        return True
+
+    def _local_remove(self, path: str) -> None:
+        """Remove the local lock if it is still this holder's (under the flock, so never a successor's)."""
+        with _directory_locked(os.path.dirname(path)):
+            current = self._read()
+            if current is not None and current[0].get("token") == self.token:
+                os.unlink(path)
+
+    def _held_since(self, now: float) -> None:
+        """Record a lease this holder wrote at `now` (its clock, read before the write: never too late)."""
+        self._valid_until = now + self.lease_s * (1 - _SAFETY)
+
+    def _lease_ran_out(self) -> bool:
+        return self._valid_until is not None and self.clock() >= self._valid_until
+
+    def _not_renewed_message(self) -> str:
+        cause = self._last_error or "the renewal did not finish in time"
+        return (f"the lease of its lock {self.uri} ran out at {_when(self._valid_until)} and was not renewed "
+                f"({cause}); another run may take the output over now")
 
     # ------------------------------------------------------------------------------------- public
     def acquire(self) -> None:
         """Take the lock, or take over a lock whose lease has expired; else raise naming the owner."""
         for _attempt in range(3):  # a lock released or replaced between our read and write: look again
-            if self._create(self._payload()):
+            now = self.clock()
+            if self._create(self._payload(now)):
+                self._held_since(now)
                 return
             current = self._read()
             if current is None:
                 continue
             info, version = current
-            if info.get("token") == self.token:
+            if info.get("token") == self.token:  # our create landed but its answer was lost: the lease is ours
+                self._valid_until = float(info["expires_at"]) - self.lease_s * _SAFETY
                 return
             if float(info["expires_at"]) > self.clock() and not _holder_gone(info):
                 raise OutputLockedError(self._held_message(info))
-            if self._replace(self._payload(), version):
+            now = self.clock()
+            if self._replace(self._payload(now), version):
+                self._held_since(now)
                 self.taken_over = info
                 log.warning("took over the stale lock of %s on %s (its lease expired at %s)",
                             info.get("owner"), self.output_uri, _when(info["expires_at"]))
@@ -186,39 +258,60 @@ class OutputLock:
                 f"{self.uri} (or wait until its lease expires)")
 
     def renew(self) -> None:
-        """Extend the lease; raises OutputLockedError when another run took the lock over."""
+        """Extend the lease; raises OutputLockedError when another run took the lock over or the lease ran out
+        before this renewal (a lost lock stays lost), and StorageError when the storage could not be reached."""
+        if self.lost:
+            raise OutputLockedError(self.lost)
+        now = self.clock()
         current = self._read()
         if current is None or current[0].get("token") != self.token:
             owner = "nobody" if current is None else current[0].get("owner")
             self.lost = f"the lock {self.uri} of this {self.what} is now held by {owner}"
             raise OutputLockedError(self.lost)
-        if not self._replace(self._payload(), current[1]):
+        if self._lease_ran_out():
+            self.lost = self._not_renewed_message()
+            raise OutputLockedError(self.lost)
+        if not self._replace(self._payload(now), current[1]):
             self.lost = f"the lock {self.uri} was replaced while this {self.what} renewed it"
             raise OutputLockedError(self.lost)
+        self._held_since(now)
+        self._last_error = None
 
     def release(self) -> None:
         """Remove the lock if this holder still owns it."""
+        loc = storage.parse_uri(self.uri)
+        if loc.scheme == "file":
+            if loc.path.parent.is_dir():
+                self._local_remove(str(loc.path))
+            return
         current = self._read()
         if current is not None and current[0].get("token") == self.token:
             try:
                 storage.delete(self.uri)
             except StorageNotFoundError:
-                pass
+                return
 
     def check(self) -> None:
-        """Raise if the lock was lost (checked before results are written)."""
+        """Raise if the lock was lost, or its lease ran out unrenewed (checked before results are written)."""
+        if self.lost is None and self._lease_ran_out():
+            self.lost = self._not_renewed_message()
         if self.lost:
-            raise OutputLockedError(f"{self.output_uri}: {self.lost}; this {self.what} stops without writing")
+            raise OutputLockedError(f"{self.output_uri}: {self.lost}; this {self.what} stops without writing "
+                                    "(what it wrote so far stays; run it again to resume)")
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        wait = self.lease_s / 3
+        while not self._stop.wait(wait):
             try:
                 self.renew()
+                wait = self.lease_s / 3
             except OutputLockedError as exc:
                 log.error("%s", exc)
                 return
-            except LcscCheckfreeError as exc:  # storage hiccup: the next beat retries; the lease covers two
-                log.warning("could not renew the lock %s: %s", self.uri, exc)
+            except (StorageError, OSError) as exc:  # retried until renewed or the lease runs out (check() says so)
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                wait = self.lease_s * _RETRY_FRACTION
+                log.warning("could not renew the lock %s (retrying in %.1f s): %s", self.uri, wait, exc)
 
     def __enter__(self) -> Self:
         self.acquire()
@@ -230,7 +323,14 @@ class OutputLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.release()
+        if self.lost is not None or self._lease_ran_out():  # it may be a successor's now: leave it alone
+            log.warning("left the lock %s in place: %s", self.uri, self.lost or self._not_renewed_message())
+            return
+        try:
+            self.release()
+        except StorageError as exc:  # never hide the run's own outcome; the lock expires with its lease
+            log.warning("could not remove the lock %s (%s); it expires at %s", self.uri, exc,
+                        _when(self._valid_until or 0.0))
 
 
 def _start_time(pid: int) -> str | None:
