@@ -1,0 +1,51 @@
+"""A local autoscaling spot cluster for slow tests, started once per session and shared.
+
+Import the fixture into a test module (`from tests.spot_cluster_fixtures import spot_cluster  # noqa: F401`).
+The cluster is separate from the tests' own in-process Ray: talk to it from a subprocess driver
+(`run_driver`) or through its GCS address (`rayops.cluster_nodes`), never with `ray.init` in the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayops import settings
+from rayops.spot_cluster import LocalSpotCluster, processes_of
+
+ROOT = Path(__file__).resolve().parents[1]
+IDLE_TIMEOUT_S = 10.0  # short, so a test sees the cluster shrink back to its head
+
+
+@pytest.fixture(scope="session")
+def spot_cluster():
+    """A running LocalSpotCluster shaped like cluster/aws-spot.yaml (3 one-CPU workers at most); at the end it
+    is stopped and checked: no process of it left, its temp dir gone."""
+    cluster = LocalSpotCluster(max_workers=3, idle_timeout_s=IDLE_TIMEOUT_S)
+    cluster.start()
+    temp_dir = cluster.temp_dir
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not processes_of(temp_dir), f"processes of the spot cluster in {temp_dir} outlived stop()"
+        assert not os.path.exists(temp_dir), f"stop() left the spot cluster's temp dir {temp_dir}"
+
+
+def driver_env() -> dict[str, str]:
+    """Environment for a driver subprocess: loopback Ray settings, no inherited RAY_ADDRESS."""
+    env = {**os.environ, **settings.LOCAL_RAY_ENV, "PYTHONPATH": str(ROOT)}
+    env.pop(settings.RAY_ADDRESS, None)
+    return env
+
+
+def start_driver(gcs_address: str, code: str, log_path: Path) -> subprocess.Popen:
+    """Run `code` (which may use the name GCS) as a Ray driver of the cluster, in its own process."""
+    program = f"GCS = {gcs_address!r}\n{code}"
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-c", program], env=driver_env(), stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
