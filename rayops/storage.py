@@ -4,6 +4,11 @@ Local writes are atomic (temporary file, then `os.replace`). S3 goes through bot
 "standard" retry mode retries transient errors (connection refused, 5xx, throttling) with
 exponential backoff a bounded number of times; what is left is translated into the project's
 `StorageError` family, naming the URI and never a credential.
+
+boto3 retries a request, not the body it streams back, so S3 reads (`read_bytes`, `read_range`,
+`download_file`, `sha256_of`) run their own loop under the same policy: the same number of attempts,
+the same exponential backoff; a connection that breaks mid-body resumes at the first byte not yet
+delivered, with a ranged GET on the same ETag.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from rayops import settings
+from rayops import s3_reads, settings
 from schemas.errors import (
     StorageError,
     StorageNotFoundError,
@@ -99,14 +104,15 @@ def _client_for(endpoint: str | None, access_key: str | None, region: str | None
                                           config=config)
 
 
-def s3_client():
-    """A boto3 S3 client for the current environment (cached per endpoint, key id and process)."""
+def s3_client(attempts: int | None = None):
+    """A boto3 S3 client for the current environment (cached per endpoint, key id and process); `attempts`
+    overrides LCSC_STORAGE_MAX_ATTEMPTS (1: no retries, for callers that retry themselves)."""
     return _client_for(
         settings.s3_endpoint(),
         settings.env_str("AWS_ACCESS_KEY_ID"),
         settings.env_str(settings.AWS_REGION),
         os.getpid(),
-        settings.env_int(settings.STORAGE_MAX_ATTEMPTS, 4),
+        attempts or s3_reads.max_attempts(),
         settings.env_float(settings.STORAGE_CONNECT_TIMEOUT_S, 2.0),
         settings.env_float(settings.STORAGE_READ_TIMEOUT_S, 30.0),
     )
@@ -143,6 +149,11 @@ def _s3_call(loc: Location, action: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (ClientError, BotoCoreError, Boto3Error) as exc:
         raise _translate(exc, loc, action) from None
+
+
+def _stream_s3(loc: Location, sink, start: int = 0, length: int | None = None) -> None:
+    """Stream an S3 object's bytes into `sink`, resuming a broken body (see `rayops.s3_reads`)."""
+    s3_reads.stream(s3_client(attempts=1), loc, sink, _translate, start, length)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -196,11 +207,9 @@ def read_bytes(uri: str) -> bytes:
             raise StorageNotFoundError(f"read {uri}: no such file", uri=uri) from None
         except IsADirectoryError:
             raise StorageError(f"read {uri}: is a directory, expected a file", uri=uri) from None
-    response = _s3_call(loc, "read", s3_client().get_object, Bucket=loc.bucket, Key=loc.key)
-    try:
-        return response["Body"].read()
-    except (BotoCoreError, OSError) as exc:
-        raise StorageUnavailableError(f"read {uri}: connection lost while reading ({exc})", uri=uri) from None
+    chunks: list[bytes] = []
+    _stream_s3(loc, chunks.append)
+    return b"".join(chunks)
 
 
 def read_range(uri: str, start: int, length: int) -> bytes:
@@ -217,37 +226,32 @@ def read_range(uri: str, start: int, length: int) -> bytes:
             raise StorageNotFoundError(f"read {uri}: no such file", uri=uri) from None
         except IsADirectoryError:
             raise StorageError(f"read {uri}: is a directory, expected a file", uri=uri) from None
-    byte_range = f"bytes={start}-{start + length - 1}"
-    try:
-        response = s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=byte_range)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # starts past the end of the object
-            return b""
-        raise _translate(exc, loc, "read") from None
-    except BotoCoreError as exc:
-        raise _translate(exc, loc, "read") from None
-    try:
-        return response["Body"].read()
-    except (BotoCoreError, OSError) as exc:
-        raise StorageUnavailableError(f"read {uri}: connection lost while reading ({exc})", uri=uri) from None
+    chunks: list[bytes] = []
+    _stream_s3(loc, chunks.append, start, length)
+    return b"".join(chunks)
 
 
 def download_file(uri: str, local_path: str | Path) -> None:
-    """Copy the object at `uri` to a local file (atomically)."""
+    """Copy the object at `uri` to a local file (atomically: a temporary file of its own, then `os.replace`, so
+    that processes caching the same object at once never mix their bytes)."""
     loc = parse_uri(uri)
     local_path = Path(local_path)
-    if loc.scheme == "file":
-        if not loc.path.is_file():
-            raise StorageNotFoundError(f"read {uri}: no such file", uri=uri)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local_path.with_name(f".{local_path.name}.tmp")
-        shutil.copyfile(loc.path, tmp)
-        os.replace(tmp, local_path)
-        return
+    if loc.scheme == "file" and not loc.path.is_file():
+        raise StorageNotFoundError(f"read {uri}: no such file", uri=uri)
     local_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_path.with_name(f".{local_path.name}.tmp")
-    _s3_call(loc, "read", s3_client().download_file, loc.bucket, loc.key, str(tmp))
-    os.replace(tmp, local_path)
+    fd, tmp = tempfile.mkstemp(dir=local_path.parent, prefix=f".{local_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if loc.scheme == "file":
+                with open(loc.path, "rb") as source:
+                    shutil.copyfileobj(source, handle)
+            else:
+                _stream_s3(loc, handle.write)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600, like a plain copy would not
+        os.replace(tmp, local_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def exists(uri: str) -> bool:
@@ -358,5 +362,5 @@ def sha256_of(uri: str) -> str:
         except FileNotFoundError:
             raise StorageNotFoundError(f"read {uri}: no such file", uri=uri) from None
         return digest.hexdigest()
-    digest.update(read_bytes(uri))
+    _stream_s3(loc, digest.update)
     return digest.hexdigest()
