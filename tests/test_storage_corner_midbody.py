@@ -14,7 +14,7 @@ import pytest
 from botocore.response import StreamingBody
 
 from rayops import settings, storage
-from schemas.errors import StorageUnavailableError
+from schemas.errors import StorageError, StorageUnavailableError
 
 SIZE = 32 * 1024 * 1024
 KILL_AFTER = 4 * 1024 * 1024  # bytes delivered to the reader before the server is killed
@@ -114,3 +114,28 @@ def test_read_against_a_server_that_stays_down_names_the_uri(s3_bucket, seaweedf
     error = outcome.get("error")
     assert isinstance(error, StorageUnavailableError), repr(error)
     assert uri in str(error) and "attempts" in str(error)
+
+
+def test_object_replaced_between_a_break_and_the_resume_is_an_error_not_mixed_bytes(s3_bucket, seaweedfs,
+                                                                                    monkeypatch):
+    """The object is overwritten after its body broke: the resumed read refuses to splice two versions."""
+    from botocore.exceptions import ResponseStreamingError
+
+    uri = f"{s3_bucket}/big/replaced.bin"
+    storage.write_bytes(uri, b"a" * (3 << 20))
+    real_read, broken = StreamingBody.read, []
+
+    def read_then_break(body, amt=None):
+        chunk = real_read(body, amt)
+        if not broken:  # after the first chunk: a new version lands, then the connection breaks
+            broken.append(len(chunk))
+            seaweedfs.client().put_object(Bucket=s3_bucket[5:], Key="big/replaced.bin", Body=b"b" * (3 << 20))
+            raise ResponseStreamingError(error="connection reset by peer")
+        return chunk
+
+    monkeypatch.setattr(StreamingBody, "read", read_then_break)
+    with pytest.raises(StorageError, match=r"big/replaced.bin: the object was replaced while it was read"):
+        storage.read_bytes(uri)
+    assert broken == [1 << 20]
+    monkeypatch.setattr(StreamingBody, "read", real_read)
+    assert storage.read_bytes(uri) == b"b" * (3 << 20)
