@@ -7,6 +7,7 @@ import click
 from lcsc_ray.recipes.cli import recipe
 from rayops import storage
 from rayops.cli import follow_job, load_or_exit, run_or_exit, setup_logging, validate_command
+from schemas.errors import CheckpointError, StorageError
 from schemas.search import SearchSpec
 
 
@@ -17,15 +18,25 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-def _check_plugins(spec: SearchSpec) -> None:
-    """Import every plug-in of the spec (a typo in a `target` fails validation, naming the field)."""
+def _check_spec(spec: SearchSpec) -> None:
+    """Import every plug-in of the spec (a typo in a `target` fails validation, naming the field); where the
+    checkpoints can be listed, check `search.budget` against their seed vectors."""
+    from lcsc_ray.checkpoints import list_checkpoints
     from lcsc_ray.plugins import check_importable
-    from lcsc_ray.run_identity import plugins
+    from lcsc_ray.run_identity import check_budget, plugins
 
     check_importable(plugins(spec))
+    try:
+        found = list_checkpoints(spec.checkpoints)
+    except (CheckpointError, StorageError) as exc:
+        click.echo(f"note: the checkpoints were not listed ({' '.join(str(exc).split())[:300]}); `search.budget` "
+                   "is checked against their seed vectors when the search starts")
+        return
+    if len(found) >= 2:
+        check_budget(spec, len(found))
 
 
-main.add_command(validate_command(SearchSpec, _check_plugins))
+main.add_command(validate_command(SearchSpec, _check_spec))
 main.add_command(recipe)
 
 

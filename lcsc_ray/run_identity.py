@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from typing import Any
 
 import numpy as np
@@ -98,12 +99,44 @@ def check_seed_vectors(spec: SearchSpec, num_checkpoints: int) -> None:
                 f"{largest:.4g}; set `search.bound` to at least {largest:.4g}", source="search.bound")
 
 
+POSTHOC_SEED = "best-posthoc-ema"  # the seed the post-hoc EMA grid may add (lcsc_ray.search.run_posthoc)
+
+
+def seed_labels(spec: SearchSpec, num_checkpoints: int) -> list[str]:
+    """Every seed vector the search evaluates first over `num_checkpoints`, before the budget caps them: those of
+    `lcsc_ray.search.seed_vectors`, and a place for the post-hoc EMA seed with `posthoc_ema`."""
+    from lcsc_ray.search import seed_vectors
+
+    uncapped = spec.model_copy(update={"search": spec.search.model_copy(update={"budget": sys.maxsize})})
+    labels = [label for label, _ in seed_vectors(num_checkpoints, uncapped)]
+    return labels[:1] + [POSTHOC_SEED] + labels[1:] if spec.posthoc_ema is not None else labels
+
+
+def check_budget(spec: SearchSpec, num_checkpoints: int) -> None:
+    """Refuse a `search.budget` below the number of seed vectors: the seeds past it, and the baselines they
+    report, would be dropped. A budget of exactly the seeds runs no optimiser trial (logged)."""
+    labels = seed_labels(spec, num_checkpoints)
+    budget = spec.search.budget
+    if budget < len(labels):
+        raise SpecError(
+            f"`search.budget` ({budget}) is smaller than the {len(labels)} seed vectors the search evaluates first "
+            f"over these {num_checkpoints} checkpoints ({', '.join(labels)}): the seeds past the budget, and the "
+            f"baselines they report, would be dropped; set `search.budget` to at least {len(labels)} plus the "
+            "evaluations the optimiser should get, or remove decays from `search.ema_decays`",
+            source="search.budget")
+    if budget == len(labels):
+        log.warning("`search.budget` (%d) holds only the %d seed vectors: the optimiser gets no evaluation",
+                    budget, len(labels))
+
+
 def preflight(spec: SearchSpec) -> list[tuple[str, int]]:
-    """Every check a spec can fail before any work: plug-ins import, files exist, at least 2 checkpoints,
-    seed vectors within the bound. Returns the checkpoints as (uri, step), in combination order."""
+    """Every check a spec can fail before any work: plug-ins import, files exist, at least 2 checkpoints, a
+    budget that holds the seed vectors, seed vectors within the bound. Returns the checkpoints as (uri, step),
+    in combination order."""
     _check_plugins(spec)
     _check_files(spec)
     checkpoints = _list_checked(spec)
+    check_budget(spec, len(checkpoints))
     check_seed_vectors(spec, len(checkpoints))
     return checkpoints
 

@@ -9,10 +9,18 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from schemas.common import OutputSpec, PluginSpec, RaySpec, StrictModel
+from schemas.search_rules import (
+    BUILTINS,
+    DIFFUSERS_MODEL,
+    DIFFUSERS_SAMPLER,
+    MNIST_MODEL,
+    MNIST_SAMPLER,
+    builtin_family,
+    seeds_of_two_checkpoints,
+)
 
 Optimizer = Literal["CMA", "TwoPointsDE", "DE", "NGOpt", "PSO", "OnePlusOne"]
 Parametrization = Literal["difference", "normalized"]
-
 
 class CheckpointSetSpec(StrictModel):
     """Which saved checkpoints are combined, and how they are read."""
@@ -65,7 +73,12 @@ class CheckpointSetSpec(StrictModel):
 class SamplerSpec(PluginSpec):
     """The sampling function `sample(model, n, seed, nfe, batch_size) -> images` and its step count."""
 
-    target: str = Field(default="lcsc_ray.recipes.mnist:ddim_sample", description="Import path of the sampler.")
+    target: str = Field(
+        default=MNIST_SAMPLER,
+        description="Import path of the sampler. Left out, the default of `checkpoints.format`: the MNIST recipe's "
+        f"DDIM ({MNIST_SAMPLER}) for 'files', the diffusers scheduler sampler ({DIFFUSERS_SAMPLER}) for "
+        "'diffusers'.",
+    )
     nfe: int = Field(default=10, ge=1, description="Number of function evaluations per sample.")
 
 
@@ -191,6 +204,19 @@ class SearchAlgoSpec(StrictModel):
             raise ValueError("`search.fidelity_schedule` must hold at least two strictly increasing sample counts")
         return self
 
+    @model_validator(mode="after")
+    def _budget_holds_the_seeds(self) -> SearchAlgoSpec:
+        # the seeds are evaluated first and are the baselines; a smaller budget would drop some. The exact count
+        # depends on the number of checkpoints (checked once they are listed: lcsc_ray.run_identity.check_budget)
+        needed = seeds_of_two_checkpoints(self.ema_decays)
+        if self.budget < needed:
+            raise ValueError(
+                f"`search.budget` ({self.budget}) is smaller than the {needed} seed vectors (the last checkpoint, "
+                "one per `search.ema_decays` value, the uniform soup) that even two checkpoints give: the seeds "
+                f"past the budget, and the baselines they report, would be dropped; set `search.budget` to at "
+                f"least {needed} plus the evaluations the optimiser should get, or remove decays")
+        return self
+
 
 # sigma_rel of a power-function EMA with exponent 0 (a uniform average); wider profiles need exponents < 0
 MAX_SIGMA_REL = 0.2886
@@ -229,8 +255,10 @@ class SearchSpec(StrictModel):
     ray: RaySpec = Field(default_factory=RaySpec, description="Ray connection and resources.")
     checkpoints: CheckpointSetSpec = Field(default_factory=CheckpointSetSpec, description="Checkpoints to combine.")
     model: PluginSpec = Field(
-        default_factory=lambda: PluginSpec(target="lcsc_ray.recipes.mnist:build_unet"),
-        description="Builder of the model skeleton the combined weights are loaded into.",
+        default_factory=lambda: PluginSpec(target=MNIST_MODEL),
+        description="Builder of the model skeleton the combined weights are loaded into. Left out, the default of "
+        f"`checkpoints.format`: {MNIST_MODEL} for 'files', {DIFFUSERS_MODEL} (from the run's config.json) for "
+        "'diffusers'.",
     )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec, description="Sampler and NFE.")
     fid: FIDSpec = Field(default_factory=FIDSpec, description="FID scoring.")
@@ -246,9 +274,9 @@ class SearchSpec(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _diffusers_defaults(cls, data: object) -> object:
-        # diffusers checkpoints bring their own model config and scheduler: default to the built-ins that read
-        # them, instead of the MNIST recipe's U-Net and sampler (only where the spec leaves them unset)
+    def _format_defaults(cls, data: object) -> object:
+        # the model and sampler follow `checkpoints.format` where the spec leaves them (or the sampler's target)
+        # unset: diffusers checkpoints bring their own model config and scheduler, read by the diffusers built-ins
         if not isinstance(data, dict):
             return data
         checkpoints = data.get("checkpoints")
@@ -257,10 +285,40 @@ class SearchSpec(StrictModel):
         if checkpoints is None or get("format") != "diffusers":
             return data
         data = dict(data)
-        data.setdefault("model", {"target": "lcsc_ray.diffusers_checkpoints:build_model", "kwargs": {
+        data.setdefault("model", {"target": DIFFUSERS_MODEL, "kwargs": {
             "config_uri": get("uri", CheckpointSetSpec().uri), "subfolder": get("subfolder") or "unet"}})
-        data.setdefault("sampler", {"target": "lcsc_ray.diffusers_sampling:sample", "kwargs": {"scheduler": "DDIM"}})
+        data.setdefault("sampler", {"target": DIFFUSERS_SAMPLER, "kwargs": {"scheduler": "DDIM"}})
+        sampler = data["sampler"]
+        if isinstance(sampler, dict) and "target" not in sampler:
+            data["sampler"] = {**sampler, "target": DIFFUSERS_SAMPLER}
+        elif isinstance(sampler, SamplerSpec) and "target" not in sampler.model_fields_set:
+            data["sampler"] = SamplerSpec(**{**sampler.model_dump(), "target": DIFFUSERS_SAMPLER})
         return data
+
+    @model_validator(mode="after")
+    def _plugins_fit_format(self) -> SearchSpec:
+        # the MNIST recipe's U-Nets cannot load a diffusers UNet's weights, and each built-in sampler calls only
+        # the model of its own family (the recipe's returns a tensor, diffusers' an output with `.sample`)
+        plugins = {"model": self.model, "sampler": self.sampler}
+        if self.checkpoints.format == "diffusers":
+            for field, plugin in plugins.items():
+                if builtin_family(plugin.target) == "MNIST recipe":
+                    raise ValueError(
+                        f"`{field}.target` is the MNIST recipe's {plugin.target}, which does not work with "
+                        f"`checkpoints.format: diffusers` (a diffusers UNet); set `{field}.target` to "
+                        f"{BUILTINS['diffusers'][field]} (or leave `{field}` out: the format's default), or set "
+                        "`checkpoints.format: files` for checkpoints the MNIST recipe saved")
+        families = {field: builtin_family(plugin.target) for field, plugin in plugins.items()}
+        if None not in families.values() and families["model"] != families["sampler"]:
+            field = "model" if "model" not in self.model_fields_set else "sampler"
+            other = "sampler" if field == "model" else "model"
+            wanted = families[other]
+            raise ValueError(
+                f"`{field}.target` ({plugins[field].target}) is the {families[field]} {field}, but "
+                f"`{other}.target` ({plugins[other].target}) is the {wanted} {other}, and they do not work "
+                f"together; set `{field}.target` to the {wanted} {field} ({BUILTINS[wanted][field]}), or give "
+                f"your own `{field}.target`")
+        return self
 
     @model_validator(mode="after")
     def _output_outside_checkpoints(self) -> SearchSpec:

@@ -123,7 +123,7 @@ def dashboard():
 
 
 def _spec(tmp_path: Path) -> SearchSpec:
-    spec = tiny_spec(tmp_path, budget=2)
+    spec = tiny_spec(tmp_path, budget=4)  # the 4 seed vectors of 5 checkpoints
     return spec.model_copy(update={"output": spec.output.model_copy(update={"uri": "s3://bucket/run"})})
 
 
