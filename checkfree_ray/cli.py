@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from rayops.cli import follow_job, load_or_exit, run_or_exit, setup_logging, validate_command
+from rayops.cluster_cli import cluster_group
 from schemas.train import TrainSpec
 
 
@@ -16,6 +17,7 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(validate_command(TrainSpec))
+main.add_command(cluster_group)  # `cluster rehearse`: a local autoscaling spot cluster
 
 
 RESTART_HELP = ("Start a new run even if `output.uri` holds another run (of a different spec); without it a "

@@ -7,6 +7,7 @@ import click
 from lcsc_ray.recipes.cli import recipe
 from rayops import storage
 from rayops.cli import follow_job, load_or_exit, run_or_exit, setup_logging, validate_command
+from rayops.cluster_cli import cluster_group
 from schemas.errors import CheckpointError, StorageError
 from schemas.search import SearchSpec
 
@@ -38,6 +39,7 @@ def _check_spec(spec: SearchSpec) -> None:
 
 main.add_command(validate_command(SearchSpec, _check_spec))
 main.add_command(recipe)
+main.add_command(cluster_group)  # `cluster rehearse`: a local autoscaling spot cluster
 
 
 RESTART_HELP = "Clear the output's stored search state and start over (needed when the inputs changed)."

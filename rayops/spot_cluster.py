@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -105,6 +106,16 @@ def processes_of(marker: str, table: dict[int, tuple[int, str]] | None = None) -
     return found
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a TCP port on 127.0.0.1 can be bound right now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def signal_all(pids: set[int], sig: int) -> None:
     """Send `sig` to each pid (one already gone is skipped)."""
     for pid in pids:
@@ -119,10 +130,10 @@ class LocalSpotCluster:
 
     def __init__(self, aws_config_path: str | Path = AWS_CONFIG_PATH, *, worker_cpus: float = DEFAULT_WORKER_CPUS,
                  max_workers: int = DEFAULT_MAX_WORKERS, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-                 log_path: str | Path | None = None):
+                 dashboard_port: int | None = None, log_path: str | Path | None = None):
         self.aws_config = load_aws_config(aws_config_path)
         self.worker_cpus, self.max_workers, self.idle_timeout_s = worker_cpus, max_workers, idle_timeout_s
-        self.log_path = log_path
+        self.dashboard_port, self.log_path = dashboard_port, log_path  # dashboard_port None: a free port
         self.temp_dir: str | None = None
         self.address: ClusterAddress | None = None
         self._process: subprocess.Popen | None = None
@@ -142,8 +153,11 @@ class LocalSpotCluster:
         autoscaler has reported the head."""
         if self._process is not None:
             raise SpotClusterError(f"this cluster is already started (temp dir {self.temp_dir}); stop() it first")
+        if self.dashboard_port and not port_is_free(self.dashboard_port):
+            raise SpotClusterError(f"dashboard port {self.dashboard_port} is taken on 127.0.0.1 (another Ray?); "
+                                   "pick another port or leave it out for a free one")
         self.temp_dir = tempfile.mkdtemp(prefix="rspot", dir="/tmp")  # short: Ray's socket paths have a limit
-        port, dashboard_port = free_port(), free_port()
+        port, dashboard_port = free_port(), self.dashboard_port or free_port()
         config = rehearsal_config(self.aws_config, f"127.0.0.1:{port}", worker_cpus=self.worker_cpus,
                                   max_workers=self.max_workers, idle_timeout_s=self.idle_timeout_s)
         config_file = os.path.join(self.temp_dir, "autoscaler.json")

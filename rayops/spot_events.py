@@ -110,7 +110,8 @@ class SpotEventInjector:
     def _record(self, event: SpotEvent) -> SpotEvent:
         with self._lock:
             self.events.append(event)
-        log.info("spot event: %s", event)
+        log.info("spot event at %.1fs: %s %s %s%s", event.at_s, event.kind, event.node_type, event.node_id,
+                 f" (deadline in {event.deadline_ms / 1000 - event.wall_time:.0f}s)" if event.deadline_ms else "")
         return event
 
     def _event(self, kind: str, node: ClusterNode, **extra) -> SpotEvent:
