@@ -6,11 +6,14 @@ Per-step protocol (after torchft's quorum/commit, "a step commits on every stage
 whole step is submitted at once, every forward and backward hop, then each stage's optimizer step (which
 waits on the backward results, so no stage steps unless every micro-batch's backward completed), then the
 CheckFree+ copies. A stage lost before its optimizer step ('before_step', 'forward', 'backward') is rebuilt
-and the step is run again (capped by `recovery.max_step_retries`). A stage lost in the 'optimizer' phase,
-after others stepped, is rolled forward: CheckFree rebuilds it from the same step's neighbours (weights and
-gradient norms both of that step) and the step commits on every stage; the redundant strategy, whose backups
-are from before the step, undoes the survivors' step and runs it again. Every wait is bounded by the step
-timeout; a stage that does not answer in time is killed and recovered like a dead one (reason 'timeout').
+and the step is run again (capped by `recovery.max_step_retries`). Global clipping exchanges the stages' gradient
+norms first: a stage lost before its norm is the only one lost (nobody stepped) and the step runs again. A stage
+lost in the 'optimizer' phase, after others stepped, or after its own step while its copies and backups were made
+(`replicas.py`: they are part of the commit), is rolled forward: CheckFree rebuilds it from the same step's
+neighbours (weights and gradient norms both of that step) and the step commits on every stage; the redundant
+strategy rebuilds it from a backup of that step when one landed, else the survivors undo their step and it runs
+again. Every wait is bounded by the step timeout; a stage that does not answer in time is killed and recovered like
+a dead one (reason 'timeout').
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable
 import ray
 import torch
 
-from checkfree_ray import recovering
+from checkfree_ray import recovering, replicas
 from checkfree_ray.checkpointing import Checkpoint, CheckpointStore, RunIdentity
 from checkfree_ray.data import make_corpus
 from checkfree_ray.draining import DrainHandler
@@ -75,6 +78,7 @@ class PipelineExecutor:
         self.transport = Transport()  # the object store until `start` picks `pipeline.activation_transport`
         self.actors: list = []
         self._pending_copies: list | None = None
+        self.state_step = 0  # the step the stages' weights are at (it tags the redundant backups)
         self._abandoned: list = []  # calls of an interrupted attempt
         self.start_time = time.monotonic()
 
@@ -94,6 +98,7 @@ class PipelineExecutor:
             restore_history(self.history, resume.history or {})
             self.injector.fired |= {tuple(item) for item in resume.metadata.get("failures_fired", [])}
             self.resumed_from = [*resume.metadata.get("resumed_from", []), resume.step]
+            self.state_step = resume.step
         self._sync_extras()
         if self.checkpoints is not None and resume is None:
             self._save_checkpoint(0)
@@ -150,15 +155,14 @@ class PipelineExecutor:
         done_refs = [outputs[("backward", mb, 0)] for mb in range(M)] if train else []
         return loss_refs, done_refs, calls
 
-    def _submit_optimizer_steps(self, done_refs: list, step: int) -> list:
-        """Each stage's clip and optimizer step, after every backward (global clip: after every stage's norm)."""
+    def _submit_optimizer_steps(self, done_refs: list, step: int) -> tuple[list, list]:
+        """Each stage's clip and optimizer step, after every backward (global clip: after every stage's squared
+        gradient norm, whose refs come second; empty for per-stage clipping)."""
         clip, undo = self.spec.optim.clip, self.strategy == "redundant"
-        if clip == "global":
-            upstream = [a.grad_sq_norm.remote(*done_refs) for a in self.actors]
-        else:
-            upstream = done_refs
+        norm_refs = [a.grad_sq_norm.remote(*done_refs) for a in self.actors] if clip == "global" else []
+        upstream = norm_refs or done_refs
         factor = lr_factor(self.spec, step)  # the learning-rate schedule
-        return [a.step.remote(*upstream, clip=clip, keep_undo=undo, lr_factor=factor) for a in self.actors]
+        return [a.step.remote(*upstream, clip=clip, keep_undo=undo, lr_factor=factor) for a in self.actors], norm_refs
 
     def abandon(self, refs: list) -> None:
         """Calls of an interrupted attempt: read later (`_drain_abandoned`) so Ray does not report their errors."""
@@ -208,9 +212,11 @@ class PipelineExecutor:
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
         loss_refs, done_refs, calls = self._launch(inputs, targets)
-        step_refs = self._submit_optimizer_steps(done_refs, step)
-        for stage, ref in enumerate(step_refs):
+        step_refs, norm_refs = self._submit_optimizer_steps(done_refs, step)
+        for stage, ref in enumerate(norm_refs):
             calls[stage].append(("optimizer", ref, tuple(done_refs)))
+        for stage, ref in enumerate(step_refs):
+            calls[stage].append(("optimizer", ref, tuple(norm_refs or done_refs)))
         self._pending_copies = self._copy_refs(step)
         every = [call[1] for stage_calls in calls for call in stage_calls] + list(self._pending_copies or [])
         deadline = time.monotonic() + self.step_timeout()
@@ -228,29 +234,49 @@ class PipelineExecutor:
                 raise
             raise lost from None
         loss = sum(losses) / len(losses)
+        self._exchange_norms(norm_refs, every, deadline)
         norms, silent = self._step_norms(step_refs, deadline)
+        if any(norm is not None for norm in norms):
+            self.state_step = step  # some stages stepped (a redundant recovery may undo it)
         lost = [i for i, n in enumerate(norms) if n is None]
         if lost:  # the others stepped: the optimizer phase
             self.abandon(list(self._pending_copies or []))
             raise StageLost(lost, "optimizer", norms=norms, loss=loss, reasons=dict.fromkeys(silent, "timeout"))
         return loss, norms
 
+    def _exchange_norms(self, norm_refs: list, every: list, deadline: float) -> None:
+        """Global clip: every stage's squared gradient norm, each computed by its own stage (no stage waits on
+        another here, so a missing norm is its own stage's): a stage that died, or did not answer by the deadline
+        (then killed), is the only one lost; every step waits on every norm, so nobody stepped and the step runs
+        again. Raises `StageLost`; a no-op for per-stage clipping (no refs)."""
+        detected_at = time.monotonic()
+        values, silent = self._answers(norm_refs, deadline, "gradient norm")
+        lost = [stage for stage, value in enumerate(values) if value is None]
+        if lost:
+            self.abandon(every)
+            raise StageLost(lost, "optimizer", detected_at=detected_at, reasons=dict.fromkeys(silent, "timeout"))
+
     def _step_norms(self, step_refs: list, deadline: float) -> tuple[list[dict | None], list[int]]:
         """Each stage's reported norms, None for a stage lost at its optimizer step (died, or did not answer by
         the deadline: then killed); and the stages that timed out."""
-        norms: list[dict | None] = []
+        return self._answers(step_refs, deadline, "optimizer step")
+
+    def _answers(self, refs: list, deadline: float, what: str) -> tuple[list, list[int]]:
+        """Each stage's answer to its call in `refs` (one per stage), None for a stage that died or did not answer
+        by the deadline (then killed); and the stages that timed out."""
+        values: list = []
         silent = []
-        for stage, ref in enumerate(step_refs):
+        for stage, ref in enumerate(refs):
             try:
-                norms.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+                values.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except ray.exceptions.GetTimeoutError:
-                log.warning("stage %d did not finish its optimizer step in time; killing it", stage)
+                log.warning("stage %d did not finish its %s in time; killing it", stage, what)
                 ray.kill(self.actors[stage], no_restart=True)
                 silent.append(stage)
-                norms.append(None)
+                values.append(None)
             except ray.exceptions.RayActorError:
-                norms.append(None)
-        return norms, silent
+                values.append(None)
+        return values, silent
 
     def run_step(self, step: int) -> int:
         """Run `step` until it commits (retrying after recoveries); returns the next step to run."""
@@ -267,16 +293,16 @@ class PipelineExecutor:
             started = time.monotonic()
             try:
                 loss, norms = self._attempt(step)
+                replicas.sync_commit(self, step, loss, norms)  # the copies and backups are part of the commit
             except StageLost as lost:
-                stepped = lost.norms is not None  # the survivors stepped their optimizer
-                roll_forward = stepped and self.strategy in ("checkfree", "checkfree+")
-                if roll_forward:  # rebuild from the neighbours' weights AND gradient norms of this same step
+                lost.keeps_step = recovering.keeps_step(self, step, lost)
+                if lost.keeps_step:  # rebuild from the neighbours' weights AND gradient norms of this same step
                     self._keep_norms(lost.norms)
                     self._pending_copies = None  # the recovery copies again from the rebuilt stages
                 rolled_back_to = recovering.recover_until_stable(self, step, lost)
                 if rolled_back_to is not None:
                     return rolled_back_to + 1
-                if roll_forward:
+                if lost.keeps_step:
                     self._commit(step, lost.loss, lost.norms, started)
                     return step + 1
                 continue
@@ -294,46 +320,36 @@ class PipelineExecutor:
                 self.grad_norms[stage] = norm
 
     def _commit(self, step: int, loss: float, norms: list[dict | None], started: float) -> None:
+        """Record `step`, stepped on every stage with every copy and backup; start its checkpoint save when due."""
         self._keep_norms(norms)
+        self.state_step = step
         now = time.monotonic()
         h = self.history
         h.steps.append(step)
         h.losses.append(loss)
         h.wall_times.append(now - self.start_time)
         h.step_times.append(now - started)
+        self._pending_copies = None
         try:
-            self._sync_extras(pending=self._pending_copies)
             if self.checkpoints is not None:
                 self._save_checkpoint(step)
-        except ray.exceptions.RayError as exc:
-            log.warning("a stage failed while syncing after step %d (%s); the next step recovers it", step, exc)
-        self._pending_copies = None
+        except ray.exceptions.RayError as exc:  # the step is committed everywhere: the loss is between two steps
+            log.warning("a stage failed while starting the checkpoint save of step %d (%s); it is recovered before "
+                        "the next step runs (`recover_lost` after the last one)", step, exc)
 
-    # ----- what each strategy keeps in step -----------------------------------------------------------
+    def recover_lost(self, step: int) -> int:
+        """Recover the stages lost since the last commit, before step `step` (`recovering.recover_lost`; after
+        the last step, which no step follows); returns the next step to run (a rollback's is earlier)."""
+        return recovering.recover_lost(self, step)
+
+    # ----- what each strategy keeps in step (replicas.py) ----------------------------------------------------
     def _copy_refs(self, step: int | None = None) -> list | None:
-        """CheckFree+: the (de)embedding copies to the swap partners, submitted after the stages' calls so far
-        (the one copy path: with each step's submission, and after a recovery). None when nothing is due."""
-        if self.strategy != "checkfree+" or (step is not None and step % self.spec.recovery.copy_every != 0):
-            return None
-        S, a = self.S, self.actors
-        return [a[1].hold_copy.remote(a[0].get_state.remote((EMBED,))),
-                a[S - 2].hold_copy.remote(a[S - 1].get_state.remote((HEAD,)))]
+        """CheckFree+: the (de)embedding copies due with `step` (`replicas.copy_refs`)."""
+        return replicas.copy_refs(self, step)
 
     def _sync_extras(self, pending: list | None = None) -> None:
-        """CheckFree+: collect the copies submitted with the step (`pending`), or copy now (after a recovery or
-        at start); redundant: back up each successor. Bounded by the step timeout."""
-        S, a = self.S, self.actors
-        copies = pending if pending is not None else self._copy_refs()
-        if copies is not None:
-            self.history.costs["copy_bytes_held"] = float(sum(ray.get(copies, timeout=self.step_timeout())))
-        if self.strategy == "redundant":
-            start = time.perf_counter()
-            backups = [a[i].hold_backup.remote(a[(i + 1) % S].get_state.remote(include_optim=True)) for i in range(S)]
-            held = ray.get(backups, timeout=self.step_timeout())
-            costs = self.history.costs
-            costs["redundant_bytes_held"] = float(sum(held))
-            costs["redundant_bytes_sent_per_step"] = float(sum(held))
-            costs["redundant_sync_s_total"] = costs.get("redundant_sync_s_total", 0.0) + time.perf_counter() - start
+        """CheckFree+ copies and redundant backups of the stages as they are now (`replicas.sync`)."""
+        replicas.sync(self, pending)
 
     def _save_checkpoint(self, step: int) -> None:
         """After each commit: write the manifest of a save whose shards are all written (`saving.py`); every

@@ -39,8 +39,10 @@ class StageLost(Exception):
     """Stages found dead (or not answering) during a step.
 
     `phases` maps each lost stage to where the step was (see `FailureRecord.phase`), `reasons` to 'died' or
-    'timeout'; `norms` and `loss` are the step's when the loss came in its optimizer phase. `relost` lists the
-    stages whose replacement was lost during their own recovery (each is one more failure, phase 'recovery').
+    'timeout'; `norms` and `loss` are the step's when the loss came after some stages stepped their optimizer.
+    `relost` lists the stages whose replacement was lost during their own recovery (each is one more failure,
+    phase 'recovery'). `keeps_step` (set by the executor, `keeps_step`): the survivors keep that step and the lost
+    stages are rebuilt at it (rolled forward), instead of the step running again.
     """
 
     def __init__(self, stages: list[int], phases: dict[int, str] | str = "before_step",
@@ -51,6 +53,7 @@ class StageLost(Exception):
         self.reasons = reasons or {}
         self.relost = relost or []  # (stage, reason) of replacements lost while their stage was being recovered
         self.norms, self.loss = norms, loss
+        self.keeps_step = False
         self.detected_at = time.monotonic() if detected_at is None else detected_at
         super().__init__(f"stages {self.stages} lost ({self.phases})")
 
@@ -119,6 +122,52 @@ def unanswering(actors: list, timeout_s: float) -> tuple[list[int], list[int]]:
     return dead, silent
 
 
+def keeps_step(ex: PipelineExecutor, step: int, lost: StageLost) -> bool:
+    """Whether the survivors keep their optimizer step of `step` and the lost stages are rebuilt at it: for
+    CheckFree and CheckFree+ whenever the survivors stepped (the neighbours' weights and norms of that step); for the
+    redundant strategy only when every lost stage's backup is of that step (it landed before the stage was lost);
+    else the survivors undo their step (`recover`) and the step runs again."""
+    if lost.norms is None:
+        return False
+    if ex.strategy in ("checkfree", "checkfree+"):
+        return True
+    if ex.strategy != "redundant":
+        return False
+    tags = backup_steps(ex, lost.stages)
+    return tags is not None and all(tag == step for tag in tags.values())
+
+
+def backup_steps(ex: PipelineExecutor, stages: list[int]) -> dict[int, int | None] | None:
+    """Redundant: the step of the backup of each of `stages`, asked of its holder (its predecessor); None when a
+    holder is lost too or does not answer (the recovery then finds it lost)."""
+    holders = {stage: (stage - 1) % ex.S for stage in stages}
+    if any(holder in stages for holder in holders.values()):
+        return None
+    try:
+        tags = ray.get([ex.actors[h].backup_step.remote() for h in holders.values()], timeout=ex.step_timeout())
+    except ray.exceptions.RayError:
+        return None
+    return dict(zip(holders, tags))
+
+
+def recover_lost(ex: PipelineExecutor, step: int) -> int:
+    """Between two steps (and after the last one, which no step follows): recover the stages lost since the last
+    commit as step `step` would, recorded at `step` in phase 'before_step'. Returns the next step to run: `step`, or
+    the one after the checkpoint a rollback restored."""
+    detected_at = time.monotonic()
+    dead, silent = unanswering(ex.actors, min(PING_TIMEOUT_S, ex.step_timeout()))
+    for stage in silent:
+        log.warning("stage %d did not answer a ping between steps; killing it", stage)
+        ray.kill(ex.actors[stage], no_restart=True)
+    lost = sorted(set(dead) | set(silent))
+    if not lost:
+        return step
+    log.warning("stage(s) %s lost after step %d committed; recovering them before going on", lost, step - 1)
+    reasons = dict.fromkeys(silent, "timeout")
+    rolled_back_to = recover_until_stable(ex, step, StageLost(lost, detected_at=detected_at, reasons=reasons))
+    return step if rolled_back_to is None else rolled_back_to + 1
+
+
 def recover_until_stable(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
     """`recover`, repeated over the union of lost stages while more stages die during the recovery itself.
 
@@ -171,10 +220,17 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
     ex.abandon([ex.actors[i].reset_step.remote() for i in survivors])
     if plan.rollback:
         return rollback(ex, step, lost, plan.reason)
-    if ex.strategy == "redundant" and lost.norms is not None:
+    if ex.strategy == "redundant" and lost.norms is not None and not lost.keeps_step:
         # The backups are from before this step: the survivors undo their step, so that no stage holds a
         # step the others do not (a step commits on every stage or is run again).
         ray.get([ex.actors[i].revert_step.remote() for i in survivors], timeout=ex.step_timeout())
+        ex.state_step = step - 1
+    if ex.strategy == "redundant":
+        tags = backup_steps(ex, stages)
+        stale = {stage: tag for stage, tag in (tags or {}).items() if tag != ex.state_step}
+        if stale:  # never a stage rebuilt at another step than the others (no checkpoint: a clear error)
+            return rollback(ex, step, lost, f"the backup of stage(s) {sorted(stale)} is of step(s) "
+                            f"{sorted(set(stale.values()), key=str)}, the other stages are at step {ex.state_step}")
     lr = recovered_lr(spec.optim.lr, rec.lr_scale)
     avoid = ex.drain.avoid_nodes() if ex.drain is not None else frozenset()  # never onto a draining node
     takes = [ex.pool.take(avoid_nodes=avoid) for _ in plan.rebuilds]
@@ -233,9 +289,11 @@ def rollback(ex: PipelineExecutor, step: int, lost: StageLost, reason: str) -> i
     checkpoint = ex.checkpoints.load_latest(ex.S, context=f"step {step}: {reason}")
     warm = False
     for stage in lost.stages:
+        ray.kill(ex.actors[stage], no_restart=True)  # one still alive would keep its bundle from its replacement
         ex.actors[stage], was_warm = ex.pool.take()
         warm = warm or was_warm
     ex._load_checkpoint(checkpoint)
+    ex.state_step = checkpoint.step
     h = ex.history
     h.rolled_back += [False] * (len(h.steps) - len(h.rolled_back))
     h.rolled_back = [gone or s > checkpoint.step for s, gone in zip(h.steps, h.rolled_back)]

@@ -78,6 +78,7 @@ class StageWorker(FaultInjection, ShardWriter):
         self.peak_cached = 0  # most micro-batches whose activations `cache` held at once (`cache_peak`)
         self.copies: FlatState = {}  # CheckFree+: (de)embedding copies of the neighbouring outer stage
         self.backup: FlatState = {}  # redundant: the successor's full state
+        self.backup_of_step: int | None = None  # the step `backup` is at
         self.undo: FlatState = {}  # redundant: this stage's state before its last optimizer step
         self.faults: dict[str, tuple[str, float, int]] = {}  # test harness only: call -> (action, seconds, skip)
 
@@ -121,7 +122,7 @@ class StageWorker(FaultInjection, ShardWriter):
         if last:
             self.parts[HEAD] = Head(self.cfg)
         self.cache.clear()
-        self.copies, self.backup, self.undo = {}, {}, {}
+        self.copies, self.backup, self.undo, self.backup_of_step = {}, {}, {}, None
         flats = [_as_flat(source) for source in sources]
         if weights:
             blocks = [_strip(flat, f"model/{BLOCKS}/") for flat in flats[:len(weights)]]
@@ -165,6 +166,10 @@ class StageWorker(FaultInjection, ShardWriter):
         """Flat state of `parts` (those this stage has), with Adam state and lr when `include_optim`; copied to
         the CPU, or kept on this stage's device with `as_tensor` (Ray Direct Transport: device to device)."""
         self._fault("get_state")
+        return self._state(parts, include_optim, as_tensor)
+
+    def _state(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD), include_optim: bool = False,
+               as_tensor: bool = False) -> FlatState:
         device = self.device if as_tensor else torch.device("cpu")
         state: FlatState = {}
         for part in parts:
@@ -192,14 +197,20 @@ class StageWorker(FaultInjection, ShardWriter):
         """The held (de)embedding copies."""
         return dict(self.copies)
 
-    def hold_backup(self, state: FlatState) -> int:
-        """Redundant: keep the successor's full state; returns bytes held."""
-        self.backup = state
+    def hold_backup(self, state: FlatState, step: int | None = None) -> int:
+        """Redundant: keep the successor's full state, as it is after `step` (the tag a recovery checks: a backup
+        replaces the previous one only once it has arrived, so a failed copy leaves the older step's); returns
+        bytes held."""
+        self.backup, self.backup_of_step = state, step
         return state_nbytes(state)
 
     def get_backup(self) -> FlatState:
         """The successor's state held by this stage."""
         return self.backup
+
+    def backup_step(self) -> int | None:
+        """The step the held backup is at (None: no backup, or one held without a step)."""
+        return self.backup_of_step if self.backup else None
 
     def lr(self) -> float:
         """This stage's base learning rate (the schedule multiplies it at each step)."""
@@ -261,6 +272,7 @@ class StageWorker(FaultInjection, ShardWriter):
     def grad_sq_norm(self, *backward_done) -> float:
         """Squared L2 norm of this stage's gradient (global clipping sums these over the stages); runs after
         every micro-batch's last backward hop, passed as `backward_done` only to order it."""
+        self._fault("grad_sq_norm")
         return sum(float(p.grad.pow(2).sum()) for _, p in self._named_parameters() if p.grad is not None)
 
     def step(self, *upstream, clip: str = "per_stage", keep_undo: bool = False, lr_factor: float = 1.0
@@ -285,7 +297,7 @@ class StageWorker(FaultInjection, ShardWriter):
             for _, p in named:
                 p.grad.mul_(coefficient)
         if keep_undo:
-            self.undo = self.get_state(include_optim=True)
+            self.undo = self._state(include_optim=True)  # not `get_state`: its armed fault is for callers
         for group in self.optimizer.param_groups:
             group["lr"] = self.base_lr * lr_factor
         self.optimizer.step()

@@ -27,7 +27,8 @@ class FaultInjection:
 
     def arm_fault(self, call: str, action: str = "kill", seconds: float = 0.0, skip: int = 0) -> None:
         """Failure-injection harness (tests only; a run never arms one): the (`skip`+1)-th next call of `call`
-        ('forward', 'backward', 'step', 'get_state', 'configure', 'write_shard') dies ('kill', SIGKILL) or hangs ('hang',
+        ('forward', 'backward', 'grad_sq_norm', 'step', 'get_state', 'configure',
+        'write_shard') dies ('kill', SIGKILL) or hangs ('hang',
         `seconds`) as it starts, so that a stage can be lost at an exact point of a step. A 'kill' waits `seconds`
         first, so that the replies of the calls before it reach their callers (on crowded cores a reply still queued
         when the process dies is lost with it, and the stage then looks lost one call earlier)."""
