@@ -43,7 +43,8 @@ HISTORY_FILE = "history.json"
 # Spec fields that say where and how Ray runs the stages, not what is computed: a resume may change them.
 PLACEMENT_FIELDS = {"ray": None, "output": None, "checkpointing": ("uri",),
                     "pipeline": ("placement", "num_cpus_per_stage", "warm_standby", "standby_actors", "peak_flops"),
-                    "recovery": ("drain_poll_s",)}  # a hand-off on a notice is exact: how often to look changes nothing
+                    "recovery": ("drain_poll_s",),  # a hand-off on a notice is exact: how often to look changes nothing
+                    "storage": None}  # whose credentials the stages use changes no value
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -135,10 +136,14 @@ def write_run_record(spec, run: RunIdentity, status: str, **extra: Any) -> None:
 
 
 # ----- checkpoints ---------------------------------------------------------------------------------------------
-def storage_env() -> dict[str, str]:
-    """The driver's storage settings (AWS endpoint, region, keys; our retry knobs), passed to the stage actors
-    that write shards so they write where the driver reads (a cluster's nodes may carry their own)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "LCSC_STORAGE_"))}
+def storage_env(forward_credentials: bool = False) -> dict[str, str]:
+    """The driver's storage settings (AWS endpoint, region, our retry knobs), passed to the stage actors that
+    write shards so they write where the driver reads. The driver's keys are added only with
+    `forward_credentials` (`storage.forward_credentials`): by default a stage keeps its node's own credentials
+    (instance role, IRSA). Never log the result."""
+    from rayops.jobs import forwarded_env
+
+    return forwarded_env(forward_credentials)
 
 
 @dataclass

@@ -14,12 +14,14 @@ for a process to start unless every standby is still starting.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from checkfree_ray.checkpointing import storage_env
 from checkfree_ray.model import ModelConfig
 from checkfree_ray.stage import DirectStageActor, StageActor
 from rayops.resources import check_placeable
@@ -28,6 +30,12 @@ from schemas.train import TrainSpec
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0
+
+
+def _adopt_driver_storage_env(worker: object, env: dict[str, str]) -> None:
+    """Run on a stage actor (`__ray_call__`): take the driver's storage settings and keys into its environment,
+    in place of its node's credentials (`storage.forward_credentials`). The values are never logged."""
+    os.environ.update(env)
 
 
 class StagePool:
@@ -56,6 +64,7 @@ class StagePool:
                 "off `pipeline.warm_standby` or add nodes"
             ) from None
         self.created: list = []
+        self.credential_calls: list[ray.ObjectRef] = []  # `storage.forward_credentials`: each actor's env update
         self.standbys: list[tuple[object, ray.ObjectRef]] = []  # (actor, its first ping)
 
     def new_actor(self, bundle_index: int = -1):
@@ -68,6 +77,9 @@ class StagePool:
         ).remote(self.cfg, self.spec.optim.grad_clip, self.spec.optim.weight_decay, self.spec.pipeline.torch_threads,
                  num_gpus=self.spec.pipeline.num_gpus_per_stage, precision=self.spec.pipeline.precision)
         self.created.append(actor)
+        if self.spec.storage.forward_credentials:  # submitted first: runs before any other call of the actor
+            self.credential_calls.append(actor.__ray_call__.remote(_adopt_driver_storage_env,
+                                                                   storage_env(forward_credentials=True)))
         return actor
 
     def start_stages(self) -> list:

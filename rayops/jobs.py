@@ -33,9 +33,19 @@ from schemas.loader import dump_spec, parse_spec
 log = logging.getLogger(__name__)
 ResultT = TypeVar("ResultT", bound=BaseModel)
 RESULT_FILE = "result.json"
-# Variables forwarded to a job on a remote cluster: endpoints and knobs, never credentials.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "LCSC_CACHE_DIR",
-                 settings.STORAGE_MAX_ATTEMPTS)
+# Storage settings forwarded to other processes (a job on a remote cluster, stage actors): endpoints, region and
+# knobs, never credentials; the nodes use their own (instance role, IRSA).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", settings.AWS_REGION, "AWS_REGION", "LCSC_CACHE_DIR",
+                 settings.STORAGE_MAX_ATTEMPTS, settings.STORAGE_CONNECT_TIMEOUT_S, settings.STORAGE_READ_TIMEOUT_S)
+# The driver's static keys: sent to stage actors only when a spec sets `storage.forward_credentials`, never to a job.
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def forwarded_env(forward_credentials: bool = False) -> dict[str, str]:
+    """This process's storage settings (`FORWARDED_ENV`) that are set, plus its keys (`CREDENTIAL_ENV`) only with
+    `forward_credentials`. Never log the result: with the keys it holds a secret."""
+    names = FORWARDED_ENV + (CREDENTIAL_ENV if forward_credentials else ())
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 AUTH_MODE = "RAY_AUTH_MODE"
@@ -209,7 +219,7 @@ def submit_spec(spec: BaseModel, module: str, command: str, result_model: type[R
         env_vars = {}
     else:
         python = "python"
-        env_vars = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+        env_vars = forwarded_env()  # the job's driver uses the cluster's credentials
     spec = spec.model_copy(update={"ray": spec.ray.model_copy(update={"address": None})})
     workdir = Path(tempfile.mkdtemp(prefix="lcsc-job-"))
     dump_spec(spec, workdir / "spec.yaml")

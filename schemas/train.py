@@ -212,6 +212,17 @@ class CheckpointingSpec(StrictModel):
     keep: int = Field(default=2, ge=1, description="Complete checkpoints kept.")
 
 
+class StorageSpec(StrictModel):
+    """How the stage processes reach storage (the driver reads the standard AWS variables of its own machine)."""
+
+    forward_credentials: bool = Field(
+        default=False,
+        description="Send the driver's AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN to the stage "
+        "actors, overriding the nodes' own credentials. False: stages use their node's credentials (instance role, "
+        "IRSA, the node's environment); only the endpoint, region and storage knobs are sent.",
+    )
+
+
 class FailureSpec(StrictModel):
     """Injected stage failures: real process kills."""
 
@@ -258,6 +269,7 @@ class TrainSpec(StrictModel):
     recovery: RecoverySpec = Field(default_factory=RecoverySpec, description="Recovery strategy.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
     failures: FailureSpec = Field(default_factory=FailureSpec, description="Injected failures.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Storage access of the stage actors.")
     output: OutputSpec = Field(
         default_factory=lambda: OutputSpec(uri="outputs/checkfree-train"), description="Result location."
     )

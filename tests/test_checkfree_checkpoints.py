@@ -63,7 +63,7 @@ def test_stages_write_their_own_shards_and_the_manifest_comes_last(started, s3_b
     the save does not hold the step: the driver never had the shards (the store's save() is never called)."""
     from safetensors.torch import load as load_safetensors
 
-    spec = tiny_spec("checkfree", checkpointing={"every": 2})
+    spec = tiny_spec("checkfree", checkpointing={"every": 2}, storage={"forward_credentials": True})
     executor = started(spec, f"{s3_bucket}/ckpt")
     executor.checkpoints.save = None  # the driver-side write path must not be used
     states = {}
@@ -83,7 +83,7 @@ def test_storage_outage_during_a_save_warns_and_the_next_save_retries(started, s
     """With the S3 endpoint dead during step 4's save (for the driver, or only once the stages write their
     shards), training goes on (a warning, no error) and step 6's save, with the endpoint back, is complete."""
     endpoint = storage.settings.s3_endpoint()
-    spec = tiny_spec("checkfree", checkpointing={"every": 2, "keep": 3})
+    spec = tiny_spec("checkfree", checkpointing={"every": 2, "keep": 3}, storage={"forward_credentials": True})
     executor = started(spec, f"{s3_bucket}/ckpt")
     begin = executor.checkpoints.begin
 

@@ -140,7 +140,8 @@ def test_checkfree_plus_rebuilds_outer_stages_from_swap_partner(executor_for):
 
 def test_adjacent_losses_roll_back_to_s3_checkpoint_exactly(executor_for, s3_bucket):
     """Stages 1 and 2 lost together: every stage is restored to checkpoint_000002 on SeaweedFS, bit for bit."""
-    spec = tiny_spec("checkfree", schedule=[(4, 1), (4, 2)], checkpointing={"every": 2})
+    spec = tiny_spec("checkfree", schedule=[(4, 1), (4, 2)], checkpointing={"every": 2},
+                     storage={"forward_credentials": True})  # the tests' Ray nodes have no keys of their own
     uri = f"{s3_bucket}/ckpt"
     executor = executor_for(spec, checkpoint_uri=uri)
     executor.before_step.append(lambda ex, step: ex.finish_checkpoints())  # checkpoint 2 complete before the kill
