@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from checkfree_ray.checkpointing import storage_env
+from checkfree_ray.checkpointing import new_identity, storage_env
 from checkfree_ray.executor import PipelineExecutor
 from rayops.jobs import CREDENTIAL_ENV, forwarded_env
 from tests.test_checkfree_engine import run_steps, tiny_spec
@@ -40,13 +40,19 @@ def test_storage_env_sends_settings_and_keys_only_when_asked(driver_keys, monkey
     assert forwarded_env()["AWS_DEFAULT_REGION"] == "eu-west-3"
 
 
-@pytest.mark.parametrize("forward", [False, True])
+def test_forwarding_credentials_is_not_part_of_the_run_identity():
+    """Turning `storage.forward_credentials` on for a resume keeps the run's fingerprint (no value changes)."""
+    off, on = tiny_spec("checkfree"), tiny_spec("checkfree", storage={"forward_credentials": True})
+    assert new_identity(off).fingerprint == new_identity(on).fingerprint
+
+
+@pytest.mark.parametrize("forward, transport", [(False, "object_store"), (True, "object_store"), (True, "gloo")])
 def test_stage_actor_env_has_the_driver_secret_only_when_the_spec_asks(ray_local, tmp_path, driver_keys, caplog,
-                                                                      forward):
+                                                                      forward, transport):
     """After checkpoint saves by the stages, their environment holds the driver's secret only with
-    `storage.forward_credentials`; the secret is never logged."""
+    `storage.forward_credentials` (also on direct-transport actors); the secret is never logged."""
     spec = tiny_spec("checkfree", checkpointing={"every": 1}, storage={"forward_credentials": forward},
-                     pipeline={"num_stages": 2})
+                     pipeline={"num_stages": 2, "activation_transport": transport})
     executor = PipelineExecutor(spec, checkpoint_uri=str(tmp_path / "ckpt"))
     try:
         with caplog.at_level(logging.DEBUG):
