@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -18,6 +19,7 @@ from rayops.rehearsal_config import (
     DEFAULT_MAX_WORKERS,
     DEFAULT_WORKER_CPUS,
     RehearsalConfigError,
+    head_type_name,
 )
 from rayops.spot_cluster import LocalSpotCluster, SpotClusterError
 from rayops.spot_events import PlannedEvent, SpotEventError, SpotEventInjector, plan_spot_events
@@ -33,25 +35,32 @@ def node_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return joined + left
 
 
-def _node_view(gcs_address: str) -> dict[str, str] | None:
+def _node_view(gcs_address: str, head_type: str) -> dict[str, str] | None:
+    """`{node_id: node_type}` of the running nodes, the head under the config's head type name."""
     from ray.exceptions import RayError
 
     try:
-        return {node.node_id: node.node_type for node in autoscaler_nodes(gcs_address)}
+        return {node.node_id: head_type if node.is_head else node.node_type for node in autoscaler_nodes(gcs_address)}
     except (OSError, RayError) as exc:  # a busy GCS: look again next time
         log.debug("no node view this time: %s", exc)
         return None
 
 
-def _watch(cluster: LocalSpotCluster, until: float, stop: threading.Event) -> None:
-    """Print nodes joining and leaving until `until` (monotonic) or `stop`."""
+def _watch(cluster: LocalSpotCluster, until: float, stop: threading.Event,
+           on_first_worker: Callable[[], None]) -> None:
+    """Print nodes joining and leaving until `until` (monotonic) or `stop`; call `on_first_worker` once, when
+    the first worker node is up."""
     seen: dict[str, str] = {}
+    head_type, first_worker = head_type_name(cluster.aws_config), True
     while not stop.is_set() and time.monotonic() < until:
-        view = _node_view(cluster.address.gcs_address)
+        view = _node_view(cluster.address.gcs_address, head_type)
         if view is not None:
             for line in node_changes(seen, view):
                 click.echo(f"{time.strftime('%H:%M:%S')} {line}")
             seen = view
+            if first_worker and len(view) > 1:
+                first_worker = False
+                on_first_worker()
         stop.wait(WATCH_EVERY_S)
 
 
@@ -83,7 +92,8 @@ def cluster_group() -> None:
 @click.option("--spot-events", type=int, default=0, show_default=True,
               help="Inject this many spot events (reclaims without notice and drains with a deadline).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the events' moments, kinds, targets.")
-@click.option("--window-s", type=float, default=300.0, show_default=True, help="Events fall in [0, window).")
+@click.option("--window-s", type=float, default=300.0, show_default=True,
+              help="Events fall in [0, window), counted from the first worker node's arrival.")
 @click.option("--notice-s", type=float, default=30.0, show_default=True, help="A drain's deadline, from its notice.")
 @click.option("--drain-share", type=float, default=0.5, show_default=True, help="Share of events that are drains.")
 @click.option("--timeline", "timeline_path", type=click.Path(dir_okay=False), default=None,
@@ -106,9 +116,8 @@ def rehearse(config_path: str, max_workers: int, worker_cpus: float, idle_timeou
     stop, injector = threading.Event(), SpotEventInjector(cluster.address.gcs_address, cluster.temp_dir)
     try:
         _print_welcome(cluster)
-        if plan:
-            threading.Thread(target=_inject, args=(injector, plan, stop), daemon=True).start()
-        _watch(cluster, time.monotonic() + (duration_s or float("inf")), stop)
+        injection = threading.Thread(target=_inject, args=(injector, plan, stop), daemon=True)
+        _watch(cluster, time.monotonic() + (duration_s or float("inf")), stop, injection.start)
     except KeyboardInterrupt:
         click.echo("Ctrl-C: stopping the local spot cluster")
     finally:
