@@ -20,13 +20,15 @@ def main(verbose: bool) -> None:
 
 
 def _check_spec(spec: SearchSpec) -> None:
-    """Import every plug-in of the spec (a typo in a `target` fails validation, naming the field); where the
-    checkpoints can be listed, check `search.budget` against their seed vectors."""
+    """Import every plug-in of the spec (a typo in a `target` fails validation, naming the field), check the
+    diffusers sampler's kwargs, and, where the checkpoints can be listed, `search.budget` against their seed
+    vectors."""
     from lcsc_ray.checkpoints import list_checkpoints
     from lcsc_ray.plugins import check_importable
-    from lcsc_ray.run_identity import check_budget, plugins
+    from lcsc_ray.run_identity import check_budget, check_sampler_kwargs, plugins
 
     check_importable(plugins(spec))
+    check_sampler_kwargs(spec)
     try:
         found = list_checkpoints(spec.checkpoints)
     except (CheckpointError, StorageError) as exc:

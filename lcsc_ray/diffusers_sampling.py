@@ -41,24 +41,43 @@ def accepted_keys(scheduler_class: type) -> list[str]:
     return sorted(p.name for p in parameters if p.name != "self" and p.kind in NAMED_PARAMETERS)
 
 
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class of a short name ('DDIM', ...) or class name; refuses any other."""
+    import diffusers
+
+    class_name = SCHEDULERS.get(name.removesuffix("Scheduler"), name) if isinstance(name, str) else None
+    if class_name not in SCHEDULERS.values():
+        raise SpecError(f"`sampler.kwargs.scheduler` is {name!r}; choose one of {sorted(SCHEDULERS)}",
+                        source="sampler.kwargs.scheduler")
+    return getattr(diffusers, class_name)
+
+
+def _check_overrides(cls: type, overrides: object) -> None:
+    field = "sampler.kwargs.scheduler_kwargs"
+    if not isinstance(overrides, dict):
+        raise SpecError(f"`{field}` must be a mapping of scheduler config keys, got {type(overrides).__name__}",
+                        source=field)
+    known = accepted_keys(cls)
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise SpecError(f"`{field}` has {', '.join(map(repr, unknown))}, which {cls.__name__} does not take; "
+                        f"{cls.__name__} accepts {known}: fix or remove the key", source=field)
+
+
+def check_kwargs(kwargs: dict) -> None:
+    """Refuse, before any sampling, a `sampler.kwargs` whose scheduler name or `scheduler_kwargs` keys the
+    scheduler would not take (`sample`'s keyword arguments, as the spec gives them)."""
+    _check_overrides(scheduler_class(kwargs.get("scheduler", "DDIM")), kwargs.get("scheduler_kwargs") or {})
+
+
 def make_scheduler(name: str, config: dict | None = None, overrides: dict | None = None):
     """A diffusers scheduler by short name ('DDIM', 'DPMSolverMultistep', 'Euler', 'CMStochasticIterative') or
     class name, from `config` (e.g. the run's DDPMScheduler config) with `overrides` on top. An override the
     scheduler does not accept is refused, naming the keys it does."""
-    import diffusers
-
-    class_name = SCHEDULERS.get(name.removesuffix("Scheduler"), name)
-    if class_name not in SCHEDULERS.values():
-        raise SpecError(f"`sampler.kwargs.scheduler` is {name!r}; choose one of {sorted(SCHEDULERS)}",
-                        source="sampler.kwargs.scheduler")
-    cls = getattr(diffusers, class_name)
-    known = set(accepted_keys(cls))
-    unknown = sorted(set(overrides or {}) - known)
-    if unknown:
-        raise SpecError(f"`sampler.kwargs.scheduler_kwargs` has {', '.join(map(repr, unknown))}, which "
-                        f"{class_name} does not take; {class_name} accepts {sorted(known)}: fix or remove the key",
-                        source="sampler.kwargs.scheduler_kwargs")
+    cls = scheduler_class(name)
+    _check_overrides(cls, overrides or {})
     # a training config (DDPMScheduler's) carries keys another scheduler does not know: keep the shared ones
+    known = set(accepted_keys(cls))
     merged = {k: v for k, v in {**(config or {}), **(overrides or {})}.items() if k in known}
     return cls.from_config(merged)
 

@@ -26,6 +26,7 @@ from rayops import artifacts, identity, storage
 from schemas.common import PluginSpec, redact_secrets
 from schemas.errors import CheckpointError, SpecError
 from schemas.search import SearchSpec
+from schemas.search_rules import DIFFUSERS_SAMPLER
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,15 @@ def _check_plugins(spec: SearchSpec) -> None:
             resolve(plugin.target)
         except PluginError as exc:
             raise SpecError(f"`{field}.target`: {exc}", source=field) from None
+
+
+def check_sampler_kwargs(spec: SearchSpec) -> None:
+    """The built-in diffusers sampler's kwargs, checked before any sampling (a scheduler name or config key it
+    would not take is a SpecError naming it)."""
+    if spec.sampler.target == DIFFUSERS_SAMPLER:
+        from lcsc_ray.diffusers_sampling import check_kwargs
+
+        check_kwargs(spec.sampler.kwargs)
 
 
 def _check_files(spec: SearchSpec) -> None:
@@ -134,6 +144,7 @@ def preflight(spec: SearchSpec) -> list[tuple[str, int]]:
     budget that holds the seed vectors, seed vectors within the bound. Returns the checkpoints as (uri, step),
     in combination order."""
     _check_plugins(spec)
+    check_sampler_kwargs(spec)
     _check_files(spec)
     checkpoints = _list_checked(spec)
     check_budget(spec, len(checkpoints))

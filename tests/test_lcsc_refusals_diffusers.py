@@ -84,3 +84,34 @@ def test_known_scheduler_kwargs_apply_and_training_config_extras_are_dropped():
     scheduler = make_scheduler("DDIM", training_config, {"timestep_spacing": "trailing"})
     assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.num_train_timesteps == 50
     assert "variance_type" not in scheduler.config
+
+
+def test_validate_refuses_unknown_scheduler_kwarg_before_any_sampling(tmp_path):
+    """`lcsc-ray validate` refuses a misspelt `scheduler_kwargs` key of the diffusers sampler (exit 2), naming it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "checkpoints": {"uri": str(tmp_path / "run"), "format": "diffusers"}, "output": {"uri": str(tmp_path / "o")},
+        "sampler": {"kwargs": {"scheduler": "Euler", "scheduler_kwargs": {"timestep_spacingg": "trailing"}}}}))
+    result = subprocess.run([sys.executable, "-m", "lcsc_ray", "validate", str(path)], capture_output=True,
+                            text=True, check=False, cwd=Path(__file__).resolve().parents[1], timeout=180)
+    assert result.returncode == 2, result.stdout
+    assert "'timestep_spacingg'" in result.stderr and "EulerDiscreteScheduler" in result.stderr
+
+
+def test_preflight_refuses_unknown_scheduler_kwarg(tmp_path):
+    """The search's preflight refuses the same key before any checkpoint is read into Ray."""
+    from lcsc_ray.run_identity import preflight
+    from schemas.search import SearchSpec
+
+    _accelerate_run(tmp_path / "run", ema_at=())
+    spec = SearchSpec.model_validate({
+        "checkpoints": {"uri": str(tmp_path / "run"), "format": "diffusers"}, "output": {"uri": str(tmp_path / "o")},
+        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"}},
+        "sampler": {"kwargs": {"scheduler_kwargs": {"bogus": 1}}}})
+    with pytest.raises(SpecError, match=r"'bogus'.*DDIMScheduler accepts"):
+        preflight(spec)
