@@ -24,7 +24,7 @@ from rayops import storage
 from rayops.artifacts import write_artifact
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
-from schemas.errors import StorageError
+from schemas.errors import RecoveryError, StorageError
 from schemas.train import TrainSpec
 from schemas.train_result import TrainResult
 
@@ -75,30 +75,59 @@ def peak_flops_of(executor: PipelineExecutor) -> float | None:
 
 def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None, first_step: int = 1,
                peak_flops: float | None = None) -> None:
-    """Steps `first_step`..`spec.steps` (or until the target validation loss), evaluating every `eval_every` steps."""
+    """Steps `first_step`..`spec.steps` (or until the target validation loss), evaluating every `eval_every` steps
+    and after the last one (`_finish`: stages lost after the last commit are recovered first); the progress line
+    follows each step's evaluation."""
     spec = executor.spec
     pipe = spec.pipeline
     tokens_per_step = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len
-    step, failures_seen = first_step, len(executor.history.failures)
-    intervals_seen = len(executor.history.checkpoint_intervals)
+    step = first_step
+    seen = {"failures": len(executor.history.failures), "intervals": len(executor.history.checkpoint_intervals)}
     while step <= spec.steps:
         step_done = step
         step = executor.run_step(step)
-        h = executor.history
+        value = None
+        if step == step_done + 1 and step_done == spec.steps:
+            step, value = _finish(executor, step_done)  # a rollback there runs the lost steps again
+        elif step == step_done + 1 and step_done % spec.eval_every == 0:
+            value = executor.evaluate(step_done)  # None when a stage died meanwhile: the next step recovers it
         if progress is not None:
-            for failure in h.failures[failures_seen:]:
-                progress.emit(f"failure: stage {failure.stage} at step {failure.step} -> {failure.method} "
-                              f"in {failure.recovery_s:.3f}s" + (f" (rolled back to {failure.rolled_back_to})"
-                                                                 if failure.rolled_back_to is not None else ""))
-            failures_seen = len(h.failures)
-            for chosen in h.checkpoint_intervals[intervals_seen:]:  # hybrid: each new interval and why
-                progress.emit(f"checkpoint every {chosen['every']} steps from step {chosen['step']}: {chosen['reason']}")
-            intervals_seen = len(h.checkpoint_intervals)
-            progress.update(done=min(step - 1, spec.steps), **_progress_fields(executor, tokens_per_step, peak_flops))
-        if step == step_done + 1 and (step_done % spec.eval_every == 0 or step_done == spec.steps):
-            value = executor.evaluate(step_done)
-            if value is not None and spec.target_val_loss is not None and value <= spec.target_val_loss:
-                break
+            _report(executor, progress, seen, min(step - 1, spec.steps), tokens_per_step, peak_flops)
+        if value is not None and spec.target_val_loss is not None and value <= spec.target_val_loss:
+            break
+
+
+def _finish(executor: PipelineExecutor, last: int) -> tuple[int, float | None]:
+    """After the last step, which no step follows to recover a stage lost since its commit: recover such stages
+    (recorded at step `last` + 1, 'before_step', as any loss between two steps), then the final evaluation, again
+    after a recovery if a stage dies during it. Returns the next step to run (`last` + 1, or the step after the
+    checkpoint a rollback restored) and the validation loss (None after a rollback)."""
+    for _attempt in range(executor.spec.recovery.max_step_retries + 1):
+        next_step = executor.recover_lost(last + 1)
+        if next_step <= last:
+            return next_step, None
+        value = executor.evaluate(last)
+        if value is not None:
+            return next_step, value
+    raise RecoveryError(
+        f"the final evaluation after step {last} failed {executor.spec.recovery.max_step_retries + 1} times: stages "
+        "keep dying. Raise `recovery.max_step_retries` or check the cluster's health"
+    )
+
+
+def _report(executor: PipelineExecutor, progress: ProgressLine, seen: dict[str, int], done: int,
+            tokens_per_step: int, peak_flops: float | None) -> None:
+    """The new failures and hybrid checkpoint intervals as events, then the progress line."""
+    h = executor.history
+    for failure in h.failures[seen["failures"]:]:
+        progress.emit(f"failure: stage {failure.stage} at step {failure.step} -> {failure.method} "
+                      f"in {failure.recovery_s:.3f}s" + (f" (rolled back to {failure.rolled_back_to})"
+                                                         if failure.rolled_back_to is not None else ""))
+    seen["failures"] = len(h.failures)
+    for chosen in h.checkpoint_intervals[seen["intervals"]:]:  # hybrid: each new interval and why
+        progress.emit(f"checkpoint every {chosen['every']} steps from step {chosen['step']}: {chosen['reason']}")
+    seen["intervals"] = len(h.checkpoint_intervals)
+    progress.update(done=done, **_progress_fields(executor, tokens_per_step, peak_flops))
 
 
 def build_result(executor: PipelineExecutor, wall_time_s: float, peak_flops: float | None = None) -> TrainResult:
