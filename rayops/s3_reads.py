@@ -29,7 +29,7 @@ Translate = Callable[[Exception, "Location", str], StorageError]
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
                     "RequestTimeout", "RequestTimeoutException", "RequestLimitExceeded"}
 _TRANSIENT_BOTO = (BotoConnectionError, HTTPClientError, IncompleteReadError)  # refused, reset, timed out, cut short
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 8 << 20  # a break loses at most this much; smaller pieces cost CPU in copies (benchmarks/s3_resumable_reads.py)
 _MAX_BACKOFF_S = 20.0  # botocore's standard retry mode caps its backoff at 20 s too
 
 

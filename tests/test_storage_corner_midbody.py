@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from botocore.response import StreamingBody
 
-from rayops import settings, storage
+from rayops import s3_reads, settings, storage
 from schemas.errors import StorageError, StorageUnavailableError
 
 SIZE = 32 * 1024 * 1024
@@ -92,6 +92,7 @@ def test_read_survives_server_killed_mid_body_and_restarted(how, s3_bucket, seaw
     assert "error" not in outcome, outcome.get("error")
     assert killed_at < SIZE and seaweedfs.process.poll() is None  # the kill really landed mid-body
     assert len(slow.bodies) >= 2  # the body was requested again after the break
+    assert slow.delivered == SIZE  # ... from the byte it reached: no byte was read twice
     assert outcome["data"] == payload
     if how == "download_file":
         assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["big.bin"]  # no temporary file left
@@ -123,12 +124,13 @@ def test_object_replaced_between_a_break_and_the_resume_is_an_error_not_mixed_by
 
     uri = f"{s3_bucket}/big/replaced.bin"
     storage.write_bytes(uri, b"a" * (3 << 20))
-    real_read, broken = StreamingBody.read, []
+    monkeypatch.setattr(s3_reads, "_READ_CHUNK", 1 << 20)
+    real_read, chunks = StreamingBody.read, []
 
     def read_then_break(body, amt=None):
         chunk = real_read(body, amt)
-        if not broken:  # after the first chunk: a new version lands, then the connection breaks
-            broken.append(len(chunk))
+        chunks.append(len(chunk))
+        if len(chunks) == 2:  # one chunk delivered: a new version lands, then the connection breaks
             seaweedfs.client().put_object(Bucket=s3_bucket[5:], Key="big/replaced.bin", Body=b"b" * (3 << 20))
             raise ResponseStreamingError(error="connection reset by peer")
         return chunk
@@ -136,6 +138,6 @@ def test_object_replaced_between_a_break_and_the_resume_is_an_error_not_mixed_by
     monkeypatch.setattr(StreamingBody, "read", read_then_break)
     with pytest.raises(StorageError, match=r"big/replaced.bin: the object was replaced while it was read"):
         storage.read_bytes(uri)
-    assert broken == [1 << 20]
+    assert chunks == [1 << 20, 1 << 20]  # the resumed GET (from byte 1 MiB) was refused before any byte
     monkeypatch.setattr(StreamingBody, "read", real_read)
     assert storage.read_bytes(uri) == b"b" * (3 << 20)
