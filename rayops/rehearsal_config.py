@@ -112,15 +112,21 @@ def head_node_type(aws_config: dict[str, Any]) -> dict[str, Any]:
             "node_config": {}, "min_workers": 0, "max_workers": 0}
 
 
+def check_sizes(worker_cpus: float, max_workers: int, idle_timeout_s: float) -> None:
+    """Refuse sizes no cluster can have, naming each bad one."""
+    bad = [f"{name} must be {rule}, got {value}" for name, value, rule, ok in [
+        ("worker_cpus", worker_cpus, "> 0", worker_cpus > 0), ("max_workers", max_workers, ">= 1", max_workers >= 1),
+        ("idle_timeout_s", idle_timeout_s, "> 0", idle_timeout_s > 0)] if not ok]
+    if bad:
+        raise RehearsalConfigError("; ".join(bad))
+
+
 def rehearsal_config(aws_config: dict[str, Any], gcs_address: str, *, worker_cpus: float = DEFAULT_WORKER_CPUS,
                      max_workers: int = DEFAULT_MAX_WORKERS,
                      idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> dict[str, Any]:
     """The whole autoscaler config for Ray's fake multi-node provider (autoscaler v2), for a head whose
     GCS listens on `gcs_address`; the head's node type is renamed to the provider's fixed head type."""
-    if worker_cpus <= 0 or max_workers < 1 or idle_timeout_s <= 0:
-        raise RehearsalConfigError(
-            f"worker_cpus ({worker_cpus}) and idle_timeout_s ({idle_timeout_s}) must be > 0 and max_workers "
-            f"({max_workers}) >= 1")
+    check_sizes(worker_cpus, max_workers, idle_timeout_s)
     node_types = worker_node_types(aws_config, worker_cpus, max_workers)
     node_types[FAKE_HEAD_TYPE] = head_node_type(aws_config)
     return {

@@ -36,6 +36,7 @@ from rayops.rehearsal_config import (
     DEFAULT_MAX_WORKERS,
     DEFAULT_WORKER_CPUS,
     FAKE_HEAD_NODE_ID,
+    check_sizes,
     head_node_type,
     load_aws_config,
     rehearsal_config,
@@ -131,6 +132,7 @@ class LocalSpotCluster:
     def __init__(self, aws_config_path: str | Path = AWS_CONFIG_PATH, *, worker_cpus: float = DEFAULT_WORKER_CPUS,
                  max_workers: int = DEFAULT_MAX_WORKERS, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
                  dashboard_port: int | None = None, log_path: str | Path | None = None):
+        check_sizes(worker_cpus, max_workers, idle_timeout_s)
         self.aws_config = load_aws_config(aws_config_path)
         self.worker_cpus, self.max_workers, self.idle_timeout_s = worker_cpus, max_workers, idle_timeout_s
         self.dashboard_port, self.log_path = dashboard_port, log_path  # dashboard_port None: a free port
@@ -156,17 +158,17 @@ class LocalSpotCluster:
         if self.dashboard_port and not port_is_free(self.dashboard_port):
             raise SpotClusterError(f"dashboard port {self.dashboard_port} is taken on 127.0.0.1 (another Ray?); "
                                    "pick another port or leave it out for a free one")
-        self.temp_dir = tempfile.mkdtemp(prefix="rspot", dir="/tmp")  # short: Ray's socket paths have a limit
         port, dashboard_port = free_port(), self.dashboard_port or free_port()
         config = rehearsal_config(self.aws_config, f"127.0.0.1:{port}", worker_cpus=self.worker_cpus,
                                   max_workers=self.max_workers, idle_timeout_s=self.idle_timeout_s)
+        self.temp_dir = tempfile.mkdtemp(prefix="rspot", dir="/tmp")  # short: Ray's socket paths have a limit
         config_file = os.path.join(self.temp_dir, "autoscaler.json")
         Path(config_file).write_text(json.dumps(config, indent=1))
+        command = self._head_command(port, dashboard_port, config_file)
         log_path = self.log_path or os.path.join(self.temp_dir, "head.log")
         with open(log_path, "ab") as log_file:
-            self._process = subprocess.Popen(
-                self._head_command(port, dashboard_port, config_file), env={**ray_env(), **AUTOSCALER_ENV},
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            self._process = subprocess.Popen(command, env={**ray_env(), **AUTOSCALER_ENV}, stdout=log_file,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
         self.address = ClusterAddress(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
         try:
             began = time.monotonic()
@@ -174,8 +176,13 @@ class LocalSpotCluster:
             wait_until(lambda: any(node.is_head for node in autoscaler_nodes(self.address.gcs_address)),
                        max(1.0, timeout_s - (time.monotonic() - began)), "the autoscaler's first report")
         except (RuntimeError, TimeoutError) as exc:
+            tail = Path(log_path).read_text(errors="replace")[-2000:]  # read before stop() removes the temp dir
             self.stop()
-            raise SpotClusterError(f"the local spot cluster did not start: {exc}; see {log_path}") from None
+            raise SpotClusterError(f"the local spot cluster did not start: {exc}; the end of its log "
+                                   f"({log_path}):\n{tail}") from None
+        except BaseException:  # Ctrl-C while waiting: leave nothing running
+            self.stop()
+            raise
         log.info("local spot cluster up: GCS %s, dashboard %s, temp dir %s", self.address.gcs_address,
                  self.address.dashboard_url, self.temp_dir)
         return self.address
