@@ -89,7 +89,7 @@ class Observed:
     elapsed_s: float  # training seconds so far (the exposure)
     step_s: float  # median seconds per committed step
     save_cost_s: float | None  # mean seconds per completed save; None before one completed
-    failures: int  # stage losses seen
+    failures: int  # stage losses seen (drain hand-offs are not losses)
     rollbacks: int  # rollbacks seen (losses CheckFree+ could not rebuild)
 
 
@@ -126,8 +126,9 @@ def observe(history, num_stages: int) -> Observed | None:
     saves = costs.get("checkpoint_saves", 0.0)
     save_cost = costs.get("checkpoint_save_s_total", 0.0) / saves if saves else None
     rollbacks = {(f.step, f.rolled_back_to) for f in history.failures if f.rolled_back_to is not None}
+    losses = sum(f.method != "handoff" for f in history.failures)  # a drain hand-off moves a stage, nothing lost
     elapsed = history.wall_times[-1] - (history.wall_times[0] - history.step_times[0])  # from step 1's start
-    return Observed(elapsed, times[len(times) // 2], save_cost, len(history.failures), len(rollbacks))
+    return Observed(elapsed, times[len(times) // 2], save_cost, losses, len(rollbacks))
 
 
 @dataclass
