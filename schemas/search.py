@@ -60,13 +60,14 @@ class CheckpointSetSpec(StrictModel):
         default="files",
         description="'files': checkpoint files matched by `glob` (or `paths`) under `uri`. 'diffusers': the "
         "`checkpoint-N/` folders a diffusers training script saves under `uri` (weights in "
-        "`checkpoint-N/<subfolder>/diffusion_pytorch_model.safetensors`, else an accelerate "
-        "`checkpoint-N/model.safetensors`), step N from the folder name; `paths` then names folders.",
+        "`checkpoint-N/<subfolder>/diffusion_pytorch_model.safetensors`, else, for a non-EMA subfolder, an "
+        "accelerate `checkpoint-N/model.safetensors`), step N from the folder name; `paths` then names folders.",
     )
     subfolder: str = Field(
         default="unet",
         description="With format 'diffusers': the model folder inside each checkpoint ('unet', or 'unet_ema' "
-        "to combine the EMA snapshots). `ema_uri` may then name a `unet_ema` folder.",
+        "to combine the EMA snapshots; a checkpoint without that EMA folder is refused, never read from the "
+        "non-EMA model.safetensors). `ema_uri` may then name a `unet_ema` folder.",
     )
 
 

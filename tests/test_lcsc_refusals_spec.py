@@ -12,7 +12,7 @@ import yaml
 
 from lcsc_ray.run_identity import preflight
 from schemas import SpecError, parse_spec
-from schemas.search import SearchSpec
+from schemas.search import CheckpointSetSpec, SamplerSpec, SearchSpec
 from tests.lcsc_plugins import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,16 @@ def test_sampler_block_without_target_follows_the_diffusers_format():
     assert spec.sampler.nfe == 7 and spec.sampler.kwargs == {"scheduler": "Euler"}
     assert spec.model.target == DIFFUSERS_MODEL
     assert SearchSpec.model_validate(spec.model_dump()) == spec  # round-trips
+
+
+def test_sampler_spec_object_without_target_follows_the_diffusers_format():
+    """A SamplerSpec built in Python without a target gets the diffusers sampler too; an explicit one is kept."""
+    checkpoints = CheckpointSetSpec(uri="runs/ddpm", format="diffusers")
+    spec = SearchSpec(checkpoints=checkpoints, sampler=SamplerSpec(nfe=3), output={"uri": "outputs/x"})
+    assert spec.sampler.target == DIFFUSERS_SAMPLER and spec.sampler.nfe == 3
+    own = SearchSpec(checkpoints=checkpoints, sampler=SamplerSpec(target="tests.lcsc_plugins:toy_sample"),
+                     output={"uri": "outputs/x"})
+    assert own.sampler.target == "tests.lcsc_plugins:toy_sample"
 
 
 def test_files_format_sampler_block_without_target_keeps_the_mnist_default():
