@@ -59,6 +59,7 @@ class SpotEvent:
     deadline_ms: int = 0  # a drain's deadline, ms since the epoch
     listed_draining: bool = False  # a drain: the GCS listed the node as draining right after the request
     killed_pids: int = 0  # processes killed (a reclaim or a termination)
+    detail: str = ""  # why an event was SKIPPED
 
 
 def plan_spot_events(seed: int, count: int, window_s: float, notice_s: float = 20.0,
@@ -175,22 +176,28 @@ class SpotEventInjector:
         candidates = [node for node in worker_nodes(self.gcs_address) if node.node_id not in self._hit]
         return candidates[int(pick * len(candidates))] if candidates else None
 
+    def inject(self, planned: PlannedEvent) -> SpotEvent:
+        """Inject one planned event now; with no worker to hit (or one gone under it) it is recorded SKIPPED."""
+        node = self.pick_target(planned.pick)
+        if node is None:
+            return self._record(SpotEvent(SKIPPED, "", "", time.monotonic() - self._start, time.time(),
+                                          detail=f"no worker node up for a {planned.kind}"))
+        try:
+            return self.drain(node, planned.notice_s) if planned.kind == DRAIN else self.reclaim(node)
+        except SpotEventError as exc:  # e.g. the autoscaler removed the idle node a moment ago
+            return self._record(SpotEvent(SKIPPED, node.node_id, node.node_type, time.monotonic() - self._start,
+                                          time.time(), detail=str(exc)))
+
     def run(self, plan: list[PlannedEvent], stop: threading.Event | None = None) -> list[SpotEvent]:
-        """Inject `plan`'s events at their moments (counted from this call); a moment with no worker to hit is
-        recorded as SKIPPED. Returns the events recorded by this call (terminations may follow later)."""
+        """Inject `plan`'s events at their moments (counted from this call) until `stop` is set. Returns the
+        events injected (drains' terminations follow at their deadlines, in `events`)."""
         stop = stop or threading.Event()
-        began, first = time.monotonic(), len(self.events)
+        began, injected = time.monotonic(), []
         for planned in sorted(plan, key=lambda p: p.at_s):
             if stop.wait(max(0.0, began + planned.at_s - time.monotonic())):
                 break
-            node = self.pick_target(planned.pick)
-            if node is None:
-                self._record(SpotEvent(SKIPPED, "", "", time.monotonic() - self._start, time.time()))
-            elif planned.kind == DRAIN:
-                self.drain(node, planned.notice_s)
-            else:
-                self.reclaim(node)
-        return self.events[first:]
+            injected.append(self.inject(planned))
+        return injected
 
     def timeline(self) -> list[dict]:
         """The events so far as plain dicts, in the order they happened."""

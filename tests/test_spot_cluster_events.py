@@ -44,6 +44,15 @@ def test_run_records_skipped_when_no_worker_is_up(monkeypatch):
     assert [event.kind for event in events] == [SKIPPED]
 
 
+def test_event_on_a_node_already_gone_is_skipped_with_the_reason(three_workers, tmp_path):
+    """A reclaim whose raylet is not there (the autoscaler just removed it) is SKIPPED, naming the node."""
+    injector = SpotEventInjector("127.0.0.1:1", str(tmp_path))
+    event = injector.inject(PlannedEvent(0.0, RECLAIM, 0.0, 0.0))
+    assert event.kind == SKIPPED and event.node_id == WORKERS[0].node_id
+    assert "no raylet" in event.detail
+    assert injector.pick_target(0.0) == WORKERS[1]  # never tried twice
+
+
 def test_head_is_never_reclaimed_or_drained():
     """Reclaiming or draining the head is refused: only workers are spot capacity."""
     injector = SpotEventInjector("127.0.0.1:1", "/tmp/none")
