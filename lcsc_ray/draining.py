@@ -1,11 +1,13 @@
 """LCSC evaluators on draining nodes (a preemption notice) are replaced before their node goes.
 
 The pool service (`pool.PoolService`) looks at Ray's draining nodes every DRAIN_POLL_S (`rayops.draining`, one
-bounded GCS call, in a thread). Each evaluator on a draining node is replaced by a new actor over the same object
-refs (Ray places no new actor on a draining node) and, once the new one is up, the old one is killed: the candidate
-it was evaluating fails over to the pool's retry and is scored again elsewhere (`PoolService._on_evaluator`), and
-the pool never hands out the old actor again. Planned replacements do not count against
-`evaluators.max_replacements`: they are not failures.
+bounded GCS call, in a thread). Every evaluator on a draining node is marked at once (`service.draining`: the pool
+hands it no new candidate, so a candidate that lost one of them never lands on the next to go) and replaced, all in
+parallel, by a new actor over the same object refs (Ray places no new actor on a draining node). Once a new one is
+up, the old one is retired (`service.retired`) and killed: the candidate it was evaluating runs again on a new
+evaluator without spending one of its attempts (`PoolService._on_evaluator`), whichever path asked for it. Planned
+replacements do not count against `evaluators.max_replacements`: they are not failures. A replacement that does not
+come up leaves the old evaluator in service until the node goes (then the pool's healing takes over).
 """
 
 from __future__ import annotations
@@ -43,30 +45,40 @@ async def replace_draining(service: PoolService, draining: dict[str, int],
     if not draining or service.stopped:
         return []
     nodes = nodes if nodes is not None else await asyncio.to_thread(actor_nodes, list(service.actors))
-    replaced = []
-    for index, node in enumerate(nodes):
-        tries = service.drain_tries.get((index, node), 0)
-        if node not in draining or tries >= MAX_TRIES:
-            continue
-        service.drain_tries[(index, node)] = tries + 1
-        old, new = service.actors[index], service._new_actor()
-        try:
-            pid = await service._ready(new)
-        except (asyncio.TimeoutError, RayActorError) as exc:
-            log.warning("evaluator %d's node drains, and its replacement did not start (%s)", index,
-                        type(exc).__name__)
-            ray.kill(new, no_restart=True)
-            continue
-        if service.actors[index] is not old:  # healed meanwhile (the old one died first): that one stays
-            ray.kill(new, no_restart=True)
-            continue
-        service.actors[index], service.pids[index] = new, pid
-        ray.kill(old, no_restart=True)  # its candidate in flight, if any, is retried elsewhere
-        log.warning("evaluator %d's node %s drains: replaced by a new evaluator before the node goes", index,
-                    node[:12])
-        replaced.append(index)
+    doomed = [index for index, node in enumerate(nodes)
+              if node in draining and service.drain_tries.get((index, node), 0) < MAX_TRIES]
+    if not doomed:
+        return []
+    service.draining.update(doomed)  # from now on no new candidate goes to any of them
+    try:
+        done = await asyncio.gather(*(_replace_one(service, index, nodes[index]) for index in doomed))
+    finally:
+        service.draining.difference_update(doomed)  # a new evaluator, or the old one while its node lasts
+        await service._wake()
+    replaced = [index for index, ok in zip(doomed, done) if ok]
     service.drained += len(replaced)
     return replaced
+
+
+async def _replace_one(service: PoolService, index: int, node: str) -> bool:
+    """Start a new evaluator for slot `index` (on `node`, draining); once it is up, retire and kill the old one."""
+    service.drain_tries[(index, node)] = service.drain_tries.get((index, node), 0) + 1
+    old, new = service.actors[index], service._new_actor()
+    try:
+        pid = await service._ready(new)
+    except (asyncio.TimeoutError, RayActorError) as exc:
+        log.warning("evaluator %d's node drains, and its replacement did not start (%s)", index,
+                    type(exc).__name__)
+        ray.kill(new, no_restart=True)
+        return False
+    if service.actors[index] is not old or service.stopped:  # healed meanwhile (the old one died first), or closed
+        ray.kill(new, no_restart=True)
+        return False
+    service.actors[index], service.pids[index] = new, pid
+    service.retired.add(old._actor_id.hex())  # its candidate in flight, if any, runs again: a planned loss
+    ray.kill(old, no_restart=True)
+    log.warning("evaluator %d's node %s drains: replaced by a new evaluator before the node goes", index, node[:12])
+    return True
 
 
 async def watch_drains(service: PoolService, watcher: DrainWatcher | None = None) -> None:

@@ -12,8 +12,9 @@ Every evaluation of a search goes through `PoolService.evaluate`, so one set of 
 - A candidate whose evaluator hung or died is retried once elsewhere, as soon as another evaluator is free;
   the lost evaluator is healed beside it (`healing.py`: Ray's restart, else a new actor over the same refs,
   at most `evaluators.max_replacements` times, after which the pool stops naming the cause).
-- An evaluator on a draining node (a preemption notice) is replaced before the node goes, and its candidate in
-  flight retried elsewhere (`draining.py`); such planned replacements are not counted as failures.
+- An evaluator on a draining node (a preemption notice) is handed no new candidate, is replaced before the node
+  goes, and its candidate in flight is run again on a new evaluator (`draining.py`); such planned replacements
+  are not failures and cost the candidate no attempt, on every path (trials, rungs, final scores).
 - An evaluation that raises (not a lost evaluator) is deterministic: it is not retried, its record says why,
   and after `evaluators.max_failed_evaluations` of them the pool stops with that root cause.
 - A job of at least `evaluators.split_min_samples` samples is split across every evaluator: each block of
@@ -57,6 +58,7 @@ from schemas.search import SearchSpec
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, model, sampler) within this
 ATTEMPTS = 2  # a candidate whose evaluator hung or died is retried once elsewhere
+PLANNED_RETRIES = 4  # runs again of one candidate whose evaluator a drain replaced (no attempt: not a failure)
 
 
 class EvaluatorPoolError(LcscCheckfreeError):
@@ -84,6 +86,8 @@ class PoolService:
         self.in_flight: dict[Job, asyncio.Task] = {}
         self.failures: dict[Job, dict] = {}  # deterministic failures of this search, by job
         self.drained, self.drain_tries = 0, {}  # evaluators replaced off draining nodes (draining.py)
+        self.draining: set[int] = set()  # slots whose evaluator sits on a draining node: handed nothing new
+        self.retired: set[str] = set()  # actor ids a drain replaced: their candidates' losses are planned
         self.healing: set[asyncio.Task] = set()  # heals running beside the evaluations (kept until done)
 
     def _new_actor(self):
@@ -123,13 +127,14 @@ class PoolService:
 
     async def _acquire(self, avoid: dict[int, object]) -> int:
         """A free evaluator, preferring one that has not failed this candidate (`avoid`: index -> the actor
-        that failed it; a replacement at that index is a new actor and welcome)."""
+        that failed it; a replacement at that index is a new actor and welcome); never one on a draining node."""
         async with self.condition:
             while True:
                 self._check_stopped()
-                choices = [i for i in self.free if avoid.get(i) is not self.actors[i]]
+                usable = [i for i in self.free if i not in self.draining]
+                choices = [i for i in usable if avoid.get(i) is not self.actors[i]]
                 if not choices and len(avoid) >= len(self.actors):
-                    choices = list(self.free)
+                    choices = usable
                 if choices:
                     self.free.remove(choices[0])
                     return choices[0]
@@ -139,6 +144,11 @@ class PoolService:
         async with self.condition:
             if index not in self.free:
                 self.free.append(index)
+            self.condition.notify_all()
+
+    async def _wake(self) -> None:
+        """Let waiting callers look at the free list again (a draining slot got its new evaluator)."""
+        async with self.condition:
             self.condition.notify_all()
 
     async def _stop(self, cause: str) -> None:
@@ -181,29 +191,36 @@ class PoolService:
     async def _on_evaluator(self, submit, num_samples: int) -> tuple[str, object, int, int]:
         """Run `submit(actor)` on a free evaluator, retried once elsewhere when that evaluator hangs or dies.
         Returns ('done', output, index, attempt), ('error', root cause, index, attempt) when the call raised,
-        or ('lost', reasons, -1, ATTEMPTS) when both attempts lost their evaluator."""
+        or ('lost', reasons, -1, ATTEMPTS) when both attempts lost their evaluator. A loss to a drain's planned
+        replacement (`self.retired`) is no attempt: the call runs again, on the slot's new evaluator or another."""
         avoid: dict[int, object] = {}
         reasons: list[str] = []
-        for attempt in range(1, ATTEMPTS + 1):
+        attempt, planned = 1, 0
+        while attempt <= ATTEMPTS:
             index = await self._acquire(avoid)
+            actor = self.actors[index]
             timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, self.slowest_timed)
             try:
-                out = await asyncio.wait_for(submit(self.actors[index]), timeout)
+                out = await asyncio.wait_for(submit(actor), timeout)
             except asyncio.TimeoutError:
-                reasons.append(f"evaluator {index} did not finish within {timeout:.0f} s")
-                avoid[index] = self.actors[index]
-                heal_beside(self, index, f"hung for {timeout:.0f} s", hung=True)
-                continue
+                reason, cause, hung = f"did not finish within {timeout:.0f} s", f"hung for {timeout:.0f} s", True
             except RayActorError as exc:
-                reasons.append(f"evaluator {index} died ({type(exc).__name__})")
-                avoid[index] = self.actors[index]
-                heal_beside(self, index, f"died ({type(exc).__name__})", hung=False)
-                continue
+                if actor._actor_id.hex() in self.retired and planned < PLANNED_RETRIES:
+                    planned += 1
+                    await self._release(index)  # the slot already holds the new evaluator
+                    continue
+                reason = cause = f"died ({type(exc).__name__})"
+                hung = False
             except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
                 await self._release(index)
                 return "error", _root_cause(exc), index, attempt
-            await self._release(index)
-            return "done", out, index, attempt
+            else:
+                await self._release(index)
+                return "done", out, index, attempt
+            reasons.append(f"evaluator {index} {reason}")
+            avoid[index] = actor
+            heal_beside(self, index, cause, hung=hung, lost=actor)
+            attempt += 1
         return "lost", "; ".join(reasons), -1, ATTEMPTS
 
     def _split_blocks(self, job: Job) -> list[tuple[int, int]]:
