@@ -110,6 +110,12 @@ class S3Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL the server's process group, as a crash would (no response is finished), and reap it."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
     def restart(self) -> None:
         """Start the same server again on the same ports and data directory."""
         self.stop()

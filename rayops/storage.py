@@ -151,7 +151,7 @@ def _s3_call(loc: Location, action: str, fn, *args, **kwargs):
         raise _translate(exc, loc, action) from None
 
 
-def _stream_s3(loc: Location, sink, start: int = 0, length: int | None = None) -> None:
+def _stream_s3(loc: Location, sink: s3_reads.Sink, start: int = 0, length: int | None = None) -> None:
     """Stream an S3 object's bytes into `sink`, resuming a broken body (see `rayops.s3_reads`)."""
     s3_reads.stream(s3_client(attempts=1), loc, sink, _translate, start, length)
 
@@ -247,7 +247,7 @@ def download_file(uri: str, local_path: str | Path) -> None:
                     shutil.copyfileobj(source, handle)
             else:
                 _stream_s3(loc, handle.write)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600, like a plain copy would not
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cached copy is readable like any other file
         os.replace(tmp, local_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

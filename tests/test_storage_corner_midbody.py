@@ -5,7 +5,6 @@ URI."""
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -46,12 +45,6 @@ class SlowBodies:
         monkeypatch.setattr(StreamingBody, "read", slow_read)
 
 
-def kill_server(server) -> None:
-    """SIGKILL the server's process group (no chance to finish the response) and reap it."""
-    os.killpg(server.process.pid, signal.SIGKILL)
-    server.process.wait(timeout=30)
-
-
 def read_in_thread(how: str, uri: str, tmp_path: Path) -> tuple[threading.Thread, dict]:
     """Start the read (`read_bytes` or `download_file`); the returned dict gets 'data' or 'error'."""
     outcome: dict = {}
@@ -82,7 +75,7 @@ def test_read_survives_server_killed_mid_body_and_restarted(how, s3_bucket, seaw
     thread, outcome = read_in_thread(how, uri, tmp_path)
     try:
         assert slow.started.wait(timeout=60), "the read never started"
-        kill_server(seaweedfs)
+        seaweedfs.kill()
         killed_at = slow.delivered
         time.sleep(1.0)  # the first retries meet a server that is down
     finally:
@@ -107,7 +100,7 @@ def test_read_against_a_server_that_stays_down_names_the_uri(s3_bucket, seaweedf
     thread, outcome = read_in_thread("read_bytes", uri, Path("/nonexistent"))
     try:
         assert slow.started.wait(timeout=60), "the read never started"
-        kill_server(seaweedfs)
+        seaweedfs.kill()
         thread.join(timeout=120)
     finally:
         seaweedfs.restart()
