@@ -93,6 +93,8 @@ def format_table(result: SearchResult) -> str:
             c = comparisons[row.label]
             interval = f"[{c.low:+.2f}, {c.high:+.2f}]" if c.low is not None else "[no interval]"
             paired, verdict = f"{c.mean_difference:+.2f} {interval}", c.verdict
+        elif row is not result.best:  # left out by `search.compare_with_baselines`: an inf has no paired verdict
+            verdict = "not compared: a non-finite held-out FID"
         lines.append(f"{row.label:<24}{row.fid:>10.2f}{spread:>36}{paired:>30}  {verdict}".rstrip())
     if result.posthoc_ema:
         grid = ", ".join(f"{e.sigma_rel:g}: {e.fid:.2f}" for e in result.posthoc_ema)

@@ -42,7 +42,7 @@ from lcsc_ray.tuning import (
 from rayops import artifacts, storage
 from rayops.jobs import absolutize_output
 from rayops.output_lock import OutputLock
-from rayops.paired import paired_difference
+from rayops.paired import nonfinite_scores, paired_difference
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
 from schemas.search import CandidateScore, PairedComparison, PosthocEmaScore, SearchResult, SearchSpec
@@ -171,6 +171,7 @@ class SearchRun:
             records = self.pool.score([Job.of(a, n, self.spec.fid.seed) for a in current.alphas], progress)
             fids = [record["fid"] for record in records]
             current["fid"], current["num_samples"], current["rung"] = fids, n, rung
+            current["status"] = [record["status"] for record in records]  # a failed re-score is not ranked as ok
             current["phase"] = f"rung{rung}"
             rows.append(current)
         return pd.concat(rows, ignore_index=True)
@@ -335,9 +336,16 @@ def score_candidates(run: SearchRun, candidates: dict) -> dict[str, dict]:
 
 def compare_with_baselines(winner_holdout: list[float], baselines: dict[str, list[float]]) -> list[PairedComparison]:
     """The winner against each baseline on the shared held-out seeds: mean paired FID difference, its 95%
-    interval, and a verdict that claims a win only when the interval excludes 0."""
+    interval, and a verdict that claims a win only when the interval excludes 0. A baseline whose held-out FIDs,
+    or the winner's, are not all finite (a diverged or lost evaluation) is left out, with a warning that names
+    it: no verdict is drawn from an inf."""
     comparisons = []
     for label, holdout in baselines.items():
+        problem = nonfinite_scores(winner_holdout, holdout, names=("lcsc", label))
+        if problem:
+            log.warning("LCSC is not compared with %s: non-finite held-out FID (%s); the result claims no gain over "
+                        "it (score it again to compare)", label, problem)
+            continue
         diff = paired_difference(winner_holdout, holdout)
         if not diff.excludes_zero:
             verdict = "tie"
@@ -350,6 +358,14 @@ def compare_with_baselines(winner_holdout: list[float], baselines: dict[str, lis
     return comparisons
 
 
+def claims_gain(is_seed: bool, comparisons: list[PairedComparison], baseline_labels: list[str]) -> bool:
+    """A gain is claimed only when the winner is no seed and beat every baseline beyond the seed-to-seed noise: each
+    baseline compared (none left out for a non-finite FID) and each verdict a win."""
+    compared = {c.baseline for c in comparisons}
+    return (not is_seed and compared == set(baseline_labels)
+            and all(c.verdict.startswith("LCSC beat") for c in comparisons))
+
+
 def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores: dict, wall_s: float) -> SearchResult:
     """Pick the winner among the top-k by its search-seed FID; decide whether LCSC gained anything."""
     tops = [label for label in scores if label.startswith("top")]
@@ -359,8 +375,7 @@ def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores:
     is_seed = any(np.allclose(winner["alphas"], a, atol=1e-9) for a in seed_alphas)
     baseline_labels = [label for label in scores if not label.startswith("top")]
     comparisons = compare_with_baselines(winner["holdout"], {b: scores[b]["holdout"] for b in baseline_labels})
-    # a gain is claimed only when the winner beat every baseline beyond the seed-to-seed noise
-    gain = (not is_seed) and all(c.verdict.startswith("LCSC beat") for c in comparisons)
+    gain = claims_gain(is_seed, comparisons, baseline_labels)
 
     def score(label: str, entry: dict) -> CandidateScore:
         # the run's EMA and a post-hoc EMA (a combination of snapshots, see `posthoc_ema`) are no combination of

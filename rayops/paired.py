@@ -3,7 +3,8 @@
 Two models scored on the same noise seeds (LCSC's held-out seeds, CheckFree's benchmark seeds) differ far less
 from each other than each varies with the seed, so the honest question is about the per-seed differences
 d_i = a_i - b_i: their mean, and the interval mean ± t_{0.975, n-1} · sd(d) / sqrt(n). A verdict "a beat b"
-is only claimed when that interval excludes 0.
+is only claimed when that interval excludes 0. Every score must be finite: an inf (a diverged or lost evaluation)
+has no difference to average, so it is refused by name (`NonFiniteScoreError`) instead of becoming a verdict.
 """
 
 from __future__ import annotations
@@ -15,6 +16,17 @@ from dataclasses import dataclass
 from scipy import stats
 
 CONFIDENCE = 0.95
+
+
+class NonFiniteScoreError(ValueError):
+    """A paired comparison was given an inf or NaN score."""
+
+
+def nonfinite_scores(a: Sequence[float], b: Sequence[float], names: tuple[str, str] = ("a", "b")) -> str:
+    """'' when every score of `a` and `b` is finite, else which are not, e.g. "b[1] = inf" (index = seed's place)."""
+    bad = [f"{name}[{i}] = {float(v)}" for name, values in zip(names, (a, b)) for i, v in enumerate(values)
+           if not math.isfinite(float(v))]
+    return ", ".join(bad)
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     """Mean of `a[i] - b[i]` with a two-sided Student-t interval at `confidence` (pairs share seed i)."""
     if len(a) != len(b):
         raise ValueError(f"paired scores need one value per seed on both sides, got {len(a)} and {len(b)}")
+    problem = nonfinite_scores(a, b)
+    if problem:
+        raise NonFiniteScoreError(f"paired scores must be finite, got {problem}: leave that model (or seed) out of "
+                                  "the comparison, or score it again")
     diffs = [float(x) - float(y) for x, y in zip(a, b)]
     n = len(diffs)
     if n == 0:
