@@ -46,6 +46,7 @@ from rayops.s3_server import free_port
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 180.0  # a head starts in ~5 s on quiet cores; shared cores can make it 10x slower
 STOP_TIMEOUT_S = 30.0
+WORKER_PORTS = (10002, 19999)  # `ray start`'s default --min-worker-port / --max-worker-port
 AUTOSCALER_ENV = {
     "RAY_FAKE_CLUSTER": "1",  # the fake provider refuses to run without it
     "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # the autoscaler looks at demand every second (default 5)
@@ -155,6 +156,9 @@ class LocalSpotCluster:
         autoscaler has reported the head."""
         if self._process is not None:
             raise SpotClusterError(f"this cluster is already started (temp dir {self.temp_dir}); stop() it first")
+        if self.dashboard_port and WORKER_PORTS[0] <= self.dashboard_port <= WORKER_PORTS[1]:
+            raise SpotClusterError(f"dashboard port {self.dashboard_port} is in the range Ray's worker processes use "
+                                   f"({WORKER_PORTS[0]}-{WORKER_PORTS[1]}); pick one outside it, e.g. 8266")
         if self.dashboard_port and not port_is_free(self.dashboard_port):
             raise SpotClusterError(f"dashboard port {self.dashboard_port} is taken on 127.0.0.1 (another Ray?); "
                                    "pick another port or leave it out for a free one")

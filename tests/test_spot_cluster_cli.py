@@ -49,3 +49,9 @@ def test_rehearse_refuses_a_dashboard_port_in_use():
         port = taken.getsockname()[1]
         result = CliRunner().invoke(lcsc_main, ["cluster", "rehearse", "--dashboard-port", str(port)])
     assert result.exit_code == 1 and f"dashboard port {port} is taken" in result.output, result.output
+
+
+def test_rehearse_refuses_a_dashboard_port_among_ray_worker_ports():
+    """A --dashboard-port inside Ray's worker port range (10002-19999) exits 1 with the range and a fix."""
+    result = CliRunner().invoke(lcsc_main, ["cluster", "rehearse", "--dashboard-port", "18265"])
+    assert result.exit_code == 1 and "10002-19999" in result.output and "8266" in result.output, result.output
