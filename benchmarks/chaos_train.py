@@ -5,14 +5,23 @@
 - **stages**: `python -m checkfree_ray train spec.yaml` with random stage kills (`failures.probability_per_step`,
   the seed's draws; adjacent losses roll back to a checkpoint);
 - **driver**: the same command SIGKILLed once a seed-chosen checkpoint is complete, then run again (it resumes);
-- **node**: a worker node of a local 3-node cluster removed mid-run (`tests/node_loss_demo.py`, its own cluster).
+- **node**: a worker node of a local 3-node cluster removed mid-run (`tests/node_loss_demo.py`, its own cluster);
+- **backup** (two events in one step): the redundant strategy, one stage killed after its optimizer step of a
+  seed-chosen step, before its backup copy lands; the final weights must equal failure-free training's (the
+  single-process reference, `model.ReferenceTrainer`) to `EXACT_ATOL`;
+- **norm** (two events in one step): global clipping, a middle stage killed after its backward, before its
+  gradient norm; only that stage may be lost and CheckFree must rebuild it (no rollback).
+
+The two-event kinds run in this process (the stage's fault is armed at the exact call, `stage_faults.py`), with
+`train_loop` as the CLI runs it, checkpoints on.
 
 Every run must finish with every step 1..steps kept exactly once (steps discarded by a rollback are marked and
 not counted), and leave no actor alive and no placement group behind (checked on the Ray it ran on, after the
-run, with a bounded wait). Prints a table and writes `benchmarks/results/chaos_train.json`.
+run, with a bounded wait). Prints a table and writes `benchmarks/results/chaos_train.json` and `.md` (`--quick`:
+under `outputs/bench/quick/`, never over a full result).
 
-Runtime on 2 shared cores: about 1-3 minutes per run, so ~9 minutes for the default 3 seeds x 3 kinds (measured
-544 s at load 11-17); `--quick` runs one seed of each kind, ~2-4 minutes.
+Runtime on 2 shared cores: about 1-3 minutes per run, so ~9 minutes for 3 seeds x the first 3 kinds (measured
+544 s at load 11-17) plus ~1 minute per two-event run; `--quick` runs one seed of each kind.
 """
 
 from __future__ import annotations
@@ -30,22 +39,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, ROOT, local_ray, machine_info, write_json
+from benchmarks._common import QUICK_RESULTS, RESULTS, ROOT, local_ray, machine_info, write_json
 from schemas.loader import dump_spec
 from schemas.train import TrainSpec
 
 STEPS, CHECKPOINT_EVERY, KILL_PROBABILITY = 24, 4, 0.03
 RUN_TIMEOUT_S, LEAK_WAIT_S = 600.0, 60.0
+KINDS = ("stages", "driver", "node", "backup", "norm")
+# Two events in one step: (strategy, optim.clip, the stage call that dies); the kill waits REPLY_FLUSH_S first so
+# that the stage's earlier replies reach the driver (`stage_faults.arm_fault`).
+TWO_EVENT = {"backup": ("redundant", "per_stage", "get_state"), "norm": ("checkfree", "global", "grad_sq_norm")}
+TWO_EVENT_STREAM, REPLY_FLUSH_S, EXACT_ATOL = 7, 0.5, 1e-6
 
 
-def chaos_spec(output: str, seed: int, probability: float) -> TrainSpec:
-    """A d=32, 4-layer, 4-stage CheckFree run into `output`, killing each stage with `probability` per step."""
+def chaos_spec(output: str, seed: int, probability: float, strategy: str = "checkfree",
+               clip: str = "per_stage") -> TrainSpec:
+    """A d=32, 4-layer, 4-stage run into `output` (CheckFree unless `strategy`), killing each stage with
+    `probability` per step."""
     return TrainSpec.model_validate({
         "name": f"chaos-{seed}", "steps": STEPS, "eval_every": STEPS, "eval_batches": 1, "seed": seed,
         "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
         "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.2,
                      "warm_standby": False},
-        "optim": {"lr": 3e-3}, "recovery": {"strategy": "checkfree"},
+        "optim": {"lr": 3e-3, "clip": clip}, "recovery": {"strategy": strategy},
         "checkpointing": {"every": CHECKPOINT_EVERY},
         "failures": {"probability_per_step": probability, "seed": seed}, "output": {"uri": output},
     })
@@ -138,20 +154,96 @@ def run_node_loss(seed: int) -> dict:
             "leaked_actors": report["leaked_actors"], "leaked_placement_groups": report["leaked_placement_groups"]}
 
 
+def two_event_point(kind: str, seed: int) -> tuple[int, int]:
+    """(step, stage) of a two-event kind's kill, from the seed's own stream: a step in 2..STEPS-1, any stage for
+    'backup', a middle one for 'norm' (CheckFree rebuilds middle stages; an outer one rolls back by design)."""
+    import numpy as np
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, TWO_EVENT_STREAM, list(TWO_EVENT).index(kind)]))
+    stage = int(rng.integers(0, 4)) if kind == "backup" else int(rng.integers(1, 3))
+    return int(rng.integers(2, STEPS)), stage
+
+
+def _arm(step: int, stage: int, call: str):
+    """A `before_step` hook that arms `stage` before `step` to die at its next `call`."""
+    import ray
+
+    def arm(ex, at: int) -> None:
+        if at == step and not armed:
+            armed.append(at)
+            ray.get(ex.actors[stage].arm_fault.remote(call, "kill", REPLY_FLUSH_S, 0), timeout=60)
+
+    armed: list[int] = []
+    return arm
+
+
+def reference_difference(spec: TrainSpec, corpus, states: list[dict]) -> float:
+    """Largest |weight - failure-free single-process training's weight| over every stage, after STEPS steps."""
+    from checkfree_ray.model import ModelConfig, ReferenceTrainer
+    from checkfree_ray.schedule import lr_factor
+    from checkfree_ray.stage import initial_stage_state
+
+    pipe = spec.pipeline
+    reference = ReferenceTrainer(ModelConfig.from_spec(spec.model, pipe.num_stages), spec.seed, spec.optim.lr)
+    for step in range(1, STEPS + 1):
+        reference.train_step(*corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size),
+                             [list(range(pipe.num_stages))] * pipe.micro_batches, lr_factor(spec, step))
+    return max(float((state[key] - value).abs().max()) for stage, state in enumerate(states)
+               for key, value in initial_stage_state(reference.parts, stage).items())
+
+
+def run_two_event(kind: str, seed: int, work: Path) -> dict:
+    """One two-event run in this process: the seed's stage dies at the exact call, the run goes on to the end."""
+    import ray
+
+    from checkfree_ray.executor import PipelineExecutor
+    from checkfree_ray.train import train_loop
+    from schemas.errors import LcscCheckfreeError
+
+    strategy, clip, call = TWO_EVENT[kind]
+    step, stage = two_event_point(kind, seed)
+    spec = chaos_spec(str(work / f"{kind}-{seed}"), seed, 0.0, strategy, clip)
+    executor = PipelineExecutor(spec, checkpoint_uri=str(work / f"{kind}-{seed}" / "checkpoints"))
+    executor.before_step.append(_arm(step, stage, call))
+    event = {"event_step": step, "event_stage": stage, "event_call": call}
+    try:
+        executor.start()
+        train_loop(executor)
+        executor.finish_checkpoints()
+        states = executor.stage_states() if kind == "backup" else None
+    except (LcscCheckfreeError, ray.exceptions.RayError) as exc:  # the run failed: its row says why
+        return {"finished": False, "error": f"{type(exc).__name__}: {exc}"[-2000:], **event}
+    finally:
+        executor.shutdown()
+    h = executor.history
+    row = {"finished": True, **step_accounting(h.steps, h.rolled_back, STEPS), **event,
+           "failures": len(h.failures), "rollbacks": sum(f.rolled_back_to is not None for f in h.failures),
+           "lost": [[f.step, f.stage, f.method, f.phase] for f in h.failures]}
+    if states is not None:
+        row["max_abs_diff_vs_failure_free"] = reference_difference(spec, executor.corpus, states)
+    return row
+
+
 def passed(row: dict) -> bool:
-    """A run passes when it finished with every step kept once and leaked nothing."""
-    return bool(row.get("finished")) and not row["lost_steps"] and not row["counted_twice"] \
+    """A run passes when it finished with every step kept once and leaked nothing; a two-event run also lost only
+    its stage, at its step, without a rollback, and (backup) ends at failure-free training's weights."""
+    ok = bool(row.get("finished")) and not row["lost_steps"] and not row["counted_twice"] \
         and not row["extra_steps"] and row["leaked_actors"] == 0 and row["leaked_placement_groups"] == 0
+    if ok and row["kind"] in TWO_EVENT:
+        method = "redundant" if row["kind"] == "backup" else "checkfree"
+        ok = row["lost"] == [[row["event_step"], row["event_stage"], method, "optimizer"]] and row["rollbacks"] == 0
+        ok = ok and row.get("max_abs_diff_vs_failure_free", 0.0) <= EXACT_ATOL
+    return ok
 
 
-def chaos(runs: int, kinds: tuple[str, ...] = ("stages", "driver", "node")) -> list[dict]:
+def chaos(runs: int, kinds: tuple[str, ...] = KINDS) -> list[dict]:
     """Every kind of failure for seeds 0..runs-1; one row per run."""
     import ray
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="chaos-train-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        if {"stages", "driver"} & set(kinds):
+        if {"stages", "driver", *TWO_EVENT} & set(kinds):
             stack.enter_context(local_ray(num_cpus=2))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if ray.is_initialized():
@@ -161,6 +253,8 @@ def chaos(runs: int, kinds: tuple[str, ...] = ("stages", "driver", "node")) -> l
                 started = time.monotonic()
                 if kind == "node":
                     row = run_node_loss(seed)
+                elif kind in TWO_EVENT:
+                    row = {**run_two_event(kind, seed, work), **leaks()}
                 else:
                     row = (run_stage_kills if kind == "stages" else run_driver_kill)(seed, work, env)
                     row.update(leaks())
@@ -185,17 +279,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="seeds per kind of failure")
     parser.add_argument("--quick", action="store_true", help="one seed per kind of failure (--runs 1)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     args = parser.parse_args()
     if args.quick:
         args.runs = 1
-    rows = chaos(args.runs)
-    summary = {kind: f"{sum(r['passed'] for r in rows if r['kind'] == kind)}/{args.runs}"
-               for kind in ("stages", "driver", "node")}
+    kinds = tuple(kind for kind in args.kinds.split(",") if kind)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        parser.error(f"--kinds: unknown {unknown}; choose from {', '.join(KINDS)}")
+    started = time.monotonic()
+    rows = chaos(args.runs, kinds)
+    summary = {kind: f"{sum(r['passed'] for r in rows if r['kind'] == kind)}/{args.runs}" for kind in kinds}
     print("passed:", summary)
-    write_json(RESULTS / "chaos_train.json", {
-        "benchmark": "chaos_train", "runs_per_kind": args.runs, "steps": STEPS,
-        "kill_probability_per_stage_step": KILL_PROBABILITY, "checkpoint_every": CHECKPOINT_EVERY,
-        "passed": summary, "rows": rows, "machine": machine_info()})
+    payload = {"benchmark": "chaos_train", "quick": args.quick, "runs_per_kind": args.runs, "steps": STEPS,
+               "kill_probability_per_stage_step": KILL_PROBABILITY, "checkpoint_every": CHECKPOINT_EVERY,
+               "exact_atol": EXACT_ATOL, "wall_s": round(time.monotonic() - started, 1), "passed": summary,
+               "rows": rows, "machine": machine_info()}
+    folder = QUICK_RESULTS if args.quick else RESULTS
+    write_json(folder / "chaos_train.json", payload)
+    write_markdown(folder / "chaos_train.md", payload)
+
+
+def write_markdown(path: Path, payload: dict) -> None:
+    """The table of `payload`'s rows as Markdown, generated from the measured values (atomic)."""
+    machine = payload["machine"]
+    summary = (f"{payload['steps']} steps, checkpoint every {payload['checkpoint_every']}; passed {payload['passed']} "
+               f"in {payload['wall_s']:.0f} s on {machine['cores']} cores (load {machine['load_average'][0]:.1f}).")
+    header = ("| kind | seed | passed | failures | rollbacks | kept steps | lost | twice | event (step, stage, call) "
+              "| max abs diff vs failure-free | leaked actors/pgs | wall s |")
+    title = f"# chaos_train ({'quick: ' if payload['quick'] else ''}{payload['runs_per_kind']} seed(s) per kind)"
+    lines = [title, "", summary, "", header, "|---" * 12 + "|"]
+    for r in payload["rows"]:
+        event = f"{r['event_step']}, {r['event_stage']}, {r['event_call']}" if "event_step" in r else "-"
+        diff = f"{r['max_abs_diff_vs_failure_free']:.1e}" if "max_abs_diff_vs_failure_free" in r else "-"
+        lines.append(f"| {r['kind']} | {r['seed']} | {'yes' if r['passed'] else 'NO'} | {r.get('failures', '-')} | "
+                     f"{r.get('rollbacks', '-')} | {r.get('kept_steps', '-')} | {r.get('lost_steps', '-')} | "
+                     f"{r.get('counted_twice', '-')} | {event} | {diff} | {r.get('leaked_actors', '-')}/"
+                     f"{r.get('leaked_placement_groups', '-')} | {r['wall_s']:.0f} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -195,8 +195,10 @@ def recover_until_stable(ex: PipelineExecutor, step: int, lost: StageLost) -> in
             phases = {s: lost.phases.get(s, "recovery") for s in stages}
             reasons = {**lost.reasons, **{s: "timeout" for s in silent if s not in lost.stages}}
             relost = [(s, "timeout" if s in silent else "died") for s in more if s in lost.stages]
+            keeps = lost.keeps_step
             lost = StageLost(stages, phases, norms=lost.norms, loss=lost.loss, detected_at=lost.detected_at,
                              reasons=reasons, relost=[*lost.relost, *relost])
+            lost.keeps_step = keeps  # the executor commits the step after the recovery when it kept it
     raise RecoveryError(
         f"step {step}: stages kept dying while stage(s) {lost.stages} were being recovered; check the "
         "cluster's health or raise `recovery.max_step_retries`"
