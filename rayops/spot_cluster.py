@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -99,7 +100,8 @@ def processes_of(marker: str, table: dict[int, tuple[int, str]] | None = None) -
     """Pids whose command line contains `marker` (a cluster's temp dir), and all their descendants; never this
     process or its ancestors (a shell or script that names the temp dir in its own command line)."""
     table = proc_table() if table is None else table
-    found = {pid for pid, (_, cmdline) in table.items() if marker in cmdline} - _self_and_ancestors(table)
+    whole = re.compile(re.escape(marker) + r"(?=[/\s]|$)")  # /tmp/rspotAB must not match /tmp/rspotABC
+    found = {pid for pid, (_, cmdline) in table.items() if whole.search(cmdline)} - _self_and_ancestors(table)
     grew = True
     while grew:
         children = {pid for pid, (ppid, _) in table.items() if ppid in found} - found

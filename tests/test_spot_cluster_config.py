@@ -127,12 +127,12 @@ def test_spot_event_plan_rejects_bad_values(kwargs):
 
 
 def test_processes_of_finds_marked_processes_and_their_children_only(tmp_path: Path):
-    """A process naming the marker and its child are found; an unrelated process and this test are not."""
+    """A process naming the marker and its child are found; one naming a longer path, and this test, are not."""
     marker = str(tmp_path / "marker-dir")
     program = ("import subprocess, sys, time; "
                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", program, marker])
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker + "-other"])
     found: set[int] = set()
     try:
         deadline = time.monotonic() + 30
