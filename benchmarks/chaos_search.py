@@ -1,4 +1,4 @@
-"""LCSC search under chaos: evaluators, Tune trial actors and the driver killed at seeded moments.
+"""LCSC search under chaos: evaluators, Tune trial actors and the driver killed, a node drained, at seeded moments.
 
 Each run is a small seeded search (5 tiny checkpoints, 64-sample FIDs, `--budget` evaluations) started as
 `python -m lcsc_ray search spec.json` in its own process with its own local Ray. While it runs, the harness
@@ -6,7 +6,10 @@ kills, when the search has recorded a seeded number of evaluations:
 - an evaluator actor's process (`ray::Evaluator`, preferably mid-evaluation),
 - a Tune trial actor's process (`ray::ImplicitFunc`, preferably while its trial waits on the pool),
 - the driver itself (SIGKILL of the `python -m lcsc_ray search` process alone); the search is then run again
-  and must resume.
+  and must resume;
+- a preemption notice (`ray drain-node`) for the node that holds both evaluators while each has a candidate in
+  flight, the node killed at the notice's deadline (`chaos_search_drain.py`: chaos runs use a local multi-node
+  Ray for this; twins run on a local Ray).
 Every process the search starts inherits a marker variable, so the harness finds the Ray workers of that
 search (and nothing else) in /proc. Each chaos run is compared with its uninterrupted twin (same spec, same
 seed, no kills). A run passes when it ends with exactly `budget` evaluations, each recorded once (one proposal
@@ -15,8 +18,9 @@ leaked process (nothing carrying the marker outlives a driver, killed or finishe
 
     .venv/bin/python benchmarks/chaos_search.py [--quick] [--runs N] [--budget B]
 
-Runtime: each run is a chaos search and its uninterrupted twin; the recorded 4-run result took about 16 minutes
-at load average 18-27 on 2 cores (3.5-5 minutes a run); --quick (1 run, budget 10) is one such run.
+Runtime: each run is a chaos search (with its cluster) and its uninterrupted twin; 4 runs without the drain event
+took about 16 minutes at load average 18-27 on 2 cores (3.5-5 minutes a run); --quick (1 run, budget 10) is one
+such run.
 
 It prints a table and writes benchmarks/results/chaos_search.json (--quick: outputs/bench/quick/).
 """
@@ -41,9 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _common
+from chaos_search_drain import DrainCluster, drain_cluster
 
 MARK = "LCSC_CHAOS_RUN"  # every process of one driver (its Ray included) carries MARK=<run tag>
-KINDS = ("evaluator", "trial", "driver")
+KINDS = ("evaluator", "trial", "driver", "drain")
 TITLES = {"evaluator": "ray::Evaluator", "trial": "ray::ImplicitFunc"}
 DRIVER_TIMEOUT_S = 900.0  # one driver run, from start to exit
 # How long a finished or killed driver's processes may take to exit. After a SIGKILL of the driver, Ray's
@@ -81,7 +86,7 @@ def chaos_spec(workdir: Path, seed: int, optimizer: str, budget: int) -> dict:
 
 
 def kill_plan(seed: int, budget: int) -> list[tuple[str, int]]:
-    """One kill of each kind at a seeded, distinct number of recorded evaluations in [2, budget - 2],
+    """One event of each kind at a seeded, distinct number of recorded evaluations in [2, budget - 2],
     in the order they fire."""
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     moments = rng.choice(np.arange(2, budget - 1), size=len(KINDS), replace=False)
@@ -143,6 +148,12 @@ def pick_target(tag: str, kind: str, driver_pid: int, since: float) -> int | Non
     return None
 
 
+def busy_evaluators(tag: str) -> int:
+    """Evaluator processes of the run that are inside a call (their title names the method)."""
+    return sum(1 for title in marked_processes(tag).values()
+               if title.startswith(TITLES["evaluator"]) and "." in title.split()[0].removeprefix("ray::"))
+
+
 def recorded(out: Path) -> int:
     """Evaluations the search has recorded so far."""
     return len(list((out / "state" / "evaluations").glob("*.json")))
@@ -169,17 +180,27 @@ class DriverRun:
         return self.watch.result()[1]
 
 
-def run_driver(spec_path: Path, tag: str, plan: list[tuple[str, int]], out: Path, log_path: Path) -> DriverRun:
-    """Run `python -m lcsc_ray search spec` once; fire the planned kills whose moment has come (removing them
-    from `plan`); stop at a driver kill. Waits for every process of the driver to exit, bounded."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), MARK: tag, "OMP_NUM_THREADS": "1"}
+def run_driver(spec_path: Path, tag: str, plan: list[tuple[str, int]], out: Path, log_path: Path,
+               cluster: DrainCluster | None = None) -> DriverRun:
+    """Run `python -m lcsc_ray search spec` once (on `cluster` when given); fire the planned events whose moment
+    has come (removing them from `plan`); stop at a driver kill. Waits for every process of the driver to exit,
+    bounded."""
+    env = {**os.environ, **(cluster.driver_env(MARK, tag) if cluster else {}), "PYTHONPATH": str(ROOT), MARK: tag,
+           "OMP_NUM_THREADS": "1"}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "lcsc_ray", "search", str(spec_path)], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     run = DriverRun(returncode=0)
     deadline, due_since = time.monotonic() + DRIVER_TIMEOUT_S, None
     while proc.poll() is None and time.monotonic() < deadline:
-        if plan and recorded(out) >= plan[0][1]:
+        if cluster is not None and cluster.reclaim_due():
+            run.kills.append({"kind": "reclaim", "moment": -1, "at_recorded": recorded(out), "title": "node A"})
+        notice = cluster.drain_if_ready(lambda: busy_evaluators(tag)) if cluster is not None else None
+        if notice is not None:
+            run.kills.append({"kind": "drain", "at_recorded": recorded(out), **notice})
+        if plan and plan[0][0] == "drain" and recorded(out) >= plan[0][1]:
+            cluster.arm(plan.pop(0)[1])  # fires once both evaluators are busy; the other events go on meanwhile
+        elif plan and recorded(out) >= plan[0][1]:
             due_since = due_since or time.monotonic()
             kind, moment = plan[0]
             pid = pick_target(tag, kind, proc.pid, due_since)
@@ -201,14 +222,15 @@ def run_driver(spec_path: Path, tag: str, plan: list[tuple[str, int]], out: Path
     return run
 
 
-def search_until_done(workdir: Path, spec: dict, tag: str, plan: list[tuple[str, int]]) -> tuple[list[DriverRun], float]:
+def search_until_done(workdir: Path, spec: dict, tag: str, plan: list[tuple[str, int]],
+                      cluster: DrainCluster | None = None) -> tuple[list[DriverRun], float]:
     """Run the driver, and again after each driver kill, until it exits by itself (at most 1 + kills times)."""
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
     out = Path(spec["output"]["uri"])
     started, drivers = time.monotonic(), []
     for attempt in range(1 + len(plan)):
-        run = run_driver(spec_path, f"{tag}-{attempt}", plan, out, workdir / "driver.log")
+        run = run_driver(spec_path, f"{tag}-{attempt}", plan, out, workdir / "driver.log", cluster)
         drivers.append(run)
         if not (run.kills and run.kills[-1]["kind"] == "driver"):
             break
@@ -262,18 +284,23 @@ def sampler_calls(workdir: Path) -> int:
 
 # ----------------------------------------------------------------------------------------- one run
 def chaos_run(index: int, seed: int, optimizer: str, budget: int, base: Path) -> dict:
-    """The twin (no kills), then the same search with one kill of each kind; their comparison."""
+    """The twin (no kills), then the same search with one event of each kind (on its own cluster, for the drain);
+    their comparison."""
     row: dict = {"run": index, "seed": seed, "optimizer": optimizer}
     twin_dir, chaos_dir = base / f"run{index}-twin", base / f"run{index}-chaos"
     twin_drivers, twin_s = search_until_done(twin_dir, chaos_spec(twin_dir, seed, optimizer, budget),
                                              f"r{index}-twin-{os.getpid()}", [])
     plan = kill_plan(seed, budget)
     row["plan"] = [list(step) for step in plan]
-    drivers, wall_s = search_until_done(chaos_dir, chaos_spec(chaos_dir, seed, optimizer, budget),
-                                        f"r{index}-chaos-{os.getpid()}", plan)
+    with drain_cluster(base / f"run{index}-cluster") as cluster:
+        drivers, wall_s = search_until_done(chaos_dir, chaos_spec(chaos_dir, seed, optimizer, budget),
+                                            f"r{index}-chaos-{os.getpid()}", plan, cluster)
+        if cluster.armed is not None:  # the search ended before both evaluators were busy at once
+            plan.append(("drain", cluster.armed[0]))
     kills = [kill for driver in drivers for kill in driver.kills]
     row["kills"] = kills
-    row["kills_by_kind"] = {kind: sum(k["kind"] == kind for k in kills) for kind in (*KINDS, "timeout")}
+    row["kills_by_kind"] = {kind: sum(k["kind"] == kind for k in kills) for kind in (*KINDS, "reclaim", "timeout")}
+    row["drain"] = next((k for k in kills if k["kind"] == "drain"), None)
     row["not_fired"] = [list(step) for step in plan]
     row["driver_runs"] = len(drivers)
     row["leaked"] = sum(len(d.leaked) for d in drivers + twin_drivers)
@@ -294,16 +321,33 @@ def chaos_run(index: int, seed: int, optimizer: str, budget: int, base: Path) ->
 
 
 def format_table(rows: list[dict]) -> str:
-    """run | kills (evaluator/trial/driver) | evaluations | same winner | leaks | wall (chaos / twin)."""
-    lines = [(f"{'run':>3} {'opt':<6} {'kills e/t/d':>11} {'evals':>5} {'once':>5} {'same trials':>11} "
+    """run | events (evaluator/trial/driver/drain) | evaluations | same winner | leaks | wall (chaos / twin)."""
+    lines = [(f"{'run':>3} {'opt':<6} {'events e/t/d/n':>14} {'evals':>5} {'once':>5} {'same trials':>11} "
              f"{'same winner':>11} {'leaks':>5} {'wall s':>7} {'twin s':>7}  passed")]
     for row in rows:
         k = row["kills_by_kind"]
-        lines.append(f"{row['run']:>3} {row['optimizer']:<6} {k['evaluator']:>3}/{k['trial']}/{k['driver']:<5} "
+        events = f"{k['evaluator']}/{k['trial']}/{k['driver']}/{k['drain']}"
+        lines.append(f"{row['run']:>3} {row['optimizer']:<6} {events:>14} "
                      f"{row.get('evaluations') or '-':>5} {row.get('recorded_once', False)!s:>5} "
                      f"{row.get('same_trials', False)!s:>11} {row.get('same_winner', False)!s:>11} "
                      f"{row['leaked']:>5} {row['wall_s']:>7.1f} {row['twin_wall_s']:>7.1f}  {row['passed']}")
     return "\n".join(lines)
+
+
+def write_note(path: Path, payload: dict, quick: bool) -> None:
+    """The results note: the table, each run's events as they fired, the machine."""
+    rows, machine = payload["runs"], payload["machine"]
+    events = [f"run {row['run']} (seed {row['seed']}): " + ", ".join(
+        f"{k['kind']} at {k['at_recorded']} recorded" + (f" ({k['busy_at_notice']} evaluators busy at the notice)"
+                                                         if k["kind"] == "drain" else "")
+        for k in row["kills"]) + f"; passed: {row['passed']}" for row in rows]
+    _common.write_markdown(path, "LCSC search under chaos" + (" (--quick)" if quick else ""), [
+        ("Result", (f"{payload['passed']} of {len(rows)} runs passed at budget {payload['budget']} (a pass: the "
+                    "twin's trials and winner, every evaluation recorded once, no leaked process)")),
+        ("Runs", "```\n" + format_table(rows) + "\n```"),
+        ("Events as they fired", events),
+        ("Machine", f"`{json.dumps(machine, sort_keys=True)}`"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"machine": _common.machine_info(evaluator_actors=2, torch_threads_per_evaluator=1),
                "budget": args.budget, "runs": rows, "passed": sum(row["passed"] for row in rows)}
     _common.write_json(Path(args.out), payload)
-    print(f"{payload['passed']} of {len(rows)} runs passed; wrote {args.out}")
+    write_note(Path(args.out).with_suffix(".md"), payload, quick=args.quick)
+    print(f"{payload['passed']} of {len(rows)} runs passed; wrote {args.out} and its .md")
     return 0 if payload["passed"] == len(rows) else 1
 
 
