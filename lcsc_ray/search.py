@@ -211,7 +211,8 @@ def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[
                         posthoc: dict[str, list[float]] | None = None) -> dict:
     """label -> alphas (None = the run's EMA): top-k of the search, last, best sparse EMA, uniform, run EMA,
     and `posthoc` (the best post-hoc EMA: zero on the checkpoints, then its snapshot weights)."""
-    top_rung = trials[(trials.status == "ok") & (trials.rung == trials.rung.max())]
+    ok = trials[trials.status == "ok"]
+    top_rung = ok[ok.rung == ok.rung.max()]  # the highest rung with a scored row (a failed re-score is no pick)
     top = top_rung.nsmallest(rescore_count(run.spec, top_rung), "fid")
     candidates = {f"top{i + 1}": list(a) for i, a in enumerate(top.alphas)}
     seed_rows = trials[(trials.phase == "seeds") & (trials.status == "ok")]
