@@ -86,5 +86,9 @@ async def watch_drains(service: PoolService, watcher: DrainWatcher | None = None
     watcher = watcher or DrainWatcher(poll_every_s=DRAIN_POLL_S)
     while not service.stopped:
         draining = await asyncio.to_thread(watcher.poll)
-        await replace_draining(service, draining)
+        try:
+            await replace_draining(service, draining)
+        except Exception as exc:  # noqa: BLE001 - named, and the next look tries again (a dead watch helps no one)
+            log.error("replacing the evaluators on draining nodes %s failed (%s: %s); looking again in %.1f s",
+                      sorted(n[:12] for n in draining), type(exc).__name__, exc, watcher.poll_every_s)
         await asyncio.sleep(watcher.poll_every_s)

@@ -85,3 +85,27 @@ def test_a_heal_that_keeps_raising_stops_the_pool_naming_the_error(ray_local, tm
             pool.score(jobs(2, seed=3))
     finally:
         pool.close()
+
+
+def test_the_drain_watch_outlives_an_unexpected_error_in_a_replacement(monkeypatch, caplog):
+    """A look whose replacement raises is logged by name and the watch goes on to the next look (no Ray: the
+    service and the node source are stand-ins)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lcsc_ray import draining
+    from rayops.draining import DrainWatcher
+
+    watcher = DrainWatcher(source=lambda: {"doomed-node": 0}, poll_every_s=0.01)
+    service = SimpleNamespace(stopped=False)
+    looks = []
+
+    async def replacer(svc, nodes):
+        looks.append(dict(nodes))
+        if len(looks) == 1:
+            raise KeyError("slot 7")
+        svc.stopped = True
+
+    monkeypatch.setattr(draining, "replace_draining", replacer)
+    asyncio.run(asyncio.wait_for(draining.watch_drains(service, watcher), timeout=10))
+    assert len(looks) == 2 and "KeyError: 'slot 7'" in caplog.text
