@@ -74,11 +74,17 @@ def chaos_spec(workdir: Path, seed: int, optimizer: str, budget: int) -> dict:
         "seed": seed,
         "checkpoints": {"uri": str(workdir / "ckpts")},
         "model": {"target": "tests.lcsc_plugins:build_tiny"},
-        "sampler": {"target": "tests.lcsc_search_plugins:counting_sample", "nfe": 2,
-                    "kwargs": {"log_dir": str(workdir / "calls"), "seconds": SAMPLE_S}},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
-                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
-                "num_samples": 64, "holdout_seeds": [11, 12]},
+        "sampler": {
+            "target": "tests.lcsc_search_plugins:counting_sample",
+            "nfe": 2,
+            "kwargs": {"log_dir": str(workdir / "calls"), "seconds": SAMPLE_S},
+        },
+        "fid": {
+            "features": {"target": "tests.lcsc_plugins:tiny_features"},
+            "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
+            "num_samples": 64,
+            "holdout_seeds": [11, 12],
+        },
         "evaluators": {"num_actors": 2, "batch_size": 64, "num_cpus": 0.5},
         "search": {"budget": budget, "optimizer": optimizer, "ema_decays": [0.5, 0.8]},
         "output": {"uri": str(workdir / "out")},
@@ -139,7 +145,9 @@ def pick_target(tag: str, kind: str, driver_pid: int, since: float) -> int | Non
     method it runs), or after BUSY_WAIT_S an idle one; None when there is none yet."""
     if kind == "driver":
         return driver_pid
-    processes = [(pid, title) for pid, title in marked_processes(tag).items() if title.startswith(TITLES[kind])]
+    processes = [
+        (pid, title) for pid, title in marked_processes(tag).items() if title.startswith(TITLES[kind])
+    ]
     busy = [pid for pid, title in processes if "." in title.split()[0].removeprefix("ray::")]
     if busy:
         return min(busy)
@@ -150,8 +158,11 @@ def pick_target(tag: str, kind: str, driver_pid: int, since: float) -> int | Non
 
 def busy_evaluators(tag: str) -> int:
     """Evaluator processes of the run that are inside a call (their title names the method)."""
-    return sum(1 for title in marked_processes(tag).values()
-               if title.startswith(TITLES["evaluator"]) and "." in title.split()[0].removeprefix("ray::"))
+    return sum(
+        1
+        for title in marked_processes(tag).values()
+        if title.startswith(TITLES["evaluator"]) and "." in title.split()[0].removeprefix("ray::")
+    )
 
 
 def recorded(out: Path) -> int:
@@ -180,26 +191,47 @@ class DriverRun:
         return self.watch.result()[1]
 
 
-def run_driver(spec_path: Path, tag: str, plan: list[tuple[str, int]], out: Path, log_path: Path,
-               cluster: DrainCluster | None = None) -> DriverRun:
+def run_driver(
+    spec_path: Path,
+    tag: str,
+    plan: list[tuple[str, int]],
+    out: Path,
+    log_path: Path,
+    cluster: DrainCluster | None = None,
+) -> DriverRun:
     """Run `python -m lcsc_ray search spec` once (on `cluster` when given); fire the planned events whose moment
     has come (removing them from `plan`); stop at a driver kill. Waits for every process of the driver to exit,
     bounded."""
-    env = {**os.environ, **(cluster.driver_env(MARK, tag) if cluster else {}), "PYTHONPATH": str(ROOT), MARK: tag,
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        **(cluster.driver_env(MARK, tag) if cluster else {}),
+        "PYTHONPATH": str(ROOT),
+        MARK: tag,
+        "OMP_NUM_THREADS": "1",
+    }
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lcsc_ray", "search", str(spec_path)], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lcsc_ray", "search", str(spec_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     run = DriverRun(returncode=0)
     deadline, due_since = time.monotonic() + DRIVER_TIMEOUT_S, None
     while proc.poll() is None and time.monotonic() < deadline:
         if cluster is not None and cluster.reclaim_due():
-            run.kills.append({"kind": "reclaim", "moment": -1, "at_recorded": recorded(out), "title": "node A"})
+            run.kills.append(
+                {"kind": "reclaim", "moment": -1, "at_recorded": recorded(out), "title": "node A"}
+            )
         notice = cluster.drain_if_ready(lambda: busy_evaluators(tag)) if cluster is not None else None
         if notice is not None:
             run.kills.append({"kind": "drain", "at_recorded": recorded(out), **notice})
         if plan and plan[0][0] == "drain" and recorded(out) >= plan[0][1]:
-            cluster.arm(plan.pop(0)[1])  # fires once both evaluators are busy; the other events go on meanwhile
+            cluster.arm(
+                plan.pop(0)[1]
+            )  # fires once both evaluators are busy; the other events go on meanwhile
         elif plan and recorded(out) >= plan[0][1]:
             due_since = due_since or time.monotonic()
             kind, moment = plan[0]
@@ -207,7 +239,9 @@ def run_driver(spec_path: Path, tag: str, plan: list[tuple[str, int]], out: Path
             if pid is not None:
                 title = marked_processes(tag).get(pid, "?")
                 os.kill(pid, signal.SIGKILL)
-                run.kills.append({"kind": kind, "moment": moment, "at_recorded": recorded(out), "title": title})
+                run.kills.append(
+                    {"kind": kind, "moment": moment, "at_recorded": recorded(out), "title": title}
+                )
                 plan.pop(0)
                 due_since = None
                 if kind == "driver":
@@ -222,8 +256,9 @@ def run_driver(spec_path: Path, tag: str, plan: list[tuple[str, int]], out: Path
     return run
 
 
-def search_until_done(workdir: Path, spec: dict, tag: str, plan: list[tuple[str, int]],
-                      cluster: DrainCluster | None = None) -> tuple[list[DriverRun], float]:
+def search_until_done(
+    workdir: Path, spec: dict, tag: str, plan: list[tuple[str, int]], cluster: DrainCluster | None = None
+) -> tuple[list[DriverRun], float]:
     """Run the driver, and again after each driver kill, until it exits by itself (at most 1 + kills times)."""
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -242,8 +277,15 @@ def search_rows(out: Path) -> pd.DataFrame:
     """The search's evaluations (rung 0) as comparable rows: phase, label, status, FID, coefficients."""
     trials = pd.read_parquet(out / "trials.parquet")
     rows = trials[trials.rung == 0]
-    return pd.DataFrame({"phase": rows.phase, "label": rows.label, "status": rows.status, "fid": rows.fid.round(9),
-                         "coefficients": [tuple(np.round(c, 9)) for c in rows.coefficients]}).reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "phase": rows.phase,
+            "label": rows.label,
+            "status": rows.status,
+            "fid": rows.fid.round(9),
+            "coefficients": [tuple(np.round(c, 9)) for c in rows.coefficients],
+        }
+    ).reset_index(drop=True)
 
 
 def winner(out: Path) -> list[float]:
@@ -264,8 +306,13 @@ def recorded_once(out: Path, rows: pd.DataFrame, num_seeds: int) -> bool:
 def check_run(out: Path, twin: Path, budget: int, num_seeds: int, drivers: list[DriverRun]) -> dict:
     """The pass criteria of one chaos run against its twin."""
     if drivers[-1].returncode != 0 or not (out / "result.json").exists():
-        return {"evaluations": None, "recorded_once": False, "same_trials": False, "same_winner": False,
-                "error": drivers[-1].log_tail[-600:]}
+        return {
+            "evaluations": None,
+            "recorded_once": False,
+            "same_trials": False,
+            "same_winner": False,
+            "error": drivers[-1].log_tail[-600:],
+        }
     rows, twin_rows = search_rows(out), search_rows(twin)
     return {
         "evaluations": len(rows),
@@ -288,18 +335,26 @@ def chaos_run(index: int, seed: int, optimizer: str, budget: int, base: Path) ->
     their comparison."""
     row: dict = {"run": index, "seed": seed, "optimizer": optimizer}
     twin_dir, chaos_dir = base / f"run{index}-twin", base / f"run{index}-chaos"
-    twin_drivers, twin_s = search_until_done(twin_dir, chaos_spec(twin_dir, seed, optimizer, budget),
-                                             f"r{index}-twin-{os.getpid()}", [])
+    twin_drivers, twin_s = search_until_done(
+        twin_dir, chaos_spec(twin_dir, seed, optimizer, budget), f"r{index}-twin-{os.getpid()}", []
+    )
     plan = kill_plan(seed, budget)
     row["plan"] = [list(step) for step in plan]
     with drain_cluster(base / f"run{index}-cluster") as cluster:
-        drivers, wall_s = search_until_done(chaos_dir, chaos_spec(chaos_dir, seed, optimizer, budget),
-                                            f"r{index}-chaos-{os.getpid()}", plan, cluster)
+        drivers, wall_s = search_until_done(
+            chaos_dir,
+            chaos_spec(chaos_dir, seed, optimizer, budget),
+            f"r{index}-chaos-{os.getpid()}",
+            plan,
+            cluster,
+        )
         if cluster.armed is not None:  # the search ended before both evaluators were busy at once
             plan.append(("drain", cluster.armed[0]))
     kills = [kill for driver in drivers for kill in driver.kills]
     row["kills"] = kills
-    row["kills_by_kind"] = {kind: sum(k["kind"] == kind for k in kills) for kind in (*KINDS, "reclaim", "timeout")}
+    row["kills_by_kind"] = {
+        kind: sum(k["kind"] == kind for k in kills) for kind in (*KINDS, "reclaim", "timeout")
+    }
     row["drain"] = next((k for k in kills if k["kind"] == "drain"), None)
     row["not_fired"] = [list(step) for step in plan]
     row["driver_runs"] = len(drivers)
@@ -310,55 +365,88 @@ def chaos_run(index: int, seed: int, optimizer: str, budget: int, base: Path) ->
     row["twin_sampler_calls"] = sampler_calls(twin_dir)
     row["wall_s"], row["twin_wall_s"] = wall_s, twin_s
     if twin_drivers[-1].returncode != 0:
-        row.update(evaluations=None, same_winner=False, error="twin failed: " + twin_drivers[-1].log_tail[-600:])
+        row.update(
+            evaluations=None, same_winner=False, error="twin failed: " + twin_drivers[-1].log_tail[-600:]
+        )
     else:
         num_seeds = len(chaos_spec(twin_dir, seed, optimizer, budget)["search"]["ema_decays"]) + 2
         row.update(check_run(chaos_dir / "out", twin_dir / "out", budget, num_seeds, drivers))
-    row["passed"] = bool(row.get("same_winner") and row.get("same_trials") and row.get("recorded_once")
-                         and row.get("all_ok") and row["leaked"] == 0 and not row["not_fired"]
-                         and row["kills_by_kind"]["timeout"] == 0)
+    row["passed"] = bool(
+        row.get("same_winner")
+        and row.get("same_trials")
+        and row.get("recorded_once")
+        and row.get("all_ok")
+        and row["leaked"] == 0
+        and not row["not_fired"]
+        and row["kills_by_kind"]["timeout"] == 0
+    )
     return row
 
 
 def format_table(rows: list[dict]) -> str:
     """run | events (evaluator/trial/driver/drain) | evaluations | same winner | leaks | wall (chaos / twin)."""
-    lines = [(f"{'run':>3} {'opt':<6} {'events e/t/d/n':>14} {'evals':>5} {'once':>5} {'same trials':>11} "
-             f"{'same winner':>11} {'leaks':>5} {'wall s':>7} {'twin s':>7}  passed")]
+    lines = [
+        (
+            f"{'run':>3} {'opt':<6} {'events e/t/d/n':>14} {'evals':>5} {'once':>5} {'same trials':>11} "
+            f"{'same winner':>11} {'leaks':>5} {'wall s':>7} {'twin s':>7}  passed"
+        )
+    ]
     for row in rows:
         k = row["kills_by_kind"]
         events = f"{k['evaluator']}/{k['trial']}/{k['driver']}/{k['drain']}"
-        lines.append(f"{row['run']:>3} {row['optimizer']:<6} {events:>14} "
-                     f"{row.get('evaluations') or '-':>5} {row.get('recorded_once', False)!s:>5} "
-                     f"{row.get('same_trials', False)!s:>11} {row.get('same_winner', False)!s:>11} "
-                     f"{row['leaked']:>5} {row['wall_s']:>7.1f} {row['twin_wall_s']:>7.1f}  {row['passed']}")
+        lines.append(
+            f"{row['run']:>3} {row['optimizer']:<6} {events:>14} "
+            f"{row.get('evaluations') or '-':>5} {row.get('recorded_once', False)!s:>5} "
+            f"{row.get('same_trials', False)!s:>11} {row.get('same_winner', False)!s:>11} "
+            f"{row['leaked']:>5} {row['wall_s']:>7.1f} {row['twin_wall_s']:>7.1f}  {row['passed']}"
+        )
     return "\n".join(lines)
 
 
 def write_note(path: Path, payload: dict, quick: bool) -> None:
     """The results note: the table, each run's events as they fired, the machine."""
     rows, machine = payload["runs"], payload["machine"]
-    events = [f"run {row['run']} (seed {row['seed']}): " + ", ".join(
-        f"{k['kind']} at {k['at_recorded']} recorded" + (f" ({k['busy_at_notice']} evaluators busy at the notice)"
-                                                         if k["kind"] == "drain" else "")
-        for k in row["kills"]) + f"; passed: {row['passed']}" for row in rows]
-    _common.write_markdown(path, "LCSC search under chaos" + (" (--quick)" if quick else ""), [
-        ("Result", (f"{payload['passed']} of {len(rows)} runs passed at budget {payload['budget']} (a pass: the "
-                    "twin's trials and winner, every evaluation recorded once, no leaked process)")),
-        ("Runs", "```\n" + format_table(rows) + "\n```"),
-        ("Events as they fired", events),
-        ("Machine", f"`{json.dumps(machine, sort_keys=True)}`"),
-    ])
+    events = [
+        f"run {row['run']} (seed {row['seed']}): "
+        + ", ".join(
+            f"{k['kind']} at {k['at_recorded']} recorded"
+            + (f" ({k['busy_at_notice']} evaluators busy at the notice)" if k["kind"] == "drain" else "")
+            for k in row["kills"]
+        )
+        + f"; passed: {row['passed']}"
+        for row in rows
+    ]
+    _common.write_markdown(
+        path,
+        "LCSC search under chaos" + (" (--quick)" if quick else ""),
+        [
+            (
+                "Result",
+                (
+                    f"{payload['passed']} of {len(rows)} runs passed at budget {payload['budget']} (a pass: the "
+                    "twin's trials and winner, every evaluation recorded once, no leaked process)"
+                ),
+            ),
+            ("Runs", "```\n" + format_table(rows) + "\n```"),
+            ("Events as they fired", events),
+            ("Machine", f"`{json.dumps(machine, sort_keys=True)}`"),
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table; write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 run at budget 10 (a smoke test of the harness)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 run at budget 10 (a smoke test of the harness)"
+    )
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=int, default=14)
     parser.add_argument("--seed", type=int, default=0, help="the first run's seed; run i uses seed + i")
     parser.add_argument("--workdir", default=str(ROOT / "outputs" / "bench" / "chaos_search"))
-    parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/chaos_search.json)")
+    parser.add_argument(
+        "--out", default=None, help="result JSON (default benchmarks/results/chaos_search.json)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.budget = 1, 10
@@ -376,8 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(chaos_run(index, args.seed + index, optimizer, args.budget, base))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(format_table(rows))
-    payload = {"machine": _common.machine_info(evaluator_actors=2, torch_threads_per_evaluator=1),
-               "budget": args.budget, "runs": rows, "passed": sum(row["passed"] for row in rows)}
+    payload = {
+        "machine": _common.machine_info(evaluator_actors=2, torch_threads_per_evaluator=1),
+        "budget": args.budget,
+        "runs": rows,
+        "passed": sum(row["passed"] for row in rows),
+    }
     _common.write_json(Path(args.out), payload)
     write_note(Path(args.out).with_suffix(".md"), payload, quick=args.quick)
     print(f"{payload['passed']} of {len(rows)} runs passed; wrote {args.out} and its .md")

@@ -60,14 +60,21 @@ class DrainCluster:
 
     def block_node_b(self) -> None:
         """Hold node B's CPU with an actor of a driver of our own (its process group is ours to kill)."""
-        self.blocker = subprocess.Popen([sys.executable, "-c", BLOCKER, self.cluster.gcs_address], env=self.cluster.env,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        start_new_session=True)
+        self.blocker = subprocess.Popen(
+            [sys.executable, "-c", BLOCKER, self.cluster.gcs_address],
+            env=self.cluster.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         lines = []
         while (line := self.blocker.stdout.readline()) and line.strip() != "blocking":
             lines.append(line)
         if not line:
-            raise RuntimeError(f"the blocker of node B exited before it held the CPU: {''.join(lines)[-500:]!r}")
+            raise RuntimeError(
+                f"the blocker of node B exited before it held the CPU: {''.join(lines)[-500:]!r}"
+            )
 
     def free_node_b(self) -> None:
         """Kill the blocker's driver: Ray ends its actor and node B's CPU is free."""
@@ -95,13 +102,23 @@ class DrainCluster:
             return None
         self.armed = None
         self.free_node_b()
-        command = [RAY_CLI, "drain-node", f"--address={self.cluster.gcs_address}", f"--node-id={self.node_a_id}",
-                   "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=chaos spot notice",
-                   f"--deadline-remaining-seconds={DEADLINE_S}"]
+        command = [
+            RAY_CLI,
+            "drain-node",
+            f"--address={self.cluster.gcs_address}",
+            f"--node-id={self.node_a_id}",
+            "--reason=DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message=chaos spot notice",
+            f"--deadline-remaining-seconds={DEADLINE_S}",
+        ]
         subprocess.run(command, env=self.cluster.env, check=True, timeout=120, capture_output=True)
         self.deadline = time.monotonic() + DEADLINE_S
-        return {"moment": moment, "busy_at_notice": in_flight, "node": self.node_a_id[:12],
-                "waited_s": round(time.monotonic() - since, 1)}
+        return {
+            "moment": moment,
+            "busy_at_notice": in_flight,
+            "node": self.node_a_id[:12],
+            "waited_s": round(time.monotonic() - since, 1),
+        }
 
     def reclaim_due(self) -> bool:
         """Kill node A once the notice's deadline has come (True when this call killed it)."""

@@ -48,32 +48,52 @@ RUN_TIMEOUT_S, LEAK_WAIT_S = 600.0, 60.0
 KINDS = ("stages", "driver", "node", "backup", "norm")
 # Two events in one step: (strategy, optim.clip, the stage call that dies); the kill waits REPLY_FLUSH_S first so
 # that the stage's earlier replies reach the driver (`stage_faults.arm_fault`).
-TWO_EVENT = {"backup": ("redundant", "per_stage", "get_state"), "norm": ("checkfree", "global", "grad_sq_norm")}
+TWO_EVENT = {
+    "backup": ("redundant", "per_stage", "get_state"),
+    "norm": ("checkfree", "global", "grad_sq_norm"),
+}
 TWO_EVENT_STREAM, REPLY_FLUSH_S, EXACT_ATOL = 7, 0.5, 1e-6
 
 
-def chaos_spec(output: str, seed: int, probability: float, strategy: str = "checkfree",
-               clip: str = "per_stage") -> TrainSpec:
+def chaos_spec(
+    output: str, seed: int, probability: float, strategy: str = "checkfree", clip: str = "per_stage"
+) -> TrainSpec:
     """A d=32, 4-layer, 4-stage run into `output` (CheckFree unless `strategy`), killing each stage with
     `probability` per step."""
-    return TrainSpec.model_validate({
-        "name": f"chaos-{seed}", "steps": STEPS, "eval_every": STEPS, "eval_batches": 1, "seed": seed,
-        "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
-        "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.2,
-                     "warm_standby": False},
-        "optim": {"lr": 3e-3, "clip": clip}, "recovery": {"strategy": strategy},
-        "checkpointing": {"every": CHECKPOINT_EVERY},
-        "failures": {"probability_per_step": probability, "seed": seed}, "output": {"uri": output},
-    })
+    return TrainSpec.model_validate(
+        {
+            "name": f"chaos-{seed}",
+            "steps": STEPS,
+            "eval_every": STEPS,
+            "eval_batches": 1,
+            "seed": seed,
+            "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
+            "pipeline": {
+                "num_stages": 4,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.2,
+                "warm_standby": False,
+            },
+            "optim": {"lr": 3e-3, "clip": clip},
+            "recovery": {"strategy": strategy},
+            "checkpointing": {"every": CHECKPOINT_EVERY},
+            "failures": {"probability_per_step": probability, "seed": seed},
+            "output": {"uri": output},
+        }
+    )
 
 
 def step_accounting(steps: list[int], rolled_back: list[bool] | None, expected: int) -> dict:
     """Kept steps (not discarded by a rollback) against 1..expected: those lost and those counted twice."""
     rolled_back = rolled_back or [False] * len(steps)
     kept = [step for step, gone in zip(steps, rolled_back) if not gone]
-    return {"kept_steps": len(kept), "lost_steps": sorted(set(range(1, expected + 1)) - set(kept)),
-            "counted_twice": sorted({s for s in kept if kept.count(s) > 1}),
-            "extra_steps": sorted(set(kept) - set(range(1, expected + 1)))}
+    return {
+        "kept_steps": len(kept),
+        "lost_steps": sorted(set(range(1, expected + 1)) - set(kept)),
+        "counted_twice": sorted({s for s in kept if kept.count(s) > 1}),
+        "extra_steps": sorted(set(kept) - set(range(1, expected + 1))),
+    }
 
 
 def leaks(wait_s: float = LEAK_WAIT_S) -> dict:
@@ -92,8 +112,14 @@ def leaks(wait_s: float = LEAK_WAIT_S) -> dict:
 
 
 def _train(spec_path: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "checkfree_ray", "train", str(spec_path)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "checkfree_ray", "train", str(spec_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -109,10 +135,13 @@ def _result(out: Path, rc: int, err: str) -> dict:
     if rc != 0 or not (out / "result.json").exists():
         return {"finished": False, "error": err}
     result = json.loads((out / "result.json").read_text())
-    return {"finished": True, **step_accounting(result["steps"], result.get("rolled_back"), STEPS),
-            "failures": len(result["failures"]), "rollbacks": sum(f["rolled_back_to"] is not None
-                                                                for f in result["failures"]),
-            "resumed_from": result.get("resumed_from") or []}
+    return {
+        "finished": True,
+        **step_accounting(result["steps"], result.get("rolled_back"), STEPS),
+        "failures": len(result["failures"]),
+        "rollbacks": sum(f["rolled_back_to"] is not None for f in result["failures"]),
+        "resumed_from": result.get("resumed_from") or [],
+    }
 
 
 def run_stage_kills(seed: int, work: Path, env: dict) -> dict:
@@ -130,28 +159,43 @@ def run_driver_kill(seed: int, work: Path, env: dict) -> dict:
     driver = _train(spec_path, env)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     marker = f"run-*/checkpoint_{at:06d}/MANIFEST.json"
-    while driver.poll() is None and not any((out / "checkpoints").glob(marker)) and time.monotonic() < deadline:
+    while (
+        driver.poll() is None and not any((out / "checkpoints").glob(marker)) and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     killed = driver.poll() is None
     if killed:
         os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=60)
-    return {**_result(out, *_finish(_train(spec_path, env))), "driver_killed_after_checkpoint": at if killed else None}
+    return {
+        **_result(out, *_finish(_train(spec_path, env))),
+        "driver_killed_after_checkpoint": at if killed else None,
+    }
 
 
 def run_node_loss(seed: int) -> dict:
     """A worker node removed mid-run, in a fresh process with its own 3-node cluster."""
     with tempfile.TemporaryDirectory(prefix="chaos-node-") as out:
-        done = subprocess.run([sys.executable, "-m", "tests.node_loss_demo", out, str(seed)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.node_loss_demo", out, str(seed)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            check=False,
+        )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         return {"finished": False, "error": (done.stderr or done.stdout)[-2000:]}
     report = json.loads(lines[-1].removeprefix("RESULT "))
-    return {"finished": True, **step_accounting(report["steps"], report["rolled_back"], report["expected_steps"]),
-            "failures": len(report["failures"]), "rollbacks": sum(f["rolled_back_to"] is not None
-                                                                for f in report["failures"]),
-            "leaked_actors": report["leaked_actors"], "leaked_placement_groups": report["leaked_placement_groups"]}
+    return {
+        "finished": True,
+        **step_accounting(report["steps"], report["rolled_back"], report["expected_steps"]),
+        "failures": len(report["failures"]),
+        "rollbacks": sum(f["rolled_back_to"] is not None for f in report["failures"]),
+        "leaked_actors": report["leaked_actors"],
+        "leaked_placement_groups": report["leaked_placement_groups"],
+    }
 
 
 def two_event_point(kind: str, seed: int) -> tuple[int, int]:
@@ -186,10 +230,16 @@ def reference_difference(spec: TrainSpec, corpus, states: list[dict]) -> float:
     pipe = spec.pipeline
     reference = ReferenceTrainer(ModelConfig.from_spec(spec.model, pipe.num_stages), spec.seed, spec.optim.lr)
     for step in range(1, STEPS + 1):
-        reference.train_step(*corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size),
-                             [list(range(pipe.num_stages))] * pipe.micro_batches, lr_factor(spec, step))
-    return max(float((state[key] - value).abs().max()) for stage, state in enumerate(states)
-               for key, value in initial_stage_state(reference.parts, stage).items())
+        reference.train_step(
+            *corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size),
+            [list(range(pipe.num_stages))] * pipe.micro_batches,
+            lr_factor(spec, step),
+        )
+    return max(
+        float((state[key] - value).abs().max())
+        for stage, state in enumerate(states)
+        for key, value in initial_stage_state(reference.parts, stage).items()
+    )
 
 
 def run_two_event(kind: str, seed: int, work: Path) -> dict:
@@ -216,9 +266,14 @@ def run_two_event(kind: str, seed: int, work: Path) -> dict:
     finally:
         executor.shutdown()
     h = executor.history
-    row = {"finished": True, **step_accounting(h.steps, h.rolled_back, STEPS), **event,
-           "failures": len(h.failures), "rollbacks": sum(f.rolled_back_to is not None for f in h.failures),
-           "lost": [[f.step, f.stage, f.method, f.phase] for f in h.failures]}
+    row = {
+        "finished": True,
+        **step_accounting(h.steps, h.rolled_back, STEPS),
+        **event,
+        "failures": len(h.failures),
+        "rollbacks": sum(f.rolled_back_to is not None for f in h.failures),
+        "lost": [[f.step, f.stage, f.method, f.phase] for f in h.failures],
+    }
     if states is not None:
         row["max_abs_diff_vs_failure_free"] = reference_difference(spec, executor.corpus, states)
     return row
@@ -227,11 +282,20 @@ def run_two_event(kind: str, seed: int, work: Path) -> dict:
 def passed(row: dict) -> bool:
     """A run passes when it finished with every step kept once and leaked nothing; a two-event run also lost only
     its stage, at its step, without a rollback, and (backup) ends at failure-free training's weights."""
-    ok = bool(row.get("finished")) and not row["lost_steps"] and not row["counted_twice"] \
-        and not row["extra_steps"] and row["leaked_actors"] == 0 and row["leaked_placement_groups"] == 0
+    ok = (
+        bool(row.get("finished"))
+        and not row["lost_steps"]
+        and not row["counted_twice"]
+        and not row["extra_steps"]
+        and row["leaked_actors"] == 0
+        and row["leaked_placement_groups"] == 0
+    )
     if ok and row["kind"] in TWO_EVENT:
         method = "redundant" if row["kind"] == "backup" else "checkfree"
-        ok = row["lost"] == [[row["event_step"], row["event_stage"], method, "optimizer"]] and row["rollbacks"] == 0
+        ok = (
+            row["lost"] == [[row["event_step"], row["event_stage"], method, "optimizer"]]
+            and row["rollbacks"] == 0
+        )
         ok = ok and row.get("max_abs_diff_vs_failure_free", 0.0) <= EXACT_ATOL
     return ok
 
@@ -268,18 +332,22 @@ def chaos(runs: int, kinds: tuple[str, ...] = KINDS) -> list[dict]:
 
 
 def _line(row: dict) -> str:
-    return (f"{row['kind']:7s} seed {row['seed']:2d}  {'ok  ' if row['passed'] else 'FAIL'}  "
-            f"failures {row.get('failures', '-'):>2}  rollbacks {row.get('rollbacks', '-'):>2}  "
-            f"kept {row.get('kept_steps', '-'):>3}  lost {row.get('lost_steps', '-')}  "
-            f"twice {row.get('counted_twice', '-')}  leaked actors/pgs {row.get('leaked_actors', '-')}/"
-            f"{row.get('leaked_placement_groups', '-')}  {row['wall_s']:.0f}s")
+    return (
+        f"{row['kind']:7s} seed {row['seed']:2d}  {'ok  ' if row['passed'] else 'FAIL'}  "
+        f"failures {row.get('failures', '-'):>2}  rollbacks {row.get('rollbacks', '-'):>2}  "
+        f"kept {row.get('kept_steps', '-'):>3}  lost {row.get('lost_steps', '-')}  "
+        f"twice {row.get('counted_twice', '-')}  leaked actors/pgs {row.get('leaked_actors', '-')}/"
+        f"{row.get('leaked_placement_groups', '-')}  {row['wall_s']:.0f}s"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="seeds per kind of failure")
     parser.add_argument("--quick", action="store_true", help="one seed per kind of failure (--runs 1)")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}"
+    )
     args = parser.parse_args()
     if args.quick:
         args.runs = 1
@@ -291,10 +359,19 @@ def main() -> None:
     rows = chaos(args.runs, kinds)
     summary = {kind: f"{sum(r['passed'] for r in rows if r['kind'] == kind)}/{args.runs}" for kind in kinds}
     print("passed:", summary)
-    payload = {"benchmark": "chaos_train", "quick": args.quick, "runs_per_kind": args.runs, "steps": STEPS,
-               "kill_probability_per_stage_step": KILL_PROBABILITY, "checkpoint_every": CHECKPOINT_EVERY,
-               "exact_atol": EXACT_ATOL, "wall_s": round(time.monotonic() - started, 1), "passed": summary,
-               "rows": rows, "machine": machine_info()}
+    payload = {
+        "benchmark": "chaos_train",
+        "quick": args.quick,
+        "runs_per_kind": args.runs,
+        "steps": STEPS,
+        "kill_probability_per_stage_step": KILL_PROBABILITY,
+        "checkpoint_every": CHECKPOINT_EVERY,
+        "exact_atol": EXACT_ATOL,
+        "wall_s": round(time.monotonic() - started, 1),
+        "passed": summary,
+        "rows": rows,
+        "machine": machine_info(),
+    }
     folder = QUICK_RESULTS if args.quick else RESULTS
     write_json(folder / "chaos_train.json", payload)
     write_markdown(folder / "chaos_train.md", payload)
@@ -303,19 +380,27 @@ def main() -> None:
 def write_markdown(path: Path, payload: dict) -> None:
     """The table of `payload`'s rows as Markdown, generated from the measured values (atomic)."""
     machine = payload["machine"]
-    summary = (f"{payload['steps']} steps, checkpoint every {payload['checkpoint_every']}; passed {payload['passed']} "
-               f"in {payload['wall_s']:.0f} s on {machine['cores']} cores (load {machine['load_average'][0]:.1f}).")
-    header = ("| kind | seed | passed | failures | rollbacks | kept steps | lost | twice | event (step, stage, call) "
-              "| max abs diff vs failure-free | leaked actors/pgs | wall s |")
-    title = f"# chaos_train ({'quick: ' if payload['quick'] else ''}{payload['runs_per_kind']} seed(s) per kind)"
+    summary = (
+        f"{payload['steps']} steps, checkpoint every {payload['checkpoint_every']}; passed {payload['passed']} "
+        f"in {payload['wall_s']:.0f} s on {machine['cores']} cores (load {machine['load_average'][0]:.1f})."
+    )
+    header = (
+        "| kind | seed | passed | failures | rollbacks | kept steps | lost | twice | event (step, stage, call) "
+        "| max abs diff vs failure-free | leaked actors/pgs | wall s |"
+    )
+    title = (
+        f"# chaos_train ({'quick: ' if payload['quick'] else ''}{payload['runs_per_kind']} seed(s) per kind)"
+    )
     lines = [title, "", summary, "", header, "|---" * 12 + "|"]
     for r in payload["rows"]:
         event = f"{r['event_step']}, {r['event_stage']}, {r['event_call']}" if "event_step" in r else "-"
         diff = f"{r['max_abs_diff_vs_failure_free']:.1e}" if "max_abs_diff_vs_failure_free" in r else "-"
-        lines.append(f"| {r['kind']} | {r['seed']} | {'yes' if r['passed'] else 'NO'} | {r.get('failures', '-')} | "
-                     f"{r.get('rollbacks', '-')} | {r.get('kept_steps', '-')} | {r.get('lost_steps', '-')} | "
-                     f"{r.get('counted_twice', '-')} | {event} | {diff} | {r.get('leaked_actors', '-')}/"
-                     f"{r.get('leaked_placement_groups', '-')} | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {r['kind']} | {r['seed']} | {'yes' if r['passed'] else 'NO'} | {r.get('failures', '-')} | "
+            f"{r.get('rollbacks', '-')} | {r.get('kept_steps', '-')} | {r.get('lost_steps', '-')} | "
+            f"{r.get('counted_twice', '-')} | {event} | {diff} | {r.get('leaked_actors', '-')}/"
+            f"{r.get('leaked_placement_groups', '-')} | {r['wall_s']:.0f} |"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")

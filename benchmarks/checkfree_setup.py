@@ -23,16 +23,30 @@ from schemas.errors import LcscCheckfreeError
 from schemas.train import TrainSpec
 
 BENCH_MODEL = {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64}
-BENCH_PIPELINE = {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 8, "num_cpus_per_stage": 0.4,
-                  "warm_standby": True}
+BENCH_PIPELINE = {
+    "num_stages": 4,
+    "micro_batches": 2,
+    "micro_batch_size": 8,
+    "num_cpus_per_stage": 0.4,
+    "warm_standby": True,
+}
 EVAL_EVERY = 5  # steps between target checks (Table 2 samples the target at least every 5 steps)
 
 
 def bench_spec(strategy: str, seed: int, steps: int, target: float | None, **extra) -> TrainSpec:
     """The benchmark's model and pipeline with `strategy`; `extra` merges into sections."""
-    data = {"name": f"table2-{strategy}", "seed": seed, "steps": steps, "eval_every": EVAL_EVERY, "eval_batches": 2,
-            "target_val_loss": target, "model": BENCH_MODEL, "pipeline": BENCH_PIPELINE, "optim": {"lr": 3e-3},
-            "recovery": {"strategy": strategy}}
+    data = {
+        "name": f"table2-{strategy}",
+        "seed": seed,
+        "steps": steps,
+        "eval_every": EVAL_EVERY,
+        "eval_batches": 2,
+        "target_val_loss": target,
+        "model": BENCH_MODEL,
+        "pipeline": BENCH_PIPELINE,
+        "optim": {"lr": 3e-3},
+        "recovery": {"strategy": strategy},
+    }
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return TrainSpec.model_validate(data)
@@ -74,19 +88,31 @@ def run_one(spec: TrainSpec, checkpoint_uri: str | None = None) -> dict:
     executor, error, elapsed = _train(spec, checkpoint_uri)
     h = executor.history
     target = spec.target_val_loss
-    reached_at = next((s for s, v in zip(h.val_steps, h.val_losses) if target is not None and v <= target), None)
+    reached_at = next(
+        (s for s, v in zip(h.val_steps, h.val_losses) if target is not None and v <= target), None
+    )
     recoveries = recovery_methods([f.model_dump() for f in h.failures])
     return {
-        "strategy": spec.recovery.strategy, "seed": spec.seed, "reached": reached_at is not None, "error": error,
-        "steps_to_target": reached_at, "executed_steps": len(h.steps), "last_step": h.steps[-1] if h.steps else 0,
-        "wall_s": elapsed, "train_wall_s": elapsed - _startup_s(h), "median_step_s": statistics.median(h.step_times) if h.step_times else None,
-        "failures": [f.model_dump() for f in h.failures], "recoveries": len(recoveries),
+        "strategy": spec.recovery.strategy,
+        "seed": spec.seed,
+        "reached": reached_at is not None,
+        "error": error,
+        "steps_to_target": reached_at,
+        "executed_steps": len(h.steps),
+        "last_step": h.steps[-1] if h.steps else 0,
+        "wall_s": elapsed,
+        "train_wall_s": elapsed - _startup_s(h),
+        "median_step_s": statistics.median(h.step_times) if h.step_times else None,
+        "failures": [f.model_dump() for f in h.failures],
+        "recoveries": len(recoveries),
         "recovery_methods": recoveries,
         "recovery_s_total": sum(f.recovery_s for f in h.failures),
         "rolled_back_steps": sum(_lost_steps(f) for f in h.failures),
         "checkpoint_save_s_total": h.costs.get("checkpoint_save_s_total", 0.0),
-        "val_steps": h.val_steps, "val_losses": h.val_losses,
-        "val_wall_s": _val_times(h), "final_val_loss": h.val_losses[-1] if h.val_losses else None,
+        "val_steps": h.val_steps,
+        "val_losses": h.val_losses,
+        "val_wall_s": _val_times(h),
+        "final_val_loss": h.val_losses[-1] if h.val_losses else None,
         "costs": dict(h.costs),
     }
 
@@ -106,20 +132,39 @@ def recovery_methods(failures: list[dict]) -> list[str]:
     return [max(kinds, key=lambda kind: kind.endswith("/cold")) for kinds in by_event.values()]
 
 
-def cost_run(strategy: str, seed: int, window: tuple[int, int], kills: list[tuple[int, int]], steps: int,
-             checkpoint_every: int | None, checkpoint_uri: str | None) -> dict:
+def cost_run(
+    strategy: str,
+    seed: int,
+    window: tuple[int, int],
+    kills: list[tuple[int, int]],
+    steps: int,
+    checkpoint_every: int | None,
+    checkpoint_uri: str | None,
+) -> dict:
     """Per-step seconds of `strategy` over the committed steps in `window` (no failure before its end), then the
     scheduled `kills` ((step, stage)) and each one's commit times around it; no evaluation until the last step."""
     extra = {"checkpointing": {"every": checkpoint_every}} if checkpoint_every else {}
-    spec = bench_spec(strategy, seed, steps, None, eval_every=steps, failures={"schedule": kills, "seed": seed},
-                      **extra)
+    spec = bench_spec(
+        strategy, seed, steps, None, eval_every=steps, failures={"schedule": kills, "seed": seed}, **extra
+    )
     executor, error, elapsed = _train(spec, checkpoint_uri)
     h = executor.history
-    kill_offsets = {f"{step}:{stage}": at - executor.start_time
-                    for (step, stage), at in executor.injector.kill_times.items()}
-    return {"strategy": strategy, "seed": seed, "error": error, "wall_s": elapsed, "window": list(window),
-            "steps": list(h.steps), "wall_times": list(h.wall_times), "kill_offsets": kill_offsets,
-            "failures": [f.model_dump() for f in h.failures], "costs": dict(h.costs)}
+    kill_offsets = {
+        f"{step}:{stage}": at - executor.start_time
+        for (step, stage), at in executor.injector.kill_times.items()
+    }
+    return {
+        "strategy": strategy,
+        "seed": seed,
+        "error": error,
+        "wall_s": elapsed,
+        "window": list(window),
+        "steps": list(h.steps),
+        "wall_times": list(h.wall_times),
+        "kill_offsets": kill_offsets,
+        "failures": [f.model_dump() for f in h.failures],
+        "costs": dict(h.costs),
+    }
 
 
 def _startup_s(h) -> float:

@@ -42,8 +42,6 @@ def interleaved_best(variants: dict, rounds: int) -> dict[str, float]:
     return best
 
 
-
-
 def naive_stream(out: torch.Tensor, tensors: list[torch.Tensor], alphas: list[float]) -> None:
     """Whole-buffer streaming: out = a0 x0; out += ai xi (3 memory passes per checkpoint)."""
     torch.mul(tensors[0], alphas[0], out=out)

@@ -99,16 +99,21 @@ class CopyingEvaluator(MeasuredEvaluator):
         self.sources = self._device_sources(self.arrays)
 
 
-
-
 def write_diffusers_run(root: Path, num: int = 4) -> Path:
     """`num` checkpoint-N/unet folders of a small random UNet2DModel (28x28, 1 channel), nearby weights."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    unet = UNet2DModel(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
     for step in range(1, num + 1):
         with torch.no_grad():
             for p in unet.parameters():
@@ -126,14 +131,25 @@ def throughput_rows(counts: list[int], gpu: bool, jobs: int, samples: int, root:
     run = write_diffusers_run(root / "run")
     rows = []
     for count in counts:
-        spec = SearchSpec.model_validate({
-            "checkpoints": {"uri": str(run), "format": "diffusers"},
-            "sampler": {"target": "lcsc_ray.diffusers_sampling:sample", "nfe": 10, "kwargs": {"scheduler": "DDIM"}},
-            "fid": {"features": {"target": "benchmarks.evaluators:features", "kwargs": {"image": 28}}},
-            "evaluators": {"num_actors": count, "num_cpus": 1, "num_gpus": 1 / count if gpu else 0,
-                           "batch_size": samples, "split_min_samples": None},
-            "output": {"uri": str(root / "out")},
-        })
+        spec = SearchSpec.model_validate(
+            {
+                "checkpoints": {"uri": str(run), "format": "diffusers"},
+                "sampler": {
+                    "target": "lcsc_ray.diffusers_sampling:sample",
+                    "nfe": 10,
+                    "kwargs": {"scheduler": "DDIM"},
+                },
+                "fid": {"features": {"target": "benchmarks.evaluators:features", "kwargs": {"image": 28}}},
+                "evaluators": {
+                    "num_actors": count,
+                    "num_cpus": 1,
+                    "num_gpus": 1 / count if gpu else 0,
+                    "batch_size": samples,
+                    "split_min_samples": None,
+                },
+                "output": {"uri": str(root / "out")},
+            }
+        )
         checkpoint_set = load_checkpoint_set(spec.checkpoints)
         pool = EvaluatorPool(spec, checkpoint_set, (np.zeros(16), np.eye(16)))
         try:
@@ -145,8 +161,16 @@ def throughput_rows(counts: list[int], gpu: bool, jobs: int, samples: int, root:
         finally:
             pool.close()
         assert all(r["status"] == "ok" for r in records), records
-        rows.append({"evaluators": count, "device": "gpu" if gpu else "cpu", "jobs": jobs, "samples": samples,
-                     "seconds": seconds, "evaluations_per_s": jobs / seconds})
+        rows.append(
+            {
+                "evaluators": count,
+                "device": "gpu" if gpu else "cpu",
+                "jobs": jobs,
+                "samples": samples,
+                "seconds": seconds,
+                "evaluations_per_s": jobs / seconds,
+            }
+        )
     for row in rows:
         row["speedup_vs_1"] = row["evaluations_per_s"] / rows[0]["evaluations_per_s"]
     return rows
@@ -226,23 +250,32 @@ def print_throughput(rows: list[dict]) -> None:
     """The evaluations/s table."""
     print(f"{'evaluators':>10s} {'device':>6s} {'jobs':>5s} {'samples':>7s} {'eval/s':>8s} {'x vs 1':>7s}")
     for r in rows:
-        print(f"{r['evaluators']:10d} {r['device']:>6s} {r['jobs']:5d} {r['samples']:7d} "
-              f"{r['evaluations_per_s']:8.3f} {r['speedup_vs_1']:7.2f}")
+        print(
+            f"{r['evaluators']:10d} {r['device']:>6s} {r['jobs']:5d} {r['samples']:7d} "
+            f"{r['evaluations_per_s']:8.3f} {r['speedup_vs_1']:7.2f}"
+        )
 
 
 def main() -> None:
     """Run the comparisons and write benchmarks/results/evaluators.json (or --out)."""
     import tempfile
 
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller set (4 x 5M) and d=512, fewer jobs")
-    parser.add_argument("--throughput-only", action="store_true", help="only evaluations/s against evaluators")
-    parser.add_argument("--counts", type=int, nargs="+", default=None, help="evaluator counts (default 1..cores)")
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="only evaluations/s against evaluators"
+    )
+    parser.add_argument(
+        "--counts", type=int, nargs="+", default=None, help="evaluator counts (default 1..cores)"
+    )
     parser.add_argument("--gpu", action="store_true", help="evaluators share one GPU (1/n each)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="result file (default results/evaluators.json, or evaluators_throughput.json; "
-                        "--quick: under outputs/bench/quick/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="result file (default results/evaluators.json, or evaluators_throughput.json; "
+        "--quick: under outputs/bench/quick/)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.monotonic()
@@ -255,13 +288,17 @@ def main() -> None:
         throughput = throughput_rows(counts, args.gpu, 6 if args.quick else 16, 100, Path(tmp))
         memory = [] if args.throughput_only else memory_rows(k, numel)
     print_throughput(throughput)
-    result = {"machine": machine_info(), "quick": args.quick, "throughput": throughput,
-              "load_average": os.getloadavg()[0], "wall_time_s": round(time.monotonic() - started, 1)}
+    result = {
+        "machine": machine_info(),
+        "quick": args.quick,
+        "throughput": throughput,
+        "load_average": os.getloadavg()[0],
+        "wall_time_s": round(time.monotonic() - started, 1),
+    }
     if not args.throughput_only:
         result |= memory_report(memory, frechet_rows(dim, repeats))
     results = ROOT / "outputs" / "bench" / "quick" if args.quick else ROOT / "benchmarks" / "results"
-    out = args.out or results / (
-        "evaluators_throughput.json" if args.throughput_only else "evaluators.json")
+    out = args.out or results / ("evaluators_throughput.json" if args.throughput_only else "evaluators.json")
     write_json(out, result)
     print(f"-> {out}")
 

@@ -30,12 +30,21 @@ from schemas.train import TrainSpec
 
 def handoff_spec(width: int, layers: int = 8) -> TrainSpec:
     """A 4-stage LLaMa of `width` and `layers`, one warm standby, drains not watched (the benchmark hands off)."""
-    return TrainSpec.model_validate({
-        "steps": 100, "model": {"d_model": width, "n_layers": layers, "n_heads": max(2, width // 64), "seq_len": 32},
-        "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.2,
-                     "warm_standby": True, "standby_actors": 1},
-        "recovery": {"strategy": "checkfree+", "drain_poll_s": None},
-    })
+    return TrainSpec.model_validate(
+        {
+            "steps": 100,
+            "model": {"d_model": width, "n_layers": layers, "n_heads": max(2, width // 64), "seq_len": 32},
+            "pipeline": {
+                "num_stages": 4,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.2,
+                "warm_standby": True,
+                "standby_actors": 1,
+            },
+            "recovery": {"strategy": "checkfree+", "drain_poll_s": None},
+        }
+    )
 
 
 def measure(width: int, repeats: int) -> dict:
@@ -57,11 +66,19 @@ def measure(width: int, repeats: int) -> dict:
         executor.shutdown()
     median_copy = statistics.median(copies)
     rate = nbytes / median_copy
-    return {"width": width, "state_bytes": nbytes, "handoff_s": totals, "copy_s": copies,
-            "median_handoff_s": statistics.median(totals), "median_copy_s": median_copy, "copy_rate_bytes_s": rate,
-            # the shortest deadline this measured rate would accept (decide(): 2x estimate + 1 s, warm)
-            "min_deadline_s": next(s for s in range(1, 3600)
-                                   if decide(int(s * 1000), 0.0, nbytes, rate, warm=True).handoff)}
+    return {
+        "width": width,
+        "state_bytes": nbytes,
+        "handoff_s": totals,
+        "copy_s": copies,
+        "median_handoff_s": statistics.median(totals),
+        "median_copy_s": median_copy,
+        "copy_rate_bytes_s": rate,
+        # the shortest deadline this measured rate would accept (decide(): 2x estimate + 1 s, warm)
+        "min_deadline_s": next(
+            s for s in range(1, 3600) if decide(int(s * 1000), 0.0, nbytes, rate, warm=True).handoff
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,8 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [measure(width, args.repeats) for width in args.widths]
     print(f"{'width':>6} {'state MB':>9} {'hand-off s':>11} {'copy s':>8} {'MB/s':>8} {'min deadline s':>15}")
     for row in rows:
-        print(f"{row['width']:>6} {row['state_bytes'] / 1e6:>9.2f} {row['median_handoff_s']:>11.3f} "
-              f"{row['median_copy_s']:>8.3f} {row['copy_rate_bytes_s'] / 1e6:>8.1f} {row['min_deadline_s']:>15}")
+        print(
+            f"{row['width']:>6} {row['state_bytes'] / 1e6:>9.2f} {row['median_handoff_s']:>11.3f} "
+            f"{row['median_copy_s']:>8.3f} {row['copy_rate_bytes_s'] / 1e6:>8.1f} {row['min_deadline_s']:>15}"
+        )
     payload = {"rows": rows, "machine": machine_info(repeats=args.repeats, layers=8, stages=4)}
     write_json(out, payload)
     return payload

@@ -161,8 +161,11 @@ def set_aside_stale(out: Path, sampler_target: str, verbose: bool = True) -> Non
         aside = out.with_name(f"{out.name}.revision-{stored or 'none'}-{copy}")
     out.rename(aside)
     if verbose:
-        print(f"--- {display_path(out)} was made with sampler revision {stored!r}, not {current!r}: set aside to "
-              f"{display_path(aside)}", flush=True)
+        print(
+            f"--- {display_path(out)} was made with sampler revision {stored!r}, not {current!r}: set aside to "
+            f"{display_path(aside)}",
+            flush=True,
+        )
 
 
 def run_cached_search(spec_dict: dict, ray_handle: LocalRay | None = None, verbose: bool = True) -> dict:
@@ -345,7 +348,11 @@ def git_commit() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "benchmarks", "lcsc_ray", "rayops", "schemas"],
-            cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -77,8 +77,11 @@ def run_part_search(part: str, args, local_ray: setup.LocalRay) -> dict:
     if posthoc_block(part) is not None:
         spec["posthoc_ema"] = posthoc_block(part)
     row = setup.run_cached_search(spec, local_ray)
-    print(f"{part}: LCSC held-out {row['winner_holdout_fid']:.2f}; baselines "
-          + ", ".join(f"{k} {v:.2f}" for k, v in row["baselines_holdout_fid"].items()), flush=True)
+    print(
+        f"{part}: LCSC held-out {row['winner_holdout_fid']:.2f}; baselines "
+        + ", ".join(f"{k} {v:.2f}" for k, v in row["baselines_holdout_fid"].items()),
+        flush=True,
+    )
     return row
 
 
@@ -100,21 +103,25 @@ def base_scores(args, local_ray: setup.LocalRay, nfe: int = 2) -> dict:
 
     local_ray.ensure()
     out = cache.with_suffix("")
-    spec = SearchSpec.model_validate(setup.make_spec(
-        str(out), run_dir=setup.CM_DIR, cm=True, nfe=nfe, holdout_seeds=args.holdout_seeds
-    ))
+    spec = SearchSpec.model_validate(
+        setup.make_spec(str(out), run_dir=setup.CM_DIR, cm=True, nfe=nfe, holdout_seeds=args.holdout_seeds)
+    )
     ref_cache = setup.BENCH_OUT / "cache" / "reference_stats"  # the searches' cached reference statistics
     if ref_cache.exists():
         shutil.copytree(ref_cache, out / "reference_stats", dirs_exist_ok=True)
     started = time.monotonic()
     checkpoint_set = load_checkpoint_set(spec.checkpoints)
     evaluators = start_evaluators(spec, checkpoint_set, reference_stats_for(spec))
-    jobs = [(label, alphas, seed)
-            for label, alphas in (("run-ema", None), ("last", coef.last_checkpoint(12).tolist()))
-            for seed in args.holdout_seeds]
+    jobs = [
+        (label, alphas, seed)
+        for label, alphas in (("run-ema", None), ("last", coef.last_checkpoint(12).tolist()))
+        for seed in args.holdout_seeds
+    ]
     try:
-        refs = [evaluators[i % len(evaluators)].evaluate.remote(alphas, args.holdout_samples, seed)
-                for i, (_, alphas, seed) in enumerate(jobs)]
+        refs = [
+            evaluators[i % len(evaluators)].evaluate.remote(alphas, args.holdout_samples, seed)
+            for i, (_, alphas, seed) in enumerate(jobs)
+        ]
         fids = [float(r["fid"]) for r in ray.get(refs, timeout=BASE_TIMEOUT_S)]
     finally:
         for actor in evaluators:
@@ -122,8 +129,15 @@ def base_scores(args, local_ray: setup.LocalRay, nfe: int = 2) -> dict:
     scores: dict[str, list[float]] = {}
     for (label, _, _), fid in zip(jobs, fids):
         scores.setdefault(label, []).append(fid)
-    payload = {"nfe": nfe, "sampler_revision": revision, "num_samples": args.holdout_samples, "holdout_seeds": args.holdout_seeds,
-               "holdout_fids": scores, "evaluations": len(jobs), "wall_s": round(time.monotonic() - started, 1)}
+    payload = {
+        "nfe": nfe,
+        "sampler_revision": revision,
+        "num_samples": args.holdout_samples,
+        "holdout_seeds": args.holdout_seeds,
+        "holdout_fids": scores,
+        "evaluations": len(jobs),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(payload, indent=2))
     return payload
@@ -134,8 +148,10 @@ def baseline_fids(row: dict, prefix: str) -> tuple[str, list[float]]:
     for label, fids in row["baselines_holdout_fids"].items():
         if label.startswith(prefix):
             return label, fids
-    raise KeyError(f"the search {row['output']} has no baseline '{prefix}*' (labels: "
-                   f"{list(row['baselines_holdout_fids'])})")
+    raise KeyError(
+        f"the search {row['output']} has no baseline '{prefix}*' (labels: "
+        f"{list(row['baselines_holdout_fids'])})"
+    )
 
 
 def claim(name: str, paper: str, lcsc_row: dict, compared: dict[str, list[float]], target: str) -> dict:
@@ -152,10 +168,25 @@ def claim(name: str, paper: str, lcsc_row: dict, compared: dict[str, list[float]
         "paired": diffs,
         "target": target,
         "verdict": diffs[target]["verdict"],
-        "search": {k: lcsc_row[k] for k in ("output", "budget", "nfe", "search_num_samples", "holdout_seeds",
-                                            "holdout_num_samples", "num_evaluations", "search_samples",
-                                            "wall_s", "gain_found", "winner_coefficients", "checkpoints",
-                                            "winner_search_fid", "best_seed_trial_fid")},
+        "search": {
+            k: lcsc_row[k]
+            for k in (
+                "output",
+                "budget",
+                "nfe",
+                "search_num_samples",
+                "holdout_seeds",
+                "holdout_num_samples",
+                "num_evaluations",
+                "search_samples",
+                "wall_s",
+                "gain_found",
+                "winner_coefficients",
+                "checkpoints",
+                "winner_search_fid",
+                "best_seed_trial_fid",
+            )
+        },
     }
 
 
@@ -174,23 +205,45 @@ def build_claims(rows: dict[str, dict], cm_base: dict | None) -> list[dict]:
         claims.append(quality_claim("quality (CM, 1 step)", rows["cm"]))
     if "cm" in rows and cm_base is not None:
         base = cm_base["holdout_fids"]
-        claims.append(claim("NFE (CM: LCSC at 1 step vs base at 2 steps)", "LCSC at 1 step beats the base CM at 2",
-                            rows["cm"], {"run-ema @2": base["run-ema"], "last @2": base["last"]}, "run-ema @2"))
+        claims.append(
+            claim(
+                "NFE (CM: LCSC at 1 step vs base at 2 steps)",
+                "LCSC at 1 step beats the base CM at 2",
+                rows["cm"],
+                {"run-ema @2": base["run-ema"], "last @2": base["last"]},
+                "run-ema @2",
+            )
+        )
     if "early" in rows:
         early = rows["early"]
-        compared = {"full-run EMA": baseline_fids(early, "run-ema")[1],
-                    "early last": baseline_fids(early, "last")[1]}
+        compared = {
+            "full-run EMA": baseline_fids(early, "run-ema")[1],
+            "early last": baseline_fids(early, "last")[1],
+        }
         if "ddpm" in rows:
             compared["full-run last"] = baseline_fids(rows["ddpm"], "last")[1]
-        claims.append(claim(f"short run (DDPM, checkpoints of the first {EARLY_FRACTION:.0%} of training)",
-                            "LCSC over a short run matches the fully trained model", early, compared,
-                            "full-run EMA"))
+        claims.append(
+            claim(
+                f"short run (DDPM, checkpoints of the first {EARLY_FRACTION:.0%} of training)",
+                "LCSC over a short run matches the fully trained model",
+                early,
+                compared,
+                "full-run EMA",
+            )
+        )
     if "posthoc" in rows:
         row = rows["posthoc"]
         compared = dict(baseline_fids(row, prefix) for prefix in ("best-posthoc-ema", "run-ema", "last"))
         target = next(label for label in compared if label.startswith("best-posthoc-ema"))
-        claims.append(claim("post-hoc EMA (DDPM, DDIM 10 steps; LCSC seeded with it)",
-                            "LCSC against EDM2's post-hoc EMA (no paper compares them)", row, compared, target))
+        claims.append(
+            claim(
+                "post-hoc EMA (DDPM, DDIM 10 steps; LCSC seeded with it)",
+                "LCSC against EDM2's post-hoc EMA (no paper compares them)",
+                row,
+                compared,
+                target,
+            )
+        )
     return claims
 
 
@@ -198,23 +251,31 @@ def evidence(c: dict, rows: dict[str, dict], cm_base: dict | None) -> str:
     """Why a claim that is not a win came out as it did, in measured numbers."""
     s = c["search"]
     if c["claim"].startswith(("quality", "post-hoc")):
-        return (f"the search's winner scored {s['winner_search_fid']:.2f} on the search seed against "
-                f"{s['best_seed_trial_fid']:.2f} for the best seed vector (last, EMA-shaped, uniform), with "
-                f"{s['num_evaluations']} evaluations; the run's EMA averages every training step and lies outside "
-                "the space of combinations of the saved checkpoints")
+        return (
+            f"the search's winner scored {s['winner_search_fid']:.2f} on the search seed against "
+            f"{s['best_seed_trial_fid']:.2f} for the best seed vector (last, EMA-shaped, uniform), with "
+            f"{s['num_evaluations']} evaluations; the run's EMA averages every training step and lies outside "
+            "the space of combinations of the saved checkpoints"
+        )
     if c["claim"].startswith("NFE") and cm_base is not None:
         ema1 = baseline_fids(rows["cm"], "run-ema")[1]
         two_steps = setup.paired(cm_base["holdout_fids"]["run-ema"], ema1)
         lcsc_gain = setup.paired(c["lcsc_holdout_fids"], ema1)
-        return (f"a second step changes the CM EMA's FID by {setup.fmt_paired(two_steps)}, LCSC at 1 step changes "
-                f"it by {setup.fmt_paired(lcsc_gain)}: the CM distilled here gains more from one more step than "
-                "LCSC recovers at one")
+        return (
+            f"a second step changes the CM EMA's FID by {setup.fmt_paired(two_steps)}, LCSC at 1 step changes "
+            f"it by {setup.fmt_paired(lcsc_gain)}: the CM distilled here gains more from one more step than "
+            "LCSC recovers at one"
+        )
     if c["claim"].startswith("short run"):
-        gap = setup.paired(c["compared_holdout_fids"]["early last"], c["compared_holdout_fids"]["full-run EMA"])
+        gap = setup.paired(
+            c["compared_holdout_fids"]["early last"], c["compared_holdout_fids"]["full-run EMA"]
+        )
         gain = c["paired"]["early last"]
-        return (f"the early run's last checkpoint trails the full-run EMA by {setup.fmt_paired(gap)}; LCSC over the "
-                f"early checkpoints changes the early last checkpoint's FID by {setup.fmt_paired(gain)}, so it "
-                "closes part of the gap, not all of it")
+        return (
+            f"the early run's last checkpoint trails the full-run EMA by {setup.fmt_paired(gap)}; LCSC over the "
+            f"early checkpoints changes the early last checkpoint's FID by {setup.fmt_paired(gain)}, so it "
+            "closes part of the gap, not all of it"
+        )
     return ""
 
 
@@ -224,34 +285,49 @@ def notes(claims: list[dict], rows: dict[str, dict], cm_base: dict | None) -> li
     for c in claims:
         target = c["paired"][c["target"]]
         status = {"win": "reproduces", "loss": "reversed at this scale"}.get(
-            c["verdict"], "not separable from its target at this scale")
+            c["verdict"], "not separable from its target at this scale"
+        )
         line = f"{c['claim']}: {status}: LCSC - {c['target']} = {setup.fmt_paired(target)}"
         if c["verdict"] != "win":
             line += f"; {evidence(c, rows, cm_base)}"
         out.append(line + ".")
     samples = "/".join(str(n) for n in sorted({c["search"]["holdout_num_samples"] for c in claims}))
-    out.append(f"FIDs use the MNIST recipe's classifier features, not Inception, with {samples}-sample held-out "
-               "scores where the paper uses 50k samples on CIFAR-10 / ImageNet-64; only directions and paired "
-               "differences are comparable, not absolute values.")
+    out.append(
+        f"FIDs use the MNIST recipe's classifier features, not Inception, with {samples}-sample held-out "
+        "scores where the paper uses 50k samples on CIFAR-10 / ImageNet-64; only directions and paired "
+        "differences are comparable, not absolute values."
+    )
     return out
 
 
 def markdown(payload: dict) -> str:
     """The results page, generated from the measured values."""
     s, m = payload["setup"], payload["machine"]
-    lines = ["# LCSC paper claims on MNIST, paired over held-out seeds", "",
-             (f"Search: CMA bound 3 sigma 0.15, budget {s['budget']} (7 seed vectors included), "
-             f"{s['search_samples']}-sample search FIDs, optimiser seed {s['seed']}; every model re-scored on held-out "
-             f"seeds {s['holdout_seeds']} at {s['holdout_samples']} samples. Commit {m.get('git_commit')}; load "
-             f"average {m['load_average']} at the start, {payload['load_average_end']} at the end. Parts run: "
-             f"{', '.join(payload['parts_finished']) or 'none'}."), "",
-             ("| claim | LCSC held-out FID | compared: held-out FID, LCSC - it [95% CI] verdict | evaluations | "
-             "search samples | wall s |"), "|---|---|---|---|---|---|"]
+    lines = [
+        "# LCSC paper claims on MNIST, paired over held-out seeds",
+        "",
+        (
+            f"Search: CMA bound 3 sigma 0.15, budget {s['budget']} (7 seed vectors included), "
+            f"{s['search_samples']}-sample search FIDs, optimiser seed {s['seed']}; every model re-scored on held-out "
+            f"seeds {s['holdout_seeds']} at {s['holdout_samples']} samples. Commit {m.get('git_commit')}; load "
+            f"average {m['load_average']} at the start, {payload['load_average_end']} at the end. Parts run: "
+            f"{', '.join(payload['parts_finished']) or 'none'}."
+        ),
+        "",
+        (
+            "| claim | LCSC held-out FID | compared: held-out FID, LCSC - it [95% CI] verdict | evaluations | "
+            "search samples | wall s |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for c in payload["claims"]:
-        compared = "<br>".join(f"{k} {c['compared_holdout_fid'][k]:.2f}: {setup.fmt_paired(p)}"
-                               for k, p in c["paired"].items())
-        lines.append(f"| {c['claim']} | {c['lcsc_holdout_fid']:.2f} | {compared} | {c['search']['num_evaluations']} | "
-                     f"{c['search']['search_samples']:,} | {c['search']['wall_s']:.0f} |")
+        compared = "<br>".join(
+            f"{k} {c['compared_holdout_fid'][k]:.2f}: {setup.fmt_paired(p)}" for k, p in c["paired"].items()
+        )
+        lines.append(
+            f"| {c['claim']} | {c['lcsc_holdout_fid']:.2f} | {compared} | {c['search']['num_evaluations']} | "
+            f"{c['search']['search_samples']:,} | {c['search']['wall_s']:.0f} |"
+        )
     lines += ["", "## Reading", ""] + [f"- {n}" for n in payload["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -260,14 +336,27 @@ def write(args, rows: dict[str, dict], cm_base: dict | None, machine: dict, wall
     """Tabulate what has finished and write paper_claims.json and .md."""
     claims = build_claims(rows, cm_base)
     payload = {
-        "benchmark": "paper_claims", "quick": args.quick, "machine": machine,
-        "load_average_end": list(os.getloadavg()), "wall_time_s_this_invocation": round(wall, 1),
-        "parts_requested": args.parts, "parts_finished": [p for p in PARTS if p in rows or
-                                                          (p == "nfe" and cm_base is not None)],
-        "setup": {"budget": args.budget, "search_samples": args.search_samples, "seed": args.seed,
-                  "holdout_seeds": args.holdout_seeds, "holdout_samples": args.holdout_samples, "algo": ALGO,
-                  "early_fraction": EARLY_FRACTION, "evaluators": 2},
-        "claims": claims, "cm_base_nfe2": cm_base, "runs": rows, "notes": notes(claims, rows, cm_base),
+        "benchmark": "paper_claims",
+        "quick": args.quick,
+        "machine": machine,
+        "load_average_end": list(os.getloadavg()),
+        "wall_time_s_this_invocation": round(wall, 1),
+        "parts_requested": args.parts,
+        "parts_finished": [p for p in PARTS if p in rows or (p == "nfe" and cm_base is not None)],
+        "setup": {
+            "budget": args.budget,
+            "search_samples": args.search_samples,
+            "seed": args.seed,
+            "holdout_seeds": args.holdout_seeds,
+            "holdout_samples": args.holdout_samples,
+            "algo": ALGO,
+            "early_fraction": EARLY_FRACTION,
+            "evaluators": 2,
+        },
+        "claims": claims,
+        "cm_base_nfe2": cm_base,
+        "runs": rows,
+        "notes": notes(claims, rows, cm_base),
     }
     text = markdown(payload)
     path = setup.write_result("paper_claims", payload, args.quick, text)
@@ -279,7 +368,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; --quick shrinks every size."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="budget 10, 250 samples, 2 held-out seeds")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (in order)")
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (in order)"
+    )
     parser.add_argument("--budget", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0, help="optimiser seed")
     parser.add_argument("--search-samples", type=int, default=500)
@@ -287,9 +378,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--holdout-samples", type=int, default=1000)
     args = parser.parse_args(argv)
     if args.quick:
-        args.budget, args.search_samples, args.holdout_seeds, args.holdout_samples = 10, 250, [1001, 1002], 250
-    args.tag = "quick" if args.quick else (f"b{args.budget}-s{args.search_samples}-h{len(args.holdout_seeds)}x"
-                                           f"{args.holdout_samples}")
+        args.budget, args.search_samples, args.holdout_seeds, args.holdout_samples = (
+            10,
+            250,
+            [1001, 1002],
+            250,
+        )
+    args.tag = (
+        "quick"
+        if args.quick
+        else (f"b{args.budget}-s{args.search_samples}-h{len(args.holdout_seeds)}x{args.holdout_samples}")
+    )
     return args
 
 

@@ -63,12 +63,19 @@ PAPER_P = {"5%": 0.0009, "10%": 0.002, "16%": 0.004}  # per stage per iteration 
 FAILURE_SCALE = 5.0
 PAPER_CHECKPOINT_EVERY = 100
 STRATEGIES = ["checkpoint", "redundant", "checkfree", "checkfree+", "hybrid"]
-COLORS = {"checkpoint": "tab:green", "redundant": "tab:red", "checkfree": "tab:blue", "checkfree+": "tab:orange",
-          "hybrid": "tab:purple"}
+COLORS = {
+    "checkpoint": "tab:green",
+    "redundant": "tab:red",
+    "checkfree": "tab:blue",
+    "checkfree+": "tab:orange",
+    "hybrid": "tab:purple",
+}
 # Cost runs: the per-step window, then a middle-stage and an outer-stage kill, then a few steps to recover.
 # Each pair of kills: one with a warm standby ready, one a few steps later (the standby is still starting: cold).
-COST_LAYOUT = {"full": {"window": (3, 42), "kills": [(45, 1), (48, 0), (75, 0), (78, 1)], "steps": 90},
-               "quick": {"window": (3, 22), "kills": [(25, 1), (27, 0), (45, 0), (47, 1)], "steps": 50}}
+COST_LAYOUT = {
+    "full": {"window": (3, 42), "kills": [(45, 1), (48, 0), (75, 0), (78, 1)], "steps": 90},
+    "quick": {"window": (3, 22), "kills": [(25, 1), (27, 0), (45, 0), (47, 1)], "steps": 50},
+}
 WORK = Path(tempfile.gettempdir()) / "paper_table2"
 START_RETRIES = 2
 
@@ -94,23 +101,35 @@ def _rotated(names: list[str], index: int) -> list[str]:
 def measure_costs(seeds: list[int], strategies: list[str], quick: bool, work: Path) -> dict:
     """Paired cost rounds (one per seed) of none and every strategy; saved to work/costs.json after each run."""
     layout = COST_LAYOUT["quick" if quick else "full"]
-    out = {"layout": {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()},
-           "checkpoint_every": checkpoint_every(), "load_before": machine_info()["load_average"], "rows": [],
-           "machine": machine_info(torch_threads_per_stage=1, niceness=_niceness())}  # replaced at the end
+    out = {
+        "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()},
+        "checkpoint_every": checkpoint_every(),
+        "load_before": machine_info()["load_average"],
+        "rows": [],
+        "machine": machine_info(torch_threads_per_stage=1, niceness=_niceness()),
+    }  # replaced at the end
     started = time.monotonic()
     with s3_bucket("costs") as base, local_ray(num_cpus=2):
         for index, seed in enumerate(seeds):
             for strategy in _rotated(["none", *strategies], index):
                 none = strategy == "none"
-                row = cost_run(strategy, seed, layout["window"], [] if none else layout["kills"],
-                               layout["window"][1] if none else layout["steps"],
-                               None if none else strategy_every(strategy),
-                               None if none else f"{base}/{strategy}/{seed}")
+                row = cost_run(
+                    strategy,
+                    seed,
+                    layout["window"],
+                    [] if none else layout["kills"],
+                    layout["window"][1] if none else layout["steps"],
+                    None if none else strategy_every(strategy),
+                    None if none else f"{base}/{strategy}/{seed}",
+                )
                 out["rows"].append(row)
                 print(f"costs seed {seed} {strategy}: {row['wall_s']:.1f}s {row['error'] or ''}", flush=True)
                 write_json(work / "costs.json", out)
-    out.update(load_after=machine_info()["load_average"], total_wall_s=time.monotonic() - started,
-               machine=machine_info(torch_threads_per_stage=1, niceness=_niceness()))
+    out.update(
+        load_after=machine_info()["load_average"],
+        total_wall_s=time.monotonic() - started,
+        machine=machine_info(torch_threads_per_stage=1, niceness=_niceness()),
+    )
     write_json(work / "costs.json", out)
     return out
 
@@ -119,22 +138,42 @@ def run_started(spec, checkpoint_uri: str | None) -> dict:
     """`run_one`, started again (up to START_RETRIES times, into a fresh checkpoint prefix) when its stages did
     not start in time on a loaded machine: a run that never stepped measures the machine, not the strategy."""
     for attempt in range(START_RETRIES + 1):
-        uri = checkpoint_uri if checkpoint_uri is None or attempt == 0 else f"{checkpoint_uri}/start-{attempt}"
+        uri = (
+            checkpoint_uri if checkpoint_uri is None or attempt == 0 else f"{checkpoint_uri}/start-{attempt}"
+        )
         run = run_one(spec, checkpoint_uri=uri)
         if run["executed_steps"] > 0 or not run["error"]:
             break
-        print(f"{spec.recovery.strategy} seed {spec.seed}: did not start ({run['error']}); starting again", flush=True)
+        print(
+            f"{spec.recovery.strategy} seed {spec.seed}: did not start ({run['error']}); starting again",
+            flush=True,
+        )
     run["start_retries"] = attempt
     return run
 
 
-def measure_runs(seeds: list[int], strategies: list[str], target: float, max_steps: int, quick: bool,
-                 work: Path, rates: list[str] | None = None) -> dict:
+def measure_runs(
+    seeds: list[int],
+    strategies: list[str],
+    target: float,
+    max_steps: int,
+    quick: bool,
+    work: Path,
+    rates: list[str] | None = None,
+) -> dict:
     """Every run, side by side in one Ray: the no-failure reference, then every strategy at every rate."""
     rates = rates or list(PAPER_P)
-    out: dict = {"target_val_loss": target, "seeds": seeds, "quick": quick, "max_steps": max_steps,
-                 "eval_every": EVAL_EVERY, "reference": [], "runs": {}, "load_before": machine_info()["load_average"],
-                 "machine": machine_info(torch_threads_per_stage=1, niceness=_niceness())}  # replaced at the end
+    out: dict = {
+        "target_val_loss": target,
+        "seeds": seeds,
+        "quick": quick,
+        "max_steps": max_steps,
+        "eval_every": EVAL_EVERY,
+        "reference": [],
+        "runs": {},
+        "load_before": machine_info()["load_average"],
+        "machine": machine_info(torch_threads_per_stage=1, niceness=_niceness()),
+    }  # replaced at the end
     started = time.monotonic()
     with s3_bucket("table2") as base, local_ray(num_cpus=2):
         for seed in seeds:
@@ -142,18 +181,28 @@ def measure_runs(seeds: list[int], strategies: list[str], target: float, max_ste
             out["reference"].append(run_started(bench_spec("none", seed, max_steps, target), None))
             for index, (rate, p) in enumerate((r, PAPER_P[r]) for r in rates):
                 for strategy in _rotated(strategies, index):
-                    spec = bench_spec(strategy, seed, max_steps, target,
-                                      checkpointing={"every": strategy_every(strategy)},
-                                      failures={"probability_per_step": p * FAILURE_SCALE, "seed": seed})
+                    spec = bench_spec(
+                        strategy,
+                        seed,
+                        max_steps,
+                        target,
+                        checkpointing={"every": strategy_every(strategy)},
+                        failures={"probability_per_step": p * FAILURE_SCALE, "seed": seed},
+                    )
                     run = run_started(spec, f"{base}/{rate}/{strategy}/{seed}")
                     out["runs"].setdefault(rate, []).append(run)
                     out["total_wall_s"] = time.monotonic() - started
                     write_json(work / "runs.json", out)
-                    print(f"seed {seed} {rate} {strategy}: reached={run['reached']} at {run['steps_to_target']} "
-                          f"executed={run['executed_steps']} wall={run['wall_s']:.1f}s "
-                          f"recoveries={run['recovery_methods']} {run['error'] or ''}", flush=True)
-    out.update(load_after=machine_info()["load_average"],
-               machine=machine_info(torch_threads_per_stage=1, niceness=_niceness()))
+                    print(
+                        f"seed {seed} {rate} {strategy}: reached={run['reached']} at {run['steps_to_target']} "
+                        f"executed={run['executed_steps']} wall={run['wall_s']:.1f}s "
+                        f"recoveries={run['recovery_methods']} {run['error'] or ''}",
+                        flush=True,
+                    )
+    out.update(
+        load_after=machine_info()["load_average"],
+        machine=machine_info(torch_threads_per_stage=1, niceness=_niceness()),
+    )
     write_json(work / "runs.json", out)
     return out
 
@@ -167,15 +216,18 @@ def _niceness() -> int:
 def failure_model(every: int) -> dict:
     """The failure model's parameters, stated in the table header and the JSON."""
     return {
-        "paper_hourly_rate_per_stage": list(PAPER_P), "paper_probability_per_step": PAPER_P,
-        "paper_step_time_assumed_s": 91.5, "failure_scale": FAILURE_SCALE,
+        "paper_hourly_rate_per_stage": list(PAPER_P),
+        "paper_probability_per_step": PAPER_P,
+        "paper_step_time_assumed_s": 91.5,
+        "failure_scale": FAILURE_SCALE,
         "probability_per_step": {r: p * FAILURE_SCALE for r, p in PAPER_P.items()},
-        "checkpoint_every": every, "paper_checkpoint_every": PAPER_CHECKPOINT_EVERY,
+        "checkpoint_every": every,
+        "paper_checkpoint_every": PAPER_CHECKPOINT_EVERY,
         "seed_streams": "weights and data order from the run seed's streams; failure draws "
-                        "u(failures.seed = run seed, step) from its own failure stream (checkfree_ray/data.py)",
+        "u(failures.seed = run seed, step) from its own failure stream (checkfree_ray/data.py)",
         "fallback": f"redundant, checkfree and checkfree+ also checkpoint every {every} steps, for losses they cannot "
-                    "rebuild (checkfree: outer stages; all: adjacent stages lost together); hybrid checkpoints at its own "
-                    "Young/Daly interval (at most 1000 steps), from its measured save cost and the failure rate",
+        "rebuild (checkfree: outer stages; all: adjacent stages lost together); hybrid checkpoints at its own "
+        "Young/Daly interval (at most 1000 steps), from its measured save cost and the failure rate",
     }
 
 
@@ -189,8 +241,14 @@ def plot(runs: dict, seed: int, path: Path) -> None:
             ax.plot(ref["val_wall_s"], ref["val_losses"], "k--", lw=1, label="none (no failures)")
         for run in runs["runs"][rate]:
             if run["seed"] == seed:
-                ax.plot(run["val_wall_s"], run["val_losses"], "-", lw=1.2, label=run["strategy"],
-                        color=COLORS.get(run["strategy"]))
+                ax.plot(
+                    run["val_wall_s"],
+                    run["val_losses"],
+                    "-",
+                    lw=1.2,
+                    label=run["strategy"],
+                    color=COLORS.get(run["strategy"]),
+                )
         ax.axhline(runs["target_val_loss"], color="grey", lw=0.8, ls=":")
         ax.set_title(f"failure rate {rate} (p x{FAILURE_SCALE:g}), seed {seed}")
         ax.set_xlabel("measured wall time (s)")
@@ -205,11 +263,20 @@ def report(costs: dict, runs: dict) -> dict:
     """Combine the cost rounds and the runs: print the tables, write the JSON, the PNG and the Markdown."""
     per_seed = costs_by_seed(costs)
     tables = report_tables(per_seed, runs, costs["median_step_s"])
-    out = {"benchmark": "paper_table2", "failure_model": failure_model(checkpoint_every()),
-           "model": {"base_iteration_s": 91.5, "formula": "modelled_s = B*(c_s/c_ckpt)*(steps_to_target+lost_steps)"
-                     " + B*sum(recovery_s)/c_ckpt, B = 91.5 s (paper's checkpointing iteration)"},
-           "bench_model": BENCH_MODEL, "bench_pipeline": BENCH_PIPELINE, **tables,
-           "cost_measurement": costs, "runs": runs}
+    out = {
+        "benchmark": "paper_table2",
+        "failure_model": failure_model(checkpoint_every()),
+        "model": {
+            "base_iteration_s": 91.5,
+            "formula": "modelled_s = B*(c_s/c_ckpt)*(steps_to_target+lost_steps)"
+            " + B*sum(recovery_s)/c_ckpt, B = 91.5 s (paper's checkpointing iteration)",
+        },
+        "bench_model": BENCH_MODEL,
+        "bench_pipeline": BENCH_PIPELINE,
+        **tables,
+        "cost_measurement": costs,
+        "runs": runs,
+    }
     print(tables["costs_text"])
     print()
     print(tables["table_text"])
@@ -226,8 +293,10 @@ def merge_runs(parts: list[dict]) -> dict:
     merged = {**parts[0], "reference": [], "runs": {}, "parts": []}
     chosen: dict[tuple, dict] = {}
     for part in parts:
-        merged["parts"].append({k: part.get(k) for k in ("seeds", "load_before", "load_after", "total_wall_s")}
-                               | {"niceness": part.get("machine", {}).get("niceness")})
+        merged["parts"].append(
+            {k: part.get(k) for k in ("seeds", "load_before", "load_after", "total_wall_s")}
+            | {"niceness": part.get("machine", {}).get("niceness")}
+        )
         for rate, runs in [("0%", part["reference"]), *part["runs"].items()]:
             for run in runs:
                 key = (rate, run["strategy"], run["seed"])
@@ -246,16 +315,30 @@ def merge_runs(parts: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["costs", "interleaved", "runs", "report", "all"], nargs="?", default="all")
-    parser.add_argument("--quick", action="store_true", help="One seed, shorter cost runs and an easier target.")
+    parser.add_argument(
+        "part", choices=["costs", "interleaved", "runs", "report", "all"], nargs="?", default="all"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="One seed, shorter cost runs and an easier target."
+    )
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0).")
     parser.add_argument("--strategies", nargs="*", default=STRATEGIES, help="Strategies besides none.")
-    parser.add_argument("--rates", nargs="*", default=list(PAPER_P), choices=list(PAPER_P),
-                        help="runs: failure rates, in this order.")
+    parser.add_argument(
+        "--rates",
+        nargs="*",
+        default=list(PAPER_P),
+        choices=list(PAPER_P),
+        help="runs: failure rates, in this order.",
+    )
     parser.add_argument("--target", type=float, default=None, help="Target validation loss (2.5; quick 2.7).")
     parser.add_argument("--work", type=Path, default=WORK, help="Where costs.json and runs.json are kept.")
-    parser.add_argument("--runs-files", type=Path, nargs="*", default=None,
-                        help="report: runs.json files of separate processes to merge (default: the work dir's).")
+    parser.add_argument(
+        "--runs-files",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="report: runs.json files of separate processes to merge (default: the work dir's).",
+    )
     args = parser.parse_args()
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     target = args.target or (2.7 if args.quick else 2.5)
@@ -271,8 +354,7 @@ def main() -> None:
         costs = json.loads((args.work / "costs.json").read_text())
         if (args.work / "interleaved.json").exists():
             costs["interleaved"] = json.loads((args.work / "interleaved.json").read_text())
-        report(costs,
-               merge_runs([json.loads(path.read_text()) for path in files]))
+        report(costs, merge_runs([json.loads(path.read_text()) for path in files]))
 
 
 if __name__ == "__main__":

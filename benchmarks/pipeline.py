@@ -18,8 +18,12 @@ import statistics
 import time
 from pathlib import Path
 
-for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-               "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}.items():
+for _k, _v in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "OMP_NUM_THREADS": "1",
+}.items():
     os.environ.setdefault(_k, _v)
 
 import ray
@@ -39,8 +43,13 @@ RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 
 
 def make_spec(size: dict, strategy: str, **extra) -> TrainSpec:
-    data = {"model": size["model"], "optim": {"lr": 1e-3, **size.get("optim", {})}, "data": size.get("data", {}),
-            "pipeline": {**size["pipeline"], "num_cpus_per_stage": 0.4}, "recovery": {"strategy": strategy}}
+    data = {
+        "model": size["model"],
+        "optim": {"lr": 1e-3, **size.get("optim", {})},
+        "data": size.get("data", {}),
+        "pipeline": {**size["pipeline"], "num_cpus_per_stage": 0.4},
+        "recovery": {"strategy": strategy},
+    }
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value}
     return TrainSpec.model_validate(data)
@@ -51,8 +60,9 @@ def tokens_per_step(spec: TrainSpec) -> int:
     return pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len
 
 
-def run_executor(spec: TrainSpec, steps: int, checkpoint_uri: str | None = None,
-                 ready_standbys: bool = False) -> PipelineExecutor:
+def run_executor(
+    spec: TrainSpec, steps: int, checkpoint_uri: str | None = None, ready_standbys: bool = False
+) -> PipelineExecutor:
     executor = PipelineExecutor(spec, checkpoint_uri=checkpoint_uri)
     executor.start()
     if ready_standbys and hasattr(executor.pool, "wait_standbys"):
@@ -125,10 +135,12 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
     standby_off = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1}}
     one_f_one_b = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1, "schedule": "1f1b"}}
     # "single" runs one torch thread, as each stage does; "single-2t" may use both cores, the stricter baseline
-    systems = {"single": SingleProcess(make_spec(size, "none")),
-               "single-2t": SingleProcess(make_spec(size, "none"), threads=2),
-               "none-1f1b": Pipeline(make_spec(size, "none", **one_f_one_b)),
-               **{s: Pipeline(make_spec(size, s, **standby_off)) for s in ("none", "checkfree", "checkfree+")}}
+    systems = {
+        "single": SingleProcess(make_spec(size, "none")),
+        "single-2t": SingleProcess(make_spec(size, "none"), threads=2),
+        "none-1f1b": Pipeline(make_spec(size, "none", **one_f_one_b)),
+        **{s: Pipeline(make_spec(size, s, **standby_off)) for s in ("none", "checkfree", "checkfree+")},
+    }
     for system in systems.values():
         system.block(2)  # warm-up
     names = list(systems)
@@ -143,21 +155,30 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
                 system.executor.shutdown()
     step_s = {name: statistics.median(v) for name, v in per_round.items()}
     # tokens/s ratio pipeline / single = single step time / pipeline step time, per round (same tokens per step)
-    ratios = {f"{pipe}_over_{single}": [a / b for a, b in zip(per_round[single], per_round[pipe])]
-              for pipe in ("none", "none-1f1b") for single in ("single", "single-2t")}
+    ratios = {
+        f"{pipe}_over_{single}": [a / b for a, b in zip(per_round[single], per_round[pipe])]
+        for pipe in ("none", "none-1f1b")
+        for single in ("single", "single-2t")
+    }
     ratios["none-1f1b_over_none"] = [a / b for a, b in zip(per_round["none"], per_round["none-1f1b"])]
-    overhead = {s: [t / none - 1.0 for t, none in zip(per_round[s], per_round["none"])]
-                for s in ("checkfree", "checkfree+")}
+    overhead = {
+        s: [t / none - 1.0 for t, none in zip(per_round[s], per_round["none"])]
+        for s in ("checkfree", "checkfree+")
+    }
     tokens = tokens_per_step(make_spec(size, "none"))
-    return {"rounds": rounds, "block_steps": block_steps, "step_s_per_round": per_round,
-            "tokens_per_s": {name: tokens / t for name, t in step_s.items()},
-            "ratios_per_round": ratios,
-            "ratios_median": {k: statistics.median(v) for k, v in ratios.items()},
-            "ratios_mean_ci95": {k: _interval(v) for k, v in ratios.items()},
-            "pipeline_over_single_median": statistics.median(ratios["none_over_single"]),
-            "pipeline_over_single_2threads_median": statistics.median(ratios["none_over_single-2t"]),
-            "overhead_vs_none_per_round": overhead,
-            "overhead_vs_none_median": {s: statistics.median(v) for s, v in overhead.items()}}
+    return {
+        "rounds": rounds,
+        "block_steps": block_steps,
+        "step_s_per_round": per_round,
+        "tokens_per_s": {name: tokens / t for name, t in step_s.items()},
+        "ratios_per_round": ratios,
+        "ratios_median": {k: statistics.median(v) for k, v in ratios.items()},
+        "ratios_mean_ci95": {k: _interval(v) for k, v in ratios.items()},
+        "pipeline_over_single_median": statistics.median(ratios["none_over_single"]),
+        "pipeline_over_single_2threads_median": statistics.median(ratios["none_over_single-2t"]),
+        "overhead_vs_none_per_round": overhead,
+        "overhead_vs_none_median": {s: statistics.median(v) for s, v in overhead.items()},
+    }
 
 
 def _interval(ratios: list[float]) -> list[float]:
@@ -181,9 +202,11 @@ def save_stall(size: dict, tmp: Path, rounds: int, every: int = 20) -> dict:
     without checkpoints; alternated in paired rounds like the throughput comparison. Stall = time / none - 1."""
     off = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1}}
     saving = make_spec(size, "checkfree", checkpointing={"every": every, "keep": 1}, **off)
-    systems = {"none": Pipeline(make_spec(size, "checkfree", **off)),
-               "background": Pipeline(saving, checkpoint_uri=str(tmp / "background")),
-               "blocking": Pipeline(saving, checkpoint_uri=str(tmp / "blocking"), blocking=True)}
+    systems = {
+        "none": Pipeline(make_spec(size, "checkfree", **off)),
+        "background": Pipeline(saving, checkpoint_uri=str(tmp / "background")),
+        "blocking": Pipeline(saving, checkpoint_uri=str(tmp / "blocking"), blocking=True),
+    }
     names = list(systems)
     per_round = {name: [] for name in names}
     # within a block: (sum of step times - every x the block's median step) / (every x median); the median step
@@ -203,13 +226,21 @@ def save_stall(size: dict, tmp: Path, rounds: int, every: int = 20) -> dict:
     finally:
         for system in systems.values():
             system.executor.shutdown()
-    stall = {name: [t / none - 1.0 for t, none in zip(per_round[name], per_round["none"])]
-             for name in ("background", "blocking")}
-    return {"every": every, "rounds": rounds, "mean_step_s_per_round": per_round,
-            "stall_per_step_per_round": stall, "stall_per_step_median": {k: statistics.median(v) for k, v in stall.items()},
-            "within_block_excess_per_round": within,
-            "within_block_excess_median": {k: statistics.median(v) for k, v in within.items()},
-            "background_saves_completed": saves, "checkpoint_bytes": bytes_saved}
+    stall = {
+        name: [t / none - 1.0 for t, none in zip(per_round[name], per_round["none"])]
+        for name in ("background", "blocking")
+    }
+    return {
+        "every": every,
+        "rounds": rounds,
+        "mean_step_s_per_round": per_round,
+        "stall_per_step_per_round": stall,
+        "stall_per_step_median": {k: statistics.median(v) for k, v in stall.items()},
+        "within_block_excess_per_round": within,
+        "within_block_excess_median": {k: statistics.median(v) for k, v in within.items()},
+        "background_saves_completed": saves,
+        "checkpoint_bytes": bytes_saved,
+    }
 
 
 def recovery_times(size: dict, tmp: Path) -> dict:
@@ -222,39 +253,57 @@ def recovery_times(size: dict, tmp: Path) -> dict:
         pipeline = {"warm_standby": warm, "num_cpus_per_stage": 0.25}
         if warm and "standby_actors" in PipelineSpec.model_fields:
             pipeline["standby_actors"] = standbys
-        spec = make_spec(size, "checkfree", pipeline=pipeline, checkpointing={"every": 4},
-                         failures={"schedule": schedule})
-        executor = run_executor(spec, recover_steps, checkpoint_uri=str(tmp / f"ckpt-{warm}"), ready_standbys=warm)
+        spec = make_spec(
+            size, "checkfree", pipeline=pipeline, checkpointing={"every": 4}, failures={"schedule": schedule}
+        )
+        executor = run_executor(
+            spec, recover_steps, checkpoint_uri=str(tmp / f"ckpt-{warm}"), ready_standbys=warm
+        )
         fails = executor.history.failures
         cf = [f.death_to_retry_s for f in fails if f.method == "checkfree"]
         ck = [f.death_to_retry_s for f in fails if f.method == "checkpoint"]
         recoveries["warm" if warm else "cold"] = {
             "standby_actors": pipeline.get("standby_actors", int(warm)),
-            "checkfree_death_to_retry_s": cf, "checkpoint_death_to_retry_s": ck,
-            "detection_s": [f.detection_s for f in fails], "from_standby": [f.warm_standby for f in fails],
+            "checkfree_death_to_retry_s": cf,
+            "checkpoint_death_to_retry_s": ck,
+            "detection_s": [f.detection_s for f in fails],
+            "from_standby": [f.warm_standby for f in fails],
             "phases_after_detection_s": getattr(executor.history, "recovery_phases", []),
-            "checkfree_median_s": statistics.median(cf), "checkpoint_median_s": statistics.median(ck)}
+            "checkfree_median_s": statistics.median(cf),
+            "checkpoint_median_s": statistics.median(ck),
+        }
     return recoveries
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="A smaller model and fewer steps.")
-    parser.add_argument("--sections", default="throughput,recovery,scope,save",
-                        help="Comma-separated parts to run: throughput, recovery, scope, save.")
-    parser.add_argument("--rounds", type=int, default=None, help="Paired rounds of the throughput comparison.")
+    parser.add_argument(
+        "--sections",
+        default="throughput,recovery,scope,save",
+        help="Comma-separated parts to run: throughput, recovery, scope, save.",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="Paired rounds of the throughput comparison."
+    )
     parser.add_argument("--out", type=Path, default=None, help="Where to write the JSON results.")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     if args.quick:
-        size = {"model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64},
-                "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 8}}
+        size = {
+            "model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64},
+            "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 8},
+        }
         rounds, block_steps = args.rounds or 7, 6
     else:
-        size = {"model": {"d_model": 128, "n_layers": 8, "n_heads": 4, "seq_len": 128},
-                "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 16}}
+        size = {
+            "model": {"d_model": 128, "n_layers": 8, "n_heads": 4, "seq_len": 128},
+            "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 16},
+        }
         rounds, block_steps = args.rounds or 5, 3
-    size["data"] = {"tokens_uri": token_file(Path(os.environ.get("TMPDIR", "/tmp")) / f"cf-bench-tok-{os.getpid()}")}
+    size["data"] = {
+        "tokens_uri": token_file(Path(os.environ.get("TMPDIR", "/tmp")) / f"cf-bench-tok-{os.getpid()}")
+    }
     size["optim"] = {"schedule": "cosine", "warmup_steps": 5, "decay_steps": 500, "min_lr": 1e-4}
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     rows, out = [], {"size": size, "load_average_at_start": list(os.getloadavg())}
@@ -265,20 +314,35 @@ def main() -> None:
         for pipe, label in (("none", "GPipe"), ("none-1f1b", "1F1B")):
             for single, threads in (("single", 1), ("single-2t", 2)):
                 mean, low, high = tp["ratios_mean_ci95"][f"{pipe}_over_{single}"]
-                rows.append((f"pipeline {label} / single process tokens/s ({threads} thread(s); paired median)",
-                             tp["ratios_median"][f"{pipe}_over_{single}"]))
+                rows.append(
+                    (
+                        f"pipeline {label} / single process tokens/s ({threads} thread(s); paired median)",
+                        tp["ratios_median"][f"{pipe}_over_{single}"],
+                    )
+                )
                 rows.append((f"  same, mean of rounds [95% interval {low:.3f}, {high:.3f}]", mean))
         rows.append(("1F1B / GPipe tokens/s (paired median)", tp["ratios_median"]["none-1f1b_over_none"]))
         for s in ("checkfree", "checkfree+"):
-            rows.append((f"step-time overhead {s} vs none (median of paired rounds)", tp["overhead_vs_none_median"][s]))
+            rows.append(
+                (
+                    f"step-time overhead {s} vs none (median of paired rounds)",
+                    tp["overhead_vs_none_median"][s],
+                )
+            )
 
     if "recovery" in sections:
         tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"cf-bench-{os.getpid()}"
         recoveries = recovery_times(size, tmp)
         for label in ("warm", "cold"):
-            rows.append((f"median CheckFree death-to-retry s ({label})", recoveries[label]["checkfree_median_s"]))
-            rows.append((f"median checkpoint restore death-to-retry s ({label})",
-                         recoveries[label]["checkpoint_median_s"]))
+            rows.append(
+                (f"median CheckFree death-to-retry s ({label})", recoveries[label]["checkfree_median_s"])
+            )
+            rows.append(
+                (
+                    f"median checkpoint restore death-to-retry s ({label})",
+                    recoveries[label]["checkpoint_median_s"],
+                )
+            )
         rows.append(("median detection s", statistics.median(recoveries["warm"]["detection_s"])))
         out["recovery"] = recoveries
 
@@ -290,15 +354,27 @@ def main() -> None:
         stall = save_stall(size, tmp, rounds=max(3, rounds // 2))
         out["save_stall"] = stall
         for name in ("background", "blocking"):
-            rows.append((f"checkpoint every 20 steps: step-time stall, {name} save (median of paired rounds)",
-                         stall["stall_per_step_median"][name]))
+            rows.append(
+                (
+                    f"checkpoint every 20 steps: step-time stall, {name} save (median of paired rounds)",
+                    stall["stall_per_step_median"][name],
+                )
+            )
         for name in ("none", "background", "blocking"):
-            rows.append((f"checkpoint every 20 steps: block time over its median step - 1, {name} save",
-                         stall["within_block_excess_median"][name]))
+            rows.append(
+                (
+                    f"checkpoint every 20 steps: block time over its median step - 1, {name} save",
+                    stall["within_block_excess_median"][name],
+                )
+            )
     ray.shutdown()
 
-    out["machine"] = machine_info(torch_threads_per_actor=1, single_process_torch_threads=[1, 2], quick=args.quick,
-                                  note="2 shared cores; compare ratios measured in one run")
+    out["machine"] = machine_info(
+        torch_threads_per_actor=1,
+        single_process_torch_threads=[1, 2],
+        quick=args.quick,
+        note="2 shared cores; compare ratios measured in one run",
+    )
     out["table"] = {name: value for name, value in rows}
     width = max(len(name) for name, _ in rows)
     print(f"{'measure':<{width}}  value")
@@ -308,8 +384,6 @@ def main() -> None:
     write_json(path, out)
 
 
-
-
 def norm_scope(size: dict, out: dict) -> list:
     """Gradient-norm scope: weight of the last stage when stage S-2 is rebuilt, and the loss just after."""
     rows = []
@@ -317,13 +391,17 @@ def norm_scope(size: dict, out: dict) -> list:
     base = run_executor(make_spec(size, "none"), 10).history.losses
     scope_rows = {}
     for scope in ("blocks", "stage"):
-        spec = make_spec(size, "checkfree", recovery={"grad_norm_scope": scope},
-                         failures={"schedule": [[8, S - 2]]})
+        spec = make_spec(
+            size, "checkfree", recovery={"grad_norm_scope": scope}, failures={"schedule": [[8, S - 2]]}
+        )
         weights: list = []
         executor = PipelineExecutor(spec)
+
         def record_weights(ex, step, weights=weights, scope=scope):
             if step == 8:
-                weights.append(gradient_weights(ex.grad_norms[S - 3][scope], ex.grad_norms[S - 1][scope], 1e-4))
+                weights.append(
+                    gradient_weights(ex.grad_norms[S - 3][scope], ex.grad_norms[S - 1][scope], 1e-4)
+                )
 
         executor.before_step.append(record_weights)
         executor.start()

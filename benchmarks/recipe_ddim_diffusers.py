@@ -67,7 +67,7 @@ def before_ddim_sample(model, n: int, seed: int, nfe: int, batch_size: int = 250
     out = torch.empty(n, 1, 28, 28)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            x = noise[start:start + batch_size]
+            x = noise[start : start + batch_size]
             for i, t in enumerate(steps):
                 a_t, s_t = alpha_bar[t].sqrt().item(), (1 - alpha_bar[t]).sqrt().item()
                 v = model(x, torch.full((x.shape[0],), t, dtype=torch.long))
@@ -75,7 +75,7 @@ def before_ddim_sample(model, n: int, seed: int, nfe: int, batch_size: int = 250
                 eps = (x - a_t * x0) / s_t
                 ab_prev = alpha_bar[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
                 x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
-            out[start:start + batch_size] = x.clamp(-1, 1)
+            out[start : start + batch_size] = x.clamp(-1, 1)
     return out
 
 
@@ -92,14 +92,22 @@ def models(spec, cm_spec) -> dict:
     states = [read_state_dict(uri) for uri in uris]
     soup = {key: torch.stack([s[key].float() for s in states]).mean(0) for key in states[0]}
     out = {}
-    for name, state in (("last checkpoint", states[-1]), ("run EMA", read_state_dict(spec.checkpoints.ema_uri)),
-                        ("uniform soup", soup)):
+    for name, state in (
+        ("last checkpoint", states[-1]),
+        ("run EMA", read_state_dict(spec.checkpoints.ema_uri)),
+        ("uniform soup", soup),
+    ):
         model = build(spec.model)
         model.load_state_dict(state)
         out[name] = (model.eval(), spec.sampler.nfe, before_ddim_sample, ddim_sample)
     consistency = build(cm_spec.model)
     consistency.load_state_dict(read_state_dict(cm_spec.checkpoints.ema_uri))
-    out["consistency EMA"] = (consistency.eval(), cm_spec.sampler.nfe, before_consistency_sample, consistency_sample)
+    out["consistency EMA"] = (
+        consistency.eval(),
+        cm_spec.sampler.nfe,
+        before_consistency_sample,
+        consistency_sample,
+    )
     return out
 
 
@@ -136,35 +144,56 @@ def main(argv: list[str] | None = None) -> None:
                 fid = fid_from_stats(feature_stats(features, images, 500), mu, sigma)
                 fids.setdefault(name, {}).setdefault(side, []).append(fid)
             row = fids[name]
-            print(f"  {name:16s} seed {seed}: before {row['before'][-1]:6.2f}  after {row['after'][-1]:6.2f}",
-                  flush=True)
+            print(
+                f"  {name:16s} seed {seed}: before {row['before'][-1]:6.2f}  after {row['after'][-1]:6.2f}",
+                flush=True,
+            )
     rows = []
     for name, row in fids.items():
         diff = setup.paired(row["after"], row["before"])
-        rows.append({"model": name, "nfe": nfes[name], "before": setup.mean_sd(row["before"]), "after": setup.mean_sd(row["after"]),
-                     "after_minus_before": diff, "fids": row})
+        rows.append(
+            {
+                "model": name,
+                "nfe": nfes[name],
+                "before": setup.mean_sd(row["before"]),
+                "after": setup.mean_sd(row["after"]),
+                "after_minus_before": diff,
+                "fids": row,
+            }
+        )
     wall = time.monotonic() - started
     table = ["| model | steps | before | after | after - before [95% CI] |", "|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['model']} | {r['nfe']} | {r['before'][0]:.1f} ± {r['before'][1]:.1f} | "
-                     f"{r['after'][0]:.1f} ± {r['after'][1]:.1f} | {setup.fmt_paired(r['after_minus_before'])} |")
-    markdown = "\n".join([
-        "# The recipe's DDIM on diffusers' DDIMScheduler against its own DDIM before",
-        "",
-        (f"FID of {samples} samples, {len(seeds)} noise seeds shared by both sides, on the benchmarks' default "
-        "DDPM run and its distilled consistency model (`benchmarks/recipe_ddim_diffusers.py`). Before: the "
-        "recipe's own DDIM (float64 cosine written out, timesteps ending at 100); after: diffusers' DDIMScheduler "
-        "over DDPMScheduler's schedule (timesteps ending at 99). 'win'/'loss' mean the paired 95% interval "
-        "excludes zero; the seed-to-seed spread (±, SD) is the scale to read the shift against."),
-        "",
-        *table,
-        "",
-        f"Wall time {wall:.0f} s; machine: {setup.machine_info()['cores']} cores.",
-        "",
-    ])
+        table.append(
+            f"| {r['model']} | {r['nfe']} | {r['before'][0]:.1f} ± {r['before'][1]:.1f} | "
+            f"{r['after'][0]:.1f} ± {r['after'][1]:.1f} | {setup.fmt_paired(r['after_minus_before'])} |"
+        )
+    markdown = "\n".join(
+        [
+            "# The recipe's DDIM on diffusers' DDIMScheduler against its own DDIM before",
+            "",
+            (
+                f"FID of {samples} samples, {len(seeds)} noise seeds shared by both sides, on the benchmarks' default "
+                "DDPM run and its distilled consistency model (`benchmarks/recipe_ddim_diffusers.py`). Before: the "
+                "recipe's own DDIM (float64 cosine written out, timesteps ending at 100); after: diffusers' DDIMScheduler "
+                "over DDPMScheduler's schedule (timesteps ending at 99). 'win'/'loss' mean the paired 95% interval "
+                "excludes zero; the seed-to-seed spread (±, SD) is the scale to read the shift against."
+            ),
+            "",
+            *table,
+            "",
+            f"Wall time {wall:.0f} s; machine: {setup.machine_info()['cores']} cores.",
+            "",
+        ]
+    )
     print("\n" + "\n".join(table))
-    payload = {"num_samples": samples, "seeds": seeds, "rows": rows, "wall_s": round(wall, 1),
-               "machine": setup.machine_info()}
+    payload = {
+        "num_samples": samples,
+        "seeds": seeds,
+        "rows": rows,
+        "wall_s": round(wall, 1),
+        "machine": setup.machine_info(),
+    }
     path = setup.write_result("recipe_ddim_diffusers", payload, quick=args.quick, markdown=markdown)
     print(f"wrote {path}")
 

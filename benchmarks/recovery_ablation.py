@@ -47,11 +47,23 @@ from schemas.train import TrainSpec
 
 RULES = ["weighted", "average", "copy", "random", "identity", "exact"]
 SCALES = {  # model and pipeline of each scale; steps to the plateau (CheckFree, CheckFree+); steps measured after
-    "small": {"model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64}, "steps": 3000, "steps_plus": 1000,
-              "start": 2000, "start_plus": 750, "after": 30, "stages": [1, 2]},
+    "small": {
+        "model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64},
+        "steps": 3000,
+        "steps_plus": 1000,
+        "start": 2000,
+        "start_plus": 750,
+        "after": 30,
+        "stages": [1, 2],
+    },
     # 2 blocks per stage at the same width: what fitted beside the small scale on the shared cores (load 15-40)
-    "deep": {"model": {"d_model": 64, "n_layers": 8, "n_heads": 4, "seq_len": 64}, "steps": 800, "start": 750,
-             "after": 30, "stages": [1]},
+    "deep": {
+        "model": {"d_model": 64, "n_layers": 8, "n_heads": 4, "seq_len": 64},
+        "steps": 800,
+        "start": 750,
+        "after": 30,
+        "stages": [1],
+    },
 }
 QUICK = {"small": {"model": SCALES["small"]["model"], "steps": 300, "after": 20, "stages": [1]}}
 PIPELINE = {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 8}
@@ -61,16 +73,24 @@ WITHIN = 0.01  # "recovered": validation loss within 1% of the twin's
 
 def plateau_spec(scale: dict, strategy: str, lr_scale: float = 1.1) -> TrainSpec:
     """The training spec of one scale's plateau model (and of the runs continued from it)."""
-    return TrainSpec.model_validate({
-        "name": f"recovery-ablation-{scale['model']['d_model']}x{scale['model']['n_layers']}-{strategy}", "seed": 0,
-        "steps": scale["steps_plus" if strategy == "checkfree+" else "steps"], "model": scale["model"], "pipeline": PIPELINE, "optim": {"lr": 3e-3},
-        "recovery": {"strategy": strategy, "lr_scale": lr_scale}})
+    return TrainSpec.model_validate(
+        {
+            "name": f"recovery-ablation-{scale['model']['d_model']}x{scale['model']['n_layers']}-{strategy}",
+            "seed": 0,
+            "steps": scale["steps_plus" if strategy == "checkfree+" else "steps"],
+            "model": scale["model"],
+            "pipeline": PIPELINE,
+            "optim": {"lr": 3e-3},
+            "recovery": {"strategy": strategy, "lr_scale": lr_scale},
+        }
+    )
 
 
 def validation_set(spec: TrainSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed validation micro-batches of the plateau run."""
-    return make_corpus(spec.data, spec.model.seq_len, spec.seed).val_batches(EVAL_BATCHES,
-                                                                            spec.pipeline.micro_batch_size)
+    return make_corpus(spec.data, spec.model.seq_len, spec.seed).val_batches(
+        EVAL_BATCHES, spec.pipeline.micro_batch_size
+    )
 
 
 def eval_offsets(after: int) -> list[int]:
@@ -84,8 +104,13 @@ def failure_delay(seed: int) -> int:
     return int(step_rng(seed, FAILURE_STREAM, 0).integers(1, 21))
 
 
-def continue_run(pipeline: LocalPipeline, corpus, start_step: int, offsets: list[int],
-                 val: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
+def continue_run(
+    pipeline: LocalPipeline,
+    corpus,
+    start_step: int,
+    offsets: list[int],
+    val: tuple[torch.Tensor, torch.Tensor],
+) -> list[float]:
     """Validation loss at each of `offsets` steps after `start_step` (offset 0: before any step)."""
     losses, done = [], 0
     for offset in offsets:
@@ -109,8 +134,18 @@ def with_recovery(spec: TrainSpec, **changes) -> TrainSpec:
     return spec.model_copy(update={"recovery": spec.recovery.model_copy(update=changes)})
 
 
-def measure_seed(pipeline: LocalPipeline, plateau, spec: TrainSpec, start: int, seed: int, cases: list[dict],
-                 after: int, val, log, on_run=None) -> dict:
+def measure_seed(
+    pipeline: LocalPipeline,
+    plateau,
+    spec: TrainSpec,
+    start: int,
+    seed: int,
+    cases: list[dict],
+    after: int,
+    val,
+    log,
+    on_run=None,
+) -> dict:
     """One seed: continue the plateau on the seed's data, lose a stage after the seed's delay, and measure the
     twin and every case ({stage, rule, lr_scale, variant}) from the same snapshot; `on_run` sees what is measured
     so far before each case (a long run keeps its partial results)."""
@@ -132,10 +167,18 @@ def measure_seed(pipeline: LocalPipeline, plateau, spec: TrainSpec, start: int, 
         pipeline.spec = with_recovery(spec, lr_scale=case["lr_scale"], **variant)
         recipe = pipeline.rebuild(case["stage"], case["rule"], fail_step, seed)
         losses = continue_run(pipeline, corpus, fail_step - 1, offsets, val)
-        runs.append({**case, "recipe": recipe, "losses": losses,
-                     "recovered_after": recovered_after(offsets, losses, twin)})
-        log(f"    seed {seed} stage {case['stage']} {case['name']:<18} lr x{case['lr_scale']}: "
-            f"after rebuild {losses[0] - twin[0]:+.4f}, end {losses[-1] - twin[-1]:+.4f}")
+        runs.append(
+            {
+                **case,
+                "recipe": recipe,
+                "losses": losses,
+                "recovered_after": recovered_after(offsets, losses, twin),
+            }
+        )
+        log(
+            f"    seed {seed} stage {case['stage']} {case['name']:<18} lr x{case['lr_scale']}: "
+            f"after rebuild {losses[0] - twin[0]:+.4f}, end {losses[-1] - twin[-1]:+.4f}"
+        )
     pipeline.spec = spec
     return {"seed": seed, "fail_step": fail_step, "offsets": offsets, "twin": twin, "runs": runs}
 
@@ -144,19 +187,40 @@ def cases_for(strategy: str, stages: list[int], lr_scales: list[float], variants
     """What is rebuilt in each seed: every rule at every middle position and lr_scale (CheckFree), or the outer
     stages by copy and exact (CheckFree+); with `variants`, the weighted rule under the other weighing norms."""
     if strategy == "checkfree+":
-        return [{"name": rule, "rule": rule, "stage": s, "lr_scale": 1.1} for s in stages for rule in ("copy", "exact")]
-    cases = [{"name": rule, "rule": rule, "stage": s, "lr_scale": lr} for lr in lr_scales for s in stages
-             for rule in RULES]
+        return [
+            {"name": rule, "rule": rule, "stage": s, "lr_scale": 1.1}
+            for s in stages
+            for rule in ("copy", "exact")
+        ]
+    cases = [
+        {"name": rule, "rule": rule, "stage": s, "lr_scale": lr}
+        for lr in lr_scales
+        for s in stages
+        for rule in RULES
+    ]
     if variants:
-        for name, variant in (("weighted/pre_clip", {"grad_norm": "pre_clip"}),
-                              ("weighted/blocks", {"grad_norm_scope": "blocks"})):
-            cases += [{"name": name, "rule": "weighted", "stage": s, "lr_scale": 1.1, "variant": variant}
-                      for s in stages]
+        for name, variant in (
+            ("weighted/pre_clip", {"grad_norm": "pre_clip"}),
+            ("weighted/blocks", {"grad_norm_scope": "blocks"}),
+        ):
+            cases += [
+                {"name": name, "rule": "weighted", "stage": s, "lr_scale": 1.1, "variant": variant}
+                for s in stages
+            ]
     return cases
 
 
-def measure_scale(name: str, scale: dict, strategy: str, seeds: list[int], stages: list[int],
-                  lr_scales: list[float], variants: bool, log, save=None) -> dict:
+def measure_scale(
+    name: str,
+    scale: dict,
+    strategy: str,
+    seeds: list[int],
+    stages: list[int],
+    lr_scales: list[float],
+    variants: bool,
+    log,
+    save=None,
+) -> dict:
     """Every seed of one scale and strategy, from its cached trained model; `save` receives partial results."""
     spec = plateau_spec(scale, strategy)
     val = validation_set(spec)
@@ -168,23 +232,35 @@ def measure_scale(name: str, scale: dict, strategy: str, seeds: list[int], stage
     started = time.monotonic()
 
     def result(per_seed: list[dict]) -> dict:
-        return {"scale": name, "strategy": strategy, "model": scale["model"], "pipeline": PIPELINE,
-                "plateau_steps": start, "run_steps": spec.steps, "after": scale["after"],
-                "parameters": pipeline.cfg.parameter_count(), "seeds": per_seed,
-                "plateau": {"val_steps": history.val_steps, "val_losses": history.val_losses},
-                "measure_wall_s": time.monotonic() - started}
+        return {
+            "scale": name,
+            "strategy": strategy,
+            "model": scale["model"],
+            "pipeline": PIPELINE,
+            "plateau_steps": start,
+            "run_steps": spec.steps,
+            "after": scale["after"],
+            "parameters": pipeline.cfg.parameter_count(),
+            "seeds": per_seed,
+            "plateau": {"val_steps": history.val_steps, "val_losses": history.val_losses},
+            "measure_wall_s": time.monotonic() - started,
+        }
 
     done: list[dict] = []
     for seed in seeds:
         partial = (lambda seed_so_far: save(result([*done, seed_so_far]))) if save else None
-        done.append(measure_seed(pipeline, plateau, spec, start, seed, cases, scale["after"], val, log, partial))
+        done.append(
+            measure_seed(pipeline, plateau, spec, start, seed, cases, scale["after"], val, log, partial)
+        )
     return result(done)
 
 
 def measured_path(name: str, strategy: str, quick: bool, seed: int | str = "*") -> str:
     """Where one scale's measurements of one seed are kept until the report is written (beside the cached models);
     seeds may run in separate processes."""
-    return str(CACHE / f"measured-{'quick-' if quick else ''}{name}-{strategy.replace('+', 'plus')}-seed{seed}.json")
+    return str(
+        CACHE / f"measured-{'quick-' if quick else ''}{name}-{strategy.replace('+', 'plus')}-seed{seed}.json"
+    )
 
 
 def merged(pattern: str) -> dict | None:
@@ -193,8 +269,12 @@ def merged(pattern: str) -> dict | None:
     if not parts:
         return None
     seeds = sorted((s for part in parts for s in part["seeds"]), key=lambda s: s["seed"])
-    return {**parts[0], "seeds": seeds, "measure_wall_s": [p["measure_wall_s"] for p in parts],
-            "machine": [p.get("machine") for p in parts]}
+    return {
+        **parts[0],
+        "seeds": seeds,
+        "measure_wall_s": [p["measure_wall_s"] for p in parts],
+        "machine": [p.get("machine") for p in parts],
+    }
 
 
 def plan(args) -> list[tuple[str, dict, str, list[int], list[float], bool]]:
@@ -205,8 +285,16 @@ def plan(args) -> list[tuple[str, dict, str, list[int], list[float], bool]]:
     for name in args.scales:
         lr_scales = [lr for lr in ([1.1, 1.0] if name == "small" else [1.1]) if lr in args.lr_scales]
         if "checkfree" in args.strategies:
-            out.append((name, SCALES[name], "checkfree", args.stages or SCALES[name]["stages"], lr_scales,
-                        name == "small" and 1.1 in lr_scales))
+            out.append(
+                (
+                    name,
+                    SCALES[name],
+                    "checkfree",
+                    args.stages or SCALES[name]["stages"],
+                    lr_scales,
+                    name == "small" and 1.1 in lr_scales,
+                )
+            )
         if "checkfree+" in args.strategies and name == "small":
             out.append((name, SCALES[name], "checkfree+", [0, 3], [1.1], False))
     return out
@@ -221,53 +309,98 @@ def report(patterns: list[str], quick: bool) -> None:
     summaries = [summarise(res) for res in results]
     tables = [table_text(res, rows) for res, rows in zip(results, summaries)]
     print("\n\n".join(tables))
-    loads = [m["load_average"][0] for r in results for m in r["machine"] if m]  # 1-min load when each part was saved
+    loads = [
+        m["load_average"][0] for r in results for m in r["machine"] if m
+    ]  # 1-min load when each part was saved
     load = [min(loads), max(loads)] if loads else list(os.getloadavg())
     stem = "recovery_ablation_quick" if quick else "recovery_ablation"
-    payload = {"summaries": [{"scale": r["scale"], "strategy": r["strategy"], "rows": rows}
-                             for r, rows in zip(results, summaries)],
-               "tables": tables, "measurements": results, "within": WITHIN,
-               "machine": machine_info(quick=quick, driver="in-process StageWorker stages (no Ray transport)")}
+    payload = {
+        "summaries": [
+            {"scale": r["scale"], "strategy": r["strategy"], "rows": rows}
+            for r, rows in zip(results, summaries)
+        ],
+        "tables": tables,
+        "measurements": results,
+        "within": WITHIN,
+        "machine": machine_info(quick=quick, driver="in-process StageWorker stages (no Ray transport)"),
+    }
     write_json(RESULTS / f"{stem}.json", payload)
     plot(results, RESULTS / f"{stem}.png")
-    md = ["# CheckFree recovery ablation from a trained model (generated by benchmarks/recovery_ablation.py)", "",
-          ("(a) validation loss right after the rebuild, before any step, minus the no-failure twin's; (b) steps "
-          f"until the validation loss is back, and stays, within {WITHIN:.0%} of the twin's (measured at the "
-          "offsets in the JSON; a run never back is counted at the horizon and listed as censored); (c) the loss "
-          "at the end minus the twin's. Mean over seeds [95% paired interval]. 'exact' restores the lost "
-          "stage's own weights with a fresh optimizer at the rebuilt learning rate: the upper bound of any "
-          "weight rule; 'identity' makes the stage an exact skip."), "",
-          *[f"```\n{t}\n```\n" for t in tables], "## What the measurements show", "",
-          *notes(results, summaries, load), ""]
+    md = [
+        "# CheckFree recovery ablation from a trained model (generated by benchmarks/recovery_ablation.py)",
+        "",
+        (
+            "(a) validation loss right after the rebuild, before any step, minus the no-failure twin's; (b) steps "
+            f"until the validation loss is back, and stays, within {WITHIN:.0%} of the twin's (measured at the "
+            "offsets in the JSON; a run never back is counted at the horizon and listed as censored); (c) the loss "
+            "at the end minus the twin's. Mean over seeds [95% paired interval]. 'exact' restores the lost "
+            "stage's own weights with a fresh optimizer at the rebuilt learning rate: the upper bound of any "
+            "weight rule; 'identity' makes the stage an exact skip."
+        ),
+        "",
+        *[f"```\n{t}\n```\n" for t in tables],
+        "## What the measurements show",
+        "",
+        *notes(results, summaries, load),
+        "",
+    ]
     (RESULTS / f"{stem}.md").write_text("\n".join(md))
     print(f"wrote {RESULTS / stem}.json, .png and .md")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Small scale, 2 seeds, one position, short runs.")
+    parser.add_argument(
+        "--quick", action="store_true", help="Small scale, 2 seeds, one position, short runs."
+    )
     parser.add_argument("--scales", nargs="*", default=list(SCALES), choices=list(SCALES))
-    parser.add_argument("--strategies", nargs="*", default=["checkfree", "checkfree+"],
-                        choices=["checkfree", "checkfree+"])
-    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0 1).")
-    parser.add_argument("--lr-scales", type=float, nargs="*", default=[1.1, 1.0],
-                        help="Learning-rate scales of the rebuilt stage to measure (1.0 only at the small scale).")
-    parser.add_argument("--stages", type=int, nargs="*", default=None, help="Middle stages (default: the scale's).")
-    parser.add_argument("--report-only", action="store_true", help="Only write the report of what was measured.")
+    parser.add_argument(
+        "--strategies", nargs="*", default=["checkfree", "checkfree+"], choices=["checkfree", "checkfree+"]
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0 1)."
+    )
+    parser.add_argument(
+        "--lr-scales",
+        type=float,
+        nargs="*",
+        default=[1.1, 1.0],
+        help="Learning-rate scales of the rebuilt stage to measure (1.0 only at the small scale).",
+    )
+    parser.add_argument(
+        "--stages", type=int, nargs="*", default=None, help="Middle stages (default: the scale's)."
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="Only write the report of what was measured."
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
-    for name, scale, strategy, stages, lr_scales, variants in ([] if args.report_only else plan(args)):
+    for name, scale, strategy, stages, lr_scales, variants in [] if args.report_only else plan(args):
         for seed in seeds:
-            tag = (f"{seed}" + ("" if len(lr_scales) > 1 else f"-lr{lr_scales[0]}")
-                   + ("" if args.stages is None else "-stage" + "-".join(map(str, stages))))
+            tag = (
+                f"{seed}"
+                + ("" if len(lr_scales) > 1 else f"-lr{lr_scales[0]}")
+                + ("" if args.stages is None else "-stage" + "-".join(map(str, stages)))
+            )
             path = Path(measured_path(name, strategy, args.quick, tag))
 
             def save(result: dict, path: Path = path) -> None:
                 write_json(path, {**result, "machine": machine_info()})
 
-            save(measure_scale(name, scale, strategy, [seed], stages, lr_scales, variants,
-                               log=lambda m: print(m, flush=True), save=save))
+            save(
+                measure_scale(
+                    name,
+                    scale,
+                    strategy,
+                    [seed],
+                    stages,
+                    lr_scales,
+                    variants,
+                    log=lambda m: print(m, flush=True),
+                    save=save,
+                )
+            )
     names = ["small"] if args.quick else list(SCALES)
     report([measured_path(n, s, args.quick) for n in names for s in ("checkfree", "checkfree+")], args.quick)
 

@@ -29,13 +29,21 @@ def _groups(scale_result: dict) -> dict[tuple, list[tuple[dict, list[float], lis
     groups: dict[tuple, dict] = defaultdict(dict)
     for seed in scale_result["seeds"]:
         for run in seed["runs"]:
-            groups[(run["lr_scale"], run["stage"], run["name"])][seed["seed"]] = (run, seed["twin"], seed["offsets"])
+            groups[(run["lr_scale"], run["stage"], run["name"])][seed["seed"]] = (
+                run,
+                seed["twin"],
+                seed["offsets"],
+            )
     return {key: [by_seed[s] for s in sorted(by_seed)] for key, by_seed in groups.items()}
 
 
 def _seeds(scale_result: dict, key: tuple) -> dict[int, dict]:
-    return {seed["seed"]: run for seed in scale_result["seeds"] for run in seed["runs"]
-            if (run["lr_scale"], run["stage"], run["name"]) == key}
+    return {
+        seed["seed"]: run
+        for seed in scale_result["seeds"]
+        for run in seed["runs"]
+        if (run["lr_scale"], run["stage"], run["name"]) == key
+    }
 
 
 def _paired_runs(scale_result: dict, key_a: tuple, key_b: tuple, index: int) -> PairedDifference | None:
@@ -60,11 +68,20 @@ def summarise(scale_result: dict) -> list[dict]:
         steps = [run["recovered_after"] for run, _, _ in items]
         censored = sum(s is None for s in steps)
         steps_filled = [float(after if s is None else s) for s in steps]
-        row = {"strategy": scale_result["strategy"], "lr_scale": lr_scale, "stage": stage, "rule": name,
-               "a_excess": _interval(paired_difference(a, twin_a)),
-               "a_relative": sum(x / y - 1 for x, y in zip(a, twin_a)) / len(a),
-               "b_steps": _interval(paired_difference(steps_filled, [0.0] * len(steps))), "b_censored": censored,
-               "c_excess": _interval(paired_difference(c, twin_c)), "a_values": a, "c_values": c, "b_values": steps}
+        row = {
+            "strategy": scale_result["strategy"],
+            "lr_scale": lr_scale,
+            "stage": stage,
+            "rule": name,
+            "a_excess": _interval(paired_difference(a, twin_a)),
+            "a_relative": sum(x / y - 1 for x, y in zip(a, twin_a)) / len(a),
+            "b_steps": _interval(paired_difference(steps_filled, [0.0] * len(steps))),
+            "b_censored": censored,
+            "c_excess": _interval(paired_difference(c, twin_c)),
+            "a_values": a,
+            "c_values": c,
+            "b_values": steps,
+        }
         if name != "weighted" and (lr_scale, stage, "weighted") in groups:
             for tag, index in (("a", 0), ("c", -1)):
                 d = _paired_runs(scale_result, (lr_scale, stage, "weighted"), (lr_scale, stage, name), index)
@@ -82,8 +99,11 @@ def clip_stats(scale_result: dict) -> dict:
             if run["rule"] == "weighted" and run["recipe"].get("weights"):
                 weights.append(run["recipe"]["weights"][0])
                 equal += abs(run["recipe"]["weights"][0] - 0.5) < 1e-6
-    return {"rebuilds": len(weights), "equal_weights": equal,
-            "mean_previous_weight": sum(weights) / len(weights) if weights else None}
+    return {
+        "rebuilds": len(weights),
+        "equal_weights": equal,
+        "mean_previous_weight": sum(weights) / len(weights) if weights else None,
+    }
 
 
 def _fmt(d: dict, digits: int = 3) -> str:
@@ -95,30 +115,41 @@ def _fmt(d: dict, digits: int = 3) -> str:
 def table_text(scale_result: dict, rows: list[dict]) -> str:
     """The printed table of one scale and strategy."""
     model = scale_result["model"]
-    head = (f"{scale_result['scale']} (d={model['d_model']}, {model['n_layers']} layers, "
-            f"{scale_result['parameters'] / 1e6:.2f}M parameters), {scale_result['strategy']}, "
-            f"{len({s['seed'] for s in scale_result['seeds']})} seeds, measured {scale_result['after']} steps after the rebuild")
-    cols = f"{'lr':>4} {'stage':>5} {'rule':<18} {'(a) after rebuild - twin':>28} {'(b) steps to 1%':>22} " \
-           f"{'(c) end - twin':>28}"
+    head = (
+        f"{scale_result['scale']} (d={model['d_model']}, {model['n_layers']} layers, "
+        f"{scale_result['parameters'] / 1e6:.2f}M parameters), {scale_result['strategy']}, "
+        f"{len({s['seed'] for s in scale_result['seeds']})} seeds, measured {scale_result['after']} steps after the rebuild"
+    )
+    cols = (
+        f"{'lr':>4} {'stage':>5} {'rule':<18} {'(a) after rebuild - twin':>28} {'(b) steps to 1%':>22} "
+        f"{'(c) end - twin':>28}"
+    )
     lines = [head, cols, "-" * len(cols)]
     for r in rows:
         censored = f" ({r['b_censored']} >{scale_result['after']})" if r["b_censored"] else ""
-        lines.append(f"{r['lr_scale']:>4} {r['stage']:>5} {r['rule']:<18} {_fmt(r['a_excess']):>28} "
-                     f"{_fmt(r['b_steps'], 1) + censored:>22} {_fmt(r['c_excess']):>28}")
+        lines.append(
+            f"{r['lr_scale']:>4} {r['stage']:>5} {r['rule']:<18} {_fmt(r['a_excess']):>28} "
+            f"{_fmt(r['b_steps'], 1) + censored:>22} {_fmt(r['c_excess']):>28}"
+        )
     return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
     """Mean excess validation loss over the twin against steps after the rebuild, per scale and stage (lr x1.1)."""
-    panels = [(res, stage) for res in results for stage in sorted({r["stage"] for s in res["seeds"]
-                                                                   for r in s["runs"]})]
+    panels = [
+        (res, stage)
+        for res in results
+        for stage in sorted({r["stage"] for s in res["seeds"] for r in s["runs"]})
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=100, squeeze=False)
     for ax, (res, stage) in zip(axes[0], panels):
         offsets = res["seeds"][0]["offsets"]
         for (lr_scale, s, name), items in _groups(res).items():
             if s != stage or lr_scale != 1.1:
                 continue
-            excess = [sum(r["losses"][i] - t[i] for r, t, _ in items) / len(items) for i in range(len(offsets))]
+            excess = [
+                sum(r["losses"][i] - t[i] for r, t, _ in items) / len(items) for i in range(len(offsets))
+            ]
             ax.plot([o + 1 for o in offsets], excess, lw=1.2, label=name)
         ax.set_xscale("log")
         ax.axhline(0, color="k", lw=0.6)
@@ -152,8 +183,11 @@ def lr_lines(scale_result: dict) -> list[str]:
             if d is not None:
                 parts.append(f"{name} {_fmt(_interval(d))}")
         if parts:
-            lines.append(f"- Stage {stage}, (c) at lr x1.1 minus at x1.0 (negative: x1.1 ends lower): "
-                         + "; ".join(parts) + ".")
+            lines.append(
+                f"- Stage {stage}, (c) at lr x1.1 minus at x1.0 (negative: x1.1 ends lower): "
+                + "; ".join(parts)
+                + "."
+            )
     return lines
 
 
@@ -165,45 +199,68 @@ def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -
         plateau = res["plateau"]
         tail = ""
         if len(plateau["val_losses"]) >= 3:
-            tail = (f"; its validation loss moved {plateau['val_losses'][-1] - plateau['val_losses'][-3]:+.4f} over "
-                    f"the last {plateau['val_steps'][-1] - plateau['val_steps'][-3]} steps")
-        out.append(f"### {res['scale']}, {res['strategy']}: d={m['d_model']}, {m['n_layers']} layers "
-                   f"({m['n_layers'] // res['pipeline']['num_stages']} per stage), "
-                   f"{res['parameters'] / 1e6:.2f}M parameters")
-        out.append(f"- Trained model: step {res['plateau_steps']} of a {res.get('run_steps', res['plateau_steps'])}-step "
-                   f"run at a constant learning rate, validation loss "
-                   f"{plateau['val_losses'][-1]:.4f}{tail}. Seeds {sorted({s['seed'] for s in res['seeds']})}, failure "
-                   f"steps {sorted({s['fail_step'] for s in res['seeds']})}, measured for {res['after']} steps.")
+            tail = (
+                f"; its validation loss moved {plateau['val_losses'][-1] - plateau['val_losses'][-3]:+.4f} over "
+                f"the last {plateau['val_steps'][-1] - plateau['val_steps'][-3]} steps"
+            )
+        out.append(
+            f"### {res['scale']}, {res['strategy']}: d={m['d_model']}, {m['n_layers']} layers "
+            f"({m['n_layers'] // res['pipeline']['num_stages']} per stage), "
+            f"{res['parameters'] / 1e6:.2f}M parameters"
+        )
+        out.append(
+            f"- Trained model: step {res['plateau_steps']} of a {res.get('run_steps', res['plateau_steps'])}-step "
+            f"run at a constant learning rate, validation loss "
+            f"{plateau['val_losses'][-1]:.4f}{tail}. Seeds {sorted({s['seed'] for s in res['seeds']})}, failure "
+            f"steps {sorted({s['fail_step'] for s in res['seeds']})}, measured for {res['after']} steps."
+        )
         by = {(r["lr_scale"], r["stage"], r["rule"]): r for r in rows}
-        for lr_scale, stage in sorted({(r["lr_scale"], r["stage"]) for r in rows}, key=lambda k: (-k[0], k[1])):
+        for lr_scale, stage in sorted(
+            {(r["lr_scale"], r["stage"]) for r in rows}, key=lambda k: (-k[0], k[1])
+        ):
             here = {rule: r for (lr, s, rule), r in by.items() if (lr, s) == (lr_scale, stage)}
             ranked = sorted(here, key=lambda rule: here[rule]["a_excess"]["mean"])
-            line = (f"- lr x{lr_scale}, stage {stage}: by (a), best to worst: "
-                    + ", ".join(f"{rule} {here[rule]['a_excess']['mean']:+.3f}" for rule in ranked) + ".")
+            line = (
+                f"- lr x{lr_scale}, stage {stage}: by (a), best to worst: "
+                + ", ".join(f"{rule} {here[rule]['a_excess']['mean']:+.3f}" for rule in ranked)
+                + "."
+            )
             order = [rule for rule in ranked if rule in PAPER_ORDER]
             if len(order) > 1:
                 line += f" The paper's order {' < '.join(PAPER_ORDER)} " + (
-                    "holds in the means." if order == PAPER_ORDER else f"does not hold: here {' < '.join(order)}.")
+                    "holds in the means."
+                    if order == PAPER_ORDER
+                    else f"does not hold: here {' < '.join(order)}."
+                )
             rebuilt = [here[rule]["a_excess"]["mean"] for rule in here if rule != "exact"]
             if len(rebuilt) > 1:
-                line += (f" Spread between the rebuilding rules {max(rebuilt) - min(rebuilt):.3f} nats, "
-                         f"{(max(rebuilt) - min(rebuilt)) / min(rebuilt):.0%} of the smallest damage "
-                         f"({min(rebuilt):.3f}).")
+                line += (
+                    f" Spread between the rebuilding rules {max(rebuilt) - min(rebuilt):.3f} nats, "
+                    f"{(max(rebuilt) - min(rebuilt)) / min(rebuilt):.0%} of the smallest damage "
+                    f"({min(rebuilt):.3f})."
+                )
             if "random" in here and "identity" in here:
                 d = _paired_runs(res, (lr_scale, stage, "random"), (lr_scale, stage, "identity"), 0)
                 line += f" Random - identity on (a): {_fmt(_interval(d), 4)}."
             for other in ("random", "identity", "average", "copy", "weighted/pre_clip", "weighted/blocks"):
                 if other in here and "weighted_minus_a" in here[other]:
                     d = here[other]["weighted_minus_a"]
-                    line += (f" Weighted - {other} on (a): {_fmt(d)}, "
-                             + _verdict(d, "weighted better", "weighted worse", "not distinguishable") + ".")
+                    line += (
+                        f" Weighted - {other} on (a): {_fmt(d)}, "
+                        + _verdict(d, "weighted better", "weighted worse", "not distinguishable")
+                        + "."
+                    )
             out.append(line)
         out.extend(lr_lines(res))
         clip = clip_stats(res)
         if clip["rebuilds"]:
-            out.append(f"- Weighted rebuilds: {clip['equal_weights']} of {clip['rebuilds']} had equal weighing norms "
-                       f"(then weighted = average); mean weight of the previous neighbour "
-                       f"{clip['mean_previous_weight']:.3f}.")
-    out.append(f"1-minute load average when the measurements were saved: {min(load):.0f} to {max(load):.0f} "
-               f"(2 shared cores; timings are not comparable, losses are).")
+            out.append(
+                f"- Weighted rebuilds: {clip['equal_weights']} of {clip['rebuilds']} had equal weighing norms "
+                f"(then weighted = average); mean weight of the previous neighbour "
+                f"{clip['mean_previous_weight']:.3f}."
+            )
+    out.append(
+        f"1-minute load average when the measurements were saved: {min(load):.0f} to {max(load):.0f} "
+        f"(2 shared cores; timings are not comparable, losses are)."
+    )
     return out

@@ -79,7 +79,9 @@ class LocalPipeline:
             x = inputs[mb]
             for hop, (stage, parts) in enumerate(hops):
                 last = hop == len(hops) - 1
-                x = self.workers[stage].forward(mb, hop, parts, x, targets[mb] if last else None, 1.0 / M, True)
+                x = self.workers[stage].forward(
+                    mb, hop, parts, x, targets[mb] if last else None, 1.0 / M, True
+                )
             losses.append(x)
             routes.append(hops)
         for mb, hops in enumerate(routes):
@@ -132,13 +134,18 @@ class LocalPipeline:
             blocks = reinitialised_blocks(self.cfg, stage, reinit_seed(run_seed, step, stage), rule)
             self.workers[stage] = self._fresh(stage, lr, blocks)
         elif recipe.method == "checkfree":
-            self.workers[stage] = self._fresh(stage, lr, *[n.get_state((BLOCKS,)) for n in src],
-                                              weights=recipe.weights)
+            self.workers[stage] = self._fresh(
+                stage, lr, *[n.get_state((BLOCKS,)) for n in src], weights=recipe.weights
+            )
         else:  # CheckFree+ outer stage: the partner's blocks + the (de)embedding copy it holds (copy_every 1)
             copy = lost.get_state((EMBED, HEAD))
             self.workers[stage] = self._fresh(stage, lr, src[0].get_state((BLOCKS,)), copy)
-        return {"method": recipe.method, "sources": list(recipe.sources), "weights": list(recipe.weights),
-                "norms": norms}
+        return {
+            "method": recipe.method,
+            "sources": list(recipe.sources),
+            "weights": list(recipe.weights),
+            "norms": norms,
+        }
 
     def _fresh(self, stage: int, lr: float, *sources, weights: tuple[float, ...] = ()) -> LocalStage:
         opt = self.spec.optim
@@ -152,8 +159,13 @@ def cache_uri(spec: TrainSpec) -> str:
     return str(CACHE / digest(spec_inputs(spec))[:16])
 
 
-def trained_pipeline(spec: TrainSpec, val: tuple[torch.Tensor, torch.Tensor], until: int | None = None,
-                     every: int = 250, log: Callable[[str], None] = print) -> tuple[LocalPipeline, History]:
+def trained_pipeline(
+    spec: TrainSpec,
+    val: tuple[torch.Tensor, torch.Tensor],
+    until: int | None = None,
+    every: int = 250,
+    log: Callable[[str], None] = print,
+) -> tuple[LocalPipeline, History]:
     """`spec`'s run trained up to step `until` (default `spec.steps`), from its cached engine checkpoint.
 
     Trains (resuming from the newest checkpoint of an interrupted run) with a validation loss every `every` steps,
@@ -168,11 +180,15 @@ def trained_pipeline(spec: TrainSpec, val: tuple[torch.Tensor, torch.Tensor], un
     pipeline, history, start = LocalPipeline(spec), History(), 0
     latest = store.latest()
     if latest is not None and latest > until:
-        raise ValueError(f"the cached run {store.uri} is at step {latest}, past the requested {until}; ask for "
-                         f"step {latest} or delete {spec.output.uri} to retrain")
+        raise ValueError(
+            f"the cached run {store.uri} is at step {latest}, past the requested {until}; ask for "
+            f"step {latest} or delete {spec.output.uri} to retrain"
+        )
     if latest is not None:
         checkpoint = store.load(latest, pipeline.S)
-        pipeline.restore(([load_safetensors(s) for s in checkpoint.shards], checkpoint.metadata["grad_norms"]))
+        pipeline.restore(
+            ([load_safetensors(s) for s in checkpoint.shards], checkpoint.metadata["grad_norms"])
+        )
         restore_history(history, checkpoint.history or {})
         start = latest
         log(f"  trained model: step {latest} from {store.checkpoint_uri(latest)}")
@@ -184,9 +200,14 @@ def trained_pipeline(spec: TrainSpec, val: tuple[torch.Tensor, torch.Tensor], un
         if step % every == 0 or step == until:
             history.val_steps.append(step)
             history.val_losses.append(pipeline.evaluate(*val))
-            metadata = {"grad_norms": pipeline.grad_norms, "spec": spec.model_dump(mode="json"),
-                        "torch": torch.__version__}
+            metadata = {
+                "grad_norms": pipeline.grad_norms,
+                "spec": spec.model_dump(mode="json"),
+                "torch": torch.__version__,
+            }
             store.save(step, [w.state_bytes() for w in pipeline.workers], metadata, save_history(history))
-            log(f"  training: step {step} val {history.val_losses[-1]:.4f} "
-                f"({(time.monotonic() - began) / (step - start):.3f} s/step)")
+            log(
+                f"  training: step {step} val {history.val_losses[-1]:.4f} "
+                f"({(time.monotonic() - began) / (step - start):.3f} s/step)"
+            )
     return pipeline, history

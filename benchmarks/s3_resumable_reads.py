@@ -52,8 +52,12 @@ def ways(uri: str, expected: bytes, scratch: Path) -> dict:
         storage.download_file(uri, scratch / "ours.bin")
         assert (scratch / "ours.bin").stat().st_size == len(expected)
 
-    return {"boto3 get_object().read()": boto_read, "storage.read_bytes": storage_read,
-            "boto3 download_file (s3transfer)": boto_download, "storage.download_file": storage_download}
+    return {
+        "boto3 get_object().read()": boto_read,
+        "storage.read_bytes": storage_read,
+        "boto3 download_file (s3transfer)": boto_download,
+        "storage.download_file": storage_download,
+    }
 
 
 def main() -> None:
@@ -61,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="object size in MiB")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
-    parser.add_argument("--quick", action="store_true", help="16 MiB, 3 rounds, written to outputs/bench/quick/")
+    parser.add_argument(
+        "--quick", action="store_true", help="16 MiB, 3 rounds, written to outputs/bench/quick/"
+    )
     args = parser.parse_args()
     mib, rounds = (16, 3) if args.quick else (args.mib, args.rounds)
     server = start_seaweedfs()
@@ -80,17 +86,28 @@ def main() -> None:
     finally:
         server.stop()
     medians = {name: statistics.median(values) for name, values in seconds.items()}
-    ratios = {"read_bytes / boto3 read": medians["storage.read_bytes"] / medians["boto3 get_object().read()"],
-              "download_file / boto3 download_file": medians["storage.download_file"]
-              / medians["boto3 download_file (s3transfer)"]}
+    ratios = {
+        "read_bytes / boto3 read": medians["storage.read_bytes"] / medians["boto3 get_object().read()"],
+        "download_file / boto3 download_file": medians["storage.download_file"]
+        / medians["boto3 download_file (s3transfer)"],
+    }
     print(f"{mib} MiB object, {rounds} interleaved rounds, SeaweedFS on loopback")
     for name, median in medians.items():
         print(f"  {name:34s} median {median:6.3f} s  ({mib / median:7.1f} MiB/s)")
     for name, ratio in ratios.items():
         print(f"  {name:40s} {ratio:5.2f}x")
     target = (QUICK_RESULTS if args.quick else RESULTS) / "s3_resumable_reads.json"
-    write_json(target, {"mib": mib, "rounds": rounds, "seconds": seconds, "medians_s": medians, "ratios": ratios,
-                        "machine": machine_info()})
+    write_json(
+        target,
+        {
+            "mib": mib,
+            "rounds": rounds,
+            "seconds": seconds,
+            "medians_s": medians,
+            "ratios": ratios,
+            "machine": machine_info(),
+        },
+    )
     print(f"wrote {target}")
 
 

@@ -34,13 +34,18 @@ import lcsc_setup as setup
 FLAT = "flat 500"
 CONFIGS = {
     FLAT: {"num_samples": 500, "search": {}},
-    "SH 250->1000 keep 0.25": {"num_samples": 500, "search": {"fidelity_schedule": [250, 1000], "keep_fraction": 0.25}},
+    "SH 250->1000 keep 0.25": {
+        "num_samples": 500,
+        "search": {"fidelity_schedule": [250, 1000], "keep_fraction": 0.25},
+    },
     "SH 125->250->1000 keep 0.25": {
         "num_samples": 500,
         "search": {"fidelity_schedule": [125, 250, 1000], "keep_fraction": 0.25},
     },
 }
-QUICK_DIVISOR = 5  # --quick divides every sample count by this (a smoke test of the harness, not a measurement)
+QUICK_DIVISOR = (
+    5  # --quick divides every sample count by this (a smoke test of the harness, not a measurement)
+)
 WHY_OWN_LOOP = (
     "Successive halving runs in the search's own driver loop (SearchRun.run_rungs), not as Tune's ASHA "
     "scheduler: an LCSC candidate is one evaluation, and 'more fidelity' is a fresh re-evaluation of the same "
@@ -61,10 +66,14 @@ def config_row(name: str, mine: list[dict], flat: list[dict]) -> dict:
     m, sd = setup.mean_sd([r["winner_holdout_fid"] for r in mine])
     flat_by_seed = {r["seed"]: r for r in flat}
     shared = [r for r in mine if r["seed"] in flat_by_seed]
-    over_seeds = setup.paired([r["winner_holdout_fid"] for r in shared],
-                              [flat_by_seed[r["seed"]]["winner_holdout_fid"] for r in shared])
-    over_pairs = setup.paired([f for r in shared for f in r["winner_holdout_fids"]],
-                              [f for r in shared for f in flat_by_seed[r["seed"]]["winner_holdout_fids"]])
+    over_seeds = setup.paired(
+        [r["winner_holdout_fid"] for r in shared],
+        [flat_by_seed[r["seed"]]["winner_holdout_fid"] for r in shared],
+    )
+    over_pairs = setup.paired(
+        [f for r in shared for f in r["winner_holdout_fids"]],
+        [f for r in shared for f in flat_by_seed[r["seed"]]["winner_holdout_fids"]],
+    )
     samples = sum(r["search_samples"] for r in mine) / len(mine)
     flat_samples = sum(r["search_samples"] for r in flat) / len(flat) if flat else float("nan")
     return {
@@ -84,8 +93,11 @@ def config_row(name: str, mine: list[dict], flat: list[dict]) -> dict:
 
 def goal_met(t: dict) -> bool:
     """At most half of flat 500's sample generations, and no interval that says it is worse than flat."""
-    return (t["sample_ratio_to_flat"] <= 0.5 and t["vs_flat_over_optimizer_seeds"]["verdict"] != "loss"
-            and t["vs_flat_over_seed_pairs"]["verdict"] != "loss")
+    return (
+        t["sample_ratio_to_flat"] <= 0.5
+        and t["vs_flat_over_optimizer_seeds"]["verdict"] != "loss"
+        and t["vs_flat_over_seed_pairs"]["verdict"] != "loss"
+    )
 
 
 def notes(table: list[dict]) -> list[str]:
@@ -102,17 +114,23 @@ def notes(table: list[dict]) -> list[str]:
         )
         over = t["vs_flat_over_seed_pairs"]
         if over["num_seeds"] > 1 and over["verdict"].startswith("tie"):
-            out.append(f"{t['config']}: 'same FID' rests on an interval {over['high'] - over['low']:.2f} FID wide; a "
-                       "difference smaller than that is not resolved by these seeds.")
+            out.append(
+                f"{t['config']}: 'same FID' rests on an interval {over['high'] - over['low']:.2f} FID wide; a "
+                "difference smaller than that is not resolved by these seeds."
+            )
     schedules = [t for t in table if t["config"] != FLAT]
     if schedules and not any(goal_met(t) for t in schedules):
-        out.append("No schedule met the goal. What would: screening at a lower first rung (fewer samples per "
-                   "candidate) with a smaller keep fraction, or asynchronous rungs (ASHA-style promotion while "
-                   "the optimiser keeps proposing) so that the re-scores do not add up to the flat search's cost.")
+        out.append(
+            "No schedule met the goal. What would: screening at a lower first rung (fewer samples per "
+            "candidate) with a smaller keep fraction, or asynchronous rungs (ASHA-style promotion while "
+            "the optimiser keeps proposing) so that the re-scores do not add up to the flat search's cost."
+        )
     out.append(WHY_OWN_LOOP)
-    out.append("search samples = samples of the candidates' screening and rung re-scores (trials.parquet), counted "
-               "even where an earlier run's identical evaluation was replayed; the final held-out scores are the "
-               "same for every configuration and are not counted.")
+    out.append(
+        "search samples = samples of the candidates' screening and rung re-scores (trials.parquet), counted "
+        "even where an earlier run's identical evaluation was replayed; the final held-out scores are the "
+        "same for every configuration and are not counted."
+    )
     return out
 
 
@@ -121,13 +139,19 @@ def markdown(payload: dict) -> str:
     s, m = payload["setup"], payload["machine"]
     quick_note = f" (--quick: every sample count divided by {QUICK_DIVISOR})" if payload["quick"] else ""
     lines = [
-        "# Multi-fidelity LCSC search", "",
-        (f"MNIST DDPM, last 12 checkpoints, DDIM 10 steps, CMA bound 3 sigma 0.15, budget {s['budget']} candidates; "
-         f"winners re-scored at {s['final_num_samples']} samples on held-out seeds {s['holdout_seeds']}; optimiser "
-         f"seeds {s['optimizer_seeds']}{quick_note}. Commit {m.get('git_commit')}; load average {m['load_average']} at the "
-         f"start, {payload['load_average_end']} at the end."), "",
-        ("| config | runs | held-out FID mean ± sd | search samples | x flat | minus flat, over seeds | "
-        "minus flat, over seed pairs | wall s |"),
+        "# Multi-fidelity LCSC search",
+        "",
+        (
+            f"MNIST DDPM, last 12 checkpoints, DDIM 10 steps, CMA bound 3 sigma 0.15, budget {s['budget']} candidates; "
+            f"winners re-scored at {s['final_num_samples']} samples on held-out seeds {s['holdout_seeds']}; optimiser "
+            f"seeds {s['optimizer_seeds']}{quick_note}. Commit {m.get('git_commit')}; load average {m['load_average']} at the "
+            f"start, {payload['load_average_end']} at the end."
+        ),
+        "",
+        (
+            "| config | runs | held-out FID mean ± sd | search samples | x flat | minus flat, over seeds | "
+            "minus flat, over seed pairs | wall s |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in payload["table"]:
@@ -135,7 +159,8 @@ def markdown(payload: dict) -> str:
             f"| {t['config']} | {t['runs']} | {t['holdout_fid_mean']:.2f} ± {t['holdout_fid_sd']:.2f} | "
             f"{t['search_samples_mean']:,.0f} | {t['sample_ratio_to_flat']:.2f} | "
             f"{setup.fmt_paired(t['vs_flat_over_optimizer_seeds'])} | {setup.fmt_paired(t['vs_flat_over_seed_pairs'])} | "
-            f"{t['wall_s_mean']:.0f} |")
+            f"{t['wall_s_mean']:.0f} |"
+        )
     lines += ["", "## Reading", ""] + [f"- {n}" for n in payload["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -143,17 +168,30 @@ def markdown(payload: dict) -> str:
 def write(args, rows: list[dict], machine: dict, wall: float) -> None:
     """Tabulate the finished runs and write the JSON and markdown (a cut-short run records what ran)."""
     flat = [r for r in rows if r["config"] == FLAT]
-    table = [config_row(n, [r for r in rows if r["config"] == n], flat)
-             for n in args.configs if any(r["config"] == n for r in rows)]
+    table = [
+        config_row(n, [r for r in rows if r["config"] == n], flat)
+        for n in args.configs
+        if any(r["config"] == n for r in rows)
+    ]
     payload = {
-        "benchmark": "search_fidelity", "quick": args.quick, "machine": machine,
-        "load_average_end": list(os.getloadavg()), "wall_time_s_this_invocation": round(wall, 1),
+        "benchmark": "search_fidelity",
+        "quick": args.quick,
+        "machine": machine,
+        "load_average_end": list(os.getloadavg()),
+        "wall_time_s_this_invocation": round(wall, 1),
         "complete": len(rows) == len(args.configs) * len(args.seeds),
-        "setup": {"setting": "MNIST DDPM, last 12 ckpts, DDIM 10 steps, CMA bound 3 sigma 0.15",
-                  "budget": args.budget, "final_num_samples": args.final_samples, "holdout_seeds": args.holdout_seeds,
-                  "optimizer_seeds": args.seeds, "configs": {n: CONFIGS[n] for n in args.configs},
-                  "rescore_top_k": 1},
-        "table": table, "baselines_holdout_fid": rows[0]["baselines_holdout_fid"], "runs": rows,
+        "setup": {
+            "setting": "MNIST DDPM, last 12 ckpts, DDIM 10 steps, CMA bound 3 sigma 0.15",
+            "budget": args.budget,
+            "final_num_samples": args.final_samples,
+            "holdout_seeds": args.holdout_seeds,
+            "optimizer_seeds": args.seeds,
+            "configs": {n: CONFIGS[n] for n in args.configs},
+            "rescore_top_k": 1,
+        },
+        "table": table,
+        "baselines_holdout_fid": rows[0]["baselines_holdout_fid"],
+        "runs": rows,
         "notes": notes(table) if flat else [],
     }
     text = markdown(payload)
@@ -164,8 +202,11 @@ def write(args, rows: list[dict], machine: dict, wall: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="budget 10, 1 seed, 2 held-out seeds, two configs, sample counts / 5")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="budget 10, 1 seed, 2 held-out seeds, two configs, sample counts / 5",
+    )
     parser.add_argument("--budget", type=int, default=96)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -186,14 +227,25 @@ def main() -> None:
                 config = scaled(CONFIGS[name], QUICK_DIVISOR) if args.quick else CONFIGS[name]
                 out = setup.BENCH_OUT / f"fidelity-{tag}" / f"{setup.slug(name)}-seed{seed}"
                 spec = setup.make_spec(
-                    str(out), seed=seed, holdout_seeds=args.holdout_seeds, holdout_num_samples=args.final_samples,
-                    num_samples=config["num_samples"], budget=args.budget, rescore_top_k=1, optimizer="CMA",
-                    bound=3.0, sigma=0.15, **config["search"],
+                    str(out),
+                    seed=seed,
+                    holdout_seeds=args.holdout_seeds,
+                    holdout_num_samples=args.final_samples,
+                    num_samples=config["num_samples"],
+                    budget=args.budget,
+                    rescore_top_k=1,
+                    optimizer="CMA",
+                    bound=3.0,
+                    sigma=0.15,
+                    **config["search"],
                 )
                 row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 rows.append(row)
-                print(f"{name:28s} seed {seed}: winner held-out {row['winner_holdout_fid']:.2f}; search samples "
-                      f"{row['search_samples']:,}; {row['wall_s']:.0f} s", flush=True)
+                print(
+                    f"{name:28s} seed {seed}: winner held-out {row['winner_holdout_fid']:.2f}; search samples "
+                    f"{row['search_samples']:,}; {row['wall_s']:.0f} s",
+                    flush=True,
+                )
                 write(args, rows, machine, time.monotonic() - started)
 
 

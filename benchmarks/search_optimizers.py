@@ -52,9 +52,7 @@ def config_row(name: str, mine: list[dict], default_rows: list[dict]) -> dict:
             wins[label] += int(c["high"] is not None and c["high"] < 0)
     by_seed = {r["seed"]: r["winner_holdout_fid"] for r in default_rows}
     shared = [r for r in mine if r["seed"] in by_seed]
-    vs_default = setup.paired(
-        [r["winner_holdout_fid"] for r in shared], [by_seed[r["seed"]] for r in shared]
-    )
+    vs_default = setup.paired([r["winner_holdout_fid"] for r in shared], [by_seed[r["seed"]] for r in shared])
     return {
         "config": name,
         **CONFIGS[name],
@@ -76,11 +74,13 @@ def markdown(payload: dict) -> str:
     lines = [
         "# LCSC search: optimiser configurations",
         "",
-        (f"MNIST DDPM, last 12 checkpoints, DDIM {s['nfe']} steps, budget {s['budget']} (7 seed vectors "
-        f"included), {s['search_num_samples']}-sample search FIDs, held-out seeds {s['holdout_seeds']} at "
-        f"{s['holdout_num_samples']} samples; "
-        f"optimiser seeds {s['optimizer_seeds']}. Commit {payload['machine'].get('git_commit')}, load average "
-        f"{payload['machine']['load_average']} at the start."),
+        (
+            f"MNIST DDPM, last 12 checkpoints, DDIM {s['nfe']} steps, budget {s['budget']} (7 seed vectors "
+            f"included), {s['search_num_samples']}-sample search FIDs, held-out seeds {s['holdout_seeds']} at "
+            f"{s['holdout_num_samples']} samples; "
+            f"optimiser seeds {s['optimizer_seeds']}. Commit {payload['machine'].get('git_commit')}, load average "
+            f"{payload['machine']['load_average']} at the start."
+        ),
         "",
         "| config | runs | held-out FID mean ± sd | search FID | gain found | minus default [95% CI] | wall s |",
         "|---|---|---|---|---|---|---|",
@@ -125,13 +125,18 @@ def notes(payload: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="2 configs, 1 seed, budget 10, 100-sample FIDs, 2 held-out seeds of 200")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 configs, 1 seed, budget 10, 100-sample FIDs, 2 held-out seeds of 200",
+    )
     parser.add_argument("--budget", type=int, default=96)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--holdout-seeds", type=int, nargs="+", default=HOLDOUT_SEEDS)
     parser.add_argument("--holdout-samples", type=int, default=1000, help="samples per held-out score")
-    parser.add_argument("--skip-missing", action="store_true", help="tabulate finished runs only; run nothing")
+    parser.add_argument(
+        "--skip-missing", action="store_true", help="tabulate finished runs only; run nothing"
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS)[:3], help="names from CONFIGS")
     args = parser.parse_args()
     configs = [DEFAULT_CONFIG, "TwoPointsDE b2"] if args.quick else args.configs
@@ -152,8 +157,14 @@ def main() -> None:
                 if args.skip_missing and not (out / "result.json").exists():
                     continue
                 spec = setup.make_spec(
-                    str(out), seed=seed, num_samples=search_samples, holdout_seeds=holdout,
-                    holdout_num_samples=holdout_samples, budget=budget, rescore_top_k=1, **CONFIGS[name],
+                    str(out),
+                    seed=seed,
+                    num_samples=search_samples,
+                    holdout_seeds=holdout,
+                    holdout_num_samples=holdout_samples,
+                    budget=budget,
+                    rescore_top_k=1,
+                    **CONFIGS[name],
                 )
                 row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 rows.append(row)

@@ -33,8 +33,15 @@ CPUS_PER_STAGE = 0.08
 def interleaved_spec(strategy: str, seed: int, every: int | None):
     """The benchmark's model and pipeline for `strategy`, open-ended (no evaluation), without standbys."""
     extra = {"checkpointing": {"every": every}} if every else {}
-    return bench_spec(strategy, seed, 100_000, None, eval_every=100_000,
-                      pipeline={"warm_standby": False, "num_cpus_per_stage": CPUS_PER_STAGE}, **extra)
+    return bench_spec(
+        strategy,
+        seed,
+        100_000,
+        None,
+        eval_every=100_000,
+        pipeline={"warm_standby": False, "num_cpus_per_stage": CPUS_PER_STAGE},
+        **extra,
+    )
 
 
 def one_seed(seed: int, strategies: list[str], every_of, base: str, rounds: int, block_steps: int) -> dict:
@@ -53,24 +60,38 @@ def one_seed(seed: int, strategies: list[str], every_of, base: str, rounds: int,
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 blocks[name].append(statistics.fmean(pipelines[name].block(block_steps)))
-            print(f"interleaved seed {seed} round {r + 1}/{rounds}: "
-                  + " ".join(f"{n} {blocks[n][-1] * 1e3:.0f}ms" for n in names), flush=True)
+            print(
+                f"interleaved seed {seed} round {r + 1}/{rounds}: "
+                + " ".join(f"{n} {blocks[n][-1] * 1e3:.0f}ms" for n in names),
+                flush=True,
+            )
     finally:
         for pipeline in pipelines.values():
             pipeline.executor.shutdown()
-    failures = {name: len(p.executor.history.failures) for name, p in pipelines.items()
-                if p.executor.history.failures}
-    return {"block_step_s": blocks, "failures": failures,
-            "costs": {name: dict(p.executor.history.costs) for name, p in pipelines.items()}}
+    failures = {
+        name: len(p.executor.history.failures) for name, p in pipelines.items() if p.executor.history.failures
+    }
+    return {
+        "block_step_s": blocks,
+        "failures": failures,
+        "costs": {name: dict(p.executor.history.costs) for name, p in pipelines.items()},
+    }
 
 
-def measure_interleaved(seeds: list[int], strategies: list[str], every_of, checkpoint_every: int, work: Path,
-                        rounds: int = ROUNDS) -> dict:
+def measure_interleaved(
+    seeds: list[int], strategies: list[str], every_of, checkpoint_every: int, work: Path, rounds: int = ROUNDS
+) -> dict:
     """Interleaved per-step costs for each seed; saved to work/interleaved.json after each seed."""
     block_steps = checkpoint_every  # one checkpoint save per block (the warm-up puts it mid-block)
-    out = {"rounds": rounds, "block_steps": block_steps, "warm_up_steps": WARM_UP_STEPS,
-           "cpus_per_stage": CPUS_PER_STAGE, "checkpoint_every": checkpoint_every, "seeds": {},
-           "load_before": machine_info()["load_average"]}
+    out = {
+        "rounds": rounds,
+        "block_steps": block_steps,
+        "warm_up_steps": WARM_UP_STEPS,
+        "cpus_per_stage": CPUS_PER_STAGE,
+        "checkpoint_every": checkpoint_every,
+        "seeds": {},
+        "load_before": machine_info()["load_average"],
+    }
     started = time.monotonic()
     with s3_bucket("interleaved") as base, local_ray(num_cpus=2):
         for seed in seeds:
@@ -84,11 +105,16 @@ def measure_interleaved(seeds: list[int], strategies: list[str], every_of, check
 
 def interleaved_step_s(interleaved: dict) -> dict[int, dict[str, float]]:
     """Per seed and strategy: the mean of its block means (seconds per step)."""
-    return {int(seed): {name: statistics.fmean(blocks) for name, blocks in row["block_step_s"].items() if blocks}
-            for seed, row in interleaved["seeds"].items()}
+    return {
+        int(seed): {name: statistics.fmean(blocks) for name, blocks in row["block_step_s"].items() if blocks}
+        for seed, row in interleaved["seeds"].items()
+    }
 
 
 def round_ratios(interleaved: dict, strategy: str, reference: str = "checkpoint") -> list[float]:
     """`strategy`'s block mean over `reference`'s in the same round, for every round of every seed."""
-    return [a / b for row in interleaved["seeds"].values()
-            for a, b in zip(row["block_step_s"].get(strategy, []), row["block_step_s"].get(reference, []))]
+    return [
+        a / b
+        for row in interleaved["seeds"].values()
+        for a, b in zip(row["block_step_s"].get(strategy, []), row["block_step_s"].get(reference, []))
+    ]

@@ -45,8 +45,10 @@ class StrategyCosts:
         if same:
             return math.fsum(same) / len(same)
         if not self.recovery_s:
-            raise ValueError(f"no recovery time measured for this strategy, needed for a '{method}' recovery; "
-                             "run the cost measurement with scheduled kills (paper_table2.py costs)")
+            raise ValueError(
+                f"no recovery time measured for this strategy, needed for a '{method}' recovery; "
+                "run the cost measurement with scheduled kills (paper_table2.py costs)"
+            )
         return math.fsum(self.recovery_s.values()) / len(self.recovery_s)
 
 
@@ -66,9 +68,11 @@ def step_intervals(steps: Sequence[int], wall_times: Sequence[float], window: tu
         i1 = list(steps).index(last)
     except ValueError:
         raise ValueError(f"steps {first - 1}..{last} were not all committed; lengthen the cost run") from None
-    if list(steps[i0 + 1: i1 + 1]) != list(range(first, last + 1)):
-        raise ValueError(f"the window {first}..{last} saw a failure or rollback; move the scheduled kills after it")
-    times = [wall_times[i0] if i0 >= 0 else 0.0, *wall_times[i0 + 1: i1 + 1]]
+    if list(steps[i0 + 1 : i1 + 1]) != list(range(first, last + 1)):
+        raise ValueError(
+            f"the window {first}..{last} saw a failure or rollback; move the scheduled kills after it"
+        )
+    times = [wall_times[i0] if i0 >= 0 else 0.0, *wall_times[i0 + 1 : i1 + 1]]
     return [b - a for a, b in itertools.pairwise(times)]
 
 
@@ -82,14 +86,22 @@ def recovery_seconds(wall_times: Sequence[float], kill_offset: float, step_s: fl
     return after - before - step_s
 
 
-def modelled_seconds(steps_to_target: int, lost_steps: int, recovery_methods: Sequence[str], costs: StrategyCosts,
-                     checkpoint_step_s: float, base_s: float = PAPER_BASE_ITER_S,
-                     fixed_recovery_s: float | None = None) -> float:
+def modelled_seconds(
+    steps_to_target: int,
+    lost_steps: int,
+    recovery_methods: Sequence[str],
+    costs: StrategyCosts,
+    checkpoint_step_s: float,
+    base_s: float = PAPER_BASE_ITER_S,
+    fixed_recovery_s: float | None = None,
+) -> float:
     """The modelled time to target (module docstring): measured costs relative to checkpointing's step, x base_s.
     `fixed_recovery_s` charges every recovery that many modelled seconds instead (the paper's 30 s: a sensitivity
     check of how much the verdict rests on the measured recovery times)."""
     if checkpoint_step_s <= 0 or costs.step_s <= 0:
-        raise ValueError(f"per-step costs must be positive, got {costs.step_s} and checkpoint {checkpoint_step_s}")
+        raise ValueError(
+            f"per-step costs must be positive, got {costs.step_s} and checkpoint {checkpoint_step_s}"
+        )
     scale = base_s / checkpoint_step_s
     work = (steps_to_target + lost_steps) * costs.step_s * scale
     if fixed_recovery_s is not None:

@@ -41,10 +41,14 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d{6,})$")
 RUN_FILE = "run.json"
 HISTORY_FILE = "history.json"
 # Spec fields that say where and how Ray runs the stages, not what is computed: a resume may change them.
-PLACEMENT_FIELDS = {"ray": None, "output": None, "checkpointing": ("uri",),
-                    "pipeline": ("placement", "num_cpus_per_stage", "warm_standby", "standby_actors", "peak_flops"),
-                    "recovery": ("drain_poll_s",),  # a hand-off on a notice is exact: how often to look changes nothing
-                    "storage": None}  # whose credentials the stages use changes no value
+PLACEMENT_FIELDS = {
+    "ray": None,
+    "output": None,
+    "checkpointing": ("uri",),
+    "pipeline": ("placement", "num_cpus_per_stage", "warm_standby", "standby_actors", "peak_flops"),
+    "recovery": ("drain_poll_s",),  # a hand-off on a notice is exact: how often to look changes nothing
+    "storage": None,
+}  # whose credentials the stages use changes no value
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -79,7 +83,9 @@ def spec_inputs(spec) -> dict[str, Any]:
     from checkfree_ray.data import data_input_entries
     from checkfree_ray.hf_llama import model_input_entries
 
-    return entries | model_input_entries(spec.model) | data_input_entries(spec.data)  # the files' contents too
+    return (
+        entries | model_input_entries(spec.model) | data_input_entries(spec.data)
+    )  # the files' contents too
 
 
 @dataclass(frozen=True)
@@ -119,19 +125,34 @@ def open_run(spec, restart: bool = False) -> RunIdentity:
                 f"different spec ({'; '.join(changes)}). Rerun with --restart to start a new run there (the old "
                 "run's checkpoints are left in place, never loaded), or set another `output.uri`"
             )
-        return RunIdentity(record["run_id"], current.fingerprint, current.inputs, resumed=True,
-                           finished=record.get("status") == "finished")
+        return RunIdentity(
+            record["run_id"],
+            current.fingerprint,
+            current.inputs,
+            resumed=True,
+            finished=record.get("status") == "finished",
+        )
     if record is not None:
-        log.warning("restarting: run %s in %s is left in place and never loaded", record.get("run_id"),
-                    spec.output.uri)
+        log.warning(
+            "restarting: run %s in %s is left in place and never loaded",
+            record.get("run_id"),
+            spec.output.uri,
+        )
     write_run_record(spec, current, status="running")
     return current
 
 
 def write_run_record(spec, run: RunIdentity, status: str, **extra: Any) -> None:
     """Write `run.json` (the run's identity and status) into the output."""
-    record = {"run_id": run.run_id, "fingerprint": run.fingerprint, "inputs": run.inputs, "name": spec.name,
-              "status": status, "created_unix": time.time(), **extra}
+    record = {
+        "run_id": run.run_id,
+        "fingerprint": run.fingerprint,
+        "inputs": run.inputs,
+        "name": spec.name,
+        "status": status,
+        "created_unix": time.time(),
+        **extra,
+    }
     storage.write_bytes(storage.join(spec.output.uri, RUN_FILE), json.dumps(record, indent=2).encode())
 
 
@@ -156,7 +177,9 @@ class PendingSave:
     metadata: dict[str, Any]
     history: dict[str, Any]
     started: float
-    entries: dict[int, dict] = field(default_factory=dict)  # stage -> its shard's {"size", "sha256"}, once known
+    entries: dict[int, dict] = field(
+        default_factory=dict
+    )  # stage -> its shard's {"size", "sha256"}, once known
     polls: dict[int, Any] = field(default_factory=dict)  # stage -> ref of its `shard_written`, while asking
 
 
@@ -214,14 +237,27 @@ class CheckpointStore:
             data = json.dumps(history).encode()
             storage.write_bytes(storage.join(uri, HISTORY_FILE), data)
             files[HISTORY_FILE] = {"size": len(data), "sha256": sha256_hex(data)}
-        manifest = {"version": MANIFEST_VERSION, "created_unix": time.time(), "files": files,
-                    "metadata": {**metadata, "step": step, "num_stages": len(shards), "run_id": self.run.run_id,
-                                 "fingerprint": self.run.fingerprint}}
-        storage.write_bytes(storage.join(uri, MANIFEST_NAME), json.dumps(manifest, indent=2, sort_keys=True).encode())
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "created_unix": time.time(),
+            "files": files,
+            "metadata": {
+                **metadata,
+                "step": step,
+                "num_stages": len(shards),
+                "run_id": self.run.run_id,
+                "fingerprint": self.run.fingerprint,
+            },
+        }
+        storage.write_bytes(
+            storage.join(uri, MANIFEST_NAME), json.dumps(manifest, indent=2, sort_keys=True).encode()
+        )
         self._prune()
         return manifest
 
-    def save(self, step: int, shards: list[bytes], metadata: dict, history: dict | None = None) -> tuple[str, float, int]:
+    def save(
+        self, step: int, shards: list[bytes], metadata: dict, history: dict | None = None
+    ) -> tuple[str, float, int]:
         """Write one checkpoint from the driver (shards first, manifest last); returns (uri, seconds, bytes)."""
         start = time.perf_counter()
         self.begin(step)
@@ -253,9 +289,13 @@ class CheckpointStore:
             manifest = read_manifest(uri)
             meta = manifest["metadata"]
             if meta.get("run_id") != self.run.run_id:
-                raise CheckpointError(f"checkpoint {uri} belongs to run {meta.get('run_id')}, not {self.run.run_id}")
+                raise CheckpointError(
+                    f"checkpoint {uri} belongs to run {meta.get('run_id')}, not {self.run.run_id}"
+                )
             if meta.get("num_stages") != num_stages:
-                raise CheckpointError(f"checkpoint {uri} has {meta.get('num_stages')} stages, the run has {num_stages}")
+                raise CheckpointError(
+                    f"checkpoint {uri} has {meta.get('num_stages')} stages, the run has {num_stages}"
+                )
             shards = [read_artifact_file(uri, shard_name(i), manifest) for i in range(num_stages)]
             history = None
             if HISTORY_FILE in manifest["files"]:
@@ -287,7 +327,7 @@ class CheckpointStore:
         complete = self.steps()
         if not complete:
             return
-        kept = set(complete[-self.keep:])
+        kept = set(complete[-self.keep :])
         present = set()
         for file_uri in storage.list_uris(self.uri):
             match = CHECKPOINT_PATTERN.search(file_uri.rsplit("/", 2)[-2])

@@ -59,16 +59,22 @@ class WindowCorpus:
         self.train, self.val = train, val
         self.seq_len, self.seed, self.name = seq_len, seed, name
         if len(self.train) <= seq_len + 1 or len(self.val) <= seq_len + 1:
-            raise SpecError(f"{name}: {len(self.train)} training and {len(self.val)} validation tokens; each split "
-                            f"needs more than `model.seq_len` + 1 ({seq_len + 1}): give more text or a larger "
-                            "validation split")
+            raise SpecError(
+                f"{name}: {len(self.train)} training and {len(self.val)} validation tokens; each split "
+                f"needs more than `model.seq_len` + 1 ({seq_len + 1}): give more text or a larger "
+                "validation split"
+            )
 
-    def _windows(self, data: np.ndarray, starts: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    def _windows(
+        self, data: np.ndarray, starts: np.ndarray, shape: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
         windows = torch.from_numpy(np.asarray(data[idx]).astype(np.int64)).view(*shape, self.seq_len + 1)
         return windows[..., :-1].contiguous(), windows[..., 1:].contiguous()  # inputs, targets (M, B, T)
 
-    def train_batch(self, step: int, micro_batches: int, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(
+        self, step: int, micro_batches: int, micro_batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (M, B, T) of one step; the same (seed, step) always gives the same batch."""
         rng = step_rng(self.seed, DATA_STREAM, step)
         starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=micro_batches * micro_batch_size)
@@ -88,17 +94,23 @@ class ByteCorpus(WindowCorpus):
         data = np.frombuffer(load_text_bytes(spec.source), dtype=np.uint8)
         split = int(len(data) * (1.0 - spec.val_fraction))
         if len(data) - split <= seq_len + 1:
-            raise ValueError(f"data.val_fraction {spec.val_fraction} leaves too little text for seq_len {seq_len}")
+            raise ValueError(
+                f"data.val_fraction {spec.val_fraction} leaves too little text for seq_len {seq_len}"
+            )
         super().__init__(data[:split], data[split:], seq_len, seed, name=f"data.source {spec.source}")
 
 
 INDEX_MAX_BYTES = 1_000_000
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-TOKEN_CACHE_ENV = "CHECKFREE_TOKEN_CACHE"  # local folder for token files copied from s3:// (default: a temp dir)
+TOKEN_CACHE_ENV = (
+    "CHECKFREE_TOKEN_CACHE"  # local folder for token files copied from s3:// (default: a temp dir)
+)
 
 
 def _bad_tokens(uri: str, problem: str) -> SpecError:
-    return SpecError(f"token file {uri} {problem} (`data.tokens_uri`); write it again with `checkfree-ray tokenize`")
+    return SpecError(
+        f"token file {uri} {problem} (`data.tokens_uri`); write it again with `checkfree-ray tokenize`"
+    )
 
 
 def read_index(tokens_uri: str) -> dict:
@@ -112,7 +124,9 @@ def read_index(tokens_uri: str) -> dict:
     files = manifest["files"]
     entry = files.get("index.json")
     if entry is None or entry["size"] > INDEX_MAX_BYTES or "tokens.bin" not in files:
-        raise _bad_tokens(tokens_uri, "has no index.json and tokens.bin of an artifact `checkfree-ray tokenize` wrote")
+        raise _bad_tokens(
+            tokens_uri, "has no index.json and tokens.bin of an artifact `checkfree-ray tokenize` wrote"
+        )
     return _parse_index(tokens_uri, entry["size"], entry["sha256"], files["tokens.bin"]["size"])
 
 
@@ -130,7 +144,9 @@ def _parse_index(tokens_uri: str, index_size: int, index_sha256: str, tokens_siz
     except (ValueError, KeyError, TypeError) as exc:
         raise _bad_tokens(index_uri, f"is malformed ({type(exc).__name__}: {exc})") from None
     if total * np.dtype(dtype).itemsize != tokens_size:
-        raise _bad_tokens(index_uri, f"lists {total} {index['dtype']} tokens but tokens.bin has {tokens_size} bytes")
+        raise _bad_tokens(
+            index_uri, f"lists {total} {index['dtype']} tokens but tokens.bin has {tokens_size} bytes"
+        )
     bad = [n for n, (a, b) in splits.items() if not 0 <= a <= b <= total]
     if bad or not {"train", "val"} <= splits.keys() or not 2 <= vocab <= 1 << 32:
         raise _bad_tokens(index_uri, f"has splits {splits} / vocab_size {vocab} outside its {total} tokens")
@@ -150,8 +166,10 @@ def load_tokenizer(uri: str, field: str = "data.tokenizer"):
     try:
         return Tokenizer.from_str(data.decode()), sha256_hex(data)
     except Exception as exc:  # noqa: BLE001 (tokenizers raises a bare Exception for a malformed file)
-        raise SpecError(f"{uri} is not a tokenizers tokenizer.json ({type(exc).__name__}: {str(exc)[:200]}) "
-                        f"(`{field}`); train one with `checkfree-ray tokenizer train`") from None
+        raise SpecError(
+            f"{uri} is not a tokenizers tokenizer.json ({type(exc).__name__}: {str(exc)[:200]}) "
+            f"(`{field}`); train one with `checkfree-ray tokenizer train`"
+        ) from None
 
 
 def tokenizer_size(uri: str) -> int:
@@ -173,8 +191,13 @@ def _local_tokens(tokens_uri: str, manifest_entry: dict) -> Path:
         problem = _cached_copy_problem(local, manifest_entry)
         if problem is None:
             return local
-        log.warning("cached token file %s %s; downloading %s again (set $%s to move the cache)",
-                    local, problem, uri, TOKEN_CACHE_ENV)
+        log.warning(
+            "cached token file %s %s; downloading %s again (set $%s to move the cache)",
+            local,
+            problem,
+            uri,
+            TOKEN_CACHE_ENV,
+        )
     storage.download_file(uri, local)
     problem = _cached_copy_problem(local, manifest_entry)
     if problem is not None:
@@ -204,11 +227,15 @@ class TokenCorpus(WindowCorpus):
         entry = read_manifest(spec.tokens_uri)["files"]["tokens.bin"]
         path = _local_tokens(spec.tokens_uri, entry)
         if path.stat().st_size != entry["size"]:
-            raise _bad_tokens(str(path), f"has {path.stat().st_size} bytes, its manifest lists {entry['size']}")
+            raise _bad_tokens(
+                str(path), f"has {path.stat().st_size} bytes, its manifest lists {entry['size']}"
+            )
         expected = index["tokenizer"]["sha256"] if isinstance(index["tokenizer"], dict) else None
         if spec.tokenizer is not None and load_tokenizer(spec.tokenizer)[1] != expected:
-            raise SpecError(f"`data.tokenizer` {spec.tokenizer} is not the tokenizer {spec.tokens_uri} was made with "
-                            f"({index['tokenizer']}); name that one, or tokenize again with this one")
+            raise SpecError(
+                f"`data.tokenizer` {spec.tokenizer} is not the tokenizer {spec.tokens_uri} was made with "
+                f"({index['tokenizer']}); name that one, or tokenize again with this one"
+            )
         tokens = np.memmap(path, dtype=TOKEN_DTYPES[index["dtype"]], mode="r")
         (a, b), (c, d) = index["splits"]["train"], index["splits"]["val"]
         self.vocab_size, self.uri = int(index["vocab_size"]), spec.tokens_uri
@@ -217,7 +244,9 @@ class TokenCorpus(WindowCorpus):
     def _windows(self, data, starts, shape):
         inputs, targets = super()._windows(data, starts, shape)
         if int(targets.max()) >= self.vocab_size or int(inputs[..., :1].max()) >= self.vocab_size:
-            raise _bad_tokens(self.uri, f"holds token id {int(targets.max())} >= its vocab_size {self.vocab_size}")
+            raise _bad_tokens(
+                self.uri, f"holds token id {int(targets.max())} >= its vocab_size {self.vocab_size}"
+            )
         return inputs, targets
 
 
@@ -252,7 +281,10 @@ def data_input_entries(spec: DataSpec) -> dict:
 
     entries = {}
     if spec.tokens_uri is not None:
-        entries["data.tokens_uri"] = {"uri": spec.tokens_uri, "files": read_manifest(spec.tokens_uri)["files"]}
+        entries["data.tokens_uri"] = {
+            "uri": spec.tokens_uri,
+            "files": read_manifest(spec.tokens_uri)["files"],
+        }
     if spec.tokenizer is not None:
         entries["data.tokenizer"] = file_entry(spec.tokenizer)
     return entries

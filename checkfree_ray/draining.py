@@ -95,7 +95,9 @@ def hand_off(ex: PipelineExecutor, stage: int, avoid_nodes: frozenset[str]) -> t
     Raises `HandoffFailed` (and leaves `ex.actors` unchanged) when no actor off the draining nodes could be had or a
     stage died meanwhile."""
     if ex.saver is not None and ex.saver.pending is not None:
-        ex.saver.finish(wait_s=ex.step_timeout())  # the old stage finishes writing its shard of the save first
+        ex.saver.finish(
+            wait_s=ex.step_timeout()
+        )  # the old stage finishes writing its shard of the save first
     old = ex.actors[stage]
     actor, warm = ex.pool.take(avoid_nodes=avoid_nodes)
     try:
@@ -122,8 +124,12 @@ class DrainHandler:
     """The coordinator's hook before each step (`PipelineExecutor.before_step`): hands off the stages on draining
     nodes, and remembers why a stage was not handed off so its later loss is recorded with that reason."""
 
-    def __init__(self, watcher: DrainWatcher, locate: Callable[[list], list[str | None]] | None = None,
-                 wall_clock_ms: Callable[[], float] = lambda: time.time() * 1000.0):
+    def __init__(
+        self,
+        watcher: DrainWatcher,
+        locate: Callable[[list], list[str | None]] | None = None,
+        wall_clock_ms: Callable[[], float] = lambda: time.time() * 1000.0,
+    ):
         self.watcher, self.wall_clock_ms = watcher, wall_clock_ms
         self.locate = locate or self._ping_nodes
         self.rate_bytes_s = PRIOR_RATE_BYTES_S
@@ -165,14 +171,27 @@ class DrainHandler:
             if node in draining and self.tries.get((stage, node), 0) < MAX_TRIES:
                 self._handle(ex, step, stage, node, draining[node], avoid)
 
-    def _handle(self, ex: PipelineExecutor, step: int, stage: int, node: str, deadline_ms: int,
-                avoid: frozenset[str]) -> None:
-        decision = decide(deadline_ms, self.wall_clock_ms(), stage_state_bytes(ex.cfg, stage), self.rate_bytes_s,
-                          ex.pool.has_ready_standby())
+    def _handle(
+        self, ex: PipelineExecutor, step: int, stage: int, node: str, deadline_ms: int, avoid: frozenset[str]
+    ) -> None:
+        decision = decide(
+            deadline_ms,
+            self.wall_clock_ms(),
+            stage_state_bytes(ex.cfg, stage),
+            self.rate_bytes_s,
+            ex.pool.has_ready_standby(),
+        )
         if not decision.handoff:
-            log.warning("step %d: stage %d's node drains in %.1fs, less than the hand-off needs (%.1fs x %.0f + "
-                        "%.0fs); it will be recovered by `recovery.strategy` once lost", step, stage,
-                        decision.remaining_s, decision.estimate_s, SAFETY_FACTOR, MARGIN_S)
+            log.warning(
+                "step %d: stage %d's node drains in %.1fs, less than the hand-off needs (%.1fs x %.0f + "
+                "%.0fs); it will be recovered by `recovery.strategy` once lost",
+                step,
+                stage,
+                decision.remaining_s,
+                decision.estimate_s,
+                SAFETY_FACTOR,
+                MARGIN_S,
+            )
             self.pending_reasons[stage] = decision.reason
             self.tries[(stage, node)] = MAX_TRIES
             return
@@ -189,8 +208,22 @@ class DrainHandler:
         costs = ex.history.costs
         costs["handoffs"] = costs.get("handoffs", 0.0) + 1
         costs["handoff_s_total"] = costs.get("handoff_s_total", 0.0) + time.monotonic() - started
-        ex.history.failures.append(FailureRecord(
-            step=step, stage=stage, method="handoff", detection_s=0.0, recovery_s=time.monotonic() - started,
-            warm_standby=was_warm, phase="before_step", reason="drain"))
-        log.info("step %d: stage %d handed off its draining node in %.3fs (%d bytes)", step, stage,
-                 time.monotonic() - started, nbytes)
+        ex.history.failures.append(
+            FailureRecord(
+                step=step,
+                stage=stage,
+                method="handoff",
+                detection_s=0.0,
+                recovery_s=time.monotonic() - started,
+                warm_standby=was_warm,
+                phase="before_step",
+                reason="drain",
+            )
+        )
+        log.info(
+            "step %d: stage %d handed off its draining node in %.3fs (%d bytes)",
+            step,
+            stage,
+            time.monotonic() - started,
+            nbytes,
+        )

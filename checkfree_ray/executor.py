@@ -91,7 +91,9 @@ class PipelineExecutor:
         self.transport = open_transport(self.spec, self.actors, timeout_s=SAVE_TIMEOUT_S)
         if resume is None:
             states = initial_states(self.spec, self.cfg)  # the seed's weights, or model.hf_path's
-            configured = [a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)]
+            configured = [
+                a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)
+            ]
             ray.get(configured, timeout=SAVE_TIMEOUT_S)
         else:
             self._load_checkpoint(resume)
@@ -129,22 +131,30 @@ class PipelineExecutor:
         in submission order as (kind, ref, upstream refs) (read when a stage is lost: which phase, which stage is
         stuck, and their errors)."""
         M = inputs.shape[0]
-        routes = [route(micro_batch_order(self.strategy, self.S, mb) if train else plain_order(self.S), self.S)
-                  for mb in range(M)]
-        order = step_order(self.spec.pipeline.schedule, routes, self.S) if train else [
-            op for op in gpipe_order(routes) if op[0] == "forward"]  # evaluation: the forwards only
+        routes = [
+            route(micro_batch_order(self.strategy, self.S, mb) if train else plain_order(self.S), self.S)
+            for mb in range(M)
+        ]
+        order = (
+            step_order(self.spec.pipeline.schedule, routes, self.S)
+            if train
+            else [op for op in gpipe_order(routes) if op[0] == "forward"]
+        )  # evaluation: the forwards only
         outputs: dict[tuple[str, int, int], ray.ObjectRef] = {}
         calls: list[list[tuple[str, ray.ObjectRef]]] = [[] for _ in range(self.S)]
         for kind, mb, hop in order:
             stage, parts = routes[mb][hop]
             last = hop == len(routes[mb]) - 1
             if kind == "forward":
-                x = outputs[("forward", mb, hop - 1)] if hop else inputs[mb].numpy()  # small: inlined, no ray.put
+                x = (
+                    outputs[("forward", mb, hop - 1)] if hop else inputs[mb].numpy()
+                )  # small: inlined, no ray.put
                 upstream = (x,) if hop else ()
                 target = targets[mb].numpy() if last else None
                 # the loss goes to the driver: never by direct transport (nor the last backward's None)
-                ref = self.transport.submit(self.actors[stage], "forward", not last, mb, hop, parts, x, target,
-                                            1.0 / M, train)
+                ref = self.transport.submit(
+                    self.actors[stage], "forward", not last, mb, hop, parts, x, target, 1.0 / M, train
+                )
             else:
                 grad = None if last else outputs[("backward", mb, hop + 1)]
                 upstream = (grad,) if grad is not None else ()
@@ -162,7 +172,9 @@ class PipelineExecutor:
         norm_refs = [a.grad_sq_norm.remote(*done_refs) for a in self.actors] if clip == "global" else []
         upstream = norm_refs or done_refs
         factor = lr_factor(self.spec, step)  # the learning-rate schedule
-        return [a.step.remote(*upstream, clip=clip, keep_undo=undo, lr_factor=factor) for a in self.actors], norm_refs
+        return [
+            a.step.remote(*upstream, clip=clip, keep_undo=undo, lr_factor=factor) for a in self.actors
+        ], norm_refs
 
     def abandon(self, refs: list) -> None:
         """Calls of an interrupted attempt: read later (`_drain_abandoned`) so Ray does not report their errors."""
@@ -175,7 +187,9 @@ class PipelineExecutor:
             return
         ready, pending = ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=0)
         for ref in ready:
-            with contextlib.suppress(ray.exceptions.RayError, ValueError):  # ValueError: a direct-transport value
+            with contextlib.suppress(
+                ray.exceptions.RayError, ValueError
+            ):  # ValueError: a direct-transport value
                 ray.get(ref, timeout=0)
         self._abandoned = pending
 
@@ -190,7 +204,9 @@ class PipelineExecutor:
         detected_at = time.monotonic()
         stuck = recovering.stuck_stages(calls) if timed_out else []
         for stage in stuck:
-            log.warning("stage %d did not finish its call within %.1fs; killing it", stage, self.step_timeout())
+            log.warning(
+                "stage %d did not finish its call within %.1fs; killing it", stage, self.step_timeout()
+            )
             ray.kill(self.actors[stage], no_restart=True)
         self.abandon(refs)
         dead, silent = unanswering(self.actors, min(recovering.PING_TIMEOUT_S, self.step_timeout()))
@@ -208,7 +224,9 @@ class PipelineExecutor:
         """One step, submitted at once; the driver waits once per phase (bounded), never per micro-batch.
         Raises `StageLost`."""
         self._drain_abandoned()
-        connect_or_lose(self.transport, self.actors, self.step_timeout())  # new group after a recovery, else no-op
+        connect_or_lose(
+            self.transport, self.actors, self.step_timeout()
+        )  # new group after a recovery, else no-op
         pipe = self.spec.pipeline
         inputs, targets = self.corpus.train_batch(step, pipe.micro_batches, pipe.micro_batch_size)
         loss_refs, done_refs, calls = self._launch(inputs, targets)
@@ -241,7 +259,9 @@ class PipelineExecutor:
         lost = [i for i, n in enumerate(norms) if n is None]
         if lost:  # the others stepped: the optimizer phase
             self.abandon(list(self._pending_copies or []))
-            raise StageLost(lost, "optimizer", norms=norms, loss=loss, reasons=dict.fromkeys(silent, "timeout"))
+            raise StageLost(
+                lost, "optimizer", norms=norms, loss=loss, reasons=dict.fromkeys(silent, "timeout")
+            )
         return loss, norms
 
     def _exchange_norms(self, norm_refs: list, every: list, deadline: float) -> None:
@@ -254,7 +274,9 @@ class PipelineExecutor:
         lost = [stage for stage, value in enumerate(values) if value is None]
         if lost:
             self.abandon(every)
-            raise StageLost(lost, "optimizer", detected_at=detected_at, reasons=dict.fromkeys(silent, "timeout"))
+            raise StageLost(
+                lost, "optimizer", detected_at=detected_at, reasons=dict.fromkeys(silent, "timeout")
+            )
 
     def _step_norms(self, step_refs: list, deadline: float) -> tuple[list[dict | None], list[int]]:
         """Each stage's reported norms, None for a stage lost at its optimizer step (died, or did not answer by
@@ -282,11 +304,16 @@ class PipelineExecutor:
         """Run `step` until it commits (retrying after recoveries); returns the next step to run."""
         for hook in self.before_step:
             hook(self, step)
-        step_time = sorted(self.history.step_times)[len(self.history.step_times) // 2] if self.history.step_times \
+        step_time = (
+            sorted(self.history.step_times)[len(self.history.step_times) // 2]
+            if self.history.step_times
             else None
+        )
         kills = self.injector.draw(step, step_time)
         if kills and self.saver is not None and self.saver.pending is not None:
-            self.saver.finish(wait_s=SAVE_TIMEOUT_S)  # injected kills land after a save in flight (deterministic)
+            self.saver.finish(
+                wait_s=SAVE_TIMEOUT_S
+            )  # injected kills land after a save in flight (deterministic)
         for stage in kills:
             self.injector.kill(step, stage, self.actors[stage])
         for _attempt in range(self.spec.recovery.max_step_retries + 1):
@@ -296,7 +323,9 @@ class PipelineExecutor:
                 replicas.sync_commit(self, step, loss, norms)  # the copies and backups are part of the commit
             except StageLost as lost:
                 lost.keeps_step = recovering.keeps_step(self, step, lost)
-                if lost.keeps_step:  # rebuild from the neighbours' weights AND gradient norms of this same step
+                if (
+                    lost.keeps_step
+                ):  # rebuild from the neighbours' weights AND gradient norms of this same step
                     self._keep_norms(lost.norms)
                     self._pending_copies = None  # the recovery copies again from the rebuilt stages
                 rolled_back_to = recovering.recover_until_stable(self, step, lost)
@@ -333,9 +362,15 @@ class PipelineExecutor:
         try:
             if self.checkpoints is not None:
                 self._save_checkpoint(step)
-        except ray.exceptions.RayError as exc:  # the step is committed everywhere: the loss is between two steps
-            log.warning("a stage failed while starting the checkpoint save of step %d (%s); it is recovered before "
-                        "the next step runs (`recover_lost` after the last one)", step, exc)
+        except (
+            ray.exceptions.RayError
+        ) as exc:  # the step is committed everywhere: the loss is between two steps
+            log.warning(
+                "a stage failed while starting the checkpoint save of step %d (%s); it is recovered before "
+                "the next step runs (`recover_lost` after the last one)",
+                step,
+                exc,
+            )
 
     def recover_lost(self, step: int) -> int:
         """Recover the stages lost since the last commit, before step `step` (`recovering.recover_lost`; after
@@ -356,12 +391,21 @@ class PipelineExecutor:
         `checkpoint_every()` steps (hybrid: when its policy says) start a new save (the stages write their own
         shards while the next steps run)."""
         self.saver.finish(wait_s=0.0)
-        due = self.hybrid.due(step, self.history) if self.hybrid is not None else step % self.spec.checkpoint_every() == 0
+        due = (
+            self.hybrid.due(step, self.history)
+            if self.hybrid is not None
+            else step % self.spec.checkpoint_every() == 0
+        )
         if not due:
             return
-        metadata = {"grad_norms": [dict(n) for n in self.grad_norms], "spec": self.spec.model_dump(mode="json"),
-                    "failures_fired": sorted(self.injector.fired), "resumed_from": self.resumed_from,
-                    "torch": torch.__version__, "ray": ray.__version__}
+        metadata = {
+            "grad_norms": [dict(n) for n in self.grad_norms],
+            "spec": self.spec.model_dump(mode="json"),
+            "failures_fired": sorted(self.injector.fired),
+            "resumed_from": self.resumed_from,
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+        }
         self.saver.start(step, self.actors, metadata, save_history(self.history))
 
     def finish_checkpoints(self, wait_s: float = SAVE_TIMEOUT_S) -> int | None:
@@ -374,7 +418,10 @@ class PipelineExecutor:
     # ----- recovery (planned and carried out in recovering.py) -------------------------------------------
     def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Every stage takes its shard (weights, Adam, lr); the recovery norms come back with them."""
-        configured = [a.configure.remote(i, None, shard) for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))]
+        configured = [
+            a.configure.remote(i, None, shard)
+            for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))
+        ]
         ray.get(configured, timeout=SAVE_TIMEOUT_S)
         if checkpoint.metadata.get("grad_norms"):
             self.grad_norms = [dict(n) for n in checkpoint.metadata["grad_norms"]]

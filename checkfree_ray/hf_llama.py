@@ -341,8 +341,10 @@ def _generation_config(source_path: str | None) -> bytes | None:
     except ValueError:
         ok = False
     if not ok:
-        raise SpecError(f"{uri} is not a generation config (a JSON object under {CONFIG_MAX_BYTES} bytes); fix or "
-                        f"remove it from the folder named by `{FIELD}`")
+        raise SpecError(
+            f"{uri} is not a generation config (a JSON object under {CONFIG_MAX_BYTES} bytes); fix or "
+            f"remove it from the folder named by `{FIELD}`"
+        )
     return data
 
 

@@ -22,8 +22,12 @@ class History:
     val_steps: list[int] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     failures: list[FailureRecord] = field(default_factory=list)
-    rolled_back: list[bool] = field(default_factory=list)  # per entry of `steps`: discarded by a later rollback
-    recovery_phases: list[dict[str, float]] = field(default_factory=list)  # seconds from detection, per recovery
+    rolled_back: list[bool] = field(
+        default_factory=list
+    )  # per entry of `steps`: discarded by a later rollback
+    recovery_phases: list[dict[str, float]] = field(
+        default_factory=list
+    )  # seconds from detection, per recovery
     costs: dict[str, float] = field(default_factory=dict)
     checkpoint_intervals: list[dict] = field(default_factory=list)  # hybrid: each interval chosen, and why
 

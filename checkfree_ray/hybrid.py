@@ -27,7 +27,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 REBUILD_STRATEGY = "checkfree+"  # what rebuilds a single-stage loss under hybrid
-DEFAULT_HOURLY_RATE = 0.05  # prior when neither the spec nor the user says: the paper's lowest rate, 5%/hour/stage
+DEFAULT_HOURLY_RATE = (
+    0.05  # prior when neither the spec nor the user says: the paper's lowest rate, 5%/hour/stage
+)
 FIRST_EVERY = 100  # steps between checkpoints until a save and a step are measured (at most the high bound)
 # Bounds of the interval in steps: the low one also fits one save in flight; `checkpointing.every`, when set, is
 # the high one (the most steps a user accepts to lose to a rollback).
@@ -67,8 +69,12 @@ def adjacent_loss_rate(stage_rate: float, num_stages: int, step_s: float) -> flo
     return (num_stages - 1) * stage_rate * stage_rate * step_s
 
 
-def prior_stage_rate(expected_mtbf_s: float | None, hourly_rate: float | None, probability_per_step: float | None,
-                     step_s: float) -> tuple[float, str]:
+def prior_stage_rate(
+    expected_mtbf_s: float | None,
+    hourly_rate: float | None,
+    probability_per_step: float | None,
+    step_s: float,
+) -> tuple[float, str]:
     """The prior loss rate of one stage (per second) and where it comes from, in this precedence:
     `recovery.expected_mtbf_s`, the spec's failure model (`failures.hourly_rate`, `failures.probability_per_step`
     at the measured step time), else the paper's lowest rate (5% per stage per hour)."""
@@ -93,12 +99,15 @@ class Observed:
     rollbacks: int  # rollbacks seen (losses CheckFree+ could not rebuild)
 
 
-def decide(observed: Observed, num_stages: int, prior: tuple[float, str], low: int = MIN_EVERY,
-           high: int = MAX_EVERY) -> dict[str, Any]:
+def decide(
+    observed: Observed, num_stages: int, prior: tuple[float, str], low: int = MIN_EVERY, high: int = MAX_EVERY
+) -> dict[str, Any]:
     """The checkpoint interval for what was `observed` and the reasons, as a record (`schemas.train_result.CheckpointInterval`
     fields but `step`)."""
     prior_rate, source = prior
-    stage_rate = gamma_rate(prior_rate, observed.failures, num_stages * observed.elapsed_s)  # S stages exposed
+    stage_rate = gamma_rate(
+        prior_rate, observed.failures, num_stages * observed.elapsed_s
+    )  # S stages exposed
     modelled = adjacent_loss_rate(stage_rate, num_stages, observed.step_s)
     rollback_rate = gamma_rate(modelled, observed.rollbacks, observed.elapsed_s) if modelled > 0 else 0.0
     mtbf_s = 1.0 / rollback_rate if rollback_rate > 0 else math.inf
@@ -106,15 +115,24 @@ def decide(observed: Observed, num_stages: int, prior: tuple[float, str], low: i
     low = max(low, math.ceil(save_s / observed.step_s))  # one save in flight at a time
     interval_s = young_daly_interval_s(save_s, mtbf_s) if math.isfinite(mtbf_s) else math.inf
     every = interval_steps(interval_s, observed.step_s, low, max(low, high))
-    reason = (f"Young/Daly sqrt(2 x save {save_s:.3g}s x MTBF {mtbf_s:.4g}s) = {interval_s:.4g}s = {every} steps of "
-              f"{observed.step_s:.3g}s (bounds {low}..{max(low, high)}); MTBF of losses CheckFree+ cannot rebuild "
-              f"(two adjacent of {num_stages} stages in one step) from a stage loss rate of {stage_rate:.3g}/s "
-              f"(prior {source}, {observed.failures} losses in {observed.elapsed_s:.4g}s seen) and "
-              f"{observed.rollbacks} rollbacks seen")
-    return {"every": every, "interval_s": interval_s if math.isfinite(interval_s) else None,
-            "save_cost_s": save_s, "mtbf_s": mtbf_s if math.isfinite(mtbf_s) else None,
-            "stage_mtbf_s": 1.0 / stage_rate, "failures_seen": observed.failures,
-            "rollbacks_seen": observed.rollbacks, "prior": source, "reason": reason}
+    reason = (
+        f"Young/Daly sqrt(2 x save {save_s:.3g}s x MTBF {mtbf_s:.4g}s) = {interval_s:.4g}s = {every} steps of "
+        f"{observed.step_s:.3g}s (bounds {low}..{max(low, high)}); MTBF of losses CheckFree+ cannot rebuild "
+        f"(two adjacent of {num_stages} stages in one step) from a stage loss rate of {stage_rate:.3g}/s "
+        f"(prior {source}, {observed.failures} losses in {observed.elapsed_s:.4g}s seen) and "
+        f"{observed.rollbacks} rollbacks seen"
+    )
+    return {
+        "every": every,
+        "interval_s": interval_s if math.isfinite(interval_s) else None,
+        "save_cost_s": save_s,
+        "mtbf_s": mtbf_s if math.isfinite(mtbf_s) else None,
+        "stage_mtbf_s": 1.0 / stage_rate,
+        "failures_seen": observed.failures,
+        "rollbacks_seen": observed.rollbacks,
+        "prior": source,
+        "reason": reason,
+    }
 
 
 def observe(history, num_stages: int) -> Observed | None:
@@ -126,7 +144,9 @@ def observe(history, num_stages: int) -> Observed | None:
     saves = costs.get("checkpoint_saves", 0.0)
     save_cost = costs.get("checkpoint_save_s_total", 0.0) / saves if saves else None
     rollbacks = {(f.step, f.rolled_back_to) for f in history.failures if f.rolled_back_to is not None}
-    losses = sum(f.method != "handoff" for f in history.failures)  # a drain hand-off moves a stage, nothing lost
+    losses = sum(
+        f.method != "handoff" for f in history.failures
+    )  # a drain hand-off moves a stage, nothing lost
     elapsed = history.wall_times[-1] - (history.wall_times[0] - history.step_times[0])  # from step 1's start
     return Observed(elapsed, times[len(times) // 2], save_cost, losses, len(rollbacks))
 
@@ -148,22 +168,34 @@ class HybridPolicy:
     def from_spec(cls, spec) -> HybridPolicy:
         """The policy of a `TrainSpec` whose strategy is hybrid."""
         high = spec.checkpointing.every or MAX_EVERY
-        return cls(spec.pipeline.num_stages, spec.recovery.expected_mtbf_s, spec.failures.hourly_rate,
-                   spec.failures.probability_per_step, min(FIRST_EVERY, high), high)
+        return cls(
+            spec.pipeline.num_stages,
+            spec.recovery.expected_mtbf_s,
+            spec.failures.hourly_rate,
+            spec.failures.probability_per_step,
+            min(FIRST_EVERY, high),
+            high,
+        )
 
     def retune(self, step: int, history) -> None:
         """Set `every` from what `history` measured (no change before a save and a step were measured)."""
         observed = observe(history, self.num_stages)
         if observed is None or observed.save_cost_s is None:
             return
-        prior = prior_stage_rate(self.expected_mtbf_s, self.hourly_rate, self.probability_per_step, observed.step_s)
+        prior = prior_stage_rate(
+            self.expected_mtbf_s, self.hourly_rate, self.probability_per_step, observed.step_s
+        )
         record = decide(observed, self.num_stages, prior, high=self.max_every)
         records = history.checkpoint_intervals
-        if not records or record["every"] != records[-1]["every"]:  # a change (the prior's text may carry t_step)
+        if (
+            not records or record["every"] != records[-1]["every"]
+        ):  # a change (the prior's text may carry t_step)
             records.append({"step": step, **record})
             log.info("step %d: checkpoint every %d steps: %s", step, record["every"], record["reason"])
         self.every = record["every"]
-        history.costs["hybrid_checkpoint_every"] = float(self.every)  # the latest choice, beside the other costs
+        history.costs["hybrid_checkpoint_every"] = float(
+            self.every
+        )  # the latest choice, beside the other costs
 
     def due(self, step: int, history) -> bool:
         """Whether a save starts after committing `step` (step 0: the run's first checkpoint)."""

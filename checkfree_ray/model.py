@@ -47,9 +47,18 @@ class ModelConfig:
 
             return config_from_hf(spec, num_stages, vocab_size)
         hidden = spec.ffn_hidden or 8 * math.ceil(8 * spec.d_model / 3 / 8)
-        return cls(spec.d_model, spec.n_layers, spec.n_heads, hidden, spec.seq_len, spec.rope_theta, num_stages,
-                   vocab_size=spec.vocab_size or vocab_size or VOCAB_SIZE, n_kv_heads=spec.n_kv_heads,
-                   norm_eps=spec.norm_eps)
+        return cls(
+            spec.d_model,
+            spec.n_layers,
+            spec.n_heads,
+            hidden,
+            spec.seq_len,
+            spec.rope_theta,
+            num_stages,
+            vocab_size=spec.vocab_size or vocab_size or VOCAB_SIZE,
+            n_kv_heads=spec.n_kv_heads,
+            norm_eps=spec.norm_eps,
+        )
 
     @classmethod
     def from_train_spec(cls, spec) -> ModelConfig:
@@ -120,8 +129,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
     return freqs
 
 
-def rotary_tables(head_dim: int, seq_len: int, theta: float, scaling: dict | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    head_dim: int, seq_len: int, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (T, head_dim/2)."""
     freqs = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
@@ -261,20 +271,32 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def optimizer_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """AdamW groups of `<part>/<name>` parameters: matrices decay by `weight_decay`; norms (vectors) and the
     embedding ('embed/...') never do, the GPT-2/nanoGPT rule."""
+
     def exempt(name: str, p: nn.Parameter) -> bool:
         return p.ndim < 2 or name.startswith("embed/")
 
-    return [{"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0}]
+    return [
+        {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
+    ]
 
 
 def stage_named_parameters(parts: ModelParts) -> list[list[tuple[str, nn.Parameter]]]:
     """`<part>/<name>` parameters each stage actor owns, named as the stage actors name them."""
     S = len(parts.stages)
-    return [[(f"{part}/{n}", p) for part, module in (("embed", parts.embedding if i == 0 else None),
-                                                      ("blocks", parts.stages[i]),
-                                                      ("head", parts.head if i == S - 1 else None))
-             if module is not None for n, p in module.named_parameters()] for i in range(S)]
+    return [
+        [
+            (f"{part}/{n}", p)
+            for part, module in (
+                ("embed", parts.embedding if i == 0 else None),
+                ("blocks", parts.stages[i]),
+                ("head", parts.head if i == S - 1 else None),
+            )
+            if module is not None
+            for n, p in module.named_parameters()
+        ]
+        for i in range(S)
+    ]
 
 
 def stage_parameter_groups(parts: ModelParts) -> list[list[nn.Parameter]]:
@@ -288,13 +310,17 @@ def stage_parameter_groups(parts: ModelParts) -> list[list[nn.Parameter]]:
 class ReferenceTrainer:
     """Single-process training of the same parts: same micro-batches, per-stage clip and Adam."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, lr: float, grad_clip: float = 1.0, weight_decay: float = 0.0):
+    def __init__(
+        self, cfg: ModelConfig, seed: int, lr: float, grad_clip: float = 1.0, weight_decay: float = 0.0
+    ):
         self.parts = build_parts(cfg, seed)
         self.groups = stage_parameter_groups(self.parts)
         self.grad_clip = grad_clip
         self.lr = lr
-        self.optimizers = [torch.optim.AdamW(optimizer_groups(named, weight_decay), lr=lr)
-                           for named in stage_named_parameters(self.parts)]
+        self.optimizers = [
+            torch.optim.AdamW(optimizer_groups(named, weight_decay), lr=lr)
+            for named in stage_named_parameters(self.parts)
+        ]
 
     def forward_loss(self, tokens: torch.Tensor, targets: torch.Tensor, order: list[int]) -> torch.Tensor:
         """Loss of one micro-batch with the stages applied in `order`."""
@@ -303,8 +329,9 @@ class ReferenceTrainer:
             x = self.parts.stages[stage_index](x)
         return lm_loss(self.parts.head(x), targets)
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, orders: list[list[int]],
-                   lr_factor: float = 1.0) -> float:
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, orders: list[list[int]], lr_factor: float = 1.0
+    ) -> float:
         """One step over micro-batches (M, B, T) at `lr * lr_factor`; returns the mean loss."""
         M = inputs.shape[0]
         total = 0.0
@@ -324,6 +351,6 @@ class ReferenceTrainer:
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Mean loss over micro-batches in the plain order."""
         order = list(range(len(self.parts.stages)))
-        return sum(self.forward_loss(inputs[m], targets[m], order).item() for m in range(inputs.shape[0])) / len(
-            inputs
-        )
+        return sum(
+            self.forward_loss(inputs[m], targets[m], order).item() for m in range(inputs.shape[0])
+        ) / len(inputs)

@@ -49,9 +49,15 @@ class StagePool:
         pipe = spec.pipeline
         self.num_standbys = pipe.standby_actors if pipe.warm_standby else 0
         gpus = {"GPU": pipe.num_gpus_per_stage} if pipe.num_gpus_per_stage > 0 else {}
-        bundles = [{"CPU": pipe.num_cpus_per_stage, **gpus} for _ in range(pipe.num_stages + self.num_standbys)]
-        check_placeable(bundles, "the pipeline's placement group (stages and standbys)",
-                        "`pipeline.num_cpus_per_stage` or `pipeline.standby_actors`", pipe.placement)
+        bundles = [
+            {"CPU": pipe.num_cpus_per_stage, **gpus} for _ in range(pipe.num_stages + self.num_standbys)
+        ]
+        check_placeable(
+            bundles,
+            "the pipeline's placement group (stages and standbys)",
+            "`pipeline.num_cpus_per_stage` or `pipeline.standby_actors`",
+            pipe.placement,
+        )
         self.group = placement_group(bundles, strategy=pipe.placement)
         try:
             ray.get(self.group.ready(), timeout=READY_TIMEOUT_S)
@@ -64,22 +70,32 @@ class StagePool:
                 "off `pipeline.warm_standby` or add nodes"
             ) from None
         self.created: list = []
-        self.credential_calls: list[ray.ObjectRef] = []  # `storage.forward_credentials`: each actor's env update
+        self.credential_calls: list[
+            ray.ObjectRef
+        ] = []  # `storage.forward_credentials`: each actor's env update
         self.standbys: list[tuple[object, ray.ObjectRef]] = []  # (actor, its first ping)
 
     def new_actor(self, bundle_index: int = -1):
         """Start a stage actor process (cold); returns at once, the process starts in the background."""
         actor = self.actor_class.options(
-            num_cpus=self.spec.pipeline.num_cpus_per_stage, num_gpus=self.spec.pipeline.num_gpus_per_stage,
+            num_cpus=self.spec.pipeline.num_cpus_per_stage,
+            num_gpus=self.spec.pipeline.num_gpus_per_stage,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.group, placement_group_bundle_index=bundle_index
             ),
-        ).remote(self.cfg, self.spec.optim.grad_clip, self.spec.optim.weight_decay, self.spec.pipeline.torch_threads,
-                 num_gpus=self.spec.pipeline.num_gpus_per_stage, precision=self.spec.pipeline.precision)
+        ).remote(
+            self.cfg,
+            self.spec.optim.grad_clip,
+            self.spec.optim.weight_decay,
+            self.spec.pipeline.torch_threads,
+            num_gpus=self.spec.pipeline.num_gpus_per_stage,
+            precision=self.spec.pipeline.precision,
+        )
         self.created.append(actor)
         if self.spec.storage.forward_credentials:  # submitted first: runs before any other call of the actor
-            self.credential_calls.append(actor.__ray_call__.remote(_adopt_driver_storage_env,
-                                                                   storage_env(forward_credentials=True)))
+            self.credential_calls.append(
+                actor.__ray_call__.remote(_adopt_driver_storage_env, storage_env(forward_credentials=True))
+            )
         return actor
 
     def start_stages(self) -> list:

@@ -45,13 +45,22 @@ class StageLost(Exception):
     stages are rebuilt at it (rolled forward), instead of the step running again.
     """
 
-    def __init__(self, stages: list[int], phases: dict[int, str] | str = "before_step",
-                 norms: list[dict | None] | None = None, loss: float = 0.0, detected_at: float | None = None,
-                 reasons: dict[int, str] | None = None, relost: list[tuple[int, str]] | None = None):
+    def __init__(
+        self,
+        stages: list[int],
+        phases: dict[int, str] | str = "before_step",
+        norms: list[dict | None] | None = None,
+        loss: float = 0.0,
+        detected_at: float | None = None,
+        reasons: dict[int, str] | None = None,
+        relost: list[tuple[int, str]] | None = None,
+    ):
         self.stages = sorted(stages)
         self.phases = phases if isinstance(phases, dict) else dict.fromkeys(self.stages, phases)
         self.reasons = reasons or {}
-        self.relost = relost or []  # (stage, reason) of replacements lost while their stage was being recovered
+        self.relost = (
+            relost or []
+        )  # (stage, reason) of replacements lost while their stage was being recovered
         self.norms, self.loss = norms, loss
         self.keeps_step = False
         self.detected_at = time.monotonic() if detected_at is None else detected_at
@@ -78,7 +87,9 @@ def _finished(ref) -> bool:
         return True  # ready, its value just slow to fetch: an error would have been there at once
     except ray.exceptions.RayError:
         return False
-    except ValueError:  # a Ray Direct Transport value, which the driver may not fetch: it exists, so it finished
+    except (
+        ValueError
+    ):  # a Ray Direct Transport value, which the driver may not fetch: it exists, so it finished
         return True
     return True
 
@@ -144,7 +155,9 @@ def backup_steps(ex: PipelineExecutor, stages: list[int]) -> dict[int, int | Non
     if any(holder in stages for holder in holders.values()):
         return None
     try:
-        tags = ray.get([ex.actors[h].backup_step.remote() for h in holders.values()], timeout=ex.step_timeout())
+        tags = ray.get(
+            [ex.actors[h].backup_step.remote() for h in holders.values()], timeout=ex.step_timeout()
+        )
     except ray.exceptions.RayError:
         return None
     return dict(zip(holders, tags))
@@ -187,8 +200,14 @@ def recover_until_stable(ex: PipelineExecutor, step: int, lost: StageLost) -> in
             if not more:
                 raise
             stages = sorted(set(lost.stages) | set(more))
-            log.warning("step %d: stage(s) %s died while recovering %s (%s); recovering %s", step, more,
-                        lost.stages, type(exc).__name__, stages)
+            log.warning(
+                "step %d: stage(s) %s died while recovering %s (%s); recovering %s",
+                step,
+                more,
+                lost.stages,
+                type(exc).__name__,
+                stages,
+            )
             for stage in lost.stages:  # replacements that may be up but never received their state
                 with contextlib.suppress(Exception):
                     ray.kill(ex.actors[stage], no_restart=True)
@@ -196,8 +215,15 @@ def recover_until_stable(ex: PipelineExecutor, step: int, lost: StageLost) -> in
             reasons = {**lost.reasons, **{s: "timeout" for s in silent if s not in lost.stages}}
             relost = [(s, "timeout" if s in silent else "died") for s in more if s in lost.stages]
             keeps = lost.keeps_step
-            lost = StageLost(stages, phases, norms=lost.norms, loss=lost.loss, detected_at=lost.detected_at,
-                             reasons=reasons, relost=[*lost.relost, *relost])
+            lost = StageLost(
+                stages,
+                phases,
+                norms=lost.norms,
+                loss=lost.loss,
+                detected_at=lost.detected_at,
+                reasons=reasons,
+                relost=[*lost.relost, *relost],
+            )
             lost.keeps_step = keeps  # the executor commits the step after the recovery when it kept it
     raise RecoveryError(
         f"step {step}: stages kept dying while stage(s) {lost.stages} were being recovered; check the "
@@ -231,13 +257,20 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
         tags = backup_steps(ex, stages)
         stale = {stage: tag for stage, tag in (tags or {}).items() if tag != ex.state_step}
         if stale:  # never a stage rebuilt at another step than the others (no checkpoint: a clear error)
-            return rollback(ex, step, lost, f"the backup of stage(s) {sorted(stale)} is of step(s) "
-                            f"{sorted(set(stale.values()), key=str)}, the other stages are at step {ex.state_step}")
+            return rollback(
+                ex,
+                step,
+                lost,
+                f"the backup of stage(s) {sorted(stale)} is of step(s) "
+                f"{sorted(set(stale.values()), key=str)}, the other stages are at step {ex.state_step}",
+            )
     lr = recovered_lr(spec.optim.lr, rec.lr_scale)
     avoid = ex.drain.avoid_nodes() if ex.drain is not None else frozenset()  # never onto a draining node
     takes = [ex.pool.take(avoid_nodes=avoid) for _ in plan.rebuilds]
     pings = [actor.ping.remote() for actor, _ in takes]  # ahead of `configure`, which waits for its sources
-    if ex.transport.direct:  # device to device: the replacements join the group before their sources send to them
+    if (
+        ex.transport.direct
+    ):  # device to device: the replacements join the group before their sources send to them
         wait_scheduled(ex, pings, [r.stage for r in plan.rebuilds])
         members = list(ex.actors)
         for rebuild, (actor, _) in zip(plan.rebuilds, takes):
@@ -247,13 +280,15 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
     for rebuild, (actor, was_warm) in zip(plan.rebuilds, takes):
         src = [ex.actors[s] for s in rebuild.sources]
         if rebuild.method == "checkfree" and not rebuild.sources:  # the "random" and "identity" rules
-            blocks = reinitialised_blocks(ex.cfg, rebuild.stage, reinit_seed(spec.seed, step, rebuild.stage),
-                                          rebuild.rule)
+            blocks = reinitialised_blocks(
+                ex.cfg, rebuild.stage, reinit_seed(spec.seed, step, rebuild.stage), rebuild.rule
+            )
             ref = actor.configure.remote(rebuild.stage, lr, blocks)
         elif rebuild.method == "checkfree":  # the recipe's neighbours and weights; the actor only sums
             _count_clip(ex, rebuild.stage)
-            ref = actor.configure.remote(rebuild.stage, lr, *[_blocks_of(ex, n) for n in src],
-                                         weights=rebuild.weights)
+            ref = actor.configure.remote(
+                rebuild.stage, lr, *[_blocks_of(ex, n) for n in src], weights=rebuild.weights
+            )
         elif rebuild.method == "copy":  # CheckFree+: the swap partner's blocks + the (de)embedding copy
             ref = actor.configure.remote(rebuild.stage, lr, _blocks_of(ex, src[0]), src[0].get_copy.remote())
         else:  # redundant: the predecessor's exact backup, Adam and lr included
@@ -267,9 +302,14 @@ def recover(ex: PipelineExecutor, step: int, lost: StageLost) -> int | None:
     configured_at = time.monotonic()
     ex._sync_extras()
     ex.pool.refill_standby()  # new standbys start in the background, after the rebuild
-    ex.history.recovery_phases.append({
-        "step": step, "take_s": taken - lost.detected_at, "configure_s": configured_at - taken,
-        "sync_s": time.monotonic() - configured_at})
+    ex.history.recovery_phases.append(
+        {
+            "step": step,
+            "take_s": taken - lost.detected_at,
+            "configure_s": configured_at - taken,
+            "sync_s": time.monotonic() - configured_at,
+        }
+    )
     for hook in ex.after_recovery:
         hook(ex, step, stages)
     for rebuild, was_warm in zip(plan.rebuilds, warm):
@@ -291,7 +331,9 @@ def rollback(ex: PipelineExecutor, step: int, lost: StageLost, reason: str) -> i
     checkpoint = ex.checkpoints.load_latest(ex.S, context=f"step {step}: {reason}")
     warm = False
     for stage in lost.stages:
-        ray.kill(ex.actors[stage], no_restart=True)  # one still alive would keep its bundle from its replacement
+        ray.kill(
+            ex.actors[stage], no_restart=True
+        )  # one still alive would keep its bundle from its replacement
         ex.actors[stage], was_warm = ex.pool.take()
         warm = warm or was_warm
     ex._load_checkpoint(checkpoint)
@@ -311,21 +353,36 @@ def rollback(ex: PipelineExecutor, step: int, lost: StageLost, reason: str) -> i
     return checkpoint.step
 
 
-def record_failure(ex: PipelineExecutor, step: int, stage: int, method: str, lost: StageLost,
-                   rolled_back_to: int | None, warm: bool, relost_reason: str | None = None) -> None:
+def record_failure(
+    ex: PipelineExecutor,
+    step: int,
+    stage: int,
+    method: str,
+    lost: StageLost,
+    rolled_back_to: int | None,
+    warm: bool,
+    relost_reason: str | None = None,
+) -> None:
     """Append the failure of `stage` at `step` to the history, with its phase, reason and timings; with
     `relost_reason`, the loss of its replacement during the recovery (phase 'recovery')."""
     done = time.monotonic()
     killed_at = ex.injector.kill_times.get((step, stage)) if relost_reason is None else None
-    ex.history.failures.append(FailureRecord(
-        step=step, stage=stage, method=method,
-        detection_s=lost.detected_at - killed_at if killed_at is not None else 0.0,
-        recovery_s=done - lost.detected_at,
-        death_to_retry_s=done - killed_at if killed_at is not None else None,
-        rolled_back_to=rolled_back_to, warm_standby=warm,
-        phase="recovery" if relost_reason else ex._phase_of_lost(stage, lost.phases.get(stage, "recovery")),
-        reason=relost_reason or _reason(ex, stage, lost.reasons.get(stage, "died")),
-    ))
+    ex.history.failures.append(
+        FailureRecord(
+            step=step,
+            stage=stage,
+            method=method,
+            detection_s=lost.detected_at - killed_at if killed_at is not None else 0.0,
+            recovery_s=done - lost.detected_at,
+            death_to_retry_s=done - killed_at if killed_at is not None else None,
+            rolled_back_to=rolled_back_to,
+            warm_standby=warm,
+            phase="recovery"
+            if relost_reason
+            else ex._phase_of_lost(stage, lost.phases.get(stage, "recovery")),
+            reason=relost_reason or _reason(ex, stage, lost.reasons.get(stage, "died")),
+        )
+    )
 
 
 def _reason(ex: PipelineExecutor, stage: int, reason: str) -> str:

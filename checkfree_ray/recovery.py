@@ -66,17 +66,23 @@ def gradient_weights(norm_prev: float, norm_next: float, epsilon: float) -> tupl
     return w_prev / total, w_next / total
 
 
-def weighted_sum(states: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
+def weighted_sum(
+    states: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]
+) -> dict[str, torch.Tensor]:
     """sum_k c_k W_k over every tensor of the state dicts, streamed into one preallocated float64 output per tensor.
 
     The one place where recovery sums weights: the coefficients come from `rule_weights` (the recipe), the
     stage actor that rebuilds itself only calls this.
     """
     if len(states) != len(coefficients) or not states:
-        raise ValueError(f"{len(states)} states for {len(coefficients)} coefficients; give one coefficient per state")
+        raise ValueError(
+            f"{len(states)} states for {len(coefficients)} coefficients; give one coefficient per state"
+        )
     keys = list(states[0])
     if any(set(keys) != set(state) for state in states[1:]):
-        raise ValueError("neighbour stages have different state-dict keys; they are not the same architecture")
+        raise ValueError(
+            "neighbour stages have different state-dict keys; they are not the same architecture"
+        )
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         acc = torch.zeros_like(states[0][key], dtype=torch.float64)
@@ -98,7 +104,13 @@ def weighted_average(
     return weighted_sum(states, gradient_weights(norms[0], norms[1], epsilon))
 
 
-RULES = ("weighted", "average", "copy", "random", "identity")  # `recovery.rule`; "exact" is the benchmark's bound
+RULES = (
+    "weighted",
+    "average",
+    "copy",
+    "random",
+    "identity",
+)  # `recovery.rule`; "exact" is the benchmark's bound
 FRESH_RULES = ("random", "identity")  # rules that sum nothing: the blocks are built afresh
 
 
@@ -119,9 +131,13 @@ def rule_weights(rule: str, norms: Sequence[float], epsilon: float) -> tuple[flo
     if rule in FRESH_RULES:
         return None
     if rule == "exact":
-        raise ValueError("rule 'exact' (a same-step copy of the lost stage) exists only in the recovery ablation "
-                         "benchmark; a run that needs exact recovery uses `recovery.strategy` 'redundant'")
-    raise ValueError(f"unknown recovery rule {rule!r}; use 'weighted', 'average', 'copy', 'random' or 'identity'")
+        raise ValueError(
+            "rule 'exact' (a same-step copy of the lost stage) exists only in the recovery ablation "
+            "benchmark; a run that needs exact recovery uses `recovery.strategy` 'redundant'"
+        )
+    raise ValueError(
+        f"unknown recovery rule {rule!r}; use 'weighted', 'average', 'copy', 'random' or 'identity'"
+    )
 
 
 def weighing_norm(norms: Mapping[str, float], scope: str = "stage", grad_norm: str = "post_clip") -> float:
@@ -155,7 +171,9 @@ def reinitialised_blocks(cfg, stage_index: int, seed: int, rule: str = "random")
     if rule not in FRESH_RULES:
         raise ValueError(f"rule {rule!r} sums neighbours; only {FRESH_RULES} build blocks afresh")
     stage = build_parts(cfg, seed).stages[stage_index]
-    blocks = {f"model/{BLOCKS}/{name}": tensor.detach().clone() for name, tensor in stage.state_dict().items()}
+    blocks = {
+        f"model/{BLOCKS}/{name}": tensor.detach().clone() for name, tensor in stage.state_dict().items()
+    }
     if rule == "identity":
         for key, tensor in blocks.items():
             if key.endswith((".attn.proj.weight", ".ffn.w2.weight")):
@@ -183,7 +201,9 @@ class StageRecovery:
     """How one lost stage is rebuilt: `method` and the stages whose state it needs."""
 
     stage: int
-    method: str  # "checkfree" (middle-stage rule), "copy" (CheckFree+ swap partner), "redundant" (backup copy)
+    method: (
+        str  # "checkfree" (middle-stage rule), "copy" (CheckFree+ swap partner), "redundant" (backup copy)
+    )
     sources: tuple[int, ...]
     weights: tuple[float, ...] = ()  # checkfree: the coefficient of each source's blocks; () for "random"
     rule: str = ""  # checkfree: the `recovery.rule` (a "random" or "identity" rebuild has no sources)
@@ -198,8 +218,9 @@ class RecoveryPlan:
     reason: str = ""
 
 
-def _rebuild(strategy: str, stage: int, num_stages: int, rule: str, norms: Sequence[float] | None,
-             epsilon: float) -> StageRecovery | None:
+def _rebuild(
+    strategy: str, stage: int, num_stages: int, rule: str, norms: Sequence[float] | None, epsilon: float
+) -> StageRecovery | None:
     last = num_stages - 1
     if strategy == "redundant":
         return StageRecovery(stage, "redundant", ((stage - 1) % num_stages,))
@@ -208,7 +229,9 @@ def _rebuild(strategy: str, stage: int, num_stages: int, rule: str, norms: Seque
         weights = rule_weights(rule, [norms[s] if norms else 0.0 for s in neighbours], epsilon)
         if weights is None:  # "random", "identity": nothing to sum
             return StageRecovery(stage, "checkfree", (), rule=rule)
-        kept = [(s, w) for s, w in zip(neighbours, weights) if w != 0.0]  # "copy" never fetches the other side
+        kept = [
+            (s, w) for s, w in zip(neighbours, weights) if w != 0.0
+        ]  # "copy" never fetches the other side
         return StageRecovery(stage, "checkfree", tuple(s for s, _ in kept), tuple(w for _, w in kept), rule)
     if strategy == "checkfree+":
         partner = 1 if stage == 0 else last - 1  # the swap partner also holds the (de)embedding copy
@@ -216,8 +239,14 @@ def _rebuild(strategy: str, stage: int, num_stages: int, rule: str, norms: Seque
     return None
 
 
-def plan_recovery(strategy: str, lost: set[int], num_stages: int, rule: str = "weighted",
-                  norms: Sequence[float] | None = None, epsilon: float = 1e-4) -> RecoveryPlan:
+def plan_recovery(
+    strategy: str,
+    lost: set[int],
+    num_stages: int,
+    rule: str = "weighted",
+    norms: Sequence[float] | None = None,
+    epsilon: float = 1e-4,
+) -> RecoveryPlan:
     """Decide how to recover the `lost` stages: the recipe of each rebuild (source stages and their weights,
     from `rule` and each stage's weighing `norms`), or `rollback` when some stage cannot be rebuilt from live
     ones. Two adjacent middle stages are a rollback even under the "copy" rule, which needs one of them."""

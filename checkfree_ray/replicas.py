@@ -32,8 +32,10 @@ def copy_refs(ex: PipelineExecutor, step: int | None = None) -> list | None:
     if ex.strategy != "checkfree+" or (step is not None and step % ex.spec.recovery.copy_every != 0):
         return None
     S, a = ex.S, ex.actors
-    return [a[1].hold_copy.remote(a[0].get_state.remote((EMBED,))),
-            a[S - 2].hold_copy.remote(a[S - 1].get_state.remote((HEAD,)))]
+    return [
+        a[1].hold_copy.remote(a[0].get_state.remote((EMBED,))),
+        a[S - 2].hold_copy.remote(a[S - 1].get_state.remote((HEAD,))),
+    ]
 
 
 def sync(ex: PipelineExecutor, pending: list | None = None) -> None:
@@ -46,13 +48,17 @@ def sync(ex: PipelineExecutor, pending: list | None = None) -> None:
         ex.history.costs["copy_bytes_held"] = float(sum(ray.get(copies, timeout=ex.step_timeout())))
     if ex.strategy == "redundant":
         start = time.perf_counter()
-        backups = [a[i].hold_backup.remote(a[(i + 1) % S].get_state.remote(include_optim=True), ex.state_step)
-                   for i in range(S)]
+        backups = [
+            a[i].hold_backup.remote(a[(i + 1) % S].get_state.remote(include_optim=True), ex.state_step)
+            for i in range(S)
+        ]
         held = ray.get(backups, timeout=ex.step_timeout())
         costs = ex.history.costs
         costs["redundant_bytes_held"] = float(sum(held))
         costs["redundant_bytes_sent_per_step"] = float(sum(held))
-        costs["redundant_sync_s_total"] = costs.get("redundant_sync_s_total", 0.0) + time.perf_counter() - start
+        costs["redundant_sync_s_total"] = (
+            costs.get("redundant_sync_s_total", 0.0) + time.perf_counter() - start
+        )
 
 
 def sync_commit(ex: PipelineExecutor, step: int, loss: float, norms: list[dict | None]) -> None:
@@ -67,7 +73,9 @@ def sync_commit(ex: PipelineExecutor, step: int, loss: float, norms: list[dict |
         ex.abandon(list(pending or []))
         dead, silent = unanswering(ex.actors, min(PING_TIMEOUT_S, ex.step_timeout()))
         for stage in silent:
-            log.warning("stage %d did not answer a ping while step %d's copies were made; killing it", stage, step)
+            log.warning(
+                "stage %d did not answer a ping while step %d's copies were made; killing it", stage, step
+            )
             ray.kill(ex.actors[stage], no_restart=True)
         lost = sorted(set(dead) | set(silent))
         if not lost:
@@ -77,8 +85,19 @@ def sync_commit(ex: PipelineExecutor, step: int, loss: float, norms: list[dict |
                     "every stage answers; raise `recovery.step_timeout_s`"
                 ) from None
             raise
-        log.warning("step %d: stage(s) %s lost after their optimizer step, before their copies and backups landed "
-                    "(%s); the step is rolled forward or run again", step, lost, type(exc).__name__)
+        log.warning(
+            "step %d: stage(s) %s lost after their optimizer step, before their copies and backups landed "
+            "(%s); the step is rolled forward or run again",
+            step,
+            lost,
+            type(exc).__name__,
+        )
         kept = [None if stage in lost else norm for stage, norm in enumerate(norms)]
-        raise StageLost(lost, "optimizer", norms=kept, loss=loss, detected_at=detected_at,
-                        reasons=dict.fromkeys(silent, "timeout")) from None
+        raise StageLost(
+            lost,
+            "optimizer",
+            norms=kept,
+            loss=loss,
+            detected_at=detected_at,
+            reasons=dict.fromkeys(silent, "timeout"),
+        ) from None

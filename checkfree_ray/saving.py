@@ -45,8 +45,10 @@ class CheckpointSaver:
             self._failed(step, f"storage: {exc}")
             return
         env = storage_env()
-        saves = [a.save_shard.remote(self.store.shard_uri(step, i), step, env, SAVE_TIMEOUT_S)
-                 for i, a in enumerate(actors)]
+        saves = [
+            a.save_shard.remote(self.store.shard_uri(step, i), step, env, SAVE_TIMEOUT_S)
+            for i, a in enumerate(actors)
+        ]
         self.pending = PendingSave(step, list(actors), saves, metadata, history, started)
 
     def finish(self, wait_s: float) -> None:
@@ -76,8 +78,9 @@ class CheckpointSaver:
         costs = self.history.costs
         costs["checkpoint_bytes"] = float(sum(e["size"] for e in entries))
         costs["checkpoint_saves"] = costs.get("checkpoint_saves", 0.0) + 1
-        costs["checkpoint_save_s_total"] = costs.get("checkpoint_save_s_total", 0.0) + \
-            time.perf_counter() - pending.started
+        costs["checkpoint_save_s_total"] = (
+            costs.get("checkpoint_save_s_total", 0.0) + time.perf_counter() - pending.started
+        )
 
     def phase_of_lost(self, stage: int, phase: str) -> str:
         """'checkpoint_save' for a stage lost between steps before its shard of the save in flight was written;
@@ -132,4 +135,6 @@ class CheckpointSaver:
     def _failed(self, step: int, why: str) -> None:
         costs = self.history.costs
         costs["checkpoint_failed_saves"] = costs.get("checkpoint_failed_saves", 0.0) + 1
-        log.warning("checkpoint %d was not saved (%s); training goes on and the next save tries again", step, why)
+        log.warning(
+            "checkpoint %d was not saved (%s); training goes on and the next save tries again", step, why
+        )

@@ -37,7 +37,9 @@ def _chain(route: Route) -> list[tuple[str, int]]:
 def gpipe_order(routes: Sequence[Route]) -> list[Op]:
     """GPipe: every forward (micro-batch by micro-batch), then every backward."""
     forwards = [("forward", mb, hop) for mb, route in enumerate(routes) for hop in range(len(route))]
-    backwards = [("backward", mb, hop) for mb, route in enumerate(routes) for hop in reversed(range(len(route)))]
+    backwards = [
+        ("backward", mb, hop) for mb, route in enumerate(routes) for hop in reversed(range(len(route)))
+    ]
     return forwards + backwards
 
 
@@ -79,11 +81,18 @@ def _pending_per_stage(route: Route, num_stages: int) -> list[int]:
     return counts
 
 
-def _pick(stage: int, time: int, chains, routes, position, ready_at, held, pending, num_stages: int) -> int | None:
+def _pick(
+    stage: int, time: int, chains, routes, position, ready_at, held, pending, num_stages: int
+) -> int | None:
     """The micro-batch whose next op this stage runs now: a ready backward first (oldest first), else the
     oldest ready forward the stage may admit."""
-    ready = [mb for mb in range(len(chains)) if position[mb] < len(chains[mb]) and ready_at[mb] <= time
-             and routes[mb][chains[mb][position[mb]][1]][0] == stage]
+    ready = [
+        mb
+        for mb in range(len(chains))
+        if position[mb] < len(chains[mb])
+        and ready_at[mb] <= time
+        and routes[mb][chains[mb][position[mb]][1]][0] == stage
+    ]
     backwards = [mb for mb in ready if chains[mb][position[mb]][0] == "backward"]
     if backwards:
         return backwards[0]

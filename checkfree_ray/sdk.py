@@ -22,10 +22,17 @@ def run_training(spec: TrainSpec | str | Path, progress: bool = True, restart: b
     return _run(_as_spec(spec), progress=progress, restart=restart)
 
 
-def submit_training(spec: TrainSpec | str | Path, address: str | None = None,
-                    restart: bool = False) -> JobHandle[TrainResult]:
+def submit_training(
+    spec: TrainSpec | str | Path, address: str | None = None, restart: bool = False
+) -> JobHandle[TrainResult]:
     """Submit the training through Ray's Jobs API (a local head when no address); returns a `JobHandle`
     with `status()`, `wait()`, `result()`, `logs()`, `stop()` and `close()`. The job resumes the same spec's run
     in `output.uri` (a resubmitted job continues); `restart` starts a new one."""
-    return submit_spec(_as_spec(spec), "checkfree_ray", "train", TrainResult, address=address,
-                       extra_args=["--restart"] if restart else None)
+    return submit_spec(
+        _as_spec(spec),
+        "checkfree_ray",
+        "train",
+        TrainResult,
+        address=address,
+        extra_args=["--restart"] if restart else None,
+    )

@@ -30,7 +30,7 @@ def _as_flat(source: Mapping[str, torch.Tensor] | bytes) -> Mapping[str, torch.T
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -44,8 +44,10 @@ def stage_device(num_gpus: float) -> torch.device:
     if num_gpus <= 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"`pipeline.num_gpus_per_stage` is {num_gpus} but torch sees no CUDA device in this stage "
-                           "process; set it to 0 for CPU stages or run on GPU nodes")
+        raise RuntimeError(
+            f"`pipeline.num_gpus_per_stage` is {num_gpus} but torch sees no CUDA device in this stage "
+            "process; set it to 0 for CPU stages or run on GPU nodes"
+        )
     return torch.device("cuda", 0)
 
 
@@ -59,8 +61,15 @@ def _ray_nccl_available() -> bool:
 class StageWorker(FaultInjection, ShardWriter):
     """Holds one stage's parts and optimizer, runs its hops, and serves its state for recovery."""
 
-    def __init__(self, cfg: ModelConfig, grad_clip: float, weight_decay: float, torch_threads: int = 1,
-                 num_gpus: float = 0.0, precision: str = "fp32"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        grad_clip: float,
+        weight_decay: float,
+        torch_threads: int = 1,
+        num_gpus: float = 0.0,
+        precision: str = "fp32",
+    ):
         torch.set_num_threads(torch_threads)
         try:
             torch.set_num_interop_threads(1)
@@ -80,15 +89,22 @@ class StageWorker(FaultInjection, ShardWriter):
         self.backup: FlatState = {}  # redundant: the successor's full state
         self.backup_of_step: int | None = None  # the step `backup` is at
         self.undo: FlatState = {}  # redundant: this stage's state before its last optimizer step
-        self.faults: dict[str, tuple[str, float, int]] = {}  # test harness only: call -> (action, seconds, skip)
+        self.faults: dict[
+            str, tuple[str, float, int]
+        ] = {}  # test harness only: call -> (action, seconds, skip)
 
     # ----- identity -------------------------------------------------------------------------------------
     def ping(self) -> dict:
         """Process id, node id and assigned stage (also a liveness check)."""
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "stage": self.stage_index,
-                "torch_threads": torch.get_num_threads(), "device": str(self.device),
-                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-                "nccl": self.device.type == "cuda" and _ray_nccl_available()}
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "stage": self.stage_index,
+            "torch_threads": torch.get_num_threads(),
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "nccl": self.device.type == "cuda" and _ray_nccl_available(),
+        }
 
     def warm_up(self) -> dict:
         """Standby: one throwaway training step of a whole model on one sequence, so that lazy imports and
@@ -106,8 +122,13 @@ class StageWorker(FaultInjection, ShardWriter):
         return self.ping()
 
     # ----- configuration ------------------------------------------------------------------------------
-    def configure(self, stage_index: int, lr: float | None, *sources: Mapping[str, torch.Tensor] | bytes,
-                  weights: tuple[float, ...] = ()) -> dict:
+    def configure(
+        self,
+        stage_index: int,
+        lr: float | None,
+        *sources: Mapping[str, torch.Tensor] | bytes,
+        weights: tuple[float, ...] = (),
+    ) -> dict:
         """Become stage `stage_index` with a fresh optimizer at `lr` (None: the sources' `meta/lr`), load `sources`.
 
         With `weights` the first len(weights) sources are blocks, summed with those coefficients (the CheckFree
@@ -125,9 +146,9 @@ class StageWorker(FaultInjection, ShardWriter):
         self.copies, self.backup, self.undo, self.backup_of_step = {}, {}, {}, None
         flats = [_as_flat(source) for source in sources]
         if weights:
-            blocks = [_strip(flat, f"model/{BLOCKS}/") for flat in flats[:len(weights)]]
+            blocks = [_strip(flat, f"model/{BLOCKS}/") for flat in flats[: len(weights)]]
             summed = {f"model/{BLOCKS}/{k}": v for k, v in weighted_sum(blocks, weights).items()}
-            flats = [summed, *flats[len(weights):]]
+            flats = [summed, *flats[len(weights) :]]
         state: FlatState = {}
         for flat in flats:
             state.update(flat)
@@ -139,8 +160,12 @@ class StageWorker(FaultInjection, ShardWriter):
         return self.ping()
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(f"{part}/{name}", p) for part in (EMBED, BLOCKS, HEAD) if part in self.parts
-                for name, p in self.parts[part].named_parameters()]
+        return [
+            (f"{part}/{name}", p)
+            for part in (EMBED, BLOCKS, HEAD)
+            if part in self.parts
+            for name, p in self.parts[part].named_parameters()
+        ]
 
     def _load_model(self, state: Mapping[str, torch.Tensor]) -> None:
         for part, module in self.parts.items():
@@ -150,26 +175,37 @@ class StageWorker(FaultInjection, ShardWriter):
 
     def _new_optimizer(self, lr: float) -> None:
         self.base_lr = lr
-        self.optimizer = torch.optim.AdamW(optimizer_groups(self._named_parameters(), self.weight_decay), lr=lr)
+        self.optimizer = torch.optim.AdamW(
+            optimizer_groups(self._named_parameters(), self.weight_decay), lr=lr
+        )
 
     def _load_optimizer(self, state: Mapping[str, torch.Tensor]) -> None:
         self.optimizer.state.clear()
         for name, param in self._named_parameters():
             fields = _strip(state, f"optim/{name}/")
             if fields:
-                self.optimizer.state[param] = {k: v.to(param.device, copy=True) if k != "step" else v.clone()
-                                               for k, v in fields.items()}
+                self.optimizer.state[param] = {
+                    k: v.to(param.device, copy=True) if k != "step" else v.clone() for k, v in fields.items()
+                }
 
     # ----- state for recovery and checkpoints --------------------------------------------------------------
-    def get_state(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD), include_optim: bool = False,
-                  as_tensor: bool = False) -> FlatState:
+    def get_state(
+        self,
+        parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD),
+        include_optim: bool = False,
+        as_tensor: bool = False,
+    ) -> FlatState:
         """Flat state of `parts` (those this stage has), with Adam state and lr when `include_optim`; copied to
         the CPU, or kept on this stage's device with `as_tensor` (Ray Direct Transport: device to device)."""
         self._fault("get_state")
         return self._state(parts, include_optim, as_tensor)
 
-    def _state(self, parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD), include_optim: bool = False,
-               as_tensor: bool = False) -> FlatState:
+    def _state(
+        self,
+        parts: tuple[str, ...] = (EMBED, BLOCKS, HEAD),
+        include_optim: bool = False,
+        as_tensor: bool = False,
+    ) -> FlatState:
         device = self.device if as_tensor else torch.device("cpu")
         state: FlatState = {}
         for part in parts:
@@ -217,9 +253,17 @@ class StageWorker(FaultInjection, ShardWriter):
         return self.base_lr
 
     # ----- the pipeline ----------------------------------------------------------------------------------
-    def forward(self, micro_batch: int, hop: int, parts: tuple[str, ...], x: np.ndarray | torch.Tensor,
-                targets: np.ndarray | torch.Tensor | None = None, loss_scale: float = 1.0, train: bool = True,
-                as_tensor: bool = False):
+    def forward(
+        self,
+        micro_batch: int,
+        hop: int,
+        parts: tuple[str, ...],
+        x: np.ndarray | torch.Tensor,
+        targets: np.ndarray | torch.Tensor | None = None,
+        loss_scale: float = 1.0,
+        train: bool = True,
+        as_tensor: bool = False,
+    ):
         """Run `parts` on x; returns activations (B, T, d) as numpy (the object store's zero-copy form), or as a
         tensor on this stage's device with `as_tensor` (Ray Direct Transport), or the unscaled loss when the head
         runs."""
@@ -244,8 +288,13 @@ class StageWorker(FaultInjection, ShardWriter):
             self.peak_cached = max(self.peak_cached, len({mb for mb, _hop in self.cache}))
         return h.detach().contiguous() if as_tensor else h.detach().float().cpu().numpy()
 
-    def backward(self, micro_batch: int, hop: int, grad: np.ndarray | torch.Tensor | None = None,
-                 as_tensor: bool = False) -> np.ndarray | torch.Tensor | None:
+    def backward(
+        self,
+        micro_batch: int,
+        hop: int,
+        grad: np.ndarray | torch.Tensor | None = None,
+        as_tensor: bool = False,
+    ) -> np.ndarray | torch.Tensor | None:
         """Back-propagate one hop; returns the gradient of its input as numpy, or as a tensor on this stage's
         device with `as_tensor` (None for the embedding hop)."""
         self._fault("backward")
@@ -275,8 +324,9 @@ class StageWorker(FaultInjection, ShardWriter):
         self._fault("grad_sq_norm")
         return sum(float(p.grad.pow(2).sum()) for _, p in self._named_parameters() if p.grad is not None)
 
-    def step(self, *upstream, clip: str = "per_stage", keep_undo: bool = False, lr_factor: float = 1.0
-             ) -> dict[str, float]:
+    def step(
+        self, *upstream, clip: str = "per_stage", keep_undo: bool = False, lr_factor: float = 1.0
+    ) -> dict[str, float]:
         """Clip the gradient, step Adam, and report the gradient L2 norms before and after clipping.
 
         Clipping and the reported norms cover the same parameters: everything this stage holds (`stage`,
@@ -303,8 +353,13 @@ class StageWorker(FaultInjection, ShardWriter):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.cache.clear()
-        return {"stage": stage_sq**0.5 * coefficient, "blocks": blocks_sq**0.5 * coefficient,
-                "stage_pre_clip": stage_sq**0.5, "blocks_pre_clip": blocks_sq**0.5, "clip_coefficient": coefficient}
+        return {
+            "stage": stage_sq**0.5 * coefficient,
+            "blocks": blocks_sq**0.5 * coefficient,
+            "stage_pre_clip": stage_sq**0.5,
+            "blocks_pre_clip": blocks_sq**0.5,
+            "clip_coefficient": coefficient,
+        }
 
     def revert_step(self) -> bool:
         """Undo the last optimizer step (weights and Adam) from the state kept with `keep_undo`; False if none."""
@@ -332,7 +387,9 @@ class DirectStageWorker(StageWorker):
     (`transport.py`). Ray then runs its calls on a background thread, so plain runs keep `StageActor`."""
 
 
-DirectStageActor = ray.remote(max_restarts=0, max_task_retries=0, enable_tensor_transport=True)(DirectStageWorker)
+DirectStageActor = ray.remote(max_restarts=0, max_task_retries=0, enable_tensor_transport=True)(
+    DirectStageWorker
+)
 
 
 def initial_stage_state(parts, stage_index: int) -> FlatState:
@@ -342,8 +399,11 @@ def initial_stage_state(parts, stage_index: int) -> FlatState:
         modules[EMBED] = parts.embedding
     if stage_index == len(parts.stages) - 1:
         modules[HEAD] = parts.head
-    return {f"model/{part}/{name}": t.detach().clone()
-            for part, module in modules.items() for name, t in module.state_dict().items()}
+    return {
+        f"model/{part}/{name}": t.detach().clone()
+        for part, module in modules.items()
+        for name, t in module.state_dict().items()
+    }
 
 
 def initial_states(spec, cfg: ModelConfig) -> list[FlatState]:

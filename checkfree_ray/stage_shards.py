@@ -39,8 +39,9 @@ class ShardWriter:
         state = self.get_state(include_optim=True)
         os.environ.update(storage_env)
         self._written = (step, None, None)
-        self._writer = threading.Thread(target=self._write_shard, args=(uri, step, state), daemon=True,
-                                        name=f"checkpoint-{step}")
+        self._writer = threading.Thread(
+            target=self._write_shard, args=(uri, step, state), daemon=True, name=f"checkpoint-{step}"
+        )
         self._writer.start()
         return state_nbytes(state)
 

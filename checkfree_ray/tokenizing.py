@@ -49,7 +49,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             files.append(uri)
             continue
         base = uri.rstrip("/")
-        listed = [u for u in storage.list_uris(uri) if not is_hidden(u[len(base):])]
+        listed = [u for u in storage.list_uris(uri) if not is_hidden(u[len(base) :])]
         if listed:
             files += listed
         elif storage.exists(uri):
@@ -219,7 +219,9 @@ def tokenize(
             "tokens": n_train + n_val,
             "splits": {"train": [0, n_train], "val": [n_train, n_train + n_val]},
             # resolved: a run started from another working directory must find it
-            "tokenizer": {"uri": absolute_uri(encoder.uri), "sha256": encoder.sha256} if encoder.uri else "bytes",
+            "tokenizer": {"uri": absolute_uri(encoder.uri), "sha256": encoder.sha256}
+            if encoder.uri
+            else "bytes",
             "eot_id": encoder.eot,
             "inputs": list(inputs),
             "val_inputs": list(val_inputs or []),

@@ -50,15 +50,19 @@ def _progress_fields(executor: PipelineExecutor, tokens_per_step: int, peak_flop
     step_s = _median(h.step_times[-20:]) or float("nan")
     last = h.failures[-1].recovery_s if h.failures else None
     tokens_per_s = tokens_per_step / step_s
-    fields = {"loss": h.losses[-1] if h.losses else float("nan"),
-              "lr": scheduled_lr(executor.spec.optim, max(1, (h.steps or [1])[-1]), executor.spec.steps),
-              "tok/s": tokens_per_s}
+    fields = {
+        "loss": h.losses[-1] if h.losses else float("nan"),
+        "lr": scheduled_lr(executor.spec.optim, max(1, (h.steps or [1])[-1]), executor.spec.steps),
+        "tok/s": tokens_per_s,
+    }
     utilisation = mfu(tokens_per_s, executor.cfg.parameter_count(), peak_flops, executor.S)
     if utilisation is not None:
         fields["mfu"] = utilisation
     if h.val_losses:
         fields |= {"val_loss": h.val_losses[-1], "val_ppl": math.exp(h.val_losses[-1])}
-    if h.checkpoint_intervals:  # hybrid: the checkpoint interval now (its reasons are in the log and the result)
+    if (
+        h.checkpoint_intervals
+    ):  # hybrid: the checkpoint interval now (its reasons are in the log and the result)
         fields["ckpt_every"] = h.checkpoint_intervals[-1]["every"]
     return fields | {"failures": len(h.failures), "last_recovery_s": last if last is not None else "-"}
 
@@ -73,8 +77,12 @@ def peak_flops_of(executor: PipelineExecutor) -> float | None:
     return device_peak_flops(executor.spec, name)
 
 
-def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None, first_step: int = 1,
-               peak_flops: float | None = None) -> None:
+def train_loop(
+    executor: PipelineExecutor,
+    progress: ProgressLine | None = None,
+    first_step: int = 1,
+    peak_flops: float | None = None,
+) -> None:
     """Steps `first_step`..`spec.steps` (or until the target validation loss), evaluating every `eval_every` steps
     and after the last one (`_finish`: stages lost after the last commit are recovered first); the progress line
     follows each step's evaluation."""
@@ -82,7 +90,10 @@ def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None,
     pipe = spec.pipeline
     tokens_per_step = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len
     step = first_step
-    seen = {"failures": len(executor.history.failures), "intervals": len(executor.history.checkpoint_intervals)}
+    seen = {
+        "failures": len(executor.history.failures),
+        "intervals": len(executor.history.checkpoint_intervals),
+    }
     while step <= spec.steps:
         step_done = step
         step = executor.run_step(step)
@@ -90,7 +101,9 @@ def train_loop(executor: PipelineExecutor, progress: ProgressLine | None = None,
         if step == step_done + 1 and step_done == spec.steps:
             step, value = _finish(executor, step_done)  # a rollback there runs the lost steps again
         elif step == step_done + 1 and step_done % spec.eval_every == 0:
-            value = executor.evaluate(step_done)  # None when a stage died meanwhile: the next step recovers it
+            value = executor.evaluate(
+                step_done
+            )  # None when a stage died meanwhile: the next step recovers it
         if progress is not None:
             _report(executor, progress, seen, min(step - 1, spec.steps), tokens_per_step, peak_flops)
         if value is not None and spec.target_val_loss is not None and value <= spec.target_val_loss:
@@ -115,22 +128,34 @@ def _finish(executor: PipelineExecutor, last: int) -> tuple[int, float | None]:
     )
 
 
-def _report(executor: PipelineExecutor, progress: ProgressLine, seen: dict[str, int], done: int,
-            tokens_per_step: int, peak_flops: float | None) -> None:
+def _report(
+    executor: PipelineExecutor,
+    progress: ProgressLine,
+    seen: dict[str, int],
+    done: int,
+    tokens_per_step: int,
+    peak_flops: float | None,
+) -> None:
     """The new failures and hybrid checkpoint intervals as events, then the progress line."""
     h = executor.history
-    for failure in h.failures[seen["failures"]:]:
-        progress.emit(f"failure: stage {failure.stage} at step {failure.step} -> {failure.method} "
-                      f"in {failure.recovery_s:.3f}s" + (f" (rolled back to {failure.rolled_back_to})"
-                                                         if failure.rolled_back_to is not None else ""))
+    for failure in h.failures[seen["failures"] :]:
+        progress.emit(
+            f"failure: stage {failure.stage} at step {failure.step} -> {failure.method} "
+            f"in {failure.recovery_s:.3f}s"
+            + (f" (rolled back to {failure.rolled_back_to})" if failure.rolled_back_to is not None else "")
+        )
     seen["failures"] = len(h.failures)
-    for chosen in h.checkpoint_intervals[seen["intervals"]:]:  # hybrid: each new interval and why
-        progress.emit(f"checkpoint every {chosen['every']} steps from step {chosen['step']}: {chosen['reason']}")
+    for chosen in h.checkpoint_intervals[seen["intervals"] :]:  # hybrid: each new interval and why
+        progress.emit(
+            f"checkpoint every {chosen['every']} steps from step {chosen['step']}: {chosen['reason']}"
+        )
     seen["intervals"] = len(h.checkpoint_intervals)
     progress.update(done=done, **_progress_fields(executor, tokens_per_step, peak_flops))
 
 
-def build_result(executor: PipelineExecutor, wall_time_s: float, peak_flops: float | None = None) -> TrainResult:
+def build_result(
+    executor: PipelineExecutor, wall_time_s: float, peak_flops: float | None = None
+) -> TrainResult:
     """The result of a finished run; throughput counts the kept steps' tokens over the time of every step run."""
     spec, h = executor.spec, executor.history
     pipe = spec.pipeline
@@ -141,25 +166,41 @@ def build_result(executor: PipelineExecutor, wall_time_s: float, peak_flops: flo
     reached = [s for s, v in zip(h.val_steps, h.val_losses) if target is not None and v <= target]
     tokens_per_s = tokens / sum(h.step_times) if h.step_times else 0.0
     return TrainResult(
-        spec=spec, steps=h.steps, losses=h.losses, wall_times=h.wall_times, rolled_back=rolled_back,
-        val_steps=h.val_steps, val_losses=h.val_losses,
-        val_perplexities=[math.exp(v) for v in h.val_losses], failures=h.failures,
+        spec=spec,
+        steps=h.steps,
+        losses=h.losses,
+        wall_times=h.wall_times,
+        rolled_back=rolled_back,
+        val_steps=h.val_steps,
+        val_losses=h.val_losses,
+        val_perplexities=[math.exp(v) for v in h.val_losses],
+        failures=h.failures,
         final_val_loss=h.val_losses[-1] if h.val_losses else None,
         final_perplexity=math.exp(h.val_losses[-1]) if h.val_losses else None,
         steps_to_target=reached[0] if reached else None,
-        tokens_per_s=tokens_per_s, model_parameters=executor.cfg.parameter_count(),
+        tokens_per_s=tokens_per_s,
+        model_parameters=executor.cfg.parameter_count(),
         mfu=mfu(tokens_per_s, executor.cfg.parameter_count(), peak_flops, executor.S),
-        median_step_s=_median(h.step_times), wall_time_s=wall_time_s, costs=dict(h.costs),
+        median_step_s=_median(h.step_times),
+        wall_time_s=wall_time_s,
+        costs=dict(h.costs),
         checkpoint_intervals=h.checkpoint_intervals,
-        versions=_versions(), resumed_from=list(executor.resumed_from),
+        versions=_versions(),
+        resumed_from=list(executor.resumed_from),
         run_id=executor.checkpoints.run.run_id if executor.checkpoints is not None else None,
     )
 
 
 def _metrics_parquet(result: TrainResult) -> bytes:
     rolled_back = result.rolled_back or [False] * len(result.steps)
-    table = pa.table({"step": result.steps, "loss": result.losses, "wall_time_s": result.wall_times,
-                      "rolled_back": rolled_back})
+    table = pa.table(
+        {
+            "step": result.steps,
+            "loss": result.losses,
+            "wall_time_s": result.wall_times,
+            "rolled_back": rolled_back,
+        }
+    )
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
@@ -182,7 +223,9 @@ def write_result(result: TrainResult, uri: str) -> TrainResult:
 def _finished_result(spec: TrainSpec, run: RunIdentity) -> TrainResult | None:
     """The stored result of `run` when it already finished (a resubmitted job), else None."""
     try:
-        stored = TrainResult.model_validate_json(storage.read_bytes(storage.join(spec.output.uri, "result.json")))
+        stored = TrainResult.model_validate_json(
+            storage.read_bytes(storage.join(spec.output.uri, "result.json"))
+        )
     except (StorageError, ValueError):
         return None
     return stored if stored.run_id == run.run_id else None
@@ -207,7 +250,9 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
             executor.start(resume)
             line = ProgressLine(f"train[{spec.recovery.strategy}]", total=spec.steps) if progress else None
             peak_flops = peak_flops_of(executor)
-            train_loop(executor, line, first_step=resume.step + 1 if resume is not None else 1, peak_flops=peak_flops)
+            train_loop(
+                executor, line, first_step=resume.step + 1 if resume is not None else 1, peak_flops=peak_flops
+            )
             executor.finish_checkpoints()
             export_model(executor, storage.join(spec.output.uri, "hf"))
         finally:
@@ -231,8 +276,15 @@ def export_model(executor: PipelineExecutor, uri: str) -> None:
     base = read_hf_config(spec.model.hf_path) if spec.model.hf_path is not None else None
     tokenizer = tokenizer_uri(spec.data)
     step = (executor.history.steps or [0])[-1]
-    export_hf(states, executor.cfg, uri, base_config=base, metadata={"name": spec.name, "step": step},
-              source_path=spec.model.hf_path, tokenizer_json=storage.read_bytes(tokenizer) if tokenizer is not None else None)
+    export_hf(
+        states,
+        executor.cfg,
+        uri,
+        base_config=base,
+        metadata={"name": spec.name, "step": step},
+        source_path=spec.model.hf_path,
+        tokenizer_json=storage.read_bytes(tokenizer) if tokenizer is not None else None,
+    )
     log.info("exported the model as a Hugging Face Llama folder to %s", uri)
 
 
@@ -240,8 +292,10 @@ def _resume_point(executor: PipelineExecutor):
     """The newest complete checkpoint of the resumed run (None: it has none yet, so it starts over)."""
     store = executor.checkpoints
     if store is None or not store.steps():
-        log.warning("resuming run %s: it has no complete checkpoint yet; starting it from step 1",
-                    executor.checkpoints.run.run_id if store is not None else "?")
+        log.warning(
+            "resuming run %s: it has no complete checkpoint yet; starting it from step 1",
+            executor.checkpoints.run.run_id if store is not None else "?",
+        )
         return None
     checkpoint = store.load_latest(executor.S, context="resume")
     log.info("resuming run %s from checkpoint %d", store.run.run_id, checkpoint.step)

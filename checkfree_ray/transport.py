@@ -33,8 +33,9 @@ NCCL_AUTO_STRATEGIES = ("none", "checkpoint")
 GROUP_TIMEOUT_S = 60.0
 
 
-def select_transport(requested: str, num_gpus_per_stage: float, stages_have_nccl: Sequence[bool],
-                     strategy: str) -> tuple[str, str]:
+def select_transport(
+    requested: str, num_gpus_per_stage: float, stages_have_nccl: Sequence[bool], strategy: str
+) -> tuple[str, str]:
     """The transport a run uses and why: (`object_store` | `nccl` | `gloo`, reason in words).
 
     'auto' is NCCL when every stage has a GPU with NCCL and the strategy restarts the whole model on a loss
@@ -50,12 +51,16 @@ def select_transport(requested: str, num_gpus_per_stage: float, stages_have_nccl
             return NCCL, "asked for (`pipeline.activation_transport`)"
         return OBJECT_STORE, "'nccl' was asked for but not every stage process has CUDA with NCCL"
     if requested != "auto":
-        raise ValueError(f"unknown `pipeline.activation_transport` {requested!r}; use auto, object_store, nccl or gloo")
+        raise ValueError(
+            f"unknown `pipeline.activation_transport` {requested!r}; use auto, object_store, nccl or gloo"
+        )
     if not every_nccl:
         return OBJECT_STORE, "'auto' on stages without GPUs with NCCL"
     if strategy not in NCCL_AUTO_STRATEGIES:
-        return OBJECT_STORE, (f"'auto' with `recovery.strategy` {strategy!r}: a stage lost during a Ray Direct "
-                              "Transport transfer takes its neighbour with it; set 'nccl' to use it anyway")
+        return OBJECT_STORE, (
+            f"'auto' with `recovery.strategy` {strategy!r}: a stage lost during a Ray Direct "
+            "Transport transfer takes its neighbour with it; set 'nccl' to use it anyway"
+        )
     return NCCL, "'auto' on GPU stages with NCCL"
 
 
@@ -63,7 +68,9 @@ def may_be_direct(spec) -> bool:
     """Whether `spec`'s run may use RDT (its stage actors must then be created with it enabled)."""
     pipe = spec.pipeline
     assumed = [pipe.num_gpus_per_stage > 0] * pipe.num_stages  # confirmed by the stages at start
-    name, _ = select_transport(pipe.activation_transport, pipe.num_gpus_per_stage, assumed, spec.recovery.strategy)
+    name, _ = select_transport(
+        pipe.activation_transport, pipe.num_gpus_per_stage, assumed, spec.recovery.strategy
+    )
     return name in DIRECT
 
 
@@ -72,8 +79,12 @@ def open_transport(spec, actors: Sequence, timeout_s: float) -> Transport:
     its collective group formed (a group that cannot be formed falls back to the object store)."""
     pipe = spec.pipeline
     pings = ray.get([a.ping.remote() for a in actors], timeout=timeout_s)
-    name, reason = select_transport(pipe.activation_transport, pipe.num_gpus_per_stage,
-                                    [bool(p.get("nccl")) for p in pings], spec.recovery.strategy)
+    name, reason = select_transport(
+        pipe.activation_transport,
+        pipe.num_gpus_per_stage,
+        [bool(p.get("nccl")) for p in pings],
+        spec.recovery.strategy,
+    )
     fell_back = pipe.activation_transport not in ("auto", name)
     (log.warning if fell_back else log.info)("activation transport: %s (%s)", name, reason)
     transport = Transport(name)
@@ -111,16 +122,24 @@ class Transport:
         from ray.experimental.collective import create_collective_group, destroy_collective_group
 
         if self.group is not None and self.name == GLOO:
-            self.fall_back("Ray 2.60's gloo backend cannot put the surviving stages in a new group with a "
-                           "replacement (torch's default process group is made once per process)")
+            self.fall_back(
+                "Ray 2.60's gloo backend cannot put the surviving stages in a new group with a "
+                "replacement (torch's default process group is made once per process)"
+            )
             return
         ray.get([a.ping.remote() for a in actors], timeout=timeout_s)
         if self.group is not None:  # the old group names an actor that is gone (Ray may have destroyed it)
-            _bounded(lambda: destroy_collective_group(self.group), timeout_s, swallow=(ValueError, ray.exceptions.RayError))
+            _bounded(
+                lambda: destroy_collective_group(self.group),
+                timeout_s,
+                swallow=(ValueError, ray.exceptions.RayError),
+            )
         self.group, self.members = None, []
         created = _bounded(lambda: create_collective_group(list(actors), backend=self.name), timeout_s)
         if isinstance(created, BaseException) or created is None:
-            self.fall_back(f"the {self.name} collective group of {len(actors)} stages could not be made ({created!r})")
+            self.fall_back(
+                f"the {self.name} collective group of {len(actors)} stages could not be made ({created!r})"
+            )
             return
         self.group, self.members = created.name, list(actors)
 

@@ -54,9 +54,11 @@ def runtime_closure(requirements: list[str]) -> dict[str, str]:
 
 def render(pins: dict[str, str]) -> str:
     """The constraints file's text."""
-    header = ("# Exact pins of the runtime dependencies, frozen from the environment the tests ran in by\n"
-              "# cluster/freeze_constraints.py. The Dockerfile installs with `-c cluster/constraints.txt`.\n"
-              f"# Python {sys.version_info.major}.{sys.version_info.minor}, {sys.platform}.\n")
+    header = (
+        "# Exact pins of the runtime dependencies, frozen from the environment the tests ran in by\n"
+        "# cluster/freeze_constraints.py. The Dockerfile installs with `-c cluster/constraints.txt`.\n"
+        f"# Python {sys.version_info.major}.{sys.version_info.minor}, {sys.platform}.\n"
+    )
     return header + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))
 
 

@@ -60,13 +60,25 @@ def remaining_seconds(notice: Notice, now: datetime) -> int:
     return max(0, int((notice.time - now).total_seconds()))
 
 
-def drain_command(notice: Notice, now: datetime, ray_cli: str = "ray", address: str | None = None,
-                  node_id: str | None = None) -> list[str]:
+def drain_command(
+    notice: Notice,
+    now: datetime,
+    ray_cli: str = "ray",
+    address: str | None = None,
+    node_id: str | None = None,
+) -> list[str]:
     """The `ray drain-node` command for this notice (the node defaults to the one this runs on)."""
     seconds = remaining_seconds(notice, now)
-    command = [ray_cli, "drain-node", "--reason", DRAIN_REASON,
-               "--reason-message", f"spot {notice.action} at {notice.time:%Y-%m-%dT%H:%M:%SZ}",
-               "--deadline-remaining-seconds", str(seconds)]
+    command = [
+        ray_cli,
+        "drain-node",
+        "--reason",
+        DRAIN_REASON,
+        "--reason-message",
+        f"spot {notice.action} at {notice.time:%Y-%m-%dT%H:%M:%SZ}",
+        "--deadline-remaining-seconds",
+        str(seconds),
+    ]
     if address:
         command += ["--address", address]
     if node_id:
@@ -77,10 +89,15 @@ def drain_command(notice: Notice, now: datetime, ray_cli: str = "ray", address: 
 def fetch_notice(imds_url: str = IMDS_URL, timeout_s: float = 2.0) -> Notice | None:
     """The current notice from IMDSv2, or None when there is none (404)."""
     token_request = urllib.request.Request(
-        imds_url + TOKEN_PATH, method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S)})
+        imds_url + TOKEN_PATH,
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S)},
+    )
     with urllib.request.urlopen(token_request, timeout=timeout_s) as response:
         token = response.read().decode()
-    notice_request = urllib.request.Request(imds_url + NOTICE_PATH, headers={"X-aws-ec2-metadata-token": token})
+    notice_request = urllib.request.Request(
+        imds_url + NOTICE_PATH, headers={"X-aws-ec2-metadata-token": token}
+    )
     try:
         with urllib.request.urlopen(notice_request, timeout=timeout_s) as response:
             return parse_notice(response.read().decode())
@@ -100,7 +117,9 @@ def watch(args: argparse.Namespace) -> int:
             print(f"spot_drain: cannot read the spot notice: {exc}", file=sys.stderr, flush=True)
             notice = None
         if notice is not None:
-            command = drain_command(notice, datetime.now(timezone.utc), args.ray_cli, args.address, args.node_id)
+            command = drain_command(
+                notice, datetime.now(timezone.utc), args.ray_cli, args.address, args.node_id
+            )
             print("spot_drain: " + " ".join(command), flush=True)
             if args.dry_run:
                 return 0
@@ -121,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-cli", default="ray", help="the ray executable")
     parser.add_argument("--imds-url", default=IMDS_URL, help="the instance metadata service")
     parser.add_argument("--once", action="store_true", help="poll once and exit")
-    parser.add_argument("--dry-run", action="store_true", help="print the drain command instead of running it")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the drain command instead of running it"
+    )
     return watch(parser.parse_args(argv))
 
 

@@ -42,8 +42,12 @@ def header_length(prefix: bytes, file_size: int, uri: str, field: str = "checkpo
         )
     (length,) = struct.unpack("<Q", prefix[:8])
     if length > SAFETENSORS_HEADER_CAP:
-        raise _bad(uri, field, f"is not a safetensors file: its header claims {length} bytes, over the "
-                               f"{SAFETENSORS_HEADER_CAP}-byte limit of the format")
+        raise _bad(
+            uri,
+            field,
+            f"is not a safetensors file: its header claims {length} bytes, over the "
+            f"{SAFETENSORS_HEADER_CAP}-byte limit of the format",
+        )
     if 8 + length > file_size:
         raise CheckpointError(
             f"checkpoint {uri} is truncated inside its safetensors header: {file_size} bytes, the header "
@@ -55,15 +59,23 @@ def header_length(prefix: bytes, file_size: int, uri: str, field: str = "checkpo
 def _shape(entry: Mapping, name: str, uri: str, field: str) -> list[int]:
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(uri, field, f"has a corrupt header: tensor {name!r} has shape {str(shape)[:80]}, expected a "
-                               "list of non-negative integers")
+        raise _bad(
+            uri,
+            field,
+            f"has a corrupt header: tensor {name!r} has shape {str(shape)[:80]}, expected a "
+            "list of non-negative integers",
+        )
     return shape
 
 
 def _span(entry: Mapping, name: str, data_size: int, uri: str, field: str) -> tuple[int, int]:
     offsets = entry.get("data_offsets")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise _bad(uri, field, f"has a corrupt header: tensor {name!r} has data_offsets {str(offsets)[:80]}")
     if offsets[1] > data_size:
         raise CheckpointError(
@@ -82,8 +94,11 @@ def parse_header(raw: bytes, data_size: int, uri: str, field: str = "checkpoints
     except (ValueError, RecursionError):
         raise _bad(uri, field, "is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
-        raise _bad(uri, field, f"is not a safetensors file (its header is a JSON {type(header).__name__}, "
-                               "not an object)")
+        raise _bad(
+            uri,
+            field,
+            f"is not a safetensors file (its header is a JSON {type(header).__name__}, not an object)",
+        )
     meta = header.get("__metadata__")
     if meta is not None and not isinstance(meta, dict):
         raise _bad(uri, field, "has a corrupt header: `__metadata__` is not an object")
@@ -96,8 +111,11 @@ def parse_header(raw: bytes, data_size: int, uri: str, field: str = "checkpoints
         shape = _shape(entry, name, uri, field)
         begin, end = _span(entry, name, data_size, uri, field)
         if math.prod(shape) > 2 * (end - begin):  # every dtype takes at least half a byte per value
-            raise _bad(uri, field, f"has a corrupt header: tensor {name!r} of shape {shape} cannot fit its "
-                                   f"{end - begin} bytes")
+            raise _bad(
+                uri,
+                field,
+                f"has a corrupt header: tensor {name!r} of shape {shape} cannot fit its {end - begin} bytes",
+            )
         spans.append((begin, end, name))
     spans.sort()
     for (_, end_a, name_a), (begin_b, _, name_b) in itertools.pairwise(spans):
@@ -108,8 +126,11 @@ def parse_header(raw: bytes, data_size: int, uri: str, field: str = "checkpoints
 
 def numel_of(header: Mapping, prefix: str | None = None) -> int:
     """Values in the tensors of a checked header (only names starting with `prefix` when given)."""
-    return sum(math.prod(e["shape"]) for n, e in header.items()
-               if n != "__metadata__" and (prefix is None or n.startswith(prefix)))
+    return sum(
+        math.prod(e["shape"])
+        for n, e in header.items()
+        if n != "__metadata__" and (prefix is None or n.startswith(prefix))
+    )
 
 
 def load_safetensors(data: bytes, uri: str, field: str = "checkpoints.uri") -> dict[str, torch.Tensor]:
@@ -118,12 +139,11 @@ def load_safetensors(data: bytes, uri: str, field: str = "checkpoints.uri") -> d
     from safetensors.torch import load
 
     length = header_length(data[:8], len(data), uri, field)
-    parse_header(data[8:8 + length], len(data) - 8 - length, uri, field)
+    parse_header(data[8 : 8 + length], len(data) - 8 - length, uri, field)
     try:
         state = load(data)
     except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
-        raise _bad(uri, field, f"is not a valid safetensors file ({_one_line(exc)})") \
-            from None
+        raise _bad(uri, field, f"is not a valid safetensors file ({_one_line(exc)})") from None
     return dict(sorted(state.items()))  # safetensors keeps no meaningful order: a deterministic layout
 
 
@@ -140,8 +160,12 @@ def check_torch_zip(data: bytes, uri: str, field: str = "checkpoints.uri") -> No
     for info in entries:
         limit = len(data) if info.compress_type == zipfile.ZIP_STORED else TORCH_ZIP_RATIO_CAP * len(data)
         if info.file_size > limit or info.compress_size > len(data) or info.header_offset > len(data):
-            raise _bad(uri, field, f"is a corrupt torch (zip) file: entry {info.filename!r} claims "
-                                   f"{info.file_size} bytes in a file of {len(data)}")
+            raise _bad(
+                uri,
+                field,
+                f"is a corrupt torch (zip) file: entry {info.filename!r} claims "
+                f"{info.file_size} bytes in a file of {len(data)}",
+            )
 
 
 def load_torch(data: bytes, uri: str, field: str = "checkpoints.uri") -> object:
@@ -151,6 +175,5 @@ def load_torch(data: bytes, uri: str, field: str = "checkpoints.uri") -> object:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types; each becomes an error naming the file
         raise CheckpointError(
-            f"checkpoint {uri} cannot be read as a torch file ({_one_line(exc)}) "
-            f"(listed by `{field}`)"
+            f"checkpoint {uri} cannot be read as a torch file ({_one_line(exc)}) (listed by `{field}`)"
         ) from None

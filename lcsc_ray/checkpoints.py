@@ -157,7 +157,9 @@ def parse_state_dict(
     return state
 
 
-def read_state_dict(uri: str, key: str | None = None, field: str = "checkpoints.uri") -> dict[str, torch.Tensor]:
+def read_state_dict(
+    uri: str, key: str | None = None, field: str = "checkpoints.uri"
+) -> dict[str, torch.Tensor]:
     """Read one checkpoint (.safetensors, or torch with weights_only) from a local path, file:// or s3://."""
     try:
         data = storage.read_bytes(uri)
@@ -237,8 +239,10 @@ def _probe_all(spec: CheckpointSetSpec) -> list[tuple[str, _Probe]]:
         return probes[-spec.last :] if spec.last else probes
     probes = [(uri, _probe(uri, spec.key, field)) for uri in _spec_uris(spec)]
     if spec.paths:
-        probes = [(uri, p if p.step is not None else _Probe(i, p.numel, p.file_size))
-                  for i, (uri, p) in enumerate(probes)]
+        probes = [
+            (uri, p if p.step is not None else _Probe(i, p.numel, p.file_size))
+            for i, (uri, p) in enumerate(probes)
+        ]
     else:
         unordered = [uri.rsplit("/", 1)[-1] for uri, p in probes if p.step is None]
         if unordered:
@@ -335,8 +339,14 @@ def _estimate_bytes(probes: list[_Probe], storage_dtype: str) -> int:
     return sum(p.numel * itemsize if p.numel is not None else p.file_size * itemsize // 4 for p in probes)
 
 
-def _put_checked(uri: str, key: str | None, layout: Layout | None, first_uri: str | None, storage_dtype: str,
-                 field: str = "checkpoints.uri"):
+def _put_checked(
+    uri: str,
+    key: str | None,
+    layout: Layout | None,
+    first_uri: str | None,
+    storage_dtype: str,
+    field: str = "checkpoints.uri",
+):
     import ray
 
     state = read_state_dict(uri, key, field)
@@ -368,7 +378,11 @@ def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
     ema_ref = None
     if ema_uri:
         ema_ref, _ = _put_checked(
-            ema_uri, spec.ema_key or spec.key, layout, probed[0][0], spec.storage_dtype,
+            ema_uri,
+            spec.ema_key or spec.key,
+            layout,
+            probed[0][0],
+            spec.storage_dtype,
             "checkpoints.ema_uri",
         )
     return CheckpointSet(

@@ -32,8 +32,10 @@ def _check_spec(spec: SearchSpec) -> None:
     try:
         found = list_checkpoints(spec.checkpoints)
     except (CheckpointError, StorageError) as exc:
-        click.echo(f"note: the checkpoints were not listed ({' '.join(str(exc).split())[:300]}); `search.budget` "
-                   "is checked against their seed vectors when the search starts")
+        click.echo(
+            f"note: the checkpoints were not listed ({' '.join(str(exc).split())[:300]}); `search.budget` "
+            "is checked against their seed vectors when the search starts"
+        )
         return
     if len(found) >= 2:
         check_budget(spec, len(found))
@@ -61,7 +63,9 @@ def search_command(spec_file: str, restart: bool, force: bool) -> None:
     spec = load_or_exit(spec_file, SearchSpec)
     result = run_or_exit(run_search, spec, restart=restart, force=force)
     click.echo(format_table(result))
-    click.echo(f"results: {spec.output.uri if storage.is_remote(spec.output.uri) else result.files.get('result.json')}")
+    click.echo(
+        f"results: {spec.output.uri if storage.is_remote(spec.output.uri) else result.files.get('result.json')}"
+    )
     for name in ("fid_vs_evaluations.png", "coefficients.png", "combined.safetensors"):
         click.echo(f"  {name}: {result.files.get(name)}")
 
@@ -74,12 +78,17 @@ def _search_table(result) -> str:
 
 @main.command("submit")
 @click.argument("spec_file", type=click.Path(dir_okay=False))
-@click.option("--address", default=None,
-              help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a local head.")
+@click.option(
+    "--address",
+    default=None,
+    help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a local head.",
+)
 @click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
 @click.option("--restart", is_flag=True, help=RESTART_HELP)
 @click.option("--force", is_flag=True, help=FORCE_HELP)
-def submit_search_command(spec_file: str, address: str | None, wait: bool, restart: bool, force: bool) -> None:
+def submit_search_command(
+    spec_file: str, address: str | None, wait: bool, restart: bool, force: bool
+) -> None:
     """Submit the search SPEC_FILE as a Ray job."""
     from lcsc_ray.sdk import submit_search
 
@@ -89,16 +98,33 @@ def submit_search_command(spec_file: str, address: str | None, wait: bool, resta
 
 
 @main.command("combine")
-@click.option("--coefficients", "coefficients_file", required=True,
-              help="JSON list, combined.json or result.json holding the coefficients.")
-@click.option("--checkpoints", "checkpoints_uri", help="Checkpoint directory or prefix (default: from --spec).")
-@click.option("--glob", "pattern", default="*.safetensors", show_default=True, help="Checkpoint file pattern.")
+@click.option(
+    "--coefficients",
+    "coefficients_file",
+    required=True,
+    help="JSON list, combined.json or result.json holding the coefficients.",
+)
+@click.option(
+    "--checkpoints", "checkpoints_uri", help="Checkpoint directory or prefix (default: from --spec)."
+)
+@click.option(
+    "--glob", "pattern", default="*.safetensors", show_default=True, help="Checkpoint file pattern."
+)
 @click.option("--last", type=int, default=None, help="Use only the last N checkpoints.")
 @click.option("--key", default=None, help="State-dict key inside the checkpoint files.")
-@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Take the checkpoint set from a spec.")
+@click.option(
+    "--spec", "spec_file", type=click.Path(dir_okay=False), help="Take the checkpoint set from a spec."
+)
 @click.option("--out", "out_uri", required=True, help="Output .safetensors path or URI.")
-def combine_command(coefficients_file: str, checkpoints_uri: str | None, pattern: str, last: int | None,
-                    key: str | None, spec_file: str | None, out_uri: str) -> None:
+def combine_command(
+    coefficients_file: str,
+    checkpoints_uri: str | None,
+    pattern: str,
+    last: int | None,
+    key: str | None,
+    spec_file: str | None,
+    out_uri: str,
+) -> None:
     """Apply known coefficients to a checkpoint set and export the combined weights."""
     from lcsc_ray.export import export_combined, read_coefficients
     from schemas.search import CheckpointSetSpec
@@ -111,8 +137,10 @@ def combine_command(coefficients_file: str, checkpoints_uri: str | None, pattern
         raise click.UsageError("give --checkpoints URI or --spec FILE")
     coefficients = run_or_exit(read_coefficients, coefficients_file)
     sidecar = run_or_exit(export_combined, checkpoints, coefficients, out_uri)
-    click.echo(f"wrote {out_uri} from {len(sidecar['checkpoints'])} checkpoints (coefficients sum "
-               f"{sidecar['sum']:.6f})")
+    click.echo(
+        f"wrote {out_uri} from {len(sidecar['checkpoints'])} checkpoints (coefficients sum "
+        f"{sidecar['sum']:.6f})"
+    )
 
 
 @main.command("report")

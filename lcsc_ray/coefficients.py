@@ -24,7 +24,9 @@ def num_free(num_checkpoints: int, parametrization: str) -> int:
 
 def _check_parametrization(parametrization: str) -> None:
     if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"unknown parametrization {parametrization!r}; allowed: {', '.join(PARAMETRIZATIONS)}")
+        raise ValueError(
+            f"unknown parametrization {parametrization!r}; allowed: {', '.join(PARAMETRIZATIONS)}"
+        )
 
 
 def to_alphas(free: np.ndarray | list[float], parametrization: str) -> np.ndarray:
@@ -51,8 +53,10 @@ def normalized_sum_problem(free: np.ndarray | list[float], parametrization: str)
         return None
     total = float(np.sum(np.asarray(free, dtype=np.float64)))
     if total < MIN_NORMALIZED_SUM:
-        return (f"normalized coefficients sum to {total:.4g}, below {MIN_NORMALIZED_SUM}: renormalising them "
-                "to sum 1 would blow them up")
+        return (
+            f"normalized coefficients sum to {total:.4g}, below {MIN_NORMALIZED_SUM}: renormalising them "
+            "to sum 1 would blow them up"
+        )
     return None
 
 
@@ -87,4 +91,3 @@ def ema_shaped(num_checkpoints: int, decay: float) -> np.ndarray:
     alphas = (1.0 - decay) * powers
     alphas[0] = powers[0]  # the initial value theta_1 keeps decay^(K-1)
     return alphas / alphas.sum()
-

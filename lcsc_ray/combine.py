@@ -97,7 +97,9 @@ def non_float_segments(layout: Layout) -> list[tuple[str, int, int]]:
     ]
 
 
-def check_non_float_equal(layout: Layout, arrays: Sequence[np.ndarray | torch.Tensor], names: Sequence[str]) -> None:
+def check_non_float_equal(
+    layout: Layout, arrays: Sequence[np.ndarray | torch.Tensor], names: Sequence[str]
+) -> None:
     """Integer and bool tensors must hold the same values in every checkpoint of the set (flat arrays in
     step order, `names` naming each); the error names the tensor and the first checkpoint that differs."""
     tensors = [as_tensor(a) for a in arrays]
@@ -109,13 +111,19 @@ def check_non_float_equal(layout: Layout, arrays: Sequence[np.ndarray | torch.Te
 
 
 def _differs(name: str, first: str, other: str) -> str:
-    return (f"non-float tensor {name!r} differs between checkpoints {first} and {other}: integer and bool "
-            "tensors (counters, indices) cannot be combined and must be equal across the set; drop the "
-            "checkpoints that differ, or remove that buffer from the saved state dicts")
+    return (
+        f"non-float tensor {name!r} differs between checkpoints {first} and {other}: integer and bool "
+        "tensors (counters, indices) cannot be combined and must be equal across the set; drop the "
+        "checkpoints that differ, or remove that buffer from the saved state dicts"
+    )
 
 
-def combine_flat(out: torch.Tensor, sources: Sequence[np.ndarray | torch.Tensor], coefficients: Sequence[float],
-                 layout: Layout) -> torch.Tensor:
+def combine_flat(
+    out: torch.Tensor,
+    sources: Sequence[np.ndarray | torch.Tensor],
+    coefficients: Sequence[float],
+    layout: Layout,
+) -> torch.Tensor:
     """The combination in a flat buffer: floating tensors weighted and summed (`combine_into`), integer and
     bool tensors copied from the last checkpoint (they are equal across the set, `check_non_float_equal`)."""
     combine_into(out, sources, coefficients)
@@ -129,8 +137,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # bf16/fp16 -> float32, float64 stays float64
 
 
-def combine_states(states: Iterable[tuple[str, Mapping[str, torch.Tensor]]],
-                   coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
+def combine_states(
+    states: Iterable[tuple[str, Mapping[str, torch.Tensor]]], coefficients: Sequence[float]
+) -> dict[str, torch.Tensor]:
     """theta = sum_i alpha_i theta_i over (name, state dict) pairs in step order, holding one input at a time.
 
     Floating tensors come out in float32 (float64 when stored as float64); integer and bool tensors must be
@@ -141,8 +150,12 @@ def combine_states(states: Iterable[tuple[str, Mapping[str, torch.Tensor]]],
     for index, (alpha, (name, state)) in enumerate(zip(coefficients, states)):
         if index == 0:
             first_name = name
-            combined = {key: torch.empty(t.shape, dtype=_accumulation_dtype(t.dtype)) if t.is_floating_point()
-                        else t.clone() for key, t in state.items()}
+            combined = {
+                key: torch.empty(t.shape, dtype=_accumulation_dtype(t.dtype))
+                if t.is_floating_point()
+                else t.clone()
+                for key, t in state.items()
+            }
         _check_same_tensors(combined, state, first_name, name)
         for key, tensor in state.items():
             if tensor.is_floating_point():
@@ -153,23 +166,30 @@ def combine_states(states: Iterable[tuple[str, Mapping[str, torch.Tensor]]],
                 combined[key] = tensor.clone()  # copied from the last checkpoint (equal in all)
         count += 1
     if count != len(coefficients):
-        raise CoefficientError(f"got {len(coefficients)} coefficients for {count} checkpoints; "
-                               "give one coefficient per checkpoint, in step order")
+        raise CoefficientError(
+            f"got {len(coefficients)} coefficients for {count} checkpoints; "
+            "give one coefficient per checkpoint, in step order"
+        )
     return combined
 
 
-def _check_same_tensors(combined: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
-                        first: str, name: str) -> None:
+def _check_same_tensors(
+    combined: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], first: str, name: str
+) -> None:
     for key in set(combined) | set(state):
         if key not in state or key not in combined:
             where = name if key not in state else first
             raise CheckpointError(f"checkpoint {where} has no tensor {key!r}, unlike the rest of the set")
         if tuple(state[key].shape) != tuple(combined[key].shape):
-            raise CheckpointError(f"tensor {key!r} of checkpoint {name} has shape {tuple(state[key].shape)}, "
-                                  f"{first} has {tuple(combined[key].shape)}")
+            raise CheckpointError(
+                f"tensor {key!r} of checkpoint {name} has shape {tuple(state[key].shape)}, "
+                f"{first} has {tuple(combined[key].shape)}"
+            )
         if state[key].is_floating_point() != combined[key].is_floating_point():
-            raise CheckpointError(f"tensor {key!r} of checkpoint {name} has dtype {state[key].dtype}, which "
-                                  f"differs in kind from {first}'s")
+            raise CheckpointError(
+                f"tensor {key!r} of checkpoint {name} has dtype {state[key].dtype}, which "
+                f"differs in kind from {first}'s"
+            )
 
 
 def _on(chunk: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

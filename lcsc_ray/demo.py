@@ -20,7 +20,9 @@ from schemas.search import PluginSpec, SearchResult, SearchSpec
 
 log = logging.getLogger(__name__)
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "search_mnist.yaml"
-DEMO_TRAIN_STEPS = 1250  # fewer steps cost the margin: at 1,000 the last checkpoint is still at FID ~150 (README)
+DEMO_TRAIN_STEPS = (
+    1250  # fewer steps cost the margin: at 1,000 the last checkpoint is still at FID ~150 (README)
+)
 WARM_TIMEOUT_S = 600.0  # the background feature-network build; past this the search builds the network itself
 DEMO_CHECKPOINTS = 25  # one every 50 steps; the spec searches the last 12 of them
 
@@ -55,8 +57,11 @@ def warm_feature_network(spec: SearchSpec):
     task's ref; a failure there only costs the time saved (the search builds the network itself)."""
     import ray
 
-    return ray.remote(num_cpus=0)(_build_feature_network).options(name="warm_feature_network").remote(
-        spec.fid.features)
+    return (
+        ray.remote(num_cpus=0)(_build_feature_network)
+        .options(name="warm_feature_network")
+        .remote(spec.fid.features)
+    )
 
 
 def wait_warmed(ref) -> str | None:
@@ -66,8 +71,11 @@ def wait_warmed(ref) -> str | None:
     try:
         return ray.get(ref, timeout=WARM_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - the search builds (and reports on) the network itself
-        log.warning("building the feature network ahead of the search failed (%s: %s); the search builds it",
-                    type(exc).__name__, exc)
+        log.warning(
+            "building the feature network ahead of the search failed (%s: %s); the search builds it",
+            type(exc).__name__,
+            exc,
+        )
         return None
 
 
@@ -76,21 +84,36 @@ def run_demo(spec: SearchSpec, train_steps: int | None = None) -> SearchResult:
     started, cpu_before = time.monotonic(), read_cpu_times()
     with ray_session(spec.ray):
         config = demo_training_config(training_output(spec), train_steps)
-        log.info("step 1/2: DDPM checkpoints in %s (reused if already trained; resumed if interrupted)", config.out)
+        log.info(
+            "step 1/2: DDPM checkpoints in %s (reused if already trained; resumed if interrupted)", config.out
+        )
         warmed = warm_feature_network(spec)
         summary = train_on_ray("ddpm", config, num_cpus=training_cpus())
         wait_warmed(warmed)
-        log.info("training done: %s steps, %s checkpoints, %s s on %s torch threads", summary.get("steps"),
-                 summary.get("num_checkpoints"), summary.get("wall_s"), summary.get("torch_threads"))
-        log.info("step 2/2: LCSC search, %d evaluations on %d evaluator actors", spec.search.budget,
-                 spec.evaluators.num_actors)
+        log.info(
+            "training done: %s steps, %s checkpoints, %s s on %s torch threads",
+            summary.get("steps"),
+            summary.get("num_checkpoints"),
+            summary.get("wall_s"),
+            summary.get("torch_threads"),
+        )
+        log.info(
+            "step 2/2: LCSC search, %d evaluations on %d evaluator actors",
+            spec.search.budget,
+            spec.evaluators.num_actors,
+        )
         search_started = time.monotonic()
         result = run_search(spec)
         search_s = time.monotonic() - search_started
     stolen = steal_fraction(cpu_before, read_cpu_times())
-    log.info("demo finished in %.0f s (training %.0f s, search %.0f s; load average %.1f; CPU stolen by the host %s)",
-             time.monotonic() - started, search_started - started, search_s, os.getloadavg()[0],
-             "unknown" if stolen is None else f"{stolen:.0%}")
+    log.info(
+        "demo finished in %.0f s (training %.0f s, search %.0f s; load average %.1f; CPU stolen by the host %s)",
+        time.monotonic() - started,
+        search_started - started,
+        search_s,
+        os.getloadavg()[0],
+        "unknown" if stolen is None else f"{stolen:.0%}",
+    )
     return result
 
 
@@ -98,11 +121,18 @@ def describe(result: SearchResult, spec: SearchSpec) -> str:
     """The table plus where everything was written."""
     out = spec.output.uri
     lines = [format_table(result), "", f"outputs in {out}:"]
-    for name in ("result.json", "trials.parquet", "combined.safetensors", "fid_vs_evaluations.png",
-                 "coefficients.png"):
+    for name in (
+        "result.json",
+        "trials.parquet",
+        "combined.safetensors",
+        "fid_vs_evaluations.png",
+        "coefficients.png",
+    ):
         lines.append(f"  {storage.join(out, name)}")
-    lines.append(f"  sample grids: {storage.join(training_output(spec), 'samples.png')} (EMA), "
-                 f"{storage.join(training_output(spec), 'samples_last.png')} (last checkpoint)")
+    lines.append(
+        f"  sample grids: {storage.join(training_output(spec), 'samples.png')} (EMA), "
+        f"{storage.join(training_output(spec), 'samples_last.png')} (last checkpoint)"
+    )
     return "\n".join(lines)
 
 

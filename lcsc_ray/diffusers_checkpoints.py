@@ -76,17 +76,19 @@ def _missing_weights(folder_uri: str, subfolders: list[str], subfolder: str, fie
         return CheckpointError(
             f"checkpoint folder {folder_uri} holds no {subfolder}/{WEIGHTS_NAME} ({held}); its {ACCELERATE_NAME}, "
             "if any, is the non-EMA model and is not read in place of the EMA. Was the run saved without "
-            f"--use_ema? Set `checkpoints.subfolder` to a subfolder every checkpoint holds, or {fix}")
+            f"--use_ema? Set `checkpoints.subfolder` to a subfolder every checkpoint holds, or {fix}"
+        )
     return CheckpointError(
         f"checkpoint folder {folder_uri} holds neither {subfolder}/{WEIGHTS_NAME} nor {ACCELERATE_NAME} ({held}; "
-        f"an interrupted save?); {fix}, or set `checkpoints.subfolder`")
+        f"an interrupted save?); {fix}, or set `checkpoints.subfolder`"
+    )
 
 
 def _subfolders_in(folder: str, files: set[str]) -> list[str]:
     """Names of the subfolders of `folder` that hold files (`files`: names relative to the set's root; with
     folder '', `files` are relative to the folder itself)."""
     prefix = f"{folder}/" if folder else ""
-    inside = (f[len(prefix):] for f in files if f.startswith(prefix))
+    inside = (f[len(prefix) :] for f in files if f.startswith(prefix))
     return sorted({rest.split("/", 1)[0] for rest in inside if "/" in rest})
 
 
@@ -97,18 +99,25 @@ def list_checkpoint_files(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
     if spec.paths:
         return [_explicit(path, i, spec) for i, path in enumerate(spec.paths)]
     files = set(_rel_files(spec.uri))
-    folders = sorted({f.split("/", 1)[0] for f in files if "/" in f and _STEP_FOLDER.match(f.split("/", 1)[0])},
-                     key=lambda name: int(_STEP_FOLDER.match(name).group(1)))
+    folders = sorted(
+        {f.split("/", 1)[0] for f in files if "/" in f and _STEP_FOLDER.match(f.split("/", 1)[0])},
+        key=lambda name: int(_STEP_FOLDER.match(name).group(1)),
+    )
     if not folders:
         raise CheckpointError(
             f"no `checkpoint-N` folders in {spec.uri} (`checkpoints.format: diffusers` reads the folders a diffusers "
-            "training script saves with --checkpointing_steps); check `checkpoints.uri`, or use `format: files`")
+            "training script saves with --checkpointing_steps); check `checkpoints.uri`, or use `format: files`"
+        )
     found = []
     for folder in folders:
         weights = _weights_in(folder, files, spec.subfolder)
         if weights is None:
-            raise _missing_weights(storage.join(spec.uri, folder), _subfolders_in(folder, files), spec.subfolder,
-                                   "checkpoints.uri")
+            raise _missing_weights(
+                storage.join(spec.uri, folder),
+                _subfolders_in(folder, files),
+                spec.subfolder,
+                "checkpoints.uri",
+            )
         found.append((storage.join(spec.uri, weights), int(_STEP_FOLDER.match(folder).group(1))))
     return found
 
@@ -120,7 +129,9 @@ def _explicit(path: str, index: int, spec: CheckpointSetSpec) -> tuple[str, int]
         if storage.exists(candidate):
             match = _STEP_FOLDER.match(folder.rsplit("/", 1)[-1])
             return candidate, int(match.group(1)) if match else index
-    raise _missing_weights(folder, _subfolders_in("", set(_rel_files(folder))), spec.subfolder, "checkpoints.paths")
+    raise _missing_weights(
+        folder, _subfolders_in("", set(_rel_files(folder))), spec.subfolder, "checkpoints.paths"
+    )
 
 
 def weights_file(uri: str) -> str:
@@ -149,7 +160,9 @@ def _read_json(uri: str, field: str) -> dict:
     except ValueError as exc:
         raise CheckpointError(f"{uri} is not JSON ({exc}); check `{field}`") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{uri} holds a JSON {type(data).__name__}, not a config object; check `{field}`")
+        raise CheckpointError(
+            f"{uri} holds a JSON {type(data).__name__}, not a config object; check `{field}`"
+        )
     return data
 
 
@@ -162,15 +175,19 @@ def config_file(config_uri: str, subfolder: str = "unet") -> str:
     if storage.exists(storage.join(root, CONFIG_NAME)):
         return storage.join(root, CONFIG_NAME)
     files = set(_rel_files(root)) if storage.exists(root) or "://" in root else set()
-    steps = sorted((int(m.group(1)), f) for f in files if (m := _STEP_FOLDER.match(f.split("/", 1)[0]))
-                   and f == f"{m.group(0)}/{subfolder}/{CONFIG_NAME}")
+    steps = sorted(
+        (int(m.group(1)), f)
+        for f in files
+        if (m := _STEP_FOLDER.match(f.split("/", 1)[0])) and f == f"{m.group(0)}/{subfolder}/{CONFIG_NAME}"
+    )
     if steps:
         return storage.join(root, steps[-1][1])
     if f"{subfolder}/{CONFIG_NAME}" in files:
         return storage.join(root, subfolder, CONFIG_NAME)
     raise CheckpointError(
         f"no {CONFIG_NAME} for the model in {config_uri} (looked for {CONFIG_NAME}, checkpoint-N/{subfolder}/"
-        f"{CONFIG_NAME} and {subfolder}/{CONFIG_NAME}); set `model.kwargs.config_uri` to the model's config.json")
+        f"{CONFIG_NAME} and {subfolder}/{CONFIG_NAME}); set `model.kwargs.config_uri` to the model's config.json"
+    )
 
 
 @lru_cache(maxsize=8)
@@ -192,7 +209,9 @@ def _run_scheduler_config(config_path: str) -> str | None:
     return None
 
 
-def build_model(config_uri: str, subfolder: str = "unet", scheduler_config: str | None = None) -> torch.nn.Module:
+def build_model(
+    config_uri: str, subfolder: str = "unet", scheduler_config: str | None = None
+) -> torch.nn.Module:
     """Model plug-in: UNet2DModel or UNet2DConditionModel (as the saved config's `_class_name` says) built
     with `from_config` from `config_uri` (see `config_file`). The run's scheduler config, when found beside
     it (or given), rides along as `model.lcsc_scheduler_config` for `lcsc_ray.diffusers_sampling:sample`."""
@@ -202,8 +221,10 @@ def build_model(config_uri: str, subfolder: str = "unet", scheduler_config: str 
     config = _read_json(path, "model.kwargs.config_uri")
     class_name = config.get("_class_name", "UNet2DModel")
     if class_name not in MODEL_CLASSES:
-        raise CheckpointError(f"{path} configures a {class_name}; the diffusers reader builds {MODEL_CLASSES}; "
-                              "give your own `model.target` for other models")
+        raise CheckpointError(
+            f"{path} configures a {class_name}; the diffusers reader builds {MODEL_CLASSES}; "
+            "give your own `model.target` for other models"
+        )
     model = getattr(diffusers, class_name).from_config(config)
     found = scheduler_config or _run_scheduler_config(path)
     model.lcsc_scheduler_config = globals()["scheduler_config"](found) if found else None
@@ -213,8 +234,12 @@ def build_model(config_uri: str, subfolder: str = "unet", scheduler_config: str 
 # ------------------------------------------------------------------------------------------- export
 
 
-def diffusers_model_files(checkpoints: CheckpointSetSpec, combined: bytes, config_uri: str | None = None,
-                          folder: str = "diffusers/unet") -> dict[str, bytes]:
+def diffusers_model_files(
+    checkpoints: CheckpointSetSpec,
+    combined: bytes,
+    config_uri: str | None = None,
+    folder: str = "diffusers/unet",
+) -> dict[str, bytes]:
     """The combined weights (`combined`: export's .safetensors bytes) as a diffusers model folder written with
     `save_pretrained`: {'<folder>/config.json': ..., '<folder>/diffusion_pytorch_model.safetensors': ...}."""
     from safetensors.torch import load

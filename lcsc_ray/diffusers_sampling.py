@@ -47,21 +47,28 @@ def scheduler_class(name: str) -> type:
 
     class_name = SCHEDULERS.get(name.removesuffix("Scheduler"), name) if isinstance(name, str) else None
     if class_name not in SCHEDULERS.values():
-        raise SpecError(f"`sampler.kwargs.scheduler` is {name!r}; choose one of {sorted(SCHEDULERS)}",
-                        source="sampler.kwargs.scheduler")
+        raise SpecError(
+            f"`sampler.kwargs.scheduler` is {name!r}; choose one of {sorted(SCHEDULERS)}",
+            source="sampler.kwargs.scheduler",
+        )
     return getattr(diffusers, class_name)
 
 
 def _check_overrides(cls: type, overrides: object) -> None:
     field = "sampler.kwargs.scheduler_kwargs"
     if not isinstance(overrides, dict):
-        raise SpecError(f"`{field}` must be a mapping of scheduler config keys, got {type(overrides).__name__}",
-                        source=field)
+        raise SpecError(
+            f"`{field}` must be a mapping of scheduler config keys, got {type(overrides).__name__}",
+            source=field,
+        )
     known = accepted_keys(cls)
     unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise SpecError(f"`{field}` has {', '.join(map(repr, unknown))}, which {cls.__name__} does not take; "
-                        f"{cls.__name__} accepts {known}: fix or remove the key", source=field)
+        raise SpecError(
+            f"`{field}` has {', '.join(map(repr, unknown))}, which {cls.__name__} does not take; "
+            f"{cls.__name__} accepts {known}: fix or remove the key",
+            source=field,
+        )
 
 
 def check_kwargs(kwargs: dict) -> None:
@@ -87,14 +94,22 @@ def _labels(class_labels: int | Sequence[int] | None, n: int) -> torch.Tensor | 
         return None
     labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
     if not labels:
-        raise SpecError("`sampler.kwargs.class_labels` is empty; give a label or a list of labels",
-                        source="sampler.kwargs.class_labels")
+        raise SpecError(
+            "`sampler.kwargs.class_labels` is empty; give a label or a list of labels",
+            source="sampler.kwargs.class_labels",
+        )
     return torch.tensor([labels[i % len(labels)] for i in range(n)], dtype=torch.long)  # cycled over samples
 
 
-def _denoiser(model: torch.nn.Module, labels: torch.Tensor | None, guidance_scale: float, null_label: int | None,
-              context: torch.Tensor | None):
+def _denoiser(
+    model: torch.nn.Module,
+    labels: torch.Tensor | None,
+    guidance_scale: float,
+    null_label: int | None,
+    context: torch.Tensor | None,
+):
     """model(x, t) -> output, with classifier-free guidance (Ho & Salimans 2022, Eq. 6) when scale != 1."""
+
     def call(x: torch.Tensor, t, y: torch.Tensor | None) -> torch.Tensor:
         kwargs = {"class_labels": y}
         if context is not None:
@@ -104,8 +119,10 @@ def _denoiser(model: torch.nn.Module, labels: torch.Tensor | None, guidance_scal
     if guidance_scale == 1.0 or labels is None:
         return lambda x, t: call(x, t, labels)
     if null_label is None:
-        raise SpecError("`sampler.kwargs.guidance_scale` != 1 needs `null_class_label` (the label trained as "
-                        "'no class')", source="sampler.kwargs.null_class_label")
+        raise SpecError(
+            "`sampler.kwargs.guidance_scale` != 1 needs `null_class_label` (the label trained as 'no class')",
+            source="sampler.kwargs.null_class_label",
+        )
 
     def guided(x: torch.Tensor, t) -> torch.Tensor:
         both = call(torch.cat([x, x]), t, torch.cat([labels, torch.full_like(labels, null_label)]))
@@ -124,11 +141,21 @@ def _context(model: torch.nn.Module) -> torch.Tensor | None:
 
 
 @torch.inference_mode()
-def sample(model: torch.nn.Module, n: int, seed: int, nfe: int, batch_size: int, scheduler: str = "DDIM",
-           scheduler_config: str | None = None, scheduler_kwargs: dict | None = None,
-           class_labels: int | list[int] | None = None, guidance_scale: float = 1.0,
-           null_class_label: int | None = None, dtype: str = "float32",
-           step_kwargs: dict | None = None) -> torch.Tensor:
+def sample(
+    model: torch.nn.Module,
+    n: int,
+    seed: int,
+    nfe: int,
+    batch_size: int,
+    scheduler: str = "DDIM",
+    scheduler_config: str | None = None,
+    scheduler_kwargs: dict | None = None,
+    class_labels: int | list[int] | None = None,
+    guidance_scale: float = 1.0,
+    null_class_label: int | None = None,
+    dtype: str = "float32",
+    step_kwargs: dict | None = None,
+) -> torch.Tensor:
     """`n` images (n, C, H, W) in [-1, 1] from a diffusers UNet with `nfe` steps of the named scheduler.
 
     `scheduler_kwargs` override config entries (e.g. {'timestep_spacing': 'trailing'}); `class_labels` (one or
@@ -137,7 +164,9 @@ def sample(model: torch.nn.Module, n: int, seed: int, nfe: int, batch_size: int,
     {'use_clipped_model_output': True})."""
     from lcsc_ray.diffusers_checkpoints import scheduler_config as read_config
 
-    config = read_config(scheduler_config) if scheduler_config else getattr(model, "lcsc_scheduler_config", None)
+    config = (
+        read_config(scheduler_config) if scheduler_config else getattr(model, "lcsc_scheduler_config", None)
+    )
     device = next(model.parameters()).device
     shape = (model.config.in_channels, *_size(model.config.sample_size))
     generator = torch.Generator().manual_seed(int(seed))
@@ -148,14 +177,17 @@ def sample(model: torch.nn.Module, n: int, seed: int, nfe: int, batch_size: int,
     for start in range(0, n, batch_size):
         sched = make_scheduler(scheduler, config, scheduler_kwargs)
         sched.set_timesteps(nfe)
-        x = noise[start:start + batch_size].to(device) * sched.init_noise_sigma
-        y = None if labels is None else labels[start:start + batch_size].to(device)
-        denoise = _denoiser(model, y, guidance_scale, null_class_label,
-                            None if context is None else context.to(device))
+        x = noise[start : start + batch_size].to(device) * sched.init_noise_sigma
+        y = None if labels is None else labels[start : start + batch_size].to(device)
+        denoise = _denoiser(
+            model, y, guidance_scale, null_class_label, None if context is None else context.to(device)
+        )
         with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32"):
             for t in sched.timesteps:
                 model_out = denoise(sched.scale_model_input(x, t), t)
-                x = sched.step(model_out.float(), t, x, generator=generator, **(step_kwargs or {})).prev_sample
+                x = sched.step(
+                    model_out.float(), t, x, generator=generator, **(step_kwargs or {})
+                ).prev_sample
         out.append(x.float().clamp(-1, 1))
     return torch.cat(out)
 

@@ -38,15 +38,19 @@ def actor_nodes(actors: list) -> list[str | None]:
     return nodes
 
 
-async def replace_draining(service: PoolService, draining: dict[str, int],
-                           nodes: list[str | None] | None = None) -> list[int]:
+async def replace_draining(
+    service: PoolService, draining: dict[str, int], nodes: list[str | None] | None = None
+) -> list[int]:
     """Replace every evaluator on a node in `draining` (`nodes`: each evaluator's node, looked up when None);
     returns the indices replaced. A replacement that does not come up leaves the old evaluator in place."""
     if not draining or service.stopped:
         return []
     nodes = nodes if nodes is not None else await asyncio.to_thread(actor_nodes, list(service.actors))
-    doomed = [index for index, node in enumerate(nodes)
-              if node in draining and service.drain_tries.get((index, node), 0) < MAX_TRIES]
+    doomed = [
+        index
+        for index, node in enumerate(nodes)
+        if node in draining and service.drain_tries.get((index, node), 0) < MAX_TRIES
+    ]
     if not doomed:
         return []
     service.draining.update(doomed)  # from now on no new candidate goes to any of them
@@ -67,17 +71,22 @@ async def _replace_one(service: PoolService, index: int, node: str) -> bool:
     try:
         pid = await service._ready(new)
     except (asyncio.TimeoutError, RayActorError) as exc:
-        log.warning("evaluator %d's node drains, and its replacement did not start (%s)", index,
-                    type(exc).__name__)
+        log.warning(
+            "evaluator %d's node drains, and its replacement did not start (%s)", index, type(exc).__name__
+        )
         ray.kill(new, no_restart=True)
         return False
-    if service.actors[index] is not old or service.stopped:  # healed meanwhile (the old one died first), or closed
+    if (
+        service.actors[index] is not old or service.stopped
+    ):  # healed meanwhile (the old one died first), or closed
         ray.kill(new, no_restart=True)
         return False
     service.actors[index], service.pids[index] = new, pid
     service.retired.add(old._actor_id.hex())  # its candidate in flight, if any, runs again: a planned loss
     ray.kill(old, no_restart=True)
-    log.warning("evaluator %d's node %s drains: replaced by a new evaluator before the node goes", index, node[:12])
+    log.warning(
+        "evaluator %d's node %s drains: replaced by a new evaluator before the node goes", index, node[:12]
+    )
     return True
 
 
@@ -89,6 +98,11 @@ async def watch_drains(service: PoolService, watcher: DrainWatcher | None = None
         try:
             await replace_draining(service, draining)
         except Exception as exc:  # noqa: BLE001 - named, and the next look tries again (a dead watch helps no one)
-            log.error("replacing the evaluators on draining nodes %s failed (%s: %s); looking again in %.1f s",
-                      sorted(n[:12] for n in draining), type(exc).__name__, exc, watcher.poll_every_s)
+            log.error(
+                "replacing the evaluators on draining nodes %s failed (%s: %s); looking again in %.1f s",
+                sorted(n[:12] for n in draining),
+                type(exc).__name__,
+                exc,
+                watcher.poll_every_s,
+            )
         await asyncio.sleep(watcher.poll_every_s)

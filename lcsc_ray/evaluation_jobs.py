@@ -25,7 +25,9 @@ class Job:
         return cls(None if alphas is None else tuple(float(a) for a in alphas), int(num_samples), int(seed))
 
 
-def evaluation_timeout(num_samples: int, configured_s: float | None, slowest: tuple[float, int] | None) -> float:
+def evaluation_timeout(
+    num_samples: int, configured_s: float | None, slowest: tuple[float, int] | None
+) -> float:
     """Seconds one evaluation of `num_samples` may take: the spec's value, else 5x the slowest timed evaluation so
     far per sample (`slowest` = (seconds, its sample count)) scaled up to `num_samples`, at least 60 s; before any
     is timed, 900 s. Following the slowest, not the first, lets the limit rise with the load of shared cores."""
@@ -44,14 +46,30 @@ def slowest_timing(slowest: tuple[float, int] | None, seconds: float, num_sample
     return slowest
 
 
-def evaluation_record(job: Job, fid: float, status: str, reason: str = "", evaluator: int = -1,
-                      eval_s: float = math.nan, attempts: int = 0, replayed: bool = False) -> dict:
+def evaluation_record(
+    job: Job,
+    fid: float,
+    status: str,
+    reason: str = "",
+    evaluator: int = -1,
+    eval_s: float = math.nan,
+    attempts: int = 0,
+    replayed: bool = False,
+) -> dict:
     """The one shape of an evaluation's result, for trials, rungs, final scores and the store.
     status: 'ok', 'nonfinite' (the combination diverged; fid is inf) or 'failed' (reason says why)."""
-    return {"fid": float(fid), "status": status, "reason": reason,
-            "alphas": None if job.alphas is None else list(job.alphas), "num_samples": job.num_samples,
-            "seed": job.seed, "evaluator": evaluator, "eval_s": float(eval_s), "attempts": attempts,
-            "replayed": replayed}
+    return {
+        "fid": float(fid),
+        "status": status,
+        "reason": reason,
+        "alphas": None if job.alphas is None else list(job.alphas),
+        "num_samples": job.num_samples,
+        "seed": job.seed,
+        "evaluator": evaluator,
+        "eval_s": float(eval_s),
+        "attempts": attempts,
+        "replayed": replayed,
+    }
 
 
 def stored_record(job: Job, stored: dict) -> dict:
@@ -61,6 +79,13 @@ def stored_record(job: Job, stored: dict) -> dict:
     else:
         status = "ok" if math.isfinite(float(stored["fid"])) else "nonfinite"
         reason = ""
-    return evaluation_record(job, float(stored["fid"]) if status == "ok" else math.inf, status, reason,
-                             int(stored.get("evaluator", -1)), float(stored.get("eval_s", math.nan)),
-                             int(stored.get("attempts", 0)), replayed=True)
+    return evaluation_record(
+        job,
+        float(stored["fid"]) if status == "ok" else math.inf,
+        status,
+        reason,
+        int(stored.get("evaluator", -1)),
+        float(stored.get("eval_s", math.nan)),
+        int(stored.get("attempts", 0)),
+        replayed=True,
+    )

@@ -66,8 +66,10 @@ class EvaluationStore:
             except StorageNotFoundError:
                 return None
             if not isinstance(record, dict):
-                raise StateFileError(f"{self._file(key)} holds a JSON {type(record).__name__}, not an evaluation "
-                                     f"record; {artifacts.RESTART_HINT}")
+                raise StateFileError(
+                    f"{self._file(key)} holds a JSON {type(record).__name__}, not an evaluation "
+                    f"record; {artifacts.RESTART_HINT}"
+                )
             if record.get("identity", "") != self.identity:
                 return None
             self.cache[key] = record

@@ -87,7 +87,9 @@ FETCH_TIMEOUT_S = 600.0
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def select_device(num_gpus: float, gpu_ids: Sequence, cuda_available: bool, visible_devices: str | None) -> torch.device:
+def select_device(
+    num_gpus: float, gpu_ids: Sequence, cuda_available: bool, visible_devices: str | None
+) -> torch.device:
     """The evaluator's device: the CPU without GPUs; with `num_gpus` > 0 the GPU Ray assigned (`gpu_ids` from
     `ray.get_gpu_ids()`). Ray sets CUDA_VISIBLE_DEVICES to those GPUs, so the first visible one is cuda:0; when
     it does not (`visible_devices` None), the assigned id itself. Asking for a GPU without CUDA is an error."""
@@ -109,7 +111,9 @@ def sampling_precision(device: torch.device, dtype: str) -> contextlib.AbstractC
     if dtype == "float32":
         return contextlib.nullcontext()
     if dtype not in DTYPES:
-        raise SpecError(f"`evaluators.dtype` is {dtype!r}; choose one of {sorted(DTYPES)}", source="evaluators.dtype")
+        raise SpecError(
+            f"`evaluators.dtype` is {dtype!r}; choose one of {sorted(DTYPES)}", source="evaluators.dtype"
+        )
     return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
@@ -134,14 +138,22 @@ class Evaluator:
             raise ValueError("Evaluator needs the layout and the reference mu and sigma")
         torch.set_num_threads(spec.evaluators.torch_threads)
         self.spec, self.layout = spec, layout
-        self.device = select_device(spec.evaluators.num_gpus, ray.get_gpu_ids() if ray.is_initialized() else [],
-                                    torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.device = select_device(
+            spec.evaluators.num_gpus,
+            ray.get_gpu_ids() if ray.is_initialized() else [],
+            torch.cuda.is_available(),
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.arrays = ray.get(list(checkpoint_refs), timeout=FETCH_TIMEOUT_S)  # read-only numpy views of the object store
+        self.arrays = ray.get(
+            list(checkpoint_refs), timeout=FETCH_TIMEOUT_S
+        )  # read-only numpy views of the object store
         # An ObjectRef passed as a top-level actor argument arrives already resolved (an ndarray); a direct
         # construction from a CheckpointSet hands over the ref itself.
-        self.ema_array = ray.get(ema_ref, timeout=FETCH_TIMEOUT_S) if isinstance(ema_ref, ray.ObjectRef) else ema_ref
+        self.ema_array = (
+            ray.get(ema_ref, timeout=FETCH_TIMEOUT_S) if isinstance(ema_ref, ray.ObjectRef) else ema_ref
+        )
         # weights only some jobs combine (CheckpointSet.extra_refs: post-hoc EMA snapshots), after the checkpoints
         self.extra_arrays = ray.get(list(extra_refs), timeout=FETCH_TIMEOUT_S) if extra_refs else []
         self.sources = self._device_sources([*self.arrays, *self.extra_arrays])
@@ -185,7 +197,9 @@ class Evaluator:
         if coefficients is None:
             self.flat.copy_(as_tensor(self.ema_array))
         else:
-            sources = self.sources if len(coefficients) == len(self.sources) else self.sources[:len(self.arrays)]
+            sources = (
+                self.sources if len(coefficients) == len(self.sources) else self.sources[: len(self.arrays)]
+            )
             combine_flat(self.flat, sources, coefficients, self.layout)
         low, high = torch.aminmax(self.flat)  # NaN propagates; no P-sized temporary, unlike isfinite(flat)
         if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
@@ -230,8 +244,9 @@ class Evaluator:
             return
         sampler = self.spec.sampler
         try:
-            inspect.signature(self.sampler).bind(self.model, 1, 0, sampler.nfe, self.spec.evaluators.batch_size,
-                                                 **sampler.kwargs)
+            inspect.signature(self.sampler).bind(
+                self.model, 1, 0, sampler.nfe, self.spec.evaluators.batch_size, **sampler.kwargs
+            )
         except TypeError as exc:
             raise SpecError(
                 f"sampler {sampler.target} cannot be called as sampler(model, n, seed, nfe, batch_size, "
@@ -299,7 +314,11 @@ class Evaluator:
         return check_coefficients(coefficients, len(self.arrays))
 
     def evaluate(
-        self, coefficients: Sequence[float] | None, num_samples: int, seed: int, raise_nonfinite: bool = True,
+        self,
+        coefficients: Sequence[float] | None,
+        num_samples: int,
+        seed: int,
+        raise_nonfinite: bool = True,
         return_stats: bool = False,
     ) -> dict:
         """FID of the combination at `num_samples` samples with noise `seed` (coefficients None: the run's
@@ -361,8 +380,12 @@ EvaluatorActor = ray.remote(Evaluator)
 def evaluator_options(spec: SearchSpec) -> dict:
     """Ray options of an evaluator actor: its resources, one restart by Ray, no task retries (the pool
     decides where a lost evaluation runs again)."""
-    return {"num_cpus": spec.evaluators.num_cpus, "num_gpus": spec.evaluators.num_gpus, "max_restarts": 1,
-            "max_task_retries": 0}
+    return {
+        "num_cpus": spec.evaluators.num_cpus,
+        "num_gpus": spec.evaluators.num_gpus,
+        "max_restarts": 1,
+        "max_task_retries": 0,
+    }
 
 
 def start_evaluators(

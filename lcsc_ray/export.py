@@ -32,8 +32,9 @@ def read_coefficients(uri: str) -> list[float]:
     if isinstance(data, dict):
         data = data.get("coefficients") or data.get("best", {}).get("coefficients")
     if not isinstance(data, list) or not data:
-        raise SpecError(f"{uri} holds no coefficients: give a JSON list, a combined.json or a result.json",
-                        source=uri)
+        raise SpecError(
+            f"{uri} holds no coefficients: give a JSON list, a combined.json or a result.json", source=uri
+        )
     return [float(x) for x in data]
 
 
@@ -57,14 +58,23 @@ def combined_safetensors(checkpoints: CheckpointSetSpec, coefficients: list[floa
     state = combine_checkpoints(checkpoints, coefficients)
     names = [checkpoint_name(uri) for uri, _ in listed]
     # One metadata key: safetensors writes several in hash order, which would change the bytes from run to run.
-    metadata = {"lcsc": json.dumps({"coefficients": [float(c) for c in coefficients], "checkpoints": names},
-                                   sort_keys=True)}
-    sidecar = {"coefficients": [float(c) for c in coefficients], "checkpoints": [u for u, _ in listed],
-               "steps": [s for _, s in listed], "sum": float(np.sum(coefficients))}
+    metadata = {
+        "lcsc": json.dumps(
+            {"coefficients": [float(c) for c in coefficients], "checkpoints": names}, sort_keys=True
+        )
+    }
+    sidecar = {
+        "coefficients": [float(c) for c in coefficients],
+        "checkpoints": [u for u, _ in listed],
+        "steps": [s for _, s in listed],
+        "sum": float(np.sum(coefficients)),
+    }
     return save_safetensors(state, metadata=metadata), sidecar
 
 
-def diffusers_folder(checkpoints: CheckpointSetSpec, combined: bytes, config_uri: str | None = None) -> dict[str, bytes]:
+def diffusers_folder(
+    checkpoints: CheckpointSetSpec, combined: bytes, config_uri: str | None = None
+) -> dict[str, bytes]:
     """With `checkpoints.format: diffusers`, the combined weights (`combined_safetensors`' bytes) as the files of
     a model folder `UNet2DModel.from_pretrained` loads, by name under the output ({} for other formats); the
     model config comes from `config_uri`, else from the checkpoints."""
@@ -89,6 +99,10 @@ def export_combined(checkpoints: CheckpointSetSpec, coefficients: list[float], o
     folder = out_uri.rsplit("/", 1)[0] if "/" in out_uri else "."
     for name, content in diffusers_folder(checkpoints, data).items():
         storage.write_bytes(storage.join(folder, name), content)
-    artifacts.write_json(str(Path(out_uri).with_suffix(".json")) if not storage.is_remote(out_uri)
-                         else out_uri.rsplit(".", 1)[0] + ".json", sidecar)
+    artifacts.write_json(
+        str(Path(out_uri).with_suffix(".json"))
+        if not storage.is_remote(out_uri)
+        else out_uri.rsplit(".", 1)[0] + ".json",
+        sidecar,
+    )
     return sidecar

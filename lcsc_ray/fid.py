@@ -139,19 +139,25 @@ def _npy_member(archive: zipfile.ZipFile, name: str, size: int, where: str) -> n
     limit = size if info.compress_type == zipfile.ZIP_STORED else NPZ_EXPANSION_CAP * size
     if info.file_size > limit:
         raise ReferenceStatsError(
-            f"{where}: member {name!r} claims {info.file_size} bytes in a {size}-byte file")
+            f"{where}: member {name!r} claims {info.file_size} bytes in a {size}-byte file"
+        )
     with archive.open(info) as member:
         version = np.lib.format.read_magic(member)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
         if read_header is None:
-            raise ReferenceStatsError(f"{where}: {name!r} has .npy format version {version}; expected 1.0 or 2.0")
+            raise ReferenceStatsError(
+                f"{where}: {name!r} has .npy format version {version}; expected 1.0 or 2.0"
+            )
         shape, _, dtype = read_header(member, max_header_size=10_000)
         if dtype.kind not in "fiu":
             raise ReferenceStatsError(f"{where}: {name!r} holds {dtype}, expected floating-point numbers")
         if math.prod(shape) * dtype.itemsize > info.file_size:
             raise ReferenceStatsError(
-                f"{where}: {name!r} claims shape {shape}, more than its {info.file_size} bytes")
+                f"{where}: {name!r} claims shape {shape}, more than its {info.file_size} bytes"
+            )
     with archive.open(info) as member:
         return np.lib.format.read_array(member, allow_pickle=False).astype(np.float64)
 
@@ -160,15 +166,20 @@ def check_reference_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> None
     """Refuse statistics that cannot be a feature mean (d,) and covariance (d, d): wrong shapes, NaN/inf, or
     a sigma that is not symmetric."""
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ReferenceStatsError(f"{where}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (d,) and "
-                                  "(d, d)")
+        raise ReferenceStatsError(
+            f"{where}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (d,) and (d, d)"
+        )
     for name, value in (("mu", mu), ("sigma", sigma)):
         if not np.all(np.isfinite(value)):
-            raise ReferenceStatsError(f"{where}: {name} holds {int((~np.isfinite(value)).sum())} NaN/inf values")
+            raise ReferenceStatsError(
+                f"{where}: {name} holds {int((~np.isfinite(value)).sum())} NaN/inf values"
+            )
     scale = float(np.abs(sigma).max()) if sigma.size else 0.0
     if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * scale):
-        raise ReferenceStatsError(f"{where}: sigma is not symmetric (largest |sigma - sigma^T| "
-                                  f"{float(np.abs(sigma - sigma.T).max()):.3g}); it is not a covariance")
+        raise ReferenceStatsError(
+            f"{where}: sigma is not symmetric (largest |sigma - sigma^T| "
+            f"{float(np.abs(sigma - sigma.T).max()):.3g}); it is not a covariance"
+        )
 
 
 def parse_reference_stats(
@@ -179,8 +190,9 @@ def parse_reference_stats(
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise ReferenceStatsError(f"{where} are not a readable .npz ({exc}); write them with "
-                                  "`numpy.savez(path, mu=..., sigma=...)`") from None
+        raise ReferenceStatsError(
+            f"{where} are not a readable .npz ({exc}); write them with `numpy.savez(path, mu=..., sigma=...)`"
+        ) from None
     with archive:
         names = archive.namelist()
         missing = [k for k in ("mu", "sigma") if f"{k}.npy" not in names]
@@ -191,9 +203,20 @@ def parse_reference_stats(
             mu, sigma = (_npy_member(archive, f"{k}.npy", len(data), where) for k in ("mu", "sigma"))
         except ReferenceStatsError:
             raise
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError,
-                zlib.error, TypeError, SyntaxError) as exc:
-            raise ReferenceStatsError(f"{where} are corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+        except (
+            ValueError,
+            OSError,
+            EOFError,
+            zipfile.BadZipFile,
+            NotImplementedError,
+            RuntimeError,
+            zlib.error,
+            TypeError,
+            SyntaxError,
+        ) as exc:
+            raise ReferenceStatsError(
+                f"{where} are corrupt ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
     check_reference_stats(mu, sigma, where)
     return mu, sigma
 

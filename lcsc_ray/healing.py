@@ -48,8 +48,9 @@ def describe(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:600]
 
 
-async def heal_with_retries(service: PoolService, index: int, cause: str, hung: bool,
-                            lost: object | None = None) -> None:
+async def heal_with_retries(
+    service: PoolService, index: int, cause: str, hung: bool, lost: object | None = None
+) -> None:
     """`heal`, tried again with a new actor when it raises something unexpected; after HEAL_TRIES such errors the
     pool stops with the last one named."""
     if lost is not None and service.actors[index] is not lost:  # a drain already put a new evaluator there
@@ -63,9 +64,14 @@ async def heal_with_retries(service: PoolService, index: int, cause: str, hung: 
         except Exception as exc:  # noqa: BLE001 - unexpected by definition: named, retried, then the pool stops
             error = describe(exc)
             log.error("healing evaluator %d raised %s (try %d of %d)", index, error, attempt, HEAL_TRIES)
-            cause, hung = f"could not be healed ({error})", True  # its state is unknown: a new actor next time
-    await service._stop(f"healing evaluator {index} failed {HEAL_TRIES} times; the last error: {error}; the "
-                        "evaluator's process or its cluster node cannot host an evaluator (see the service's log)")
+            cause, hung = (
+                f"could not be healed ({error})",
+                True,
+            )  # its state is unknown: a new actor next time
+    await service._stop(
+        f"healing evaluator {index} failed {HEAL_TRIES} times; the last error: {error}; the "
+        "evaluator's process or its cluster node cannot host an evaluator (see the service's log)"
+    )
 
 
 async def heal(service: PoolService, index: int, cause: str, hung: bool) -> None:
@@ -81,13 +87,20 @@ async def heal(service: PoolService, index: int, cause: str, hung: bool) -> None
     while not service.stopped:  # a closed or stopped pool starts no new actor
         limit = service.spec.evaluators.max_replacements
         if service.replacements >= limit:
-            await service._stop(f"evaluators were lost {service.replacements + 1} times, more than "
-                                f"`evaluators.max_replacements` = {limit} allows; last: evaluator {index} {cause}")
+            await service._stop(
+                f"evaluators were lost {service.replacements + 1} times, more than "
+                f"`evaluators.max_replacements` = {limit} allows; last: evaluator {index} {cause}"
+            )
             return
         service.replacements += 1
         ray.kill(service.actors[index], no_restart=True)
-        log.warning("replacing evaluator %d (%s); replacement %d of at most %d", index, cause,
-                    service.replacements, limit)
+        log.warning(
+            "replacing evaluator %d (%s); replacement %d of at most %d",
+            index,
+            cause,
+            service.replacements,
+            limit,
+        )
         service.actors[index] = service._new_actor()
         try:
             service.pids[index] = await service._ready(service.actors[index])

@@ -230,14 +230,17 @@ def load_weights(model: FIDInceptionV3, weights_uri: str, sha256: str | None = N
     field = WEIGHTS_FIELD
     state = checkpoint_formats.load_torch(read_weights(weights_uri, sha256), weights_uri, field)
     if not isinstance(state, dict):
-        raise CheckpointError(f"{weights_uri} holds a {type(state).__name__}, not an FID Inception state dict "
-                              f"(listed by `{field}`)")
+        raise CheckpointError(
+            f"{weights_uri} holds a {type(state).__name__}, not an FID Inception state dict "
+            f"(listed by `{field}`)"
+        )
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (RuntimeError, TypeError, AttributeError) as exc:  # wrong shapes or non-tensor values
         problem = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"{weights_uri} is not an FID Inception state dict ({problem}) "
-                              f"(listed by `{field}`)") from None
+        raise CheckpointError(
+            f"{weights_uri} is not an FID Inception state dict ({problem}) (listed by `{field}`)"
+        ) from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise LcscCheckfreeError(

@@ -36,7 +36,9 @@ def fid_vs_evaluations(trials: pd.DataFrame, result: SearchResult) -> bytes:
     low, high = np.nanpercentile(finite, [0, 90]) if finite.notna().any() else (0, 1)
     ax.set_ylim(low * 0.95, max(high, *(b.fid for b in result.baselines)) * 1.05)
     ax.set_xlabel("evaluation")
-    ax.set_ylabel(f"FID ({int(rung0.num_samples.dropna().iloc[0]) if rung0.num_samples.notna().any() else '?'} samples)")
+    ax.set_ylabel(
+        f"FID ({int(rung0.num_samples.dropna().iloc[0]) if rung0.num_samples.notna().any() else '?'} samples)"
+    )
     ax.set_title(f"LCSC search: best {result.best.fid:.2f} vs last {_baseline(result, 'last'):.2f}")
     ax.legend(fontsize=8)
     return _png(fig)

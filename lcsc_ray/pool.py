@@ -58,7 +58,9 @@ from schemas.search import SearchSpec
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, model, sampler) within this
 ATTEMPTS = 2  # a candidate whose evaluator hung or died is retried once elsewhere
-PLANNED_RETRIES = 4  # runs again of one candidate whose evaluator a drain replaced (no attempt: not a failure)
+PLANNED_RETRIES = (
+    4  # runs again of one candidate whose evaluator a drain replaced (no attempt: not a failure)
+)
 
 
 class EvaluatorPoolError(LcscCheckfreeError):
@@ -93,8 +95,14 @@ class PoolService:
     def _new_actor(self):
         shared = self.shared
         return EvaluatorActor.options(**evaluator_options(self.spec)).remote(
-            self.spec, list(shared["refs"]), shared["layout"], shared["mu"], shared["sigma"], ema_ref=shared["ema"],
-            extra_refs=list(shared["extra"]))
+            self.spec,
+            list(shared["refs"]),
+            shared["layout"],
+            shared["mu"],
+            shared["sigma"],
+            ema_ref=shared["ema"],
+            extra_refs=list(shared["extra"]),
+        )
 
     async def _ready(self, actor) -> int:
         info = await asyncio.wait_for(actor.info.remote(), READY_TIMEOUT_S)
@@ -116,7 +124,9 @@ class PoolService:
         self.drain_watch = asyncio.get_running_loop().create_task(watch_drains(self))  # preemption notices
         return self.pids
 
-    async def replace_draining(self, draining: dict[str, int], nodes: list[str | None] | None = None) -> list[int]:
+    async def replace_draining(
+        self, draining: dict[str, int], nodes: list[str | None] | None = None
+    ) -> list[int]:
         """Replace the evaluators on `draining` nodes now (`draining.replace_draining`); the watcher calls it."""
         return await replace_draining(self, draining, nodes)
 
@@ -181,7 +191,8 @@ class PoolService:
         alphas = None if job.alphas is None else list(job.alphas)
         outcome, value, index, attempt = await self._on_evaluator(
             lambda actor: actor.evaluate.remote(alphas, job.num_samples, job.seed, raise_nonfinite=False),
-            job.num_samples)
+            job.num_samples,
+        )
         if outcome == "error":
             return await self._failed(job, value, index, attempt)
         if outcome == "lost":
@@ -199,11 +210,17 @@ class PoolService:
         while attempt <= ATTEMPTS:
             index = await self._acquire(avoid)
             actor = self.actors[index]
-            timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, self.slowest_timed)
+            timeout = evaluation_timeout(
+                num_samples, self.spec.evaluators.evaluation_timeout_s, self.slowest_timed
+            )
             try:
                 out = await asyncio.wait_for(submit(actor), timeout)
             except asyncio.TimeoutError:
-                reason, cause, hung = f"did not finish within {timeout:.0f} s", f"hung for {timeout:.0f} s", True
+                reason, cause, hung = (
+                    f"did not finish within {timeout:.0f} s",
+                    f"hung for {timeout:.0f} s",
+                    True,
+                )
             except RayActorError as exc:
                 if actor._actor_id.hex() in self.retired and planned < PLANNED_RETRIES:
                     planned += 1
@@ -239,10 +256,13 @@ class PoolService:
         alphas = None if job.alphas is None else list(job.alphas)
 
         def submit(lo: int, hi: int):
-            return lambda actor: actor.evaluate_stats.remote(alphas, job.seed, list(range(lo, hi)), job.num_samples,
-                                                             raise_nonfinite=False)
+            return lambda actor: actor.evaluate_stats.remote(
+                alphas, job.seed, list(range(lo, hi)), job.num_samples, raise_nonfinite=False
+            )
 
-        outcomes = await asyncio.gather(*(self._on_evaluator(submit(lo, hi), sum(sizes[lo:hi])) for lo, hi in blocks))
+        outcomes = await asyncio.gather(
+            *(self._on_evaluator(submit(lo, hi), sum(sizes[lo:hi])) for lo, hi in blocks)
+        )
         for outcome, value, index, attempt in outcomes:
             if outcome == "error":
                 return await self._failed(job, value, index, attempt)
@@ -253,8 +273,10 @@ class PoolService:
         if any(outcome[1].get("nonfinite") for outcome in outcomes):
             out = {"fid": math.inf, "nonfinite": True}
         else:
-            stats = merge_blocks(len(sizes), {block: FIDStats.from_dict(outcome[1])
-                                              for block, outcome in zip(blocks, outcomes)})
+            stats = merge_blocks(
+                len(sizes),
+                {block: FIDStats.from_dict(outcome[1]) for block, outcome in zip(blocks, outcomes)},
+            )
             mu, sigma = await self._reference()
             out = {"fid": fid_from_stats(stats, mu, sigma), "nonfinite": False}
         out["timings"] = {"total_s": time.perf_counter() - start}
@@ -263,8 +285,10 @@ class PoolService:
     async def _reference(self) -> tuple[np.ndarray, np.ndarray]:
         if not hasattr(self, "reference"):
             mu, sigma = self.shared["mu"], self.shared["sigma"]
-            self.reference = (await mu if isinstance(mu, ray.ObjectRef) else mu,
-                              await sigma if isinstance(sigma, ray.ObjectRef) else sigma)
+            self.reference = (
+                await mu if isinstance(mu, ray.ObjectRef) else mu,
+                await sigma if isinstance(sigma, ray.ObjectRef) else sigma,
+            )
         return self.reference
 
     async def _finished(self, job: Job, out: dict, index: int, attempt: int, timed: bool = True) -> dict:
@@ -272,8 +296,9 @@ class PoolService:
         if timed:  # a split job's wall time is no single evaluator's
             self.slowest_timed = slowest_timing(self.slowest_timed, eval_s, job.num_samples)
         if out.get("nonfinite") or not math.isfinite(float(out["fid"])):
-            record = evaluation_record(job, math.inf, "nonfinite", "combined weights or samples hold NaN/inf",
-                                       index, eval_s, attempt)
+            record = evaluation_record(
+                job, math.inf, "nonfinite", "combined weights or samples hold NaN/inf", index, eval_s, attempt
+            )
         else:
             record = evaluation_record(job, float(out["fid"]), "ok", "", index, eval_s, attempt)
         if self.store is not None:
@@ -284,17 +309,26 @@ class PoolService:
         self.failed += 1
         limit = self.spec.evaluators.max_failed_evaluations
         if self.failed >= limit:
-            await self._stop(f"{self.failed} evaluations failed with an error (`evaluators.max_failed_evaluations`"
-                             f" = {limit}); the last: {reason}")
+            await self._stop(
+                f"{self.failed} evaluations failed with an error (`evaluators.max_failed_evaluations`"
+                f" = {limit}); the last: {reason}"
+            )
         self.failures[job] = evaluation_record(job, math.inf, "failed", reason, index, attempts=attempt)
         return self.failures[job]
 
     # ------------------------------------------------------------------------------------------ facts
     async def state(self) -> dict:
         """Replacements, failures, the stop cause, evaluator pids and the current timeout rule."""
-        return {"replacements": self.replacements, "failed": self.failed, "stopped": self.stopped,
-                "split_jobs": self.split_jobs, "drained": self.drained,
-                "pids": list(self.pids), "slowest_timed": self.slowest_timed, "num_evaluators": len(self.actors)}
+        return {
+            "replacements": self.replacements,
+            "failed": self.failed,
+            "stopped": self.stopped,
+            "split_jobs": self.split_jobs,
+            "drained": self.drained,
+            "pids": list(self.pids),
+            "slowest_timed": self.slowest_timed,
+            "num_evaluators": len(self.actors),
+        }
 
     async def evaluators(self) -> list:
         """The current evaluator handles (for tests and fault injection)."""
@@ -312,17 +346,32 @@ class PoolService:
 class EvaluatorPool:
     """The driver's side of the pool: starts the service and its evaluators, probes, scores, closes."""
 
-    def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet, reference: tuple[np.ndarray, np.ndarray],
-                 store: EvaluationStore | None = None):
+    def __init__(
+        self,
+        spec: SearchSpec,
+        checkpoint_set: CheckpointSet,
+        reference: tuple[np.ndarray, np.ndarray],
+        store: EvaluationStore | None = None,
+    ):
         weights = ray.get([*checkpoint_set.refs, *checkpoint_set.extra_refs], timeout=READY_TIMEOUT_S)
-        check_non_float_equal(checkpoint_set.layout, weights, [*checkpoint_set.names, *checkpoint_set.extra_names])
+        check_non_float_equal(
+            checkpoint_set.layout, weights, [*checkpoint_set.names, *checkpoint_set.extra_names]
+        )
         self.spec, self.checkpoints = spec, checkpoint_set
-        shared = {"refs": list(checkpoint_set.refs), "layout": checkpoint_set.layout, "ema": checkpoint_set.ema_ref,
-                  "extra": list(checkpoint_set.extra_refs),
-                  "mu": ray.put(np.asarray(reference[0])), "sigma": ray.put(np.asarray(reference[1]))}
+        shared = {
+            "refs": list(checkpoint_set.refs),
+            "layout": checkpoint_set.layout,
+            "ema": checkpoint_set.ema_ref,
+            "extra": list(checkpoint_set.extra_refs),
+            "mu": ray.put(np.asarray(reference[0])),
+            "sigma": ray.put(np.asarray(reference[1])),
+        }
         evaluators = spec.evaluators
-        check_placeable([{"CPU": evaluators.num_cpus, "GPU": evaluators.num_gpus}] * evaluators.num_actors,
-                        "the evaluator actors", "`evaluators.num_actors`, `evaluators.num_cpus` or `evaluators.num_gpus`")
+        check_placeable(
+            [{"CPU": evaluators.num_cpus, "GPU": evaluators.num_gpus}] * evaluators.num_actors,
+            "the evaluator actors",
+            "`evaluators.num_actors`, `evaluators.num_cpus` or `evaluators.num_gpus`",
+        )
         node = ray.get_runtime_context().get_node_id()
         # pinned to the driver's node: the search can survive losing an evaluator's node, not the service's
         strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
@@ -337,7 +386,9 @@ class EvaluatorPool:
     def wait_s(self, num_samples: int) -> float:
         """How long a caller waits for one job: both attempts, each with a replacement, and a queue turn."""
         state = self.state()
-        timeout = evaluation_timeout(num_samples, self.spec.evaluators.evaluation_timeout_s, state["slowest_timed"])
+        timeout = evaluation_timeout(
+            num_samples, self.spec.evaluators.evaluation_timeout_s, state["slowest_timed"]
+        )
         return 2 * ATTEMPTS * (timeout + READY_TIMEOUT_S)
 
     def state(self) -> dict:
@@ -354,8 +405,9 @@ class EvaluatorPool:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=bound)
             if not done:
-                raise EvaluatorPoolError(f"no evaluation finished within {bound:.0f} s; "
-                                         f"pool state: {self.state()}")
+                raise EvaluatorPoolError(
+                    f"no evaluation finished within {bound:.0f} s; pool state: {self.state()}"
+                )
             job = pending.pop(done[0])
             try:
                 records[job] = ray.get(done[0], timeout=max(bound, 60.0))  # ready: only its fetch is left
@@ -372,11 +424,15 @@ class EvaluatorPool:
         record = self.score([job])[0]
         last = self.checkpoints.names[-1]
         if record["status"] == "failed":
-            raise EvaluatorPoolError(f"the probe evaluation of the last checkpoint ({last}) failed before the "
-                                     f"search started: {record['reason']}")
+            raise EvaluatorPoolError(
+                f"the probe evaluation of the last checkpoint ({last}) failed before the "
+                f"search started: {record['reason']}"
+            )
         if record["status"] != "ok":
-            raise EvaluatorPoolError(f"the last checkpoint ({last}) scores a non-finite FID ({record['reason']}); "
-                                     "check the sampler (`sampler.target`, `sampler.nfe`) and the checkpoints")
+            raise EvaluatorPoolError(
+                f"the last checkpoint ({last}) scores a non-finite FID ({record['reason']}); "
+                "check the sampler (`sampler.target`, `sampler.nfe`) and the checkpoints"
+            )
         return record
 
     def close(self) -> None:
@@ -389,4 +445,3 @@ class EvaluatorPool:
         except (RayActorError, GetTimeoutError) as exc:
             log.warning("evaluator pool did not close cleanly (%s); killing its service", type(exc).__name__)
         ray.kill(self.service, no_restart=True)
-

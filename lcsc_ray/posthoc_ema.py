@@ -25,8 +25,12 @@ import torch
 from torch import nn
 
 DEFAULT_SIGMA_RELS = (0.05, 0.10)  # EDM2's two tracked EMAs
-SNAPSHOT_FOLDER = "posthoc_ema"  # beside a recipe's checkpoints/ folder, so the checkpoints' glob never matches them
-MAX_SIGMA_REL = 1.0 / (2.0 * np.sqrt(3.0))  # sigma_rel at gamma = 0 (a uniform average); wider needs gamma < 0
+SNAPSHOT_FOLDER = (
+    "posthoc_ema"  # beside a recipe's checkpoints/ folder, so the checkpoints' glob never matches them
+)
+MAX_SIGMA_REL = 1.0 / (
+    2.0 * np.sqrt(3.0)
+)  # sigma_rel at gamma = 0 (a uniform average); wider needs gamma < 0
 
 
 def gamma_to_sigma_rel(gamma: float | np.ndarray) -> float | np.ndarray:
@@ -53,7 +57,9 @@ def power_beta(step: int, gamma: float) -> float:
     return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
 
-def profile_inner_products(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray, gamma_b: np.ndarray) -> np.ndarray:
+def profile_inner_products(
+    t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray, gamma_b: np.ndarray
+) -> np.ndarray:
     """<p_a, p_b> = integral of p_gamma_a,t_a(tau) p_gamma_b,t_b(tau) over tau (EDM2 Eq. 151); broadcasts.
     For t_a <= t_b: (g_a + 1)(g_b + 1) / (g_a + g_b + 1) * (t_a / t_b)^g_b / t_b, and symmetrically."""
     t_a, g_a, t_b, g_b = (np.asarray(x, dtype=np.float64) for x in (t_a, gamma_a, t_b, gamma_b))
@@ -61,8 +67,9 @@ def profile_inner_products(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray
     return (g_a + 1) * (g_b + 1) * (t_a / t_b) ** ratio_exponent / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
 
 
-def solve_coefficients(snapshot_steps: Sequence[float], snapshot_gammas: Sequence[float], target_step: float,
-                       target_gamma: float) -> np.ndarray:
+def solve_coefficients(
+    snapshot_steps: Sequence[float], snapshot_gammas: Sequence[float], target_step: float, target_gamma: float
+) -> np.ndarray:
     """Coefficients x (one per snapshot, summing to 1) with sum_i x_i p_i closest to the target profile in L2:
     A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p_target> (EDM2 Algorithm 3), then normalised to sum 1 as
     Algorithm 3 does. Solved by least squares, so duplicate snapshots (a singular A) still get a solution."""
@@ -138,7 +145,9 @@ class PowerEMA:
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (the sigma_rels must match)."""
         if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
-            raise ValueError(f"stored power EMAs have sigma_rels {state['sigma_rels']}, this run {self.sigma_rels}")
+            raise ValueError(
+                f"stored power EMAs have sigma_rels {state['sigma_rels']}, this run {self.sigma_rels}"
+            )
         for ema, stored in zip(self.emas, state["emas"]):
             for key in ema:
                 ema[key].copy_(stored[key])
@@ -155,8 +164,12 @@ def snapshot_name(sigma_rel: float, step: int) -> str:
 
 def snapshot_metadata(sigma_rel: float, gamma: float, step: int) -> dict[str, str]:
     """The safetensors metadata that makes a snapshot usable by a search: its step, gamma and sigma_rel."""
-    return {"step": str(int(step)), "gamma": repr(float(gamma)), "sigma_rel": repr(float(sigma_rel)),
-            "weights": f"power-ema@{sigma_rel:g}"}
+    return {
+        "step": str(int(step)),
+        "gamma": repr(float(gamma)),
+        "sigma_rel": repr(float(sigma_rel)),
+        "weights": f"power-ema@{sigma_rel:g}",
+    }
 
 
 # ------------------------------------------------------------------------------------- the search's side
@@ -179,7 +192,9 @@ def _snapshot_header(uri: str) -> dict[str, str]:
     field = "posthoc_ema.uri"
     size, _ = storage.stat(uri)
     length = checkpoint_formats.header_length(storage.read_range(uri, 0, 8), size, uri, field)
-    header = checkpoint_formats.parse_header(storage.read_range(uri, 8, length), size - 8 - length, uri, field)
+    header = checkpoint_formats.parse_header(
+        storage.read_range(uri, 8, length), size - 8 - length, uri, field
+    )
     return header.get("__metadata__") or {}
 
 
@@ -195,9 +210,12 @@ def read_snapshot(uri: str) -> Snapshot:
         raise CheckpointError(
             f"post-hoc EMA snapshot {uri} has no usable `step` and `gamma` (or `sigma_rel`) in its safetensors "
             f"metadata ({type(exc).__name__}: {exc}); save snapshots with `posthoc_ema.snapshot_metadata`, or "
-            "narrow `posthoc_ema.glob` to the snapshot files") from None
+            "narrow `posthoc_ema.glob` to the snapshot files"
+        ) from None
     if step < 1 or not gamma > 0:
-        raise CheckpointError(f"post-hoc EMA snapshot {uri} has step {step} and gamma {gamma}; both must be positive")
+        raise CheckpointError(
+            f"post-hoc EMA snapshot {uri} has step {step} and gamma {gamma}; both must be positive"
+        )
     return Snapshot(uri, step, gamma)
 
 
@@ -215,16 +233,20 @@ def list_snapshots(uri: str, glob: str, target_step: int) -> list[Snapshot]:
     if not usable:
         raise CheckpointError(
             f"no post-hoc EMA snapshots at or before step {target_step} match {glob!r} in {uri} (found "
-            f"{len(snapshots)} in all); check `posthoc_ema.uri`, `posthoc_ema.glob` and `posthoc_ema.step`")
+            f"{len(snapshots)} in all); check `posthoc_ema.uri`, `posthoc_ema.glob` and `posthoc_ema.step`"
+        )
     return usable
 
 
-def grid_coefficients(snapshots: Sequence[Snapshot], sigma_rels: Sequence[float],
-                      target_step: int) -> dict[float, np.ndarray]:
+def grid_coefficients(
+    snapshots: Sequence[Snapshot], sigma_rels: Sequence[float], target_step: int
+) -> dict[float, np.ndarray]:
     """sigma_rel -> snapshot coefficients of the post-hoc EMA rebuilt at `target_step` (Algorithm 3)."""
     steps, gammas = [s.step for s in snapshots], [s.gamma for s in snapshots]
-    return {float(sigma): solve_coefficients(steps, gammas, target_step, sigma_rel_to_gamma(sigma))
-            for sigma in sigma_rels}
+    return {
+        float(sigma): solve_coefficients(steps, gammas, target_step, sigma_rel_to_gamma(sigma))
+        for sigma in sigma_rels
+    }
 
 
 def posthoc_label(sigma_rel: float) -> str:
@@ -261,8 +283,9 @@ def load_snapshots(spec, checkpoint_set) -> PosthocPlan:
     layout = checkpoint_set.layout
     check_fits(layout.nbytes * len(snapshots), object_store_capacity(), len(snapshots), layout.storage_dtype)
     for snapshot in snapshots:
-        ref, _ = _put_checked(snapshot.uri, None, layout, checkpoint_set.uris[0], layout.storage_dtype,
-                              "posthoc_ema.uri")
+        ref, _ = _put_checked(
+            snapshot.uri, None, layout, checkpoint_set.uris[0], layout.storage_dtype, "posthoc_ema.uri"
+        )
         checkpoint_set.extra_refs.append(ref)
         checkpoint_set.extra_names.append(checkpoint_name(snapshot.uri))
     checkpoint_set.nbytes += layout.nbytes * len(snapshots)
@@ -278,10 +301,16 @@ def score_grid(pool, plan: PosthocPlan, num_checkpoints: int, num_samples: int, 
     sigmas = list(plan.coefficients)
     jobs = [Job.of(plan.job_alphas(sigma, num_checkpoints), num_samples, seed) for sigma in sigmas]
     records = pool.score(jobs, ProgressLine(f"post-hoc EMA grid ({num_samples} samples)", total=len(jobs)))
-    return [{"sigma_rel": sigma, "gamma": sigma_rel_to_gamma(sigma), "step": plan.target_step,
-             "fid": record["fid"] if record["status"] == "ok" else float("inf"),
-             "snapshot_coefficients": [float(x) for x in plan.coefficients[sigma]]}
-            for sigma, record in zip(sigmas, records)]
+    return [
+        {
+            "sigma_rel": sigma,
+            "gamma": sigma_rel_to_gamma(sigma),
+            "step": plan.target_step,
+            "fid": record["fid"] if record["status"] == "ok" else float("inf"),
+            "snapshot_coefficients": [float(x) for x in plan.coefficients[sigma]],
+        }
+        for sigma, record in zip(sigmas, records)
+    ]
 
 
 def best_of_grid(scores: Sequence[dict]) -> dict | None:

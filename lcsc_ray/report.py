@@ -16,8 +16,14 @@ from lcsc_ray.export import search_diffusers_folder
 from rayops import artifacts, storage
 from schemas.search import SearchResult, SearchSpec
 
-RESULT_FILES = ("result.json", "trials.parquet", "combined.safetensors", "combined.json",
-                "fid_vs_evaluations.png", "coefficients.png")
+RESULT_FILES = (
+    "result.json",
+    "trials.parquet",
+    "combined.safetensors",
+    "combined.json",
+    "fid_vs_evaluations.png",
+    "coefficients.png",
+)
 
 
 def versions() -> dict[str, str]:
@@ -33,8 +39,20 @@ def versions() -> dict[str, str]:
 
 def trials_table(trials: pd.DataFrame) -> bytes:
     """trials.parquet: one row per evaluation (coefficients as a list column)."""
-    columns = ["trial_id", "phase", "rung", "label", "fid", "num_samples", "seed", "duration_s", "eval_s",
-               "status", "reason", "alphas"]
+    columns = [
+        "trial_id",
+        "phase",
+        "rung",
+        "label",
+        "fid",
+        "num_samples",
+        "seed",
+        "duration_s",
+        "eval_s",
+        "status",
+        "reason",
+        "alphas",
+    ]
     frame = trials.reindex(columns=columns).rename(columns={"alphas": "coefficients"})
     frame["coefficients"] = [list(map(float, a)) for a in frame.coefficients]
     table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -43,7 +61,9 @@ def trials_table(trials: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def write_search_outputs(spec: SearchSpec, result: SearchResult, trials: pd.DataFrame, combined: bytes) -> None:
+def write_search_outputs(
+    spec: SearchSpec, result: SearchResult, trials: pd.DataFrame, combined: bytes
+) -> None:
     """The combined checkpoint (`combined`: the .safetensors bytes of the winner, from
     `export.combined_safetensors`), its sidecar, trials, plots and result.json, with the manifest written last."""
     provenance = {
@@ -57,7 +77,9 @@ def write_search_outputs(spec: SearchSpec, result: SearchResult, trials: pd.Data
         "versions": versions(),
     }
     out = spec.output.uri
-    diffusers_files = search_diffusers_folder(spec, combined)  # {} unless the checkpoints are diffusers folders
+    diffusers_files = search_diffusers_folder(
+        spec, combined
+    )  # {} unless the checkpoints are diffusers folders
     result.files = {name: storage.join(out, name) for name in (*RESULT_FILES, *diffusers_files)}
     result.versions = versions()
     files = {
@@ -70,19 +92,24 @@ def write_search_outputs(spec: SearchSpec, result: SearchResult, trials: pd.Data
         **diffusers_files,
     }
     # a finished result stays complete until its replacement is (a rerun with --force or --restart)
-    artifacts.write_artifact(out, files, metadata={"kind": "lcsc-search", "name": spec.name},
-                             keep_old_manifest=True)
+    artifacts.write_artifact(
+        out, files, metadata={"kind": "lcsc-search", "name": spec.name}, keep_old_manifest=True
+    )
 
 
 def format_table(result: SearchResult) -> str:
     """The summary table: every reported model at the same sample count and seeds, and for each baseline the
     mean paired difference LCSC - baseline over the held-out seeds with its 95% interval and verdict."""
     holdout_n = len(result.best.holdout_fids)
-    header = (f"{'model':<24}{'FID':>10}{'held-out FID (mean ± sd of ' + str(holdout_n) + ')':>36}"
-              f"{'LCSC - model [95% CI]':>30}  verdict")
-    title = (f"LCSC search '{result.spec.name}': {len(result.checkpoint_names)} checkpoints, "
-             f"{result.num_evaluations} evaluations ({result.num_failed} failed), "
-             f"{result.best.num_samples} samples per score, {result.wall_time_s:.0f} s")
+    header = (
+        f"{'model':<24}{'FID':>10}{'held-out FID (mean ± sd of ' + str(holdout_n) + ')':>36}"
+        f"{'LCSC - model [95% CI]':>30}  verdict"
+    )
+    title = (
+        f"LCSC search '{result.spec.name}': {len(result.checkpoint_names)} checkpoints, "
+        f"{result.num_evaluations} evaluations ({result.num_failed} failed), "
+        f"{result.best.num_samples} samples per score, {result.wall_time_s:.0f} s"
+    )
     lines = [title, header, "-" * len(header)]
     comparisons = {c.baseline: c for c in result.comparisons}
     for row in [result.best, *result.baselines]:
@@ -93,18 +120,24 @@ def format_table(result: SearchResult) -> str:
             c = comparisons[row.label]
             interval = f"[{c.low:+.2f}, {c.high:+.2f}]" if c.low is not None else "[no interval]"
             paired, verdict = f"{c.mean_difference:+.2f} {interval}", c.verdict
-        elif row is not result.best:  # left out by `search.compare_with_baselines`: an inf has no paired verdict
+        elif (
+            row is not result.best
+        ):  # left out by `search.compare_with_baselines`: an inf has no paired verdict
             verdict = "not compared: a non-finite held-out FID"
         lines.append(f"{row.label:<24}{row.fid:>10.2f}{spread:>36}{paired:>30}  {verdict}".rstrip())
     if result.posthoc_ema:
         grid = ", ".join(f"{e.sigma_rel:g}: {e.fid:.2f}" for e in result.posthoc_ema)
-        lines.append(f"post-hoc EMA (EDM2) at step {result.posthoc_ema[0].step}, FID on the search seed by sigma_rel: "
-                     f"{grid}")
+        lines.append(
+            f"post-hoc EMA (EDM2) at step {result.posthoc_ema[0].step}, FID on the search seed by sigma_rel: "
+            f"{grid}"
+        )
     if result.gain_found:
         lines.append("LCSC beat every baseline on held-out seeds (each paired 95% interval below 0)")
     else:
-        lines.append("no gain found: the search did not beat every baseline beyond the seed noise on held-out "
-                     "seeds (a paired 95% interval that includes 0 is a tie)")
+        lines.append(
+            "no gain found: the search did not beat every baseline beyond the seed noise on held-out "
+            "seeds (a paired 95% interval that includes 0 is a tie)"
+        )
     return "\n".join(lines)
 
 

@@ -40,7 +40,9 @@ START_OVER = "start over with `--restart` (clears the stored state), or give thi
 
 def state_uri(spec: SearchSpec, name: str = "") -> str:
     """A file (or the folder) of the search's state under `output.uri/state/`."""
-    return storage.join(spec.output.uri, STATE_DIR, name) if name else storage.join(spec.output.uri, STATE_DIR)
+    return (
+        storage.join(spec.output.uri, STATE_DIR, name) if name else storage.join(spec.output.uri, STATE_DIR)
+    )
 
 
 def clear_state(spec: SearchSpec) -> None:
@@ -76,22 +78,32 @@ def check_sampler_kwargs(spec: SearchSpec) -> None:
 
 
 def _check_files(spec: SearchSpec) -> None:
-    for field, uri in (("checkpoints.ema_uri", ema_file(spec.checkpoints)),
-                       ("fid.reference.stats_uri", spec.fid.reference.stats_uri)):
+    for field, uri in (
+        ("checkpoints.ema_uri", ema_file(spec.checkpoints)),
+        ("fid.reference.stats_uri", spec.fid.reference.stats_uri),
+    ):
         if uri is not None and not storage.exists(uri):
-            raise SpecError(f"`{field}`: {uri} does not exist; fix the path or remove the field", source=field)
+            raise SpecError(
+                f"`{field}`: {uri} does not exist; fix the path or remove the field", source=field
+            )
 
 
 def _list_checked(spec: SearchSpec) -> list[tuple[str, int]]:
-    where = "`checkpoints.paths`" if spec.checkpoints.paths else \
-        f"`checkpoints.uri` ({spec.checkpoints.uri}) and `checkpoints.glob` ({spec.checkpoints.glob!r})"
+    where = (
+        "`checkpoints.paths`"
+        if spec.checkpoints.paths
+        else f"`checkpoints.uri` ({spec.checkpoints.uri}) and `checkpoints.glob` ({spec.checkpoints.glob!r})"
+    )
     try:
         found = list_checkpoints(spec.checkpoints)
     except CheckpointError as exc:
         raise SpecError(f"{exc} (checked {where})", source="checkpoints") from None
     if len(found) < 2:
-        raise SpecError(f"{where} matched {len(found)} checkpoint(s); a combination needs at least 2: "
-                        f"{[uri for uri, _ in found]}", source="checkpoints")
+        raise SpecError(
+            f"{where} matched {len(found)} checkpoint(s); a combination needs at least 2: "
+            f"{[uri for uri, _ in found]}",
+            source="checkpoints",
+        )
     return found
 
 
@@ -106,7 +118,9 @@ def check_seed_vectors(spec: SearchSpec, num_checkpoints: int) -> None:
         if largest > bound + 1e-12:
             raise SpecError(
                 f"`search.bound` ({bound:g}) is too small for the seed vector {label!r}: its free values reach "
-                f"{largest:.4g}; set `search.bound` to at least {largest:.4g}", source="search.bound")
+                f"{largest:.4g}; set `search.bound` to at least {largest:.4g}",
+                source="search.bound",
+            )
 
 
 POSTHOC_SEED = "best-posthoc-ema"  # the seed the post-hoc EMA grid may add (lcsc_ray.search.run_posthoc)
@@ -133,10 +147,14 @@ def check_budget(spec: SearchSpec, num_checkpoints: int) -> None:
             f"over these {num_checkpoints} checkpoints ({', '.join(labels)}): the seeds past the budget, and the "
             f"baselines they report, would be dropped; set `search.budget` to at least {len(labels)} plus the "
             "evaluations the optimiser should get, or remove decays from `search.ema_decays`",
-            source="search.budget")
+            source="search.budget",
+        )
     if budget == len(labels):
-        log.warning("`search.budget` (%d) holds only the %d seed vectors: the optimiser gets no evaluation",
-                    budget, len(labels))
+        log.warning(
+            "`search.budget` (%d) holds only the %d seed vectors: the optimiser gets no evaluation",
+            budget,
+            len(labels),
+        )
 
 
 def preflight(spec: SearchSpec) -> list[tuple[str, int]]:
@@ -183,7 +201,9 @@ def fingerprint(spec: SearchSpec, checkpoints: list[tuple[str, int]]) -> dict[st
 
         block = spec.posthoc_ema
         for i, snapshot in enumerate(list_snapshots(block.uri, block.glob, block.step or checkpoints[-1][1])):
-            entries[f"posthoc_ema[{i}]"] = identity.file_entry(snapshot.uri, step=snapshot.step, gamma=snapshot.gamma)
+            entries[f"posthoc_ema[{i}]"] = identity.file_entry(
+                snapshot.uri, step=snapshot.step, gamma=snapshot.gamma
+            )
     for field, plugin in plugins(spec).items():
         entries[field] = _plugin(plugin)
     for name, value in spec.fid.features.kwargs.items():
@@ -232,12 +252,18 @@ def prepare_state(spec: SearchSpec, restart: bool = False) -> str:
     fingerprint_uri = state_uri(spec, FINGERPRINT_FILE)
     stored = artifacts.read_state_json(fingerprint_uri) if storage.exists(fingerprint_uri) else None
     if stored is None and resumed:
-        raise SpecError(f"{spec.output.uri} holds a search state without a fingerprint of its inputs, so it "
-                        f"cannot be checked; {START_OVER}", source=fingerprint_uri)
+        raise SpecError(
+            f"{spec.output.uri} holds a search state without a fingerprint of its inputs, so it "
+            f"cannot be checked; {START_OVER}",
+            source=fingerprint_uri,
+        )
     if stored is not None and stored != current:
         changes = "\n  ".join(identity.describe_changes(stored, current))
-        raise SpecError(f"{spec.output.uri} holds a search over different inputs; changed since it started:\n  "
-                        f"{changes}\n{START_OVER}", source=fingerprint_uri)
+        raise SpecError(
+            f"{spec.output.uri} holds a search over different inputs; changed since it started:\n  "
+            f"{changes}\n{START_OVER}",
+            source=fingerprint_uri,
+        )
     if stored is None:
         storage.write_bytes(fingerprint_uri, json.dumps(current, indent=2, sort_keys=True).encode())
     if not resumed:  # the spec last: its presence means every check passed and the fingerprint is recorded

@@ -27,10 +27,12 @@ def run_search(spec: SearchSpec | str | Path, restart: bool = False, force: bool
     return _run(_as_spec(spec), restart=restart, force=force)
 
 
-def submit_search(spec: SearchSpec | str | Path, address: str | None = None, restart: bool = False,
-                  force: bool = False) -> JobHandle[SearchResult]:
+def submit_search(
+    spec: SearchSpec | str | Path, address: str | None = None, restart: bool = False, force: bool = False
+) -> JobHandle[SearchResult]:
     """Submit the search through Ray's Jobs API (a local head when no address); returns a `JobHandle`
     with `status()`, `wait()`, `result()`, `logs()`, `stop()` and `close()`. `restart` and `force` as in
     `run_search`."""
-    return submit_spec(_as_spec(spec), "lcsc_ray", "search", SearchResult, address=address,
-                       extra_args=_flags(restart, force))
+    return submit_spec(
+        _as_spec(spec), "lcsc_ray", "search", SearchResult, address=address, extra_args=_flags(restart, force)
+    )

@@ -1,15 +1,15 @@
 """`run_search(spec)`: the LCSC search driver.
 
-  checkpoints -> object store -> evaluator actors
-  post-hoc EMA:   (with `posthoc_ema`) power-EMA snapshots join the object store; each sigma_rel of the grid is
-                  rebuilt from them (EDM2) and scored; the best is a baseline and, projected on the checkpoints,
-                  a seed
-  phase "seeds":  last, post-hoc EMA, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate);
-                  a seed whose trial errored is evaluated once more ("seeds-retry") and that attempt kept
-  phase "search": Nevergrad (via Tune's NevergradSearch) started at the best seed, for the rest of the budget
-  rungs:          optional successive halving: the best fraction re-scored with more samples
-  final:          winner, top-k and baselines scored at one sample count on the search seed + held-out seeds
-  -> SearchResult, trials.parquet, combined checkpoint, plots (written as one artifact, manifest last)
+checkpoints -> object store -> evaluator actors
+post-hoc EMA:   (with `posthoc_ema`) power-EMA snapshots join the object store; each sigma_rel of the grid is
+                rebuilt from them (EDM2) and scored; the best is a baseline and, projected on the checkpoints,
+                a seed
+phase "seeds":  last, post-hoc EMA, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate);
+                a seed whose trial errored is evaluated once more ("seeds-retry") and that attempt kept
+phase "search": Nevergrad (via Tune's NevergradSearch) started at the best seed, for the rest of the budget
+rungs:          optional successive halving: the best fraction re-scored with more samples
+final:          winner, top-k and baselines scored at one sample count on the search seed + held-out seeds
+-> SearchResult, trials.parquet, combined checkpoint, plots (written as one artifact, manifest last)
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ from schemas.search import CandidateScore, PairedComparison, PosthocEmaScore, Se
 log = logging.getLogger(__name__)
 
 
-def seed_vectors(num_checkpoints: int, spec: SearchSpec,
-                 extra: list[tuple[str, np.ndarray]] | None = None) -> list[tuple[str, np.ndarray]]:
+def seed_vectors(
+    num_checkpoints: int, spec: SearchSpec, extra: list[tuple[str, np.ndarray]] | None = None
+) -> list[tuple[str, np.ndarray]]:
     """The search's seeds: the last checkpoint, any `extra` (the best post-hoc EMA), EMA-shaped vectors for each
     decay, the uniform soup."""
     seeds = [("last", coef.last_checkpoint(num_checkpoints)), *(extra or [])]
@@ -88,7 +89,9 @@ class SearchRun:
         self.parametrization = spec.search.parametrization
         self.names = free_names(coef.num_free(self.num_checkpoints, self.parametrization))
         self.out = spec.output.uri
-        self.store = EvaluationStore(storage.join(self.out, "state", "evaluations"), identity=recorded_identity(spec))
+        self.store = EvaluationStore(
+            storage.join(self.out, "state", "evaluations"), identity=recorded_identity(spec)
+        )
 
     def start_pool(self, reference: tuple[np.ndarray, np.ndarray]) -> EvaluatorPool:
         """Start the evaluator pool and probe it with the last checkpoint before any trial runs."""
@@ -105,8 +108,9 @@ class SearchRun:
     # ------------------------------------------------------------------------------------ Tune phases
     def _trainable(self):
         n = _search_samples(self.spec)
-        return trainable(self.pool.service, self.names, self.parametrization, n, self.spec.fid.seed,
-                         self.pool.wait_s(n))
+        return trainable(
+            self.pool.service, self.names, self.parametrization, n, self.spec.fid.seed, self.pool.wait_s(n)
+        )
 
     def _point(self, label: str, alphas: np.ndarray) -> dict:
         free = coef.from_alphas(alphas, self.parametrization)
@@ -118,36 +122,58 @@ class SearchRun:
         tune_path = storage.join(self.out, "tune")
         space = search_space(self.names, spec.search.bound, labels=[label for label, _ in seeds])
         seed_cb = SearchProgress(progress)
-        seeds_df = run_phase("seeds", tune_path, self._trainable(),
-                             seed_searcher([self._point(label, a) for label, a in seeds], self.num_evaluators),
-                             space, len(seeds), [seed_cb])
+        seeds_df = run_phase(
+            "seeds",
+            tune_path,
+            self._trainable(),
+            seed_searcher([self._point(label, a) for label, a in seeds], self.num_evaluators),
+            space,
+            len(seeds),
+            [seed_cb],
+        )
         self.check_pool()
         again = seeds_to_retry(seeds_df, seeds)
         if again:
             # a seed whose trial errored (its process died) is evaluated once more, as the optimiser's proposals are
-            log.info("evaluating %d seed(s) again whose trial errored: %s", len(again), [label for label, _ in again])
-            retry_df = run_phase("seeds-retry", tune_path, self._trainable(),
-                                 seed_searcher([self._point(label, a) for label, a in again], self.num_evaluators),
-                                 space, len(again), [seed_cb])
+            log.info(
+                "evaluating %d seed(s) again whose trial errored: %s",
+                len(again),
+                [label for label, _ in again],
+            )
+            retry_df = run_phase(
+                "seeds-retry",
+                tune_path,
+                self._trainable(),
+                seed_searcher([self._point(label, a) for label, a in again], self.num_evaluators),
+                space,
+                len(again),
+                [seed_cb],
+            )
             self.check_pool()
             seeds_df = merge_seed_retries(seeds_df, retry_df)
         remaining = spec.search.budget - len(seeds)
         if remaining <= 0:
             return self._finish_rows(seeds_df)
         ok = seeds_df[seeds_df.status == "ok"]
-        best_alphas = ok.loc[ok.fid.idxmin(), "alphas"] if len(ok) else coef.last_checkpoint(self.num_checkpoints)
+        best_alphas = (
+            ok.loc[ok.fid.idxmin(), "alphas"] if len(ok) else coef.last_checkpoint(self.num_checkpoints)
+        )
         start = coef.from_alphas(best_alphas, self.parametrization)
         optimizer = build_optimizer(spec, start, remaining, self.num_evaluators)
-        searcher = nevergrad_searcher(optimizer, self.names, self.num_evaluators,
-                                      storage.join(self.out, "state", "proposals"))
+        searcher = nevergrad_searcher(
+            optimizer, self.names, self.num_evaluators, storage.join(self.out, "state", "proposals")
+        )
         search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best)
         # room for each proposal's second attempt; the searcher says when the phase is finished
-        search_df = run_phase("search", tune_path, self._trainable(), searcher, space, 2 * remaining, [search_cb])
+        search_df = run_phase(
+            "search", tune_path, self._trainable(), searcher, space, 2 * remaining, [search_cb]
+        )
         self.check_pool()
         return self._finish_rows(pd.concat([seeds_df, search_df], ignore_index=True))
 
     def _finish_rows(self, trials: pd.DataFrame) -> pd.DataFrame:
         """Fill coefficients of failed trials from their configs; count samples; remember results."""
+
         def alphas_of(row):
             if row.alphas is not None and not (isinstance(row.alphas, float) and math.isnan(row.alphas)):
                 return list(row.alphas)
@@ -171,13 +197,17 @@ class SearchRun:
             records = self.pool.score([Job.of(a, n, self.spec.fid.seed) for a in current.alphas], progress)
             fids = [record["fid"] for record in records]
             current["fid"], current["num_samples"], current["rung"] = fids, n, rung
-            current["status"] = [record["status"] for record in records]  # a failed re-score is not ranked as ok
+            current["status"] = [
+                record["status"] for record in records
+            ]  # a failed re-score is not ranked as ok
             current["phase"] = f"rung{rung}"
             rows.append(current)
         return pd.concat(rows, ignore_index=True)
 
 
-def seeds_to_retry(seeds_df: pd.DataFrame, seeds: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+def seeds_to_retry(
+    seeds_df: pd.DataFrame, seeds: list[tuple[str, np.ndarray]]
+) -> list[tuple[str, np.ndarray]]:
     """The seeds (label, coefficients) whose trial in the seeds phase failed, in the seeds' order."""
     failed = set(seeds_df.loc[seeds_df.status == "failed", "label"]) if len(seeds_df) else set()
     return [(label, alphas) for label, alphas in seeds if label in failed]
@@ -188,8 +218,10 @@ def merge_seed_retries(seeds_df: pd.DataFrame, retry_df: pd.DataFrame) -> pd.Dat
     the seeds keep their order, and in phase "seeds", where the baselines are read); a second failure stays a
     failed row."""
     retried = {row.label: {**row._asdict(), "phase": "seeds"} for row in retry_df.itertuples(index=False)}
-    rows = [retried[row.label] if row.label in retried and row.status == "failed" else row._asdict()
-            for row in seeds_df.itertuples(index=False)]
+    rows = [
+        retried[row.label] if row.label in retried and row.status == "failed" else row._asdict()
+        for row in seeds_df.itertuples(index=False)
+    ]
     return pd.DataFrame(rows, columns=seeds_df.columns)
 
 
@@ -207,12 +239,18 @@ def rescore_count(spec: SearchSpec, top_rung: pd.DataFrame) -> int:
     return spec.search.rescore_top_k
 
 
-def reported_candidates(run: SearchRun, trials: pd.DataFrame, seeds: list[tuple[str, np.ndarray]],
-                        posthoc: dict[str, list[float]] | None = None) -> dict:
+def reported_candidates(
+    run: SearchRun,
+    trials: pd.DataFrame,
+    seeds: list[tuple[str, np.ndarray]],
+    posthoc: dict[str, list[float]] | None = None,
+) -> dict:
     """label -> alphas (None = the run's EMA): top-k of the search, last, best sparse EMA, uniform, run EMA,
     and `posthoc` (the best post-hoc EMA: zero on the checkpoints, then its snapshot weights)."""
     ok = trials[trials.status == "ok"]
-    top_rung = ok[ok.rung == ok.rung.max()]  # the highest rung with a scored row (a failed re-score is no pick)
+    top_rung = ok[
+        ok.rung == ok.rung.max()
+    ]  # the highest rung with a scored row (a failed re-score is no pick)
     top = top_rung.nsmallest(rescore_count(run.spec, top_rung), "fid")
     candidates = {f"top{i + 1}": list(a) for i, a in enumerate(top.alphas)}
     seed_rows = trials[(trials.phase == "seeds") & (trials.status == "ok")]
@@ -238,8 +276,11 @@ def check_resumable(spec: SearchSpec, restart: bool = False, force: bool = False
     if not (force or restart) and artifacts.is_complete(spec.output.uri):
         from lcsc_ray.report import load_result
 
-        log.info("%s holds a finished search: its stored result follows (pass --force to run it again, "
-                 "--restart to start over)", spec.output.uri)
+        log.info(
+            "%s holds a finished search: its stored result follows (pass --force to run it again, "
+            "--restart to start over)",
+            spec.output.uri,
+        )
         return load_result(spec.output.uri)
     return None
 
@@ -261,9 +302,12 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
             return finished
         with ray_session(spec.ray):
             checkpoint_set = load_checkpoint_set(spec.checkpoints)
-            log.info("loaded %d checkpoints (%s) into the object store: %.1f MB", len(checkpoint_set),
-                     ", ".join(checkpoint_set.names[:3]) + (" ..." if len(checkpoint_set) > 3 else ""),
-                     checkpoint_set.nbytes / 1e6)
+            log.info(
+                "loaded %d checkpoints (%s) into the object store: %.1f MB",
+                len(checkpoint_set),
+                ", ".join(checkpoint_set.names[:3]) + (" ..." if len(checkpoint_set) > 3 else ""),
+                checkpoint_set.nbytes / 1e6,
+            )
             plan = posthoc_ema.load_snapshots(spec, checkpoint_set) if spec.posthoc_ema else None
             run = SearchRun(spec, checkpoint_set)
             try:
@@ -305,8 +349,11 @@ def run_posthoc(run: SearchRun, plan: posthoc_ema.PosthocPlan | None) -> tuple[l
     baseline = {posthoc_ema.posthoc_label(best["sigma_rel"]): plan.job_alphas(best["sigma_rel"], k)}
     alphas = posthoc_ema.seed_vector(best, run.checkpoints.steps)
     if alphas is None or np.abs(coef.from_alphas(alphas, run.parametrization)).max() > spec.search.bound:
-        log.warning("the best post-hoc EMA (sigma_rel %g) is no seed: the checkpoints have no increasing steps, "
-                    "or its coefficients exceed `search.bound`", best["sigma_rel"])
+        log.warning(
+            "the best post-hoc EMA (sigma_rel %g) is no seed: the checkpoints have no increasing steps, "
+            "or its coefficients exceed `search.bound`",
+            best["sigma_rel"],
+        )
         return grid, [], baseline
     return grid, [(posthoc_ema.seed_label(best["sigma_rel"]), alphas)], baseline
 
@@ -316,7 +363,9 @@ def require_successes(trials: pd.DataFrame) -> None:
     if (trials.status == "ok").any():
         return
     reasons = list(dict.fromkeys(str(r) for r in trials.reason if r))[:3]
-    raise TrialFailedError(f"all {len(trials)} trials failed, none scored; reasons: {'; '.join(reasons) or 'none given'}")
+    raise TrialFailedError(
+        f"all {len(trials)} trials failed, none scored; reasons: {'; '.join(reasons) or 'none given'}"
+    )
 
 
 def score_candidates(run: SearchRun, candidates: dict) -> dict[str, dict]:
@@ -335,7 +384,9 @@ def score_candidates(run: SearchRun, candidates: dict) -> dict[str, dict]:
     return scores
 
 
-def compare_with_baselines(winner_holdout: list[float], baselines: dict[str, list[float]]) -> list[PairedComparison]:
+def compare_with_baselines(
+    winner_holdout: list[float], baselines: dict[str, list[float]]
+) -> list[PairedComparison]:
     """The winner against each baseline on the shared held-out seeds: mean paired FID difference, its 95%
     interval, and a verdict that claims a win only when the interval excludes 0. A baseline whose held-out FIDs,
     or the winner's, are not all finite (a diverged or lost evaluation) is left out, with a warning that names
@@ -344,8 +395,12 @@ def compare_with_baselines(winner_holdout: list[float], baselines: dict[str, lis
     for label, holdout in baselines.items():
         problem = nonfinite_scores(winner_holdout, holdout, names=("lcsc", label))
         if problem:
-            log.warning("LCSC is not compared with %s: non-finite held-out FID (%s); the result claims no gain over "
-                        "it (score it again to compare)", label, problem)
+            log.warning(
+                "LCSC is not compared with %s: non-finite held-out FID (%s); the result claims no gain over "
+                "it (score it again to compare)",
+                label,
+                problem,
+            )
             continue
         diff = paired_difference(winner_holdout, holdout)
         if not diff.excludes_zero:
@@ -353,9 +408,16 @@ def compare_with_baselines(winner_holdout: list[float], baselines: dict[str, lis
         else:
             verdict = f"LCSC beat {label}" if diff.high < 0 else f"{label} beat LCSC"
         finite = diff.num_seeds >= 2
-        comparisons.append(PairedComparison(
-            baseline=label, mean_difference=diff.mean, low=diff.low if finite else None,
-            high=diff.high if finite else None, num_seeds=diff.num_seeds, verdict=verdict))
+        comparisons.append(
+            PairedComparison(
+                baseline=label,
+                mean_difference=diff.mean,
+                low=diff.low if finite else None,
+                high=diff.high if finite else None,
+                num_seeds=diff.num_seeds,
+                verdict=verdict,
+            )
+        )
     return comparisons
 
 
@@ -363,11 +425,16 @@ def claims_gain(is_seed: bool, comparisons: list[PairedComparison], baseline_lab
     """A gain is claimed only when the winner is no seed and beat every baseline beyond the seed-to-seed noise: each
     baseline compared (none left out for a non-finite FID) and each verdict a win."""
     compared = {c.baseline for c in comparisons}
-    return (not is_seed and compared == set(baseline_labels)
-            and all(c.verdict.startswith("LCSC beat") for c in comparisons))
+    return (
+        not is_seed
+        and compared == set(baseline_labels)
+        and all(c.verdict.startswith("LCSC beat") for c in comparisons)
+    )
 
 
-def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores: dict, wall_s: float) -> SearchResult:
+def build_result(
+    spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores: dict, wall_s: float
+) -> SearchResult:
     """Pick the winner among the top-k by its search-seed FID; decide whether LCSC gained anything."""
     tops = [label for label in scores if label.startswith("top")]
     winner_label = min(tops, key=lambda label: scores[label]["fid"])
@@ -375,16 +442,26 @@ def build_result(spec: SearchSpec, run: SearchRun, trials: pd.DataFrame, scores:
     seed_alphas = [a for a in trials[trials.phase == "seeds"].alphas]
     is_seed = any(np.allclose(winner["alphas"], a, atol=1e-9) for a in seed_alphas)
     baseline_labels = [label for label in scores if not label.startswith("top")]
-    comparisons = compare_with_baselines(winner["holdout"], {b: scores[b]["holdout"] for b in baseline_labels})
+    comparisons = compare_with_baselines(
+        winner["holdout"], {b: scores[b]["holdout"] for b in baseline_labels}
+    )
     gain = claims_gain(is_seed, comparisons, baseline_labels)
 
     def score(label: str, entry: dict) -> CandidateScore:
         # the run's EMA and a post-hoc EMA (a combination of snapshots, see `posthoc_ema`) are no combination of
         # the checkpoints: their coefficients are left empty
-        alphas = entry["alphas"] if entry["alphas"] is not None and len(entry["alphas"]) == len(
-            run.checkpoints.names) else []
-        return CandidateScore(label=label, coefficients=alphas,
-                              fid=entry["fid"], num_samples=entry["num_samples"], holdout_fids=entry["holdout"])
+        alphas = (
+            entry["alphas"]
+            if entry["alphas"] is not None and len(entry["alphas"]) == len(run.checkpoints.names)
+            else []
+        )
+        return CandidateScore(
+            label=label,
+            coefficients=alphas,
+            fid=entry["fid"],
+            num_samples=entry["num_samples"],
+            holdout_fids=entry["holdout"],
+        )
 
     return SearchResult(
         spec=spec,

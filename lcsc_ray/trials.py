@@ -35,8 +35,16 @@ def trial_metrics(config: dict, record: dict, start: float) -> dict:
     return {**record, "fid": fid, "label": config.get("label", "search"), "trial_s": time.monotonic() - start}
 
 
-def evaluate_candidate(config: dict, *, service, names: list[str], parametrization: str, num_samples: int,
-                       seed: int, wait_s: float) -> None:
+def evaluate_candidate(
+    config: dict,
+    *,
+    service,
+    names: list[str],
+    parametrization: str,
+    num_samples: int,
+    seed: int,
+    wait_s: float,
+) -> None:
     """Tune trainable: score one coefficient vector through the pool (which replays a stored evaluation, and
     retries once elsewhere when an evaluator hangs or dies)."""
     start = time.monotonic()
@@ -57,7 +65,12 @@ def evaluate_candidate(config: dict, *, service, names: list[str], parametrizati
 def trainable(service, names: list[str], parametrization: str, num_samples: int, seed: int, wait_s: float):
     """The Tune trainable with its resources and bound parameters."""
     bound = tune.with_parameters(
-        evaluate_candidate, service=service, names=names, parametrization=parametrization,
-        num_samples=num_samples, seed=seed, wait_s=wait_s,
+        evaluate_candidate,
+        service=service,
+        names=names,
+        parametrization=parametrization,
+        num_samples=num_samples,
+        seed=seed,
+        wait_s=wait_s,
     )
     return tune.with_resources(bound, TRIAL_RESOURCES)

@@ -43,7 +43,9 @@ def search_space(names: list[str], bound: float, labels: list[str] | None = None
     return {**{name: tune.uniform(-bound, bound) for name in names}, "label": label}
 
 
-def build_optimizer(spec: SearchSpec, start: np.ndarray, budget: int, num_workers: int) -> ng.optimizers.base.Optimizer:
+def build_optimizer(
+    spec: SearchSpec, start: np.ndarray, budget: int, num_workers: int
+) -> ng.optimizers.base.Optimizer:
     """The spec's Nevergrad optimiser over [-bound, bound]^d, started at `start` with step size `sigma`."""
     bound = spec.search.bound
     init = np.clip(np.asarray(start, dtype=np.float64), -bound, bound)
@@ -76,7 +78,9 @@ class ProposalRecord:
     def write(self, entry: dict) -> None:
         """Record (or update) one proposal."""
         if self.uri is not None:
-            storage.write_bytes(storage.join(self.uri, f"{entry['index']:06d}.json"), json.dumps(entry).encode())
+            storage.write_bytes(
+                storage.join(self.uri, f"{entry['index']:06d}.json"), json.dumps(entry).encode()
+            )
 
 
 class ReplaySearcher(Searcher):
@@ -110,8 +114,11 @@ class ReplaySearcher(Searcher):
 
     def _may_tell(self) -> bool:
         j = self.told
-        return (j < len(self.entries) and self.entries[j]["done"]
-                and len(self.entries) >= min(j + self.workers, self.budget))
+        return (
+            j < len(self.entries)
+            and self.entries[j]["done"]
+            and len(self.entries) >= min(j + self.workers, self.budget)
+        )
 
     def _ask(self) -> list[float]:
         candidate = self.optimizer.ask()
@@ -133,18 +140,25 @@ class ReplaySearcher(Searcher):
                 entry = {**entry, "done": False, "attempts": entry.get("attempts", 1) + 1}
             self._tell_ready()
             if entry["index"] != len(self.entries) or not self._may_ask():
-                raise RuntimeError(f"the proposal record {self.record.uri} is out of order at {entry['index']}; "
-                                   "start over with `--restart`")
+                raise RuntimeError(
+                    f"the proposal record {self.record.uri} is out of order at {entry['index']}; "
+                    "start over with `--restart`"
+                )
             free = self._ask()
             if not np.allclose(free, entry["free"], rtol=0, atol=1e-12):
-                raise RuntimeError(f"the optimiser did not propose recorded proposal {entry['index']} again "
-                                   f"({self.record.uri}): it is not deterministic; start over with `--restart`")
+                raise RuntimeError(
+                    f"the optimiser did not propose recorded proposal {entry['index']} again "
+                    f"({self.record.uri}): it is not deterministic; start over with `--restart`"
+                )
             self.entries.append(entry)
             self.reissue.append(entry["index"])
         self._tell_ready()
         if recorded:
-            log.info("replayed %d recorded proposals (%d finished) into the optimiser", len(recorded),
-                     sum(entry["done"] for entry in recorded))
+            log.info(
+                "replayed %d recorded proposals (%d finished) into the optimiser",
+                len(recorded),
+                sum(entry["done"] for entry in recorded),
+            )
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
         """The space is the optimiser's own; Tune's config holds only constants (the label)."""
@@ -180,8 +194,10 @@ class ReplaySearcher(Searcher):
             ok = result is not None and not error and METRIC in result
             attempts = entry.get("attempts", 1)
             if not ok and attempts < PROPOSAL_ATTEMPTS:
-                entry["attempts"] = attempts + 1  # proposed again in a new trial; a deterministic failure fails
-                self.reissue.appendleft(index)    # again at once (the evaluation store remembers it)
+                entry["attempts"] = (
+                    attempts + 1
+                )  # proposed again in a new trial; a deterministic failure fails
+                self.reissue.appendleft(index)  # again at once (the evaluation store remembers it)
             else:
                 entry.update(done=True, value=float(result[METRIC]) if ok else None)
             self.record.write(entry)
@@ -199,7 +215,9 @@ class ReplaySearcher(Searcher):
         """The phase's trial rows in proposal order (Tune lists a trial it ran again, after its process died,
         out of turn), so the trials table does not depend on which process was lost."""
         index = {entry.get("trial_id"): entry["index"] for entry in self.entries}
-        order = rows.trial_id.map(lambda trial_id: index.get(str(trial_id).removeprefix("trial_"), len(index)))
+        order = rows.trial_id.map(
+            lambda trial_id: index.get(str(trial_id).removeprefix("trial_"), len(index))
+        )
         # a trial whose proposal was attempted again in a later trial is superseded by it: not a row of its own
         current = order < len(index)
         if current.sum() == len(self.entries):
@@ -207,8 +225,9 @@ class ReplaySearcher(Searcher):
         return rows.iloc[order.argsort(kind="stable")].reset_index(drop=True)
 
 
-def nevergrad_searcher(optimizer, names: list[str], max_concurrent: int,
-                       record_uri: str | None = None) -> ReplaySearcher:
+def nevergrad_searcher(
+    optimizer, names: list[str], max_concurrent: int, record_uri: str | None = None
+) -> ReplaySearcher:
     """The optimiser phase's searcher: Nevergrad's ask/tell in a fixed order, every proposal recorded under
     `record_uri` before it is evaluated, and replayed from there when the search resumes (see ReplaySearcher)."""
     return ReplaySearcher(optimizer, names, max_concurrent, record_uri)
@@ -239,8 +258,15 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # the default embeds every coefficient and overflows name limits
 
 
-def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, num_samples: int,
-              callbacks: list[Callback]) -> pd.DataFrame:
+def run_phase(
+    name: str,
+    storage_path: str,
+    trainable,
+    searcher,
+    space: dict,
+    num_samples: int,
+    callbacks: list[Callback],
+) -> pd.DataFrame:
     """Run (or resume) one Tune experiment; return one row per trial, errored trials included."""
     path = f"{storage_path.rstrip('/')}/{name}"
     # A searcher with its own space (Nevergrad) takes only the constant label from Tune's param_space.
@@ -251,16 +277,33 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
         storage.delete(path, recursive=True)
     if tune.Tuner.can_restore(path):
         log.info("resuming Tune experiment %s (finished trials are kept)", path)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False, param_space=tuner_space)
+        tuner = tune.Tuner.restore(
+            path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            param_space=tuner_space,
+        )
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=tuner_space,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples, metric=METRIC, mode=MODE,
-                                        reuse_actors=True, trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(storage_path=storage_path, name=name, verbose=0, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=num_samples,
+                metric=METRIC,
+                mode=MODE,
+                reuse_actors=True,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                storage_path=storage_path,
+                name=name,
+                verbose=0,
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+            ),
         )
     grid = tuner.fit()
     check_finished(grid, name)
@@ -268,7 +311,9 @@ def run_phase(name: str, storage_path: str, trainable, searcher, space: dict, nu
     if isinstance(searcher, BasicVariantGenerator) and len(rows):
         # the seeds in the order given (a restored experiment lists its trials in another order)
         order = {label: i for i, label in enumerate(space["label"].categories)}
-        rows = rows.sort_values("label", key=lambda labels: labels.map(order), kind="stable").reset_index(drop=True)
+        rows = rows.sort_values("label", key=lambda labels: labels.map(order), kind="stable").reset_index(
+            drop=True
+        )
     if isinstance(searcher, ReplaySearcher) and len(rows):
         rows = searcher.in_proposal_order(rows)
     return rows
@@ -284,8 +329,10 @@ def check_finished(grid, phase: str) -> None:
     grid. Rerunning the same command resumes (finished evaluations are kept)."""
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     if unfinished > 0:
-        raise SearchInterrupted(f"the search was interrupted during its {phase} phase ({unfinished} trial(s) "
-                                "unfinished); rerun the same command to resume")
+        raise SearchInterrupted(
+            f"the search was interrupted during its {phase} phase ({unfinished} trial(s) "
+            "unfinished); rerun the same command to resume"
+        )
 
 
 def error_summary(error: BaseException, limit: int = 500) -> str:

@@ -37,8 +37,12 @@ def _file_sha256(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def write_artifact(uri: str, files: dict[str, bytes | Path], metadata: dict[str, Any] | None = None,
-                   keep_old_manifest: bool = False) -> dict:
+def write_artifact(
+    uri: str,
+    files: dict[str, bytes | Path],
+    metadata: dict[str, Any] | None = None,
+    keep_old_manifest: bool = False,
+) -> dict:
     """Write `files` (name -> bytes or local path) under `uri`, then the manifest. Returns the manifest.
 
     With `keep_old_manifest` (a result that must stay complete), the old manifest is replaced only by the new
@@ -77,7 +81,9 @@ def read_manifest(uri: str) -> dict:
     try:
         raw = _read_bounded(manifest_uri, MANIFEST_MAX_BYTES)
     except StateFileError as exc:
-        raise IncompleteArtifactError(f"artifact {uri}: {MANIFEST_NAME} is corrupt ({exc})", uri=uri) from None
+        raise IncompleteArtifactError(
+            f"artifact {uri}: {MANIFEST_NAME} is corrupt ({exc})", uri=uri
+        ) from None
     except StorageNotFoundError:
         if storage.list_uris(uri):
             raise IncompleteArtifactError(
@@ -117,8 +123,10 @@ def _read_bounded(uri: str, max_bytes: int) -> bytes:
     """The whole object at `uri`, refused (before reading) when it is larger than `max_bytes`."""
     size, _ = storage.stat(uri)
     if size > max_bytes:
-        raise StateFileError(f"{uri} is {size} bytes, over the {max_bytes}-byte limit for this kind of file; "
-                             "it is not a file this project wrote")
+        raise StateFileError(
+            f"{uri} is {size} bytes, over the {max_bytes}-byte limit for this kind of file; "
+            "it is not a file this project wrote"
+        )
     return storage.read_bytes(uri)
 
 
@@ -132,13 +140,17 @@ def read_artifact_file(uri: str, name: str, manifest: dict | None = None) -> byt
     manifest = manifest or read_manifest(uri)
     entry = manifest["files"].get(name)
     if entry is None:
-        raise StorageNotFoundError(f"artifact {uri} has no file {name!r}; it has {sorted(manifest['files'])}",
-                                   uri=uri)
+        raise StorageNotFoundError(
+            f"artifact {uri} has no file {name!r}; it has {sorted(manifest['files'])}", uri=uri
+        )
     file_uri = storage.join(uri, name)
     size, _ = storage.stat(file_uri)
     if size != entry["size"]:  # checked before reading: a manifest never makes us read more than it lists
-        raise ChecksumError(f"{file_uri}: {size} bytes, the manifest lists {entry['size']}; the file is corrupt "
-                            "or was changed after the artifact was written", uri=file_uri)
+        raise ChecksumError(
+            f"{file_uri}: {size} bytes, the manifest lists {entry['size']}; the file is corrupt "
+            "or was changed after the artifact was written",
+            uri=file_uri,
+        )
     data = storage.read_bytes(file_uri)
     if len(data) != entry["size"] or sha256_hex(data) != entry["sha256"]:
         raise ChecksumError(

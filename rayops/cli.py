@@ -47,11 +47,17 @@ def root_error(exc: BaseException) -> tuple[BaseException, str] | None:
     """
     ray_exceptions = sys.modules.get("ray.exceptions")  # loaded only when Ray is: no Ray, no Ray errors
     for _ in range(8):
-        if ray_exceptions and isinstance(exc, ray_exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+        if (
+            ray_exceptions
+            and isinstance(exc, ray_exceptions.RayTaskError)
+            and isinstance(exc.cause, BaseException)
+        ):
             exc = exc.cause
         else:
             break
-    if isinstance(exc, LcscCheckfreeError) and not (ray_exceptions and isinstance(exc, ray_exceptions.RayError)):
+    if isinstance(exc, LcscCheckfreeError) and not (
+        ray_exceptions and isinstance(exc, ray_exceptions.RayError)
+    ):
         return exc, str(exc)
     if ray_exceptions and isinstance(exc, ray_exceptions.RayActorError):
         for line in reversed(str(exc).splitlines()):
@@ -71,7 +77,9 @@ def load_or_exit(path: str | Path, model: type[BaseModel]) -> BaseModel:
         sys.exit(EXIT_SPEC_ERROR)
 
 
-def validate_command(model: type[BaseModel], check: Callable[[BaseModel], None] | None = None) -> click.Command:
+def validate_command(
+    model: type[BaseModel], check: Callable[[BaseModel], None] | None = None
+) -> click.Command:
     """A `validate FILE` command for one spec model: prints OK, or the errors with exit code 2. `check(spec)`
     runs further checks of a valid spec (e.g. that its plug-ins import)."""
 
@@ -135,8 +143,11 @@ def submit_command(model: type[BaseModel], load_submit, summarise, noun: str) ->
 
     @click.command("submit")
     @click.argument("spec_file", type=click.Path(dir_okay=False))
-    @click.option("--address", default=None,
-                  help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a local head.")
+    @click.option(
+        "--address",
+        default=None,
+        help="Ray dashboard URL (http://HEAD:8265); default $RAY_ADDRESS or a local head.",
+    )
     @click.option("--wait/--no-wait", default=True, help="Follow the job's logs until it ends.")
     def submit(spec_file: str, address: str | None, wait: bool) -> None:
         spec = load_or_exit(spec_file, model)

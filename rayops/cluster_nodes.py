@@ -40,10 +40,14 @@ def autoscaler_nodes(gcs_address: str, timeout_s: int = GCS_TIMEOUT_S) -> list[C
 
     status = get_cluster_status(gcs_address, timeout=timeout_s)
     nodes = [
-        ClusterNode(node.node_id, node.ray_node_type_name,
-                    node.node_id == FAKE_HEAD_NODE_ID or node.ray_node_type_name == FAKE_HEAD_TYPE,
-                    dict(node.labels or {}))
-        for node in [*status.active_nodes, *status.idle_nodes] if node.node_id
+        ClusterNode(
+            node.node_id,
+            node.ray_node_type_name,
+            node.node_id == FAKE_HEAD_NODE_ID or node.ray_node_type_name == FAKE_HEAD_TYPE,
+            dict(node.labels or {}),
+        )
+        for node in [*status.active_nodes, *status.idle_nodes]
+        if node.node_id
     ]
     return sorted(nodes, key=lambda node: node.node_id)
 

@@ -30,8 +30,12 @@ def gcs_draining_nodes() -> dict[str, int]:
 class DrainWatcher:
     """Draining nodes, asked of `source` at most once every `poll_every_s` (in between, the last answer)."""
 
-    def __init__(self, source: DrainSource | None = None, poll_every_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        source: DrainSource | None = None,
+        poll_every_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.source = source or gcs_draining_nodes
         self.poll_every_s, self.clock = poll_every_s, clock
         self.last: dict[str, int] = {}
@@ -48,5 +52,7 @@ class DrainWatcher:
         try:
             self.last = dict(self.source())
         except (ray.exceptions.RayError, TimeoutError, ConnectionError, OSError) as exc:
-            log.warning("could not read Ray's draining nodes (%s); looking again in %.1fs", exc, self.poll_every_s)
+            log.warning(
+                "could not read Ray's draining nodes (%s); looking again in %.1fs", exc, self.poll_every_s
+            )
         return self.last

@@ -41,7 +41,9 @@ def file_entry(uri: str, **extra: Any) -> dict[str, Any]:
     return entry
 
 
-def plugin_entry(target: str, kwargs: dict[str, Any] | None = None, revision: str | None = None) -> dict[str, Any]:
+def plugin_entry(
+    target: str, kwargs: dict[str, Any] | None = None, revision: str | None = None
+) -> dict[str, Any]:
     """The identity of a plug-in: its import path and keyword arguments, and the revision it declares (a
     `lcsc_revision` attribute, changed when the same call starts giving other results)."""
     entry = {"target": target, "kwargs": kwargs or {}}

@@ -35,8 +35,16 @@ ResultT = TypeVar("ResultT", bound=BaseModel)
 RESULT_FILE = "result.json"
 # Storage settings forwarded to other processes (a job on a remote cluster, stage actors): endpoints, region and
 # knobs, never credentials; the nodes use their own (instance role, IRSA).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", settings.AWS_REGION, "AWS_REGION", "LCSC_CACHE_DIR",
-                 settings.STORAGE_MAX_ATTEMPTS, settings.STORAGE_CONNECT_TIMEOUT_S, settings.STORAGE_READ_TIMEOUT_S)
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    settings.AWS_REGION,
+    "AWS_REGION",
+    "LCSC_CACHE_DIR",
+    settings.STORAGE_MAX_ATTEMPTS,
+    settings.STORAGE_CONNECT_TIMEOUT_S,
+    settings.STORAGE_READ_TIMEOUT_S,
+)
 # The driver's static keys: sent to stage actors only when a spec sets `storage.forward_credentials`, never to a job.
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -74,12 +82,16 @@ def resolve_auth_token() -> str | None:
         try:
             token = path.read_text().strip()
         except OSError as exc:
-            raise JobAuthError(f"cannot read the Ray auth token file {path} (from ${AUTH_TOKEN_PATH}): "
-                               f"{exc.strerror}; point ${AUTH_TOKEN_PATH} at the file holding the cluster's "
-                               "token") from None
+            raise JobAuthError(
+                f"cannot read the Ray auth token file {path} (from ${AUTH_TOKEN_PATH}): "
+                f"{exc.strerror}; point ${AUTH_TOKEN_PATH} at the file holding the cluster's "
+                "token"
+            ) from None
         if not token:
-            raise JobAuthError(f"the Ray auth token file {path} (from ${AUTH_TOKEN_PATH}) is empty; write the "
-                               "cluster's token into it")
+            raise JobAuthError(
+                f"the Ray auth token file {path} (from ${AUTH_TOKEN_PATH}) is empty; write the "
+                "cluster's token into it"
+            )
         return token
     default = DEFAULT_TOKEN_FILE.expanduser()
     if (settings.env_str(AUTH_MODE) or "").lower() != "token" or not default.is_file():
@@ -87,8 +99,10 @@ def resolve_auth_token() -> str | None:
     try:
         return default.read_text().strip() or None
     except OSError as exc:
-        raise JobAuthError(f"cannot read the Ray auth token file {default}: {exc.strerror}; fix its permissions "
-                           f"or set ${AUTH_TOKEN_PATH} to the file holding the cluster's token") from None
+        raise JobAuthError(
+            f"cannot read the Ray auth token file {default}: {exc.strerror}; fix its permissions "
+            f"or set ${AUTH_TOKEN_PATH} to the file holding the cluster's token"
+        ) from None
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -129,8 +143,14 @@ class LocalHead:
 class JobHandle(Generic[ResultT]):
     """A submitted job: `status()`, `wait()`, `result()`, `logs()`, `stop()`, `close()`."""
 
-    def __init__(self, client: JobSubmissionClient, job_id: str, output_uri: str, result_model: type[ResultT],
-                 head: LocalHead | None = None):
+    def __init__(
+        self,
+        client: JobSubmissionClient,
+        job_id: str,
+        output_uri: str,
+        result_model: type[ResultT],
+        head: LocalHead | None = None,
+    ):
         self.client, self.job_id, self.output_uri = client, job_id, output_uri
         self.result_model, self.head = result_model, head
 
@@ -193,21 +213,30 @@ def absolutize_output(spec: BaseModel) -> BaseModel:
     return spec.model_copy(update={"output": spec.output.model_copy(update={"uri": str(path)})})
 
 
-def _submit_with_retry(client: JobSubmissionClient, entrypoint: str, runtime_env: dict, name: str,
-                       timeout_s: float = 180.0) -> str:
+def _submit_with_retry(
+    client: JobSubmissionClient, entrypoint: str, runtime_env: dict, name: str, timeout_s: float = 180.0
+) -> str:
     """Submit, retrying while a freshly started head's job agent is not up yet."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"spec_name": name})
+            return client.submit_job(
+                entrypoint=entrypoint, runtime_env=runtime_env, metadata={"spec_name": name}
+            )
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
 
 
-def submit_spec(spec: BaseModel, module: str, command: str, result_model: type[ResultT],
-                address: str | None = None, extra_args: list[str] | None = None) -> JobHandle[ResultT]:
+def submit_spec(
+    spec: BaseModel,
+    module: str,
+    command: str,
+    result_model: type[ResultT],
+    address: str | None = None,
+    extra_args: list[str] | None = None,
+) -> JobHandle[ResultT]:
     """Submit `python -m module command spec.yaml` as a Ray job; return its handle."""
     address = address or settings.env_str(settings.RAY_ADDRESS)
     head = None

@@ -24,8 +24,14 @@ RAY_CLI = str(Path(sys.executable).parent / "ray")
 
 def node_port_flags() -> list[str]:
     """Free ports for the services of one Ray node, as `ray start` flags."""
-    names = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
-             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    names = [
+        "--node-manager-port",
+        "--object-manager-port",
+        "--metrics-export-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+    ]
     return [f"{name}={free_port()}" for name in names]
 
 
@@ -41,19 +47,30 @@ def ray_env(multi_node: bool = False) -> dict[str, str]:
     return env
 
 
-def start_head(num_cpus: float | None = None, log_path: str | Path | None = None,
-               env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
+def start_head(
+    num_cpus: float | None = None, log_path: str | Path | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, str]:
     """Start a head; returns (process, GCS address, dashboard URL). The process owns its Ray."""
     port, dashboard = free_port(), free_port()
-    command = [RAY_CLI, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-               f"--ray-client-server-port={free_port()}", f"--temp-dir={tempfile.mkdtemp(prefix='rh', dir='/tmp')}",
-               *node_port_flags()]
+    command = [
+        RAY_CLI,
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={free_port()}",
+        f"--temp-dir={tempfile.mkdtemp(prefix='rh', dir='/tmp')}",
+        *node_port_flags(),
+    ]
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - owned by the child
-    process = subprocess.Popen(command, env=env or ray_env(), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env or ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
 
 

@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 DEFAULT_LEASE_S = 120.0  # a killed run blocks its output for at most this long; renewed every third of it
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
-_SAFETY = 0.1  # the part of its lease a holder gives up, so a write that passed check() lands before a takeover
+_SAFETY = (
+    0.1  # the part of its lease a holder gives up, so a write that passed check() lands before a takeover
+)
 _RETRY_FRACTION = 1 / 12  # after a failed renewal the heartbeat tries again this part of a lease later
 _DIR_LOCK_TIMEOUT_S = 10.0  # a local replace holds the directory's flock for microseconds
 
@@ -87,7 +89,8 @@ def _directory_locked(directory: str, timeout_s: float = _DIR_LOCK_TIMEOUT_S) ->
                     raise StorageUnavailableError(
                         f"{directory}: its lock {LOCK_NAME} stayed busy (flock held by another process) for "
                         f"{timeout_s:.0f} s; find the process that holds it (`lsof {directory}`)",
-                        uri=directory) from None
+                        uri=directory,
+                    ) from None
                 time.sleep(0.001)
         yield
     finally:
@@ -103,24 +106,43 @@ def _is_conflict(exc: ClientError) -> bool:
 class OutputLock:
     """The lock of one output URI. Use as a context manager: acquire, renew in the background, release."""
 
-    def __init__(self, output_uri: str, lease_s: float = DEFAULT_LEASE_S, clock: Callable[[], float] = time.time,
-                 what: str = "run"):
+    def __init__(
+        self,
+        output_uri: str,
+        lease_s: float = DEFAULT_LEASE_S,
+        clock: Callable[[], float] = time.time,
+        what: str = "run",
+    ):
         self.uri = storage.join(output_uri, LOCK_NAME)
         self.output_uri, self.lease_s, self.clock, self.what = output_uri, float(lease_s), clock, what
         self.token = uuid.uuid4().hex
-        self.version: str | None = None  # the ETag (S3) or content (local) of the lock as this holder wrote it
+        self.version: str | None = (
+            None  # the ETag (S3) or content (local) of the lock as this holder wrote it
+        )
         self.taken_over: dict | None = None  # the stale lock this holder replaced, if any
         self.lost: str | None = None
-        self._valid_until: float | None = None  # by self.clock: the lease this holder last wrote, less _SAFETY
+        self._valid_until: float | None = (
+            None  # by self.clock: the lease this holder last wrote, less _SAFETY
+        )
         self._last_error: str | None = None  # the last storage error that kept the heartbeat from renewing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------- content
     def _payload(self, now: float) -> bytes:
-        return json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "host": socket.gethostname(),
-                           "pid": os.getpid(), "pid_start": _start_time(os.getpid()), "token": self.token, "what": self.what, "renewed_at": now,
-                           "expires_at": now + self.lease_s, "lease_s": self.lease_s}).encode()
+        return json.dumps(
+            {
+                "owner": f"{socket.gethostname()}:{os.getpid()}",
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "pid_start": _start_time(os.getpid()),
+                "token": self.token,
+                "what": self.what,
+                "renewed_at": now,
+                "expires_at": now + self.lease_s,
+                "lease_s": self.lease_s,
+            }
+        ).encode()
 
     def _read(self) -> tuple[dict, str] | None:
         """(lock content, version) or None when there is no lock."""
@@ -160,7 +182,9 @@ class OutputLock:
             self.version = data.decode() if created else None
             return created
         try:
-            response = storage.s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+            response = storage.s3_client().put_object(
+                Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*"
+            )
         except ClientError as exc:
             if _is_conflict(exc):
                 return False
@@ -176,7 +200,9 @@ class OutputLock:
         if loc.scheme == "file":
             return self._local_replace(str(loc.path), data, expected)
         try:
-            response = storage.s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfMatch=expected)
+            response = storage.s3_client().put_object(
+                Bucket=loc.bucket, Key=loc.key, Body=data, IfMatch=expected
+            )
         except ClientError as exc:
             if _is_conflict(exc) or exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return False
@@ -220,8 +246,10 @@ class OutputLock:
 
     def _not_renewed_message(self) -> str:
         cause = self._last_error or "the renewal did not finish in time"
-        return (f"the lease of its lock {self.uri} ran out at {_when(self._valid_until)} and was not renewed "
-                f"({cause}); another run may take the output over now")
+        return (
+            f"the lease of its lock {self.uri} ran out at {_when(self._valid_until)} and was not renewed "
+            f"({cause}); another run may take the output over now"
+        )
 
     # ------------------------------------------------------------------------------------- public
     def acquire(self) -> None:
@@ -235,7 +263,9 @@ class OutputLock:
             if current is None:
                 continue
             info, version = current
-            if info.get("token") == self.token:  # our create landed but its answer was lost: the lease is ours
+            if (
+                info.get("token") == self.token
+            ):  # our create landed but its answer was lost: the lease is ours
                 self._valid_until = float(info["expires_at"]) - self.lease_s * _SAFETY
                 return
             if float(info["expires_at"]) > self.clock() and not _holder_gone(info):
@@ -244,18 +274,26 @@ class OutputLock:
             if self._replace(self._payload(now), version):
                 self._held_since(now)
                 self.taken_over = info
-                log.warning("took over the stale lock of %s on %s (its lease expired at %s)",
-                            info.get("owner"), self.output_uri, _when(info["expires_at"]))
+                log.warning(
+                    "took over the stale lock of %s on %s (its lease expired at %s)",
+                    info.get("owner"),
+                    self.output_uri,
+                    _when(info["expires_at"]),
+                )
                 return
-        raise OutputLockedError(f"{self.output_uri}: could not take its lock {self.uri}: other runs keep "
-                                "taking it; make sure only one run writes this output")
+        raise OutputLockedError(
+            f"{self.output_uri}: could not take its lock {self.uri}: other runs keep "
+            "taking it; make sure only one run writes this output"
+        )
 
     def _held_message(self, info: dict) -> str:
         left = float(info["expires_at"]) - self.clock()
-        return (f"{self.output_uri} is in use by another {info.get('what', 'run')} ({info.get('owner')}; its lease "
-                f"runs until {_when(info['expires_at'])}, {left:.0f} s from now, and is renewed while it runs); "
-                "wait for it to finish, give this run another `output.uri`, or, if that run is gone, delete "
-                f"{self.uri} (or wait until its lease expires)")
+        return (
+            f"{self.output_uri} is in use by another {info.get('what', 'run')} ({info.get('owner')}; its lease "
+            f"runs until {_when(info['expires_at'])}, {left:.0f} s from now, and is renewed while it runs); "
+            "wait for it to finish, give this run another `output.uri`, or, if that run is gone, delete "
+            f"{self.uri} (or wait until its lease expires)"
+        )
 
     def renew(self) -> None:
         """Extend the lease; raises OutputLockedError when another run took the lock over or the lease ran out
@@ -296,8 +334,10 @@ class OutputLock:
         if self.lost is None and self._lease_ran_out():
             self.lost = self._not_renewed_message()
         if self.lost:
-            raise OutputLockedError(f"{self.output_uri}: {self.lost}; this {self.what} stops without writing "
-                                    "(what it wrote so far stays; run it again to resume)")
+            raise OutputLockedError(
+                f"{self.output_uri}: {self.lost}; this {self.what} stops without writing "
+                "(what it wrote so far stays; run it again to resume)"
+            )
 
     def _heartbeat(self) -> None:
         wait = self.lease_s / 3
@@ -308,7 +348,10 @@ class OutputLock:
             except OutputLockedError as exc:
                 log.error("%s", exc)
                 return
-            except (StorageError, OSError) as exc:  # retried until renewed or the lease runs out (check() says so)
+            except (
+                StorageError,
+                OSError,
+            ) as exc:  # retried until renewed or the lease runs out (check() says so)
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 wait = self.lease_s * _RETRY_FRACTION
                 log.warning("could not renew the lock %s (retrying in %.1f s): %s", self.uri, wait, exc)
@@ -329,8 +372,12 @@ class OutputLock:
         try:
             self.release()
         except StorageError as exc:  # never hide the run's own outcome; the lock expires with its lease
-            log.warning("could not remove the lock %s (%s); it expires at %s", self.uri, exc,
-                        _when(self._valid_until or 0.0))
+            log.warning(
+                "could not remove the lock %s (%s); it expires at %s",
+                self.uri,
+                exc,
+                _when(self._valid_until or 0.0),
+            )
 
 
 def _start_time(pid: int) -> str | None:
@@ -358,4 +405,6 @@ def _holder_gone(info: dict) -> bool:
 
 
 def _when(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch))) if epoch != float("inf") else "never"
+    return (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch))) if epoch != float("inf") else "never"
+    )

@@ -24,8 +24,12 @@ class NonFiniteScoreError(ValueError):
 
 def nonfinite_scores(a: Sequence[float], b: Sequence[float], names: tuple[str, str] = ("a", "b")) -> str:
     """'' when every score of `a` and `b` is finite, else which are not, e.g. "b[1] = inf" (index = seed's place)."""
-    bad = [f"{name}[{i}] = {float(v)}" for name, values in zip(names, (a, b)) for i, v in enumerate(values)
-           if not math.isfinite(float(v))]
+    bad = [
+        f"{name}[{i}] = {float(v)}"
+        for name, values in zip(names, (a, b))
+        for i, v in enumerate(values)
+        if not math.isfinite(float(v))
+    ]
     return ", ".join(bad)
 
 
@@ -44,14 +48,18 @@ class PairedDifference:
         return self.low > 0 or self.high < 0
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> PairedDifference:
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
+) -> PairedDifference:
     """Mean of `a[i] - b[i]` with a two-sided Student-t interval at `confidence` (pairs share seed i)."""
     if len(a) != len(b):
         raise ValueError(f"paired scores need one value per seed on both sides, got {len(a)} and {len(b)}")
     problem = nonfinite_scores(a, b)
     if problem:
-        raise NonFiniteScoreError(f"paired scores must be finite, got {problem}: leave that model (or seed) out of "
-                                  "the comparison, or score it again")
+        raise NonFiniteScoreError(
+            f"paired scores must be finite, got {problem}: leave that model (or seed) out of "
+            "the comparison, or score it again"
+        )
     diffs = [float(x) - float(y) for x, y in zip(a, b)]
     n = len(diffs)
     if n == 0:

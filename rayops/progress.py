@@ -33,8 +33,14 @@ def _format_value(value: Any) -> str:
 class ProgressLine:
     """Prints `desc done/total (pct) key=value ... elapsed ETA` at most every `interval_s` seconds."""
 
-    def __init__(self, desc: str, total: int | None = None, interval_s: float = 2.0,
-                 stream: TextIO | None = None, logger: logging.Logger | None = None):
+    def __init__(
+        self,
+        desc: str,
+        total: int | None = None,
+        interval_s: float = 2.0,
+        stream: TextIO | None = None,
+        logger: logging.Logger | None = None,
+    ):
         self.desc, self.total, self.interval_s = desc, total, interval_s
         self.stream = stream  # None: sys.stderr at print time (keeps the object picklable)
         self.logger = logger

@@ -21,7 +21,9 @@ from typing import Any
 import yaml
 
 AWS_CONFIG_PATH = Path(__file__).resolve().parents[1] / "cluster" / "aws-spot.yaml"
-MARKET_LABEL = "market-type"  # Ray reserves `ray.io/market-type` for itself; custom labels may not use `ray.io/`
+MARKET_LABEL = (
+    "market-type"  # Ray reserves `ray.io/market-type` for itself; custom labels may not use `ray.io/`
+)
 SPOT, ON_DEMAND = "spot", "on-demand"
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # the provider's head instance id (also the head's Ray node id)
 FAKE_HEAD_TYPE = "ray.head.default"  # the provider tags its head with this type name; the config must use it
@@ -43,10 +45,13 @@ def load_aws_config(path: str | Path = AWS_CONFIG_PATH) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as exc:
         raise RehearsalConfigError(f"cannot read the cluster config {path}: {exc}") from None
     if not isinstance(config, dict) or not isinstance(config.get("available_node_types"), dict):
-        raise RehearsalConfigError(f"{path} has no `available_node_types` mapping; give a Ray cluster-launcher YAML")
+        raise RehearsalConfigError(
+            f"{path} has no `available_node_types` mapping; give a Ray cluster-launcher YAML"
+        )
     if config.get("head_node_type") not in config["available_node_types"]:
         raise RehearsalConfigError(
-            f"{path}: `head_node_type` {config.get('head_node_type')!r} is not one of `available_node_types`")
+            f"{path}: `head_node_type` {config.get('head_node_type')!r} is not one of `available_node_types`"
+        )
     return config
 
 
@@ -64,7 +69,8 @@ def node_labels(name: str, node_type: dict[str, Any]) -> dict[str, str]:
     if labels.setdefault(MARKET_LABEL, market) != market:
         raise RehearsalConfigError(
             f"available_node_types.{name}.labels.{MARKET_LABEL} is {labels[MARKET_LABEL]!r} but the node's "
-            f"InstanceMarketOptions say {market!r}; make them agree")
+            f"InstanceMarketOptions say {market!r}; make them agree"
+        )
     return labels
 
 
@@ -84,8 +90,11 @@ def scaled_resources(node_type: dict[str, Any], cpus: float, gpu: bool) -> dict[
     return resources
 
 
-def worker_node_types(aws_config: dict[str, Any], worker_cpus: float = DEFAULT_WORKER_CPUS,
-                      max_workers: int = DEFAULT_MAX_WORKERS) -> dict[str, dict[str, Any]]:
+def worker_node_types(
+    aws_config: dict[str, Any],
+    worker_cpus: float = DEFAULT_WORKER_CPUS,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+) -> dict[str, dict[str, Any]]:
     """Every worker type of the AWS config, scaled down: same name, labels and custom resources,
     `worker_cpus` CPUs, `min_workers` kept (capped at `max_workers`), `max_workers` capped."""
     head = aws_config["head_node_type"]
@@ -108,22 +117,38 @@ def head_node_type(aws_config: dict[str, Any]) -> dict[str, Any]:
     """The head, taking no work (CPU 0) but keeping its custom resources (`on_demand`) and labels."""
     name = aws_config["head_node_type"]
     node_type = aws_config["available_node_types"][name]
-    return {"resources": scaled_resources(node_type, 0, gpu=False), "labels": node_labels(name, node_type),
-            "node_config": {}, "min_workers": 0, "max_workers": 0}
+    return {
+        "resources": scaled_resources(node_type, 0, gpu=False),
+        "labels": node_labels(name, node_type),
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 0,
+    }
 
 
 def check_sizes(worker_cpus: float, max_workers: int, idle_timeout_s: float) -> None:
     """Refuse sizes no cluster can have, naming each bad one."""
-    bad = [f"{name} must be {rule}, got {value}" for name, value, rule, ok in [
-        ("worker_cpus", worker_cpus, "> 0", worker_cpus > 0), ("max_workers", max_workers, ">= 1", max_workers >= 1),
-        ("idle_timeout_s", idle_timeout_s, "> 0", idle_timeout_s > 0)] if not ok]
+    bad = [
+        f"{name} must be {rule}, got {value}"
+        for name, value, rule, ok in [
+            ("worker_cpus", worker_cpus, "> 0", worker_cpus > 0),
+            ("max_workers", max_workers, ">= 1", max_workers >= 1),
+            ("idle_timeout_s", idle_timeout_s, "> 0", idle_timeout_s > 0),
+        ]
+        if not ok
+    ]
     if bad:
         raise RehearsalConfigError("; ".join(bad))
 
 
-def rehearsal_config(aws_config: dict[str, Any], gcs_address: str, *, worker_cpus: float = DEFAULT_WORKER_CPUS,
-                     max_workers: int = DEFAULT_MAX_WORKERS,
-                     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> dict[str, Any]:
+def rehearsal_config(
+    aws_config: dict[str, Any],
+    gcs_address: str,
+    *,
+    worker_cpus: float = DEFAULT_WORKER_CPUS,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+) -> dict[str, Any]:
     """The whole autoscaler config for Ray's fake multi-node provider (autoscaler v2), for a head whose
     GCS listens on `gcs_address`; the head's node type is renamed to the provider's fixed head type."""
     check_sizes(worker_cpus, max_workers, idle_timeout_s)

@@ -50,8 +50,9 @@ def _alive_nodes() -> list[dict[str, float]]:
     return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
 
 
-def placement_problem(bundles: Sequence[Mapping[str, float]], nodes: Sequence[Mapping[str, float]],
-                      strategy: str = "PACK") -> str | None:
+def placement_problem(
+    bundles: Sequence[Mapping[str, float]], nodes: Sequence[Mapping[str, float]], strategy: str = "PACK"
+) -> str | None:
     """Why `bundles` (each placed whole on one node) can never fit `nodes` (their total resources), or None.
     Pure: `strategy` is a placement-group strategy (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD)."""
     asked: Counter = Counter()
@@ -68,14 +69,17 @@ def placement_problem(bundles: Sequence[Mapping[str, float]], nodes: Sequence[Ma
             biggest = max((node.get("CPU", 0) for node in nodes), default=0)
             return f"one of them needs {dict(bundle)} on a single node, and no node has that (largest: {biggest:g} CPU)"
     if strategy == "STRICT_PACK" and not any(
-            all(node.get(k, 0) + 1e-9 >= v for k, v in asked.items()) for node in nodes):
+        all(node.get(k, 0) + 1e-9 >= v for k, v in asked.items()) for node in nodes
+    ):
         return f"STRICT_PACK needs {dict(asked)} on one node, and no node has that"
     if strategy == "STRICT_SPREAD" and len(bundles) > len(nodes):
         return f"STRICT_SPREAD needs {len(bundles)} nodes, the cluster has {len(nodes)}"
     return None
 
 
-def check_placeable(bundles: Sequence[Mapping[str, float]], what: str, fields: str, strategy: str = "PACK") -> None:
+def check_placeable(
+    bundles: Sequence[Mapping[str, float]], what: str, fields: str, strategy: str = "PACK"
+) -> None:
     """Refuse at once (`InfeasibleResourcesError`) a request a fixed-size cluster can never place; on an
     autoscaling cluster log what is awaited instead. `what` names the request, `fields` the spec fields that
     size it. Ray must be initialised."""
@@ -83,12 +87,18 @@ def check_placeable(bundles: Sequence[Mapping[str, float]], what: str, fields: s
     problem = placement_problem(bundles, nodes, strategy)
     if problem is None:
         return
-    total = {k: v for k, v in ray.cluster_resources().items()
-             if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
-    message = (f"{what} ({len(bundles)} x {dict(bundles[0]) if bundles else {}}) cannot be placed: {problem}; "
-               f"cluster resources: {total} on {len(nodes)} node(s)")
+    total = {
+        k: v
+        for k, v in ray.cluster_resources().items()
+        if not k.startswith("node:") and k not in ("memory", "object_store_memory")
+    }
+    message = (
+        f"{what} ({len(bundles)} x {dict(bundles[0]) if bundles else {}}) cannot be placed: {problem}; "
+        f"cluster resources: {total} on {len(nodes)} node(s)"
+    )
     if cluster_autoscales():
         log.warning("%s; waiting for the autoscaler to add nodes that fit", message)
         return
-    raise InfeasibleResourcesError(f"{message}; this cluster does not grow: lower {fields}, or add nodes",
-                                   source=fields)
+    raise InfeasibleResourcesError(
+        f"{message}; this cluster does not grow: lower {fields}, or add nodes", source=fields
+    )

@@ -26,10 +26,24 @@ if TYPE_CHECKING:
 Sink = Callable[[bytes], object]
 Translate = Callable[[Exception, "Location", str], StorageError]
 
-_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
-                    "RequestTimeout", "RequestTimeoutException", "RequestLimitExceeded"}
-_TRANSIENT_BOTO = (BotoConnectionError, HTTPClientError, IncompleteReadError)  # refused, reset, timed out, cut short
-_READ_CHUNK = 8 << 20  # a break loses at most this much; smaller pieces cost CPU in copies (benchmarks/s3_resumable_reads.py)
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "RequestLimitExceeded",
+}
+_TRANSIENT_BOTO = (
+    BotoConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+)  # refused, reset, timed out, cut short
+_READ_CHUNK = (
+    8 << 20
+)  # a break loses at most this much; smaller pieces cost CPU in copies (benchmarks/s3_resumable_reads.py)
 _MAX_BACKOFF_S = 20.0  # botocore's standard retry mode caps its backoff at 20 s too
 
 
@@ -68,7 +82,11 @@ def _is_transient(exc: Exception) -> bool:
 def _object_end(response: dict, cursor: _Cursor) -> int:
     """The end of what this read wants, clipped to the object's size (from Content-Range or Content-Length)."""
     content_range = response.get("ContentRange")
-    size = int(content_range.rsplit("/", 1)[1]) if content_range else cursor.offset + int(response["ContentLength"])
+    size = (
+        int(content_range.rsplit("/", 1)[1])
+        if content_range
+        else cursor.offset + int(response["ContentLength"])
+    )
     return size if cursor.end is None else min(cursor.end, size)
 
 
@@ -85,14 +103,20 @@ def _get_piece(client, loc: Location, cursor: _Cursor, sink: Sink, translate: Tr
             cursor.end = cursor.offset
             return
         if code == "PreconditionFailed":
-            raise StorageError(f"read {loc.uri()}: the object was replaced while it was read (ETag {cursor.etag} "
-                               "is gone); read it again", uri=loc.uri()) from None
+            raise StorageError(
+                f"read {loc.uri()}: the object was replaced while it was read (ETag {cursor.etag} "
+                "is gone); read it again",
+                uri=loc.uri(),
+            ) from None
         raise (_Broken() if _is_transient(exc) else translate(exc, loc, "read")) from exc
     except BotoCoreError as exc:
         raise (_Broken() if _is_transient(exc) else translate(exc, loc, "read")) from exc
     if cursor.etag is not None and response.get("ETag") != cursor.etag:  # a server that ignores If-Match
-        raise StorageError(f"read {loc.uri()}: the object was replaced while it was read (ETag {cursor.etag} became "
-                           f"{response.get('ETag')}); read it again", uri=loc.uri())
+        raise StorageError(
+            f"read {loc.uri()}: the object was replaced while it was read (ETag {cursor.etag} became "
+            f"{response.get('ETag')}); read it again",
+            uri=loc.uri(),
+        )
     cursor.etag, cursor.end = response.get("ETag"), _object_end(response, cursor)
     body = response["Body"]
     while cursor.offset < cursor.end:
@@ -106,8 +130,9 @@ def _get_piece(client, loc: Location, cursor: _Cursor, sink: Sink, translate: Tr
         cursor.offset += len(chunk)
 
 
-def stream(client, loc: Location, sink: Sink, translate: Translate, start: int = 0,
-           length: int | None = None) -> None:
+def stream(
+    client, loc: Location, sink: Sink, translate: Translate, start: int = 0, length: int | None = None
+) -> None:
     """Stream bytes [start, start + length) of an S3 object (to its end when `length` is None) into `sink`.
 
     A GET that fails transiently, or whose body breaks, is retried after a backoff and resumes at the first byte
@@ -129,5 +154,7 @@ def stream(client, loc: Location, sink: Sink, translate: Translate, start: int =
                 raise StorageUnavailableError(
                     f"read {loc.uri()}: S3 endpoint {endpoint} {state} after retries ({attempts} attempts in a row "
                     f"failed, stopped at byte {cursor.offset}; last: {type(cause).__name__}: {cause}); check that "
-                    f"it is up, or raise {settings.STORAGE_MAX_ATTEMPTS} to wait longer", uri=loc.uri()) from None
+                    f"it is up, or raise {settings.STORAGE_MAX_ATTEMPTS} to wait longer",
+                    uri=loc.uri(),
+                ) from None
             time.sleep(_backoff_s(failures))

@@ -143,7 +143,9 @@ def _wait_ready(server: S3Server, timeout_s: float = 60.0) -> None:
             last_error = exc
             time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"{server.kind} S3 server not ready at {server.endpoint} after {timeout_s}s: {last_error}")
+    raise RuntimeError(
+        f"{server.kind} S3 server not ready at {server.endpoint} after {timeout_s}s: {last_error}"
+    )
 
 
 def weed_binary() -> str:
@@ -155,8 +157,11 @@ def weed_binary() -> str:
     return found
 
 
-def start_seaweedfs(data_dir: str | Path | None = None, access_key: str = "lcsc-test-key",
-                    secret_key: str = "lcsc-test-secret-0123456789") -> S3Server:
+def start_seaweedfs(
+    data_dir: str | Path | None = None,
+    access_key: str = "lcsc-test-key",
+    secret_key: str = "lcsc-test-secret-0123456789",
+) -> S3Server:
     """Start `weed mini` on loopback with one identity whose keys are enforced."""
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix="seaweedfs-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -176,15 +181,35 @@ def start_seaweedfs(data_dir: str | Path | None = None, access_key: str = "lcsc-
     for _ in range(3):  # another process may take a port between the check and the bind
         (master, master_grpc), (volume, volume_grpc), (filer, filer_grpc), (s3, s3_grpc) = weed_ports()
         command = [
-            weed_binary(), "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-            f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-webdav=false", "-admin.ui=false", f"-s3.config={config_path}",
+            weed_binary(),
+            "mini",
+            f"-dir={data_dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-s3.config={config_path}",
         ]
-        server = S3Server(f"http://127.0.0.1:{s3}", access_key, secret_key, _spawn(command, data_dir),
-                          data_dir, "seaweedfs", command)
+        server = S3Server(
+            f"http://127.0.0.1:{s3}",
+            access_key,
+            secret_key,
+            _spawn(command, data_dir),
+            data_dir,
+            "seaweedfs",
+            command,
+        )
         try:
             _wait_ready(server)
             return server
@@ -200,7 +225,14 @@ def start_moto(data_dir: str | Path | None = None) -> S3Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    server = S3Server(f"http://127.0.0.1:{port}", "moto-key", "moto-secret", _spawn(command, data_dir),
-                      data_dir, "moto", command)
+    server = S3Server(
+        f"http://127.0.0.1:{port}",
+        "moto-key",
+        "moto-secret",
+        _spawn(command, data_dir),
+        data_dir,
+        "moto",
+        command,
+    )
     _wait_ready(server)
     return server

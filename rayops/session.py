@@ -72,8 +72,12 @@ def start_local_ray(attempts: int = LOCAL_START_ATTEMPTS, **init_kwargs):
         except Exception as exc:  # Ray's node start raises a bare Exception when it times out
             if "timed out" not in str(exc) or attempt == attempts:
                 raise
-            log.warning("the local Ray did not start in time (attempt %d of %d: %s); starting it again",
-                        attempt, attempts, " ".join(str(exc).split())[:200])
+            log.warning(
+                "the local Ray did not start in time (attempt %d of %d: %s); starting it again",
+                attempt,
+                attempts,
+                " ".join(str(exc).split())[:200],
+            )
             ray.shutdown()
     raise AssertionError("unreachable")
 
@@ -97,8 +101,12 @@ def ray_session(spec: RaySpec | None = None, runtime_env: dict | None = None) ->
         context = ray.init(address=address, **kwargs)
         local = False
     else:
-        context = start_local_ray(num_cpus=spec.num_cpus, object_store_memory=spec.object_store_memory,
-                                  include_dashboard=False, **kwargs)
+        context = start_local_ray(
+            num_cpus=spec.num_cpus,
+            object_store_memory=spec.object_store_memory,
+            include_dashboard=False,
+            **kwargs,
+        )
         local = True
     try:
         yield RaySession(address=context.address_info.get("gcs_address", ""), started_here=True, local=local)

@@ -132,9 +132,16 @@ def signal_all(pids: set[int], sig: int) -> None:
 class LocalSpotCluster:
     """A local autoscaling cluster shaped like `aws_config_path` (see the module docstring)."""
 
-    def __init__(self, aws_config_path: str | Path = AWS_CONFIG_PATH, *, worker_cpus: float = DEFAULT_WORKER_CPUS,
-                 max_workers: int = DEFAULT_MAX_WORKERS, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-                 dashboard_port: int | None = None, log_path: str | Path | None = None):
+    def __init__(
+        self,
+        aws_config_path: str | Path = AWS_CONFIG_PATH,
+        *,
+        worker_cpus: float = DEFAULT_WORKER_CPUS,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        dashboard_port: int | None = None,
+        log_path: str | Path | None = None,
+    ):
         check_sizes(worker_cpus, max_workers, idle_timeout_s)
         self.aws_config = load_aws_config(aws_config_path)
         self.worker_cpus, self.max_workers, self.idle_timeout_s = worker_cpus, max_workers, idle_timeout_s
@@ -147,50 +154,88 @@ class LocalSpotCluster:
         head = head_node_type(self.aws_config)
         resources = {k: v for k, v in head["resources"].items() if k != "CPU"}
         labels = ",".join(f"{k}={v}" for k, v in head["labels"].items())
-        return [RAY_CLI, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}", "--num-cpus=0",
-                f"--resources={json.dumps(resources)}", f"--labels={labels}",
-                f"--autoscaling-config={config_file}", *node_port_flags()]
+        return [
+            RAY_CLI,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={self.temp_dir}",
+            "--num-cpus=0",
+            f"--resources={json.dumps(resources)}",
+            f"--labels={labels}",
+            f"--autoscaling-config={config_file}",
+            *node_port_flags(),
+        ]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> ClusterAddress:
         """Start the head (and with it the autoscaler); returns its addresses once the dashboard answers and the
         autoscaler has reported the head."""
         if self._process is not None:
-            raise SpotClusterError(f"this cluster is already started (temp dir {self.temp_dir}); stop() it first")
+            raise SpotClusterError(
+                f"this cluster is already started (temp dir {self.temp_dir}); stop() it first"
+            )
         if self.dashboard_port and WORKER_PORTS[0] <= self.dashboard_port <= WORKER_PORTS[1]:
-            raise SpotClusterError(f"dashboard port {self.dashboard_port} is in the range Ray's worker processes use "
-                                   f"({WORKER_PORTS[0]}-{WORKER_PORTS[1]}); pick one outside it, e.g. 8266")
+            raise SpotClusterError(
+                f"dashboard port {self.dashboard_port} is in the range Ray's worker processes use "
+                f"({WORKER_PORTS[0]}-{WORKER_PORTS[1]}); pick one outside it, e.g. 8266"
+            )
         if self.dashboard_port and not port_is_free(self.dashboard_port):
-            raise SpotClusterError(f"dashboard port {self.dashboard_port} is taken on 127.0.0.1 (another Ray?); "
-                                   "pick another port or leave it out for a free one")
+            raise SpotClusterError(
+                f"dashboard port {self.dashboard_port} is taken on 127.0.0.1 (another Ray?); "
+                "pick another port or leave it out for a free one"
+            )
         port, dashboard_port = free_port(), self.dashboard_port or free_port()
-        config = rehearsal_config(self.aws_config, f"127.0.0.1:{port}", worker_cpus=self.worker_cpus,
-                                  max_workers=self.max_workers, idle_timeout_s=self.idle_timeout_s)
+        config = rehearsal_config(
+            self.aws_config,
+            f"127.0.0.1:{port}",
+            worker_cpus=self.worker_cpus,
+            max_workers=self.max_workers,
+            idle_timeout_s=self.idle_timeout_s,
+        )
         self.temp_dir = tempfile.mkdtemp(prefix="rspot", dir="/tmp")  # short: Ray's socket paths have a limit
         config_file = os.path.join(self.temp_dir, "autoscaler.json")
         Path(config_file).write_text(json.dumps(config, indent=1))
         command = self._head_command(port, dashboard_port, config_file)
         log_path = self.log_path or os.path.join(self.temp_dir, "head.log")
         with open(log_path, "ab") as log_file:
-            self._process = subprocess.Popen(command, env={**ray_env(), **AUTOSCALER_ENV}, stdout=log_file,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
+            self._process = subprocess.Popen(
+                command,
+                env={**ray_env(), **AUTOSCALER_ENV},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.address = ClusterAddress(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
         try:
             began = time.monotonic()
             wait_for_dashboard(self.address.dashboard_url, self._process, timeout_s)
-            wait_until(lambda: any(node.is_head for node in autoscaler_nodes(self.address.gcs_address)),
-                       max(1.0, timeout_s - (time.monotonic() - began)), "the autoscaler's first report")
+            wait_until(
+                lambda: any(node.is_head for node in autoscaler_nodes(self.address.gcs_address)),
+                max(1.0, timeout_s - (time.monotonic() - began)),
+                "the autoscaler's first report",
+            )
         except (RuntimeError, TimeoutError) as exc:
-            tail = Path(log_path).read_text(errors="replace")[-2000:]  # read before stop() removes the temp dir
+            tail = Path(log_path).read_text(errors="replace")[
+                -2000:
+            ]  # read before stop() removes the temp dir
             self.stop()
-            raise SpotClusterError(f"the local spot cluster did not start: {exc}; the end of its log "
-                                   f"({log_path}):\n{tail}") from None
+            raise SpotClusterError(
+                f"the local spot cluster did not start: {exc}; the end of its log ({log_path}):\n{tail}"
+            ) from None
         except BaseException:  # Ctrl-C while waiting: leave nothing running
             self.stop()
             raise
-        log.info("local spot cluster up: GCS %s, dashboard %s, temp dir %s", self.address.gcs_address,
-                 self.address.dashboard_url, self.temp_dir)
+        log.info(
+            "local spot cluster up: GCS %s, dashboard %s, temp dir %s",
+            self.address.gcs_address,
+            self.address.dashboard_url,
+            self.temp_dir,
+        )
         return self.address
 
     def pids(self) -> set[int]:
@@ -203,8 +248,11 @@ class LocalSpotCluster:
         if self.temp_dir is None:
             return
         table = proc_table()
-        first = {pid for pid, (_, cmdline) in table.items()
-                 if self.temp_dir in cmdline and ("monitor.py" in cmdline or " start --head" in cmdline)}
+        first = {
+            pid
+            for pid, (_, cmdline) in table.items()
+            if self.temp_dir in cmdline and ("monitor.py" in cmdline or " start --head" in cmdline)
+        }
         signal_all(first, signal.SIGKILL)
         signal_all(processes_of(self.temp_dir, table) - first, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -215,7 +263,9 @@ class LocalSpotCluster:
             self._process.wait(timeout=timeout_s)  # reap the `ray start` we own
             self._process = None
         if left := self.pids():
-            raise SpotClusterError(f"processes {sorted(left)} of the cluster in {self.temp_dir} outlived SIGKILL")
+            raise SpotClusterError(
+                f"processes {sorted(left)} of the cluster in {self.temp_dir} outlived SIGKILL"
+            )
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         log.info("local spot cluster in %s stopped", self.temp_dir)
         self.temp_dir = None

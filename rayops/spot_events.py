@@ -62,27 +62,36 @@ class SpotEvent:
     detail: str = ""  # why an event was SKIPPED
 
 
-def plan_spot_events(seed: int, count: int, window_s: float, notice_s: float = 20.0,
-                     drain_share: float = 0.5) -> list[PlannedEvent]:
+def plan_spot_events(
+    seed: int, count: int, window_s: float, notice_s: float = 20.0, drain_share: float = 0.5
+) -> list[PlannedEvent]:
     """`count` events at sorted uniform moments in [0, window_s), a share `drain_share` of them drains;
     moments, kinds and targets come from separate streams of `SeedSequence(seed)`."""
     if count < 0 or window_s <= 0 or notice_s < 0 or not 0.0 <= drain_share <= 1.0:
-        raise ValueError(f"need count >= 0 ({count}), window_s > 0 ({window_s}), notice_s >= 0 ({notice_s}) "
-                         f"and 0 <= drain_share <= 1 ({drain_share})")
+        raise ValueError(
+            f"need count >= 0 ({count}), window_s > 0 ({window_s}), notice_s >= 0 ({notice_s}) "
+            f"and 0 <= drain_share <= 1 ({drain_share})"
+        )
     moments, kinds, picks = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     at = np.sort(moments.uniform(0.0, window_s, count))
     is_drain = kinds.uniform(size=count) < drain_share
     targets = picks.uniform(size=count)
-    return [PlannedEvent(float(t), DRAIN if d else RECLAIM, float(notice_s), float(p))
-            for t, d, p in zip(at, is_drain, targets, strict=True)]
+    return [
+        PlannedEvent(float(t), DRAIN if d else RECLAIM, float(notice_s), float(p))
+        for t, d, p in zip(at, is_drain, targets, strict=True)
+    ]
 
 
 def raylet_pids(temp_dir: str, node_id: str) -> set[int]:
     """The raylet of node `node_id` in the cluster whose temp dir is `temp_dir`, with all its descendants."""
     table = proc_table()
-    raylets = {pid for pid, (_, cmdline) in table.items()
-               if cmdline.split(" ", 1)[0].endswith("/raylet") and f"--node_id={node_id}" in cmdline
-               and temp_dir in cmdline}
+    raylets = {
+        pid
+        for pid, (_, cmdline) in table.items()
+        if cmdline.split(" ", 1)[0].endswith("/raylet")
+        and f"--node_id={node_id}" in cmdline
+        and temp_dir in cmdline
+    }
     found = set(raylets)
     for pid in raylets:
         found |= _descendants(pid, table)
@@ -111,13 +120,22 @@ class SpotEventInjector:
     def _record(self, event: SpotEvent) -> SpotEvent:
         with self._lock:
             self.events.append(event)
-        log.info("spot event at %.1fs: %s %s %s%s", event.at_s, event.kind, event.node_type, event.node_id,
-                 f" (deadline in {event.deadline_ms / 1000 - event.wall_time:.0f}s)" if event.deadline_ms else "")
+        log.info(
+            "spot event at %.1fs: %s %s %s%s",
+            event.at_s,
+            event.kind,
+            event.node_type,
+            event.node_id,
+            f" (deadline in {event.deadline_ms / 1000 - event.wall_time:.0f}s)" if event.deadline_ms else "",
+        )
         return event
 
     def _event(self, kind: str, node: ClusterNode, **extra) -> SpotEvent:
-        return self._record(SpotEvent(kind, node.node_id, node.node_type, time.monotonic() - self._start,
-                                      time.time(), **extra))
+        return self._record(
+            SpotEvent(
+                kind, node.node_id, node.node_type, time.monotonic() - self._start, time.time(), **extra
+            )
+        )
 
     def _kill(self, node: ClusterNode) -> int:
         pids = raylet_pids(self.temp_dir, node.node_id)
@@ -131,7 +149,9 @@ class SpotEventInjector:
         self._hit.add(node.node_id)
         killed = self._kill(node)
         if not killed:
-            raise SpotEventError(f"no raylet with --node_id={node.node_id} under {self.temp_dir}; is it gone?")
+            raise SpotEventError(
+                f"no raylet with --node_id={node.node_id} under {self.temp_dir}; is it gone?"
+            )
         return self._event(RECLAIM, node, killed_pids=killed)
 
     def drain(self, node: ClusterNode, notice_s: float, message: str = "spot reclaim notice") -> SpotEvent:
@@ -144,8 +164,12 @@ class SpotEventInjector:
         self._hit.add(node.node_id)
         deadline_ms = int(time.time() * 1000 + notice_s * 1000)
         accepted, why = gcs_client(self.gcs_address).drain_node(
-            node.node_id, autoscaler_pb2.DrainNodeReason.Value(DRAIN_REASON), message, deadline_ms,
-            timeout=GCS_TIMEOUT_S)
+            node.node_id,
+            autoscaler_pb2.DrainNodeReason.Value(DRAIN_REASON),
+            message,
+            deadline_ms,
+            timeout=GCS_TIMEOUT_S,
+        )
         if not accepted:
             raise SpotEventError(f"the GCS at {self.gcs_address} refused to drain node {node.node_id}: {why}")
         listed = draining_nodes(self.gcs_address).get(node.node_id) == deadline_ms
@@ -180,13 +204,29 @@ class SpotEventInjector:
         """Inject one planned event now; with no worker to hit (or one gone under it) it is recorded SKIPPED."""
         node = self.pick_target(planned.pick)
         if node is None:
-            return self._record(SpotEvent(SKIPPED, "", "", time.monotonic() - self._start, time.time(),
-                                          detail=f"no worker node up for a {planned.kind}"))
+            return self._record(
+                SpotEvent(
+                    SKIPPED,
+                    "",
+                    "",
+                    time.monotonic() - self._start,
+                    time.time(),
+                    detail=f"no worker node up for a {planned.kind}",
+                )
+            )
         try:
             return self.drain(node, planned.notice_s) if planned.kind == DRAIN else self.reclaim(node)
         except SpotEventError as exc:  # e.g. the autoscaler removed the idle node a moment ago
-            return self._record(SpotEvent(SKIPPED, node.node_id, node.node_type, time.monotonic() - self._start,
-                                          time.time(), detail=str(exc)))
+            return self._record(
+                SpotEvent(
+                    SKIPPED,
+                    node.node_id,
+                    node.node_type,
+                    time.monotonic() - self._start,
+                    time.time(),
+                    detail=str(exc),
+                )
+            )
 
     def run(self, plan: list[PlannedEvent], stop: threading.Event | None = None) -> list[SpotEvent]:
         """Inject `plan`'s events at their moments (counted from this call) until `stop` is set. Returns the

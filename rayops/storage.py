@@ -71,7 +71,9 @@ def parse_uri(uri: str | os.PathLike) -> Location:
     if text.startswith("file://"):
         text = text[7:]
     elif "://" in text:
-        raise StorageError(f"unsupported URI scheme in {text!r}; use a local path, file:// or s3://", uri=text)
+        raise StorageError(
+            f"unsupported URI scheme in {text!r}; use a local path, file:// or s3://", uri=text
+        )
     return Location("file", "", text)
 
 
@@ -92,16 +94,24 @@ def is_remote(uri: str) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _client_for(endpoint: str | None, access_key: str | None, region: str | None, pid: int, attempts: int,
-                connect_s: float, read_s: float):
+def _client_for(
+    endpoint: str | None,
+    access_key: str | None,
+    region: str | None,
+    pid: int,
+    attempts: int,
+    connect_s: float,
+    read_s: float,
+):
     config = Config(
         retries={"max_attempts": attempts, "mode": "standard"},
         connect_timeout=connect_s,
         read_timeout=read_s,
         s3={"addressing_style": "path"} if endpoint else {},
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region or "us-east-1",
-                                          config=config)
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=region or "us-east-1", config=config
+    )
 
 
 def s3_client(attempts: int | None = None):
@@ -138,7 +148,8 @@ def _translate(exc: Exception, loc: Location, action: str) -> StorageError:
     if isinstance(exc, (BotoConnectionError, BotoCoreError)):
         endpoint = settings.s3_endpoint() or "the default AWS endpoint"
         return StorageUnavailableError(
-            f"{action} {uri}: S3 endpoint {endpoint} unreachable after retries ({type(exc).__name__})", uri=uri
+            f"{action} {uri}: S3 endpoint {endpoint} unreachable after retries ({type(exc).__name__})",
+            uri=uri,
         )
     return StorageError(f"{action} {uri}: {exc}", uri=uri)
 
@@ -288,7 +299,7 @@ def list_uris(prefix: str, pattern: str | None = None, recursive: bool = True) -
         paginator = s3_client().get_paginator("list_objects_v2")
         pages = _s3_call(loc, "list", lambda: list(paginator.paginate(Bucket=loc.bucket, Prefix=key_prefix)))
         for page in pages:
-            rels += [obj["Key"][len(key_prefix):] for obj in page.get("Contents", [])]
+            rels += [obj["Key"][len(key_prefix) :] for obj in page.get("Contents", [])]
         if not recursive:
             rels = [r for r in rels if "/" not in r]
         rels.sort()
@@ -314,10 +325,15 @@ def delete(uri: str, recursive: bool = False) -> None:
     if recursive:
         keys = [parse_uri(u).key for u in list_uris(uri)] + [loc.key]
     for start in range(0, len(keys), 1000):
-        batch = [{"Key": k} for k in keys[start:start + 1000] if k]
+        batch = [{"Key": k} for k in keys[start : start + 1000] if k]
         if batch:
-            response = _s3_call(loc, "delete", client.delete_objects, Bucket=loc.bucket,
-                                Delete={"Objects": batch, "Quiet": True})
+            response = _s3_call(
+                loc,
+                "delete",
+                client.delete_objects,
+                Bucket=loc.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
             check_delete_response(loc, response)
 
 
@@ -327,13 +343,17 @@ def check_delete_response(loc: Location, response: dict) -> None:
     failed = [e for e in response.get("Errors", []) if e.get("Code") not in _NOT_FOUND_CODES]
     if not failed:
         return
-    keys = ", ".join(f"s3://{loc.bucket}/{e.get('Key')} ({e.get('Code')}: {e.get('Message', '')})"
-                     for e in failed[:10])
+    keys = ", ".join(
+        f"s3://{loc.bucket}/{e.get('Key')} ({e.get('Code')}: {e.get('Message', '')})" for e in failed[:10]
+    )
     more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
     codes = {str(e.get("Code")) for e in failed}
     cls = StoragePermissionError if codes & _PERMISSION_CODES else StorageError
-    raise cls(f"delete {loc.uri()}: {len(failed)} object(s) were not deleted: {keys}{more}; check the "
-              "bucket's policy (s3:DeleteObject) and object locks, then delete them or run again", uri=loc.uri())
+    raise cls(
+        f"delete {loc.uri()}: {len(failed)} object(s) were not deleted: {keys}{more}; check the "
+        "bucket's policy (s3:DeleteObject) and object locks, then delete them or run again",
+        uri=loc.uri(),
+    )
 
 
 def stat(uri: str) -> tuple[int, str | None]:

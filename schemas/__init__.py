@@ -14,7 +14,21 @@ from schemas.train import TrainSpec
 from schemas.train_result import FailureRecord, TrainResult
 
 __all__ = [
-    "CandidateScore", "CheckpointError", "FailureRecord", "LcscCheckfreeError", "OutputSpec", "PluginSpec",
-    "RaySpec", "RecoveryError", "SearchResult", "SearchSpec", "SpecError", "StorageError", "TrainResult",
-    "TrainSpec", "dump_spec", "load_spec", "parse_spec",
+    "CandidateScore",
+    "CheckpointError",
+    "FailureRecord",
+    "LcscCheckfreeError",
+    "OutputSpec",
+    "PluginSpec",
+    "RaySpec",
+    "RecoveryError",
+    "SearchResult",
+    "SearchSpec",
+    "SpecError",
+    "StorageError",
+    "TrainResult",
+    "TrainSpec",
+    "dump_spec",
+    "load_spec",
+    "parse_spec",
 ]

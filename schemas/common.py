@@ -73,7 +73,9 @@ class PluginSpec(StrictModel):
     """A user-supplied callable referenced by import path, with keyword arguments."""
 
     target: str = Field(description="Import path 'package.module:callable'.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the callable.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the callable."
+    )
 
     @field_validator("target")
     @classmethod

@@ -74,8 +74,9 @@ def read_spec_data(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}",
-                        source=str(path)) from None
+        raise SpecError(
+            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}", source=str(path)
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

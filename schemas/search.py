@@ -22,6 +22,7 @@ from schemas.search_rules import (
 Optimizer = Literal["CMA", "TwoPointsDE", "DE", "NGOpt", "PSO", "OnePlusOne"]
 Parametrization = Literal["difference", "normalized"]
 
+
 class CheckpointSetSpec(StrictModel):
     """Which saved checkpoints are combined, and how they are read."""
 
@@ -29,7 +30,9 @@ class CheckpointSetSpec(StrictModel):
         default="outputs/mnist-ddpm/checkpoints",
         description="Directory or prefix holding the checkpoints: local path, file:// or s3://bucket/prefix.",
     )
-    glob: str = Field(default="*.safetensors", description="File-name pattern under `uri` (ignored with `paths`).")
+    glob: str = Field(
+        default="*.safetensors", description="File-name pattern under `uri` (ignored with `paths`)."
+    )
     paths: list[str] | None = Field(
         default=None,
         min_length=2,
@@ -87,7 +90,8 @@ class ReferenceSpec(StrictModel):
     """Reference statistics that FID compares against."""
 
     stats_uri: str | None = Field(
-        default=None, description="An .npz with `mu` and `sigma` (pytorch-fid convention). Overrides `dataset`."
+        default=None,
+        description="An .npz with `mu` and `sigma` (pytorch-fid convention). Overrides `dataset`.",
     )
     dataset: PluginSpec | None = Field(
         default_factory=lambda: PluginSpec(target="lcsc_ray.recipes.mnist:reference_images"),
@@ -105,34 +109,42 @@ class ReferenceSpec(StrictModel):
 class EvaluatorSpec(StrictModel):
     """The pool of FID evaluator actors."""
 
-    num_actors: int = Field(default=2, ge=1, description="Evaluator actors; also the number of concurrent trials.")
+    num_actors: int = Field(
+        default=2, ge=1, description="Evaluator actors; also the number of concurrent trials."
+    )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per evaluator actor.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per evaluator actor (fractions allowed).")
     batch_size: int = Field(default=250, ge=1, description="Sampling and feature batch size.")
-    torch_threads: int = Field(default=1, ge=1, description="torch threads per actor (1 avoids oversubscription).")
+    torch_threads: int = Field(
+        default=1, ge=1, description="torch threads per actor (1 avoids oversubscription)."
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         default="float32",
         description="Precision of sampling: 'float16' or 'bfloat16' run the sampler under torch.autocast on the "
         "evaluator's device (a GPU with `num_gpus` > 0); combination and features stay float32.",
     )
     split_min_samples: int | None = Field(
-        default=10000, ge=2,
+        default=10000,
+        ge=2,
         description="Evaluations of at least this many samples are split across every evaluator: each computes "
         "a share of the chunks (the same noise as one evaluator would draw) and the FID statistics are merged. "
         "None never splits.",
     )
     evaluation_timeout_s: float | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Seconds one evaluation may take before its evaluator is killed and replaced and the candidate "
         "retried once elsewhere. Default: 5x the slowest timed evaluation so far (per sample, scaled by sample count), at least 60 s.",
     )
     max_replacements: int = Field(
-        default=4, ge=0,
+        default=4,
+        ge=0,
         description="Evaluators the pool may replace (dead past Ray's restart, or hung) before the search stops "
         "naming the cause.",
     )
     max_failed_evaluations: int = Field(
-        default=3, ge=1,
+        default=3,
+        ge=1,
         description="Evaluations that fail with an error (not a lost evaluator; such errors are not retried) "
         "before the search stops with that error.",
     )
@@ -162,8 +174,10 @@ class FIDSpec(StrictModel):
     @model_validator(mode="after")
     def _holdout_seeds_are_unseen(self) -> FIDSpec:
         if self.seed in self.holdout_seeds:
-            raise ValueError(f"`fid.holdout_seeds` must not contain the search seed `fid.seed` ({self.seed}): "
-                             "a held-out seed is one the search never saw")
+            raise ValueError(
+                f"`fid.holdout_seeds` must not contain the search seed `fid.seed` ({self.seed}): "
+                "a held-out seed is one the search never saw"
+            )
         repeated = sorted({s for s in self.holdout_seeds if self.holdout_seeds.count(s) > 1})
         if repeated:
             raise ValueError(f"`fid.holdout_seeds` repeats {repeated}; each held-out seed must be distinct")
@@ -179,7 +193,9 @@ class SearchAlgoSpec(StrictModel):
         description="'difference': theta_K + sum x_i (theta_i - theta_K), K-1 free values, zero = last "
         "checkpoint; 'normalized': K free values renormalised to sum 1.",
     )
-    budget: int = Field(default=48, ge=1, description="Exact number of candidate evaluations (seeds included).")
+    budget: int = Field(
+        default=48, ge=1, description="Exact number of candidate evaluations (seeds included)."
+    )
     bound: float = Field(default=3.0, gt=0, description="Each free coefficient lies in [-bound, bound].")
     sigma: float = Field(default=0.15, gt=0, description="Initial step size of the optimiser.")
     ema_decays: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
@@ -193,7 +209,8 @@ class SearchAlgoSpec(StrictModel):
     )
     keep_fraction: float = Field(default=0.25, gt=0, le=1, description="Fraction kept at each fidelity rung.")
     rescore_top_k: int = Field(
-        default=3, ge=1,
+        default=3,
+        ge=1,
         description="Best candidates re-scored at the final sample count; the winner is the best of them on the "
         "search seed. When the search already ranked them at that count, only the best one is re-scored.",
     )
@@ -202,7 +219,9 @@ class SearchAlgoSpec(StrictModel):
     def _schedule_increases(self) -> SearchAlgoSpec:
         sched = self.fidelity_schedule
         if sched is not None and (len(sched) < 2 or any(b <= a for a, b in pairwise(sched))):
-            raise ValueError("`search.fidelity_schedule` must hold at least two strictly increasing sample counts")
+            raise ValueError(
+                "`search.fidelity_schedule` must hold at least two strictly increasing sample counts"
+            )
         return self
 
     @model_validator(mode="after")
@@ -215,7 +234,8 @@ class SearchAlgoSpec(StrictModel):
                 f"`search.budget` ({self.budget}) is smaller than the {needed} seed vectors (the last checkpoint, "
                 "one per `search.ema_decays` value, the uniform soup) that even two checkpoints give: the seeds "
                 f"past the budget, and the baselines they report, would be dropped; set `search.budget` to at "
-                f"least {needed} plus the evaluations the optimiser should get, or remove decays")
+                f"least {needed} plus the evaluations the optimiser should get, or remove decays"
+            )
         return self
 
 
@@ -241,7 +261,8 @@ class PosthocEmaSpec(StrictModel):
         "reconstructed EMAs.",
     )
     step: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Training step the EMAs are rebuilt at; None: the last checkpoint's step. Snapshots after it "
         "are not used.",
     )
@@ -254,7 +275,9 @@ class SearchSpec(StrictModel):
     name: str = Field(default="lcsc-search", description="Human-readable run name.")
     seed: int = Field(default=0, description="Seed of the optimiser.")
     ray: RaySpec = Field(default_factory=RaySpec, description="Ray connection and resources.")
-    checkpoints: CheckpointSetSpec = Field(default_factory=CheckpointSetSpec, description="Checkpoints to combine.")
+    checkpoints: CheckpointSetSpec = Field(
+        default_factory=CheckpointSetSpec, description="Checkpoints to combine."
+    )
     model: PluginSpec = Field(
         default_factory=lambda: PluginSpec(target=MNIST_MODEL),
         description="Builder of the model skeleton the combined weights are loaded into. Left out, the default of "
@@ -281,13 +304,24 @@ class SearchSpec(StrictModel):
         if not isinstance(data, dict):
             return data
         checkpoints = data.get("checkpoints")
-        get = checkpoints.get if isinstance(checkpoints, dict) else lambda name, default=None: getattr(
-            checkpoints, name, default)
+        get = (
+            checkpoints.get
+            if isinstance(checkpoints, dict)
+            else lambda name, default=None: getattr(checkpoints, name, default)
+        )
         if checkpoints is None or get("format") != "diffusers":
             return data
         data = dict(data)
-        data.setdefault("model", {"target": DIFFUSERS_MODEL, "kwargs": {
-            "config_uri": get("uri", CheckpointSetSpec().uri), "subfolder": get("subfolder") or "unet"}})
+        data.setdefault(
+            "model",
+            {
+                "target": DIFFUSERS_MODEL,
+                "kwargs": {
+                    "config_uri": get("uri", CheckpointSetSpec().uri),
+                    "subfolder": get("subfolder") or "unet",
+                },
+            },
+        )
         data.setdefault("sampler", {"target": DIFFUSERS_SAMPLER, "kwargs": {"scheduler": "DDIM"}})
         sampler = data["sampler"]
         if isinstance(sampler, dict) and "target" not in sampler:
@@ -308,7 +342,8 @@ class SearchSpec(StrictModel):
                         f"`{field}.target` is the MNIST recipe's {plugin.target}, which does not work with "
                         f"`checkpoints.format: diffusers` (a diffusers UNet); set `{field}.target` to "
                         f"{BUILTINS['diffusers'][field]} (or leave `{field}` out: the format's default), or set "
-                        "`checkpoints.format: files` for checkpoints the MNIST recipe saved")
+                        "`checkpoints.format: files` for checkpoints the MNIST recipe saved"
+                    )
         families = {field: builtin_family(plugin.target) for field, plugin in plugins.items()}
         if None not in families.values() and families["model"] != families["sampler"]:
             field = "model" if "model" not in self.model_fields_set else "sampler"
@@ -318,7 +353,8 @@ class SearchSpec(StrictModel):
                 f"`{field}.target` ({plugins[field].target}) is the {families[field]} {field}, but "
                 f"`{other}.target` ({plugins[other].target}) is the {wanted} {other}, and they do not work "
                 f"together; set `{field}.target` to the {wanted} {field} ({BUILTINS[wanted][field]}), or give "
-                f"your own `{field}.target`")
+                f"your own `{field}.target`"
+            )
         return self
 
     @model_validator(mode="after")
@@ -356,13 +392,18 @@ class PairedComparison(StrictModel):
     """LCSC's winner against one baseline over the shared held-out seeds (same noise on both sides)."""
 
     baseline: str = Field(description="Label of the baseline compared with.")
-    mean_difference: float = Field(description="Mean over held-out seeds of FID(lcsc) - FID(baseline); < 0 favours "
-                                   "LCSC.")
-    low: float | None = Field(description="Lower end of the 95% Student-t interval of the mean difference; None "
-                              "with fewer than two held-out seeds.")
+    mean_difference: float = Field(
+        description="Mean over held-out seeds of FID(lcsc) - FID(baseline); < 0 favours LCSC."
+    )
+    low: float | None = Field(
+        description="Lower end of the 95% Student-t interval of the mean difference; None "
+        "with fewer than two held-out seeds."
+    )
     high: float | None = Field(description="Upper end of that interval.")
     num_seeds: int = Field(description="Held-out seeds behind the comparison.")
-    verdict: str = Field(description="'LCSC beat X' or 'X beat LCSC' when the interval excludes 0, else 'tie'.")
+    verdict: str = Field(
+        description="'LCSC beat X' or 'X beat LCSC' when the interval excludes 0, else 'tie'."
+    )
 
 
 class PosthocEmaScore(StrictModel):
@@ -372,8 +413,10 @@ class PosthocEmaScore(StrictModel):
     gamma: float = Field(description="Exponent of its power function (EDM2 Eq. 126).")
     step: int = Field(description="Training step it was rebuilt at.")
     fid: float = Field(description="FID on the search seed at the final sample count.")
-    snapshot_coefficients: list[float] = Field(description="Weight of each snapshot (`snapshots` order), summing "
-                                               "to 1: the least-squares fit of the target profile.")
+    snapshot_coefficients: list[float] = Field(
+        description="Weight of each snapshot (`snapshots` order), summing "
+        "to 1: the least-squares fit of the target profile."
+    )
 
 
 class SearchResult(StrictModel):
@@ -384,19 +427,28 @@ class SearchResult(StrictModel):
     checkpoint_steps: list[int] = Field(description="Training step of each checkpoint.")
     best: CandidateScore = Field(description="The best candidate found by the search.")
     baselines: list[CandidateScore] = Field(description="Last, best sparse-EMA, uniform, and the run's EMA.")
-    gain_found: bool = Field(description="True when the best candidate is no seed vector and beat every baseline: "
-                             "each paired interval over the held-out seeds lies below 0.")
+    gain_found: bool = Field(
+        description="True when the best candidate is no seed vector and beat every baseline: "
+        "each paired interval over the held-out seeds lies below 0."
+    )
     comparisons: list[PairedComparison] = Field(
-        default_factory=list, description="The winner against each baseline: paired differences with 95% intervals."
+        default_factory=list,
+        description="The winner against each baseline: paired differences with 95% intervals.",
     )
     num_evaluations: int = Field(description="Candidate evaluations run (equals the budget).")
     num_failed: int = Field(default=0, description="Trials recorded as failed.")
-    total_samples: int = Field(default=0, description="Samples generated by the search's evaluations (trials, rungs, final scores), "
-                               "each counted once across resumes.")
+    total_samples: int = Field(
+        default=0,
+        description="Samples generated by the search's evaluations (trials, rungs, final scores), "
+        "each counted once across resumes.",
+    )
     posthoc_ema: list[PosthocEmaScore] = Field(
-        default_factory=list, description="The post-hoc EMA grid on the search seed (with `posthoc_ema` in the spec).")
+        default_factory=list,
+        description="The post-hoc EMA grid on the search seed (with `posthoc_ema` in the spec).",
+    )
     posthoc_snapshots: list[str] = Field(
-        default_factory=list, description="The snapshots the post-hoc EMAs combine, in coefficient order.")
+        default_factory=list, description="The snapshots the post-hoc EMAs combine, in coefficient order."
+    )
     wall_time_s: float = Field(description="Wall-clock seconds of the whole search.")
     files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
     versions: dict[str, str] = Field(default_factory=dict, description="Package versions.")

@@ -27,21 +27,29 @@ class LlamaSpec(StrictModel):
     d_model: int = Field(default=128, ge=8, description="Model width.")
     n_layers: int = Field(default=8, ge=1, description="Transformer blocks, split equally over the stages.")
     n_heads: int = Field(default=4, ge=1, description="Attention heads; must divide d_model.")
-    ffn_hidden: int | None = Field(default=None, ge=1, description="SwiGLU hidden width; None = 8/3 d rounded.")
+    ffn_hidden: int | None = Field(
+        default=None, ge=1, description="SwiGLU hidden width; None = 8/3 d rounded."
+    )
     seq_len: int = Field(default=128, ge=2, description="Tokens per sequence (bytes).")
     rope_theta: float = Field(default=10000.0, gt=0, description="Rotary embedding base.")
     n_kv_heads: int | None = Field(
-        default=None, ge=1, description="Key/value heads (grouped-query attention); must divide n_heads. None: n_heads."
+        default=None,
+        ge=1,
+        description="Key/value heads (grouped-query attention); must divide n_heads. None: n_heads.",
     )
     norm_eps: float = Field(default=1e-6, gt=0, description="RMSNorm epsilon.")
     vocab_size: int | None = Field(
-        default=None, ge=2, description="Vocabulary size; None: the tokenizer's (`data.tokenizer`), else 256 bytes."
+        default=None,
+        ge=2,
+        description="Vocabulary size; None: the tokenizer's (`data.tokenizer`), else 256 bytes.",
     )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> LlamaSpec:
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"`model.n_kv_heads` ({self.n_kv_heads}) must divide `model.n_heads` ({self.n_heads})")
+            raise ValueError(
+                f"`model.n_kv_heads` ({self.n_kv_heads}) must divide `model.n_heads` ({self.n_heads})"
+            )
         if self.d_model % self.n_heads:
             raise ValueError(f"`model.n_heads` ({self.n_heads}) must divide `model.d_model` ({self.d_model})")
         if (self.d_model // self.n_heads) % 2:
@@ -60,20 +68,25 @@ class PipelineSpec(StrictModel):
     num_cpus_per_stage: float = Field(default=0.5, gt=0, description="CPUs reserved per stage actor.")
     warm_standby: bool = Field(default=True, description="Keep a pre-started spare actor for fast recovery.")
     num_gpus_per_stage: float = Field(
-        default=0.0, ge=0,
+        default=0.0,
+        ge=0,
         description="GPUs reserved per stage actor; > 0 runs each stage on the GPU Ray assigns it (cuda:0 under "
         "Ray's CUDA_VISIBLE_DEVICES). 0: CPU (the default).",
     )
     precision: Literal["fp32", "bf16"] = Field(
-        default="bf16", description="'bf16': forward and backward under bfloat16 autocast on GPU stages (weights, "
-        "Adam and the loss stay float32); CPU stages always compute in float32."
+        default="bf16",
+        description="'bf16': forward and backward under bfloat16 autocast on GPU stages (weights, "
+        "Adam and the loss stay float32); CPU stages always compute in float32.",
     )
     peak_flops: float | None = Field(
-        default=None, gt=0, description="Peak FLOP/s of one stage's device, for MFU; None: known GPUs by name "
-        "(H100/H200/A100/L40S/A10G/L4/V100/T4 dense bf16), no MFU on CPU."
+        default=None,
+        gt=0,
+        description="Peak FLOP/s of one stage's device, for MFU; None: known GPUs by name "
+        "(H100/H200/A100/L40S/A10G/L4/V100/T4 dense bf16), no MFU on CPU.",
     )
     standby_actors: int = Field(
-        default=1, ge=1,
+        default=1,
+        ge=1,
         description="Warm standby actors kept started (with `warm_standby`); each holds a placement-group bundle. "
         "More than one lets failures that come faster than an actor starts still find one ready.",
     )
@@ -98,8 +111,9 @@ class DataSpec(StrictModel):
     """Training tokens: a token artifact from `checkfree-ray tokenize`, or byte-level text that ships with Python."""
 
     source: Literal["python-docs", "python-stdlib"] = Field(
-        default="python-docs", description="'python-docs': pydoc_data topics prose; 'python-stdlib': .py files "
-        "(used when `tokens_uri` is not set)."
+        default="python-docs",
+        description="'python-docs': pydoc_data topics prose; 'python-stdlib': .py files "
+        "(used when `tokens_uri` is not set).",
     )
     val_fraction: float = Field(default=0.05, gt=0, lt=0.5, description="Held-out tail of the built-in text.")
     tokens_uri: str | None = Field(
@@ -118,7 +132,9 @@ class DataSpec(StrictModel):
 class OptimSpec(StrictModel):
     """Adam per stage, with per-stage gradient clipping."""
 
-    lr: float = Field(default=1e-3, gt=0, description="Peak learning rate (constant by default, as in the paper).")
+    lr: float = Field(
+        default=1e-3, gt=0, description="Peak learning rate (constant by default, as in the paper)."
+    )
     schedule: Literal["constant", "cosine"] = Field(
         default="constant",
         description="'constant': `lr` throughout; 'cosine': linear warmup over `warmup_steps`, then a cosine from "
@@ -145,8 +161,10 @@ class OptimSpec(StrictModel):
         if self.min_lr > self.lr:
             raise ValueError(f"`optim.min_lr` ({self.min_lr}) must not exceed `optim.lr` ({self.lr})")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-            raise ValueError(f"`optim.decay_steps` ({self.decay_steps}) must be after `optim.warmup_steps` "
-                             f"({self.warmup_steps})")
+            raise ValueError(
+                f"`optim.decay_steps` ({self.decay_steps}) must be after `optim.warmup_steps` "
+                f"({self.warmup_steps})"
+            )
         return self
 
 
@@ -159,8 +177,12 @@ class RecoverySpec(StrictModel):
         "checkpoints, every Young/Daly interval sqrt(2 x save cost x MTBF) re-tuned as failures are seen "
         "(`recovery.expected_mtbf_s`), catch two adjacent stages lost together (rolled back to the latest one).",
     )
-    lr_scale: float = Field(default=1.1, gt=0, description="LR multiplier of a rebuilt stage (not compounding).")
-    epsilon: float = Field(default=1e-4, gt=0, description="Added to each neighbour's gradient norm (paper: 1e-4).")
+    lr_scale: float = Field(
+        default=1.1, gt=0, description="LR multiplier of a rebuilt stage (not compounding)."
+    )
+    epsilon: float = Field(
+        default=1e-4, gt=0, description="Added to each neighbour's gradient norm (paper: 1e-4)."
+    )
     grad_norm: Literal["post_clip", "pre_clip"] = Field(
         default="post_clip",
         description="Which gradient L2 norm of a neighbour's last committed step weighs the CheckFree average: "
@@ -172,13 +194,15 @@ class RecoverySpec(StrictModel):
         "the embedding on the first stage and the head on the last); 'blocks', the transformer blocks only.",
     )
     step_timeout_s: float | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Seconds a step may take before the stages that do not answer are treated as lost (killed, "
         "rebuilt, recorded with reason 'timeout'). None: max(30 s, 10x the median step), 300 s until a step "
         "has been measured.",
     )
     expected_mtbf_s: float | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Hybrid: the prior mean seconds between losses of one stage (its node), worth one failure in "
         "the estimate that the failures seen then update. None: from `failures.hourly_rate` or "
         "`failures.probability_per_step`, else 5% per stage per hour (the paper's lowest rate).",
@@ -193,7 +217,8 @@ class RecoverySpec(StrictModel):
     copy_every: int = Field(default=1, ge=1, description="CheckFree+: steps between (de)embedding copies.")
     max_step_retries: int = Field(default=3, ge=0, description="Retries of one step before the run fails.")
     drain_poll_s: float | None = Field(
-        default=2.0, gt=0,
+        default=2.0,
+        gt=0,
         description="Seconds between the coordinator's looks (between two steps) at Ray's draining nodes; a stage "
         "whose node is draining (a preemption notice) is handed off exactly, weights and Adam, to a standby on "
         "another node before the deadline, or left to this strategy's recovery when the deadline is too short for "
@@ -205,8 +230,10 @@ class CheckpointingSpec(StrictModel):
     """Periodic full-model checkpoints (the baseline, and the fallback of every strategy)."""
 
     every: int | None = Field(
-        default=None, ge=1, description="Steps between checkpoints; None: only the 'checkpoint' strategy uses 100. "
-        "'hybrid': the most steps between its checkpoints (Young/Daly chooses within; None: 1000)."
+        default=None,
+        ge=1,
+        description="Steps between checkpoints; None: only the 'checkpoint' strategy uses 100. "
+        "'hybrid': the most steps between its checkpoints (Young/Daly chooses within; None: 1000).",
     )
     uri: str | None = Field(default=None, description="Where checkpoints go; None: `output.uri`/checkpoints.")
     keep: int = Field(default=2, ge=1, description="Complete checkpoints kept.")
@@ -227,10 +254,16 @@ class FailureSpec(StrictModel):
     """Injected stage failures: real process kills."""
 
     probability_per_step: float | None = Field(
-        default=None, ge=0, le=1, description="Per-stage per-step failure probability (paper: 0.0009/0.002/0.004)."
+        default=None,
+        ge=0,
+        le=1,
+        description="Per-stage per-step failure probability (paper: 0.0009/0.002/0.004).",
     )
     hourly_rate: float | None = Field(
-        default=None, ge=0, le=1, description="Per-stage hourly failure rate; per step p = 1-(1-h)^(t_step/3600)."
+        default=None,
+        ge=0,
+        le=1,
+        description="Per-stage hourly failure rate; per step p = 1-(1-h)^(t_step/3600).",
     )
     schedule: list[tuple[int, int]] = Field(
         default_factory=list, description="Exact failures as (step, stage_index) pairs, stage_index from 0."
@@ -246,7 +279,8 @@ class FailureSpec(StrictModel):
                 f"`failures.probability_per_step` is {self.probability_per_step}: at >= 0.5 most steps lose a stage "
                 "and each loss runs its step again, so the work replayed grows quadratically with the run; "
                 "paper rates are 0.0009-0.004",
-                UserWarning, stacklevel=2,
+                UserWarning,
+                stacklevel=2,
             )
         return self
 
@@ -260,7 +294,9 @@ class TrainSpec(StrictModel):
     steps: int = Field(default=200, ge=1, description="Optimizer steps.")
     eval_every: int = Field(default=50, ge=1, description="Steps between validation evaluations.")
     eval_batches: int = Field(default=4, ge=1, description="Validation micro-batches per evaluation.")
-    target_val_loss: float | None = Field(default=None, gt=0, description="Stop early at this validation loss.")
+    target_val_loss: float | None = Field(
+        default=None, gt=0, description="Stop early at this validation loss."
+    )
     ray: RaySpec = Field(default_factory=RaySpec, description="Ray connection and resources.")
     model: LlamaSpec = Field(default_factory=LlamaSpec, description="Model size.")
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec, description="Pipeline layout.")
@@ -269,7 +305,9 @@ class TrainSpec(StrictModel):
     recovery: RecoverySpec = Field(default_factory=RecoverySpec, description="Recovery strategy.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
     failures: FailureSpec = Field(default_factory=FailureSpec, description="Injected failures.")
-    storage: StorageSpec = Field(default_factory=StorageSpec, description="Storage access of the stage actors.")
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec, description="Storage access of the stage actors."
+    )
     output: OutputSpec = Field(
         default_factory=lambda: OutputSpec(uri="outputs/checkfree-train"), description="Result location."
     )
@@ -277,7 +315,9 @@ class TrainSpec(StrictModel):
     @model_validator(mode="after")
     def _layers_split(self) -> TrainSpec:
         stages, layers = self.pipeline.num_stages, self.model.n_layers
-        if layers % stages and self.model.hf_path is None:  # an hf_path's layers are checked when its config is read
+        if (
+            layers % stages and self.model.hf_path is None
+        ):  # an hf_path's layers are checked when its config is read
             raise ValueError(
                 f"`model.n_layers` ({layers}) must be a multiple of `pipeline.num_stages` ({stages})"
             )

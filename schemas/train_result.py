@@ -22,11 +22,15 @@ class CheckpointInterval(StrictModel):
 
     step: int = Field(description="Step after which this interval was chosen.")
     every: int = Field(description="Steps between checkpoint saves from then on.")
-    interval_s: float | None = Field(description="Young/Daly seconds sqrt(2 x save_cost_s x mtbf_s); None: no rollback "
-                                     "expected (the upper bound applies).")
+    interval_s: float | None = Field(
+        description="Young/Daly seconds sqrt(2 x save_cost_s x mtbf_s); None: no rollback "
+        "expected (the upper bound applies)."
+    )
     save_cost_s: float = Field(description="Mean measured seconds per save (start to manifest).")
-    mtbf_s: float | None = Field(description="Estimated mean seconds between losses CheckFree+ cannot rebuild (two "
-                                 "adjacent stages in one step).")
+    mtbf_s: float | None = Field(
+        description="Estimated mean seconds between losses CheckFree+ cannot rebuild (two "
+        "adjacent stages in one step)."
+    )
     stage_mtbf_s: float = Field(description="Estimated mean seconds between losses of one stage.")
     failures_seen: int = Field(description="Stage losses seen when it was chosen.")
     rollbacks_seen: int = Field(description="Rollbacks seen when it was chosen.")
@@ -48,9 +52,12 @@ class FailureRecord(StrictModel):
     recovery_s: float = Field(description="Seconds from detection until the retried step started.")
     rolled_back_to: int | None = Field(default=None, description="Checkpoint step restored, if any.")
     death_to_retry_s: float | None = Field(
-        default=None, description="Seconds from the kill until the retried step started (injected kills only)."
+        default=None,
+        description="Seconds from the kill until the retried step started (injected kills only).",
     )
-    warm_standby: bool = Field(default=False, description="Whether a pre-started standby actor took the stage.")
+    warm_standby: bool = Field(
+        default=False, description="Whether a pre-started standby actor took the stage."
+    )
     phase: FailurePhase = Field(
         default="before_step",
         description="Where the step was when the stage was lost (its first call that did not finish): "
@@ -59,11 +66,12 @@ class FailureRecord(StrictModel):
         "'checkpoint_save', or 'recovery' (while another stage was being rebuilt).",
     )
     reason: Literal["died", "timeout", "drain", "drain_deadline_short", "drain_handoff_failed"] = Field(
-        default="died", description="'died': its process was gone; 'timeout': it did not answer within the step "
+        default="died",
+        description="'died': its process was gone; 'timeout': it did not answer within the step "
         "timeout (`recovery.step_timeout_s`) and was killed; 'drain': its node was draining and it was handed off; "
         "'drain_deadline_short': its node was draining but the deadline left less time than the copy needed, so it "
         "was recovered once lost; 'drain_handoff_failed': its hand-off failed (a stage or node died during it, or no "
-        "standby off the draining nodes), so it was recovered once lost."
+        "standby off the draining nodes), so it was recovered once lost.",
     )
 
 
@@ -86,14 +94,18 @@ class TrainResult(StrictModel):
     final_perplexity: float | None = Field(default=None, description="exp(final_val_loss).")
     steps_to_target: int | None = Field(default=None, description="First step at the target validation loss.")
     tokens_per_s: float = Field(
-        default=0.0, description="Training throughput: tokens of the kept steps over the time of every step run "
-        "(rolled-back work costs time and adds no tokens)."
+        default=0.0,
+        description="Training throughput: tokens of the kept steps over the time of every step run "
+        "(rolled-back work costs time and adds no tokens).",
     )
     val_perplexities: list[float] = Field(default_factory=list, description="exp(validation loss) at each.")
-    model_parameters: int | None = Field(default=None, description="Parameters N of the model (embedding included).")
+    model_parameters: int | None = Field(
+        default=None, description="Parameters N of the model (embedding included)."
+    )
     mfu: float | None = Field(
-        default=None, description="Model FLOPs utilisation: tokens_per_s x 6N over the stages' summed peak FLOP/s "
-        "(`pipeline.peak_flops` or a known GPU's); None on CPU."
+        default=None,
+        description="Model FLOPs utilisation: tokens_per_s x 6N over the stages' summed peak FLOP/s "
+        "(`pipeline.peak_flops` or a known GPU's); None on CPU.",
     )
     median_step_s: float | None = Field(default=None, description="Median seconds per committed step.")
     costs: dict[str, float] = Field(
@@ -102,7 +114,8 @@ class TrainResult(StrictModel):
         "CheckFree+ copy bytes.",
     )
     checkpoint_intervals: list[CheckpointInterval] = Field(
-        default_factory=list, description="Hybrid: each change of the checkpoint interval, with its reasons.")
+        default_factory=list, description="Hybrid: each change of the checkpoint interval, with its reasons."
+    )
     wall_time_s: float = Field(description="Wall-clock seconds of the run.")
     files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
     run_id: str | None = Field(default=None, description="Identity of the run (kept across resumes).")

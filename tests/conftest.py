@@ -19,7 +19,9 @@ for _name, _value in settings.LOCAL_RAY_ENV.items():
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-HARD_TIMEOUT_GRACE_S = 180  # past pytest-timeout's limit, a test still running is stuck where signals cannot reach
+HARD_TIMEOUT_GRACE_S = (
+    180  # past pytest-timeout's limit, a test still running is stuck where signals cannot reach
+)
 _guard: dict = {"ray_cut": False}
 
 
@@ -55,8 +57,13 @@ def pytest_runtest_makereport(item, call):
 def _start_ray():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="tests",
-             object_store_memory=1_000_000_000)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="tests",
+        object_store_memory=1_000_000_000,
+    )
 
 
 @pytest.fixture(scope="session")

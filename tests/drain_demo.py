@@ -30,12 +30,21 @@ NOTICE_STEP, KILL_STEP, STEPS = 3, 5, 6
 
 def demo_spec(watch: bool) -> TrainSpec:
     """2 stages (d=32) and one warm standby, a quarter CPU each, so SPREAD puts each on its own node."""
-    return TrainSpec.model_validate({
-        "steps": STEPS, "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 16},
-        "pipeline": {"num_stages": 2, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.25,
-                     "warm_standby": True, "standby_actors": 1},
-        "recovery": {"strategy": "checkfree+", "drain_poll_s": 0.5 if watch else None},
-    })
+    return TrainSpec.model_validate(
+        {
+            "steps": STEPS,
+            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 16},
+            "pipeline": {
+                "num_stages": 2,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.25,
+                "warm_standby": True,
+                "standby_actors": 1,
+            },
+            "recovery": {"strategy": "checkfree+", "drain_poll_s": 0.5 if watch else None},
+        }
+    )
 
 
 def train(executor: PipelineExecutor) -> list[float]:
@@ -67,14 +76,26 @@ def main() -> dict:
             if step == NOTICE_STEP and "node" not in events:
                 nodes = [ray.get(a.ping.remote(), timeout=60)["node_id"] for a in ex.actors]
                 stage = next(i for i, n in enumerate(nodes) if n in handles)
-                command = [RAY_CLI, "drain-node", f"--address={cluster.address}", f"--node-id={nodes[stage]}",
-                           "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot notice",
-                           f"--deadline-remaining-seconds={DEADLINE_S}"]
+                command = [
+                    RAY_CLI,
+                    "drain-node",
+                    f"--address={cluster.address}",
+                    f"--node-id={nodes[stage]}",
+                    "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                    "--reason-message=spot notice",
+                    f"--deadline-remaining-seconds={DEADLINE_S}",
+                ]
                 subprocess.run(command, check=True, timeout=120, env=ray_env(), capture_output=True)
-                events.update(stage=stage, node=nodes[stage], deadline=time.monotonic() + DEADLINE_S,
-                              reported=gcs_draining_nodes())
+                events.update(
+                    stage=stage,
+                    node=nodes[stage],
+                    deadline=time.monotonic() + DEADLINE_S,
+                    reported=gcs_draining_nodes(),
+                )
             if step == KILL_STEP and "node" in events and "killed_at_step" not in events:
-                time.sleep(max(0.0, events["deadline"] - time.monotonic()))  # the cloud takes it at the deadline
+                time.sleep(
+                    max(0.0, events["deadline"] - time.monotonic())
+                )  # the cloud takes it at the deadline
                 cluster.remove_node(handles[events["node"]], allow_graceful=False)
                 events["killed_at_step"] = step
 
@@ -89,8 +110,13 @@ def main() -> dict:
         ray.shutdown()
         cluster.shutdown()
     events.pop("deadline", None)
-    return {"twin_losses": twin_losses, "losses": losses, "failures": failures, "nodes_after": nodes_after,
-            **events}
+    return {
+        "twin_losses": twin_losses,
+        "losses": losses,
+        "failures": failures,
+        "nodes_after": nodes_after,
+        **events,
+    }
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import torch
 from tests.lcsc_plugins import toy_sample
 
 
-def counting_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str,
-                    seconds: float = 0.0) -> torch.Tensor:
+def counting_sample(
+    model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, seconds: float = 0.0
+) -> torch.Tensor:
     """toy_sample, appending one line per call to log_dir/calls.log (pid, seed, n); with `seconds`, each call
     takes at least that long, as a real sampler does (a harness that kills at moments of the search can then
     catch each one, even polling on crowded cores)."""
@@ -24,7 +25,9 @@ def counting_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir
     return toy_sample(model, n, seed, nfe, batch_size)
 
 
-def crashing_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, crash_on_call: int = 3):
+def crashing_sample(
+    model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, crash_on_call: int = 3
+):
     """toy_sample, but the process dies (SIGKILL-like, no cleanup) on the `crash_on_call`-th call overall."""
     marker = Path(log_dir) / "calls.log"
     with open(marker, "a") as handle:
@@ -74,7 +77,9 @@ def gated_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: s
     return toy_sample(model, n, seed, nfe, batch_size)
 
 
-def trial_killing_sample(model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, kill_on_call: int = 3):
+def trial_killing_sample(
+    model, n: int, seed: int, nfe: int, batch_size: int, log_dir: str, kill_on_call: int = 3
+):
     """toy_sample, but the `kill_on_call`-th call overall first SIGKILLs every live Ray Tune trial process (the
     trials waiting on this evaluation among them); the pids killed go to log_dir/killed_trials."""
     import signal
@@ -84,8 +89,11 @@ def trial_killing_sample(model, n: int, seed: int, nfe: int, batch_size: int, lo
     with open(Path(log_dir) / "calls.log", "a") as handle:
         handle.write(f"{os.getpid()} {seed} {n}\n")
     if len((Path(log_dir) / "calls.log").read_text().splitlines()) == kill_on_call:
-        trials = [info["Pid"] for info in ray._private.state.actors().values()
-                  if info["State"] == "ALIVE" and "ImplicitFunc" in info["ActorClassName"] and info["Pid"]]
+        trials = [
+            info["Pid"]
+            for info in ray._private.state.actors().values()
+            if info["State"] == "ALIVE" and "ImplicitFunc" in info["ActorClassName"] and info["Pid"]
+        ]
         for pid in trials:
             os.kill(pid, signal.SIGKILL)
         (Path(log_dir) / "killed_trials").write_text(" ".join(map(str, trials)))

@@ -44,15 +44,24 @@ class LocalCluster:
         # Each node gets its own temp dir: nodes sharing one would garbage-collect each other's unpacked
         # runtime environments (a job's working_dir vanishing under its driver).
         temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
-        command = [RAY_CLI, "start", "--block", f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
-                   "--node-ip-address=127.0.0.1", "--object-store-memory=200000000", f"--temp-dir={temp_dir}",
-                   *node_port_flags()]
+        command = [
+            RAY_CLI,
+            "start",
+            "--block",
+            f"--address={self.gcs_address}",
+            f"--num-cpus={num_cpus}",
+            "--node-ip-address=127.0.0.1",
+            "--object-store-memory=200000000",
+            f"--temp-dir={temp_dir}",
+            *node_port_flags(),
+        ]
         if resources:
             command.append(f"--resources={json.dumps(resources)}")
         log = open(self.log_dir / f"node{len(self.nodes)}.log", "ab")  # noqa: SIM115 - owned by the child
         for attempt in range(NODE_START_ATTEMPTS):
-            node = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            node = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             self.nodes.append(node)
             try:
                 self.wait_for_nodes(len(self.nodes), gone=node)
@@ -63,44 +72,66 @@ class LocalCluster:
                     raise
         raise AssertionError("unreachable")
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 120, gone: subprocess.Popen | None = None) -> None:
+    def wait_for_nodes(
+        self, count: int, timeout_s: float = 120, gone: subprocess.Popen | None = None
+    ) -> None:
         """Block until `count` nodes are alive; `NodeExited` if the process `gone` ends first."""
         deadline = time.monotonic() + timeout_s
-        probe = (f"import ray; ray.init(address='{self.gcs_address}', logging_level='ERROR'); "
-                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        probe = (
+            f"import ray; ray.init(address='{self.gcs_address}', logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes()))"
+        )
         while time.monotonic() < deadline:
             if gone is not None and gone.poll() is not None:
                 raise NodeExited(f"the node's `ray start` exited with {gone.returncode} before it joined")
-            out = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True,
-                                 check=False, timeout=60)
+            out = subprocess.run(
+                [sys.executable, "-c", probe],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            )
             if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
                 return
             time.sleep(1)
         raise TimeoutError(f"the cluster did not reach {count} nodes in {timeout_s}s")
 
     def _probe(self, code: str) -> str:
-        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
-                             check=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
         return out.stdout.strip().splitlines()[-1]
 
     def node_ids(self) -> dict[str, str]:
         """Custom resource of each alive worker node (`worker<i>`) -> its Ray node id."""
-        code = (f"import json, ray; ray.init(address='{self.gcs_address}', logging_level='ERROR'); "
-                "print(json.dumps({r: n['NodeID'] for n in ray.nodes() if n['Alive'] "
-                "for r in n['Resources'] if r.startswith('worker')}))")
+        code = (
+            f"import json, ray; ray.init(address='{self.gcs_address}', logging_level='ERROR'); "
+            "print(json.dumps({r: n['NodeID'] for n in ray.nodes() if n['Alive'] "
+            "for r in n['Resources'] if r.startswith('worker')}))"
+        )
         return json.loads(self._probe(code))
 
     def actors(self) -> list[dict]:
         """Every actor the state API on the dashboard knows: class name, state and node id."""
-        code = ("import json; from ray.util.state import list_actors; "
-                f"actors = list_actors(address='{self.dashboard_url}', limit=10000, detail=True); "
-                "print(json.dumps([{'class_name': a.class_name, 'state': a.state, 'node_id': a.node_id} "
-                "for a in actors]))")
+        code = (
+            "import json; from ray.util.state import list_actors; "
+            f"actors = list_actors(address='{self.dashboard_url}', limit=10000, detail=True); "
+            "print(json.dumps([{'class_name': a.class_name, 'state': a.state, 'node_id': a.node_id} "
+            "for a in actors]))"
+        )
         return json.loads(self._probe(code))
 
     def actor_nodes(self, class_name: str) -> list[str]:
         """Node ids of the alive actors of one class."""
-        return [a["node_id"] for a in self.actors() if a["class_name"] == class_name and a["state"] == "ALIVE"]
+        return [
+            a["node_id"] for a in self.actors() if a["class_name"] == class_name and a["state"] == "ALIVE"
+        ]
 
     def kill_node(self, node: subprocess.Popen) -> None:
         """Kill a node abruptly (every process of it at once), as a spot preemption would."""

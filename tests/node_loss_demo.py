@@ -43,11 +43,21 @@ def main(out_dir: str, seed: int | None = None) -> dict:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     remove_at = 3 if seed is None else 2 + seed % 3
-    spec = TrainSpec.model_validate({
-        "steps": 6, "seed": seed or 0, "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
-        "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.25},
-        "recovery": {"strategy": "checkfree"}, "checkpointing": {"every": 1},
-    })
+    spec = TrainSpec.model_validate(
+        {
+            "steps": 6,
+            "seed": seed or 0,
+            "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
+            "pipeline": {
+                "num_stages": 4,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.25,
+            },
+            "recovery": {"strategy": "checkfree"},
+            "checkpointing": {"every": 1},
+        }
+    )
     executor = PipelineExecutor(spec, checkpoint_uri=f"{out_dir}/ckpt")
     removed: dict = {}
 
@@ -61,8 +71,11 @@ def main(out_dir: str, seed: int | None = None) -> dict:
                 break
         else:
             stage = next(i for i, n in enumerate(nodes) if n in by_id)
-        removed.update(stage=stage, node=nodes[stage], stages_on_node=[i for i, n in enumerate(nodes)
-                                                                         if n == nodes[stage]])
+        removed.update(
+            stage=stage,
+            node=nodes[stage],
+            stages_on_node=[i for i, n in enumerate(nodes) if n == nodes[stage]],
+        )
         cluster.remove_node(by_id[nodes[stage]])
 
     executor.before_step.append(remove_node)
@@ -72,10 +85,14 @@ def main(out_dir: str, seed: int | None = None) -> dict:
         while step <= spec.steps:
             step = executor.run_step(step)
         h = executor.history
-        report = {"steps": h.steps, "rolled_back": h.rolled_back + [False] * (len(h.steps) - len(h.rolled_back)),
-                  "expected_steps": spec.steps, "removed": removed,
-                  "failures": [f.model_dump() for f in h.failures],
-                  "nodes_after": [ray.get(a.ping.remote(), timeout=60)["node_id"] for a in executor.actors]}
+        report = {
+            "steps": h.steps,
+            "rolled_back": h.rolled_back + [False] * (len(h.steps) - len(h.rolled_back)),
+            "expected_steps": spec.steps,
+            "removed": removed,
+            "failures": [f.model_dump() for f in h.failures],
+            "nodes_after": [ray.get(a.ping.remote(), timeout=60)["node_id"] for a in executor.actors],
+        }
     finally:
         executor.shutdown()
         try:
@@ -87,4 +104,6 @@ def main(out_dir: str, seed: int | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)), flush=True)
+    print(
+        "RESULT " + json.dumps(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)), flush=True
+    )

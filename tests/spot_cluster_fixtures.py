@@ -47,5 +47,6 @@ def start_driver(gcs_address: str, code: str, log_path: Path) -> subprocess.Pope
     """Run `code` (which may use the name GCS) as a Ray driver of the cluster, in its own process."""
     program = f"GCS = {gcs_address!r}\n{code}"
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-c", program], env=driver_env(), stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        return subprocess.Popen(
+            [sys.executable, "-c", program], env=driver_env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )

@@ -107,19 +107,40 @@ def test_header_over_the_format_cap_is_refused(tmp_path):
 
 
 _ENTRY_CASES = {
-    "offsets out of range": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4096]}}, 8, "truncated"),
+    "offsets out of range": (
+        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4096]}},
+        8,
+        "truncated",
+    ),
     "negative offset": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, 8, "data_offsets"),
-    "overlapping": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlap"),
-    "unknown dtype": ({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, 8, "not a valid safetensors"),
-    "shape product overflows": ({"a": {"dtype": "F32", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 8]}},
-                                8, "cannot fit"),
+    "overlapping": (
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        12,
+        "overlap",
+    ),
+    "unknown dtype": (
+        {"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}},
+        8,
+        "not a valid safetensors",
+    ),
+    "shape product overflows": (
+        {"a": {"dtype": "F32", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 8]}},
+        8,
+        "cannot fit",
+    ),
     "negative dimension": ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "shape"),
     "header is a list": ([1, 2, 3], 0, "not an object"),
     "header is a string": ("abc", 0, "not an object"),
     "entry is not an object": ({"a": 5}, 0, "not an object with a dtype"),
     "metadata not an object": ({"__metadata__": [1]}, 0, "__metadata__"),
-    "size mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "not a valid safetensors"),
+    "size mismatch": (
+        {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+        8,
+        "not a valid safetensors",
+    ),
 }
 
 
@@ -145,12 +166,18 @@ def test_non_finite_values_are_named(value):
     header=st.dictionaries(
         st.text(max_size=4),
         st.one_of(
-            st.fixed_dictionaries({
-                "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "Z9", ""]),
-                "shape": st.lists(st.integers(-2, 2**62), max_size=3),
-                "data_offsets": st.lists(st.integers(-4, 2**64), min_size=0, max_size=3),
-            }),
-            st.integers(), st.text(max_size=3), st.none(),
+            st.fixed_dictionaries(
+                {
+                    "dtype": st.sampled_from(
+                        ["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "Z9", ""]
+                    ),
+                    "shape": st.lists(st.integers(-2, 2**62), max_size=3),
+                    "data_offsets": st.lists(st.integers(-4, 2**64), min_size=0, max_size=3),
+                }
+            ),
+            st.integers(),
+            st.text(max_size=3),
+            st.none(),
         ),
         max_size=4,
     ),
@@ -189,9 +216,9 @@ def test_torch_zip_entry_claiming_more_than_the_file_is_refused():
         info = archive.infolist()[0]
     # patch the central directory's uncompressed size of the first entry to 4 GB - 1
     central = data.rfind(b"PK\x01\x02", 0, data.rfind(b"PK\x05\x06"))
-    while central > 0 and data[central + 46:central + 46 + len(info.filename)] != info.filename.encode():
+    while central > 0 and data[central + 46 : central + 46 + len(info.filename)] != info.filename.encode():
         central = data.rfind(b"PK\x01\x02", 0, central)
-    data[central + 24:central + 28] = struct.pack("<I", 0xFFFFFFFE)
+    data[central + 24 : central + 28] = struct.pack("<I", 0xFFFFFFFE)
     message = _refused(parse_state_dict, bytes(data), "/runs/zip.pt")
     assert "zip.pt is a corrupt torch (zip) file" in message
 
@@ -244,7 +271,9 @@ def test_bad_reference_stats_are_named(case):
 def test_npy_header_claiming_a_huge_shape_is_refused():
     """An .npz whose sigma header claims 10^10 values (with 72 bytes of data) is refused before allocating."""
     npy = io.BytesIO()
-    np.lib.format.write_array_header_1_0(npy, {"descr": "<f8", "fortran_order": False, "shape": (10**5, 10**5)})
+    np.lib.format.write_array_header_1_0(
+        npy, {"descr": "<f8", "fortran_order": False, "shape": (10**5, 10**5)}
+    )
     npy.write(np.eye(3).tobytes())
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -266,7 +295,7 @@ def test_reference_stats_truncated_or_flipped(data):
     """A valid .npz cut at any offset, or with a byte changed, parses to valid stats or is refused by name."""
     blob = bytearray(GOOD_NPZ)
     if data.draw(st.booleans()):
-        blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
     else:
         blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
     tracemalloc.start()

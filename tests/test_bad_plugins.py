@@ -23,7 +23,9 @@ def _spec_file(tmp_path, model_target: str):
 
 def test_validate_imports_plugins_and_names_the_field(tmp_path):
     """A typo in `model.target` fails `lcsc-ray validate` with exit 2 and one line, no traceback."""
-    result = CliRunner().invoke(lcsc_main, ["validate", str(_spec_file(tmp_path, "lcsc_ray.recipes.mnist:build_unett"))])
+    result = CliRunner().invoke(
+        lcsc_main, ["validate", str(_spec_file(tmp_path, "lcsc_ray.recipes.mnist:build_unett"))]
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.output
@@ -32,7 +34,9 @@ def test_validate_imports_plugins_and_names_the_field(tmp_path):
 
 def test_validate_accepts_importable_plugins(tmp_path):
     """A spec whose plug-ins import validates with exit 0."""
-    result = CliRunner().invoke(lcsc_main, ["validate", str(_spec_file(tmp_path, "lcsc_ray.recipes.mnist:build_unet"))])
+    result = CliRunner().invoke(
+        lcsc_main, ["validate", str(_spec_file(tmp_path, "lcsc_ray.recipes.mnist:build_unet"))]
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -88,7 +92,9 @@ def _error_line(fn, capsys) -> tuple[int, str]:
     code, err = _exit_of(fn, capsys)
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
-    assert not any(line.startswith("Traceback") for line in err.splitlines()), err  # ours: not prefixed by Ray
+    assert not any(line.startswith("Traceback") for line in err.splitlines()), (
+        err
+    )  # ours: not prefixed by Ray
     return code, lines[0]
 
 

@@ -13,16 +13,19 @@ from schemas.errors import InfeasibleResourcesError
 NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 4.0, "GPU": 1.0}]
 
 
-@pytest.mark.parametrize(("bundles", "strategy", "expected"), [
-    ([{"CPU": 1.0}] * 6, "PACK", None),
-    ([{"CPU": 1.0}] * 7, "PACK", "7 CPU in all, the cluster has 6"),
-    ([{"CPU": 5.0}], "PACK", "on a single node"),
-    ([{"GPU": 1.0, "CPU": 3.0}], "SPREAD", None),
-    ([{"GPU": 1.0, "CPU": 1.0}] * 2, "PACK", "2 GPU in all, the cluster has 1"),
-    ([{"CPU": 1.0}] * 3, "STRICT_SPREAD", "needs 3 nodes"),
-    ([{"CPU": 3.0}] * 2, "STRICT_PACK", "on one node"),
-    ([{"CPU": 0.5, "GPU": 0.0}] * 4, "PACK", None),
-])
+@pytest.mark.parametrize(
+    ("bundles", "strategy", "expected"),
+    [
+        ([{"CPU": 1.0}] * 6, "PACK", None),
+        ([{"CPU": 1.0}] * 7, "PACK", "7 CPU in all, the cluster has 6"),
+        ([{"CPU": 5.0}], "PACK", "on a single node"),
+        ([{"GPU": 1.0, "CPU": 3.0}], "SPREAD", None),
+        ([{"GPU": 1.0, "CPU": 1.0}] * 2, "PACK", "2 GPU in all, the cluster has 1"),
+        ([{"CPU": 1.0}] * 3, "STRICT_SPREAD", "needs 3 nodes"),
+        ([{"CPU": 3.0}] * 2, "STRICT_PACK", "on one node"),
+        ([{"CPU": 0.5, "GPU": 0.0}] * 4, "PACK", None),
+    ],
+)
 def test_placement_problem_pure(bundles, strategy, expected):
     """Totals, single-node fit and strict strategies are judged against the nodes' resources."""
     problem = placement_problem(bundles, NODES, strategy)
@@ -45,7 +48,9 @@ def test_pipeline_too_big_for_the_cluster_fails_at_once(ray_local):
 
 def test_evaluators_over_the_cluster_total_fail_at_once(ray_local):
     """Evaluator CPUs beyond the cluster's total are refused, naming the evaluator fields."""
-    with pytest.raises(InfeasibleResourcesError, match=r"3 CPU in all, the cluster has 2.*evaluators.num_actors"):
+    with pytest.raises(
+        InfeasibleResourcesError, match=r"3 CPU in all, the cluster has 2.*evaluators.num_actors"
+    ):
         check_placeable([{"CPU": 1.0, "GPU": 0.0}] * 3, "the evaluator actors", "`evaluators.num_actors`")
 
 

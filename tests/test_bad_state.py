@@ -17,7 +17,7 @@ from schemas.errors import ChecksumError, IncompleteArtifactError, StateFileErro
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.mark.parametrize("content", [b"{\"fid\": 12.", b"\x00\xff garbage", b""])
+@pytest.mark.parametrize("content", [b'{"fid": 12.', b"\x00\xff garbage", b""])
 def test_corrupt_state_json_names_file_and_restart(tmp_path, content):
     """Corrupt JSON read on resume names the file and says how to start over."""
     path = tmp_path / "state" / "spec.json"
@@ -74,9 +74,13 @@ def test_manifest_size_larger_than_the_file_is_refused_before_reading(tmp_path):
 
 
 @FUZZ
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                    max_leaves=8))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=8,
+    )
+)
 def test_fuzzed_manifests_are_corrupt_or_read(tmp_path, value):
     """Any JSON value as a manifest is either read (every listed file verified) or named as corrupt."""
     uri = _artifact(tmp_path)

@@ -45,7 +45,8 @@ def test_delete_objects_per_key_errors_are_raised(s3_bucket):
 
     def refuse_b(parsed, **_):  # the server's answer, with the per-key error S3 gives a locked object
         parsed.setdefault("Errors", []).append(
-            {"Key": "d/b.bin", "Code": "AccessDenied", "Message": "object is under legal hold"})
+            {"Key": "d/b.bin", "Code": "AccessDenied", "Message": "object is under legal hold"}
+        )
 
     client.meta.events.register("after-call.s3.DeleteObjects", refuse_b)
     try:

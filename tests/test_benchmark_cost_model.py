@@ -82,7 +82,9 @@ def test_speedups_pair_seeds_and_skip_runs_that_missed_the_target():
 
 def test_recovery_kind_falls_back_to_the_same_method_then_to_every_measured_kind():
     """A cold copy not measured costs the measured warm copy; an unmeasured method the mean of every kind."""
-    costs = StrategyCosts(step_s=0.1, recovery_s={"copy/warm": 0.2, "checkfree/warm": 0.4, "checkfree/cold": 3.0})
+    costs = StrategyCosts(
+        step_s=0.1, recovery_s={"copy/warm": 0.2, "checkfree/warm": 0.4, "checkfree/cold": 3.0}
+    )
     assert costs.recovery("copy/cold") == pytest.approx(0.2)
     assert costs.recovery("checkfree/warm") == pytest.approx(0.4)
     assert costs.recovery("checkpoint/warm") == pytest.approx((0.2 + 0.4 + 3.0) / 3)
@@ -92,16 +94,20 @@ def test_stages_lost_together_are_one_recovery_and_cold_when_any_stage_was():
     """Two stages lost at one step with one rollback count once, cold if either took no warm standby."""
     from checkfree_setup import recovery_methods
 
-    failures = [{"step": 30, "stage": 1, "method": "checkfree", "rolled_back_to": 20, "warm_standby": True},
-                {"step": 30, "stage": 2, "method": "checkfree", "rolled_back_to": 20, "warm_standby": False},
-                {"step": 41, "stage": 0, "method": "copy", "rolled_back_to": None, "warm_standby": True}]
+    failures = [
+        {"step": 30, "stage": 1, "method": "checkfree", "rolled_back_to": 20, "warm_standby": True},
+        {"step": 30, "stage": 2, "method": "checkfree", "rolled_back_to": 20, "warm_standby": False},
+        {"step": 41, "stage": 0, "method": "copy", "rolled_back_to": None, "warm_standby": True},
+    ]
     assert recovery_methods(failures) == ["checkpoint/cold", "copy/warm"]
 
 
 def test_fixed_recovery_charges_the_given_modelled_seconds_unscaled():
     """With the paper's 30 s per recovery, recoveries add 30 s each whatever their measured time."""
     costs = StrategyCosts(step_s=0.2, recovery_s={"copy/warm": 5.0})
-    modelled = modelled_seconds(10, 2, ["copy/warm", "copy/warm"], costs, checkpoint_step_s=0.1, fixed_recovery_s=30.0)
+    modelled = modelled_seconds(
+        10, 2, ["copy/warm", "copy/warm"], costs, checkpoint_step_s=0.1, fixed_recovery_s=30.0
+    )
     assert modelled == pytest.approx(12 * 91.5 * 2.0 + 60.0)
 
 
@@ -110,10 +116,21 @@ def test_runs_of_separate_processes_merge_with_the_first_file_winning_per_run():
     from paper_table2 import merge_runs
 
     def part(seeds, tag):
-        runs = [{"strategy": "checkpoint", "seed": s, "tag": tag, "executed_steps": 80, "error": None} for s in seeds]
-        reference = [{"strategy": "none", "seed": s, "tag": tag, "executed_steps": 75, "error": None} for s in seeds]
-        return {"seeds": seeds, "reference": reference,
-                "runs": {"5%": runs}, "load_before": [1.0], "load_after": [2.0], "machine": {"niceness": 10}}
+        runs = [
+            {"strategy": "checkpoint", "seed": s, "tag": tag, "executed_steps": 80, "error": None}
+            for s in seeds
+        ]
+        reference = [
+            {"strategy": "none", "seed": s, "tag": tag, "executed_steps": 75, "error": None} for s in seeds
+        ]
+        return {
+            "seeds": seeds,
+            "reference": reference,
+            "runs": {"5%": runs},
+            "load_before": [1.0],
+            "load_after": [2.0],
+            "machine": {"niceness": 10},
+        }
 
     merged = merge_runs([part([1], "own"), part([0, 1], "all")])
     assert merged["seeds"] == [0, 1]
@@ -135,7 +152,13 @@ def test_a_run_that_never_started_gives_way_to_a_later_one_that_did():
 
     def part(executed, error):
         run = {"strategy": "checkfree", "seed": 0, "executed_steps": executed, "error": error}
-        return {"seeds": [0], "reference": [], "runs": {"5%": [run]}, "load_before": [1.0], "load_after": [1.0]}
+        return {
+            "seeds": [0],
+            "reference": [],
+            "runs": {"5%": [run]},
+            "load_before": [1.0],
+            "load_after": [1.0],
+        }
 
     merged = merge_runs([part(0, "GetTimeoutError"), part(90, None)])
     assert merged["runs"]["5%"] == [{"strategy": "checkfree", "seed": 0, "executed_steps": 90, "error": None}]
@@ -148,12 +171,25 @@ def test_hybrid_notes_pair_its_modelled_hours_with_each_rival_by_seed():
     def run(strategy, seed, hours):
         return {"strategy": strategy, "seed": seed, "modelled_h": hours}
 
-    runs = {"runs": {"16%": [run("hybrid", 0, 1.0), run("hybrid", 1, 2.0), run("hybrid", 2, 3.0),
-                             run("redundant", 0, 1.5), run("redundant", 1, 3.1), run("redundant", 2, 4.4),
-                             run("checkfree+", 0, 1.0)]}}
+    runs = {
+        "runs": {
+            "16%": [
+                run("hybrid", 0, 1.0),
+                run("hybrid", 1, 2.0),
+                run("hybrid", 2, 3.0),
+                run("redundant", 0, 1.5),
+                run("redundant", 1, 3.1),
+                run("redundant", 2, 4.4),
+                run("checkfree+", 0, 1.0),
+            ]
+        }
+    }
     notes = hybrid_notes(runs)
     assert len(notes) == 2
-    assert notes[0].startswith("16% (the goal's rate): redundant's modelled hours over hybrid's") and "hybrid faster" in notes[0]
+    assert (
+        notes[0].startswith("16% (the goal's rate): redundant's modelled hours over hybrid's")
+        and "hybrid faster" in notes[0]
+    )
     assert notes[1].startswith("16%: checkfree+'s") and "no interval" in notes[1]  # one paired seed
 
 
@@ -165,17 +201,42 @@ def test_interleaved_blocks_replace_the_sequential_per_step_costs_and_keep_the_r
 
     def row(strategy, step_s):
         steps = list(range(1, 11))
-        return {"strategy": strategy, "seed": 0, "error": None, "steps": steps,
-                "wall_times": [step_s * s for s in steps], "kill_offsets": {}, "failures": []}
+        return {
+            "strategy": strategy,
+            "seed": 0,
+            "error": None,
+            "steps": steps,
+            "wall_times": [step_s * s for s in steps],
+            "kill_offsets": {},
+            "failures": [],
+        }
 
-    plus = row("checkfree+", 0.10)  # one warm copy recovery after step 10: the next commit 0.5 s + a step later
+    plus = row(
+        "checkfree+", 0.10
+    )  # one warm copy recovery after step 10: the next commit 0.5 s + a step later
     plus["steps"], plus["wall_times"] = [*plus["steps"], 10], [*plus["wall_times"], 1.0 + 0.5 + 0.1]
     plus["kill_offsets"] = {"10:0": 1.0}
-    plus["failures"] = [{"step": 10, "stage": 0, "method": "copy", "rolled_back_to": None, "warm_standby": True}]
+    plus["failures"] = [
+        {"step": 10, "stage": 0, "method": "copy", "rolled_back_to": None, "warm_standby": True}
+    ]
 
-    costs = {"layout": {"window": [2, 9]}, "rows": [row("checkpoint", 0.30), plus],
-             "interleaved": {"rounds": 2, "block_steps": 20, "seeds": {"0": {"block_step_s": {
-                 "checkpoint": [0.10, 0.20], "checkfree+": [0.11, 0.22], "none": [0.09, 0.18]}}}}}
+    costs = {
+        "layout": {"window": [2, 9]},
+        "rows": [row("checkpoint", 0.30), plus],
+        "interleaved": {
+            "rounds": 2,
+            "block_steps": 20,
+            "seeds": {
+                "0": {
+                    "block_step_s": {
+                        "checkpoint": [0.10, 0.20],
+                        "checkfree+": [0.11, 0.22],
+                        "none": [0.09, 0.18],
+                    }
+                }
+            },
+        },
+    }
     per_seed = costs_by_seed(costs)
     assert per_seed[0]["checkpoint"].step_s == pytest.approx(0.15)
     assert per_seed[0]["checkfree+"].step_s == pytest.approx(0.165)

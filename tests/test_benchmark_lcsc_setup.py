@@ -31,15 +31,33 @@ def setup():
     return load("lcsc_setup")
 
 
-def summary_row(winner: list[float], baselines: dict[str, list[float]], seed: int = 0, samples: int = 1000,
-                output: str = "outputs/bench/x") -> dict:
+def summary_row(
+    winner: list[float],
+    baselines: dict[str, list[float]],
+    seed: int = 0,
+    samples: int = 1000,
+    output: str = "outputs/bench/x",
+) -> dict:
     """A summary row as lcsc_setup.summarize makes it, with only what the tables read."""
     return {
-        "seed": seed, "output": output, "budget": 150, "nfe": 10, "search_num_samples": 500,
-        "holdout_seeds": list(range(1001, 1001 + len(winner))), "holdout_num_samples": 1000,
-        "num_evaluations": 150, "search_samples": samples, "total_samples": samples, "wall_s": 1.0,
-        "gain_found": False, "winner_coefficients": [], "checkpoints": [], "winner_search_fid": 50.0,
-        "best_seed_trial_fid": 52.0, "winner_holdout_fids": winner, "winner_holdout_fid": float(np.mean(winner)),
+        "seed": seed,
+        "output": output,
+        "budget": 150,
+        "nfe": 10,
+        "search_num_samples": 500,
+        "holdout_seeds": list(range(1001, 1001 + len(winner))),
+        "holdout_num_samples": 1000,
+        "num_evaluations": 150,
+        "search_samples": samples,
+        "total_samples": samples,
+        "wall_s": 1.0,
+        "gain_found": False,
+        "winner_coefficients": [],
+        "checkpoints": [],
+        "winner_search_fid": 50.0,
+        "best_seed_trial_fid": 52.0,
+        "winner_holdout_fids": winner,
+        "winner_holdout_fid": float(np.mean(winner)),
         "baselines_holdout_fids": baselines,
         "baselines_holdout_fid": {k: float(np.mean(v)) for k, v in baselines.items()},
     }
@@ -87,7 +105,9 @@ def test_a_new_sampler_revision_gets_its_own_cache_and_sets_old_searches_aside(s
     out = tmp_path / "search"
     (out / "state").mkdir(parents=True)
     (out / "result.json").write_text("{}")
-    (out / "state" / "fingerprint.json").write_text(json.dumps({"sampler": {"target": "x", "revision": "next"}}))
+    (out / "state" / "fingerprint.json").write_text(
+        json.dumps({"sampler": {"target": "x", "revision": "next"}})
+    )
     setup.set_aside_stale(out, spec["sampler"]["target"], verbose=False)
     assert (out / "result.json").exists()  # same revision: kept in place
     monkeypatch.setattr(diffusion.ddim_sample, "lcsc_revision", "after-next")
@@ -121,10 +141,24 @@ def test_claims_pair_each_model_on_the_same_seeds():
     """The short-run claim compares the early search's winner with the full run's EMA it scored; the NFE claim
     with the CM's base at 2 steps; verdicts follow the paired interval."""
     claims = load("paper_claims")
-    early = summary_row([70.0, 72.0, 69.0], {"last": [90.0, 91.0, 92.0], "run-ema": [71.0, 72.5, 70.0],
-                                            "uniform": [80.0, 80.0, 80.0], "best-sparse-ema@0.9": [85.0, 84, 86]})
-    cm = summary_row([40.0, 41.0, 42.0], {"last": [50.0, 52.0, 51.0], "run-ema": [45.0, 46.0, 47.0],
-                                         "uniform": [44.0, 45.0, 46.0], "best-sparse-ema@0.9": [43.0, 44, 45]})
+    early = summary_row(
+        [70.0, 72.0, 69.0],
+        {
+            "last": [90.0, 91.0, 92.0],
+            "run-ema": [71.0, 72.5, 70.0],
+            "uniform": [80.0, 80.0, 80.0],
+            "best-sparse-ema@0.9": [85.0, 84, 86],
+        },
+    )
+    cm = summary_row(
+        [40.0, 41.0, 42.0],
+        {
+            "last": [50.0, 52.0, 51.0],
+            "run-ema": [45.0, 46.0, 47.0],
+            "uniform": [44.0, 45.0, 46.0],
+            "best-sparse-ema@0.9": [43.0, 44, 45],
+        },
+    )
     cm_base = {"holdout_fids": {"run-ema": [30.0, 31.0, 32.5], "last": [35.0, 36.0, 37.0]}}
     out = {c["claim"].split(" ")[0]: c for c in claims.build_claims({"early": early, "cm": cm}, cm_base)}
     short = out["short"]
@@ -132,7 +166,9 @@ def test_claims_pair_each_model_on_the_same_seeds():
     assert short["compared_holdout_fids"]["full-run EMA"] == [71.0, 72.5, 70.0]
     assert short["paired"]["early last"]["verdict"] == "win"
     assert short["verdict"] == "win"  # differences -1.0, -0.5, -1.0: an interval below 0
-    assert out["NFE"]["verdict"] == "loss" and out["NFE"]["paired"]["run-ema @2"]["mean"] == pytest.approx(10.0 - 0.5 / 3)
+    assert out["NFE"]["verdict"] == "loss" and out["NFE"]["paired"]["run-ema @2"]["mean"] == pytest.approx(
+        10.0 - 0.5 / 3
+    )
     assert out["quality"]["paired"]["run-ema"]["mean"] == pytest.approx(-5.0)
     assert "reproduces" in claims.notes([short], {"early": early}, None)[0]
 
@@ -141,34 +177,58 @@ def test_posthoc_claim_targets_the_best_posthoc_ema_its_search_scored():
     """The post-hoc part's claim pairs LCSC with the best post-hoc EMA (whatever sigma_rel won), the run's EMA
     and the last checkpoint, and its spec reads the DDPM run's power-EMA snapshots."""
     claims = load("paper_claims")
-    row = summary_row([60.0, 61.0, 62.0], {"last": [90.0, 91.0, 92.0], "run-ema": [64.0, 65.5, 66.0],
-                                          "best-posthoc-ema-0.050": [63.0, 63.5, 65.0], "uniform": [70.0, 70, 70]})
+    row = summary_row(
+        [60.0, 61.0, 62.0],
+        {
+            "last": [90.0, 91.0, 92.0],
+            "run-ema": [64.0, 65.5, 66.0],
+            "best-posthoc-ema-0.050": [63.0, 63.5, 65.0],
+            "uniform": [70.0, 70, 70],
+        },
+    )
     (posthoc,) = claims.build_claims({"posthoc": row}, None)
     assert posthoc["target"] == "best-posthoc-ema-0.050"
     assert set(posthoc["paired"]) == {"best-posthoc-ema-0.050", "run-ema", "last"}
     assert posthoc["paired"]["best-posthoc-ema-0.050"]["mean"] == pytest.approx(-8.5 / 3)
-    assert claims.posthoc_block("posthoc")["uri"].endswith("posthoc_ema") and claims.posthoc_block("ddpm") is None
+    assert (
+        claims.posthoc_block("posthoc")["uri"].endswith("posthoc_ema")
+        and claims.posthoc_block("ddpm") is None
+    )
 
 
 def test_fidelity_goal_needs_half_the_samples_and_no_loss():
     """A schedule meets the goal with at most half of flat's samples and an interval that is no loss."""
     fidelity = load("search_fidelity")
-    flat = [summary_row([60.0, 61.0, 62.0], {}, seed=s, samples=48000) | {"config": fidelity.FLAT} for s in (0, 1)]
-    cheap = [summary_row([60.5, 60.0, 62.5], {}, seed=0, samples=24000),
-             summary_row([61.0, 60.5, 61.5], {}, seed=1, samples=24000)]
+    flat = [
+        summary_row([60.0, 61.0, 62.0], {}, seed=s, samples=48000) | {"config": fidelity.FLAT} for s in (0, 1)
+    ]
+    cheap = [
+        summary_row([60.5, 60.0, 62.5], {}, seed=0, samples=24000),
+        summary_row([61.0, 60.5, 61.5], {}, seed=1, samples=24000),
+    ]
     row = fidelity.config_row("SH", cheap, flat)
     assert row["sample_ratio_to_flat"] == 0.5
     assert row["vs_flat_over_seed_pairs"]["num_seeds"] == 6
     assert fidelity.goal_met(row)
-    worse = [summary_row([f + 5 for f in r["winner_holdout_fids"]], {}, seed=r["seed"], samples=24000) for r in cheap]
+    worse = [
+        summary_row([f + 5 for f in r["winner_holdout_fids"]], {}, seed=r["seed"], samples=24000)
+        for r in cheap
+    ]
     assert not fidelity.goal_met(fidelity.config_row("SH", worse, flat))
 
 
 def test_claims_that_do_not_reproduce_say_why_in_numbers():
     """A claim short of a win names the measured gap behind it (NFE: what one more step buys the base)."""
     claims = load("paper_claims")
-    cm = summary_row([40.0, 41.0, 42.0], {"last": [50.0, 52.0, 51.0], "run-ema": [45.0, 46.0, 47.0],
-                                         "uniform": [44.0, 45.0, 46.0], "best-sparse-ema@0.9": [43.0, 44, 45]})
+    cm = summary_row(
+        [40.0, 41.0, 42.0],
+        {
+            "last": [50.0, 52.0, 51.0],
+            "run-ema": [45.0, 46.0, 47.0],
+            "uniform": [44.0, 45.0, 46.0],
+            "best-sparse-ema@0.9": [43.0, 44, 45],
+        },
+    )
     cm_base = {"holdout_fids": {"run-ema": [30.0, 31.0, 32.5], "last": [35.0, 36.0, 37.0]}}
     nfe = next(c for c in claims.build_claims({"cm": cm}, cm_base) if c["claim"].startswith("NFE"))
     line = claims.notes([nfe], {"cm": cm}, cm_base)[0]
@@ -196,5 +256,7 @@ def test_fidelity_notes_judge_the_goal_only_when_a_schedule_ran():
     only_flat = fidelity.notes([fidelity.config_row(fidelity.FLAT, flat, flat)])
     assert not any("No schedule" in n for n in only_flat)
     worse = [summary_row([70.0, 72.0], {}, seed=0, samples=48000)]
-    both = fidelity.notes([fidelity.config_row(fidelity.FLAT, flat, flat), fidelity.config_row("SH", worse, flat)])
+    both = fidelity.notes(
+        [fidelity.config_row(fidelity.FLAT, flat, flat), fidelity.config_row("SH", worse, flat)]
+    )
     assert any("No schedule" in n for n in both)

@@ -70,9 +70,15 @@ def test_a_killed_trial_process_costs_no_candidate(ray_local, tmp_path):
     every candidate scores, the budget is exact, each candidate is sampled once, rows stay in proposal order."""
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    spec = tiny_spec(tmp_path, budget=8, sampler={
-        "target": "tests.lcsc_search_plugins:trial_killing_sample", "nfe": 2,
-        "kwargs": {"log_dir": str(log_dir), "kill_on_call": 6}})  # calls 1-4: probe and seeds; 5-8: the optimiser's
+    spec = tiny_spec(
+        tmp_path,
+        budget=8,
+        sampler={
+            "target": "tests.lcsc_search_plugins:trial_killing_sample",
+            "nfe": 2,
+            "kwargs": {"log_dir": str(log_dir), "kill_on_call": 6},
+        },
+    )  # calls 1-4: probe and seeds; 5-8: the optimiser's
     run_search(spec)
     killed = (log_dir / "killed_trials").read_text().split()
     assert killed, "no trial process was killed"
@@ -82,8 +88,10 @@ def test_a_killed_trial_process_costs_no_candidate(ray_local, tmp_path):
     noise_seeds = [line.split()[1] for line in (log_dir / "calls.log").read_text().splitlines()]
     # calls on the search's noise (the probe's): one per distinct candidate (the probe is the 'last' seed's)
     assert noise_seeds.count(noise_seeds[0]) == 8
-    proposals = sorted((json.loads(p.read_text()) for p in (tmp_path / "out" / "state" / "proposals").glob("*.json")),
-                       key=lambda entry: entry["index"])
+    proposals = sorted(
+        (json.loads(p.read_text()) for p in (tmp_path / "out" / "state" / "proposals").glob("*.json")),
+        key=lambda entry: entry["index"],
+    )
     expected = [to_alphas(entry["free"], "difference") for entry in proposals]
     optimiser_rows = list(search[search.phase == "search"].coefficients)
     assert len(optimiser_rows) == len(expected) == 4

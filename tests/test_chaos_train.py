@@ -15,8 +15,10 @@ from benchmarks.chaos_train import passed, step_accounting
 ROOT = Path(__file__).resolve().parents[1]
 # the chaos harness starts (and shuts down) a Ray of its own, so it runs in its own process, away from the
 # test session's Ray
-RUN_ONE_SEED = ("import json; from benchmarks.chaos_train import chaos; "
-                "print('CHAOS_ROWS ' + json.dumps(chaos(1), default=str))")
+RUN_ONE_SEED = (
+    "import json; from benchmarks.chaos_train import chaos; "
+    "print('CHAOS_ROWS ' + json.dumps(chaos(1), default=str))"
+)
 
 
 def test_step_accounting_counts_rolled_back_steps_out_and_finds_lost_and_repeated_ones():
@@ -34,8 +36,15 @@ def test_step_accounting_counts_rolled_back_steps_out_and_finds_lost_and_repeate
 def test_chaos_runs_finish_with_every_step_once_and_leak_nothing():
     """One seed of each kind (random stage kills, a SIGKILLed driver then resumed, a removed worker node): each
     run finishes with steps 1..N kept exactly once and leaves no actor or placement group alive."""
-    proc = subprocess.run([sys.executable, "-c", RUN_ONE_SEED], check=False, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1400)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_ONE_SEED],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=1400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("CHAOS_ROWS "))
     rows = json.loads(line.removeprefix("CHAOS_ROWS "))

@@ -21,8 +21,10 @@ def _routes(strategy: str, stages: int, micro_batches: int) -> list:
 
 
 def _per_stage(order, routes, stages: int) -> list[str]:
-    return [" ".join(f"{kind[0].upper()}{mb}" for kind, mb, hop in order if routes[mb][hop][0] == stage)
-            for stage in range(stages)]
+    return [
+        " ".join(f"{kind[0].upper()}{mb}" for kind, mb, hop in order if routes[mb][hop][0] == stage)
+        for stage in range(stages)
+    ]
 
 
 def test_1f1b_order_is_the_textbook_warm_up_steady_cool_down():
@@ -36,8 +38,10 @@ def test_1f1b_order_is_the_textbook_warm_up_steady_cool_down():
     ]
 
 
-@pytest.mark.parametrize("strategy,stages,micro_batches", [("checkfree", 4, 8), ("checkfree+", 4, 8),
-                                                           ("checkfree+", 2, 6), ("checkfree", 3, 2)])
+@pytest.mark.parametrize(
+    "strategy,stages,micro_batches",
+    [("checkfree", 4, 8), ("checkfree+", 4, 8), ("checkfree+", 2, 6), ("checkfree", 3, 2)],
+)
 def test_1f1b_holds_at_most_s_minus_s_micro_batches_and_runs_every_op_once(strategy, stages, micro_batches):
     """Every op appears once, each after the op it consumes; stage s holds <= S-s micro-batches (GPipe holds M)."""
     routes = _routes(strategy, stages, micro_batches)
@@ -45,8 +49,11 @@ def test_1f1b_holds_at_most_s_minus_s_micro_batches_and_runs_every_op_once(strat
     assert sorted(order) == sorted(gpipe_order(routes))
     done = set()
     for kind, mb, hop in order:
-        needs = ("forward", mb, hop - 1) if kind == "forward" else (
-            ("forward", mb, hop) if hop == len(routes[mb]) - 1 else ("backward", mb, hop + 1))
+        needs = (
+            ("forward", mb, hop - 1)
+            if kind == "forward"
+            else (("forward", mb, hop) if hop == len(routes[mb]) - 1 else ("backward", mb, hop + 1))
+        )
         assert kind == "forward" and hop == 0 or needs in done, (kind, mb, hop)
         done.add((kind, mb, hop))
     assert all(peak <= stages - s for s, peak in enumerate(peak_held(order, routes, stages)))
@@ -68,7 +75,9 @@ def _train_in_process(spec, steps: int) -> tuple[list[float], list[dict], list[i
         worker.configure(i, spec.optim.lr, state)
     corpus, losses = make_corpus(spec.data, spec.model.seq_len, spec.seed), []
     for step in range(1, steps + 1):
-        inputs, targets = corpus.train_batch(step, spec.pipeline.micro_batches, spec.pipeline.micro_batch_size)
+        inputs, targets = corpus.train_batch(
+            step, spec.pipeline.micro_batches, spec.pipeline.micro_batch_size
+        )
         M, routes = inputs.shape[0], _routes(spec.recovery.strategy, S, inputs.shape[0])
         out: dict = {}
         for kind, mb, hop in step_order(spec.pipeline.schedule, routes, S):
@@ -76,10 +85,13 @@ def _train_in_process(spec, steps: int) -> tuple[list[float], list[dict], list[i
             last = hop == len(routes[mb]) - 1
             if kind == "forward":
                 x = out[("forward", mb, hop - 1)] if hop else inputs[mb].numpy()
-                out[(kind, mb, hop)] = workers[stage].forward(mb, hop, parts, x, targets[mb].numpy() if last else None,
-                                                              1.0 / M)
+                out[(kind, mb, hop)] = workers[stage].forward(
+                    mb, hop, parts, x, targets[mb].numpy() if last else None, 1.0 / M
+                )
             else:
-                out[(kind, mb, hop)] = workers[stage].backward(mb, hop, None if last else out[("backward", mb, hop + 1)])
+                out[(kind, mb, hop)] = workers[stage].backward(
+                    mb, hop, None if last else out[("backward", mb, hop + 1)]
+                )
         losses.append(sum(out[("forward", mb, len(r) - 1)] for mb, r in enumerate(routes)) / M)
         for worker in workers:
             worker.step()
@@ -120,7 +132,9 @@ def test_1f1b_on_ray_equals_single_process_training_and_bounds_real_activations(
     for step, loss in zip((1, 2), executor.history.losses):
         x, y = executor.corpus.train_batch(step, 8, 2)
         assert loss == pytest.approx(reference.train_step(x, y, [list(range(4))] * 8), abs=1e-6)
-    torch.testing.assert_close(got, reference.parts.stages[2].blocks[0].ffn.w1.weight.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        got, reference.parts.stages[2].blocks[0].ffn.w1.weight.detach(), atol=1e-6, rtol=0
+    )
     assert peaks == [4, 3, 2, 1]
 
 
@@ -135,5 +149,7 @@ def test_failure_phases_under_1f1b(ray_local, phase):
         run_steps(executor, 4)
     finally:
         executor.shutdown()
-    assert [(f.step, f.stage, f.method, f.phase) for f in executor.history.failures] == [(3, 1, "checkfree", phase)]
+    assert [(f.step, f.stage, f.method, f.phase) for f in executor.history.failures] == [
+        (3, 1, "checkfree", phase)
+    ]
     assert executor.history.steps == [1, 2, 3, 4]

@@ -15,8 +15,10 @@ from checkfree_ray.recovery import (
 )
 from schemas.train import RecoverySpec, TrainSpec
 
-STATES = [{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[4.0]])},
-          {"w": torch.tensor([3.0, -2.0]), "b": torch.tensor([[0.0]])}]
+STATES = [
+    {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[4.0]])},
+    {"w": torch.tensor([3.0, -2.0]), "b": torch.tensor([[0.0]])},
+]
 
 
 def _apply(rule: str, norms=(0.3, 0.1), eps=1e-4):
@@ -27,8 +29,10 @@ def test_weighted_rule_is_the_paper_formula():
     """'weighted': (g0+eps) W0 + (g1+eps) W1 over the sum, computed independently in float64."""
     out = _apply("weighted")
     g0, g1 = 0.3 + 1e-4, 0.1 + 1e-4
-    expected = (g0 * torch.tensor([1.0, 2.0], dtype=torch.float64) + g1 * torch.tensor([3.0, -2.0],
-                dtype=torch.float64)) / (g0 + g1)
+    expected = (
+        g0 * torch.tensor([1.0, 2.0], dtype=torch.float64)
+        + g1 * torch.tensor([3.0, -2.0], dtype=torch.float64)
+    ) / (g0 + g1)
     torch.testing.assert_close(out["w"].double(), expected, atol=1e-6, rtol=0)
 
 
@@ -82,7 +86,10 @@ def test_identity_rule_makes_the_stage_an_exact_skip():
     out = stage(x)
     assert torch.equal(out, x)
     out.pow(2).sum().backward()
-    assert stage.blocks[0].attn.proj.weight.grad.abs().sum() > 0 and stage.blocks[0].ffn.w2.weight.grad.abs().sum() > 0
+    assert (
+        stage.blocks[0].attn.proj.weight.grad.abs().sum() > 0
+        and stage.blocks[0].ffn.w2.weight.grad.abs().sum() > 0
+    )
     random = reinitialised_blocks(cfg, 1, reinit_seed(0, 10, 1), "random")
     key = "model/blocks/blocks.0.ffn.w1.weight"
     assert torch.equal(blocks[key], random[key])  # the same fresh init, only the output projections zeroed
@@ -113,7 +120,9 @@ def test_identity_rule_is_used_by_the_executor(ray_local):
     spec = tiny_spec("checkfree", schedule=[(2, 1)], recovery={"rule": "identity"})
     executor = PipelineExecutor(spec)
     captured = {}
-    executor.after_recovery.append(lambda ex, step, stages: captured.update(states=ex.stage_states(("blocks",))))
+    executor.after_recovery.append(
+        lambda ex, step, stages: captured.update(states=ex.stage_states(("blocks",)))
+    )
     try:
         executor.start()
         step = 1
@@ -122,7 +131,9 @@ def test_identity_rule_is_used_by_the_executor(ray_local):
     finally:
         executor.shutdown()
     assert [(f.step, f.stage, f.method) for f in executor.history.failures] == [(2, 1, "checkfree")]
-    zeroed = [k for k, v in captured["states"][1].items() if k.endswith(("attn.proj.weight", "ffn.w2.weight"))]
+    zeroed = [
+        k for k, v in captured["states"][1].items() if k.endswith(("attn.proj.weight", "ffn.w2.weight"))
+    ]
     assert zeroed and all(not captured["states"][1][k].any() for k in zeroed)
     assert all(captured["states"][0][k].any() for k in zeroed)
 
@@ -137,7 +148,9 @@ def test_copy_rule_is_used_by_the_executor(ray_local):
     spec = tiny_spec("checkfree", schedule=[(3, 2)], recovery={"rule": "copy"})
     executor = PipelineExecutor(spec)
     captured = {}
-    executor.after_recovery.append(lambda ex, step, stages: captured.update(states=ex.stage_states(("blocks",))))
+    executor.after_recovery.append(
+        lambda ex, step, stages: captured.update(states=ex.stage_states(("blocks",)))
+    )
     try:
         executor.start()
         step = 1
@@ -163,10 +176,17 @@ def _bench():
 
 
 def _bench_spec(strategy="checkfree"):
-    return TrainSpec.model_validate({"name": "t", "seed": 0, "steps": 3, "model": {"d_model": 32, "n_layers": 4,
-                                     "n_heads": 2, "seq_len": 16},
-                                     "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 2},
-                                     "optim": {"lr": 3e-3}, "recovery": {"strategy": strategy}})
+    return TrainSpec.model_validate(
+        {
+            "name": "t",
+            "seed": 0,
+            "steps": 3,
+            "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
+            "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 2},
+            "optim": {"lr": 3e-3},
+            "recovery": {"strategy": strategy},
+        }
+    )
 
 
 def test_in_process_stages_train_as_the_single_process_reference():
@@ -195,8 +215,11 @@ def test_benchmark_rebuilds_follow_the_rules():
     from checkfree_ray.data import make_corpus
 
     _, inproc = _bench()
-    for strategy, stage, rule, source in (("checkfree", 2, "exact", 2), ("checkfree", 2, "copy", 1),
-                                          ("checkfree+", 3, "copy", 2)):
+    for strategy, stage, rule, source in (
+        ("checkfree", 2, "exact", 2),
+        ("checkfree", 2, "copy", 1),
+        ("checkfree+", 3, "copy", 2),
+    ):
         pipeline = inproc.LocalPipeline(_bench_spec(strategy))
         corpus = make_corpus(pipeline.spec.data, 16, 0)
         pipeline.train_step(1, corpus)
@@ -232,16 +255,41 @@ def test_ablation_report_pairs_each_rule_with_the_twin_and_with_weighted():
     from recovery_ablation_report import notes, summarise
 
     def run(rule, seed, first, last, back, lr=1.1):
-        return {"name": rule, "rule": rule, "stage": 1, "lr_scale": lr, "losses": [first, last],
-                "recovered_after": back, "recipe": {"weights": [0.5, 0.5]} if rule == "weighted" else {}}
+        return {
+            "name": rule,
+            "rule": rule,
+            "stage": 1,
+            "lr_scale": lr,
+            "losses": [first, last],
+            "recovered_after": back,
+            "recipe": {"weights": [0.5, 0.5]} if rule == "weighted" else {},
+        }
 
-    seeds = [{"seed": s, "fail_step": 10 + s, "offsets": [0, 5], "twin": [1.0 + s, 0.9 + s],
-              "runs": [run("weighted", s, 1.1 + s + 0.01 * s, 0.91 + s, 5),
-                       run("random", s, 1.5 + s, 0.95 + s, None),
-                       run("random", s, 1.4 + s, 0.93 + s, None, lr=1.0)]} for s in range(3)]
-    result = {"scale": "small", "strategy": "checkfree", "after": 5, "seeds": seeds, "model": {"d_model": 8,
-              "n_layers": 4}, "pipeline": {"num_stages": 4}, "parameters": 1000, "plateau_steps": 10,
-              "plateau": {"val_steps": [10], "val_losses": [1.0]}}
+    seeds = [
+        {
+            "seed": s,
+            "fail_step": 10 + s,
+            "offsets": [0, 5],
+            "twin": [1.0 + s, 0.9 + s],
+            "runs": [
+                run("weighted", s, 1.1 + s + 0.01 * s, 0.91 + s, 5),
+                run("random", s, 1.5 + s, 0.95 + s, None),
+                run("random", s, 1.4 + s, 0.93 + s, None, lr=1.0),
+            ],
+        }
+        for s in range(3)
+    ]
+    result = {
+        "scale": "small",
+        "strategy": "checkfree",
+        "after": 5,
+        "seeds": seeds,
+        "model": {"d_model": 8, "n_layers": 4},
+        "pipeline": {"num_stages": 4},
+        "parameters": 1000,
+        "plateau_steps": 10,
+        "plateau": {"val_steps": [10], "val_losses": [1.0]},
+    }
     rows = {(r["lr_scale"], r["rule"]): r for r in summarise(result)}
     assert rows[(1.1, "weighted")]["a_excess"]["mean"] == pytest.approx(0.11)
     assert rows[(1.1, "random")]["b_censored"] == 3 and rows[(1.1, "random")]["b_steps"]["mean"] == 5

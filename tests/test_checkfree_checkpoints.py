@@ -44,7 +44,9 @@ def test_corrupt_or_incomplete_latest_checkpoint_falls_back_to_the_previous(wher
     base = str(tmp_path / "ckpt") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/ckpt"
     store = CheckpointStore(base, 3, new_identity(tiny_spec("checkfree")))
     for step in (2, 4):
-        store.save(step, [b"step-%d-stage-%d" % (step, i) for i in range(4)], {"grad_norms": [{"blocks": step}]})
+        store.save(
+            step, [b"step-%d-stage-%d" % (step, i) for i in range(4)], {"grad_norms": [{"blocks": step}]}
+        )
     storage.write_bytes(store.shard_uri(4, 1), b"step-4-stage-X")  # same size, other bytes
     with caplog.at_level(logging.WARNING):
         checkpoint = store.load_latest(4)
@@ -67,7 +69,9 @@ def test_stages_write_their_own_shards_and_the_manifest_comes_last(started, s3_b
     executor = started(spec, f"{s3_bucket}/ckpt")
     executor.checkpoints.save = None  # the driver-side write path must not be used
     states = {}
-    executor.before_step.append(lambda ex, step: states.setdefault(step, ex.stage_states()) if step == 3 else None)
+    executor.before_step.append(
+        lambda ex, step: states.setdefault(step, ex.stage_states()) if step == 3 else None
+    )
     run_steps(executor, 3)
     assert executor.finish_checkpoints() == 2
     checkpoint = executor.checkpoints.load(2, 4)
@@ -75,15 +79,22 @@ def test_stages_write_their_own_shards_and_the_manifest_comes_last(started, s3_b
         flat = load_safetensors(shard)
         assert any(key.startswith("optim/") for key in flat)
         assert all(flat[key].equal(value) for key, value in states[3][stage].items())
-    assert checkpoint.history["steps"] == [1, 2] and checkpoint.metadata["run_id"] == executor.checkpoints.run.run_id
+    assert (
+        checkpoint.history["steps"] == [1, 2]
+        and checkpoint.metadata["run_id"] == executor.checkpoints.run.run_id
+    )
 
 
 @pytest.mark.parametrize("side", ["driver", "stages"])
-def test_storage_outage_during_a_save_warns_and_the_next_save_retries(started, s3_bucket, monkeypatch, caplog, side):
+def test_storage_outage_during_a_save_warns_and_the_next_save_retries(
+    started, s3_bucket, monkeypatch, caplog, side
+):
     """With the S3 endpoint dead during step 4's save (for the driver, or only once the stages write their
     shards), training goes on (a warning, no error) and step 6's save, with the endpoint back, is complete."""
     endpoint = storage.settings.s3_endpoint()
-    spec = tiny_spec("checkfree", checkpointing={"every": 2, "keep": 3}, storage={"forward_credentials": True})
+    spec = tiny_spec(
+        "checkfree", checkpointing={"every": 2, "keep": 3}, storage={"forward_credentials": True}
+    )
     executor = started(spec, f"{s3_bucket}/ckpt")
     begin = executor.checkpoints.begin
 
@@ -117,14 +128,20 @@ def test_stage_killed_while_writing_its_shard_is_recovered_and_named(started, tm
     step once, the record names phase 'checkpoint_save', and the next save is complete."""
     spec = tiny_spec("checkfree", checkpointing={"every": 2})
     executor = started(spec, str(tmp_path / "ckpt"))
-    executor.before_step.append(lambda ex, step: ray.get(ex.actors[2].arm_fault.remote("write_shard"), timeout=60)
-                                if step == 2 else None)
+    executor.before_step.append(
+        lambda ex, step: (
+            ray.get(ex.actors[2].arm_fault.remote("write_shard"), timeout=60) if step == 2 else None
+        )
+    )
     # The shard is written in a background thread: wait (bounded) for the death before step 3 is submitted, so
     # step 3's first forward can never finish on the dying stage first (the phase would then read 'forward').
-    executor.before_step.append(lambda ex, step: wait_until_dead(ex.actors[2], wait_s=120) if step == 3 else None)
+    executor.before_step.append(
+        lambda ex, step: wait_until_dead(ex.actors[2], wait_s=120) if step == 3 else None
+    )
     run_steps(executor, 5)
     assert [(f.step, f.stage, f.method, f.phase) for f in executor.history.failures] == [
-        (3, 2, "checkfree", "checkpoint_save")]
+        (3, 2, "checkfree", "checkpoint_save")
+    ]
     assert executor.history.steps == [1, 2, 3, 4, 5]
     assert executor.finish_checkpoints() == 4
     assert executor.checkpoints.steps() == [0, 4]  # checkpoint 2 never became complete
@@ -134,8 +151,12 @@ def test_stage_killed_while_writing_its_shard_is_recovered_and_named(started, tm
 def test_rolled_back_steps_are_marked_and_throughput_counts_kept_work(started, tmp_path):
     """Stages 1 and 2 lost together at step 4 roll back to checkpoint 2: step 3's first run is marked rolled back
     in the result and metrics.parquet, and tokens/s counts 5 kept steps over the time of all 6 run."""
-    spec = tiny_spec("checkfree", schedule=[(4, 1), (4, 2)], checkpointing={"every": 2},
-                     output={"uri": str(tmp_path / "run")})
+    spec = tiny_spec(
+        "checkfree",
+        schedule=[(4, 1), (4, 2)],
+        checkpointing={"every": 2},
+        output={"uri": str(tmp_path / "run")},
+    )
     executor = started(spec, str(tmp_path / "ckpt"))
     executor.before_step.append(lambda ex, step: ex.finish_checkpoints())
     run_steps(executor, 5)

@@ -16,8 +16,15 @@ pytestmark = pytest.mark.timeout(240)
 REPLY_FLUSH_S = 0.5  # a kill waits this long, so the stage's earlier replies reach the driver first
 
 
-def fail_at_call(executor: PipelineExecutor, stage: int, step: int, call: str, action: str = "kill",
-                 seconds: float = REPLY_FLUSH_S, timeout_s: float | None = None) -> None:
+def fail_at_call(
+    executor: PipelineExecutor,
+    stage: int,
+    step: int,
+    call: str,
+    action: str = "kill",
+    seconds: float = REPLY_FLUSH_S,
+    timeout_s: float | None = None,
+) -> None:
     """Arm `stage` before `step` so that its next `call` dies (or hangs); with `timeout_s`, the step bound from
     then on (earlier steps keep the generous first-step bound)."""
 
@@ -81,7 +88,8 @@ def test_redundant_stage_lost_before_its_backup_lands_is_rebuilt_at_the_same_ste
         for key, value in expected.items():
             torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=f"stage {stage} {key}")
     assert [(f.step, f.stage, f.method, f.phase) for f in executor.history.failures] == [
-        (3, 2, "redundant", "optimizer")]
+        (3, 2, "redundant", "optimizer")
+    ]
     assert executor.history.steps == [1, 2, 3, 4]
 
 
@@ -100,8 +108,9 @@ def test_global_clip_loses_only_the_stage_lost_before_its_norm(started, action):
     executor.start()
     run_steps(executor, 4)
     reason = "died" if action == "kill" else "timeout"
-    assert [(f.step, f.stage, f.method, f.phase, f.reason, f.rolled_back_to) for f in executor.history.failures] == [
-        (3, 1, "checkfree", "optimizer", reason, None)]
+    assert [
+        (f.step, f.stage, f.method, f.phase, f.reason, f.rolled_back_to) for f in executor.history.failures
+    ] == [(3, 1, "checkfree", "optimizer", reason, None)]
     assert executor.history.steps == [1, 2, 3, 4]
     after = _pids(executor)
     assert [after[i] for i in (0, 2, 3)] == [pids["before"][i] for i in (0, 2, 3)]

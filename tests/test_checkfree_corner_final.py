@@ -21,7 +21,9 @@ pytestmark = pytest.mark.timeout(240)
 REPLY_FLUSH_S = 0.5  # a kill waits this long, so the stage's earlier replies reach the driver first
 
 
-def test_stage_lost_after_the_last_step_is_recovered_before_evaluation_and_export(ray_local, tmp_path, monkeypatch):
+def test_stage_lost_after_the_last_step_is_recovered_before_evaluation_and_export(
+    ray_local, tmp_path, monkeypatch
+):
     """Stage 1 dies after step 3 (the last) committed, at the final evaluation's first forward: it is rebuilt by
     CheckFree, and the run writes result.json with step 3's evaluation, the exported model, and run.json 'finished'."""
     spec = tiny_spec("checkfree", steps=3, eval_every=3, output={"uri": str(tmp_path / "run")})
@@ -40,7 +42,9 @@ def test_stage_lost_after_the_last_step_is_recovered_before_evaluation_and_expor
 
     monkeypatch.setattr(train, "PipelineExecutor", executor_with_fault)
     result = run_training(spec, progress=False)
-    assert [(f.step, f.stage, f.method, f.phase) for f in result.failures] == [(4, 1, "checkfree", "before_step")]
+    assert [(f.step, f.stage, f.method, f.phase) for f in result.failures] == [
+        (4, 1, "checkfree", "before_step")
+    ]
     assert result.steps == [1, 2, 3] and result.val_steps == [3]
     stored = TrainResult.model_validate_json(storage.read_bytes(str(tmp_path / "run" / "result.json")))
     assert stored.final_val_loss == result.val_losses[-1]

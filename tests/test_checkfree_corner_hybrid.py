@@ -11,12 +11,19 @@ from tests.test_checkfree_engine import tiny_spec
 
 def _history(handoffs: int, losses: int) -> History:
     """Ten steps of 0.5 s, one measured save of 1 s, and the given hand-offs and CheckFree+ losses."""
-    history = History(steps=list(range(1, 11)), step_times=[0.5] * 10, wall_times=[0.5 * i for i in range(1, 11)],
-                      costs={"checkpoint_saves": 1.0, "checkpoint_save_s_total": 1.0})
-    history.failures = [FailureRecord(step=2, stage=1, method="handoff", detection_s=0.0, recovery_s=0.2,
-                                      reason="drain") for _ in range(handoffs)]
-    history.failures += [FailureRecord(step=3, stage=2, method="copy", detection_s=0.0, recovery_s=0.1)
-                         for _ in range(losses)]
+    history = History(
+        steps=list(range(1, 11)),
+        step_times=[0.5] * 10,
+        wall_times=[0.5 * i for i in range(1, 11)],
+        costs={"checkpoint_saves": 1.0, "checkpoint_save_s_total": 1.0},
+    )
+    history.failures = [
+        FailureRecord(step=2, stage=1, method="handoff", detection_s=0.0, recovery_s=0.2, reason="drain")
+        for _ in range(handoffs)
+    ]
+    history.failures += [
+        FailureRecord(step=3, stage=2, method="copy", detection_s=0.0, recovery_s=0.1) for _ in range(losses)
+    ]
     return history
 
 

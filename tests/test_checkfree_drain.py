@@ -25,18 +25,33 @@ pytestmark = pytest.mark.timeout(300)
 DOOMED = "draining-node"  # the injected id of the node that drains
 
 
-def drain_spec(strategy: str = "checkfree+", schedule=(), poll: float | None = 0.01, standby: bool = True,
-               stages: int = 2) -> TrainSpec:
+def drain_spec(
+    strategy: str = "checkfree+",
+    schedule=(),
+    poll: float | None = 0.01,
+    standby: bool = True,
+    stages: int = 2,
+) -> TrainSpec:
     """A d=32 model of one layer per stage, 2 micro-batches of 2x16 bytes, one warm standby."""
-    return TrainSpec.model_validate({
-        "steps": 4, "eval_every": 4, "eval_batches": 1,
-        "model": {"d_model": 32, "n_layers": stages, "n_heads": 2, "seq_len": 16},
-        "pipeline": {"num_stages": stages, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.2,
-                     "warm_standby": standby, "standby_actors": 1},
-        "optim": {"lr": 3e-3},
-        "recovery": {"strategy": strategy, "drain_poll_s": poll},
-        "failures": {"schedule": [list(item) for item in schedule]},
-    })
+    return TrainSpec.model_validate(
+        {
+            "steps": 4,
+            "eval_every": 4,
+            "eval_batches": 1,
+            "model": {"d_model": 32, "n_layers": stages, "n_heads": 2, "seq_len": 16},
+            "pipeline": {
+                "num_stages": stages,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.2,
+                "warm_standby": standby,
+                "standby_actors": 1,
+            },
+            "optim": {"lr": 3e-3},
+            "recovery": {"strategy": strategy, "drain_poll_s": poll},
+            "failures": {"schedule": [list(item) for item in schedule]},
+        }
+    )
 
 
 # ----- pure logic ---------------------------------------------------------------------------------------------
@@ -69,7 +84,9 @@ def test_decide_compares_deadline_with_twice_the_estimated_copy():
     no = decide(int(now + 6500), now, nbytes, rate, warm=True)
     assert (yes.handoff, yes.reason, yes.remaining_s) == (True, "drain", pytest.approx(7.5))
     assert (no.handoff, no.reason) == (False, "drain_deadline_short")
-    assert not decide(int(now + 7500), now, nbytes, rate, warm=False).handoff  # a cold actor would not make it
+    assert not decide(
+        int(now + 7500), now, nbytes, rate, warm=False
+    ).handoff  # a cold actor would not make it
     assert decide(0, now, 10**12, rate, warm=False).handoff  # no deadline
 
 
@@ -113,7 +130,9 @@ def inject_drain(executor: PipelineExecutor, stage: int, from_step: int, remaini
     """Make `stage`'s current actor sit on a node that starts draining before `from_step`, with `remaining_s` left."""
     doomed = executor.actors[stage]._actor_id
     state = {"step": 0, "deadline_ms": int(time.time() * 1000 + remaining_s * 1000)}
-    executor.drain.watcher.source = lambda: {DOOMED: state["deadline_ms"]} if state["step"] >= from_step else {}
+    executor.drain.watcher.source = lambda: (
+        {DOOMED: state["deadline_ms"]} if state["step"] >= from_step else {}
+    )
     executor.drain.locate = lambda actors: [DOOMED if a._actor_id == doomed else "alive" for a in actors]
     executor.before_step.insert(0, lambda ex, step: state.update(step=step))
     return state
@@ -176,15 +195,23 @@ def test_drain_node_on_a_local_cluster_hands_off_before_the_node_is_killed():
     """`ray drain-node` (preemption, 30 s deadline) on the node of a stage, the node killed at the deadline: the
     stage was handed off before, no step is lost and the losses equal the no-notice twin's (`tests/drain_demo.py`)."""
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.run([sys.executable, "-m", "tests.drain_demo"], cwd=Path(__file__).parent.parent, check=False,
-                          capture_output=True, text=True, timeout=580, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.drain_demo"],
+        cwd=Path(__file__).parent.parent,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=580,
+        env=env,
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    report = json.loads(line[len("RESULT "):])
+    report = json.loads(line[len("RESULT ") :])
     assert report["reported"][report["node"]] > 0  # Ray reported the node as draining, with a deadline
     assert report["killed_at_step"] == 5
-    assert [(f["stage"], f["method"], f["reason"]) for f in report["failures"]] == [(report["stage"], "handoff",
-                                                                                     "drain")]
+    assert [(f["stage"], f["method"], f["reason"]) for f in report["failures"]] == [
+        (report["stage"], "handoff", "drain")
+    ]
     assert report["failures"][0]["step"] < 5  # handed off before the node was killed
     assert report["losses"] == report["twin_losses"] and len(report["losses"]) == 6
     assert report["node"] not in report["nodes_after"]

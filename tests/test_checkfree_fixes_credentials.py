@@ -19,9 +19,11 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture
 def driver_keys(monkeypatch):
     """The driver's own AWS keys (distinct values, set after the tests' Ray started) and a region."""
-    keys = {"AWS_ACCESS_KEY_ID": f"driver-id-{uuid.uuid4().hex[:8]}",
-            "AWS_SECRET_ACCESS_KEY": f"driver-secret-{uuid.uuid4().hex}",
-            "AWS_SESSION_TOKEN": f"driver-token-{uuid.uuid4().hex}"}
+    keys = {
+        "AWS_ACCESS_KEY_ID": f"driver-id-{uuid.uuid4().hex[:8]}",
+        "AWS_SECRET_ACCESS_KEY": f"driver-secret-{uuid.uuid4().hex}",
+        "AWS_SESSION_TOKEN": f"driver-token-{uuid.uuid4().hex}",
+    }
     for name, value in keys.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
@@ -35,7 +37,9 @@ def test_storage_env_sends_settings_and_keys_only_when_asked(driver_keys, monkey
     plain = storage_env()
     assert plain["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and plain["AWS_DEFAULT_REGION"] == "eu-west-3"
     assert not set(plain) & {*CREDENTIAL_ENV, "AWS_PROFILE"}
-    assert {k: v for k, v in storage_env(forward_credentials=True).items() if k in CREDENTIAL_ENV} == driver_keys
+    assert {
+        k: v for k, v in storage_env(forward_credentials=True).items() if k in CREDENTIAL_ENV
+    } == driver_keys
     assert not set(forwarded_env()) & set(CREDENTIAL_ENV)
     assert forwarded_env()["AWS_DEFAULT_REGION"] == "eu-west-3"
 
@@ -46,21 +50,30 @@ def test_forwarding_credentials_is_not_part_of_the_run_identity():
     assert new_identity(off).fingerprint == new_identity(on).fingerprint
 
 
-@pytest.mark.parametrize("forward, transport", [(False, "object_store"), (True, "object_store"), (True, "gloo")])
-def test_stage_actor_env_has_the_driver_secret_only_when_the_spec_asks(ray_local, tmp_path, driver_keys, caplog,
-                                                                      forward, transport):
+@pytest.mark.parametrize(
+    "forward, transport", [(False, "object_store"), (True, "object_store"), (True, "gloo")]
+)
+def test_stage_actor_env_has_the_driver_secret_only_when_the_spec_asks(
+    ray_local, tmp_path, driver_keys, caplog, forward, transport
+):
     """After checkpoint saves by the stages, their environment holds the driver's secret only with
     `storage.forward_credentials` (also on direct-transport actors); the secret is never logged."""
-    spec = tiny_spec("checkfree", checkpointing={"every": 1}, storage={"forward_credentials": forward},
-                     pipeline={"num_stages": 2, "activation_transport": transport})
+    spec = tiny_spec(
+        "checkfree",
+        checkpointing={"every": 1},
+        storage={"forward_credentials": forward},
+        pipeline={"num_stages": 2, "activation_transport": transport},
+    )
     executor = PipelineExecutor(spec, checkpoint_uri=str(tmp_path / "ckpt"))
     try:
         with caplog.at_level(logging.DEBUG):
             executor.start()
             run_steps(executor, 2)
             assert executor.finish_checkpoints() == 2  # the stages wrote their shards
-            envs = [ray_local.get(a.__ray_call__.remote(lambda worker: dict(os.environ)), timeout=60)
-                    for a in executor.actors]
+            envs = [
+                ray_local.get(a.__ray_call__.remote(lambda worker: dict(os.environ)), timeout=60)
+                for a in executor.actors
+            ]
     finally:
         executor.shutdown()
     secret = driver_keys["AWS_SECRET_ACCESS_KEY"]

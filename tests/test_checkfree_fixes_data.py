@@ -43,7 +43,9 @@ def test_hidden_files_and_folders_are_not_tokenized(tmp_path):
     assert index["tokens"] == len(TEXT) + 2  # one document, its bytes plus the blank-line separator
 
 
-def test_cached_s3_token_file_with_the_wrong_hash_is_downloaded_again(tmp_path, moto_bucket, monkeypatch, caplog):
+def test_cached_s3_token_file_with_the_wrong_hash_is_downloaded_again(
+    tmp_path, moto_bucket, monkeypatch, caplog
+):
     """A cached copy of the right size but other bytes is replaced by the artifact's tokens, with a warning."""
     (tmp_path / "a.txt").write_text(TEXT)
     monkeypatch.setenv(TOKEN_CACHE_ENV, str(tmp_path / "cache"))

@@ -71,9 +71,13 @@ def _history(step_times, saves, failures=()):
     for s in step_times:
         t += s
         wall.append(t)
-    return SimpleNamespace(step_times=list(step_times), wall_times=wall, failures=list(failures),
-                           costs={"checkpoint_saves": float(saves), "checkpoint_save_s_total": 1.0 * saves},
-                           checkpoint_intervals=[])
+    return SimpleNamespace(
+        step_times=list(step_times),
+        wall_times=wall,
+        failures=list(failures),
+        costs={"checkpoint_saves": float(saves), "checkpoint_save_s_total": 1.0 * saves},
+        checkpoint_intervals=[],
+    )
 
 
 def test_policy_retunes_after_failures_and_restarts_counting_after_a_rollback():
@@ -90,7 +94,9 @@ def test_policy_retunes_after_failures_and_restarts_counting_after_a_rollback():
     assert not policy.due(101, history)
     first = history.checkpoint_intervals[-1]
     assert first["step"] == 101 and first["every"] == policy.every == 162 and first["failures_seen"] == 0
-    losses = [FailureRecord(step=s, stage=1, method="copy", detection_s=0.0, recovery_s=0.1) for s in range(1, 9)]
+    losses = [
+        FailureRecord(step=s, stage=1, method="copy", detection_s=0.0, recovery_s=0.1) for s in range(1, 9)
+    ]
     history.failures = losses
     policy.due(102, history)
     assert history.checkpoint_intervals[-1]["failures_seen"] == 8
@@ -109,7 +115,10 @@ def test_spec_accepts_hybrid_with_checkfree_plus_constraints():
     assert TrainSpec.model_validate(spec.model_dump(mode="json")) == spec
     with pytest.raises(ValueError, match="'hybrid'"):
         tiny_spec("hybrid", pipeline={"micro_batches": 3})
-    assert hybrid.rebuild_strategy("hybrid") == "checkfree+" and hybrid.rebuild_strategy("checkpoint") == "checkpoint"
+    assert (
+        hybrid.rebuild_strategy("hybrid") == "checkfree+"
+        and hybrid.rebuild_strategy("checkpoint") == "checkpoint"
+    )
 
 
 # ----- a run on real Ray ------------------------------------------------------------------------------------------
@@ -121,8 +130,13 @@ def test_hybrid_rebuilds_a_single_loss_and_rolls_adjacent_losses_back(ray_local,
     from checkfree_ray.executor import PipelineExecutor
     from checkfree_ray.train import build_result
 
-    spec = tiny_spec("hybrid", schedule=[(3, 0), (9, 1), (9, 2)], steps=10, checkpointing={"every": 2},
-                     recovery={"strategy": "hybrid", "expected_mtbf_s": 60.0})  # at most 2 steps between saves
+    spec = tiny_spec(
+        "hybrid",
+        schedule=[(3, 0), (9, 1), (9, 2)],
+        steps=10,
+        checkpointing={"every": 2},
+        recovery={"strategy": "hybrid", "expected_mtbf_s": 60.0},
+    )  # at most 2 steps between saves
     executor = PipelineExecutor(spec, checkpoint_uri=str(tmp_path / "ckpt"))
     try:
         executor.start()
@@ -143,12 +157,20 @@ def test_hybrid_rebuilds_a_single_loss_and_rolls_adjacent_losses_back(ray_local,
         first_run = h.steps.index(restored + 1)
         rerun = len(h.steps) - 1 - h.steps[::-1].index(restored + 1)
         span = 9 - (restored + 1)  # steps restored+1 .. 8, run twice
-        assert h.steps[first_run:first_run + span] == h.steps[rerun:rerun + span] == list(range(restored + 1, 9))
-        assert all(h.rolled_back[first_run:first_run + span])
-        assert h.losses[rerun:rerun + span] == pytest.approx(h.losses[first_run:first_run + span], rel=1e-6)
+        assert (
+            h.steps[first_run : first_run + span]
+            == h.steps[rerun : rerun + span]
+            == list(range(restored + 1, 9))
+        )
+        assert all(h.rolled_back[first_run : first_run + span])
+        assert h.losses[rerun : rerun + span] == pytest.approx(
+            h.losses[first_run : first_run + span], rel=1e-6
+        )
         assert h.steps[-1] == 10
         result = build_result(executor, 1.0)
-        assert TrainResult.model_validate(result.model_dump(mode="json")).checkpoint_intervals[0].every == \
-            chosen[0]["every"]
+        assert (
+            TrainResult.model_validate(result.model_dump(mode="json")).checkpoint_intervals[0].every
+            == chosen[0]["every"]
+        )
     finally:
         executor.shutdown()

@@ -52,10 +52,20 @@ def test_swap_order_and_routes():
     assert micro_batch_order("checkfree+", 4, 1) == [1, 0, 3, 2]
     assert micro_batch_order("checkfree+", 4, 2) == [0, 1, 2, 3]
     assert micro_batch_order("checkfree", 4, 1) == [0, 1, 2, 3]
-    assert route([0, 1, 2, 3], 4) == [(0, ("embed", "blocks")), (1, ("blocks",)), (2, ("blocks",)),
-                                      (3, ("blocks", "head"))]
-    assert route([1, 0, 3, 2], 4) == [(0, ("embed",)), (1, ("blocks",)), (0, ("blocks",)), (3, ("blocks",)),
-                                      (2, ("blocks",)), (3, ("head",))]
+    assert route([0, 1, 2, 3], 4) == [
+        (0, ("embed", "blocks")),
+        (1, ("blocks",)),
+        (2, ("blocks",)),
+        (3, ("blocks", "head")),
+    ]
+    assert route([1, 0, 3, 2], 4) == [
+        (0, ("embed",)),
+        (1, ("blocks",)),
+        (0, ("blocks",)),
+        (3, ("blocks",)),
+        (2, ("blocks",)),
+        (3, ("head",)),
+    ]
 
 
 def test_plan_recovery_per_strategy():
@@ -116,5 +126,6 @@ def test_reference_model_learns_and_parts_are_seeded():
 def test_spec_rejects_three_stage_checkfree_plus():
     """CheckFree+ with 3 stages is a spec error that names the field."""
     with pytest.raises(ValueError, match="num_stages"):
-        TrainSpec.model_validate({"model": {"n_layers": 3}, "pipeline": {"num_stages": 3},
-                                  "recovery": {"strategy": "checkfree+"}})
+        TrainSpec.model_validate(
+            {"model": {"n_layers": 3}, "pipeline": {"num_stages": 3}, "recovery": {"strategy": "checkfree+"}}
+        )

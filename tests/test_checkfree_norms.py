@@ -18,8 +18,11 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_recipe_weights_match_a_hand_computation():
     """Post-clip norms 1.0 (clipped from 3.2) and 0.25, eps 1e-4: weights 1.0001/1.2502 and 0.2501/1.2502."""
-    norms = [{"stage": 1.0, "stage_pre_clip": 3.2, "blocks": 0.9, "blocks_pre_clip": 2.88},
-             {"stage": 0.0}, {"stage": 0.25, "stage_pre_clip": 0.25, "blocks": 0.2, "blocks_pre_clip": 0.2}]
+    norms = [
+        {"stage": 1.0, "stage_pre_clip": 3.2, "blocks": 0.9, "blocks_pre_clip": 2.88},
+        {"stage": 0.0},
+        {"stage": 0.25, "stage_pre_clip": 0.25, "blocks": 0.2, "blocks_pre_clip": 0.2},
+    ]
     post = [weighing_norm(n) for n in norms]
     plan = plan_recovery("checkfree", {1}, 4, "weighted", post + [0.0], 1e-4)
     assert plan.rebuilds[0].sources == (0, 2)
@@ -74,7 +77,9 @@ def test_global_clip_equals_single_process_training_with_one_norm(ray_local):
         run_steps(executor, 3)
     finally:
         executor.shutdown()
-    reference = ReferenceTrainer(ModelConfig.from_spec(spec.model, 4), spec.seed, spec.optim.lr, grad_clip=0.05)
+    reference = ReferenceTrainer(
+        ModelConfig.from_spec(spec.model, 4), spec.seed, spec.optim.lr, grad_clip=0.05
+    )
     expected = []
     for step in range(1, 4):
         inputs, targets = executor.corpus.train_batch(step, 2, 2)

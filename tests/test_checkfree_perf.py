@@ -14,14 +14,22 @@ pytestmark = pytest.mark.timeout(300)
 
 def spec_with(schedule, standby_actors: int = 2) -> TrainSpec:
     """A d=32, 4-layer, 4-stage CheckFree run with `standby_actors` warm standbys."""
-    return TrainSpec.model_validate({
-        "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
-        "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.2,
-                     "warm_standby": True, "standby_actors": standby_actors},
-        "optim": {"lr": 3e-3},
-        "recovery": {"strategy": "checkfree"},
-        "failures": {"schedule": [list(item) for item in schedule]},
-    })
+    return TrainSpec.model_validate(
+        {
+            "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
+            "pipeline": {
+                "num_stages": 4,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.2,
+                "warm_standby": True,
+                "standby_actors": standby_actors,
+            },
+            "optim": {"lr": 3e-3},
+            "recovery": {"strategy": "checkfree"},
+            "failures": {"schedule": [list(item) for item in schedule]},
+        }
+    )
 
 
 def test_back_to_back_failures_each_take_a_ready_standby_and_the_pool_refills(ray_local):
@@ -30,7 +38,9 @@ def test_back_to_back_failures_each_take_a_ready_standby_and_the_pool_refills(ra
     executor.start()
     try:
         assert executor.pool.wait_standbys() == 2
-        standby_pids = {ray.get(actor.ping.remote(), timeout=60)["pid"] for actor, _ in executor.pool.standbys}
+        standby_pids = {
+            ray.get(actor.ping.remote(), timeout=60)["pid"] for actor, _ in executor.pool.standbys
+        }
         step = 1
         while step <= 5:
             step = executor.run_step(step)
@@ -53,7 +63,9 @@ def test_interrupted_step_leaves_no_stage_stepped(ray_local):
     executor = PipelineExecutor(spec_with([(3, 1)], standby_actors=1))
     seen: dict = {}
     executor.before_step.append(lambda ex, step: seen.setdefault(step, ex.stage_states(("blocks",))))
-    executor.after_recovery.append(lambda ex, step, stages: seen.setdefault("after", ex.stage_states(("blocks",))))
+    executor.after_recovery.append(
+        lambda ex, step, stages: seen.setdefault("after", ex.stage_states(("blocks",)))
+    )
     executor.start()
     try:
         step = 1

@@ -53,10 +53,19 @@ def started(ray_local):
 
 def _watch(executor: PipelineExecutor, step: int) -> dict:
     seen: dict = {}
-    executor.before_step.insert(0, lambda ex, at: seen.update(
-        before=ex.stage_states(("blocks",)), norms=[dict(n) for n in ex.grad_norms]) if at == step else None)
-    executor.after_recovery.append(lambda ex, at, stages: seen.update(
-        after=ex.stage_states(("blocks",)), norms_after=[dict(n) for n in ex.grad_norms]))
+    executor.before_step.insert(
+        0,
+        lambda ex, at: (
+            seen.update(before=ex.stage_states(("blocks",)), norms=[dict(n) for n in ex.grad_norms])
+            if at == step
+            else None
+        ),
+    )
+    executor.after_recovery.append(
+        lambda ex, at, stages: seen.update(
+            after=ex.stage_states(("blocks",)), norms_after=[dict(n) for n in ex.grad_norms]
+        )
+    )
     return seen
 
 
@@ -70,7 +79,8 @@ def test_stage_lost_before_its_optimizer_step_reruns_the_step_from_unstepped_sur
     executor.start()
     run_steps(executor, 4)
     assert [(f.step, f.stage, f.method, f.phase, f.reason) for f in executor.history.failures] == [
-        (3, 1, "checkfree", phase, "died")]
+        (3, 1, "checkfree", phase, "died")
+    ]
     assert executor.history.steps == [1, 2, 3, 4]
     for stage in (0, 2, 3):
         assert all(torch.equal(seen["after"][stage][k], v) for k, v in seen["before"][stage].items())
@@ -106,9 +116,12 @@ def test_redundant_never_restores_a_pre_step_backup_into_a_committed_step(starte
     executor.start()
     run_steps(executor, 5)
     assert [(f.step, f.stage, f.method, f.phase) for f in executor.history.failures] == [
-        (3, 2, "redundant", "optimizer")]
+        (3, 2, "redundant", "optimizer")
+    ]
     reference = ReferenceTrainer(ModelConfig.from_spec(spec.model, 4), spec.seed, spec.optim.lr)
-    expected = [reference.train_step(*executor.corpus.train_batch(s, 2, 2), [[0, 1, 2, 3]] * 2) for s in range(1, 6)]
+    expected = [
+        reference.train_step(*executor.corpus.train_batch(s, 2, 2), [[0, 1, 2, 3]] * 2) for s in range(1, 6)
+    ]
     assert executor.history.steps == [1, 2, 3, 4, 5]
     assert executor.history.losses == pytest.approx(expected, abs=1e-6)
 
@@ -118,8 +131,13 @@ def test_stage_lost_during_a_recovery_is_recorded_in_the_recovery_phase(started,
     'recovery', and the adjacent pair rolls back to checkpoint 2; the run finishes."""
     spec = tiny_spec("checkfree", schedule=[(3, 1)], checkpointing={"every": 2})
     executor = started(spec, checkpoint_uri=str(tmp_path / "ckpt"))
-    executor.before_step.append(lambda ex, at: ray.get(ex.actors[2].arm_fault.remote("get_state"), timeout=60)
-                                if at == 3 and not ex.history.failures else None)
+    executor.before_step.append(
+        lambda ex, at: (
+            ray.get(ex.actors[2].arm_fault.remote("get_state"), timeout=60)
+            if at == 3 and not ex.history.failures
+            else None
+        )
+    )
     executor.start()
     run_steps(executor, 4)
     records = {(f.step, f.stage, f.method, f.phase, f.rolled_back_to) for f in executor.history.failures}

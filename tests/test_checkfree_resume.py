@@ -28,14 +28,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_spec(output: str, steps: int = 8, every: int = 4, schedule=(), **extra) -> TrainSpec:
     """A d=32, 4-layer, 4-stage CheckFree model checkpointing every `every` steps into `output`."""
-    return TrainSpec.model_validate({
-        "name": "resume-tiny", "steps": steps, "eval_every": steps, "eval_batches": 2,
-        "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
-        "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 2, "num_cpus_per_stage": 0.2,
-                     "warm_standby": False},
-        "optim": {"lr": 3e-3}, "recovery": {"strategy": "checkfree"}, "checkpointing": {"every": every},
-        "failures": {"schedule": [list(item) for item in schedule]}, "output": {"uri": output}, **extra,
-    })
+    return TrainSpec.model_validate(
+        {
+            "name": "resume-tiny",
+            "steps": steps,
+            "eval_every": steps,
+            "eval_batches": 2,
+            "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 16},
+            "pipeline": {
+                "num_stages": 4,
+                "micro_batches": 2,
+                "micro_batch_size": 2,
+                "num_cpus_per_stage": 0.2,
+                "warm_standby": False,
+            },
+            "optim": {"lr": 3e-3},
+            "recovery": {"strategy": "checkfree"},
+            "checkpointing": {"every": every},
+            "failures": {"schedule": [list(item) for item in schedule]},
+            "output": {"uri": output},
+            **extra,
+        }
+    )
 
 
 # ----- streams --------------------------------------------------------------------------------------------------
@@ -50,15 +64,19 @@ def test_failure_draws_and_data_order_come_from_separate_streams():
     assert abs(np.corrcoef(first_start, failure_u)[0, 1]) < 0.1
     x, _ = corpus.train_batch(5, 1, 1)
     start = int(step_rng(0, DATA_STREAM, 5).integers(0, span))
-    assert x[0, 0].tolist() == corpus.train[start:start + 16].tolist()
-    assert injector.draw(5) == [int(i) for i in np.flatnonzero(step_rng(0, FAILURE_STREAM, 5).random(4) < 0.3)]
+    assert x[0, 0].tolist() == corpus.train[start : start + 16].tolist()
+    assert injector.draw(5) == [
+        int(i) for i in np.flatnonzero(step_rng(0, FAILURE_STREAM, 5).random(4) < 0.3)
+    ]
     expected = np.random.default_rng(np.random.SeedSequence(0).spawn(3)[FAILURE_STREAM].spawn(8)[7]).random()
     assert step_rng(0, FAILURE_STREAM, 7).random() == expected
 
 
 # ----- identity -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_rerun_of_another_spec_is_refused_naming_the_run_and_restart_starts_a_new_one(where, tmp_path, request):
+def test_rerun_of_another_spec_is_refused_naming_the_run_and_restart_starts_a_new_one(
+    where, tmp_path, request
+):
     """Same spec: the run in run.json is resumed; another lr: RunConflictError naming the run, the change and
     --restart; with restart a new run id; where Ray runs (cpus per stage) is not part of the identity."""
     base = str(tmp_path / "out") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/out"
@@ -87,7 +105,10 @@ def test_a_rerun_never_prunes_or_loads_an_earlier_runs_checkpoints(where, tmp_pa
     its own 40; the earlier run still loads its own 200."""
     base = str(tmp_path / "ckpt") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/ckpt"
     spec = tiny_spec(str(tmp_path / "out"))
-    earlier, rerun = CheckpointStore(base, 2, new_identity(spec)), CheckpointStore(base, 2, new_identity(spec))
+    earlier, rerun = (
+        CheckpointStore(base, 2, new_identity(spec)),
+        CheckpointStore(base, 2, new_identity(spec)),
+    )
     for step in (150, 200):
         earlier.save(step, [b"earlier-%d" % step] * 4, {})
     for step in (0, 20, 40):
@@ -138,14 +159,22 @@ def test_driver_killed_mid_run_resumes_with_the_losses_of_an_uninterrupted_twin(
     spec = tiny_spec(str(tmp_path / "run"), steps=steps, schedule=schedule)
     spec_path = tmp_path / "spec.yaml"
     dump_spec(spec, spec_path)
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "checkfree_ray", "train", str(spec_path)], cwd=tmp_path,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "checkfree_ray", "train", str(spec_path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         run_dirs = tmp_path / "run" / "checkpoints"
-        _wait_for(lambda: any(run_dirs.glob("run-*/checkpoint_000008/MANIFEST.json")) or driver.poll() is not None,
-                  300, "checkpoint 8 was not written")
+        _wait_for(
+            lambda: any(run_dirs.glob("run-*/checkpoint_000008/MANIFEST.json")) or driver.poll() is not None,
+            300,
+            "checkpoint 8 was not written",
+        )
         os.kill(driver.pid, signal.SIGKILL)
     finally:
         driver.wait(timeout=30)
@@ -162,8 +191,11 @@ def test_driver_killed_mid_run_resumes_with_the_losses_of_an_uninterrupted_twin(
     assert resumed["steps"] == twin.steps == list(range(1, steps + 1))
     assert resumed["losses"] == pytest.approx(twin.losses, abs=1e-6)
     assert resumed["val_losses"] == pytest.approx(twin.val_losses, abs=1e-6)
-    assert [(f["step"], f["stage"], f["method"]) for f in resumed["failures"]] == \
-        [(f.step, f.stage, f.method) for f in twin.failures] == [(3, 2, "checkfree"), (18, 1, "checkfree")]
+    assert (
+        [(f["step"], f["stage"], f["method"]) for f in resumed["failures"]]
+        == [(f.step, f.stage, f.method) for f in twin.failures]
+        == [(3, 2, "checkfree"), (18, 1, "checkfree")]
+    )
 
 
 def test_rerun_of_a_finished_run_returns_its_result_without_training(ray_local, tmp_path, monkeypatch):
@@ -180,4 +212,8 @@ def test_rerun_of_a_finished_run_returns_its_result_without_training(ray_local, 
 
     monkeypatch.setattr(PipelineExecutor, "start", refuse)
     again = run_training(spec, progress=False)
-    assert again.run_id == first.run_id and again.losses == first.losses and again.wall_time_s == first.wall_time_s
+    assert (
+        again.run_id == first.run_id
+        and again.losses == first.losses
+        and again.wall_time_s == first.wall_time_s
+    )

@@ -26,13 +26,16 @@ def _train_exit(tmp_path, monkeypatch, body: str):
     return outcome.exit_code, outcome.output, bool(started)
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ("pipeline: {micro_batches: 1}\nrecovery: {strategy: checkfree+}\n", "pipeline.micro_batches"),
-    ("pipeline: {micro_batches: 3}\nrecovery: {strategy: checkfree+}\n", "pipeline.micro_batches"),
-    ("recovery: {epsilon: 0}\n", "recovery.epsilon"),
-    ("failures: {schedule: [[11, 1]]}\n", "failures.schedule"),
-    ("failures: {schedule: [[0, 1]]}\n", "failures.schedule"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ("pipeline: {micro_batches: 1}\nrecovery: {strategy: checkfree+}\n", "pipeline.micro_batches"),
+        ("pipeline: {micro_batches: 3}\nrecovery: {strategy: checkfree+}\n", "pipeline.micro_batches"),
+        ("recovery: {epsilon: 0}\n", "recovery.epsilon"),
+        ("failures: {schedule: [[11, 1]]}\n", "failures.schedule"),
+        ("failures: {schedule: [[0, 1]]}\n", "failures.schedule"),
+    ],
+)
 def test_bad_spec_exits_2_naming_the_field_before_training(tmp_path, monkeypatch, body, field):
     """Odd/too few CheckFree+ micro-batches, epsilon 0, schedule steps outside 1..steps: exit 2, field named."""
     code, output, started = _train_exit(tmp_path, monkeypatch, body)
@@ -41,11 +44,17 @@ def test_bad_spec_exits_2_naming_the_field_before_training(tmp_path, monkeypatch
 
 def test_checks_accept_the_boundaries():
     """Two micro-batches under CheckFree+, odd counts under CheckFree, failures at steps 1 and `steps` are fine."""
-    spec = parse_spec({"steps": 10, "pipeline": {"micro_batches": 2}, "failures": {"schedule": [[1, 0], [10, 3]]}},
-                      TrainSpec)
+    spec = parse_spec(
+        {"steps": 10, "pipeline": {"micro_batches": 2}, "failures": {"schedule": [[1, 0], [10, 3]]}},
+        TrainSpec,
+    )
     assert spec.recovery.strategy == "checkfree+" and spec.pipeline.micro_batches == 2
-    assert parse_spec({"pipeline": {"micro_batches": 3}, "recovery": {"strategy": "checkfree"}},
-                      TrainSpec).pipeline.micro_batches == 3
+    assert (
+        parse_spec(
+            {"pipeline": {"micro_batches": 3}, "recovery": {"strategy": "checkfree"}}, TrainSpec
+        ).pipeline.micro_batches
+        == 3
+    )
     with pytest.raises(SpecError, match="outside 1..`steps` \\(10\\)"):
         parse_spec({"steps": 10, "failures": {"schedule": [[12, 0]]}}, TrainSpec)
 
@@ -56,4 +65,7 @@ def test_high_failure_probability_warns_about_quadratic_replay():
         parse_spec({"failures": {"probability_per_step": 0.5}}, TrainSpec)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert parse_spec({"failures": {"probability_per_step": 0.49}}, TrainSpec).failures.probability_per_step == 0.49
+        assert (
+            parse_spec({"failures": {"probability_per_step": 0.49}}, TrainSpec).failures.probability_per_step
+            == 0.49
+        )

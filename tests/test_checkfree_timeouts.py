@@ -50,7 +50,9 @@ def test_hung_stage_is_killed_rebuilt_and_recorded_as_timeout(ray_local):
         run_steps(executor, 4)
     finally:
         executor.shutdown()
-    assert [(f.step, f.stage, f.reason, f.phase) for f in executor.history.failures] == [(3, 2, "timeout", "forward")]
+    assert [(f.step, f.stage, f.reason, f.phase) for f in executor.history.failures] == [
+        (3, 2, "timeout", "forward")
+    ]
     assert executor.history.steps == [1, 2, 3, 4]
     assert pids["after"][2] != pids["before"][2]  # a new process took the hung stage
     assert [pids["after"][i] for i in (0, 1, 3)] == [pids["before"][i] for i in (0, 1, 3)]  # survivors kept
@@ -71,7 +73,9 @@ def test_replacement_that_cannot_be_scheduled_names_the_missing_resources(ray_lo
         monkeypatch.setattr(pool_module, "READY_TIMEOUT_S", 3.0)  # after the stages started
         executor.pool.take = take
         executor.run_step(1)
-        with pytest.raises(RecoveryError, match=r"stage\(s\) \[1\] was not scheduled within 3s.*num_cpus_per_stage"):
+        with pytest.raises(
+            RecoveryError, match=r"stage\(s\) \[1\] was not scheduled within 3s.*num_cpus_per_stage"
+        ):
             executor.run_step(2)
     finally:
         for actor in impossible:

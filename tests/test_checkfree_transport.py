@@ -19,17 +19,20 @@ from tests.test_checkfree_engine import run_steps, tiny_spec
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.mark.parametrize("requested,gpus,nccl,strategy,expected", [
-    ("auto", 0.0, [False] * 4, "checkpoint", "object_store"),  # CPU stages: nothing changes
-    ("auto", 1.0, [True] * 4, "checkpoint", "nccl"),
-    ("auto", 1.0, [True] * 4, "none", "nccl"),
-    ("auto", 1.0, [True, True, False, True], "checkpoint", "object_store"),  # one stage without NCCL
-    ("auto", 1.0, [True] * 4, "checkfree", "object_store"),  # a lost stage would take its neighbour along
-    ("nccl", 1.0, [True] * 4, "checkfree", "nccl"),  # asked for explicitly: used
-    ("nccl", 1.0, [False] * 4, "checkfree", "object_store"),  # asked for, not there: falls back
-    ("gloo", 0.0, [False] * 4, "checkfree", "gloo"),
-    ("object_store", 1.0, [True] * 4, "none", "object_store"),
-])
+@pytest.mark.parametrize(
+    "requested,gpus,nccl,strategy,expected",
+    [
+        ("auto", 0.0, [False] * 4, "checkpoint", "object_store"),  # CPU stages: nothing changes
+        ("auto", 1.0, [True] * 4, "checkpoint", "nccl"),
+        ("auto", 1.0, [True] * 4, "none", "nccl"),
+        ("auto", 1.0, [True, True, False, True], "checkpoint", "object_store"),  # one stage without NCCL
+        ("auto", 1.0, [True] * 4, "checkfree", "object_store"),  # a lost stage would take its neighbour along
+        ("nccl", 1.0, [True] * 4, "checkfree", "nccl"),  # asked for explicitly: used
+        ("nccl", 1.0, [False] * 4, "checkfree", "object_store"),  # asked for, not there: falls back
+        ("gloo", 0.0, [False] * 4, "checkfree", "gloo"),
+        ("object_store", 1.0, [True] * 4, "none", "object_store"),
+    ],
+)
 def test_transport_selection(requested, gpus, nccl, strategy, expected):
     """'auto' is NCCL only on GPU stages that all have NCCL under a whole-model strategy; explicit choices win
     where they can run; the reason says why in words."""
@@ -83,7 +86,9 @@ def test_a_group_that_cannot_be_formed_falls_back_to_the_object_store_said_once(
         raise RuntimeError("gloo rendezvous failed")
 
     monkeypatch.setattr("ray.experimental.collective.create_collective_group", broken)
-    monkeypatch.setattr(transport_module.ray, "get", lambda refs, timeout=None: [{}] * len(refs))  # every ping answers
+    monkeypatch.setattr(
+        transport_module.ray, "get", lambda refs, timeout=None: [{}] * len(refs)
+    )  # every ping answers
     with caplog.at_level(logging.WARNING, logger=transport_module.__name__):
         transport.connect(actors, timeout_s=5.0)
         transport.connect(actors, timeout_s=5.0)
@@ -106,7 +111,9 @@ def test_gloo_direct_transport_trains_like_single_process_and_really_bypasses_th
         run_steps(executor, 2)
         x, _ = executor.corpus.val_batches(1, 2)
         a0, a1 = executor.actors[0], executor.actors[1]
-        direct = executor.transport.submit(a0, "forward", True, 0, 0, (EMBED, BLOCKS), x[0].numpy(), None, 1.0, False)
+        direct = executor.transport.submit(
+            a0, "forward", True, 0, 0, (EMBED, BLOCKS), x[0].numpy(), None, 1.0, False
+        )
         via_store = a0.forward.remote(0, 0, (EMBED, BLOCKS), x[0].numpy(), None, 1.0, False)
         with pytest.raises(ValueError, match="two-sided transport GLOO"):
             ray.get(direct, timeout=60)
@@ -139,7 +146,8 @@ def test_gloo_recovery_falls_back_cleanly_and_rebuilds_from_the_neighbours(ray_l
         w = gradient_weights(*[weighing_norm(executor.grad_norms[s]) for s in (0, 2)], spec.recovery.epsilon)
         submit = executor.transport.submit
         executor.transport.submit = lambda actor, method, direct, *a, **k: (
-            sent.append((method, direct, executor.transport.name)) or submit(actor, method, direct, *a, **k))
+            sent.append((method, direct, executor.transport.name)) or submit(actor, method, direct, *a, **k)
+        )
         with caplog.at_level(logging.WARNING, logger=transport_module.__name__):
             recovering.recover(executor, 2, StageLost([1], "before_step"))
         after = executor.stage_states((BLOCKS,))
@@ -163,8 +171,13 @@ def test_a_stage_killed_under_gloo_is_recovered_without_hanging(ray_local, tmp_p
     rolls back, falls back to the object store (gloo cannot form a second group) and finishes; no hang."""
     from tests.test_checkfree_phases import fail_at
 
-    spec = tiny_spec("checkpoint", warm_standby=True, steps=4, pipeline={"activation_transport": "gloo"},
-                     checkpointing={"every": 1})
+    spec = tiny_spec(
+        "checkpoint",
+        warm_standby=True,
+        steps=4,
+        pipeline={"activation_transport": "gloo"},
+        checkpointing={"every": 1},
+    )
     executor = PipelineExecutor(spec, checkpoint_uri=str(tmp_path / "ckpt"))
     fail_at(executor, 1, 3, "forward")
     try:

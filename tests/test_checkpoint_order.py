@@ -44,7 +44,10 @@ def test_explicit_paths_may_lack_steps(tmp_path):
     for name, state in zip(("a.safetensors", "b.safetensors"), trajectory(2)):
         save_file(state, str(tmp_path / name))
     order = list_checkpoints(CheckpointSetSpec(uri=str(tmp_path), paths=["b.safetensors", "a.safetensors"]))
-    assert [(uri.rsplit("/", 1)[-1], step) for uri, step in order] == [("b.safetensors", 0), ("a.safetensors", 1)]
+    assert [(uri.rsplit("/", 1)[-1], step) for uri, step in order] == [
+        ("b.safetensors", 0),
+        ("a.safetensors", 1),
+    ]
 
 
 @pytest.mark.parametrize("output", ["{ckpt}", "{ckpt}/lcsc", "file://{ckpt}/x/y"])

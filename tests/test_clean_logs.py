@@ -57,8 +57,15 @@ DRIVER = textwrap.dedent(
 def test_forwarded_worker_logs_have_no_colour_codes_when_piped():
     """A driver whose stdout is a pipe prints actor lines with a plain `(Printer pid=...)` prefix."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", session.RAY_COLOR_PREFIX)}
-    proc = subprocess.run([sys.executable, "-c", DRIVER], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "hello-from-actor" in line]
     assert lines and lines[0].startswith("(Printer pid="), proc.stdout[-2000:]

@@ -269,7 +269,9 @@ def test_kuberay_documents_and_versions():
     """Two RayJobs (ray.io/v1) with their ConfigMaps; rayVersion is the pinned Ray; cleanup is on."""
     docs = _kuberay_docs()
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["ServiceAccount", *["ConfigMap", "RayJob", "NetworkPolicy", "PodDisruptionBudget"] * 2])
+    assert kinds == sorted(
+        ["ServiceAccount", *["ConfigMap", "RayJob", "NetworkPolicy", "PodDisruptionBudget"] * 2]
+    )
     for job in _rayjobs():
         assert job["apiVersion"] == "ray.io/v1"
         assert job["spec"]["shutdownAfterJobFinishes"] is True

@@ -29,23 +29,44 @@ def test_ray_job_submit_search_survives_lost_worker_node(tmp_path):
     mid-search; no completed trial is lost and the budget is finished."""
     # each sampler call takes at least 1 s, as a real one does: 14 trials on 2 evaluators then last over 7 s, so
     # the harness (polling every 0.5 s, on crowded cores too) kills the node with trials still to run
-    sampler = {"target": "tests.lcsc_search_plugins:counting_sample", "nfe": 2,
-               "kwargs": {"log_dir": str(tmp_path), "seconds": 1.0}}
+    sampler = {
+        "target": "tests.lcsc_search_plugins:counting_sample",
+        "nfe": 2,
+        "kwargs": {"log_dir": str(tmp_path), "seconds": 1.0},
+    }
     spec = tiny_spec(tmp_path, budget=14, sampler=sampler)
     spec = spec.model_copy(update={"evaluators": spec.evaluators.model_copy(update={"num_cpus": 1.0})})
     spec_path = tmp_path / "spec.yaml"
     dump_spec(spec, spec_path)
     with local_cluster(worker_cpus=[1, 1], head_cpus=1, log_dir=tmp_path) as cluster:
         address = cluster.dashboard_url
-        command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--no-wait",
-                   "--working-dir", ".", "--", "python", "-m", "lcsc_ray", "search", str(spec_path)]
+        command = [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--no-wait",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "lcsc_ray",
+            "search",
+            str(spec_path),
+        ]
         for _attempt in range(30):  # the head's job agent takes a few seconds to come up
-            submit = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+            submit = subprocess.run(
+                command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+            )
             if submit.returncode == 0 or "No available agent" not in submit.stderr:
                 break
             time.sleep(2)
         assert submit.returncode == 0, submit.stderr[-2000:]
-        job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
+        job_id = next(
+            line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line
+        )
         client = JobSubmissionClient(address)
         tune_dir = tmp_path / "out"
         deadline = time.monotonic() + 300
@@ -77,14 +98,24 @@ def test_training_job_recovers_stages_of_a_lost_worker_node(tmp_path):
 
     from schemas.train import TrainSpec
 
-    spec = TrainSpec.model_validate({
-        "steps": STEPS, "eval_every": 100, "eval_batches": 1,
-        "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 32},
-        "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 4, "num_cpus_per_stage": 0.25,
-                     "warm_standby": False},  # every StageWorker actor is then a pipeline stage
-        "recovery": {"strategy": "checkfree"}, "checkpointing": {"every": 4},
-        "output": {"uri": str(tmp_path / "train-out")},
-    })
+    spec = TrainSpec.model_validate(
+        {
+            "steps": STEPS,
+            "eval_every": 100,
+            "eval_batches": 1,
+            "model": {"d_model": 32, "n_layers": 4, "n_heads": 2, "seq_len": 32},
+            "pipeline": {
+                "num_stages": 4,
+                "micro_batches": 2,
+                "micro_batch_size": 4,
+                "num_cpus_per_stage": 0.25,
+                "warm_standby": False,
+            },  # every StageWorker actor is then a pipeline stage
+            "recovery": {"strategy": "checkfree"},
+            "checkpointing": {"every": 4},
+            "output": {"uri": str(tmp_path / "train-out")},
+        }
+    )
     spec_path = tmp_path / "train.yaml"
     dump_spec(spec, spec_path)
     with local_cluster(worker_cpus=[1, 1], head_cpus=1, log_dir=tmp_path) as cluster:

@@ -85,8 +85,12 @@ def _security_group_problems(config: dict, group: dict) -> list[str]:
             problems.append(f"rule {rule['FromPort']}-{rule['ToPort']} is not tcp-only")
         sources = {pair["GroupId"] for pair in rule.get("UserIdGroupPairs", [])}
         if sources - group_ids:
-            problems.append(f"ports {rule['FromPort']}-{rule['ToPort']} open to another group {sources - group_ids}")
-        cidrs = {r["CidrIp"] for r in rule.get("IpRanges", [])} | {r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])}
+            problems.append(
+                f"ports {rule['FromPort']}-{rule['ToPort']} open to another group {sources - group_ids}"
+            )
+        cidrs = {r["CidrIp"] for r in rule.get("IpRanges", [])} | {
+            r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])
+        }
         if cidrs and ports != {22}:
             problems.append(f"ports {rule['FromPort']}-{rule['ToPort']} open to addresses {sorted(cidrs)}")
         if cidrs & WORLD:
@@ -112,7 +116,10 @@ def test_aws_security_group_opens_only_rays_ports_inside_the_group():
     assert any("24000" in p for p in _security_group_problems(unfixed, group))
     no_group = copy.deepcopy(config)
     del no_group["available_node_types"]["worker.gpu.spot"]["node_config"]["SecurityGroupIds"]
-    assert any(p.startswith("worker.gpu.spot has no SecurityGroupIds") for p in _security_group_problems(no_group, group))
+    assert any(
+        p.startswith("worker.gpu.spot has no SecurityGroupIds")
+        for p in _security_group_problems(no_group, group)
+    )
 
 
 def test_aws_every_volume_is_encrypted():
@@ -134,7 +141,9 @@ def test_iam_policies_are_least_privilege():
         assert json.loads((IAM / name).read_text())["Version"] == "2012-10-17", name
         for statement in statements:
             actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-            assert statement["Effect"] == "Allow" and not any(a == "*" or a.endswith(":*") for a in actions), name
+            assert statement["Effect"] == "Allow" and not any(
+                a == "*" or a.endswith(":*") for a in actions
+            ), name
     env, _ = _run_options_env(config)
     bucket, _, prefix = env["LCSC_S3_URI"].removeprefix("s3://").partition("/")
     s3 = _statements()["s3-runs-policy.json"]
@@ -148,7 +157,9 @@ def test_iam_policies_are_least_privilege():
     head = {s["Sid"]: s for s in _statements()["head-autoscaler-policy.json"]}
     terminate = head["TerminateOnlyThisClustersNodes"]["Condition"]["StringEquals"]
     assert terminate == {"ec2:ResourceTag/ray-cluster-name": config["cluster_name"]}
-    worker_profile = config["available_node_types"]["worker.cpu.spot"]["node_config"]["IamInstanceProfile"]["Arn"]
+    worker_profile = config["available_node_types"]["worker.cpu.spot"]["node_config"]["IamInstanceProfile"][
+        "Arn"
+    ]
     assert head["PassOnlyTheWorkerRole"]["Resource"].rsplit("/", 1)[1] == worker_profile.rsplit("/", 1)[1]
     assert _iam("ec2-trust-policy.json")["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
 
@@ -163,9 +174,15 @@ def _docs_of(kind: str) -> list[dict]:
 def _labels(job: dict, group: str) -> dict[str, str]:
     """The labels KubeRay's pods of `group` carry: the template's, plus ray.io/node-type."""
     cluster = job["spec"]["rayClusterSpec"]
-    template = cluster["headGroupSpec"]["template"] if group == "head" else next(
-        g["template"] for g in cluster["workerGroupSpecs"] if g["groupName"] == group)
-    return {**template.get("metadata", {}).get("labels", {}), "ray.io/node-type": "head" if group == "head" else "worker"}
+    template = (
+        cluster["headGroupSpec"]["template"]
+        if group == "head"
+        else next(g["template"] for g in cluster["workerGroupSpecs"] if g["groupName"] == group)
+    )
+    return {
+        **template.get("metadata", {}).get("labels", {}),
+        "ray.io/node-type": "head" if group == "head" else "worker",
+    }
 
 
 def _selects(selector: dict, labels: dict) -> bool:
@@ -212,9 +229,15 @@ def _network_problems(job: dict, policies: list[dict]) -> list[str]:
         for rule in policy["spec"].get("ingress", []):
             peers = rule.get("from") or [{}]
             for peer in peers:
-                same_job = "namespaceSelector" not in peer and peer.get("podSelector", {}).get("matchLabels") == job_label
-                operator_only = ("namespaceSelector" in peer and rule.get("ports") == [{"protocol": "TCP", "port": 8265}]
-                                 and peer.get("podSelector"))
+                same_job = (
+                    "namespaceSelector" not in peer
+                    and peer.get("podSelector", {}).get("matchLabels") == job_label
+                )
+                operator_only = (
+                    "namespaceSelector" in peer
+                    and rule.get("ports") == [{"protocol": "TCP", "port": 8265}]
+                    and peer.get("podSelector")
+                )
                 if not (same_job or operator_only):
                     problems.append(f"{policy['metadata']['name']} admits {peer or 'everyone'}")
     for group, _ in _pod_specs(job):
@@ -244,11 +267,16 @@ def test_kuberay_head_protected_from_consolidation():
     budgets = _docs_of("PodDisruptionBudget")
     for job in _rayjobs():
         cluster = job["spec"]["rayClusterSpec"]
-        assert cluster["headGroupSpec"]["template"]["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
+        assert (
+            cluster["headGroupSpec"]["template"]["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"]
+            == "true"
+        )
         head_budgets = [b for b in budgets if _selects(b["spec"]["selector"], _labels(job, "head"))]
         assert [b["spec"]["maxUnavailable"] for b in head_budgets] == [0], job["metadata"]["name"]
         for group in cluster["workerGroupSpecs"]:
-            assert "karpenter.sh/do-not-disrupt" not in group["template"].get("metadata", {}).get("annotations", {})
+            assert "karpenter.sh/do-not-disrupt" not in group["template"].get("metadata", {}).get(
+                "annotations", {}
+            )
             assert not any(_selects(b["spec"]["selector"], _labels(job, group["groupName"])) for b in budgets)
 
 
@@ -294,7 +322,9 @@ def test_constraints_pin_every_runtime_dependency_within_pyproject():
     makefile_torch = re.search(r"TORCH_PIN \?= torch==(\S+)", (ROOT / "Makefile").read_text()).group(1)
     assert pins["torch"] == makefile_torch
     assert not {"pytest", "ruff", "moto", "hypothesis"} & set(pins)
-    assert len(pins) > 3 * len(PYPROJECT["project"]["dependencies"])  # the transitive closure, not just the top
+    assert len(pins) > 3 * len(
+        PYPROJECT["project"]["dependencies"]
+    )  # the transitive closure, not just the top
 
 
 def test_dockerfile_installs_with_the_constraints_and_ships_the_spot_watcher():
@@ -310,8 +340,15 @@ def test_readme_documents_digest_pinning_auth_and_head_loss():
     """cluster/README.md deploys by digest, names the constraints, the token, the IAM files and GCS FT."""
     text = (ROOT / "cluster" / "README.md").read_text()
     assert re.search(rf"{IMAGE_NAME}:{VERSION}@sha256:", text)
-    for needle in ("constraints.txt", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "gcsFaultToleranceOptions",
-                   "DRAIN_NODE_REASON_PREEMPTION", "preStop", "spot_drain.py"):
+    for needle in (
+        "constraints.txt",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "gcsFaultToleranceOptions",
+        "DRAIN_NODE_REASON_PREEMPTION",
+        "preStop",
+        "spot_drain.py",
+    ):
         assert needle in text, needle
     for path in IAM.glob("*.json"):
         assert path.name in text, f"cluster/README.md does not say what {path.name} is for"

@@ -18,7 +18,9 @@ KUBERAY_YAML = ROOT / "cluster" / "kuberay-rayjob.yaml"
 GIB = 1024**3
 DOCS = [doc for doc in yaml.safe_load_all(KUBERAY_YAML.read_text()) if doc]
 JOBS = {doc["metadata"]["name"]: doc for doc in DOCS if doc["kind"] == "RayJob"}
-SPECS = {doc["metadata"]["name"]: next(iter(doc["data"].values())) for doc in DOCS if doc["kind"] == "ConfigMap"}
+SPECS = {
+    doc["metadata"]["name"]: next(iter(doc["data"].values())) for doc in DOCS if doc["kind"] == "ConfigMap"
+}
 JOB_SPEC = {"lcsc-search": "lcsc-search-spec", "checkfree-train": "checkfree-train-spec"}
 
 
@@ -26,8 +28,12 @@ def _autoscaling_config(job_name: str) -> dict:
     """What Ray's KubeRay autoscaler derives from the job's RayCluster (the CR KubeRay makes from the RayJob)."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
-    ray_cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-              "metadata": {"name": job_name, "namespace": "lcsc"}, "spec": JOBS[job_name]["spec"]["rayClusterSpec"]}
+    ray_cr = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": job_name, "namespace": "lcsc"},
+        "spec": JOBS[job_name]["spec"]["rayClusterSpec"],
+    }
     return _derive_autoscaling_config_from_ray_cr(ray_cr)
 
 

@@ -20,10 +20,16 @@ def _write_set(directory, counters, num=3, dtype=torch.float32):
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
     for i in range(num):
-        state = {"weight": torch.randn(7, 5, generator=generator).to(dtype),
-                 "counter": torch.tensor(counters[i], dtype=torch.int64),
-                 "mask": torch.tensor([True, False, True])}
-        save_file(state, str(directory / f"ckpt-{100 * (i + 1):04d}.safetensors"), metadata={"step": str(100 * (i + 1))})
+        state = {
+            "weight": torch.randn(7, 5, generator=generator).to(dtype),
+            "counter": torch.tensor(counters[i], dtype=torch.int64),
+            "mask": torch.tensor([True, False, True]),
+        }
+        save_file(
+            state,
+            str(directory / f"ckpt-{100 * (i + 1):04d}.safetensors"),
+            metadata={"step": str(100 * (i + 1))},
+        )
     return CheckpointSetSpec(uri=str(directory))
 
 
@@ -98,8 +104,18 @@ def test_combine_cli_writes_the_same_bytes_twice(tmp_path):
     outputs = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.safetensors"
-        result = CliRunner().invoke(main, ["combine", "--coefficients", str(tmp_path / "coefficients.json"),
-                                           "--checkpoints", str(tmp_path / "run"), "--out", str(out)])
+        result = CliRunner().invoke(
+            main,
+            [
+                "combine",
+                "--coefficients",
+                str(tmp_path / "coefficients.json"),
+                "--checkpoints",
+                str(tmp_path / "run"),
+                "--out",
+                str(out),
+            ],
+        )
         assert result.exit_code == 0, result.output
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]

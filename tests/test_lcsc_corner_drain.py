@@ -59,8 +59,11 @@ def drain(node_id: str, deadline_s: int) -> None:
     from ray.core.generated import autoscaler_pb2
 
     accepted, why = ray._private.worker.global_worker.gcs_client.drain_node(
-        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot notice",
-        int(time.time() * 1000) + deadline_s * 1000)
+        node_id,
+        autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        "spot notice",
+        int(time.time() * 1000) + deadline_s * 1000,
+    )
     assert accepted, why
 
 
@@ -78,7 +81,9 @@ def drain_during_batch(pool, log_dir: Path, jobs: list, node_id: str, events: di
     second = next(seed for seed in seeds if seed != first)
     drain(node_id, deadline_s=120)
     events["drained_at"] = time.monotonic()
-    (log_dir / f"hold-{second}").unlink()  # evaluator 1 finishes its candidate and is free, on the draining node
+    (
+        log_dir / f"hold-{second}"
+    ).unlink()  # evaluator 1 finishes its candidate and is free, on the draining node
     try:
         wait_for(lambda: pool.state()["drained"] >= 2, 120, "both evaluators replaced")
     except AssertionError as exc:
@@ -112,13 +117,17 @@ def main(workdir: Path) -> dict:
         pool = start_pool(spec)
         try:
             events["twin"] = pool.score(jobs)
-            cluster.add_node(num_cpus=1)  # room for the replacements, added once both evaluators sit on node A
+            cluster.add_node(
+                num_cpus=1
+            )  # room for the replacements, added once both evaluators sit on node A
             cluster.wait_for_nodes()
             evaluators = ray.get(pool.service.evaluators.remote(), timeout=60)
             events["nodes_before"] = actor_nodes(evaluators)
             for job in jobs:
                 (log_dir / f"hold-{chunk_seed(job.seed, 0)}").touch()
-            harness = threading.Thread(target=drain_during_batch, args=(pool, log_dir, jobs, node_a.node_id, events))
+            harness = threading.Thread(
+                target=drain_during_batch, args=(pool, log_dir, jobs, node_a.node_id, events)
+            )
             harness.start()
             events["drained"] = pool.score(jobs)
             harness.join(timeout=180)
@@ -137,11 +146,18 @@ def test_a_drain_under_two_busy_evaluators_costs_no_candidate(tmp_path):
     """Both evaluators on node A, a candidate in flight on each, node A drained: every score of `pool.score()` is
     finite and equals its no-drain twin; both evaluators were replaced off node A, none counted as a failure."""
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.run([sys.executable, "-m", "tests.test_lcsc_corner_drain", str(tmp_path)], cwd=ROOT,
-                          check=False, capture_output=True, text=True, timeout=380, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_lcsc_corner_drain", str(tmp_path)],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=380,
+        env=env,
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, (proc.stdout[-2000:], proc.stderr[-4000:])
-    report = json.loads(line[len("RESULT "):])
+    report = json.loads(line[len("RESULT ") :])
     assert "harness_error" not in report, (report, proc.stderr[-4000:])
     assert report["nodes_before"] == [report["node_a"]] * 2  # both evaluators on the node that drains
     assert [r["status"] for r in report["drained"]] == ["ok", "ok"]

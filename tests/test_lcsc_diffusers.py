@@ -25,9 +25,16 @@ def tiny_unet():
     """A 41k-parameter UNet2DModel for 1x8x8 images."""
     from diffusers import UNet2DModel
 
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
 
 
 def train_run(root: Path, steps: int = STEPS, every: int = EVERY) -> dict[int, dict[str, torch.Tensor]]:
@@ -46,8 +53,9 @@ def train_run(root: Path, steps: int = STEPS, every: int = EVERY) -> dict[int, d
         clean = data[torch.randint(0, len(data), (16,))]
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, TRAIN_TIMESTEPS, (16,))
-        loss = torch.nn.functional.mse_loss(model(noise_scheduler.add_noise(clean, noise, timesteps),
-                                                  timesteps).sample, noise)
+        loss = torch.nn.functional.mse_loss(
+            model(noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -111,8 +119,12 @@ def test_builder_reads_config_and_the_runs_scheduler(run):
     assert type(model).__name__ == "UNet2DModel" and list(model.config.block_out_channels) == [8, 16]
     assert set(model.state_dict()) == set(saved[12])
     assert model.lcsc_scheduler_config["num_train_timesteps"] == TRAIN_TIMESTEPS
-    spec = SearchSpec.model_validate({"checkpoints": {"uri": str(root), "format": "diffusers"},
-                                      "output": {"uri": str(root.parent / "out")}})
+    spec = SearchSpec.model_validate(
+        {
+            "checkpoints": {"uri": str(root), "format": "diffusers"},
+            "output": {"uri": str(root.parent / "out")},
+        }
+    )
     assert spec.model.target == "lcsc_ray.diffusers_checkpoints:build_model"
     assert spec.sampler.target == "lcsc_ray.diffusers_sampling:sample"
 
@@ -133,8 +145,13 @@ def test_ddim_sampler_matches_diffusers_pipeline(run):
     scheduler = make_scheduler("DDIM", model.lcsc_scheduler_config)
     assert scheduler.config.num_train_timesteps == TRAIN_TIMESTEPS
     pipe = DDIMPipeline(unet=model, scheduler=scheduler)
-    theirs = pipe(batch_size=6, generator=torch.Generator().manual_seed(5), num_inference_steps=5, eta=0.0,
-                  output_type="np").images  # (B, H, W, C) in [0, 1]
+    theirs = pipe(
+        batch_size=6,
+        generator=torch.Generator().manual_seed(5),
+        num_inference_steps=5,
+        eta=0.0,
+        output_type="np",
+    ).images  # (B, H, W, C) in [0, 1]
     np.testing.assert_allclose((ours.numpy() / 2 + 0.5).transpose(0, 2, 3, 1), theirs, atol=1e-5)
     smaller_batches = sample(model, 6, seed=5, nfe=5, batch_size=4, scheduler="DDIM")
     torch.testing.assert_close(smaller_batches, ours, atol=1e-5, rtol=0)
@@ -148,10 +165,12 @@ def test_consistency_and_other_schedulers(run):
     root, saved = run
     model = _trained(root, saved)
     ours = sample(model, 3, seed=2, nfe=2, batch_size=3, scheduler="CMStochasticIterative")
-    pipe = ConsistencyModelPipeline(unet=model, scheduler=make_scheduler("CMStochasticIterative",
-                                                                          model.lcsc_scheduler_config))
-    theirs = pipe(batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(2),
-                  output_type="np").images
+    pipe = ConsistencyModelPipeline(
+        unet=model, scheduler=make_scheduler("CMStochasticIterative", model.lcsc_scheduler_config)
+    )
+    theirs = pipe(
+        batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(2), output_type="np"
+    ).images
     np.testing.assert_allclose((ours.numpy() / 2 + 0.5).transpose(0, 2, 3, 1), theirs, atol=1e-5)
     for name in ("DPMSolverMultistep", "Euler"):
         images = sample(model, 3, seed=0, nfe=3, batch_size=3, scheduler=name)
@@ -183,7 +202,9 @@ def test_export_is_a_folder_from_pretrained_loads(run):
 def test_checkpoint_set_names_and_ema_folder(ray_local, run):
     """The object-store set names checkpoints by folder and takes a `unet_ema` folder as the run's EMA."""
     root, _ = run
-    spec = CheckpointSetSpec(uri=str(root), format="diffusers", last=2, ema_uri=str(root / "checkpoint-12/unet_ema"))
+    spec = CheckpointSetSpec(
+        uri=str(root), format="diffusers", last=2, ema_uri=str(root / "checkpoint-12/unet_ema")
+    )
     loaded = load_checkpoint_set(spec)
     assert loaded.names == ["checkpoint-8/unet", "checkpoint-12/unet"] and loaded.steps == [8, 12]
     ema = load_file(str(root / "checkpoint-12/unet_ema/diffusion_pytorch_model.safetensors"))

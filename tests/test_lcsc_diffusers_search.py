@@ -18,16 +18,31 @@ def test_search_over_diffusers_checkpoints(ray_local, tmp_path):
 
     root = tmp_path / "ddpm-run"
     saved = train_run(root)
-    spec = SearchSpec.model_validate({
-        "checkpoints": {"uri": str(root), "format": "diffusers", "ema_uri": str(root / "checkpoint-12" / "unet_ema")},
-        "sampler": {"target": "lcsc_ray.diffusers_sampling:sample", "nfe": 2, "kwargs": {"scheduler": "DDIM"}},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
-                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
-                "num_samples": 32, "holdout_seeds": [11, 12]},
-        "evaluators": {"num_actors": 1, "batch_size": 32, "num_cpus": 0.5},
-        "search": {"budget": 5, "ema_decays": [0.5]},
-        "output": {"uri": str(tmp_path / "out")},
-    })
+    spec = SearchSpec.model_validate(
+        {
+            "checkpoints": {
+                "uri": str(root),
+                "format": "diffusers",
+                "ema_uri": str(root / "checkpoint-12" / "unet_ema"),
+            },
+            "sampler": {
+                "target": "lcsc_ray.diffusers_sampling:sample",
+                "nfe": 2,
+                "kwargs": {"scheduler": "DDIM"},
+            },
+            "fid": {
+                "features": {"target": "tests.lcsc_plugins:tiny_features"},
+                "reference": {
+                    "dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}
+                },
+                "num_samples": 32,
+                "holdout_seeds": [11, 12],
+            },
+            "evaluators": {"num_actors": 1, "batch_size": 32, "num_cpus": 0.5},
+            "search": {"budget": 5, "ema_decays": [0.5]},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
     assert spec.model.kwargs == {"config_uri": str(root), "subfolder": "unet"}  # the built-in, filled in
     result = run_search(spec)
     assert result.checkpoint_steps == [4, 8, 12]

@@ -83,7 +83,10 @@ def test_split_across_actors_equals_one_actor(setup, ray_local):
     num_chunks = len(chunk_sizes(NUM_SAMPLES, BATCH))
     blocks = tree_blocks(num_chunks, len(actors))
     assert len(blocks) >= 2
-    refs = [actors[i % 2].evaluate_stats.remote(alphas, 5, range(*block), NUM_SAMPLES) for i, block in enumerate(blocks)]
+    refs = [
+        actors[i % 2].evaluate_stats.remote(alphas, 5, range(*block), NUM_SAMPLES)
+        for i, block in enumerate(blocks)
+    ]
     merged = merge_blocks(num_chunks, {b: FIDStats.from_dict(r) for b, r in zip(blocks, ray_local.get(refs))})
     assert np.array_equal(merged.sum_outer, whole["stats"]["sum_outer"])
     assert fid_from_stats(merged, *reference) == whole["fid"]

@@ -45,8 +45,10 @@ def test_bfloat16_evaluation_on_cpu(tmp_path, ray_local):
         "checkpoints": {"uri": str(tmp_path / "ckpts")},
         "model": {"target": "tests.lcsc_plugins:build_tiny"},
         "sampler": {"target": "tests.lcsc_plugins:toy_sample", "nfe": 2},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
-                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}}},
+        "fid": {
+            "features": {"target": "tests.lcsc_plugins:tiny_features"},
+            "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
+        },
         "evaluators": {"batch_size": 32},
         "output": {"uri": str(tmp_path / "out")},
     }

@@ -34,7 +34,9 @@ def test_checkpoints_changed_under_an_unchanged_spec_are_refused(tmp_path):
     prepare_state(spec)
     prepare_state(spec)  # same inputs: resumes
     ckpts = sorted((tmp_path / "ckpts").glob("*.safetensors"))
-    save_file(trajectory(6)[-1], str(tmp_path / "ckpts" / "ckpt-000600.safetensors"), metadata={"step": "600"})
+    save_file(
+        trajectory(6)[-1], str(tmp_path / "ckpts" / "ckpt-000600.safetensors"), metadata={"step": "600"}
+    )
     with pytest.raises(SpecError) as caught:
         prepare_state(spec)
     message = str(caught.value)
@@ -68,8 +70,7 @@ def test_restart_clears_the_state_and_records_the_new_inputs(tmp_path):
     digest = prepare_state(spec)
     store = EvaluationStore(state_uri(spec, "evaluations"), identity=digest)
     store.put([0.2, 0.2, 0.2, 0.2, 0.2], 64, 0, {"fid": 1.5})
-    save_file(trajectory(5, seed=3)[4], str(max((tmp_path / "ckpts").glob("*"))),
-              metadata={"step": "500"})
+    save_file(trajectory(5, seed=3)[4], str(max((tmp_path / "ckpts").glob("*"))), metadata={"step": "500"})
     with pytest.raises(SpecError):
         prepare_state(spec)
     new_digest = prepare_state(spec, restart=True)
@@ -99,12 +100,15 @@ def test_a_typo_in_model_target_leaves_nothing_and_the_fix_runs(tmp_path):
     assert (tmp_path / "out" / "state" / "spec.json").exists()
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"checkpoints": {"glob": "ckpt-000100*"}}, "checkpoints.glob"),
-    ({"checkpoints": {"paths": ["ckpt-000100.safetensors", "nope.safetensors"]}}, "checkpoints.paths"),
-    ({"search": {"bound": 0.05}}, "search.bound"),
-    ({"checkpoints": {"ema_uri": "/no/such/ema.safetensors"}}, "checkpoints.ema_uri"),
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"checkpoints": {"glob": "ckpt-000100*"}}, "checkpoints.glob"),
+        ({"checkpoints": {"paths": ["ckpt-000100.safetensors", "nope.safetensors"]}}, "checkpoints.paths"),
+        ({"search": {"bound": 0.05}}, "search.bound"),
+        ({"checkpoints": {"ema_uri": "/no/such/ema.safetensors"}}, "checkpoints.ema_uri"),
+    ],
+)
 def test_load_time_problems_exit_2_naming_the_field(tmp_path, change, field):
     """One matched checkpoint, a missing path, a seed vector outside the bound: exit 2, field named, no files."""
     spec = _with(tiny_spec(tmp_path), **change)

@@ -55,7 +55,10 @@ class _TvA(torch.nn.Module):
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = _TvConv(cin, 64, kernel_size=1)
-        self.branch5x5_1, self.branch5x5_2 = _TvConv(cin, 48, kernel_size=1), _TvConv(48, 64, kernel_size=5, padding=2)
+        self.branch5x5_1, self.branch5x5_2 = (
+            _TvConv(cin, 48, kernel_size=1),
+            _TvConv(48, 64, kernel_size=5, padding=2),
+        )
         self.branch3x3dbl_1 = _TvConv(cin, 64, kernel_size=1)
         self.branch3x3dbl_2 = _TvConv(64, 96, kernel_size=3, padding=1)
         self.branch3x3dbl_3 = _TvConv(96, 96, kernel_size=3, padding=1)
@@ -72,16 +75,25 @@ class _TvB(torch.nn.Module):
 
     def forward(self, x):
         dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), dbl, torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2)], 1)
+        return torch.cat(
+            [self.branch3x3(x), dbl, torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2)], 1
+        )
 
 
 class _TvC(torch.nn.Module):
     def __init__(self, cin, channels_7x7):
         super().__init__()
-        c7, h, v = channels_7x7, {"kernel_size": (1, 7), "padding": (0, 3)}, {"kernel_size": (7, 1), "padding": (3, 0)}
+        c7, h, v = (
+            channels_7x7,
+            {"kernel_size": (1, 7), "padding": (0, 3)},
+            {"kernel_size": (7, 1), "padding": (3, 0)},
+        )
         self.branch1x1 = _TvConv(cin, 192, kernel_size=1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = _TvConv(cin, c7, kernel_size=1), _TvConv(c7, c7, **h), \
-            _TvConv(c7, 192, **v)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = (
+            _TvConv(cin, c7, kernel_size=1),
+            _TvConv(c7, c7, **h),
+            _TvConv(c7, 192, **v),
+        )
         self.branch7x7dbl_1, self.branch7x7dbl_2 = _TvConv(cin, c7, kernel_size=1), _TvConv(c7, c7, **v)
         self.branch7x7dbl_3, self.branch7x7dbl_4 = _TvConv(c7, c7, **h), _TvConv(c7, c7, **v)
         self.branch7x7dbl_5 = _TvConv(c7, 192, **h)
@@ -91,7 +103,10 @@ class _TvC(torch.nn.Module):
 class _TvD(torch.nn.Module):
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = _TvConv(cin, 192, kernel_size=1), _TvConv(192, 320, kernel_size=3, stride=2)
+        self.branch3x3_1, self.branch3x3_2 = (
+            _TvConv(cin, 192, kernel_size=1),
+            _TvConv(192, 320, kernel_size=3, stride=2),
+        )
         self.branch7x7x3_1 = _TvConv(cin, 192, kernel_size=1)
         self.branch7x7x3_2 = _TvConv(192, 192, kernel_size=(1, 7), padding=(0, 3))
         self.branch7x7x3_3 = _TvConv(192, 192, kernel_size=(7, 1), padding=(3, 0))
@@ -121,13 +136,23 @@ class _TvInception3(torch.nn.Module):
     def __init__(self, num_classes=1000, aux_logits=True, init_weights=None, **_):
         super().__init__()
         assert not aux_logits
-        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = _TvConv(3, 32, kernel_size=3, stride=2), _TvConv(32, 32, kernel_size=3)
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = (
+            _TvConv(3, 32, kernel_size=3, stride=2),
+            _TvConv(32, 32, kernel_size=3),
+        )
         self.Conv2d_2b_3x3 = _TvConv(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1, self.Conv2d_4a_3x3 = _TvConv(64, 80, kernel_size=1), _TvConv(80, 192, kernel_size=3)
+        self.Conv2d_3b_1x1, self.Conv2d_4a_3x3 = (
+            _TvConv(64, 80, kernel_size=1),
+            _TvConv(80, 192, kernel_size=3),
+        )
         self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _TvA(192, 32), _TvA(256, 64), _TvA(288, 64)
         self.Mixed_6a = _TvB(288)
-        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (_TvC(768, 128), _TvC(768, 160), _TvC(768, 160),
-                                                                      _TvC(768, 192))
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (
+            _TvC(768, 128),
+            _TvC(768, 160),
+            _TvC(768, 160),
+            _TvC(768, 192),
+        )
         self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = _TvD(768), _TvE(1280), _TvE(2048)
         self.fc = torch.nn.Linear(2048, num_classes)
 
@@ -139,7 +164,9 @@ def pytorch_fid_inception(monkeypatch):
     import sys
     import types
 
-    pytest.importorskip("pytorch_fid", reason="pytorch-fid (pip install --no-deps pytorch-fid) is a test extra")
+    pytest.importorskip(
+        "pytorch_fid", reason="pytorch-fid (pip install --no-deps pytorch-fid) is a test extra"
+    )
     inception = types.SimpleNamespace(InceptionA=_TvA, InceptionC=_TvC, InceptionE=_TvE, BasicConv2d=_TvConv)
     models = types.ModuleType("torchvision.models")
     models.inception, models.inception_v3 = inception, _TvInception3
@@ -192,8 +219,9 @@ def test_features_match_pytorch_fid_module(pytorch_fid_inception, monkeypatch, t
         spread = float((reference[0] - reference[1]).abs().max())
         assert spread > 1e-2 * float(reference.abs().max()) > 0  # features depend on the image
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
-        torch.testing.assert_close(exact(gray), theirs(((gray + 1) / 2).repeat(1, 3, 1, 1))[0].flatten(1),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            exact(gray), theirs(((gray + 1) / 2).repeat(1, 3, 1, 1))[0].flatten(1), rtol=0, atol=1e-5
+        )
         as_png = torch.round((rgb + 1) / 2 * 255) / 255  # what pytorch-fid reads back from a saved PNG
         torch.testing.assert_close(quantised(rgb), theirs(as_png)[0].flatten(1), rtol=0, atol=1e-5)
         assert not torch.allclose(quantised(rgb), ours, rtol=0, atol=1e-6)  # quantisation really happens
@@ -211,7 +239,9 @@ def test_weights_sha256_printed_and_checked(tmp_path, capsys):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     fid_inception_v3(weights_uri=str(path), sha256=digest.upper())
     assert f"sha256 {digest}" in capsys.readouterr().out
-    with pytest.raises(CheckpointError, match=r"w\.pth have sha256 .* `fid\.features\.kwargs\.sha256` expects 00"):
+    with pytest.raises(
+        CheckpointError, match=r"w\.pth have sha256 .* `fid\.features\.kwargs\.sha256` expects 00"
+    ):
         fid_inception_v3(weights_uri=str(path), sha256="00" * 32)
 
 
@@ -223,7 +253,10 @@ def test_pytorch_fid_npz_is_a_reference(tmp_path):
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(50, 2048)).astype(np.float32)
-    mu, sigma = np.mean(features, axis=0), np.cov(features, rowvar=False)  # pytorch-fid's calculate_activation_statistics
+    mu, sigma = (
+        np.mean(features, axis=0),
+        np.cov(features, rowvar=False),
+    )  # pytorch-fid's calculate_activation_statistics
     np.savez_compressed(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     loaded_mu, loaded_sigma = load_reference_stats(str(tmp_path / "stats.npz"))
     assert loaded_mu.dtype == np.float64 and loaded_sigma.shape == (2048, 2048)

@@ -26,6 +26,7 @@ def test_a_finished_grid_with_failed_trials_goes_on():
 
 def test_the_cli_turns_an_interrupt_into_one_line_and_exit_130(capsys):
     """An interrupted search prints one line telling how to resume and exits 130, without a traceback."""
+
     def interrupted():
         raise SearchInterrupted("the search was interrupted; rerun the same command to resume")
 

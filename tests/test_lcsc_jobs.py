@@ -24,7 +24,9 @@ def test_submit_search_to_local_head_with_results_on_s3(s3_bucket, tmp_path, mon
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the tiny plug-ins live in tests/
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     spec = tiny_spec(tmp_path, budget=8)
-    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": f"{s3_bucket}/runs/tiny"})})
+    spec = spec.model_copy(
+        update={"output": spec.output.model_copy(update={"uri": f"{s3_bucket}/runs/tiny"})}
+    )
     with submit_search(spec) as job:
         assert job.wait(timeout_s=500) == "SUCCEEDED", job.logs()[-3000:]
         result = job.result()
@@ -33,7 +35,9 @@ def test_submit_search_to_local_head_with_results_on_s3(s3_bucket, tmp_path, mon
     assert "lcsc search: trials 8/8" in logs
     out = f"{s3_bucket}/runs/tiny"
     manifest = artifacts.read_manifest(out)
-    assert {"result.json", "trials.parquet", "combined.safetensors", "fid_vs_evaluations.png"} <= set(manifest["files"])
+    assert {"result.json", "trials.parquet", "combined.safetensors", "fid_vs_evaluations.png"} <= set(
+        manifest["files"]
+    )
     local = tmp_path / "trials.parquet"
     local.write_bytes(artifacts.read_artifact_file(out, "trials.parquet", manifest))
     assert len(pd.read_parquet(local)) == 8
@@ -48,9 +52,24 @@ def test_combine_and_report_commands(tmp_path):
     coefficients = tmp_path / "c.json"
     coefficients.write_text(json.dumps([0.5, -0.25, 0.75]))
     out = tmp_path / "combined.safetensors"
-    run = subprocess.run([sys.executable, "-m", "lcsc_ray", "combine", "--coefficients", str(coefficients),
-                          "--checkpoints", str(tmp_path / "ckpts"), "--out", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lcsc_ray",
+            "combine",
+            "--coefficients",
+            str(coefficients),
+            "--checkpoints",
+            str(tmp_path / "ckpts"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     from safetensors.torch import load_file
 
@@ -59,10 +78,32 @@ def test_combine_and_report_commands(tmp_path):
     expected = 0.5 * files[0][name] - 0.25 * files[1][name] + 0.75 * files[2][name]
     assert (combined[name] - expected).abs().max() < 1e-6
     assert json.loads(out.with_suffix(".json").read_text())["coefficients"] == [0.5, -0.25, 0.75]
-    wrong = subprocess.run([sys.executable, "-m", "lcsc_ray", "combine", "--coefficients", str(coefficients),
-                            "--checkpoints", str(tmp_path / "ckpts"), "--last", "2", "--out", str(out)],
-                           capture_output=True, text=True, cwd=ROOT, check=False)
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lcsc_ray",
+            "combine",
+            "--coefficients",
+            str(coefficients),
+            "--checkpoints",
+            str(tmp_path / "ckpts"),
+            "--last",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert wrong.returncode == 1 and "3 coefficients for 2 checkpoints" in wrong.stderr
-    report = subprocess.run([sys.executable, "-m", "lcsc_ray", "report", str(tmp_path / "nothing")],
-                            capture_output=True, text=True, cwd=ROOT, check=False)
+    report = subprocess.run(
+        [sys.executable, "-m", "lcsc_ray", "report", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert report.returncode == 1 and "nothing" in report.stderr

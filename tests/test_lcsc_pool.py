@@ -18,22 +18,33 @@ from tests.lcsc_plugins import write_run
 SAMPLES = 64
 
 
-def pool_spec(tmp_path: Path, sampler: str = "tests.lcsc_plugins:toy_sample", log: bool = False,
-              **evaluators) -> SearchSpec:
+def pool_spec(
+    tmp_path: Path, sampler: str = "tests.lcsc_plugins:toy_sample", log: bool = False, **evaluators
+) -> SearchSpec:
     """Three tiny checkpoints, two evaluators of half a CPU, 64-sample FIDs in one chunk."""
     if not (tmp_path / "ckpts").exists():
         write_run(tmp_path / "ckpts", num=3)
     (tmp_path / "log").mkdir(exist_ok=True)
-    return SearchSpec.model_validate({
-        "checkpoints": {"uri": str(tmp_path / "ckpts")},
-        "model": {"target": "tests.lcsc_plugins:build_tiny"},
-        "sampler": {"target": sampler, "nfe": 2, "kwargs": {"log_dir": str(tmp_path / "log")} if log else {}},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
-                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
-                "num_samples": SAMPLES},
-        "evaluators": {"num_actors": 2, "batch_size": SAMPLES, "num_cpus": 0.5, **evaluators},
-        "output": {"uri": str(tmp_path / "out")},
-    })
+    return SearchSpec.model_validate(
+        {
+            "checkpoints": {"uri": str(tmp_path / "ckpts")},
+            "model": {"target": "tests.lcsc_plugins:build_tiny"},
+            "sampler": {
+                "target": sampler,
+                "nfe": 2,
+                "kwargs": {"log_dir": str(tmp_path / "log")} if log else {},
+            },
+            "fid": {
+                "features": {"target": "tests.lcsc_plugins:tiny_features"},
+                "reference": {
+                    "dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}
+                },
+                "num_samples": SAMPLES,
+            },
+            "evaluators": {"num_actors": 2, "batch_size": SAMPLES, "num_cpus": 0.5, **evaluators},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
 
 
 def start_pool(spec: SearchSpec, reference=None) -> EvaluatorPool:
@@ -96,11 +107,16 @@ def test_dead_evaluator_is_replaced_and_scoring_goes_on(ray_local, tmp_path):
         assert [r["fid"] for r in records] == before and all(r["status"] == "ok" for r in records)
         # the candidate that lost its evaluator was retried on the other one while the pool healed beside it
         assert any(r["attempts"] == 2 and r["evaluator"] == 1 for r in records)
-        wait_until(lambda: ray_local.get(pool.service.evaluators.remote())[0] != evaluators[0],
-                   what="the dead evaluator's replacement", timeout_s=240)
+        wait_until(
+            lambda: ray_local.get(pool.service.evaluators.remote())[0] != evaluators[0],
+            what="the dead evaluator's replacement",
+            timeout_s=240,
+        )
         state = pool.state()
         assert state["replacements"] == 1 and state["stopped"] is None
-        assert [r["fid"] for r in pool.score(jobs(4, seed=1))] == [r["fid"] for r in pool.score(jobs(4, seed=1))]
+        assert [r["fid"] for r in pool.score(jobs(4, seed=1))] == [
+            r["fid"] for r in pool.score(jobs(4, seed=1))
+        ]
     finally:
         pool.close()
 
@@ -130,7 +146,9 @@ def test_hung_evaluator_is_killed_replaced_and_its_candidate_retried(ray_local, 
         record = pool.score(jobs(1))[0]  # call 2 hangs, call 3 scores it
         hung = int((tmp_path / "log" / "hung").read_text())
         assert record["status"] == "ok" and record["attempts"] == 2 and np.isfinite(record["fid"])
-        wait_until(lambda: pool.state()["replacements"] == 1, what="the hung evaluator's replacement", timeout_s=240)
+        wait_until(
+            lambda: pool.state()["replacements"] == 1, what="the hung evaluator's replacement", timeout_s=240
+        )
         wait_until(lambda: not process_alive(hung), what="the hung evaluator process to die")
     finally:
         pool.close()
@@ -203,8 +221,11 @@ def alive_search_actors() -> list[str]:
     import ray
 
     names = {"PoolService", "Evaluator", "EvaluatorBroker"}
-    return [a["ActorClassName"] for a in ray._private.state.actors().values()
-            if a["State"] == "ALIVE" and a["ActorClassName"] in names]
+    return [
+        a["ActorClassName"]
+        for a in ray._private.state.actors().values()
+        if a["State"] == "ALIVE" and a["ActorClassName"] in names
+    ]
 
 
 @pytest.mark.timeout(480)
@@ -213,11 +234,11 @@ def test_closing_the_pool_ends_every_actor(ray_local, tmp_path):
     pool = start_pool(pool_spec(tmp_path))
     ray_local.kill(ray_local.get(pool.service.evaluators.remote())[1], no_restart=True)
     pool.score(jobs(3))
-    wait_until(lambda: pool.state()["replacements"] == 1, what="the killed evaluator's replacement", timeout_s=240)
+    wait_until(
+        lambda: pool.state()["replacements"] == 1, what="the killed evaluator's replacement", timeout_s=240
+    )
     pool.close()
     wait_until(lambda: not alive_search_actors(), what="the pool's actors to end")
-
-
 
 
 @pytest.mark.timeout(400)
@@ -230,7 +251,9 @@ def test_a_search_leaves_no_actor_on_success_error_or_ctrl_c(ray_local, tmp_path
     search.run_search(tiny_spec(tmp_path / "ok", budget=6))
     wait_until(lambda: not alive_search_actors(), what="the finished search's actors to end")
 
-    broken = tiny_spec(tmp_path / "bad", budget=6, sampler={"target": "tests.lcsc_search_plugins:two_argument_sample"})
+    broken = tiny_spec(
+        tmp_path / "bad", budget=6, sampler={"target": "tests.lcsc_search_plugins:two_argument_sample"}
+    )
     with pytest.raises(EvaluatorPoolError, match="probe evaluation of the last checkpoint"):
         search.run_search(broken)
     wait_until(lambda: not alive_search_actors(), what="the failed search's actors to end")

@@ -25,12 +25,22 @@ def test_sigma_rel_gamma_round_trip_matches_the_paper():
 
 def test_inner_products_match_numerical_integration():
     """<p_a, p_b> in closed form equals scipy's quadrature of the two profiles' product."""
+
     def profile(tau, t, g):
         return (g + 1) * tau**g / t ** (g + 1) if tau <= t else 0.0
 
-    for (ta, ga, tb, gb) in [(300.0, 6.94, 1000.0, 16.97), (1000.0, 16.97, 400.0, 2.0), (500.0, 3.0, 500.0, 3.0)]:
-        expected, _ = integrate.quad(lambda tau, ta=ta, ga=ga, tb=tb, gb=gb: profile(tau, ta, ga) * profile(tau, tb, gb),
-                                     0, max(ta, tb), points=[min(ta, tb)], limit=200)
+    for ta, ga, tb, gb in [
+        (300.0, 6.94, 1000.0, 16.97),
+        (1000.0, 16.97, 400.0, 2.0),
+        (500.0, 3.0, 500.0, 3.0),
+    ]:
+        expected, _ = integrate.quad(
+            lambda tau, ta=ta, ga=ga, tb=tb, gb=gb: profile(tau, ta, ga) * profile(tau, tb, gb),
+            0,
+            max(ta, tb),
+            points=[min(ta, tb)],
+            limit=200,
+        )
         assert ph.profile_inner_products(ta, ga, tb, gb) == pytest.approx(expected, rel=1e-7)
 
 
@@ -138,9 +148,16 @@ def test_recipe_saves_power_ema_snapshots_that_resume_exactly(tmp_path):
     from lcsc_ray.recipes.training import TrainingInterrupted
 
     out = str(tmp_path / "run")
-    config = {"steps": 4, "batch_size": 4, "checkpoint_every": 1, "warmup_steps": 1, "grid_samples": 0,
-              "model": {"channels": [8, 16], "emb_dim": 16, "groups": 4, "attention": False},
-              "progress_interval_s": 60, "out": out}
+    config = {
+        "steps": 4,
+        "batch_size": 4,
+        "checkpoint_every": 1,
+        "warmup_steps": 1,
+        "grid_samples": 0,
+        "model": {"channels": [8, 16], "emb_dim": 16, "groups": 4, "attention": False},
+        "progress_interval_s": 60,
+        "out": out,
+    }
     with pytest.raises(TrainingInterrupted):
         train_ddpm(config, stop_after=2)
     train_ddpm(config)
@@ -181,7 +198,11 @@ def write_snapshots(folder, states: list[dict], steps: list[int], sigma_rels=(0.
         if t in steps:
             for sigma, gamma, ema in zip(sigma_rels, gammas, emas):
                 tensors = {k: v.to(states[0][k].dtype).contiguous() for k, v in ema.items()}
-                save_file(tensors, str(folder / ph.snapshot_name(sigma, t)), metadata=ph.snapshot_metadata(sigma, gamma, t))
+                save_file(
+                    tensors,
+                    str(folder / ph.snapshot_name(sigma, t)),
+                    metadata=ph.snapshot_metadata(sigma, gamma, t),
+                )
 
 
 def test_snapshot_without_metadata_is_refused_naming_the_fix(tmp_path):
@@ -212,8 +233,9 @@ def test_search_reports_best_posthoc_ema_and_seeds_with_it(ray_local, tmp_path):
     write_snapshots(tmp_path / "phema", trajectory(5), steps)
     spec = tiny_spec(tmp_path, budget=5)  # the seeds only: last, the post-hoc EMA, ema@0.5, ema@0.8, uniform
     grid = [0.05, 0.10, 0.20]
-    spec = spec.model_validate({**spec.model_dump(), "posthoc_ema": {"uri": str(tmp_path / "phema"),
-                                                                      "sigma_rels": grid}})
+    spec = spec.model_validate(
+        {**spec.model_dump(), "posthoc_ema": {"uri": str(tmp_path / "phema"), "sigma_rels": grid}}
+    )
     result = run_search(spec)
 
     assert [entry.sigma_rel for entry in result.posthoc_ema] == grid
@@ -223,7 +245,9 @@ def test_search_reports_best_posthoc_ema_and_seeds_with_it(ray_local, tmp_path):
     assert baseline.label == ph.posthoc_label(best.sigma_rel)
     assert baseline.fid == best.fid and baseline.coefficients == [] and len(baseline.holdout_fids) == 2
     assert any(c.baseline == baseline.label for c in result.comparisons)
-    assert f"{baseline.label}" in format_table(result) and "post-hoc EMA (EDM2) at step 500" in format_table(result)
+    assert f"{baseline.label}" in format_table(result) and "post-hoc EMA (EDM2) at step 500" in format_table(
+        result
+    )
     # the reconstruction is EDM2's solve over the snapshots at the last checkpoint's step
     snapshot_steps = [s for s in steps for _ in range(2)]
     gammas = [ph.sigma_rel_to_gamma(s) for _ in steps for s in (0.10, 0.05)]  # by step, then gamma
@@ -246,21 +270,35 @@ def test_run_posthoc_picks_the_best_of_the_grid_as_baseline_and_seed():
     from schemas.search import SearchSpec
 
     spec = SearchSpec.model_validate({"posthoc_ema": {"uri": "unused", "sigma_rels": [0.05, 0.10, 0.20]}})
-    snapshots = [ph.Snapshot(f"s{i}", step, g) for i, (step, g) in enumerate(
-        (s, ph.sigma_rel_to_gamma(r)) for s in (100, 200, 300) for r in (0.10, 0.05))]
+    snapshots = [
+        ph.Snapshot(f"s{i}", step, g)
+        for i, (step, g) in enumerate(
+            (s, ph.sigma_rel_to_gamma(r)) for s in (100, 200, 300) for r in (0.10, 0.05)
+        )
+    ]
     plan = ph.PosthocPlan(snapshots, 300, ph.grid_coefficients(snapshots, [0.05, 0.10, 0.20], 300))
     fids = iter([3.0, 1.0, 0.5])
     statuses = iter(["ok", "ok", "failed"])
-    pool = SimpleNamespace(score=lambda jobs, progress: [
-        {"fid": next(fids), "status": next(statuses), "alphas": list(job.alphas)} for job in jobs])
-    run = SimpleNamespace(spec=spec, num_checkpoints=3, pool=pool, parametrization="difference",
-                          checkpoints=SimpleNamespace(steps=[100, 200, 300]))
+    pool = SimpleNamespace(
+        score=lambda jobs, progress: [
+            {"fid": next(fids), "status": next(statuses), "alphas": list(job.alphas)} for job in jobs
+        ]
+    )
+    run = SimpleNamespace(
+        spec=spec,
+        num_checkpoints=3,
+        pool=pool,
+        parametrization="difference",
+        checkpoints=SimpleNamespace(steps=[100, 200, 300]),
+    )
     grid, seed, baseline = run_posthoc(run, plan)
     assert [entry["fid"] for entry in grid] == [3.0, 1.0, float("inf")]
     assert list(baseline) == ["best-posthoc-ema-0.100"]
     assert baseline["best-posthoc-ema-0.100"][:3] == [0.0, 0.0, 0.0]
     np.testing.assert_allclose(baseline["best-posthoc-ema-0.100"][3:], plan.coefficients[0.10])
-    (label, alphas), = seed
+    ((label, alphas),) = seed
     assert label == "phema@0.100"
-    np.testing.assert_allclose(alphas, ph.checkpoint_coefficients(ph.sigma_rel_to_gamma(0.10), 300, [100, 200, 300]))
+    np.testing.assert_allclose(
+        alphas, ph.checkpoint_coefficients(ph.sigma_rel_to_gamma(0.10), 300, [100, 200, 300])
+    )
     assert [name for name, _ in seed_vectors(3, spec, extra=seed)][:2] == ["last", "phema@0.100"]

@@ -46,8 +46,9 @@ def test_ema_subfolder_missing_is_refused_not_replaced_by_the_model(tmp_path):
 def test_ema_subfolder_missing_under_explicit_paths_is_refused(tmp_path):
     """`checkpoints.paths` naming a folder without the EMA is refused too, never read as the non-EMA model."""
     _accelerate_run(tmp_path, ema_at=(1, 3))
-    spec = CheckpointSetSpec(uri=str(tmp_path), format="diffusers", subfolder="unet_ema",
-                             paths=["checkpoint-1", "checkpoint-2"])
+    spec = CheckpointSetSpec(
+        uri=str(tmp_path), format="diffusers", subfolder="unet_ema", paths=["checkpoint-1", "checkpoint-2"]
+    )
     with pytest.raises(CheckpointError, match=r"checkpoint-2 .*unet_ema.*subfolders: unet"):
         list_checkpoints(spec)
 
@@ -57,7 +58,8 @@ def test_ema_subfolder_present_everywhere_reads_the_ema(tmp_path):
     _accelerate_run(tmp_path, ema_at=(1, 2, 3))
     spec = CheckpointSetSpec(uri=str(tmp_path), format="diffusers", subfolder="unet_ema")
     assert [uri for uri, _ in list_checkpoints(spec)] == [
-        f"{tmp_path}/checkpoint-{s}/unet_ema/{WEIGHTS}" for s in (1, 2, 3)]
+        f"{tmp_path}/checkpoint-{s}/unet_ema/{WEIGHTS}" for s in (1, 2, 3)
+    ]
 
 
 def test_model_subfolder_still_falls_back_to_accelerates_save(tmp_path):
@@ -94,11 +96,25 @@ def test_validate_refuses_unknown_scheduler_kwarg_before_any_sampling(tmp_path):
     import yaml
 
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({
-        "checkpoints": {"uri": str(tmp_path / "run"), "format": "diffusers"}, "output": {"uri": str(tmp_path / "o")},
-        "sampler": {"kwargs": {"scheduler": "Euler", "scheduler_kwargs": {"timestep_spacingg": "trailing"}}}}))
-    result = subprocess.run([sys.executable, "-m", "lcsc_ray", "validate", str(path)], capture_output=True,
-                            text=True, check=False, cwd=Path(__file__).resolve().parents[1], timeout=180)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "checkpoints": {"uri": str(tmp_path / "run"), "format": "diffusers"},
+                "output": {"uri": str(tmp_path / "o")},
+                "sampler": {
+                    "kwargs": {"scheduler": "Euler", "scheduler_kwargs": {"timestep_spacingg": "trailing"}}
+                },
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "lcsc_ray", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=180,
+    )
     assert result.returncode == 2, result.stdout
     assert "'timestep_spacingg'" in result.stderr and "EulerDiscreteScheduler" in result.stderr
 
@@ -109,9 +125,13 @@ def test_preflight_refuses_unknown_scheduler_kwarg(tmp_path):
     from schemas.search import SearchSpec
 
     _accelerate_run(tmp_path / "run", ema_at=())
-    spec = SearchSpec.model_validate({
-        "checkpoints": {"uri": str(tmp_path / "run"), "format": "diffusers"}, "output": {"uri": str(tmp_path / "o")},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"}},
-        "sampler": {"kwargs": {"scheduler_kwargs": {"bogus": 1}}}})
+    spec = SearchSpec.model_validate(
+        {
+            "checkpoints": {"uri": str(tmp_path / "run"), "format": "diffusers"},
+            "output": {"uri": str(tmp_path / "o")},
+            "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"}},
+            "sampler": {"kwargs": {"scheduler_kwargs": {"bogus": 1}}},
+        }
+    )
     with pytest.raises(SpecError, match=r"'bogus'.*DDIMScheduler accepts"):
         preflight(spec)

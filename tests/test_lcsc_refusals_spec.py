@@ -22,7 +22,11 @@ MNIST_SAMPLER = "lcsc_ray.recipes.mnist:ddim_sample"
 
 
 def _diffusers(**fields) -> dict:
-    return {"checkpoints": {"uri": "runs/ddpm", "format": "diffusers"}, "output": {"uri": "outputs/x"}, **fields}
+    return {
+        "checkpoints": {"uri": "runs/ddpm", "format": "diffusers"},
+        "output": {"uri": "outputs/x"},
+        **fields,
+    }
 
 
 def test_sampler_block_without_target_follows_the_diffusers_format():
@@ -39,8 +43,11 @@ def test_sampler_spec_object_without_target_follows_the_diffusers_format():
     checkpoints = CheckpointSetSpec(uri="runs/ddpm", format="diffusers")
     spec = SearchSpec(checkpoints=checkpoints, sampler=SamplerSpec(nfe=3), output={"uri": "outputs/x"})
     assert spec.sampler.target == DIFFUSERS_SAMPLER and spec.sampler.nfe == 3
-    own = SearchSpec(checkpoints=checkpoints, sampler=SamplerSpec(target="tests.lcsc_plugins:toy_sample"),
-                     output={"uri": "outputs/x"})
+    own = SearchSpec(
+        checkpoints=checkpoints,
+        sampler=SamplerSpec(target="tests.lcsc_plugins:toy_sample"),
+        output={"uri": "outputs/x"},
+    )
     assert own.sampler.target == "tests.lcsc_plugins:toy_sample"
 
 
@@ -50,11 +57,14 @@ def test_files_format_sampler_block_without_target_keeps_the_mnist_default():
     assert spec.sampler.target == MNIST_SAMPLER and spec.sampler.nfe == 3
 
 
-@pytest.mark.parametrize("field,block", [
-    ("sampler.target", {"sampler": {"target": MNIST_SAMPLER}}),
-    ("model.target", {"model": {"target": "lcsc_ray.recipes.mnist:build_unet"}}),
-    ("model.target", {"model": {"target": "lcsc_ray.recipes.mnist:build_consistency_model"}}),
-])
+@pytest.mark.parametrize(
+    "field,block",
+    [
+        ("sampler.target", {"sampler": {"target": MNIST_SAMPLER}}),
+        ("model.target", {"model": {"target": "lcsc_ray.recipes.mnist:build_unet"}}),
+        ("model.target", {"model": {"target": "lcsc_ray.recipes.mnist:build_consistency_model"}}),
+    ],
+)
 def test_mnist_plugins_under_diffusers_format_are_refused(field, block):
     """The MNIST recipe's model or sampler under `format: diffusers` is refused, naming the field and the fix."""
     with pytest.raises(SpecError) as info:
@@ -64,10 +74,13 @@ def test_mnist_plugins_under_diffusers_format_are_refused(field, block):
     assert (DIFFUSERS_SAMPLER if field.startswith("sampler") else DIFFUSERS_MODEL) in message
 
 
-@pytest.mark.parametrize("spec_data,field", [
-    ({"model": {"target": DIFFUSERS_MODEL, "kwargs": {"config_uri": "m/config.json"}}}, "sampler.target"),
-    ({"sampler": {"target": DIFFUSERS_SAMPLER}}, "model.target"),
-])
+@pytest.mark.parametrize(
+    "spec_data,field",
+    [
+        ({"model": {"target": DIFFUSERS_MODEL, "kwargs": {"config_uri": "m/config.json"}}}, "sampler.target"),
+        ({"sampler": {"target": DIFFUSERS_SAMPLER}}, "model.target"),
+    ],
+)
 def test_mixed_builtin_families_are_refused(spec_data, field):
     """The diffusers model with the MNIST sampler (or the reverse) is refused, naming the field to change."""
     with pytest.raises(SpecError, match=rf"`{field}`"):
@@ -76,8 +89,13 @@ def test_mixed_builtin_families_are_refused(spec_data, field):
 
 def test_diffusers_builtins_over_flat_files_stay_valid():
     """The diffusers model and sampler together may read flat files (`format: files`)."""
-    spec = parse_spec({"model": {"target": DIFFUSERS_MODEL, "kwargs": {"config_uri": "m/config.json"}},
-                       "sampler": {"target": DIFFUSERS_SAMPLER}}, SearchSpec)
+    spec = parse_spec(
+        {
+            "model": {"target": DIFFUSERS_MODEL, "kwargs": {"config_uri": "m/config.json"}},
+            "sampler": {"target": DIFFUSERS_SAMPLER},
+        },
+        SearchSpec,
+    )
     assert spec.checkpoints.format == "files" and spec.sampler.target == DIFFUSERS_SAMPLER
 
 
@@ -85,8 +103,14 @@ def test_cli_validate_refuses_mnist_sampler_under_diffusers(tmp_path):
     """`lcsc-ray validate` exits 2 for a diffusers spec with the MNIST sampler, naming `sampler.target`."""
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(_diffusers(sampler={"target": MNIST_SAMPLER, "nfe": 4})))
-    result = subprocess.run([sys.executable, "-m", "lcsc_ray", "validate", str(path)], capture_output=True,
-                            text=True, check=False, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lcsc_ray", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stdout
     assert "sampler.target" in result.stderr and "OK" not in result.stdout
 
@@ -104,13 +128,20 @@ def test_budget_below_the_seeds_of_any_set_is_refused_by_the_schema():
 
 def _files_spec(tmp_path: Path, budget: int, **extra) -> SearchSpec:
     write_run(tmp_path / "ckpts", num=5)
-    return SearchSpec.model_validate({
-        "checkpoints": {"uri": str(tmp_path / "ckpts")},
-        "model": {"target": "tests.lcsc_plugins:build_tiny"},
-        "sampler": {"target": "tests.lcsc_plugins:toy_sample", "nfe": 2},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"}, "reference": {"stats_uri": None}},
-        "search": {"budget": budget, "ema_decays": [0.5, 0.8]},
-        "output": {"uri": str(tmp_path / "out")}, **extra})
+    return SearchSpec.model_validate(
+        {
+            "checkpoints": {"uri": str(tmp_path / "ckpts")},
+            "model": {"target": "tests.lcsc_plugins:build_tiny"},
+            "sampler": {"target": "tests.lcsc_plugins:toy_sample", "nfe": 2},
+            "fid": {
+                "features": {"target": "tests.lcsc_plugins:tiny_features"},
+                "reference": {"stats_uri": None},
+            },
+            "search": {"budget": budget, "ema_decays": [0.5, 0.8]},
+            "output": {"uri": str(tmp_path / "out")},
+            **extra,
+        }
+    )
 
 
 def test_budget_below_the_seeds_of_the_listed_set_is_refused_at_preflight(tmp_path):
@@ -134,7 +165,13 @@ def test_cli_validate_refuses_budget_against_listed_checkpoints(tmp_path):
     spec = _files_spec(tmp_path, budget=3)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    result = subprocess.run([sys.executable, "-m", "lcsc_ray", "validate", str(path)], capture_output=True,
-                            text=True, check=False, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lcsc_ray", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stdout
     assert "search.budget" in result.stderr and "at least 4" in result.stderr

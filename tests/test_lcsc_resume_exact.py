@@ -59,8 +59,10 @@ def _drive(searcher: ReplaySearcher, order_seed: int, stop_after: int | None = N
 
 
 def _table(record_uri: str) -> list[tuple]:
-    return [(entry["index"], tuple(np.round(entry["free"], 12)), entry["value"])
-            for entry in ProposalRecord(record_uri).load()]
+    return [
+        (entry["index"], tuple(np.round(entry["free"], 12)), entry["value"])
+        for entry in ProposalRecord(record_uri).load()
+    ]
 
 
 @pytest.mark.parametrize("optimizer_name", ["CMA", "NGOpt"])
@@ -110,13 +112,27 @@ RUNNER = "import sys; from lcsc_ray.sdk import run_search; run_search(sys.argv[1
 def _search_rows(out: Path) -> pd.DataFrame:
     trials = pd.read_parquet(out / "trials.parquet")
     rows = trials[trials.rung == 0]
-    return pd.DataFrame({"phase": rows.phase, "label": rows.label, "status": rows.status, "fid": rows.fid.round(9),
-                         "coefficients": [tuple(np.round(c, 9)) for c in rows.coefficients]}).reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "phase": rows.phase,
+            "label": rows.label,
+            "status": rows.status,
+            "fid": rows.fid.round(9),
+            "coefficients": [tuple(np.round(c, 9)) for c in rows.coefficients],
+        }
+    ).reset_index(drop=True)
 
 
 def _run_driver(spec_path: Path, env: dict, kill_at_proposals: int | None, out: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(spec_path)], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(spec_path)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if kill_at_proposals is None:
         _, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-3000:]

@@ -32,25 +32,33 @@ def tiny_spec(tmp_path: Path, budget: int = 10, sampler: dict | None = None, **s
     """A search over 5 tiny checkpoints with 64-sample FIDs."""
     if not (tmp_path / "ckpts").exists():
         write_run(tmp_path / "ckpts", num=5)
-    return SearchSpec.model_validate({
-        "checkpoints": {"uri": str(tmp_path / "ckpts")},
-        "model": {"target": "tests.lcsc_plugins:build_tiny"},
-        "sampler": sampler or {"target": "tests.lcsc_plugins:toy_sample", "nfe": 2},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
-                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
-                "num_samples": 64, "holdout_seeds": [11, 12]},
-        "evaluators": {"num_actors": 2, "batch_size": 64, "num_cpus": 0.5},
-        "search": {"budget": budget, "optimizer": "CMA", "ema_decays": [0.5, 0.8], **search},
-        "output": {"uri": str(tmp_path / "out")},
-    })
+    return SearchSpec.model_validate(
+        {
+            "checkpoints": {"uri": str(tmp_path / "ckpts")},
+            "model": {"target": "tests.lcsc_plugins:build_tiny"},
+            "sampler": sampler or {"target": "tests.lcsc_plugins:toy_sample", "nfe": 2},
+            "fid": {
+                "features": {"target": "tests.lcsc_plugins:tiny_features"},
+                "reference": {
+                    "dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}
+                },
+                "num_samples": 64,
+                "holdout_seeds": [11, 12],
+            },
+            "evaluators": {"num_actors": 2, "batch_size": 64, "num_cpus": 0.5},
+            "search": {"budget": budget, "optimizer": "CMA", "ema_decays": [0.5, 0.8], **search},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
 
 
 def test_rescore_top_k_only_when_it_can_change_the_pick():
     """Re-scoring the top k helps only when the final sample count differs from the one that ranked them."""
     rows = pd.DataFrame({"num_samples": [64, 64, 64], "fid": [3.0, 1.0, 2.0]})
     same = SearchSpec.model_validate({"fid": {"num_samples": 64}, "search": {"rescore_top_k": 3}})
-    more = SearchSpec.model_validate({"fid": {"num_samples": 64, "holdout_num_samples": 256},
-                                      "search": {"rescore_top_k": 3}})
+    more = SearchSpec.model_validate(
+        {"fid": {"num_samples": 64, "holdout_num_samples": 256}, "search": {"rescore_top_k": 3}}
+    )
     assert rescore_count(same, rows) == 1
     assert rescore_count(more, rows) == 3
 
@@ -85,10 +93,22 @@ def test_small_search_end_to_end(ray_local, tmp_path):
             expected = sum(a * load_file(f)[name].double() for a, f in zip(alphas, files))
             torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
     # `lcsc-ray combine` with the result's coefficients writes the very same bytes (one combination path)
-    cli = CliRunner().invoke(main, ["combine", "--coefficients", str(tmp_path / "out" / "result.json"),
-                                    "--checkpoints", str(tmp_path / "ckpts"), "--out", str(tmp_path / "cli.safetensors")])
+    cli = CliRunner().invoke(
+        main,
+        [
+            "combine",
+            "--coefficients",
+            str(tmp_path / "out" / "result.json"),
+            "--checkpoints",
+            str(tmp_path / "ckpts"),
+            "--out",
+            str(tmp_path / "cli.safetensors"),
+        ],
+    )
     assert cli.exit_code == 0, cli.output
-    assert (tmp_path / "cli.safetensors").read_bytes() == (tmp_path / "out" / "combined.safetensors").read_bytes()
+    assert (tmp_path / "cli.safetensors").read_bytes() == (
+        tmp_path / "out" / "combined.safetensors"
+    ).read_bytes()
     assert artifacts.is_complete(str(tmp_path / "out"))
     assert load_result(str(tmp_path / "out")).best.coefficients == alphas
     assert "held-out" in format_table(result)
@@ -112,13 +132,26 @@ def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
     """A driver killed mid-search resumes: finished trials are kept, none re-run, the budget is exact."""
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    spec = tiny_spec(tmp_path, budget=16, sampler={
-        "target": "tests.lcsc_search_plugins:counting_sample", "nfe": 2, "kwargs": {"log_dir": str(log_dir)}})
+    spec = tiny_spec(
+        tmp_path,
+        budget=16,
+        sampler={
+            "target": "tests.lcsc_search_plugins:counting_sample",
+            "nfe": 2,
+            "kwargs": {"log_dir": str(log_dir)},
+        },
+    )
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(spec.model_dump_json())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(spec_path)], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(spec_path)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     out = tmp_path / "out"
     deadline = time.monotonic() + 240
     while len(recorded_evaluations(out)) < 8 and proc.poll() is None and time.monotonic() < deadline:
@@ -130,8 +163,15 @@ def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
     calls_before = len((log_dir / "calls.log").read_text().splitlines())
     assert 8 <= len(finished_before) < 16 and not (out / "result.json").exists()
 
-    rerun = subprocess.run([sys.executable, "-c", RUNNER, str(spec_path)], cwd=ROOT, env=env, timeout=400,
-                           capture_output=True, text=True, check=False)
+    rerun = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(spec_path)],
+        cwd=ROOT,
+        env=env,
+        timeout=400,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
     search_rows = trials[trials.rung == 0]
@@ -141,7 +181,9 @@ def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
     for key, fid in finished_before.items():
         assert recorded_evaluations(out)[key] == fid
     # the resumed result counts each evaluation once, whichever run computed it
-    assert json.loads((out / "result.json").read_text())["total_samples"] == 64 * len(recorded_evaluations(out))
+    assert json.loads((out / "result.json").read_text())["total_samples"] == 64 * len(
+        recorded_evaluations(out)
+    )
     # each search evaluation is one sampler call: calls during the rerun cover only unfinished trials,
     # plus the final scores (5 reported models x 3 seeds at most)
     calls_total = len((log_dir / "calls.log").read_text().splitlines())
@@ -154,9 +196,15 @@ def test_trial_survives_evaluator_death(ray_local, tmp_path):
     """An evaluator process that dies mid-evaluation costs no trial: it is retried on another evaluator."""
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    spec = tiny_spec(tmp_path, budget=8, sampler={
-        "target": "tests.lcsc_search_plugins:crashing_sample", "nfe": 2,
-        "kwargs": {"log_dir": str(log_dir), "crash_on_call": 3}})
+    spec = tiny_spec(
+        tmp_path,
+        budget=8,
+        sampler={
+            "target": "tests.lcsc_search_plugins:crashing_sample",
+            "nfe": 2,
+            "kwargs": {"log_dir": str(log_dir), "crash_on_call": 3},
+        },
+    )
     result = run_search(spec)
     assert (log_dir / "crashed").exists(), "the evaluator process was never killed"
     trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")

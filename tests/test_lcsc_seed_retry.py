@@ -9,8 +9,12 @@ from lcsc_ray.search import merge_seed_retries, seeds_to_retry
 
 
 def _rows(phase: str, entries: list[tuple[str, str, float]]) -> pd.DataFrame:
-    return pd.DataFrame([{"trial_id": f"{phase}-{label}", "phase": phase, "label": label, "fid": fid,
-                          "status": status} for label, status, fid in entries])
+    return pd.DataFrame(
+        [
+            {"trial_id": f"{phase}-{label}", "phase": phase, "label": label, "fid": fid, "status": status}
+            for label, status, fid in entries
+        ]
+    )
 
 
 SEEDS = [("last", np.array([0.0, 1.0])), ("ema", np.array([0.5, 0.5])), ("uniform", np.array([0.5, 0.5]))]

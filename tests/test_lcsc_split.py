@@ -23,17 +23,27 @@ def split_spec(tmp_path: Path, split_min_samples: int | None) -> SearchSpec:
     """Three tiny checkpoints, two evaluators of half a CPU, jobs of >= `split_min_samples` split."""
     if not (tmp_path / "ckpts").exists():
         lcsc_plugins.write_run(tmp_path / "ckpts", num=3)
-    return SearchSpec.model_validate({
-        "checkpoints": {"uri": str(tmp_path / "ckpts")},
-        "model": {"target": "tests.lcsc_plugins:build_tiny"},
-        "sampler": {"target": "tests.lcsc_plugins:toy_sample", "nfe": 2},
-        "fid": {"features": {"target": "tests.lcsc_plugins:tiny_features"},
-                "reference": {"dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}},
-                "num_samples": 32},
-        "evaluators": {"num_actors": 2, "batch_size": BATCH, "num_cpus": 0.5,
-                       "split_min_samples": split_min_samples},
-        "output": {"uri": str(tmp_path / "out")},
-    })
+    return SearchSpec.model_validate(
+        {
+            "checkpoints": {"uri": str(tmp_path / "ckpts")},
+            "model": {"target": "tests.lcsc_plugins:build_tiny"},
+            "sampler": {"target": "tests.lcsc_plugins:toy_sample", "nfe": 2},
+            "fid": {
+                "features": {"target": "tests.lcsc_plugins:tiny_features"},
+                "reference": {
+                    "dataset": {"target": "tests.lcsc_plugins:reference_images", "kwargs": {"n": 128}}
+                },
+                "num_samples": 32,
+            },
+            "evaluators": {
+                "num_actors": 2,
+                "batch_size": BATCH,
+                "num_cpus": 0.5,
+                "split_min_samples": split_min_samples,
+            },
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
 
 
 def direct_fid(state: dict, reference) -> float:

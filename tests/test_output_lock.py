@@ -44,7 +44,9 @@ def test_second_run_is_refused_naming_the_owner(output):
     """While one run holds the lock, a second is refused with the owner's pid; after release it may take it."""
     first = OutputLock(output, lease_s=60)
     first.acquire()
-    with pytest.raises(OutputLockedError, match=rf"in use by another run \(.*:{os.getpid()};.*delete .*{LOCK_NAME}"):
+    with pytest.raises(
+        OutputLockedError, match=rf"in use by another run \(.*:{os.getpid()};.*delete .*{LOCK_NAME}"
+    ):
         OutputLock(output, lease_s=60).acquire()
     first.release()
     assert not storage.exists(storage.join(output, LOCK_NAME))
@@ -107,8 +109,13 @@ def test_killed_holder_lock_is_taken_over_at_once_on_its_host(tmp_path):
     """A process killed with SIGKILL while holding the lock (long lease) leaves it stale at once on its own host:
     the next run takes it over, recording whose it was."""
     output = str(tmp_path / "out")
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, output, "600"], cwd=ROOT, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, output, "600"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(OutputLockedError, match=f":{proc.pid};"):
         OutputLock(output, lease_s=60).acquire()
@@ -124,8 +131,17 @@ def test_a_lock_from_another_host_waits_for_its_lease(tmp_path):
     clock = Clock()
     path = tmp_path / "out" / LOCK_NAME
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"owner": "elsewhere:1", "host": "elsewhere", "pid": 999999, "token": "x",
-                                "expires_at": clock.now + 30}))
+    path.write_text(
+        json.dumps(
+            {
+                "owner": "elsewhere:1",
+                "host": "elsewhere",
+                "pid": 999999,
+                "token": "x",
+                "expires_at": clock.now + 30,
+            }
+        )
+    )
     with pytest.raises(OutputLockedError, match="elsewhere:1"):
         OutputLock(str(tmp_path / "out"), clock=clock).acquire()
     clock.now += 31
@@ -193,7 +209,9 @@ class CuttableProxy:
             except OSError:  # the listener was closed by close()
                 return
             if self.blocked:
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+                client.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )  # RST on close
                 client.close()
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
@@ -253,8 +271,9 @@ while time.time() < deadline:
 """
 
 
-def test_lease_not_renewed_through_network_errors_is_lost_before_another_owner_takes_it(s3_bucket, seaweedfs,
-                                                                                        monkeypatch):
+def test_lease_not_renewed_through_network_errors_is_lost_before_another_owner_takes_it(
+    s3_bucket, seaweedfs, monkeypatch
+):
     """With the endpoint unreachable for the holder only, its check() raises once its lease runs out, and a second
     owner (which reaches S3) is refused until then, takes the lock after, and the old holder never deletes it."""
     output = f"{s3_bucket}/run"
@@ -265,8 +284,13 @@ def test_lease_not_renewed_through_network_errors_is_lost_before_another_owner_t
     with OutputLock(output, lease_s=lease_s) as holder:
         acquired_at = time.time()
         proxy.cut()
-        second = subprocess.Popen([sys.executable, "-c", SECOND_OWNER, output, "30"], cwd=ROOT, env=direct_env,
-                                  stdout=subprocess.PIPE, text=True)
+        second = subprocess.Popen(
+            [sys.executable, "-c", SECOND_OWNER, output, "30"],
+            cwd=ROOT,
+            env=direct_env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         lost_at = None
         while lost_at is None and time.time() < acquired_at + 20:
             try:

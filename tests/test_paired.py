@@ -51,12 +51,22 @@ def _result_with(winner_holdout: list[float], ema_holdout: list[float]):
     from schemas.search import SearchSpec
 
     spec = SearchSpec.model_validate({"fid": {"holdout_seeds": [1, 2, 3]}})
-    run = SimpleNamespace(checkpoints=SimpleNamespace(names=["a", "b"], steps=[1, 2]),
-                          store=SimpleNamespace(total_samples=lambda: 0))
-    trials = pd.DataFrame({"phase": ["seeds", "search"], "alphas": [[0.0, 1.0], [0.3, 0.7]], "rung": [0, 0],
-                           "status": ["ok", "ok"]})
-    scores = {"top1": {"alphas": [0.3, 0.7], "fid": 68.0, "holdout": winner_holdout, "num_samples": 500},
-              "ema@0.9": {"alphas": [0.1, 0.9], "fid": 70.0, "holdout": ema_holdout, "num_samples": 500}}
+    run = SimpleNamespace(
+        checkpoints=SimpleNamespace(names=["a", "b"], steps=[1, 2]),
+        store=SimpleNamespace(total_samples=lambda: 0),
+    )
+    trials = pd.DataFrame(
+        {
+            "phase": ["seeds", "search"],
+            "alphas": [[0.0, 1.0], [0.3, 0.7]],
+            "rung": [0, 0],
+            "status": ["ok", "ok"],
+        }
+    )
+    scores = {
+        "top1": {"alphas": [0.3, 0.7], "fid": 68.0, "holdout": winner_holdout, "num_samples": 500},
+        "ema@0.9": {"alphas": [0.1, 0.9], "fid": 70.0, "holdout": ema_holdout, "num_samples": 500},
+    }
     return build_result(spec, run, trials, scores, 1.0)
 
 

@@ -128,7 +128,8 @@ def _spec(tmp_path: Path) -> SearchSpec:
 
 
 def test_submit_sends_the_token_on_every_request_and_never_logs_it(
-        clean_auth_env, dashboard, monkeypatch, tmp_path, caplog, capfd):
+    clean_auth_env, dashboard, monkeypatch, tmp_path, caplog, capfd
+):
     """Every Jobs API request carries the bearer token from $RAY_AUTH_TOKEN_PATH; no log line holds it, and
     it is not forwarded to the job (its runtime env, its uploaded working directory)."""
     address, server = dashboard
@@ -147,8 +148,9 @@ def test_submit_sends_the_token_on_every_request_and_never_logs_it(
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-3f9a"], ids=["no-token", "wrong-token"])
-def test_refused_submit_names_the_fix_without_the_token(clean_auth_env, dashboard, monkeypatch, tmp_path,
-                                                        caplog, token):
+def test_refused_submit_names_the_fix_without_the_token(
+    clean_auth_env, dashboard, monkeypatch, tmp_path, caplog, token
+):
     """A 401/403 from the cluster is a JobAuthError naming the address and both variables, not the token."""
     address, server = dashboard
     if token:
@@ -182,7 +184,9 @@ def _wait_auth_mode(url: str, process, timeout_s: float = 120.0) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_real_token_auth_head_refuses_without_token_and_accepts_with_it(clean_auth_env, monkeypatch, tmp_path):
+def test_real_token_auth_head_refuses_without_token_and_accepts_with_it(
+    clean_auth_env, monkeypatch, tmp_path
+):
     """A Ray head started with RAY_AUTH_MODE=token refuses the Jobs API without the token and accepts a job with it."""
     token = secrets.token_hex(16)
     env = {**ray_env(), jobs.AUTH_MODE: "token", jobs.AUTH_TOKEN: token, "HOME": str(clean_auth_env)}
@@ -207,24 +211,44 @@ def test_real_token_auth_head_refuses_without_token_and_accepts_with_it(clean_au
 def _cli_submit(module: str, spec: str, address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`python -m <module> submit <spec> --address <address> --no-wait` with the auth variables in `env`."""
     base = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
-    return subprocess.run([sys.executable, "-m", module, "submit", str(ROOT / "examples" / spec),
-                           "--address", address, "--no-wait"], cwd=ROOT, env={**base, **env},
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            module,
+            "submit",
+            str(ROOT / "examples" / spec),
+            "--address",
+            address,
+            "--no-wait",
+        ],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_both_cli_submits_send_the_token_and_never_print_it(dashboard, tmp_path):
     """`lcsc-ray submit` sends $RAY_AUTH_TOKEN; `checkfree-ray submit` with a wrong one exits 1 naming the
     fix; neither prints a token."""
     address, server = dashboard
-    accepted = _cli_submit("lcsc_ray", "search_mnist.yaml", address,
-                           {"RAY_AUTH_TOKEN": server.token, "HOME": str(tmp_path)})
+    accepted = _cli_submit(
+        "lcsc_ray", "search_mnist.yaml", address, {"RAY_AUTH_TOKEN": server.token, "HOME": str(tmp_path)}
+    )
     assert accepted.returncode == 0, accepted.stderr[-2000:]
     assert "submitted job raysubmit_1" in accepted.stdout
     assert {auth for *_, auth in server.seen} == {f"Bearer {server.token}"}
     wrong = "wrong-" + secrets.token_hex(8)
-    refused = _cli_submit("checkfree_ray", "train_small.yaml", address, {"RAY_AUTH_TOKEN": wrong, "HOME": str(tmp_path)})
+    refused = _cli_submit(
+        "checkfree_ray", "train_small.yaml", address, {"RAY_AUTH_TOKEN": wrong, "HOME": str(tmp_path)}
+    )
     assert refused.returncode == 1, refused.stderr[-2000:]
-    assert f"error: the Ray cluster at {address} requires token authentication and the token given was refused" \
+    assert (
+        f"error: the Ray cluster at {address} requires token authentication and the token given was refused"
         in refused.stderr
+    )
     for run in (accepted, refused):
         assert server.token not in run.stdout + run.stderr and wrong not in run.stdout + run.stderr

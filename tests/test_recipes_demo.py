@@ -37,10 +37,17 @@ def test_the_feature_network_is_built_beside_the_training_and_a_failure_there_on
     """The background build runs the spec's `fid.features` plug-in in a Ray task; a plug-in that fails there
     is logged (the search builds, and reports on, the network itself) instead of stopping the demo."""
     spec = load_demo_spec(DEFAULT_SPEC)
-    ok = spec.model_copy(update={"fid": spec.fid.model_copy(update={"features": PluginSpec(target="torch.nn:Identity")})})
+    ok = spec.model_copy(
+        update={"fid": spec.fid.model_copy(update={"features": PluginSpec(target="torch.nn:Identity")})}
+    )
     assert wait_warmed(warm_feature_network(ok)) == "torch.nn:Identity"
-    bad = spec.model_copy(update={"fid": spec.fid.model_copy(
-        update={"features": PluginSpec(target="lcsc_ray.no_such_module:features")})})
+    bad = spec.model_copy(
+        update={
+            "fid": spec.fid.model_copy(
+                update={"features": PluginSpec(target="lcsc_ray.no_such_module:features")}
+            )
+        }
+    )
     with caplog.at_level(logging.WARNING, logger="lcsc_ray.demo"):
         assert wait_warmed(warm_feature_network(bad)) is None
     assert "building the feature network ahead of the search failed" in caplog.text

@@ -74,8 +74,12 @@ def test_ddim_sample_follows_the_ddim_equation():
     DDIM update written out: v-prediction, clipping, recomputed eps and the final alpha_bar = 1 all agree."""
     model = _perturbed(build_unet(**TINY_MODEL))
     for nfe in (1, 4, 10):  # where nfe does not divide T, DDIMScheduler steps to t - T // nfe, not the next t
-        torch.testing.assert_close(ddim_sample(model, n=4, seed=5, nfe=nfe, batch_size=4),
-                                   _ddim_by_equation(model, n=4, seed=5, nfe=nfe), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            ddim_sample(model, n=4, seed=5, nfe=nfe, batch_size=4),
+            _ddim_by_equation(model, n=4, seed=5, nfe=nfe),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_training_loss_is_the_v_target_on_the_forward_process():
@@ -97,8 +101,14 @@ def test_training_loss_is_the_v_target_on_the_forward_process():
 
     loss = diffusion_loss(exact_v, x0, torch.Generator().manual_seed(9), scheduler)
     assert float(loss) < 1e-10
-    assert float(diffusion_loss(lambda x_t, t: torch.zeros_like(x_t), x0, torch.Generator().manual_seed(9),
-                                scheduler)) > 0.1
+    assert (
+        float(
+            diffusion_loss(
+                lambda x_t, t: torch.zeros_like(x_t), x0, torch.Generator().manual_seed(9), scheduler
+            )
+        )
+        > 0.1
+    )
 
 
 def test_consistency_sample_is_deterministic_and_multistep_differs():
@@ -127,7 +137,18 @@ def test_schedules_and_timesteps():
     f = torch.cos((grid + 0.008) / 1.008 * math.pi / 2) ** 2
     cosine = torch.cumprod(1 - (1 - f[1:] / f[:-1]).clamp(max=0.999), dim=0)  # written out, float64
     torch.testing.assert_close(alpha_bar_schedule("cosine", 1000), cosine, atol=1e-6, rtol=0)
-    assert ddim_timesteps(10, 1000) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]  # diffusers' "trailing"
+    assert ddim_timesteps(10, 1000) == [
+        999,
+        899,
+        799,
+        699,
+        599,
+        499,
+        399,
+        299,
+        199,
+        99,
+    ]  # diffusers' "trailing"
     assert ddim_timesteps(1, 1000) == [999]
     assert sampling_timesteps(2, 1000) == [999, 500]
 

@@ -23,9 +23,17 @@ def test_outside_ray_training_keeps_the_process_setting(tmp_path):
 
     assert ray_task_cpus() is None
     before = torch.get_num_threads()
-    summary = train_ddpm({"steps": 1, "batch_size": 4, "checkpoint_every": 1, "grid_samples": 0,
-                          "model": {"channels": [8, 16], "emb_dim": 16, "groups": 4, "attention": False},
-                          "out": str(tmp_path / "run"), "progress_interval_s": 60})
+    summary = train_ddpm(
+        {
+            "steps": 1,
+            "batch_size": 4,
+            "checkpoint_every": 1,
+            "grid_samples": 0,
+            "model": {"channels": [8, 16], "emb_dim": 16, "groups": 4, "attention": False},
+            "out": str(tmp_path / "run"),
+            "progress_interval_s": 60,
+        }
+    )
     assert summary["torch_threads"] == before == torch.get_num_threads()
 
 

@@ -15,8 +15,16 @@ from lcsc_ray.recipes.training import TrainingInterrupted
 from schemas.errors import CheckpointError
 
 TINY_MODEL = {"channels": [8, 16], "emb_dim": 16, "groups": 4, "attention": False}
-TINY = {"steps": 6, "batch_size": 8, "checkpoint_every": 2, "warmup_steps": 2, "model": TINY_MODEL,
-        "grid_samples": 4, "grid_nfe": 2, "progress_interval_s": 60}
+TINY = {
+    "steps": 6,
+    "batch_size": 8,
+    "checkpoint_every": 2,
+    "warmup_steps": 2,
+    "model": TINY_MODEL,
+    "grid_samples": 4,
+    "grid_nfe": 2,
+    "progress_interval_s": 60,
+}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,9 @@ def test_train_on_ray_runs_as_a_task(ray_local, tmp_path):
     driver's OMP_NUM_THREADS=1) and returns the summary; the files land in `out`."""
     from lcsc_ray.recipes.train import train_on_ray
 
-    summary = train_on_ray("ddpm", {**TINY, "steps": 2, "grid_samples": 0, "out": str(tmp_path / "ray")},
-                           num_cpus=2)
+    summary = train_on_ray(
+        "ddpm", {**TINY, "steps": 2, "grid_samples": 0, "out": str(tmp_path / "ray")}, num_cpus=2
+    )
     assert summary["steps"] == 2
     assert summary["torch_threads"] == 2
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "ray/checkpoints"))] == [2]
@@ -106,8 +115,21 @@ def test_cli_train_ddpm_local(tmp_path):
     from lcsc_ray.cli import main
 
     out = str(tmp_path / "cli")
-    args = ["recipe", "train-ddpm", "--local", "--out", out, "--steps", "2", "--batch-size", "4",
-            "--checkpoint-every", "1", "--model-json", json.dumps(TINY_MODEL)]
+    args = [
+        "recipe",
+        "train-ddpm",
+        "--local",
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--model-json",
+        json.dumps(TINY_MODEL),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2
@@ -123,9 +145,23 @@ def test_resume_after_sigkill_of_the_training_process(tmp_path):
     import time
 
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "lcsc_ray.recipes", "train-ddpm", "--local", "--out", str(out),
-            "--steps", "100000", "--batch-size", "8", "--checkpoint-every", "5",
-            "--model-json", json.dumps(TINY_MODEL)]
+    args = [
+        sys.executable,
+        "-m",
+        "lcsc_ray.recipes",
+        "train-ddpm",
+        "--local",
+        "--out",
+        str(out),
+        "--steps",
+        "100000",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "5",
+        "--model-json",
+        json.dumps(TINY_MODEL),
+    ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -137,14 +173,21 @@ def test_resume_after_sigkill_of_the_training_process(tmp_path):
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
     killed_at = ckpt.list_checkpoints(str(out / "checkpoints"))[-1][0]
-    config = {"steps": killed_at + 3, "batch_size": 8, "checkpoint_every": 5, "model": TINY_MODEL,
-              "grid_samples": 0}  # what the command line set; the rest are defaults on both sides
+    config = {
+        "steps": killed_at + 3,
+        "batch_size": 8,
+        "checkpoint_every": 5,
+        "model": TINY_MODEL,
+        "grid_samples": 0,
+    }  # what the command line set; the rest are defaults on both sides
     summary = train_ddpm({**config, "out": str(out)})
     assert summary["resumed_from"] >= killed_at - 5 and summary["steps"] == killed_at + 3
     train_ddpm({**config, "out": str(tmp_path / "unbroken")})
     final = ckpt.checkpoint_name(killed_at + 3)
-    resumed, unbroken = _weights(str(out / "checkpoints" / final)), _weights(
-        str(tmp_path / "unbroken" / "checkpoints" / final))
+    resumed, unbroken = (
+        _weights(str(out / "checkpoints" / final)),
+        _weights(str(tmp_path / "unbroken" / "checkpoints" / final)),
+    )
     assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
 
 

@@ -21,8 +21,12 @@ def test_training_fingerprint_ignores_fields_at_their_default_and_sees_set_ones(
     pipeline = spec_inputs(spec).get("spec.pipeline", {})
     assert "schedule" not in pipeline and "activation_transport" not in pipeline
     assert "schedule" in spec_inputs(_with(spec, "pipeline", schedule="1f1b"))["spec.pipeline"]
-    assert new_identity(spec).fingerprint != new_identity(_with(spec, "pipeline", schedule="1f1b")).fingerprint
-    assert new_identity(spec).fingerprint == new_identity(_with(spec, "pipeline", schedule="gpipe")).fingerprint
+    assert (
+        new_identity(spec).fingerprint != new_identity(_with(spec, "pipeline", schedule="1f1b")).fingerprint
+    )
+    assert (
+        new_identity(spec).fingerprint == new_identity(_with(spec, "pipeline", schedule="gpipe")).fingerprint
+    )
 
 
 def test_search_record_ignores_fields_at_their_default_and_sees_set_ones(tmp_path):

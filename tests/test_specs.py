@@ -64,7 +64,11 @@ def test_error_names_field_value_and_allowed(tmp_path):
     assert "search.budget" in text and "greater than or equal to 1" in text
     assert "evaluators.nmu_actors" in text and "unknown field" in text
     assert str(path) in text
-    assert {e["field"] for e in info.value.errors} == {"search.optimizer", "search.budget", "evaluators.nmu_actors"}
+    assert {e["field"] for e in info.value.errors} == {
+        "search.optimizer",
+        "search.budget",
+        "evaluators.nmu_actors",
+    }
 
 
 def test_cross_field_rule_says_what_to_change():
@@ -75,11 +79,14 @@ def test_cross_field_rule_says_what_to_change():
         parse_spec({"failures": {"schedule": [[3, 7]]}}, TrainSpec)
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("kind: [unclosed", "not valid YAML"),
-    ("- a\n- b\n", "must hold a mapping"),
-    ("kind: banana\n", "unknown spec kind 'banana'"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("kind: [unclosed", "not valid YAML"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("kind: banana\n", "unknown spec kind 'banana'"),
+    ],
+)
 def test_malformed_files_are_spec_errors(tmp_path, text, needle):
     """Malformed YAML, a non-mapping and an unknown kind are SpecErrors naming the problem."""
     path = tmp_path / "spec.yaml"
@@ -95,16 +102,39 @@ def test_missing_file_is_spec_error(tmp_path):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-field_names = st.sampled_from(["kind", "seed", "ray", "search", "checkpoints", "fid", "evaluators", "model",
-                               "pipeline", "recovery", "failures", "steps", "output", "optim", "bogus"])
+field_names = st.sampled_from(
+    [
+        "kind",
+        "seed",
+        "ray",
+        "search",
+        "checkpoints",
+        "fid",
+        "evaluators",
+        "model",
+        "pipeline",
+        "recovery",
+        "failures",
+        "steps",
+        "output",
+        "optim",
+        "bogus",
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.dictionaries(field_names, json_values, max_size=4), model=st.sampled_from([SearchSpec, TrainSpec]))
+@given(
+    data=st.dictionaries(field_names, json_values, max_size=4), model=st.sampled_from([SearchSpec, TrainSpec])
+)
 def test_generated_specs_raise_spec_error_or_validate(data, model):
     """Arbitrary spec data either validates or raises SpecError; never another exception."""
     try:
@@ -127,12 +157,20 @@ def test_bad_budgets_name_the_field(budget):
 
 def test_cli_validate_ok_and_errors(tmp_path):
     """`lcsc-ray validate` prints OK for a good spec and exits 2 with the errors for a bad one."""
-    good = subprocess.run([sys.executable, "-m", "lcsc_ray", "validate", str(EXAMPLES[0])],
-                          capture_output=True, text=True, check=False)
+    good = subprocess.run(
+        [sys.executable, "-m", "lcsc_ray", "validate", str(EXAMPLES[0])],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert good.returncode == 0 and "OK" in good.stdout
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"kind": "train", "steps": 0}))
-    result = subprocess.run([sys.executable, "-m", "checkfree_ray", "validate", str(bad)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "checkfree_ray", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2
     assert "steps" in result.stderr and "greater than or equal to 1" in result.stderr

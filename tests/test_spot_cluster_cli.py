@@ -18,7 +18,10 @@ def test_node_changes_lists_joins_then_leaves():
     """A node present only after is a join, one present only before a leave; unchanged nodes are silent."""
     before = {"a" * 8 + "00001": "worker.cpu.spot", "h" * 8 + "00000": "head.on_demand"}
     after = {"h" * 8 + "00000": "head.on_demand", "b" * 8 + "00002": "worker.gpu.spot"}
-    assert node_changes(before, after) == ["+ worker.gpu.spot bbb00002 joined", "- worker.cpu.spot aaa00001 left"]
+    assert node_changes(before, after) == [
+        "+ worker.gpu.spot bbb00002 joined",
+        "- worker.cpu.spot aaa00001 left",
+    ]
     assert node_changes(after, after) == []
 
 
@@ -30,9 +33,14 @@ def test_both_clis_mount_cluster_rehearse(main):
     assert "--spot-events" in result.output and "--dashboard-port" in result.output
 
 
-@pytest.mark.parametrize("args, named", [(["--drain-share", "2"], "drain_share"),
-                                         (["--max-workers", "0"], "max_workers"),
-                                         (["--window-s", "0"], "window_s")])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--drain-share", "2"], "drain_share"),
+        (["--max-workers", "0"], "max_workers"),
+        (["--window-s", "0"], "window_s"),
+    ],
+)
 def test_rehearse_refuses_bad_values_before_starting(args, named):
     """A bad value exits 2 with its name, and no cluster temp dir is made."""
     before = set(glob.glob("/tmp/rspot*"))

@@ -53,7 +53,10 @@ def test_rehearsal_caps_workers_and_sets_idle_timeout_in_seconds():
     config = rehearsal_config(AWS, GCS, max_workers=2, idle_timeout_s=30, worker_cpus=0.5)
     assert config["max_workers"] == 2
     assert {n: t["max_workers"] for n, t in config["available_node_types"].items()} == {
-        "worker.cpu.spot": 2, "worker.gpu.spot": 2, FAKE_HEAD_TYPE: 0}
+        "worker.cpu.spot": 2,
+        "worker.gpu.spot": 2,
+        FAKE_HEAD_TYPE: 0,
+    }
     assert config["idle_timeout_minutes"] == pytest.approx(0.5)
     assert config["available_node_types"]["worker.cpu.spot"]["resources"]["CPU"] == 0.5
     assert config["provider"]["gcs_address"] == GCS
@@ -129,8 +132,10 @@ def test_spot_event_plan_rejects_bad_values(kwargs):
 def test_processes_of_finds_marked_processes_and_their_children_only(tmp_path: Path):
     """A process naming the marker and its child are found; one naming a longer path, and this test, are not."""
     marker = str(tmp_path / "marker-dir")
-    program = ("import subprocess, sys, time; "
-               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    program = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", program, marker])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker + "-other"])
     found: set[int] = set()

@@ -54,7 +54,9 @@ def test_spot_cluster_scales_survives_reclaim_and_drain_and_shrinks(spot_cluster
         assert reclaimed.node_id != drained.node_id and reclaimed.killed_pids >= 1
         assert drained.listed_draining  # the GCS listed the node as draining right after the request
         draining = draining_nodes(gcs)
-        assert draining.get(drained.node_id) == drained.deadline_ms > time.time() * 1000  # before the deadline
+        assert (
+            draining.get(drained.node_id) == drained.deadline_ms > time.time() * 1000
+        )  # before the deadline
 
         wait_until(lambda: reclaimed.node_id not in alive_node_ids(gcs), 180, "the reclaimed node to die")
         injector.wait_for_terminations(NOTICE_S + 60)
@@ -70,6 +72,9 @@ def test_spot_cluster_scales_survives_reclaim_and_drain_and_shrinks(spot_cluster
             driver.wait(timeout=30)
 
     head_id = head[0].node_id
-    wait_until(lambda: alive_node_ids(gcs) == {head_id} and not worker_nodes(gcs), 300,
-               "the cluster to shrink back to its head")
+    wait_until(
+        lambda: alive_node_ids(gcs) == {head_id} and not worker_nodes(gcs),
+        300,
+        "the cluster to shrink back to its head",
+    )
     assert [event["kind"] for event in injector.timeline()] == [RECLAIM, DRAIN, TERMINATE]

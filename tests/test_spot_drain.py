@@ -27,9 +27,18 @@ def test_notice_parsed_and_turned_into_a_preemption_drain():
     notice = spot_drain.parse_notice('{"action": "terminate", "time": "2026-11-29T12:02:00Z"}')
     assert notice == spot_drain.Notice("terminate", datetime(2026, 11, 29, 12, 2, tzinfo=timezone.utc))
     command = spot_drain.drain_command(notice, NOW, address="10.0.0.5:6379")
-    assert command == ["ray", "drain-node", "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                       "--reason-message", "spot terminate at 2026-11-29T12:02:00Z",
-                       "--deadline-remaining-seconds", "120", "--address", "10.0.0.5:6379"]
+    assert command == [
+        "ray",
+        "drain-node",
+        "--reason",
+        "DRAIN_NODE_REASON_PREEMPTION",
+        "--reason-message",
+        "spot terminate at 2026-11-29T12:02:00Z",
+        "--deadline-remaining-seconds",
+        "120",
+        "--address",
+        "10.0.0.5:6379",
+    ]
     later = datetime(2026, 11, 29, 12, 0, 23, 500000, tzinfo=timezone.utc)
     assert spot_drain.remaining_seconds(notice, later) == 96
     past = datetime(2026, 11, 29, 12, 5, tzinfo=timezone.utc)
@@ -48,11 +57,14 @@ def test_drain_command_is_accepted_by_rays_cli():
     assert context.params["node_id"] == "ab" * 28
 
 
-@pytest.mark.parametrize("body, message", [
-    ("not json", "not a spot instance-action notice"),
-    ('{"time": "2026-11-29T12:02:00Z"}', "not a spot instance-action notice"),
-    ('{"action": "reboot", "time": "2026-11-29T12:02:00Z"}', "unknown spot instance action 'reboot'"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("not json", "not a spot instance-action notice"),
+        ('{"time": "2026-11-29T12:02:00Z"}', "not a spot instance-action notice"),
+        ('{"action": "reboot", "time": "2026-11-29T12:02:00Z"}', "unknown spot instance action 'reboot'"),
+    ],
+)
 def test_malformed_notice_is_refused_by_name(body, message):
     """A body that is not a spot notice is an error that says so (the watcher logs it and keeps polling)."""
     with pytest.raises(ValueError, match=message):
@@ -130,8 +142,15 @@ def test_watcher_needs_only_the_standard_library():
     import ast
 
     tree = ast.parse((ROOT / "cluster" / "spot_drain.py").read_text())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-               for alias in node.names}
-    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    modules = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    modules |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+    }
     assert modules - {"__future__"} <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)

@@ -26,9 +26,11 @@ from schemas.errors import (
 @pytest.fixture(params=["local", "file", "moto"])
 def any_root(request, tmp_path, moto_bucket):
     """A root URI on each backend."""
-    return {"local": str(tmp_path / "root"), "file": f"file://{tmp_path}/root", "moto": f"{moto_bucket}/root"}[
-        request.param
-    ]
+    return {
+        "local": str(tmp_path / "root"),
+        "file": f"file://{tmp_path}/root",
+        "moto": f"{moto_bucket}/root",
+    }[request.param]
 
 
 def test_read_write_list_exists_delete(any_root):
@@ -120,8 +122,9 @@ KILLED_WRITER = textwrap.dedent(
 def test_writer_killed_before_manifest_leaves_incomplete_artifact(s3_bucket):
     """A writer SIGKILLed between data and manifest leaves an artifact readers call incomplete."""
     uri = f"{s3_bucket}/ckpt/step-10"
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, uri], env=os.environ.copy(), check=False,
-                          capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, uri], env=os.environ.copy(), check=False, capture_output=True
+    )
     assert proc.returncode == -signal.SIGKILL
     assert storage.exists(storage.join(uri, "weights.bin"))  # the data really landed
     with pytest.raises(IncompleteArtifactError, match="step-10"):

@@ -29,8 +29,17 @@ def test_concurrent_downloads_to_one_cache_path_all_succeed(s3_bucket, tmp_path)
     storage.write_bytes(uri, payload)
     target = tmp_path / "cache" / "shard.bin"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", DOWNLOAD, uri, str(target), "5"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DOWNLOAD, uri, str(target), "5"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     results = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0, 0], [err[-400:] for _, err in results]
     assert target.read_bytes() == payload

@@ -110,8 +110,9 @@ def test_read_against_a_server_that_stays_down_names_the_uri(s3_bucket, seaweedf
     assert uri in str(error) and "attempts" in str(error)
 
 
-def test_object_replaced_between_a_break_and_the_resume_is_an_error_not_mixed_bytes(s3_bucket, seaweedfs,
-                                                                                    monkeypatch):
+def test_object_replaced_between_a_break_and_the_resume_is_an_error_not_mixed_bytes(
+    s3_bucket, seaweedfs, monkeypatch
+):
     """The object is overwritten after its body broke: the resumed read refuses to splice two versions."""
     from botocore.exceptions import ResponseStreamingError
 

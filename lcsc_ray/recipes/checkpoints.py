@@ -36,7 +36,7 @@ def read_metadata(data: bytes, uri: str) -> dict[str, str]:
     """The string metadata in the header of safetensors bytes."""
     try:
         (header_len,) = torch.frombuffer(bytearray(data[:8]), dtype=torch.int64).tolist()
-        return json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+        return json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
     except (ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{uri}: not a safetensors file ({exc}); re-save it or remove it") from None
 
@@ -80,8 +80,9 @@ def load_training_state(uri: str) -> dict:
     try:
         return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{uri}: unreadable training state ({exc}); delete it to restart from step 0") \
-            from exc
+        raise CheckpointError(
+            f"{uri}: unreadable training state ({exc}); delete it to restart from step 0"
+        ) from exc
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], uri: str) -> nn.Module:
@@ -92,6 +93,7 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], uri: str) -
     if missing or unexpected or bad_shapes:
         raise CheckpointError(
             f"{uri} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatch {bad_shapes[:5]}; build the model with the checkpoint's model_kwargs")
+            f"shape mismatch {bad_shapes[:5]}; build the model with the checkpoint's model_kwargs"
+        )
     model.load_state_dict(state_dict)
     return model

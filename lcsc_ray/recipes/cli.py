@@ -16,9 +16,13 @@ RUN_OPTIONS = [
     click.option("--checkpoint-every", type=int, default=None, help="Checkpoint interval in steps."),
     click.option("--ema-decay", type=float, default=None, help="Online EMA decay."),
     click.option("--seed", type=int, default=None, help="Seed of weights, data order and noise."),
-    click.option("--model-json", default=None, help='U-Net kwargs as JSON, e.g. \'{"channels": [16, 32]}\'.'),
-    click.option("--local/--ray", "local", default=False,
-                 help="Train in this process instead of as a Ray task (default: Ray; $RAY_ADDRESS or local)."),
+    click.option("--model-json", default=None, help="U-Net kwargs as JSON, e.g. '{\"channels\": [16, 32]}'."),
+    click.option(
+        "--local/--ray",
+        "local",
+        default=False,
+        help="Train in this process instead of as a Ray task (default: Ray; $RAY_ADDRESS or local).",
+    ),
 ]
 
 

@@ -71,8 +71,14 @@ def pseudo_huber(diff: torch.Tensor, c: float | None = None) -> torch.Tensor:
     return ((flat.square().sum(1) + c * c).sqrt() - c).mean()
 
 
-def distillation_loss(student: ConsistencyModel, x0: torch.Tensor, generator: torch.Generator,
-                      teacher: nn.Module, target: ConsistencyModel, grid: torch.Tensor) -> torch.Tensor:
+def distillation_loss(
+    student: ConsistencyModel,
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    teacher: nn.Module,
+    target: ConsistencyModel,
+    grid: torch.Tensor,
+) -> torch.Tensor:
     """CD loss d(f_theta(x_{t_n+1}, t_n+1), f_target(x_hat_{t_n}, t_n)) with x_hat one teacher DDIM step."""
     b = x0.shape[0]
     n = torch.randint(1, grid.numel(), (b,), generator=generator)
@@ -112,13 +118,13 @@ def consistency_sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size
     renoise = torch.randn((max(len(steps) - 1, 0), n, 1, 28, 28), generator=generator)
     out = torch.empty(n, 1, 28, 28)
     for start in range(0, n, batch_size):
-        x = noise[start:start + batch_size].to(device)
+        x = noise[start : start + batch_size].to(device)
         x = model(x, torch.full((x.shape[0],), steps[0], dtype=torch.long, device=device)).clamp(-1, 1)
         for k, t in enumerate(steps[1:]):
-            z = renoise[k, start:start + batch_size].to(device)
+            z = renoise[k, start : start + batch_size].to(device)
             x = math.sqrt(alpha_bar[t]) * x + math.sqrt(1 - alpha_bar[t]) * z
             x = model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=device)).clamp(-1, 1)
-        out[start:start + batch_size] = x.float().cpu()
+        out[start : start + batch_size] = x.float().cpu()
     return out
 
 

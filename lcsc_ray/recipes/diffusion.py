@@ -15,7 +15,11 @@ from torch import nn
 
 from lcsc_ray.recipes.unet import UNetConfig
 
-PREDICTION_TYPES = {"v": "v_prediction", "eps": "epsilon", "x0": "sample"}  # ours -> diffusers' prediction_type
+PREDICTION_TYPES = {
+    "v": "v_prediction",
+    "eps": "epsilon",
+    "x0": "sample",
+}  # ours -> diffusers' prediction_type
 BETA_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}  # ours -> diffusers' beta_schedule
 
 
@@ -27,9 +31,15 @@ def noise_scheduler(schedule: str, num_timesteps: int, prediction: str = "v"):
     if schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; use one of {sorted(BETA_SCHEDULES)}")
     scale = 1000 / num_timesteps
-    return DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule=BETA_SCHEDULES[schedule],
-                         beta_start=1e-4 * scale, beta_end=0.02 * scale,
-                         prediction_type=PREDICTION_TYPES[prediction], clip_sample=True, clip_sample_range=1.0)
+    return DDPMScheduler(
+        num_train_timesteps=num_timesteps,
+        beta_schedule=BETA_SCHEDULES[schedule],
+        beta_start=1e-4 * scale,
+        beta_end=0.02 * scale,
+        prediction_type=PREDICTION_TYPES[prediction],
+        clip_sample=True,
+        clip_sample_range=1.0,
+    )
 
 
 def alpha_bar_schedule(schedule: str, num_timesteps: int) -> torch.Tensor:
@@ -48,8 +58,9 @@ def _coefs(alpha_bar: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torc
     return ab.sqrt(), (1 - ab).sqrt()
 
 
-def predict_x0_eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
-                   prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_x0_eps(
+    model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) implied by the network output at (x_t, t) under its parametrisation."""
     out = model(x_t, t)
     a, s = _coefs(alpha_bar, t)
@@ -68,8 +79,11 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generato
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     x_t = scheduler.add_noise(x0, eps, t)
     prediction = scheduler.config.prediction_type
-    target = {"v_prediction": lambda: scheduler.get_velocity(x0, eps, t), "epsilon": lambda: eps,
-              "sample": lambda: x0}[prediction]()
+    target = {
+        "v_prediction": lambda: scheduler.get_velocity(x0, eps, t),
+        "epsilon": lambda: eps,
+        "sample": lambda: x0,
+    }[prediction]()
     return (model(x_t, t) - target).square().mean()
 
 
@@ -79,8 +93,9 @@ def ddim_scheduler(config: UNetConfig):
     from diffusers import DDIMScheduler
 
     ddpm = noise_scheduler(config.schedule, config.num_timesteps, config.prediction)
-    return DDIMScheduler.from_config(ddpm.config, timestep_spacing="trailing", clip_sample=True,
-                                     set_alpha_to_one=True)
+    return DDIMScheduler.from_config(
+        ddpm.config, timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=True
+    )
 
 
 def ddim_timesteps(nfe: int, num_timesteps: int) -> list[int]:
@@ -120,8 +135,15 @@ def ddim_sample(model: nn.Module, n: int, seed: int, nfe: int, batch_size: int =
     `seed`, so the same model and seed give the same images, whatever the batch size."""
     from lcsc_ray.diffusers_sampling import sample
 
-    return sample(DiffusersView(model), n, seed, nfe, batch_size, scheduler="DDIM",
-                  step_kwargs={"use_clipped_model_output": True})
+    return sample(
+        DiffusersView(model),
+        n,
+        seed,
+        nfe,
+        batch_size,
+        scheduler="DDIM",
+        step_kwargs={"use_clipped_model_output": True},
+    )
 
 
 # The run identity records this: a search stored with the recipe's earlier DDIM (own float64 schedule, timesteps

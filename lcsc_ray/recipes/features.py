@@ -74,7 +74,7 @@ def _random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generat
         return images
     dx, dy = (torch.randint(-max_shift, max_shift + 1, (2,), generator=generator)).tolist()
     padded = F.pad(images, (max_shift,) * 4, value=-1.0)  # background is -1
-    return padded[:, :, max_shift + dy:max_shift + dy + 28, max_shift + dx:max_shift + dx + 28]
+    return padded[:, :, max_shift + dy : max_shift + dy + 28, max_shift + dx : max_shift + dx + 28]
 
 
 @torch.inference_mode()
@@ -83,8 +83,10 @@ def classifier_accuracy(net: FeatureNet, split: str = "holdout") -> float:
     images, labels = mnist_split(split)
     was_training = net.training
     net.eval()
-    correct = sum((net.logits(images[i:i + 500]).argmax(1) == labels[i:i + 500]).sum().item()
-                  for i in range(0, len(images), 500))
+    correct = sum(
+        (net.logits(images[i : i + 500]).argmax(1) == labels[i : i + 500]).sum().item()
+        for i in range(0, len(images), 500)
+    )
     net.train(was_training)
     return correct / len(images)
 
@@ -106,7 +108,7 @@ def train_feature_network(config: FeatureNetConfig) -> tuple[FeatureNet, float]:
             for _ in range(config.epochs):
                 order = torch.randperm(len(images), generator=generator)
                 for start in range(0, len(images) - config.batch_size + 1, config.batch_size):
-                    index = order[start:start + config.batch_size]
+                    index = order[start : start + config.batch_size]
                     batch = _random_shift(images[index], config.max_shift, generator)
                     loss = F.cross_entropy(net.logits(batch), labels[index])
                     optimizer.zero_grad(set_to_none=True)
@@ -140,15 +142,23 @@ def cached_feature_network(config: FeatureNetConfig, directory: str | None = Non
         if not path.exists():
             started, cpu_started = time.monotonic(), time.process_time()
             net, accuracy = train_feature_network(config)
-            metadata = {"accuracy": f"{accuracy:.6f}", "config": json.dumps(asdict(config)),
-                        "version": FEATURE_NET_VERSION, "train_s": f"{time.monotonic() - started:.1f}",
-                        "train_cpu_s": f"{time.process_time() - cpu_started:.1f}",
-                        "torch": torch.__version__}
+            metadata = {
+                "accuracy": f"{accuracy:.6f}",
+                "config": json.dumps(asdict(config)),
+                "version": FEATURE_NET_VERSION,
+                "train_s": f"{time.monotonic() - started:.1f}",
+                "train_cpu_s": f"{time.process_time() - cpu_started:.1f}",
+                "torch": torch.__version__,
+            }
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=metadata)
             os.replace(tmp, path)
-            log.info("trained the MNIST feature network in %ss: holdout accuracy %.4f -> %s",
-                     metadata["train_s"], accuracy, path)
+            log.info(
+                "trained the MNIST feature network in %ss: holdout accuracy %.4f -> %s",
+                metadata["train_s"],
+                accuracy,
+                path,
+            )
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:

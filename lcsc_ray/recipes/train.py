@@ -61,16 +61,28 @@ class ConsistencyTrainConfig(TrainConfig):
     """Consistency distillation from a trained DDPM (defaults: about 4 minutes on one CPU core)."""
 
     out: str = Field(default="outputs/mnist-cm", description="Output directory: local path or s3:// URI.")
-    teacher_uri: str = Field(default="outputs/mnist-ddpm/ema.safetensors",
-                             description="The DDPM teacher's weights (a recipe checkpoint; its EMA by default).")
+    teacher_uri: str = Field(
+        default="outputs/mnist-ddpm/ema.safetensors",
+        description="The DDPM teacher's weights (a recipe checkpoint; its EMA by default).",
+    )
     steps: int = Field(default=1000, ge=1, description="Total optimizer steps.")
-    lr: float = Field(default=2e-4, gt=0, description="Peak AdamW learning rate (the student starts as the teacher).")
+    lr: float = Field(
+        default=2e-4, gt=0, description="Peak AdamW learning rate (the student starts as the teacher)."
+    )
     warmup_steps: int = Field(default=50, ge=0, description="Linear learning-rate warm-up steps.")
     checkpoint_every: int = Field(default=40, ge=1, description="Save a checkpoint every this many steps.")
-    ema_decay: float = Field(default=0.995, ge=0, lt=1, description="Online EMA decay of the saved EMA weights.")
-    target_ema_decay: float = Field(default=0.95, ge=0, lt=1,
-                                    description="mu: EMA decay of the target network (Song et al. 2023, Alg. 2).")
-    grid_points: int = Field(default=50, ge=2, description="N: timestep grid points the teacher's ODE is split into.")
+    ema_decay: float = Field(
+        default=0.995, ge=0, lt=1, description="Online EMA decay of the saved EMA weights."
+    )
+    target_ema_decay: float = Field(
+        default=0.95,
+        ge=0,
+        lt=1,
+        description="mu: EMA decay of the target network (Song et al. 2023, Alg. 2).",
+    )
+    grid_points: int = Field(
+        default=50, ge=2, description="N: timestep grid points the teacher's ODE is split into."
+    )
     grid_nfe: int = Field(default=1, ge=1, description="Sampler steps for the PNG grids.")
 
 
@@ -87,7 +99,9 @@ def train_consistency(config: ConsistencyTrainConfig | dict, stop_after: int | N
     config = ConsistencyTrainConfig.model_validate(config)
     teacher = load_teacher(config.teacher_uri)
     student = ConsistencyModel(make_unet(teacher.config.to_kwargs(), config.seed))
-    student.unet.load_state_dict(teacher.state_dict())  # CD starts from the teacher (Song et al. 2023, Sec. 6)
+    student.unet.load_state_dict(
+        teacher.state_dict()
+    )  # CD starts from the teacher (Song et al. 2023, Sec. 6)
     target = copy.deepcopy(student).requires_grad_(False)
     grid = timestep_grid(config.grid_points, teacher.config.num_timesteps)
 
@@ -128,8 +142,9 @@ def _absolute_local(uri: str) -> str:
     return uri if storage.is_remote(uri) else os.path.abspath(storage.parse_uri(uri).key)
 
 
-def train_on_ray(kind: str, config: TrainConfig | dict, ray_spec=None, num_cpus: float = 1.0,
-                 max_retries: int = 3) -> dict:
+def train_on_ray(
+    kind: str, config: TrainConfig | dict, ray_spec=None, num_cpus: float = 1.0, max_retries: int = 3
+) -> dict:
     """Run a recipe's training as one Ray task (local Ray, $RAY_ADDRESS or `ray_spec.address`).
     A task whose worker dies is retried up to `max_retries` times and resumes from its last checkpoint.
     It trains on one torch thread per CPU in `num_cpus`."""

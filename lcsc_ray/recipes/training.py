@@ -47,27 +47,38 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: str = Field(default="outputs/mnist-ddpm", description="Output directory: local path or s3:// URI.")
-    steps: int = Field(default=2500, ge=1, description="Total optimizer steps (a resumed run stops here too).")
+    steps: int = Field(
+        default=2500, ge=1, description="Total optimizer steps (a resumed run stops here too)."
+    )
     batch_size: int = Field(default=64, ge=1, description="Images per step.")
     lr: float = Field(default=2e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(default=100, ge=0, description="Linear learning-rate warm-up steps.")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        default="constant", description="After warm-up: constant (the LCSC setting), or cosine to min_lr_ratio.")
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Final lr / peak lr of the cosine schedule.")
+        default="constant",
+        description="After warm-up: constant (the LCSC setting), or cosine to min_lr_ratio.",
+    )
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Final lr / peak lr of the cosine schedule."
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     checkpoint_every: int = Field(default=100, ge=1, description="Save a checkpoint every this many steps.")
-    ema_decay: float = Field(default=0.999, ge=0, lt=1, description="Online EMA decay (warmed up as (1+n)/(10+n)).")
+    ema_decay: float = Field(
+        default=0.999, ge=0, lt=1, description="Online EMA decay (warmed up as (1+n)/(10+n))."
+    )
     posthoc_ema_sigma_rels: list[float] = Field(
         default_factory=lambda: list(posthoc_ema.DEFAULT_SIGMA_RELS),
         description="sigma_rel of each power-function EMA (EDM2) whose snapshot is saved beside every checkpoint "
-                    "under `posthoc_ema/`; a search's `posthoc_ema` block rebuilds any EMA from them. [] saves none.")
+        "under `posthoc_ema/`; a search's `posthoc_ema` block rebuilds any EMA from them. [] saves none.",
+    )
     seed: int = Field(default=0, description="Seed of the initial weights, data order, noise and timesteps.")
     model: dict = Field(default_factory=dict, description="U-Net keyword arguments (see UNetConfig).")
     torch_threads: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="torch threads. None: the CPUs Ray assigned to this task (e.g. `train_on_ray(num_cpus=2)`), "
-                    "or outside a Ray task this process's torch setting (OMP_NUM_THREADS).")
+        "or outside a Ray task this process's torch setting (OMP_NUM_THREADS).",
+    )
     grid_samples: int = Field(default=64, ge=0, description="Samples in each PNG grid (0: no grids).")
     grid_nfe: int = Field(default=20, ge=1, description="Sampler steps for the PNG grids.")
     progress_interval_s: float = Field(default=5.0, gt=0, description="Seconds between progress lines.")
@@ -150,40 +161,77 @@ def image_grid_png(images: torch.Tensor, columns: int = 8) -> bytes:
     pixels = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     for i in range(n):
         r, c = divmod(i, columns)
-        canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = pixels[i]
+        canvas[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = pixels[i]
     buffer = io.BytesIO()
     Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(
-        buffer, format="PNG")
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 
 def _metadata(recipe: Recipe, config: TrainConfig, step: int, weights: str) -> dict[str, str]:
-    return {"step": str(step), "kind": recipe.kind, "weights": weights,
-            "model_kwargs": json.dumps(recipe.model_kwargs), "config": config.model_dump_json(),
-            "torch": torch.__version__, **recipe.extra_metadata}
+    return {
+        "step": str(step),
+        "kind": recipe.kind,
+        "weights": weights,
+        "model_kwargs": json.dumps(recipe.model_kwargs),
+        "config": config.model_dump_json(),
+        "torch": torch.__version__,
+        **recipe.extra_metadata,
+    }
 
 
-def _save(recipe: Recipe, config: TrainConfig, step: int, ema: nn.Module, optimizer, generator,
-          power_ema: posthoc_ema.PowerEMA | None = None) -> None:
+def _save(
+    recipe: Recipe,
+    config: TrainConfig,
+    step: int,
+    ema: nn.Module,
+    optimizer,
+    generator,
+    power_ema: posthoc_ema.PowerEMA | None = None,
+) -> None:
     out = config.out
     for sigma_rel, gamma, state_dict in power_ema.snapshots() if power_ema else []:
-        ckpt.save_weights(storage.join(out, posthoc_ema.SNAPSHOT_FOLDER, posthoc_ema.snapshot_name(sigma_rel, step)),
-                          state_dict, {**_metadata(recipe, config, step, "power-ema"),
-                                       **posthoc_ema.snapshot_metadata(sigma_rel, gamma, step)})
-    ckpt.save_weights(storage.join(out, "checkpoints", ckpt.checkpoint_name(step)),
-                      recipe.model.state_dict(), _metadata(recipe, config, step, "model"))
-    ckpt.save_weights(storage.join(out, "ema.safetensors"), ema.state_dict(),
-                      _metadata(recipe, config, step, f"ema@{config.ema_decay}"))
-    state = {"step": step, "model": recipe.model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "config": config.model_dump_json(),
-             "extra": {name: module.state_dict() for name, module in recipe.extra_modules.items()},
-             "power_ema": power_ema.state_dict() if power_ema else None}
+        ckpt.save_weights(
+            storage.join(out, posthoc_ema.SNAPSHOT_FOLDER, posthoc_ema.snapshot_name(sigma_rel, step)),
+            state_dict,
+            {
+                **_metadata(recipe, config, step, "power-ema"),
+                **posthoc_ema.snapshot_metadata(sigma_rel, gamma, step),
+            },
+        )
+    ckpt.save_weights(
+        storage.join(out, "checkpoints", ckpt.checkpoint_name(step)),
+        recipe.model.state_dict(),
+        _metadata(recipe, config, step, "model"),
+    )
+    ckpt.save_weights(
+        storage.join(out, "ema.safetensors"),
+        ema.state_dict(),
+        _metadata(recipe, config, step, f"ema@{config.ema_decay}"),
+    )
+    state = {
+        "step": step,
+        "model": recipe.model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "config": config.model_dump_json(),
+        "extra": {name: module.state_dict() for name, module in recipe.extra_modules.items()},
+        "power_ema": power_ema.state_dict() if power_ema else None,
+    }
     ckpt.save_training_state(storage.join(out, "train_state.pt"), state)  # last: the commit point
 
 
-def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, generator,
-            power_ema: posthoc_ema.PowerEMA | None = None) -> int:
+def _resume(
+    recipe: Recipe,
+    config: TrainConfig,
+    ema: nn.Module,
+    optimizer,
+    generator,
+    power_ema: posthoc_ema.PowerEMA | None = None,
+) -> int:
     state_uri = storage.join(config.out, "train_state.pt")
     if not storage.exists(state_uri):
         return 0
@@ -192,7 +240,8 @@ def _resume(recipe: Recipe, config: TrainConfig, ema: nn.Module, optimizer, gene
     if saved_model != config.model:
         raise CheckpointError(
             f"{state_uri} was written with model={saved_model}, but this run asks for model={config.model}; "
-            "use the same model settings to resume, or a new `out` to start afresh")
+            "use the same model settings to resume, or a new `out` to start afresh"
+        )
     recipe.model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
@@ -216,7 +265,9 @@ def run_training(recipe: Recipe, config: TrainConfig, stop_after: int | None = N
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    power_ema = posthoc_ema.PowerEMA(model, config.posthoc_ema_sigma_rels) if config.posthoc_ema_sigma_rels else None
+    power_ema = (
+        posthoc_ema.PowerEMA(model, config.posthoc_ema_sigma_rels) if config.posthoc_ema_sigma_rels else None
+    )
     start_step = step = _resume(recipe, config, ema, optimizer, generator, power_ema)
     progress = ProgressLine(f"train-{recipe.kind}", total=config.steps, interval_s=config.progress_interval_s)
     progress.update(done=step, force=True, resumed_from=step)
@@ -246,12 +297,19 @@ def run_training(recipe: Recipe, config: TrainConfig, stop_after: int | None = N
     wall_s = time.monotonic() - started
     files = _write_grids(recipe, config, ema)
     cpu_s = time.process_time() - cpu_started  # the cores are shared: CPU time says what the run cost
-    summary = {"kind": recipe.kind, "steps": step, "resumed_from": start_step, "wall_s": round(wall_s, 2),
-               "cpu_s": round(cpu_s, 2), "torch_threads": threads,
-               "steps_per_s": round((step - start_step) / max(wall_s, 1e-9), 3), "final_loss": loss_avg,
-               "out": config.out, "num_checkpoints": len(ckpt.list_checkpoints(storage.join(config.out,
-                                                                                            "checkpoints"))),
-               "files": files}
+    summary = {
+        "kind": recipe.kind,
+        "steps": step,
+        "resumed_from": start_step,
+        "wall_s": round(wall_s, 2),
+        "cpu_s": round(cpu_s, 2),
+        "torch_threads": threads,
+        "steps_per_s": round((step - start_step) / max(wall_s, 1e-9), 3),
+        "final_loss": loss_avg,
+        "out": config.out,
+        "num_checkpoints": len(ckpt.list_checkpoints(storage.join(config.out, "checkpoints"))),
+        "files": files,
+    }
     write_json(storage.join(config.out, "summary.json"), summary)
     progress.emit(f"train-{recipe.kind} done: {json.dumps(summary)}")
     return summary

@@ -39,7 +39,9 @@ class UNetConfig:
         if len(self.channels) != 2:
             raise ValueError("UNetConfig.channels needs 2 entries (for the 14x14 and 7x7 levels)")
         if self.extra:
-            raise ValueError(f"unknown U-Net options {sorted(self.extra)}; known: {sorted(unet_kwargs_names())}")
+            raise ValueError(
+                f"unknown U-Net options {sorted(self.extra)}; known: {sorted(unet_kwargs_names())}"
+            )
 
     def to_kwargs(self) -> dict:
         """Plain keyword arguments that rebuild this config (JSON-serialisable)."""
@@ -51,8 +53,16 @@ class UNetConfig:
 
 def unet_kwargs_names() -> set[str]:
     """Names `build_unet` accepts."""
-    return {"channels", "blocks_per_level", "emb_dim", "attention", "groups", "prediction", "schedule",
-            "num_timesteps"}
+    return {
+        "channels",
+        "blocks_per_level",
+        "emb_dim",
+        "attention",
+        "groups",
+        "prediction",
+        "schedule",
+        "num_timesteps",
+    }
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -117,17 +127,21 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(chans[0], e), nn.SiLU(), nn.Linear(e, e))
         self.conv_in = nn.Conv2d(4, chans[0], 3, padding=1)
         self.down = nn.ModuleList(
-            nn.ModuleList(ResBlock(c, c, e, g) for _ in range(config.blocks_per_level)) for c in chans)
+            nn.ModuleList(ResBlock(c, c, e, g) for _ in range(config.blocks_per_level)) for c in chans
+        )
         self.downsample = nn.ModuleList(
-            nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1) for i in range(levels - 1))  # 14->7
+            nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1) for i in range(levels - 1)
+        )  # 14->7
         self.mid1 = ResBlock(chans[-1], chans[-1], e, g)
         self.mid_attn = Attention(chans[-1], g) if config.attention else nn.Identity()
         self.mid2 = ResBlock(chans[-1], chans[-1], e, g)
         self.up = nn.ModuleList(
             nn.ModuleList(ResBlock(2 * c if j == 0 else c, c, e, g) for j in range(config.blocks_per_level))
-            for c in reversed(chans))
+            for c in reversed(chans)
+        )
         self.upsample = nn.ModuleList(
-            nn.Conv2d(chans[i], chans[i - 1], 1) for i in range(levels - 1, 0, -1))  # then nearest x2
+            nn.Conv2d(chans[i], chans[i - 1], 1) for i in range(levels - 1, 0, -1)
+        )  # then nearest x2
         self.norm_out = nn.GroupNorm(g, chans[0])
         self.conv_out = nn.Conv2d(chans[0], 4, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
