@@ -66,7 +66,7 @@ def search_command(spec_file: str, restart: bool, force: bool) -> None:
     click.echo(
         f"results: {spec.output.uri if storage.is_remote(spec.output.uri) else result.files.get('result.json')}"
     )
-    for name in ("fid_vs_evaluations.png", "coefficients.png", "combined.safetensors"):
+    for name in ("fid_vs_evaluations.png", "coefficients.png", "samples.png", "combined.safetensors"):
         click.echo(f"  {name}: {result.files.get(name)}")
 
 
@@ -150,6 +150,62 @@ def report_command(output_uri: str) -> None:
     from lcsc_ray.report import format_table, load_result
 
     click.echo(format_table(run_or_exit(load_result, output_uri)))
+
+
+@main.command("samples")
+@click.argument("output_uri")
+@click.option(
+    "--candidate",
+    default=None,
+    help="best (default), last, ema, or a reported label such as uniform or best-sparse-ema@0.9.",
+)
+@click.option("--coefficients", default=None, help="Coefficients: a JSON list, or a file holding one.")
+@click.option("--weights", "weights_uri", default=None, help="A combined.safetensors of this search instead.")
+@click.option("--num", "num_samples", type=int, default=None, help="Samples (default: the reported count).")
+@click.option("--seed", type=int, default=None, help="Noise seed of the evaluation (default: fid.seed).")
+@click.option("--out", "out_dir", required=True, help="Folder or URI for the PNG files and samples.json.")
+@click.option("--device", default=None, help="torch device (default: a GPU if the evaluators had one).")
+@click.option(
+    "--npz", is_flag=True, help="Also write samples.npz: the float samples the FID was computed from."
+)
+def samples_command(
+    output_uri: str,
+    candidate: str | None,
+    coefficients: str | None,
+    weights_uri: str | None,
+    num_samples: int | None,
+    seed: int | None,
+    out_dir: str,
+    device: str | None,
+    npz: bool,
+) -> None:
+    """Write the exact samples a finished search scored for one candidate, and their FID (each chunk's noise
+    seed is derived from (seed, chunk index): a pipeline seeded with the seed alone draws other samples)."""
+    from lcsc_ray.sample_files import parse_coefficients, write_samples
+
+    alphas = run_or_exit(parse_coefficients, coefficients) if coefficients is not None else None
+    summary = run_or_exit(
+        write_samples,
+        output_uri,
+        out_dir,
+        candidate=candidate,
+        coefficients=alphas,
+        weights_uri=weights_uri,
+        num_samples=num_samples,
+        seed=seed,
+        device=device,
+        npz=npz,
+    )
+    reported = summary["reported_fid"]
+    click.echo(
+        f"wrote {summary['num_samples']} samples of {summary['candidate']} (seed {summary['seed']}) to {out_dir}; "
+        f"FID {summary['fid']:.6f}"
+        + (
+            f", reported {reported:.6f}"
+            if reported is not None
+            else " (the search reported none at this n, seed)"
+        )
+    )
 
 
 @main.command("demo")

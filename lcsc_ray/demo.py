@@ -129,6 +129,8 @@ def describe(result: SearchResult, spec: SearchSpec) -> str:
         "coefficients.png",
     ):
         lines.append(f"  {storage.join(out, name)}")
+    if "samples.png" in result.files:
+        lines.append(f"  samples (LCSC, last, EMA, best baseline; same noise): {result.files['samples.png']}")
     lines.append(
         f"  sample grids: {storage.join(training_output(spec), 'samples.png')} (EMA), "
         f"{storage.join(training_output(spec), 'samples_last.png')} (last checkpoint)"

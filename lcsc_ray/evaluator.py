@@ -117,6 +117,57 @@ def sampling_precision(device: torch.device, dtype: str) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
+def bind_flat(
+    model: torch.nn.Module, layout: Layout, flat: torch.Tensor, target: str
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Make `model`'s float32 tensors views of the flat combination buffer (so combining IS loading); returns
+    the model and the views of its other tensors, which `refresh_copied` copies in after each combination."""
+    views = layout.unflatten(flat)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(views)), sorted(set(views) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"model {target} does not match the checkpoints: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    copied = {n: v for n, v in views.items() if own[n].dtype != torch.float32}
+    bound = {n: v for n, v in views.items() if n not in copied}
+    model.load_state_dict(bound, strict=False, assign=True)
+    return model, copied
+
+
+def refresh_copied(model: torch.nn.Module, copied: Mapping[str, torch.Tensor]) -> None:
+    """Copy the combination's non-float32 tensors (`bind_flat`'s second value) into the model."""
+    if copied:
+        state = model.state_dict()
+        for name, view in copied.items():
+            state[name].copy_(view)
+
+
+@torch.inference_mode()
+def draw_chunk(
+    spec: SearchSpec, sampler, model: torch.nn.Module, device: torch.device, seed: int, index: int, size: int
+) -> torch.Tensor:
+    """The `size` images (B, C, H, W), float32, of chunk `index` of an evaluation with noise `seed`: the very
+    samples that are scored (its noise seed is `chunk_seed(seed, index)`, not `seed`). Non-finite samples raise
+    CandidateError."""
+    with sampling_precision(device, spec.evaluators.dtype):
+        images = sampler(
+            model,
+            size,
+            chunk_seed(seed, index),
+            spec.sampler.nfe,
+            spec.evaluators.batch_size,
+            **spec.sampler.kwargs,
+        )
+    images = images.float()  # features in float32 whatever precision sampled
+    if not bool(torch.isfinite(images).all()):
+        raise CandidateError(
+            f"samples of chunk {index} (seed {seed}) hold NaN/inf: the combined model "
+            "diverges; the search should score this candidate as failed"
+        )
+    return images
+
+
 class Evaluator:
     """Holds the checkpoints (zero-copy), model, sampler, feature network and reference stats of one actor."""
 
@@ -176,17 +227,7 @@ class Evaluator:
 
     def _bind_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Make the model's float32 tensors views of the combination buffer, so combining IS loading."""
-        views = self.layout.unflatten(self.flat)
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(views)), sorted(set(views) - set(own))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"model {self.spec.model.target} does not match the checkpoints: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        self.copied = {n: v for n, v in views.items() if own[n].dtype != torch.float32}
-        bound = {n: v for n, v in views.items() if n not in self.copied}
-        model.load_state_dict(bound, strict=False, assign=True)
+        model, self.copied = bind_flat(model, self.layout, self.flat, self.spec.model.target)
         return model.to(self.device).eval()
 
     def _load(self, coefficients: Sequence[float] | None) -> None:
@@ -206,31 +247,14 @@ class Evaluator:
             raise CandidateError(
                 f"combined weights are not finite for coefficients {coefficients}", coefficients
             )
-        if self.copied:
-            state = self.model.state_dict()
-            for name, view in self.copied.items():
-                state[name].copy_(view)
+        refresh_copied(self.model, self.copied)
         self._loaded, self._loaded_key = True, key
 
     @torch.inference_mode()
     def _chunk_stats(self, seed: int, index: int, size: int, timings: dict) -> FIDStats:
         start = time.perf_counter()
-        with sampling_precision(self.device, self.spec.evaluators.dtype):
-            images = self.sampler(
-                self.model,
-                size,
-                chunk_seed(seed, index),
-                self.spec.sampler.nfe,
-                self.spec.evaluators.batch_size,
-                **self.spec.sampler.kwargs,
-            )
-        images = images.float()  # features in float32 whatever precision sampled
+        images = draw_chunk(self.spec, self.sampler, self.model, self.device, seed, index, size)
         mid = time.perf_counter()
-        if not bool(torch.isfinite(images).all()):
-            raise CandidateError(
-                f"samples of chunk {index} (seed {seed}) hold NaN/inf: the combined model "
-                "diverges; the search should score this candidate as failed"
-            )
         features = self.feature_net(images.to(self.device))  # (B, d)
         self._check_features(features)
         stats = FIDStats.empty(features.shape[1]).update(features)

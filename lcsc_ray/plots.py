@@ -63,3 +63,43 @@ def coefficients_plot(result: SearchResult) -> bytes:
     ax.set_ylabel("coefficient")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+SAMPLES_KEY = "lcsc-samples-rows"  # PNG text chunk of samples.png: its row labels, one per line
+
+
+def tile_images(images: np.ndarray, pad: int = 2) -> np.ndarray:
+    """One row strip (H, N*(W+pad)-pad, C) in [0, 1] from images (N, C, H, W) in [-1, 1]."""
+    n, c, h, w = images.shape
+    strip = np.ones((h, n * (w + pad) - pad, c), dtype=np.float32)
+    for index, image in enumerate(np.clip((images + 1) / 2, 0, 1)):
+        strip[:, index * (w + pad) : index * (w + pad) + w] = image.transpose(1, 2, 0)  # (H, W, C)
+    return strip
+
+
+def samples_grid(rows: list[tuple[str, np.ndarray]]) -> bytes:
+    """samples.png: one labelled row of images per model, (label, images (N, C, H, W) in [-1, 1]); the labels
+    are also stored in the PNG's text chunk `SAMPLES_KEY`, one per line."""
+    strips = [tile_images(images) for _, images in rows]
+    width = max(s.shape[1] for s in strips)
+    image_w = min(12.0, width / 40)  # inches of the image strips
+    row_h = image_w * max(s.shape[0] for s in strips) / width + 0.1
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.5 + image_w, 0.4 + row_h * len(rows)), squeeze=False)
+    fig.subplots_adjust(hspace=0.08)
+    for ax, (label, _), strip in zip(axes[:, 0], rows, strips):
+        gray = strip.shape[2] == 1
+        ax.imshow(strip[..., 0] if gray else strip, cmap="gray" if gray else None, vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("same noise in every row", fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(
+        buffer,
+        format="png",
+        dpi=110,
+        bbox_inches="tight",
+        metadata={SAMPLES_KEY: "\n".join(label for label, _ in rows)},
+    )
+    plt.close(fig)
+    return buffer.getvalue()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
 from importlib import metadata
 
 import numpy as np
@@ -14,7 +16,11 @@ import pyarrow.parquet as pq
 from lcsc_ray import plots
 from lcsc_ray.export import search_diffusers_folder
 from rayops import artifacts, storage
+from schemas.errors import LcscCheckfreeError
 from schemas.search import SearchResult, SearchSpec
+
+log = logging.getLogger(__name__)
+SAMPLES_PER_ROW = 8  # images per model in samples.png: a glance, a small fraction of one evaluation
 
 RESULT_FILES = (
     "result.json",
@@ -24,6 +30,7 @@ RESULT_FILES = (
     "fid_vs_evaluations.png",
     "coefficients.png",
 )
+SAMPLES_FILE = "samples.png"  # listed in result.files only when it was drawn (see `samples_png`)
 
 
 def versions() -> dict[str, str]:
@@ -80,7 +87,9 @@ def write_search_outputs(
     diffusers_files = search_diffusers_folder(
         spec, combined
     )  # {} unless the checkpoints are diffusers folders
-    result.files = {name: storage.join(out, name) for name in (*RESULT_FILES, *diffusers_files)}
+    samples = samples_png(spec, result)
+    extra = {**diffusers_files, **({SAMPLES_FILE: samples} if samples is not None else {})}
+    result.files = {name: storage.join(out, name) for name in (*RESULT_FILES, *extra)}
     result.versions = versions()
     files = {
         "combined.safetensors": combined,
@@ -89,12 +98,39 @@ def write_search_outputs(
         "fid_vs_evaluations.png": plots.fid_vs_evaluations(trials, result),
         "coefficients.png": plots.coefficients_plot(result),
         "result.json": result.model_dump_json(indent=2).encode(),
-        **diffusers_files,
+        **extra,
     }
     # a finished result stays complete until its replacement is (a rerun with --force or --restart)
     artifacts.write_artifact(
         out, files, metadata={"kind": "lcsc-search", "name": spec.name}, keep_old_manifest=True
     )
+
+
+def samples_png(spec: SearchSpec, result: SearchResult) -> bytes | None:
+    """samples.png: `SAMPLES_PER_ROW` images of the winner, the last checkpoint, the run's EMA and the best
+    baseline, all from the same noise (chunk 0 of the search seed), drawn in this process from the checkpoint
+    files. None, with a warning that says why, when they cannot be drawn: a preview never costs the result."""
+    from lcsc_ray.candidate_samples import grid_candidates, preview_images
+
+    started = time.perf_counter()
+    try:
+        candidates = grid_candidates(result)
+        images = preview_images(spec, candidates, SAMPLES_PER_ROW, spec.fid.seed)
+    except (LcscCheckfreeError, RuntimeError, ValueError, OSError) as exc:
+        log.warning(
+            "samples.png is left out: its samples could not be drawn (%s: %s)", type(exc).__name__, exc
+        )
+        return None
+    names = ["LCSC winner" if c.label == "lcsc" else c.label for c in candidates]
+    rows = [(f"{name}, FID {c.score.fid:.2f}", im) for name, c, im in zip(names, candidates, images)]
+    png = plots.samples_grid(rows)
+    log.info(
+        "drew samples.png (%d rows of %d) in %.1f s",
+        len(rows),
+        SAMPLES_PER_ROW,
+        time.perf_counter() - started,
+    )
+    return png
 
 
 def format_table(result: SearchResult) -> str:
