@@ -35,7 +35,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import ray
@@ -57,6 +57,7 @@ from schemas.search import SearchSpec
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, model, sampler) within this
+GUARD_POLL_S = 1.0  # while scoring, the driver looks at its output lock this often
 ATTEMPTS = 2  # a candidate whose evaluator hung or died is retried once elsewhere
 PLANNED_RETRIES = (
     4  # runs again of one candidate whose evaluator a drain replaced (no attempt: not a failure)
@@ -352,7 +353,11 @@ class EvaluatorPool:
         checkpoint_set: CheckpointSet,
         reference: tuple[np.ndarray, np.ndarray],
         store: EvaluationStore | None = None,
+        guard: Callable[[], None] | None = None,
     ):
+        """`guard` (the search's `OutputLock.check`) is called while `score` waits: when it raises, so does
+        `score`, and the driver stops (closing the pool ends the service's own writes)."""
+        self.guard = guard or (lambda: None)
         weights = ray.get([*checkpoint_set.refs, *checkpoint_set.extra_refs], timeout=READY_TIMEOUT_S)
         check_non_float_equal(
             checkpoint_set.layout, weights, [*checkpoint_set.names, *checkpoint_set.extra_names]
@@ -403,11 +408,7 @@ class EvaluatorPool:
         records: dict[Job, dict] = {}
         bound = self.wait_s(max(job.num_samples for job in unique)) if unique else 0.0
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=bound)
-            if not done:
-                raise EvaluatorPoolError(
-                    f"no evaluation finished within {bound:.0f} s; pool state: {self.state()}"
-                )
+            done = self._wait_one(list(pending), bound)
             job = pending.pop(done[0])
             try:
                 records[job] = ray.get(done[0], timeout=max(bound, 60.0))  # ready: only its fetch is left
@@ -416,6 +417,20 @@ class EvaluatorPool:
             if progress is not None:
                 progress.update(advance=sum(1 for j in jobs if j == job))
         return [records[job] for job in jobs]
+
+    def _wait_one(self, pending: list, bound: float) -> list:
+        """The first of `pending` to finish, waited for at most `bound` s; the guard is called every GUARD_POLL_S."""
+        deadline = time.monotonic() + bound
+        while True:
+            self.guard()
+            left = deadline - time.monotonic()
+            done, _ = ray.wait(pending, num_returns=1, timeout=max(0.0, min(GUARD_POLL_S, left)))
+            if done:
+                return done
+            if left <= GUARD_POLL_S:
+                raise EvaluatorPoolError(
+                    f"no evaluation finished within {bound:.0f} s; pool state: {self.state()}"
+                )
 
     def probe(self, num_samples: int, seed: int) -> dict:
         """Score the last checkpoint once before the search starts: the sampler's signature, the feature

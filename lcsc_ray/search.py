@@ -27,6 +27,7 @@ from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.export import combined_safetensors
 from lcsc_ray.fid import reference_stats_for
+from lcsc_ray.output_guard import Guard, guarding
 from lcsc_ray.pool import EvaluatorPool, EvaluatorPoolError, Job
 from lcsc_ray.run_identity import preflight, prepare_state, recorded_identity
 from lcsc_ray.trials import TrialFailedError, trainable
@@ -79,10 +80,15 @@ def final_samples(spec: SearchSpec) -> int:
 
 
 class SearchRun:
-    """State of one search: the evaluator pool, the stored evaluations, the trials so far."""
+    """State of one search: the evaluator pool, the stored evaluations, the trials so far.
 
-    def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet):
+    `guard` (the output lock's `check`) is called before each state write of the driver and at each Tune step
+    and result: a search whose lock was lost stops there with the lock's error, and stays resumable."""
+
+    def __init__(self, spec: SearchSpec, checkpoint_set: CheckpointSet, guard: Guard | None = None):
         self.spec, self.checkpoints = spec, checkpoint_set
+        self.guard: Guard = guard or (lambda: None)
+        self.guard()
         self.pool: EvaluatorPool | None = None
         self.num_evaluators = spec.evaluators.num_actors
         self.num_checkpoints = len(checkpoint_set)
@@ -95,7 +101,7 @@ class SearchRun:
 
     def start_pool(self, reference: tuple[np.ndarray, np.ndarray]) -> EvaluatorPool:
         """Start the evaluator pool and probe it with the last checkpoint before any trial runs."""
-        self.pool = EvaluatorPool(self.spec, self.checkpoints, reference, self.store)
+        self.pool = EvaluatorPool(self.spec, self.checkpoints, reference, self.store, guard=self.guard)
         self.pool.probe(_search_samples(self.spec), self.spec.fid.seed)
         return self.pool
 
@@ -121,7 +127,7 @@ class SearchRun:
         spec = self.spec
         tune_path = storage.join(self.out, "tune")
         space = search_space(self.names, spec.search.bound, labels=[label for label, _ in seeds])
-        seed_cb = SearchProgress(progress)
+        seed_cb = SearchProgress(progress, guard=self.guard)
         seeds_df = run_phase(
             "seeds",
             tune_path,
@@ -161,9 +167,13 @@ class SearchRun:
         start = coef.from_alphas(best_alphas, self.parametrization)
         optimizer = build_optimizer(spec, start, remaining, self.num_evaluators)
         searcher = nevergrad_searcher(
-            optimizer, self.names, self.num_evaluators, storage.join(self.out, "state", "proposals")
+            optimizer,
+            self.names,
+            self.num_evaluators,
+            storage.join(self.out, "state", "proposals"),
+            guard=self.guard,
         )
-        search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best)
+        search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best, guard=self.guard)
         # room for each proposal's second attempt; the searcher says when the phase is finished
         search_df = run_phase(
             "search", tune_path, self._trainable(), searcher, space, 2 * remaining, [search_cb]
@@ -296,7 +306,7 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
     spec = absolutize_output(spec)
     preflight(spec)  # read-only checks first: bad input fails before the output is touched
     # the lock comes before the state is read or cleared: a --restart never clears a running search's state
-    with OutputLock(spec.output.uri, what="search") as lock:
+    with OutputLock(spec.output.uri, what="search") as lock, guarding(spec.output.uri, lock.check) as guard:
         finished = check_resumable(spec, restart=restart, force=force)
         if finished is not None:
             return finished
@@ -309,7 +319,7 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
                 checkpoint_set.nbytes / 1e6,
             )
             plan = posthoc_ema.load_snapshots(spec, checkpoint_set) if spec.posthoc_ema else None
-            run = SearchRun(spec, checkpoint_set)
+            run = SearchRun(spec, checkpoint_set, guard=guard)
             try:
                 run.start_pool(reference_stats_for(spec))
                 grid, posthoc_seed, posthoc_baseline = run_posthoc(run, plan)
@@ -323,7 +333,7 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
                 result.posthoc_ema = [PosthocEmaScore(**entry) for entry in grid]
                 result.posthoc_snapshots = list(checkpoint_set.extra_names)
                 combined, _ = combined_safetensors(spec.checkpoints, result.best.coefficients)
-                lock.check()
+                guard()
                 write_search_outputs(spec, result, trials, combined)
             finally:
                 # every actor the search started (the pool's service and its evaluators) ends with it: on success,

@@ -12,10 +12,13 @@ import numpy as np
 import pandas as pd
 from ray import tune
 from ray.tune import Callback
+from ray.tune.error import TuneError
 from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from lcsc_ray.output_guard import Guard, OutputGuard
 from rayops import storage
+from rayops.output_lock import OutputLockedError
 from rayops.progress import ProgressLine
 from schemas.search import SearchSpec
 
@@ -29,6 +32,7 @@ TRIAL_RETRIES = 1
 PROPOSAL_ATTEMPTS = 2
 # Tune's own console tables would interleave with our progress line; its CSV and JSON logs are kept.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+_unguarded = OutputGuard()  # the guard of a caller without an output lock (tests, benchmarks): never raises
 
 
 def free_names(dimension: int) -> list[str]:
@@ -63,10 +67,11 @@ def seed_searcher(points: list[dict], max_concurrent: int) -> BasicVariantGenera
 
 class ProposalRecord:
     """The optimiser phase's proposals, in order, one small JSON file each (written atomically) under `uri`:
-    {index, free, trial_id, done, value}. None keeps them in memory only."""
+    {index, free, trial_id, done, value}. None keeps them in memory only. `guard` is called before each write
+    (a search whose output lock was lost stops there instead of writing)."""
 
-    def __init__(self, uri: str | None):
-        self.uri = uri
+    def __init__(self, uri: str | None, guard: Guard = _unguarded):
+        self.uri, self.guard = uri, guard
 
     def load(self) -> list[dict]:
         """Every recorded proposal, by index."""
@@ -77,6 +82,7 @@ class ProposalRecord:
 
     def write(self, entry: dict) -> None:
         """Record (or update) one proposal."""
+        self.guard()
         if self.uri is not None:
             storage.write_bytes(
                 storage.join(self.uri, f"{entry['index']:06d}.json"), json.dumps(entry).encode()
@@ -96,11 +102,18 @@ class ReplaySearcher(Searcher):
     (`PROPOSAL_ATTEMPTS`), in the same run or after a resume; its result is told only when that attempt ends, so a
     lost trial process changes nothing the optimiser sees."""
 
-    def __init__(self, optimizer, names: list[str], num_workers: int, record_uri: str | None = None):
+    def __init__(
+        self,
+        optimizer,
+        names: list[str],
+        num_workers: int,
+        record_uri: str | None = None,
+        guard: Guard = _unguarded,
+    ):
         super().__init__(metric=METRIC, mode=MODE)
         self.optimizer, self.names, self.workers = optimizer, names, max(1, num_workers)
         self.budget = int(optimizer.budget)
-        self.record = ProposalRecord(record_uri)
+        self.record = ProposalRecord(record_uri, guard)
         self.entries: list[dict] = []
         self.candidates: list = []
         self.told = 0
@@ -226,22 +239,32 @@ class ReplaySearcher(Searcher):
 
 
 def nevergrad_searcher(
-    optimizer, names: list[str], max_concurrent: int, record_uri: str | None = None
+    optimizer, names: list[str], max_concurrent: int, record_uri: str | None = None, guard: Guard = _unguarded
 ) -> ReplaySearcher:
     """The optimiser phase's searcher: Nevergrad's ask/tell in a fixed order, every proposal recorded under
     `record_uri` before it is evaluated, and replayed from there when the search resumes (see ReplaySearcher)."""
-    return ReplaySearcher(optimizer, names, max_concurrent, record_uri)
+    return ReplaySearcher(optimizer, names, max_concurrent, record_uri, guard)
 
 
 class SearchProgress(Callback):
-    """Prints trials done out of the budget, the best FID so far and an ETA."""
+    """Prints trials done out of the budget, the best FID so far and an ETA; and calls `guard` at each Tune step
+    (before Tune writes its experiment state) and each result or error it is told. A guard that raises (a lost
+    output lock) ends `tuner.fit()` with its error: Tune cleans up without a last snapshot, and the phase resumes
+    from its last one (finished evaluations replay from the evaluation store)."""
 
-    def __init__(self, progress: ProgressLine, offset: int = 0, best: float = float("inf")):
-        self.progress, self.offset, self.best = progress, offset, best
+    def __init__(
+        self, progress: ProgressLine, offset: int = 0, best: float = float("inf"), guard: Guard = _unguarded
+    ):
+        self.progress, self.offset, self.best, self.guard = progress, offset, best, guard
         self.done = 0
+
+    def on_step_begin(self, iteration, trials, **info):
+        """Each step of Tune's loop; its experiment state is written later in the same step."""
+        self.guard()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         """One trial reported its FID."""
+        self.guard()
         self.done += 1
         if result.get("status") == "ok":
             self.best = min(self.best, float(result[METRIC]))
@@ -249,6 +272,7 @@ class SearchProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         """A trial failed after its retry."""
+        self.guard()
         self.done += 1
         self.progress.emit(f"trial {trial.trial_id} failed: {trial.error_file or 'see Tune logs'}")
         self.progress.update(done=self.offset + self.done, force=True)
@@ -305,7 +329,13 @@ def run_phase(
                 failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except TuneError as exc:
+        lost = _guard_error(exc)
+        if lost is None:
+            raise
+        raise lost from None
     check_finished(grid, name)
     rows = _grid_rows(grid, name)
     if isinstance(searcher, BasicVariantGenerator) and len(rows):
@@ -317,6 +347,17 @@ def run_phase(
     if isinstance(searcher, ReplaySearcher) and len(rows):
         rows = searcher.in_proposal_order(rows)
     return rows
+
+
+def _guard_error(exc: BaseException) -> OutputLockedError | None:
+    """The guard's own error behind a TuneError: Tune wraps an error raised by a callback as the text of its
+    traceback, raised while handling the original (kept as its `__context__`)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OutputLockedError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class SearchInterrupted(KeyboardInterrupt):
