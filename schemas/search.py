@@ -6,7 +6,7 @@ import os
 from itertools import pairwise
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, model_validator
 
 from schemas.common import OutputSpec, PluginSpec, RaySpec, StrictModel
 from schemas.search_rules import (
@@ -19,6 +19,11 @@ from schemas.search_rules import (
     seeds_of_two_checkpoints,
 )
 
+# A score that may be non-finite (a diverged model scores inf). In result.json it is a number, or one of the strings
+# "Infinity", "-Infinity", "NaN" (`ResultModel`): JSON has no such numbers, and null would not read back.
+Score = Annotated[
+    float, WithJsonSchema({"anyOf": [{"type": "number"}, {"enum": ["Infinity", "-Infinity", "NaN"]}]})
+]
 Optimizer = Literal["CMA", "TwoPointsDE", "DE", "NGOpt", "PSO", "OnePlusOne"]
 Parametrization = Literal["difference", "normalized"]
 
@@ -376,24 +381,34 @@ def _comparable(uri: str) -> str:
     return os.path.abspath(uri.removeprefix("file://"))
 
 
-class CandidateScore(StrictModel):
+class ResultModel(StrictModel):
+    """Base of the result models: a non-finite float is written to JSON as "Infinity", "-Infinity" or "NaN"
+    (a string, read back as that float), so a result with a diverged score round-trips."""
+
+    model_config = ConfigDict(**StrictModel.model_config, ser_json_inf_nan="strings")
+
+
+class CandidateScore(ResultModel):
     """One coefficient vector and its FID."""
 
     label: str = Field(description="What the vector is: 'lcsc', 'last', 'ema@0.9', 'uniform', 'run-ema', ...")
     coefficients: list[float] = Field(
         description="Per-checkpoint weights alpha_i (sum to 1); empty for the run's own EMA weights."
     )
-    fid: float = Field(description="FID at the search's sample count and seed.")
+    fid: Score = Field(
+        description='FID at the search\'s sample count and seed ("Infinity": no finite score).'
+    )
     num_samples: int = Field(description="Samples behind `fid`.")
-    holdout_fids: list[float] = Field(default_factory=list, description="FID on each held-out seed.")
+    holdout_fids: list[Score] = Field(default_factory=list, description="FID on each held-out seed.")
 
 
-class PairedComparison(StrictModel):
+class PairedComparison(ResultModel):
     """LCSC's winner against one baseline over the shared held-out seeds (same noise on both sides)."""
 
     baseline: str = Field(description="Label of the baseline compared with.")
-    mean_difference: float = Field(
-        description="Mean over held-out seeds of FID(lcsc) - FID(baseline); < 0 favours LCSC."
+    mean_difference: Score = Field(
+        description='Mean over held-out seeds of FID(lcsc) - FID(baseline); < 0 favours LCSC ("NaN" '
+        "with no held-out seed)."
     )
     low: float | None = Field(
         description="Lower end of the 95% Student-t interval of the mean difference; None "
@@ -406,20 +421,22 @@ class PairedComparison(StrictModel):
     )
 
 
-class PosthocEmaScore(StrictModel):
+class PosthocEmaScore(ResultModel):
     """One post-hoc EMA of the grid, rebuilt from the snapshots and scored on the search seed."""
 
     sigma_rel: float = Field(description="Relative EMA length of the rebuilt profile.")
     gamma: float = Field(description="Exponent of its power function (EDM2 Eq. 126).")
     step: int = Field(description="Training step it was rebuilt at.")
-    fid: float = Field(description="FID on the search seed at the final sample count.")
+    fid: Score = Field(
+        description='FID on the search seed at the final sample count ("Infinity": no finite score).'
+    )
     snapshot_coefficients: list[float] = Field(
         description="Weight of each snapshot (`snapshots` order), summing "
         "to 1: the least-squares fit of the target profile."
     )
 
 
-class SearchResult(StrictModel):
+class SearchResult(ResultModel):
     """What a finished search writes to `output.uri/result.json`."""
 
     spec: SearchSpec = Field(description="The spec that produced this result.")
