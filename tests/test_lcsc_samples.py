@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 from lcsc_ray import plots
 from lcsc_ray.candidate_samples import grid_candidates
 from lcsc_ray.cli import main
+from lcsc_ray.demo import describe
 from lcsc_ray.evaluator import chunk_seed
+from lcsc_ray.report import samples_png
 from lcsc_ray.search import run_search
 from schemas.search import CandidateScore, SearchResult, SearchSpec
 from tests.lcsc_plugins import trajectory, write_run
@@ -41,10 +43,9 @@ def _score(label: str, fid: float, coefficients: list[float]) -> CandidateScore:
     return CandidateScore(label=label, coefficients=coefficients, fid=fid, num_samples=64, holdout_fids=[])
 
 
-def test_grid_rows_are_winner_last_ema_and_best_baseline():
-    """Rows: winner, last, run EMA, then the best drawable baseline; a best baseline already shown is marked."""
-    result = SearchResult(
-        spec=SearchSpec(),
+def _result(spec: SearchSpec | None = None) -> SearchResult:
+    return SearchResult(
+        spec=spec or SearchSpec(),
         checkpoint_names=["a", "b"],
         checkpoint_steps=[1, 2],
         best=_score("lcsc", 1.0, [0.3, 0.7]),
@@ -58,11 +59,30 @@ def test_grid_rows_are_winner_last_ema_and_best_baseline():
         num_evaluations=4,
         wall_time_s=1.0,
     )
+
+
+def test_grid_rows_are_winner_last_ema_and_best_baseline():
+    """Rows: winner, last, run EMA, then the best drawable baseline; a best baseline already shown is marked."""
+    result = _result()
     assert [c.label for c in grid_candidates(result)] == ["lcsc", "last", "run-ema", "uniform"]
     result.baselines[1].fid = 9.0
     labels = [c.label for c in grid_candidates(result)]
     assert labels == ["lcsc", "last", "run-ema (best baseline)"]
     assert grid_candidates(result)[2].coefficients is None  # the EMA is drawn from the EMA weights
+
+
+def test_samples_png_is_left_out_with_a_warning_when_it_cannot_be_drawn(tmp_path, caplog):
+    """Checkpoints that cannot be read give no samples.png and a warning, not a lost search result."""
+    spec = SearchSpec.model_validate({"checkpoints": {"uri": str(tmp_path / "gone")}})
+    assert samples_png(spec, _result(spec)) is None
+    assert "samples.png is left out" in caplog.text
+
+
+def test_demo_prints_the_samples_path():
+    """The demo's closing lines name samples.png when the search wrote it."""
+    result = _result()
+    result.files = {"samples.png": "/out/samples.png"}
+    assert "/out/samples.png" in describe(result, result.spec)
 
 
 @pytest.fixture(scope="module")
