@@ -59,7 +59,8 @@ def direct(
 
 def tune_phases(spec, checkpoint_set, evaluators, reference) -> tuple[float, object]:
     """run_search's Tune phases (seeds + Nevergrad) on an existing pool; wall seconds and the trial rows."""
-    from lcsc_ray.search import SearchRun, seed_vectors
+    from lcsc_ray.coefficients import seed_vectors
+    from lcsc_ray.search import SearchRun
     from rayops.progress import ProgressLine
 
     run = SearchRun(spec, checkpoint_set, evaluators, reference)

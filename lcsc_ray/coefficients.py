@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from schemas.search import SearchSpec
+
 PARAMETRIZATIONS = ("difference", "normalized")
 
 
@@ -91,3 +93,18 @@ def ema_shaped(num_checkpoints: int, decay: float) -> np.ndarray:
     alphas = (1.0 - decay) * powers
     alphas[0] = powers[0]  # the initial value theta_1 keeps decay^(K-1)
     return alphas / alphas.sum()
+
+
+def seed_vectors(
+    num_checkpoints: int, spec: SearchSpec, extra: list[tuple[str, np.ndarray]] | None = None
+) -> list[tuple[str, np.ndarray]]:
+    """The search's seeds: the last checkpoint, any `extra` (the best post-hoc EMA), EMA-shaped vectors for each
+    decay, the uniform soup; duplicates dropped, at most `search.budget` of them."""
+    seeds = [("last", last_checkpoint(num_checkpoints)), *(extra or [])]
+    seeds += [(f"ema@{d:g}", ema_shaped(num_checkpoints, d)) for d in spec.search.ema_decays]
+    seeds.append(("uniform", uniform(num_checkpoints)))
+    unique: list[tuple[str, np.ndarray]] = []
+    for label, alphas in seeds:
+        if not any(np.allclose(alphas, other) for _, other in unique):
+            unique.append((label, alphas))
+    return unique[: spec.search.budget]

@@ -109,10 +109,8 @@ def _list_checked(spec: SearchSpec) -> list[tuple[str, int]]:
 
 def check_seed_vectors(spec: SearchSpec, num_checkpoints: int) -> None:
     """Every seed vector's free values must lie in [-bound, bound]; refuse, naming the bound that fits."""
-    from lcsc_ray.search import seed_vectors
-
     bound = spec.search.bound
-    for label, alphas in seed_vectors(num_checkpoints, spec):
+    for label, alphas in coef.seed_vectors(num_checkpoints, spec):
         free = coef.from_alphas(alphas, spec.search.parametrization)
         largest = float(np.max(np.abs(free))) if len(free) else 0.0
         if largest > bound + 1e-12:
@@ -128,11 +126,9 @@ POSTHOC_SEED = "best-posthoc-ema"  # the seed the post-hoc EMA grid may add (lcs
 
 def seed_labels(spec: SearchSpec, num_checkpoints: int) -> list[str]:
     """Every seed vector the search evaluates first over `num_checkpoints`, before the budget caps them: those of
-    `lcsc_ray.search.seed_vectors`, and a place for the post-hoc EMA seed with `posthoc_ema`."""
-    from lcsc_ray.search import seed_vectors
-
+    `lcsc_ray.coefficients.seed_vectors`, and a place for the post-hoc EMA seed with `posthoc_ema`."""
     uncapped = spec.model_copy(update={"search": spec.search.model_copy(update={"budget": sys.maxsize})})
-    labels = [label for label, _ in seed_vectors(num_checkpoints, uncapped)]
+    labels = [label for label, _ in coef.seed_vectors(num_checkpoints, uncapped)]
     return labels[:1] + [POSTHOC_SEED] + labels[1:] if spec.posthoc_ema is not None else labels
 
 

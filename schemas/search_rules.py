@@ -33,7 +33,7 @@ def seeds_of_two_checkpoints(ema_decays: list[float]) -> int:
     """How many distinct seed vectors the search starts with over two checkpoints, the smallest set (larger sets
     give as many or more). Each seed is then (a, 1 - a): a = 0 for the last checkpoint, the decay for ema@decay
     (`lcsc_ray.coefficients.ema_shaped`), 1/2 for the uniform soup; vectors that np.allclose merges (as
-    `lcsc_ray.search.seed_vectors` does, e.g. ema@0.5 and uniform here) count once."""
+    `lcsc_ray.coefficients.seed_vectors` does, e.g. ema@0.5 and uniform here) count once."""
     kept: list[float] = []
     for a in (0.0, *ema_decays, 0.5):
         if not any(_allclose((a, 1 - a), (b, 1 - b)) for b in kept):

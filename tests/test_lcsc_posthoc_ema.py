@@ -266,7 +266,8 @@ def test_run_posthoc_picks_the_best_of_the_grid_as_baseline_and_seed():
     snapshot weights) and, projected on the checkpoint steps, the seed; a failed entry never wins."""
     from types import SimpleNamespace
 
-    from lcsc_ray.search import run_posthoc, seed_vectors
+    from lcsc_ray.coefficients import seed_vectors
+    from lcsc_ray.search import run_posthoc
     from schemas.search import SearchSpec
 
     spec = SearchSpec.model_validate({"posthoc_ema": {"uri": "unused", "sigma_rels": [0.05, 0.10, 0.20]}})
