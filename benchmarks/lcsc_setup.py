@@ -278,28 +278,19 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), (float(statistics.stdev(values)) if len(values) > 1 else 0.0)
 
 
-def verdict(low: float | None, high: float | None, mean: float) -> str:
-    """'win' (the interval of FID(a) - FID(b) lies below 0: a is better), 'loss' (above 0) or 'tie'."""
-    if low is None or high is None or np.isnan(low) or np.isnan(high):
-        return "tie (no interval)"
-    if high < 0:
-        return "win"
-    if low > 0:
-        return "loss"
-    return "tie"
-
-
 def paired(a: list[float], b: list[float]) -> dict:
-    """Paired difference FID(a) - FID(b) over shared seeds: mean, 95% interval and verdict (rayops.paired)."""
+    """Paired difference FID(a) - FID(b) over shared seeds: mean, 95% interval and verdict (`rayops.paired`:
+    'win' when the interval lies below 0, a is better; 'loss' above 0; 'tie', or 'tie (no interval)' with one seed)."""
     from rayops.paired import paired_difference
 
     d = paired_difference(a, b)
+    verdict = d.verdict("lower") if d.has_interval else "tie (no interval)"
     return {
         "mean": d.mean,
         "low": d.low,
         "high": d.high,
         "num_seeds": d.num_seeds,
-        "verdict": verdict(d.low, d.high, d.mean),
+        "verdict": verdict,
     }
 
 

@@ -163,13 +163,11 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def _verdict(d: dict, better: str, worse: str, tie: str) -> str:
+    """The paired verdict of a loss difference `d` (lower is better), in the given words."""
     if d["n"] < 2 or math.isnan(d["low"]):
         return f"{tie} (one seed: no interval)"
-    if d["high"] < 0:
-        return better
-    if d["low"] > 0:
-        return worse
-    return tie
+    outcome = PairedDifference(d["mean"], d["low"], d["high"], d["n"]).verdict("lower")
+    return {"win": better, "loss": worse, "tie": tie}[outcome]
 
 
 def lr_lines(scale_result: dict) -> list[str]:

@@ -256,14 +256,19 @@ def report_tables(per_seed: dict, runs: dict, medians: dict) -> dict:
     }
 
 
+_SPEEDUP_WORDS = {
+    "win": "faster than checkpointing (interval above 1)",
+    "loss": "slower than checkpointing (interval below 1)",
+    "tie": "not distinguishable from checkpointing (interval includes 1)",
+}
+
+
 def _verdict(interval: dict) -> str:
-    if interval["num_seeds"] < 2 or math.isnan(interval["low"]):
+    """A speed-up over checkpointing, in words: the paired verdict of its interval against 1 (higher is better)."""
+    d = PairedDifference(**interval)
+    if not d.has_interval or math.isnan(d.low):
         return "no interval (fewer than 2 seeds reached the target)"
-    if interval["low"] > 1:
-        return "faster than checkpointing (interval above 1)"
-    if interval["high"] < 1:
-        return "slower than checkpointing (interval below 1)"
-    return "not distinguishable from checkpointing (interval includes 1)"
+    return _SPEEDUP_WORDS[d.verdict("higher", reference=1.0)]
 
 
 def generated_notes(out: dict) -> list[str]:
@@ -423,12 +428,10 @@ def hybrid_notes(runs: dict) -> list[str]:
             interval = seed_interval(ratios)
             if len(ratios) < 2 or math.isnan(interval.low):
                 verdict = "no interval"
-            elif interval.low > 1:
-                verdict = "hybrid faster"
-            elif interval.high < 1:
-                verdict = "hybrid slower"
             else:
-                verdict = "not distinguishable"
+                verdict = {"win": "hybrid faster", "loss": "hybrid slower", "tie": "not distinguishable"}[
+                    interval.verdict("higher", reference=1.0)
+                ]
             goal = " (the goal's rate)" if rate == goal_rate else ""
             notes.append(
                 f"{rate}{goal}: {other}'s modelled hours over hybrid's, paired by seed: "

@@ -51,21 +51,6 @@ from schemas.search import CandidateScore, PairedComparison, PosthocEmaScore, Se
 log = logging.getLogger(__name__)
 
 
-def seed_vectors(
-    num_checkpoints: int, spec: SearchSpec, extra: list[tuple[str, np.ndarray]] | None = None
-) -> list[tuple[str, np.ndarray]]:
-    """The search's seeds: the last checkpoint, any `extra` (the best post-hoc EMA), EMA-shaped vectors for each
-    decay, the uniform soup."""
-    seeds = [("last", coef.last_checkpoint(num_checkpoints)), *(extra or [])]
-    seeds += [(f"ema@{d:g}", coef.ema_shaped(num_checkpoints, d)) for d in spec.search.ema_decays]
-    seeds.append(("uniform", coef.uniform(num_checkpoints)))
-    unique: list[tuple[str, np.ndarray]] = []
-    for label, alphas in seeds:
-        if not any(np.allclose(alphas, other) for _, other in unique):
-            unique.append((label, alphas))
-    return unique[: spec.search.budget]
-
-
 def _search_samples(spec: SearchSpec) -> int:
     schedule = spec.search.fidelity_schedule
     return schedule[0] if schedule else spec.fid.num_samples
@@ -323,7 +308,7 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
             try:
                 run.start_pool(reference_stats_for(spec))
                 grid, posthoc_seed, posthoc_baseline = run_posthoc(run, plan)
-                seeds = seed_vectors(len(checkpoint_set), spec, extra=posthoc_seed)
+                seeds = coef.seed_vectors(len(checkpoint_set), spec, extra=posthoc_seed)
                 progress = ProgressLine("lcsc search: trials", total=spec.search.budget)
                 trials = run.run_rungs(run.run_trials(seeds, progress))
                 require_successes(trials)
@@ -413,10 +398,8 @@ def compare_with_baselines(
             )
             continue
         diff = paired_difference(winner_holdout, holdout)
-        if not diff.excludes_zero:
-            verdict = "tie"
-        else:
-            verdict = f"LCSC beat {label}" if diff.high < 0 else f"{label} beat LCSC"
+        outcome = diff.verdict("lower")  # FID: lower is better
+        verdict = {"win": f"LCSC beat {label}", "loss": f"{label} beat LCSC", "tie": "tie"}[outcome]
         finite = diff.num_seeds >= 2
         comparisons.append(
             PairedComparison(

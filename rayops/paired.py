@@ -3,8 +3,9 @@
 Two models scored on the same noise seeds (LCSC's held-out seeds, CheckFree's benchmark seeds) differ far less
 from each other than each varies with the seed, so the honest question is about the per-seed differences
 d_i = a_i - b_i: their mean, and the interval mean ± t_{0.975, n-1} · sd(d) / sqrt(n). A verdict "a beat b"
-is only claimed when that interval excludes 0. Every score must be finite: an inf (a diverged or lost evaluation)
-has no difference to average, so it is refused by name (`NonFiniteScoreError`) instead of becoming a verdict.
+(`PairedDifference.verdict`: win, tie or loss) is only claimed when that interval excludes 0 on the better side.
+Every score must be finite: an inf (a diverged or lost evaluation) has no difference to average, so it is refused
+by name (`NonFiniteScoreError`) instead of becoming a verdict.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from scipy import stats
 
 CONFIDENCE = 0.95
+Better = Literal["lower", "higher"]  # which side of the reference is better for the compared score
+Verdict = Literal["win", "tie", "loss"]
 
 
 class NonFiniteScoreError(ValueError):
@@ -46,6 +50,30 @@ class PairedDifference:
     def excludes_zero(self) -> bool:
         """True when the whole interval lies on one side of 0 (a real difference at this confidence)."""
         return self.low > 0 or self.high < 0
+
+    @property
+    def has_interval(self) -> bool:
+        """True with an interval (at least 2 seeds); a verdict without one is always a tie."""
+        return self.num_seeds >= 2
+
+    def verdict(self, better: Better, reference: float = 0.0) -> Verdict:
+        """'win' when the whole interval lies strictly on the `better` side of `reference` (a - b below it when
+        lower is better, e.g. FID or loss; above it when higher is better, e.g. a speed-up), 'loss' when it lies
+        strictly on the other side, else 'tie' (it touches or spans `reference`, or there is no interval). The
+        one place a verdict is drawn: LCSC's comparisons and every benchmark's paired table read it from here."""
+        if better not in ("lower", "higher"):
+            raise ValueError(f"`better` must be 'lower' or 'higher', got {better!r}")
+        if not self.has_interval:
+            return "tie"
+        if not all(math.isfinite(v) for v in (self.mean, self.low, self.high)):
+            raise NonFiniteScoreError(
+                f"a verdict needs a finite interval, got mean {self.mean} in [{self.low}, {self.high}] over "
+                f"{self.num_seeds} seeds: compute it with `paired_difference`, which refuses non-finite scores"
+            )
+        below, above = self.high < reference, self.low > reference
+        if not (below or above):
+            return "tie"
+        return "win" if below == (better == "lower") else "loss"
 
 
 def paired_difference(

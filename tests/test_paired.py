@@ -91,3 +91,37 @@ def test_verdict_claims_a_win_only_when_the_interval_excludes_zero():
     assert win.gain_found is True
     loss = _result_with([69.0, 72.0, 76.0], [67.0, 70.1, 73.9])
     assert loss.comparisons[0].verdict == "ema@0.9 beat LCSC" and not loss.gain_found
+
+
+def test_verdict_reads_the_side_of_the_interval_for_lower_or_higher_is_better():
+    """An interval wholly below 0 is a win when lower is better and a loss when higher is; above 0 the reverse."""
+    below = paired_difference([1.0, 2.0, 3.0], [2.0, 3.1, 3.9])  # differences -1.0, -1.1, -0.9
+    above = paired_difference([2.0, 3.1, 3.9], [1.0, 2.0, 3.0])
+    assert below.high < 0 and above.low > 0
+    assert (below.verdict("lower"), below.verdict("higher")) == ("win", "loss")
+    assert (above.verdict("lower"), above.verdict("higher")) == ("loss", "win")
+
+
+def test_verdict_is_a_tie_when_the_interval_touches_or_spans_the_reference():
+    """An interval that ends exactly at the reference, or spans it, or is missing (one seed) is a tie."""
+    from rayops.paired import PairedDifference
+
+    assert PairedDifference(-1.0, -2.0, 0.0, 3).verdict("lower") == "tie"
+    assert PairedDifference(1.0, 0.0, 2.0, 3).verdict("higher") == "tie"
+    assert paired_difference([1.0, 3.0, 2.0], [2.0, 2.0, 2.0]).verdict("lower") == "tie"
+    assert paired_difference([1.0], [3.0]).verdict("lower") == "tie"
+    # a ratio against 1 (a speed-up: higher is better)
+    assert PairedDifference(1.5, 1.2, 1.8, 4).verdict("higher", reference=1.0) == "win"
+    assert PairedDifference(1.5, 1.2, 1.8, 4).verdict("higher", reference=1.2) == "tie"
+
+
+def test_verdict_refuses_a_nan_interval_and_an_unknown_side():
+    """A NaN bound over two or more seeds (not from `paired_difference`) is refused, not read as a tie."""
+    from rayops.paired import NonFiniteScoreError, PairedDifference
+
+    with pytest.raises(NonFiniteScoreError, match="finite interval"):
+        PairedDifference(-1.0, math.nan, -0.5, 3).verdict("lower")
+    with pytest.raises(NonFiniteScoreError):
+        paired_difference([1.0, math.nan], [1.0, 2.0])
+    with pytest.raises(ValueError, match="'lower' or 'higher'"):
+        PairedDifference(-1.0, -2.0, -0.5, 3).verdict("smaller")
