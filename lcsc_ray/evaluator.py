@@ -4,7 +4,8 @@ An evaluation of N samples is cut into chunks of `batch_size`; chunk j draws its
 from (seed, j), and chunk statistics are merged along a fixed binary tree over the chunk indices. Any
 aligned block of that tree gives the same float64 sums wherever it is computed, so an evaluation split over
 several actors merges to exactly the statistics one actor would compute (the pool splits large
-evaluations this way, `lcsc_ray.pool`).
+evaluations this way, `lcsc_ray.pool`). That arithmetic is `lcsc_ray.chunks`; `draw_chunk` draws one chunk's
+samples, for the evaluators and for `lcsc_ray.candidate_samples` alike.
 
 Device and precision: with `evaluators.num_gpus` > 0 the evaluator runs on the GPU Ray gave it
 (`select_device`); the checkpoints are copied there once, combined there and sampled there. Sampling may run
@@ -25,6 +26,14 @@ import ray
 import torch
 
 from lcsc_ray.checkpoints import CheckpointSet, Layout, as_tensor
+from lcsc_ray.chunks import (  # noqa: F401 - merge_blocks, split_point, tree_blocks re-exported for pool.py, tests
+    chunk_seed,
+    chunk_sizes,
+    merge_blocks,
+    split_point,
+    tree_blocks,
+    tree_merge,
+)
 from lcsc_ray.combine import check_coefficients, combine_flat
 from lcsc_ray.fid import FIDStats, fid_from_stats
 from lcsc_ray.plugins import build, resolve
@@ -38,48 +47,6 @@ class CandidateError(LcscCheckfreeError):
     def __init__(self, message: str, coefficients: Sequence[float] | None = None):
         self.coefficients = list(coefficients or [])
         super().__init__(message)
-
-
-def chunk_seed(seed: int, chunk_index: int) -> int:
-    """The noise seed of chunk `chunk_index` of an evaluation with `seed` (independent of the split)."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, chunk_index]).generate_state(1)[0])
-
-
-def chunk_sizes(num_samples: int, batch_size: int) -> list[int]:
-    """Samples per chunk: full batches, then the remainder."""
-    full, rest = divmod(num_samples, batch_size)
-    return [batch_size] * full + ([rest] if rest else [])
-
-
-def split_point(lo: int, hi: int) -> int:
-    """Where the canonical merge tree splits [lo, hi): after the largest power of two below its length."""
-    return lo + (1 << ((hi - lo - 1).bit_length() - 1))
-
-
-def tree_blocks(num_chunks: int, num_parts: int) -> list[tuple[int, int]]:
-    """Split [0, num_chunks) into at least `num_parts` blocks of the canonical tree (if it has as many)."""
-    blocks = [(0, num_chunks)]
-    while len(blocks) < num_parts and any(hi - lo > 1 for lo, hi in blocks):
-        lo, hi = max(blocks, key=lambda b: b[1] - b[0])
-        blocks.remove((lo, hi))
-        blocks += [(lo, split_point(lo, hi)), (split_point(lo, hi), hi)]
-    return sorted(blocks)
-
-
-def tree_merge(lo: int, hi: int, leaf) -> FIDStats:
-    """Merge statistics over [lo, hi) along the canonical tree; `leaf(lo, hi)` returns a block's stats or
-    None to recurse (single chunks must be returned)."""
-    known = leaf(lo, hi)
-    if known is not None:
-        return known
-    mid = split_point(lo, hi)
-    return tree_merge(lo, mid, leaf).merge(tree_merge(mid, hi, leaf))
-
-
-def merge_blocks(num_chunks: int, block_stats: Mapping[tuple[int, int], FIDStats]) -> FIDStats:
-    """Merge the statistics of `tree_blocks(num_chunks, ...)` blocks along the canonical tree: the result equals
-    exactly what one evaluator computes over all chunks."""
-    return tree_merge(0, num_chunks, lambda lo, hi: block_stats.get((lo, hi)))
 
 
 # Bound on fetching the checkpoints from the object store (a node holding them may be gone with a spot node)
