@@ -26,10 +26,11 @@ from lcsc_ray.candidate_samples import (
     scored_samples,
     weights_flat,
 )
+from lcsc_ray.checkpoints import checkpoint_name, list_checkpoints
 from lcsc_ray.export import read_coefficients
 from lcsc_ray.report import load_result
 from rayops import storage
-from schemas.errors import SpecError
+from schemas.errors import CheckpointError, SpecError
 from schemas.search import SearchResult
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,17 @@ def choose_candidate(
     return Candidate(match.label if match else "coefficients", coefficients, match)
 
 
+def check_same_checkpoints(result: SearchResult) -> None:
+    """The checkpoint set must still be the one the search combined (same names, in step order)."""
+    found = [checkpoint_name(uri) for uri, _ in list_checkpoints(result.spec.checkpoints)]
+    if found != result.checkpoint_names:
+        raise CheckpointError(
+            f"the checkpoints at {result.spec.checkpoints.uri} are now {found[:4]}..., but the search combined "
+            f"{result.checkpoint_names[:4]}... ({len(result.checkpoint_names)} files); its samples cannot be "
+            "redrawn from another set: restore the files, or run the search again"
+        )
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """One image (C, H, W) in [-1, 1] as an 8-bit PNG (gray for one channel)."""
     pixels = np.clip(np.rint((image + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)  # (H, W, C)
@@ -90,7 +102,11 @@ def write_samples(
     """Draw a candidate's scored samples (default: the reported sample count and the search seed), write them
     as `out_dir/NNNNNN.png` (and `samples.npz` with `npz`), and `samples.json`; returns that summary."""
     result = load_result(output_uri)
-    spec = result.spec
+    # the output as it lies now (it may have moved): its cached reference statistics are read from here
+    spec = result.spec.model_copy(
+        update={"output": result.spec.output.model_copy(update={"uri": output_uri})}
+    )
+    check_same_checkpoints(result)
     chosen = choose_candidate(result, candidate, coefficients, weights_uri)
     num_samples = num_samples or result.best.num_samples
     seed = spec.fid.seed if seed is None else seed

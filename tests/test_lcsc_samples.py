@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from lcsc_ray.cli import main
 from lcsc_ray.demo import describe
 from lcsc_ray.evaluator import chunk_seed
 from lcsc_ray.report import samples_png
+from lcsc_ray.sample_files import check_same_checkpoints
 from lcsc_ray.search import run_search
+from schemas.errors import CheckpointError
 from schemas.search import CandidateScore, SearchResult, SearchSpec
 from tests.lcsc_plugins import trajectory, write_run
 
@@ -175,3 +178,23 @@ def test_samples_command_refuses_an_unknown_candidate(finished_search, tmp_path)
         main, ["samples", str(root / "out"), "--out", str(tmp_path), "--candidate", "nope"]
     )
     assert cli.exit_code == 2 and "uniform" in cli.output and "nope" in cli.output
+
+
+def test_samples_command_refuses_a_changed_checkpoint_set(finished_search):
+    """A checkpoint set that no longer matches the search's is refused, naming both sets."""
+    _, result = finished_search
+    moved = result.model_copy(
+        update={"checkpoint_names": ["other.safetensors", *result.checkpoint_names[1:]]}
+    )
+    with pytest.raises(CheckpointError, match="other.safetensors"):
+        check_same_checkpoints(moved)
+    check_same_checkpoints(result)  # the unchanged set passes
+
+
+@pytest.mark.timeout(300)
+def test_samples_command_on_a_moved_output(finished_search, tmp_path):
+    """An output copied elsewhere still reproduces the winner's FID, with the reference statistics read there."""
+    root, result = finished_search
+    shutil.copytree(root / "out", tmp_path / "moved")
+    summary = _samples(tmp_path / "samples", tmp_path / "moved")
+    assert summary["fid"] == result.best.fid and summary["search"] == str(tmp_path / "moved")
