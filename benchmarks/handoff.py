@@ -57,7 +57,7 @@ def measure(width: int, repeats: int) -> dict:
         for k in range(repeats):
             executor.pool.wait_standbys(timeout_s=300)  # a warm standby, as a running job has
             started = time.monotonic()
-            copy_s, nbytes, _warm = hand_off(executor, 1 + k % 2, frozenset())
+            copy_s, nbytes, _warm = hand_off(executor.stages, executor.saver, 1 + k % 2, frozenset())
             totals.append(time.monotonic() - started)
             copies.append(copy_s)
             step = executor.run_step(step)

@@ -4,7 +4,7 @@ The ablation is about the quality of a rebuilt stage, not the transport, so the 
 `StageWorker` objects (the class the Ray actors run: same model, AdamW groups, per-stage clipping and reported
 gradient norms) called directly in GPipe order, with the micro-batch routes of `recovery.route` (CheckFree+'s swap
 included). A lost stage is rebuilt through `recovery.plan_recovery`, `weighing_norm` and `reinitialised_blocks`,
-exactly as `checkfree_ray/recovering.py` does, and the stage only sums (`StageWorker.configure`).
+exactly as `checkfree_ray/stage_recovery.py` does, and the stage only sums (`StageWorker.configure`).
 
 The trained model is the engine's own checkpoint (`CheckpointStore`, run identity from `open_run`) under
 `outputs/bench-cache/recovery/<fingerprint>/`: a spec that changes gets another folder and retrains; an

@@ -31,7 +31,8 @@ from rayops.draining import GCS_TIMEOUT_S, DrainWatcher
 from schemas.train_result import FailureRecord
 
 if TYPE_CHECKING:
-    from checkfree_ray.executor import PipelineExecutor
+    from checkfree_ray.saving import CheckpointSaver
+    from checkfree_ray.stage_group import StageGroup
 
 log = logging.getLogger(__name__)
 
@@ -88,41 +89,43 @@ class HandoffFailed(Exception):
     """A hand-off that could not complete; the stage stays in place and is recovered once lost."""
 
 
-def hand_off(ex: PipelineExecutor, stage: int, avoid_nodes: frozenset[str]) -> tuple[float, int, bool]:
+def hand_off(
+    group: StageGroup, saver: CheckpointSaver | None, stage: int, avoid_nodes: frozenset[str]
+) -> tuple[float, int, bool]:
     """Move `stage` to a standby off `avoid_nodes`, between two steps: its exact state (weights, Adam, lr) is
     copied, the new actor takes its place and the old one is killed. Returns (copy seconds, bytes, warm).
 
-    Raises `HandoffFailed` (and leaves `ex.actors` unchanged) when no actor off the draining nodes could be had or a
-    stage died meanwhile."""
-    if ex.saver is not None and ex.saver.pending is not None:
-        ex.saver.finish(
-            wait_s=ex.step_timeout()
+    Raises `HandoffFailed` (and leaves `group.actors` unchanged) when no actor off the draining nodes could be had
+    or a stage died meanwhile."""
+    if saver is not None and saver.pending is not None:
+        saver.finish(
+            wait_s=group.step_timeout()
         )  # the old stage finishes writing its shard of the save first
-    old = ex.actors[stage]
-    actor, warm = ex.pool.take(avoid_nodes=avoid_nodes)
+    old = group.actors[stage]
+    actor, warm = group.pool.take(avoid_nodes=avoid_nodes)
     try:
-        info = ray.get(actor.ping.remote(), timeout=ex.step_timeout())
+        info = ray.get(actor.ping.remote(), timeout=group.step_timeout())
         if info["node_id"] in avoid_nodes:
             raise HandoffFailed("the only actor to be had sits on a draining node")
         started = time.monotonic()
         state = old.get_state.remote(include_optim=True)
-        ray.get(actor.configure.remote(stage, None, state), timeout=ex.step_timeout())
+        ray.get(actor.configure.remote(stage, None, state), timeout=group.step_timeout())
         copy_s = time.monotonic() - started
-        ex.actors[stage] = actor
-        ex._sync_extras()  # CheckFree+ copies and redundant backups involving the new actor
+        group.replace(stage, actor)
+        group.sync_replicas()  # CheckFree+ copies and redundant backups involving the new actor
     except (ray.exceptions.RayError, HandoffFailed) as exc:
-        ex.actors[stage] = old
+        group.replace(stage, old)
         ray.kill(actor, no_restart=True)
-        ex.pool.refill_standby()  # the recovery that follows the stage's loss finds a standby again
+        group.pool.refill_standby()  # the recovery that follows the stage's loss finds a standby again
         raise HandoffFailed(str(exc)) from None
     ray.kill(old, no_restart=True)
-    ex.pool.refill_standby()
-    return copy_s, stage_state_bytes(ex.cfg, stage), warm
+    group.pool.refill_standby()
+    return copy_s, stage_state_bytes(group.cfg, stage), warm
 
 
 class DrainHandler:
-    """The coordinator's hook before each step (`PipelineExecutor.before_step`): hands off the stages on draining
-    nodes, and remembers why a stage was not handed off so its later loss is recorded with that reason."""
+    """The coordinator's look before each step (`before_step`, one of the executor's `before_step` hooks): hands
+    off the stages on draining nodes, and remembers why a stage was not handed off so its later loss is recorded with that reason."""
 
     def __init__(
         self,
@@ -162,24 +165,34 @@ class DrainHandler:
         """Why a lost stage had not been handed off despite its node's notice (once; None if it had no notice)."""
         return self.pending_reasons.pop(stage, None)
 
-    def __call__(self, ex: PipelineExecutor, step: int) -> None:
+    def before_step(self, group: StageGroup, saver: CheckpointSaver | None, step: int) -> None:
+        """Before `step`: hand off each stage of `group` whose node drains (at most `MAX_TRIES` per notice)."""
         draining = self.watcher.poll()
         if not draining:
             return
         avoid = frozenset(draining)
-        for stage, node in enumerate(self.locate(list(ex.actors))):
+        for stage, node in enumerate(self.locate(list(group.actors))):
             if node in draining and self.tries.get((stage, node), 0) < MAX_TRIES:
-                self._handle(ex, step, stage, node, draining[node], avoid)
+                self._handle(group, saver, step, stage, (node, draining[node]), avoid)
 
     def _handle(
-        self, ex: PipelineExecutor, step: int, stage: int, node: str, deadline_ms: int, avoid: frozenset[str]
+        self,
+        group: StageGroup,
+        saver: CheckpointSaver | None,
+        step: int,
+        stage: int,
+        notice: tuple[str, int],
+        avoid: frozenset[str],
     ) -> None:
+        """Hand `stage` off its draining node (`notice`: node id, deadline in ms) when `decide` says it fits, and
+        record the hand-off; else remember why it was not handed off."""
+        node, deadline_ms = notice
         decision = decide(
             deadline_ms,
             self.wall_clock_ms(),
-            stage_state_bytes(ex.cfg, stage),
+            stage_state_bytes(group.cfg, stage),
             self.rate_bytes_s,
-            ex.pool.has_ready_standby(),
+            group.pool.has_ready_standby(),
         )
         if not decision.handoff:
             log.warning(
@@ -198,17 +211,17 @@ class DrainHandler:
         self.tries[(stage, node)] = self.tries.get((stage, node), 0) + 1
         started = time.monotonic()
         try:
-            copy_s, nbytes, was_warm = hand_off(ex, stage, avoid)
+            copy_s, nbytes, was_warm = hand_off(group, saver, stage, avoid)
         except HandoffFailed as exc:
             log.warning("step %d: hand-off of stage %d off its draining node failed (%s)", step, stage, exc)
             self.pending_reasons[stage] = "drain_handoff_failed"
             return
         self.pending_reasons.pop(stage, None)
         self.rate_bytes_s = nbytes / max(copy_s, 1e-3)  # the measured rate, for the next decision
-        costs = ex.history.costs
+        costs = group.history.costs
         costs["handoffs"] = costs.get("handoffs", 0.0) + 1
         costs["handoff_s_total"] = costs.get("handoff_s_total", 0.0) + time.monotonic() - started
-        ex.history.failures.append(
+        group.history.failures.append(
             FailureRecord(
                 step=step,
                 stage=stage,

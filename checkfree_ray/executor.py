@@ -1,6 +1,7 @@
-"""The coordinator: drives S stage actors through GPipe or 1F1B steps (`schedules.py`; tensors between stages
-through the object store or Ray Direct Transport, `transport.py`); recovery (`recovering.py`) and asynchronous
-checkpoint saves (`saving.py`) live beside it.
+"""The coordinator: drives the run's stage group (`stage_group.py`: S stage actors, their pool and transport)
+through GPipe or 1F1B steps (`schedules.py`; tensors between stages through the object store or Ray Direct
+Transport, `transport.py`); recovery (`stage_recovery.py`, given the group) and asynchronous checkpoint saves
+(`saving.py`) live beside it.
 
 Per-step protocol (after torchft's quorum/commit, "a step commits on every stage or is run again"): the
 whole step is submitted at once, every forward and backward hop, then each stage's optimizer step (which
@@ -9,41 +10,44 @@ CheckFree+ copies. A stage lost before its optimizer step ('before_step', 'forwa
 and the step is run again (capped by `recovery.max_step_retries`). Global clipping exchanges the stages' gradient
 norms first: a stage lost before its norm is the only one lost (nobody stepped) and the step runs again. A stage
 lost in the 'optimizer' phase, after others stepped, or after its own step while its copies and backups were made
-(`replicas.py`: they are part of the commit), is rolled forward: CheckFree rebuilds it from the same step's
-neighbours (weights and gradient norms both of that step) and the step commits on every stage; the redundant
-strategy rebuilds it from a backup of that step when one landed, else the survivors undo their step and it runs
-again. Every wait is bounded by the step timeout; a stage that does not answer in time is killed and recovered like
-a dead one (reason 'timeout').
+(`StageGroup.commit_replicas`: they are part of the commit), is rolled forward: CheckFree rebuilds it from the
+same step's neighbours (weights and gradient norms both of that step) and the step commits on every stage; the
+redundant strategy rebuilds it from a backup of that step when one landed, else the survivors undo their step and
+it runs again. Every wait is bounded by the step timeout; a stage that does not answer in time is killed and
+recovered like a dead one (reason 'timeout').
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import ray
 import torch
 
-from checkfree_ray import recovering, replicas
 from checkfree_ray.checkpointing import Checkpoint, CheckpointStore, RunIdentity
 from checkfree_ray.data import make_corpus
 from checkfree_ray.draining import DrainHandler
 from checkfree_ray.failures import FailureInjector
 from checkfree_ray.history import History, restore_history, save_history
 from checkfree_ray.hybrid import HybridPolicy, rebuild_strategy
-from checkfree_ray.model import ModelConfig
-from checkfree_ray.pool import StagePool
-from checkfree_ray.recovering import StageLost, phase_of, unanswering
+from checkfree_ray.liveness import StageLost
+from checkfree_ray.model_config import ModelConfig
 from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
 from checkfree_ray.saving import SAVE_TIMEOUT_S, CheckpointSaver
 from checkfree_ray.schedule import lr_factor
 from checkfree_ray.schedules import gpipe_order, step_order
 from checkfree_ray.stage import initial_states
-from checkfree_ray.transport import Transport, connect_or_lose, may_be_direct, open_transport
+from checkfree_ray.stage_group import StageGroup
+from checkfree_ray.stage_recovery import StageRecovery
+from checkfree_ray.transport import Transport, connect_or_lose
 from schemas.errors import RecoveryError
 from schemas.train import TrainSpec
+
+if TYPE_CHECKING:
+    from checkfree_ray.pool import StagePool
 
 log = logging.getLogger(__name__)
 # Step timeout when `recovery.step_timeout_s` is unset: max(floor, factor x the median step); before any
@@ -68,52 +72,64 @@ class PipelineExecutor:
         self.history = History()
         self.saver = CheckpointSaver(self.checkpoints, self.history) if self.checkpoints is not None else None
         self.resumed_from: list[int] = []  # checkpoint steps this run resumed from (driver restarts)
-        self.grad_norms: list[dict[str, float]] = [{"blocks": 0.0, "stage": 0.0} for _ in range(self.S)]
         self.before_step: list[Callable[[PipelineExecutor, int], None]] = []
         self.after_recovery: list[Callable[[PipelineExecutor, int, list[int]], None]] = []
         self.drain = DrainHandler.for_spec(spec)  # preemption notices: hand-offs between steps (draining.py)
         if self.drain is not None:
-            self.before_step.append(self.drain)
-        self.pool: StagePool | None = None
-        self.transport = Transport()  # the object store until `start` picks `pipeline.activation_transport`
-        self.actors: list = []
-        self._pending_copies: list | None = None
-        self.state_step = 0  # the step the stages' weights are at (it tags the redundant backups)
-        self._abandoned: list = []  # calls of an interrupted attempt
+            self.before_step.append(self._hand_off_draining)
+        self.stages = StageGroup(spec, self.cfg, self.strategy, self.history, self.step_timeout)
+        self.recovery = StageRecovery(
+            self.stages, self.injector, self.drain, self.checkpoints, self.saver, self._after_recovery
+        )
         self.start_time = time.monotonic()
+
+    # ----- the stage group's state, as the run's ------------------------------------------------------------
+    @property
+    def actors(self) -> list:
+        """The stage actors, in stage order."""
+        return self.stages.actors
+
+    @property
+    def pool(self) -> StagePool | None:
+        """The stages' pool (placement group and standbys); None before `start` and after `shutdown`."""
+        return self.stages.pool
+
+    @property
+    def transport(self) -> Transport:
+        """How tensors travel between the stages."""
+        return self.stages.transport
+
+    @property
+    def grad_norms(self) -> list[dict[str, float]]:
+        """Each stage's last committed gradient norms (CheckFree's recovery weights)."""
+        return self.stages.grad_norms
+
+    @property
+    def state_step(self) -> int:
+        """The step the stages' weights are at (it tags the redundant backups)."""
+        return self.stages.state_step
 
     # ----- lifecycle ------------------------------------------------------------------------------------
     def start(self, resume: Checkpoint | None = None) -> None:
         """Start the stage actors with the seed's initial weights (or `resume`'s state: weights, Adam, norms,
         failures fired, history); write checkpoint 0 when checkpointing a new run."""
-        self.pool = StagePool(self.spec, self.cfg, direct_transport=may_be_direct(self.spec))
-        self.actors = self.pool.start_stages()
-        self.transport = open_transport(self.spec, self.actors, timeout_s=SAVE_TIMEOUT_S)
+        self.stages.start()
         if resume is None:
             states = initial_states(self.spec, self.cfg)  # the seed's weights, or model.hf_path's
-            configured = [
-                a.configure.remote(i, self.spec.optim.lr, states[i]) for i, a in enumerate(self.actors)
-            ]
-            ray.get(configured, timeout=SAVE_TIMEOUT_S)
+            self.stages.configure(self.spec.optim.lr, states)
         else:
-            self._load_checkpoint(resume)
+            self.stages.load(resume)
             restore_history(self.history, resume.history or {})
             self.injector.fired |= {tuple(item) for item in resume.metadata.get("failures_fired", [])}
             self.resumed_from = [*resume.metadata.get("resumed_from", []), resume.step]
-            self.state_step = resume.step
-        self._sync_extras()
+        self.stages.sync_replicas()
         if self.checkpoints is not None and resume is None:
             self._save_checkpoint(0)
         self.start_time = time.monotonic() - (self.history.wall_times[-1] if self.history.wall_times else 0.0)
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group."""
-        if self._abandoned:  # let an interrupted attempt's last calls fail and read their errors
-            ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=1.0)
-            self._drain_abandoned()
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
+        self.stages.shutdown()
 
     # ----- one step ---------------------------------------------------------------------------------------
     def step_timeout(self) -> float:
@@ -176,54 +192,10 @@ class PipelineExecutor:
             a.step.remote(*upstream, clip=clip, keep_undo=undo, lr_factor=factor) for a in self.actors
         ], norm_refs
 
-    def abandon(self, refs: list) -> None:
-        """Calls of an interrupted attempt: read later (`_drain_abandoned`) so Ray does not report their errors."""
-        self._abandoned += refs
-
-    def _drain_abandoned(self) -> None:
-        """Read the errors of an interrupted attempt's calls (expected) so Ray does not report them as unhandled;
-        calls still running are kept for the next drain."""
-        if not self._abandoned:
-            return
-        ready, pending = ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=0)
-        for ref in ready:
-            with contextlib.suppress(
-                ray.exceptions.RayError, ValueError
-            ):  # ValueError: a direct-transport value
-                ray.get(ref, timeout=0)
-        self._abandoned = pending
-
-    def _lost_stages(self, calls: list[list], refs: list, timed_out: bool) -> StageLost | None:
-        """After a failed or timed-out wait: which stages are lost and where each was in the step.
-
-        On a timeout the stuck stages (`stuck_stages`) are killed first: the survivors' calls waiting on them
-        then fail at once and the survivors answer. (Cancelling an ordered actor's queued calls with `ray.cancel`
-        instead leaves a gap in its call sequence that stalls it for Ray's 30 s reorder wait.) Stages that still
-        do not answer a ping within the bound are killed too.
-        """
-        detected_at = time.monotonic()
-        stuck = recovering.stuck_stages(calls) if timed_out else []
-        for stage in stuck:
-            log.warning(
-                "stage %d did not finish its call within %.1fs; killing it", stage, self.step_timeout()
-            )
-            ray.kill(self.actors[stage], no_restart=True)
-        self.abandon(refs)
-        dead, silent = unanswering(self.actors, min(recovering.PING_TIMEOUT_S, self.step_timeout()))
-        for stage in silent:
-            log.warning("stage %d did not answer a ping; killing it", stage)
-            ray.kill(self.actors[stage], no_restart=True)
-        lost = sorted(set(dead) | set(silent) | set(stuck))
-        if not lost:
-            return None
-        phases = {s: phase_of(calls[s]) for s in lost}
-        reasons = {s: "timeout" if s in stuck or s in silent else "died" for s in lost}
-        return StageLost(lost, phases, detected_at=detected_at, reasons=reasons)
-
     def _attempt(self, step: int) -> tuple[float, list[dict]]:
         """One step, submitted at once; the driver waits once per phase (bounded), never per micro-batch.
         Raises `StageLost`."""
-        self._drain_abandoned()
+        self.stages.drain_abandoned()
         connect_or_lose(
             self.transport, self.actors, self.step_timeout()
         )  # new group after a recovery, else no-op
@@ -235,14 +207,16 @@ class PipelineExecutor:
             calls[stage].append(("optimizer", ref, tuple(done_refs)))
         for stage, ref in enumerate(step_refs):
             calls[stage].append(("optimizer", ref, tuple(norm_refs or done_refs)))
-        self._pending_copies = self._copy_refs(step)
-        every = [call[1] for stage_calls in calls for call in stage_calls] + list(self._pending_copies or [])
+        self.stages.pending_copies = self.stages.copy_refs(step)
+        every = [call[1] for stage_calls in calls for call in stage_calls] + list(
+            self.stages.pending_copies or []
+        )
         deadline = time.monotonic() + self.step_timeout()
         try:
             losses = ray.get(loss_refs, timeout=self.step_timeout())
             ray.get(done_refs, timeout=max(0.0, deadline - time.monotonic()))
         except ray.exceptions.RayError as exc:
-            lost = self._lost_stages(calls, every, isinstance(exc, ray.exceptions.GetTimeoutError))
+            lost = self.stages.lost_in_step(calls, every, isinstance(exc, ray.exceptions.GetTimeoutError))
             if lost is None:
                 if isinstance(exc, ray.exceptions.GetTimeoutError):
                     raise RecoveryError(
@@ -253,12 +227,12 @@ class PipelineExecutor:
             raise lost from None
         loss = sum(losses) / len(losses)
         self._exchange_norms(norm_refs, every, deadline)
-        norms, silent = self._step_norms(step_refs, deadline)
+        norms, silent = self.stages.answers(step_refs, deadline, "optimizer step")
         if any(norm is not None for norm in norms):
-            self.state_step = step  # some stages stepped (a redundant recovery may undo it)
+            self.stages.state_step = step  # some stages stepped (a redundant recovery may undo it)
         lost = [i for i, n in enumerate(norms) if n is None]
         if lost:  # the others stepped: the optimizer phase
-            self.abandon(list(self._pending_copies or []))
+            self.stages.abandon(list(self.stages.pending_copies or []))
             raise StageLost(
                 lost, "optimizer", norms=norms, loss=loss, reasons=dict.fromkeys(silent, "timeout")
             )
@@ -270,35 +244,13 @@ class PipelineExecutor:
         (then killed), is the only one lost; every step waits on every norm, so nobody stepped and the step runs
         again. Raises `StageLost`; a no-op for per-stage clipping (no refs)."""
         detected_at = time.monotonic()
-        values, silent = self._answers(norm_refs, deadline, "gradient norm")
+        values, silent = self.stages.answers(norm_refs, deadline, "gradient norm")
         lost = [stage for stage, value in enumerate(values) if value is None]
         if lost:
-            self.abandon(every)
+            self.stages.abandon(every)
             raise StageLost(
                 lost, "optimizer", detected_at=detected_at, reasons=dict.fromkeys(silent, "timeout")
             )
-
-    def _step_norms(self, step_refs: list, deadline: float) -> tuple[list[dict | None], list[int]]:
-        """Each stage's reported norms, None for a stage lost at its optimizer step (died, or did not answer by
-        the deadline: then killed); and the stages that timed out."""
-        return self._answers(step_refs, deadline, "optimizer step")
-
-    def _answers(self, refs: list, deadline: float, what: str) -> tuple[list, list[int]]:
-        """Each stage's answer to its call in `refs` (one per stage), None for a stage that died or did not answer
-        by the deadline (then killed); and the stages that timed out."""
-        values: list = []
-        silent = []
-        for stage, ref in enumerate(refs):
-            try:
-                values.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except ray.exceptions.GetTimeoutError:
-                log.warning("stage %d did not finish its %s in time; killing it", stage, what)
-                ray.kill(self.actors[stage], no_restart=True)
-                silent.append(stage)
-                values.append(None)
-            except ray.exceptions.RayActorError:
-                values.append(None)
-        return values, silent
 
     def run_step(self, step: int) -> int:
         """Run `step` until it commits (retrying after recoveries); returns the next step to run."""
@@ -320,15 +272,17 @@ class PipelineExecutor:
             started = time.monotonic()
             try:
                 loss, norms = self._attempt(step)
-                replicas.sync_commit(self, step, loss, norms)  # the copies and backups are part of the commit
+                self.stages.commit_replicas(
+                    step, loss, norms
+                )  # the copies and backups are part of the commit
             except StageLost as lost:
-                lost.keeps_step = recovering.keeps_step(self, step, lost)
+                lost.keeps_step = self.recovery.keeps_step(step, lost)
                 if (
                     lost.keeps_step
                 ):  # rebuild from the neighbours' weights AND gradient norms of this same step
                     self._keep_norms(lost.norms)
-                    self._pending_copies = None  # the recovery copies again from the rebuilt stages
-                rolled_back_to = recovering.recover_until_stable(self, step, lost)
+                    self.stages.pending_copies = None  # the recovery copies again from the rebuilt stages
+                rolled_back_to = self.recovery.recover_until_stable(step, lost)
                 if rolled_back_to is not None:
                     return rolled_back_to + 1
                 if lost.keeps_step:
@@ -346,19 +300,19 @@ class PipelineExecutor:
         """Record the norms of the stages whose step succeeded (a lost stage keeps its last committed ones)."""
         for stage, norm in enumerate(norms or []):
             if norm is not None:
-                self.grad_norms[stage] = norm
+                self.stages.grad_norms[stage] = norm
 
     def _commit(self, step: int, loss: float, norms: list[dict | None], started: float) -> None:
         """Record `step`, stepped on every stage with every copy and backup; start its checkpoint save when due."""
         self._keep_norms(norms)
-        self.state_step = step
+        self.stages.state_step = step
         now = time.monotonic()
         h = self.history
         h.steps.append(step)
         h.losses.append(loss)
         h.wall_times.append(now - self.start_time)
         h.step_times.append(now - started)
-        self._pending_copies = None
+        self.stages.pending_copies = None
         try:
             if self.checkpoints is not None:
                 self._save_checkpoint(step)
@@ -373,18 +327,18 @@ class PipelineExecutor:
             )
 
     def recover_lost(self, step: int) -> int:
-        """Recover the stages lost since the last commit, before step `step` (`recovering.recover_lost`; after
-        the last step, which no step follows); returns the next step to run (a rollback's is earlier)."""
-        return recovering.recover_lost(self, step)
+        """Recover the stages lost since the last commit, before step `step` (`StageRecovery.recover_lost`;
+        after the last step, which no step follows); returns the next step to run (a rollback's is earlier)."""
+        return self.recovery.recover_lost(step)
 
-    # ----- what each strategy keeps in step (replicas.py) ----------------------------------------------------
-    def _copy_refs(self, step: int | None = None) -> list | None:
-        """CheckFree+: the (de)embedding copies due with `step` (`replicas.copy_refs`)."""
-        return replicas.copy_refs(self, step)
+    def _hand_off_draining(self, _executor: PipelineExecutor, step: int) -> None:
+        """The `before_step` hook of preemption notices: hand the stages on draining nodes off (draining.py)."""
+        self.drain.before_step(self.stages, self.saver, step)
 
-    def _sync_extras(self, pending: list | None = None) -> None:
-        """CheckFree+ copies and redundant backups of the stages as they are now (`replicas.sync`)."""
-        replicas.sync(self, pending)
+    def _after_recovery(self, step: int, stages: list[int]) -> None:
+        """Run the `after_recovery` hooks once `stages` were recovered at `step`."""
+        for hook in self.after_recovery:
+            hook(self, step, stages)
 
     def _save_checkpoint(self, step: int) -> None:
         """After each commit: write the manifest of a save whose shards are all written (`saving.py`); every
@@ -415,22 +369,6 @@ class PipelineExecutor:
         self.saver.finish(wait_s=wait_s)
         return self.checkpoints.latest()
 
-    # ----- recovery (planned and carried out in recovering.py) -------------------------------------------
-    def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Every stage takes its shard (weights, Adam, lr); the recovery norms come back with them."""
-        configured = [
-            a.configure.remote(i, None, shard)
-            for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))
-        ]
-        ray.get(configured, timeout=SAVE_TIMEOUT_S)
-        if checkpoint.metadata.get("grad_norms"):
-            self.grad_norms = [dict(n) for n in checkpoint.metadata["grad_norms"]]
-
-    def _phase_of_lost(self, stage: int, phase: str) -> str:
-        """`phase`, or 'checkpoint_save' for a stage lost between steps before its shard of the save in flight
-        was written."""
-        return self.saver.phase_of_lost(stage, phase) if self.saver is not None else phase
-
     # ----- evaluation and inspection ------------------------------------------------------------------------
     def evaluate(self, step: int) -> float | None:
         """Validation loss over the fixed validation micro-batches (None if a stage died meanwhile)."""
@@ -439,7 +377,7 @@ class PipelineExecutor:
         try:
             value = sum(ray.get(loss_refs, timeout=self.step_timeout())) / len(loss_refs)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # the next step recovers it
-            self.abandon([call[1] for stage_calls in calls for call in stage_calls])
+            self.stages.abandon([call[1] for stage_calls in calls for call in stage_calls])
             return None
         self.history.val_steps.append(step)
         self.history.val_losses.append(value)

@@ -1,10 +1,9 @@
 """Hugging Face Llama in and out: our stage modules keep their own code, weights are mapped by name.
 
 `model.hf_path` names a folder (local or s3://) with `config.json` and optionally `*.safetensors` weights
-(one `model.safetensors`, or shards listed by `model.safetensors.index.json`). `config_from_hf` turns the
-config into a `ModelConfig` (GQA, RMSNorm eps, rope theta and 'linear'/'llama3' scaling), refusing what
-the stages do not implement by field name. `hf_to_stage_states` splits HF weights into the stages' flat
-states; `stage_states_to_hf` and `export_hf` go back, so that `LlamaForCausalLM.from_pretrained` loads a run.
+(one `model.safetensors`, or shards listed by `model.safetensors.index.json`). `config_from_hf` (in
+`model_config.py`, re-exported here) turns the config into a `ModelConfig`. `hf_to_stage_states` splits HF
+weights into the stages' flat states; `stage_states_to_hf` and `export_hf` go back, so that `LlamaForCausalLM.from_pretrained` loads a run.
 
 Rotary layout: our stages rotate interleaved channel pairs (0,1), (2,3)...; Hugging Face rotates the two
 halves of each head. The q and k projections are permuted on the way in and out (the permutation of
@@ -20,129 +19,18 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save as save_safetensors
 
-from checkfree_ray.model import ModelConfig
-from lcsc_ray.checkpoint_formats import load_safetensors
+from checkfree_ray.model_config import (  # noqa: F401 - config_from_hf, read_hf_config re-exported
+    CONFIG_MAX_BYTES,
+    FIELD,
+    ModelConfig,
+    config_from_hf,
+    read_hf_config,
+)
 from rayops import storage
 from rayops.artifacts import write_artifact
+from rayops.safetensors_files import load_safetensors
 from schemas.errors import CheckpointError, SpecError
 from schemas.train import LlamaSpec
-
-FIELD = "model.hf_path"
-SUPPORTED_ROPE = ("default", "linear", "llama3")
-ROPE_KEYS = {
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-CONFIG_MAX_BYTES = 1_000_000
-
-
-def read_hf_config(path: str) -> dict:
-    """The parsed `config.json` of an HF folder; a missing or malformed one is a `SpecError` naming it."""
-    uri = storage.join(path, "config.json")
-    data = storage.read_bytes(uri)
-    if len(data) > CONFIG_MAX_BYTES:
-        raise SpecError(f"{uri} is {len(data)} bytes, not a model config (`{FIELD}`)")
-    try:
-        config = json.loads(data)
-    except ValueError as exc:
-        raise SpecError(f"{uri} is not valid JSON ({exc}); fix the file named by `{FIELD}`") from None
-    if not isinstance(config, dict):
-        raise SpecError(f"{uri} holds no JSON object; fix the file named by `{FIELD}`")
-    return config
-
-
-def rope_parameters(config: Mapping, uri: str) -> dict:
-    """HF rope settings as one dict {rope_type, rope_theta, ...}, from transformers 5's `rope_parameters` or
-    the older `rope_theta` + `rope_scaling`; a type the stages do not implement is refused by field."""
-    params = dict(config.get("rope_parameters") or {})
-    legacy = config.get("rope_scaling") or {}
-    params = {**legacy, **params}
-    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    params["rope_type"] = kind
-    params.pop("type", None)
-    if kind not in SUPPORTED_ROPE:
-        raise SpecError(
-            f"{uri}: rope_parameters.rope_type (rope_scaling.rope_type) {kind!r} is not supported by "
-            f"the stages; use one of {list(SUPPORTED_ROPE)} (`{FIELD}`)"
-        )
-    missing = [k for k in ROPE_KEYS.get(kind, ()) if k not in params]
-    if missing:
-        raise SpecError(f"{uri}: rope type {kind!r} needs rope_parameters.{missing[0]} (`{FIELD}`)")
-    return params
-
-
-def _refuse(config: Mapping, uri: str) -> None:
-    checks = [
-        ("model_type", config.get("model_type", "llama") == "llama", "must be 'llama'"),
-        (
-            "tie_word_embeddings",
-            not config.get("tie_word_embeddings", False),
-            (
-                "must be false: the embedding lives on the first stage and the LM head on the last, so they cannot "
-                "share one tensor; untie them (save with tie_word_embeddings=false) first"
-            ),
-        ),
-        (
-            "attention_bias",
-            not config.get("attention_bias", False),
-            "must be false (the stages have no biases)",
-        ),
-        ("mlp_bias", not config.get("mlp_bias", False), "must be false (the stages have no biases)"),
-        ("hidden_act", config.get("hidden_act", "silu") == "silu", "must be 'silu' (SwiGLU)"),
-    ]
-    for field, ok, why in checks:
-        if not ok:
-            raise SpecError(f"{uri}: {field} = {config.get(field)!r} {why} (`{FIELD}`)")
-
-
-def config_from_hf(spec: LlamaSpec, num_stages: int, vocab_size: int | None = None) -> ModelConfig:
-    """The `ModelConfig` of `spec.hf_path`'s config.json with `spec.seq_len` tokens and `num_stages` stages."""
-    uri = storage.join(spec.hf_path, "config.json")
-    config = read_hf_config(spec.hf_path)
-    _refuse(config, uri)
-    try:
-        d, layers, heads = (
-            int(config["hidden_size"]),
-            int(config["num_hidden_layers"]),
-            int(config["num_attention_heads"]),
-        )
-        vocab, hidden = int(config["vocab_size"]), int(config["intermediate_size"])
-    except KeyError as exc:
-        raise SpecError(f"{uri} has no {exc.args[0]} (`{FIELD}`)") from None
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or d // heads)
-    if layers % num_stages:
-        raise SpecError(
-            f"{uri}: num_hidden_layers ({layers}) must be a multiple of `pipeline.num_stages` ({num_stages})"
-        )
-    if heads % kv or head_dim % 2:
-        raise SpecError(
-            f"{uri}: num_key_value_heads ({kv}) must divide num_attention_heads ({heads}) and head_dim "
-            f"({head_dim}) be even (`{FIELD}`)"
-        )
-    if vocab_size is not None and vocab_size > vocab:
-        raise SpecError(
-            f"the tokenizer has {vocab_size} tokens but {uri} has vocab_size {vocab}; use a model with "
-            "at least as many, or a smaller tokenizer (`data.tokenizer`)"
-        )
-    rope = rope_parameters(config, uri)
-    theta = float(rope.pop("rope_theta"))
-    scaling = tuple(sorted(rope.items())) if rope["rope_type"] != "default" else None
-    return ModelConfig(
-        d,
-        layers,
-        heads,
-        hidden,
-        spec.seq_len,
-        theta,
-        num_stages,
-        vocab_size=vocab,
-        n_kv_heads=kv,
-        head_dim=head_dim,
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_scaling=scaling,
-    )
 
 
 def hf_config_dict(cfg: ModelConfig, base: Mapping | None = None) -> dict:

@@ -1,8 +1,8 @@
 """A LLaMa (RMSNorm, rotary embeddings, SwiGLU, causal grouped-query attention), split for a pipeline.
 
-The vocabulary is bytes by default, or a tokenizer's; a Hugging Face Llama config (`checkfree_ray.hf_llama`)
-fills the same `ModelConfig` (GQA, RMSNorm eps, rope theta and scaling). The model is three kinds of parts: the embedding (`Embedding`), S transformer stages (`Stage`, each
-n_layers / S blocks) and the head (`Head`: final norm + LM projection). `build_parts` makes all of them
+The sizes come from `ModelConfig` (`model_config.py`: our spec, or a Hugging Face Llama config with GQA,
+RMSNorm eps, rope theta and scaling); the vocabulary is bytes by default, or a tokenizer's. The model is three
+kinds of parts: the embedding (`Embedding`), S transformer stages (`Stage`, each n_layers / S blocks) and the head (`Head`: final norm + LM projection). `build_parts` makes all of them
 from one seed, so the pipeline actors and the single-process reference start from identical weights.
 `ReferenceTrainer` trains the same parts in one process with the same per-stage clipping and Adam:
 the pipeline must match it to float tolerance.
@@ -17,86 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from schemas.train import LlamaSpec
-
-VOCAB_SIZE = 256  # byte-level
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of one model; built from `LlamaSpec` (or its `hf_path` config) plus the stage count."""
-
-    d_model: int
-    n_layers: int
-    n_heads: int
-    ffn_hidden: int
-    seq_len: int
-    rope_theta: float
-    num_stages: int
-    vocab_size: int = VOCAB_SIZE
-    n_kv_heads: int | None = None  # None: n_heads (no grouped-query attention)
-    head_dim: int | None = None  # None: d_model / n_heads
-    norm_eps: float = 1e-6
-    rope_scaling: tuple[tuple[str, float | str], ...] | None = None  # sorted items of HF `rope_parameters`
-
-    @classmethod
-    def from_spec(cls, spec: LlamaSpec, num_stages: int, vocab_size: int | None = None) -> ModelConfig:
-        """Resolve defaults: SwiGLU width 8/3 d rounded up to a multiple of 8; `model.hf_path` reads its config."""
-        if spec.hf_path is not None:
-            from checkfree_ray.hf_llama import config_from_hf
-
-            return config_from_hf(spec, num_stages, vocab_size)
-        hidden = spec.ffn_hidden or 8 * math.ceil(8 * spec.d_model / 3 / 8)
-        return cls(
-            spec.d_model,
-            spec.n_layers,
-            spec.n_heads,
-            hidden,
-            spec.seq_len,
-            spec.rope_theta,
-            num_stages,
-            vocab_size=spec.vocab_size or vocab_size or VOCAB_SIZE,
-            n_kv_heads=spec.n_kv_heads,
-            norm_eps=spec.norm_eps,
-        )
-
-    @classmethod
-    def from_train_spec(cls, spec) -> ModelConfig:
-        """The model of a `TrainSpec`: its `model` section, with the vocabulary of its tokenizer when it names one."""
-        from checkfree_ray.data import tokenizer_vocab_size
-        from schemas.errors import SpecError
-
-        data_vocab = tokenizer_vocab_size(spec.data)
-        cfg = cls.from_spec(spec.model, spec.pipeline.num_stages, data_vocab)
-        if cfg.vocab_size < (data_vocab or VOCAB_SIZE):
-            where = f"`model.hf_path` ({spec.model.hf_path})" if spec.model.hf_path else "`model.vocab_size`"
-            raise SpecError(
-                f"the data's token ids reach {(data_vocab or VOCAB_SIZE) - 1} but {where} has vocab_size "
-                f"{cfg.vocab_size}; use a tokenizer within it (`data.tokenizer`) or a larger vocabulary"
-            )
-        return cfg
-
-    @property
-    def layers_per_stage(self) -> int:
-        """Blocks in each transformer stage."""
-        return self.n_layers // self.num_stages
-
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads (grouped-query attention when fewer than `n_heads`)."""
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        """Channels per attention head."""
-        return self.head_dim or self.d_model // self.n_heads
-
-    def parameter_count(self) -> int:
-        """Parameters of the whole model (embedding, blocks, head), the N of 6·N FLOPs per token."""
-        hd, d = self.dim_per_head, self.d_model
-        attn = d * hd * (self.n_heads + 2 * self.kv_heads) + self.n_heads * hd * d
-        block = attn + 3 * d * self.ffn_hidden + 2 * d
-        return 2 * self.vocab_size * d + self.n_layers * block + d
+from checkfree_ray.model_config import VOCAB_SIZE, ModelConfig  # noqa: F401 - re-exported
 
 
 class RMSNorm(nn.Module):

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import ray
 
+from checkfree_ray.liveness import PING_TIMEOUT_S, StageLost, unanswering
+
 log = logging.getLogger(__name__)
 OBJECT_STORE, NCCL, GLOO = "object_store", "nccl", "gloo"
 DIRECT = (NCCL, GLOO)
@@ -182,8 +184,6 @@ def _bounded(call, timeout_s: float, swallow: tuple[type[BaseException], ...] = 
 def connect_or_lose(transport: Transport, actors: Sequence, timeout_s: float) -> None:
     """`transport.connect(actors)` before a step; a stage found dead or silent meanwhile (Ray Direct Transport
     kills both ends of a failed transfer) raises `StageLost` in phase 'before_step', so that it is recovered."""
-    from checkfree_ray.recovering import PING_TIMEOUT_S, StageLost, unanswering
-
     try:
         transport.connect(actors, timeout_s=timeout_s)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):

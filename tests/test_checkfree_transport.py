@@ -131,8 +131,7 @@ def test_gloo_recovery_falls_back_cleanly_and_rebuilds_from_the_neighbours(ray_l
     """CheckFree under gloo, stage 1 replaced after step 1: recovery asks for the neighbours' blocks by direct
     transport, but gloo cannot form a second group, so the run falls back to the object store (said once); the
     replacement's blocks are still the gradient-weighted sum of its neighbours' and the next step trains."""
-    from checkfree_ray import recovering
-    from checkfree_ray.recovering import StageLost
+    from checkfree_ray.liveness import StageLost
     from checkfree_ray.recovery import gradient_weights, weighing_norm
 
     spec = tiny_spec("checkfree", warm_standby=True, pipeline={"activation_transport": "gloo"})
@@ -149,7 +148,7 @@ def test_gloo_recovery_falls_back_cleanly_and_rebuilds_from_the_neighbours(ray_l
             sent.append((method, direct, executor.transport.name)) or submit(actor, method, direct, *a, **k)
         )
         with caplog.at_level(logging.WARNING, logger=transport_module.__name__):
-            recovering.recover(executor, 2, StageLost([1], "before_step"))
+            executor.recovery.recover(2, StageLost([1], "before_step"))
         after = executor.stage_states((BLOCKS,))
         executor.run_step(2)
         members_ok = executor.transport.connected(executor.actors)
