@@ -1,11 +1,12 @@
 """LCSC evaluators on draining nodes (a preemption notice) are replaced before their node goes.
 
 The pool service (`pool.PoolService`) looks at Ray's draining nodes every DRAIN_POLL_S (`rayops.draining`, one
-bounded GCS call, in a thread). Every evaluator on a draining node is marked at once (`service.draining`: the pool
+bounded GCS call, in a thread). Every evaluator on a draining node is marked at once (`slots.draining`: the pool
 hands it no new candidate, so a candidate that lost one of them never lands on the next to go) and replaced, all in
-parallel, by a new actor over the same object refs (Ray places no new actor on a draining node). Once a new one is
-up, the old one is retired (`service.retired`) and killed: the candidate it was evaluating runs again on a new
-evaluator without spending one of its attempts (`PoolService._on_evaluator`), whichever path asked for it. Planned
+parallel, by a new actor over the same object refs (Ray places no new actor on a draining node): a planned
+`EvaluatorSlots.replace`. Once a new one is up, the old one is retired and killed: the candidate it was evaluating
+runs again on a new evaluator without spending one of its attempts (`PoolService._on_evaluator`), whichever path
+asked for it. Planned
 replacements do not count against `evaluators.max_replacements`: they are not failures. A replacement that does not
 come up leaves the old evaluator in service until the node goes (then the pool's healing takes over).
 """
@@ -14,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import ray
 from ray.exceptions import RayActorError
 
+from lcsc_ray.evaluator_slots import EvaluatorSlots
 from rayops.draining import DrainWatcher
-
-if TYPE_CHECKING:
-    from lcsc_ray.pool import PoolService
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 2.0  # seconds between looks at the draining nodes (a spot notice gives about 120 s)
@@ -39,64 +37,56 @@ def actor_nodes(actors: list) -> list[str | None]:
 
 
 async def replace_draining(
-    service: PoolService, draining: dict[str, int], nodes: list[str | None] | None = None
+    slots: EvaluatorSlots, draining: dict[str, int], nodes: list[str | None] | None = None
 ) -> list[int]:
     """Replace every evaluator on a node in `draining` (`nodes`: each evaluator's node, looked up when None);
     returns the indices replaced. A replacement that does not come up leaves the old evaluator in place."""
-    if not draining or service.stopped:
+    if not draining or slots.stopped:
         return []
-    nodes = nodes if nodes is not None else await asyncio.to_thread(actor_nodes, list(service.actors))
+    nodes = nodes if nodes is not None else await asyncio.to_thread(actor_nodes, list(slots.actors))
     doomed = [
         index
         for index, node in enumerate(nodes)
-        if node in draining and service.drain_tries.get((index, node), 0) < MAX_TRIES
+        if node in draining and slots.drain_tries.get((index, node), 0) < MAX_TRIES
     ]
     if not doomed:
         return []
-    service.draining.update(doomed)  # from now on no new candidate goes to any of them
+    slots.draining.update(doomed)  # from now on no new candidate goes to any of them
     try:
-        done = await asyncio.gather(*(_replace_one(service, index, nodes[index]) for index in doomed))
+        done = await asyncio.gather(*(_replace_one(slots, index, nodes[index]) for index in doomed))
     finally:
-        service.draining.difference_update(doomed)  # a new evaluator, or the old one while its node lasts
-        await service._wake()
-    replaced = [index for index, ok in zip(doomed, done) if ok]
-    service.drained += len(replaced)
-    return replaced
+        slots.draining.difference_update(doomed)  # a new evaluator, or the old one while its node lasts
+        await slots.wake()
+    return [index for index, ok in zip(doomed, done) if ok]
 
 
-async def _replace_one(service: PoolService, index: int, node: str) -> bool:
-    """Start a new evaluator for slot `index` (on `node`, draining); once it is up, retire and kill the old one."""
-    service.drain_tries[(index, node)] = service.drain_tries.get((index, node), 0) + 1
-    old, new = service.actors[index], service._new_actor()
+async def _replace_one(slots: EvaluatorSlots, index: int, node: str) -> bool:
+    """A planned replacement of slot `index` (on `node`, draining): the old evaluator serves until the new one
+    is up, then is retired and killed."""
+    slots.drain_tries[(index, node)] = slots.drain_tries.get((index, node), 0) + 1
     try:
-        pid = await service._ready(new)
+        replaced = await slots.replace(index, f"its node {node[:12]} drains", planned=True)
     except (asyncio.TimeoutError, RayActorError) as exc:
         log.warning(
             "evaluator %d's node drains, and its replacement did not start (%s)", index, type(exc).__name__
         )
-        ray.kill(new, no_restart=True)
         return False
-    if (
-        service.actors[index] is not old or service.stopped
-    ):  # healed meanwhile (the old one died first), or closed
-        ray.kill(new, no_restart=True)
-        return False
-    service.actors[index], service.pids[index] = new, pid
-    service.retired.add(old._actor_id.hex())  # its candidate in flight, if any, runs again: a planned loss
-    ray.kill(old, no_restart=True)
-    log.warning(
-        "evaluator %d's node %s drains: replaced by a new evaluator before the node goes", index, node[:12]
-    )
-    return True
+    if replaced:
+        log.warning(
+            "evaluator %d's node %s drains: replaced by a new evaluator before the node goes",
+            index,
+            node[:12],
+        )
+    return replaced
 
 
-async def watch_drains(service: PoolService, watcher: DrainWatcher | None = None) -> None:
-    """The service's background task: look at the draining nodes every poll interval until the pool stops."""
+async def watch_drains(slots: EvaluatorSlots, watcher: DrainWatcher | None = None) -> None:
+    """The pool's background task: look at the draining nodes every poll interval until the pool stops."""
     watcher = watcher or DrainWatcher(poll_every_s=DRAIN_POLL_S)
-    while not service.stopped:
+    while not slots.stopped:
         draining = await asyncio.to_thread(watcher.poll)
         try:
-            await replace_draining(service, draining)
+            await replace_draining(slots, draining)
         except Exception as exc:  # noqa: BLE001 - named, and the next look tries again (a dead watch helps no one)
             log.error(
                 "replacing the evaluators on draining nodes %s failed (%s: %s); looking again in %.1f s",

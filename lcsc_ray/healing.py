@@ -3,8 +3,8 @@
 When an evaluator dies or hangs, its candidate is retried on another evaluator at once
 (`pool.PoolService._on_evaluator`), and the lost one is healed in a task of its own:
 - an evaluator that died is given back to Ray's restart once;
-- one that stays dead, or that hung, is replaced by a new actor over the same object refs;
-- after `evaluators.max_replacements` replacements the pool stops, naming the cause;
+- one that stays dead, or that hung, is replaced by a new actor over the same object refs
+  (`EvaluatorSlots.replace`, unplanned: after `evaluators.max_replacements` of them the pool stops, naming the cause);
 - a heal that raises something unexpected (a new evaluator's `info()` failing, say) is tried again with a new
   actor, at most HEAL_TRIES times in all; then the pool stops naming that error. A slot is never left taken.
 
@@ -16,26 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
-import ray
 from ray.exceptions import RayActorError
 
-if TYPE_CHECKING:
-    from lcsc_ray.pool import PoolService
+from lcsc_ray.evaluator_slots import EvaluatorSlots
 
 log = logging.getLogger(__name__)
 HEAL_TRIES = 3  # heals of one lost evaluator that raised something unexpected, before the pool stops
 
 
-def heal_beside(service: PoolService, index: int, cause: str, hung: bool, lost: object | None = None) -> None:
-    """Heal evaluator `index` (`lost`: the actor that was lost there) in a task of its own; the service keeps it
+def heal_beside(
+    slots: EvaluatorSlots, index: int, cause: str, hung: bool, lost: object | None = None
+) -> None:
+    """Heal evaluator `index` (`lost`: the actor that was lost there) in a task of its own; the slots keep it
     in `healing` until it ends."""
-    task = asyncio.get_running_loop().create_task(heal_with_retries(service, index, cause, hung, lost))
-    service.healing.add(task)
+    task = asyncio.get_running_loop().create_task(heal_with_retries(slots, index, cause, hung, lost))
+    slots.healing.add(task)
 
     def healed(done: asyncio.Task) -> None:
-        service.healing.discard(done)
+        slots.healing.discard(done)
         if not done.cancelled() and done.exception() is not None:  # heal_with_retries stops the pool first
             log.error("healing evaluator %d failed: %r", index, done.exception())
 
@@ -49,17 +48,17 @@ def describe(exc: BaseException) -> str:
 
 
 async def heal_with_retries(
-    service: PoolService, index: int, cause: str, hung: bool, lost: object | None = None
+    slots: EvaluatorSlots, index: int, cause: str, hung: bool, lost: object | None = None
 ) -> None:
     """`heal`, tried again with a new actor when it raises something unexpected; after HEAL_TRIES such errors the
     pool stops with the last one named."""
-    if lost is not None and service.actors[index] is not lost:  # a drain already put a new evaluator there
-        await service._release(index)
+    if lost is not None and slots.actors[index] is not lost:  # a drain already put a new evaluator there
+        await slots.release(index)
         return
     error = ""
     for attempt in range(1, HEAL_TRIES + 1):
         try:
-            await heal(service, index, cause, hung)
+            await heal(slots, index, cause, hung)
             return
         except Exception as exc:  # noqa: BLE001 - unexpected by definition: named, retried, then the pool stops
             error = describe(exc)
@@ -68,43 +67,21 @@ async def heal_with_retries(
                 f"could not be healed ({error})",
                 True,
             )  # its state is unknown: a new actor next time
-    await service._stop(
+    await slots.stop(
         f"healing evaluator {index} failed {HEAL_TRIES} times; the last error: {error}; the "
         "evaluator's process or its cluster node cannot host an evaluator (see the service's log)"
     )
 
 
-async def heal(service: PoolService, index: int, cause: str, hung: bool) -> None:
+async def heal(slots: EvaluatorSlots, index: int, cause: str, hung: bool) -> None:
     """After a death: keep the evaluator if Ray restarted it; else (or when it hung) replace it with a new actor
     over the same object refs, up to `evaluators.max_replacements` in all; then it is free again."""
-    if not hung:
+    if not hung and await slots.restarted(index):
+        return
+    while not slots.stopped:  # a closed or stopped pool starts no new actor; past the limit the pool stops
         try:
-            service.pids[index] = await service._ready(service.actors[index])
-            await service._release(index)
-            return
-        except (asyncio.TimeoutError, RayActorError):
-            pass  # dead past Ray's restarts
-    while not service.stopped:  # a closed or stopped pool starts no new actor
-        limit = service.spec.evaluators.max_replacements
-        if service.replacements >= limit:
-            await service._stop(
-                f"evaluators were lost {service.replacements + 1} times, more than "
-                f"`evaluators.max_replacements` = {limit} allows; last: evaluator {index} {cause}"
-            )
-            return
-        service.replacements += 1
-        ray.kill(service.actors[index], no_restart=True)
-        log.warning(
-            "replacing evaluator %d (%s); replacement %d of at most %d",
-            index,
-            cause,
-            service.replacements,
-            limit,
-        )
-        service.actors[index] = service._new_actor()
-        try:
-            service.pids[index] = await service._ready(service.actors[index])
-            await service._release(index)
+            if await slots.replace(index, cause):
+                await slots.release(index)
             return
         except (asyncio.TimeoutError, RayActorError) as exc:
             cause = f"could not be replaced ({type(exc).__name__})"

@@ -25,6 +25,8 @@ Every evaluation of a search goes through `PoolService.evaluate`, so one set of 
 - A job asked for again while it is being evaluated (a Tune trial retried after its process died) joins that
   evaluation instead of starting a second one; a job that failed with an error gets the same failed record
   again, neither re-run nor counted twice.
+The evaluator actors themselves, the free list and the one way to replace an evaluator belong to
+`evaluator_slots.EvaluatorSlots`, inside the service; healing and draining decide when, through its methods.
 Closing the pool kills the evaluators and the service; evaluators are owned by the service, so even a
 service that dies takes them with it.
 """
@@ -47,25 +49,21 @@ from lcsc_ray.combine import check_non_float_equal
 from lcsc_ray.draining import replace_draining, watch_drains
 from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout, slowest_timing, stored_record
 from lcsc_ray.evaluations import EvaluationStore
-from lcsc_ray.evaluator import EvaluatorActor, chunk_sizes, evaluator_options, merge_blocks, tree_blocks
+from lcsc_ray.evaluator import chunk_sizes, merge_blocks, tree_blocks
+from lcsc_ray.evaluator_slots import READY_TIMEOUT_S, EvaluatorPoolError, EvaluatorSlots
 from lcsc_ray.fid import FIDStats, fid_from_stats
 from lcsc_ray.healing import heal_beside
 from rayops.progress import ProgressLine
 from rayops.resources import check_placeable
-from schemas.errors import LcscCheckfreeError
 from schemas.search import SearchSpec
 
+__all__ = ["EvaluatorPool", "EvaluatorPoolError", "Job", "PoolService"]
 log = logging.getLogger(__name__)
-READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, model, sampler) within this
 GUARD_POLL_S = 1.0  # while scoring, the driver looks at its output lock this often
 ATTEMPTS = 2  # a candidate whose evaluator hung or died is retried once elsewhere
 PLANNED_RETRIES = (
     4  # runs again of one candidate whose evaluator a drain replaced (no attempt: not a failure)
 )
-
-
-class EvaluatorPoolError(LcscCheckfreeError):
-    """The evaluator pool stopped: evaluators kept dying or hanging, or evaluations kept failing."""
 
 
 def _root_cause(exc: RayTaskError) -> str:
@@ -75,104 +73,35 @@ def _root_cause(exc: RayTaskError) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class PoolService:
-    """Holds the evaluator actors and the free list; every evaluation of the search passes through here."""
+    """Holds the evaluator slots (`EvaluatorSlots`); every evaluation of the search passes through here."""
 
     def __init__(self, spec: SearchSpec, shared: dict, store: EvaluationStore | None):
-        self.spec, self.shared, self.store = spec, shared, store
-        self.actors: list = []
-        self.pids: list[int | None] = []
-        self.free: list[int] = []
-        self.condition = asyncio.Condition()
+        self.spec, self.store = spec, store
+        # the evaluators, the free list, their replacements and the pool's stop cause
+        self.slots = EvaluatorSlots(spec, shared)
+        self.shared = shared
         self.slowest_timed: tuple[float, int] | None = None
-        self.replacements, self.failed, self.split_jobs = 0, 0, 0
-        self.stopped: str | None = None
+        self.failed, self.split_jobs = 0, 0
         self.in_flight: dict[Job, asyncio.Task] = {}
         self.failures: dict[Job, dict] = {}  # deterministic failures of this search, by job
-        self.drained, self.drain_tries = 0, {}  # evaluators replaced off draining nodes (draining.py)
-        self.draining: set[int] = set()  # slots whose evaluator sits on a draining node: handed nothing new
-        self.retired: set[str] = set()  # actor ids a drain replaced: their candidates' losses are planned
-        self.healing: set[asyncio.Task] = set()  # heals running beside the evaluations (kept until done)
-
-    def _new_actor(self):
-        shared = self.shared
-        return EvaluatorActor.options(**evaluator_options(self.spec)).remote(
-            self.spec,
-            list(shared["refs"]),
-            shared["layout"],
-            shared["mu"],
-            shared["sigma"],
-            ema_ref=shared["ema"],
-            extra_refs=list(shared["extra"]),
-        )
-
-    async def _ready(self, actor) -> int:
-        info = await asyncio.wait_for(actor.info.remote(), READY_TIMEOUT_S)
-        return int(info["pid"])
 
     async def start(self) -> list[int]:
         """Start `evaluators.num_actors` evaluators and wait until each is constructed; returns their pids."""
-        self.actors = [self._new_actor() for _ in range(self.spec.evaluators.num_actors)]
-        try:
-            self.pids = list(await asyncio.gather(*(self._ready(actor) for actor in self.actors)))
-        except (asyncio.TimeoutError, RayActorError) as exc:
-            evaluators = self.spec.evaluators
-            raise EvaluatorPoolError(
-                f"{len(self.actors)} evaluator actors ({evaluators.num_cpus} CPU, {evaluators.num_gpus} GPU each) "
-                f"did not start within {READY_TIMEOUT_S:.0f} s ({type(exc).__name__}); cluster resources: "
-                f"{ray.cluster_resources()}; lower `evaluators.num_actors` or their resources"
-            ) from None
-        self.free = list(range(len(self.actors)))
-        self.drain_watch = asyncio.get_running_loop().create_task(watch_drains(self))  # preemption notices
-        return self.pids
+        pids = await self.slots.start(self.spec.evaluators.num_actors)
+        # preemption notices: evaluators on a draining node are replaced before it goes
+        self.drain_watch = asyncio.get_running_loop().create_task(watch_drains(self.slots))
+        return pids
 
     async def replace_draining(
         self, draining: dict[str, int], nodes: list[str | None] | None = None
     ) -> list[int]:
         """Replace the evaluators on `draining` nodes now (`draining.replace_draining`); the watcher calls it."""
-        return await replace_draining(self, draining, nodes)
-
-    # ---------------------------------------------------------------------------------- the free list
-    def _check_stopped(self) -> None:
-        if self.stopped:
-            raise EvaluatorPoolError(self.stopped)
-
-    async def _acquire(self, avoid: dict[int, object]) -> int:
-        """A free evaluator, preferring one that has not failed this candidate (`avoid`: index -> the actor
-        that failed it; a replacement at that index is a new actor and welcome); never one on a draining node."""
-        async with self.condition:
-            while True:
-                self._check_stopped()
-                usable = [i for i in self.free if i not in self.draining]
-                choices = [i for i in usable if avoid.get(i) is not self.actors[i]]
-                if not choices and len(avoid) >= len(self.actors):
-                    choices = usable
-                if choices:
-                    self.free.remove(choices[0])
-                    return choices[0]
-                await self.condition.wait()
-
-    async def _release(self, index: int) -> None:
-        async with self.condition:
-            if index not in self.free:
-                self.free.append(index)
-            self.condition.notify_all()
-
-    async def _wake(self) -> None:
-        """Let waiting callers look at the free list again (a draining slot got its new evaluator)."""
-        async with self.condition:
-            self.condition.notify_all()
-
-    async def _stop(self, cause: str) -> None:
-        if not self.stopped:
-            self.stopped = cause
-            log.error("evaluator pool stopped: %s", cause)
-        async with self.condition:
-            self.condition.notify_all()
+        return await replace_draining(self.slots, draining, nodes)
 
     # -------------------------------------------------------------------------------------- evaluation
     async def evaluate(self, job: Job) -> dict:
         """The evaluation record of `job`: from the store, or evaluated on a free evaluator (see module doc)."""
-        self._check_stopped()
+        self.slots.check_stopped()
         if self.store is not None:
             stored = await asyncio.to_thread(self.store.get, job.alphas, job.num_samples, job.seed)
             if stored is not None and "fid" in stored:
@@ -204,13 +133,13 @@ class PoolService:
         """Run `submit(actor)` on a free evaluator, retried once elsewhere when that evaluator hangs or dies.
         Returns ('done', output, index, attempt), ('error', root cause, index, attempt) when the call raised,
         or ('lost', reasons, -1, ATTEMPTS) when both attempts lost their evaluator. A loss to a drain's planned
-        replacement (`self.retired`) is no attempt: the call runs again, on the slot's new evaluator or another."""
+        replacement (`slots.is_retired`) is no attempt: the call runs again, on the slot's new evaluator or another."""
         avoid: dict[int, object] = {}
         reasons: list[str] = []
         attempt, planned = 1, 0
         while attempt <= ATTEMPTS:
-            index = await self._acquire(avoid)
-            actor = self.actors[index]
+            index = await self.slots.acquire(avoid)
+            actor = self.slots.actors[index]
             timeout = evaluation_timeout(
                 num_samples, self.spec.evaluators.evaluation_timeout_s, self.slowest_timed
             )
@@ -223,21 +152,21 @@ class PoolService:
                     True,
                 )
             except RayActorError as exc:
-                if actor._actor_id.hex() in self.retired and planned < PLANNED_RETRIES:
+                if self.slots.is_retired(actor) and planned < PLANNED_RETRIES:
                     planned += 1
-                    await self._release(index)  # the slot already holds the new evaluator
+                    await self.slots.release(index)  # the slot already holds the new evaluator
                     continue
                 reason = cause = f"died ({type(exc).__name__})"
                 hung = False
             except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
-                await self._release(index)
+                await self.slots.release(index)
                 return "error", _root_cause(exc), index, attempt
             else:
-                await self._release(index)
+                await self.slots.release(index)
                 return "done", out, index, attempt
             reasons.append(f"evaluator {index} {reason}")
             avoid[index] = actor
-            heal_beside(self, index, cause, hung=hung, lost=actor)
+            heal_beside(self.slots, index, cause, hung=hung, lost=actor)
             attempt += 1
         return "lost", "; ".join(reasons), -1, ATTEMPTS
 
@@ -246,7 +175,7 @@ class PoolService:
         evaluators = self.spec.evaluators
         if evaluators.split_min_samples is None or job.num_samples < evaluators.split_min_samples:
             return []
-        blocks = tree_blocks(len(chunk_sizes(job.num_samples, evaluators.batch_size)), len(self.actors))
+        blocks = tree_blocks(len(chunk_sizes(job.num_samples, evaluators.batch_size)), len(self.slots.actors))
         return blocks if len(blocks) > 1 else []
 
     async def _evaluate_split(self, job: Job, blocks: list[tuple[int, int]]) -> dict:
@@ -310,7 +239,7 @@ class PoolService:
         self.failed += 1
         limit = self.spec.evaluators.max_failed_evaluations
         if self.failed >= limit:
-            await self._stop(
+            await self.slots.stop(
                 f"{self.failed} evaluations failed with an error (`evaluators.max_failed_evaluations`"
                 f" = {limit}); the last: {reason}"
             )
@@ -320,28 +249,25 @@ class PoolService:
     # ------------------------------------------------------------------------------------------ facts
     async def state(self) -> dict:
         """Replacements, failures, the stop cause, evaluator pids and the current timeout rule."""
+        slots = self.slots
         return {
-            "replacements": self.replacements,
+            "replacements": slots.replacements,
             "failed": self.failed,
-            "stopped": self.stopped,
+            "stopped": slots.stopped,
             "split_jobs": self.split_jobs,
-            "drained": self.drained,
-            "pids": list(self.pids),
+            "drained": slots.drained,
+            "pids": list(slots.pids),
             "slowest_timed": self.slowest_timed,
-            "num_evaluators": len(self.actors),
+            "num_evaluators": len(slots.actors),
         }
 
     async def evaluators(self) -> list:
         """The current evaluator handles (for tests and fault injection)."""
-        return list(self.actors)
+        return list(self.slots.actors)
 
     async def close(self) -> None:
         """Kill every evaluator this pool started."""
-        await self._stop(self.stopped or "the pool was closed")
-        for task in list(self.healing):
-            task.cancel()
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+        await self.slots.close()
 
 
 class EvaluatorPool:
