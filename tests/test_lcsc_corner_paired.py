@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lcsc_ray.search import claims_gain, compare_with_baselines
+from lcsc_ray.search_result import claims_gain, compare_with_baselines
 from rayops.paired import NonFiniteScoreError, paired_difference
 
 INF = math.inf

@@ -47,7 +47,7 @@ def _result_with(winner_holdout: list[float], ema_holdout: list[float]):
 
     import pandas as pd
 
-    from lcsc_ray.search import build_result
+    from lcsc_ray.search_result import build_result
     from schemas.search import SearchSpec
 
     spec = SearchSpec.model_validate({"fid": {"holdout_seeds": [1, 2, 3]}})
