@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -20,8 +20,15 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from rayops import settings
 from schemas.errors import StorageError, StorageUnavailableError
 
-if TYPE_CHECKING:
-    from rayops.storage import Location
+
+class Location(Protocol):
+    """Where an S3 object lives (`rayops.storage.Location` satisfies it; named here so reads need no storage)."""
+
+    bucket: str
+    key: str
+
+    def uri(self) -> str: ...
+
 
 Sink = Callable[[bytes], object]
 Translate = Callable[[Exception, "Location", str], StorageError]
