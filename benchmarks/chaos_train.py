@@ -223,8 +223,8 @@ def _arm(step: int, stage: int, call: str):
 
 def reference_difference(spec: TrainSpec, corpus, states: list[dict]) -> float:
     """Largest |weight - failure-free single-process training's weight| over every stage, after STEPS steps."""
+    from checkfree_ray.lr_schedule import lr_factor
     from checkfree_ray.model import ModelConfig, ReferenceTrainer
-    from checkfree_ray.schedule import lr_factor
     from checkfree_ray.stage import initial_stage_state
 
     pipe = spec.pipeline

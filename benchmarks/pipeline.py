@@ -32,9 +32,9 @@ from _common import machine_info, write_json
 
 from checkfree_ray.data import load_text_bytes, make_corpus
 from checkfree_ray.executor import PipelineExecutor
+from checkfree_ray.lr_schedule import lr_factor
 from checkfree_ray.model import ModelConfig, ReferenceTrainer
-from checkfree_ray.recovery import gradient_weights
-from checkfree_ray.schedule import lr_factor
+from checkfree_ray.recovery_rules import gradient_weights
 from checkfree_ray.tokenizing import tokenize
 from rayops.paired import paired_difference
 from schemas.train import PipelineSpec, TrainSpec

@@ -15,8 +15,8 @@
 4. Writes benchmarks/results/recovery_ablation.json, .png and .md (the .md is generated from the measured values).
 
 The stages are the engine's `StageWorker`s driven in one process (the same model, optimizer, clipping, norms and
-`recovery.py` rules; no Ray transport): see recovery_inprocess.py. Each (seed, lr_scale, stage) can run in its own
-process (`--seeds 0 --lr-scales 1.1 --stages 1`); `--report-only` merges what was measured.
+`recovery_rules.py` rules; no Ray transport): see recovery_inprocess.py. Each (seed, lr_scale, stage) can run in
+its own process (`--seeds 0 --lr-scales 1.1 --stages 1`); `--report-only` merges what was measured.
 
 Runtime measured here (2 shared cores, load average 50-110): training the small model to step 2000 took about
 35 min, the deep one to step 750 about 13 min, the CheckFree+ one to step 750 about 25 min (each once; cached);

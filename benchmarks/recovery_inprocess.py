@@ -2,9 +2,9 @@
 
 The ablation is about the quality of a rebuilt stage, not the transport, so the stages here are the engine's own
 `StageWorker` objects (the class the Ray actors run: same model, AdamW groups, per-stage clipping and reported
-gradient norms) called directly in GPipe order, with the micro-batch routes of `recovery.route` (CheckFree+'s swap
-included). A lost stage is rebuilt through `recovery.plan_recovery`, `weighing_norm` and `reinitialised_blocks`,
-exactly as `checkfree_ray/stage_recovery.py` does, and the stage only sums (`StageWorker.configure`).
+gradient norms) called directly in GPipe order, with the micro-batch routes of `recovery_rules.route`
+(CheckFree+'s swap included). A lost stage is rebuilt through `recovery_rules.plan_recovery`, `weighing_norm` and
+`reinitialised_blocks`, exactly as `checkfree_ray/stage_recovery.py` does, and the stage only sums (`StageWorker.configure`).
 
 The trained model is the engine's own checkpoint (`CheckpointStore`, run identity from `open_run`) under
 `outputs/bench-cache/recovery/<fingerprint>/`: a spec that changes gets another folder and retrains; an
@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from checkfree_ray.checkpointing import CheckpointStore, open_run, spec_inputs
+from checkfree_ray.checkpoint_store import CheckpointStore
 from checkfree_ray.data import make_corpus
 from checkfree_ray.history import History, restore_history, save_history
+from checkfree_ray.lr_schedule import lr_factor
 from checkfree_ray.model import ModelConfig
-from checkfree_ray.recovery import (
+from checkfree_ray.recovery_rules import (
     BLOCKS,
     EMBED,
     HEAD,
@@ -38,7 +39,7 @@ from checkfree_ray.recovery import (
     route,
     weighing_norm,
 )
-from checkfree_ray.schedule import lr_factor
+from checkfree_ray.run_identity import open_run, spec_inputs
 from checkfree_ray.stage import StageWorker, initial_states
 from rayops.identity import digest
 from schemas.train import TrainSpec

@@ -1,5 +1,5 @@
 """The coordinator: drives the run's stage group (`stage_group.py`: S stage actors, their pool and transport)
-through GPipe or 1F1B steps (`schedules.py`; tensors between stages through the object store or Ray Direct
+through GPipe or 1F1B steps (`pipeline_schedules.py`; tensors between stages through the object store or Ray Direct
 Transport, `transport.py`); recovery (`stage_recovery.py`, given the group) and asynchronous checkpoint saves
 (`saving.py`) live beside it.
 
@@ -27,18 +27,19 @@ from typing import TYPE_CHECKING
 import ray
 import torch
 
-from checkfree_ray.checkpointing import Checkpoint, CheckpointStore, RunIdentity
+from checkfree_ray.checkpoint_store import Checkpoint, CheckpointStore
 from checkfree_ray.data import make_corpus
 from checkfree_ray.draining import DrainHandler
 from checkfree_ray.failures import FailureInjector
 from checkfree_ray.history import History, restore_history, save_history
 from checkfree_ray.hybrid import HybridPolicy, rebuild_strategy
 from checkfree_ray.liveness import StageLost
+from checkfree_ray.lr_schedule import lr_factor
 from checkfree_ray.model_config import ModelConfig
-from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
+from checkfree_ray.pipeline_schedules import gpipe_order, step_order
+from checkfree_ray.recovery_rules import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
+from checkfree_ray.run_identity import RunIdentity
 from checkfree_ray.saving import SAVE_TIMEOUT_S, CheckpointSaver
-from checkfree_ray.schedule import lr_factor
-from checkfree_ray.schedules import gpipe_order, step_order
 from checkfree_ray.stage import initial_states
 from checkfree_ray.stage_group import StageGroup
 from checkfree_ray.stage_recovery import StageRecovery
@@ -142,7 +143,7 @@ class PipelineExecutor:
         return max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR * sorted(times)[len(times) // 2])
 
     def _launch(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool = True):
-        """Submit every hop of every micro-batch in the order of `pipeline.schedule` (`schedules.py`: Ray runs
+        """Submit every hop of every micro-batch in the order of `pipeline.schedule` (`pipeline_schedules.py`: Ray runs
         each stage's calls in that order); returns the loss refs, the backward-done refs and each stage's calls
         in submission order as (kind, ref, upstream refs) (read when a stage is lost: which phase, which stage is
         stuck, and their errors)."""

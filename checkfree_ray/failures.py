@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from checkfree_ray.data import FAILURE_STREAM, step_rng
-from checkfree_ray.recovery import failure_probability
+from checkfree_ray.recovery_rules import failure_probability
 from schemas.train import FailureSpec
 
 

@@ -21,7 +21,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from checkfree_ray.checkpointing import storage_env
+from checkfree_ray.checkpoint_store import storage_env
 from checkfree_ray.model import ModelConfig
 from checkfree_ray.stage import DirectStageActor, StageActor
 from rayops.resources import check_placeable

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from checkfree_ray.checkpointing import CheckpointStore, PendingSave, storage_env
+from checkfree_ray.checkpoint_store import CheckpointStore, PendingSave, storage_env
 from schemas.errors import StorageError
 
 if TYPE_CHECKING:

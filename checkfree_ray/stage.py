@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from checkfree_ray.model import Embedding, Head, ModelConfig, Stage, lm_loss, optimizer_groups
-from checkfree_ray.recovery import BLOCKS, EMBED, HEAD, weighted_sum
+from checkfree_ray.recovery_rules import BLOCKS, EMBED, HEAD, weighted_sum
 from checkfree_ray.stage_faults import FaultInjection
 from checkfree_ray.stage_shards import FlatState, ShardWriter, state_nbytes
 
@@ -132,7 +132,7 @@ class StageWorker(FaultInjection, ShardWriter):
         """Become stage `stage_index` with a fresh optimizer at `lr` (None: the sources' `meta/lr`), load `sources`.
 
         With `weights` the first len(weights) sources are blocks, summed with those coefficients (the CheckFree
-        recipe that `recovery.plan_recovery` decided; this only sums). Optimizer tensors in a source restore
+        recipe that `recovery_rules.plan_recovery` decided; this only sums). Optimizer tensors in a source restore
         Adam exactly (checkpoint, redundant copy).
         """
         self._fault("configure")

@@ -26,14 +26,14 @@ import ray
 from checkfree_ray.liveness import PING_TIMEOUT_S, StageLost, phase_of, stuck_stages, unanswering
 from checkfree_ray.model_config import ModelConfig
 from checkfree_ray.pool import StagePool
-from checkfree_ray.recovery import EMBED, HEAD
+from checkfree_ray.recovery_rules import EMBED, HEAD
 from checkfree_ray.saving import SAVE_TIMEOUT_S
 from checkfree_ray.transport import Transport, may_be_direct, open_transport
 from schemas.errors import RecoveryError
 from schemas.train import TrainSpec
 
 if TYPE_CHECKING:
-    from checkfree_ray.checkpointing import Checkpoint
+    from checkfree_ray.checkpoint_store import Checkpoint
     from checkfree_ray.history import History
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Recovery of lost stages: carries out on the stage group what the recovery rules decide.
 
-`recovery.py` decides (pure functions: which stages, which sources, which weights); `StageRecovery` carries the
+`recovery_rules.py` decides (pure functions: which stages, which sources, which weights); `StageRecovery` carries the
 decision out on Ray through the run's `StageGroup`: it takes a replacement actor from the pool, hands it its
 sources and their weights (the actor only sums), re-syncs what the strategy keeps in step and records each
 failure. Which stages are lost, and where the step was for each, comes from `liveness.py`.
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import ray
 
 from checkfree_ray.liveness import StageLost
-from checkfree_ray.recovery import (
+from checkfree_ray.recovery_rules import (
     BLOCKS,
     at_clip,
     plan_recovery,
@@ -32,7 +32,7 @@ from schemas.errors import RecoveryError
 from schemas.train_result import FailureRecord
 
 if TYPE_CHECKING:
-    from checkfree_ray.checkpointing import CheckpointStore
+    from checkfree_ray.checkpoint_store import CheckpointStore
     from checkfree_ray.draining import DrainHandler
     from checkfree_ray.failures import FailureInjector
     from checkfree_ray.saving import CheckpointSaver

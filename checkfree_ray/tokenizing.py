@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkfree_ray.checkpointing import absolute_uri
+from checkfree_ray.checkpoint_store import absolute_uri
 from rayops import storage
 from rayops.artifacts import sha256_hex, write_artifact
 from rayops.progress import ProgressLine

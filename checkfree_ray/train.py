@@ -16,10 +16,11 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from checkfree_ray.checkpointing import RunIdentity, open_run, write_run_record
 from checkfree_ray.executor import PipelineExecutor
+from checkfree_ray.lr_schedule import scheduled_lr
+from checkfree_ray.mfu import device_peak_flops, mfu
 from checkfree_ray.plots import loss_vs_time_png
-from checkfree_ray.schedule import device_peak_flops, mfu, scheduled_lr
+from checkfree_ray.run_identity import RunIdentity, open_run, write_run_record
 from rayops import storage
 from rayops.artifacts import write_artifact
 from rayops.progress import ProgressLine

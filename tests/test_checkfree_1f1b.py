@@ -8,8 +8,8 @@ import torch
 
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.model import ModelConfig, ReferenceTrainer
-from checkfree_ray.recovery import micro_batch_order, route
-from checkfree_ray.schedules import gpipe_order, one_f_one_b_order, peak_held, step_order
+from checkfree_ray.pipeline_schedules import gpipe_order, one_f_one_b_order, peak_held, step_order
+from checkfree_ray.recovery_rules import micro_batch_order, route
 from tests.test_checkfree_engine import run_steps, tiny_spec
 from tests.test_checkfree_phases import fail_at
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkfree_ray.model import ModelConfig, build_parts
-from checkfree_ray.recovery import (
+from checkfree_ray.recovery_rules import (
     plan_recovery,
     reinit_seed,
     reinitialised_blocks,

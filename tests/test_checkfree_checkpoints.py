@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from checkfree_ray.checkpointing import CheckpointStore, new_identity
+from checkfree_ray.checkpoint_store import CheckpointStore
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.failures import wait_until_dead
+from checkfree_ray.run_identity import new_identity
 from checkfree_ray.train import build_result, write_result
 from rayops import storage
 from schemas.errors import RecoveryError

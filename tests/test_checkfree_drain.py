@@ -103,7 +103,7 @@ def test_stage_state_bytes_counts_weights_and_both_adam_moments():
 
 def test_watching_drains_is_not_part_of_the_run_identity():
     """`recovery.drain_poll_s` changes no result, so it leaves the spec's fingerprint entries (and resumes) alone."""
-    from checkfree_ray.checkpointing import spec_inputs
+    from checkfree_ray.run_identity import spec_inputs
 
     watched, unwatched = drain_spec(poll=5.0), drain_spec(poll=None)
     assert spec_inputs(watched) == spec_inputs(unwatched)

@@ -10,7 +10,7 @@ import torch
 
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.model import ModelConfig, ReferenceTrainer
-from checkfree_ray.recovery import micro_batch_order
+from checkfree_ray.recovery_rules import micro_batch_order
 from rayops import storage
 from schemas.errors import RecoveryError
 from schemas.train import TrainSpec

@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 
-from checkfree_ray.checkpointing import new_identity, storage_env
+from checkfree_ray.checkpoint_store import storage_env
 from checkfree_ray.executor import PipelineExecutor
+from checkfree_ray.run_identity import new_identity
 from rayops.jobs import CREDENTIAL_ENV, forwarded_env
 from tests.test_checkfree_engine import run_steps, tiny_spec
 

@@ -223,7 +223,7 @@ def test_byte_data_into_a_smaller_vocabulary_is_refused(tmp_path):
 
 def test_run_identity_covers_the_model_and_token_files(tmp_path):
     """Rewriting config.json/weights or the token file under the same paths changes the run fingerprint."""
-    from checkfree_ray.checkpointing import new_identity
+    from checkfree_ray.run_identity import new_identity
     from checkfree_ray.tokenizing import tokenize
     from schemas.train import TrainSpec
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkfree_ray.model import ReferenceTrainer
-from checkfree_ray.recovery import micro_batch_order
+from checkfree_ray.recovery_rules import micro_batch_order
 from schemas.train import TrainSpec
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,7 +9,7 @@ import torch
 from checkfree_ray.data import FAILURE_STREAM, ByteCorpus, step_rng
 from checkfree_ray.failures import FailureInjector
 from checkfree_ray.model import ModelConfig, ReferenceTrainer, build_parts
-from checkfree_ray.recovery import (
+from checkfree_ray.recovery_rules import (
     failure_probability,
     micro_batch_order,
     plan_recovery,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkfree_ray.model import ModelConfig, ReferenceTrainer
-from checkfree_ray.recovery import at_clip, gradient_weights, plan_recovery, weighing_norm
+from checkfree_ray.recovery_rules import at_clip, gradient_weights, plan_recovery, weighing_norm
 from checkfree_ray.stage import StageWorker
 from schemas.train import LlamaSpec
 from tests.test_checkfree_engine import run_steps, tiny_spec

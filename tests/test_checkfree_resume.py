@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from checkfree_ray.checkpointing import CheckpointStore, new_identity, open_run
+from checkfree_ray.checkpoint_store import CheckpointStore
 from checkfree_ray.cli import main
 from checkfree_ray.data import DATA_STREAM, FAILURE_STREAM, ByteCorpus, step_rng
 from checkfree_ray.failures import FailureInjector
+from checkfree_ray.run_identity import new_identity, open_run
 from rayops import storage
 from schemas.errors import RunConflictError
 from schemas.loader import dump_spec

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from checkfree_ray.lr_schedule import lr_factor, scheduled_lr
+from checkfree_ray.mfu import device_peak_flops, mfu
 from checkfree_ray.model import ModelConfig, ReferenceTrainer, build_parts
-from checkfree_ray.recovery import micro_batch_order
-from checkfree_ray.schedule import device_peak_flops, lr_factor, mfu, scheduled_lr
+from checkfree_ray.recovery_rules import micro_batch_order
 from checkfree_ray.stage import StageWorker, initial_stage_state
 from schemas.train import LlamaSpec, OptimSpec, TrainSpec
 

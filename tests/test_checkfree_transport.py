@@ -12,7 +12,7 @@ import torch
 from checkfree_ray import transport as transport_module
 from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.model import ModelConfig, ReferenceTrainer
-from checkfree_ray.recovery import BLOCKS, EMBED
+from checkfree_ray.recovery_rules import BLOCKS, EMBED
 from checkfree_ray.transport import Transport, may_be_direct, select_transport
 from tests.test_checkfree_engine import run_steps, tiny_spec
 
@@ -132,7 +132,7 @@ def test_gloo_recovery_falls_back_cleanly_and_rebuilds_from_the_neighbours(ray_l
     transport, but gloo cannot form a second group, so the run falls back to the object store (said once); the
     replacement's blocks are still the gradient-weighted sum of its neighbours' and the next step trains."""
     from checkfree_ray.liveness import StageLost
-    from checkfree_ray.recovery import gradient_weights, weighing_norm
+    from checkfree_ray.recovery_rules import gradient_weights, weighing_norm
 
     spec = tiny_spec("checkfree", warm_standby=True, pipeline={"activation_transport": "gloo"})
     executor = PipelineExecutor(spec)

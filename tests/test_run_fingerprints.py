@@ -3,7 +3,7 @@ makes an earlier run look like another one, while setting any field still does."
 
 from __future__ import annotations
 
-from checkfree_ray.checkpointing import new_identity, spec_inputs
+from checkfree_ray.run_identity import new_identity, spec_inputs
 from lcsc_ray.run_identity import _spec_record
 from tests.test_checkfree_resume import tiny_spec as tiny_train_spec
 from tests.test_lcsc_search import tiny_spec as tiny_search_spec

@@ -2,8 +2,8 @@
 
 Ray runs an actor's calls in the order one caller submits them, so a schedule is just that order: a list of
 ops `(kind, micro_batch, hop)`, each submitted after the op it consumes (the previous hop's forward, the next
-hop's backward). A route (`recovery.route`) gives each micro-batch's hops as (stage, parts); CheckFree+ routes
-visit some stages twice, so everything here works on hops, not on stage numbers.
+hop's backward). A route (`recovery_rules.route`) gives each micro-batch's hops as (stage, parts); CheckFree+
+routes visit some stages twice, so everything here works on hops, not on stage numbers.
 
 - GPipe (Huang et al., 2019): every forward of every micro-batch, then every backward. A stage holds the
   activations of all M micro-batches at the turn.
