@@ -30,7 +30,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether a TCP port on 127.0.0.1 can be bound right now."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -52,7 +53,7 @@ def weed_ports(count: int = 4, attempts: int = 200) -> list[tuple[int, int]]:
     for _ in range(attempts):
         base = rng.randrange(_WEED_PORT_RANGE[0], _WEED_PORT_RANGE[1] - count)
         pairs = [(base + i, base + i + _WEED_GRPC_OFFSET) for i in range(count)]
-        if all(_port_is_free(port) for pair in pairs for port in pair):
+        if all(port_is_free(port) for pair in pairs for port in pair):
             return pairs
     raise RuntimeError(f"no {count} free SeaweedFS port pairs in {_WEED_PORT_RANGE} after {attempts} tries")
 

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -42,7 +41,7 @@ from rayops.rehearsal_config import (
     load_aws_config,
     rehearsal_config,
 )
-from rayops.s3_server import free_port
+from rayops.s3_server import free_port, port_is_free
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 180.0  # a head starts in ~5 s on quiet cores; shared cores can make it 10x slower
@@ -108,16 +107,6 @@ def processes_of(marker: str, table: dict[int, tuple[int, str]] | None = None) -
         found |= children
         grew = bool(children)
     return found
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a TCP port on 127.0.0.1 can be bound right now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def signal_all(pids: set[int], sig: int) -> None:
