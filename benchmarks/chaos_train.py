@@ -290,7 +290,7 @@ def passed(row: dict) -> bool:
         and row["leaked_actors"] == 0
         and row["leaked_placement_groups"] == 0
     )
-    if ok and row["kind"] in TWO_EVENT:
+    if ok and row.get("kind") in TWO_EVENT:
         method = "redundant" if row["kind"] == "backup" else "checkfree"
         ok = (
             row["lost"] == [[row["event_step"], row["event_stage"], method, "optimizer"]]

@@ -34,8 +34,10 @@ def test_step_accounting_counts_rolled_back_steps_out_and_finds_lost_and_repeate
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_chaos_runs_finish_with_every_step_once_and_leak_nothing():
-    """One seed of each kind (random stage kills, a SIGKILLed driver then resumed, a removed worker node): each
-    run finishes with steps 1..N kept exactly once and leaves no actor or placement group alive."""
+    """One seed of each kind (random stage kills, a SIGKILLed driver then resumed, a removed worker node, and the
+    two-event cases: a redundant stage lost before its backup, a stage lost before its norm under global
+    clipping): each run finishes with steps 1..N kept exactly once and leaves no actor or placement group alive;
+    a two-event run loses only its stage, without a rollback."""
     proc = subprocess.run(
         [sys.executable, "-c", RUN_ONE_SEED],
         check=False,
@@ -48,7 +50,7 @@ def test_chaos_runs_finish_with_every_step_once_and_leak_nothing():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("CHAOS_ROWS "))
     rows = json.loads(line.removeprefix("CHAOS_ROWS "))
-    assert [row["kind"] for row in rows] == ["stages", "driver", "node"]
+    assert [row["kind"] for row in rows] == ["stages", "driver", "node", "backup", "norm"]
     for row in rows:
         assert passed(row), row
     driver = rows[1]
