@@ -34,3 +34,26 @@ def loss_vs_time_png(result: TrainResult) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def loss_vs_step_with_twin_png(result: TrainResult, twin: TrainResult) -> bytes:
+    """PNG bytes: training loss against step for a run with failures and its no-failure twin (same data, same
+    seed), a red line at each failure, so the cost of each failure shows as the gap between the two curves."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(twin.steps, twin.losses, lw=1, color="tab:gray", label="no failures (twin)")
+    ax.plot(result.steps, result.losses, lw=1, color="tab:blue", label=f"{len(result.failures)} failure(s)")
+    if twin.val_steps:
+        ax.plot(twin.val_steps, twin.val_losses, "o--", ms=3, color="tab:gray", label="validation, twin")
+    if result.val_steps:
+        ax.plot(result.val_steps, result.val_losses, "o-", ms=3, color="tab:blue", label="validation")
+    for index, failure in enumerate(result.failures):
+        ax.axvline(failure.step, color="red", alpha=0.5, lw=1, label="failure" if index == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.set_title(f"{result.spec.name}: {result.spec.recovery.strategy} against the same run without failures")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
