@@ -5,13 +5,11 @@ with a large numpy copy (read + write). Run from the repository root:
 
     .venv/bin/python benchmarks/combine.py [--quick]
 
-Runtime: see `wall_time_s` in the result JSON; --quick (K=8, P=4M) writes under outputs/bench/quick/.
+Rounds are the harness's seeds (7; --quick: 3, K=8, P=4M, written under outputs/bench/quick/).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,23 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import machine_info, write_json
+import harness
 
 from lcsc_ray.checkpoints import as_tensor
 from lcsc_ray.combine import combine_into
 
-
-def interleaved_best(variants: dict, rounds: int) -> dict[str, float]:
-    """Fastest time of each variant over `rounds` rounds that run every variant once, in turn, so that load
-    from other processes on shared cores hits all variants alike (one warm-up round first)."""
-    best = dict.fromkeys(variants, float("inf"))
-    for round_index in range(rounds + 1):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            if round_index:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+COPY = "numpy copy (bandwidth reference)"
+DEFAULT = "combine_into chunk=262144"
 
 
 def naive_stream(out: torch.Tensor, tensors: list[torch.Tensor], alphas: list[float]) -> None:
@@ -50,14 +38,12 @@ def naive_stream(out: torch.Tensor, tensors: list[torch.Tensor], alphas: list[fl
 
 
 def main() -> None:
-    """Time the variants side by side and write benchmarks/results/combine.json."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="K=8, P=4M instead of K=20, P=25M")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (evaluators use 1)")
-    args = parser.parse_args()
+    """Time the variants side by side (the harness interleaves them round by round) and write combine.json."""
+    cli = harness.parser(__doc__, seeds=range(1, 8), quick_seeds=range(1, 4))
+    cli.add_argument("--threads", type=int, default=1, help="torch threads (evaluators use 1)")
+    args = cli.parse_args()
     torch.set_num_threads(args.threads)
-    started = time.monotonic()
-    k, p, rounds = (8, 4_000_000, 3) if args.quick else (20, 25_000_000, 7)
+    k, p = (8, 4_000_000) if args.quick else (20, 25_000_000)
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(p, dtype=np.float32) for _ in range(k)]
     for a in arrays:
@@ -69,7 +55,7 @@ def main() -> None:
     tensors = [as_tensor(a) for a in arrays]  # the same read-only arrays, no copies
     variants = {
         # a large copy of the same duration as a combination: every checkpoint copied once into `dst`
-        "numpy copy (bandwidth reference)": lambda: [np.copyto(dst, a) for a in arrays],
+        COPY: lambda: [np.copyto(dst, a) for a in arrays],
         "numpy out += a*x (temporaries)": lambda: _numpy_naive(out, arrays, alphas),
         "torch whole-buffer in place": lambda: naive_stream(torch.from_numpy(out), tensors, alphas),
     }
@@ -77,9 +63,27 @@ def main() -> None:
         variants[f"combine_into chunk={chunk}"] = lambda c=chunk: combine_into(
             out, arrays, alphas, chunk_size=c
         )
-    best = interleaved_best(variants, rounds)
-    bandwidth = 2 * k * p * 4 / best.pop("numpy copy (bandwidth reference)")
-    rows = [
+    for fn in variants.values():  # one warm-up call each
+        fn()
+
+    def measure(name: str, fn, seed: int) -> dict:
+        start = time.perf_counter()
+        fn()
+        return {"seconds": time.perf_counter() - start}
+
+    sweep = harness.Sweep(
+        "combine",
+        configs=variants,
+        seeds=harness.chosen_seeds(args),
+        measure=measure,
+        describe=f"one combination of K={k} float32 checkpoints of P={p:,} parameters per round (round = seed), "
+        f"variants interleaved; bytes moved (K reads + 1 write) = {moved:,}",
+    )
+    record = harness.run_record(args)
+    rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)  # timings are never reused
+    best = {name: min(r["seconds"] for r in rows if r["config"] == name) for name in variants}
+    bandwidth = 2 * k * p * 4 / best.pop(COPY)
+    summary = [
         {
             "variant": name,
             "seconds": seconds,
@@ -95,33 +99,38 @@ def main() -> None:
         f"K={k} P={p:,} torch_threads={args.threads}  numpy copy bandwidth {bandwidth / 1e9:.2f} GB/s "
         f"(read+write)  max |err| vs float64 {max_err:.2e}"
     )
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'variant':36s} {'seconds':>9s} {'GB/s':>7s} {'x bandwidth':>12s}")
-    for row in rows:
+    print(f"{'variant':36s} {'best s':>9s} {'GB/s':>7s} {'x bandwidth':>12s}")
+    for row in summary:
         print(
-            f"{row['variant']:36s} {row['seconds']:9.4f} {row['gb_per_s']:7.2f} "
-            f"{row['fraction_of_bandwidth']:12.2f}"
+            f"{row['variant']:36s} {row['seconds']:9.4f} {row['gb_per_s']:7.2f} {row['fraction_of_bandwidth']:12.2f}"
         )
-    default = next(r for r in rows if r["variant"] == "combine_into chunk=262144")
-    result = {
-        "machine": machine_info(),
-        "k": k,
-        "p": p,
-        "quick": args.quick,
-        "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "bytes_moved": moved,
-        "rows": rows,
-        "default_fraction_of_bandwidth": default["fraction_of_bandwidth"],
-        "target_fraction": 0.6,
-        "load_average": os.getloadavg()[0],
-        "max_abs_error_vs_float64": max_err,
-        "wall_time_s": round(time.monotonic() - started, 1),
-    }
-    results = ROOT / "outputs" / "bench" / "quick" if args.quick else ROOT / "benchmarks" / "results"
-    out_path = write_json(results / "combine.json", result)
-    print(
-        f"default (chunk=262144): {default['fraction_of_bandwidth']:.2f} x bandwidth (target >= 0.60) "
-        f"-> {out_path.relative_to(ROOT)}"
+    default = next(r for r in summary if r["variant"] == DEFAULT)
+    sweep.extra.update(
+        k=k,
+        p=p,
+        torch_threads=args.threads,
+        copy_bandwidth_gb_s=bandwidth / 1e9,
+        bytes_moved=moved,
+        best=summary,
+        default_fraction_of_bandwidth=default["fraction_of_bandwidth"],
+        target_fraction=0.6,
+        max_abs_error_vs_float64=max_err,
+    )
+    paired = harness.paired_table(rows, "seconds", baseline=DEFAULT, better="lower")
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        paired=[paired],
+        notes=[
+            (
+                f"default ({DEFAULT}): {default['fraction_of_bandwidth']:.2f} x the measured copy bandwidth "
+                f"({bandwidth / 1e9:.2f} GB/s read+write; target >= 0.60)"
+            ),
+            f"max |error| against a float64 sum: {max_err:.2e}",
+        ],
+        title="Combination throughput",
     )
 
 

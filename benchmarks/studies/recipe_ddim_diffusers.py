@@ -13,7 +13,7 @@ consistency model's EMA at 2 steps, both sides draw the same number of images fr
 by the recipe's FID (its feature network against the MNIST reference statistics). The difference
 after - before is reported with its paired 95% interval per model.
 
-    .venv/bin/python benchmarks/recipe_ddim_diffusers.py [--quick]
+    .venv/bin/python benchmarks/studies/recipe_ddim_diffusers.py [--quick]
 
 Runtime: 4 models x 2 sides x 8 seeds of 1000 samples, about 2.5 min on 2 quiet cores.
 Writes benchmarks/results/recipe_ddim_diffusers.json and .md (--quick: outputs/bench/quick/).
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 import lcsc_setup as setup
 
 SEEDS = [2001, 2002, 2003, 2004, 2005, 2006, 2007, 2008]
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
             (
                 f"FID of {samples} samples, {len(seeds)} noise seeds shared by both sides, on the benchmarks' default "
-                "DDPM run and its distilled consistency model (`benchmarks/recipe_ddim_diffusers.py`). Before: the "
+                "DDPM run and its distilled consistency model (`benchmarks/studies/recipe_ddim_diffusers.py`). Before: the "
                 "recipe's own DDIM (float64 cosine written out, timesteps ending at 100); after: diffusers' DDIMScheduler "
                 "over DDPMScheduler's schedule (timesteps ending at 99). 'win'/'loss' mean the paired 95% interval "
                 "excludes zero; the seed-to-seed spread (±, SD) is the scale to read the shift against."

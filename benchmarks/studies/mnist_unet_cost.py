@@ -11,7 +11,7 @@ Measured: one training step's forward + backward (MSE on batch 64) and one sampl
 inference mode), each model in turn within a round, by wall clock and by process CPU time; the ratio per round, its median and a 95% t-interval
 over rounds. Writes benchmarks/results/mnist_unet_cost.json.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/mnist_unet_cost.py [--rounds 8] [--steps 4] [--quick]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/studies/mnist_unet_cost.py [--rounds 8] [--steps 4] [--quick]
 
 Runtime: about 6 minutes on 2 quiet cores; --quick (3 rounds of 1 step, one thread count; written to
 outputs/bench/quick/) well under a minute.
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 
 from _common import QUICK_RESULTS, RESULTS, machine_info, write_json
 
