@@ -17,7 +17,7 @@ generated from the measured values.
 Runtime: the full run is about 425 evaluations counted in 500-sample DDIM-10 units (two DDPM searches of 150
 plus 25 held-out 1000-sample scores each; the 1-step CM search and the 2-step base scores are a tenth of that),
 about 23 minutes from scratch on two evaluators on 2 quiet cores (measured 2026-12-05); --quick (budget 10, 250 samples, 2 held-out seeds) about a
-twentieth of it. One 500-sample DDIM-10 evaluation takes about 4 s on a quiet core (shared/ENVIRONMENT.md), but took 155 s (250
+twentieth of it. One 500-sample DDIM-10 evaluation takes about 4 s on a quiet core of this machine type, but took 155 s (250
 samples: 75-117 s) at load average 40-95 on these 2 cores (2026-11-29), so a full run needs quiet cores or more of them.
 Each part is written as it finishes; finished searches are cached under
 outputs/bench/claims-*/ and a rerun only does what is missing. Writes benchmarks/results/paper_claims.json and
