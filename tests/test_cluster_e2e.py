@@ -100,7 +100,12 @@ def test_ray_job_submit_search_survives_lost_worker_node(cluster, tmp_path):
     assert len(failed) <= spec.evaluators.num_actors and all(failed.reason.str.len() > 0)
 
 
+# `extended` (`make test-extended`): a training run losing a worker node mid-run (lost stages rebuilt, every
+# step kept once, each loss recorded, nothing leaked) is test_checkfree_run.py::
+# test_survives_node_removed_from_multi_node_cluster; training submitted as a Ray job to a head that runs it to
+# SUCCEEDED is test_checkfree_sdk.py::test_submit_training_to_local_head.
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(600)
 def test_training_job_recovers_stages_of_a_lost_worker_node(cluster, tmp_path):
     STEPS = 400  # long enough (tens of seconds) that the node is killed while the job runs
