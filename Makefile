@@ -10,7 +10,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export OMP_NUM_THREADS := 1
 
-.PHONY: install demo test test-fast test-slow lint schema clean hf-example
+.PHONY: install demo test test-fast test-slow test-extended lint schema clean hf-example
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,14 +38,18 @@ hf-example: $(STAMP)
 	$(VENV)/bin/checkfree-ray hf-config $(HF_EXAMPLE)/model --hidden-size 128 --layers 4 --heads 4 --kv-heads 2 --tokenizer $(HF_EXAMPLE)/tokenizer.json
 	$(VENV)/bin/checkfree-ray train examples/train_hf_llama.yaml --restart
 
+# `extended` tests are more variants of an end-to-end run whose behaviour faster tests cover (each says which).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -m "not extended"
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow and not extended"
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -ra -m slow
+	$(PY) -m pytest -q -ra -m "slow and not extended"
+
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -ra --durations=25 -m extended
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

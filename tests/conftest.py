@@ -19,6 +19,10 @@ for _name, _value in settings.LOCAL_RAY_ENV.items():
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# Fixtures shared by every test module. A session-scoped fixture imported into several modules would be one
+# fixture per module (each its own instance), so these are registered here, once, and never imported.
+pytest_plugins = ["tests.spot_cluster_fixtures"]
+
 HARD_TIMEOUT_GRACE_S = (
     180  # past pytest-timeout's limit, a test still running is stuck where signals cannot reach
 )
@@ -27,6 +31,19 @@ _guard: dict = {"ray_cut": False}
 
 def pytest_configure(config):
     _guard["stderr"] = os.dup(sys.stderr.fileno())  # not captured: the dump must reach the run's log
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Refuse a test module that imported a shared session fixture: it would start one more of it."""
+    from tests.spot_cluster_fixtures import modules_redefining_shared_fixtures
+
+    modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
+    found = modules_redefining_shared_fixtures(modules.values())
+    if found:
+        raise pytest.UsageError(
+            f"test modules import a shared session fixture ({', '.join(found)}): each would start its own; "
+            "remove the import and name the fixture as an argument (tests/conftest.py registers it)"
+        )
 
 
 def _timeout_of(item) -> float:

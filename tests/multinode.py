@@ -38,6 +38,8 @@ class LocalCluster:
     env: dict
     log_dir: Path
     nodes: list[subprocess.Popen] = field(default_factory=list)
+    # custom resource of each worker node -> its `ray start` process and CPUs (the latest node of that name)
+    workers: dict[str, tuple[subprocess.Popen, float]] = field(default_factory=dict)
 
     def add_node(self, num_cpus: float, resources: dict | None = None) -> subprocess.Popen:
         """Start a worker node and wait until the cluster counts it."""
@@ -65,6 +67,8 @@ class LocalCluster:
             self.nodes.append(node)
             try:
                 self.wait_for_nodes(len(self.nodes), gone=node)
+                for name in resources or {}:
+                    self.workers[name] = (node, num_cpus)
                 return node
             except NodeExited:  # its raylet timed out during start-up on crowded cores: start it again
                 self.nodes.remove(node)
@@ -132,6 +136,18 @@ class LocalCluster:
         return [
             a["node_id"] for a in self.actors() if a["class_name"] == class_name and a["state"] == "ALIVE"
         ]
+
+    def worker(self, name: str) -> subprocess.Popen:
+        """The `ray start` process of the worker node with custom resource `name` (`worker<i>`)."""
+        return self.workers[name][0]
+
+    def restore_workers(self) -> None:
+        """Start a fresh node for each worker node that was killed, with its resource name and CPUs, so tests that
+        share the cluster each start with every worker alive."""
+        for name, (node, cpus) in list(self.workers.items()):
+            if node.poll() is not None:
+                self.nodes.remove(node)
+                self.add_node(cpus, {name: 1})
 
     def kill_node(self, node: subprocess.Popen) -> None:
         """Kill a node abruptly (every process of it at once), as a spot preemption would."""

@@ -1,6 +1,8 @@
 """A local autoscaling spot cluster for slow tests, started once per session and shared.
 
-Import the fixture into a test module (`from tests.spot_cluster_fixtures import spot_cluster  # noqa: F401`).
+tests/conftest.py registers this module (`pytest_plugins`), so a test just names `spot_cluster` as an argument and
+every slow spot test shares one cluster. Do not import the fixture into a test module: pytest would then make it a
+fixture of that module, with a cluster of its own. Import the helpers (`start_driver`, `driver_env`) as usual.
 The cluster is separate from the tests' own in-process Ray: talk to it from a subprocess driver
 (`run_driver`) or through its GCS address (`rayops.cluster_nodes`), never with `ray.init` in the test process.
 """
@@ -34,6 +36,20 @@ def spot_cluster():
         cluster.stop()
         assert not processes_of(temp_dir), f"processes of the spot cluster in {temp_dir} outlived stop()"
         assert not os.path.exists(temp_dir), f"stop() left the spot cluster's temp dir {temp_dir}"
+
+
+SHARED_FIXTURES = ("spot_cluster",)  # registered once by tests/conftest.py; never imported into a test module
+
+
+def modules_redefining_shared_fixtures(modules) -> list[str]:
+    """'module: fixture' for each test module that holds one of SHARED_FIXTURES (imported it), which would give
+    that module a session fixture of its own."""
+    return [
+        f"{module.__name__}: {name}"
+        for module in modules
+        for name in SHARED_FIXTURES
+        if getattr(module, name, None) is globals()[name]
+    ]
 
 
 def driver_env() -> dict[str, str]:

@@ -138,7 +138,12 @@ def test_identity_rule_is_used_by_the_executor(ray_local):
     assert all(captured["states"][0][k].any() for k in zeroed)
 
 
+# `extended` (`make test-extended`): 'copy' rebuilds through the executor's weighted-sum path that the engine tests
+# run with the default rule, with the weights test_copy_rule_takes_the_previous_neighbour_exactly checks; the
+# engine's StageWorker rebuilding by 'copy' is test_benchmark_rebuilds_follow_the_rules. The rule reaching the
+# executor from the spec is test_identity_rule_is_used_by_the_executor.
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(180)
 def test_copy_rule_is_used_by_the_executor(ray_local):
     """A middle stage killed under checkfree with rule 'copy' comes back equal to its previous neighbour."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.chaos_train import step_accounting
 from checkfree_ray import run_training
 from checkfree_ray.cli import main
 from rayops import storage
@@ -77,6 +78,9 @@ def test_survives_node_removed_from_multi_node_cluster(tmp_path):
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     report = json.loads(line[len("RESULT ") :])
     assert report["steps"][-1] == 6 and sorted(set(report["steps"])) == [1, 2, 3, 4, 5, 6]
+    # the chaos harness's step accounting (its node kind runs this demo): every step kept once, none lost
+    accounting = step_accounting(report["steps"], report["rolled_back"], report["expected_steps"])
+    assert accounting == {"kept_steps": 6, "lost_steps": [], "counted_twice": [], "extra_steps": []}, report
     lost = sorted(f["stage"] for f in report["failures"])
     assert report["removed"]["stage"] in lost and all(f["step"] == 3 for f in report["failures"])
     assert report["removed"]["node"] not in report["nodes_after"]

@@ -150,7 +150,14 @@ def _run_driver(spec_path: Path, env: dict, kill_at_proposals: int | None, out: 
     (out / "run.lock").unlink(missing_ok=True)
 
 
+# `extended` (`make test-extended`): test_chaos_search.py::test_chaos_run_ends_as_its_uninterrupted_twin SIGKILLs
+# the driver of a CMA search at a seeded moment (beside an evaluator and a trial killed) and checks the resumed
+# search's trials and winner equal its uninterrupted twin's; the replay at other kill moments and for NGOpt is
+# test_killed_and_resumed_proposals_equal_an_uninterrupted_run (three kill moments, both optimisers); a real
+# SIGKILL keeping every finished trial, none re-run, is test_lcsc_search.py::
+# test_search_resumes_after_sigkill_without_rerunning_trials.
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(3000)
 @pytest.mark.parametrize(("optimizer_name", "kills"), [("CMA", 3), ("NGOpt", 1)])
 def test_sigkilled_driver_resumes_to_the_uninterrupted_result(tmp_path, optimizer_name, kills):

@@ -10,7 +10,7 @@ import pytest
 from rayops.cluster_nodes import alive_node_ids, autoscaler_nodes, draining_nodes, wait_until, worker_nodes
 from rayops.rehearsal_config import MARKET_LABEL
 from rayops.spot_events import DRAIN, RECLAIM, TERMINATE, PlannedEvent, SpotEventInjector
-from tests.spot_cluster_fixtures import spot_cluster, start_driver  # noqa: F401 - spot_cluster: the fixture
+from tests.spot_cluster_fixtures import start_driver  # spot_cluster: registered by tests/conftest.py
 
 TASKS = 3
 HOLD_S = 45  # each task holds its CPU this long: the workers are busy when the events hit them
@@ -35,7 +35,7 @@ def _workers_up(gcs: str, count: int):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_spot_cluster_scales_survives_reclaim_and_drain_and_shrinks(spot_cluster, tmp_path):  # noqa: F811
+def test_spot_cluster_scales_survives_reclaim_and_drain_and_shrinks(spot_cluster, tmp_path):
     """Three 1-CPU tasks launch three spot workers; a reclaim and a drain remove two; idle, it shrinks to the head."""
     gcs = spot_cluster.address.gcs_address
     head = [node for node in autoscaler_nodes(gcs) if node.is_head]
