@@ -48,7 +48,7 @@ TOKENS_PER_STEP = PIPELINE["micro_batches"] * PIPELINE["micro_batch_size"] * SEQ
 MAX_TOKENS_PER_PARAM = 6  # the spec's `steps` (part of its fingerprint): the longest plan entry of any width
 EVERY = 100  # validation loss and checkpoint interval of the training
 MEASURED = CACHE.parent / "recovery-width"
-DEFAULT_PLAN = ["64:2", "128:2", "192:2", "64:6", "128:6", "256:2"]
+DEFAULT_PLAN = ["64:2", "128:2", "96:2", "64:6", "192:2", "96:6", "128:6", "256:2"]
 
 
 def model_of(d: int) -> dict:
@@ -65,7 +65,7 @@ def parameters(d: int) -> int:
 
 def steps_for(d: int, tokens_per_param: float) -> int:
     """Training steps that give width `d` `tokens_per_param` tokens per parameter."""
-    return max(EVERY, int(round(tokens_per_param * parameters(d) / TOKENS_PER_STEP / EVERY)) * EVERY)
+    return max(EVERY, round(tokens_per_param * parameters(d) / TOKENS_PER_STEP / EVERY) * EVERY)
 
 
 def width_spec(d: int, steps: int | None = None) -> TrainSpec:
@@ -183,7 +183,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    log = lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True)  # noqa: E731
+    log = lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True)
     if not args.report_only:
         for d, k in parse_plan(args.plan):
             measure_entry(d, k, log)

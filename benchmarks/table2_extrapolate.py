@@ -1,0 +1,524 @@
+"""Table 2 carried to the paper's model sizes: per-step costs measured at several widths, fitted, extrapolated.
+
+`python benchmarks/table2_extrapolate.py [measure] [report]`
+
+**measure** (about 3 min on 2 cores): at widths d = 64..512 (4 layers, 4 stages, micro-batches of 8 x 64 tokens)
+  - a stage's forward + backward of one micro-batch (the engine's `StageWorker`, in process, one torch thread);
+  - one pipeline hop through Ray (an actor returns a float32 activation that the next actor reads: one actor call
+    plus one object transfer) for activation and (de)embedding-copy sizes;
+  - a checkpoint save (the engine's `CheckpointStore`, all stages with Adam, to local disk),
+  each repeated; written to outputs/bench-cache/table2-extrapolate/costs.json.
+
+**report** fits each cost as a + b x size (least squares; 95% intervals by bootstrap over the repeats), checks
+the fitted model against the two CheckFree+ per-step overheads measured in the engine (Table 2's bench model,
+and pipeline.json's d=128 model), and models each strategy's hours to the target at the paper's sizes and
+failure rates (`speedup_rows`), stating every assumption (ASSUMPTIONS). The rows are added to
+benchmarks/results/paper_table2.json under "extrapolated" (the measured rows are kept).
+
+The expected-time model, per useful step, with f = S x p failures per step (p = 1 - (1 - h)^(B/3600), h the
+paper's hourly rate per stage, B the step time):
+
+    checkpointing:  B (1 + save / (K B)) + f (K/2 B + R)
+    CheckFree+:     g [B r+ + f (R + e B)]
+    CheckFree:      g_cf [B + f ((S-2)/S (R + e_cf B) + 2/S (K/2 B + R))] + save / K
+
+r+ = 1 + (extra hops x hop(activation) + 2 copies x hop(embedding) / copy_every) / B is CheckFree+'s per-step
+cost over a plain step (the swap's extra hops charged serially: an upper bound), K the checkpoint interval, R the
+paper's 30 s per recovery, g and e the convergence slowdown and extra steps per rebuild fitted from Table 2's runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS, machine_info, write_json
+
+WORK = Path(__file__).resolve().parents[1] / "outputs" / "bench-cache" / "table2-extrapolate"
+WIDTHS = [64, 128, 256, 512]
+LAYERS, HEADS, SEQ, MICRO = 4, 4, 64, 8
+REPEATS = 7
+HOURLY = {"5%": 0.05, "10%": 0.10, "16%": 0.16}
+PAPER_SPEEDUP = {"5%": 1.57, "10%": 1.69, "16%": 1.38}  # CheckFree+ over checkpointing, 500M (paper Table 2)
+# The paper's sizes: width, layers, stages (the 1.5B's stage count is not given: assumed 6 like the 500M);
+# step seconds: the paper's 91.5 s for the 500M, scaled by parameters per stage for the others (assumption).
+PAPER_SIZES = {
+    "124M": {"params": 124e6, "d_model": 512, "n_layers": 12, "stages": 4},
+    "500M": {"params": 500e6, "d_model": 1024, "n_layers": 24, "stages": 6},
+    "1.5B": {"params": 1.5e9, "d_model": 2048, "n_layers": 24, "stages": 6},
+}
+PAPER_STEP_S = 91.5
+ASSUMPTIONS = {
+    "step_s": "the paper's 91.5 s checkpointing iteration for the 500M; 124M and 1.5B scaled by parameters per "
+    "stage (the same tokens per step)",
+    "micro_batches": 8,
+    "micro_batch_tokens": 8 * 1024,
+    "activation_bytes_per_value": 2,
+    "vocab": 32000,
+    "copy_every": 1,
+    "checkpoint_every": 100,
+    "checkpoint_bytes_per_param": 12,
+    "recovery_s": 30.0,
+    "save_blocks_step": True,
+    "links": {
+        "measured loopback": None,
+        "10 Gbit/s": 10e9 / 8,
+        "1 Gbit/s": 1e9 / 8,
+    },
+    "save_throughput": "the fitted local-disk throughput, or the link's bandwidth when slower (S3 over the link)",
+    "swap_hops": "CheckFree+ runs half the micro-batches swapped, each with 2 extra forward and 2 extra backward "
+    "hops, charged serially (an upper bound: the engine overlaps hops of different micro-batches)",
+    "failures": "each stage fails independently at the paper's hourly rate, p per step = 1 - (1 - h)^(B/3600); "
+    "a checkpointing failure loses K/2 steps on average (Table 2's runs: 9-17 steps per failure at K = 20)",
+}
+
+
+# ----- the fit ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AffineFit:
+    """t = intercept + slope x size, with 95% bootstrap intervals of both."""
+
+    intercept: float
+    slope: float
+    intercept_ci: tuple[float, float]
+    slope_ci: tuple[float, float]
+
+    def __call__(self, size: float, which: str = "mean") -> float:
+        """The fitted value at `size`: 'mean', or 'low'/'high' (both coefficients at their interval's end)."""
+        if which == "mean":
+            return self.intercept + self.slope * size
+        i = 0 if which == "low" else 1
+        return max(0.0, self.intercept_ci[i]) + max(0.0, self.slope_ci[i]) * size
+
+    def as_dict(self) -> dict:
+        """JSON form."""
+        return {
+            "intercept": self.intercept,
+            "slope": self.slope,
+            "intercept_ci": list(self.intercept_ci),
+            "slope_ci": list(self.slope_ci),
+        }
+
+
+def affine_fit(sizes: list[float], samples: list[list[float]], boot: int = 2000, seed: int = 0) -> AffineFit:
+    """Least-squares t = a + b x size over every repeat of every size; the interval resamples the repeats of each
+    size with replacement (the sizes stay), so it reflects the measurement noise at each size."""
+    if len(sizes) < 2 or len(sizes) != len(samples) or any(not s for s in samples):
+        raise ValueError("an affine fit needs at least two sizes, each with at least one measurement")
+
+    def solve(xs: list[float], ys: list[float]) -> tuple[float, float]:
+        slope, intercept = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+        return float(intercept), float(slope)
+
+    xs = [x for x, ys in zip(sizes, samples) for _ in ys]
+    a, b = solve(xs, [y for ys in samples for y in ys])
+    rng = np.random.default_rng(seed)
+    coeffs = []
+    for _ in range(boot):
+        ys = [float(v) for s in samples for v in rng.choice(s, size=len(s), replace=True)]
+        coeffs.append(solve(xs, ys))
+    arr = np.asarray(coeffs)
+    lo, hi = np.percentile(arr, [2.5, 97.5], axis=0)
+    return AffineFit(a, b, (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1])))
+
+
+# ----- the expected-time model -----------------------------------------------------------------------------------
+def failure_probability(hourly: float, step_s: float) -> float:
+    """Per stage per step: 1 - (1 - h)^(step_s / 3600) (the paper's conversion)."""
+    if not 0 <= hourly < 1 or step_s <= 0:
+        raise ValueError(f"hourly rate must be in [0, 1) and step time positive, got {hourly}, {step_s}")
+    return 1.0 - (1.0 - hourly) ** (step_s / 3600.0)
+
+
+@dataclass(frozen=True)
+class SizeCosts:
+    """Per-step inputs of the expected-time model at one size (seconds)."""
+
+    step_s: float  # B: one plain pipeline step
+    plus_extra_s: float  # CheckFree+'s swap hops and (de)embedding copies per step
+    save_s: float  # one checkpoint save
+    stages: int
+    checkpoint_every: int
+    recovery_s: float
+
+
+def seconds_per_useful_step(strategy: str, c: SizeCosts, f: float, g: float = 1.0, e: float = 0.0) -> float:
+    """Expected wall seconds per step of progress (module docstring) under f failures per step."""
+    B, K, R, S = c.step_s, c.checkpoint_every, c.recovery_s, c.stages
+    rollback = K / 2 * B + R
+    if strategy == "checkpoint":
+        return B + c.save_s / K + f * rollback
+    if strategy == "checkfree+":
+        return g * (B + c.plus_extra_s + f * (R + e * B))
+    if strategy == "checkfree":
+        middle = (S - 2) / S
+        return g * (B + f * (middle * (R + e * B) + (1 - middle) * rollback)) + c.save_s / K
+    raise ValueError(f"unknown strategy {strategy!r}: one of checkpoint, checkfree, checkfree+")
+
+
+def speedup(strategy: str, c: SizeCosts, hourly: float, g: float = 1.0, e: float = 0.0) -> float:
+    """Modelled speed-up of `strategy` over checkpointing (hours to the target, checkpointing / strategy)."""
+    f = c.stages * failure_probability(hourly, c.step_s)
+    return seconds_per_useful_step("checkpoint", c, f) / seconds_per_useful_step(strategy, c, f, g, e)
+
+
+def plus_extra_seconds(
+    hop: AffineFit,
+    micro_batches: int,
+    activation_bytes: float,
+    embedding_bytes: float,
+    copy_every: int,
+    which,
+) -> float:
+    """CheckFree+'s extra seconds per step: half the micro-batches swapped, 4 extra hops each (2 forward,
+    2 backward) of one activation, plus the embedding's and head's copies every `copy_every` steps."""
+    swapped = micro_batches // 2  # odd micro-batches run swapped (recovery_rules.micro_batch_order)
+    return 4 * swapped * hop(activation_bytes, which) + 2 * hop(embedding_bytes, which) / copy_every
+
+
+@dataclass(frozen=True)
+class LinkHop:
+    """A hop over a link: the fitted per-call latency plus bytes at `bandwidth` (bytes/s)."""
+
+    fit: AffineFit
+    bandwidth: float
+
+    def __call__(self, size: float, which: str = "mean") -> float:
+        """Seconds to send `size` bytes."""
+        latency = {
+            "mean": self.fit.intercept,
+            "low": self.fit.intercept_ci[0],
+            "high": self.fit.intercept_ci[1],
+        }
+        return max(0.0, latency[which]) + size / self.bandwidth
+
+
+# ----- steps: convergence slowdown and damage per rebuild from Table 2's runs ---------------------------------
+def slowdown_fit(runs: dict, strategy: str, boot: int = 2000, seed: int = 0) -> dict:
+    """Least squares of steps_to_target(strategy) - steps_to_target(none, same seed) = (g - 1) N0 + e x rebuilds
+    over Table 2's runs (every rate); g: the convergence slowdown without failures, e: extra steps per recovery.
+    95% intervals by bootstrap over runs."""
+    none = {r["seed"]: r["steps_to_target"] for r in runs["reference"] if r["reached"]}
+    rows = [
+        (none[r["seed"]], r["recoveries"], r["steps_to_target"] - none[r["seed"]])
+        for rate in runs["runs"].values()
+        for r in rate
+        if r["strategy"] == strategy and r["reached"] and r["seed"] in none
+    ]
+    if len(rows) < 3:
+        raise ValueError(f"Table 2's runs hold {len(rows)} reached runs of {strategy}; need 3 to fit g and e")
+    X = np.asarray([[n0, k] for n0, k, _ in rows], float)
+    y = np.asarray([d for _, _, d in rows], float)
+
+    def solve(idx) -> tuple[float, float]:
+        coef, *_ = np.linalg.lstsq(X[idx], y[idx], rcond=None)
+        return 1.0 + float(coef[0]), float(coef[1])
+
+    g, e = solve(np.arange(len(rows)))
+    rng = np.random.default_rng(seed)
+    samples = np.asarray([solve(rng.integers(0, len(rows), len(rows))) for _ in range(boot)])
+    lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
+    return {
+        "g": g,
+        "e": e,
+        "g_ci": [float(lo[0]), float(hi[0])],
+        "e_ci": [float(lo[1]), float(hi[1])],
+        "runs": len(rows),
+    }
+
+
+# ----- measurement ------------------------------------------------------------------------------------------------
+def _spec(d: int):
+    from schemas.train import TrainSpec
+
+    return TrainSpec.model_validate(
+        {
+            "name": f"table2-extrapolate-d{d}",
+            "seed": 0,
+            "steps": 10,
+            "model": {"d_model": d, "n_layers": LAYERS, "n_heads": HEADS, "seq_len": SEQ},
+            "pipeline": {"num_stages": 4, "micro_batches": 2, "micro_batch_size": MICRO},
+            "recovery": {"strategy": "checkfree+"},
+        }
+    )
+
+
+def measure_compute(d: int) -> dict:
+    """A middle stage's forward + backward of one micro-batch (seconds, REPEATS times) and its block parameters."""
+    import torch
+    from recovery_inprocess import LocalPipeline
+
+    from checkfree_ray.recovery_rules import BLOCKS
+
+    pipe = LocalPipeline(_spec(d))
+    worker = pipe.workers[1]
+    x = torch.randn(MICRO, SEQ, d).numpy()
+    grad = torch.randn(MICRO, SEQ, d).numpy() * 1e-3
+    times = []
+    for i in range(REPEATS + 1):
+        t = time.perf_counter()
+        worker.forward(0, 1, (BLOCKS,), x, None, 1.0, True)
+        worker.backward(0, 1, grad)
+        if i:  # the first is a warm-up
+            times.append(time.perf_counter() - t)
+    params = sum(p.numel() for p in worker.parts[BLOCKS].parameters())
+    return {"d_model": d, "block_params": params, "tokens": MICRO * SEQ, "seconds": times}
+
+
+def measure_saves(d: int, root: Path) -> dict:
+    """Seconds to save the whole model (every stage with Adam) through the engine's `CheckpointStore`."""
+    from recovery_inprocess import LocalPipeline
+
+    from checkfree_ray.checkpoint_store import CheckpointStore
+
+    pipe = LocalPipeline(_spec(d))
+    shards = [w.state_bytes() for w in pipe.workers]
+    store = CheckpointStore(str(root / f"d{d}"), keep=1)
+    times = []
+    for step in range(1, REPEATS + 1):
+        t = time.perf_counter()
+        store.save(step, shards, {"spec": {}}, {})
+        times.append(time.perf_counter() - t)
+    return {"d_model": d, "bytes": sum(len(s) for s in shards), "seconds": times}
+
+
+def measure_hops(sizes: list[int]) -> dict:
+    """Seconds of one hop (an actor call whose argument is the previous actor's float32 output) per byte size:
+    a chain produce -> consume, less a consume of an empty array (one call)."""
+    import ray
+    from _common import local_ray
+
+    @ray.remote(num_cpus=0)
+    class Node:
+        def produce(self, n: int):
+            return np.ones(n // 4, np.float32)
+
+        def consume(self, x) -> int:
+            return int(x.nbytes)
+
+    out = {"bytes": sizes, "seconds": []}
+    with local_ray(num_cpus=2):
+        a, b = Node.remote(), Node.remote()
+        ray.get([a.consume.remote(np.zeros(1, np.float32)), b.consume.remote(np.zeros(1, np.float32))])
+        for n in sizes:
+            times = []
+            for i in range(REPEATS + 1):
+                t = time.perf_counter()
+                ray.get(b.consume.remote(np.zeros(1, np.float32)))
+                call = time.perf_counter() - t
+                t = time.perf_counter()
+                ray.get(b.consume.remote(a.produce.remote(n)))
+                if i:
+                    times.append(max(0.0, time.perf_counter() - t - call))
+            out["seconds"].append(times)
+    return out
+
+
+def measure() -> dict:
+    """Every cost at every width; saved to WORK/costs.json."""
+    import torch
+
+    torch.set_num_threads(1)
+    before = machine_info()["load_average"]
+    compute = [measure_compute(d) for d in WIDTHS]
+    with tempfile.TemporaryDirectory(prefix="t2x-") as tmp:
+        saves = [measure_saves(d, Path(tmp)) for d in WIDTHS]
+    act = [MICRO * SEQ * d * 4 for d in WIDTHS]
+    emb = [256 * d * 4 for d in WIDTHS]
+    hops = measure_hops(sorted({*act, *emb, 4 * 2**20, 16 * 2**20}))
+    result = {
+        "compute": compute,
+        "saves": saves,
+        "hops": hops,
+        "load_before": before,
+        "machine": machine_info(torch_threads=1),
+    }
+    write_json(WORK / "costs.json", result)
+    return result
+
+
+# ----- report -----------------------------------------------------------------------------------------------------
+def fits(costs: dict) -> dict[str, AffineFit]:
+    """compute: seconds vs block parameters x tokens; hop: seconds vs bytes; save: seconds vs bytes."""
+    return {
+        "compute": affine_fit(
+            [c["block_params"] * c["tokens"] for c in costs["compute"]],
+            [c["seconds"] for c in costs["compute"]],
+        ),
+        "hop": affine_fit(costs["hops"]["bytes"], costs["hops"]["seconds"]),
+        "save": affine_fit([s["bytes"] for s in costs["saves"]], [s["seconds"] for s in costs["saves"]]),
+    }
+
+
+def engine_check(f: dict[str, AffineFit], table2: dict) -> list[dict]:
+    """The fitted model's CheckFree+ per-step ratio at the two sizes the engine measured, beside the measured one."""
+    out = []
+    ck = table2["costs"]["checkpoint"]["step_ms"]
+    plus = table2["costs"]["checkfree+"]["step_vs_checkpoint"]
+    bench = table2["bench_model"]
+    d, micro = bench["d_model"], table2["bench_pipeline"]
+    B = sum(ck) / len(ck) / 1000
+    act = micro["micro_batch_size"] * bench["seq_len"] * d * 4
+    predicted = {
+        w: 1 + plus_extra_seconds(f["hop"], micro["micro_batches"], act, 256 * d * 4, 1, w) / B
+        for w in ("mean", "low", "high")
+    }
+    out.append(
+        {
+            "size": f"Table 2 bench model (d={d}, {bench['n_layers']} layers)",
+            "plain_step_s": B,
+            "predicted_ratio": predicted,
+            "measured_ratio": plus,
+        }
+    )
+    pipeline = json.loads((RESULTS / "pipeline.json").read_text())
+    size = pipeline["size"]
+    steps = pipeline["throughput"]["step_s_per_round"]
+    B = float(np.median(steps["checkfree"]))
+    act = size["pipeline"]["micro_batch_size"] * size["model"]["seq_len"] * size["model"]["d_model"] * 4
+    emb = 256 * size["model"]["d_model"] * 4
+    ratios = [p / c for p, c in zip(steps["checkfree+"], steps["checkfree"])]
+    out.append(
+        {
+            "size": f"pipeline.json (d={size['model']['d_model']}, {size['model']['n_layers']} layers)",
+            "plain_step_s": B,
+            "predicted_ratio": {
+                w: 1 + plus_extra_seconds(f["hop"], size["pipeline"]["micro_batches"], act, emb, 1, w) / B
+                for w in ("mean", "low", "high")
+            },
+            "measured_ratio": {
+                "mean": float(np.mean(ratios)),
+                "low": float(min(ratios)),
+                "high": float(max(ratios)),
+                "per_round": ratios,
+            },
+        }
+    )
+    return out
+
+
+def size_costs(name: str, f: dict[str, AffineFit], link: str, which: str) -> SizeCosts:
+    """The model's inputs at one of the paper's sizes over one link (ASSUMPTIONS), at the fit's mean or ends."""
+    size, a = PAPER_SIZES[name], ASSUMPTIONS
+    ref = PAPER_SIZES["500M"]
+    step_s = PAPER_STEP_S * (size["params"] / size["stages"]) / (ref["params"] / ref["stages"])
+    bandwidth = a["links"][link]
+    hop = f["hop"] if bandwidth is None else LinkHop(f["hop"], bandwidth)
+    act = a["micro_batch_tokens"] * size["d_model"] * a["activation_bytes_per_value"]
+    emb = a["vocab"] * size["d_model"] * a["activation_bytes_per_value"]
+    plus = plus_extra_seconds(hop, a["micro_batches"], act, emb, a["copy_every"], which)
+    ckpt_bytes = size["params"] * a["checkpoint_bytes_per_param"]
+    save = f["save"](ckpt_bytes, which)
+    if bandwidth is not None:
+        save = max(save, ckpt_bytes / bandwidth)
+    return SizeCosts(step_s, plus, save, size["stages"], a["checkpoint_every"], a["recovery_s"])
+
+
+def speedup_rows(f: dict[str, AffineFit], steps: dict[str, dict]) -> list[dict]:
+    """Modelled speed-ups over checkpointing at each paper size, link and rate; the interval takes the fit's and
+    the step fit's ends together (worst and best case of both)."""
+    rows = []
+    for name in PAPER_SIZES:
+        for link in ASSUMPTIONS["links"]:
+            costs = {w: size_costs(name, f, link, w) for w in ("mean", "low", "high")}
+            for rate, h in HOURLY.items():
+                row = {
+                    "size": name,
+                    "link": link,
+                    "rate": rate,
+                    "step_s": costs["mean"].step_s,
+                    "plus_step_ratio": 1 + costs["mean"].plus_extra_s / costs["mean"].step_s,
+                    "plus_step_ratio_ci": [
+                        1 + costs[w].plus_extra_s / costs[w].step_s for w in ("low", "high")
+                    ],
+                    "save_s": costs["mean"].save_s,
+                }
+                for strategy in ("checkfree", "checkfree+"):
+                    s = steps[strategy]
+                    mean = speedup(strategy, costs["mean"], h, s["g"], s["e"])
+                    ends = [
+                        speedup(strategy, costs[w], h, g, e)
+                        for w in ("low", "high")
+                        for g in s["g_ci"]
+                        for e in s["e_ci"]
+                    ]
+                    row[strategy] = {"mean": mean, "low": min(ends), "high": max(ends)}
+                    row[f"{strategy}_same_convergence"] = speedup(strategy, costs["mean"], h, 1.0, 0.0)
+                if name == "500M":
+                    row["paper_checkfree+"] = PAPER_SPEEDUP[rate]
+                rows.append(row)
+    return rows
+
+
+def table_text(rows: list[dict]) -> str:
+    """The extrapolated rows as a Markdown table."""
+    head = (
+        "| size | link | rate | step s | CheckFree+ step ratio | save s | CheckFree x ckpt | CheckFree+ x ckpt "
+        "| CheckFree+ x ckpt, g=1, e=0 | paper |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        cf, cp = r["checkfree"], r["checkfree+"]
+        lines.append(
+            f"| {r['size']} | {r['link']} | {r['rate']} | {r['step_s']:.1f} | {r['plus_step_ratio']:.4f} "
+            f"[{r['plus_step_ratio_ci'][0]:.4f}, {r['plus_step_ratio_ci'][1]:.4f}] | {r['save_s']:.1f} "
+            f"| {cf['mean']:.2f} [{cf['low']:.2f}, {cf['high']:.2f}] | {cp['mean']:.2f} [{cp['low']:.2f}, "
+            f"{cp['high']:.2f}] | {r['checkfree+_same_convergence']:.2f} | {r.get('paper_checkfree+', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def report() -> dict:
+    """Fit, check against the engine, extrapolate; add the rows to paper_table2.json and print the table."""
+    costs = json.loads((WORK / "costs.json").read_text())
+    f = fits(costs)
+    table2_path = RESULTS / "paper_table2.json"
+    table2 = json.loads(table2_path.read_text())
+    steps = {s: slowdown_fit(table2["runs"], s) for s in ("checkfree", "checkfree+")}
+    rows = speedup_rows(f, steps)
+    extrapolated = {
+        "generated_by": "benchmarks/table2_extrapolate.py",
+        "model": __doc__.split("The expected-time model", 1)[1].strip(),
+        "assumptions": ASSUMPTIONS,
+        "paper_sizes": PAPER_SIZES,
+        "fits": {k: v.as_dict() for k, v in f.items()},
+        "fit_units": {
+            "compute": "seconds per micro-batch forward+backward of one block stage vs block parameters x tokens",
+            "hop": "seconds per hop vs bytes",
+            "save": "seconds per whole-model checkpoint vs bytes",
+        },
+        "convergence": steps,
+        "engine_check": engine_check(f, table2),
+        "rows": rows,
+        "table_markdown": table_text(rows),
+        "measured": costs,
+    }
+    table2["extrapolated"] = extrapolated
+    write_json(table2_path, table2)
+    print(extrapolated["table_markdown"])
+    print(json.dumps(extrapolated["engine_check"], indent=1))
+    print(json.dumps(extrapolated["fits"], indent=1), json.dumps(steps, indent=1))
+    return extrapolated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", default=["measure", "report"], choices=["measure", "report"])
+    args = parser.parse_args()
+    if "measure" in args.parts:
+        measure()
+    if "report" in args.parts:
+        report()
+
+
+if __name__ == "__main__":
+    main()
