@@ -118,6 +118,30 @@ def residual_norms(pipeline: LocalPipeline, val, stage: int, seed: int = 0) -> d
     }
 
 
+FRESH_SHAPES = [(64, 1), (128, 1), (256, 1), (512, 1), (512, 3), (1024, 1), (1024, 4), (2048, 1), (2048, 4)]
+
+
+@torch.no_grad()
+def fresh_stage_rms(d: int, blocks: int, seed: int = 0) -> float:
+    """RMS of what a freshly initialised stage of `blocks` pre-norm blocks (the model's std-0.02 initialisation,
+    head dim 64) adds to a unit-RMS input; RMSNorm before each branch makes it nearly independent of the input's
+    scale, so dividing by a stream's RMS gives how near a skip a 'random' rebuild is at width d."""
+    from checkfree_ray.model import ModelConfig, Stage, _init_weights
+
+    spec = width_spec(d, steps=1)
+    model = {**spec.model.model_dump(), "n_layers": 4 * blocks, "n_heads": max(1, d // 64)}
+    cfg = ModelConfig.from_train_spec(spec.model_copy(update={"model": spec.model.model_copy(update=model)}))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        stage = Stage(cfg)
+        stage.apply(_init_weights)
+        x = torch.randn(2, SEQ, d)
+    finally:
+        torch.random.set_rng_state(state)
+    return rms(stage(x) - x)
+
+
 def measured_file(d: int, k: float, seed: int) -> Path:
     """Where one (width, tokens per parameter, seed) measurement is kept."""
     return MEASURED / f"measured-d{d}-k{k:g}-seed{seed}.json"
@@ -189,7 +213,8 @@ def main() -> None:
             measure_entry(d, k, log)
     from recovery_width_report import report
 
-    report(sorted(MEASURED.glob("measured-*.json")))
+    fresh = [{"d_model": d, "blocks": b, "fresh_delta_rms": fresh_stage_rms(d, b)} for d, b in FRESH_SHAPES]
+    report(sorted(MEASURED.glob("measured-*.json")), fresh)
 
 
 if __name__ == "__main__":

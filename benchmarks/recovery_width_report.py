@@ -210,6 +210,32 @@ def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
     return out
 
 
+def fresh_notes(fresh: list[dict], results: list[dict]) -> list[str]:
+    """What a fresh std-0.02 stage adds (unit-RMS input) by width and blocks per stage, against the trained
+    streams' RMS measured here."""
+    streams = [n["stream_rms"] for r in results for n in r["residual_norms"]]
+    if not fresh or not streams:
+        return []
+    lo, hi = min(streams), max(streams)
+    d = [f["d_model"] for f in fresh if f["blocks"] == 1]
+    v = [f["fresh_delta_rms"] for f in fresh if f["blocks"] == 1]
+    slope = float(np.polyfit(np.log(d), np.log(v), 1)[0]) if len(d) > 1 else float("nan")
+    text = ", ".join(f"d={f['d_model']} x{f['blocks']} {f['fresh_delta_rms']:.3f}" for f in fresh)
+    paper = [f for f in fresh if (f["d_model"], f["blocks"]) in ((512, 3), (1024, 4), (2048, 4))]
+    ratios = ", ".join(
+        f"d={f['d_model']} x{f['blocks']}: {f['fresh_delta_rms'] / hi:.2f}-{f['fresh_delta_rms'] / lo:.2f}"
+        for f in paper
+    )
+    return [
+        f"- A fresh stage (std-0.02 initialisation, head dim 64) adds RMS {text} to a unit-RMS stream "
+        f"(width x blocks per stage); with one block it grows as d^{slope:.2f}. The trained streams measured "
+        f"here have RMS {lo:.2f}-{hi:.2f}. At the paper's stage shapes (124M: d=512 x3, 500M: d=1024 x4, 1.5B: "
+        f"d=2048 x4) a fresh stage over a stream of that RMS adds {ratios} of it, against "
+        + ", ".join(f"{n['fresh_over_stream']:.3f}" for r in results for n in r["residual_norms"])
+        + " at the widths trained here (stream RMS at the paper's sizes not measured: an assumption).",
+    ]
+
+
 def plot(results: list[dict], summaries: list[list[dict]], path: Path) -> None:
     """Weighted - random on (a) against parameters, one line per (k, stage), 95% intervals as error bars."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -240,8 +266,9 @@ def plot(results: list[dict], summaries: list[list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def report(paths: list[Path]) -> None:
-    """Write recovery_width.json, .png and .md from the measured files."""
+def report(paths: list[Path], fresh: list[dict] | None = None) -> None:
+    """Write recovery_width.json, .png and .md from the measured files (and `fresh`: what a fresh stage adds by
+    width, `recovery_width.fresh_stage_rms`)."""
     if not paths:
         print("no measurements yet")
         return
@@ -249,7 +276,7 @@ def report(paths: list[Path]) -> None:
     summaries = [summarise(r) for r in results]
     tables = [table(r, rows) for r, rows in zip(results, summaries)]
     print("\n\n".join(tables))
-    generated = notes(results, summaries)
+    generated = notes(results, summaries) + fresh_notes(fresh or [], results)
     loads = [x for r in results for x in r["load_average"]]
     write_json(
         RESULTS / "recovery_width.json",
@@ -266,6 +293,7 @@ def report(paths: list[Path]) -> None:
                 for r, rows in zip(results, summaries)
             ],
             "norm_fit": norm_fit(results),
+            "fresh_stage": fresh or [],
             "tables": tables,
             "notes": generated,
             "measurements": results,
