@@ -48,7 +48,7 @@ TOKENS_PER_STEP = PIPELINE["micro_batches"] * PIPELINE["micro_batch_size"] * SEQ
 MAX_TOKENS_PER_PARAM = 6  # the spec's `steps` (part of its fingerprint): the longest plan entry of any width
 EVERY = 100  # validation loss and checkpoint interval of the training
 MEASURED = CACHE.parent / "recovery-width"
-DEFAULT_PLAN = ["64:2", "128:2", "96:2", "64:6", "192:2", "96:6", "128:6", "256:2"]
+DEFAULT_PLAN = ["64:2.19", "32:2.19", "48:2.19", "128:2.19", "96:2.19", "192:2.19", "256:2.19", "64:5.5"]
 
 
 def model_of(d: int) -> dict:
@@ -64,17 +64,23 @@ def parameters(d: int) -> int:
 
 
 def steps_for(d: int, tokens_per_param: float) -> int:
-    """Training steps that give width `d` `tokens_per_param` tokens per parameter."""
-    return max(EVERY, round(tokens_per_param * parameters(d) / TOKENS_PER_STEP / EVERY) * EVERY)
+    """Training steps (to the nearest 10) that give width `d` `tokens_per_param` tokens per parameter."""
+    return max(10, round(tokens_per_param * parameters(d) / TOKENS_PER_STEP / 10) * 10)
+
+
+def run_steps(d: int) -> int:
+    """The spec's `steps` of width `d` (part of its fingerprint, so fixed): MAX_TOKENS_PER_PARAM to the nearest
+    100 steps; every plan entry of the width stops at or before it."""
+    return max(EVERY, round(MAX_TOKENS_PER_PARAM * parameters(d) / TOKENS_PER_STEP / EVERY) * EVERY)
 
 
 def width_spec(d: int, steps: int | None = None) -> TrainSpec:
-    """The training spec of width `d` (steps: the longest plan entry, so one run serves every k)."""
+    """The training spec of width `d` (steps: `run_steps`, so one run serves every k)."""
     return TrainSpec.model_validate(
         {
             "name": f"recovery-width-d{d}",
             "seed": 0,
-            "steps": steps if steps is not None else steps_for(d, MAX_TOKENS_PER_PARAM),
+            "steps": steps if steps is not None else run_steps(d),
             "model": model_of(d),
             "pipeline": PIPELINE,
             "optim": {"lr": 3e-3},
@@ -193,8 +199,11 @@ def parse_plan(entries: list[str]) -> list[tuple[int, float]]:
     plan = []
     for entry in entries:
         d, _, k = entry.partition(":")
-        if not k or float(k) > MAX_TOKENS_PER_PARAM or float(k) <= 0:
-            raise SystemExit(f"--plan entry {entry!r}: write d:k with 0 < k <= {MAX_TOKENS_PER_PARAM}")
+        if not k or not 0 < float(k) or steps_for(int(d), float(k)) > run_steps(int(d)):
+            raise SystemExit(
+                f"--plan entry {entry!r}: write d:k with 0 < k and k x parameters within the run's "
+                f"{MAX_TOKENS_PER_PARAM} tokens per parameter"
+            )
         plan.append((int(d), float(k)))
     return plan
 

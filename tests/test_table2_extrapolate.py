@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from recovery_width import TOKENS_PER_STEP, parameters, parse_plan, steps_for
+from recovery_width import TOKENS_PER_STEP, parameters, parse_plan, run_steps, steps_for
 from recovery_width_report import learning_point, norm_fit
 from table2_extrapolate import (
     AffineFit,
@@ -131,16 +131,17 @@ def test_slowdown_fit_recovers_a_known_slowdown_and_damage_per_rebuild():
 
 
 def test_every_width_gets_the_same_tokens_per_parameter():
-    """steps_for gives k tokens per parameter at every width (to the nearest 100 steps)."""
-    for d in (64, 128, 256):
-        steps = steps_for(d, 2)
-        assert steps % 100 == 0
-        assert abs(steps * TOKENS_PER_STEP / parameters(d) - 2) <= 100 * TOKENS_PER_STEP / parameters(d)
+    """steps_for gives k tokens per parameter at every width (to the nearest 10 steps), within the run's steps."""
+    for d in (32, 64, 128, 256):
+        steps = steps_for(d, 2.19)
+        assert steps % 10 == 0
+        assert abs(steps * TOKENS_PER_STEP / parameters(d) - 2.19) <= 5 * TOKENS_PER_STEP / parameters(d)
+        assert steps <= run_steps(d)
     assert parameters(128) > 3 * parameters(64)
 
 
 def test_plan_entries_name_width_and_tokens_per_parameter():
-    assert parse_plan(["64:2", "128:6"]) == [(64, 2.0), (128, 6.0)]
+    assert parse_plan(["64:2", "128:5.5"]) == [(64, 2.0), (128, 5.5)]
     with pytest.raises(SystemExit, match="d:k"):
         parse_plan(["64"])
     with pytest.raises(SystemExit, match="d:k"):
