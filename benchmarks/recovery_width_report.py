@@ -181,24 +181,25 @@ def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
     out.append("")
     out.append("### Trend with width")
     for k in sorted({r["tokens_per_param"] for r in results}):
-        for stage in sorted({row["stage"] for rows in summaries for row in rows}):
-            pts = []
-            for res, rows in zip(results, summaries):
-                r = _row(rows, stage, "random")
-                if res["tokens_per_param"] == k and r is not None and "weighted_minus_a" in r:
-                    pts.append((res["parameters"], res["d_model"], r["weighted_minus_a"]))
-            if len(pts) < 2:
-                continue
-            text = "; ".join(f"d={d} ({p / 1e6:.2f}M): {_iv(g)} ({_verdict(g)})" for p, d, g in pts)
-            gaps = [g["mean"] for _, _, g in pts]
-            trend = (
-                "falls (weighted gains on random) with every width step"
-                if all(b < a for a, b in itertools.pairwise(gaps))
-                else "rises (weighted loses ground to random) with every width step"
-                if all(b > a for a, b in itertools.pairwise(gaps))
-                else "is not monotonic in width"
-            )
-            out.append(f"- k={k:g}, stage {stage}: weighted - random on (a): {text}. The gap {trend}.")
+        for rule in ("random", "average", "copy", "identity"):
+            for stage in sorted({row["stage"] for rows in summaries for row in rows}):
+                pts = []
+                for res, rows in zip(results, summaries):
+                    r = _row(rows, stage, rule)
+                    if res["tokens_per_param"] == k and r is not None and "weighted_minus_a" in r:
+                        pts.append((res["parameters"], res["d_model"], r["weighted_minus_a"]))
+                if len(pts) < 2:
+                    continue
+                text = "; ".join(f"d={d} ({p / 1e6:.2f}M): {_iv(g)} ({_verdict(g)})" for p, d, g in pts)
+                gaps = [g["mean"] for _, _, g in pts]
+                trend = (
+                    f"falls (weighted gains on {rule}) with every width step"
+                    if all(b < a for a, b in itertools.pairwise(gaps))
+                    else f"rises (weighted loses ground to {rule}) with every width step"
+                    if all(b > a for a, b in itertools.pairwise(gaps))
+                    else "is not monotonic in width"
+                )
+                out.append(f"- k={k:g}, stage {stage}: weighted - {rule} on (a): {text}. The gap {trend}.")
     fit = norm_fit(results)
     if fit is not None:
         out.append(
