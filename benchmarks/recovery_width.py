@@ -223,7 +223,9 @@ def main() -> None:
     from recovery_width_report import report
 
     fresh = [{"d_model": d, "blocks": b, "fresh_delta_rms": fresh_stage_rms(d, b)} for d, b in FRESH_SHAPES]
-    report(sorted(MEASURED.glob("measured-*.json")), fresh)
+    # steps run per seed in the measurement: the run-up to the failure (up to 20), the twin and each rule's run
+    measure_steps = len(SEEDS) * (len(STAGES) * len(RULES) + 1) * AFTER + len(SEEDS) * 20
+    report(sorted(MEASURED.glob("measured-*.json")), fresh, parse_plan(args.plan), measure_steps)
 
 
 if __name__ == "__main__":

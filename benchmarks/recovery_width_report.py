@@ -237,6 +237,32 @@ def fresh_notes(fresh: list[dict], results: list[dict]) -> list[str]:
     ]
 
 
+# seconds per training step of one process, one thread, measured at load average ~1 on this 2-core VM (d, 4 layers,
+# 1024 tokens per step); wider models scale by parameters from the widest measured
+UNLOADED_STEP_S = {64: 0.037, 128: 0.096, 256: 0.306}
+
+
+def missing_notes(plan: list[tuple[int, float]], results: list[dict], measure_steps: int) -> list[str]:
+    """For each plan entry without measurements: the steps it needs and the hours on one quiet core here."""
+    from recovery_width import parameters, steps_for
+
+    done = {(r["d_model"], r["tokens_per_param"]) for r in results}
+    out = []
+    for d, k in plan:
+        if (d, k) in done:
+            continue
+        widest = max(w for w in UNLOADED_STEP_S if w <= max(d, 64))
+        step_s = UNLOADED_STEP_S.get(d, UNLOADED_STEP_S[widest] * parameters(d) / parameters(widest))
+        steps = steps_for(d, k)
+        hours = (steps + measure_steps) * step_s / 3600
+        out.append(
+            f"- Not run: d={d} ({parameters(d) / 1e6:.2f}M parameters) at {k:g} tokens/parameter: {steps} training "
+            f"steps plus about {measure_steps} for the measurement, {hours:.1f} h of one quiet core here at "
+            f"{step_s:.3f} s/step (much longer at this machine's shared load; minutes on a GPU)."
+        )
+    return out
+
+
 def plot(results: list[dict], summaries: list[list[dict]], path: Path) -> None:
     """Weighted - random on (a) against parameters, one line per (k, stage), 95% intervals as error bars."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -267,7 +293,12 @@ def plot(results: list[dict], summaries: list[list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def report(paths: list[Path], fresh: list[dict] | None = None) -> None:
+def report(
+    paths: list[Path],
+    fresh: list[dict] | None = None,
+    plan: list[tuple[int, float]] = (),
+    measure_steps: int = 0,
+) -> None:
     """Write recovery_width.json, .png and .md from the measured files (and `fresh`: what a fresh stage adds by
     width, `recovery_width.fresh_stage_rms`)."""
     if not paths:
@@ -277,7 +308,11 @@ def report(paths: list[Path], fresh: list[dict] | None = None) -> None:
     summaries = [summarise(r) for r in results]
     tables = [table(r, rows) for r, rows in zip(results, summaries)]
     print("\n\n".join(tables))
-    generated = notes(results, summaries) + fresh_notes(fresh or [], results)
+    generated = (
+        notes(results, summaries)
+        + fresh_notes(fresh or [], results)
+        + missing_notes(list(plan), results, measure_steps)
+    )
     loads = [x for r in results for x in r["load_average"]]
     write_json(
         RESULTS / "recovery_width.json",
