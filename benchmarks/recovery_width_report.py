@@ -123,25 +123,6 @@ def _random_minus_identity(res: dict, stage: int) -> dict:
     return {"mean": d.mean, "low": d.low, "high": d.high, "n": d.num_seeds}
 
 
-def norm_fit(results: list[dict]) -> dict | None:
-    """log(fresh block's added RMS / stream RMS) against log d over the measured widths (all stages, latest k of
-    each width): the exponent and the ratio extrapolated to the paper's widths."""
-    latest: dict[int, dict] = {}
-    for res in results:
-        latest[res["d_model"]] = res  # sorted by k: the last is the longest-trained
-    points = [(d, n["fresh_over_stream"]) for d, res in latest.items() for n in res["residual_norms"]]
-    if len({d for d, _ in points}) < 2:
-        return None
-    x = np.log([d for d, _ in points])
-    y = np.log([r for _, r in points])
-    slope, intercept = np.polyfit(x, y, 1)
-    return {
-        "exponent": float(slope),
-        "points": points,
-        "paper": {name: float(math.exp(intercept) * d**slope) for name, d in PAPER_WIDTHS.items()},
-    }
-
-
 def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
     """Generated notes: per (width, k) the order and the paired verdicts, then the trend and the norms."""
     out = []
@@ -180,6 +161,18 @@ def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
             )
     out.append("")
     out.append("### Trend with width")
+    points = [(r["d_model"], learning_point(r), r["residual_norms"][0]["stream_rms"]) for r in results]
+    out.append(
+        "- Where each width stopped (same tokens per parameter, constant lr): "
+        + "; ".join(
+            f"d={d}: step {lp['step']}, val loss {lp['val_loss']:.3f}, falling "
+            + ("-" if lp["fall_per_100_steps"] is None else f"{lp['fall_per_100_steps']:.1%}")
+            + f" per 100 steps, stream RMS {rms:.2f}"
+            for d, lp, rms in points
+        )
+        + ". Equal tokens per parameter is not the same point of the learning curve at these lengths: the "
+        "comparison across widths carries that difference too."
+    )
     for k in sorted({r["tokens_per_param"] for r in results}):
         for rule in ("random", "average", "copy", "identity"):
             for stage in sorted({row["stage"] for rows in summaries for row in rows}):
@@ -200,14 +193,6 @@ def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
                     else "is not monotonic in width"
                 )
                 out.append(f"- k={k:g}, stage {stage}: weighted - {rule} on (a): {text}. The gap {trend}.")
-    fit = norm_fit(results)
-    if fit is not None:
-        out.append(
-            f"- A fresh stage's added RMS over the stream's grows as d^{fit['exponent']:.2f} over the measured "
-            "widths; carried to the paper's widths (an extrapolation of this fit, same depth per stage): "
-            + ", ".join(f"{name} (d={PAPER_WIDTHS[name]}) {v:.3f}x" for name, v in fit["paper"].items())
-            + "."
-        )
     return out
 
 
@@ -254,11 +239,12 @@ def missing_notes(plan: list[tuple[int, float]], results: list[dict], measure_st
         widest = max(w for w in UNLOADED_STEP_S if w <= max(d, 64))
         step_s = UNLOADED_STEP_S.get(d, UNLOADED_STEP_S[widest] * parameters(d) / parameters(widest))
         steps = steps_for(d, k)
-        hours = (steps + measure_steps) * step_s / 3600
+        minutes = (steps + measure_steps) * step_s / 60
         out.append(
             f"- Not run: d={d} ({parameters(d) / 1e6:.2f}M parameters) at {k:g} tokens/parameter: {steps} training "
-            f"steps plus about {measure_steps} for the measurement, {hours:.1f} h of one quiet core here at "
-            f"{step_s:.3f} s/step (much longer at this machine's shared load; minutes on a GPU)."
+            f"steps plus about {measure_steps} for the measurement, {minutes:.0f} min of one quiet core here at "
+            f"{step_s:.3f} s/step; at this machine's shared load (a niced process got 2-10% of a core) many times "
+            "that; minutes on a GPU."
         )
     return out
 
@@ -328,7 +314,6 @@ def report(
                 }
                 for r, rows in zip(results, summaries)
             ],
-            "norm_fit": norm_fit(results),
             "fresh_stage": fresh or [],
             "tables": tables,
             "notes": generated,

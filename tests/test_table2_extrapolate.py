@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from recovery_width import TOKENS_PER_STEP, parameters, parse_plan, run_steps, steps_for
-from recovery_width_report import learning_point, norm_fit
+from recovery_width_report import learning_point
 from table2_extrapolate import (
     AffineFit,
     LinkHop,
@@ -153,16 +152,3 @@ def test_learning_point_reads_the_fall_per_100_steps():
     point = learning_point(res)
     assert point["step"] == 300
     assert point["fall_per_100_steps"] == pytest.approx(0.01)
-
-
-def test_norm_fit_finds_the_exponent_of_a_power_law():
-    """Ratios 0.01 (d/64)^1.5 at three widths: exponent 1.5, extrapolated to d=1024."""
-    results = [
-        {"d_model": d, "residual_norms": [{"fresh_over_stream": 0.01 * (d / 64) ** 1.5}]}
-        for d in (64, 128, 256)
-    ]
-    fit = norm_fit(results)
-    assert fit["exponent"] == pytest.approx(1.5)
-    assert fit["paper"]["500M"] == pytest.approx(0.01 * 16**1.5)
-    assert norm_fit(results[:1]) is None
-    assert not math.isnan(fit["paper"]["1.5B"])
