@@ -48,7 +48,18 @@ TOKENS_PER_STEP = PIPELINE["micro_batches"] * PIPELINE["micro_batch_size"] * SEQ
 MAX_TOKENS_PER_PARAM = 6  # the spec's `steps` (part of its fingerprint): the longest plan entry of any width
 EVERY = 100  # validation loss and checkpoint interval of the training
 MEASURED = CACHE.parent / "recovery-width"
-DEFAULT_PLAN = ["64:2.19", "32:2.19", "48:2.19", "128:2.19", "96:2.19", "192:2.19", "256:2.19", "64:5.5"]
+DEFAULT_PLAN = [
+    "64:2.19",
+    "32:2.19",
+    "48:2.19",
+    "32:5.5",
+    "48:5.5",
+    "64:5.5",
+    "128:2.19",
+    "96:2.19",
+    "192:2.19",
+    "256:2.19",
+]
 
 
 def model_of(d: int) -> dict:
