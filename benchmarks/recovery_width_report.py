@@ -249,6 +249,43 @@ def missing_notes(plan: list[tuple[int, float]], results: list[dict], measure_st
     return out
 
 
+def ablation_points() -> list[dict]:
+    """Weighted - random on (a) from recovery_ablation.json's CheckFree scales (the same protocol and model
+    family, trained longer; lr x1.1): context for the effect of training length at one width."""
+    path = RESULTS / "recovery_ablation.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    out = []
+    for summary, res in zip(data["summaries"], data["measurements"]):
+        if summary["strategy"] != "checkfree":
+            continue
+        for row in summary["rows"]:
+            if row["rule"] == "random" and row["lr_scale"] == 1.1 and "weighted_minus_a" in row:
+                out.append(
+                    {
+                        "scale": summary["scale"],
+                        "model": res["model"],
+                        "parameters": res["parameters"],
+                        "tokens_per_param": res["plateau_steps"] * 1024 / res["parameters"],
+                        "stage": row["stage"],
+                        "weighted_minus_random_a": row["weighted_minus_a"],
+                    }
+                )
+    return out
+
+
+def ablation_notes(points: list[dict]) -> list[str]:
+    """The ablation's longer-trained points beside this study's."""
+    return [
+        f"- From the ablation (recovery_ablation.json), {p['scale']} (d={p['model']['d_model']}, "
+        f"{p['model']['n_layers']} layers, {p['parameters'] / 1e6:.2f}M, {p['tokens_per_param']:.1f} tokens/parameter),"
+        f" stage {p['stage']}: weighted - random on (a) {_iv(p['weighted_minus_random_a'])} "
+        f"({_verdict(p['weighted_minus_random_a'])})."
+        for p in points
+    ]
+
+
 def plot(results: list[dict], summaries: list[list[dict]], path: Path) -> None:
     """Weighted - random on (a) against parameters, one line per (k, stage), 95% intervals as error bars."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -268,6 +305,25 @@ def plot(results: list[dict], summaries: list[list[dict]], path: Path) -> None:
             [g["high"] - g["mean"] if g["n"] > 1 else 0 for _, g in pts],
         ]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{k:g} tokens/param, stage {stage}")
+    for p in ablation_points():
+        g = p["weighted_minus_random_a"]
+        ax.errorbar(
+            [p["parameters"]],
+            [g["mean"]],
+            yerr=[[g["mean"] - g["low"]], [g["high"] - g["mean"]]],
+            marker="s",
+            capsize=3,
+            ls="none",
+            color="grey",
+            alpha=0.7,
+        )
+        ax.annotate(
+            f"ablation {p['tokens_per_param']:.1f} tok/param, stage {p['stage']}",
+            (p["parameters"], g["mean"]),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
@@ -297,6 +353,7 @@ def report(
     generated = (
         notes(results, summaries)
         + fresh_notes(fresh or [], results)
+        + ablation_notes(ablation_points())
         + missing_notes(list(plan), results, measure_steps)
     )
     loads = [x for r in results for x in r["load_average"]]
