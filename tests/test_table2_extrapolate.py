@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from recovery_width import TOKENS_PER_STEP, parameters, parse_plan, run_steps, steps_for
 from recovery_width_report import learning_point
-from table2_extrapolate import (
+from table2_scaling import (
     AffineFit,
     LinkHop,
     SizeCosts,
