@@ -193,6 +193,25 @@ def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
                     else "is not monotonic in width"
                 )
                 out.append(f"- k={k:g}, stage {stage}: weighted - {rule} on (a): {text}. The gap {trend}.")
+    for d in sorted({r["d_model"] for r in results}):
+        tiers = [(res, rows) for res, rows in zip(results, summaries) if res["d_model"] == d]
+        if len(tiers) < 2:
+            continue
+        for stage in sorted({row["stage"] for _, rows in tiers for row in rows}):
+            parts = []
+            for res, rows in tiers:
+                r = _row(rows, stage, "random")
+                if r is not None and "weighted_minus_a" in r:
+                    lp = learning_point(res)
+                    parts.append(
+                        f"{res['tokens_per_param']:g} tokens/parameter (val loss {lp['val_loss']:.3f}): "
+                        f"{_iv(r['weighted_minus_a'])} ({_verdict(r['weighted_minus_a'])})"
+                    )
+            out.append(
+                f"- Training length at d={d}, stage {stage}: weighted - random on (a) at "
+                + "; ".join(parts)
+                + "."
+            )
     return out
 
 
