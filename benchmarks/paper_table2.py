@@ -280,6 +280,11 @@ def report(costs: dict, runs: dict) -> dict:
     print(tables["costs_text"])
     print()
     print(tables["table_text"])
+    previous = RESULTS / "paper_table2.json"
+    if previous.exists():  # the rows carried to the paper's sizes (table2_extrapolate.py) are kept
+        extrapolated = json.loads(previous.read_text()).get("extrapolated")
+        if extrapolated is not None:
+            out["extrapolated"] = extrapolated
     write_json(RESULTS / "paper_table2.json", out)
     plot(runs, runs["seeds"][0], RESULTS / "paper_table2.png")
     write_notes(RESULTS / "paper_table2.md", out)
