@@ -77,6 +77,16 @@ class CheckpointSetSpec(StrictModel):
         "to combine the EMA snapshots; a checkpoint without that EMA folder is refused, never read from the "
         "non-EMA model.safetensors). `ema_uri` may then name a `unet_ema` folder.",
     )
+    placement: Literal["auto", "node", "sharded", "stream"] = Field(
+        default="auto",
+        description="Where the checkpoint set is kept while it is combined. 'node': the whole set in the object "
+        "store of every evaluator node (fastest while it fits). 'sharded': the flat parameter vector cut into one "
+        "shard per node, each node holding its shard of every checkpoint; a combination is one task per shard, "
+        "run where the shard lives. 'stream': nothing in the object store; each evaluator combines tensor by "
+        "tensor from the safetensors files (S3 files cached on local disk). 'auto': 'node' when the set fits "
+        "every node's object store, else 'sharded' when the cluster's object stores hold it, else 'stream'. "
+        "Every mode gives the same combined weights, bit for bit; 'sharded' and 'stream' need safetensors files.",
+    )
 
 
 class SamplerSpec(PluginSpec):
