@@ -334,8 +334,9 @@ def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
     )
     choice = choose(spec.placement, need, list(stores.values()), safetensors)
     log.info("checkpoint placement %s: %s", choice.mode, choice.reason)
-    if choice.mode == "node":
-        return _load_node(spec, probed, ema_uri, need, capacity, choice)
+    if choice.mode == "node":  # every evaluator node maps the whole set: no node may be too small for it
+        largest = max(stores.values(), default=capacity)
+        return _load_node(spec, probed, ema_uri, need, min(capacity, largest), choice)
     field = "checkpoints.paths" if spec.paths else "checkpoints.uri"
     uris = [uri for uri, _ in probed]
     for uri in [*uris, *([ema_uri] if ema_uri else [])]:
