@@ -463,6 +463,11 @@ class SearchResult(ResultModel):
         description="The winner against each baseline: paired differences with 95% intervals.",
     )
     num_evaluations: int = Field(description="Candidate evaluations run (equals the budget).")
+    placement: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where the checkpoint set was kept while combined ('mode': node, sharded or stream) and why "
+        "('reason'), see `checkpoints.placement`.",
+    )
     num_failed: int = Field(default=0, description="Trials recorded as failed.")
     total_samples: int = Field(
         default=0,

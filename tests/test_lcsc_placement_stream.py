@@ -63,4 +63,6 @@ def test_stream_searches_a_set_larger_than_the_object_store(tmp_path):
     assert "checkpoint placement stream: auto: too big for the cluster's object stores" in log
     trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
     assert len(trials[trials.rung == 0]) == 6 and (trials.status == "ok").all()
-    assert json.loads((tmp_path / "out" / "result.json").read_text())["num_evaluations"] == 6
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["num_evaluations"] == 6 and result["placement"]["mode"] == "stream"
+    assert "too big for the cluster's object stores" in result["placement"]["reason"]
