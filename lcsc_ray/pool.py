@@ -298,7 +298,8 @@ class EvaluatorPool:
         names = [*checkpoint_set.names] if checkpoint_set.refs else [checkpoint_set.names[-1]]
         if checkpoint_set.extra_refs and not checkpoint_set.refs:  # against the last checkpoint, as placed
             weights = [_last_checkpoint(checkpoint_set), *weights]
-        check_non_float_equal(checkpoint_set.layout, weights, [*names, *checkpoint_set.extra_names])
+        if weights:
+            check_non_float_equal(checkpoint_set.layout, weights, [*names, *checkpoint_set.extra_names])
         self.spec, self.checkpoints = spec, checkpoint_set
         shared = {
             "weights": checkpoint_set.placed(),  # where the set is kept: every evaluator combines through it
