@@ -2,8 +2,9 @@
 
 K checkpoints of P float32 parameters (one tensor per 1M values) are written as safetensors files, placed in
 each mode, and combined with random coefficients by an evaluator-like actor (1 torch thread, its own buffer).
-Per mode and size: seconds per combination (median of 3 after a warm-up), bytes read and moved per combination,
-peak RSS of the combining process, the object-store bytes the set takes, and the throughput (checkpoint bytes
+Per mode and size: seconds per combination (median of 5 after a warm-up), bytes read and moved per combination,
+peak RSS of the combining process (and its growth over the process before it held the set: imports and
+the actor itself excluded), the object-store bytes the set takes, and the throughput (checkpoint bytes
 read + one float32 model written, per second) as a fraction of this machine's measured memory-copy bandwidth;
 for `stream` also against the file read bandwidth measured on the same files (page cache warm: this machine's
 files sit in memory, so the disk is not what is measured). All nodes are this one machine: `sharded` runs its
@@ -92,6 +93,7 @@ def combiner_class():
 
         def __init__(self, placed):
             torch.set_num_threads(1)
+            self.rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.placed = placed
             self.flat = torch.empty(placed.layout.numel, dtype=torch.float32)
             placed.open(self.flat.device)
@@ -106,7 +108,12 @@ def combiner_class():
                 if index:
                     times.append(time.perf_counter() - start)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            return {"seconds": statistics.median(times), **moved, "peak_rss": peak}
+            return {
+                "seconds": statistics.median(times),
+                **moved,
+                "peak_rss": peak,
+                "peak_rss_growth": peak - self.rss_at_start,
+            }
 
     return Combiner
 
@@ -123,7 +130,7 @@ def measure(directory: Path, numel: int, storage_dtype: str, mode: str, node_id:
     if mode == "sharded":  # three shards, as on three nodes (all of them this machine)
         loaded.placement = place_sharded(loaded.uris, loaded.names, None, loaded.layout, [node_id] * 3)
     combiner = combiner_class().remote(loaded.placed())
-    out = ray.get(combiner.run.remote(3), timeout=1800)
+    out = ray.get(combiner.run.remote(5), timeout=1800)
     ray.kill(combiner)
     store = 0 if mode == "stream" else loaded.layout.nbytes * K
     del loaded
@@ -167,7 +174,7 @@ def main() -> None:
                         print(
                             f"P={numel / 1e6:>5.0f}M {storage_dtype:8s} {mode:8s} {row['seconds']:7.3f} s  "
                             f"read {row['read_bytes'] / 1e6:8.1f} MB  moved {row['moved_bytes'] / 1e6:8.1f} MB  "
-                            f"peak RSS {row['peak_rss'] / 1e6:7.1f} MB  store {row['object_store_bytes'] / 1e6:7.1f} MB"
+                            f"RSS +{row['peak_rss_growth'] / 1e6:7.1f} MB  store {row['object_store_bytes'] / 1e6:7.1f} MB"
                             f"  {row['memcpy_fraction']:.2f}x memcpy"
                             + (f"  {row['file_read_fraction']:.2f}x file read" if mode == "stream" else ""),
                             flush=True,

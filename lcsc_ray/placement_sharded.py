@@ -121,7 +121,7 @@ class ShardedWeights(Weights):
                 raise TimeoutError(f"no combined shard arrived within {FETCH_TIMEOUT_S:.0f} s")
             lo, hi = pending.pop(done[0])
             shard = ray.get(done[0], timeout=FETCH_TIMEOUT_S)
-            out[lo:hi].copy_(torch.from_numpy(shard))
+            out[lo:hi].copy_(as_tensor(shard))  # a read-only object-store view
             moved += shard.nbytes
             del shard
         item = 2 if self.layout.storage_dtype == "bfloat16" else 4
