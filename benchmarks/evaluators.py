@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import machine_info, write_json
 
 from lcsc_ray.evaluator import Evaluator
+from lcsc_ray.placement import device_sources
 from rayops.session import ray_session
 from schemas.common import RaySpec
 
@@ -95,8 +96,9 @@ class CopyingEvaluator(MeasuredEvaluator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.arrays = [np.array(a) for a in self.arrays]
-        self.sources = self._device_sources(self.arrays)
+        node = self.weights.checkpoints  # `node` placement: private copies in place of the object-store views
+        node.arrays = [np.array(a) for a in node.arrays]
+        node.sources = device_sources(node.arrays, self.device)
 
 
 def write_diffusers_run(root: Path, num: int = 4) -> Path:

@@ -7,9 +7,9 @@ ranged read) for the training step and the tensor sizes. Each checkpoint becomes
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,86 +17,16 @@ import numpy as np
 import torch
 
 from lcsc_ray import checkpoint_formats
+from lcsc_ray.layout import STORAGE_DTYPES, Layout, as_tensor  # noqa: F401 - re-exported
+from lcsc_ray.placement import HEADROOM, Choice, NodeWeights, PlacedSet, StreamWeights, Weights, choose
+from lcsc_ray.placement_files import check_same_layout, header_layout, require_safetensors
+from lcsc_ray.placement_sharded import place_sharded
 from rayops import storage
 from schemas.errors import CheckpointError, StorageError, StorageNotFoundError
 from schemas.search import CheckpointSetSpec
 
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-OBJECT_STORE_HEADROOM = 0.9  # keep 10% of the object store for samples, stats and Tune's own objects
-
-
-@dataclass
-class Layout:
-    """Where each tensor lives inside a flat checkpoint array (kept once per set)."""
-
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-    dtypes: list[str]  # original dtypes, e.g. 'float32'
-    offsets: list[int]
-    numel: int
-    storage_dtype: str = "float32"
-
-    @classmethod
-    def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor], storage_dtype: str = "float32"
-    ) -> Layout:
-        """The layout of `state_dict` in its own key order."""
-        names, shapes, dtypes, offsets, total = [], [], [], [], 0
-        for name, tensor in state_dict.items():
-            names.append(name)
-            shapes.append(tuple(tensor.shape))
-            dtypes.append(str(tensor.dtype).removeprefix("torch."))
-            offsets.append(total)
-            total += tensor.numel()
-        return cls(names, shapes, dtypes, offsets, total, storage_dtype)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of one flat array in the storage dtype."""
-        return self.numel * (4 if self.storage_dtype == "float32" else 2)
-
-    def mismatch(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
-        """A sentence naming the first tensor of `state_dict` that differs from this layout, or None."""
-        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
-            if name not in state_dict:
-                return f"tensor {name!r} is missing"
-            tensor = state_dict[name]
-            if tuple(tensor.shape) != shape:
-                return f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}"
-            if str(tensor.dtype).removeprefix("torch.") != dtype:
-                return f"tensor {name!r} has dtype {tensor.dtype}, expected {dtype}"
-        extra = [name for name in state_dict if name not in set(self.names)]
-        return f"tensor {extra[0]!r} is unexpected" if extra else None
-
-    def flatten(self, state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """One contiguous array: float32, or bfloat16 bits as uint16 (see `as_tensor`)."""
-        flat = torch.empty(self.numel, dtype=STORAGE_DTYPES[self.storage_dtype])
-        for name, offset in zip(self.names, self.offsets):
-            tensor = state_dict[name]
-            flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
-        if self.storage_dtype == "bfloat16":
-            return flat.view(torch.uint16).numpy()
-        return flat.numpy()
-
-    def unflatten(self, flat: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Name -> tensor views into `flat` (no copies), in the storage dtype."""
-        tensor = as_tensor(flat)
-        if tensor.numel() != self.numel:
-            raise CheckpointError(f"flat array has {tensor.numel()} values, the layout expects {self.numel}")
-        return {
-            name: tensor[offset : offset + int(np.prod(shape, dtype=np.int64))].view(shape)
-            for name, shape, offset in zip(self.names, self.shapes, self.offsets)
-        }
-
-
-def as_tensor(flat: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A torch view of a flat array (uint16 bits become bfloat16); read-only arrays are never written."""
-    if isinstance(flat, torch.Tensor):
-        return flat
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays: we only read them
-        tensor = torch.from_numpy(flat)
-    return tensor.view(torch.bfloat16) if flat.dtype == np.uint16 else tensor
+log = logging.getLogger(__name__)
+OBJECT_STORE_HEADROOM = HEADROOM  # keep 10% of the object store for samples, stats and Tune's own objects
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -283,22 +213,35 @@ def list_checkpoints(spec: CheckpointSetSpec) -> list[tuple[str, int]]:
 
 @dataclass
 class CheckpointSet:
-    """A loaded set: one object-store ref per checkpoint (ordered by step), the layout kept once."""
+    """A loaded set (ordered by step), the layout kept once, and where it is kept (`placement`). In `node`
+    placement `refs` holds one object-store ref per checkpoint; `ema_ref` is the EMA's ref (`node`) or its
+    placed weights (`sharded`, `stream`), None without an EMA."""
 
     uris: list[str]
     names: list[str]
     steps: list[int]
     layout: Layout
-    refs: list = field(repr=False)  # list[ray.ObjectRef], each a flat array put once
+    refs: list = field(repr=False)  # list[ray.ObjectRef], each a flat array put once (`node` placement)
     ema_ref: object | None = field(default=None, repr=False)
-    nbytes: int = 0  # bytes in the object store, EMA included
+    nbytes: int = 0  # bytes of the set (EMA included), wherever it is kept
     # further weights of the same layout that only some evaluations combine (post-hoc EMA snapshots): a job
-    # with len(refs) + len(extra_refs) coefficients combines them all, a job with len(refs) only the checkpoints
+    # with len(uris) + len(extra_refs) coefficients combines them all, a job with len(uris) only the checkpoints
     extra_refs: list = field(default_factory=list, repr=False)
     extra_names: list[str] = field(default_factory=list)
+    placement: Weights | None = field(default=None, repr=False)  # None: `node` over `refs`
+    choice: Choice | None = None
 
     def __len__(self) -> int:
-        return len(self.refs)
+        return len(self.uris)
+
+    def placed(self) -> PlacedSet:
+        """What the evaluators are built over: the checkpoints, the EMA and the extra weights, as placed."""
+        checkpoints = self.placement or NodeWeights(list(self.refs), self.layout)
+        ema = self.ema_ref
+        if ema is not None and not isinstance(ema, Weights):
+            ema = NodeWeights([ema], self.layout)
+        extra = NodeWeights(list(self.extra_refs), self.layout) if self.extra_refs else None
+        return PlacedSet(checkpoints, ema, extra, self.choice or Choice("node", "placed in the object store"))
 
 
 def object_store_capacity() -> int:
@@ -317,6 +260,10 @@ def check_fits(need_bytes: int, capacity_bytes: int, num_checkpoints: int, stora
         return
     gib = 1024**3
     options = [
+        (
+            "keep the set out of one node's object store with `checkpoints.placement: sharded` (the cluster's object "
+            "stores together) or `stream` (read from the files, no object store)"
+        ),
         "keep fewer checkpoints with `checkpoints.last`",
         (
             "start Ray with a bigger object store (`ray.object_store_memory`, or `ray start "
@@ -361,14 +308,119 @@ def _put_checked(
     return ray.put(flat), layout
 
 
+def node_object_stores() -> dict[str, int]:
+    """Object-store bytes of each alive node of the running Ray cluster, by node id."""
+    import ray
+
+    return {
+        node["NodeID"]: int(node["Resources"].get("object_store_memory", 0))
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("object_store_memory", 0) > 0
+    }
+
+
 def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
-    """List, check the object-store budget, then read each file once, validate against the first, flatten and
-    `ray.put` it once. Ray must be initialised."""
+    """List the set, choose its placement (`checkpoints.placement`, `placement.choose`) and place it: `node`
+    reads each file once, validates it against the first, flattens and `ray.put`s it; `sharded` and `stream`
+    read the safetensors headers here and the tensors where they are kept. Ray must be initialised."""
     capacity = object_store_capacity()
     probed = _probe_all(spec)
     ema_uri = ema_file(spec)
     ema_probe = [_probe(ema_uri, spec.ema_key or spec.key, "checkpoints.ema_uri")] if ema_uri else []
     need = _estimate_bytes([p for _, p in probed] + ema_probe, spec.storage_dtype)
+    stores = node_object_stores()
+    safetensors = all(uri.endswith(".safetensors") for uri, _ in probed) and (
+        ema_uri is None or ema_uri.endswith(".safetensors")
+    )
+    choice = choose(spec.placement, need, list(stores.values()), safetensors)
+    log.info("checkpoint placement %s: %s", choice.mode, choice.reason)
+    if choice.mode == "node":  # every evaluator node maps the whole set: no node may be too small for it
+        largest = max(stores.values(), default=capacity)
+        return _load_node(spec, probed, ema_uri, need, min(capacity, largest), choice)
+    field = "checkpoints.paths" if spec.paths else "checkpoints.uri"
+    uris = [uri for uri, _ in probed]
+    for uri in [*uris, *([ema_uri] if ema_uri else [])]:
+        require_safetensors(uri, choice.mode)
+    layout = header_layout(uris[0], spec.key, spec.storage_dtype, field)
+    for uri in uris[1:]:
+        check_same_layout(layout, header_layout(uri, spec.key, spec.storage_dtype, field), uri, uris[0])
+    ema_key = spec.ema_key or spec.key
+    if ema_uri:
+        ema_layout = header_layout(ema_uri, ema_key, spec.storage_dtype, "checkpoints.ema_uri")
+        check_same_layout(layout, ema_layout, ema_uri, uris[0])
+    names = [checkpoint_name(uri) for uri in uris]
+    if choice.mode == "sharded":
+        if need > HEADROOM * sum(stores.values()):
+            check_fits(need, sum(stores.values()), len(probed) + len(ema_probe), spec.storage_dtype)
+        nodes = sorted(stores)
+        placement: Weights = place_sharded(uris, names, spec.key, layout, nodes, field)
+        ema = (
+            place_sharded([ema_uri], ["ema"], ema_key, layout, nodes, "checkpoints.ema_uri")
+            if ema_uri
+            else None
+        )
+    else:
+        placement = StreamWeights(uris, spec.key, layout, field)
+        _check_stream(placement, names)
+        ema = StreamWeights([ema_uri], ema_key, layout, "checkpoints.ema_uri") if ema_uri else None
+    log.info(
+        "checkpoint placement %s: %d checkpoints of %.1f MB; a combination reads %.1f MB and moves %.1f MB",
+        choice.mode,
+        len(uris),
+        layout.nbytes / 1e6,
+        layout.nbytes * len(uris) / 1e6,
+        (layout.numel * 4 if choice.mode == "sharded" else layout.nbytes * len(uris)) / 1e6,
+    )
+    return CheckpointSet(
+        uris=uris,
+        names=names,
+        steps=[probe.step for _, probe in probed],
+        layout=layout,
+        refs=[],
+        ema_ref=ema,
+        nbytes=layout.nbytes * (len(uris) + (ema_uri is not None)),
+        placement=placement,
+        choice=choice,
+    )
+
+
+def _check_stream(weights: StreamWeights, names: list[str]) -> None:
+    """Read every file of a streamed set once, tensor by tensor: finite, integer and bool tensors equal."""
+    from lcsc_ray.combine import check_non_float_equal, non_float_segments
+    from lcsc_ray.placement_files import iter_tensors, local_file
+
+    layout = weights.layout
+    segments = {offset for _, offset, _ in non_float_segments(layout)}
+    first: list[torch.Tensor] = []
+    for index, uri in enumerate(weights.uris):
+        parts = [
+            part
+            for offset, part in iter_tensors(local_file(uri, weights.field_name), uri, weights.key, layout)
+            if offset in segments
+        ]
+        if index == 0:
+            first = parts
+        elif parts:
+            check_non_float_equal(
+                Layout(
+                    [n for n, o in zip(layout.names, layout.offsets) if o in segments],
+                    [(p.numel(),) for p in parts],
+                    ["int64"] * len(parts),
+                    list(np.cumsum([0] + [p.numel() for p in parts[:-1]])),
+                    sum(p.numel() for p in parts),
+                    layout.storage_dtype,
+                ),
+                [torch.cat(first), torch.cat(parts)],
+                [names[0], names[index]],
+            )
+
+
+def _load_node(
+    spec: CheckpointSetSpec, probed: list, ema_uri: str | None, need: int, capacity: int, choice: Choice
+) -> CheckpointSet:
+    """`node`: check the object-store budget, then read each file once, validate against the first, flatten and
+    `ray.put` it once."""
+    ema_probe = [ema_uri] if ema_uri else []
     check_fits(need, capacity, len(probed) + len(ema_probe), spec.storage_dtype)
     refs, layout = [], None
     field = "checkpoints.paths" if spec.paths else "checkpoints.uri"
@@ -393,4 +445,5 @@ def load_checkpoint_set(spec: CheckpointSetSpec) -> CheckpointSet:
         refs=refs,
         ema_ref=ema_ref,
         nbytes=layout.nbytes * (len(refs) + (ema_ref is not None)),
+        choice=choice,
     )

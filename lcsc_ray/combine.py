@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from lcsc_ray.checkpoints import Layout, as_tensor
+from lcsc_ray.layout import Layout, as_tensor
 from schemas.errors import CheckpointError, LcscCheckfreeError
 
 CPU_CHUNK = 1 << 18  # 256k float32 = 1 MiB of output: stays in L2 while K inputs stream past it (benchmarked)
@@ -46,8 +46,11 @@ def combine_into(
     arrays: Sequence[np.ndarray | torch.Tensor],
     alphas: Sequence[float] | np.ndarray,
     chunk_size: int | None = None,
+    start: bool = True,
 ) -> torch.Tensor | np.ndarray:
     """Write sum_i alphas[i] * arrays[i] into `out` in one streaming pass (no K temporaries); returns `out`.
+    With `start` False the terms are added to what `out` holds (a sum continued with further inputs, in the
+    same per-element order as one pass over all of them).
 
     `arrays` may live on the host while `out` is on a GPU: each chunk is then copied over once.
     `chunk_size` None picks CPU_CHUNK on the CPU and the whole buffer on a GPU.
@@ -62,11 +65,11 @@ def combine_into(
             )
     flat = target.view(-1)
     step = chunk_size or (flat.numel() if flat.is_cuda else CPU_CHUNK)
-    for start in range(0, flat.numel(), step):
-        stop = min(start + step, flat.numel())
-        acc = flat[start:stop]
+    for begin in range(0, flat.numel(), step):
+        stop = min(begin + step, flat.numel())
+        acc = flat[begin:stop]
         for index, (alpha, tensor) in enumerate(zip(coefficients, inputs)):
-            accumulate(acc, _on(tensor[start:stop], acc), alpha, first=index == 0)
+            accumulate(acc, _on(tensor[begin:stop], acc), alpha, first=start and index == 0)
     return out
 
 
@@ -123,10 +126,12 @@ def combine_flat(
     sources: Sequence[np.ndarray | torch.Tensor],
     coefficients: Sequence[float],
     layout: Layout,
+    start: bool = True,
 ) -> torch.Tensor:
-    """The combination in a flat buffer: floating tensors weighted and summed (`combine_into`), integer and
-    bool tensors copied from the last checkpoint (they are equal across the set, `check_non_float_equal`)."""
-    combine_into(out, sources, coefficients)
+    """The combination in a flat buffer: floating tensors weighted and summed (`combine_into`; `start` False
+    continues the sum already in `out`), integer and bool tensors copied from the last checkpoint (they are
+    equal across the set, `check_non_float_equal`)."""
+    combine_into(out, sources, coefficients, start=start)
     last = as_tensor(sources[-1])
     for _name, offset, numel in non_float_segments(layout):
         out[offset : offset + numel].copy_(_on(last[offset : offset + numel], out))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ import numpy as np
 import ray
 import torch
 
-from lcsc_ray.checkpoints import CheckpointSet, Layout, as_tensor
+from lcsc_ray.checkpoints import CheckpointSet, Layout
 from lcsc_ray.chunks import (  # noqa: F401 - merge_blocks, split_point, tree_blocks re-exported for pool.py, tests
     chunk_seed,
     chunk_sizes,
@@ -34,8 +35,9 @@ from lcsc_ray.chunks import (  # noqa: F401 - merge_blocks, split_point, tree_bl
     tree_blocks,
     tree_merge,
 )
-from lcsc_ray.combine import check_coefficients, combine_flat
+from lcsc_ray.combine import check_coefficients
 from lcsc_ray.fid import FIDStats, fid_from_stats
+from lcsc_ray.placement import NodeWeights, PlacedSet
 from lcsc_ray.plugins import build, resolve
 from schemas.errors import CheckpointError, LcscCheckfreeError, SpecError
 from schemas.search import SearchSpec
@@ -49,8 +51,7 @@ class CandidateError(LcscCheckfreeError):
         super().__init__(message)
 
 
-# Bound on fetching the checkpoints from the object store (a node holding them may be gone with a spot node)
-FETCH_TIMEOUT_S = 600.0
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -136,12 +137,13 @@ def draw_chunk(
 
 
 class Evaluator:
-    """Holds the checkpoints (zero-copy), model, sampler, feature network and reference stats of one actor."""
+    """Holds the placed checkpoints (`lcsc_ray.placement`), model, sampler, feature network and reference stats
+    of one actor; it asks the placement for each candidate's combined weights, wherever the set is kept."""
 
     def __init__(
         self,
         spec: SearchSpec,
-        checkpoint_refs: list | CheckpointSet,
+        checkpoint_refs: list | CheckpointSet | PlacedSet,
         layout: Layout | None = None,
         reference_mu: np.ndarray | None = None,
         reference_sigma: np.ndarray | None = None,
@@ -149,13 +151,19 @@ class Evaluator:
         extra_refs: list | None = None,
     ):
         if isinstance(checkpoint_refs, CheckpointSet):
-            layout, ema_ref = checkpoint_refs.layout, checkpoint_refs.ema_ref
-            extra_refs = checkpoint_refs.extra_refs
-            checkpoint_refs = checkpoint_refs.refs
-        if layout is None or reference_mu is None or reference_sigma is None:
-            raise ValueError("Evaluator needs the layout and the reference mu and sigma")
+            checkpoint_refs = checkpoint_refs.placed()
+        if not isinstance(checkpoint_refs, PlacedSet):  # object refs of a `node` set (or arrays)
+            if layout is None:
+                raise ValueError("Evaluator needs the layout with a list of checkpoint refs")
+            checkpoint_refs = PlacedSet(
+                NodeWeights(list(checkpoint_refs), layout),
+                None if ema_ref is None else NodeWeights([ema_ref], layout),
+                NodeWeights(list(extra_refs), layout) if extra_refs else None,
+            )
+        if reference_mu is None or reference_sigma is None:
+            raise ValueError("Evaluator needs the reference mu and sigma")
         torch.set_num_threads(spec.evaluators.torch_threads)
-        self.spec, self.layout = spec, layout
+        self.spec, self.weights, self.layout = spec, checkpoint_refs, checkpoint_refs.layout
         self.device = select_device(
             spec.evaluators.num_gpus,
             ray.get_gpu_ids() if ray.is_initialized() else [],
@@ -164,33 +172,14 @@ class Evaluator:
         )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.arrays = ray.get(
-            list(checkpoint_refs), timeout=FETCH_TIMEOUT_S
-        )  # read-only numpy views of the object store
-        # An ObjectRef passed as a top-level actor argument arrives already resolved (an ndarray); a direct
-        # construction from a CheckpointSet hands over the ref itself.
-        self.ema_array = (
-            ray.get(ema_ref, timeout=FETCH_TIMEOUT_S) if isinstance(ema_ref, ray.ObjectRef) else ema_ref
-        )
-        # weights only some jobs combine (CheckpointSet.extra_refs: post-hoc EMA snapshots), after the checkpoints
-        self.extra_arrays = ray.get(list(extra_refs), timeout=FETCH_TIMEOUT_S) if extra_refs else []
-        self.sources = self._device_sources([*self.arrays, *self.extra_arrays])
+        self.weights.open(self.device)  # `node`: zero-copy views of the object store (a GPU copy once)
         self.reference_mu = np.asarray(reference_mu, np.float64)
         self.reference_sigma = np.asarray(reference_sigma, np.float64)
-        self.flat = torch.empty(layout.numel, dtype=torch.float32, device=self.device)
+        self.flat = torch.empty(self.layout.numel, dtype=torch.float32, device=self.device)
         self.model = self._bind_model(build(spec.model))
         self.sampler = resolve(spec.sampler.target)
         self.feature_net = build(spec.fid.features).to(self.device).eval()
-
-    def _device_sources(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """Checkpoints as tensors on the evaluator's device (a GPU copy once; the host stays zero-copy)."""
-        tensors = [as_tensor(a) for a in arrays]
-        if self.device.type == "cuda":
-            try:
-                return [t.to(self.device) for t in tensors]
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()  # combine on the host, copying each chunk over instead
-        return tensors
+        self.combinations = {"count": 0, "seconds": 0.0, "read_bytes": 0, "moved_bytes": 0}
 
     def _bind_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Make the model's float32 tensors views of the combination buffer, so combining IS loading."""
@@ -202,13 +191,9 @@ class Evaluator:
         if getattr(self, "_loaded", False) and self._loaded_key == key:
             return  # several blocks of one split evaluation: combine once
         self._loaded = False
-        if coefficients is None:
-            self.flat.copy_(as_tensor(self.ema_array))
-        else:
-            sources = (
-                self.sources if len(coefficients) == len(self.sources) else self.sources[: len(self.arrays)]
-            )
-            combine_flat(self.flat, sources, coefficients, self.layout)
+        start = time.perf_counter()
+        moved = self.weights.combine_into(self.flat, coefficients)
+        self._count_combination(moved, time.perf_counter() - start)
         low, high = torch.aminmax(self.flat)  # NaN propagates; no P-sized temporary, unlike isfinite(flat)
         if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             raise CandidateError(
@@ -216,6 +201,22 @@ class Evaluator:
             )
         refresh_copied(self.model, self.copied)
         self._loaded, self._loaded_key = True, key
+
+    def _count_combination(self, moved: dict, seconds: float) -> None:
+        """Count a combination's bytes and time; the first is logged with the placement that made it."""
+        totals = self.combinations
+        totals["count"] += 1
+        totals["seconds"] += seconds
+        for name in ("read_bytes", "moved_bytes"):
+            totals[name] += int(moved[name])
+        if totals["count"] == 1:
+            log.info(
+                "combination (placement %s): %.1f MB read, %.1f MB moved in %.2f s",
+                self.weights.checkpoints.mode,
+                moved["read_bytes"] / 1e6,
+                moved["moved_bytes"] / 1e6,
+                seconds,
+            )
 
     @torch.inference_mode()
     def _chunk_stats(self, seed: int, index: int, size: int, timings: dict) -> FIDStats:
@@ -297,12 +298,13 @@ class Evaluator:
 
     def _checked(self, coefficients):
         if coefficients is None:
-            if self.ema_array is None:
+            if self.weights.ema is None:
                 raise CheckpointError("no EMA weights were loaded; set `checkpoints.ema_uri`")
             return None
-        if self.extra_arrays and len(coefficients) == len(self.arrays) + len(self.extra_arrays):
+        count, extra = len(self.weights.checkpoints), self.weights.extra
+        if extra is not None and len(coefficients) == count + len(extra):
             return check_coefficients(coefficients, len(coefficients))  # checkpoints, then the extra weights
-        return check_coefficients(coefficients, len(self.arrays))
+        return check_coefficients(coefficients, count)
 
     def evaluate(
         self,
@@ -356,8 +358,8 @@ class Evaluator:
         return {
             "pid": os.getpid(),
             "device": str(self.device),
-            "num_checkpoints": len(self.arrays),
-            "writeable": [bool(a.flags.writeable) for a in self.arrays],
+            **self.weights.checkpoints.info(),
+            "combinations": dict(self.combinations),
             "batch_size": self.spec.evaluators.batch_size,
             "rss": memory.rss,
             "uss": memory.uss,
@@ -390,12 +392,7 @@ def start_evaluators(
     mu_ref, sigma_ref = ray.put(np.asarray(reference_stats[0])), ray.put(np.asarray(reference_stats[1]))
     actors = [
         EvaluatorActor.options(**evaluator_options(spec)).remote(
-            spec,
-            list(checkpoint_set.refs),
-            checkpoint_set.layout,
-            mu_ref,
-            sigma_ref,
-            ema_ref=checkpoint_set.ema_ref,
+            spec, checkpoint_set.placed(), None, mu_ref, sigma_ref
         )
         for _ in range(spec.evaluators.num_actors)
     ]

@@ -37,7 +37,10 @@ class EvaluatorSlots:
     """The evaluator actors by slot index, their pids, the free list, the replacements made and the stop cause."""
 
     def __init__(self, spec: SearchSpec, shared: dict):
-        self.spec, self.shared = spec, shared  # shared: the object refs every evaluator is built over
+        self.spec, self.shared = (
+            spec,
+            shared,
+        )  # shared: the placed weights and reference refs every evaluator is built over
         self.actors: list = []
         self.pids: list[int | None] = []
         self.free: list[int] = []
@@ -56,13 +59,7 @@ class EvaluatorSlots:
     def _new_actor(self):
         shared = self.shared
         return EvaluatorActor.options(**evaluator_options(self.spec)).remote(
-            self.spec,
-            list(shared["refs"]),
-            shared["layout"],
-            shared["mu"],
-            shared["sigma"],
-            ema_ref=shared["ema"],
-            extra_refs=list(shared["extra"]),
+            self.spec, shared["weights"], None, shared["mu"], shared["sigma"]
         )
 
     @staticmethod

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -270,6 +271,14 @@ class PoolService:
         await self.slots.close()
 
 
+def _last_checkpoint(checkpoint_set: CheckpointSet) -> np.ndarray:
+    """The last checkpoint's flat array, as its placement combines it (coefficients 0, ..., 0, 1)."""
+    out = torch.empty(checkpoint_set.layout.numel, dtype=torch.float32)
+    placed = checkpoint_set.placed()
+    placed.checkpoints.combine_into(out, [0.0] * (len(checkpoint_set) - 1) + [1.0])
+    return out.numpy()
+
+
 class EvaluatorPool:
     """The driver's side of the pool: starts the service and its evaluators, probes, scores, closes."""
 
@@ -284,16 +293,16 @@ class EvaluatorPool:
         """`guard` (the search's `OutputLock.check`) is called while `score` waits: when it raises, so does
         `score`, and the driver stops (closing the pool ends the service's own writes)."""
         self.guard = guard or (lambda: None)
+        # the object-store weights (`node` placement, post-hoc EMA snapshots); other placements check their own
         weights = ray.get([*checkpoint_set.refs, *checkpoint_set.extra_refs], timeout=READY_TIMEOUT_S)
-        check_non_float_equal(
-            checkpoint_set.layout, weights, [*checkpoint_set.names, *checkpoint_set.extra_names]
-        )
+        names = [*checkpoint_set.names] if checkpoint_set.refs else [checkpoint_set.names[-1]]
+        if checkpoint_set.extra_refs and not checkpoint_set.refs:  # against the last checkpoint, as placed
+            weights = [_last_checkpoint(checkpoint_set), *weights]
+        if weights:
+            check_non_float_equal(checkpoint_set.layout, weights, [*names, *checkpoint_set.extra_names])
         self.spec, self.checkpoints = spec, checkpoint_set
         shared = {
-            "refs": list(checkpoint_set.refs),
-            "layout": checkpoint_set.layout,
-            "ema": checkpoint_set.ema_ref,
-            "extra": list(checkpoint_set.extra_refs),
+            "weights": checkpoint_set.placed(),  # where the set is kept: every evaluator combines through it
             "mu": ray.put(np.asarray(reference[0])),
             "sigma": ray.put(np.asarray(reference[1])),
         }

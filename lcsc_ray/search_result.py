@@ -74,6 +74,12 @@ def claims_gain(is_seed: bool, comparisons: list[PairedComparison], baseline_lab
     )
 
 
+def _placement(checkpoints) -> dict[str, str]:
+    """The set's placement mode and the reason it was chosen (`CheckpointSet.choice`), when known."""
+    choice = getattr(checkpoints, "choice", None)
+    return {"mode": choice.mode, "reason": choice.reason} if choice is not None else {}
+
+
 def build_result(
     spec: SearchSpec, run: ScoredRun, trials: pd.DataFrame, scores: dict, wall_s: float
 ) -> SearchResult:
@@ -114,6 +120,7 @@ def build_result(
         gain_found=bool(gain),
         comparisons=comparisons,
         num_evaluations=int((trials.rung == 0).sum()),
+        placement=_placement(run.checkpoints),
         num_failed=int((trials.status == "failed").sum()),
         total_samples=run.store.total_samples(),
         wall_time_s=wall_s,

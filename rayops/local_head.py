@@ -48,9 +48,13 @@ def ray_env(multi_node: bool = False) -> dict[str, str]:
 
 
 def start_head(
-    num_cpus: float | None = None, log_path: str | Path | None = None, env: dict[str, str] | None = None
+    num_cpus: float | None = None,
+    log_path: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    object_store_memory: int | None = None,
 ) -> tuple[subprocess.Popen, str, str]:
-    """Start a head; returns (process, GCS address, dashboard URL). The process owns its Ray."""
+    """Start a head (with `object_store_memory` bytes of object store, else Ray's default); returns (process,
+    GCS address, dashboard URL). The process owns its Ray."""
     port, dashboard = free_port(), free_port()
     command = [
         RAY_CLI,
@@ -67,6 +71,8 @@ def start_head(
     ]
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
+    if object_store_memory is not None:
+        command.append(f"--object-store-memory={object_store_memory}")
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - owned by the child
     process = subprocess.Popen(
         command, env=env or ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

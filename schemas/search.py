@@ -77,6 +77,16 @@ class CheckpointSetSpec(StrictModel):
         "to combine the EMA snapshots; a checkpoint without that EMA folder is refused, never read from the "
         "non-EMA model.safetensors). `ema_uri` may then name a `unet_ema` folder.",
     )
+    placement: Literal["auto", "node", "sharded", "stream"] = Field(
+        default="auto",
+        description="Where the checkpoint set is kept while it is combined. 'node': the whole set in the object "
+        "store of every evaluator node (fastest while it fits). 'sharded': the flat parameter vector cut into one "
+        "shard per node, each node holding its shard of every checkpoint; a combination is one task per shard, "
+        "run where the shard lives. 'stream': nothing in the object store; each evaluator combines tensor by "
+        "tensor from the safetensors files (S3 files cached on local disk). 'auto': 'node' when the set fits "
+        "every node's object store, else 'sharded' when the cluster's object stores hold it, else 'stream'. "
+        "Every mode gives the same combined weights, bit for bit; 'sharded' and 'stream' need safetensors files.",
+    )
 
 
 class SamplerSpec(PluginSpec):
@@ -453,6 +463,11 @@ class SearchResult(ResultModel):
         description="The winner against each baseline: paired differences with 95% intervals.",
     )
     num_evaluations: int = Field(description="Candidate evaluations run (equals the budget).")
+    placement: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where the checkpoint set was kept while combined ('mode': node, sharded or stream) and why "
+        "('reason'), see `checkpoints.placement`.",
+    )
     num_failed: int = Field(default=0, description="Trials recorded as failed.")
     total_samples: int = Field(
         default=0,

@@ -164,10 +164,13 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(worker_cpus: list[float], head_cpus: float, log_dir: Path) -> Iterator[LocalCluster]:
-    """A head with the job server plus one worker node per entry of `worker_cpus` (resource `worker<i>`)."""
+def local_cluster(
+    worker_cpus: list[float], head_cpus: float, log_dir: Path, head_object_store: int | None = None
+) -> Iterator[LocalCluster]:
+    """A head with the job server (`head_object_store` bytes of object store, else Ray's default) plus one worker
+    node per entry of `worker_cpus` (resource `worker<i>`, 200 MB of object store)."""
     env = ray_env(multi_node=True)
-    head, gcs, dashboard = start_head(head_cpus, log_dir / "head.log", env)
+    head, gcs, dashboard = start_head(head_cpus, log_dir / "head.log", env, head_object_store)
     cluster = LocalCluster(gcs, dashboard, env, log_dir, [head])
     try:
         wait_for_dashboard(dashboard, head)

@@ -123,10 +123,11 @@ def test_set_mismatch_names_file_and_tensor(tmp_path, ray_local):
 
 
 def test_set_too_big_fails_before_reading(tmp_path, ray_local, monkeypatch):
-    """A set larger than the object store fails before any file is read, naming sizes and options."""
+    """A set larger than the object store placed on `node` fails before any file is read, naming sizes and
+    options (`auto` would stream it instead)."""
     save_file({"w": torch.zeros(16_000_000)}, str(tmp_path / "big.safetensors"))  # 64 MB
     monkeypatch.setattr(storage, "read_bytes", lambda uri: pytest.fail(f"read {uri}"))
-    spec = CheckpointSetSpec(uri=str(tmp_path), paths=["big.safetensors"] * 20)
+    spec = CheckpointSetSpec(uri=str(tmp_path), paths=["big.safetensors"] * 20, placement="node")
     with pytest.raises(
         CheckpointError, match=r"20 checkpoints need 1\.19 GiB of object store.*bfloat16.*last.*bigger"
     ):
