@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 
 import nevergrad as ng
 import numpy as np
@@ -109,9 +110,12 @@ class ReplaySearcher(Searcher):
         num_workers: int,
         record_uri: str | None = None,
         guard: Guard = _unguarded,
+        in_flight_limit: Callable[[], int] | None = None,
     ):
         super().__init__(metric=METRIC, mode=MODE)
         self.optimizer, self.names, self.workers = optimizer, names, max(1, num_workers)
+        # how many trials may run now (the live evaluator pool); the ask/tell order stays that of `workers`
+        self.in_flight_limit = in_flight_limit or (lambda: self.workers)
         self.budget = int(optimizer.budget)
         self.record = ProposalRecord(record_uri, guard)
         self.entries: list[dict] = []
@@ -178,8 +182,9 @@ class ReplaySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        """A recorded proposal to re-issue, else a new one when the fixed order allows, else None (wait)."""
-        if len(self.by_trial) >= self.workers:
+        """A recorded proposal to re-issue, else a new one when the fixed order allows, else None (wait). At most
+        `in_flight_limit()` trials run at once (never more than `workers`)."""
+        if len(self.by_trial) >= min(self.workers, self.in_flight_limit()):
             return None
         if self.reissue:
             index = self.reissue.popleft()
@@ -239,11 +244,17 @@ class ReplaySearcher(Searcher):
 
 
 def nevergrad_searcher(
-    optimizer, names: list[str], max_concurrent: int, record_uri: str | None = None, guard: Guard = _unguarded
+    optimizer,
+    names: list[str],
+    max_concurrent: int,
+    record_uri: str | None = None,
+    guard: Guard = _unguarded,
+    in_flight_limit: Callable[[], int] | None = None,
 ) -> ReplaySearcher:
     """The optimiser phase's searcher: Nevergrad's ask/tell in a fixed order, every proposal recorded under
-    `record_uri` before it is evaluated, and replayed from there when the search resumes (see ReplaySearcher)."""
-    return ReplaySearcher(optimizer, names, max_concurrent, record_uri, guard)
+    `record_uri` before it is evaluated, and replayed from there when the search resumes (see ReplaySearcher).
+    `in_flight_limit`: how many trials may run now (the live pool size; default `max_concurrent`)."""
+    return ReplaySearcher(optimizer, names, max_concurrent, record_uri, guard, in_flight_limit)
 
 
 class SearchProgress(Callback):
