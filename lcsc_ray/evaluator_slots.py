@@ -40,7 +40,7 @@ from lcsc_ray.pool_sizing import (
     loss_kind,
     start_decision,
 )
-from rayops.draining import actor_placement, node_liveness
+from rayops.draining import actor_placed, actor_placement, node_liveness
 from schemas.errors import LcscCheckfreeError
 from schemas.search import SearchSpec
 
@@ -49,6 +49,10 @@ READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, mode
 START_GRACE_S = 30.0  # past this, the pool starts with the evaluators constructed (at least `min_actors`)
 NODE_LOSS_WAIT_S = 90.0  # a killed node is declared dead by the GCS's health checks within this
 HAND_BACK_MARGIN_S = 5.0  # a drained evaluator hands its candidate back this long before the deadline
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:400]
 
 
 class EvaluatorPoolError(LcscCheckfreeError):
@@ -102,8 +106,9 @@ class EvaluatorSlots:
         return int(info["pid"])
 
     async def start(self, count: int, min_count: int = 1) -> list[int | None]:
-        """Ask for `count` evaluators and wait until at least `min_count` are constructed (all of them, if they
-        come within START_GRACE_S); the rest join when Ray places them. Returns the pids (None: still waiting)."""
+        """Ask for `count` evaluators and wait until at least `min_count` are constructed, and every one Ray placed
+        within START_GRACE_S (`pool_sizing.start_decision`); the rest join when Ray places them. Returns the pids
+        (None: still waiting)."""
         self.actors = [None] * count
         self.pids = [None] * count
         began = time.monotonic()
@@ -111,8 +116,10 @@ class EvaluatorSlots:
             self._request(index)
         while True:
             self.check_stopped()
+            elapsed = time.monotonic() - began
+            constructing = await self._constructing() if elapsed >= START_GRACE_S else 0
             decision = start_decision(
-                min_count, count, len(self.live), time.monotonic() - began, START_GRACE_S, READY_TIMEOUT_S
+                min_count, count, len(self.live), constructing, elapsed, START_GRACE_S, READY_TIMEOUT_S
             )
             if decision == START_GO:
                 break
@@ -132,9 +139,18 @@ class EvaluatorSlots:
         self.joined = 0  # from here on, a join is growth
         return list(self.pids)
 
-    def _request(self, index: int) -> None:
-        """Ask for a new evaluator in slot `index` (not live until it is constructed, then free)."""
-        actor = self._new_actor()
+    async def _constructing(self) -> int:
+        """Waiting evaluators that Ray has placed (they are being constructed), from the GCS actor table."""
+        waiting = [self.actors[index] for index in list(self.waiting)]
+        placed = await asyncio.gather(
+            *(asyncio.to_thread(actor_placed, actor._actor_id.hex()) for actor in waiting)
+        )
+        return sum(placed)
+
+    def _request(self, index: int, actor=None) -> None:
+        """Put a new evaluator (`actor`, or one asked for now) in slot `index`: not live until it is constructed,
+        then free."""
+        actor = actor or self._new_actor()
         self.actors[index], self.pids[index] = actor, None
         task = asyncio.get_running_loop().create_task(self._join(index, actor))
         self.waiting[index] = task
@@ -157,7 +173,7 @@ class EvaluatorSlots:
                     "evaluator %d was lost with its node before it started; asking for another", index
                 )
                 self._request(index)
-            elif await self._count_unplanned(index, f"failed before it started ({type(exc).__name__})"):
+            elif await self._count_unplanned(index, f"failed before it started ({_one_line(exc)})"):
                 ray.kill(actor, no_restart=True)
                 self._request(index)
             return
@@ -230,8 +246,7 @@ class EvaluatorSlots:
         except asyncio.TimeoutError:
             if hand_back_s is not None and self.actors[index] is old and not self.stopped:
                 self._retire(index, old)
-                self.actors[index], self.pids[index] = new, None
-                self.waiting[index] = asyncio.get_running_loop().create_task(self._join(index, new))
+                self._request(index, new)
                 log.warning("evaluator %d handed its candidate back before its node's deadline", index)
                 return True
             ray.kill(new, no_restart=True)

@@ -323,10 +323,11 @@ class EvaluatorPool:
             "sigma": ray.put(np.asarray(reference[1])),
         }
         evaluators = spec.evaluators
+        # the pool starts with what fits: at least `min_actors` must ever fit; the rest join when Ray places them
         check_placeable(
-            [{"CPU": evaluators.num_cpus, "GPU": evaluators.num_gpus}] * evaluators.num_actors,
+            [{"CPU": evaluators.num_cpus, "GPU": evaluators.num_gpus}] * evaluators.min_actors,
             "the evaluator actors",
-            "`evaluators.num_actors`, `evaluators.num_cpus` or `evaluators.num_gpus`",
+            "`evaluators.min_actors`, `evaluators.num_cpus` or `evaluators.num_gpus`",
         )
         node = ray.get_runtime_context().get_node_id()
         # pinned to the driver's node: the search can survive losing an evaluator's node, not the service's

@@ -44,15 +44,22 @@ def final_loss_kind(kind: str) -> str:
 
 
 def start_decision(
-    min_actors: int, num_actors: int, ready: int, elapsed_s: float, grace_s: float, timeout_s: float
+    min_actors: int,
+    num_actors: int,
+    ready: int,
+    constructing: int,
+    elapsed_s: float,
+    grace_s: float,
+    timeout_s: float,
 ) -> str:
-    """Whether the pool may start: START_GO once all `num_actors` are ready, or once at least `min_actors` are
-    and the grace for the rest (`grace_s` after the start) is over; START_FAIL when fewer than `min_actors` are
-    ready after `timeout_s`; else START_WAIT. Evaluators not ready at START_GO join later."""
-    if ready >= num_actors or (ready >= min_actors and elapsed_s >= grace_s):
+    """Whether the pool may start: START_GO once all `num_actors` are ready, or once at least `min_actors` are,
+    none is still being constructed (evaluators placed on a node are waited for) and the grace for the rest to be
+    placed (`grace_s` after the start) is over; START_FAIL when fewer than `min_actors` are ready after
+    `timeout_s` (past it, what is ready goes); else START_WAIT. Evaluators not ready at START_GO join later."""
+    if ready >= num_actors or (ready >= min_actors and elapsed_s >= grace_s and constructing == 0):
         return START_GO
     if elapsed_s >= timeout_s:
-        return START_FAIL
+        return START_FAIL if ready < min_actors else START_GO
     return START_WAIT
 
 

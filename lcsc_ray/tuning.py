@@ -123,6 +123,10 @@ class ReplaySearcher(Searcher):
         self.told = 0
         self.by_trial: dict[str, int] = {}
         self.reissue: deque[int] = deque()
+        # Proposals asked but not yet handed to Tune (fewer trials may run than `workers` while the evaluator pool
+        # is small). Asking does not wait for room: the fixed order needs `workers` asks ahead of each tell, and a
+        # searcher that asked only when a trial could start would stay at its smallest concurrency for good.
+        self.asked: deque[int] = deque()
         self._replay(self.record.load())
 
     def _may_ask(self) -> bool:
@@ -184,13 +188,20 @@ class ReplaySearcher(Searcher):
     def suggest(self, trial_id: str) -> dict | str | None:
         """A recorded proposal to re-issue, else a new one when the fixed order allows, else None (wait). At most
         `in_flight_limit()` trials run at once (never more than `workers`)."""
+        # asked as soon as the fixed order allows (and told what that frees), whether or not a trial may start now:
+        # handed to Tune in order, as room allows
+        while self._may_ask():
+            self.asked.append(len(self.entries))
+            self.entries.append(
+                {"index": len(self.entries), "free": self._ask(), "done": False, "value": None}
+            )
+            self._tell_ready()
         if len(self.by_trial) >= min(self.workers, self.in_flight_limit()):
             return None
         if self.reissue:
             index = self.reissue.popleft()
-        elif self._may_ask():
-            index = len(self.entries)
-            self.entries.append({"index": index, "free": self._ask(), "done": False, "value": None})
+        elif self.asked:
+            index = self.asked.popleft()
         elif len(self.entries) >= self.budget:
             # finished once every proposal is done: one still running may error and be proposed again
             return Searcher.FINISHED if all(entry["done"] for entry in self.entries) else None

@@ -64,6 +64,13 @@ def actor_placement(actor_id_hex: str) -> tuple[str | None, str | None]:
     return info.get("State"), (info.get("Address") or {}).get("NodeID") or None
 
 
+def actor_placed(actor_id_hex: str) -> bool:
+    """True once the actor has a worker process (it is being constructed or alive); False while it waits for
+    resources (the GCS lists no worker port for it yet)."""
+    info = ray._private.state.state.actor_table(actor_id_hex) or {}
+    return bool((info.get("Address") or {}).get("Port"))
+
+
 def alive_node_ids() -> set[str]:
     """Hex ids of the nodes the GCS holds ALIVE now (one bounded call)."""
     from ray.core.generated.gcs_pb2 import GcsNodeInfo

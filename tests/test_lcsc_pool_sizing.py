@@ -43,13 +43,20 @@ def test_a_loss_still_undecided_when_the_wait_ends_counts_as_the_evaluators_own(
     assert final_loss_kind(NODE_LOST) == NODE_LOST and final_loss_kind(CRASHED) == CRASHED
 
 
-def test_the_pool_starts_with_what_fits_after_the_grace_and_fails_below_min_actors():
+def test_the_pool_starts_with_what_fits_waiting_for_those_placed_and_fails_below_min_actors():
     go = {"min_actors": 2, "num_actors": 4, "grace_s": 30.0, "timeout_s": 300.0}
-    assert start_decision(ready=4, elapsed_s=1.0, **go) == START_GO  # all up: no need to wait
-    assert start_decision(ready=2, elapsed_s=1.0, **go) == START_WAIT  # the rest may come within the grace
-    assert start_decision(ready=2, elapsed_s=30.0, **go) == START_GO  # past it, what fits
-    assert start_decision(ready=1, elapsed_s=299.0, **go) == START_WAIT
-    assert start_decision(ready=1, elapsed_s=300.0, **go) == START_FAIL
+    assert start_decision(ready=4, constructing=0, elapsed_s=1.0, **go) == START_GO  # all up: no need to wait
+    assert (
+        start_decision(ready=2, constructing=0, elapsed_s=1.0, **go) == START_WAIT
+    )  # the rest may be placed
+    assert (
+        start_decision(ready=2, constructing=0, elapsed_s=30.0, **go) == START_GO
+    )  # past the grace: what fits
+    # one is placed and still being constructed (crowded cores): it is waited for
+    assert start_decision(ready=3, constructing=1, elapsed_s=60.0, **go) == START_WAIT
+    assert start_decision(ready=3, constructing=1, elapsed_s=300.0, **go) == START_GO  # bounded
+    assert start_decision(ready=1, constructing=0, elapsed_s=299.0, **go) == START_WAIT
+    assert start_decision(ready=1, constructing=3, elapsed_s=300.0, **go) == START_FAIL
 
 
 def test_tunes_concurrency_follows_the_live_pool_between_one_and_num_actors():

@@ -78,6 +78,11 @@ def test_a_search_on_the_spot_cluster_rides_out_a_reclaim_and_a_drain(spot_clust
         logs = client.get_job_logs(job_id)
         assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
         injector.wait_for_terminations(NOTICE_S + 60)
+    except BaseException:
+        print(
+            f"job {client.get_job_status(job_id)}; the end of its logs:\n{client.get_job_logs(job_id)[-6000:]}"
+        )
+        raise
     finally:
         injector.cancel()
         if client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
