@@ -190,8 +190,12 @@ class EvaluatorSlots:
         deadline = time.monotonic() + NODE_LOSS_WAIT_S
         kind = UNDECIDED
         while time.monotonic() < deadline:
-            state, node = await asyncio.to_thread(actor_placement, actor._actor_id.hex())
-            alive, draining = await asyncio.to_thread(node_liveness, node)
+            try:
+                state, node = await asyncio.to_thread(actor_placement, actor._actor_id.hex())
+                alive, draining = await asyncio.to_thread(node_liveness, node)
+            except (ray.exceptions.RayError, TimeoutError, ConnectionError, OSError) as exc:
+                log.warning("the GCS did not say why evaluator was lost (%s); asking again", exc)
+                state, alive, draining = None, None, False
             kind = loss_kind(state, NodeView(alive, draining))
             if kind != UNDECIDED:
                 break

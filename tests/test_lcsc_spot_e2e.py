@@ -17,7 +17,7 @@ from schemas.loader import dump_spec
 from tests.spot_cluster_fixtures import ROOT, spot_cluster  # noqa: F401 - spot_cluster: the fixture
 from tests.test_lcsc_search import tiny_spec
 
-BUDGET = 30
+BUDGET = 40
 EVAL_S = 3.0  # each evaluation samples this long at least: the events hit a busy pool
 NOTICE_S = 20
 EVALUATORS = 3  # one per 1-CPU spot worker: the cluster's 3 workers at most
