@@ -98,10 +98,10 @@ async def drop_lost_nodes(slots: EvaluatorSlots) -> list[int]:
         return []
     nodes = await asyncio.to_thread(actor_nodes, actors)
     alive = await asyncio.to_thread(alive_node_ids)
-    lost = [(index, actor) for index, actor, node in zip(live, actors, nodes) if node and node not in alive]
-    for index, actor in lost:
-        await slots.node_lost(index, actor)
-    return [index for index, _ in lost]
+    lost = [(i, actor, node) for i, actor, node in zip(live, actors, nodes) if node and node not in alive]
+    for index, actor, node in lost:
+        await slots.node_lost(index, actor, node)
+    return [index for index, _, _ in lost]
 
 
 async def watch_drains(slots: EvaluatorSlots, watcher: DrainWatcher | None = None) -> None:

@@ -31,6 +31,7 @@ from ray.exceptions import RayActorError
 
 from lcsc_ray.evaluator import EvaluatorActor, evaluator_options
 from lcsc_ray.pool_sizing import (
+    CRASHED,
     NODE_LOST,
     START_FAIL,
     START_GO,
@@ -49,6 +50,11 @@ READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, mode
 START_GRACE_S = 30.0  # past this, the pool starts with the evaluators constructed (at least `min_actors`)
 NODE_LOSS_WAIT_S = 90.0  # a killed node is declared dead by the GCS's health checks within this
 HAND_BACK_MARGIN_S = 5.0  # a drained evaluator hands its candidate back this long before the deadline
+
+
+def on_node(node: str | None) -> str:
+    """ " on node <id>" for a loss's cause (the first 12 hex digits), or ""."""
+    return f" on node {node[:12]}" if node else ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -167,13 +173,18 @@ class EvaluatorSlots:
         except Exception as exc:  # noqa: BLE001 - a death, or an error from its info(): asked for again
             if self.actors[index] is not actor or self.stopped:
                 return
-            if isinstance(exc, RayActorError) and await self.loss_of(actor) == NODE_LOST:
+            kind, node = await self.loss_of(actor) if isinstance(exc, RayActorError) else (CRASHED, None)
+            if kind == NODE_LOST:
                 self.node_losses += 1
                 log.warning(
-                    "evaluator %d was lost with its node before it started; asking for another", index
+                    "evaluator %d was lost with its node%s before it started; asking for another",
+                    index,
+                    on_node(node),
                 )
                 self._request(index)
-            elif await self._count_unplanned(index, f"failed before it started ({_one_line(exc)})"):
+            elif await self._count_unplanned(
+                index, f"failed before it started{on_node(node)} ({_one_line(exc)})"
+            ):
                 ray.kill(actor, no_restart=True)
                 self._request(index)
             return
@@ -185,10 +196,11 @@ class EvaluatorSlots:
         log.info("evaluator %d joined the pool (%d live)", index, len(self.live))
         await self.release(index)
 
-    async def loss_of(self, actor) -> str:
-        """Why `actor` was lost (`pool_sizing.loss_kind`), asking the GCS until it knows, at most NODE_LOSS_WAIT_S."""
+    async def loss_of(self, actor) -> tuple[str, str | None]:
+        """Why `actor` was lost (`pool_sizing.loss_kind`), asking the GCS until it knows, at most NODE_LOSS_WAIT_S;
+        with the node it was on (None: not known)."""
         deadline = time.monotonic() + NODE_LOSS_WAIT_S
-        kind = UNDECIDED
+        kind, node = UNDECIDED, None
         while time.monotonic() < deadline:
             try:
                 state, node = await asyncio.to_thread(actor_placement, actor._actor_id.hex())
@@ -200,9 +212,9 @@ class EvaluatorSlots:
             if kind != UNDECIDED:
                 break
             await asyncio.sleep(1.0)
-        return final_loss_kind(kind)
+        return final_loss_kind(kind), node
 
-    async def node_lost(self, index: int, actor) -> None:
+    async def node_lost(self, index: int, actor, node: str | None = None) -> None:
         """`actor`, in slot `index`, was lost with its node: the slot leaves the pool and a new evaluator is asked
         for in its place (not counted against `max_replacements`)."""
         if self.actors[index] is not actor or self.stopped:
@@ -213,8 +225,9 @@ class EvaluatorSlots:
             self.free.remove(index)
         ray.kill(actor, no_restart=True)
         log.warning(
-            "evaluator %d was lost with its node (not counted as a replacement); %d live, asking for another",
+            "evaluator %d was lost with its node%s (not counted as a replacement); %d live, asking for another",
             index,
+            on_node(node),
             len(self.live),
         )
         self._request(index)

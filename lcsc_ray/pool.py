@@ -54,10 +54,10 @@ from lcsc_ray.draining import replace_draining, watch_drains, watch_lost_nodes
 from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout, slowest_timing, stored_record
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import chunk_sizes, merge_blocks, tree_blocks
-from lcsc_ray.evaluator_slots import READY_TIMEOUT_S, EvaluatorPoolError, EvaluatorSlots
+from lcsc_ray.evaluator_slots import READY_TIMEOUT_S, EvaluatorPoolError, EvaluatorSlots, on_node
 from lcsc_ray.fid import FIDStats, fid_from_stats
 from lcsc_ray.healing import heal_beside
-from lcsc_ray.pool_sizing import NODE_LOST, concurrency
+from lcsc_ray.pool_sizing import CRASHED, NODE_LOST, concurrency
 from rayops.progress import ProgressLine
 from rayops.resources import check_placeable
 from schemas.search import SearchSpec
@@ -166,11 +166,12 @@ class PoolService:
                     planned += 1
                     await self.slots.release(index)  # the slot already holds the new evaluator
                     continue
-                if planned < PLANNED_RETRIES and await self.slots.loss_of(actor) == NODE_LOST:
+                kind, node = await self.slots.loss_of(actor) if planned < PLANNED_RETRIES else (CRASHED, None)
+                if kind == NODE_LOST:
                     planned += 1  # lost with its node: routine, no attempt spent, the slot asks for another
-                    await self.slots.node_lost(index, actor)
+                    await self.slots.node_lost(index, actor, node)
                     continue
-                reason = cause = f"died ({type(exc).__name__})"
+                reason = cause = f"died ({type(exc).__name__}){on_node(node)}"
                 hung = False
             except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
                 await self.slots.release(index)

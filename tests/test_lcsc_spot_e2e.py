@@ -48,9 +48,8 @@ def test_a_search_on_the_spot_cluster_rides_out_a_reclaim_and_a_drain(spot_clust
             "kwargs": {"log_dir": str(tmp_path / "log"), "seconds": EVAL_S},
         },
     )
-    # max_replacements 0: a node loss counted as a replacement would stop the search
     spec.evaluators = spec.evaluators.model_copy(
-        update={"num_actors": EVALUATORS, "min_actors": 1, "num_cpus": 1.0, "max_replacements": 0}
+        update={"num_actors": EVALUATORS, "min_actors": 1, "num_cpus": 1.0, "max_replacements": 3}
     )
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -98,8 +97,12 @@ def test_a_search_on_the_spot_cluster_rides_out_a_reclaim_and_a_drain(spot_clust
     search = trials[trials.rung == 0]
     assert len(search) == BUDGET and (search.status == "ok").all()
     assert len({tuple(a) for a in search.alphas}) == BUDGET
-    # both events were routine: no replacement counted (max_replacements 0 would have stopped the search)
-    assert "lost with its node" in logs and "replacement 1 of at most" not in logs
+    # both events were routine: the reclaimed evaluator was lost with its node, and no replacement counted against
+    # `max_replacements` names either node (a crowded machine may crash an evaluator on its own: that one counts)
+    lines = logs.splitlines()
+    assert any(f"lost with its node on node {reclaimed.node_id[:12]}" in line for line in lines), logs[-4000:]
+    counted = [line for line in lines if "; replacement " in line]
+    assert not [line for line in counted if reclaimed.node_id[:12] in line or drained.node_id[:12] in line]
     assert [event.kind for event in injector.events if event.kind == TERMINATE] == [TERMINATE]
 
     # the timeline: the events, and a pool that grew to 3, shrank, and grew again
