@@ -70,8 +70,10 @@ def submit_and_wait(dashboard_url: str, spec: SearchSpec, job_dir: Path, stop: t
     client = JobSubmissionClient(dashboard_url)
     began = time.monotonic()
     job_id = client.submit_job(
-        entrypoint="python -m lcsc_ray search spec.yaml",
-        runtime_env={"working_dir": str(job_dir), "env_vars": {"PYTHONPATH": str(ROOT)}},
+        entrypoint=f"python -m lcsc_ray search {job_dir / 'spec.yaml'}",
+        # no working_dir: on the local cluster every node shares one session dir, and a node's runtime-env agent
+        # deletes an unused working_dir package that the job's driver still runs in
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
     try:
         wait_until(lambda: str(client.get_job_status(job_id)) in TERMINAL, JOB_TIMEOUT_S, "the search job")

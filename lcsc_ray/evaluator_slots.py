@@ -53,8 +53,8 @@ HAND_BACK_MARGIN_S = 5.0  # a drained evaluator hands its candidate back this lo
 
 
 def on_node(node: str | None) -> str:
-    """ " on node <id>" for a loss's cause (the first 12 hex digits), or ""."""
-    return f" on node {node[:12]}" if node else ""
+    """The words " on node <hex id>" for a loss's cause, or "" when the node is not known."""
+    return f" on node {node}" if node else ""
 
 
 def _one_line(exc: BaseException) -> str:

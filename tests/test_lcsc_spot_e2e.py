@@ -56,8 +56,10 @@ def test_a_search_on_the_spot_cluster_rides_out_a_reclaim_and_a_drain(spot_clust
     dump_spec(spec, job_dir / "spec.yaml")
     client = JobSubmissionClient(spot_cluster.address.dashboard_url)
     job_id = client.submit_job(
-        entrypoint="python -m lcsc_ray search spec.yaml",
-        runtime_env={"working_dir": str(job_dir), "env_vars": {"PYTHONPATH": str(ROOT)}},
+        entrypoint=f"python -m lcsc_ray search {job_dir / 'spec.yaml'}",
+        # no working_dir: on the local cluster every node shares one session dir, and a node's runtime-env agent
+        # deletes an unused working_dir package that the job's driver still runs in
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
     injector = SpotEventInjector(gcs, spot_cluster.temp_dir)
     try:
@@ -100,9 +102,9 @@ def test_a_search_on_the_spot_cluster_rides_out_a_reclaim_and_a_drain(spot_clust
     # both events were routine: the reclaimed evaluator was lost with its node, and no replacement counted against
     # `max_replacements` names either node (a crowded machine may crash an evaluator on its own: that one counts)
     lines = logs.splitlines()
-    assert any(f"lost with its node on node {reclaimed.node_id[:12]}" in line for line in lines), logs[-4000:]
+    assert any(f"lost with its node on node {reclaimed.node_id}" in line for line in lines), logs[-4000:]
     counted = [line for line in lines if "; replacement " in line]
-    assert not [line for line in counted if reclaimed.node_id[:12] in line or drained.node_id[:12] in line]
+    assert not [line for line in counted if reclaimed.node_id in line or drained.node_id in line]
     assert [event.kind for event in injector.events if event.kind == TERMINATE] == [TERMINATE]
 
     # the timeline: the events, and a pool that grew to 3, shrank, and grew again
