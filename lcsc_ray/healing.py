@@ -2,9 +2,10 @@
 
 When an evaluator dies or hangs, its candidate is retried on another evaluator at once
 (`pool.PoolService._on_evaluator`), and the lost one is healed in a task of its own:
-- an evaluator that died is given back to Ray's restart once;
-- one that stays dead, or that hung, is replaced by a new actor over the same object refs
-  (`EvaluatorSlots.replace`, unplanned: after `evaluators.max_replacements` of them the pool stops, naming the cause);
+- an evaluator that died or hung while its node was alive is replaced by a new actor over the same object refs
+  (`EvaluatorSlots.replace`, unplanned: after `evaluators.max_replacements` of them the pool stops, naming the
+  cause); Ray never restarts evaluators itself (max_restarts=0). One lost with its node is no heal's business:
+  `EvaluatorSlots.node_lost` asks for a new one without counting it;
 - a heal that raises something unexpected (a new evaluator's `info()` failing, say) is tried again with a new
   actor, at most HEAL_TRIES times in all; then the pool stops naming that error. A slot is never left taken.
 
@@ -74,10 +75,8 @@ async def heal_with_retries(
 
 
 async def heal(slots: EvaluatorSlots, index: int, cause: str, hung: bool) -> None:
-    """After a death: keep the evaluator if Ray restarted it; else (or when it hung) replace it with a new actor
-    over the same object refs, up to `evaluators.max_replacements` in all; then it is free again."""
-    if not hung and await slots.restarted(index):
-        return
+    """After a death or a hang: replace the evaluator with a new actor over the same object refs, up to
+    `evaluators.max_replacements` in all; then it is free again. (`hung` is kept for the log's sake.)"""
     while not slots.stopped:  # a closed or stopped pool starts no new actor; past the limit the pool stops
         try:
             if await slots.replace(index, cause):

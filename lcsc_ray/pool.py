@@ -10,8 +10,12 @@ Every evaluation of a search goes through `PoolService.evaluate`, so one set of 
 - Every evaluation has a timeout (`evaluators.evaluation_timeout_s`, by default 5x the slowest timed
   evaluation so far, per sample, scaled by sample count, at least 60 s). A hung evaluator is killed and replaced.
 - A candidate whose evaluator hung or died is retried once elsewhere, as soon as another evaluator is free;
-  the lost evaluator is healed beside it (`healing.py`: Ray's restart, else a new actor over the same refs,
-  at most `evaluators.max_replacements` times, after which the pool stops naming the cause).
+  the lost evaluator is healed beside it (`healing.py`: a new actor over the same refs, at most
+  `evaluators.max_replacements` times, after which the pool stops naming the cause).
+- The pool follows its cluster (`pool_sizing.py`): it starts with at least `evaluators.min_actors` evaluators and
+  grows to `evaluators.num_actors` as Ray places the rest (on an autoscaling cluster, as nodes join). An evaluator
+  lost with its node (the GCS holds the node dead or draining: a spot reclaim) is routine: the pool shrinks, asks
+  for a new one, and its candidate runs again elsewhere without spending an attempt or a replacement.
 - An evaluator on a draining node (a preemption notice) is handed no new candidate, is replaced before the node
   goes, and its candidate in flight is run again on a new evaluator (`draining.py`); such planned replacements
   are not failures and cost the candidate no attempt, on every path (trials, rungs, final scores).
@@ -47,13 +51,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lcsc_ray.checkpoints import CheckpointSet
 from lcsc_ray.combine import check_non_float_equal
-from lcsc_ray.draining import replace_draining, watch_drains
+from lcsc_ray.draining import replace_draining, watch_drains, watch_lost_nodes
 from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout, slowest_timing, stored_record
 from lcsc_ray.evaluations import EvaluationStore
 from lcsc_ray.evaluator import chunk_sizes, merge_blocks, tree_blocks
-from lcsc_ray.evaluator_slots import READY_TIMEOUT_S, EvaluatorPoolError, EvaluatorSlots
+from lcsc_ray.evaluator_slots import READY_TIMEOUT_S, EvaluatorPoolError, EvaluatorSlots, on_node
 from lcsc_ray.fid import FIDStats, fid_from_stats
 from lcsc_ray.healing import heal_beside
+from lcsc_ray.pool_sizing import CRASHED, NODE_LOST, concurrency
 from rayops.progress import ProgressLine
 from rayops.resources import check_placeable
 from schemas.search import SearchSpec
@@ -61,6 +66,7 @@ from schemas.search import SearchSpec
 __all__ = ["EvaluatorPool", "EvaluatorPoolError", "Job", "PoolService"]
 log = logging.getLogger(__name__)
 GUARD_POLL_S = 1.0  # while scoring, the driver looks at its output lock this often
+CONCURRENCY_POLL_S = 1.0  # the driver asks the service for its live pool size at most this often
 ATTEMPTS = 2  # a candidate whose evaluator hung or died is retried once elsewhere
 PLANNED_RETRIES = (
     4  # runs again of one candidate whose evaluator a drain replaced (no attempt: not a failure)
@@ -82,15 +88,19 @@ class PoolService:
         self.slots = EvaluatorSlots(spec, shared)
         self.shared = shared
         self.slowest_timed: tuple[float, int] | None = None
-        self.failed, self.split_jobs = 0, 0
+        self.failed, self.split_jobs, self.evaluated = 0, 0, 0
         self.in_flight: dict[Job, asyncio.Task] = {}
         self.failures: dict[Job, dict] = {}  # deterministic failures of this search, by job
 
     async def start(self) -> list[int]:
-        """Start `evaluators.num_actors` evaluators and wait until each is constructed; returns their pids."""
-        pids = await self.slots.start(self.spec.evaluators.num_actors)
+        """Ask for `evaluators.num_actors` evaluators and wait for at least `evaluators.min_actors` of them
+        (`EvaluatorSlots.start`); returns their pids (None: not yet placed, joins later)."""
+        evaluators = self.spec.evaluators
+        pids = await self.slots.start(evaluators.num_actors, evaluators.min_actors)
         # preemption notices: evaluators on a draining node are replaced before it goes
         self.drain_watch = asyncio.get_running_loop().create_task(watch_drains(self.slots))
+        # reclaims: evaluators whose node is gone leave the pool, and new ones are asked for
+        self.loss_watch = asyncio.get_running_loop().create_task(watch_lost_nodes(self.slots))
         return pids
 
     async def replace_draining(
@@ -157,7 +167,12 @@ class PoolService:
                     planned += 1
                     await self.slots.release(index)  # the slot already holds the new evaluator
                     continue
-                reason = cause = f"died ({type(exc).__name__})"
+                kind, node = await self.slots.loss_of(actor) if planned < PLANNED_RETRIES else (CRASHED, None)
+                if kind == NODE_LOST:
+                    planned += 1  # lost with its node: routine, no attempt spent, the slot asks for another
+                    await self.slots.node_lost(index, actor, node)
+                    continue
+                reason = cause = f"died ({type(exc).__name__}){on_node(node)}"
                 hung = False
             except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
                 await self.slots.release(index)
@@ -176,7 +191,9 @@ class PoolService:
         evaluators = self.spec.evaluators
         if evaluators.split_min_samples is None or job.num_samples < evaluators.split_min_samples:
             return []
-        blocks = tree_blocks(len(chunk_sizes(job.num_samples, evaluators.batch_size)), len(self.slots.actors))
+        blocks = tree_blocks(
+            len(chunk_sizes(job.num_samples, evaluators.batch_size)), max(1, len(self.slots.live))
+        )
         return blocks if len(blocks) > 1 else []
 
     async def _evaluate_split(self, job: Job, blocks: list[tuple[int, int]]) -> dict:
@@ -234,6 +251,7 @@ class PoolService:
             record = evaluation_record(job, float(out["fid"]), "ok", "", index, eval_s, attempt)
         if self.store is not None:
             await asyncio.to_thread(self.store.put, job.alphas, job.num_samples, job.seed, record)
+        self.evaluated += 1
         return record
 
     async def _failed(self, job: Job, reason: str, index: int, attempt: int) -> dict:
@@ -249,7 +267,8 @@ class PoolService:
 
     # ------------------------------------------------------------------------------------------ facts
     async def state(self) -> dict:
-        """Replacements, failures, the stop cause, evaluator pids and the current timeout rule."""
+        """Replacements (unplanned), drains and node losses (planned), failures, the stop cause, the live pool
+        size, evaluations done, evaluator pids and the current timeout rule."""
         slots = self.slots
         return {
             "replacements": slots.replacements,
@@ -257,6 +276,10 @@ class PoolService:
             "stopped": slots.stopped,
             "split_jobs": self.split_jobs,
             "drained": slots.drained,
+            "node_losses": slots.node_losses,
+            "joined": slots.joined,
+            "live": len(slots.live),
+            "evaluated": self.evaluated,
             "pids": list(slots.pids),
             "slowest_timed": self.slowest_timed,
             "num_evaluators": len(slots.actors),
@@ -281,6 +304,9 @@ def _last_checkpoint(checkpoint_set: CheckpointSet) -> np.ndarray:
 
 class EvaluatorPool:
     """The driver's side of the pool: starts the service and its evaluators, probes, scores, closes."""
+
+    _live: int | None = None  # the live pool size last asked of the service (`concurrency`), and when
+    _live_at: float = -math.inf
 
     def __init__(
         self,
@@ -307,10 +333,11 @@ class EvaluatorPool:
             "sigma": ray.put(np.asarray(reference[1])),
         }
         evaluators = spec.evaluators
+        # the pool starts with what fits: at least `min_actors` must ever fit; the rest join when Ray places them
         check_placeable(
-            [{"CPU": evaluators.num_cpus, "GPU": evaluators.num_gpus}] * evaluators.num_actors,
+            [{"CPU": evaluators.num_cpus, "GPU": evaluators.num_gpus}] * evaluators.min_actors,
             "the evaluator actors",
-            "`evaluators.num_actors`, `evaluators.num_cpus` or `evaluators.num_gpus`",
+            "`evaluators.min_actors`, `evaluators.num_cpus` or `evaluators.num_gpus`",
         )
         node = ray.get_runtime_context().get_node_id()
         # pinned to the driver's node: the search can survive losing an evaluator's node, not the service's
@@ -334,6 +361,18 @@ class EvaluatorPool:
     def state(self) -> dict:
         """PoolService.state()."""
         return ray.get(self.service.state.remote(), timeout=60)
+
+    def concurrency(self) -> int:
+        """Candidates to keep in flight now: one per live evaluator (`pool_sizing.concurrency`), asked of the
+        service at most every CONCURRENCY_POLL_S (Tune asks the searcher many times a second)."""
+        now = time.monotonic()
+        if now >= self._live_at + CONCURRENCY_POLL_S:
+            try:
+                self._live = int(ray.get(self.service.state.remote(), timeout=10)["live"])
+            except (RayActorError, GetTimeoutError):
+                self._live = self._live or self.spec.evaluators.num_actors
+            self._live_at = now
+        return concurrency(self.spec.evaluators.num_actors, self._live)
 
     def score(self, jobs: Sequence[Job], progress: ProgressLine | None = None) -> list[dict]:
         """The evaluation record of each job (identical jobs evaluated once), in order; the pool spreads

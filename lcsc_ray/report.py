@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from lcsc_ray import plots
 from lcsc_ray.export import search_diffusers_folder
 from rayops import artifacts, storage
+from rayops.cluster_timeline import timeline_png
 from schemas.errors import LcscCheckfreeError
 from schemas.search import SearchResult, SearchSpec
 
@@ -31,6 +32,7 @@ RESULT_FILES = (
     "coefficients.png",
 )
 SAMPLES_FILE = "samples.png"  # listed in result.files only when it was drawn (see `samples_png`)
+TIMELINE_FILE = "cluster_timeline.png"  # only when the cluster's nodes changed during the search
 
 
 def versions() -> dict[str, str]:
@@ -89,6 +91,8 @@ def write_search_outputs(
     )  # {} unless the checkpoints are diffusers folders
     samples = samples_png(spec, result)
     extra = {**diffusers_files, **({SAMPLES_FILE: samples} if samples is not None else {})}
+    if result.cluster_timeline is not None:
+        extra[TIMELINE_FILE] = timeline_png(result.cluster_timeline, f"{spec.name}: cluster timeline")
     result.files = {name: storage.join(out, name) for name in (*RESULT_FILES, *extra)}
     result.versions = versions()
     files = {

@@ -31,6 +31,7 @@ from lcsc_ray.output_guard import Guard, guarding
 from lcsc_ray.pool import EvaluatorPool, EvaluatorPoolError, Job
 from lcsc_ray.run_identity import preflight, prepare_state, recorded_identity
 from lcsc_ray.search_result import build_result
+from lcsc_ray.search_timeline import start_timeline
 from lcsc_ray.trials import TrialFailedError, trainable
 from lcsc_ray.tuning import (
     SearchProgress,
@@ -157,6 +158,7 @@ class SearchRun:
             self.num_evaluators,
             storage.join(self.out, "state", "proposals"),
             guard=self.guard,
+            in_flight_limit=self.pool.concurrency,  # follows the live pool as the cluster grows and shrinks
         )
         search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best, guard=self.guard)
         # room for each proposal's second attempt; the searcher says when the phase is finished
@@ -305,6 +307,7 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
             )
             plan = posthoc_ema.load_snapshots(spec, checkpoint_set) if spec.posthoc_ema else None
             run = SearchRun(spec, checkpoint_set, guard=guard)
+            timeline = start_timeline(run)  # nodes, evaluators alive and evaluations done, against time
             try:
                 run.start_pool(reference_stats_for(spec))
                 grid, posthoc_seed, posthoc_baseline = run_posthoc(run, plan)
@@ -318,9 +321,12 @@ def run_search(spec: SearchSpec, restart: bool = False, force: bool = False) -> 
                 result.posthoc_ema = [PosthocEmaScore(**entry) for entry in grid]
                 result.posthoc_snapshots = list(checkpoint_set.extra_names)
                 combined, _ = combined_safetensors(spec.checkpoints, result.best.coefficients)
+                timeline.stop()
+                result.cluster_timeline = timeline.section()  # None on a cluster whose nodes did not change
                 guard()
                 write_search_outputs(spec, result, trials, combined)
             finally:
+                timeline.stop()
                 # every actor the search started (the pool's service and its evaluators) ends with it: on success,
                 # on an error and on Ctrl-C
                 if run.pool is not None:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 
 import nevergrad as ng
 import numpy as np
@@ -109,9 +110,12 @@ class ReplaySearcher(Searcher):
         num_workers: int,
         record_uri: str | None = None,
         guard: Guard = _unguarded,
+        in_flight_limit: Callable[[], int] | None = None,
     ):
         super().__init__(metric=METRIC, mode=MODE)
         self.optimizer, self.names, self.workers = optimizer, names, max(1, num_workers)
+        # how many trials may run now (the live evaluator pool); the ask/tell order stays that of `workers`
+        self.in_flight_limit = in_flight_limit or (lambda: self.workers)
         self.budget = int(optimizer.budget)
         self.record = ProposalRecord(record_uri, guard)
         self.entries: list[dict] = []
@@ -119,6 +123,10 @@ class ReplaySearcher(Searcher):
         self.told = 0
         self.by_trial: dict[str, int] = {}
         self.reissue: deque[int] = deque()
+        # Proposals asked but not yet handed to Tune (fewer trials may run than `workers` while the evaluator pool
+        # is small). Asking does not wait for room: the fixed order needs `workers` asks ahead of each tell, and a
+        # searcher that asked only when a trial could start would stay at its smallest concurrency for good.
+        self.asked: deque[int] = deque()
         self._replay(self.record.load())
 
     def _may_ask(self) -> bool:
@@ -178,14 +186,22 @@ class ReplaySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        """A recorded proposal to re-issue, else a new one when the fixed order allows, else None (wait)."""
-        if len(self.by_trial) >= self.workers:
+        """A recorded proposal to re-issue, else a new one when the fixed order allows, else None (wait). At most
+        `in_flight_limit()` trials run at once (never more than `workers`)."""
+        # asked as soon as the fixed order allows (and told what that frees), whether or not a trial may start now:
+        # handed to Tune in order, as room allows
+        while self._may_ask():
+            self.asked.append(len(self.entries))
+            self.entries.append(
+                {"index": len(self.entries), "free": self._ask(), "done": False, "value": None}
+            )
+            self._tell_ready()
+        if len(self.by_trial) >= min(self.workers, self.in_flight_limit()):
             return None
         if self.reissue:
             index = self.reissue.popleft()
-        elif self._may_ask():
-            index = len(self.entries)
-            self.entries.append({"index": index, "free": self._ask(), "done": False, "value": None})
+        elif self.asked:
+            index = self.asked.popleft()
         elif len(self.entries) >= self.budget:
             # finished once every proposal is done: one still running may error and be proposed again
             return Searcher.FINISHED if all(entry["done"] for entry in self.entries) else None
@@ -239,11 +255,17 @@ class ReplaySearcher(Searcher):
 
 
 def nevergrad_searcher(
-    optimizer, names: list[str], max_concurrent: int, record_uri: str | None = None, guard: Guard = _unguarded
+    optimizer,
+    names: list[str],
+    max_concurrent: int,
+    record_uri: str | None = None,
+    guard: Guard = _unguarded,
+    in_flight_limit: Callable[[], int] | None = None,
 ) -> ReplaySearcher:
     """The optimiser phase's searcher: Nevergrad's ask/tell in a fixed order, every proposal recorded under
-    `record_uri` before it is evaluated, and replayed from there when the search resumes (see ReplaySearcher)."""
-    return ReplaySearcher(optimizer, names, max_concurrent, record_uri, guard)
+    `record_uri` before it is evaluated, and replayed from there when the search resumes (see ReplaySearcher).
+    `in_flight_limit`: how many trials may run now (the live pool size; default `max_concurrent`)."""
+    return ReplaySearcher(optimizer, names, max_concurrent, record_uri, guard, in_flight_limit)
 
 
 class SearchProgress(Callback):

@@ -56,3 +56,40 @@ class DrainWatcher:
                 "could not read Ray's draining nodes (%s); looking again in %.1fs", exc, self.poll_every_s
             )
         return self.last
+
+
+def actor_placement(actor_id_hex: str) -> tuple[str | None, str | None]:
+    """`(state, node_id_hex)` of an actor in the GCS actor table (None for what it does not hold)."""
+    info = ray._private.state.state.actor_table(actor_id_hex) or {}
+    return info.get("State"), (info.get("Address") or {}).get("NodeID") or None
+
+
+def actor_placed(actor_id_hex: str) -> bool:
+    """True once the actor has a worker process (it is being constructed or alive); False while it waits for
+    resources (the GCS lists no worker port for it yet)."""
+    info = ray._private.state.state.actor_table(actor_id_hex) or {}
+    return bool((info.get("Address") or {}).get("Port"))
+
+
+def alive_node_ids() -> set[str]:
+    """Hex ids of the nodes the GCS holds ALIVE now (one bounded call)."""
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    client = ray._private.worker.global_worker.gcs_client
+    nodes = client.get_all_node_info(timeout=GCS_TIMEOUT_S)
+    return {node_id.hex() for node_id, info in nodes.items() if info.state == GcsNodeInfo.ALIVE}
+
+
+def node_liveness(node_id_hex: str | None) -> tuple[bool | None, bool]:
+    """`(alive, draining)` of a node as the GCS holds it now: alive None when the node is unknown (or not given),
+    draining True while it has a drain request. Both bounded GCS calls."""
+    if not node_id_hex:
+        return None, False
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    client = ray._private.worker.global_worker.gcs_client
+    nodes = {
+        node_id.hex(): info.state for node_id, info in client.get_all_node_info(timeout=GCS_TIMEOUT_S).items()
+    }
+    alive = None if node_id_hex not in nodes else nodes[node_id_hex] == GcsNodeInfo.ALIVE
+    return alive, node_id_hex in gcs_draining_nodes()

@@ -35,6 +35,11 @@ def cluster_autoscales() -> bool:
 
     raw = _internal_kv_get(_STATUS_KEY)
     if raw is None:
+        # autoscaler v2 writes no status there: it marks itself in the GCS and runs as a monitor process
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return _v2_monitor_autoscales()
         return False  # no autoscaler has reported: nothing will add nodes
     try:
         pid = int(json.loads(raw).get("monitor_pid"))
@@ -44,6 +49,22 @@ def cluster_autoscales() -> bool:
     if b"monitor.py" not in cmdline:
         return True  # that pid is not the monitor here: it runs on another host
     return b"--autoscaling-config" in cmdline
+
+
+def _v2_monitor_autoscales() -> bool:
+    """Autoscaler v2: True unless this cluster's monitor runs here without an autoscaling config (a local
+    `ray start` head); a monitor this process cannot see (KubeRay's sidecar, a remote head) may add nodes."""
+    gcs_address = ray.get_runtime_context().gcs_address
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # it ended while we looked
+            continue
+        if b"monitor.py" in cmdline and f"--gcs-address={gcs_address}".encode() in cmdline:
+            return b"--autoscaling-config" in cmdline
+    return True
 
 
 def _alive_nodes() -> list[dict[str, float]]:

@@ -125,7 +125,16 @@ class EvaluatorSpec(StrictModel):
     """The pool of FID evaluator actors."""
 
     num_actors: int = Field(
-        default=2, ge=1, description="Evaluator actors; also the number of concurrent trials."
+        default=2,
+        ge=1,
+        description="The most evaluator actors the pool runs; also the most concurrent trials. On an autoscaling "
+        "cluster the pool asks for this many and grows as nodes join.",
+    )
+    min_actors: int = Field(
+        default=1,
+        ge=1,
+        description="Evaluators the pool needs before the search starts (at most `num_actors`): it starts with "
+        "what fits, waits a bounded time for at least this many, then grows and shrinks with the cluster.",
     )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per evaluator actor.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per evaluator actor (fractions allowed).")
@@ -154,8 +163,9 @@ class EvaluatorSpec(StrictModel):
     max_replacements: int = Field(
         default=4,
         ge=0,
-        description="Evaluators the pool may replace (dead past Ray's restart, or hung) before the search stops "
-        "naming the cause.",
+        description="Evaluators the pool may replace after they crashed or hung while their node was alive, before "
+        "the search stops naming the cause. Evaluators lost with their node (a spot reclaim, a drain) are "
+        "replaced without counting here.",
     )
     max_failed_evaluations: int = Field(
         default=3,
@@ -163,6 +173,15 @@ class EvaluatorSpec(StrictModel):
         description="Evaluations that fail with an error (not a lost evaluator; such errors are not retried) "
         "before the search stops with that error.",
     )
+
+    @model_validator(mode="after")
+    def _min_within_num(self) -> EvaluatorSpec:
+        if self.min_actors > self.num_actors:
+            raise ValueError(
+                f"`evaluators.min_actors` ({self.min_actors}) exceeds `evaluators.num_actors` ({self.num_actors}); "
+                "lower `min_actors` or raise `num_actors` (the most evaluators the pool runs)"
+            )
+        return self
 
 
 class FIDSpec(StrictModel):
@@ -482,5 +501,11 @@ class SearchResult(ResultModel):
         default_factory=list, description="The snapshots the post-hoc EMAs combine, in coefficient order."
     )
     wall_time_s: float = Field(description="Wall-clock seconds of the whole search.")
+    cluster_timeline: dict | None = Field(
+        default=None,
+        description="When the cluster's nodes changed during the search (an autoscaling or spot cluster): node "
+        "joins, leaves (with the reason, e.g. `reclaim`) and drains, and samples of nodes by type, evaluators "
+        "alive and evaluations done, against seconds since the search started (rayops/cluster_timeline.py).",
+    )
     files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
     versions: dict[str, str] = Field(default_factory=dict, description="Package versions.")
