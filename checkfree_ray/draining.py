@@ -110,7 +110,9 @@ def hand_off(
         )  # the old stage finishes writing its shard of the save first
     old = group.actors[stage]
     wait_s = group.step_timeout() if wait_s is None else wait_s
-    actor, warm = group.pool.take(avoid_nodes=avoid_nodes, own_bundle=True, wait_s=wait_s)
+    # Only a standby already up is worth taking: one still starting may wait for a node, or sit in a bundle on the
+    # draining node itself; a new actor in a bundle of its own is placed off the draining nodes at once.
+    actor, warm = group.pool.take(avoid_nodes=avoid_nodes, own_bundle=True, wait_s=0.0)
     try:
         try:
             info = ray.get(actor.ping.remote(), timeout=wait_s)
@@ -170,6 +172,12 @@ class DrainHandler:
                 except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                     continue
         return [self._nodes.get(actor._actor_id.hex()) for actor in actors]
+
+    def prepare(self, cfg: ModelConfig) -> None:
+        """Size each stage's state once at the start (the first sizing imports parts of torch, seconds on a loaded
+        node), so that a notice's short deadline is not spent on it."""
+        for stage in range(cfg.num_stages):
+            stage_state_bytes(cfg, stage)
 
     def avoid_nodes(self) -> frozenset[str]:
         """The nodes draining at the last look (no new GCS call): no replacement goes there."""

@@ -204,7 +204,7 @@ class StagePool:
         while self.standbys and actor is None:
             pings = [ping for _, ping in self.standbys]
             ready, _ = ray.wait(pings, num_returns=1, timeout=0)
-            if not ready:
+            if not ready and wait_s > 0:
                 log.info("no standby is up yet; waiting for the first of %d to start", len(pings))
                 ready, _ = ray.wait(pings, num_returns=1, timeout=wait_s)
             if not ready:

@@ -125,16 +125,16 @@ def test_checkfree_job_on_spot_nodes_survives_a_reclaim_and_a_drain(spot_cluster
             "output": spec.output.model_copy(update={"uri": str(out)}),
         }
     )
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    dump_spec(spec, job_dir / "spec.yaml")
-    # LCSC_CLUSTER_AUTOSCALES: Ray's autoscaler v2 leaves no trace that `rayops.resources` can read yet
+    dump_spec(spec, tmp_path / "spec.yaml")
+    # No --working-dir: the rehearsal's nodes share one temp dir, where a node's runtime-env cleanup can remove
+    # the unpacked working dir under a running driver. LCSC_CLUSTER_AUTOSCALES: Ray's autoscaler v2 leaves no
+    # trace that `rayops.resources` can read yet.
     env_vars = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", AUTOSCALING_ENV: "1"}
     runtime_env = {"env_vars": env_vars}
     submitted = _ray_cli(
-        "job", "submit", "--address", dashboard, "--no-wait", "--working-dir", str(job_dir),
+        "job", "submit", "--address", dashboard, "--no-wait",
         "--runtime-env-json", json.dumps(runtime_env),
-        "--", sys.executable, "-m", "checkfree_ray", "train", "spec.yaml",
+        "--", sys.executable, "-m", "checkfree_ray", "train", str(tmp_path / "spec.yaml"),
     )  # fmt: skip
     job_id = next(
         word.strip("'\"") for word in submitted.split() if word.strip("'\"").startswith("raysubmit_")
