@@ -25,7 +25,7 @@ from tests.spot_cluster_fixtures import ROOT, driver_env, spot_cluster  # noqa: 
 
 STEPS = 1500  # ~8 steps/s on loaded cores: minutes, so the run outlasts both events
 CHECKPOINT_EVERY = 20
-NOTICE_S = 30  # the drain's deadline: ample for a hand-off of a tiny stage, even to a node launched for it
+NOTICE_S = 45  # the drain's deadline: room for a hand-off to a node launched for it (~20 s on loaded cores)
 STAGE_CLASSES = ("StageWorker", "DirectStageWorker")  # the actor classes of `StageActor`, `DirectStageActor`
 
 
