@@ -90,21 +90,37 @@ class HandoffFailed(Exception):
 
 
 def hand_off(
-    group: StageGroup, saver: CheckpointSaver | None, stage: int, avoid_nodes: frozenset[str]
+    group: StageGroup,
+    saver: CheckpointSaver | None,
+    stage: int,
+    avoid_nodes: frozenset[str],
+    wait_s: float | None = None,
 ) -> tuple[float, int, bool]:
     """Move `stage` to a standby off `avoid_nodes`, between two steps: its exact state (weights, Adam, lr) is
     copied, the new actor takes its place and the old one is killed. Returns (copy seconds, bytes, warm).
 
+    With no standby off the draining nodes, a new actor in a one-bundle group of its own: room on a live node, or
+    a node the autoscaler launches for it, within `wait_s` (default: the step timeout).
+
     Raises `HandoffFailed` (and leaves `group.actors` unchanged) when no actor off the draining nodes could be had
-    or a stage died meanwhile."""
+    in time or a stage died meanwhile."""
     if saver is not None and saver.pending is not None:
         saver.finish(
             wait_s=group.step_timeout()
         )  # the old stage finishes writing its shard of the save first
     old = group.actors[stage]
-    actor, warm = group.pool.take(avoid_nodes=avoid_nodes)
+    wait_s = group.step_timeout() if wait_s is None else wait_s
+    # Only a standby already up is worth taking: one still starting may wait for a node, or sit in a bundle on the
+    # draining node itself; a new actor in a bundle of its own is placed off the draining nodes at once.
+    actor, warm = group.pool.take(avoid_nodes=avoid_nodes, own_bundle=True, wait_s=0.0)
     try:
-        info = ray.get(actor.ping.remote(), timeout=group.step_timeout())
+        try:
+            info = ray.get(actor.ping.remote(), timeout=wait_s)
+        except ray.exceptions.GetTimeoutError:
+            raise HandoffFailed(
+                f"no node off the draining ones took a new actor within {wait_s:.0f}s"
+            ) from None
+        group.pool.note_node(actor, info)
         if info["node_id"] in avoid_nodes:
             raise HandoffFailed("the only actor to be had sits on a draining node")
         started = time.monotonic()
@@ -115,7 +131,7 @@ def hand_off(
         group.sync_replicas()  # CheckFree+ copies and redundant backups involving the new actor
     except (ray.exceptions.RayError, HandoffFailed) as exc:
         group.replace(stage, old)
-        ray.kill(actor, no_restart=True)
+        group.pool.release(actor)  # with its own bundle, so no node is launched for it after all
         group.pool.refill_standby()  # the recovery that follows the stage's loss finds a standby again
         raise HandoffFailed(str(exc)) from None
     ray.kill(old, no_restart=True)
@@ -157,6 +173,12 @@ class DrainHandler:
                     continue
         return [self._nodes.get(actor._actor_id.hex()) for actor in actors]
 
+    def prepare(self, cfg: ModelConfig) -> None:
+        """Size each stage's state once at the start (the first sizing imports parts of torch, seconds on a loaded
+        node), so that a notice's short deadline is not spent on it."""
+        for stage in range(cfg.num_stages):
+            stage_state_bytes(cfg, stage)
+
     def avoid_nodes(self) -> frozenset[str]:
         """The nodes draining at the last look (no new GCS call): no replacement goes there."""
         return frozenset(self.watcher.last)
@@ -187,6 +209,14 @@ class DrainHandler:
         """Hand `stage` off its draining node (`notice`: node id, deadline in ms) when `decide` says it fits, and
         record the hand-off; else remember why it was not handed off."""
         node, deadline_ms = notice
+        if (stage, node) not in self.tries:
+            group.node_event(
+                "drain_notice",
+                stage,
+                node,
+                step=step,
+                deadline=deadline_ms / 1000.0 if deadline_ms > 0 else None,
+            )
         decision = decide(
             deadline_ms,
             self.wall_clock_ms(),
@@ -207,14 +237,19 @@ class DrainHandler:
             )
             self.pending_reasons[stage] = decision.reason
             self.tries[(stage, node)] = MAX_TRIES
+            group.node_event("handoff_failed", stage, node, step=step, reason=decision.reason)
             return
         self.tries[(stage, node)] = self.tries.get((stage, node), 0) + 1
         started = time.monotonic()
+        wait_s = group.pool.node_wait_s
+        if decision.remaining_s is not None:  # a new node is of no use after the deadline
+            wait_s = max(1.0, min(wait_s, decision.remaining_s - MARGIN_S - decision.estimate_s))
         try:
-            copy_s, nbytes, was_warm = hand_off(group, saver, stage, avoid)
+            copy_s, nbytes, was_warm = hand_off(group, saver, stage, avoid, wait_s=wait_s)
         except HandoffFailed as exc:
             log.warning("step %d: hand-off of stage %d off its draining node failed (%s)", step, stage, exc)
             self.pending_reasons[stage] = "drain_handoff_failed"
+            group.node_event("handoff_failed", stage, node, step=step, reason="drain_handoff_failed")
             return
         self.pending_reasons.pop(stage, None)
         self.rate_bytes_s = nbytes / max(copy_s, 1e-3)  # the measured rate, for the next decision
@@ -232,6 +267,15 @@ class DrainHandler:
                 phase="before_step",
                 reason="drain",
             )
+        )
+        group.node_event(
+            "handoff",
+            stage,
+            group.node_of(stage),
+            step=step,
+            from_node_id=node,
+            warm_standby=was_warm,
+            before_deadline_s=(deadline_ms - self.wall_clock_ms()) / 1000.0 if deadline_ms > 0 else None,
         )
         log.info(
             "step %d: stage %d handed off its draining node in %.3fs (%d bytes)",

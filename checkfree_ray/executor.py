@@ -115,6 +115,8 @@ class PipelineExecutor:
         """Start the stage actors with the seed's initial weights (or `resume`'s state: weights, Adam, norms,
         failures fired, history); write checkpoint 0 when checkpointing a new run."""
         self.stages.start()
+        if self.drain is not None:
+            self.drain.prepare(self.cfg)
         if resume is None:
             states = initial_states(self.spec, self.cfg)  # the seed's weights, or model.hf_path's
             self.stages.configure(self.spec.optim.lr, states)

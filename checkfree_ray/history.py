@@ -30,6 +30,9 @@ class History:
     )  # seconds from detection, per recovery
     costs: dict[str, float] = field(default_factory=dict)
     checkpoint_intervals: list[dict] = field(default_factory=list)  # hybrid: each interval chosen, and why
+    node_events: list[dict] = field(
+        default_factory=list
+    )  # stages' node losses, drain notices, hand-offs and rebuilds ({time, kind, stage, node_id, ...})
 
 
 def save_history(history: History) -> dict[str, Any]:

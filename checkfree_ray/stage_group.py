@@ -91,6 +91,22 @@ class StageGroup:
         """`actor` takes the place of stage `stage` (the caller configured it, or is about to)."""
         self.actors[stage] = actor
 
+    def node_of(self, stage: int) -> str | None:
+        """The node stage `stage`'s actor was last seen on (None: not known)."""
+        return self.pool.node_of(self.actors[stage]) if self.pool is not None else None
+
+    def node_event(
+        self, kind: str, stage: int, node_id: str | None, at: float | None = None, **detail
+    ) -> None:
+        """Record a node event of the run (`History.node_events`): `kind` ('stage_lost', 'stage_rebuilt',
+        'drain_notice', 'handoff', 'handoff_failed'), the stage, its node, and `at` (monotonic; now when None) as
+        seconds since the epoch in `time`, so the events line up with the cluster's own."""
+        now = time.monotonic()
+        wall = time.time() - (now - at if at is not None else 0.0)
+        self.history.node_events.append(
+            {"time": wall, "kind": kind, "stage": stage, "node_id": node_id, **detail}
+        )
+
     def kill(self, stage: int) -> None:
         """Kill stage `stage`'s actor for good (one that does not answer is treated as dead)."""
         ray.kill(self.actors[stage], no_restart=True)

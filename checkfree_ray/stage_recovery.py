@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import ray
 
 from checkfree_ray.liveness import StageLost
+from checkfree_ray.pool import NodeWaitTimeout, stage_bundle
 from checkfree_ray.recovery_rules import (
     BLOCKS,
     at_clip,
@@ -169,6 +170,7 @@ class StageRecovery:
     def _rebuild(self, step: int, lost: StageLost, plan) -> None:
         """Carry out `plan`'s rebuilds: replacements from the pool, configured from their sources."""
         group, spec = self.group, self.group.spec
+        self._record_lost(step, lost)
         lr = recovered_lr(spec.optim.lr, spec.recovery.lr_scale)
         avoid = (
             self.drain.avoid_nodes() if self.drain is not None else frozenset()
@@ -180,7 +182,7 @@ class StageRecovery:
         if (
             group.transport.direct
         ):  # device to device: the replacements join the group before their sources send
-            self.wait_scheduled(pings, [r.stage for r in plan.rebuilds])
+            self.wait_scheduled(pings, [r.stage for r in plan.rebuilds], [actor for actor, _ in takes])
             members = list(group.actors)
             for rebuild, (actor, _) in zip(plan.rebuilds, takes):
                 members[rebuild.stage] = actor
@@ -191,7 +193,7 @@ class StageRecovery:
             warm.append(was_warm)
             group.replace(rebuild.stage, actor)
         taken = time.monotonic()
-        self.wait_scheduled(pings, [r.stage for r in plan.rebuilds])
+        self.wait_scheduled(pings, [r.stage for r in plan.rebuilds], [actor for actor, _ in takes])
         ray.get(configured, timeout=group.step_timeout())
         configured_at = time.monotonic()
         group.sync_replicas()
@@ -207,6 +209,7 @@ class StageRecovery:
         self.on_recovered(step, lost.stages)
         for rebuild, was_warm in zip(plan.rebuilds, warm):
             self.record_failure(step, rebuild.stage, rebuild.method, lost, None, was_warm)
+            self._record_rebuilt(step, rebuild.stage, rebuild.method, lost, was_warm)
         methods = {rebuild.stage: rebuild.method for rebuild in plan.rebuilds}
         for stage, reason in lost.relost:
             self.record_failure(step, stage, methods[stage], lost, None, False, relost_reason=reason)
@@ -244,12 +247,16 @@ class StageRecovery:
             wait_s=SAVE_TIMEOUT_S
         )  # a save whose shards were all written before the loss counts
         checkpoint = self.checkpoints.load_latest(group.S, context=f"step {step}: {reason}")
+        self._record_lost(step, lost)
         warm = False
+        pings = []
         for stage in lost.stages:
             group.kill(stage)  # one still alive would keep its bundle from its replacement
             actor, was_warm = group.pool.take()
             group.replace(stage, actor)
+            pings.append(actor.ping.remote())
             warm = warm or was_warm
+        self.wait_scheduled(pings, lost.stages, [group.actors[stage] for stage in lost.stages])
         group.load(checkpoint)
         h = group.history
         h.rolled_back += [False] * (len(h.steps) - len(h.rolled_back))
@@ -259,6 +266,7 @@ class StageRecovery:
         self.on_recovered(step, lost.stages)
         for stage in lost.stages:
             self.record_failure(step, stage, "checkpoint", lost, checkpoint.step, warm)
+            self._record_rebuilt(step, stage, "checkpoint", lost, warm)
         for stage, why in lost.relost:
             self.record_failure(step, stage, "checkpoint", lost, checkpoint.step, False, relost_reason=why)
         log.warning("step %d: %s; rolled back to checkpoint %d", step, reason, checkpoint.step)
@@ -320,22 +328,54 @@ class StageRecovery:
         both = all(at_clip(group.grad_norms[s], group.spec.optim.grad_clip) for s in (stage - 1, stage + 1))
         costs["rebuilds_both_neighbours_at_clip"] = costs.get("rebuilds_both_neighbours_at_clip", 0.0) + both
 
-    def wait_scheduled(self, pings: list, stages: list[int]) -> None:
-        """Wait (bounded) until the replacements answer their first ping; a clear error naming the missing
-        resources if they were not scheduled in time."""
-        from checkfree_ray import pool
+    def _record_lost(self, step: int, lost: StageLost) -> None:
+        """A node event per lost stage, on the node its actor was last seen on (before it is replaced)."""
+        for stage in lost.stages:
+            self.group.node_event(
+                "stage_lost",
+                stage,
+                self.group.node_of(stage),
+                at=lost.detected_at,
+                step=step,
+                reason=lost.reasons.get(stage, "died"),
+            )
 
-        timeout = pool.READY_TIMEOUT_S
+    def _record_rebuilt(self, step: int, stage: int, method: str, lost: StageLost, warm: bool) -> None:
+        """A node event for a rebuilt stage: where it runs now and how long the pipeline was not whole."""
+        self.group.node_event(
+            "stage_rebuilt",
+            stage,
+            self.group.node_of(stage),
+            step=step,
+            method=method,
+            warm_standby=warm,
+            whole_after_s=time.monotonic() - lost.detected_at,
+        )
+
+    def wait_scheduled(self, pings: list, stages: list[int], actors: list) -> None:
+        """Wait until the replacements answer their first ping (and note their nodes), at most
+        `recovery.node_wait_s`: a node for each may have to come first (room on a live node, or one an autoscaler
+        launches for its pending bundle). Past it `NodeWaitTimeout` names the field and what was missing; the
+        run stops there and a rerun resumes it."""
+        group = self.group
+        timeout = group.pool.node_wait_s
         ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout)
+        for ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):  # a dead one fails the configure that follows
+                group.pool.note_node(actors[pings.index(ref)], ray.get(ref, timeout=0))
         if len(ready) == len(pings):
             return
-        pipe = self.group.spec.pipeline
+        pipe = group.spec.pipeline
         free = ray.available_resources().get("CPU", 0.0)
-        raise RecoveryError(
-            f"the replacement for stage(s) {stages} was not scheduled within {timeout:.0f}s: it needs "
-            f"{pipe.num_cpus_per_stage} CPU (`pipeline.num_cpus_per_stage`) in a bundle of the run's placement "
-            f"group, and the cluster has {free:g} CPU free; add nodes, turn on `pipeline.warm_standby` or lower "
-            "`pipeline.num_cpus_per_stage`"
+        wanted = f"{stage_bundle(group.spec)}" + (
+            f" on a node labelled {pipe.node_labels}" if pipe.node_labels else ""
+        )
+        raise NodeWaitTimeout(
+            f"the replacement for stage(s) {stages} got no node within {timeout:.0f}s (`recovery.node_wait_s`): it "
+            f"needs {wanted} (`pipeline.num_cpus_per_stage`, `pipeline.node_resources`, `pipeline.node_labels`) and "
+            f"the cluster has {free:g} CPU free; the run stopped there: run the same spec again to resume it from "
+            "its newest checkpoint once nodes are back (or raise `recovery.node_wait_s`, add nodes, turn on "
+            "`pipeline.warm_standby`)"
         )
 
 

@@ -186,6 +186,7 @@ def build_result(
         wall_time_s=wall_time_s,
         costs=dict(h.costs),
         checkpoint_intervals=h.checkpoint_intervals,
+        node_events=h.node_events,
         versions=_versions(),
         resumed_from=list(executor.resumed_from),
         run_id=executor.checkpoints.run.run_id if executor.checkpoints is not None else None,

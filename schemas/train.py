@@ -96,6 +96,18 @@ class PipelineSpec(StrictModel):
         "activations at once); '1f1b': warm-up forwards, then one forward and one backward in turn, so stage s holds "
         "at most num_stages - s micro-batches' activations. Both give the same losses and gradients.",
     )
+    node_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources each stage (and standby) asks for beside its CPUs and GPUs, to put the stages "
+        "on a node type that has them: cluster/aws-spot.yaml's spot workers carry `spot: 1`, so {spot: 0.01} runs "
+        "the stages on spot nodes (and makes the autoscaler launch those for them). Empty: any node (the default).",
+    )
+    node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels each stage's (and standby's) node must have (a placement-group bundle label "
+        "selector): cluster/aws-spot.yaml's spot workers are labelled `market-type: spot`, so {market-type: spot} "
+        "runs the stages on spot nodes. Empty: any node (the default).",
+    )
     activation_transport: Literal["auto", "object_store", "nccl", "gloo"] = Field(
         default="auto",
         description="How activations, gradients and recovery weights travel between stages: 'object_store' (Ray's "
@@ -105,6 +117,25 @@ class PipelineSpec(StrictModel):
         "'object_store' (in Ray 2.60 a stage lost during a direct transfer takes its neighbour with it, which "
         "would turn one CheckFree loss into two).",
     )
+
+    @model_validator(mode="after")
+    def _node_request(self) -> PipelineSpec:
+        reserved = sorted(set(self.node_resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if reserved:
+            raise ValueError(
+                f"`pipeline.node_resources` may not name {reserved}: set `pipeline.num_cpus_per_stage` or "
+                "`pipeline.num_gpus_per_stage` instead, and keep custom resources (e.g. spot) here"
+            )
+        bad = {k: v for k, v in self.node_resources.items() if not v > 0}
+        if bad:
+            raise ValueError(f"`pipeline.node_resources` amounts must be > 0, got {bad}")
+        ours = sorted(k for k in self.node_labels if k.startswith("ray.io/"))
+        if ours or any(not k or not v for k, v in self.node_labels.items()):
+            raise ValueError(
+                f"`pipeline.node_labels` needs non-empty keys and values without Ray's own `ray.io/` prefix "
+                f"(got {dict(self.node_labels)}); e.g. {{market-type: spot}}"
+            )
+        return self
 
 
 class DataSpec(StrictModel):
@@ -216,6 +247,14 @@ class RecoverySpec(StrictModel):
     )
     copy_every: int = Field(default=1, ge=1, description="CheckFree+: steps between (de)embedding copies.")
     max_step_retries: int = Field(default=3, ge=0, description="Retries of one step before the run fails.")
+    node_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds a lost or drained stage's replacement may wait for a node: a warm standby, room on a "
+        "live node, or a node the autoscaler launches for the pending placement-group bundle (a cloud spot "
+        "instance takes 1-5 minutes). Past it the run stops, naming this field, and a rerun of the same spec "
+        "resumes it from its newest checkpoint.",
+    )
     drain_poll_s: float | None = Field(
         default=2.0,
         gt=0,

@@ -116,6 +116,14 @@ class TrainResult(StrictModel):
     checkpoint_intervals: list[CheckpointInterval] = Field(
         default_factory=list, description="Hybrid: each change of the checkpoint interval, with its reasons."
     )
+    node_events: list[dict] = Field(
+        default_factory=list,
+        description="What the run saw of its nodes, in order, each {time (seconds since the epoch), kind, stage, "
+        "node_id, step, ...}: 'stage_lost' (its node or process went; reason), 'stage_rebuilt' (where, by which "
+        "method, and `whole_after_s`: seconds from the loss's detection until the pipeline was whole again), "
+        "'drain_notice' (its node drains; `deadline`), 'handoff' (moved off the draining node `from_node_id`, "
+        "`before_deadline_s` to spare) and 'handoff_failed' (reason).",
+    )
     wall_time_s: float = Field(description="Wall-clock seconds of the run.")
     files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
     run_id: str | None = Field(default=None, description="Identity of the run (kept across resumes).")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import ray
 
-from checkfree_ray import pool as pool_module
 from checkfree_ray.executor import FIRST_STEP_TIMEOUT_S, PipelineExecutor
 from checkfree_ray.stage import StageActor
 from schemas.errors import RecoveryError
@@ -58,7 +57,7 @@ def test_hung_stage_is_killed_rebuilt_and_recorded_as_timeout(ray_local):
     assert [pids["after"][i] for i in (0, 1, 3)] == [pids["before"][i] for i in (0, 1, 3)]  # survivors kept
 
 
-def test_replacement_that_cannot_be_scheduled_names_the_missing_resources(ray_local, monkeypatch):
+def test_replacement_that_cannot_be_scheduled_names_the_missing_resources(ray_local):
     """A replacement that never gets its CPUs fails the run with RecoveryError naming num_cpus_per_stage."""
     executor = PipelineExecutor(tiny_spec("checkfree", schedule=[(2, 1)]))
     impossible = []
@@ -70,11 +69,12 @@ def test_replacement_that_cannot_be_scheduled_names_the_missing_resources(ray_lo
 
     try:
         executor.start()
-        monkeypatch.setattr(pool_module, "READY_TIMEOUT_S", 3.0)  # after the stages started
+        executor.pool.node_wait_s = 3.0  # `recovery.node_wait_s`, after the stages started
         executor.pool.take = take
         executor.run_step(1)
         with pytest.raises(
-            RecoveryError, match=r"stage\(s\) \[1\] was not scheduled within 3s.*num_cpus_per_stage"
+            RecoveryError,
+            match=r"stage\(s\) \[1\] got no node within 3s \(`recovery.node_wait_s`\).*num_cpus_per_stage",
         ):
             executor.run_step(2)
     finally:
