@@ -21,7 +21,7 @@ from rayops.spot_events import DRAIN, RECLAIM, TERMINATE, SpotEventInjector
 from schemas.loader import dump_spec, load_spec
 from schemas.train import TrainSpec
 from schemas.train_result import TrainResult
-from tests.spot_cluster_fixtures import ROOT, driver_env, spot_cluster  # noqa: F401 - spot_cluster: the fixture
+from tests.spot_cluster_fixtures import ROOT, driver_env  # spot_cluster: registered by tests/conftest.py
 
 STEPS = 1500  # ~8 steps/s on loaded cores: minutes, so the run outlasts both events
 CHECKPOINT_EVERY = 20
@@ -112,7 +112,7 @@ def _log_has(jobs, job_id: str, text: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_checkfree_job_on_spot_nodes_survives_a_reclaim_and_a_drain(spot_cluster, tmp_path):  # noqa: F811
+def test_checkfree_job_on_spot_nodes_survives_a_reclaim_and_a_drain(spot_cluster, tmp_path):
     gcs, dashboard = spot_cluster.address.gcs_address, spot_cluster.address.dashboard_url
     head_id = next(node.node_id for node in autoscaler_nodes(gcs) if node.is_head)
     out = tmp_path / "out"

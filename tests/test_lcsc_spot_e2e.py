@@ -14,7 +14,7 @@ from rayops import artifacts
 from rayops.cluster_nodes import alive_node_ids, autoscaler_nodes, wait_until, worker_nodes
 from rayops.spot_events import DRAIN, RECLAIM, TERMINATE, PlannedEvent, SpotEventInjector
 from schemas.loader import dump_spec
-from tests.spot_cluster_fixtures import ROOT, spot_cluster  # noqa: F401 - spot_cluster: the fixture
+from tests.spot_cluster_fixtures import ROOT  # spot_cluster: registered by tests/conftest.py
 from tests.test_lcsc_search import tiny_spec
 
 BUDGET = 40
@@ -35,7 +35,7 @@ def _workers_up(gcs: str, count: int):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_a_search_on_the_spot_cluster_rides_out_a_reclaim_and_a_drain(spot_cluster, tmp_path):  # noqa: F811
+def test_a_search_on_the_spot_cluster_rides_out_a_reclaim_and_a_drain(spot_cluster, tmp_path):
     gcs = spot_cluster.address.gcs_address
     head_id = next(node.node_id for node in autoscaler_nodes(gcs) if node.is_head)
     (tmp_path / "log").mkdir()
