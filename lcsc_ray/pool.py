@@ -47,8 +47,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lcsc_ray.checkpoints import CheckpointSet
 from lcsc_ray.combine import check_non_float_equal
 from lcsc_ray.draining import replace_draining, watch_drains
-from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout, slowest_timing, stored_record
-from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluation_records import (
+    Job,
+    evaluation_record,
+    evaluation_timeout,
+    slowest_timing,
+    stored_record,
+)
+from lcsc_ray.evaluation_store import EvaluationStore
 from lcsc_ray.evaluator import chunk_sizes, merge_blocks, tree_blocks
 from lcsc_ray.evaluator_slots import READY_TIMEOUT_S, EvaluatorPoolError, EvaluatorSlots
 from lcsc_ray.fid import FIDStats, fid_from_stats

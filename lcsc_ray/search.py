@@ -24,7 +24,7 @@ import pandas as pd
 from lcsc_ray import coefficients as coef
 from lcsc_ray import posthoc_ema
 from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
-from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluation_store import EvaluationStore
 from lcsc_ray.export import combined_safetensors
 from lcsc_ray.fid import reference_stats_for
 from lcsc_ray.output_guard import Guard, guarding

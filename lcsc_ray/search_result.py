@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from lcsc_ray.checkpoints import CheckpointSet
-from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluation_store import EvaluationStore
 from rayops.paired import nonfinite_scores, paired_difference
 from schemas.search import CandidateScore, PairedComparison, SearchResult, SearchSpec
 

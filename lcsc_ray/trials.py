@@ -15,7 +15,7 @@ import ray
 from ray import tune
 
 from lcsc_ray.coefficients import normalized_sum_problem, to_alphas
-from lcsc_ray.evaluation_jobs import Job
+from lcsc_ray.evaluation_records import Job
 from schemas.errors import LcscCheckfreeError
 
 # Reported for a candidate whose samples are NaN/inf (it diverged): a legitimate, very bad score, so the
