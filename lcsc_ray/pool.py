@@ -118,7 +118,12 @@ class PoolService:
         self.slots.check_stopped()
         if self.store is not None:
             stored = await asyncio.to_thread(self.store.get, job.alphas, job.num_samples, job.seed)
-            if stored is not None and "fid" in stored and (not job.continued or "fid_inf" in stored):
+            # a continued job replays only a continued evaluation (its blocks kept, its FID_inf fitted)
+            if (
+                stored is not None
+                and "fid" in stored
+                and (not job.continued or stored.get("fit_points") or stored.get("status") != "ok")
+            ):
                 return stored_record(job, stored)
         if job in self.failures:
             return self.failures[job]
@@ -431,10 +436,11 @@ class EvaluatorPool:
                     f"no evaluation finished within {bound:.0f} s; pool state: {self.state()}"
                 )
 
-    def probe(self, num_samples: int, seed: int) -> dict:
+    def probe(self, num_samples: int, seed: int, continued: bool = False) -> dict:
         """Score the last checkpoint once before the search starts: the sampler's signature, the feature
-        dimension against the reference's and a finite FID are checked, and its time sets the default timeout."""
-        job = Job.of(np.eye(len(self.checkpoints))[-1], num_samples, seed)
+        dimension against the reference's and a finite FID are checked, and its time sets the default timeout
+        (`continued`: as the search's own jobs, so that its trial replays it)."""
+        job = Job.of(np.eye(len(self.checkpoints))[-1], num_samples, seed, continued)
         record = self.score([job])[0]
         last = self.checkpoints.names[-1]
         if record["status"] == "failed":

@@ -74,6 +74,14 @@ def claims_gain(is_seed: bool, comparisons: list[PairedComparison], baseline_lab
     )
 
 
+def search_samples(trials: pd.DataFrame) -> int:
+    """Samples drawn for the search's candidates, screening and promotions: each candidate's cumulative
+    `samples_spent` at its last rung (a replayed evaluation counts as it was drawn)."""
+    if "samples_spent" not in trials or not len(trials):
+        return int(trials.num_samples.fillna(0).sum()) if len(trials) else 0
+    return int(trials.groupby("trial_id").samples_spent.max().fillna(0).sum())
+
+
 def build_result(
     spec: SearchSpec, run: ScoredRun, trials: pd.DataFrame, scores: dict, wall_s: float
 ) -> SearchResult:
@@ -113,7 +121,8 @@ def build_result(
         baselines=[score(label, scores[label]) for label in baseline_labels],
         gain_found=bool(gain),
         comparisons=comparisons,
-        num_evaluations=int((trials.rung == 0).sum()),
+        num_evaluations=int((~trials.phase.astype(str).str.startswith("rung")).sum()),  # candidates
+        search_samples=search_samples(trials),
         num_failed=int((trials.status == "failed").sum()),
         total_samples=run.store.total_samples(),
         wall_time_s=wall_s,
