@@ -35,6 +35,20 @@ CONFIGS = {  # name -> SearchAlgoSpec overrides
     "NGOpt b3 s0.15": {"optimizer": "NGOpt", "bound": 3.0, "sigma": 0.15},
     "CMA b3 s0.3": {"optimizer": "CMA", "bound": 3.0, "sigma": 0.3},
     "CMA b2 s0.1": {"optimizer": "CMA", "bound": 2.0, "sigma": 0.1},
+    # optimisers that fit a model of the objective, at half the evaluations (`budget_fraction`)
+    "MetaModel b3 s0.15 half": {
+        "optimizer": "MetaModel",
+        "bound": 3.0,
+        "sigma": 0.15,
+        "budget_fraction": 0.5,
+    },
+    "ChainMetaModelSQP b3 s0.15 half": {
+        "optimizer": "ChainMetaModelSQP",
+        "bound": 3.0,
+        "sigma": 0.15,
+        "budget_fraction": 0.5,
+    },
+    "CMA b3 s0.15 half": {"optimizer": "CMA", "bound": 3.0, "sigma": 0.15, "budget_fraction": 0.5},
 }
 DEFAULT_CONFIG = "CMA b3 s0.15"
 HOLDOUT_SEEDS = [1001, 1002, 1003, 1004, 1005]
@@ -156,15 +170,17 @@ def main() -> None:
                 out = setup.BENCH_OUT / f"optimizers-{tag}" / f"{setup.slug(name)}-seed{seed}"
                 if args.skip_missing and not (out / "result.json").exists():
                     continue
+                overrides = dict(CONFIGS[name])
+                fraction = overrides.pop("budget_fraction", 1.0)
                 spec = setup.make_spec(
                     str(out),
                     seed=seed,
                     num_samples=search_samples,
                     holdout_seeds=holdout,
                     holdout_num_samples=holdout_samples,
-                    budget=budget,
+                    budget=max(8, round(budget * fraction)),
                     rescore_top_k=1,
-                    **CONFIGS[name],
+                    **overrides,
                 )
                 row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 rows.append(row)

@@ -282,9 +282,9 @@ class SearchProgress(Callback):
         self.guard()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        """One trial reported its FID."""
+        """One trial reported its FID (a candidate counts once, at its first rung)."""
         self.guard()
-        self.done += 1
+        self.done += int(result.get("rung", 0) == 0)
         if result.get("status") == "ok":
             self.best = min(self.best, float(result[METRIC]))
         self.progress.update(done=self.offset + self.done, best_fid=self.best, last_fid=float(result[METRIC]))
