@@ -90,6 +90,16 @@ def samples_spent(out) -> int:
     return int(trials.groupby("trial_id").samples_spent.max().fillna(0).sum())
 
 
+def promoted_fraction(out) -> float:
+    """Fraction of the scored candidates that reached a rung above the first (0 for a flat search)."""
+    import pandas as pd
+
+    trials = pd.read_parquet(out / "trials.parquet")
+    scored = trials[(trials.status == "ok") & ~trials.phase.astype(str).str.startswith("rung")]
+    promoted = set(trials.loc[trials.rung > 0, "trial_id"])
+    return len(promoted) / max(1, len(scored))
+
+
 def config_row(name: str, mine: list[dict], flat: list[dict]) -> dict:
     """A configuration's held-out FID, samples generated, and its paired difference with flat 500."""
     m, sd = setup.mean_sd([r["winner_holdout_fid"] for r in mine])
@@ -116,6 +126,7 @@ def config_row(name: str, mine: list[dict], flat: list[dict]) -> dict:
         "vs_flat_over_optimizer_seeds": over_seeds,
         "vs_flat_over_seed_pairs": over_pairs,
         "gain_found": sum(r["gain_found"] for r in mine),
+        "promoted_fraction_mean": sum(r.get("promoted_fraction", 0.0) for r in mine) / len(mine),
         "wall_s_mean": sum(r["wall_s"] for r in mine) / len(mine),
     }
 
@@ -176,16 +187,16 @@ def markdown(payload: dict) -> str:
         "",
         (
             "| config | runs | held-out FID mean ± sd | search samples | x flat | minus flat, over seeds | "
-            "minus flat, over seed pairs | wall s |"
+            "minus flat, over seed pairs | promoted | wall s |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in payload["table"]:
         lines.append(
             f"| {t['config']} | {t['runs']} | {t['holdout_fid_mean']:.2f} ± {t['holdout_fid_sd']:.2f} | "
             f"{t['search_samples_mean']:,.0f} | {t['sample_ratio_to_flat']:.2f} | "
             f"{setup.fmt_paired(t['vs_flat_over_optimizer_seeds'])} | {setup.fmt_paired(t['vs_flat_over_seed_pairs'])} | "
-            f"{t['wall_s_mean']:.0f} |"
+            f"{t['promoted_fraction_mean']:.2f} | {t['wall_s_mean']:.0f} |"
         )
     lines += ["", "## Reading", ""] + [f"- {n}" for n in payload["notes"]]
     return "\n".join(lines) + "\n"
@@ -271,6 +282,7 @@ def main() -> None:
                 spec["evaluators"]["batch_size"] = args.batch_size
                 row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 row["samples_spent"] = samples_spent(out)
+                row["promoted_fraction"] = promoted_fraction(out)
                 rows.append(row)
                 print(
                     f"{name:28s} seed {seed}: winner held-out {row['winner_holdout_fid']:.2f}; search samples "
