@@ -90,7 +90,8 @@ def markdown(payload: dict) -> str:
         "",
         (
             f"MNIST DDPM, last 12 checkpoints, DDIM {s['nfe']} steps, budget {s['budget']} (7 seed vectors "
-            f"included), {s['search_num_samples']}-sample search FIDs, held-out seeds {s['holdout_seeds']} at "
+            f"included; 'half' configurations half of it), {s['search_num_samples']}-sample search FIDs in batches "
+            f"of {s.get('batch_size') or 250}, held-out seeds {s['holdout_seeds']} at "
             f"{s['holdout_num_samples']} samples; "
             f"optimiser seeds {s['optimizer_seeds']}. Commit {payload['machine'].get('git_commit')}, load average "
             f"{payload['machine']['load_average']} at the start."
@@ -152,6 +153,12 @@ def main() -> None:
         "--skip-missing", action="store_true", help="tabulate finished runs only; run nothing"
     )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS)[:3], help="names from CONFIGS")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="evaluators.batch_size (search_fidelity.py uses 32: its flat-500 CMA searches then replay here)",
+    )
     args = parser.parse_args()
     configs = [DEFAULT_CONFIG, "TwoPointsDE b2"] if args.quick else args.configs
     seeds = [0] if args.quick else args.seeds
@@ -182,6 +189,8 @@ def main() -> None:
                     rescore_top_k=1,
                     **overrides,
                 )
+                if args.batch_size:
+                    spec["evaluators"]["batch_size"] = args.batch_size
                 row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 rows.append(row)
                 print(
@@ -216,6 +225,7 @@ def write(args, rows, configs, seeds, budget, holdout, machine, wall) -> None:
             "optimizer_seeds": seeds,
             "configs": configs,
             "evaluators": 2,
+            "batch_size": args.batch_size,
             "rescore_top_k": 1,
         },
         "machine": machine,
