@@ -77,8 +77,8 @@ def claims_gain(is_seed: bool, comparisons: list[PairedComparison], baseline_lab
 def search_samples(trials: pd.DataFrame) -> int:
     """Samples drawn for the search's candidates, screening and promotions: each candidate's cumulative
     `samples_spent` at its last rung (a replayed evaluation counts as it was drawn)."""
-    if "samples_spent" not in trials or not len(trials):
-        return int(trials.num_samples.fillna(0).sum()) if len(trials) else 0
+    if "samples_spent" not in trials or not len(trials):  # rows made before samples were counted
+        return int(trials["num_samples"].fillna(0).sum()) if "num_samples" in trials else 0
     return int(trials.groupby("trial_id").samples_spent.max().fillna(0).sum())
 
 

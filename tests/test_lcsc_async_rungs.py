@@ -56,8 +56,10 @@ def test_asha_search_promotes_some_and_stopped_candidates_draw_no_more(tmp_path,
     stopped = ok[(ok.rung == 0) & (ok.phase == "search")]
     assert len(stopped)
     for row in stopped.itertuples():
-        assert not (records / f"{evaluation_key(row.alphas, 128, spec.fid.seed)}.json").exists()
+        assert not (records / f"{evaluation_key(row.coefficients, 128, spec.fid.seed)}.json").exists()
     promoted = ok[ok.rung == 1].iloc[0]
-    stored = json.loads((records / f"{evaluation_key(promoted.alphas, 128, spec.fid.seed)}.json").read_text())
+    stored = json.loads(
+        (records / f"{evaluation_key(promoted.coefficients, 128, spec.fid.seed)}.json").read_text()
+    )
     assert stored["samples_drawn"] == 96
     assert result.best.num_samples == 128
