@@ -123,6 +123,9 @@ def setting_key(spec: dict) -> str:
 
     keyed = {k: spec[k] for k in ("checkpoints", "model", "sampler")}
     keyed["features"] = spec["fid"].get("features")
+    batch = spec.get("evaluators", {}).get("batch_size")
+    if batch is not None:  # chunk j's noise depends on the batch size: records of other batch sizes differ
+        keyed["batch_size"] = batch
     revision = plugin_revision(spec["sampler"]["target"])  # a sampler that now gives other images: new key
     if revision is not None:
         keyed["sampler_revision"] = revision

@@ -35,6 +35,20 @@ CONFIGS = {  # name -> SearchAlgoSpec overrides
     "NGOpt b3 s0.15": {"optimizer": "NGOpt", "bound": 3.0, "sigma": 0.15},
     "CMA b3 s0.3": {"optimizer": "CMA", "bound": 3.0, "sigma": 0.3},
     "CMA b2 s0.1": {"optimizer": "CMA", "bound": 2.0, "sigma": 0.1},
+    # optimisers that fit a model of the objective, at half the evaluations (`budget_fraction`)
+    "MetaModel b3 s0.15 half": {
+        "optimizer": "MetaModel",
+        "bound": 3.0,
+        "sigma": 0.15,
+        "budget_fraction": 0.5,
+    },
+    "ChainMetaModelSQP b3 s0.15 half": {
+        "optimizer": "ChainMetaModelSQP",
+        "bound": 3.0,
+        "sigma": 0.15,
+        "budget_fraction": 0.5,
+    },
+    "CMA b3 s0.15 half": {"optimizer": "CMA", "bound": 3.0, "sigma": 0.15, "budget_fraction": 0.5},
 }
 DEFAULT_CONFIG = "CMA b3 s0.15"
 HOLDOUT_SEEDS = [1001, 1002, 1003, 1004, 1005]
@@ -76,7 +90,8 @@ def markdown(payload: dict) -> str:
         "",
         (
             f"MNIST DDPM, last 12 checkpoints, DDIM {s['nfe']} steps, budget {s['budget']} (7 seed vectors "
-            f"included), {s['search_num_samples']}-sample search FIDs, held-out seeds {s['holdout_seeds']} at "
+            f"included; 'half' configurations half of it), {s['search_num_samples']}-sample search FIDs in batches "
+            f"of {s.get('batch_size') or 250}, held-out seeds {s['holdout_seeds']} at "
             f"{s['holdout_num_samples']} samples; "
             f"optimiser seeds {s['optimizer_seeds']}. Commit {payload['machine'].get('git_commit')}, load average "
             f"{payload['machine']['load_average']} at the start."
@@ -138,6 +153,12 @@ def main() -> None:
         "--skip-missing", action="store_true", help="tabulate finished runs only; run nothing"
     )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS)[:3], help="names from CONFIGS")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="evaluators.batch_size (search_fidelity.py uses 32: its flat-500 CMA searches then replay here)",
+    )
     args = parser.parse_args()
     configs = [DEFAULT_CONFIG, "TwoPointsDE b2"] if args.quick else args.configs
     seeds = [0] if args.quick else args.seeds
@@ -156,16 +177,20 @@ def main() -> None:
                 out = setup.BENCH_OUT / f"optimizers-{tag}" / f"{setup.slug(name)}-seed{seed}"
                 if args.skip_missing and not (out / "result.json").exists():
                     continue
+                overrides = dict(CONFIGS[name])
+                fraction = overrides.pop("budget_fraction", 1.0)
                 spec = setup.make_spec(
                     str(out),
                     seed=seed,
                     num_samples=search_samples,
                     holdout_seeds=holdout,
                     holdout_num_samples=holdout_samples,
-                    budget=budget,
+                    budget=max(8, round(budget * fraction)),
                     rescore_top_k=1,
-                    **CONFIGS[name],
+                    **overrides,
                 )
+                if args.batch_size:
+                    spec["evaluators"]["batch_size"] = args.batch_size
                 row = setup.run_cached_search(spec, local_ray) | {"config": name}
                 rows.append(row)
                 print(
@@ -200,6 +225,7 @@ def write(args, rows, configs, seeds, budget, holdout, machine, wall) -> None:
             "optimizer_seeds": seeds,
             "configs": configs,
             "evaluators": 2,
+            "batch_size": args.batch_size,
             "rescore_top_k": 1,
         },
         "machine": machine,

@@ -38,6 +38,7 @@ service that dies takes them with it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -49,16 +50,25 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from lcsc_ray.candidate_stats import CandidateStats, reusable_prefix
 from lcsc_ray.checkpoints import CheckpointSet
 from lcsc_ray.combine import check_non_float_equal
 from lcsc_ray.draining import replace_draining, watch_drains, watch_lost_nodes
-from lcsc_ray.evaluation_jobs import Job, evaluation_record, evaluation_timeout, slowest_timing, stored_record
-from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluation_records import (
+    Job,
+    evaluation_record,
+    evaluation_timeout,
+    slowest_timing,
+    stored_record,
+)
+from lcsc_ray.evaluation_store import EvaluationStore
 from lcsc_ray.evaluator import chunk_sizes, merge_blocks, tree_blocks
 from lcsc_ray.evaluator_slots import READY_TIMEOUT_S, EvaluatorPoolError, EvaluatorSlots, on_node
 from lcsc_ray.fid import FIDStats, fid_from_stats
+from lcsc_ray.fid_extrapolation import block_bounds, fit_fid_inf, fit_points, merged
 from lcsc_ray.healing import heal_beside
 from lcsc_ray.pool_sizing import CRASHED, NODE_LOST, concurrency
+from rayops import storage
 from rayops.progress import ProgressLine
 from rayops.resources import check_placeable
 from schemas.search import SearchSpec
@@ -84,6 +94,10 @@ class PoolService:
 
     def __init__(self, spec: SearchSpec, shared: dict, store: EvaluationStore | None):
         self.spec, self.store = spec, store
+        # continued jobs' chunk-block statistics, beside the records (`candidate_stats`)
+        self.stats = (
+            None if store is None else CandidateStats(storage.join(store.uri, "stats"), store.identity)
+        )
         # the evaluators, the free list, their replacements and the pool's stop cause
         self.slots = EvaluatorSlots(spec, shared)
         self.shared = shared
@@ -115,7 +129,12 @@ class PoolService:
         self.slots.check_stopped()
         if self.store is not None:
             stored = await asyncio.to_thread(self.store.get, job.alphas, job.num_samples, job.seed)
-            if stored is not None and "fid" in stored:
+            # a continued job replays only a continued evaluation (its blocks kept, its FID_inf fitted)
+            if (
+                stored is not None
+                and "fid" in stored
+                and (not job.continued or stored.get("fit_points") or stored.get("status") != "ok")
+            ):
                 return stored_record(job, stored)
         if job in self.failures:
             return self.failures[job]
@@ -126,6 +145,8 @@ class PoolService:
         return await asyncio.shield(self.in_flight[job])
 
     async def _evaluate(self, job: Job) -> dict:
+        if job.continued:
+            return await self._evaluate_continued(job)
         blocks = self._split_blocks(job)
         if blocks:
             return await self._evaluate_split(job, blocks)
@@ -230,6 +251,54 @@ class PoolService:
         out["timings"] = {"total_s": time.perf_counter() - start}
         return await self._finished(job, out, -1, attempt, timed=False)
 
+    async def _evaluate_continued(self, job: Job) -> dict:
+        """A job scored in chunk blocks that continue the candidate's stored ones (a promotion draws only its
+        increment), its blocks kept, and FID_inf fitted from its halves and quarters (`fid_extrapolation`)."""
+        start = time.perf_counter()
+        batch = self.spec.evaluators.batch_size
+        sizes = chunk_sizes(job.num_samples, batch)
+        stored = await asyncio.to_thread(self.stats.load, job.alphas, job.seed, batch) if self.stats else {}
+        reused = reusable_prefix(stored, sizes, batch)
+        done = max((hi for _, hi in reused), default=0)
+        cuts = [c for c in block_bounds(len(sizes), [lo for lo, _ in reused] + [done]) if c >= done]
+        new = list(itertools.pairwise(cuts))
+        alphas = None if job.alphas is None else list(job.alphas)
+
+        def submit(lo: int, hi: int):
+            return lambda actor: actor.evaluate_stats.remote(
+                alphas, job.seed, list(range(lo, hi)), job.num_samples, raise_nonfinite=False
+            )
+
+        outcomes = await asyncio.gather(
+            *(self._on_evaluator(submit(lo, hi), sum(sizes[lo:hi])) for lo, hi in new)
+        )
+        for outcome, value, index, attempt in outcomes:
+            if outcome == "error":
+                return await self._failed(job, value, index, attempt)
+        lost = [value for outcome, value, _, _ in outcomes if outcome == "lost"]
+        if lost:
+            return evaluation_record(job, math.inf, "failed", "; ".join(lost), attempts=ATTEMPTS)
+        attempt = max((outcome[3] for outcome in outcomes), default=1)
+        drawn = sum(sizes[done:])
+        timings = {"total_s": time.perf_counter() - start}
+        if any(outcome[1].get("nonfinite") for outcome in outcomes):
+            out = {"fid": math.inf, "nonfinite": True, "timings": timings}
+            return await self._finished(job, out, -1, attempt, False, {"samples_drawn": drawn})
+        blocks = {**reused, **{b: FIDStats.from_dict(o[1]) for b, o in zip(new, outcomes)}}
+        mu, sigma = await self._reference()
+        points = fit_points(blocks, len(sizes), mu, sigma)
+        fit = fit_fid_inf(points)
+        if self.stats is not None and len(sizes) > max((hi for _, hi in stored), default=0):
+            await asyncio.to_thread(self.stats.save, job.alphas, job.seed, batch, blocks)
+        out = {"fid": fid_from_stats(merged(blocks, 0, len(sizes)), mu, sigma), "timings": timings}
+        extra = {
+            "fid_inf": fit[0] if fit else math.nan,
+            "fid_slope": fit[1] if fit else math.nan,
+            "fit_points": [list(p) for p in points],
+            "samples_drawn": drawn,
+        }
+        return await self._finished(job, out, -1, attempt, False, extra)
+
     async def _reference(self) -> tuple[np.ndarray, np.ndarray]:
         if not hasattr(self, "reference"):
             mu, sigma = self.shared["mu"], self.shared["sigma"]
@@ -239,16 +308,25 @@ class PoolService:
             )
         return self.reference
 
-    async def _finished(self, job: Job, out: dict, index: int, attempt: int, timed: bool = True) -> dict:
+    async def _finished(
+        self, job: Job, out: dict, index: int, attempt: int, timed: bool = True, extra: dict | None = None
+    ) -> dict:
         eval_s = float(out["timings"]["total_s"])
         if timed:  # a split job's wall time is no single evaluator's
             self.slowest_timed = slowest_timing(self.slowest_timed, eval_s, job.num_samples)
         if out.get("nonfinite") or not math.isfinite(float(out["fid"])):
             record = evaluation_record(
-                job, math.inf, "nonfinite", "combined weights or samples hold NaN/inf", index, eval_s, attempt
+                job,
+                math.inf,
+                "nonfinite",
+                "combined weights or samples hold NaN/inf",
+                index,
+                eval_s,
+                attempt,
+                extra=extra,
             )
         else:
-            record = evaluation_record(job, float(out["fid"]), "ok", "", index, eval_s, attempt)
+            record = evaluation_record(job, float(out["fid"]), "ok", "", index, eval_s, attempt, extra=extra)
         if self.store is not None:
             await asyncio.to_thread(self.store.put, job.alphas, job.num_samples, job.seed, record)
         self.evaluated += 1
@@ -406,10 +484,11 @@ class EvaluatorPool:
                     f"no evaluation finished within {bound:.0f} s; pool state: {self.state()}"
                 )
 
-    def probe(self, num_samples: int, seed: int) -> dict:
+    def probe(self, num_samples: int, seed: int, continued: bool = False) -> dict:
         """Score the last checkpoint once before the search starts: the sampler's signature, the feature
-        dimension against the reference's and a finite FID are checked, and its time sets the default timeout."""
-        job = Job.of(np.eye(len(self.checkpoints))[-1], num_samples, seed)
+        dimension against the reference's and a finite FID are checked, and its time sets the default timeout
+        (`continued`: as the search's own jobs, so that its trial replays it)."""
+        job = Job.of(np.eye(len(self.checkpoints))[-1], num_samples, seed, continued)
         record = self.score([job])[0]
         last = self.checkpoints.names[-1]
         if record["status"] == "failed":

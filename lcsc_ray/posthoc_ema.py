@@ -295,7 +295,7 @@ def load_snapshots(spec, checkpoint_set) -> PosthocPlan:
 def score_grid(pool, plan: PosthocPlan, num_checkpoints: int, num_samples: int, seed: int) -> list[dict]:
     """Each grid value's post-hoc EMA scored through the evaluator pool (a combination of the snapshots):
     [{sigma_rel, gamma, step, fid, snapshot_coefficients}], fid inf where the evaluation failed."""
-    from lcsc_ray.evaluation_jobs import Job
+    from lcsc_ray.evaluation_records import Job
     from rayops.progress import ProgressLine
 
     sigmas = list(plan.coefficients)

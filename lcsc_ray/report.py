@@ -47,7 +47,9 @@ def versions() -> dict[str, str]:
 
 
 def trials_table(trials: pd.DataFrame) -> bytes:
-    """trials.parquet: one row per evaluation (coefficients as a list column)."""
+    """trials.parquet: one row per evaluation (coefficients as a list column); `fid` is the score the search
+    ranked by (raw or FID_inf, `search.fidelity_score`), `fid_raw` the measured FID, `samples_spent` the samples
+    drawn for the candidate so far, and the rung columns each rung's count and FIDs (asynchronous rungs)."""
     columns = [
         "trial_id",
         "phase",
@@ -61,9 +63,24 @@ def trials_table(trials: pd.DataFrame) -> bytes:
         "status",
         "reason",
         "alphas",
+        "fid_raw",
+        "fid_inf",
+        "samples_spent",
+        "rung_samples",
+        "rung_fids",
+        "rung_fids_inf",
     ]
     frame = trials.reindex(columns=columns).rename(columns={"alphas": "coefficients"})
     frame["coefficients"] = [list(map(float, a)) for a in frame.coefficients]
+    frame["samples_spent"] = frame.samples_spent.fillna(0).astype("int64")
+    for column in (
+        "rung_samples",
+        "rung_fids",
+        "rung_fids_inf",
+    ):  # each rung's count, raw and extrapolated FID
+        frame[column] = [
+            None if not isinstance(v, list | tuple | np.ndarray) else list(v) for v in frame[column]
+        ]
     table = pa.Table.from_pandas(frame, preserve_index=False)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -148,6 +165,7 @@ def format_table(result: SearchResult) -> str:
     title = (
         f"LCSC search '{result.spec.name}': {len(result.checkpoint_names)} checkpoints, "
         f"{result.num_evaluations} evaluations ({result.num_failed} failed), "
+        f"{result.search_samples:,} samples spent on them, "
         f"{result.best.num_samples} samples per score, {result.wall_time_s:.0f} s"
     )
     lines = [title, header, "-" * len(header)]

@@ -7,7 +7,8 @@ post-hoc EMA:   (with `posthoc_ema`) power-EMA snapshots join the object store; 
 phase "seeds":  last, post-hoc EMA, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate);
                 a seed whose trial errored is evaluated once more ("seeds-retry") and that attempt kept
 phase "search": Nevergrad (via Tune's NevergradSearch) started at the best seed, for the rest of the budget
-rungs:          optional successive halving: the best fraction re-scored with more samples
+rungs:          optional: asynchronous (ASHA, `search.eta`, inside the trials) or successive halving after the
+                search phase; a promotion continues the candidate's stored chunk statistics
 final:          winner, top-k and baselines scored at one sample count on the search seed + held-out seeds
 -> SearchResult, trials.parquet, combined checkpoint, plots (written as one artifact, manifest last)
 """
@@ -24,7 +25,7 @@ import pandas as pd
 from lcsc_ray import coefficients as coef
 from lcsc_ray import posthoc_ema
 from lcsc_ray.checkpoints import CheckpointSet, load_checkpoint_set
-from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluation_store import EvaluationStore
 from lcsc_ray.export import combined_safetensors
 from lcsc_ray.fid import reference_stats_for
 from lcsc_ray.output_guard import Guard, guarding
@@ -32,13 +33,14 @@ from lcsc_ray.pool import EvaluatorPool, EvaluatorPoolError, Job
 from lcsc_ray.run_identity import preflight, prepare_state, recorded_identity
 from lcsc_ray.search_result import build_result
 from lcsc_ray.search_timeline import start_timeline
-from lcsc_ray.trials import TrialFailedError, trainable
+from lcsc_ray.trials import TrialFailedError, candidate_score, trainable
 from lcsc_ray.tuning import (
     SearchProgress,
     build_optimizer,
     free_names,
     nevergrad_searcher,
     run_phase,
+    rung_scheduler,
     search_space,
     seed_searcher,
 )
@@ -50,6 +52,12 @@ from rayops.session import ray_session
 from schemas.search import PosthocEmaScore, SearchResult, SearchSpec
 
 log = logging.getLogger(__name__)
+
+
+def continues(spec: SearchSpec) -> bool:
+    """Whether the search's candidates are scored in kept chunk blocks: with a fidelity schedule (a promotion
+    continues them) or an extrapolated score (FID_inf is fitted from them)."""
+    return spec.search.fidelity_schedule is not None or spec.search.fidelity_score == "extrapolated"
 
 
 def _search_samples(spec: SearchSpec) -> int:
@@ -88,7 +96,7 @@ class SearchRun:
     def start_pool(self, reference: tuple[np.ndarray, np.ndarray]) -> EvaluatorPool:
         """Start the evaluator pool and probe it with the last checkpoint before any trial runs."""
         self.pool = EvaluatorPool(self.spec, self.checkpoints, reference, self.store, guard=self.guard)
-        self.pool.probe(_search_samples(self.spec), self.spec.fid.seed)
+        self.pool.probe(_search_samples(self.spec), self.spec.fid.seed, continues(self.spec))
         return self.pool
 
     def check_pool(self) -> None:
@@ -99,10 +107,24 @@ class SearchRun:
 
     # ------------------------------------------------------------------------------------ Tune phases
     def _trainable(self):
-        n = _search_samples(self.spec)
+        search = self.spec.search
+        # with asynchronous rungs a trial goes up the whole schedule (until ASHA stops it); else it screens only
+        schedule = search.fidelity_schedule if search.eta else [_search_samples(self.spec)]
         return trainable(
-            self.pool.service, self.names, self.parametrization, n, self.spec.fid.seed, self.pool.wait_s(n)
+            self.pool.service,
+            self.names,
+            self.parametrization,
+            schedule,
+            self.spec.fid.seed,
+            self.pool.wait_s(schedule[-1]),
+            continued=continues(self.spec),
+            score=search.fidelity_score,
         )
+
+    def _scheduler(self):
+        """ASHA over the fidelity schedule (`search.eta`), one per phase, or None (each trial is one score)."""
+        search = self.spec.search
+        return rung_scheduler(search.fidelity_schedule, search.eta) if search.eta else None
 
     def _point(self, label: str, alphas: np.ndarray) -> dict:
         free = coef.from_alphas(alphas, self.parametrization)
@@ -122,6 +144,7 @@ class SearchRun:
             space,
             len(seeds),
             [seed_cb],
+            self._scheduler(),
         )
         self.check_pool()
         again = seeds_to_retry(seeds_df, seeds)
@@ -140,6 +163,7 @@ class SearchRun:
                 space,
                 len(again),
                 [seed_cb],
+                self._scheduler(),
             )
             self.check_pool()
             seeds_df = merge_seed_retries(seeds_df, retry_df)
@@ -163,7 +187,14 @@ class SearchRun:
         search_cb = SearchProgress(progress, offset=len(seeds_df), best=seed_cb.best, guard=self.guard)
         # room for each proposal's second attempt; the searcher says when the phase is finished
         search_df = run_phase(
-            "search", tune_path, self._trainable(), searcher, space, 2 * remaining, [search_cb]
+            "search",
+            tune_path,
+            self._trainable(),
+            searcher,
+            space,
+            2 * remaining,
+            [search_cb],
+            self._scheduler(),
         )
         self.check_pool()
         return self._finish_rows(pd.concat([seeds_df, search_df], ignore_index=True))
@@ -179,21 +210,32 @@ class SearchRun:
 
         trials = trials.copy()
         trials["alphas"] = [alphas_of(row) for row in trials.itertuples()]
-        trials["rung"] = 0
+        trials["rung"] = trials["rung"].fillna(0).astype(int) if "rung" in trials else 0
+        if "samples_spent" in trials:
+            trials["samples_spent"] = trials["samples_spent"].fillna(0).astype(int)
         return trials.drop(columns=["config"])
 
     def run_rungs(self, trials: pd.DataFrame) -> pd.DataFrame:
-        """Successive halving over `fidelity_schedule`: keep the best fraction, re-score with more samples."""
-        schedule = self.spec.search.fidelity_schedule or []
+        """Successive halving over `fidelity_schedule`: keep the best fraction, score again with more samples
+        (continuing each candidate's stored chunk blocks: a promotion draws only the samples it adds). With
+        `search.eta` the rungs were asynchronous, inside the trials (ASHA), and there is nothing left to do."""
+        search = self.spec.search
+        schedule = [] if search.eta else search.fidelity_schedule or []
         current = trials[trials.status == "ok"].copy()
         rows = [trials]
         for rung, n in enumerate(schedule[1:], start=1):
-            keep = max(1, math.ceil(self.spec.search.keep_fraction * len(current)))
+            keep = max(1, math.ceil(search.keep_fraction * len(current)))
             current = current.nsmallest(keep, "fid").copy()
             progress = ProgressLine(f"rung {rung} ({n} samples)", total=len(current))
-            records = self.pool.score([Job.of(a, n, self.spec.fid.seed) for a in current.alphas], progress)
-            fids = [record["fid"] for record in records]
+            jobs = [Job.of(a, n, self.spec.fid.seed, continues(self.spec)) for a in current.alphas]
+            records = self.pool.score(jobs, progress)
+            fids = [candidate_score(record, search.fidelity_score) for record in records]
             current["fid"], current["num_samples"], current["rung"] = fids, n, rung
+            current["fid_raw"] = [record["fid"] for record in records]
+            current["fid_inf"] = [record["fid_inf"] for record in records]
+            current["samples_spent"] = current["samples_spent"].to_numpy() + [
+                int(record["samples_drawn"]) for record in records
+            ]
             current["status"] = [
                 record["status"] for record in records
             ]  # a failed re-score is not ranked as ok

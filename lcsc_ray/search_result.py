@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from lcsc_ray.checkpoints import CheckpointSet
-from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluation_store import EvaluationStore
 from rayops.paired import nonfinite_scores, paired_difference
 from schemas.search import CandidateScore, PairedComparison, SearchResult, SearchSpec
 
@@ -80,6 +80,14 @@ def _placement(checkpoints) -> dict[str, str]:
     return {"mode": choice.mode, "reason": choice.reason} if choice is not None else {}
 
 
+def search_samples(trials: pd.DataFrame) -> int:
+    """Samples drawn for the search's candidates, screening and promotions: each candidate's cumulative
+    `samples_spent` at its last rung (a replayed evaluation counts as it was drawn)."""
+    if "samples_spent" not in trials or not len(trials):  # rows made before samples were counted
+        return int(trials["num_samples"].fillna(0).sum()) if "num_samples" in trials else 0
+    return int(trials.groupby("trial_id").samples_spent.max().fillna(0).sum())
+
+
 def build_result(
     spec: SearchSpec, run: ScoredRun, trials: pd.DataFrame, scores: dict, wall_s: float
 ) -> SearchResult:
@@ -119,7 +127,8 @@ def build_result(
         baselines=[score(label, scores[label]) for label in baseline_labels],
         gain_found=bool(gain),
         comparisons=comparisons,
-        num_evaluations=int((trials.rung == 0).sum()),
+        num_evaluations=int((~trials.phase.astype(str).str.startswith("rung")).sum()),  # candidates
+        search_samples=search_samples(trials),
         placement=_placement(run.checkpoints),
         num_failed=int((trials.status == "failed").sum()),
         total_samples=run.store.total_samples(),

@@ -15,7 +15,7 @@ import ray
 from ray import tune
 
 from lcsc_ray.coefficients import normalized_sum_problem, to_alphas
-from lcsc_ray.evaluation_jobs import Job
+from lcsc_ray.evaluation_records import Job
 from schemas.errors import LcscCheckfreeError
 
 # Reported for a candidate whose samples are NaN/inf (it diverged): a legitimate, very bad score, so the
@@ -29,10 +29,33 @@ class TrialFailedError(LcscCheckfreeError):
     """A candidate could not be evaluated (an error in the evaluation, or lost evaluators on both attempts)."""
 
 
-def trial_metrics(config: dict, record: dict, start: float) -> dict:
-    """What a trial reports to Tune: the evaluation record, with a non-finite FID as NONFINITE_FID."""
-    fid = record["fid"] if record["status"] == "ok" and math.isfinite(record["fid"]) else NONFINITE_FID
-    return {**record, "fid": fid, "label": config.get("label", "search"), "trial_s": time.monotonic() - start}
+def candidate_score(record: dict, score: str = "raw") -> float:
+    """The number the optimiser is told and rungs rank by: the raw FID, or with `score` 'extrapolated' its
+    FID_inf (the raw FID where no fit was possible); a non-finite FID is NONFINITE_FID."""
+    if record["status"] != "ok" or not math.isfinite(record["fid"]):
+        return NONFINITE_FID
+    fid_inf = record.get("fid_inf", math.nan)
+    return float(fid_inf) if score == "extrapolated" and math.isfinite(fid_inf) else float(record["fid"])
+
+
+def trial_metrics(
+    config: dict, record: dict, start: float, score: str = "raw", rungs: dict | None = None
+) -> dict:
+    """What a trial reports to Tune: the evaluation record with `fid` the candidate's score (`candidate_score`)
+    and `fid_raw` the measured FID; with `rungs`, each rung's sample count and raw and extrapolated FID so far,
+    the samples spent on the candidate and `samples` (its cumulative sample count, the schedulers' time)."""
+    rungs = rungs or {}
+    return {
+        **record,
+        "fid": candidate_score(record, score),
+        "fid_raw": float(record["fid"]),
+        "label": config.get("label", "search"),
+        "trial_s": time.monotonic() - start,
+        "rung": len(rungs.get("rung_samples", [0])) - 1,
+        "samples": record["num_samples"],
+        "samples_spent": sum(rungs.get("rung_drawn", [record.get("samples_drawn", record["num_samples"])])),
+        **{k: list(v) for k, v in rungs.items() if k != "rung_drawn"},
+    }
 
 
 def evaluate_candidate(
@@ -41,36 +64,60 @@ def evaluate_candidate(
     service,
     names: list[str],
     parametrization: str,
-    num_samples: int,
+    schedule: list[int],
     seed: int,
     wait_s: float,
+    continued: bool = False,
+    score: str = "raw",
 ) -> None:
     """Tune trainable: score one coefficient vector through the pool (which replays a stored evaluation, and
-    retries once elsewhere when an evaluator hangs or dies)."""
+    retries once elsewhere when an evaluator hangs or dies) at each sample count of `schedule`, reporting after
+    each: a scheduler (ASHA) that stops the trial there ends it before the next count is drawn. `continued`
+    jobs continue the candidate's stored chunk blocks and carry FID_inf (see `lcsc_ray.pool`)."""
     start = time.monotonic()
     free = [config[name] for name in names]
     problem = normalized_sum_problem(free, parametrization)
     if problem:  # scored as failed, with its reason, instead of evaluating blown-up coefficients
         raise TrialFailedError(f"candidate {[round(float(x), 6) for x in free]}: {problem}")
     alphas = to_alphas(free, parametrization)
-    try:
-        record = ray.get(service.evaluate.remote(Job.of(alphas, num_samples, seed)), timeout=wait_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TrialFailedError(f"the evaluator pool did not answer within {wait_s:.0f} s") from None
-    if record["status"] == "failed":
-        raise TrialFailedError(f"candidate {[round(a, 6) for a in alphas]}: {record['reason']}")
-    tune.report(trial_metrics(config, record, start))
+    rungs: dict[str, list] = {"rung_samples": [], "rung_fids": [], "rung_fids_inf": [], "rung_drawn": []}
+    for num_samples in schedule:
+        job = Job.of(alphas, num_samples, seed, continued)
+        try:
+            record = ray.get(service.evaluate.remote(job), timeout=wait_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TrialFailedError(f"the evaluator pool did not answer within {wait_s:.0f} s") from None
+        if record["status"] == "failed":
+            raise TrialFailedError(f"candidate {[round(a, 6) for a in alphas]}: {record['reason']}")
+        rungs["rung_samples"].append(num_samples)
+        rungs["rung_fids"].append(float(record["fid"]))
+        rungs["rung_fids_inf"].append(float(record.get("fid_inf", math.nan)))
+        rungs["rung_drawn"].append(int(record.get("samples_drawn", num_samples)))
+        tune.report(trial_metrics(config, record, start, score, rungs))
+        if record["status"] != "ok":
+            return  # a diverged candidate is not scored again
 
 
-def trainable(service, names: list[str], parametrization: str, num_samples: int, seed: int, wait_s: float):
+def trainable(
+    service,
+    names: list[str],
+    parametrization: str,
+    schedule: list[int],
+    seed: int,
+    wait_s: float,
+    continued: bool = False,
+    score: str = "raw",
+):
     """The Tune trainable with its resources and bound parameters."""
     bound = tune.with_parameters(
         evaluate_candidate,
         service=service,
         names=names,
         parametrization=parametrization,
-        num_samples=num_samples,
+        schedule=list(schedule),
         seed=seed,
         wait_s=wait_s,
+        continued=continued,
+        score=score,
     )
     return tune.with_resources(bound, TRIAL_RESOURCES)

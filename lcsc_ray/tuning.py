@@ -14,6 +14,7 @@ import pandas as pd
 from ray import tune
 from ray.tune import Callback
 from ray.tune.error import TuneError
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -58,6 +59,24 @@ def build_optimizer(
     parametrization.random_state = np.random.RandomState(spec.seed)
     optimizer_class = ng.optimizers.registry[spec.search.optimizer]
     return optimizer_class(parametrization=parametrization, budget=max(budget, 1), num_workers=num_workers)
+
+
+def rung_scheduler(schedule: list[int], eta: int) -> AsyncHyperBandScheduler:
+    """ASHA over a candidate's cumulative sample count (`samples`): after each count of `schedule` (which grows
+    by `eta`), a trial goes on only when its score is in the best 1/eta of those recorded at that count so far;
+    it never waits for a rung to fill. The score (`fid`) a stopped trial last reported is what the searcher is
+    told, so it should be comparable across counts (`search.fidelity_score: extrapolated`)."""
+    scheduler = AsyncHyperBandScheduler(
+        time_attr="samples",
+        max_t=schedule[-1],
+        grace_period=schedule[0],
+        reduction_factor=eta,
+        brackets=1,
+    )
+    milestones = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+    if milestones != list(schedule[:-1]) + ([schedule[-1]] if milestones[-1:] == [schedule[-1]] else []):
+        raise ValueError(f"ASHA's rungs {milestones} do not match the fidelity schedule {schedule}")
+    return scheduler
 
 
 def seed_searcher(points: list[dict], max_concurrent: int) -> BasicVariantGenerator:
@@ -285,9 +304,9 @@ class SearchProgress(Callback):
         self.guard()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        """One trial reported its FID."""
+        """One trial reported its FID (a candidate counts once, at its first rung)."""
         self.guard()
-        self.done += 1
+        self.done += int(result.get("rung", 0) == 0)
         if result.get("status") == "ok":
             self.best = min(self.best, float(result[METRIC]))
         self.progress.update(done=self.offset + self.done, best_fid=self.best, last_fid=float(result[METRIC]))
@@ -312,8 +331,10 @@ def run_phase(
     space: dict,
     num_samples: int,
     callbacks: list[Callback],
+    scheduler: TrialScheduler | None = None,
 ) -> pd.DataFrame:
-    """Run (or resume) one Tune experiment; return one row per trial, errored trials included."""
+    """Run (or resume) one Tune experiment; return one row per trial, errored trials included. `scheduler`
+    (ASHA over the samples drawn, `rung_scheduler`) stops trials between the rungs of their schedule."""
     path = f"{storage_path.rstrip('/')}/{name}"
     # A searcher with its own space (Nevergrad) takes only the constant label from Tune's param_space.
     tuner_space = space if isinstance(searcher, BasicVariantGenerator) else {"label": "search"}
@@ -337,6 +358,7 @@ def run_phase(
             param_space=tuner_space,
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
+                scheduler=scheduler,
                 num_samples=num_samples,
                 metric=METRIC,
                 mode=MODE,
@@ -414,6 +436,13 @@ def _grid_rows(grid, phase: str) -> pd.DataFrame:
             "phase": phase,
             "label": metrics.get("label", config.get("label", "search")),
             "fid": metrics.get(METRIC, float("nan")),
+            "fid_raw": metrics.get("fid_raw", metrics.get(METRIC, float("nan"))),
+            "fid_inf": metrics.get("fid_inf", float("nan")),
+            "rung": metrics.get("rung", 0),
+            "rung_samples": metrics.get("rung_samples"),
+            "rung_fids": metrics.get("rung_fids"),
+            "rung_fids_inf": metrics.get("rung_fids_inf"),
+            "samples_spent": metrics.get("samples_spent", 0),
             "alphas": metrics.get("alphas"),
             "num_samples": metrics.get("num_samples"),
             "seed": metrics.get("seed"),

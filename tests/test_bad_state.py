@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lcsc_ray.evaluations import EvaluationStore, evaluation_key
+from lcsc_ray.evaluation_store import EvaluationStore, evaluation_key
 from rayops import artifacts
 from schemas.errors import ChecksumError, IncompleteArtifactError, StateFileError
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from lcsc_ray.cli import main
-from lcsc_ray.evaluations import EvaluationStore
+from lcsc_ray.evaluation_store import EvaluationStore
 from lcsc_ray.run_identity import FINGERPRINT_FILE, prepare_state, state_uri
 from lcsc_ray.search import check_resumable
 from rayops import artifacts

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lcsc_ray.checkpoints import load_checkpoint_set
-from lcsc_ray.evaluation_jobs import slowest_timing
+from lcsc_ray.evaluation_records import slowest_timing
 from lcsc_ray.fid import reference_stats_for
 from lcsc_ray.pool import EvaluatorPool, EvaluatorPoolError, Job, evaluation_timeout
 from schemas.search import SearchSpec

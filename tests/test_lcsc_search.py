@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lcsc_ray.cli import main
 from lcsc_ray.coefficients import seed_vectors
-from lcsc_ray.evaluations import evaluation_key
+from lcsc_ray.evaluation_store import evaluation_key
 from lcsc_ray.report import format_table, load_result
 from lcsc_ray.search import rescore_count, run_search
 from rayops import artifacts

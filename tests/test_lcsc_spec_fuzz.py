@@ -133,7 +133,7 @@ def test_normalized_proposal_with_a_tiny_sum_is_scored_failed():
     config = {"x000": 0.5, "x001": -0.49, "label": "search"}
     # no evaluator pool at all: the candidate must be refused before anything is asked of one
     kwargs = {name: None for name in inspect.signature(evaluate_candidate).parameters if name != "config"}
-    kwargs.update(names=["x000", "x001"], parametrization="normalized", num_samples=64, seed=0)
+    kwargs.update(names=["x000", "x001"], parametrization="normalized", schedule=[64], seed=0)
     with pytest.raises(TrialFailedError, match=r"sum to 0.01, below 0.05"):
         evaluate_candidate(config, **kwargs)
     assert normalized_sum_problem([0.5, -0.49], "difference") is None

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 FIRST_TIMEOUT_S = 900.0  # the first evaluation, before any is timed (the timed ones set the default timeout)
 TIMEOUT_FACTOR, TIMEOUT_FLOOR_S = 5.0, 60.0
+# a continued evaluation's FID at infinite samples, its fit (slope c, the (n, FID_n) points) and the samples it
+# drew (its increment over the stored blocks it continued)
+EXTRA_FIELDS = ("fid_inf", "fid_slope", "fit_points", "samples_drawn")
 
 
 @dataclass(frozen=True)
@@ -18,11 +21,17 @@ class Job:
     alphas: tuple[float, ...] | None
     num_samples: int
     seed: int
+    continued: bool = False  # scored in chunk blocks that continue the candidate's stored ones (and kept)
 
     @classmethod
-    def of(cls, alphas: Sequence[float] | None, num_samples: int, seed: int) -> Job:
+    def of(cls, alphas: Sequence[float] | None, num_samples: int, seed: int, continued: bool = False) -> Job:
         """A job with coefficients as plain floats."""
-        return cls(None if alphas is None else tuple(float(a) for a in alphas), int(num_samples), int(seed))
+        return cls(
+            None if alphas is None else tuple(float(a) for a in alphas),
+            int(num_samples),
+            int(seed),
+            bool(continued),
+        )
 
 
 def evaluation_timeout(
@@ -55,9 +64,11 @@ def evaluation_record(
     eval_s: float = math.nan,
     attempts: int = 0,
     replayed: bool = False,
+    extra: dict | None = None,
 ) -> dict:
     """The one shape of an evaluation's result, for trials, rungs, final scores and the store.
-    status: 'ok', 'nonfinite' (the combination diverged; fid is inf) or 'failed' (reason says why)."""
+    status: 'ok', 'nonfinite' (the combination diverged; fid is inf) or 'failed' (reason says why).
+    `extra` sets the continued evaluations' fields (`EXTRA_FIELDS`): FID_inf, its fit, the samples drawn."""
     return {
         "fid": float(fid),
         "status": status,
@@ -69,6 +80,11 @@ def evaluation_record(
         "eval_s": float(eval_s),
         "attempts": attempts,
         "replayed": replayed,
+        "fid_inf": math.nan,
+        "fid_slope": math.nan,
+        "fit_points": [],
+        "samples_drawn": job.num_samples,
+        **{k: v for k, v in (extra or {}).items() if k in EXTRA_FIELDS},
     }
 
 
@@ -88,4 +104,5 @@ def stored_record(job: Job, stored: dict) -> dict:
         float(stored.get("eval_s", math.nan)),
         int(stored.get("attempts", 0)),
         replayed=True,
+        extra={k: stored[k] for k in EXTRA_FIELDS if k in stored},
     )

@@ -1,4 +1,4 @@
-"""A resumable record of every evaluation: one small JSON file per (coefficients, sample count, seed).
+"""The evaluation store: a resumable record of every evaluation, one JSON file per (coefficients, samples, seed).
 
 Trials and the driver both consult it before evaluating and write to it right after, so a search killed at
 any moment and started again never repeats an evaluation that finished, even one whose Tune trial was not
