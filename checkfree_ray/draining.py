@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Copy-rate prior until a hand-off has been measured: a conservative cross-node rate through the object store
 # (serialise, transfer, load), and the fixed cost of taking a warm standby and configuring it. A cold actor
-# costs a process start on top (ENVIRONMENT.md: 2.9 s measured; doubled for loaded nodes).
+# costs a process start on top (2.9 s measured on a quiet 2-core node; doubled for loaded nodes).
 PRIOR_RATE_BYTES_S, WARM_FIXED_S, COLD_START_S = 50e6, 1.0, 6.0
 SAFETY_FACTOR, MARGIN_S = 2.0, 1.0  # the hand-off must fit twice over, plus a second, before the deadline
 MAX_TRIES = 3  # hand-off attempts per stage and notice

@@ -39,10 +39,16 @@ from checkfree_ray.model_config import ModelConfig
 from checkfree_ray.pipeline_schedules import gpipe_order, step_order
 from checkfree_ray.recovery_rules import BLOCKS, EMBED, HEAD, micro_batch_order, plain_order, route
 from checkfree_ray.run_identity import RunIdentity
-from checkfree_ray.saving import SAVE_TIMEOUT_S, CheckpointSaver
+from checkfree_ray.saving import CheckpointSaver
 from checkfree_ray.stage import initial_states
 from checkfree_ray.stage_group import StageGroup
 from checkfree_ray.stage_recovery import StageRecovery
+from checkfree_ray.timeouts import (
+    FIRST_STEP_TIMEOUT_S,
+    SAVE_TIMEOUT_S,
+    STEP_TIMEOUT_FACTOR,
+    STEP_TIMEOUT_FLOOR_S,
+)
 from checkfree_ray.transport import Transport, connect_or_lose
 from schemas.errors import RecoveryError
 from schemas.train import TrainSpec
@@ -53,7 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Step timeout when `recovery.step_timeout_s` is unset: max(floor, factor x the median step); before any
 # step is measured (the first step also pays lazy imports), a generous fixed bound.
-STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR, FIRST_STEP_TIMEOUT_S = 30.0, 10.0, 300.0
 
 
 class PipelineExecutor:

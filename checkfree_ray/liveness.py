@@ -12,8 +12,7 @@ import time
 
 import ray
 
-PING_TIMEOUT_S = 30.0
-FETCH_TIMEOUT_S = 10.0  # fetching a finished call's value (a large activation on a loaded node)
+from checkfree_ray.timeouts import FETCH_TIMEOUT_S
 
 
 class StageLost(Exception):

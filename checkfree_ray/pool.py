@@ -31,12 +31,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from checkfree_ray.checkpoint_store import storage_env
 from checkfree_ray.model import ModelConfig
 from checkfree_ray.stage import DirectStageActor, StageActor
+from checkfree_ray.timeouts import READY_TIMEOUT_S
 from rayops.resources import check_placeable, cluster_autoscales
 from schemas.errors import InfeasibleResourcesError, RecoveryError
 from schemas.train import TrainSpec
 
 log = logging.getLogger(__name__)
-READY_TIMEOUT_S = 120.0
 
 
 def _adopt_driver_storage_env(worker: object, env: dict[str, str]) -> None:

@@ -1,7 +1,7 @@
 """The mathematics and decisions of recovery, as pure functions (no Ray, no state).
 
-Paper: Blagoev et al., "All is Not Lost: LLM Recovery without Checkpoints" (arXiv 2506.15461);
-see shared/papers/checkfree.md.
+Paper: Blagoev et al., "All is Not Lost: LLM Recovery without Checkpoints" (arXiv 2506.15461), Sec. 3
+(the weighted average of the neighbours) and Figure 2 (the ablation of rebuild rules).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def rule_weights(rule: str, norms: Sequence[float], epsilon: float) -> tuple[flo
     """Coefficients of the (previous, next) neighbours with which a middle-stage `rule` rebuilds a stage.
 
     The paper's ablation (Figure 2) compares, best to worst: "weighted" (CheckFree: gradient norms + eps,
-    shared/papers/checkfree.md), "average" (equal weights), "copy" (the previous neighbour: 1 and 0) and
+    the paper's Sec. 3), "average" (equal weights), "copy" (the previous neighbour: 1 and 0) and
     "random" (a freshly initialised stage; None, as nothing is summed). "identity" is a control: the stage
     becomes a skip (`reinitialised_blocks`); None as well.
     """

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from checkfree_ray.checkpoint_store import CheckpointStore, PendingSave, storage_env
+from checkfree_ray.timeouts import SAVE_TIMEOUT_S
 from schemas.errors import StorageError
 
 if TYPE_CHECKING:
     from checkfree_ray.history import History
 
 log = logging.getLogger(__name__)
-SAVE_TIMEOUT_S = 120.0  # bound on waiting for a checkpoint's shards to be written
 
 
 class CheckpointSaver:

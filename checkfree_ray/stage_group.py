@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from checkfree_ray.liveness import PING_TIMEOUT_S, StageLost, phase_of, stuck_stages, unanswering
+from checkfree_ray.liveness import StageLost, phase_of, stuck_stages, unanswering
 from checkfree_ray.model_config import ModelConfig
 from checkfree_ray.pool import StagePool
 from checkfree_ray.recovery_rules import EMBED, HEAD
-from checkfree_ray.saving import SAVE_TIMEOUT_S
+from checkfree_ray.timeouts import CONFIGURE_TIMEOUT_S, CONNECT_TIMEOUT_S, PING_TIMEOUT_S
 from checkfree_ray.transport import Transport, may_be_direct, open_transport
 from schemas.errors import RecoveryError
 from schemas.train import TrainSpec
@@ -68,12 +68,12 @@ class StageGroup:
         """Start the stage actors in their placement group and open the transport between them."""
         self.pool = StagePool(self.spec, self.cfg, direct_transport=may_be_direct(self.spec))
         self.actors = self.pool.start_stages()
-        self.transport = open_transport(self.spec, self.actors, timeout_s=SAVE_TIMEOUT_S)
+        self.transport = open_transport(self.spec, self.actors, timeout_s=CONNECT_TIMEOUT_S)
 
     def configure(self, lr: float, states: list) -> None:
         """Give every stage its initial state (a new run's weights) at learning rate `lr`."""
         configured = [a.configure.remote(i, lr, states[i]) for i, a in enumerate(self.actors)]
-        ray.get(configured, timeout=SAVE_TIMEOUT_S)
+        ray.get(configured, timeout=CONFIGURE_TIMEOUT_S)
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Every stage takes its shard of `checkpoint` (weights, Adam, lr); the recovery norms and the step the
@@ -82,7 +82,7 @@ class StageGroup:
             a.configure.remote(i, None, shard)
             for i, (a, shard) in enumerate(zip(self.actors, checkpoint.shards))
         ]
-        ray.get(configured, timeout=SAVE_TIMEOUT_S)
+        ray.get(configured, timeout=CONFIGURE_TIMEOUT_S)
         if checkpoint.metadata.get("grad_norms"):
             self.grad_norms = [dict(n) for n in checkpoint.metadata["grad_norms"]]
         self.state_step = checkpoint.step

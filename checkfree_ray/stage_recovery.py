@@ -27,8 +27,8 @@ from checkfree_ray.recovery_rules import (
     reinitialised_blocks,
     weighing_norm,
 )
-from checkfree_ray.saving import SAVE_TIMEOUT_S
 from checkfree_ray.stage_group import StageGroup
+from checkfree_ray.timeouts import SAVE_TIMEOUT_S
 from schemas.errors import RecoveryError
 from schemas.train_result import FailureRecord
 

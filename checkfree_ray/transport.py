@@ -25,14 +25,14 @@ from collections.abc import Sequence
 
 import ray
 
-from checkfree_ray.liveness import PING_TIMEOUT_S, StageLost, unanswering
+from checkfree_ray.liveness import StageLost, unanswering
+from checkfree_ray.timeouts import GROUP_TIMEOUT_S, PING_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 OBJECT_STORE, NCCL, GLOO = "object_store", "nccl", "gloo"
 DIRECT = (NCCL, GLOO)
 # 'auto' uses NCCL only where a lost stage costs the whole model anyway (see the module docstring).
 NCCL_AUTO_STRATEGIES = ("none", "checkpoint")
-GROUP_TIMEOUT_S = 60.0
 
 
 def select_transport(

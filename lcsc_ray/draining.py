@@ -22,11 +22,11 @@ import time
 import ray
 from ray.exceptions import RayActorError
 
-from lcsc_ray.evaluator_slots import HAND_BACK_MARGIN_S, EvaluatorSlots
+from lcsc_ray.evaluator_slots import EvaluatorSlots
+from lcsc_ray.timeouts import DRAIN_POLL_S, HAND_BACK_MARGIN_S
 from rayops.draining import DrainWatcher, alive_node_ids
 
 log = logging.getLogger(__name__)
-DRAIN_POLL_S = 2.0  # seconds between looks at the draining nodes (a spot notice gives about 120 s)
 MAX_TRIES = 2  # replacements of one evaluator slot per notice (a new actor placed on a draining node again)
 
 

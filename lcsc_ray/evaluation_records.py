@@ -7,7 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-FIRST_TIMEOUT_S = 900.0  # the first evaluation, before any is timed (the timed ones set the default timeout)
+from lcsc_ray.timeouts import FIRST_TIMEOUT_S
+
 TIMEOUT_FACTOR, TIMEOUT_FLOOR_S = 5.0, 60.0
 # a continued evaluation's FID at infinite samples, its fit (slope c, the (n, FID_n) points) and the samples it
 # drew (its increment over the stored blocks it continued)

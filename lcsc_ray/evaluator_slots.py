@@ -41,15 +41,12 @@ from lcsc_ray.pool_sizing import (
     loss_kind,
     start_decision,
 )
+from lcsc_ray.timeouts import NODE_LOSS_WAIT_S, READY_TIMEOUT_S, START_GRACE_S
 from rayops.draining import actor_placed, actor_placement, node_liveness
 from schemas.errors import LcscCheckfreeError
 from schemas.search import SearchSpec
 
 log = logging.getLogger(__name__)
-READY_TIMEOUT_S = 300.0  # an evaluator actor must be constructed (process, model, sampler) within this
-START_GRACE_S = 30.0  # past this, the pool starts with the evaluators constructed (at least `min_actors`)
-NODE_LOSS_WAIT_S = 90.0  # a killed node is declared dead by the GCS's health checks within this
-HAND_BACK_MARGIN_S = 5.0  # a drained evaluator hands its candidate back this long before the deadline
 
 
 def on_node(node: str | None) -> str:

@@ -26,11 +26,11 @@ import torch
 from lcsc_ray.combine import accumulate, combine_flat, is_float_dtype
 from lcsc_ray.layout import STORAGE_DTYPES, Layout, as_tensor
 from lcsc_ray.placement_files import local_file
+from lcsc_ray.timeouts import FETCH_TIMEOUT_S
 from schemas.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 HEADROOM = 0.9  # the share of an object store a set may take (samples, statistics and Tune need the rest)
-FETCH_TIMEOUT_S = 600.0  # bound on fetching weights from the object store (a node holding them may be gone)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lcsc_ray.combine import check_non_float_equal, combine_flat
 from lcsc_ray.layout import Layout, as_tensor
-from lcsc_ray.placement import FETCH_TIMEOUT_S, Weights
+from lcsc_ray.placement import Weights
 from lcsc_ray.placement_files import local_file, read_flat
+from lcsc_ray.timeouts import FETCH_TIMEOUT_S
 
 TASK_RETRIES = (
     5  # a combination or shard task lost with its node runs again (its inputs rebuilt from lineage)

@@ -63,11 +63,12 @@ from lcsc_ray.evaluation_records import (
 )
 from lcsc_ray.evaluation_store import EvaluationStore
 from lcsc_ray.evaluator import chunk_sizes, merge_blocks, tree_blocks
-from lcsc_ray.evaluator_slots import READY_TIMEOUT_S, EvaluatorPoolError, EvaluatorSlots, on_node
+from lcsc_ray.evaluator_slots import EvaluatorPoolError, EvaluatorSlots, on_node
 from lcsc_ray.fid import FIDStats, fid_from_stats
 from lcsc_ray.fid_extrapolation import block_bounds, fit_fid_inf, fit_points, merged
 from lcsc_ray.healing import heal_beside
 from lcsc_ray.pool_sizing import CRASHED, NODE_LOST, concurrency
+from lcsc_ray.timeouts import READY_TIMEOUT_S
 from rayops import storage
 from rayops.progress import ProgressLine
 from rayops.resources import check_placeable

@@ -6,7 +6,8 @@ post-hoc EMA:   (with `posthoc_ema`) power-EMA snapshots join the object store; 
                 a seed
 phase "seeds":  last, post-hoc EMA, EMA-shaped and uniform vectors, as Tune trials (points_to_evaluate);
                 a seed whose trial errored is evaluated once more ("seeds-retry") and that attempt kept
-phase "search": Nevergrad (via Tune's NevergradSearch) started at the best seed, for the rest of the budget
+phase "search": Nevergrad (through our Tune searcher, `tuning.ReplaySearcher`) started at the best seed, for the
+                rest of the budget
 rungs:          optional: asynchronous (ASHA, `search.eta`, inside the trials) or successive halving after the
                 search phase; a promotion continues the candidate's stored chunk statistics
 final:          winner, top-k and baselines scored at one sample count on the search seed + held-out seeds

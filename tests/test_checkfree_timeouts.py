@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import ray
 
-from checkfree_ray.executor import FIRST_STEP_TIMEOUT_S, PipelineExecutor
+from checkfree_ray.executor import PipelineExecutor
 from checkfree_ray.stage import StageActor
+from checkfree_ray.timeouts import FIRST_STEP_TIMEOUT_S
 from schemas.errors import RecoveryError
 from tests.test_checkfree_engine import run_steps, tiny_spec
 
