@@ -83,7 +83,9 @@ def test_sharded_search_past_one_node_survives_a_lost_node(tmp_path):
     # the workers hold shards only (no CPUs: every actor and trial runs on the head, which is never lost)
     with local_cluster([0, 0], head_cpus=2, log_dir=tmp_path, head_object_store=STORE) as cluster:
         node = _spec(tmp_path, numel, "node")
-        node = node.model_copy(update={"output": node.output.model_copy(update={"uri": str(tmp_path / "node")})})
+        node = node.model_copy(
+            update={"output": node.output.model_copy(update={"uri": str(tmp_path / "node")})}
+        )
         refused = _search(cluster, node, tmp_path, "node")
         assert refused.wait(timeout=300) != 0
         assert "checkpoints.placement: sharded" in (tmp_path / "node.log").read_text()
