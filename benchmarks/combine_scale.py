@@ -8,7 +8,8 @@ the actor itself excluded), the object-store bytes the set takes, and the throug
 read + one float32 model written, per second) as a fraction of this machine's measured memory-copy bandwidth;
 for `stream` also against the file read bandwidth measured on the same files (page cache warm: this machine's
 files sit in memory, so the disk is not what is measured). All nodes are this one machine: `sharded` runs its
-3 shards on one local node, which measures the mechanism (tasks, transfers, gather), not a network.
+3 shards on one local node (4 logical CPUs, so that a worker per shard stays alive as on 3 nodes),
+which measures the mechanism (tasks, transfers, gather), not a network.
 
     .venv/bin/python benchmarks/combine_scale.py [--sizes 5000000 25000000] [--quick]
 
@@ -146,7 +147,9 @@ def main() -> None:
     started = time.monotonic()
     memcpy = memcpy_bandwidth()
     rows = []
-    with local_ray(num_cpus=2):
+    # 4 logical CPUs: the combining actor plus one worker per shard stay alive between combinations (with fewer,
+    # Ray ends the idle workers past its soft limit and starts a fresh one, with its imports, for every round)
+    with local_ray(num_cpus=4):
         import ray
 
         node_id = ray.get_runtime_context().get_node_id()
