@@ -110,12 +110,13 @@ def hand_off(
         )  # the old stage finishes writing its shard of the save first
     old = group.actors[stage]
     wait_s = group.step_timeout() if wait_s is None else wait_s
-    # Only a standby already up is worth taking: one still starting may wait for a node, or sit in a bundle on the
-    # draining node itself; a new actor in a bundle of its own is placed off the draining nodes at once.
-    actor, warm = group.pool.take(avoid_nodes=avoid_nodes, own_bundle=True, wait_s=0.0)
+    deadline = time.monotonic() + wait_s
+    # A standby still starting gets half the time: it may be waiting for a node, or sit in a bundle on the draining
+    # node itself; then a new actor in a bundle of its own, placed off the draining nodes, gets the rest.
+    actor, warm = group.pool.take(avoid_nodes=avoid_nodes, own_bundle=True, wait_s=wait_s / 2)
     try:
         try:
-            info = ray.get(actor.ping.remote(), timeout=wait_s)
+            info = ray.get(actor.ping.remote(), timeout=max(0.0, deadline - time.monotonic()))
         except ray.exceptions.GetTimeoutError:
             raise HandoffFailed(
                 f"no node off the draining ones took a new actor within {wait_s:.0f}s"
