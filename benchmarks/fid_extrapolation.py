@@ -139,6 +139,15 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def setup_note() -> str:
+    """Which DDPM run the checkpoints come from (its training steps, from its summary.json)."""
+    import json
+
+    summary = setup.DDPM_DIR / "summary.json"
+    steps = json.loads(summary.read_text()).get("steps") if summary.exists() else None
+    return f"Checkpoints: {setup.display_path(setup.DDPM_DIR)}, a DDPM run of {steps} training steps."
+
+
 def notes(summary: list[dict]) -> list[str]:
     """Observations computed from the summary (intervals over (vector, seed) pairs)."""
     out = []
@@ -151,6 +160,7 @@ def notes(summary: list[dict]) -> list[str]:
             f"[{inf['low']:+.2f}, {inf['high']:+.2f}] vs {raw['mean']:+.2f} [{raw['low']:+.2f}, {raw['high']:+.2f}]), "
             f"at a seed-to-seed sd of {t['inf_sd_over_seeds_mean']:.2f} vs {t['raw_sd_over_seeds_mean']:.2f}."
         )
+    out.append(setup_note())
     return out
 
 

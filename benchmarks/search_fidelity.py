@@ -140,6 +140,15 @@ def goal_met(t: dict) -> bool:
     )
 
 
+def setup_note() -> str:
+    """Which DDPM run the checkpoints come from (its training steps, from its summary.json)."""
+    import json
+
+    summary = setup.DDPM_DIR / "summary.json"
+    steps = json.loads(summary.read_text()).get("steps") if summary.exists() else None
+    return f"Checkpoints: {setup.display_path(setup.DDPM_DIR)}, a DDPM run of {steps} training steps."
+
+
 def notes(table: list[dict]) -> list[str]:
     """Observations computed from the table."""
     out = []
@@ -162,6 +171,7 @@ def notes(table: list[dict]) -> list[str]:
     if schedules and not any(goal_met(t) for t in schedules):
         out.append("No schedule met the goal (see each row's cost and interval above).")
     out.append(WHY_OWN_LOOP)
+    out.append(setup_note())
     out.append(
         "search samples = samples drawn for the candidates' screening and promotions (trials.parquet "
         "`samples_spent`: a continued promotion counts only the samples it adds), counted even where an earlier "
