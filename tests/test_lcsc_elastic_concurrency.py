@@ -61,7 +61,9 @@ def test_trials_in_flight_follow_the_live_pool_and_proposals_do_not_change():
     elastic_searcher = _searcher(limit)
     elastic, most = _drive(elastic_searcher, live)
     assert np.allclose(elastic, fixed, rtol=0, atol=0)  # the same proposals, in the same order
-    assert most == WORKERS and 1 in in_flight  # one at a time while the pool was small, all again once it grew
+    assert (
+        most == WORKERS and 1 in in_flight
+    )  # one at a time while the pool was small, all again once it grew
 
 
 def test_a_limit_of_one_keeps_one_trial_in_flight():
