@@ -192,7 +192,7 @@ def compare(seed: int, spot: dict, twin: dict) -> dict:
     timeline = spot.pop("timeline", {})
     twin.pop("timeline", None)
     node_s = worker_node_seconds(timeline, spot["wall_s"])
-    twin_node_s = EVALUATORS * twin["wall_s"]
+    twin_node_s = EVALUATORS * twin["wall_s"] if "wall_s" in twin else 0.0
     return {
         "seed": seed,
         "budget_kept": bool(spot.get("budget_kept")),
@@ -202,7 +202,7 @@ def compare(seed: int, spot: dict, twin: dict) -> dict:
         ),
         "whole_again_s": whole_again_s(timeline),
         "worker_node_s": node_s,
-        "twin_worker_node_s": round(twin_node_s, 1),
+        "twin_worker_node_s": round(twin_node_s, 1) if twin_node_s else None,
         "node_s_vs_twin": round(node_s / twin_node_s, 3) if twin_node_s else None,
         "spot": spot,
         "twin": twin,
@@ -230,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seed, args.seed + runs):
         with tempfile.TemporaryDirectory(prefix="spot-rehearsal-") as tmp:
             spot = spot_run(seed, args, Path(tmp) / "spot")
-            twin = twin_run(seed, args, Path(tmp) / "twin")
+            try:
+                twin = twin_run(seed, args, Path(tmp) / "twin")
+            except Exception as exc:  # noqa: BLE001 - a twin whose cluster did not start: recorded, the run kept
+                twin = {"job_status": "NOT_RUN", "error": f"{type(exc).__name__}: {exc}"}
         rows.append(compare(seed, spot, twin))
         print(
             f"seed {seed}: budget kept {rows[-1]['budget_kept']}, same winner {rows[-1]['same_winner_as_twin']}, "

@@ -50,7 +50,8 @@ async def replace_draining(
     doomed = [
         index
         for index, node in enumerate(nodes)
-        if node in draining and slots.drain_tries.get((index, node), 0) < MAX_TRIES
+        # a live evaluator only: one still waiting for room has no candidate and is not placed yet
+        if index in slots.live and node in draining and slots.drain_tries.get((index, node), 0) < MAX_TRIES
     ]
     if not doomed:
         return []
@@ -73,7 +74,7 @@ async def _replace_one(slots: EvaluatorSlots, index: int, node: str, deadline_ms
     hand_back_s = deadline_ms / 1000 - time.time() - HAND_BACK_MARGIN_S if deadline_ms else None
     try:
         replaced = await slots.replace(
-            index, f"its node {node[:12]} drains", planned=True, hand_back_s=hand_back_s
+            index, f"its node {node} drains", planned=True, hand_back_s=hand_back_s
         )
     except (asyncio.TimeoutError, RayActorError) as exc:
         log.warning(
@@ -84,7 +85,7 @@ async def _replace_one(slots: EvaluatorSlots, index: int, node: str, deadline_ms
         log.warning(
             "evaluator %d's node %s drains: replaced by a new evaluator before the node goes",
             index,
-            node[:12],
+            node,
         )
     return replaced
 

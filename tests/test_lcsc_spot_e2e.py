@@ -98,7 +98,7 @@ def test_a_search_on_the_spot_cluster_rides_out_a_reclaim_and_a_drain(spot_clust
     trials = pd.read_parquet(tmp_path / "trials.parquet")
     search = trials[trials.rung == 0]
     assert len(search) == BUDGET and (search.status == "ok").all()
-    assert len({tuple(a) for a in search.alphas}) == BUDGET
+    assert len({tuple(a) for a in search.coefficients}) == BUDGET
     # both events were routine: the reclaimed evaluator was lost with its node, and no replacement counted against
     # `max_replacements` names either node (a crowded machine may crash an evaluator on its own: that one counts)
     lines = logs.splitlines()
