@@ -49,6 +49,7 @@ def summary_row(
         "holdout_num_samples": 1000,
         "num_evaluations": 150,
         "search_samples": samples,
+        "samples_spent": samples,  # search_fidelity.py's rows: the samples each candidate drew, continued or not
         "total_samples": samples,
         "wall_s": 1.0,
         "gain_found": False,
