@@ -21,8 +21,10 @@ from checkfree_ray.lr_schedule import scheduled_lr
 from checkfree_ray.mfu import device_peak_flops, mfu
 from checkfree_ray.plots import loss_vs_time_png
 from checkfree_ray.run_identity import RunIdentity, open_run, write_run_record
+from checkfree_ray.training_timeline import TIMELINE_FILE, start_training_timeline
 from rayops import storage
 from rayops.artifacts import write_artifact
+from rayops.cluster_timeline import timeline_png
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
 from schemas.errors import RecoveryError, StorageError
@@ -209,15 +211,20 @@ def _metrics_parquet(result: TrainResult) -> bytes:
 
 
 def write_result(result: TrainResult, uri: str) -> TrainResult:
-    """Write result.json, metrics.parquet and loss_vs_time.png under `uri` (manifest last)."""
-    names = ("result.json", "metrics.parquet", "loss_vs_time.png")
+    """Write result.json, metrics.parquet and loss_vs_time.png (and cluster_timeline.png when the cluster's
+    nodes changed) under `uri` (manifest last)."""
+    names = ["result.json", "metrics.parquet", "loss_vs_time.png"]
+    if result.cluster_timeline is not None:
+        names.append(TIMELINE_FILE)
     result.files = {name: storage.join(uri, name) for name in names}
     result.files["hf"] = storage.join(uri, "hf")  # the trained model, written by `export_model`
     files = {
         "metrics.parquet": _metrics_parquet(result),
         "loss_vs_time.png": loss_vs_time_png(result),
-        "result.json": result.model_dump_json(indent=2).encode(),
     }
+    if result.cluster_timeline is not None:
+        files[TIMELINE_FILE] = timeline_png(result.cluster_timeline, f"{result.spec.name}: cluster timeline")
+    files["result.json"] = result.model_dump_json(indent=2).encode()
     write_artifact(uri, files, metadata={"kind": "train_result", "name": result.spec.name})
     return result
 
@@ -248,6 +255,7 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
     with ray_session(spec.ray):
         executor = PipelineExecutor(spec, checkpoint_uri=checkpoint_uri, run=run)
         resume = _resume_point(executor) if run.resumed else None
+        timeline = start_training_timeline(executor)  # nodes, stages alive and steps done, against time
         try:
             executor.start(resume)
             line = ProgressLine(f"train[{spec.recovery.strategy}]", total=spec.steps) if progress else None
@@ -259,8 +267,10 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
             export_model(executor, storage.join(spec.output.uri, "hf"))
         finally:
             executor.shutdown()
+            timeline.stop()
     before_resume = ((resume.history or {}).get("wall_times") or [0.0])[-1] if resume is not None else 0.0
     result = build_result(executor, time.monotonic() - started + before_resume, peak_flops)
+    result.cluster_timeline = timeline.section()  # None on a cluster whose nodes did not change
     result = write_result(result, spec.output.uri)
     write_run_record(spec, run, status="finished")
     return result

@@ -124,6 +124,12 @@ class TrainResult(StrictModel):
         "'drain_notice' (its node drains; `deadline`), 'handoff' (moved off the draining node `from_node_id`, "
         "`before_deadline_s` to spare) and 'handoff_failed' (reason).",
     )
+    cluster_timeline: dict | None = Field(
+        default=None,
+        description="Present when the cluster's nodes changed during the run: node joins, leaves (with their "
+        "reason) and drains, and the stages alive and steps done, against seconds since the run started "
+        "(rayops/cluster_timeline.py); drawn as cluster_timeline.png.",
+    )
     wall_time_s: float = Field(description="Wall-clock seconds of the run.")
     files: dict[str, str] = Field(default_factory=dict, description="Artifact name -> URI.")
     run_id: str | None = Field(default=None, description="Identity of the run (kept across resumes).")

@@ -50,6 +50,8 @@ def test_run_training_writes_result_plot_and_metrics(ray_local, tmp_path):
     assert stored.failures == result.failures
     assert (tmp_path / "run" / "loss_vs_time.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "run" / "MANIFEST.json").exists() and (tmp_path / "run" / "metrics.parquet").exists()
+    # a killed stage on a cluster whose nodes did not change: no cluster timeline
+    assert result.cluster_timeline is None and not (tmp_path / "run" / "cluster_timeline.png").exists()
 
 
 def test_cli_train_reports_bad_spec(tmp_path):

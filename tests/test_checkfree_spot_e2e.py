@@ -199,6 +199,12 @@ def test_checkfree_job_on_spot_nodes_survives_a_reclaim_and_a_drain(spot_cluster
     methods = {(f.method, f.reason) for f in result.failures}
     assert ("handoff", "drain") in methods and methods & {("copy", "died"), ("checkfree", "died")}, methods
     assert [e["kind"] for e in injector.timeline()] == [RECLAIM, DRAIN, TERMINATE]
+    # The run's cluster timeline saw the reclaimed node leave and the drain, and drew them.
+    timeline = result.cluster_timeline
+    assert timeline is not None and (out / "cluster_timeline.png").exists()
+    seen = {(e["kind"], e["node_id"]) for e in timeline["events"]}
+    assert ("leave", reclaimed.node_id) in seen and ("drain", drained.node_id) in seen, timeline["events"]
+    assert timeline["workers_label"] == "stages alive" and timeline["samples"][-1]["done"] == STEPS
 
     # Nothing leaked, and idle, the cluster shrinks back to its head.
     wait_until(lambda: not _stage_actors(dashboard), 120, "no stage actor left alive")
