@@ -161,7 +161,14 @@ def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
             )
     out.append("")
     out.append("### Trend with width")
-    points = [(r["d_model"], learning_point(r), r["residual_norms"][0]["stream_rms"]) for r in results]
+    points = [
+        (
+            f"{r['d_model']} at {r['tokens_per_param']:g}",
+            learning_point(r),
+            r["residual_norms"][0]["stream_rms"],
+        )
+        for r in results
+    ]
     out.append(
         "- Where each width stopped (same tokens per parameter, constant lr): "
         + "; ".join(
