@@ -72,11 +72,14 @@ def _verdict(d: dict, better: str = "weighted") -> str:
 
 
 def learning_point(res: dict) -> dict:
-    """Where training stopped: validation loss and its relative fall over the last 100 steps."""
+    """Where training stopped: validation loss and its relative fall per 100 steps, over the last 100 or more
+    steps (from the latest validation at least 100 steps before the end)."""
     steps, losses = res["plateau"]["val_steps"], res["plateau"]["val_losses"]
-    fall = (
-        (losses[-2] - losses[-1]) / losses[-2] / ((steps[-1] - steps[-2]) / 100) if len(losses) > 1 else None
-    )
+    earlier = [i for i, s in enumerate(steps) if s <= steps[-1] - 100]
+    fall = None
+    if earlier:
+        i = earlier[-1]
+        fall = (losses[i] - losses[-1]) / losses[i] / ((steps[-1] - steps[i]) / 100)
     return {"step": steps[-1], "val_loss": losses[-1], "fall_per_100_steps": fall}
 
 
@@ -161,7 +164,14 @@ def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
             )
     out.append("")
     out.append("### Trend with width")
-    points = [(r["d_model"], learning_point(r), r["residual_norms"][0]["stream_rms"]) for r in results]
+    points = [
+        (
+            f"{r['d_model']} at {r['tokens_per_param']:g}",
+            learning_point(r),
+            r["residual_norms"][0]["stream_rms"],
+        )
+        for r in results
+    ]
     out.append(
         "- Where each width stopped (same tokens per parameter, constant lr): "
         + "; ".join(
