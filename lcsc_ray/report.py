@@ -165,8 +165,9 @@ def format_table(result: SearchResult) -> str:
     title = (
         f"LCSC search '{result.spec.name}': {len(result.checkpoint_names)} checkpoints, "
         f"{result.num_evaluations} evaluations ({result.num_failed} failed), "
-        f"{result.search_samples:,} samples spent on them, "
-        f"{result.best.num_samples} samples per score, {result.wall_time_s:.0f} s"
+        # a result stored before samples were counted has none on record: say nothing rather than 0
+        + (f"{result.search_samples:,} samples spent on them, " if result.search_samples else "")
+        + f"{result.best.num_samples} samples per score, {result.wall_time_s:.0f} s"
     )
     lines = [title, header, "-" * len(header)]
     comparisons = {c.baseline: c for c in result.comparisons}
