@@ -33,6 +33,11 @@ def _workers_up(gcs: str, count: int):
     return workers if len(workers) >= count else None
 
 
+# `extended` (`make test-extended`): the cluster on its own, with plain tasks. Its scale-up on pending demand, a
+# reclaim, a PREEMPTION drain and the shrink back to the head are checked under real jobs by
+# tests/test_lcsc_spot_e2e.py and tests/test_checkfree_spot_e2e.py (same shared cluster), its config and labels by
+# tests/test_spot_cluster_config.py, its events by tests/test_spot_cluster_events.py.
+@pytest.mark.extended
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_spot_cluster_scales_survives_reclaim_and_drain_and_shrinks(spot_cluster, tmp_path):
