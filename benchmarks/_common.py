@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,36 @@ def machine_info(**extra) -> dict:
         **versions,
         **extra,
     }
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with '+dirty' when benchmarks/ or the packages have uncommitted edits
+    ('unknown' outside a git checkout): the code a result was measured with."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--",
+                "benchmarks",
+                "lcsc_ray",
+                "checkfree_ray",
+                "rayops",
+                "schemas",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def write_json(path: Path, payload: dict) -> Path:

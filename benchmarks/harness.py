@@ -11,7 +11,7 @@ for every benchmark:
 - **CLI** (`parser`): `--quick` (its own small seeds and sizes, written under outputs/bench/quick/, never over a
   full result), `--seeds`, `--fresh` (ignore cached rows).
 - **Record** (`run_record`): the machine (cores, load, CPU steal, versions; `_common.machine_info`), the commit
-  and whether the tree was dirty, the command line, start and end times.
+  (`+dirty` when the code had edits), the command line, start and end times.
 - **Seeds and order**: every config is measured on every seed, interleaved (seed-major: all configs on seed 0,
   then seed 1, ...), so that load from other processes on shared cores hits all configs alike.
 - **Resume**: each finished row is appended to `outputs/bench/rows/<name>.rows.jsonl` as it is measured; a killed benchmark
@@ -24,14 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import QUICK_RESULTS, RESULTS, ROOT, machine_info, markdown_table, write_json, write_markdown
+from _common import (
+    QUICK_RESULTS,
+    RESULTS,
+    ROOT,
+    git_commit,
+    machine_info,
+    markdown_table,
+    write_json,
+    write_markdown,
+)
 
 from rayops.paired import Better, paired_difference
 
@@ -79,30 +87,11 @@ def results_dir(args: argparse.Namespace) -> Path:
     return QUICK_RESULTS if args.quick else RESULTS
 
 
-def git_commit() -> dict:
-    """The checked-out commit and whether the tree had changes (a result names the code that produced it)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
-        return {"commit": commit, "dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
 def run_record(args: argparse.Namespace | None = None, **extra) -> dict:
     """The machine, the commit, the command line and the time: what every result JSON starts with."""
     return {
         "machine": machine_info(**extra),
-        "code": git_commit(),
+        "code": {"commit": git_commit()},
         "argv": sys.argv,
         "quick": bool(getattr(args, "quick", False)),
         "started_unix": time.time(),
@@ -271,7 +260,7 @@ def finish(
     sections.append(
         (
             "Run",
-            f"commit {code.get('commit')} (dirty: {code.get('dirty')}), {len(rows)} rows, `{' '.join(record.get('argv', []))}`",
+            f"commit {code.get('commit')}, {len(rows)} rows, `{' '.join(record.get('argv', []))}`",
         )
     )
     if paired or notes:

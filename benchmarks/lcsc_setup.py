@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -334,29 +333,10 @@ class LocalRay:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def git_commit() -> str:
-    """The repository's HEAD commit, with '+dirty' when benchmarks/ or the packages have uncommitted edits."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "benchmarks", "lcsc_ray", "rayops", "schemas"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def machine_info(**extra) -> dict:
     """The shared machine description plus the evaluator layout and the commit the benchmark ran at."""
     return _common.machine_info(
-        torch_threads_per_evaluator=1, evaluator_actors=2, git_commit=git_commit(), **extra
+        torch_threads_per_evaluator=1, evaluator_actors=2, git_commit=_common.git_commit(), **extra
     )
 
 

@@ -29,11 +29,7 @@ def loss_vs_time_png(result: TrainResult) -> bytes:
     ax.set_ylabel("loss (nats / byte)")
     ax.set_title(f"{result.spec.name}: {result.spec.recovery.strategy}, {len(result.failures)} failure(s)")
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def loss_vs_step_with_twin_png(result: TrainResult, twin: TrainResult) -> bytes:
@@ -52,6 +48,11 @@ def loss_vs_step_with_twin_png(result: TrainResult, twin: TrainResult) -> bytes:
     ax.set_ylabel("loss (nats / byte)")
     ax.set_title(f"{result.spec.name}: {result.spec.recovery.strategy} against the same run without failures")
     ax.legend()
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (laid out tightly), closed after."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -218,11 +218,11 @@ class PoolService:
         )
         return blocks if len(blocks) > 1 else []
 
-    async def _evaluate_split(self, job: Job, blocks: list[tuple[int, int]]) -> dict:
-        """One job as blocks of chunks on several evaluators at once; their statistics merged exactly."""
-        self.split_jobs += 1
-        start = time.perf_counter()
-        sizes = chunk_sizes(job.num_samples, self.spec.evaluators.batch_size)
+    async def _score_blocks(
+        self, job: Job, blocks: list[tuple[int, int]], sizes: list[int]
+    ) -> tuple[list, dict | None]:
+        """Score each block [lo, hi) of the job's chunks on an evaluator, all at once: (outcomes, None), or
+        (outcomes, the job's failed record) when one raised or was lost past its retries."""
         alphas = None if job.alphas is None else list(job.alphas)
 
         def submit(lo: int, hi: int):
@@ -235,10 +235,20 @@ class PoolService:
         )
         for outcome, value, index, attempt in outcomes:
             if outcome == "error":
-                return await self._failed(job, value, index, attempt)
+                return outcomes, await self._failed(job, value, index, attempt)
         lost = [value for outcome, value, _, _ in outcomes if outcome == "lost"]
         if lost:
-            return evaluation_record(job, math.inf, "failed", "; ".join(lost), attempts=ATTEMPTS)
+            return outcomes, evaluation_record(job, math.inf, "failed", "; ".join(lost), attempts=ATTEMPTS)
+        return outcomes, None
+
+    async def _evaluate_split(self, job: Job, blocks: list[tuple[int, int]]) -> dict:
+        """One job as blocks of chunks on several evaluators at once; their statistics merged exactly."""
+        self.split_jobs += 1
+        start = time.perf_counter()
+        sizes = chunk_sizes(job.num_samples, self.spec.evaluators.batch_size)
+        outcomes, failed = await self._score_blocks(job, blocks, sizes)
+        if failed is not None:
+            return failed
         attempt = max(outcome[3] for outcome in outcomes)
         if any(outcome[1].get("nonfinite") for outcome in outcomes):
             out = {"fid": math.inf, "nonfinite": True}
@@ -263,22 +273,9 @@ class PoolService:
         done = max((hi for _, hi in reused), default=0)
         cuts = [c for c in block_bounds(len(sizes), [lo for lo, _ in reused] + [done]) if c >= done]
         new = list(itertools.pairwise(cuts))
-        alphas = None if job.alphas is None else list(job.alphas)
-
-        def submit(lo: int, hi: int):
-            return lambda actor: actor.evaluate_stats.remote(
-                alphas, job.seed, list(range(lo, hi)), job.num_samples, raise_nonfinite=False
-            )
-
-        outcomes = await asyncio.gather(
-            *(self._on_evaluator(submit(lo, hi), sum(sizes[lo:hi])) for lo, hi in new)
-        )
-        for outcome, value, index, attempt in outcomes:
-            if outcome == "error":
-                return await self._failed(job, value, index, attempt)
-        lost = [value for outcome, value, _, _ in outcomes if outcome == "lost"]
-        if lost:
-            return evaluation_record(job, math.inf, "failed", "; ".join(lost), attempts=ATTEMPTS)
+        outcomes, failed = await self._score_blocks(job, new, sizes)
+        if failed is not None:
+            return failed
         attempt = max((outcome[3] for outcome in outcomes), default=1)
         drawn = sum(sizes[done:])
         timings = {"total_s": time.perf_counter() - start}
