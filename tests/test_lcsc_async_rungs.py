@@ -63,3 +63,7 @@ def test_asha_search_promotes_some_and_stopped_candidates_draw_no_more(tmp_path,
     )
     assert stored["samples_drawn"] == 96
     assert result.best.num_samples == 128
+    # the result's sample count is what was drawn: a continued promotion counts its increment, not its size
+    drawn = [json.loads(path.read_text()) for path in records.glob("*.json")]
+    assert result.total_samples == sum(record["samples_drawn"] for record in drawn)
+    assert result.total_samples < sum(record["num_samples"] for record in drawn)
