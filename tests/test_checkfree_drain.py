@@ -189,7 +189,10 @@ def test_stage_dying_mid_handoff_is_recovered_as_handoff_failed(executor_for):
     assert executor.history.steps == [1, 2, 3, 4]
 
 
+# `extended`: a drained stage handed off before its node is killed is, in `make test`, test_checkfree_spot_e2e.py
+# (on the autoscaling cluster); the hand-off's exactness against the no-notice twin is the fast test above.
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(600)
 def test_drain_node_on_a_local_cluster_hands_off_before_the_node_is_killed():
     """`ray drain-node` (preemption, 30 s deadline) on the node of a stage, the node killed at the deadline: the

@@ -62,7 +62,10 @@ def test_cli_train_reports_bad_spec(tmp_path):
     assert outcome.exit_code == 2 and "n_layers" in outcome.output
 
 
+# `extended`: a training run losing a worker node is, in `make test`, test_checkfree_spot_e2e.py (a reclaim on
+# the autoscaling cluster, every step kept once, nothing leaked).
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(300)
 def test_survives_node_removed_from_multi_node_cluster(tmp_path):
     """A worker node is removed mid-run (its stage processes die with it); all 6 steps still commit."""

@@ -38,7 +38,10 @@ def _finished(out: Path) -> int:
     return len(list((out / "state" / "evaluations").glob("*.json")))
 
 
+# `extended`: a search submitted as a Ray job losing a worker node mid-run is, in `make test`,
+# test_lcsc_spot_e2e.py (a reclaim and a drain on the autoscaling cluster); this variant adds `--working-dir`.
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(600)
 def test_ray_job_submit_search_survives_lost_worker_node(cluster, tmp_path):
     """`ray job submit --working-dir . -- python -m lcsc_ray search` on 3 nodes; a worker node is removed
@@ -101,9 +104,9 @@ def test_ray_job_submit_search_survives_lost_worker_node(cluster, tmp_path):
 
 
 # `extended` (`make test-extended`): a training run losing a worker node mid-run (lost stages rebuilt, every
-# step kept once, each loss recorded, nothing leaked) is test_checkfree_run.py::
-# test_survives_node_removed_from_multi_node_cluster; training submitted as a Ray job to a head that runs it to
-# SUCCEEDED is test_checkfree_sdk.py::test_submit_training_to_local_head.
+# step kept once, each loss recorded, nothing leaked) is, in `make test`, test_checkfree_spot_e2e.py; training
+# submitted as a Ray job to a head that runs it to SUCCEEDED is test_checkfree_sdk.py::
+# test_submit_training_to_local_head.
 @pytest.mark.slow
 @pytest.mark.extended
 @pytest.mark.timeout(600)
