@@ -65,6 +65,10 @@ def test_a_failed_job_asked_again_is_neither_rerun_nor_counted_twice(ray_local, 
         pool.close()
 
 
+# `extended`: a Tune trial's process killed mid-evaluation is one of the seeded events of the chaos run below
+# (`make test`), which checks the same: the exact budget, each evaluation once, the twin's trials.
+@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(300)
 def test_a_killed_trial_process_costs_no_candidate(ray_local, tmp_path):
     """Trial processes SIGKILLed while they wait on an evaluation of the optimiser phase are run again by Tune:

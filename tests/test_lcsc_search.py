@@ -128,6 +128,10 @@ def recorded_evaluations(out: Path) -> dict[str, float]:
 RUNNER = "import sys; from lcsc_ray.sdk import run_search; run_search(sys.argv[1])"
 
 
+# `extended`: a driver SIGKILLed mid-search and run again is one of the seeded events of
+# test_chaos_search.py::test_chaos_run_ends_as_its_uninterrupted_twin (`make test`), which checks the same.
+@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(600)
 def test_search_resumes_after_sigkill_without_rerunning_trials(tmp_path):
     """A driver killed mid-search resumes: finished trials are kept, none re-run, the budget is exact."""
