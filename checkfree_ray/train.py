@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +26,7 @@ from checkfree_ray.training_timeline import TIMELINE_FILE, start_training_timeli
 from rayops import storage
 from rayops.artifacts import write_artifact
 from rayops.cluster_timeline import timeline_png
+from rayops.output_lock import OutputLock
 from rayops.progress import ProgressLine
 from rayops.session import ray_session
 from schemas.errors import RecoveryError, StorageError
@@ -85,10 +87,12 @@ def train_loop(
     progress: ProgressLine | None = None,
     first_step: int = 1,
     peak_flops: float | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> None:
     """Steps `first_step`..`spec.steps` (or until the target validation loss), evaluating every `eval_every` steps
     and after the last one (`_finish`: stages lost after the last commit are recovered first); the progress line
-    follows each step's evaluation."""
+    follows each step's evaluation. `guard` (the output lock's `check`) runs before each step: a run whose lock
+    was lost stops there with the lock's error, and stays resumable from its newest complete checkpoint."""
     spec = executor.spec
     pipe = spec.pipeline
     tokens_per_step = pipe.micro_batches * pipe.micro_batch_size * spec.model.seq_len
@@ -98,6 +102,8 @@ def train_loop(
         "intervals": len(executor.history.checkpoint_intervals),
     }
     while step <= spec.steps:
+        if guard is not None:
+            guard()
         step_done = step
         step = executor.run_step(step)
         value = None
@@ -245,7 +251,15 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
 
     A rerun into an output holding the same spec's run resumes it from its newest complete checkpoint (or
     returns its result when it had finished); a different spec raises `RunConflictError` unless `restart`.
+    One run per output: the output's lock (`rayops.output_lock`) is taken before anything is read or written
+    there, so a second run into a running one's output is refused with the owner's name (`OutputLockedError`).
     """
+    with OutputLock(spec.output.uri, what="training") as lock:
+        return _run_locked(spec, progress, restart, lock.check)
+
+
+def _run_locked(spec: TrainSpec, progress: bool, restart: bool, guard: Callable[[], None]) -> TrainResult:
+    """`run_training` under the output's lock; `guard` raises once the lock is lost."""
     run = open_run(spec, restart=restart)
     if run.finished and (done := _finished_result(spec, run)) is not None:
         log.info("run %s in %s already finished; returning its result", run.run_id, spec.output.uri)
@@ -261,9 +275,14 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
             line = ProgressLine(f"train[{spec.recovery.strategy}]", total=spec.steps) if progress else None
             peak_flops = peak_flops_of(executor)
             train_loop(
-                executor, line, first_step=resume.step + 1 if resume is not None else 1, peak_flops=peak_flops
+                executor,
+                line,
+                first_step=resume.step + 1 if resume is not None else 1,
+                peak_flops=peak_flops,
+                guard=guard,
             )
             executor.finish_checkpoints()
+            guard()
             export_model(executor, storage.join(spec.output.uri, "hf"))
         finally:
             executor.shutdown()
@@ -271,6 +290,7 @@ def run_training(spec: TrainSpec, progress: bool = True, restart: bool = False) 
     before_resume = ((resume.history or {}).get("wall_times") or [0.0])[-1] if resume is not None else 0.0
     result = build_result(executor, time.monotonic() - started + before_resume, peak_flops)
     result.cluster_timeline = timeline.section()  # None on a cluster whose nodes did not change
+    guard()
     result = write_result(result, spec.output.uri)
     write_run_record(spec, run, status="finished")
     return result
