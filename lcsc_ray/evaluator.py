@@ -371,12 +371,15 @@ EvaluatorActor = ray.remote(Evaluator)
 
 
 def evaluator_options(spec: SearchSpec) -> dict:
-    """Ray options of an evaluator actor: its resources, one restart by Ray, no task retries (the pool
-    decides where a lost evaluation runs again)."""
+    """Ray options of an evaluator actor: its resources, no restart by Ray and no task retries.
+
+    A lost evaluator is replaced by the pool's slots (a new actor over the same refs) and the pool decides where
+    a lost evaluation runs again. A restart by Ray would need the constructor's object-store arguments to outlive
+    the actor (Ray warns that such a restart can fail), and would hide a lost node from the pool."""
     return {
         "num_cpus": spec.evaluators.num_cpus,
         "num_gpus": spec.evaluators.num_gpus,
-        "max_restarts": 1,
+        "max_restarts": 0,
         "max_task_retries": 0,
     }
 
@@ -387,7 +390,7 @@ def start_evaluators(
     reference_stats: tuple[np.ndarray, np.ndarray],
     wait_s: float | None = 300.0,
 ) -> list:
-    """Start `spec.evaluators.num_actors` evaluator actors (max_restarts=1, no task retries) sharing the
+    """Start `spec.evaluators.num_actors` evaluator actors (no restarts, no task retries) sharing the
     object-store checkpoints; waits until they are constructed unless wait_s is None."""
     mu_ref, sigma_ref = ray.put(np.asarray(reference_stats[0])), ray.put(np.asarray(reference_stats[1]))
     actors = [

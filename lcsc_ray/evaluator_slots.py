@@ -92,11 +92,7 @@ class EvaluatorSlots:
     # ---------------------------------------------------------------------------------------- actors
     def _new_actor(self):
         shared = self.shared
-        # max_restarts=0: a lost evaluator is replaced by these slots (a new actor over the same refs), never
-        # restarted by Ray; Ray's restart would also need the constructor's object-store arguments to outlive
-        # the actor (Ray warns that such a restart can fail), and would hide a lost node from `loss_of`.
-        options = {**evaluator_options(self.spec), "max_restarts": 0}
-        return EvaluatorActor.options(**options).remote(
+        return EvaluatorActor.options(**evaluator_options(self.spec)).remote(
             self.spec, shared["weights"], None, shared["mu"], shared["sigma"]
         )
 
