@@ -55,7 +55,9 @@ TENSOR = 1_000_000  # values per tensor in the benchmark's checkpoints
 MODES = ("node", "sharded", "stream")
 MEMORY_MARGIN = 3 << 30  # bytes of available memory a placement leaves to the other work on this machine
 SHARE_STORE = 256 << 20  # object store per node in the shares measurement
-SHARE_PARAMS = 15_000_000  # 12 x 60 MB = 720 MB (687 MiB): about 3x one node's store, within the 3 nodes'
+# 12 x 60 MB = 720 MB (687 MiB, 2.7x one node's store: each node's share fills 89% of it, past Ray's 80% spilling
+# threshold) and 12 x 44 MB = 528 MB (2x one node's store, each share 66% of it)
+SHARE_PARAMS = (15_000_000, 11_000_000)
 
 
 def memcpy_bandwidth() -> float:
@@ -238,8 +240,8 @@ def measure_mode(
     }
 
 
-def measure_shares(memcpy: float) -> dict:
-    """The shares measurement on a 3-node cluster (see the module docstring)."""
+def measure_shares(numel: int, memcpy: float) -> dict:
+    """The shares measurement on a 3-node cluster for a set of K x `numel` float32 values (module docstring)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -249,7 +251,7 @@ def measure_shares(memcpy: float) -> dict:
     from schemas.search import CheckpointSetSpec
 
     files = SetFiles()
-    directory, _ = files.of(SHARE_PARAMS)
+    directory, _ = files.of(numel)
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 4, "object_store_memory": SHARE_STORE}
     )
@@ -283,7 +285,7 @@ def measure_shares(memcpy: float) -> dict:
         held = set_locations([ref for column in placed.shards for ref in column])
         final = object_store_use()
         ray.kill(combiner)
-        set_bytes = K * SHARE_PARAMS * 4
+        set_bytes = K * numel * 4
         nodes = {
             node: {
                 "peak_used": peaks.get(node, 0),
@@ -296,7 +298,7 @@ def measure_shares(memcpy: float) -> dict:
             for node in final
         }
         return {
-            "params": SHARE_PARAMS,
+            "params": numel,
             "k": K,
             "set_bytes": set_bytes,
             "nodes": 3,
@@ -306,8 +308,8 @@ def measure_shares(memcpy: float) -> dict:
             "node_refused": node_refused,
             "per_node": nodes,
             **out,
-            "rss_growth_models": out["peak_rss_growth"] / (4 * SHARE_PARAMS),
-            "memcpy_fraction": (K + 1) * SHARE_PARAMS * 4 / out["seconds"] / memcpy,
+            "rss_growth_models": out["peak_rss_growth"] / (4 * numel),
+            "memcpy_fraction": (K + 1) * numel * 4 / out["seconds"] / memcpy,
         }
     finally:
         ray.shutdown()
@@ -354,7 +356,7 @@ def main() -> None:
             rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=args.fresh)
     finally:
         files.drop()
-    shares = None if args.no_shares or args.quick else measure_shares(memcpy)
+    shares = [] if args.no_shares or args.quick else [measure_shares(n, memcpy) for n in SHARE_PARAMS]
     sweep.extra.update(shares=shares, wall_time_s=time.monotonic() - started)
     harness.finish(
         sweep, args, record, rows, notes=notes(rows, shares), title="Combination cost per placement"
@@ -396,12 +398,16 @@ def notes(rows: list[dict], shares: dict | None) -> list[str]:
                         f"the file read bandwidth measured beside it ({row['file_read_bytes_per_s'] / 1e9:.2f} GB/s; "
                         "goal >= 0.5)"
                     )
-    if shares:
-        worst = max(n["peak_share_of_set"] for n in shares["per_node"].values())
+    for share in shares or []:
+        worst = max(n["peak_share_of_set"] for n in share["per_node"].values())
+        held = max(n["set_bytes_held"] for n in share["per_node"].values()) / share["set_bytes"]
+        spilled = max(n["spilled"] for n in share["per_node"].values())
         lines.append(
-            f"shares: a {shares['set_bytes'] / 2**20:.0f} MiB set on 3 nodes of {shares['store_per_node'] / 2**20:.0f} "
-            f"MiB object store: placed {shares['placement']}; the fullest node's object store peaked at "
-            f"{worst:.2f} of the set during combinations; evaluator RSS +{shares['rss_growth_models']:.2f} models"
+            f"shares: a {share['set_bytes'] / 2**20:.0f} MiB set on 3 nodes of {share['store_per_node'] / 2**20:.0f} "
+            f"MiB object store: placed {share['placement']} (node refused: {share['node_refused'] is not None}); "
+            f"each node holds at most {held:.2f} of the set; the fullest node's object store peaked at {worst:.2f} "
+            f"of the set during combinations, {spilled / 2**20:.0f} MiB spilled to disk; {share['seconds']:.2f} s per "
+            f"combination; evaluator RSS +{share['rss_growth_models']:.2f} models"
         )
     return lines
 
