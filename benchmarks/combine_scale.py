@@ -5,9 +5,10 @@ lives on a 3-node cluster.
 values) are written as safetensors files, placed in each mode and storage dtype, and combined with random
 coefficients by an evaluator-like actor (1 torch thread, its own float32 buffer). Per row: seconds per combination
 (median of ROUNDS after a warm-up), bytes read and moved per combination, the actor's peak RSS and its growth over
-the actor before it held the set (also in models: growth / 4P), the object-store bytes the set takes, and the
-throughput (checkpoint bytes read + one float32 model written, per second) as a fraction of this machine's
-memory-copy bandwidth (measured at start). For `stream`, the files are read (8 MiB blocks, as `cat` would) right
+the actor before it held the set (also in models: growth / 4P; the peak counts the object store's shared memory
+the actor maps, so `anon_growth_models` is the growth of its private memory alone, sampled after each
+combination), the object-store bytes the set takes, and the throughput (checkpoint bytes read + one float32 model
+written, per second) as a fraction of this machine's memory-copy bandwidth (measured at start). For `stream`, the files are read (8 MiB blocks, as `cat` would) right
 before each combination, in the same actor, and `file_read_fraction` is the median over rounds of (file bytes
 combined per second) / (file bytes read per second): a ratio measured side by side, so load from other work on
 the shared cores hits both alike. `page_cache: warm` rows read files the page cache holds (memory speed);
@@ -17,8 +18,8 @@ host may cache it too: `cold` is "not in this machine's memory", not a bare-meta
 on the one node here, so it measures the mechanism (tasks, transfers, gather), not a network. A mode that does not
 fit this machine's free memory beside other work (or that the engine refuses) is a row with `refused` and why.
 
-**Shares** (a real 3-node Ray, `ray.cluster_utils.Cluster`, 256 MiB of object store per node): a set of about
-700 MiB (3x any node's store), placed by `auto` (so: `sharded`; an explicit `node` is refused), combined by the
+**Shares** (a real 3-node Ray, `ray.cluster_utils.Cluster`, 256 MiB of object store per node): sets of 687 MiB
+(2.7x any node's store) and 504 MiB (2x), each placed by `auto` (so: `sharded`; an explicit `node` is refused), combined by the
 actor on the head while each node's object-store use is sampled (the raylets' own statistics,
 `lcsc_ray.placement_usage`); per node: its peak use, the set's bytes it holds (object locations) and its capacity.
 
@@ -122,6 +123,7 @@ def combiner_class():
         def __init__(self, placed):
             torch.set_num_threads(1)
             self.rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.kinds_at_start = rss_kinds()
             self.placed = placed
             self.flat = torch.empty(placed.layout.numel, dtype=torch.float32)
             placed.open(self.flat.device)
@@ -131,6 +133,7 @@ def combiner_class():
             (and with `cold`, both from outside the page cache)."""
             rng = np.random.default_rng(0)
             times, reads, ratios, moved = [], [], [], {}
+            kinds = dict.fromkeys(self.kinds_at_start, 0)
             for index in range(rounds + 1):
                 alphas = list(map(float, rng.uniform(-1, 1, K)))
                 if files:
@@ -142,6 +145,8 @@ def combiner_class():
                 start = time.perf_counter()
                 moved = self.placed.combine_into(self.flat, alphas)
                 elapsed = time.perf_counter() - start
+                for kind, value in rss_kinds().items():
+                    kinds[kind] = max(kinds[kind], value - self.kinds_at_start[kind])
                 if index:
                     times.append(elapsed)
                     if files:
@@ -153,6 +158,7 @@ def combiner_class():
                 **moved,
                 "peak_rss": peak,
                 "peak_rss_growth": peak - self.rss_at_start,
+                **{f"{kind}_growth": value for kind, value in kinds.items()},
             }
             if files:
                 out.update(
@@ -162,6 +168,18 @@ def combiner_class():
             return out
 
     return Combiner
+
+
+def rss_kinds() -> dict[str, int]:
+    """This process's resident memory now, by kind (/proc/self/status): private (anonymous), mapped files, and
+    shared memory (Ray's object store mapped into the process)."""
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return {
+        name: 1024 * int(fields[key].split()[0])
+        for name, key in (("rss_anon", "RssAnon"), ("rss_file", "RssFile"), ("rss_shmem", "RssShmem"))
+    }
 
 
 def available_memory() -> int:
@@ -235,6 +253,7 @@ def measure_mode(
         **out,
         "object_store_bytes": store,
         "rss_growth_models": out["peak_rss_growth"] / (4 * numel),
+        "anon_growth_models": out["rss_anon_growth"] / (4 * numel),
         "memcpy_fraction": traffic / out["seconds"] / memcpy,
         "file_read_fraction": out.get("file_read_fraction"),
     }
@@ -309,6 +328,7 @@ def measure_shares(numel: int, memcpy: float) -> dict:
             "per_node": nodes,
             **out,
             "rss_growth_models": out["peak_rss_growth"] / (4 * numel),
+            "anon_growth_models": out["rss_anon_growth"] / (4 * numel),
             "memcpy_fraction": (K + 1) * numel * 4 / out["seconds"] / memcpy,
         }
     finally:
@@ -369,7 +389,7 @@ def _line(row: dict) -> str:
         return f"{head} refused: {row['refused'][:160]}"
     return (
         f"{head} {row['seconds']:7.3f} s  read {row['read_bytes'] / 1e6:8.1f} MB  moved "
-        f"{row['moved_bytes'] / 1e6:8.1f} MB  RSS +{row['rss_growth_models']:.2f} models  "
+        f"{row['moved_bytes'] / 1e6:8.1f} MB  RSS +{row['rss_growth_models']:.2f} (private +{row['anon_growth_models']:.2f}) models  "
         f"store {row['object_store_bytes'] / 1e6:7.1f} MB  {row['memcpy_fraction']:.2f}x memcpy"
         + (f"  {row['file_read_fraction']:.2f}x file read" if row["file_read_fraction"] is not None else "")
     )
@@ -407,7 +427,8 @@ def notes(rows: list[dict], shares: dict | None) -> list[str]:
             f"MiB object store: placed {share['placement']} (node refused: {share['node_refused'] is not None}); "
             f"each node holds at most {held:.2f} of the set; the fullest node's object store peaked at {worst:.2f} "
             f"of the set during combinations, {spilled / 2**20:.0f} MiB spilled to disk; {share['seconds']:.2f} s per "
-            f"combination; evaluator RSS +{share['rss_growth_models']:.2f} models"
+            f"combination; evaluator peak RSS +{share['rss_growth_models']:.2f} models (private "
+            f"+{share['anon_growth_models']:.2f})"
         )
     return lines
 
