@@ -20,7 +20,8 @@ fit this machine's free memory beside other work (or that the engine refuses) is
 
 **Shares** (a real 3-node Ray, `ray.cluster_utils.Cluster`, 256 MiB of object store per node): sets of 687 MiB
 (2.7x any node's store) and 504 MiB (2x), each placed by `auto` (so: `sharded`; an explicit `node` is refused), combined by the
-actor on the head while each node's object-store use is sampled (the raylets' own statistics,
+actor on the head (worker nodes: 1 CPU, so that Ray keeps a worker alive there for the shard tasks between
+rounds) while each node's object-store use is sampled (the raylets' own statistics,
 `lcsc_ray.placement_usage`); per node: its peak use, the set's bytes it holds (object locations) and its capacity.
 
     .venv/bin/python benchmarks/combine_scale.py [--sizes 25000000 100000000] [--quick] [--fresh]
@@ -263,6 +264,7 @@ def measure_shares(numel: int, memcpy: float) -> dict:
     """The shares measurement on a 3-node cluster for a set of K x `numel` float32 values (module docstring)."""
     import ray
     from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from lcsc_ray.checkpoints import load_checkpoint_set
     from lcsc_ray.placement_usage import object_store_use, set_locations
@@ -275,8 +277,8 @@ def measure_shares(numel: int, memcpy: float) -> dict:
         initialize_head=True, head_node_args={"num_cpus": 4, "object_store_memory": SHARE_STORE}
     )
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=0, object_store_memory=SHARE_STORE)
+        for _ in range(2):  # 1 CPU each: Ray keeps one idle worker there for the shard tasks between rounds
+            cluster.add_node(num_cpus=1, object_store_memory=SHARE_STORE)
         ray.init(address=cluster.address, logging_level="ERROR")
         cluster.wait_for_nodes()
         try:
@@ -297,7 +299,8 @@ def measure_shares(numel: int, memcpy: float) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        combiner = combiner_class().remote(loaded.placed())
+        head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        combiner = combiner_class().options(scheduling_strategy=head).remote(loaded.placed())
         out = ray.get(combiner.run.remote(ROUNDS), timeout=3600)
         stop.set()
         sampler.join()
