@@ -4,8 +4,8 @@ Placement modes (`checkpoints.placement`):
 - `node`: each checkpoint is one flat array `ray.put` once; every evaluator node maps the whole set zero-copy.
 - `sharded` (`placement_sharded`): the flat vector is cut into shards; shard s of every checkpoint lives on one
   node, and a combination is one task per shard there, the evaluator gathering the combined shards.
-- `stream`: nothing in the object store; the evaluator combines tensor by tensor from the memory-mapped
-  safetensors files.
+- `stream` (`placement_stream`): nothing in the object store; the evaluator combines window by window from the
+  memory-mapped safetensors files.
 `auto` picks `node` when the set fits every node's object store, else `sharded` when the cluster's object stores
 hold it, else `stream` (`choose`). Every mode sums the same terms in the same order per element (`accumulate`), so
 the combined weights are the same bit for bit. A `Weights` object is what the driver hands to the evaluators
@@ -15,7 +15,6 @@ evaluator's own buffer and says how many bytes it read and moved.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lcsc_ray.combine import accumulate, combine_flat, is_float_dtype
-from lcsc_ray.layout import STORAGE_DTYPES, Layout, as_tensor
+from lcsc_ray.combine import combine_flat
+from lcsc_ray.layout import Layout, as_tensor
 from lcsc_ray.placement_files import local_file
+from lcsc_ray.placement_stream import combine_files
 from lcsc_ray.timeouts import FETCH_TIMEOUT_S
 from schemas.errors import CheckpointError
 
@@ -136,8 +136,8 @@ def device_sources(arrays: list, device: torch.device) -> list[torch.Tensor]:
 
 @dataclass
 class StreamWeights(Weights):
-    """`stream`: safetensors files, combined tensor by tensor from their memory maps (S3 files cached on disk);
-    at most one tensor of one checkpoint is held beside the output at a time."""
+    """`stream`: safetensors files, combined window by window from their memory maps (S3 files cached on disk,
+    `placement_stream`); about two windows per checkpoint are mapped beside the output at a time."""
 
     uris: list[str]
     key: str | None
@@ -157,39 +157,11 @@ class StreamWeights(Weights):
             self.paths = [local_file(uri, self.field_name) for uri in self.uris]
 
     def combine_into(self, out: torch.Tensor, coefficients: Sequence[float], start: bool = True) -> dict:
-        from safetensors import safe_open
-
         self.open(out.device)
-        layout, dtype = self.layout, STORAGE_DTYPES[self.layout.storage_dtype]
-        prefix = "" if self.key is None else self.key.rstrip(".") + "."
-        read = 0
-        with contextlib.ExitStack() as stack:
-            handles = [stack.enter_context(safe_open(path, framework="pt")) for path in self.paths]
-            for name, shape, kind, offset in zip(layout.names, layout.shapes, layout.dtypes, layout.offsets):
-                numel = int(torch.Size(shape).numel())
-                acc = out[offset : offset + numel]
-                combined = is_float_dtype(kind)
-                for index, (alpha, handle) in enumerate(zip(coefficients, handles)):
-                    if not combined and index < len(handles) - 1:
-                        continue  # integer and bool tensors: copied from the last checkpoint
-                    tensor = self._tensor(handle, prefix + name, index, numel).to(dtype)
-                    read += tensor.numel() * tensor.element_size()
-                    tensor = tensor if tensor.device == acc.device else tensor.to(acc.device)
-                    if combined:
-                        accumulate(acc, tensor, alpha, first=start and index == 0)
-                    else:
-                        acc.copy_(tensor)
-                    del tensor
+        read = combine_files(
+            out, self.paths, self.uris, self.key, self.layout, coefficients, start, self.field_name
+        )
         return {"read_bytes": read, "moved_bytes": read}
-
-    def _tensor(self, handle, name: str, index: int, numel: int) -> torch.Tensor:
-        tensor = handle.get_tensor(name).reshape(-1)
-        if tensor.numel() != numel:
-            raise CheckpointError(
-                f"checkpoint {self.uris[index]}: tensor {name!r} has {tensor.numel()} values, the set's layout "
-                f"{numel}; the file changed after the search started: start it again (`--restart`)"
-            )
-        return tensor
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tests.placement_plugins import write_wide_run
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 8
 STORE = 200_000_000  # object store of each node (the workers' too: tests.multinode)
+SET_BYTES = 4 * 60_000_000
 
 
 def _spec(tmp_path: Path, numel: int, placement: str = "auto") -> SearchSpec:
@@ -69,6 +70,20 @@ def _search(cluster, spec: SearchSpec, tmp_path: Path, name: str) -> subprocess.
     )
 
 
+def _store_use(cluster) -> dict[str, int]:
+    """Bytes in each alive node's object store (shared memory + fallback), from the raylets' own statistics."""
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import ray; "
+        f"ray.init(address='{cluster.gcs_address}', logging_level='ERROR'); "
+        "from lcsc_ray.placement_usage import object_store_use; "
+        "print(json.dumps({n: u['used'] + u['fallback'] for n, u in object_store_use().items()}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, check=True, timeout=120
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _evaluations(out: Path) -> int:
     return len(list((out / "state" / "evaluations").glob("*.json")))
 
@@ -77,7 +92,8 @@ def _evaluations(out: Path) -> int:
 @pytest.mark.timeout(900)
 def test_sharded_search_past_one_node_survives_a_lost_node(tmp_path):
     """auto places a 4 x 60 MB set (more than any node's 200 MB object store) as `sharded`; `node` is refused;
-    a worker node holding shards is killed mid-search and nothing is lost."""
+    mid-search each node's object store holds about its third of the set; a worker node holding shards is killed
+    mid-search and nothing is lost."""
     numel = 15_000_000  # 60 MB per checkpoint
     write_wide_run(tmp_path / "ckpts", num=4, numel=numel)
     # the workers hold shards only (no CPUs: every actor and trial runs on the head, which is never lost)
@@ -91,10 +107,16 @@ def test_sharded_search_past_one_node_survives_a_lost_node(tmp_path):
         assert "checkpoints.placement: sharded" in (tmp_path / "node.log").read_text()
         search = _search(cluster, _spec(tmp_path, numel), tmp_path, "sharded")
         deadline = time.monotonic() + 500
+        use: dict[str, int] = {}
         while _evaluations(tmp_path / "out") < 3 and time.monotonic() < deadline:
             assert search.poll() is None, (tmp_path / "sharded.log").read_text()[-4000:]
+            if not use and _evaluations(tmp_path / "out") >= 1:
+                use = _store_use(cluster)  # mid-search, the set placed: one shard per node
             time.sleep(0.5)
         done_before = _evaluations(tmp_path / "out")
+        use = use or _store_use(cluster)
+        # each node holds about its third of the 240 MB set (plus what is in flight), none all of it
+        assert len(use) == 3 and all(0.2 * SET_BYTES < b < 0.75 * SET_BYTES for b in use.values()), use
         cluster.kill_node(cluster.nodes[2])  # a spot preemption: its shards are gone with it
         returncode = search.wait(timeout=600)
     log = (tmp_path / "sharded.log").read_text()
