@@ -4,9 +4,10 @@ A benchmark declares what it compares and how one measurement is taken; the harn
 for every benchmark:
 
     sweep = Sweep("handoff", configs={"drain": {...}, "kill": {...}}, seeds=[0, 1, 2], measure=measure)
-    rows = run_sweep(sweep)                                     # progress line per row, rows cached on disk
+    record = run_record(args)                                   # machine, commit, command line, start time
+    rows = run_sweep(sweep, results_dir(args))                  # progress line per row, rows cached on disk
     table = paired_table(rows, "seconds", baseline="kill", better="lower")
-    finish(sweep, args, rows, paired=[table], notes=[...])      # JSON (+ Markdown) under benchmarks/results/
+    finish(sweep, args, record, rows, paired=[table])           # JSON (+ Markdown) under benchmarks/results/
 
 - **CLI** (`parser`): `--quick` (its own small seeds and sizes, written under outputs/bench/quick/, never over a
   full result), `--seeds`, `--fresh` (ignore cached rows).
@@ -228,8 +229,10 @@ def finish(
     paired: Sequence[dict] = (),
     notes: Sequence[str] = (),
     title: str | None = None,
+    sections: Sequence[tuple[str, str | list[str]]] = (),
 ) -> Path:
-    """Write `<name>.json` (record, sweep description, rows, paired tables) and, with paired tables or notes,
+    """Write `<name>.json` (record, sweep description, rows, paired tables) and, with paired tables, notes or
+    `sections` (a benchmark's own tables, generated from the rows: (heading, Markdown or bullet list)),
     `<name>.md` generated from them; print the paired tables. Returns the JSON path."""
     out = results_dir(args)
     record = {**record, "finished_unix": time.time()}
@@ -246,9 +249,10 @@ def finish(
         "paired": list(paired),
     }
     path = write_json(out / f"{sweep.name}.json", payload)
-    sections: list[tuple[str, str | list[str]]] = []
+    own, sections = sections, []
     if sweep.describe:
         sections.append(("What is measured", sweep.describe))
+    sections += list(own)
     for table in paired:
         heading = f"{table['metric']} against {table['baseline']} (paired over seeds, 95% interval)"
         sections.append((heading, paired_markdown(table)))
@@ -263,7 +267,7 @@ def finish(
             f"commit {code.get('commit')}, {len(rows)} rows, `{' '.join(record.get('argv', []))}`",
         )
     )
-    if paired or notes:
+    if paired or notes or own:
         write_markdown(out / f"{sweep.name}.md", title or sweep.name, sections)
     print(f"-> {path}")
     return path
