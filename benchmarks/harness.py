@@ -14,7 +14,8 @@ for every benchmark:
 - **Record** (`run_record`): the machine (cores, load, CPU steal, versions; `_common.machine_info`), the commit
   (`+dirty` when the code had edits), the command line, start and end times.
 - **Seeds and order**: every config is measured on every seed, interleaved (seed-major: all configs on seed 0,
-  then seed 1, ...), so that load from other processes on shared cores hits all configs alike.
+  then seed 1, ...), so that load from other processes on shared cores hits all configs alike; with
+  `alternate`, every other seed runs the configs in reverse order.
 - **Resume**: each finished row is appended to `outputs/bench/rows/<name>.rows.jsonl` as it is measured; a killed benchmark
   rerun with the same configs and seeds measures only the rows it lacks.
 - **Paired tables** (`paired_table`): each config against a baseline over the seeds they share, with the 95%
@@ -58,6 +59,8 @@ class Sweep:
     measure: Measure  # (config name, config, seed) -> measured fields (JSON-serialisable)
     describe: str = ""  # one line for the JSON and the notes: what is measured and how
     extra: dict = field(default_factory=dict)  # benchmark-wide facts (sizes, bandwidth reference, ...)
+    # the configs' order reversed on every other seed (A B, B A, ...): no config always runs first in a round
+    alternate: bool = False
 
 
 def parser(description: str, seeds: Sequence[int], quick_seeds: Sequence[int]) -> argparse.ArgumentParser:
@@ -123,7 +126,7 @@ def cached_rows(sweep: Sweep, out: Path) -> dict[tuple[str, int], dict]:
 def run_sweep(
     sweep: Sweep, out: Path, fresh: bool = False, progress: Callable[[str], None] = print
 ) -> list[dict]:
-    """Measure every (config, seed) not yet cached, seed-major; returns all rows in (seed, config) order.
+    """Measure every (config, seed) not yet cached, seed-major; returns all rows in the order measured.
 
     Each row is `{"config", "seed", "seconds_measuring", **measure(...)}`, appended to the rows file as soon as
     it is measured."""
@@ -133,8 +136,9 @@ def run_sweep(
         path.unlink()
     done = cached_rows(sweep, out)
     total, rows = len(sweep.configs) * len(sweep.seeds), []
-    for seed in sweep.seeds:
-        for name, config in sweep.configs.items():
+    for index, seed in enumerate(sweep.seeds):
+        order = list(sweep.configs.items())
+        for name, config in order[::-1] if sweep.alternate and index % 2 else order:
             row = done.get((name, seed))
             if row is None:
                 start = time.perf_counter()

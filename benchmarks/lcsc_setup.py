@@ -1,5 +1,6 @@
-"""What the LCSC benchmarks share: the MNIST runs they search, spec building, one cached search, its summary
-row, paired verdicts, a local Ray, and writing results (JSON and markdown) with the commit they ran at.
+"""What the LCSC studies share: the MNIST runs they search, spec building, one cached search (a study's
+`measure`: `study_search`), its summary row, paired verdicts, a local Ray and the run record; each study is a
+config grid over one harness sweep (`harness.py` writes the results).
 
 Paths come from `_common.ROOT`; nothing here changes the working directory. Importing this module is cheap
 (no torch, no Ray): each benchmark imports what it needs when it runs.
@@ -24,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 ROOT = _common.ROOT
-RESULTS = _common.RESULTS
 BENCH_OUT = ROOT / "outputs" / "bench"
 # The recipes' default runs (DDPM 2,500 steps, then the CM distilled from it), in the benchmarks' own folder: the
 # demo's outputs/mnist-ddpm is a shorter run whose 25 checkpoints would otherwise pass for a finished default one.
