@@ -150,6 +150,7 @@ class Overhead:
 
     def _tune(self, seed: int):
         from lcsc_ray import coefficients as coef
+        from lcsc_ray.run_identity import prepare_state
         from lcsc_ray.search import SearchRun
         from rayops.progress import ProgressLine
         from schemas.search import SearchSpec
@@ -157,6 +158,7 @@ class Overhead:
         spec = SearchSpec.model_validate(
             setup.make_spec(str(self.base / f"tune-{seed}"), budget=self.n, seed=seed)
         )
+        prepare_state(spec)  # the search's fingerprint, as run_search writes it first
         run = SearchRun(spec, self.checkpoint_set)
         run.pool = self.pool  # the shared pool: every trial evaluates (it has no evaluation store)
         seeds = coef.seed_vectors(len(self.checkpoint_set), spec)
