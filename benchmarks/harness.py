@@ -46,7 +46,7 @@ from _common import (
 from rayops.paired import Better, paired_difference
 
 ROWS = ROOT / "outputs" / "bench" / "rows"
-Measure = Callable[[str, object, int], dict]
+Measure = Callable[[str, object, int], dict | None]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Sweep:
     name: str  # results file stem: benchmarks/results/<name>.json
     configs: Mapping[str, object]  # config name -> whatever `measure` needs
     seeds: Sequence[int]
-    measure: Measure  # (config name, config, seed) -> measured fields (JSON-serialisable)
+    measure: Measure  # (config name, config, seed) -> measured fields (JSON-serialisable), None: no row
     describe: str = ""  # one line for the JSON and the notes: what is measured and how
     extra: dict = field(default_factory=dict)  # benchmark-wide facts (sizes, bandwidth reference, ...)
     # the configs' order reversed on every other seed (A B, B A, ...): no config always runs first in a round
@@ -129,7 +129,7 @@ def run_sweep(
     """Measure every (config, seed) not yet cached, seed-major; returns all rows in the order measured.
 
     Each row is `{"config", "seed", "seconds_measuring", **measure(...)}`, appended to the rows file as soon as
-    it is measured."""
+    it is measured; a measure that returns None leaves its row out (nothing is cached for it)."""
     path = _rows_path(sweep, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fresh and path.exists():
@@ -143,6 +143,9 @@ def run_sweep(
             if row is None:
                 start = time.perf_counter()
                 measured = sweep.measure(name, config, seed)
+                if measured is None:  # the benchmark leaves this row out (e.g. only tabulating what exists)
+                    progress(f"[{sweep.name}] config={name} seed={seed}: left out")
+                    continue
                 row = {
                     "config": name,
                     "seed": seed,

@@ -343,6 +343,11 @@ def record(args) -> dict:
     )
 
 
+def study_dir(study: str, tag: str, name: str, seed: int) -> Path:
+    """Where a study's search of (config, seed) is kept: outputs/bench/<study>-<tag>/<config>-seed<seed>."""
+    return BENCH_OUT / f"{study}-{tag}" / f"{slug(name)}-seed{seed}"
+
+
 def study_search(
     study: str,
     tag: str,
@@ -355,7 +360,7 @@ def study_search(
     """One (config, seed) of an LCSC study: its search in outputs/bench/<study>-<tag>/<config>-seed<seed>, run
     or loaded (`run_cached_search`); returns its summary row (with `config`) and its folder. `spec_args` go to
     `make_spec` (SearchAlgoSpec overrides among them)."""
-    out = BENCH_OUT / f"{study}-{tag}" / f"{slug(name)}-seed{seed}"
+    out = study_dir(study, tag, name, seed)
     spec = make_spec(str(out), seed=seed, **spec_args)
     if batch_size:
         spec["evaluators"]["batch_size"] = batch_size

@@ -141,6 +141,9 @@ def main() -> None:
     cli.add_argument("--holdout-samples", type=int, default=None, help="samples per held-out score")
     cli.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS), help="names from CONFIGS")
     cli.add_argument(
+        "--skip-missing", action="store_true", help="tabulate finished searches only; run nothing"
+    )
+    cli.add_argument(
         "--batch-size",
         type=int,
         default=None,
@@ -160,7 +163,10 @@ def main() -> None:
     with setup.LocalRay() as local_ray:
         record = setup.record(args)
 
-        def measure(name: str, overrides: dict, seed: int) -> dict:
+        def measure(name: str, overrides: dict, seed: int) -> dict | None:
+            folder = setup.study_dir("optimizers", tag, name, seed)
+            if args.skip_missing and not (folder / "result.json").exists():
+                return None
             algo = dict(overrides)
             fraction = algo.pop("budget_fraction", 1.0)
             row, _ = setup.study_search(
@@ -189,7 +195,11 @@ def main() -> None:
         # the searches themselves are cached (outputs/bench/optimizers-<tag>/): the rows are read again from them
         rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)
     default_rows = [r for r in rows if r["config"] == DEFAULT_CONFIG]
-    table = [config_row(name, [r for r in rows if r["config"] == name], default_rows) for name in configs]
+    table = [
+        config_row(name, [r for r in rows if r["config"] == name], default_rows)
+        for name in configs
+        if any(r["config"] == name for r in rows)
+    ]
     study = {
         "recipe": "MNIST DDPM (v-pred, cosine), outputs/bench/mnist-ddpm",
         "checkpoints": "last 12",

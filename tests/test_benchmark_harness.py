@@ -119,3 +119,14 @@ def test_finish_puts_a_benchmarks_own_sections_in_its_notes(harness, tmp_path):
     text = (tmp_path / "results" / "own.md").read_text()
     assert text.index("## What is measured") < text.index("## Claims") < text.index("## Run")
     assert "| 1 |" in text
+
+
+def test_a_measure_that_returns_none_leaves_its_row_out(harness):
+    """None from `measure` (e.g. a search not run yet, when only tabulating) is no row and is not cached."""
+    sweep = harness.Sweep(
+        "gaps", configs={"a": 1, "b": 2}, seeds=[0, 1], measure=lambda n, c, s: None if n == "b" else {"v": s}
+    )
+    out = harness.results_dir(_args(harness))
+    rows = harness.run_sweep(sweep, out, fresh=True, progress=lambda _: None)
+    assert [(r["config"], r["seed"]) for r in rows] == [("a", 0), ("a", 1)]
+    assert set(harness.cached_rows(sweep, out)) == {("a", 0), ("a", 1)}
