@@ -15,8 +15,7 @@ from pathlib import Path
 from rayops.cpu_steal import read_cpu_times, steal_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
-RESULTS = BENCHMARKS / "results"
+RESULTS = ROOT / "benchmarks" / "results"
 QUICK_RESULTS = ROOT / "outputs" / "bench" / "quick"  # --quick runs write here, never over a full result
 
 RAYLET_START_WAIT = "RAY_raylet_start_wait_time_s"  # Ray's config, read from the environment at start

@@ -16,7 +16,7 @@ seed, no kills). A run passes when it ends with exactly `budget` evaluations, ea
 record per optimiser proposal, one stored evaluation per candidate), the twin's trials and winner, and no
 leaked process (nothing carrying the marker outlives a driver, killed or finished). Run from the repository root:
 
-    .venv/bin/python benchmarks/chaos_search.py [--quick] [--runs N] [--budget B]
+    .venv/bin/python benchmarks/chaos_search.py [--quick] [--seeds 0 1] [--optimizers CMA NGOpt] [--budget B]
 
 Runtime: each run is a chaos search (with its cluster) and its uninterrupted twin; 4 runs without the drain event
 took about 16 minutes at load average 18-27 on 2 cores (3.5-5 minutes a run); --quick (1 run, budget 10) is one
@@ -27,7 +27,6 @@ It prints a table and writes benchmarks/results/chaos_search.json (--quick: outp
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -44,7 +43,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import _common
+import harness
 from chaos_search_drain import DrainCluster, drain_cluster
 
 MARK = "LCSC_CHAOS_RUN"  # every process of one driver (its Ray included) carries MARK=<run tag>
@@ -403,10 +402,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_note(path: Path, payload: dict, quick: bool) -> None:
-    """The results note: the table, each run's events as they fired, the machine."""
-    rows, machine = payload["runs"], payload["machine"]
-    events = [
+def event_lines(rows: list[dict]) -> list[str]:
+    """Each run's events as they fired."""
+    return [
         f"run {row['run']} (seed {row['seed']}): "
         + ", ".join(
             f"{k['kind']} at {k['at_recorded']} recorded"
@@ -416,64 +414,60 @@ def write_note(path: Path, payload: dict, quick: bool) -> None:
         + f"; passed: {row['passed']}"
         for row in rows
     ]
-    _common.write_markdown(
-        path,
-        "LCSC search under chaos" + (" (--quick)" if quick else ""),
-        [
-            (
-                "Result",
-                (
-                    f"{payload['passed']} of {len(rows)} runs passed at budget {payload['budget']} (a pass: the "
-                    "twin's trials and winner, every evaluation recorded once, no leaked process)"
-                ),
-            ),
-            ("Runs", "```\n" + format_table(rows) + "\n```"),
-            ("Events as they fired", events),
-            ("Machine", f"`{json.dumps(machine, sort_keys=True)}`"),
-        ],
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; print the table; write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="1 run at budget 10 (a smoke test of the harness)"
+    """Run the benchmark (optimisers x seeds through the harness); print the table; write the JSON and notes."""
+    cli = harness.parser(__doc__, seeds=[0, 1], quick_seeds=[0])
+    cli.add_argument(
+        "--optimizers", nargs="+", default=None, help="default CMA NGOpt (quick CMA): each runs on every seed"
     )
-    parser.add_argument("--runs", type=int, default=4)
-    parser.add_argument("--budget", type=int, default=14)
-    parser.add_argument("--seed", type=int, default=0, help="the first run's seed; run i uses seed + i")
-    parser.add_argument("--workdir", default=str(ROOT / "outputs" / "bench" / "chaos_search"))
-    parser.add_argument(
-        "--out", default=None, help="result JSON (default benchmarks/results/chaos_search.json)"
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.runs, args.budget = 1, 10
-    if args.out is None:
-        results = ROOT / "outputs" / "bench" / "quick" if args.quick else _common.RESULTS
-        args.out = str(results / "chaos_search.json")
+    cli.add_argument("--budget", type=int, default=None, help="default 14 (quick 10)")
+    cli.add_argument("--workdir", default=str(ROOT / "outputs" / "bench" / "chaos_search"))
+    args = cli.parse_args(argv)
+    optimizers = args.optimizers or (["CMA"] if args.quick else ["CMA", "NGOpt"])
+    budget = args.budget or (10 if args.quick else 14)
     base = Path(args.workdir)
     if base.exists():
         import shutil
 
         shutil.rmtree(base)
-    rows = []
-    for index in range(args.runs):
-        optimizer = ("CMA", "NGOpt")[index % 2]
-        rows.append(chaos_run(index, args.seed + index, optimizer, args.budget, base))
-        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    record = harness.run_record(args, evaluator_actors=2, torch_threads_per_evaluator=1)
+    done: list[dict] = []
+
+    def measure(optimizer: str, _optimizer: str, seed: int) -> dict:
+        row = chaos_run(len(done), seed, optimizer, budget, base)
+        done.append(row)
+        print(format_table([row]).splitlines()[-1], flush=True)
+        return row
+
+    sweep = harness.Sweep(
+        "chaos_search",
+        configs={name: name for name in optimizers},
+        seeds=harness.chosen_seeds(args),
+        measure=measure,
+        describe=(
+            f"each (optimiser, seed) a chaos search at budget {budget} beside its uninterrupted twin; a pass: the "
+            "twin's trials and winner, every evaluation recorded once, no leaked process"
+        ),
+    )
+    rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)  # each run starts from scratch
+    passed = sum(row["passed"] for row in rows)
     print(format_table(rows))
-    payload = {
-        "machine": _common.machine_info(evaluator_actors=2, torch_threads_per_evaluator=1),
-        "budget": args.budget,
-        "runs": rows,
-        "passed": sum(row["passed"] for row in rows),
-    }
-    _common.write_json(Path(args.out), payload)
-    write_note(Path(args.out).with_suffix(".md"), payload, quick=args.quick)
-    print(f"{payload['passed']} of {len(rows)} runs passed; wrote {args.out} and its .md")
-    return 0 if payload["passed"] == len(rows) else 1
+    sweep.extra.update(budget=budget, passed=passed)
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        sections=[
+            ("Result", f"{passed} of {len(rows)} runs passed at budget {budget}"),
+            ("Runs", "```\n" + format_table(rows) + "\n```"),
+            ("Events as they fired", event_lines(rows)),
+        ],
+        title="LCSC search under chaos" + (" (--quick)" if args.quick else ""),
+    )
+    return 0 if passed == len(rows) else 1
 
 
 if __name__ == "__main__":

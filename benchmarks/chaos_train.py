@@ -26,7 +26,6 @@ Runtime on 2 shared cores: about 1-3 minutes per run, so ~9 minutes for 3 seeds 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -38,8 +37,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks._common import QUICK_RESULTS, RESULTS, ROOT, local_ray, machine_info, write_json
+import harness
+from _common import QUICK_RESULTS, ROOT, local_ray
+
 from schemas.loader import dump_spec
 from schemas.train import TrainSpec
 
@@ -300,11 +302,13 @@ def passed(row: dict) -> bool:
     return ok
 
 
-def chaos(runs: int, kinds: tuple[str, ...] = KINDS) -> list[dict]:
-    """Every kind of failure for seeds 0..runs-1; one row per run."""
+def chaos(
+    runs: int, kinds: tuple[str, ...] = KINDS, out: Path = QUICK_RESULTS, fresh: bool = True
+) -> list[dict]:
+    """Every kind of failure for seeds 0..runs-1 (a harness sweep: kinds x seeds, rows kept under `out`'s row
+    cache, so that a killed study resumes unless `fresh`); one row per run."""
     import ray
 
-    rows = []
     with tempfile.TemporaryDirectory(prefix="chaos-train-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         if {"stages", "driver", *TWO_EVENT} & set(kinds):
@@ -312,23 +316,45 @@ def chaos(runs: int, kinds: tuple[str, ...] = KINDS) -> list[dict]:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if ray.is_initialized():
             env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        for seed in range(runs):
-            for kind in kinds:
-                started = time.monotonic()
-                if kind == "node":
-                    row = run_node_loss(seed)
-                elif kind in TWO_EVENT:
-                    row = {**run_two_event(kind, seed, work), **leaks()}
-                else:
-                    row = (run_stage_kills if kind == "stages" else run_driver_kill)(seed, work, env)
-                    row.update(leaks())
-                row.update(kind=kind, seed=seed, wall_s=round(time.monotonic() - started, 1))
-                row["passed"] = passed(row)
-                rows.append(row)
-                print(_line(row), flush=True)
-                if not row.get("finished"):
-                    print(row.get("error", ""), flush=True)
-    return rows
+
+        def measure(kind: str, _kind: str, seed: int) -> dict:
+            started = time.monotonic()
+            if kind == "node":
+                row = run_node_loss(seed)
+            elif kind in TWO_EVENT:
+                row = {**run_two_event(kind, seed, work), **leaks()}
+            else:
+                row = (run_stage_kills if kind == "stages" else run_driver_kill)(seed, work, env)
+                row.update(leaks())
+            row.update(kind=kind, seed=seed, wall_s=round(time.monotonic() - started, 1))
+            row["passed"] = passed(row)
+            print(_line(row), flush=True)
+            if not row.get("finished"):
+                print(row.get("error", ""), flush=True)
+            return row
+
+        return harness.run_sweep(sweep_of(runs, kinds, measure), out, fresh=fresh)
+
+
+def sweep_of(runs: int, kinds: tuple[str, ...], measure=None) -> harness.Sweep:
+    """The study as a harness sweep: the kinds of failure as configs, seeds 0..runs-1."""
+    return harness.Sweep(
+        "chaos_train",
+        configs={kind: kind for kind in kinds},
+        seeds=list(range(runs)),
+        measure=measure or (lambda *_: {}),
+        describe=(
+            f"{STEPS} steps, checkpoint every {CHECKPOINT_EVERY}, stage kill probability {KILL_PROBABILITY} per "
+            "stage and step: each kind of failure on each seed must keep every step once and leak nothing"
+        ),
+        extra={
+            "runs_per_kind": runs,
+            "steps": STEPS,
+            "kill_probability_per_stage_step": KILL_PROBABILITY,
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "exact_atol": EXACT_ATOL,
+        },
+    )
 
 
 def _line(row: dict) -> str:
@@ -342,57 +368,45 @@ def _line(row: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="seeds per kind of failure")
-    parser.add_argument("--quick", action="store_true", help="one seed per kind of failure (--runs 1)")
-    parser.add_argument(
-        "--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}"
+    cli = harness.parser(__doc__, seeds=range(3), quick_seeds=range(1))
+    cli.add_argument(
+        "--runs", type=int, default=None, help="seeds per kind of failure (same as --seeds 0..N-1)"
     )
-    args = parser.parse_args()
-    if args.quick:
-        args.runs = 1
+    cli.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    args = cli.parse_args()
     kinds = tuple(kind for kind in args.kinds.split(",") if kind)
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
-        parser.error(f"--kinds: unknown {unknown}; choose from {', '.join(KINDS)}")
+        cli.error(f"--kinds: unknown {unknown}; choose from {', '.join(KINDS)}")
+    seeds = list(range(args.runs)) if args.runs else harness.chosen_seeds(args)
+    if seeds != list(range(len(seeds))):
+        cli.error(f"--seeds must be 0..N-1 (each seed's kills are drawn from it and compared), got {seeds}")
+    record = harness.run_record(args)
     started = time.monotonic()
-    rows = chaos(args.runs, kinds)
-    summary = {kind: f"{sum(r['passed'] for r in rows if r['kind'] == kind)}/{args.runs}" for kind in kinds}
+    rows = chaos(len(seeds), kinds, harness.results_dir(args), fresh=args.fresh)
+    summary = {kind: f"{sum(r['passed'] for r in rows if r['kind'] == kind)}/{len(seeds)}" for kind in kinds}
     print("passed:", summary)
-    payload = {
-        "benchmark": "chaos_train",
-        "quick": args.quick,
-        "runs_per_kind": args.runs,
-        "steps": STEPS,
-        "kill_probability_per_stage_step": KILL_PROBABILITY,
-        "checkpoint_every": CHECKPOINT_EVERY,
-        "exact_atol": EXACT_ATOL,
-        "wall_s": round(time.monotonic() - started, 1),
-        "passed": summary,
-        "rows": rows,
-        "machine": machine_info(),
-    }
-    folder = QUICK_RESULTS if args.quick else RESULTS
-    write_json(folder / "chaos_train.json", payload)
-    write_markdown(folder / "chaos_train.md", payload)
-
-
-def write_markdown(path: Path, payload: dict) -> None:
-    """The table of `payload`'s rows as Markdown, generated from the measured values (atomic)."""
-    machine = payload["machine"]
-    summary = (
-        f"{payload['steps']} steps, checkpoint every {payload['checkpoint_every']}; passed {payload['passed']} "
-        f"in {payload['wall_s']:.0f} s on {machine['cores']} cores (load {machine['load_average'][0]:.1f})."
+    sweep = sweep_of(len(seeds), kinds)
+    sweep.extra.update(wall_s=round(time.monotonic() - started, 1), passed=summary)
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        sections=[("Runs", table_markdown(rows))],
+        notes=[f"passed per kind: {summary}"],
+        title=f"chaos_train ({'quick: ' if args.quick else ''}{len(seeds)} seed(s) per kind)",
     )
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """One line per run, generated from the measured values."""
     header = (
         "| kind | seed | passed | failures | rollbacks | kept steps | lost | twice | event (step, stage, call) "
         "| max abs diff vs failure-free | leaked actors/pgs | wall s |"
     )
-    title = (
-        f"# chaos_train ({'quick: ' if payload['quick'] else ''}{payload['runs_per_kind']} seed(s) per kind)"
-    )
-    lines = [title, "", summary, "", header, "|---" * 12 + "|"]
-    for r in payload["rows"]:
+    lines = [header, "|---" * 12 + "|"]
+    for r in rows:
         event = f"{r['event_step']}, {r['event_stage']}, {r['event_call']}" if "event_step" in r else "-"
         diff = f"{r['max_abs_diff_vs_failure_free']:.1e}" if "max_abs_diff_vs_failure_free" in r else "-"
         lines.append(
@@ -401,10 +415,7 @@ def write_markdown(path: Path, payload: dict) -> None:
             f"{r.get('counted_twice', '-')} | {event} | {diff} | {r.get('leaked_actors', '-')}/"
             f"{r.get('leaked_placement_groups', '-')} | {r['wall_s']:.0f} |"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Runtime: see `wall_time_s` in the result JSON (the full run uses an 8 x 12.5M-pa
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import machine_info, write_json
+import harness
 
 from lcsc_ray.evaluator import Evaluator
 from lcsc_ray.placement import device_sources
@@ -124,58 +123,58 @@ def write_diffusers_run(root: Path, num: int = 4) -> Path:
     return root
 
 
-def throughput_rows(counts: list[int], gpu: bool, jobs: int, samples: int, root: Path) -> list[dict]:
-    """Evaluations per second of the evaluator pool with each count of evaluators (1 CPU, or 1/n GPU, each)."""
+def throughput(count: int, gpu: bool, jobs: int, samples: int, run: Path, out: Path) -> dict:
+    """Evaluations per second of the evaluator pool with `count` evaluators (1 CPU, or 1/count GPU, each)."""
     from lcsc_ray.checkpoints import load_checkpoint_set
     from lcsc_ray.pool import EvaluatorPool, Job
     from schemas.search import SearchSpec
 
-    run = write_diffusers_run(root / "run")
-    rows = []
-    for count in counts:
-        spec = SearchSpec.model_validate(
-            {
-                "checkpoints": {"uri": str(run), "format": "diffusers"},
-                "sampler": {
-                    "target": "lcsc_ray.diffusers_sampling:sample",
-                    "nfe": 10,
-                    "kwargs": {"scheduler": "DDIM"},
-                },
-                "fid": {"features": {"target": "benchmarks.evaluators:features", "kwargs": {"image": 28}}},
-                "evaluators": {
-                    "num_actors": count,
-                    "num_cpus": 1,
-                    "num_gpus": 1 / count if gpu else 0,
-                    "batch_size": samples,
-                    "split_min_samples": None,
-                },
-                "output": {"uri": str(root / "out")},
-            }
-        )
-        checkpoint_set = load_checkpoint_set(spec.checkpoints)
-        pool = EvaluatorPool(spec, checkpoint_set, (np.zeros(16), np.eye(16)))
-        try:
-            pool.probe(samples, 0)  # warm-up: every evaluator's first call is not timed below
-            pool.score([Job.of([0.25] * 4, samples, seed) for seed in range(1, count)])
-            start = time.perf_counter()
-            records = pool.score([Job.of([0.25] * 4, samples, 100 + i) for i in range(jobs)])
-            seconds = time.perf_counter() - start
-        finally:
-            pool.close()
-        assert all(r["status"] == "ok" for r in records), records
-        rows.append(
-            {
-                "evaluators": count,
-                "device": "gpu" if gpu else "cpu",
-                "jobs": jobs,
-                "samples": samples,
-                "seconds": seconds,
-                "evaluations_per_s": jobs / seconds,
-            }
-        )
+    spec = SearchSpec.model_validate(
+        {
+            "checkpoints": {"uri": str(run), "format": "diffusers"},
+            "sampler": {
+                "target": "lcsc_ray.diffusers_sampling:sample",
+                "nfe": 10,
+                "kwargs": {"scheduler": "DDIM"},
+            },
+            "fid": {"features": {"target": "benchmarks.evaluators:features", "kwargs": {"image": 28}}},
+            "evaluators": {
+                "num_actors": count,
+                "num_cpus": 1,
+                "num_gpus": 1 / count if gpu else 0,
+                "batch_size": samples,
+                "split_min_samples": None,
+            },
+            "output": {"uri": str(out)},
+        }
+    )
+    checkpoint_set = load_checkpoint_set(spec.checkpoints)
+    pool = EvaluatorPool(spec, checkpoint_set, (np.zeros(16), np.eye(16)))
+    try:
+        pool.probe(samples, 0)  # warm-up: every evaluator's first call is not timed below
+        pool.score([Job.of([0.25] * 4, samples, seed) for seed in range(1, count)])
+        start = time.perf_counter()
+        records = pool.score([Job.of([0.25] * 4, samples, 100 + i) for i in range(jobs)])
+        seconds = time.perf_counter() - start
+    finally:
+        pool.close()
+    assert all(r["status"] == "ok" for r in records), records
+    return {
+        "evaluators": count,
+        "device": "gpu" if gpu else "cpu",
+        "jobs": jobs,
+        "samples": samples,
+        "seconds": seconds,
+        "evaluations_per_s": jobs / seconds,
+    }
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """The throughput rows with each one's evaluations/s over the first count's of the same seed."""
+    first = {}
     for row in rows:
-        row["speedup_vs_1"] = row["evaluations_per_s"] / rows[0]["evaluations_per_s"]
-    return rows
+        first.setdefault(row["seed"], row["evaluations_per_s"])
+    return [row | {"speedup_vs_1": row["evaluations_per_s"] / first[row["seed"]]} for row in rows]
 
 
 def memory_rows(k: int, numel: int) -> list[dict]:
@@ -259,50 +258,49 @@ def print_throughput(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    """Run the comparisons and write benchmarks/results/evaluators.json (or --out)."""
+    """Run the comparisons and write benchmarks/results/evaluators.json (evaluators_throughput.json with
+    --throughput-only)."""
     import tempfile
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller set (4 x 5M) and d=512, fewer jobs")
-    parser.add_argument(
-        "--throughput-only", action="store_true", help="only evaluations/s against evaluators"
-    )
-    parser.add_argument(
+    cli = harness.parser(__doc__, seeds=[0], quick_seeds=[0])
+    cli.add_argument("--throughput-only", action="store_true", help="only evaluations/s against evaluators")
+    cli.add_argument(
         "--counts", type=int, nargs="+", default=None, help="evaluator counts (default 1..cores)"
     )
-    parser.add_argument("--gpu", action="store_true", help="evaluators share one GPU (1/n each)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="result file (default results/evaluators.json, or evaluators_throughput.json; "
-        "--quick: under outputs/bench/quick/)",
-    )
-    args = parser.parse_args()
+    cli.add_argument("--gpu", action="store_true", help="evaluators share one GPU (1/n each)")
+    args = cli.parse_args()
     torch.set_num_threads(1)
     started = time.monotonic()
     k, numel, dim, repeats = (4, 5_000_000, 512, 2) if args.quick else (8, 12_500_000, 2048, 2)
+    jobs, samples = (6 if args.quick else 16), 100
     cores = os.cpu_count() or 1
     counts = args.counts or list(range(1, min(cores, 4) + 1))
     ray_spec = RaySpec(num_cpus=max(cores, max(counts)), object_store_memory=2 * k * numel * 4)
     runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}}
+    record = harness.run_record(args)
     with ray_session(ray_spec, runtime_env=runtime_env), tempfile.TemporaryDirectory() as tmp:
-        throughput = throughput_rows(counts, args.gpu, 6 if args.quick else 16, 100, Path(tmp))
+        run = write_diffusers_run(Path(tmp) / "run")
+        sweep = harness.Sweep(
+            "evaluators_throughput" if args.throughput_only else "evaluators",
+            configs={f"{n} evaluators": n for n in counts},
+            seeds=harness.chosen_seeds(args),
+            measure=lambda _name, n, _seed: throughput(n, args.gpu, jobs, samples, run, Path(tmp) / "out"),
+            describe=(
+                f"{jobs} evaluations of {samples} DDIM-10 samples of a small diffusers UNet per row, dispatched by "
+                "the evaluator pool, against the number of evaluators"
+            ),
+        )
+        rows = speedups(
+            harness.run_sweep(sweep, harness.results_dir(args), fresh=True)
+        )  # timings: never reused
         memory = [] if args.throughput_only else memory_rows(k, numel)
-    print_throughput(throughput)
-    result = {
-        "machine": machine_info(),
-        "quick": args.quick,
-        "throughput": throughput,
-        "load_average": os.getloadavg()[0],
-        "wall_time_s": round(time.monotonic() - started, 1),
-    }
+    print_throughput(rows)
+    sweep.extra.update(
+        throughput=rows, load_average=os.getloadavg()[0], wall_time_s=time.monotonic() - started
+    )
     if not args.throughput_only:
-        result |= memory_report(memory, frechet_rows(dim, repeats))
-    results = ROOT / "outputs" / "bench" / "quick" if args.quick else ROOT / "benchmarks" / "results"
-    out = args.out or results / ("evaluators_throughput.json" if args.throughput_only else "evaluators.json")
-    write_json(out, result)
-    print(f"-> {out}")
+        sweep.extra.update(memory_report(memory, frechet_rows(dim, repeats)))
+    harness.finish(sweep, args, record, rows)
 
 
 def memory_report(memory: list[dict], frechet: list[dict]) -> dict:

@@ -14,67 +14,84 @@ Writes benchmarks/results/fid_extrapolation.json and .md (--quick: outputs/bench
 
 from __future__ import annotations
 
-import argparse
-import os
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 import lcsc_setup as setup
 
 
-def measure(args) -> dict:
-    """Score every vector at each N (continued) on each seed and once at the reference count."""
+class Scores:
+    """One evaluator pool (with its evaluation store) for every row; the reference FIDs are scored once."""
+
+    def __init__(self, args, out: Path):
+        from lcsc_ray import coefficients as coef
+        from lcsc_ray.checkpoints import load_checkpoint_set
+        from lcsc_ray.evaluation_store import EvaluationStore
+        from lcsc_ray.fid import reference_stats_for
+        from lcsc_ray.pool import EvaluatorPool
+        from schemas.search import SearchSpec
+
+        spec_dict = setup.make_spec(str(out), num_samples=min(args.counts))
+        spec_dict["evaluators"]["batch_size"] = args.batch_size
+        spec = SearchSpec.model_validate(spec_dict)
+        checkpoint_set = load_checkpoint_set(spec.checkpoints)
+        out.mkdir(parents=True, exist_ok=True)
+        self.vectors = [v for v in coef.seed_vectors(len(checkpoint_set), spec) if v[0] in args.vectors]
+        store = EvaluationStore(str(out / "state" / "evaluations"), identity=f"bench-b{args.batch_size}")
+        self.pool = EvaluatorPool(spec, checkpoint_set, reference_stats_for(spec), store)
+        self.args = args
+        self.reference: dict[str, float] | None = None
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def measure(self, _name: str, n: int, seed: int) -> dict:
+        """Every vector at N samples on `seed`, continued (seed-major order: a larger N continues the smaller
+        one's blocks), beside its reference FID."""
+        from lcsc_ray.pool import Job
+        from rayops.progress import ProgressLine
+
+        if self.reference is None:
+            jobs = [Job.of(a, self.args.reference_samples, self.args.reference_seed) for _, a in self.vectors]
+            records = self.pool.score(jobs, ProgressLine("reference FIDs", total=len(jobs)))
+            self.reference = {label: r["fid"] for (label, _), r in zip(self.vectors, records)}
+        jobs = [Job.of(a, n, seed, continued=True) for _, a in self.vectors]
+        records = self.pool.score(jobs, ProgressLine(f"{n}-sample scores, seed {seed}", total=len(jobs)))
+        return {
+            "n": n,
+            "vectors": {
+                label: {
+                    "fid_raw": r["fid"],
+                    "fid_inf": r["fid_inf"],
+                    "fit_points": r["fit_points"],
+                    "reference_fid": self.reference[label],
+                }
+                for (label, _), r in zip(self.vectors, records)
+            },
+        }
+
+
+def per_vector(rows: list[dict]) -> list[dict]:
+    """The harness rows, one per (N, seed), as one row per (vector, N, seed) (the JSON's `scores`)."""
+    return [
+        {"label": label, "n": row["n"], "seed": row["seed"], **scores}
+        for row in rows
+        for label, scores in row["vectors"].items()
+    ]
+
+
+def summarize(rows: list[dict], counts: list[int]) -> list[dict]:
+    """Per N: the raw and extrapolated FIDs' error against the reference (paired over (vector, seed) pairs),
+    their spread over seeds, and the rank correlation with the reference over vectors."""
     from scipy.stats import spearmanr
 
-    from lcsc_ray import coefficients as coef
-    from lcsc_ray.checkpoints import load_checkpoint_set
-    from lcsc_ray.evaluation_store import EvaluationStore
-    from lcsc_ray.fid import reference_stats_for
-    from lcsc_ray.pool import EvaluatorPool, Job
-    from rayops.progress import ProgressLine
-    from schemas.search import SearchSpec
-
-    out = setup.BENCH_OUT / ("fid-extrapolation-quick" if args.quick else "fid-extrapolation")
-    spec_dict = setup.make_spec(str(out), num_samples=args.counts[0])
-    spec_dict["evaluators"]["batch_size"] = args.batch_size
-    spec = SearchSpec.model_validate(spec_dict)
-    checkpoint_set = load_checkpoint_set(spec.checkpoints)
-    out.mkdir(parents=True, exist_ok=True)
-    vectors = [v for v in coef.seed_vectors(len(checkpoint_set), spec) if v[0] in args.vectors]
-    store = EvaluationStore(str(out / "state" / "evaluations"), identity=f"bench-b{args.batch_size}")
-    pool = EvaluatorPool(spec, checkpoint_set, reference_stats_for(spec), store)
-    try:
-        jobs = [Job.of(a, args.reference_samples, args.reference_seed) for _, a in vectors]
-        reference = pool.score(jobs, ProgressLine("reference FIDs", total=len(jobs)))
-        scored = {}
-        for n in sorted(args.counts):  # smaller first: the larger continue its blocks
-            jobs = [Job.of(a, n, s, continued=True) for _, a in vectors for s in args.seeds]
-            scored[n] = pool.score(jobs, ProgressLine(f"{n}-sample scores", total=len(jobs)))
-    finally:
-        pool.close()
-    rows = []
-    for n, records in scored.items():
-        it = iter(records)
-        for (label, _), ref in zip(vectors, reference):
-            for seed in args.seeds:
-                r = next(it)
-                rows.append(
-                    {
-                        "label": label,
-                        "n": n,
-                        "seed": seed,
-                        "fid_raw": r["fid"],
-                        "fid_inf": r["fid_inf"],
-                        "fit_points": r["fit_points"],
-                        "reference_fid": ref["fid"],
-                    }
-                )
     summary = []
-    for n in sorted(args.counts):
+    for n in sorted(counts):
         mine = [r for r in rows if r["n"] == n]
         refs = [r["reference_fid"] for r in mine]
         by_label = {}
@@ -105,38 +122,36 @@ def measure(args) -> dict:
                 ),
             }
         )
-    return {"rows": rows, "summary": summary, "labels": [label for label, _ in vectors]}
+    return summary
 
 
-def markdown(payload: dict) -> str:
-    """The results page, generated from the measured values."""
-    s = payload["setup"]
+def setup_line(study: dict, labels: list[str]) -> str:
+    """What is measured, in one paragraph."""
+    return (
+        f"MNIST DDPM, last 12 checkpoints, DDIM 10 steps; vectors {labels}; each scored at {study['counts']} "
+        f"samples (batches of {study['batch_size']}: FID of the whole, halves and quarters, FID_N = FID_inf + c/N "
+        f"fitted) on seeds {study['seeds']}, against one {study['reference_samples']}-sample FID on seed "
+        f"{study['reference_seed']}."
+    )
+
+
+def table_markdown(summary: list[dict]) -> str:
+    """Per N, the errors against the reference, generated from the measured values."""
     lines = [
-        "# FID at infinite samples: how close to a many-sample FID",
-        "",
-        (
-            f"MNIST DDPM, last 12 checkpoints, DDIM 10 steps; vectors {payload['labels']}; each scored at "
-            f"{s['counts']} samples (batches of {s['batch_size']}: FID of the whole, halves and quarters, "
-            f"FID_N = FID_inf + c/N fitted) on seeds {s['seeds']}, against one {s['reference_samples']}-sample "
-            f"FID on seed {s['reference_seed']}. Commit {payload['machine'].get('git_commit')}; load average "
-            f"{payload['machine']['load_average']} at the start; {payload['wall_s']:.0f} s."
-        ),
-        "",
         (
             "| N | raw FID_N - reference [95% CI] | FID_inf - reference [95% CI] | mean abs error raw / inf | "
             "sd over seeds raw / inf | rank corr. raw / inf |"
         ),
         "|---|---|---|---|---|---|",
     ]
-    for t in payload["summary"]:
+    for t in summary:
         lines.append(
             f"| {t['n']} | {setup.fmt_paired(t['raw_minus_reference'])} | "
             f"{setup.fmt_paired(t['inf_minus_reference'])} | {t['abs_error_raw_mean']:.2f} / "
             f"{t['abs_error_inf_mean']:.2f} | {t['raw_sd_over_seeds_mean']:.2f} / {t['inf_sd_over_seeds_mean']:.2f} | "
             f"{t['spearman_raw_vs_reference']:.2f} / {t['spearman_inf_vs_reference']:.2f} |"
         )
-    lines += ["", "## Reading", ""] + [f"- {n}" for n in payload["notes"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def setup_note() -> str:
@@ -165,43 +180,55 @@ def notes(summary: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="counts 64/128, 2 seeds, reference 512")
-    parser.add_argument("--counts", type=int, nargs="+", default=[128, 256, 512])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--reference-samples", type=int, default=5000)
-    parser.add_argument("--reference-seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--vectors", nargs="+", default=["last", "ema@0.8", "ema@0.95", "uniform"])
-    args = parser.parse_args()
-    if args.quick:
-        args.counts, args.seeds, args.reference_samples, args.batch_size = [64, 128], [1, 2], 512, 16
+    cli = harness.parser(__doc__, seeds=[1, 2, 3], quick_seeds=[1, 2])
+    cli.add_argument("--counts", type=int, nargs="+", default=None, help="default 128 256 512 (quick 64 128)")
+    cli.add_argument("--reference-samples", type=int, default=None, help="default 5000 (quick 512)")
+    cli.add_argument("--reference-seed", type=int, default=0)
+    cli.add_argument("--batch-size", type=int, default=None, help="default 32 (quick 16)")
+    cli.add_argument("--vectors", nargs="+", default=["last", "ema@0.8", "ema@0.95", "uniform"])
+    args = cli.parse_args()
+    args.counts = args.counts or ([64, 128] if args.quick else [128, 256, 512])
+    args.reference_samples = args.reference_samples or (512 if args.quick else 5000)
+    args.batch_size = args.batch_size or (16 if args.quick else 32)
     setup.ensure_trained()
-    started = time.monotonic()
     with setup.LocalRay() as local_ray:
         local_ray.ensure()
-        machine = setup.machine_info()
-        measured = measure(args)
-    payload = {
-        "benchmark": "fid_extrapolation",
-        "quick": args.quick,
-        "machine": machine,
-        "load_average_end": list(os.getloadavg()),
-        "wall_s": time.monotonic() - started,
-        "setup": {
-            "counts": args.counts,
-            "seeds": args.seeds,
-            "reference_samples": args.reference_samples,
-            "reference_seed": args.reference_seed,
-            "batch_size": args.batch_size,
-        },
-        **measured,
-        "notes": notes(measured["summary"]),
+        record = setup.record(args)
+        scores = Scores(
+            args, setup.BENCH_OUT / ("fid-extrapolation-quick" if args.quick else "fid-extrapolation")
+        )
+        try:
+            sweep = harness.Sweep(
+                "fid_extrapolation",
+                configs={f"N={n}": n for n in sorted(args.counts)},
+                seeds=harness.chosen_seeds(args),
+                measure=scores.measure,
+            )
+            # every score is kept in the pool's evaluation store: rows measured again are replayed from it
+            rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)
+        finally:
+            scores.close()
+    labels = [label for label, _ in scores.vectors]
+    study = {
+        "counts": args.counts,
+        "seeds": list(sweep.seeds),
+        "reference_samples": args.reference_samples,
+        "reference_seed": args.reference_seed,
+        "batch_size": args.batch_size,
     }
-    text = markdown(payload)
-    path = setup.write_result("fid_extrapolation", payload, args.quick, text)
-    print(text, flush=True)
-    print(f"wrote {setup.display_path(path)} and .md", flush=True)
+    flat = per_vector(rows)
+    summary = summarize(flat, args.counts)
+    sweep = dataclasses.replace(sweep, describe=setup_line(study, labels))
+    sweep.extra.update(setup=study, labels=labels, scores=flat, summary=summary)
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        notes=notes(summary),
+        title="FID at infinite samples: how close to a many-sample FID",
+        sections=[("Error against the reference", table_markdown(summary))],
+    )
 
 
 if __name__ == "__main__":

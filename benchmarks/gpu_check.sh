@@ -11,7 +11,7 @@
 # 3. 1F1B with activations over NCCL (Ray Direct Transport): 10 steps of a smaller bf16 model under
 #    activation_transport nccl and under object_store (losses compared), then an NCCL run with a stage killed
 #    (checkpoint strategy: rollback, the NCCL group formed again over the new actor, or a fallback said in the log);
-# 4. the pipeline benchmark (benchmarks/pipeline.py --quick --sections throughput --rounds 3).
+# 4. the pipeline benchmark (benchmarks/pipeline.py --quick --sections throughput --seeds 0 1 2).
 # Writes benchmarks/results/gpu_check.json. Until it has run on a GPU, the GPU path is untested. Each part has its
 # own timeout (120 + 170 + 100 + 110 s), so the script ends within 8 minutes.
 set -euo pipefail
@@ -106,7 +106,7 @@ print(json.dumps({k: v for k, v in report.items() if k != "nccl_with_kill"}, ind
 print(json.dumps(report["nccl_with_kill"], indent=2)[:2000])
 PYEOF
 
-timeout 110 "$PY" benchmarks/pipeline.py --quick --sections throughput --rounds 3 --out "$WORK/pipeline.json" || true
+timeout 110 "$PY" benchmarks/pipeline.py --quick --sections throughput --seeds 0 1 2 && cp outputs/bench/quick/pipeline.json "$WORK/pipeline.json" || true
 
 "$PY" - "$WORK" "$TESTS_RC" <<'PYEOF'
 import json, sys

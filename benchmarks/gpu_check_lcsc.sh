@@ -50,7 +50,7 @@ Path(work / "search.json").write_text(json.dumps(report))
 print(json.dumps(report, indent=2))
 PYEOF
 
-timeout 200 "$PY" benchmarks/evaluators.py --throughput-only --quick --gpu --counts 1 2 --out "$WORK/throughput.json"
+timeout 200 "$PY" benchmarks/evaluators.py --throughput-only --quick --gpu --counts 1 2  # -> outputs/bench/quick/
 
 "$PY" - "$WORK" <<'PYEOF'
 import json, sys
@@ -61,6 +61,6 @@ from _common import machine_info, write_json
 
 work = Path(sys.argv[1])
 result = {"machine": machine_info(), **json.loads((work / "search.json").read_text()),
-          "throughput": json.loads((work / "throughput.json").read_text())["throughput"]}
+          "throughput": json.loads(Path("outputs/bench/quick/evaluators_throughput.json").read_text())["throughput"]}
 print("->", write_json(Path("benchmarks/results/gpu_check_lcsc.json"), result))
 PYEOF

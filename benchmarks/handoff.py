@@ -8,7 +8,7 @@ the "other node" is the same node, so the rate is the object store's, not a netw
 taken, state serialised, loaded, CheckFree+ copies re-synced) are what this measures. Prints a table and writes
 `benchmarks/results/handoff.json` with the load average.
 
-    nice -n 10 .venv/bin/python benchmarks/handoff.py [--widths 64 128 256 512] [--repeats 3] [--quick]
+    nice -n 10 .venv/bin/python benchmarks/handoff.py [--widths 64 128 256 512] [--repeats 3] [--seeds 0] [--quick]
 
 Runtime: a few minutes on 2 cores (most of it starting the pipelines); --quick (width 64, one repeat; written to
 outputs/bench/quick/) about a minute.
@@ -16,12 +16,14 @@ outputs/bench/quick/) about a minute.
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from _common import QUICK_RESULTS, RESULTS, local_ray, machine_info, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+from _common import local_ray
 
 from checkfree_ray.draining import decide, hand_off, stage_state_bytes
 from checkfree_ray.executor import PipelineExecutor
@@ -81,28 +83,32 @@ def measure(width: int, repeats: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the widths, print the table, write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/handoff.json")
-    parser.add_argument("--quick", action="store_true", help="width 64, one repeat, a smoke run")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.widths, args.repeats = [64], 1
-    out = args.out or (QUICK_RESULTS if args.quick else RESULTS) / "handoff.json"
+def main(argv: list[str] | None = None) -> Path:
+    """Run the widths (one pipeline per width and seed), print the table, write the JSON."""
+    cli = harness.parser(__doc__, seeds=[0], quick_seeds=[0])
+    cli.add_argument("--widths", type=int, nargs="+", default=None, help="default 64 128 256 512 (quick 64)")
+    cli.add_argument("--repeats", type=int, default=None, help="hand-offs per pipeline (default 3; quick 1)")
+    args = cli.parse_args(argv)
+    widths = args.widths or ([64] if args.quick else [64, 128, 256, 512])
+    repeats = args.repeats or (1 if args.quick else 3)
+    sweep = harness.Sweep(
+        "handoff",
+        configs={f"width {w}": w for w in widths},
+        seeds=harness.chosen_seeds(args),
+        measure=lambda _name, width, _seed: measure(width, repeats),
+        describe=f"{repeats} hand-offs of a middle stage per 4-stage pipeline (8 layers, one warm standby)",
+        extra={"repeats": repeats, "layers": 8, "stages": 4},
+    )
     with local_ray(num_cpus=2):
-        rows = [measure(width, args.repeats) for width in args.widths]
+        record = harness.run_record(args, repeats=repeats, layers=8, stages=4)
+        rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)  # timings are never reused
     print(f"{'width':>6} {'state MB':>9} {'hand-off s':>11} {'copy s':>8} {'MB/s':>8} {'min deadline s':>15}")
     for row in rows:
         print(
             f"{row['width']:>6} {row['state_bytes'] / 1e6:>9.2f} {row['median_handoff_s']:>11.3f} "
             f"{row['median_copy_s']:>8.3f} {row['copy_rate_bytes_s'] / 1e6:>8.1f} {row['min_deadline_s']:>15}"
         )
-    payload = {"rows": rows, "machine": machine_info(repeats=args.repeats, layers=8, stages=4)}
-    write_json(out, payload)
-    return payload
+    return harness.finish(sweep, args, record, rows)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,18 @@ A benchmark declares what it compares and how one measurement is taken; the harn
 for every benchmark:
 
     sweep = Sweep("handoff", configs={"drain": {...}, "kill": {...}}, seeds=[0, 1, 2], measure=measure)
-    rows = run_sweep(sweep)                                     # progress line per row, rows cached on disk
+    record = run_record(args)                                   # machine, commit, command line, start time
+    rows = run_sweep(sweep, results_dir(args))                  # progress line per row, rows cached on disk
     table = paired_table(rows, "seconds", baseline="kill", better="lower")
-    finish(sweep, args, rows, paired=[table], notes=[...])      # JSON (+ Markdown) under benchmarks/results/
+    finish(sweep, args, record, rows, paired=[table])           # JSON (+ Markdown) under benchmarks/results/
 
 - **CLI** (`parser`): `--quick` (its own small seeds and sizes, written under outputs/bench/quick/, never over a
   full result), `--seeds`, `--fresh` (ignore cached rows).
 - **Record** (`run_record`): the machine (cores, load, CPU steal, versions; `_common.machine_info`), the commit
   (`+dirty` when the code had edits), the command line, start and end times.
 - **Seeds and order**: every config is measured on every seed, interleaved (seed-major: all configs on seed 0,
-  then seed 1, ...), so that load from other processes on shared cores hits all configs alike.
+  then seed 1, ...), so that load from other processes on shared cores hits all configs alike; with
+  `alternate`, every other seed runs the configs in reverse order.
 - **Resume**: each finished row is appended to `outputs/bench/rows/<name>.rows.jsonl` as it is measured; a killed benchmark
   rerun with the same configs and seeds measures only the rows it lacks.
 - **Paired tables** (`paired_table`): each config against a baseline over the seeds they share, with the 95%
@@ -44,7 +46,7 @@ from _common import (
 from rayops.paired import Better, paired_difference
 
 ROWS = ROOT / "outputs" / "bench" / "rows"
-Measure = Callable[[str, object, int], dict]
+Measure = Callable[[str, object, int], dict | None]
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,11 @@ class Sweep:
     name: str  # results file stem: benchmarks/results/<name>.json
     configs: Mapping[str, object]  # config name -> whatever `measure` needs
     seeds: Sequence[int]
-    measure: Measure  # (config name, config, seed) -> measured fields (JSON-serialisable)
+    measure: Measure  # (config name, config, seed) -> measured fields (JSON-serialisable), None: no row
     describe: str = ""  # one line for the JSON and the notes: what is measured and how
     extra: dict = field(default_factory=dict)  # benchmark-wide facts (sizes, bandwidth reference, ...)
+    # the configs' order reversed on every other seed (A B, B A, ...): no config always runs first in a round
+    alternate: bool = False
 
 
 def parser(description: str, seeds: Sequence[int], quick_seeds: Sequence[int]) -> argparse.ArgumentParser:
@@ -122,22 +126,26 @@ def cached_rows(sweep: Sweep, out: Path) -> dict[tuple[str, int], dict]:
 def run_sweep(
     sweep: Sweep, out: Path, fresh: bool = False, progress: Callable[[str], None] = print
 ) -> list[dict]:
-    """Measure every (config, seed) not yet cached, seed-major; returns all rows in (seed, config) order.
+    """Measure every (config, seed) not yet cached, seed-major; returns all rows in the order measured.
 
     Each row is `{"config", "seed", "seconds_measuring", **measure(...)}`, appended to the rows file as soon as
-    it is measured."""
+    it is measured; a measure that returns None leaves its row out (nothing is cached for it)."""
     path = _rows_path(sweep, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fresh and path.exists():
         path.unlink()
     done = cached_rows(sweep, out)
     total, rows = len(sweep.configs) * len(sweep.seeds), []
-    for seed in sweep.seeds:
-        for name, config in sweep.configs.items():
+    for index, seed in enumerate(sweep.seeds):
+        order = list(sweep.configs.items())
+        for name, config in order[::-1] if sweep.alternate and index % 2 else order:
             row = done.get((name, seed))
             if row is None:
                 start = time.perf_counter()
                 measured = sweep.measure(name, config, seed)
+                if measured is None:  # the benchmark leaves this row out (e.g. only tabulating what exists)
+                    progress(f"[{sweep.name}] config={name} seed={seed}: left out")
+                    continue
                 row = {
                     "config": name,
                     "seed": seed,
@@ -228,8 +236,10 @@ def finish(
     paired: Sequence[dict] = (),
     notes: Sequence[str] = (),
     title: str | None = None,
+    sections: Sequence[tuple[str, str | list[str]]] = (),
 ) -> Path:
-    """Write `<name>.json` (record, sweep description, rows, paired tables) and, with paired tables or notes,
+    """Write `<name>.json` (record, sweep description, rows, paired tables) and, with paired tables, notes or
+    `sections` (a benchmark's own tables, generated from the rows: (heading, Markdown or bullet list)),
     `<name>.md` generated from them; print the paired tables. Returns the JSON path."""
     out = results_dir(args)
     record = {**record, "finished_unix": time.time()}
@@ -246,9 +256,10 @@ def finish(
         "paired": list(paired),
     }
     path = write_json(out / f"{sweep.name}.json", payload)
-    sections: list[tuple[str, str | list[str]]] = []
+    own, sections = sections, []
     if sweep.describe:
         sections.append(("What is measured", sweep.describe))
+    sections += list(own)
     for table in paired:
         heading = f"{table['metric']} against {table['baseline']} (paired over seeds, 95% interval)"
         sections.append((heading, paired_markdown(table)))
@@ -263,7 +274,7 @@ def finish(
             f"commit {code.get('commit')}, {len(rows)} rows, `{' '.join(record.get('argv', []))}`",
         )
     )
-    if paired or notes:
+    if paired or notes or own:
         write_markdown(out / f"{sweep.name}.md", title or sweep.name, sections)
     print(f"-> {path}")
     return path

@@ -1,5 +1,6 @@
-"""What the LCSC benchmarks share: the MNIST runs they search, spec building, one cached search, its summary
-row, paired verdicts, a local Ray, and writing results (JSON and markdown) with the commit they ran at.
+"""What the LCSC studies share: the MNIST runs they search, spec building, one cached search (a study's
+`measure`: `study_search`), its summary row, paired verdicts, a local Ray and the run record; each study is a
+config grid over one harness sweep (`harness.py` writes the results).
 
 Paths come from `_common.ROOT`; nothing here changes the working directory. Importing this module is cheap
 (no torch, no Ray): each benchmark imports what it needs when it runs.
@@ -24,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 ROOT = _common.ROOT
-RESULTS = _common.RESULTS
 BENCH_OUT = ROOT / "outputs" / "bench"
 # The recipes' default runs (DDPM 2,500 steps, then the CM distilled from it), in the benchmarks' own folder: the
 # demo's outputs/mnist-ddpm is a shorter run whose 25 checkpoints would otherwise pass for a finished default one.
@@ -332,28 +332,44 @@ class LocalRay:
         return False
 
 
-# ------------------------------------------------------------------------------------------------ output
-def machine_info(**extra) -> dict:
-    """The shared machine description plus the evaluator layout and the commit the benchmark ran at."""
-    return _common.machine_info(
-        torch_threads_per_evaluator=1, evaluator_actors=2, git_commit=_common.git_commit(), **extra
+# ------------------------------------------------------------------------------------------------ studies
+def record(args) -> dict:
+    """The harness's run record, the machine with the evaluator layout and the commit (`machine.git_commit`,
+    which the studies' notes cite)."""
+    import harness
+
+    return harness.run_record(
+        args, torch_threads_per_evaluator=1, evaluator_actors=2, git_commit=_common.git_commit()
     )
 
 
-def result_dir(quick: bool) -> Path:
-    """benchmarks/results/ for full runs; outputs/bench/quick/ for --quick (never overwrites a full result)."""
-    return BENCH_OUT / "quick" if quick else RESULTS
+def study_dir(study: str, tag: str, name: str, seed: int) -> Path:
+    """Where a study's search of (config, seed) is kept: outputs/bench/<study>-<tag>/<config>-seed<seed>."""
+    return BENCH_OUT / f"{study}-{tag}" / f"{slug(name)}-seed{seed}"
 
 
-def write_result(name: str, payload: dict, quick: bool = False, markdown: str | None = None) -> Path:
-    """NAME.json (and NAME.md when `markdown` is given) under `result_dir(quick)`, each written atomically."""
-    directory = result_dir(quick)
-    path = _common.write_json(directory / f"{name}.json", payload)
-    if markdown is not None:
-        tmp = directory / f".{name}.md.tmp"
-        tmp.write_text(markdown)
-        os.replace(tmp, directory / f"{name}.md")
-    return path
+def study_search(
+    study: str,
+    tag: str,
+    name: str,
+    seed: int,
+    local_ray: LocalRay,
+    batch_size: int | None = None,
+    **spec_args,
+) -> tuple[dict, Path]:
+    """One (config, seed) of an LCSC study: its search in outputs/bench/<study>-<tag>/<config>-seed<seed>, run
+    or loaded (`run_cached_search`); returns its summary row (with `config`) and its folder. `spec_args` go to
+    `make_spec` (SearchAlgoSpec overrides among them)."""
+    out = study_dir(study, tag, name, seed)
+    spec = make_spec(str(out), seed=seed, **spec_args)
+    if batch_size:
+        spec["evaluators"]["batch_size"] = batch_size
+    return run_cached_search(spec, local_ray) | {"config": name}, out
+
+
+def baselines_of(rows: list[dict]) -> dict:
+    """The baselines' held-out FIDs of the first row (every search of a study scores the same baselines)."""
+    return rows[0]["baselines_holdout_fid"] if rows else {}
 
 
 def slug(name: str) -> str:

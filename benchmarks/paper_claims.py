@@ -27,14 +27,15 @@ outputs/bench/claims-*/ and a rerun only does what is missing. Writes benchmarks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 import lcsc_setup as setup
 
 ALGO = {"optimizer": "CMA", "bound": 3.0, "sigma": 0.15}
@@ -300,27 +301,26 @@ def notes(claims: list[dict], rows: dict[str, dict], cm_base: dict | None) -> li
     return out
 
 
-def markdown(payload: dict) -> str:
-    """The results page, generated from the measured values."""
-    s, m = payload["setup"], payload["machine"]
+def setup_line(study: dict, finished: list[str]) -> str:
+    """What every part shares, in one paragraph."""
+    return (
+        f"Search: CMA bound 3 sigma 0.15, budget {study['budget']} (7 seed vectors included), "
+        f"{study['search_samples']}-sample search FIDs, optimiser seed {study['seed']}; every model re-scored on "
+        f"held-out seeds {study['holdout_seeds']} at {study['holdout_samples']} samples. Parts run: "
+        f"{', '.join(finished) or 'none'}."
+    )
+
+
+def table_markdown(claims: list[dict]) -> str:
+    """One row per claim, generated from the measured values."""
     lines = [
-        "# LCSC paper claims on MNIST, paired over held-out seeds",
-        "",
-        (
-            f"Search: CMA bound 3 sigma 0.15, budget {s['budget']} (7 seed vectors included), "
-            f"{s['search_samples']}-sample search FIDs, optimiser seed {s['seed']}; every model re-scored on held-out "
-            f"seeds {s['holdout_seeds']} at {s['holdout_samples']} samples. Commit {m.get('git_commit')}; load "
-            f"average {m['load_average']} at the start, {payload['load_average_end']} at the end. Parts run: "
-            f"{', '.join(payload['parts_finished']) or 'none'}."
-        ),
-        "",
         (
             "| claim | LCSC held-out FID | compared: held-out FID, LCSC - it [95% CI] verdict | evaluations | "
             "search samples | wall s |"
         ),
         "|---|---|---|---|---|---|",
     ]
-    for c in payload["claims"]:
+    for c in claims:
         compared = "<br>".join(
             f"{k} {c['compared_holdout_fid'][k]:.2f}: {setup.fmt_paired(p)}" for k, p in c["paired"].items()
         )
@@ -328,66 +328,32 @@ def markdown(payload: dict) -> str:
             f"| {c['claim']} | {c['lcsc_holdout_fid']:.2f} | {compared} | {c['search']['num_evaluations']} | "
             f"{c['search']['search_samples']:,} | {c['search']['wall_s']:.0f} |"
         )
-    lines += ["", "## Reading", ""] + [f"- {n}" for n in payload["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def write(args, rows: dict[str, dict], cm_base: dict | None, machine: dict, wall: float) -> None:
-    """Tabulate what has finished and write paper_claims.json and .md."""
-    claims = build_claims(rows, cm_base)
-    payload = {
-        "benchmark": "paper_claims",
-        "quick": args.quick,
-        "machine": machine,
-        "load_average_end": list(os.getloadavg()),
-        "wall_time_s_this_invocation": round(wall, 1),
-        "parts_requested": args.parts,
-        "parts_finished": [p for p in PARTS if p in rows or (p == "nfe" and cm_base is not None)],
-        "setup": {
-            "budget": args.budget,
-            "search_samples": args.search_samples,
-            "seed": args.seed,
-            "holdout_seeds": args.holdout_seeds,
-            "holdout_samples": args.holdout_samples,
-            "algo": ALGO,
-            "early_fraction": EARLY_FRACTION,
-            "evaluators": 2,
-        },
-        "claims": claims,
-        "cm_base_nfe2": cm_base,
-        "runs": rows,
-        "notes": notes(claims, rows, cm_base),
-    }
-    text = markdown(payload)
-    path = setup.write_result("paper_claims", payload, args.quick, text)
-    print(text, flush=True)
-    print(f"wrote {setup.display_path(path)} and .md ({wall:.0f} s)", flush=True)
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command line; --quick shrinks every size."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="budget 10, 250 samples, 2 held-out seeds")
-    parser.add_argument(
-        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (in order)"
+    """Command line (the harness's, with the parts and sizes); --quick shrinks every size."""
+    cli = harness.parser(__doc__, seeds=[0], quick_seeds=[0])
+    cli.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (in order)")
+    cli.add_argument("--budget", type=int, default=None, help="default 150 (quick 10)")
+    cli.add_argument("--search-samples", type=int, default=None, help="default 500 (quick 250)")
+    cli.add_argument("--holdout-seeds", type=int, nargs="+", default=None, help="default 1001-1005 (quick 2)")
+    cli.add_argument("--holdout-samples", type=int, default=None, help="default 1000 (quick 250)")
+    args = cli.parse_args(argv)
+    seeds = harness.chosen_seeds(args)
+    if len(seeds) != 1:
+        cli.error(f"--seeds takes one optimiser seed (the claims pair over held-out seeds), got {seeds}")
+    args.seed = seeds[0]
+    args.budget = args.budget or (10 if args.quick else 150)
+    args.search_samples = args.search_samples or (250 if args.quick else 500)
+    args.holdout_seeds = args.holdout_seeds or (
+        [1001, 1002] if args.quick else [1001, 1002, 1003, 1004, 1005]
     )
-    parser.add_argument("--budget", type=int, default=150)
-    parser.add_argument("--seed", type=int, default=0, help="optimiser seed")
-    parser.add_argument("--search-samples", type=int, default=500)
-    parser.add_argument("--holdout-seeds", type=int, nargs="+", default=[1001, 1002, 1003, 1004, 1005])
-    parser.add_argument("--holdout-samples", type=int, default=1000)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.budget, args.search_samples, args.holdout_seeds, args.holdout_samples = (
-            10,
-            250,
-            [1001, 1002],
-            250,
-        )
+    args.holdout_samples = args.holdout_samples or (250 if args.quick else 1000)
     args.tag = (
         "quick"
         if args.quick
-        else (f"b{args.budget}-s{args.search_samples}-h{len(args.holdout_seeds)}x{args.holdout_samples}")
+        else f"b{args.budget}-s{args.search_samples}-h{len(args.holdout_seeds)}x{args.holdout_samples}"
     )
     return args
 
@@ -395,17 +361,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup.ensure_trained(cm=any(p in ("cm", "nfe") for p in args.parts))
-    started = time.monotonic()
-    rows: dict[str, dict] = {}
-    cm_base = None
     with setup.LocalRay() as local_ray:
-        machine = setup.machine_info()
-        for part in args.parts:
-            if part == "nfe":
-                cm_base = base_scores(args, local_ray)
-            else:
-                rows[part] = run_part_search(part, args, local_ray)
-            write(args, rows, cm_base, machine, time.monotonic() - started)
+        record = setup.record(args)
+
+        def measure(part: str, _config: object, _seed: int) -> dict:
+            return base_scores(args, local_ray) if part == "nfe" else run_part_search(part, args, local_ray)
+
+        sweep = harness.Sweep(
+            "paper_claims", configs={part: part for part in args.parts}, seeds=[args.seed], measure=measure
+        )
+        # the searches and the base scores are cached under outputs/bench/claims-<tag>/: rows are read again
+        measured = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)
+    rows = {r["config"]: r for r in measured if r["config"] != "nfe"}
+    cm_base = next((r for r in measured if r["config"] == "nfe"), None)
+    claims = build_claims(rows, cm_base)
+    finished = [p for p in PARTS if p in rows or (p == "nfe" and cm_base is not None)]
+    study = {
+        "budget": args.budget,
+        "search_samples": args.search_samples,
+        "seed": args.seed,
+        "holdout_seeds": args.holdout_seeds,
+        "holdout_samples": args.holdout_samples,
+        "algo": ALGO,
+        "early_fraction": EARLY_FRACTION,
+        "evaluators": 2,
+    }
+    sweep = dataclasses.replace(sweep, describe=setup_line(study, finished))
+    sweep.extra.update(
+        parts_requested=args.parts,
+        parts_finished=finished,
+        setup=study,
+        claims=claims,
+        cm_base_nfe2=cm_base,
+        runs=rows,
+    )
+    harness.finish(
+        sweep,
+        args,
+        record,
+        measured,
+        notes=notes(claims, rows, cm_base),
+        title="LCSC paper claims on MNIST, paired over held-out seeds",
+        sections=[("Claims", table_markdown(claims))],
+    )
 
 
 if __name__ == "__main__":

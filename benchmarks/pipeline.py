@@ -6,15 +6,17 @@ Every system trains on the path users run: a token file written by `checkfree_ra
 built-in text, byte-level) read by the token-file loader, under the cosine learning-rate schedule; the
 single-process baseline reads the same batches and follows the same schedule.
 
-`python benchmarks/pipeline.py [--quick]` prints a table and writes benchmarks/results/pipeline.json
-with the machine's description. Ratios, not absolute times, are what to quote.
+`python benchmarks/pipeline.py [--quick] [--seeds 0 1 2] [--sections throughput,save]` prints a table and writes
+benchmarks/results/pipeline.json (--quick: outputs/bench/quick/) with the machine's description; the throughput
+comparison is a harness sweep of systems x rounds (the seeds). Ratios, not absolute times, are what to quote.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +30,9 @@ for _k, _v in {
 
 import ray
 import torch
-from _common import machine_info, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 from checkfree_ray.data import load_text_bytes, make_corpus
 from checkfree_ray.executor import PipelineExecutor
@@ -38,8 +42,6 @@ from checkfree_ray.recovery_rules import gradient_weights
 from checkfree_ray.tokenizing import tokenize
 from rayops.paired import paired_difference
 from schemas.train import PipelineSpec, TrainSpec
-
-RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 
 
 def make_spec(size: dict, strategy: str, **extra) -> TrainSpec:
@@ -126,12 +128,9 @@ class Pipeline:
         return times
 
 
-def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
-    """Single process and the pipelines, alternated in blocks; ratios per round, their medians and a 95% interval.
-
-    Each round runs one block of each system (the order reverses every round), so load from other work on the
-    machine hits both sides of each ratio about equally. "none" is GPipe, "none-1f1b" the same under 1F1B.
-    """
+def throughput_systems(size: dict) -> dict:
+    """The single process (1 and 2 torch threads) and the pipelines, each warmed up: "none" is GPipe, "none-1f1b"
+    the same under 1F1B."""
     standby_off = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1}}
     one_f_one_b = {"pipeline": {"warm_standby": False, "num_cpus_per_stage": 0.1, "schedule": "1f1b"}}
     # "single" runs one torch thread, as each stage does; "single-2t" may use both cores, the stricter baseline
@@ -143,16 +142,31 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
     }
     for system in systems.values():
         system.block(2)  # warm-up
-    names = list(systems)
-    per_round = {name: [] for name in names}
+    return systems
+
+
+def paired_throughput(size: dict, args, block_steps: int) -> tuple[dict, list[dict], harness.Sweep]:
+    """Single process and the pipelines, alternated in blocks (a harness sweep: systems x rounds, the order
+    reversed every round, so load from other work on the machine hits both sides of each ratio about equally);
+    ratios per round, their medians and a 95% interval, the sweep's rows and the sweep."""
+    systems = throughput_systems(size)
+    sweep = harness.Sweep(
+        "pipeline",
+        configs={name: name for name in systems},
+        seeds=harness.chosen_seeds(args),
+        measure=lambda name, _name, _round: {"step_s": statistics.median(systems[name].block(block_steps))},
+        alternate=True,
+    )
     try:
-        for r in range(rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                per_round[name].append(statistics.median(systems[name].block(block_steps)))
+        rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)  # timings are never reused
     finally:
         for system in systems.values():
             if isinstance(system, Pipeline):
                 system.executor.shutdown()
+    per_round = {
+        name: [r["step_s"] for r in sorted(rows, key=lambda r: r["seed"]) if r["config"] == name]
+        for name in systems
+    }
     step_s = {name: statistics.median(v) for name, v in per_round.items()}
     # tokens/s ratio pipeline / single = single step time / pipeline step time, per round (same tokens per step)
     ratios = {
@@ -166,19 +180,23 @@ def paired_throughput(size: dict, rounds: int, block_steps: int) -> dict:
         for s in ("checkfree", "checkfree+")
     }
     tokens = tokens_per_step(make_spec(size, "none"))
-    return {
-        "rounds": rounds,
-        "block_steps": block_steps,
-        "step_s_per_round": per_round,
-        "tokens_per_s": {name: tokens / t for name, t in step_s.items()},
-        "ratios_per_round": ratios,
-        "ratios_median": {k: statistics.median(v) for k, v in ratios.items()},
-        "ratios_mean_ci95": {k: _interval(v) for k, v in ratios.items()},
-        "pipeline_over_single_median": statistics.median(ratios["none_over_single"]),
-        "pipeline_over_single_2threads_median": statistics.median(ratios["none_over_single-2t"]),
-        "overhead_vs_none_per_round": overhead,
-        "overhead_vs_none_median": {s: statistics.median(v) for s, v in overhead.items()},
-    }
+    return (
+        {
+            "rounds": len(sweep.seeds),
+            "block_steps": block_steps,
+            "step_s_per_round": per_round,
+            "tokens_per_s": {name: tokens / t for name, t in step_s.items()},
+            "ratios_per_round": ratios,
+            "ratios_median": {k: statistics.median(v) for k, v in ratios.items()},
+            "ratios_mean_ci95": {k: _interval(v) for k, v in ratios.items()},
+            "pipeline_over_single_median": statistics.median(ratios["none_over_single"]),
+            "pipeline_over_single_2threads_median": statistics.median(ratios["none_over_single-2t"]),
+            "overhead_vs_none_per_round": overhead,
+            "overhead_vs_none_median": {s: statistics.median(v) for s, v in overhead.items()},
+        },
+        rows,
+        sweep,
+    )
 
 
 def _interval(ratios: list[float]) -> list[float]:
@@ -276,40 +294,44 @@ def recovery_times(size: dict, tmp: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="A smaller model and fewer steps.")
-    parser.add_argument(
+    cli = harness.parser(__doc__, seeds=range(5), quick_seeds=range(7))  # seeds: the paired throughput rounds
+    cli.add_argument(
         "--sections",
         default="throughput,recovery,scope,save",
         help="Comma-separated parts to run: throughput, recovery, scope, save.",
     )
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="Paired rounds of the throughput comparison."
-    )
-    parser.add_argument("--out", type=Path, default=None, help="Where to write the JSON results.")
-    args = parser.parse_args()
+    args = cli.parse_args()
     sections = set(args.sections.split(","))
     if args.quick:
         size = {
             "model": {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64},
             "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 8},
         }
-        rounds, block_steps = args.rounds or 7, 6
+        block_steps = 6
     else:
         size = {
             "model": {"d_model": 128, "n_layers": 8, "n_heads": 4, "seq_len": 128},
             "pipeline": {"num_stages": 4, "micro_batches": 4, "micro_batch_size": 16},
         }
-        rounds, block_steps = args.rounds or 5, 3
+        block_steps = 3
     size["data"] = {
         "tokens_uri": token_file(Path(os.environ.get("TMPDIR", "/tmp")) / f"cf-bench-tok-{os.getpid()}")
     }
     size["optim"] = {"schedule": "cosine", "warmup_steps": 5, "decay_steps": 500, "min_lr": 1e-4}
+    rounds = len(harness.chosen_seeds(args))
+    record = harness.run_record(
+        args,
+        torch_threads_per_actor=1,
+        single_process_torch_threads=[1, 2],
+        note="2 shared cores; compare ratios measured in one run",
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     rows, out = [], {"size": size, "load_average_at_start": list(os.getloadavg())}
+    sweep_rows: list[dict] = []
+    sweep = harness.Sweep("pipeline", configs={}, seeds=harness.chosen_seeds(args), measure=lambda *_: {})
 
     if "throughput" in sections:
-        tp = paired_throughput(size, rounds, block_steps)
+        tp, sweep_rows, sweep = paired_throughput(size, args, block_steps)
         out["throughput"] = tp
         for pipe, label in (("none", "GPipe"), ("none-1f1b", "1F1B")):
             for single, threads in (("single", 1), ("single-2t", 2)):
@@ -369,19 +391,23 @@ def main() -> None:
             )
     ray.shutdown()
 
-    out["machine"] = machine_info(
-        torch_threads_per_actor=1,
-        single_process_torch_threads=[1, 2],
-        quick=args.quick,
-        note="2 shared cores; compare ratios measured in one run",
-    )
     out["table"] = {name: value for name, value in rows}
     width = max(len(name) for name, _ in rows)
     print(f"{'measure':<{width}}  value")
     for name, value in rows:
         print(f"{name:<{width}}  {value:.4g}")
-    path = args.out or (RESULTS.with_name("pipeline_quick.json") if args.quick else RESULTS)
-    write_json(path, out)
+    sweep = dataclasses.replace(
+        sweep,
+        describe=(
+            "throughput rows: the median step seconds of a block of steps per system and round (= seed), the "
+            "systems alternated; recovery, norm scope and save stall as their own sections"
+        ),
+        extra=out,
+    )
+    paired = (
+        [harness.paired_table(sweep_rows, "step_s", baseline="none", better="lower")] if sweep_rows else []
+    )
+    harness.finish(sweep, args, record, sweep_rows, paired=paired, title="Pipeline benchmark")
 
 
 def norm_scope(size: dict, out: dict) -> list:

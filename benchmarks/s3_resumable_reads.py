@@ -6,24 +6,30 @@ GETs. This measures what that costs when nothing breaks: each round reads the sa
 (boto3 `get_object().read()`, `storage.read_bytes`, boto3 `download_file`, `storage.download_file`), and the
 ratios of the medians are printed and written to `benchmarks/results/s3_resumable_reads.json`.
 
-    nice -n 10 .venv/bin/python benchmarks/s3_resumable_reads.py [--mib 64] [--rounds 7] [--quick]
+    nice -n 10 .venv/bin/python benchmarks/s3_resumable_reads.py [--mib 64] [--seeds 0 1 2 3 4 5 6] [--quick]
+
+Rounds are the harness's seeds.
 
 Runtime: about a minute on 2 cores; --quick (16 MiB, 3 rounds; written to outputs/bench/quick/) a few seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import QUICK_RESULTS, RESULTS, machine_info, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 from rayops import storage
 from rayops.s3_server import start_seaweedfs
+
+BOTO_READ, OUR_READ = "boto3 get_object().read()", "storage.read_bytes"
+BOTO_DOWNLOAD, OUR_DOWNLOAD = "boto3 download_file (s3transfer)", "storage.download_file"
 
 
 def timed(fn) -> float:
@@ -53,23 +59,20 @@ def ways(uri: str, expected: bytes, scratch: Path) -> dict:
         assert (scratch / "ours.bin").stat().st_size == len(expected)
 
     return {
-        "boto3 get_object().read()": boto_read,
-        "storage.read_bytes": storage_read,
-        "boto3 download_file (s3transfer)": boto_download,
-        "storage.download_file": storage_download,
+        BOTO_READ: boto_read,
+        OUR_READ: storage_read,
+        BOTO_DOWNLOAD: boto_download,
+        OUR_DOWNLOAD: storage_download,
     }
 
 
 def main() -> None:
     """Measure, print the table, write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=64, help="object size in MiB")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
-    parser.add_argument(
-        "--quick", action="store_true", help="16 MiB, 3 rounds, written to outputs/bench/quick/"
-    )
-    args = parser.parse_args()
-    mib, rounds = (16, 3) if args.quick else (args.mib, args.rounds)
+    cli = harness.parser(__doc__, seeds=range(7), quick_seeds=range(3))
+    cli.add_argument("--mib", type=int, default=None, help="object size in MiB (default 64; quick 16)")
+    args = cli.parse_args()
+    mib = args.mib or (16 if args.quick else 64)
+    record = harness.run_record(args)
     server = start_seaweedfs()
     try:
         os.environ.update(server.env())
@@ -79,36 +82,31 @@ def main() -> None:
         storage.write_bytes(uri, payload)
         with tempfile.TemporaryDirectory() as scratch:
             reads = ways(uri, payload, Path(scratch))
-            seconds = {name: [] for name in reads}
-            for _ in range(rounds):
-                for name, fn in reads.items():
-                    seconds[name].append(timed(fn))
+            sweep = harness.Sweep(
+                "s3_resumable_reads",
+                configs={name: name for name in reads},
+                seeds=harness.chosen_seeds(args),
+                measure=lambda name, _name, _round: {"seconds": timed(reads[name])},
+                describe=f"one read of a {mib} MiB object four ways per round (= seed), SeaweedFS on loopback",
+            )
+            rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)  # timings are never reused
     finally:
         server.stop()
+    seconds = {name: [r["seconds"] for r in rows if r["config"] == name] for name in sweep.configs}
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     ratios = {
-        "read_bytes / boto3 read": medians["storage.read_bytes"] / medians["boto3 get_object().read()"],
-        "download_file / boto3 download_file": medians["storage.download_file"]
-        / medians["boto3 download_file (s3transfer)"],
+        "read_bytes / boto3 read": medians[OUR_READ] / medians[BOTO_READ],
+        "download_file / boto3 download_file": medians[OUR_DOWNLOAD] / medians[BOTO_DOWNLOAD],
     }
-    print(f"{mib} MiB object, {rounds} interleaved rounds, SeaweedFS on loopback")
     for name, median in medians.items():
         print(f"  {name:34s} median {median:6.3f} s  ({mib / median:7.1f} MiB/s)")
-    for name, ratio in ratios.items():
-        print(f"  {name:40s} {ratio:5.2f}x")
-    target = (QUICK_RESULTS if args.quick else RESULTS) / "s3_resumable_reads.json"
-    write_json(
-        target,
-        {
-            "mib": mib,
-            "rounds": rounds,
-            "seconds": seconds,
-            "medians_s": medians,
-            "ratios": ratios,
-            "machine": machine_info(),
-        },
-    )
-    print(f"wrote {target}")
+    sweep.extra.update(mib=mib, rounds=len(sweep.seeds), seconds=seconds, medians_s=medians, ratios=ratios)
+    paired = [
+        harness.paired_table(rows, "seconds", baseline=BOTO_READ, better="lower", configs=[OUR_READ]),
+        harness.paired_table(rows, "seconds", baseline=BOTO_DOWNLOAD, better="lower", configs=[OUR_DOWNLOAD]),
+    ]
+    notes = [f"{name}: {ratio:.2f}x (ratio of the medians)" for name, ratio in ratios.items()]
+    harness.finish(sweep, args, record, rows, paired=paired, notes=notes, title="Resumable S3 reads")
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ benchmarks/results/search_fidelity.json and .md (--quick: outputs/bench/quick/).
 
 from __future__ import annotations
 
-import argparse
-import os
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 import lcsc_setup as setup
 
 FLAT = "flat 500"
@@ -181,125 +180,116 @@ def notes(table: list[dict]) -> list[str]:
     return out
 
 
-def markdown(payload: dict) -> str:
-    """The results page, generated from the measured values."""
-    s, m = payload["setup"], payload["machine"]
-    quick_note = f" (--quick: every sample count divided by {QUICK_DIVISOR})" if payload["quick"] else ""
+def setup_line(study: dict, quick: bool) -> str:
+    """What every search of the study shares, in one paragraph."""
+    quick_note = f" (--quick: every sample count divided by {QUICK_DIVISOR})" if quick else ""
+    return (
+        f"MNIST DDPM, last 12 checkpoints, DDIM 10 steps, CMA bound 3 sigma 0.15, budget {study['budget']} "
+        f"candidates; winners re-scored at {study['final_num_samples']} samples on held-out seeds "
+        f"{study['holdout_seeds']}; optimiser seeds {study['optimizer_seeds']}; batches of "
+        f"{study['batch_size']} samples{quick_note}."
+    )
+
+
+def table_markdown(table: list[dict]) -> str:
+    """The configurations' table, generated from the measured values."""
     lines = [
-        "# Multi-fidelity LCSC search",
-        "",
-        (
-            f"MNIST DDPM, last 12 checkpoints, DDIM 10 steps, CMA bound 3 sigma 0.15, budget {s['budget']} candidates; "
-            f"winners re-scored at {s['final_num_samples']} samples on held-out seeds {s['holdout_seeds']}; optimiser "
-            f"seeds {s['optimizer_seeds']}; batches of {s.get('batch_size', 250)} samples{quick_note}. Commit {m.get('git_commit')}; load average {m['load_average']} at the "
-            f"start, {payload['load_average_end']} at the end."
-        ),
-        "",
         (
             "| config | runs | held-out FID mean ± sd | search samples | x flat | minus flat, over seeds | "
             "minus flat, over seed pairs | promoted | wall s |"
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for t in payload["table"]:
+    for t in table:
         lines.append(
             f"| {t['config']} | {t['runs']} | {t['holdout_fid_mean']:.2f} ± {t['holdout_fid_sd']:.2f} | "
             f"{t['search_samples_mean']:,.0f} | {t['sample_ratio_to_flat']:.2f} | "
             f"{setup.fmt_paired(t['vs_flat_over_optimizer_seeds'])} | {setup.fmt_paired(t['vs_flat_over_seed_pairs'])} | "
             f"{t['promoted_fraction_mean']:.2f} | {t['wall_s_mean']:.0f} |"
         )
-    lines += ["", "## Reading", ""] + [f"- {n}" for n in payload["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def write(args, rows: list[dict], machine: dict, wall: float) -> None:
-    """Tabulate the finished runs and write the JSON and markdown (a cut-short run records what ran)."""
-    flat = [r for r in rows if r["config"] == FLAT]
-    table = [
-        config_row(n, [r for r in rows if r["config"] == n], flat)
-        for n in args.configs
-        if any(r["config"] == n for r in rows)
-    ]
-    payload = {
-        "benchmark": "search_fidelity",
-        "quick": args.quick,
-        "machine": machine,
-        "load_average_end": list(os.getloadavg()),
-        "wall_time_s_this_invocation": round(wall, 1),
-        "complete": len(rows) == len(args.configs) * len(args.seeds),
-        "setup": {
-            "setting": "MNIST DDPM, last 12 ckpts, DDIM 10 steps, CMA bound 3 sigma 0.15",
-            "budget": args.budget,
-            "final_num_samples": args.final_samples,
-            "holdout_seeds": args.holdout_seeds,
-            "optimizer_seeds": args.seeds,
-            "configs": {n: CONFIGS[n] for n in args.configs},
-            "batch_size": args.batch_size,
-            "rescore_top_k": 1,
-        },
-        "table": table,
-        "baselines_holdout_fid": rows[0]["baselines_holdout_fid"],
-        "runs": rows,
-        "notes": notes(table) if flat else [],
-    }
-    text = markdown(payload)
-    path = setup.write_result("search_fidelity", payload, args.quick, text)
-    print(text, flush=True)
-    print(f"wrote {setup.display_path(path)} and .md ({wall:.0f} s)", flush=True)
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="budget 10, 1 seed, 2 held-out seeds, two configs, sample counts / 5",
-    )
-    parser.add_argument("--budget", type=int, default=96)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--final-samples", type=int, default=1000)
-    parser.add_argument("--holdout-seeds", type=int, nargs="+", default=[1001, 1002, 1003])
-    args = parser.parse_args()
-    if args.quick:
-        args.budget, args.seeds, args.holdout_seeds = 10, [0], [1001, 1002]
-        args.configs, args.final_samples = [FLAT, "ASHA 128->512 eta 4 FID_inf"], 1000 // QUICK_DIVISOR
-        args.batch_size = 8
-    tag = "quick" if args.quick else f"b{args.budget}-h{len(args.holdout_seeds)}x{args.final_samples}"
+    cli = harness.parser(__doc__, seeds=[0, 1, 2], quick_seeds=[0])
+    cli.add_argument("--budget", type=int, default=None, help="candidates per search (default 96; quick 10)")
+    cli.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS))
+    cli.add_argument("--batch-size", type=int, default=None, help=f"default {BATCH_SIZE} (quick 8)")
+    cli.add_argument("--final-samples", type=int, default=None, help="default 1000 (quick 200)")
+    cli.add_argument("--holdout-seeds", type=int, nargs="+", default=None, help="default 1001-1003 (quick 2)")
+    args = cli.parse_args()
+    quick = args.quick
+    budget = args.budget or (10 if quick else 96)
+    holdout = args.holdout_seeds or ([1001, 1002] if quick else [1001, 1002, 1003])
+    names = args.configs or ([FLAT, "ASHA 128->512 eta 4 FID_inf"] if quick else DEFAULT_CONFIGS)
+    if FLAT not in names:
+        cli.error(f"--configs must include {FLAT!r}: every schedule is compared with it")
+    final = args.final_samples or (1000 // QUICK_DIVISOR if quick else 1000)
+    batch = args.batch_size or (8 if quick else BATCH_SIZE)
+    configs = {n: scaled(CONFIGS[n], QUICK_DIVISOR) if quick else CONFIGS[n] for n in names}
+    tag = "quick" if quick else f"b{budget}-h{len(holdout)}x{final}"
     setup.ensure_trained()
-    started = time.monotonic()
-    rows = []
     with setup.LocalRay() as local_ray:
-        machine = setup.machine_info()
-        for seed in args.seeds:  # seed-major: a cut-short run still compares every config on the same seeds
-            for name in args.configs:
-                config = scaled(CONFIGS[name], QUICK_DIVISOR) if args.quick else CONFIGS[name]
-                out = setup.BENCH_OUT / f"fidelity-{tag}" / f"{setup.slug(name)}-seed{seed}"
-                spec = setup.make_spec(
-                    str(out),
-                    seed=seed,
-                    holdout_seeds=args.holdout_seeds,
-                    holdout_num_samples=args.final_samples,
-                    num_samples=config["num_samples"],
-                    budget=args.budget,
-                    rescore_top_k=1,
-                    optimizer="CMA",
-                    bound=3.0,
-                    sigma=0.15,
-                    **config["search"],
-                )
-                spec["evaluators"]["batch_size"] = args.batch_size
-                row = setup.run_cached_search(spec, local_ray) | {"config": name}
-                row["samples_spent"] = samples_spent(out)
-                row["promoted_fraction"] = promoted_fraction(out)
-                rows.append(row)
-                print(
-                    f"{name:28s} seed {seed}: winner held-out {row['winner_holdout_fid']:.2f}; search samples "
-                    f"{row['samples_spent']:,}; {row['wall_s']:.0f} s",
-                    flush=True,
-                )
-                write(args, rows, machine, time.monotonic() - started)
+        record = setup.record(args)
+
+        def measure(name: str, config: dict, seed: int) -> dict:
+            row, out = setup.study_search(
+                "fidelity",
+                tag,
+                name,
+                seed,
+                local_ray,
+                batch_size=batch,
+                holdout_seeds=holdout,
+                holdout_num_samples=final,
+                num_samples=config["num_samples"],
+                budget=budget,
+                rescore_top_k=1,
+                optimizer="CMA",
+                bound=3.0,
+                sigma=0.15,
+                **config["search"],
+            )
+            return row | {"samples_spent": samples_spent(out), "promoted_fraction": promoted_fraction(out)}
+
+        sweep = harness.Sweep(
+            "search_fidelity", configs=configs, seeds=harness.chosen_seeds(args), measure=measure
+        )
+        # the searches themselves are cached (outputs/bench/fidelity-<tag>/): the rows are read again from them
+        rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)
+    flat = [r for r in rows if r["config"] == FLAT]
+    table = [config_row(n, [r for r in rows if r["config"] == n], flat) for n in names]
+    study = {
+        "setting": "MNIST DDPM, last 12 ckpts, DDIM 10 steps, CMA bound 3 sigma 0.15",
+        "budget": budget,
+        "final_num_samples": final,
+        "holdout_seeds": holdout,
+        "optimizer_seeds": list(sweep.seeds),
+        "configs": configs,
+        "batch_size": batch,
+        "rescore_top_k": 1,
+    }
+    sweep = dataclasses.replace(sweep, describe=setup_line(study, quick))
+    sweep.extra.update(
+        setup=study,
+        complete=len(rows) == len(names) * len(sweep.seeds),
+        table=table,
+        baselines_holdout_fid=setup.baselines_of(rows),
+    )
+    paired = [
+        harness.paired_table(rows, "winner_holdout_fid", baseline=FLAT, better="lower"),
+        harness.paired_table(rows, "samples_spent", baseline=FLAT, better="lower"),
+    ]
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        paired=paired,
+        notes=notes(table),
+        title="Multi-fidelity LCSC search",
+        sections=[("Configurations", table_markdown(table))],
+    )
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ benchmarks/results/search_optimizers.json and .md (--quick: outputs/bench/quick/
 
 from __future__ import annotations
 
-import argparse
-import os
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 import lcsc_setup as setup
 
 CONFIGS = {  # name -> SearchAlgoSpec overrides
@@ -82,34 +81,31 @@ def config_row(name: str, mine: list[dict], default_rows: list[dict]) -> dict:
     }
 
 
-def markdown(payload: dict) -> str:
-    """The results page, generated from the measured values."""
-    s, table = payload["setup"], payload["table"]
+def setup_line(setup_: dict) -> str:
+    """What every search of the study shares, in one paragraph."""
+    return (
+        f"MNIST DDPM, last 12 checkpoints, DDIM {setup_['nfe']} steps, budget {setup_['budget']} (7 seed vectors "
+        f"included; 'half' configurations half of it), {setup_['search_num_samples']}-sample search FIDs in "
+        f"batches of {setup_.get('batch_size') or 250}, held-out seeds {setup_['holdout_seeds']} at "
+        f"{setup_['holdout_num_samples']} samples; optimiser seeds {setup_['optimizer_seeds']}."
+    )
+
+
+def table_markdown(payload: dict) -> str:
+    """The configurations' table and the baselines, generated from the measured values."""
     lines = [
-        "# LCSC search: optimiser configurations",
-        "",
-        (
-            f"MNIST DDPM, last 12 checkpoints, DDIM {s['nfe']} steps, budget {s['budget']} (7 seed vectors "
-            f"included; 'half' configurations half of it), {s['search_num_samples']}-sample search FIDs in batches "
-            f"of {s.get('batch_size') or 250}, held-out seeds {s['holdout_seeds']} at "
-            f"{s['holdout_num_samples']} samples; "
-            f"optimiser seeds {s['optimizer_seeds']}. Commit {payload['machine'].get('git_commit')}, load average "
-            f"{payload['machine']['load_average']} at the start."
-        ),
-        "",
         "| config | runs | held-out FID mean ± sd | search FID | gain found | minus default [95% CI] | wall s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for t in table:
+    for t in payload["table"]:
         lines.append(
             f"| {t['config']} | {t['runs']} | {t['holdout_fid_mean']:.2f} ± {t['holdout_fid_sd']:.2f} | "
             f"{t['search_fid_mean']:.2f} | {t['gain_found']}/{t['runs']} | {setup.fmt_paired(t['vs_default'])} | "
             f"{t['wall_s_mean']:.0f} |"
         )
     base = payload["baselines_holdout_fid"]
-    lines += ["", "Baselines (held-out mean): " + ", ".join(f"{k} {v:.2f}" for k, v in base.items()), ""]
-    lines += ["## Reading", ""] + [f"- {n}" for n in notes(payload)]
-    return "\n".join(lines) + "\n"
+    lines += ["", "Baselines (held-out mean): " + ", ".join(f"{k} {v:.2f}" for k, v in base.items())]
+    return "\n".join(lines)
 
 
 def notes(payload: dict) -> list[str]:
@@ -139,106 +135,100 @@ def notes(payload: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="2 configs, 1 seed, budget 10, 100-sample FIDs, 2 held-out seeds of 200",
+    cli = harness.parser(__doc__, seeds=[0, 1, 2], quick_seeds=[0])
+    cli.add_argument("--budget", type=int, default=None, help="evaluations per search (default 96; quick 10)")
+    cli.add_argument("--holdout-seeds", type=int, nargs="+", default=None)
+    cli.add_argument("--holdout-samples", type=int, default=None, help="samples per held-out score")
+    cli.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS), help="names from CONFIGS")
+    cli.add_argument(
+        "--skip-missing", action="store_true", help="tabulate finished searches only; run nothing"
     )
-    parser.add_argument("--budget", type=int, default=96)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--holdout-seeds", type=int, nargs="+", default=HOLDOUT_SEEDS)
-    parser.add_argument("--holdout-samples", type=int, default=1000, help="samples per held-out score")
-    parser.add_argument(
-        "--skip-missing", action="store_true", help="tabulate finished runs only; run nothing"
-    )
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS)[:3], help="names from CONFIGS")
-    parser.add_argument(
+    cli.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help="evaluators.batch_size (search_fidelity.py uses 32: its flat-500 CMA searches then replay here)",
     )
-    args = parser.parse_args()
-    configs = [DEFAULT_CONFIG, "TwoPointsDE b2"] if args.quick else args.configs
-    seeds = [0] if args.quick else args.seeds
-    budget = 10 if args.quick else args.budget
-    holdout = [1001, 1002] if args.quick else args.holdout_seeds
-    holdout_samples = 200 if args.quick else args.holdout_samples
-    search_samples = 100 if args.quick else 500
-    tag = "quick" if args.quick else f"b{budget}-h{len(holdout)}x{holdout_samples}"
+    args = cli.parse_args()
+    quick = args.quick
+    configs = args.configs or ([DEFAULT_CONFIG, "TwoPointsDE b2"] if quick else list(CONFIGS)[:3])
+    if DEFAULT_CONFIG not in configs:
+        cli.error(f"--configs must include the default {DEFAULT_CONFIG!r}: every config is paired with it")
+    budget = args.budget or (10 if quick else 96)
+    holdout = args.holdout_seeds or ([1001, 1002] if quick else HOLDOUT_SEEDS)
+    holdout_samples = args.holdout_samples or (200 if quick else 1000)
+    search_samples = 100 if quick else 500
+    tag = "quick" if quick else f"b{budget}-h{len(holdout)}x{holdout_samples}"
     setup.ensure_trained()
-    started = time.monotonic()
-    rows = []
     with setup.LocalRay() as local_ray:
-        machine = setup.machine_info()
-        for seed in seeds:  # seed-major: a cut-short run still compares every config on the same seeds
-            for name in configs:
-                out = setup.BENCH_OUT / f"optimizers-{tag}" / f"{setup.slug(name)}-seed{seed}"
-                if args.skip_missing and not (out / "result.json").exists():
-                    continue
-                overrides = dict(CONFIGS[name])
-                fraction = overrides.pop("budget_fraction", 1.0)
-                spec = setup.make_spec(
-                    str(out),
-                    seed=seed,
-                    num_samples=search_samples,
-                    holdout_seeds=holdout,
-                    holdout_num_samples=holdout_samples,
-                    budget=max(8, round(budget * fraction)),
-                    rescore_top_k=1,
-                    **overrides,
-                )
-                if args.batch_size:
-                    spec["evaluators"]["batch_size"] = args.batch_size
-                row = setup.run_cached_search(spec, local_ray) | {"config": name}
-                rows.append(row)
-                print(
-                    f"{name:16s} seed {seed}: search best {row['best_trial_fid']:.1f}  winner held-out "
-                    f"{row['winner_holdout_fid']:.1f}  gain {row['gain_found']}  {row['wall_s']:.0f} s",
-                    flush=True,
-                )
-                write(args, rows, configs, seeds, budget, holdout, machine, time.monotonic() - started)
+        record = setup.record(args)
 
+        def measure(name: str, overrides: dict, seed: int) -> dict | None:
+            folder = setup.study_dir("optimizers", tag, name, seed)
+            if args.skip_missing and not (folder / "result.json").exists():
+                return None
+            algo = dict(overrides)
+            fraction = algo.pop("budget_fraction", 1.0)
+            row, _ = setup.study_search(
+                "optimizers",
+                tag,
+                name,
+                seed,
+                local_ray,
+                batch_size=args.batch_size,
+                num_samples=search_samples,
+                holdout_seeds=holdout,
+                holdout_num_samples=holdout_samples,
+                budget=max(8, round(budget * fraction)),
+                rescore_top_k=1,
+                **algo,
+            )
+            return row
 
-def write(args, rows, configs, seeds, budget, holdout, machine, wall) -> None:
-    """Tabulate the runs finished so far and write the JSON and markdown (a cut-short run records what ran)."""
+        sweep = harness.Sweep(
+            "search_optimizers",
+            configs={name: CONFIGS[name] for name in configs},
+            seeds=harness.chosen_seeds(args),
+            measure=measure,
+            describe="",
+        )
+        # the searches themselves are cached (outputs/bench/optimizers-<tag>/): the rows are read again from them
+        rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)
     default_rows = [r for r in rows if r["config"] == DEFAULT_CONFIG]
     table = [
         config_row(name, [r for r in rows if r["config"] == name], default_rows)
         for name in configs
         if any(r["config"] == name for r in rows)
     ]
-    payload = {
-        "benchmark": "search_optimizers",
-        "quick": args.quick,
-        "complete": len(rows) == len(configs) * len(seeds),
-        "setup": {
-            "recipe": "MNIST DDPM (v-pred, cosine), outputs/bench/mnist-ddpm",
-            "checkpoints": "last 12",
-            "sampler": "ddim_sample",
-            "nfe": 10,
-            "search_num_samples": rows[0]["search_num_samples"],
-            "holdout_seeds": holdout,
-            "holdout_num_samples": rows[0]["holdout_num_samples"],
-            "budget": budget,
-            "optimizer_seeds": seeds,
-            "configs": configs,
-            "evaluators": 2,
-            "batch_size": args.batch_size,
-            "rescore_top_k": 1,
-        },
-        "machine": machine,
-        "load_average_end": list(os.getloadavg()),
-        "wall_time_s_this_invocation": round(wall, 1),
-        "baselines_holdout_fid": rows[0]["baselines_holdout_fid"],
-        "table": table,
-        "runs": rows,
+    study = {
+        "recipe": "MNIST DDPM (v-pred, cosine), outputs/bench/mnist-ddpm",
+        "checkpoints": "last 12",
+        "sampler": "ddim_sample",
+        "nfe": 10,
+        "search_num_samples": search_samples,
+        "holdout_seeds": holdout,
+        "holdout_num_samples": holdout_samples,
+        "budget": budget,
+        "optimizer_seeds": list(sweep.seeds),
+        "configs": configs,
+        "evaluators": 2,
+        "batch_size": args.batch_size,
+        "rescore_top_k": 1,
     }
-    text = markdown(payload)
-    path = setup.write_result("search_optimizers", payload, args.quick, text)
-    print(text)
-    print(f"wrote {setup.display_path(path)} and .md ({wall:.0f} s)", flush=True)
+    payload = {"table": table, "baselines_holdout_fid": setup.baselines_of(rows)}  # the runs are the rows
+    sweep = dataclasses.replace(sweep, describe=setup_line(study))
+    sweep.extra.update(setup=study, complete=len(rows) == len(configs) * len(sweep.seeds), **payload)
+    paired = harness.paired_table(rows, "winner_holdout_fid", baseline=DEFAULT_CONFIG, better="lower")
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        paired=[paired],
+        notes=notes(payload),
+        title="LCSC search: optimiser configurations",
+        sections=[("Configurations", table_markdown(payload))],
+    )
 
 
 if __name__ == "__main__":

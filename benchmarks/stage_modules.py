@@ -6,23 +6,27 @@ alternating paired rounds, prints the ratio and writes benchmarks/results/stage_
 same outputs (checked to 1e-5 first).
 
 Runtime: about 15-30 s on one core (7 rounds of 10 hops each way, ~13 s of hops at load 3-15, plus imports);
-`--quick` runs 3 rounds of 5, under 10 s.
+`--quick` runs 3 rounds of 5, under 10 s (written under outputs/bench/quick/).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS, machine_info, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 from checkfree_ray.hf_llama import hf_config_dict, stage_states_to_hf
 from checkfree_ray.model import ModelConfig, build_parts
 from checkfree_ray.stage import initial_stage_state
 from schemas.train import LlamaSpec
+
+OURS, THEIRS = "ours", "transformers"
 
 
 class HFStage(torch.nn.Module):
@@ -77,36 +81,53 @@ def hop_seconds(stage: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="Fewer rounds.")
-    parser.add_argument("--out", type=Path, default=RESULTS / "stage_modules.json")
-    args = parser.parse_args()
+    cli = harness.parser(__doc__, seeds=range(7), quick_seeds=range(3))
+    cli.add_argument(
+        "--repeats", type=int, default=None, help="hops per round and stage (default 10; quick 5)"
+    )
+    args = cli.parse_args()
+    repeats = args.repeats or (5 if args.quick else 10)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ours, theirs = build(layers=2, d=128, heads=4, seq_len=128)
     x = torch.randn(16, 128, 128)
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x), atol=1e-5), "the two stages differ"
-    rounds, repeats = (3, 5) if args.quick else (7, 10)
-    pairs = []
-    for _ in range(rounds):
-        a, b = hop_seconds(ours, x, repeats), hop_seconds(theirs, x, repeats)
-        pairs.append({"ours_s": a, "transformers_s": b, "ratio": b / a})
-    ratio = statistics.median(p["ratio"] for p in pairs)
-    print(f"{'round':>5} {'ours ms':>9} {'transformers ms':>16} {'ratio':>6}")
-    for i, p in enumerate(pairs):
-        print(f"{i:>5} {p['ours_s'] * 1e3:>9.2f} {p['transformers_s'] * 1e3:>16.2f} {p['ratio']:>6.3f}")
-    print(f"median transformers / ours: {ratio:.3f}")
     import transformers
 
-    write_json(
-        args.out,
-        {
-            "machine": machine_info(transformers=transformers.__version__),
-            "shape": {"d_model": 128, "blocks": 2, "batch": 16, "seq_len": 128},
-            "rounds": pairs,
-            "median_ratio_transformers_over_ours": ratio,
-        },
+    record = harness.run_record(args, transformers=transformers.__version__)
+    stages = {OURS: ours, THEIRS: theirs}
+    sweep = harness.Sweep(
+        "stage_modules",
+        configs={OURS: "checkfree_ray.model Stage", THEIRS: "transformers LlamaDecoderLayer stack"},
+        seeds=harness.chosen_seeds(args),
+        measure=lambda name, _what, _round: {"seconds": hop_seconds(stages[name], x, repeats)},
+        describe=(
+            f"median seconds of {repeats} forward + backward hops of one stage (d 128, 2 blocks, 16 sequences of "
+            "128 tokens, 1 torch thread) per round (= seed), both stacks from the same weights, alternating"
+        ),
+    )
+    rows = harness.run_sweep(sweep, harness.results_dir(args), fresh=True)  # timings are never reused
+    by_round = {(r["config"], r["seed"]): r["seconds"] for r in rows}
+    pairs = [{"ours_s": by_round[(OURS, s)], "transformers_s": by_round[(THEIRS, s)]} for s in sweep.seeds]
+    for p in pairs:
+        p["ratio"] = p["transformers_s"] / p["ours_s"]
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    print(f"median transformers / ours: {ratio:.3f}")
+    sweep.extra.update(
+        shape={"d_model": 128, "blocks": 2, "batch": 16, "seq_len": 128},
+        rounds=pairs,
+        median_ratio_transformers_over_ours=ratio,
+    )
+    paired = harness.paired_table(rows, "seconds", baseline=OURS, better="lower")
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        paired=[paired],
+        notes=[f"median ratio transformers / ours over {len(pairs)} rounds: {ratio:.3f}"],
+        title="Stage modules against transformers' decoder layers",
     )
 
 

@@ -94,3 +94,39 @@ def test_finish_writes_record_rows_and_notes(harness, tmp_path):
     ] == "b"
     notes = (tmp_path / "quick" / "t.md").read_text()
     assert "| b |" in notes and "- n1" in notes
+
+
+def test_alternate_sweeps_reverse_the_order_on_every_other_seed(harness):
+    """With `alternate`, no config always runs first in its round (A B, B A, A B)."""
+    calls = []
+
+    def measure(name, config, seed):
+        calls.append((name, seed))
+        return {"value": config}
+
+    sweep = harness.Sweep("alt", configs={"a": 1, "b": 2}, seeds=[0, 1, 2], measure=measure, alternate=True)
+    rows = harness.run_sweep(sweep, harness.results_dir(_args(harness)), fresh=True, progress=lambda _: None)
+    assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert [(r["config"], r["seed"]) for r in rows] == calls
+
+
+def test_finish_puts_a_benchmarks_own_sections_in_its_notes(harness, tmp_path):
+    """A benchmark's own table (`sections`) is written into the Markdown, after what is measured."""
+    sweep = harness.Sweep("own", configs={"a": 1}, seeds=[0], measure=lambda *_: {}, describe="one thing")
+    args = _args(harness)
+    rows = [{"config": "a", "seed": 0}]
+    harness.finish(sweep, args, harness.run_record(args), rows, sections=[("Claims", "| x |\n|---|\n| 1 |")])
+    text = (tmp_path / "results" / "own.md").read_text()
+    assert text.index("## What is measured") < text.index("## Claims") < text.index("## Run")
+    assert "| 1 |" in text
+
+
+def test_a_measure_that_returns_none_leaves_its_row_out(harness):
+    """None from `measure` (e.g. a search not run yet, when only tabulating) is no row and is not cached."""
+    sweep = harness.Sweep(
+        "gaps", configs={"a": 1, "b": 2}, seeds=[0, 1], measure=lambda n, c, s: None if n == "b" else {"v": s}
+    )
+    out = harness.results_dir(_args(harness))
+    rows = harness.run_sweep(sweep, out, fresh=True, progress=lambda _: None)
+    assert [(r["config"], r["seed"]) for r in rows] == [("a", 0), ("a", 1)]
+    assert set(harness.cached_rows(sweep, out)) == {("a", 0), ("a", 1)}
