@@ -32,7 +32,10 @@ def test_submit_bad_spec_exits_2(tmp_path):
     assert outcome.exit_code == 2 and "n_layers" in outcome.output
 
 
+# `extended`: a spec submitted through the SDK to a local head it starts is, in `make test`,
+# test_lcsc_jobs.py (the same `rayops.jobs.submit_spec`); a training run as a Ray job is test_checkfree_spot_e2e.py.
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(300)
 def test_submit_training_to_local_head(tmp_path, monkeypatch):
     """A tiny spec submitted to a local head SUCCEEDS and `.result()` is its TrainResult (4 steps, 1 recovery)."""
