@@ -149,8 +149,11 @@ def test_hybrid_rebuilds_a_single_loss_and_rolls_adjacent_losses_back(ray_local,
         rollbacks = {f.rolled_back_to for f in h.failures if f.step == 9}
         assert [m[2] for m in methods[1:]] == ["checkpoint", "checkpoint"] and len(rollbacks) == 1
         restored = rollbacks.pop()
-        # the latest save the policy started before the loss (a save in flight is finished first), after the copy
-        assert restored == max(s for s in saves if s < 9) >= 4
+        # the latest save the policy started before the loss (a save in flight is finished first), after the copy;
+        # or the one before it when the lost stages had not yet written their shards of the latest (on loaded cores
+        # a write can still be running when its stage is killed: that save is incomplete and never loaded)
+        started_before = sorted(s for s in saves if s < 9)
+        assert restored in started_before[-2:] and restored >= 4, (restored, saves)
         chosen = h.checkpoint_intervals
         assert chosen and chosen[0]["every"] >= hybrid.MIN_EVERY and "Young/Daly" in chosen[0]["reason"]
         assert chosen[0]["prior"] == "recovery.expected_mtbf_s=60s"
