@@ -27,7 +27,7 @@ from checkfree_ray.liveness import StageLost, phase_of, stuck_stages, unanswerin
 from checkfree_ray.model_config import ModelConfig
 from checkfree_ray.pool import StagePool
 from checkfree_ray.recovery_rules import EMBED, HEAD
-from checkfree_ray.timeouts import CONFIGURE_TIMEOUT_S, CONNECT_TIMEOUT_S, PING_TIMEOUT_S
+from checkfree_ray.timeouts import CONFIGURE_TIMEOUT_S, CONNECT_TIMEOUT_S, FETCH_TIMEOUT_S, PING_TIMEOUT_S
 from checkfree_ray.transport import Transport, may_be_direct, open_transport
 from schemas.errors import RecoveryError
 from schemas.train import TrainSpec
@@ -204,22 +204,34 @@ class StageGroup:
         """CheckFree+: collect the copies submitted with the step (`pending`), or copy now (after a recovery or at
         start); redundant: back up each successor, tagged `state_step`. Bounded by the step timeout; raises Ray's
         error when a stage is lost meanwhile."""
+        copies, backups = self._submit_replicas(pending)
+        self._collect_replicas(copies, backups, self.step_timeout(), time.perf_counter())
+
+    def _submit_replicas(self, pending: list | None) -> tuple[list | None, list | None]:
+        """The copy refs (`pending`, else submitted now; None when none is due) and the backup refs (redundant)."""
         S, a = self.S, self.actors
         copies = pending if pending is not None else self.copy_refs()
-        if copies is not None:
-            self.history.costs["copy_bytes_held"] = float(sum(ray.get(copies, timeout=self.step_timeout())))
+        backups = None
         if self.strategy == "redundant":
-            start = time.perf_counter()
             backups = [
                 a[i].hold_backup.remote(a[(i + 1) % S].get_state.remote(include_optim=True), self.state_step)
                 for i in range(S)
             ]
-            held = ray.get(backups, timeout=self.step_timeout())
+        return copies, backups
+
+    def _collect_replicas(
+        self, copies: list | None, backups: list | None, timeout_s: float, started: float
+    ) -> None:
+        """Wait (up to `timeout_s`) for the copies and backups and count what they hold."""
+        if copies is not None:
+            self.history.costs["copy_bytes_held"] = float(sum(ray.get(copies, timeout=timeout_s)))
+        if backups is not None:
+            held = ray.get(backups, timeout=timeout_s)
             costs = self.history.costs
             costs["redundant_bytes_held"] = float(sum(held))
             costs["redundant_bytes_sent_per_step"] = float(sum(held))
             costs["redundant_sync_s_total"] = (
-                costs.get("redundant_sync_s_total", 0.0) + time.perf_counter() - start
+                costs.get("redundant_sync_s_total", 0.0) + time.perf_counter() - started
             )
 
     def commit_replicas(self, step: int, loss: float, norms: list[dict | None]) -> None:
@@ -227,8 +239,10 @@ class StageGroup:
         (dead, or silent past the bound: then killed) raises `StageLost` in the optimizer phase with the step's
         `norms` and `loss`, so that the step is rolled forward or run again, never half committed."""
         pending, self.pending_copies = self.pending_copies, None
+        started = time.perf_counter()
+        copies, backups = self._submit_replicas(pending)
         try:
-            self.sync_replicas(pending=pending)
+            self._collect_replicas(copies, backups, self.step_timeout(), started)
         except ray.exceptions.RayError as exc:
             detected_at = time.monotonic()
             self.abandon(list(pending or []))
@@ -240,12 +254,24 @@ class StageGroup:
                 self.kill(stage)
             lost = sorted(set(dead) | set(silent))
             if not lost:
-                if isinstance(exc, ray.exceptions.GetTimeoutError):
+                if not isinstance(exc, ray.exceptions.GetTimeoutError):
+                    raise
+                # Late, not lost: each stage answered a ping queued behind its copy and backup calls (a stage runs
+                # its calls in order), so those have run by now; a stalled queue (a slow transfer to a node that
+                # just joined, Ray's 30 s reorder wait after a lost or moved stage) only delayed them.
+                try:
+                    self._collect_replicas(copies, backups, FETCH_TIMEOUT_S, started)
+                except ray.exceptions.RayError:
                     raise RecoveryError(
                         f"the copies and backups of step {step} did not finish within "
                         f"{self.step_timeout():.1f}s although every stage answers; raise `recovery.step_timeout_s`"
                     ) from None
-                raise
+                log.warning(
+                    "step %d: the copies and backups took longer than %.1fs, every stage answering; committed",
+                    step,
+                    self.step_timeout(),
+                )
+                return
             log.warning(
                 "step %d: stage(s) %s lost after their optimizer step, before their copies and backups landed "
                 "(%s); the step is rolled forward or run again",

@@ -63,18 +63,28 @@ class SpotEvent:
 
 
 def plan_spot_events(
-    seed: int, count: int, window_s: float, notice_s: float = 20.0, drain_share: float = 0.5
+    seed: int,
+    count: int,
+    window_s: float,
+    notice_s: float = 20.0,
+    drain_share: float = 0.5,
+    both_kinds: bool = False,
 ) -> list[PlannedEvent]:
     """`count` events at sorted uniform moments in [0, window_s), a share `drain_share` of them drains;
-    moments, kinds and targets come from separate streams of `SeedSequence(seed)`."""
+    moments, kinds and targets come from separate streams of `SeedSequence(seed)`. `both_kinds`: a plan of 2 or
+    more events that drew one kind only gets the other kind at one event, drawn from the kinds' stream."""
     if count < 0 or window_s <= 0 or notice_s < 0 or not 0.0 <= drain_share <= 1.0:
         raise ValueError(
             f"need count >= 0 ({count}), window_s > 0 ({window_s}), notice_s >= 0 ({notice_s}) "
             f"and 0 <= drain_share <= 1 ({drain_share})"
         )
+    if both_kinds and count < 2:
+        raise ValueError(f"both_kinds needs count >= 2 events, got {count}")
     moments, kinds, picks = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     at = np.sort(moments.uniform(0.0, window_s, count))
     is_drain = kinds.uniform(size=count) < drain_share
+    if both_kinds and (is_drain.all() or not is_drain.any()):
+        is_drain[int(kinds.integers(count))] = not is_drain[0]
     targets = picks.uniform(size=count)
     return [
         PlannedEvent(float(t), DRAIN if d else RECLAIM, float(notice_s), float(p))
