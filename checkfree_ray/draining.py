@@ -55,7 +55,7 @@ class Decision:
 
 
 def copy_estimate_s(state_bytes: int, rate_bytes_s: float, warm: bool) -> float:
-    """Seconds a hand-off of `state_bytes` should take: a fixed cost (and a process start when no standby is up)
+    """Seconds a hand-off of `state_bytes` should take: a fixed cost (and a process start when no standby is up or starting)
     plus the bytes at the copy rate."""
     return WARM_FIXED_S + (0.0 if warm else COLD_START_S) + state_bytes / rate_bytes_s
 
@@ -194,9 +194,18 @@ class DrainHandler:
         if not draining:
             return
         avoid = frozenset(draining)
-        for stage, node in enumerate(self.locate(list(group.actors))):
-            if node in draining and self.tries.get((stage, node), 0) < MAX_TRIES:
+        due = [
+            (stage, node)
+            for stage, node in enumerate(self.locate(list(group.actors)))
+            if node in draining and self.tries.get((stage, node), 0) < MAX_TRIES
+        ]
+        # Several stages to move: start the actors they lack all at once, not one process start after another.
+        group.pool.start_spares(len(due))
+        try:
+            for stage, node in due:
                 self._handle(group, saver, step, stage, (node, draining[node]), avoid)
+        finally:
+            group.pool.trim_standbys()
 
     def _handle(
         self,
@@ -223,7 +232,9 @@ class DrainHandler:
             self.wall_clock_ms(),
             stage_state_bytes(group.cfg, stage),
             self.rate_bytes_s,
-            group.pool.has_ready_standby(),
+            # a standby still starting counts as warm: it started at the notice, before the hand-offs ahead of
+            # this one, and a hand-off whose actor is not up in time fails before the deadline, then recovers
+            group.pool.has_standby(),
         )
         if not decision.handoff:
             log.warning(

@@ -161,16 +161,30 @@ class StagePool:
         while len(self.standbys) < self.num_standbys:
             self._add_standby()
 
+    def start_spares(self, needed: int) -> None:
+        """Start standbys at once until `needed` are up or starting, each new one in a one-bundle group of its own
+        (placed off draining nodes, or on a node the autoscaler launches for it), so that the hand-offs of several
+        stages of a draining node do not wait for one process start after another. `trim_standbys` releases
+        those left unused."""
+        while len(self.standbys) < needed:
+            actor = self._cold_actor(own_bundle=True)
+            self.standbys.append((actor, actor.warm_up.remote()))
+
+    def trim_standbys(self) -> None:
+        """Release the standbys beyond `pipeline.standby_actors` (spares a hand-off did not use), newest first."""
+        while len(self.standbys) > self.num_standbys:
+            actor, _ = self.standbys.pop()
+            self.release(actor)
+
+    def has_standby(self) -> bool:
+        """Whether a standby is up or starting (a hand-off takes the first to come up)."""
+        return bool(self.standbys)
+
     def wait_standbys(self, timeout_s: float = READY_TIMEOUT_S) -> int:
         """Block until every standby is up (or `timeout_s` passes); returns how many are up."""
         pings = [ping for _, ping in self.standbys]
         ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s) if pings else ([], [])
         return len(ready)
-
-    def has_ready_standby(self) -> bool:
-        """Whether a standby has finished its warm-up (a hand-off or recovery would then not wait for a process)."""
-        pings = [ping for _, ping in self.standbys]
-        return bool(pings) and bool(ray.wait(pings, num_returns=1, timeout=0)[0])
 
     def note_node(self, actor, info: dict) -> None:
         """Remember the node `actor` answered from (`info`: its ping)."""
