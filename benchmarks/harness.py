@@ -25,6 +25,7 @@ for every benchmark:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -107,8 +108,18 @@ def _rows_path(sweep: Sweep, out: Path) -> Path:
     return ROWS / ("quick" if out == QUICK_RESULTS else "full") / f"{sweep.name}.rows.jsonl"
 
 
+def config_key(config: object) -> str:
+    """A digest of what a config holds (functions and other objects by their name), stored with each row: a row
+    measured with another value of the config is never taken for this one's."""
+    text = json.dumps(
+        config, sort_keys=True, default=lambda o: getattr(o, "__qualname__", type(o).__qualname__)
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def cached_rows(sweep: Sweep, out: Path) -> dict[tuple[str, int], dict]:
-    """Rows already measured for this sweep's configs and seeds (a torn last line is ignored)."""
+    """Rows already measured for this sweep's configs and seeds, with the same config value (a torn last line is
+    ignored, and so is a row measured with another value of its config, or before rows carried their key)."""
     path = _rows_path(sweep, out)
     rows: dict[tuple[str, int], dict] = {}
     if not path.exists():
@@ -118,8 +129,13 @@ def cached_rows(sweep: Sweep, out: Path) -> dict[tuple[str, int], dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if row.get("config") in sweep.configs and row.get("seed") in sweep.seeds:
-            rows[(row["config"], row["seed"])] = row
+        name = row.get("config")
+        if (
+            name in sweep.configs
+            and row.get("seed") in sweep.seeds
+            and row.get("config_key") == config_key(sweep.configs[name])
+        ):
+            rows[(name, row["seed"])] = row
     return rows
 
 
@@ -148,6 +164,7 @@ def run_sweep(
                     continue
                 row = {
                     "config": name,
+                    "config_key": config_key(config),
                     "seed": seed,
                     "seconds_measuring": time.perf_counter() - start,
                     **measured,

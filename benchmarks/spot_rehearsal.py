@@ -592,15 +592,25 @@ def main(argv: list[str] | None = None) -> int:
         engine, kind = name.split("_")
         return (spot_run if kind == "spot" else twin_run)(engine, seed, args, clusters)
 
-    configs = {f"{engine}_{kind}": {} for engine in args.engines for kind in ("spot", "twin")}
+    # each config holds the settings its runs depend on, so a cached row measured with others is measured again
+    settings = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("default_seeds", "quick_seeds", "seeds", "fresh", "engines")
+    }
+    configs = {f"{engine}_{kind}": settings for engine in args.engines for kind in ("spot", "twin")}
     sweep = Sweep(NAME, configs=configs, seeds=seeds, measure=measure)
     cf_twin_seeds = seeds[:CF_TWIN_RUNS]
     try:
         for seed in seeds:
-            for name in configs:
+            for name, config in configs.items():
                 if name == "checkfree_twin" and seed not in cf_twin_seeds:
                     continue
-                run_sweep(Sweep(NAME, configs={name: {}}, seeds=[seed], measure=measure), out, fresh=False)
+                run_sweep(
+                    Sweep(NAME, configs={name: config}, seeds=[seed], measure=measure),
+                    out,
+                    fresh=False,
+                )
     finally:
         clusters.close()
     rows = cached_rows(sweep, out)

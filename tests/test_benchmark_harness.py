@@ -63,6 +63,25 @@ def test_sweep_measures_seed_major_and_resumes_only_missing_rows(harness, tmp_pa
     assert len(calls) == 6  # --fresh measures everything again
 
 
+def test_a_row_measured_with_another_config_value_is_measured_again(harness, tmp_path):
+    """The cache is keyed by what a config holds, not only its name: changing a config's value (a size, a step
+    count) measures its rows again instead of reporting the old ones under the new settings."""
+    calls = []
+
+    def measure(name, config, seed):
+        calls.append((name, seed))
+        return {"value": config["steps"] + seed}
+
+    out = harness.results_dir(_args(harness))
+    first = harness.Sweep("k", configs={"a": {"steps": 600}, "b": {"steps": 1}}, seeds=[0], measure=measure)
+    harness.run_sweep(first, out, fresh=True, progress=lambda _: None)
+    calls.clear()
+    changed = harness.Sweep("k", configs={"a": {"steps": 900}, "b": {"steps": 1}}, seeds=[0], measure=measure)
+    rows = harness.run_sweep(changed, out, progress=lambda _: None)
+    assert calls == [("a", 0)]  # b's row, measured with the same value, is kept
+    assert [(r["config"], r["value"]) for r in rows] == [("a", 900), ("b", 1)]
+
+
 def test_paired_table_pairs_by_seed_and_draws_the_verdict(harness):
     """Differences are taken seed by seed; a consistent gap is a win/loss, a noisy one a tie."""
     rows = [{"config": "base", "seed": s, "fid": 10.0 + s} for s in range(4)]
