@@ -270,6 +270,13 @@ def fresh_workdir(engine: str, kind: str, seed: int, quick: bool) -> Path:
     return workdir
 
 
+def job_facts(engine: str, spec, workdir: Path, args, job: dict) -> dict:
+    """What a finished job kept and did, read from its output: the search's or the training's facts."""
+    if engine == "lcsc":
+        return lcsc_facts(spec, workdir, args.budget, job["logs"])
+    return checkfree_facts(workdir, args.steps)
+
+
 def spot_run(engine: str, seed: int, args, clusters: Clusters) -> dict:
     """One job on the spot cluster with the seeded events; then what was left and the scale-back."""
     cluster = clusters.spot()
@@ -315,13 +322,7 @@ def spot_run(engine: str, seed: int, args, clusters: Clusters) -> dict:
     except TimeoutError:
         scale_back_s = None
     ok = job["status"] == "SUCCEEDED"
-    facts = {}
-    if ok:
-        facts = (
-            lcsc_facts(spec, workdir, args.budget, job["logs"])
-            if engine == "lcsc"
-            else checkfree_facts(workdir, args.steps)
-        )
+    facts = job_facts(engine, spec, workdir, args, job) if ok else {}
     events = injector.timeline()
     return {
         "job_status": job["status"],
@@ -348,14 +349,8 @@ def twin_run(engine: str, seed: int, args, clusters: Clusters) -> dict:
     spec = lcsc_spec(workdir, args, seed) if engine == "lcsc" else checkfree_spec(workdir, args, twin=True)
     job = submit_and_wait(cluster.dashboard_url, engine, spec, workdir / "job", autoscales=False)
     ok = job["status"] == "SUCCEEDED"
-    facts = {}
-    if ok:
-        facts = (
-            lcsc_facts(spec, workdir, args.budget, job["logs"])
-            if engine == "lcsc"
-            else checkfree_facts(workdir, args.steps)
-        )
-        facts.pop("timeline", None)
+    facts = job_facts(engine, spec, workdir, args, job) if ok else {}
+    facts.pop("timeline", None)
     left = leftovers(cluster.dashboard_url)
     return {
         "job_status": job["status"],

@@ -55,8 +55,8 @@ class Decision:
 
 
 def copy_estimate_s(state_bytes: int, rate_bytes_s: float, warm: bool) -> float:
-    """Seconds a hand-off of `state_bytes` should take: a fixed cost (and a process start when no standby is up or starting)
-    plus the bytes at the copy rate."""
+    """Seconds a hand-off of `state_bytes` should take: a fixed cost (and a process start when no standby is up or
+    starting) plus the bytes at the copy rate."""
     return WARM_FIXED_S + (0.0 if warm else COLD_START_S) + state_bytes / rate_bytes_s
 
 

@@ -102,5 +102,6 @@ class EvaluationStore:
                     continue
             if not isinstance(record, dict) or record.get("identity", "") != self.identity:
                 continue
+            self.cache[key] = record  # as `get` keeps it: read once
             total += int(record.get("samples_drawn", match.group(1)))
         return total
