@@ -62,8 +62,6 @@ from table2_interleaved import ROUNDS, interleaved_section, interleaved_sweep
 from table2_measure import LazyCluster, without_harness_keys
 from table2_notes import costs_by_seed, notes_sections, report_tables
 
-__all__ = ["bench_spec", "run_one"]  # recovery_ablation.py imports these from here
-
 NAME = "paper_table2"
 PAPER_P = {"5%": 0.0009, "10%": 0.002, "16%": 0.004}  # per stage per iteration (paper, Table 2 setting)
 FAILURE_SCALE = 5.0

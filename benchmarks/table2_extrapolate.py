@@ -44,6 +44,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness
 from _common import RESULTS, machine_info, write_json
+from table2_measure import without_harness_keys
 from table2_scaling import (
     AffineFit,
     LinkHop,
@@ -213,7 +214,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Every cost at every width (cached rows reused), as the report reads them."""
     before = machine_info()["load_average"]
     rows = harness.run_sweep(sweep(*_sizes(args)), harness.results_dir(args), fresh=args.fresh)
-    of = lambda cost: [_measured(r) for r in rows if r["config"].startswith(cost)]
+    of = lambda cost: [without_harness_keys(r, "seed") for r in rows if r["config"].startswith(cost)]
     return {
         "compute": of("compute"),
         "saves": of("save"),
@@ -221,10 +222,6 @@ def measure(args: argparse.Namespace) -> dict:
         "load_before": before,
         "machine": machine_info(torch_threads=1),
     }
-
-
-def _measured(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ("config", "config_key", "seed", "seconds_measuring")}
 
 
 def _sizes(args: argparse.Namespace) -> tuple[list[int], int]:
