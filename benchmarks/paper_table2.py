@@ -244,7 +244,9 @@ def cost_section(rows: list[dict], quick: bool, part: dict, interleaved: dict | 
     return section
 
 
-def runs_section(rows: list[dict], seeds: list[int], target: float, max_steps: int, part: dict) -> dict:
+def runs_section(
+    rows: list[dict], seeds: list[int], rates: list[str], target: float, max_steps: int, part: dict
+) -> dict:
     """The `runs` section: the reference and each rate's runs, in the order measured."""
     runs: dict = {"reference": [], "runs": {}}
     for row in rows:
@@ -254,6 +256,7 @@ def runs_section(rows: list[dict], seeds: list[int], target: float, max_steps: i
     measured = {
         "target_val_loss": target,
         "seeds": seeds,
+        "rates": rates,
         "quick": part["quick"],
         "max_steps": max_steps,
         "eval_every": EVAL_EVERY,
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         with LazyCluster("table2") as cluster:
             sweep = runs_sweep(seeds, args.strategies, rates, target, max_steps, cluster)
             rows = harness.run_sweep(sweep, results, fresh=args.fresh)
-        measured["runs"] = runs_section(rows, seeds, target, max_steps, ended(begun, quick))
+        measured["runs"] = runs_section(rows, seeds, rates, target, max_steps, ended(begun, quick))
     missing = [k for k in ("cost_measurement", "runs") if k not in measured]
     if not missing:
         report(args, record, measured)

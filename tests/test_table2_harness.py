@@ -71,7 +71,7 @@ def test_measured_rows_become_the_runs_section_the_report_reads():
 
     rows = [row("0%/none", 0), row("16%/checkpoint", 0), row("0%/none", 1), row("16%/checkpoint", 1)]
     part = {"load_before": [1.0], "load_after": [2.0], "machine": {"niceness": 10}, "total_wall_s": 5.0}
-    runs = paper_table2.runs_section(rows, [0, 1], 2.7, 200, part | {"quick": True})
+    runs = paper_table2.runs_section(rows, [0, 1], ["16%"], 2.7, 200, part | {"quick": True})
     assert [r["seed"] for r in runs["reference"]] == [0, 1]
     assert runs["runs"]["16%"] == [
         {"seed": 0, "strategy": "checkpoint"},
@@ -80,7 +80,7 @@ def test_measured_rows_become_the_runs_section_the_report_reads():
     assert runs["parts"] == [
         {"seeds": [0, 1], "load_before": [1.0], "load_after": [2.0], "total_wall_s": 5.0, "niceness": 10}
     ]
-    assert runs["target_val_loss"] == 2.7 and runs["quick"] is True
+    assert runs["target_val_loss"] == 2.7 and runs["quick"] is True and runs["rates"] == ["16%"]
 
 
 def test_report_regenerates_the_committed_table_from_the_measured_data(results):
