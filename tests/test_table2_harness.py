@@ -85,12 +85,13 @@ def test_measured_rows_become_the_runs_section_the_report_reads():
 
 def test_report_regenerates_the_committed_table_from_the_measured_data(results):
     """`report` alone redraws every table and note of paper_table2.{json,md} from the JSON's measured data: every
-    key the committed JSON has comes out identical, the Markdown's sections too, and the run's record is added."""
+    key the committed JSON has comes out identical (but the report run's own record), the Markdown's sections too."""
     committed = json.loads((RESULTS / "paper_table2.json").read_text())
     paper_table2.main(["report"])
     regenerated = json.loads((results / "paper_table2.json").read_text())
+    record = {"machine", "code", "argv", "quick", "started_unix", "finished_unix"}  # this report's own run
     for key, value in committed.items():
-        assert regenerated[key] == value, key
+        assert key in record or regenerated[key] == value, key
     assert regenerated["code"]["commit"] and len(regenerated["rows"]) == sum(
         len(group) for group in [committed["runs"]["reference"], *committed["runs"]["runs"].values()]
     )
