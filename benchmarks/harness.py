@@ -17,7 +17,8 @@ for every benchmark:
   then seed 1, ...), so that load from other processes on shared cores hits all configs alike; with
   `alternate`, every other seed runs the configs in reverse order.
 - **Resume**: each finished row is appended to `outputs/bench/rows/<name>.rows.jsonl` as it is measured; a killed benchmark
-  rerun with the same configs and seeds measures only the rows it lacks.
+  rerun with the same configs and seeds measures only the rows it lacks. `saved_rows` reads the rows of a written
+  result back (a report regenerated from a clean checkout).
 - **Paired tables** (`paired_table`): each config against a baseline over the seeds they share, with the 95%
   interval and verdict of `rayops.paired` (the one verdict of the project).
 """
@@ -137,6 +138,22 @@ def cached_rows(sweep: Sweep, out: Path) -> dict[tuple[str, int], dict]:
         ):
             rows[(name, row["seed"])] = row
     return rows
+
+
+def saved_rows(sweep: Sweep, out: Path) -> dict[tuple[str, int], dict]:
+    """The rows of the last written `<name>.json` under `out` that are this sweep's configs and seeds, with the
+    same config value: what a report-only run tabulates again from a clean checkout (the row cache is local)."""
+    path = out / f"{sweep.name}.json"
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text()).get("rows", [])
+    return {
+        (row["config"], row["seed"]): row
+        for row in rows
+        if row.get("config") in sweep.configs
+        and row.get("seed") in sweep.seeds
+        and row.get("config_key") == config_key(sweep.configs[row["config"]])
+    }
 
 
 def run_sweep(
