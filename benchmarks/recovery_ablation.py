@@ -356,20 +356,6 @@ def report(args, record: dict, rows: list[dict], sweep: harness.Sweep) -> None:
     )
 
 
-def stored(saved: dict[tuple[str, int], dict]) -> harness.Measure:
-    """A measure that only returns rows already written (`harness.saved_rows`), None for the others."""
-
-    def measure(name: str, config: dict, seed: int) -> dict | None:
-        row = saved.get((name, seed))
-        return (
-            None
-            if row is None
-            else {k: v for k, v in row.items() if k not in ("config", "config_key", "seed")}
-        )
-
-    return measure
-
-
 def main() -> None:
     cli = harness.parser(__doc__, seeds=[0, 1, 2], quick_seeds=[0, 1])
     cli.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
@@ -397,11 +383,8 @@ def main() -> None:
         chosen = configs(args.quick, args.scales, tuple(args.strategies), tuple(args.lr_scales), args.stages)
         harness.run_sweep(harness.Sweep(NAME, chosen, seeds, measurer(log)), out, fresh=args.fresh)
     every = sorted({*seeds, *(args.quick_seeds if args.quick else args.default_seeds)})
-    sweep = harness.Sweep(NAME, configs(args.quick), every, lambda *_: None, describe=DESCRIBE)
-    sweep = harness.Sweep(
-        NAME, sweep.configs, every, stored(harness.saved_rows(sweep, out)), describe=DESCRIBE
-    )
-    report(args, record, harness.run_sweep(sweep, out), sweep)
+    sweep = harness.Sweep(NAME, configs(args.quick), every, measurer(log), describe=DESCRIBE)
+    report(args, record, harness.measured_rows(sweep, out), sweep)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness
-from recovery_ablation import measure_seed, stored, validation_set
+from recovery_ablation import measure_seed, validation_set
 from recovery_inprocess import LocalPipeline, trained_pipeline
 
 from checkfree_ray.recovery_rules import BLOCKS, plain_order, recovered_lr, reinitialised_blocks, route
@@ -258,9 +258,8 @@ def main() -> None:
     everything = [*parse_plan(QUICK["plan"] if quick else DEFAULT_PLAN), *plan]
     configs = {config_name(d, k): config(d, k, quick) for d, k in everything}
     every = sorted({*seeds, *(args.quick_seeds if quick else args.default_seeds)})
-    sweep = harness.Sweep(NAME, configs, every, lambda *_: None, describe=DESCRIBE)
-    sweep = harness.Sweep(NAME, configs, every, stored(harness.saved_rows(sweep, out)), describe=DESCRIBE)
-    rows = harness.run_sweep(sweep, out)
+    sweep = harness.Sweep(NAME, configs, every, measurer(log), describe=DESCRIBE)
+    rows = harness.measured_rows(sweep, out)
     shapes = QUICK["fresh_shapes"] if quick else FRESH_SHAPES
     fresh = [{"d_model": d, "blocks": b, "fresh_delta_rms": fresh_stage_rms(d, b)} for d, b in shapes]
     stages, after = len(configs[config_name(*plan[0])]["stages"]), configs[config_name(*plan[0])]["after"]
