@@ -338,7 +338,9 @@ def report(args, record: dict, rows: list[dict], sweep: harness.Sweep) -> None:
         measurements=[{k: v for k, v in r.items() if k not in ("seeds", "loads")} for r in results],
         within=WITHIN,
     )
-    plot(results, harness.results_dir(args) / f"{NAME}.png")
+    out = harness.results_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, out / f"{NAME}.png")
     harness.finish(
         sweep,
         args,

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness
 from recovery_ablation import measure_seed, validation_set
 from recovery_inprocess import LocalPipeline, trained_pipeline
+from recovery_width_report import DESCRIBE, report
 
 from checkfree_ray.recovery_rules import BLOCKS, plain_order, recovered_lr, reinitialised_blocks, route
 from schemas.train import TrainSpec
@@ -250,11 +251,12 @@ def main() -> None:
     seeds = harness.chosen_seeds(args)
     if not args.report_only:
         measure = measurer(log)
-        for d, k in plan:  # one entry at a time, every seed of it (see the module's docstring)
+        for index, (d, k) in enumerate(
+            plan
+        ):  # one entry at a time, every seed of it (the module's docstring)
             entry = {config_name(d, k): config(d, k, quick)}
-            harness.run_sweep(harness.Sweep(NAME, entry, seeds, measure), out, fresh=args.fresh)
-    from recovery_width_report import DESCRIBE, report
-
+            fresh = args.fresh and index == 0  # the row cache is emptied once, before the first entry
+            harness.run_sweep(harness.Sweep(NAME, entry, seeds, measure), out, fresh=fresh)
     everything = [*parse_plan(QUICK["plan"] if quick else DEFAULT_PLAN), *plan]
     configs = {config_name(d, k): config(d, k, quick) for d, k in everything}
     every = sorted({*seeds, *(args.quick_seeds if quick else args.default_seeds)})
@@ -262,9 +264,9 @@ def main() -> None:
     rows = harness.measured_rows(sweep, out)
     shapes = QUICK["fresh_shapes"] if quick else FRESH_SHAPES
     fresh = [{"d_model": d, "blocks": b, "fresh_delta_rms": fresh_stage_rms(d, b)} for d, b in shapes]
-    stages, after = len(configs[config_name(*plan[0])]["stages"]), configs[config_name(*plan[0])]["after"]
+    first = configs[config_name(*plan[0])]
     # steps run per seed in the measurement: the run-up to the failure (up to 20), the twin and each rule's run
-    measure_steps = len(SEEDS) * (stages * len(RULES) + 1) * after + len(SEEDS) * 20
+    measure_steps = len(SEEDS) * (len(first["stages"]) * len(RULES) + 1) * first["after"] + len(SEEDS) * 20
     report(args, record, rows, sweep, fresh, plan, measure_steps)
 
 

@@ -407,6 +407,7 @@ def report(
         measurements=[{k: v for k, v in r.items() if k != "seeds"} for r in results],
     )
     out = harness.results_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
     plot(results, summaries, out / "recovery_width.png")
     shown = "\n".join(
         [
