@@ -15,7 +15,8 @@ for every benchmark:
   (`+dirty` when the code had edits), the command line, start and end times.
 - **Seeds and order**: every config is measured on every seed, interleaved (seed-major: all configs on seed 0,
   then seed 1, ...), so that load from other processes on shared cores hits all configs alike; with
-  `alternate`, every other seed runs the configs in reverse order.
+  `alternate`, every other seed runs the configs in reverse order, with `rotate`, each seed starts one config
+  later.
 - **Resume**: each finished row is appended to `outputs/bench/rows/<name>.rows.jsonl` as it is measured; a killed benchmark
   rerun with the same configs and seeds measures only the rows it lacks. `saved_rows` reads the rows of a written
   result back, `measured_rows` every row measured so far (a report regenerated from a clean checkout).
@@ -63,6 +64,8 @@ class Sweep:
     extra: dict = field(default_factory=dict)  # benchmark-wide facts (sizes, bandwidth reference, ...)
     # the configs' order reversed on every other seed (A B, B A, ...): no config always runs first in a round
     alternate: bool = False
+    # the configs' order rotated by one more on each seed (A B C, B C A, C A B, ...): each config leads a round
+    rotate: bool = False
 
 
 def parser(description: str, seeds: Sequence[int], quick_seeds: Sequence[int]) -> argparse.ArgumentParser:
@@ -187,6 +190,9 @@ def run_sweep(
     total, rows = len(sweep.configs) * len(sweep.seeds), []
     for index, seed in enumerate(sweep.seeds):
         order = list(sweep.configs.items())
+        if sweep.rotate:
+            k = index % len(order)
+            order = order[k:] + order[:k]
         for name, config in order[::-1] if sweep.alternate and index % 2 else order:
             row = done.get((name, seed))
             if row is None:

@@ -1,20 +1,23 @@
 """The paper's Table 2 with an honest cost model: time to a target validation loss per strategy and failure rate.
 
-Three parts, each its own command (so that only the timing measurement runs at normal priority):
+Three measurements, each a sweep of the benchmark harness (configs x seeds, rows cached under outputs/bench/rows/
+as they are measured, so a killed run measures only the rows it lacks), and a report:
 
     python benchmarks/paper_table2.py costs [--quick]          # per-step and recovery costs, no failures drawn
+    python benchmarks/paper_table2.py interleaved [--quick]    # per-step costs from interleaved blocks
     nice -n 10 python benchmarks/paper_table2.py runs [--quick] # time to target under drawn stage kills
-    python benchmarks/paper_table2.py report                    # table, JSON, PNG and Markdown from both
+    python benchmarks/paper_table2.py report [--quick]         # table, JSON, PNG and Markdown from the measured data
 
-and, for per-step costs the machine's drift cannot bias, `interleaved` (`table2_interleaved.py`): blocks of steps
-of every strategy interleaved in one round; when its file is in the work dir, `report` takes per-step costs from it.
+(`all`, the default, runs the four in a row.) A measurement writes its measured data into the results JSON
+(`cost_measurement`, `runs`) and reports when the JSON holds both; `report` regenerates the tables, the PNG and
+the Markdown from the JSON's measured data alone. Separate processes (`runs --seeds 1`, `runs --seeds 2`) share
+the row cache: `runs --seeds 1 2` afterwards measures nothing and writes both. `--quick` (one seed, shorter cost
+runs, an easier target, the 16% rate only) writes under outputs/bench/quick/.
 
-(`all` runs the three in a row; `runs --seeds 1 --work DIR` in separate processes, merged by
-`report --runs-files DIR1/runs.json DIR2/runs.json`, use more of a machine's cores.)
-
-Runtime, measured on 2 shared cores: `costs --quick` (one seed, 5 runs) 4 min at load 6-23; a full cost round ~7 min per seed at load 3-6 (estimated from the quick one) and 12-20 min at load 80-100;
-`runs` 1-2 min per run at load 3 (2 seeds x 13 runs took 14 min) and 3-7 min per run at load 80-100, where stage
-start-up alone can take minutes; report seconds. Default seeds 0 1 2.
+Runtime, measured on 2 shared cores: `costs --quick` (one seed, 6 runs) 4 min at load 6-23; a full cost round
+~7 min per seed at load 3-6 and 12-20 min at load 80-100; `interleaved` about 3 minutes per seed; `runs` 1-2 min
+per run at load 3 (2 seeds x 13 runs took 14 min) and 3-7 min per run at load 80-100, where stage start-up alone
+can take minutes; report seconds. Default seeds 0 1 2.
 
 **costs** trains each strategy (none, checkpoint, redundant, checkfree, checkfree+, hybrid; `--strategies` picks)
 side by side in paired rounds, one round per seed in a rotated order, without drawn failures: the mean wall
@@ -22,6 +25,9 @@ time per committed step over a fixed window (CheckFree+'s swap and (de)embedding
 computation's replication and checkpointing's save stall are all in it), then four scheduled kills (a middle
 stage and an outer one, each with a warm standby ready and again while the standby is still starting) whose
 extra wall time is each recovery's cost (detection + rebuild + retried step), by method and warm/cold.
+
+**interleaved** (`table2_interleaved.py`): blocks of steps of every strategy interleaved in one round, per-step
+costs the machine's drift cannot bias; when measured, the report takes per-step costs from it.
 
 **runs** trains each strategy under stage kills drawn at the paper's three failure rates until the target,
 checking it every 5 steps; checkpoints go to a real SeaweedFS S3 server on loopback.
@@ -32,7 +38,8 @@ the same way for every strategy (`table2_model.py`):
     modelled_s = 91.5 * (c_s / c_ckpt) * (steps_to_target + lost_steps) + 91.5 * sum(recovery_s) / c_ckpt
 
 and prints the measured wall-clock speed-ups over checkpointing and the modelled ones, with 95% intervals over
-the seeds. Writes benchmarks/results/paper_table2.json, .png and .md (notes generated from the values).
+the seeds (`rayops.paired`). Writes benchmarks/results/paper_table2.json, .png and .md (notes generated from the
+values).
 
 Failure model: stage s dies at step t when u(failures.seed, t)[s] < p (the failure stream of the seed, apart
 from data order and weights). The paper's per-step p (5/10/16 % per stage per hour at 91.5 s per iteration:
@@ -44,25 +51,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
 import time
 from pathlib import Path
 
-import matplotlib
+import harness
+from _common import machine_info, write_json
+from checkfree_setup import BENCH_MODEL, BENCH_PIPELINE, EVAL_EVERY, bench_spec, cost_run, run_one
+from table2_interleaved import ROUNDS, interleaved_section, interleaved_sweep
+from table2_measure import LazyCluster, without_harness_keys
+from table2_notes import costs_by_seed, notes_sections, report_tables
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from _common import RESULTS, local_ray, machine_info, write_json
-from checkfree_setup import BENCH_MODEL, BENCH_PIPELINE, EVAL_EVERY, bench_spec, cost_run, run_one, s3_bucket
-from table2_interleaved import measure_interleaved
-from table2_notes import costs_by_seed, report_tables, write_notes
-
-__all__ = ["RESULTS", "bench_spec", "run_one"]  # recovery_ablation.py imports these from here
-
+NAME = "paper_table2"
 PAPER_P = {"5%": 0.0009, "10%": 0.002, "16%": 0.004}  # per stage per iteration (paper, Table 2 setting)
 FAILURE_SCALE = 5.0
 PAPER_CHECKPOINT_EVERY = 100
 STRATEGIES = ["checkpoint", "redundant", "checkfree", "checkfree+", "hybrid"]
+QUICK_RATES = ["16%"]
 COLORS = {
     "checkpoint": "tab:green",
     "redundant": "tab:red",
@@ -73,11 +78,11 @@ COLORS = {
 # Cost runs: the per-step window, then a middle-stage and an outer-stage kill, then a few steps to recover.
 # Each pair of kills: one with a warm standby ready, one a few steps later (the standby is still starting: cold).
 COST_LAYOUT = {
-    "full": {"window": (3, 42), "kills": [(45, 1), (48, 0), (75, 0), (78, 1)], "steps": 90},
-    "quick": {"window": (3, 22), "kills": [(25, 1), (27, 0), (45, 0), (47, 1)], "steps": 50},
+    "full": {"window": [3, 42], "kills": [[45, 1], [48, 0], [75, 0], [78, 1]], "steps": 90},
+    "quick": {"window": [3, 22], "kills": [[25, 1], [27, 0], [45, 0], [47, 1]], "steps": 50},
 }
-WORK = Path(tempfile.gettempdir()) / "paper_table2"
 START_RETRIES = 2
+REFERENCE = "0%"  # the no-failure runs' rate
 
 
 def checkpoint_every() -> int:
@@ -92,48 +97,38 @@ def strategy_every(strategy: str) -> int | None:
     return None if strategy == "hybrid" else checkpoint_every()
 
 
-def _rotated(names: list[str], index: int) -> list[str]:
-    """`names` rotated by `index`, so each strategy runs first once in a while (spreads the machine's drift)."""
-    k = index % len(names)
-    return names[k:] + names[:k]
-
-
-def measure_costs(seeds: list[int], strategies: list[str], quick: bool, work: Path) -> dict:
-    """Paired cost rounds (one per seed) of none and every strategy; saved to work/costs.json after each run."""
+# ----- costs ------------------------------------------------------------------------------------------------------
+def cost_sweep(seeds: list[int], strategies: list[str], quick: bool, cluster: LazyCluster) -> harness.Sweep:
+    """Paired cost rounds: none and every strategy on each seed, the order rotated from seed to seed."""
     layout = COST_LAYOUT["quick" if quick else "full"]
-    out = {
-        "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()},
-        "checkpoint_every": checkpoint_every(),
-        "load_before": machine_info()["load_average"],
-        "rows": [],
-        "machine": machine_info(torch_threads_per_stage=1, niceness=_niceness()),
-    }  # replaced at the end
-    started = time.monotonic()
-    with s3_bucket("costs") as base, local_ray(num_cpus=2):
-        for index, seed in enumerate(seeds):
-            for strategy in _rotated(["none", *strategies], index):
-                none = strategy == "none"
-                row = cost_run(
-                    strategy,
-                    seed,
-                    layout["window"],
-                    [] if none else layout["kills"],
-                    layout["window"][1] if none else layout["steps"],
-                    None if none else strategy_every(strategy),
-                    None if none else f"{base}/{strategy}/{seed}",
-                )
-                out["rows"].append(row)
-                print(f"costs seed {seed} {strategy}: {row['wall_s']:.1f}s {row['error'] or ''}", flush=True)
-                write_json(work / "costs.json", out)
-    out.update(
-        load_after=machine_info()["load_average"],
-        total_wall_s=time.monotonic() - started,
-        machine=machine_info(torch_threads_per_stage=1, niceness=_niceness()),
-    )
-    write_json(work / "costs.json", out)
-    return out
+    configs = {}
+    for strategy in ["none", *strategies]:
+        none = strategy == "none"
+        configs[strategy] = {
+            "window": layout["window"],
+            "kills": [] if none else layout["kills"],
+            "steps": layout["window"][1] if none else layout["steps"],
+            "every": None if none else strategy_every(strategy),
+        }
+
+    def measure(strategy: str, config: dict, seed: int) -> dict:
+        base = cluster.base()
+        row = cost_run(
+            strategy,
+            seed,
+            tuple(config["window"]),
+            [tuple(kill) for kill in config["kills"]],
+            config["steps"],
+            config["every"],
+            None if strategy == "none" else f"{base}/{strategy}/{seed}",
+        )
+        print(f"costs seed {seed} {strategy}: {row['wall_s']:.1f}s {row['error'] or ''}", flush=True)
+        return row
+
+    return harness.Sweep(f"{NAME}_costs", configs, seeds, measure, rotate=True)
 
 
+# ----- runs -------------------------------------------------------------------------------------------------------
 def run_started(spec, checkpoint_uri: str | None) -> dict:
     """`run_one`, started again (up to START_RETRIES times, into a fresh checkpoint prefix) when its stages did
     not start in time on a loaded machine: a run that never stepped measures the machine, not the strategy."""
@@ -152,67 +147,138 @@ def run_started(spec, checkpoint_uri: str | None) -> dict:
     return run
 
 
-def measure_runs(
+def runs_sweep(
     seeds: list[int],
     strategies: list[str],
+    rates: list[str],
     target: float,
     max_steps: int,
-    quick: bool,
-    work: Path,
-    rates: list[str] | None = None,
+    cluster: LazyCluster,
+) -> harness.Sweep:
+    """Per seed: the no-failure reference, then every strategy at every rate (rotated from rate to rate)."""
+    configs = {
+        f"{REFERENCE}/none": {"rate": REFERENCE, "strategy": "none", "target": target, "steps": max_steps}
+    }
+    for index, rate in enumerate(rates):
+        k = index % len(strategies)
+        for strategy in strategies[k:] + strategies[:k]:
+            configs[f"{rate}/{strategy}"] = {
+                "rate": rate,
+                "strategy": strategy,
+                "target": target,
+                "steps": max_steps,
+                "every": strategy_every(strategy),
+                "probability_per_step": PAPER_P[rate] * FAILURE_SCALE,
+            }
+
+    def measure(name: str, config: dict, seed: int) -> dict:
+        base = cluster.base()
+        strategy, rate = config["strategy"], config["rate"]
+        if rate == REFERENCE:
+            print(f"seed {seed}: none (no failures)", flush=True)
+            return run_started(bench_spec("none", seed, config["steps"], config["target"]), None)
+        spec = bench_spec(
+            strategy,
+            seed,
+            config["steps"],
+            config["target"],
+            checkpointing={"every": config["every"]},
+            failures={"probability_per_step": config["probability_per_step"], "seed": seed},
+        )
+        run = run_started(spec, f"{base}/{rate}/{strategy}/{seed}")
+        print(
+            f"seed {seed} {rate} {strategy}: reached={run['reached']} at {run['steps_to_target']} "
+            f"executed={run['executed_steps']} wall={run['wall_s']:.1f}s "
+            f"recoveries={run['recovery_methods']} {run['error'] or ''}",
+            flush=True,
+        )
+        return run
+
+    return harness.Sweep(f"{NAME}_runs", configs, seeds, measure)
+
+
+def merge_runs(parts: list[dict]) -> dict:
+    """Runs of separate measurements (e.g. one per seed) as one; for each (rate, strategy, seed) the first part
+    that has the run wins, unless that run never started (its stages timed out) and a later one did. Each part's
+    seeds, loads and niceness are kept under `parts`."""
+    merged = {**parts[0], "reference": [], "runs": {}, "parts": []}
+    chosen: dict[tuple, dict] = {}
+    for part in parts:
+        merged["parts"].append(
+            {k: part.get(k) for k in ("seeds", "load_before", "load_after", "total_wall_s")}
+            | {"niceness": part.get("machine", {}).get("niceness")}
+        )
+        for rate, runs in [(REFERENCE, part["reference"]), *part["runs"].items()]:
+            for run in runs:
+                key = (rate, run["strategy"], run["seed"])
+                never_started = key in chosen and chosen[key]["executed_steps"] == 0 and chosen[key]["error"]
+                if key not in chosen or (never_started and run["executed_steps"] > 0):
+                    chosen[key] = run
+    for rate in [REFERENCE, *PAPER_P]:  # the paper's order of rates, whatever order the parts ran them in
+        for (run_rate, _, _), run in chosen.items():
+            if run_rate == rate:
+                (merged["reference"] if rate == REFERENCE else merged["runs"].setdefault(rate, [])).append(
+                    run
+                )
+    merged["seeds"] = sorted({run["seed"] for run in merged["reference"]})
+    merged["load_before"] = [p["load_before"] for p in merged["parts"]]
+    merged["load_after"] = [p["load_after"] for p in merged["parts"]]
+    return merged
+
+
+# ----- measured data -> the results JSON --------------------------------------------------------------------------
+def cost_section(rows: list[dict], quick: bool, part: dict, interleaved: dict | None) -> dict:
+    """The `cost_measurement` section: the cost rows with their layout and the machine they ran on."""
+    layout = COST_LAYOUT["quick" if quick else "full"]
+    section = {
+        "layout": layout,
+        "checkpoint_every": checkpoint_every(),
+        "load_before": part["load_before"],
+        "rows": [without_harness_keys(row) for row in rows],
+        "machine": part["machine"],
+        "load_after": part["load_after"],
+        "total_wall_s": part["total_wall_s"],
+    }
+    if interleaved is not None:
+        section["interleaved"] = interleaved
+    return section
+
+
+def runs_section(
+    rows: list[dict], seeds: list[int], rates: list[str], target: float, max_steps: int, part: dict
 ) -> dict:
-    """Every run, side by side in one Ray: the no-failure reference, then every strategy at every rate."""
-    rates = rates or list(PAPER_P)
-    out: dict = {
+    """The `runs` section: the reference and each rate's runs, in the order measured."""
+    runs: dict = {"reference": [], "runs": {}}
+    for row in rows:
+        run = without_harness_keys(row)
+        rate = row["config"].split("/")[0]
+        (runs["reference"] if rate == REFERENCE else runs["runs"].setdefault(rate, [])).append(run)
+    measured = {
         "target_val_loss": target,
         "seeds": seeds,
-        "quick": quick,
+        "rates": rates,
+        "quick": part["quick"],
         "max_steps": max_steps,
         "eval_every": EVAL_EVERY,
-        "reference": [],
-        "runs": {},
-        "load_before": machine_info()["load_average"],
-        "machine": machine_info(torch_threads_per_stage=1, niceness=_niceness()),
-    }  # replaced at the end
-    started = time.monotonic()
-    with s3_bucket("table2") as base, local_ray(num_cpus=2):
-        for seed in seeds:
-            print(f"seed {seed}: none (no failures)", flush=True)
-            out["reference"].append(run_started(bench_spec("none", seed, max_steps, target), None))
-            for index, (rate, p) in enumerate((r, PAPER_P[r]) for r in rates):
-                for strategy in _rotated(strategies, index):
-                    spec = bench_spec(
-                        strategy,
-                        seed,
-                        max_steps,
-                        target,
-                        checkpointing={"every": strategy_every(strategy)},
-                        failures={"probability_per_step": p * FAILURE_SCALE, "seed": seed},
-                    )
-                    run = run_started(spec, f"{base}/{rate}/{strategy}/{seed}")
-                    out["runs"].setdefault(rate, []).append(run)
-                    out["total_wall_s"] = time.monotonic() - started
-                    write_json(work / "runs.json", out)
-                    print(
-                        f"seed {seed} {rate} {strategy}: reached={run['reached']} at {run['steps_to_target']} "
-                        f"executed={run['executed_steps']} wall={run['wall_s']:.1f}s "
-                        f"recoveries={run['recovery_methods']} {run['error'] or ''}",
-                        flush=True,
-                    )
-    out.update(
-        load_after=machine_info()["load_average"],
-        machine=machine_info(torch_threads_per_stage=1, niceness=_niceness()),
-    )
-    write_json(work / "runs.json", out)
-    return out
+        **runs,
+        "load_before": part["load_before"],
+        "machine": part["machine"],
+        "total_wall_s": part["total_wall_s"],
+        "load_after": part["load_after"],
+    }
+    return merge_runs([measured])
 
 
-def _niceness() -> int:
-    import os
+def measured_data(out: Path) -> dict:
+    """The measured sections (`cost_measurement`, `runs`, `extrapolated`) of the results JSON in `out`, if any."""
+    path = out / f"{NAME}.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in ("cost_measurement", "runs", "extrapolated") if k in data}
 
-    return os.nice(0)
 
-
+# ----- report -----------------------------------------------------------------------------------------------------
 def failure_model(every: int) -> dict:
     """The failure model's parameters, stated in the table header and the JSON."""
     return {
@@ -233,6 +299,11 @@ def failure_model(every: int) -> dict:
 
 def plot(runs: dict, seed: int, path: Path) -> None:
     """Validation loss against wall time per strategy, one panel per failure rate (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rates = list(runs["runs"])
     fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), dpi=100, sharey=True, squeeze=False)
     ref = next((r for r in runs["reference"] if r["seed"] == seed), None)
@@ -255,16 +326,28 @@ def plot(runs: dict, seed: int, path: Path) -> None:
     axes[0][0].set_ylabel("validation loss (nats/byte)")
     axes[0][-1].legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
-def report(costs: dict, runs: dict) -> dict:
-    """Combine the cost rounds and the runs: print the tables, write the JSON, the PNG and the Markdown."""
+def run_rows(runs: dict) -> list[dict]:
+    """One row per run (config 'rate/strategy', seed): the per-seed values the table's intervals are drawn from."""
+    keys = ("reached", "steps_to_target", "executed_steps", "recoveries", "train_wall_s")
+    return [
+        {"config": f"{rate}/{run['strategy']}", "seed": run["seed"]}
+        | {k: run.get(k) for k in (*keys, "modelled_h", "modelled_h_paper_recovery")}
+        for rate, group in [(REFERENCE, runs["reference"]), *runs["runs"].items()]
+        for run in group
+    ]
+
+
+def report(args: argparse.Namespace, record: dict, measured: dict) -> Path:
+    """The tables from the measured data, printed; the JSON, PNG and Markdown written through the harness."""
+    costs, runs = measured["cost_measurement"], measured["runs"]
     per_seed = costs_by_seed(costs)
     tables = report_tables(per_seed, runs, costs["median_step_s"])
     out = {
-        "benchmark": "paper_table2",
         "failure_model": failure_model(checkpoint_every()),
         "model": {
             "base_iteration_s": 91.5,
@@ -277,89 +360,97 @@ def report(costs: dict, runs: dict) -> dict:
         "cost_measurement": costs,
         "runs": runs,
     }
+    if "extrapolated" in measured:  # the rows carried to the paper's sizes (table2_extrapolate.py) are kept
+        out["extrapolated"] = measured["extrapolated"]
     print(tables["costs_text"])
     print()
     print(tables["table_text"])
-    previous = RESULTS / "paper_table2.json"
-    if previous.exists():  # the rows carried to the paper's sizes (table2_extrapolate.py) are kept
-        extrapolated = json.loads(previous.read_text()).get("extrapolated")
-        if extrapolated is not None:
-            out["extrapolated"] = extrapolated
-    write_json(RESULTS / "paper_table2.json", out)
-    plot(runs, runs["seeds"][0], RESULTS / "paper_table2.png")
-    write_notes(RESULTS / "paper_table2.md", out)
-    print(f"wrote {RESULTS}/paper_table2.json, .png and .md")
-    return out
+    results = harness.results_dir(args)
+    plot(runs, runs["seeds"][0], results / f"{NAME}.png")
+    sweep = harness.Sweep(
+        NAME,
+        configs={row["config"]: None for row in run_rows(runs)},
+        seeds=runs["seeds"],
+        measure=lambda *_: None,
+        extra=out,
+    )
+    title, sections = notes_sections(out)
+    return harness.finish(sweep, args, record, run_rows(runs), title=title, sections=sections)
 
 
-def merge_runs(parts: list[dict]) -> dict:
-    """Runs files of separate processes (e.g. one per seed) as one; for each (rate, strategy, seed) the first file
-    that has the run wins, unless that run never started (its stages timed out) and a later one did. Each part's seeds, loads and niceness are kept under `parts`."""
-    merged = {**parts[0], "reference": [], "runs": {}, "parts": []}
-    chosen: dict[tuple, dict] = {}
-    for part in parts:
-        merged["parts"].append(
-            {k: part.get(k) for k in ("seeds", "load_before", "load_after", "total_wall_s")}
-            | {"niceness": part.get("machine", {}).get("niceness")}
-        )
-        for rate, runs in [("0%", part["reference"]), *part["runs"].items()]:
-            for run in runs:
-                key = (rate, run["strategy"], run["seed"])
-                never_started = key in chosen and chosen[key]["executed_steps"] == 0 and chosen[key]["error"]
-                if key not in chosen or (never_started and run["executed_steps"] > 0):
-                    chosen[key] = run
-    for rate in ["0%", *PAPER_P]:  # the paper's order of rates, whatever order the files ran them in
-        for (run_rate, _, _), run in chosen.items():
-            if run_rate == rate:
-                (merged["reference"] if rate == "0%" else merged["runs"].setdefault(rate, [])).append(run)
-    merged["seeds"] = sorted({run["seed"] for run in merged["reference"]})
-    merged["load_before"] = [p["load_before"] for p in merged["parts"]]
-    merged["load_after"] = [p["load_after"] for p in merged["parts"]]
-    return merged
+# ----- CLI --------------------------------------------------------------------------------------------------------
+def begin() -> dict:
+    """The start of a measurement: its clock and the machine's load."""
+    return {"started": time.monotonic(), "load_before": machine_info()["load_average"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
+def ended(begun: dict, quick: bool) -> dict:
+    """A measurement's machine, loads before and after, and wall time (as the measured sections keep them)."""
+    machine = machine_info(torch_threads_per_stage=1, niceness=os.nice(0))
+    return {
+        "load_before": begun["load_before"],
+        "load_after": machine["load_average"],
+        "machine": machine,
+        "total_wall_s": time.monotonic() - begun["started"],
+        "quick": quick,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = harness.parser(__doc__, seeds=[0, 1, 2], quick_seeds=[0])
+    cli.add_argument(
         "part", choices=["costs", "interleaved", "runs", "report", "all"], nargs="?", default="all"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="One seed, shorter cost runs and an easier target."
+    cli.add_argument("--strategies", nargs="+", default=STRATEGIES, help="Strategies besides none.")
+    cli.add_argument(
+        "--rates", nargs="+", default=None, choices=list(PAPER_P), help="runs: failure rates, in this order."
     )
-    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0).")
-    parser.add_argument("--strategies", nargs="*", default=STRATEGIES, help="Strategies besides none.")
-    parser.add_argument(
-        "--rates",
-        nargs="*",
-        default=list(PAPER_P),
-        choices=list(PAPER_P),
-        help="runs: failure rates, in this order.",
-    )
-    parser.add_argument("--target", type=float, default=None, help="Target validation loss (2.5; quick 2.7).")
-    parser.add_argument("--work", type=Path, default=WORK, help="Where costs.json and runs.json are kept.")
-    parser.add_argument(
-        "--runs-files",
-        type=Path,
-        nargs="*",
-        default=None,
-        help="report: runs.json files of separate processes to merge (default: the work dir's).",
-    )
-    args = parser.parse_args()
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    target = args.target or (2.7 if args.quick else 2.5)
-    max_steps = 200 if args.quick else 300  # about 3x the steps the no-failure run needs
-    if args.part in ("costs", "all"):
-        measure_costs(seeds, args.strategies, args.quick, args.work)
-    if args.part in ("interleaved", "all"):
-        measure_interleaved(seeds, args.strategies, strategy_every, checkpoint_every(), args.work)
-    if args.part in ("runs", "all"):
-        measure_runs(seeds, args.strategies, target, max_steps, args.quick, args.work, args.rates)
-    if args.part in ("report", "all"):
-        files = args.runs_files or [args.work / "runs.json"]
-        costs = json.loads((args.work / "costs.json").read_text())
-        if (args.work / "interleaved.json").exists():
-            costs["interleaved"] = json.loads((args.work / "interleaved.json").read_text())
-        report(costs, merge_runs([json.loads(path.read_text()) for path in files]))
+    cli.add_argument("--target", type=float, default=None, help="Target validation loss (2.5; quick 2.7).")
+    args = cli.parse_args(argv)
+    seeds, quick, part = harness.chosen_seeds(args), args.quick, args.part
+    target = args.target or (2.7 if quick else 2.5)
+    max_steps = 200 if quick else 300  # about 3x the steps the no-failure run needs
+    rates = args.rates or (QUICK_RATES if quick else list(PAPER_P))
+    results = harness.results_dir(args)
+    measured = measured_data(results)
+    record = harness.run_record(args)
+    if part == "interleaved" and "cost_measurement" not in measured:
+        cli.error(
+            f"`interleaved` adds to the cost rounds' data: run `costs` first (no measured costs in {results})"
+        )
+    if part in ("costs", "all"):
+        begun = begin()
+        with LazyCluster("costs") as cluster:
+            rows = harness.run_sweep(
+                cost_sweep(seeds, args.strategies, quick, cluster), results, fresh=args.fresh
+            )
+        kept = measured.get("cost_measurement", {}).get("interleaved") if part == "costs" else None
+        measured["cost_measurement"] = cost_section(rows, quick, ended(begun, quick), kept)
+    if part in ("interleaved", "all"):
+        begun = begin()
+        rounds = 2 if quick else ROUNDS
+        with LazyCluster("interleaved") as cluster:
+            sweep = interleaved_sweep(
+                seeds, args.strategies, strategy_every, checkpoint_every(), rounds, cluster
+            )
+            rows = harness.run_sweep(sweep, results, fresh=args.fresh)
+        measured["cost_measurement"]["interleaved"] = interleaved_section(sweep, rows, begun)
+    if part in ("runs", "all"):
+        begun = begin()
+        with LazyCluster("table2") as cluster:
+            sweep = runs_sweep(seeds, args.strategies, rates, target, max_steps, cluster)
+            rows = harness.run_sweep(sweep, results, fresh=args.fresh)
+        measured["runs"] = runs_section(rows, seeds, rates, target, max_steps, ended(begun, quick))
+    missing = [k for k in ("cost_measurement", "runs") if k not in measured]
+    if not missing:
+        report(args, record, measured)
+    elif part == "report":
+        cli.error(f"no measured {missing} in {results / NAME}.json: run `costs` and `runs` first")
+    else:
+        path = write_json(results / f"{NAME}.json", {"benchmark": NAME, **record, **measured})
+        print(
+            f"wrote the measured data to {path}; {missing} not measured yet: run `costs` / `runs` to report"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ Every spot run goes to ONE `rayops.spot_cluster.LocalSpotCluster` (3 spot worker
 demand), started once and reused: before each run the cluster is back at its minimum (the head). Once the job is
 under way (LCSC: 3 workers up and evaluations done; CheckFree: a checkpoint past step 0), a
 `rayops.spot_events.SpotEventInjector` plays `plan_spot_events(seed, --events, ..., both_kinds=True)`: reclaims
-without notice and PREEMPTION drains with a `--notice-s` deadline. Every twin goes to ONE fixed local cluster of
+without notice and PREEMPTION drains with a `--notice-s` deadline. LCSC's events fall in a `--window-s` wall window;
+CheckFree's at seeded steps in `--cf-event-span` (one per stratum, injected once that step is checkpointed), so a
+training that runs faster than planned still gets every event. Every twin goes to ONE fixed local cluster of
 3 one-CPU workers (`tests/multinode.py`), no events.
 
 Per run the JSON records: budget (LCSC) or steps (CheckFree) kept exactly, each once; the same winner as the twin
@@ -259,8 +261,33 @@ def under_way(engine: str, gcs: str, workdir: Path) -> bool:
             and calls.exists()
             and len(calls.read_text().splitlines()) >= 3
         )
+    return checkpointed_step(workdir) > 0
+
+
+def checkpointed_step(workdir: Path) -> int:
+    """CheckFree: the step of the training's latest checkpoint (0 before the first after step 0)."""
     manifests = (workdir / "out").glob("checkpoints/run-*/checkpoint_*/MANIFEST.json")
-    return any(int(p.parent.name.split("_")[-1]) > 0 for p in manifests)
+    return max((int(p.parent.name.split("_")[-1]) for p in manifests), default=0)
+
+
+def event_steps(plan: list, steps: int, span: tuple[float, float]) -> list[int]:
+    """CheckFree: the step at which each planned event is injected. The span [span[0], span[1]) of the training's
+    steps is cut into one stratum per event; event i falls in the middle 60% of stratum i at the place its drawn
+    moment (a fraction of the plan's window) gives, so events keep at least 40% of a stratum between them and every
+    event lands while the job still runs (timed by steps, not by a wall window the job may end before)."""
+    lo, hi = span[0] * steps, span[1] * steps
+    width = (hi - lo) / max(1, len(plan))
+    return [int(lo + width * (i + 0.2 + 0.6 * planned.at_s)) for i, planned in enumerate(plan)]
+
+
+def inject_at_steps(injector, plan: list, at_steps: list[int], workdir: Path, stop: threading.Event) -> None:
+    """Inject each planned event once the training has checkpointed its step (until `stop` is set)."""
+    for planned, step in zip(plan, at_steps, strict=True):
+        while not stop.is_set() and checkpointed_step(workdir) < step:
+            stop.wait(0.5)
+        if stop.is_set():
+            return
+        injector.inject(planned)
 
 
 def fresh_workdir(engine: str, kind: str, seed: int, quick: bool) -> Path:
@@ -291,7 +318,10 @@ def spot_run(engine: str, seed: int, args, clusters: Clusters) -> dict:
     spec = lcsc_spec(workdir, args, seed) if engine == "lcsc" else checkfree_spec(workdir, args, twin=False)
     injector = SpotEventInjector(gcs, cluster.temp_dir)
     stop = threading.Event()
-    plan = plan_spot_events(seed, args.events, args.window_s, args.notice_s, both_kinds=True)
+    # LCSC: moments in a wall window once under way; CheckFree: fractions of the window mapped to steps done
+    window = args.window_s if engine == "lcsc" else 1.0
+    plan = plan_spot_events(seed, args.events, window, args.notice_s, both_kinds=True)
+    at_steps = event_steps(plan, args.steps, tuple(args.cf_event_span)) if engine == "checkfree" else None
 
     def chaos() -> None:
         try:
@@ -300,8 +330,12 @@ def spot_run(engine: str, seed: int, args, clusters: Clusters) -> dict:
             )
         except TimeoutError:
             return
-        if not stop.is_set():
+        if stop.is_set():
+            return
+        if at_steps is None:
             injector.run(plan, stop)
+        else:
+            inject_at_steps(injector, plan, at_steps, workdir, stop)
 
     thread = threading.Thread(target=chaos, daemon=True)
     thread.start()
@@ -329,7 +363,12 @@ def spot_run(engine: str, seed: int, args, clusters: Clusters) -> dict:
         "error_tail": None if ok else job["logs"][-3000:],
         "wall_s": round(job["wall_s"], 1),
         "waited_for_minimum_s": round(waited_for_minimum_s, 1),
-        "plan": [{"at_s": round(p.at_s, 1), "kind": p.kind} for p in plan],
+        "plan": [
+            {"at_step": at_steps[i]} | {"kind": p.kind}
+            if at_steps
+            else {"at_s": round(p.at_s, 1), "kind": p.kind}
+            for i, p in enumerate(plan)
+        ],
         "events": events,
         "reclaims": sum(e["kind"] == RECLAIM for e in events),
         "drains": sum(e["kind"] == DRAIN for e in events),
@@ -571,7 +610,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--steps", type=int, default=600, help="CheckFree: training steps")
     p.add_argument("--checkpoint-every", type=int, default=20, help="CheckFree: steps between checkpoints")
-    p.add_argument("--window-s", type=float, default=50.0, help="events fall in this window once under way")
+    p.add_argument(
+        "--window-s", type=float, default=50.0, help="LCSC: events fall in this window once under way"
+    )
+    p.add_argument(
+        "--cf-event-span",
+        type=float,
+        nargs=2,
+        default=[0.05, 0.8],
+        help="CheckFree: events fall at steps in this span (fractions of --steps), one per stratum",
+    )
     p.add_argument("--notice-s", type=float, default=20.0, help="a drain's deadline")
     p.add_argument("--idle-timeout-s", type=float, default=10.0)
     args = p.parse_args(argv)
@@ -637,8 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     describe = (
         f"Per engine, seeded runs on one local autoscaling spot cluster ({PEAK_WORKERS} spot workers of 1 CPU at "
         f"most, idle timeout {args.idle_timeout_s:g} s), {args.events} spot events each (reclaims without notice and "
-        f"PREEMPTION drains with a {args.notice_s:g} s deadline, in a {args.window_s:g} s window once the job is under "
-        f"way), against a twin on one fixed cluster of {PEAK_WORKERS} one-CPU workers. LCSC: {args.budget} "
+        f"PREEMPTION drains with a {args.notice_s:g} s deadline; LCSC's in a {args.window_s:g} s window once the job "
+        f"is under way, CheckFree's at seeded steps between {args.cf_event_span[0]:g} and {args.cf_event_span[1]:g} "
+        f"of the training, one per stratum), against a twin on one fixed cluster of {PEAK_WORKERS} one-CPU workers. LCSC: {args.budget} "
         f"evaluations of at least {args.eval_s:g} s on {PEAK_WORKERS} evaluators, the search seeded by the run, a "
         f"twin per seed. CheckFree: examples/train_spot.yaml (CheckFree+, 4 stages) for {args.steps} steps, the same "
         f"spec seed in every run (the run's seed seeds the events), twins on the first {CF_TWIN_RUNS} seeds."

@@ -1,19 +1,22 @@
 """Table 2 carried to the paper's model sizes: per-step costs measured at several widths, fitted, extrapolated.
 
-`python benchmarks/table2_extrapolate.py [measure] [report]`
+`python benchmarks/table2_extrapolate.py [measure | report] [--quick]` (`report`: from the JSON's costs alone)
 
-**measure** (about 3 min on 2 cores): at widths d = 64..512 (4 layers, 4 stages, micro-batches of 8 x 64 tokens)
+**measure** (about 3 min on 2 cores; a harness sweep, one cached row per cost and width, so a killed run measures
+only what it lacks): at widths d = 64..512 (4 layers, 4 stages, micro-batches of 8 x 64 tokens)
   - a stage's forward + backward of one micro-batch (the engine's `StageWorker`, in process, one torch thread);
   - one pipeline hop through Ray (an actor returns a float32 activation that the next actor reads: one actor call
     plus one object transfer) for activation and (de)embedding-copy sizes;
   - a checkpoint save (the engine's `CheckpointStore`, all stages with Adam, to local disk),
-  each repeated; written to outputs/bench-cache/table2-extrapolate/costs.json.
+  each repeated; kept in paper_table2.json under "extrapolated" -> "measured".
 
-**report** fits each cost as a + b x size (least squares; 95% intervals by bootstrap over the repeats), checks
+**report** (alone: from the measured costs the results JSON already holds) fits each cost as a + b x size (least squares; 95% intervals by bootstrap over the repeats), checks
 the fitted model against the two CheckFree+ per-step overheads measured in the engine (Table 2's bench model,
 and pipeline.json's d=128 model), and models each strategy's hours to the target at the paper's sizes and
 failure rates (`speedup_rows`), stating every assumption (ASSUMPTIONS). The rows are added to
-benchmarks/results/paper_table2.json under "extrapolated" (the measured rows are kept).
+benchmarks/results/paper_table2.json under "extrapolated" (the measured rows are kept) and written out in
+paper_table2_extrapolated.md. `--quick` (d = 64 and 128, 3 repeats) reads and writes under outputs/bench/quick/
+(the convergence fit, which needs 3 reached runs, from the committed Table 2 runs).
 
 The expected-time model, per useful step, with f = S x p failures per step (p = 1 - (1 - h)^(B/3600), h the
 paper's hourly rate per stage, B the step time):
@@ -40,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness
 from _common import RESULTS, machine_info, write_json
+from table2_measure import without_harness_keys
 from table2_scaling import (
     AffineFit,
     LinkHop,
@@ -51,8 +56,8 @@ from table2_scaling import (
     speedup,
 )
 
-WORK = Path(__file__).resolve().parents[1] / "outputs" / "bench-cache" / "table2-extrapolate"
 WIDTHS = [64, 128, 256, 512]
+QUICK_WIDTHS, QUICK_REPEATS = [64, 128], 3
 LAYERS, HEADS, SEQ, MICRO = 4, 4, 64, 8
 REPEATS = 7
 HOURLY = {"5%": 0.05, "10%": 0.10, "16%": 0.16}
@@ -106,7 +111,7 @@ def _spec(d: int):
     )
 
 
-def measure_compute(d: int) -> dict:
+def measure_compute(d: int, repeats: int = REPEATS) -> dict:
     """A middle stage's forward + backward of one micro-batch (seconds, REPEATS times) and its block parameters."""
     import torch
     from recovery_inprocess import LocalPipeline
@@ -118,7 +123,7 @@ def measure_compute(d: int) -> dict:
     x = torch.randn(MICRO, SEQ, d).numpy()
     grad = torch.randn(MICRO, SEQ, d).numpy() * 1e-3
     times = []
-    for i in range(REPEATS + 1):
+    for i in range(repeats + 1):
         t = time.perf_counter()
         worker.forward(0, 1, (BLOCKS,), x, None, 1.0, True)
         worker.backward(0, 1, grad)
@@ -128,7 +133,7 @@ def measure_compute(d: int) -> dict:
     return {"d_model": d, "block_params": params, "tokens": MICRO * SEQ, "seconds": times}
 
 
-def measure_saves(d: int, root: Path) -> dict:
+def measure_saves(d: int, root: Path, repeats: int = REPEATS) -> dict:
     """Seconds to save the whole model (every stage with Adam) through the engine's `CheckpointStore`."""
     from recovery_inprocess import LocalPipeline
 
@@ -138,14 +143,14 @@ def measure_saves(d: int, root: Path) -> dict:
     shards = [w.state_bytes() for w in pipe.workers]
     store = CheckpointStore(str(root / f"d{d}"), keep=1)
     times = []
-    for step in range(1, REPEATS + 1):
+    for step in range(1, repeats + 1):
         t = time.perf_counter()
         store.save(step, shards, {"spec": {}}, {})
         times.append(time.perf_counter() - t)
     return {"d_model": d, "bytes": sum(len(s) for s in shards), "seconds": times}
 
 
-def measure_hops(sizes: list[int]) -> dict:
+def measure_hops(sizes: list[int], repeats: int = REPEATS) -> dict:
     """Seconds of one hop (an actor call whose argument is the previous actor's float32 output) per byte size:
     a chain produce -> consume, less a consume of an empty array (one call)."""
     import ray
@@ -165,7 +170,7 @@ def measure_hops(sizes: list[int]) -> dict:
         ray.get([a.consume.remote(np.zeros(1, np.float32)), b.consume.remote(np.zeros(1, np.float32))])
         for n in sizes:
             times = []
-            for i in range(REPEATS + 1):
+            for i in range(repeats + 1):
                 t = time.perf_counter()
                 ray.get(b.consume.remote(np.zeros(1, np.float32)))
                 call = time.perf_counter() - t
@@ -177,27 +182,51 @@ def measure_hops(sizes: list[int]) -> dict:
     return out
 
 
-def measure() -> dict:
-    """Every cost at every width; saved to WORK/costs.json."""
-    import torch
+def hop_sizes(widths: list[int]) -> list[int]:
+    """Byte sizes of the hops measured: activations and (de)embedding copies at each width, 4 and 16 MiB."""
+    act = [MICRO * SEQ * d * 4 for d in widths]
+    emb = [256 * d * 4 for d in widths]
+    return sorted({*act, *emb, 4 * 2**20, 16 * 2**20})
 
-    torch.set_num_threads(1)
+
+def sweep(widths: list[int], repeats: int) -> harness.Sweep:
+    """One row per cost and width (compute, save), and one of every hop size: each repeated `repeats` times."""
+    configs: dict[str, dict] = {
+        f"compute d={d}": {"cost": "compute", "d": d, "repeats": repeats} for d in widths
+    }
+    configs |= {f"save d={d}": {"cost": "save", "d": d, "repeats": repeats} for d in widths}
+    configs["hops"] = {"cost": "hops", "bytes": hop_sizes(widths), "repeats": repeats}
+
+    def measure(_: str, config: dict, seed: int) -> dict:
+        import torch
+
+        torch.set_num_threads(1)
+        if config["cost"] == "compute":
+            return measure_compute(config["d"], config["repeats"])
+        if config["cost"] == "save":
+            with tempfile.TemporaryDirectory(prefix="t2x-") as tmp:
+                return measure_saves(config["d"], Path(tmp), config["repeats"])
+        return measure_hops(config["bytes"], config["repeats"])
+
+    return harness.Sweep("paper_table2_extrapolate", configs, [0], measure)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every cost at every width (cached rows reused), as the report reads them."""
     before = machine_info()["load_average"]
-    compute = [measure_compute(d) for d in WIDTHS]
-    with tempfile.TemporaryDirectory(prefix="t2x-") as tmp:
-        saves = [measure_saves(d, Path(tmp)) for d in WIDTHS]
-    act = [MICRO * SEQ * d * 4 for d in WIDTHS]
-    emb = [256 * d * 4 for d in WIDTHS]
-    hops = measure_hops(sorted({*act, *emb, 4 * 2**20, 16 * 2**20}))
-    result = {
-        "compute": compute,
-        "saves": saves,
-        "hops": hops,
+    rows = harness.run_sweep(sweep(*_sizes(args)), harness.results_dir(args), fresh=args.fresh)
+    of = lambda cost: [without_harness_keys(r, "seed") for r in rows if r["config"].startswith(cost)]
+    return {
+        "compute": of("compute"),
+        "saves": of("save"),
+        "hops": of("hops")[0],
         "load_before": before,
         "machine": machine_info(torch_threads=1),
     }
-    write_json(WORK / "costs.json", result)
-    return result
+
+
+def _sizes(args: argparse.Namespace) -> tuple[list[int], int]:
+    return (QUICK_WIDTHS, QUICK_REPEATS) if args.quick else (WIDTHS, REPEATS)
 
 
 # ----- report -----------------------------------------------------------------------------------------------------
@@ -338,9 +367,10 @@ def _ci(v: dict, spec: str = ".2f") -> str:
 def notes(ex: dict) -> list[str]:
     """Notes generated from the fits, the engine check and the extrapolated rows."""
     f, out = ex["fits"], []
+    widths = [c["d_model"] for c in ex["measured"]["compute"]]
     hop, save, comp = f["hop"], f["save"], f["compute"]
     out.append(
-        f"- Fits over d = {WIDTHS[0]}..{WIDTHS[-1]} here: a Ray hop costs {hop['intercept'] * 1e3:.1f} ms "
+        f"- Fits over d = {widths[0]}..{widths[-1]} here: a Ray hop costs {hop['intercept'] * 1e3:.1f} ms "
         f"[{hop['intercept_ci'][0] * 1e3:.1f}, {hop['intercept_ci'][1] * 1e3:.1f}] plus "
         f"{1e-6 / hop['slope']:.0f} MB/s [{1e-6 / hop['slope_ci'][1]:.0f}, {1e-6 / hop['slope_ci'][0]:.0f}]; a "
         f"whole-model save {save['intercept'] * 1e3:.0f} ms plus {1e-6 / save['slope']:.0f} MB/s "
@@ -397,7 +427,7 @@ def notes(ex: dict) -> list[str]:
     return out
 
 
-def write_markdown_report(ex: dict) -> Path:
+def write_markdown_report(ex: dict, out: Path = RESULTS) -> Path:
     """benchmarks/results/paper_table2_extrapolated.md from the extrapolation."""
     lines = [
         "# Table 2 carried to the paper's sizes (generated by benchmarks/table2_extrapolate.py)",
@@ -439,18 +469,29 @@ def write_markdown_report(ex: dict) -> Path:
         ),
         "",
     ]
-    path = RESULTS / "paper_table2_extrapolated.md"
+    path = out / "paper_table2_extrapolated.md"
     path.write_text("\n".join(lines))
     return path
 
 
-def report() -> dict:
-    """Fit, check against the engine, extrapolate; add the rows to paper_table2.json and print the table."""
-    costs = json.loads((WORK / "costs.json").read_text())
-    f = fits(costs)
-    table2_path = RESULTS / "paper_table2.json"
+def report(args: argparse.Namespace, costs: dict | None = None) -> dict:
+    """Fit, check against the engine, extrapolate; add the rows to paper_table2.json and print the table. Without
+    `costs`, the measured costs come from that JSON (those the last extrapolation kept)."""
+    out = harness.results_dir(args)
+    table2_path = out / "paper_table2.json"
+    if not table2_path.exists():
+        raise SystemExit(
+            f"no {table2_path}: run benchmarks/paper_table2.py{' --quick' if args.quick else ''} first"
+        )
     table2 = json.loads(table2_path.read_text())
-    steps = {s: slowdown_fit(table2["runs"], s) for s in ("checkfree", "checkfree+")}
+    if costs is None:
+        if "extrapolated" not in table2:
+            raise SystemExit(f'no measured costs in {table2_path} ("extrapolated"): run `measure` first')
+        costs = table2["extrapolated"]["measured"]
+    f = fits(costs)
+    # one quick seed cannot fit the convergence slowdown: a quick report takes it from the committed runs
+    runs = json.loads((RESULTS / table2_path.name).read_text())["runs"] if args.quick else table2["runs"]
+    steps = {s: slowdown_fit(runs, s) for s in ("checkfree", "checkfree+")}
     rows = speedup_rows(f, steps)
     extrapolated = {
         "generated_by": "benchmarks/table2_extrapolate.py",
@@ -474,18 +515,22 @@ def report() -> dict:
     write_json(table2_path, table2)
     print(extrapolated["table_markdown"])
     print("\n".join(extrapolated["notes"]))
-    print(f"wrote {table2_path} (extrapolated) and {write_markdown_report(extrapolated)}")
+    print(f"wrote {table2_path} (extrapolated) and {write_markdown_report(extrapolated, out)}")
     return extrapolated
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", default=["measure", "report"], choices=["measure", "report"])
-    args = parser.parse_args()
-    if "measure" in args.parts:
-        measure()
-    if "report" in args.parts:
-        report()
+def main(argv: list[str] | None = None) -> None:
+    cli = harness.parser(__doc__, seeds=[0], quick_seeds=[0])
+    cli.add_argument(
+        "part",
+        nargs="?",
+        default="measure",
+        choices=["measure", "report"],
+        help="measure (then report), or report alone from the costs the results JSON keeps",
+    )
+    args = cli.parse_args(argv)
+    # a measurement is always reported (seconds), so the results JSON keeps the costs the report was drawn from
+    report(args, measure(args) if args.part == "measure" else None)
 
 
 if __name__ == "__main__":

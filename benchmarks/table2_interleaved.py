@@ -12,19 +12,21 @@ block means; each block's ratio to checkpointing's block of the same round is ke
 
     python benchmarks/paper_table2.py interleaved [--seeds 0 1 2]
 
-writes `interleaved.json` to the work dir; `report` then takes per-step costs from it (recovery costs still come
-from the sequential cost rounds, which schedule the kills). About 3 minutes per seed on 2 cores.
+measures one harness row per seed (all strategies' blocks) and adds them to the cost measurement; `report` then
+takes per-step costs from it (recovery costs still come from the sequential cost rounds, which schedule the
+kills). About 3 minutes per seed on 2 cores.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
-from _common import local_ray, machine_info, write_json
-from checkfree_setup import bench_spec, s3_bucket
+import harness
+from _common import machine_info
+from checkfree_setup import bench_spec
 from pipeline import Pipeline
+from table2_measure import LazyCluster, without_harness_keys
 
 ROUNDS, WARM_UP_STEPS = 5, 10
 CPUS_PER_STAGE = 0.08
@@ -78,29 +80,49 @@ def one_seed(seed: int, strategies: list[str], every_of, base: str, rounds: int,
     }
 
 
-def measure_interleaved(
-    seeds: list[int], strategies: list[str], every_of, checkpoint_every: int, work: Path, rounds: int = ROUNDS
-) -> dict:
-    """Interleaved per-step costs for each seed; saved to work/interleaved.json after each seed."""
-    block_steps = checkpoint_every  # one checkpoint save per block (the warm-up puts it mid-block)
-    out = {
+def interleaved_sweep(
+    seeds: list[int],
+    strategies: list[str],
+    every_of,
+    checkpoint_every: int,
+    rounds: int,
+    cluster: LazyCluster,
+) -> harness.Sweep:
+    """One row per seed: every strategy's pipeline at once, `rounds` rounds of one block each."""
+    # one checkpoint save per block (the warm-up puts it mid-block)
+    config = {
+        "strategies": list(strategies),
+        "every": {name: every_of(name) for name in strategies},
         "rounds": rounds,
-        "block_steps": block_steps,
+        "block_steps": checkpoint_every,
         "warm_up_steps": WARM_UP_STEPS,
         "cpus_per_stage": CPUS_PER_STAGE,
-        "checkpoint_every": checkpoint_every,
-        "seeds": {},
-        "load_before": machine_info()["load_average"],
     }
-    started = time.monotonic()
-    with s3_bucket("interleaved") as base, local_ray(num_cpus=2):
-        for seed in seeds:
-            out["seeds"][str(seed)] = one_seed(seed, strategies, every_of, base, rounds, block_steps)
-            out["total_wall_s"] = time.monotonic() - started
-            write_json(work / "interleaved.json", out)
-    out.update(load_after=machine_info()["load_average"], machine=machine_info(torch_threads_per_stage=1))
-    write_json(work / "interleaved.json", out)
-    return out
+
+    def measure(_: str, config: dict, seed: int) -> dict:
+        every = config["every"]
+        return one_seed(
+            seed, config["strategies"], every.get, cluster.base(), config["rounds"], config["block_steps"]
+        )
+
+    return harness.Sweep("paper_table2_interleaved", {"blocks": config}, seeds, measure)
+
+
+def interleaved_section(sweep: harness.Sweep, rows: list[dict], begun: dict) -> dict:
+    """The cost measurement's `interleaved` part: the layout, each seed's blocks, the loads and the machine."""
+    config = sweep.configs["blocks"]
+    return {
+        "rounds": config["rounds"],
+        "block_steps": config["block_steps"],
+        "warm_up_steps": config["warm_up_steps"],
+        "cpus_per_stage": config["cpus_per_stage"],
+        "checkpoint_every": config["block_steps"],
+        "seeds": {str(row["seed"]): without_harness_keys(row, "seed") for row in rows},
+        "load_before": begun["load_before"],
+        "total_wall_s": time.monotonic() - begun["started"],
+        "load_after": machine_info()["load_average"],
+        "machine": machine_info(torch_threads_per_stage=1),
+    }
 
 
 def interleaved_step_s(interleaved: dict) -> dict[int, dict[str, float]]:

@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rayops.paired import PairedDifference, paired_difference
+from rayops.paired import PairedDifference, Verdict, paired_difference
 
 PAPER_BASE_ITER_S = 91.5  # the paper's seconds per checkpointing iteration (500M LLaMa, Table 2's setting)
 PAPER_RECOVERY_S = 30.0  # the paper's seconds per recovery (used only for the sensitivity column)
@@ -112,6 +112,14 @@ def modelled_seconds(
 def seed_interval(values: Sequence[float]) -> PairedDifference:
     """Mean of per-seed values with its 95% Student-t interval (NaN bounds below 2 seeds)."""
     return paired_difference(list(values), [0.0] * len(values))
+
+
+def speedup_verdict(interval: PairedDifference) -> Verdict | None:
+    """A speed-up's verdict (`rayops.paired`): its interval against 1, higher is better; None without an interval
+    (fewer than 2 seeds)."""
+    if not interval.has_interval or math.isnan(interval.low):
+        return None
+    return interval.verdict("higher", reference=1.0)
 
 
 def speedups(reference: Sequence[float | None], values: Sequence[float | None]) -> list[float]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import statistics
-from pathlib import Path
 
-from _common import markdown_table, write_markdown
+from _common import markdown_table
 from checkfree_setup import recovery_kind
 from table2_interleaved import interleaved_step_s, round_ratios
 from table2_model import (
@@ -17,6 +15,7 @@ from table2_model import (
     modelled_seconds,
     recovery_seconds,
     seed_interval,
+    speedup_verdict,
     speedups,
     step_intervals,
     step_seconds,
@@ -263,12 +262,12 @@ _SPEEDUP_WORDS = {
 }
 
 
-def _verdict(interval: dict) -> str:
-    """A speed-up over checkpointing, in words: the paired verdict of its interval against 1 (higher is better)."""
-    d = PairedDifference(**interval)
-    if not d.has_interval or math.isnan(d.low):
-        return "no interval (fewer than 2 seeds reached the target)"
-    return _SPEEDUP_WORDS[d.verdict("higher", reference=1.0)]
+def _speedup_words(interval: dict) -> str:
+    """A speed-up over checkpointing in words, from its paired verdict."""
+    verdict = speedup_verdict(PairedDifference(**interval))
+    return (
+        "no interval (fewer than 2 seeds reached the target)" if verdict is None else _SPEEDUP_WORDS[verdict]
+    )
 
 
 def generated_notes(out: dict) -> list[str]:
@@ -314,9 +313,8 @@ def generated_notes(out: dict) -> list[str]:
         notes.append(f"Runs that ended in an error (not reached): {failed}.")
     present = {(rate, r["strategy"]) for rate, rs in out["runs"]["runs"].items() for r in rs}
     strategies = sorted({s for _, s in present} | set(out["costs"]) - {"none"})
-    missing = [
-        f"{rate} {s}" for rate in PAPER_SPEEDUP_CHECKFREE_PLUS for s in strategies if (rate, s) not in present
-    ]
+    rates = out["runs"].get("rates", list(PAPER_SPEEDUP_CHECKFREE_PLUS))  # the rates the runs were asked for
+    missing = [f"{rate} {s}" for rate in rates for s in strategies if (rate, s) not in present]
     if missing:
         notes.append(f"Not run (the measurement was stopped before them): {missing}.")
     for rate, rows in out["table"].items():
@@ -327,8 +325,8 @@ def generated_notes(out: dict) -> list[str]:
         fixed = PairedDifference(**plus["modelled_speedup_paper_recovery"])
         notes.append(
             f"{rate}: CheckFree+ modelled {format_interval(PairedDifference(**m))} x checkpointing "
-            f"({_verdict(m)}), {format_interval(fixed)} with the paper's 30 s recoveries; measured wall clock from step 1 {format_interval(PairedDifference(**w))} "
-            f"({_verdict(w)}); paper {PAPER_SPEEDUP_CHECKFREE_PLUS[rate]:.2f}x."
+            f"({_speedup_words(m)}), {format_interval(fixed)} with the paper's 30 s recoveries; measured wall clock from step 1 {format_interval(PairedDifference(**w))} "
+            f"({_speedup_words(w)}); paper {PAPER_SPEEDUP_CHECKFREE_PLUS[rate]:.2f}x."
         )
         if "redundant" in rows and "checkfree" in rows:
             red, cf = rows["redundant"]["modelled_speedup"], rows["checkfree"]["modelled_speedup"]
@@ -404,6 +402,7 @@ def interleaved_notes(interleaved: dict) -> list[str]:
     return notes
 
 
+_HYBRID_WORDS = {"win": "hybrid faster", "loss": "hybrid slower", "tie": "not distinguishable"}
 HYBRID_GOALS = {
     "redundant": "16%",
     "checkfree+": "5%",
@@ -426,12 +425,7 @@ def hybrid_notes(runs: dict) -> list[str]:
             if not ratios:
                 continue
             interval = seed_interval(ratios)
-            if len(ratios) < 2 or math.isnan(interval.low):
-                verdict = "no interval"
-            else:
-                verdict = {"win": "hybrid faster", "loss": "hybrid slower", "tie": "not distinguishable"}[
-                    interval.verdict("higher", reference=1.0)
-                ]
+            verdict = _HYBRID_WORDS.get(speedup_verdict(interval), "no interval")
             goal = " (the goal's rate)" if rate == goal_rate else ""
             notes.append(
                 f"{rate}{goal}: {other}'s modelled hours over hybrid's, paired by seed: "
@@ -444,8 +438,9 @@ def _loads(values: list[float] | None) -> str:
     return "-" if not values else "/".join(f"{v:.1f}" for v in values)
 
 
-def write_notes(path: Path, out: dict) -> Path:
-    """paper_table2.md: the failure model, the cost model, both tables and the generated notes."""
+def notes_sections(out: dict) -> tuple[str, list[tuple[str, str | list[str]]]]:
+    """paper_table2.md's title and sections: the failure model, the cost model, both tables, the generated notes
+    and the machine."""
     fm, costs, runs = out["failure_model"], out["cost_measurement"], out["runs"]
     header = (
         f"Failure model: per stage per step p = {fm['probability_per_step']} (the paper's "
@@ -477,8 +472,7 @@ def write_notes(path: Path, out: dict) -> Path:
         "window (copies, replication and save stalls included); recovery: extra wall time around a scheduled "
         "kill (detection + rebuild + retried step), in checkpointing steps."
     )
-    return write_markdown(
-        path,
+    return (
         "CheckFree Table 2 with a measured cost model",
         [
             ("Setup", header),
