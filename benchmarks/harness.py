@@ -18,7 +18,8 @@ for every benchmark:
   `alternate`, every other seed runs the configs in reverse order, with `rotate`, each seed starts one config
   later.
 - **Resume**: each finished row is appended to `outputs/bench/rows/<name>.rows.jsonl` as it is measured; a killed benchmark
-  rerun with the same configs and seeds measures only the rows it lacks.
+  rerun with the same configs and seeds measures only the rows it lacks. `saved_rows` reads the rows of a written
+  result back, `measured_rows` every row measured so far (a report regenerated from a clean checkout).
 - **Paired tables** (`paired_table`): each config against a baseline over the seeds they share, with the 95%
   interval and verdict of `rayops.paired` (the one verdict of the project).
 """
@@ -31,7 +32,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from _common import (
@@ -140,6 +141,38 @@ def cached_rows(sweep: Sweep, out: Path) -> dict[tuple[str, int], dict]:
         ):
             rows[(name, row["seed"])] = row
     return rows
+
+
+def saved_rows(sweep: Sweep, out: Path) -> dict[tuple[str, int], dict]:
+    """The rows of the last written `<name>.json` under `out` that are this sweep's configs and seeds, with the
+    same config value: what a report-only run tabulates again from a clean checkout (the row cache is local)."""
+    path = out / f"{sweep.name}.json"
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text()).get("rows", [])
+    return {
+        (row["config"], row["seed"]): row
+        for row in rows
+        if row.get("config") in sweep.configs
+        and row.get("seed") in sweep.seeds
+        and row.get("config_key") == config_key(sweep.configs[row["config"]])
+    }
+
+
+def measured_rows(sweep: Sweep, out: Path) -> list[dict]:
+    """Every row of the sweep already measured, measuring nothing: from the row cache, else from the rows of the
+    written `<name>.json` (`saved_rows`; they go back into the cache). The rows of a report-only run."""
+    saved = saved_rows(sweep, out)
+
+    def stored(name: str, config: object, seed: int) -> dict | None:
+        row = saved.get((name, seed))
+        return (
+            None
+            if row is None
+            else {k: v for k, v in row.items() if k not in ("config", "config_key", "seed")}
+        )
+
+    return run_sweep(replace(sweep, measure=stored), out, progress=lambda _: None)
 
 
 def run_sweep(

@@ -1,6 +1,6 @@
 """CheckFree's recovery ablation (paper Figure 2) from a trained model: how well does each rule rebuild a lost stage?
 
-`python benchmarks/recovery_ablation.py [--quick] [--scales small large] [--train-only]`
+`python benchmarks/recovery_ablation.py [--quick] [--scales small deep] [--seeds 0 1 2] [--report-only]`
 
 1. Trains each scale's model to a plateau once (a constant learning rate; cached as the engine's own checkpoint
    under outputs/bench-cache/recovery/, keyed by the spec's fingerprint; `recovery_inprocess.py`).
@@ -11,40 +11,41 @@
    swap partner (from a model trained under CheckFree+). The no-failure twin continues the same snapshot.
 3. Measures (a) the validation loss right after the rebuild, before any step, (b) steps until the validation loss
    is back within 1% of the twin's, (c) the loss at the end, each as a paired difference against the twin with a
-   95% interval over seeds (`rayops/paired.py`), and weighted against the other rules.
+   95% interval over seeds (the harness's paired table), and weighted against the other rules.
 4. Writes benchmarks/results/recovery_ablation.json, .png and .md (the .md is generated from the measured values).
 
+On the benchmark harness: a config is one (scale, strategy, lr scale, stage) and a row one seed of it (the twin
+and every rule from the same snapshot); rows are cached under outputs/bench/rows/ as they are measured, so a
+killed run resumes, and configs can run in separate processes (`--scales small --lr-scales 1.1 --stages 1
+--seeds 0`). Every run ends with the report over every config and seed measured so far (`--report-only`: only
+the report, from the row cache or the rows of the written result).
+
 The stages are the engine's `StageWorker`s driven in one process (the same model, optimizer, clipping, norms and
-`recovery_rules.py` rules; no Ray transport): see recovery_inprocess.py. Each (seed, lr_scale, stage) can run in
-its own process (`--seeds 0 --lr-scales 1.1 --stages 1`); `--report-only` merges what was measured.
+recovery code; no Ray transport): see recovery_inprocess.py.
 
 Runtime measured here (2 shared cores, load average 50-110): training the small model to step 2000 took about
 35 min, the deep one to step 750 about 13 min, the CheckFree+ one to step 750 about 25 min (each once; cached);
 the ablation itself, one process per (seed, lr scale, stage), about 6 min for the small scale (12 processes),
-7 min for the deep one (3). --quick trains a 300-step model and measures one stage with 2 seeds (not timed under
-this load).
+7 min for the deep one (3). --quick trains a 300-step model and measures one stage with 2 seeds.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
-import json
 import os
 import sys
-import time
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, machine_info, write_json
+import harness
 from recovery_ablation_report import notes, plot, summarise, table_text
-from recovery_inprocess import CACHE, LocalPipeline, trained_pipeline
+from recovery_inprocess import LocalPipeline, trained_pipeline
 
 from checkfree_ray.data import FAILURE_STREAM, make_corpus, step_rng
 from schemas.train import TrainSpec
 
+NAME = "recovery_ablation"
 RULES = ["weighted", "average", "copy", "random", "identity", "exact"]
 SCALES = {  # model and pipeline of each scale; steps to the plateau (CheckFree, CheckFree+); steps measured after
     "small": {
@@ -143,12 +144,10 @@ def measure_seed(
     cases: list[dict],
     after: int,
     val,
-    log,
-    on_run=None,
+    log: Callable[[str], None],
 ) -> dict:
     """One seed: continue the plateau on the seed's data, lose a stage after the seed's delay, and measure the
-    twin and every case ({stage, rule, lr_scale, variant}) from the same snapshot; `on_run` sees what is measured
-    so far before each case (a long run keeps its partial results)."""
+    twin and every case ({stage, rule, lr_scale, variant}) from the same snapshot."""
     corpus = make_corpus(spec.data, spec.model.seq_len, seed)
     pipeline.spec = spec
     pipeline.restore(plateau)
@@ -160,8 +159,6 @@ def measure_seed(
     twin = continue_run(pipeline, corpus, fail_step - 1, offsets, val)
     runs = []
     for case in cases:
-        if on_run is not None:
-            on_run({"seed": seed, "fail_step": fail_step, "offsets": offsets, "twin": twin, "runs": runs})
         pipeline.restore(before)
         variant = {k: v for k, v in case.get("variant", {}).items()}
         pipeline.spec = with_recovery(spec, lr_scale=case["lr_scale"], **variant)
@@ -210,199 +207,186 @@ def cases_for(strategy: str, stages: list[int], lr_scales: list[float], variants
     return cases
 
 
-def measure_scale(
-    name: str,
-    scale: dict,
-    strategy: str,
-    seeds: list[int],
-    stages: list[int],
-    lr_scales: list[float],
-    variants: bool,
-    log,
-    save=None,
-) -> dict:
-    """Every seed of one scale and strategy, from its cached trained model; `save` receives partial results."""
-    spec = plateau_spec(scale, strategy)
-    val = validation_set(spec)
-    start = scale.get("start" if strategy == "checkfree" else "start_plus", spec.steps)
-    log(f"{name} / {strategy}: trained model at step {start} of its run's {spec.steps}")
-    pipeline, history = trained_pipeline(spec, val, until=start, log=log)
-    plateau = pipeline.snapshot()
-    cases = cases_for(strategy, stages, lr_scales, variants)
-    started = time.monotonic()
+DESCRIBE = (
+    "(a) validation loss right after the rebuild, before any step, minus the no-failure twin's; (b) steps "
+    f"until the validation loss is back, and stays, within {WITHIN:.0%} of the twin's (measured at the "
+    "offsets in the JSON; a run never back is counted at the horizon and listed as censored); (c) the loss "
+    "at the end minus the twin's. Mean over seeds [95% paired interval]. 'exact' restores the lost "
+    "stage's own weights with a fresh optimizer at the rebuilt learning rate: the upper bound of any "
+    "weight rule; 'identity' makes the stage an exact skip."
+)
 
-    def result(per_seed: list[dict]) -> dict:
+
+def configs(
+    quick: bool,
+    scales: list[str] | None = None,
+    strategies: tuple[str, ...] = ("checkfree", "checkfree+"),
+    lr_scales: tuple[float, ...] = (1.1, 1.0),
+    stages: list[int] | None = None,
+) -> dict[str, dict]:
+    """One config per (scale, strategy, lr scale, stages): lr x1.0 at the small scale only, the weighing-norm
+    variants at the small scale's lr x1.1, CheckFree+ (its outer stages) at the small scale; quick: one stage."""
+    if quick:
         return {
-            "scale": name,
-            "strategy": strategy,
-            "model": scale["model"],
-            "pipeline": PIPELINE,
-            "plateau_steps": start,
-            "run_steps": spec.steps,
-            "after": scale["after"],
-            "parameters": pipeline.cfg.parameter_count(),
-            "seeds": per_seed,
-            "plateau": {"val_steps": history.val_steps, "val_losses": history.val_losses},
-            "measure_wall_s": time.monotonic() - started,
+            "small/checkfree/lr1.1/stage1": _config("small", QUICK["small"], "checkfree", 1.1, [1], False)
         }
-
-    done: list[dict] = []
-    for seed in seeds:
-        partial = (lambda seed_so_far: save(result([*done, seed_so_far]))) if save else None
-        done.append(
-            measure_seed(pipeline, plateau, spec, start, seed, cases, scale["after"], val, log, partial)
-        )
-    return result(done)
-
-
-def measured_path(name: str, strategy: str, quick: bool, seed: int | str = "*") -> str:
-    """Where one scale's measurements of one seed are kept until the report is written (beside the cached models);
-    seeds may run in separate processes."""
-    return str(
-        CACHE / f"measured-{'quick-' if quick else ''}{name}-{strategy.replace('+', 'plus')}-seed{seed}.json"
-    )
-
-
-def merged(pattern: str) -> dict | None:
-    """One scale and strategy's measurements over every seed measured (files matching `pattern`)."""
-    parts = [json.loads(Path(p).read_text()) for p in sorted(glob.glob(pattern))]
-    if not parts:
-        return None
-    seeds = sorted((s for part in parts for s in part["seeds"]), key=lambda s: s["seed"])
-    return {
-        **parts[0],
-        "seeds": seeds,
-        "measure_wall_s": [p["measure_wall_s"] for p in parts],
-        "machine": [p.get("machine") for p in parts],
-    }
-
-
-def plan(args) -> list[tuple[str, dict, str, list[int], list[float], bool]]:
-    """(scale name, scale, strategy, stages, lr_scales, variants) of each measurement this invocation makes."""
-    if args.quick:
-        return [("small", QUICK["small"], "checkfree", [1], [1.1], False)]
-    out = []
-    for name in args.scales:
-        lr_scales = [lr for lr in ([1.1, 1.0] if name == "small" else [1.1]) if lr in args.lr_scales]
-        if "checkfree" in args.strategies:
-            out.append(
-                (
-                    name,
-                    SCALES[name],
-                    "checkfree",
-                    args.stages or SCALES[name]["stages"],
-                    lr_scales,
-                    name == "small" and 1.1 in lr_scales,
-                )
-            )
-        if "checkfree+" in args.strategies and name == "small":
-            out.append((name, SCALES[name], "checkfree+", [0, 3], [1.1], False))
+    out = {}
+    for name in scales or list(SCALES):
+        scale = SCALES[name]
+        if "checkfree" in strategies:
+            for lr in [lr for lr in ([1.1, 1.0] if name == "small" else [1.1]) if lr in lr_scales]:
+                for stage in stages or scale["stages"]:
+                    variants = name == "small" and lr == 1.1
+                    out[f"{name}/checkfree/lr{lr}/stage{stage}"] = _config(
+                        name, scale, "checkfree", lr, [stage], variants
+                    )
+        if "checkfree+" in strategies and name == "small" and 1.1 in lr_scales:
+            out[f"{name}/checkfree+/lr1.1/stage0+3"] = _config(name, scale, "checkfree+", 1.1, [0, 3], False)
     return out
 
 
-def report(patterns: list[str], quick: bool) -> None:
-    """Print the tables; write recovery_ablation.json, .png and .md from the measurements matching `patterns`."""
-    results = [r for r in (merged(p) for p in patterns) if r is not None]
-    if not results:
+def _config(
+    name: str, scale: dict, strategy: str, lr_scale: float, stages: list[int], variants: bool
+) -> dict:
+    return {
+        "scale": name,
+        "sizes": scale,
+        "strategy": strategy,
+        "lr_scale": lr_scale,
+        "stages": stages,
+        "variants": variants,
+    }
+
+
+class Plateaus:
+    """Each scale and strategy's trained model, loaded (or trained) once per process and measured from."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.loaded = log, {}
+
+    def __call__(self, config: dict) -> tuple:
+        """(pipeline, plateau snapshot, facts of the trained model, spec, start step, validation set)."""
+        scale, strategy = config["sizes"], config["strategy"]
+        spec = plateau_spec(scale, strategy)
+        key = spec.name, spec.steps
+        if key not in self.loaded:
+            val = validation_set(spec)
+            start = scale.get("start" if strategy == "checkfree" else "start_plus", spec.steps)
+            self.log(
+                f"{config['scale']} / {strategy}: trained model at step {start} of its run's {spec.steps}"
+            )
+            pipeline, history = trained_pipeline(spec, val, until=start, log=self.log)
+            facts = {
+                "scale": config["scale"],
+                "strategy": strategy,
+                "model": scale["model"],
+                "pipeline": PIPELINE,
+                "plateau_steps": start,
+                "run_steps": spec.steps,
+                "after": scale["after"],
+                "parameters": pipeline.cfg.parameter_count(),
+                "plateau": {"val_steps": history.val_steps, "val_losses": history.val_losses},
+            }
+            self.loaded[key] = pipeline, pipeline.snapshot(), facts, spec, start, val
+        return self.loaded[key]
+
+
+def measurer(log: Callable[[str], None]) -> harness.Measure:
+    """measure(config name, config, seed): the twin and every case of the config on one seed (a row)."""
+    plateaus = Plateaus(log)
+
+    def measure(name: str, config: dict, seed: int) -> dict:
+        pipeline, plateau, facts, spec, start, val = plateaus(config)
+        cases = cases_for(config["strategy"], config["stages"], [config["lr_scale"]], config["variants"])
+        after = config["sizes"]["after"]
+        result = measure_seed(pipeline, plateau, spec, start, seed, cases, after, val, log)
+        result.pop("seed")
+        return {**facts, **result, "load_average_1min": os.getloadavg()[0]}
+
+    return measure
+
+
+def scale_results(rows: list[dict]) -> list[dict]:
+    """The rows as one result per (scale, strategy), in the configs' order, its seeds in order."""
+    results: dict[tuple, dict] = {}
+    for row in sorted(rows, key=lambda r: (r["seed"], r["runs"][0]["lr_scale"], r["runs"][0]["stage"])):
+        facts = {k: row[k] for k in ("scale", "strategy", "model", "pipeline", "plateau_steps", "run_steps")}
+        facts |= {k: row[k] for k in ("after", "parameters", "plateau")}
+        result = results.setdefault((row["scale"], row["strategy"]), {**facts, "seeds": [], "loads": []})
+        result["seeds"].append({k: row[k] for k in ("seed", "fail_step", "offsets", "twin", "runs")})
+        result["loads"].append(row["load_average_1min"])
+    order = list(dict.fromkeys((r["scale"], r["strategy"]) for r in rows))
+    return [results[key] for key in order]
+
+
+def report(args, record: dict, rows: list[dict], sweep: harness.Sweep) -> None:
+    """Print the tables; write recovery_ablation.json, .png and .md from `rows` (the harness's `finish`)."""
+    if not rows:
         print("no measurements yet")
         return
+    results = scale_results(rows)
     summaries = [summarise(res) for res in results]
     tables = [table_text(res, rows) for res, rows in zip(results, summaries)]
     print("\n\n".join(tables))
-    loads = [
-        m["load_average"][0] for r in results for m in r["machine"] if m
-    ]  # 1-min load when each part was saved
-    load = [min(loads), max(loads)] if loads else list(os.getloadavg())
-    stem = "recovery_ablation_quick" if quick else "recovery_ablation"
-    payload = {
-        "summaries": [
+    load = [x for r in results for x in r["loads"]]  # 1-min load when each row was measured
+    sweep.extra.update(
+        summaries=[
             {"scale": r["scale"], "strategy": r["strategy"], "rows": rows}
             for r, rows in zip(results, summaries)
         ],
-        "tables": tables,
-        "measurements": results,
-        "within": WITHIN,
-        "machine": machine_info(quick=quick, driver="in-process StageWorker stages (no Ray transport)"),
-    }
-    write_json(RESULTS / f"{stem}.json", payload)
-    plot(results, RESULTS / f"{stem}.png")
-    md = [
-        "# CheckFree recovery ablation from a trained model (generated by benchmarks/recovery_ablation.py)",
-        "",
-        (
-            "(a) validation loss right after the rebuild, before any step, minus the no-failure twin's; (b) steps "
-            f"until the validation loss is back, and stays, within {WITHIN:.0%} of the twin's (measured at the "
-            "offsets in the JSON; a run never back is counted at the horizon and listed as censored); (c) the loss "
-            "at the end minus the twin's. Mean over seeds [95% paired interval]. 'exact' restores the lost "
-            "stage's own weights with a fresh optimizer at the rebuilt learning rate: the upper bound of any "
-            "weight rule; 'identity' makes the stage an exact skip."
-        ),
-        "",
-        *[f"```\n{t}\n```\n" for t in tables],
-        "## What the measurements show",
-        "",
-        *notes(results, summaries, load),
-        "",
-    ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(md))
-    print(f"wrote {RESULTS / stem}.json, .png and .md")
+        tables=tables,
+        measurements=[{k: v for k, v in r.items() if k not in ("seeds", "loads")} for r in results],
+        within=WITHIN,
+    )
+    out = harness.results_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, out / f"{NAME}.png")
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        title=f"CheckFree recovery ablation from a trained model (generated by benchmarks/{NAME}.py)",
+        sections=[
+            (
+                "Results",
+                "\n".join(f"```\n{t}\n```\n" for t in tables)
+                + f"\n![excess loss after the rebuild]({NAME}.png)",
+            ),
+            ("What the measurements show", "\n".join(notes(results, summaries, load))),
+        ],
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="Small scale, 2 seeds, one position, short runs."
+    cli = harness.parser(__doc__, seeds=[0, 1, 2], quick_seeds=[0, 1])
+    cli.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
+    cli.add_argument(
+        "--strategies", nargs="+", default=["checkfree", "checkfree+"], choices=["checkfree", "checkfree+"]
     )
-    parser.add_argument("--scales", nargs="*", default=list(SCALES), choices=list(SCALES))
-    parser.add_argument(
-        "--strategies", nargs="*", default=["checkfree", "checkfree+"], choices=["checkfree", "checkfree+"]
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="*", default=None, help="Seeds (default 0 1 2; quick: 0 1)."
-    )
-    parser.add_argument(
+    cli.add_argument(
         "--lr-scales",
         type=float,
-        nargs="*",
+        nargs="+",
         default=[1.1, 1.0],
         help="Learning-rate scales of the rebuilt stage to measure (1.0 only at the small scale).",
     )
-    parser.add_argument(
-        "--stages", type=int, nargs="*", default=None, help="Middle stages (default: the scale's)."
+    cli.add_argument(
+        "--stages", type=int, nargs="+", default=None, help="Middle stages (default: the scale's)."
     )
-    parser.add_argument(
-        "--report-only", action="store_true", help="Only write the report of what was measured."
-    )
-    args = parser.parse_args()
+    cli.add_argument("--report-only", action="store_true", help="Only write the report of what was measured.")
+    args = cli.parse_args()
     torch.set_num_threads(1)
-    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
-    for name, scale, strategy, stages, lr_scales, variants in [] if args.report_only else plan(args):
-        for seed in seeds:
-            tag = (
-                f"{seed}"
-                + ("" if len(lr_scales) > 1 else f"-lr{lr_scales[0]}")
-                + ("" if args.stages is None else "-stage" + "-".join(map(str, stages)))
-            )
-            path = Path(measured_path(name, strategy, args.quick, tag))
-
-            def save(result: dict, path: Path = path) -> None:
-                write_json(path, {**result, "machine": machine_info()})
-
-            save(
-                measure_scale(
-                    name,
-                    scale,
-                    strategy,
-                    [seed],
-                    stages,
-                    lr_scales,
-                    variants,
-                    log=lambda m: print(m, flush=True),
-                    save=save,
-                )
-            )
-    names = ["small"] if args.quick else list(SCALES)
-    report([measured_path(n, s, args.quick) for n in names for s in ("checkfree", "checkfree+")], args.quick)
+    out = harness.results_dir(args)
+    record = harness.run_record(args, driver="in-process StageWorker stages (no Ray transport)")
+    log = lambda m: print(m, flush=True)
+    seeds = harness.chosen_seeds(args)
+    if not args.report_only:
+        chosen = configs(args.quick, args.scales, tuple(args.strategies), tuple(args.lr_scales), args.stages)
+        harness.run_sweep(harness.Sweep(NAME, chosen, seeds, measurer(log)), out, fresh=args.fresh)
+    every = sorted({*seeds, *(args.quick_seeds if args.quick else args.default_seeds)})
+    sweep = harness.Sweep(NAME, configs(args.quick), every, measurer(log), describe=DESCRIBE)
+    report(args, record, harness.measured_rows(sweep, out), sweep)
 
 
 if __name__ == "__main__":

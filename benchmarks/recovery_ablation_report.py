@@ -1,7 +1,7 @@
 """Statistics, table, figure and generated notes of the recovery ablation (benchmarks/recovery_ablation.py).
 
-Every number and every sentence of the notes comes from the measurements passed in: the verdicts are read off
-95% paired intervals over seeds (`rayops.paired`), never written in advance.
+Every number and every sentence of the notes comes from the measurements passed in: each interval and verdict is
+the harness's paired table (`harness.paired_table`, `rayops.paired`) over seeds, never written in advance.
 """
 
 from __future__ import annotations
@@ -14,14 +14,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
-from rayops.paired import PairedDifference, paired_difference
+from harness import paired_table
 
 PAPER_ORDER = ["weighted", "average", "copy", "random"]
-
-
-def _interval(d: PairedDifference) -> dict:
-    return {"mean": d.mean, "low": d.low, "high": d.high, "n": d.num_seeds}
 
 
 def _groups(scale_result: dict) -> dict[tuple, list[tuple[dict, list[float], list[int]]]]:
@@ -37,55 +32,78 @@ def _groups(scale_result: dict) -> dict[tuple, list[tuple[dict, list[float], lis
     return {key: [by_seed[s] for s in sorted(by_seed)] for key, by_seed in groups.items()}
 
 
-def _seeds(scale_result: dict, key: tuple) -> dict[int, dict]:
-    return {
-        seed["seed"]: run
-        for seed in scale_result["seeds"]
-        for run in seed["runs"]
-        if (run["lr_scale"], run["stage"], run["name"]) == key
-    }
+def _key(lr_scale: float, stage: int, name: str) -> str:
+    return f"lr{lr_scale}/stage{stage}/{name}"
 
 
-def _paired_runs(scale_result: dict, key_a: tuple, key_b: tuple, index: int) -> PairedDifference | None:
-    """Loss at offset `index` of runs `key_a` minus runs `key_b`, over the seeds both have."""
-    a, b = _seeds(scale_result, key_a), _seeds(scale_result, key_b)
-    common = sorted(set(a) & set(b))
-    if not common:
+def case_rows(scale_result: dict) -> list[dict]:
+    """One row per (seed, lr_scale, stage, rule) with (a) the loss right after the rebuild, (b) the steps until it
+    is back within 1% (censored at the horizon) and (c) the loss at the end, and the no-failure twin of each
+    (lr_scale, stage) as config '.../twin' ((b) 0): the rows the paired tables compare."""
+    after, rows = scale_result["after"], []
+    for seed in scale_result["seeds"]:
+        twin = seed["twin"]
+        for run in seed["runs"]:
+            back = run["recovered_after"]
+            values = {
+                "a": run["losses"][0],
+                "b": float(after if back is None else back),
+                "c": run["losses"][-1],
+            }
+            rows.append(
+                {"config": _key(run["lr_scale"], run["stage"], run["name"]), "seed": seed["seed"], **values}
+            )
+            twin_key = _key(run["lr_scale"], run["stage"], "twin")
+            rows.append({"config": twin_key, "seed": seed["seed"], "a": twin[0], "b": 0.0, "c": twin[-1]})
+    return rows
+
+
+def paired(rows: list[dict], metric: str, config: str, baseline: str) -> dict | None:
+    """`config`'s `metric` minus `baseline`'s over their shared seeds (the harness's paired table, lower better):
+    {mean, low, high, n, verdict}; None when they share no seed."""
+    seeds = [{r["seed"] for r in rows if r["config"] == name} for name in (config, baseline)]
+    if not seeds[0] & seeds[1]:
         return None
-    return paired_difference([a[s]["losses"][index] for s in common], [b[s]["losses"][index] for s in common])
+    (entry,) = paired_table(rows, metric, baseline=baseline, better="lower", configs=[config])["rows"]
+    return {
+        "mean": entry["difference"],
+        "low": entry["low"],
+        "high": entry["high"],
+        "n": entry["seeds"],
+        "verdict": entry["verdict"],
+    }
 
 
 def summarise(scale_result: dict) -> list[dict]:
     """One row per (lr_scale, stage, rule): (a) loss right after the rebuild, (b) steps back within 1%, (c) the
     loss at the end, as paired differences against the twin; and (a), (c) of weighted minus this rule."""
-    after = scale_result["after"]
     groups = _groups(scale_result)
+    cases = case_rows(scale_result)
     rows = []
     for (lr_scale, stage, name), items in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         a = [run["losses"][0] for run, _, _ in items]
-        c = [run["losses"][-1] for run, _, _ in items]
-        twin_a, twin_c = [t[0] for _, t, _ in items], [t[-1] for _, t, _ in items]
+        twin_a = [t[0] for _, t, _ in items]
         steps = [run["recovered_after"] for run, _, _ in items]
-        censored = sum(s is None for s in steps)
-        steps_filled = [float(after if s is None else s) for s in steps]
+        key, twin = _key(lr_scale, stage, name), _key(lr_scale, stage, "twin")
         row = {
             "strategy": scale_result["strategy"],
             "lr_scale": lr_scale,
             "stage": stage,
             "rule": name,
-            "a_excess": _interval(paired_difference(a, twin_a)),
+            "a_excess": paired(cases, "a", key, twin),
             "a_relative": sum(x / y - 1 for x, y in zip(a, twin_a)) / len(a),
-            "b_steps": _interval(paired_difference(steps_filled, [0.0] * len(steps))),
-            "b_censored": censored,
-            "c_excess": _interval(paired_difference(c, twin_c)),
+            "b_steps": paired(cases, "b", key, twin),
+            "b_censored": sum(s is None for s in steps),
+            "c_excess": paired(cases, "c", key, twin),
             "a_values": a,
-            "c_values": c,
+            "c_values": [run["losses"][-1] for run, _, _ in items],
             "b_values": steps,
         }
         if name != "weighted" and (lr_scale, stage, "weighted") in groups:
-            for tag, index in (("a", 0), ("c", -1)):
-                d = _paired_runs(scale_result, (lr_scale, stage, "weighted"), (lr_scale, stage, name), index)
-                row[f"weighted_minus_{tag}"] = _interval(d)
+            for tag in ("a", "c"):
+                d = paired(cases, tag, _key(lr_scale, stage, "weighted"), key)
+                if d is not None:
+                    row[f"weighted_minus_{tag}"] = d
         rows.append(row)
     return rows
 
@@ -163,23 +181,23 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def _verdict(d: dict, better: str, worse: str, tie: str) -> str:
-    """The paired verdict of a loss difference `d` (lower is better), in the given words."""
+    """The paired verdict of a loss difference `d` (`paired`: lower is better), in the given words."""
     if d["n"] < 2 or math.isnan(d["low"]):
         return f"{tie} (one seed: no interval)"
-    outcome = PairedDifference(d["mean"], d["low"], d["high"], d["n"]).verdict("lower")
-    return {"win": better, "loss": worse, "tie": tie}[outcome]
+    return {"win": better, "loss": worse, "tie": tie}[d["verdict"]]
 
 
 def lr_lines(scale_result: dict) -> list[str]:
-    """Per stage: each rule's (a) and (c) with the rebuilt stage at lr x1.1 minus at x1.0, paired by seed."""
+    """Per stage: each rule's (c) with the rebuilt stage at lr x1.1 minus at x1.0, paired by seed."""
     groups = _groups(scale_result)
+    cases = case_rows(scale_result)
     lines = []
     for stage in sorted({s for _, s, _ in groups}):
         parts = []
         for name in ("weighted", "average", "copy", "random", "identity", "exact"):
-            d = _paired_runs(scale_result, (1.1, stage, name), (1.0, stage, name), -1)
+            d = paired(cases, "c", _key(1.1, stage, name), _key(1.0, stage, name))
             if d is not None:
-                parts.append(f"{name} {_fmt(_interval(d))}")
+                parts.append(f"{name} {_fmt(d)}")
         if parts:
             lines.append(
                 f"- Stage {stage}, (c) at lr x1.1 minus at x1.0 (negative: x1.1 ends lower): "
@@ -193,6 +211,7 @@ def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -
     """Markdown lines stating what the measurements show (each sentence filled from the values)."""
     out = []
     for res, rows in zip(results, summaries):
+        cases = case_rows(res)
         m = res["model"]
         plateau = res["plateau"]
         tail = ""
@@ -238,8 +257,8 @@ def notes(results: list[dict], summaries: list[list[dict]], load: list[float]) -
                     f"({min(rebuilt):.3f})."
                 )
             if "random" in here and "identity" in here:
-                d = _paired_runs(res, (lr_scale, stage, "random"), (lr_scale, stage, "identity"), 0)
-                line += f" Random - identity on (a): {_fmt(_interval(d), 4)}."
+                d = paired(cases, "a", _key(lr_scale, stage, "random"), _key(lr_scale, stage, "identity"))
+                line += f" Random - identity on (a): {_fmt(d, 4)}."
             for other in ("random", "identity", "average", "copy", "weighted/pre_clip", "weighted/blocks"):
                 if other in here and "weighted_minus_a" in here[other]:
                     d = here[other]["weighted_minus_a"]

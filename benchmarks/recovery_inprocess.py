@@ -3,8 +3,9 @@
 The ablation is about the quality of a rebuilt stage, not the transport, so the stages here are the engine's own
 `StageWorker` objects (the class the Ray actors run: same model, AdamW groups, per-stage clipping and reported
 gradient norms) called directly in GPipe order, with the micro-batch routes of `recovery_rules.route`
-(CheckFree+'s swap included). A lost stage is rebuilt through `recovery_rules.plan_recovery`, `weighing_norm` and
-`reinitialised_blocks`, exactly as `checkfree_ray/stage_recovery.py` does, and the stage only sums (`StageWorker.configure`).
+(CheckFree+'s swap included). A lost stage is rebuilt by the engine's own recovery code: the plan of
+`recovery_rules.plan_for` and the sources and weights of `recovery_rules.rebuild_sources`, the calls
+`checkfree_ray/stage_recovery.py` makes for its replacement actors; the stage only sums (`StageWorker.configure`).
 
 The trained model is the engine's own checkpoint (`CheckpointStore`, run identity from `open_run`) under
 `outputs/bench-cache/recovery/<fingerprint>/`: a spec that changes gets another folder and retrains; an
@@ -32,12 +33,11 @@ from checkfree_ray.recovery_rules import (
     HEAD,
     micro_batch_order,
     plain_order,
-    plan_recovery,
+    plan_for,
+    rebuild_sources,
     recovered_lr,
-    reinit_seed,
-    reinitialised_blocks,
     route,
-    weighing_norm,
+    weighing_norms,
 )
 from checkfree_ray.run_identity import open_run, spec_inputs
 from checkfree_ray.stage import StageWorker, initial_states
@@ -118,37 +118,38 @@ class LocalPipeline:
         self.grad_norms = [dict(n) for n in norms]
 
     def rebuild(self, stage: int, rule: str, step: int, run_seed: int) -> dict:
-        """Lose `stage` after step `step - 1` and rebuild it by `rule` as the engine would (the engine's rules),
-        or by 'exact' (its own same-step weights, the upper bound that only this benchmark can take). The rebuilt
-        stage gets a fresh AdamW at lr x `recovery.lr_scale`, as every CheckFree rebuild does."""
+        """Lose `stage` after step `step - 1` and rebuild it by `rule` through the engine's own recovery code
+        (`recovery_rules.plan_for` and `rebuild_sources`, what `StageRecovery` sends its replacement actor), or by
+        'exact' (its own same-step weights, the upper bound that only this benchmark can take). The rebuilt stage
+        gets a fresh AdamW at lr x `recovery.lr_scale`, as every CheckFree rebuild does. A CheckFree+ outer stage's
+        (de)embedding copy is its own (de)embedding: the copy of a run that copies every step."""
         rec = self.spec.recovery
         lr = recovered_lr(self.spec.optim.lr, rec.lr_scale)
         lost = self.workers[stage]
         if rule == "exact":
             self.workers[stage] = self._fresh(stage, lr, lost.get_state())
             return {"method": "exact", "sources": [stage], "weights": [1.0]}
-        norms = [weighing_norm(n, rec.grad_norm_scope, rec.grad_norm) for n in self.grad_norms]
-        plan = plan_recovery(rec.strategy, {stage}, self.S, rule, norms, rec.epsilon)
+        plan = plan_for(rec.model_copy(update={"rule": rule}), rec.strategy, {stage}, self.S, self.grad_norms)
         (recipe,) = plan.rebuilds
-        src = [self.workers[s] for s in recipe.sources]
-        if recipe.method == "checkfree" and not recipe.sources:
-            blocks = reinitialised_blocks(self.cfg, stage, reinit_seed(run_seed, step, stage), rule)
-            self.workers[stage] = self._fresh(stage, lr, blocks)
-        elif recipe.method == "checkfree":
-            self.workers[stage] = self._fresh(
-                stage, lr, *[n.get_state((BLOCKS,)) for n in src], weights=recipe.weights
-            )
-        else:  # CheckFree+ outer stage: the partner's blocks + the (de)embedding copy it holds (copy_every 1)
-            copy = lost.get_state((EMBED, HEAD))
-            self.workers[stage] = self._fresh(stage, lr, src[0].get_state((BLOCKS,)), copy)
+        src = rebuild_sources(
+            recipe,
+            lr,
+            self.cfg,
+            run_seed,
+            step,
+            blocks_of=lambda s: self.workers[s].get_state((BLOCKS,)),
+            copy_of=lambda s: lost.get_state((EMBED, HEAD)),
+            backup_of=lambda s: self.workers[s].get_state(include_optim=True),
+        )
+        self.workers[stage] = self._fresh(stage, src.lr, *src.sources, weights=src.weights)
         return {
             "method": recipe.method,
             "sources": list(recipe.sources),
             "weights": list(recipe.weights),
-            "norms": norms,
+            "norms": weighing_norms(rec, self.grad_norms),
         }
 
-    def _fresh(self, stage: int, lr: float, *sources, weights: tuple[float, ...] = ()) -> LocalStage:
+    def _fresh(self, stage: int, lr: float | None, *sources, weights: tuple[float, ...] = ()) -> LocalStage:
         opt = self.spec.optim
         worker = LocalStage(self.cfg, opt.grad_clip, opt.weight_decay)
         worker.configure(stage, lr, *sources, weights=weights)

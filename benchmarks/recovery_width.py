@@ -1,6 +1,6 @@
 """CheckFree's recovery rules against model width: does the paper's ranking appear as the model grows?
 
-`python benchmarks/recovery_width.py [--plan 64:2 128:2 ...] [--report-only]`
+`python benchmarks/recovery_width.py [--quick] [--plan 64:2 128:2 ...] [--report-only]`
 
 The protocol of `recovery_ablation.py` (a trained model, one middle stage lost, every rule applied to copies of the
 same state, paired over seeds, against the no-failure twin) at several widths d (4 layers, one block per stage,
@@ -11,29 +11,34 @@ initialiser) and identity (the stage an exact skip).
 
 Each width's training is the engine's own checkpoint (`recovery_inprocess.trained_pipeline`, cached under
 outputs/bench-cache/recovery/<fingerprint>/, resumed when interrupted, a validation loss and checkpoint every 100
-steps); each measured (d, k, seed) is kept under outputs/bench-cache/recovery-width/ and never measured again, so
-the study can be built up over several sittings (`nice -n 15 python benchmarks/recovery_width.py > log &`).
-Entries of one width must run in increasing k: the cache keeps one checkpoint, and the entry is measured when
-training reaches it. Per (width, k) it also measures the residual stream's RMS entering each lost stage against
-the RMS of what a trained block and a freshly initialised block add to it (`residual_norms`).
+steps). On the benchmark harness, a config is one plan entry (d, k) and a row one seed of it; rows are cached
+under outputs/bench/rows/ as they are measured and never measured again, so the study can be built up over
+several sittings (`nice -n 15 python benchmarks/recovery_width.py > log &`). The plan runs one entry at a time,
+every seed of it (a sweep each): entries of one width must run in increasing k, since the cache keeps one
+checkpoint and the entry is measured when training reaches it. Per (width, k) it also measures the residual
+stream's RMS entering each lost stage against the RMS of what a trained block and a freshly initialised block
+add to it (`residual_norms`).
 
-Writes benchmarks/results/recovery_width.json, .png and .md (generated from the measured values).
+Writes benchmarks/results/recovery_width.json, .png and .md (generated from the measured values); every run ends
+with the report over every plan entry and seed measured so far (`--report-only`: only the report, from the row
+cache or the rows of the written result). `--quick`: d=32 to 1 token per parameter, one stage, 2 seeds, 20 steps
+after the rebuild, written under outputs/bench/quick/.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, write_json
+import harness
 from recovery_ablation import measure_seed, validation_set
-from recovery_inprocess import CACHE, LocalPipeline, trained_pipeline
+from recovery_inprocess import LocalPipeline, trained_pipeline
+from recovery_width_report import DESCRIBE, report
 
 from checkfree_ray.recovery_rules import BLOCKS, plain_order, recovered_lr, reinitialised_blocks, route
 from schemas.train import TrainSpec
@@ -47,7 +52,7 @@ PIPELINE = {"num_stages": 4, "micro_batches": 2, "micro_batch_size": 8}
 TOKENS_PER_STEP = PIPELINE["micro_batches"] * PIPELINE["micro_batch_size"] * SEQ
 MAX_TOKENS_PER_PARAM = 6  # the spec's `steps` (part of its fingerprint): the longest plan entry of any width
 EVERY = 100  # validation loss and checkpoint interval of the training
-MEASURED = CACHE.parent / "recovery-width"
+NAME = "recovery_width"
 DEFAULT_PLAN = [
     "64:2.19",
     "32:2.19",
@@ -60,6 +65,7 @@ DEFAULT_PLAN = [
     "192:2.19",
     "256:2.19",
 ]
+QUICK = {"plan": ["32:1"], "stages": [1], "after": 20, "fresh_shapes": [(64, 1), (128, 1)]}
 
 
 def model_of(d: int) -> dict:
@@ -85,11 +91,11 @@ def run_steps(d: int) -> int:
     return max(EVERY, round(MAX_TOKENS_PER_PARAM * parameters(d) / TOKENS_PER_STEP / EVERY) * EVERY)
 
 
-def width_spec(d: int, steps: int | None = None) -> TrainSpec:
-    """The training spec of width `d` (steps: `run_steps`, so one run serves every k)."""
+def width_spec(d: int, steps: int | None = None, quick: bool = False) -> TrainSpec:
+    """The training spec of width `d` (steps: `run_steps`, so one run serves every k); quick runs train their own."""
     return TrainSpec.model_validate(
         {
-            "name": f"recovery-width-d{d}",
+            "name": f"recovery-width-{'quick-' if quick else ''}d{d}",
             "seed": 0,
             "steps": steps if steps is not None else run_steps(d),
             "model": model_of(d),
@@ -159,33 +165,38 @@ def fresh_stage_rms(d: int, blocks: int, seed: int = 0) -> float:
     return rms(stage(x) - x)
 
 
-def measured_file(d: int, k: float, seed: int) -> Path:
-    """Where one (width, tokens per parameter, seed) measurement is kept."""
-    return MEASURED / f"measured-d{d}-k{k:g}-seed{seed}.json"
+def config(d: int, k: float, quick: bool = False) -> dict:
+    """One plan entry's config: the width, its tokens per parameter, and what is measured from it."""
+    stages, after = (QUICK["stages"], QUICK["after"]) if quick else (STAGES, AFTER)
+    return {
+        "d_model": d,
+        "tokens_per_param": k,
+        "stages": stages,
+        "rules": RULES,
+        "after": after,
+        "quick": quick,
+    }
 
 
-def measure_entry(d: int, k: float, log) -> None:
-    """Train width `d` to `k` tokens per parameter (resuming its cached run) and measure every missing seed."""
-    missing = [s for s in SEEDS if not measured_file(d, k, s).exists()]
-    if not missing:
-        log(f"d={d} k={k:g}: measured already")
-        return
-    spec = width_spec(d)
-    start = steps_for(d, k)
-    val = validation_set(spec)
-    log(f"d={d} k={k:g}: {parameters(d)} parameters, step {start} of {spec.steps}")
-    began = time.monotonic()
-    pipeline, history = trained_pipeline(spec, val, until=start, every=EVERY, log=log)
-    train_s = time.monotonic() - began
-    plateau = pipeline.snapshot()
-    norms = [residual_norms(pipeline, val, s) for s in STAGES]
-    cases = [{"name": r, "rule": r, "stage": s, "lr_scale": 1.1} for s in STAGES for r in RULES]
-    for seed in missing:
-        began = time.monotonic()
-        result = measure_seed(pipeline, plateau, spec, start, seed, cases, AFTER, val, log)
-        write_json(
-            measured_file(d, k, seed),
-            {
+def config_name(d: int, k: float) -> str:
+    return f"d={d} k={k:g}"
+
+
+def measurer(log: Callable[[str], None]) -> harness.Measure:
+    """measure(config name, config, seed): the entry's width trained to its k (once per process, resuming its
+    cached run), then the twin and every rule at every stage on one seed (a row)."""
+    loaded: dict[tuple, tuple] = {}
+
+    def trained(cfg: dict) -> tuple:
+        d, k = cfg["d_model"], cfg["tokens_per_param"]
+        if (d, k) not in loaded:
+            loaded.clear()  # one width and k at a time: the cache's checkpoint moves on with k
+            spec = width_spec(d, quick=cfg["quick"])
+            start, val = steps_for(d, k), validation_set(spec)
+            log(f"d={d} k={k:g}: {parameters(d)} parameters, step {start} of {spec.steps}")
+            began = time.monotonic()
+            pipeline, history = trained_pipeline(spec, val, until=start, every=EVERY, log=log)
+            facts = {
                 "d_model": d,
                 "tokens_per_param": k,
                 "model": model_of(d),
@@ -193,16 +204,24 @@ def measure_entry(d: int, k: float, log) -> None:
                 "parameters": parameters(d),
                 "plateau_steps": start,
                 "run_steps": spec.steps,
-                "after": AFTER,
+                "after": cfg["after"],
                 "plateau": {"val_steps": history.val_steps, "val_losses": history.val_losses},
-                "residual_norms": norms,
-                "train_wall_s_this_sitting": train_s,
-                "measure_wall_s": time.monotonic() - began,
-                "machine": machine_info(),
-                **result,
-            },
-        )
-        pipeline.restore(plateau)
+                "residual_norms": [residual_norms(pipeline, val, s) for s in cfg["stages"]],
+                "train_wall_s_this_sitting": time.monotonic() - began,
+            }
+            loaded[(d, k)] = pipeline, pipeline.snapshot(), facts, spec, start, val
+        return loaded[(d, k)]
+
+    def measure(name: str, cfg: dict, seed: int) -> dict:
+        pipeline, plateau, facts, spec, start, val = trained(cfg)
+        cases = [
+            {"name": r, "rule": r, "stage": s, "lr_scale": 1.1} for s in cfg["stages"] for r in cfg["rules"]
+        ]
+        result = measure_seed(pipeline, plateau, spec, start, seed, cases, cfg["after"], val, log)
+        result.pop("seed")
+        return {**facts, **result, "load_average_1min": os.getloadavg()[0]}
+
+    return measure
 
 
 def parse_plan(entries: list[str]) -> list[tuple[int, float]]:
@@ -220,23 +239,35 @@ def parse_plan(entries: list[str]) -> list[tuple[int, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", nargs="*", default=DEFAULT_PLAN, help="width:tokens-per-parameter entries")
-    parser.add_argument(
-        "--report-only", action="store_true", help="Only write the report of what was measured."
-    )
-    args = parser.parse_args()
+    cli = harness.parser(__doc__, seeds=SEEDS, quick_seeds=[0, 1])
+    cli.add_argument("--plan", nargs="+", default=None, help="width:tokens-per-parameter entries")
+    cli.add_argument("--report-only", action="store_true", help="Only write the report of what was measured.")
+    args = cli.parse_args()
     torch.set_num_threads(1)
+    out, quick = harness.results_dir(args), args.quick
+    record = harness.run_record(args, driver="in-process StageWorker stages (no Ray transport)")
     log = lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True)
+    plan = parse_plan(args.plan or (QUICK["plan"] if quick else DEFAULT_PLAN))
+    seeds = harness.chosen_seeds(args)
     if not args.report_only:
-        for d, k in parse_plan(args.plan):
-            measure_entry(d, k, log)
-    from recovery_width_report import report
-
-    fresh = [{"d_model": d, "blocks": b, "fresh_delta_rms": fresh_stage_rms(d, b)} for d, b in FRESH_SHAPES]
+        measure = measurer(log)
+        for index, (d, k) in enumerate(
+            plan
+        ):  # one entry at a time, every seed of it (the module's docstring)
+            entry = {config_name(d, k): config(d, k, quick)}
+            fresh = args.fresh and index == 0  # the row cache is emptied once, before the first entry
+            harness.run_sweep(harness.Sweep(NAME, entry, seeds, measure), out, fresh=fresh)
+    everything = [*parse_plan(QUICK["plan"] if quick else DEFAULT_PLAN), *plan]
+    configs = {config_name(d, k): config(d, k, quick) for d, k in everything}
+    every = sorted({*seeds, *(args.quick_seeds if quick else args.default_seeds)})
+    sweep = harness.Sweep(NAME, configs, every, measurer(log), describe=DESCRIBE)
+    rows = harness.measured_rows(sweep, out)
+    shapes = QUICK["fresh_shapes"] if quick else FRESH_SHAPES
+    fresh = [{"d_model": d, "blocks": b, "fresh_delta_rms": fresh_stage_rms(d, b)} for d, b in shapes]
+    first = configs[config_name(*plan[0])]
     # steps run per seed in the measurement: the run-up to the failure (up to 20), the twin and each rule's run
-    measure_steps = len(SEEDS) * (len(STAGES) * len(RULES) + 1) * AFTER + len(SEEDS) * 20
-    report(sorted(MEASURED.glob("measured-*.json")), fresh, parse_plan(args.plan), measure_steps)
+    measure_steps = len(SEEDS) * (len(first["stages"]) * len(RULES) + 1) * first["after"] + len(SEEDS) * 20
+    report(args, record, rows, sweep, fresh, plan, measure_steps)
 
 
 if __name__ == "__main__":

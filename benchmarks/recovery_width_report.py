@@ -1,7 +1,7 @@
 """Tables, figure and generated notes of the width study (benchmarks/recovery_width.py).
 
-Every number and verdict is read off the measurements passed in (95% paired intervals over seeds,
-`rayops.paired`), never written in advance.
+Every number and verdict is read off the measurements passed in (95% paired intervals over seeds, the harness's
+paired table as in the ablation's report), never written in advance.
 """
 
 from __future__ import annotations
@@ -17,21 +17,32 @@ import numpy as np
 matplotlib.use("Agg")
 import itertools
 
+import harness
 import matplotlib.pyplot as plt
-from _common import RESULTS, machine_info, write_json
-from recovery_ablation_report import summarise
+from _common import RESULTS
+from recovery_ablation_report import case_rows, paired, summarise
 
 RULES = ["weighted", "average", "copy", "random", "identity"]
 PAPER_ORDER = ["weighted", "average", "copy", "random"]
 PAPER_WIDTHS = {"124M": 512, "500M": 1024, "1.5B": 2048}
 
 
-def merge(paths: list[Path]) -> list[dict]:
-    """One result per (width, tokens per parameter), its seeds merged, sorted by k then width."""
+DESCRIBE = (
+    "Each width (4 layers, one block per stage, 4 stages, byte-level data, constant lr 3e-3) is trained for "
+    "the same number of tokens per parameter; then, per seed, training continues on the seed's data, a middle "
+    "stage is lost after the seed's delay, and each rule rebuilds it from copies of the same state (lr x1.1, "
+    "fresh AdamW). (a) validation loss right after the rebuild minus the no-failure twin's; (b) steps until "
+    "it is back, and stays, within 1% of the twin's (censored at the horizon); (c) at the end. Mean over "
+    "seeds [95% paired interval]. 'random' is the model's own initialisation (normal std 0.02 weights, unit "
+    "RMSNorm gains; the paper does not state its initialiser); 'identity' makes the stage an exact skip."
+)
+
+
+def merge(rows: list[dict]) -> list[dict]:
+    """One result per (width, tokens per parameter), its seeds in order, sorted by k then width."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for p in paths:
-        part = json.loads(p.read_text())
-        groups[(part["d_model"], part["tokens_per_param"])].append(part)
+    for row in rows:
+        groups[(row["d_model"], row["tokens_per_param"])].append(row)
     out = []
     for (d, k), parts in groups.items():
         parts.sort(key=lambda p: p["seed"])
@@ -49,7 +60,7 @@ def merge(paths: list[Path]) -> list[dict]:
                 "seeds": [
                     {key: p[key] for key in ("seed", "fail_step", "offsets", "twin", "runs")} for p in parts
                 ],
-                "load_average": [p["machine"]["load_average"][0] for p in parts],
+                "load_average": [p["load_average_1min"] for p in parts],
             }
         )
     return sorted(out, key=lambda r: (r["tokens_per_param"], r["d_model"]))
@@ -62,13 +73,10 @@ def _iv(d: dict, digits: int = 3) -> str:
 
 
 def _verdict(d: dict, better: str = "weighted") -> str:
+    """The paired verdict of a loss difference (`recovery_ablation_report.paired`) in words."""
     if d["n"] < 2 or math.isnan(d["low"]):
         return "no interval"
-    if d["high"] < 0:
-        return f"{better} better"
-    if d["low"] > 0:
-        return f"{better} worse"
-    return "not distinguishable"
+    return {"win": f"{better} better", "loss": f"{better} worse", "tie": "not distinguishable"}[d["verdict"]]
 
 
 def learning_point(res: dict) -> dict:
@@ -115,15 +123,7 @@ def _row(rows: list[dict], stage: int, rule: str) -> dict | None:
 
 
 def _random_minus_identity(res: dict, stage: int) -> dict:
-    from rayops.paired import paired_difference
-
-    pairs = {}
-    for seed in res["seeds"]:
-        runs = {r["rule"]: r for r in seed["runs"] if r["stage"] == stage}
-        if "random" in runs and "identity" in runs:
-            pairs[seed["seed"]] = (runs["random"]["losses"][0], runs["identity"]["losses"][0])
-    d = paired_difference([a for a, _ in pairs.values()], [b for _, b in pairs.values()])
-    return {"mean": d.mean, "low": d.low, "high": d.high, "n": d.num_seeds}
+    return paired(case_rows(res), "a", f"lr1.1/stage{stage}/random", f"lr1.1/stage{stage}/identity")
 
 
 def notes(results: list[dict], summaries: list[list[dict]]) -> list[str]:
@@ -365,17 +365,20 @@ def plot(results: list[dict], summaries: list[list[dict]], path: Path) -> None:
 
 
 def report(
-    paths: list[Path],
+    args,
+    record: dict,
+    rows: list[dict],
+    sweep: harness.Sweep,
     fresh: list[dict] | None = None,
     plan: list[tuple[int, float]] = (),
     measure_steps: int = 0,
 ) -> None:
-    """Write recovery_width.json, .png and .md from the measured files (and `fresh`: what a fresh stage adds by
-    width, `recovery_width.fresh_stage_rms`)."""
-    if not paths:
+    """Write recovery_width.json, .png and .md from `rows` (the harness's `finish`) and `fresh`: what a fresh stage
+    adds by width (`recovery_width.fresh_stage_rms`)."""
+    if not rows:
         print("no measurements yet")
         return
-    results = merge(paths)
+    results = merge(rows)
     summaries = [summarise(r) for r in results]
     tables = [table(r, rows) for r, rows in zip(results, summaries)]
     print("\n\n".join(tables))
@@ -386,53 +389,48 @@ def report(
         + missing_notes(list(plan), results, measure_steps)
     )
     loads = [x for r in results for x in r["load_average"]]
-    write_json(
-        RESULTS / "recovery_width.json",
-        {
-            "summaries": [
-                {
-                    "d_model": r["d_model"],
-                    "tokens_per_param": r["tokens_per_param"],
-                    "parameters": r["parameters"],
-                    "learning_point": learning_point(r),
-                    "residual_norms": r["residual_norms"],
-                    "rows": rows,
-                }
-                for r, rows in zip(results, summaries)
-            ],
-            "fresh_stage": fresh or [],
-            "tables": tables,
-            "notes": generated,
-            "measurements": results,
-            "machine": machine_info(driver="in-process StageWorker stages (no Ray transport)"),
-        },
+    sweep.extra.update(
+        summaries=[
+            {
+                "d_model": r["d_model"],
+                "tokens_per_param": r["tokens_per_param"],
+                "parameters": r["parameters"],
+                "learning_point": learning_point(r),
+                "residual_norms": r["residual_norms"],
+                "rows": rows,
+            }
+            for r, rows in zip(results, summaries)
+        ],
+        fresh_stage=fresh or [],
+        tables=tables,
+        notes=generated,
+        measurements=[{k: v for k, v in r.items() if k != "seeds"} for r in results],
     )
-    plot(results, summaries, RESULTS / "recovery_width.png")
-    md = [
-        "# CheckFree's recovery rules against model width (generated by benchmarks/recovery_width.py)",
-        "",
-        (
-            "Each width (4 layers, one block per stage, 4 stages, byte-level data, constant lr 3e-3) is trained for "
-            "the same number of tokens per parameter; then, per seed, training continues on the seed's data, a middle "
-            "stage is lost after the seed's delay, and each rule rebuilds it from copies of the same state (lr x1.1, "
-            "fresh AdamW). (a) validation loss right after the rebuild minus the no-failure twin's; (b) steps until "
-            "it is back, and stays, within 1% of the twin's (censored at the horizon); (c) at the end. Mean over "
-            "seeds [95% paired interval]. 'random' is the model's own initialisation (normal std 0.02 weights, unit "
-            "RMSNorm gains; the paper does not state its initialiser); 'identity' makes the stage an exact skip."
-        ),
-        "",
-        *[f"```\n{t}\n```\n" for t in tables],
-        "![weighted - random against parameters](recovery_width.png)",
-        "",
-        "## What the measurements show",
-        "",
-        *generated,
-        "",
-        (
-            f"1-minute load average when each seed was saved: {min(loads):.0f} to {max(loads):.0f} (2 shared cores; "
-            "timings are not comparable, losses are)."
-        ),
-        "",
-    ]
-    (RESULTS / "recovery_width.md").write_text("\n".join(md))
-    print(f"wrote {RESULTS / 'recovery_width'}.json, .png and .md")
+    out = harness.results_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, summaries, out / "recovery_width.png")
+    shown = "\n".join(
+        [
+            *generated,
+            "",
+            (
+                f"1-minute load average when each seed was saved: {min(loads):.0f} to {max(loads):.0f} (2 shared "
+                "cores; timings are not comparable, losses are)."
+            ),
+        ]
+    )
+    harness.finish(
+        sweep,
+        args,
+        record,
+        rows,
+        title="CheckFree's recovery rules against model width (generated by benchmarks/recovery_width.py)",
+        sections=[
+            (
+                "Results",
+                "\n".join(f"```\n{t}\n```\n" for t in tables)
+                + "\n![weighted - random against parameters](recovery_width.png)",
+            ),
+            ("What the measurements show", shown),
+        ],
+    )

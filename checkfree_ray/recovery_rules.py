@@ -6,10 +6,18 @@ Paper: Blagoev et al., "All is Not Lost: LLM Recovery without Checkpoints" (arXi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from schemas.train import RecoverySpec
+
+Source = TypeVar(
+    "Source"
+)  # a source stage's state: a Ray reference on the engine, a state dict in one process
 
 EMBED, BLOCKS, HEAD = "embed", "blocks", "head"
 
@@ -151,6 +159,11 @@ def weighing_norm(norms: Mapping[str, float], scope: str = "stage", grad_norm: s
     return float(norms.get(key, 0.0))
 
 
+def weighing_norms(recovery: RecoverySpec, grad_norms: Sequence[Mapping[str, float]]) -> list[float]:
+    """Every stage's weighing norm (`weighing_norm`) under the run's `recovery.grad_norm_scope` and `grad_norm`."""
+    return [weighing_norm(n, recovery.grad_norm_scope, recovery.grad_norm) for n in grad_norms]
+
+
 def at_clip(norms: Mapping[str, float], grad_clip: float) -> bool:
     """Whether the stage's gradient was clipped: then its post-clip norm equals the clip, and two such
     neighbours weigh equally (the weighted rule is the plain average)."""
@@ -268,3 +281,50 @@ def plan_recovery(
             )
         rebuilds.append(rebuild)
     return RecoveryPlan(rebuilds=rebuilds)
+
+
+def plan_for(
+    recovery: RecoverySpec,
+    strategy: str,
+    lost: set[int] | Sequence[int],
+    num_stages: int,
+    grad_norms: Sequence[Mapping[str, float]],
+) -> RecoveryPlan:
+    """`plan_recovery` with the run's `recovery` settings (rule, epsilon, weighing norms) and each stage's last
+    reported gradient norms: the plan the engine carries out when the `lost` stages go."""
+    norms = weighing_norms(recovery, grad_norms)
+    return plan_recovery(strategy, set(lost), num_stages, recovery.rule, norms, recovery.epsilon)
+
+
+@dataclass(frozen=True)
+class StageSources(Generic[Source]):
+    """What a replacement stage is configured with (`StageWorker.configure(stage, lr, *sources, weights=...)`)."""
+
+    lr: float | None  # None: the source's own learning rate (a redundant backup restores Adam and lr exactly)
+    sources: list[Source | dict[str, torch.Tensor]]
+    weights: tuple[float, ...] = ()  # coefficients of the first len(weights) sources' blocks (CheckFree)
+
+
+def rebuild_sources(
+    rebuild: StageRecovery,
+    lr: float,
+    cfg,
+    run_seed: int,
+    step: int,
+    blocks_of: Callable[[int], Source],
+    copy_of: Callable[[int], Source],
+    backup_of: Callable[[int], Source],
+) -> StageSources[Source]:
+    """The sources and weights of one `rebuild` of a plan at `step`: blocks built afresh ("random", "identity"),
+    the neighbours' blocks and the recipe's weights (CheckFree), the swap partner's blocks and the (de)embedding
+    copy it holds (CheckFree+), or the predecessor's exact backup (redundant). The callbacks fetch a source stage's
+    blocks, copy and backup by its index; the replacement only sums."""
+    stage, sources = rebuild.stage, rebuild.sources
+    if rebuild.method == "checkfree" and not sources:
+        blocks = reinitialised_blocks(cfg, stage, reinit_seed(run_seed, step, stage), rebuild.rule)
+        return StageSources(lr, [blocks])
+    if rebuild.method == "checkfree":
+        return StageSources(lr, [blocks_of(s) for s in sources], rebuild.weights)
+    if rebuild.method == "copy":
+        return StageSources(lr, [blocks_of(sources[0]), copy_of(sources[0])])
+    return StageSources(None, [backup_of(sources[0])])

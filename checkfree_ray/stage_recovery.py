@@ -18,15 +18,7 @@ import ray
 
 from checkfree_ray.liveness import StageLost
 from checkfree_ray.pool import NodeWaitTimeout, stage_bundle
-from checkfree_ray.recovery_rules import (
-    BLOCKS,
-    at_clip,
-    plan_recovery,
-    recovered_lr,
-    reinit_seed,
-    reinitialised_blocks,
-    weighing_norm,
-)
+from checkfree_ray.recovery_rules import BLOCKS, at_clip, plan_for, rebuild_sources, recovered_lr
 from checkfree_ray.stage_group import StageGroup
 from checkfree_ray.timeouts import SAVE_TIMEOUT_S
 from schemas.errors import RecoveryError
@@ -140,9 +132,7 @@ class StageRecovery:
                 f"stage(s) {stages} died at step {step} and `recovery.strategy` is 'none'; choose "
                 "'checkfree', 'checkfree+', 'checkpoint' or 'redundant' to survive failures"
             )
-        rec = spec.recovery
-        norms = [weighing_norm(n, rec.grad_norm_scope, rec.grad_norm) for n in group.grad_norms]
-        plan = plan_recovery(strategy, set(stages), group.S, rec.rule, norms, rec.epsilon)
+        plan = plan_for(spec.recovery, strategy, stages, group.S, group.grad_norms)
         survivors = [i for i in range(group.S) if i not in stages]
         # Drop the failed step's activations and gradients; not waited for: each survivor runs it before
         # any later call (a survivor found dead meanwhile fails the retry, which recovers it).
@@ -216,24 +206,21 @@ class StageRecovery:
 
     def _configure(self, step: int, rebuild, actor, lr: float) -> ray.ObjectRef:
         """Submit the state of one rebuilt stage to its replacement `actor` (sources are the current stages)."""
-        group, spec = self.group, self.group.spec
-        src = [group.actors[s] for s in rebuild.sources]
-        if rebuild.method == "checkfree" and not rebuild.sources:  # the "random" and "identity" rules
-            blocks = reinitialised_blocks(
-                group.cfg, rebuild.stage, reinit_seed(spec.seed, step, rebuild.stage), rebuild.rule
-            )
-            return actor.configure.remote(rebuild.stage, lr, blocks)
-        if rebuild.method == "checkfree":  # the recipe's neighbours and weights; the actor only sums
+        group = self.group
+        if rebuild.method == "checkfree" and rebuild.sources:
             self._count_clip(rebuild.stage)
-            return actor.configure.remote(
-                rebuild.stage, lr, *[self._blocks_of(n) for n in src], weights=rebuild.weights
-            )
-        if rebuild.method == "copy":  # CheckFree+: the swap partner's blocks + the (de)embedding copy
-            return actor.configure.remote(
-                rebuild.stage, lr, self._blocks_of(src[0]), src[0].get_copy.remote()
-            )
-        # redundant: the predecessor's exact backup, Adam and lr included
-        return actor.configure.remote(rebuild.stage, None, src[0].get_backup.remote())
+        actors = group.actors
+        src = rebuild_sources(
+            rebuild,
+            lr,
+            group.cfg,
+            group.spec.seed,
+            step,
+            blocks_of=lambda s: self._blocks_of(actors[s]),
+            copy_of=lambda s: actors[s].get_copy.remote(),
+            backup_of=lambda s: actors[s].get_backup.remote(),
+        )
+        return actor.configure.remote(rebuild.stage, src.lr, *src.sources, weights=src.weights)
 
     def rollback(self, step: int, lost: StageLost, reason: str) -> int:
         """Restore every stage from this run's newest complete checkpoint (an earlier one when it is corrupt)."""
