@@ -303,6 +303,14 @@ def fmt_paired(p: dict) -> str:
     return f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['verdict']}"
 
 
+def seeds_needed(p: dict, margin: float = 1.0) -> int | None:
+    """Seeds an interval like `p` (a `paired` dict) would need to be narrower than ±`margin` at the spread it
+    measured (`rayops.paired.seeds_to_resolve`); None without an interval."""
+    from rayops.paired import PairedDifference, seeds_to_resolve
+
+    return seeds_to_resolve(PairedDifference(p["mean"], p["low"], p["high"], p["num_seeds"]), margin)
+
+
 # --------------------------------------------------------------------------------------------------- Ray
 class LocalRay:
     """The benchmarks' local Ray (`_common.local_ray`, through `rayops.session`), started on first `ensure()`

@@ -8,7 +8,10 @@ reported model (`fid.holdout_num_samples`), held-out noise seeds unseen by the s
 - ASHA 128->512 eta 4 FID_inf:   screened with 128 samples, promoted to 512 by Ray Tune's AsyncHyperBandScheduler
                                  when in the best 1/4 so far, the promotion continuing the 128 samples' statistics,
                                  every score FID_inf (FID_n = FID_inf + c/n fitted over the whole, halves, quarters);
-- ASHA 64->256 eta 4 FID_inf:    the same with a screen of 64 samples (FID_inf from the whole and its halves).
+- ASHA 64->256 eta 4 FID_inf:    the same with a screen of 64 samples (FID_inf from the whole and its halves);
+- SH 128->512 keep 0.25 FID_inf: synchronous successive halving on 128 -> 512, ranked by FID_inf, exactly a
+                                 quarter promoted (ASHA promotes more while the optimiser keeps improving: a
+                                 later candidate beats most of those scored before it).
 (`--configs` also offers SH 125->250->1000 and ASHA 128->512 raw, the same rungs told raw FIDs.)
 Each schedule's winners are compared with flat 500's by paired differences: over the optimiser seeds (each
 seed's winner's mean held-out FID) and over every (optimiser seed, held-out seed) pair. The goal: the same
@@ -17,7 +20,7 @@ held-out FID (no loss, the interval over seed pairs ending below +1.0) with at m
     .venv/bin/python benchmarks/search_fidelity.py [--quick]
 
 Runtime: per optimiser seed 96 candidates per configuration (about 48,000 samples for flat 500 and for SH, about
-28,000 and 14,000 for the ASHA rows) plus 1000-sample held-out scores of each winner on 3 seeds; the earlier
+12,000-37,000 for the ASHA rows, about 21,500 for SH 128->512) plus 1000-sample held-out scores of each winner on 3 seeds; the earlier
 flat + two-SH run took 22 minutes on quiet cores. One 500-sample DDIM-10 evaluation takes about 4 s on a quiet
 core (shared/ENVIRONMENT.md), but took 155 s at load average 40-95 on these 2 cores, so a full run needs quiet
 cores or more of them; --quick (budget 10, 1 seed, two configs, every sample count divided by 5) takes minutes.
@@ -54,6 +57,11 @@ CONFIGS = {
         "num_samples": 500,
         "search": {"fidelity_schedule": [128, 512], "eta": 4, "fidelity_score": "extrapolated"},
     },
+    # synchronous successive halving on the ASHA rows' counts: exactly a quarter promoted, ranked by FID_inf
+    "SH 128->512 keep 0.25 FID_inf": {
+        "num_samples": 500,
+        "search": {"fidelity_schedule": [128, 512], "keep_fraction": 0.25, "fidelity_score": "extrapolated"},
+    },
     # a screen of 2 chunks (FID_inf from the whole and its halves) at half the first rung's cost
     "ASHA 64->256 eta 4 FID_inf": {
         "num_samples": 500,
@@ -70,6 +78,7 @@ DEFAULT_CONFIGS = [
     "SH 250->1000 keep 0.25",
     "ASHA 128->512 eta 4 FID_inf",
     "ASHA 64->256 eta 4 FID_inf",
+    "SH 128->512 keep 0.25 FID_inf",
 ]
 SAME_FID_MARGIN = 1.0  # the goal's "same held-out FID": the interval over seed pairs ends below +1.0 FID
 QUICK_DIVISOR = (
@@ -182,9 +191,23 @@ def notes(table: list[dict]) -> list[str]:
         )
         over = t["vs_flat_over_seed_pairs"]
         if over["num_seeds"] > 1 and over["verdict"].startswith("tie"):
+            need = setup.seeds_needed(over, SAME_FID_MARGIN)
             out.append(
                 f"{t['config']}: 'same FID' rests on an interval {over['high'] - over['low']:.2f} FID wide; a "
-                "difference smaller than that is not resolved by these seeds."
+                "difference smaller than that is not resolved by these seeds"
+                + (
+                    f" (narrower than ±{SAME_FID_MARGIN:g} FID at this spread: about {need} seed pairs)."
+                    if need and need > over["num_seeds"]
+                    else "."
+                )
+            )
+        schedule = CONFIGS[t["config"]]["search"].get("fidelity_schedule")
+        if t["sample_ratio_to_flat"] > 0.5 and schedule:
+            screen = schedule[0] / CONFIGS[FLAT]["num_samples"]
+            out.append(
+                f"{t['config']}: its screen costs {screen:.2f}x flat's samples and its promotions "
+                f"{t['sample_ratio_to_flat'] - screen:.2f}x more ({t['promoted_fraction_mean']:.0%} of the "
+                "candidates promoted), so the promotions keep it above 0.5x."
             )
     schedules = [t for t in table if t["config"] != FLAT]
     if schedules and not any(goal_met(t) for t in schedules):

@@ -51,6 +51,7 @@ CONFIGS = {  # name -> SearchAlgoSpec overrides
 }
 DEFAULT_CONFIG = "CMA b3 s0.15"
 HOLDOUT_SEEDS = [1001, 1002, 1003, 1004, 1005]
+SAME_FID_MARGIN = 1.0  # "the same held-out FID": a difference this small is what a comparison should resolve
 
 
 def config_row(name: str, mine: list[dict], default_rows: list[dict]) -> dict:
@@ -123,6 +124,13 @@ def notes(payload: dict) -> list[str]:
             f"{t['config']} is {word} {DEFAULT_CONFIG} over {t['vs_default']['num_seeds']} optimiser seeds "
             f"({setup.fmt_paired(t['vs_default'])})."
         )
+        need = setup.seeds_needed(t["vs_default"], SAME_FID_MARGIN)
+        if v == "tie" and need is not None and need > t["vs_default"]["num_seeds"]:
+            out.append(
+                f"{t['config']}: what limits the comparison is the spread of the winners over optimiser seeds; at "
+                f"the spread measured, an interval narrower than ±{SAME_FID_MARGIN:g} FID needs about {need} "
+                "optimiser seeds."
+            )
     for t in table:
         wins = ", ".join(f"{k} {n}/{t['runs']}" for k, n in t["paired_wins_vs_baseline"].items())
         out.append(f"{t['config']}: winners whose paired held-out interval lies below the baseline: {wins}.")

@@ -98,3 +98,17 @@ def paired_difference(
     sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return PairedDifference(mean, mean - half, mean + half, n)
+
+
+def seeds_to_resolve(diff: PairedDifference, margin: float, confidence: float = CONFIDENCE) -> int | None:
+    """How many seeds the interval would need to be narrower than ±`margin`, at the spread of the differences
+    `diff` measured (its sd recovered from its interval): what a "tie" would cost to resolve. None without an
+    interval; the seeds `diff` has when it is already that narrow."""
+    if not diff.has_interval or margin <= 0:
+        return None
+    n = diff.num_seeds
+    sd = (diff.high - diff.mean) * math.sqrt(n) / float(stats.t.ppf(0.5 + confidence / 2, n - 1))
+    need = n
+    while float(stats.t.ppf(0.5 + confidence / 2, need - 1)) * sd / math.sqrt(need) >= margin:
+        need += 1
+    return need

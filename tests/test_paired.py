@@ -125,3 +125,15 @@ def test_verdict_refuses_a_nan_interval_and_an_unknown_side():
         paired_difference([1.0, math.nan], [1.0, 2.0])
     with pytest.raises(ValueError, match="'lower' or 'higher'"):
         PairedDifference(-1.0, -2.0, -0.5, 3).verdict("smaller")
+
+
+def test_seeds_to_resolve_recovers_the_spread_and_grows_with_it():
+    from rayops.paired import seeds_to_resolve
+
+    diff = paired_difference([1.0, 3.0, 2.0, 6.0], [0.0, 0.0, 0.0, 0.0])  # differences with sd 2.16
+    need = seeds_to_resolve(diff, margin=1.0)
+    # the smallest n whose interval at that sd is narrower than ±1 (t ~ 2.07 at n ~ 21)
+    assert need is not None and 19 <= need <= 22
+    assert seeds_to_resolve(diff, margin=0.5) > need  # a finer margin needs more seeds
+    assert seeds_to_resolve(diff, margin=100.0) == diff.num_seeds  # already resolved at this margin
+    assert seeds_to_resolve(paired_difference([1.0], [0.0]), margin=1.0) is None  # no interval
