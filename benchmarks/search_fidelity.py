@@ -212,6 +212,18 @@ def notes(table: list[dict]) -> list[str]:
     schedules = [t for t in table if t["config"] != FLAT]
     if schedules and not any(goal_met(t) for t in schedules):
         out.append("No schedule met the goal (see each row's cost and interval above).")
+        cheap = [t for t in schedules if t["sample_ratio_to_flat"] <= 0.5]
+        if cheap:
+            best = min(cheap, key=lambda t: t["holdout_fid_mean"])
+            out.append(
+                f"What limits it: at 0.5x flat's samples or less, the best schedule is {best['config']} "
+                f"({best['sample_ratio_to_flat']:.2f}x, {best['promoted_fraction_mean']:.0%} promoted), "
+                f"{setup.fmt_paired(best['vs_flat_over_seed_pairs'])} FID over seed pairs. Its rungs are what "
+                "cost it (set it beside the SH row with dearer rungs and the same share promoted): fewer samples "
+                "per rung rank the candidates worse. ASHA on cheap rungs also promotes more than 1/eta (a later "
+                "candidate of an improving optimiser beats most of those scored before it), which spends the "
+                "samples its screen saved."
+            )
     out.append(WHY_OWN_LOOP)
     out.append(setup_note())
     out.append(
