@@ -43,8 +43,14 @@ def trial_metrics(
 ) -> dict:
     """What a trial reports to Tune: the evaluation record with `fid` the candidate's score (`candidate_score`)
     and `fid_raw` the measured FID; with `rungs`, each rung's sample count and raw and extrapolated FID so far,
-    the samples spent on the candidate and `samples` (its cumulative sample count, the schedulers' time)."""
-    rungs = rungs or {}
+    the samples spent on the candidate and `samples` (its cumulative sample count, the schedulers' time). A search
+    that does not extrapolate reports no `rung_fids_inf` (Tune's loggers warn on every NaN they are given)."""
+    drawn = sum((rungs or {}).get("rung_drawn", [record.get("samples_drawn", record["num_samples"])]))
+    rungs = {k: list(v) for k, v in (rungs or {}).items() if k != "rung_drawn"}
+    if not any(math.isfinite(f) for f in rungs.get("rung_fids_inf", [])):
+        rungs.pop(
+            "rung_fids_inf", None
+        )  # not extrapolated (a flat or raw-scored search): no list of NaNs to log
     return {
         **record,
         "fid": candidate_score(record, score),
@@ -53,8 +59,8 @@ def trial_metrics(
         "trial_s": time.monotonic() - start,
         "rung": len(rungs.get("rung_samples", [0])) - 1,
         "samples": record["num_samples"],
-        "samples_spent": sum(rungs.get("rung_drawn", [record.get("samples_drawn", record["num_samples"])])),
-        **{k: list(v) for k, v in rungs.items() if k != "rung_drawn"},
+        "samples_spent": drawn,
+        **rungs,
     }
 
 

@@ -266,7 +266,8 @@ class SearchAlgoSpec(StrictModel):
         default="raw",
         description="What the optimiser is told and ranks by: 'raw' FID at the candidate's sample count, or "
         "'extrapolated', FID at infinite samples fitted from the FID of the whole, halves and quarters of its "
-        "samples (FID_n = FID_inf + c/n; needs a sample count of at least 4 evaluator batches).",
+        "samples (FID_n = FID_inf + c/n; needs a first sample count of an even number of evaluator batches, 4 or "
+        "more for the quarters).",
     )
     rescore_top_k: int = Field(
         default=3,
