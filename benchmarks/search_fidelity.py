@@ -201,7 +201,7 @@ def notes(table: list[dict]) -> list[str]:
                     else "."
                 )
             )
-        schedule = CONFIGS[t["config"]]["search"].get("fidelity_schedule")
+        schedule = CONFIGS.get(t["config"], {}).get("search", {}).get("fidelity_schedule")
         if t["sample_ratio_to_flat"] > 0.5 and schedule:
             screen = schedule[0] / CONFIGS[FLAT]["num_samples"]
             out.append(
