@@ -426,13 +426,23 @@ def error_summary(error: BaseException, limit: int = 500) -> str:
     return f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:limit]
 
 
+def _trial_id(result) -> str:
+    """The trial a result belongs to, from its folder (`trial_<id>`, see `_trial_dirname`). Not from its metrics:
+    a trial that errored before reporting can carry another trial's `trial_id` there (Tune reuses actors), and
+    would then pass for that trial's row instead of a superseded attempt."""
+    folder = str(getattr(result, "path", "") or "").rstrip("/").rsplit("/", 1)[-1]
+    if folder.startswith("trial_"):
+        return folder.removeprefix("trial_")
+    return str((result.metrics or {}).get("trial_id") or folder)
+
+
 def _grid_rows(grid, phase: str) -> pd.DataFrame:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         config = result.config or {}
         row = {
-            "trial_id": metrics.get("trial_id") or getattr(result, "path", "").rsplit("/", 1)[-1],
+            "trial_id": _trial_id(result),
             "phase": phase,
             "label": metrics.get("label", config.get("label", "search")),
             "fid": metrics.get(METRIC, float("nan")),
