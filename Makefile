@@ -39,17 +39,21 @@ hf-example: $(STAMP)
 	$(VENV)/bin/checkfree-ray train examples/train_hf_llama.yaml --restart
 
 # `extended` tests are more variants of an end-to-end run whose behaviour faster tests cover (each says which).
+# TEST_WORKERS pytest processes (pytest-xdist); the tests of the shared spot cluster run in one of them.
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 -m "not extended"
+	$(PYTEST) --durations=25 -m "not extended"
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow and not extended"
+	$(PYTEST) -m "not slow and not extended"
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -ra -m "slow and not extended"
+	$(PYTEST) -m "slow and not extended"
 
 test-extended: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 -m extended
+	$(PYTEST) --durations=25 -m extended
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -35,7 +35,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(session, config, items):
     """Refuse a test module that imported a shared session fixture: it would start one more of it."""
-    from tests.spot_cluster_fixtures import modules_redefining_shared_fixtures
+    from tests.spot_cluster_fixtures import group_shared_fixture_users, modules_redefining_shared_fixtures
 
     modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
     found = modules_redefining_shared_fixtures(modules.values())
@@ -44,6 +44,10 @@ def pytest_collection_modifyitems(session, config, items):
             f"test modules import a shared session fixture ({', '.join(found)}): each would start its own; "
             "remove the import and name the fixture as an argument (tests/conftest.py registers it)"
         )
+    group_shared_fixture_users(items)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the end-to-end runs first, so that the last tests handed out are short ones, not a two-minute run
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _timeout_of(item) -> float:

@@ -52,6 +52,15 @@ def modules_redefining_shared_fixtures(modules) -> list[str]:
     ]
 
 
+def group_shared_fixture_users(items) -> None:
+    """Mark each test that uses a SHARED_FIXTURES fixture with an xdist group of that fixture's name, so that
+    under `pytest -n N --dist loadgroup` (`make test`) they all run in one worker, with one instance of it."""
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+
+
 def driver_env() -> dict[str, str]:
     """Environment for a driver subprocess: loopback Ray settings, no inherited RAY_ADDRESS."""
     env = {**os.environ, **settings.LOCAL_RAY_ENV, "PYTHONPATH": str(ROOT)}
