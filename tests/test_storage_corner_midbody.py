@@ -15,7 +15,10 @@ from botocore.response import StreamingBody
 from rayops import s3_reads, settings, storage
 from schemas.errors import StorageError, StorageUnavailableError
 
-SIZE = 32 * 1024 * 1024
+# Larger than what the loopback socket buffers can hold ahead of the reader (Linux autotunes a receive buffer up
+# to tcp_rmem's maximum, 32 MiB here, plus the server's send buffer): at 32 MiB, a reader slowed by loaded cores
+# could find the whole body buffered before the kill, and no break to resume from.
+SIZE = 96 * 1024 * 1024
 KILL_AFTER = 4 * 1024 * 1024  # bytes delivered to the reader before the server is killed
 BYTES_PER_S = 40e6  # the slowed body stream, so that the kill lands mid-body
 
