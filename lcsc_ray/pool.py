@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lcsc_ray.candidate_stats import CandidateStats, reusable_prefix
@@ -87,6 +87,16 @@ PLANNED_RETRIES = (
 def _root_cause(exc: RayTaskError) -> str:
     cause = getattr(exc, "cause", None) or exc
     return f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:800]
+
+
+def detach_from_caller() -> None:
+    """Make the Ray calls of this asyncio task no children of the actor call that started it (Ray finds the
+    parent in a context variable that the task copied). `ray.cancel` is recursive by default: without this, a
+    caller cancelled with it (a stopped Tune trial) would cancel the evaluation that other callers join and
+    that is recorded for the whole search."""
+    task_id = getattr(ray._raylet, "async_task_id", None)  # Ray's own way out (ray.serve does the same)
+    if task_id is not None:
+        task_id.set(None)
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -146,6 +156,7 @@ class PoolService:
         return await asyncio.shield(self.in_flight[job])
 
     async def _evaluate(self, job: Job) -> dict:
+        detach_from_caller()
         if job.continued:
             return await self._evaluate_continued(job)
         blocks = self._split_blocks(job)
@@ -199,6 +210,16 @@ class PoolService:
             except RayTaskError as exc:  # the evaluation itself raised: the same error would recur anywhere
                 await self.slots.release(index)
                 return "error", _root_cause(exc), index, attempt
+            except TaskCancelledError:  # cancelled from outside the pool: no attempt spent, the slot kept
+                await self.slots.release(index)
+                if planned < PLANNED_RETRIES:
+                    planned += 1
+                    continue
+                reasons.append(f"evaluator {index} had its call cancelled (ray.cancel)")
+                break
+            except BaseException:  # the service's own task cancelled (the pool closing): the slot goes back
+                await self.slots.release(index)
+                raise
             else:
                 await self.slots.release(index)
                 return "done", out, index, attempt
