@@ -25,7 +25,8 @@ Every evaluation of a search goes through `PoolService.evaluate`, so one set of 
   chunks (`evaluator.tree_blocks`) runs as its own sub-evaluation under the same timeout, healing and retry
   rules, and the blocks' FID statistics merge to exactly those one evaluator computes (`merge_blocks`).
 - Callers never hold an evaluator: the service does, so a trial process that dies mid-evaluation leaks
-  nothing (its evaluation finishes, is recorded, and the evaluator goes back to the pool).
+  nothing (its evaluation finishes, is recorded, and the evaluator goes back to the pool). An evaluation is no
+  Ray child of its caller (`detach_from_caller`): a caller stopped with `ray.cancel` does not cancel it.
 - A job asked for again while it is being evaluated (a Tune trial retried after its process died) joins that
   evaluation instead of starting a second one; a job that failed with an error gets the same failed record
   again, neither re-run nor counted twice.

@@ -34,7 +34,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Refuse a test module that imported a shared session fixture: it would start one more of it."""
+    """Refuse a test module that imported a shared session fixture (it would start one more of it); group the
+    tests of each shared fixture for pytest-xdist, and under xdist hand out the `slow` tests first."""
     from tests.spot_cluster_fixtures import group_shared_fixture_users, modules_redefining_shared_fixtures
 
     modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
